@@ -1,0 +1,173 @@
+//! The admin HTTP server every service runs on its own port, and the readiness registry.
+//!
+//! `/healthz` answers 200 while the process serves HTTP at all (liveness). `/readyz` answers
+//! 200 only while every registered component says it can do its work — its dependencies are
+//! reachable — and 503 with the reasons otherwise. Partition assignment is deliberately not
+//! part of readiness: an instance without partitions after a rebalance is healthy (DESIGN §7).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::telemetry::metrics_handle;
+
+/// The readiness registry of a process: components register, and `/readyz` reads them all.
+#[derive(Clone, Default)]
+pub struct Health {
+    components: Arc<RwLock<BTreeMap<String, Readiness>>>,
+}
+
+/// One component's readiness, held by the component and flipped as its dependencies come and go.
+#[derive(Clone)]
+pub struct Readiness {
+    name: Arc<str>,
+    ready: Arc<AtomicBool>,
+    reason: Arc<Mutex<String>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ComponentStatus {
+    pub name: String,
+    pub ready: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+impl Health {
+    /// Registers a component, not ready until it says so.
+    pub fn register(&self, name: &str) -> Readiness {
+        let readiness = Readiness {
+            name: name.into(),
+            ready: Arc::new(AtomicBool::new(false)),
+            reason: Arc::new(Mutex::new("starting".into())),
+        };
+        readiness.publish(false);
+        let mut components = self
+            .components
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        components.insert(name.to_owned(), readiness.clone());
+        readiness
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.report().iter().all(|c| c.ready)
+    }
+
+    pub fn report(&self) -> Vec<ComponentStatus> {
+        let components = self
+            .components
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        components
+            .values()
+            .map(|r| ComponentStatus {
+                name: r.name.to_string(),
+                ready: r.is_ready(),
+                reason: r.reason(),
+            })
+            .collect()
+    }
+}
+
+impl Readiness {
+    pub fn set_ready(&self) {
+        if !self.ready.swap(true, Ordering::AcqRel) {
+            tracing::info!(component = %self.name, "ready");
+        }
+        self.set_reason(String::new());
+        self.publish(true);
+    }
+
+    /// Marks the component not ready, with a reason shown on `/readyz` (never a secret).
+    pub fn set_not_ready(&self, reason: impl Into<String>) {
+        let reason = reason.into();
+        if self.ready.swap(false, Ordering::AcqRel) {
+            tracing::warn!(component = %self.name, %reason, "not ready");
+        }
+        self.set_reason(reason);
+        self.publish(false);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn reason(&self) -> String {
+        self.reason
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn set_reason(&self, reason: String) {
+        *self
+            .reason
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = reason;
+    }
+
+    fn publish(&self, ready: bool) {
+        metrics::gauge!("instream_component_ready", "component" => self.name.to_string())
+            .set(if ready { 1.0 } else { 0.0 });
+    }
+}
+
+/// A bound admin server; [`AdminServer::serve`] runs it until shutdown.
+pub struct AdminServer {
+    listener: TcpListener,
+    health: Health,
+}
+
+impl AdminServer {
+    pub async fn bind(addr: SocketAddr, health: Health) -> std::io::Result<AdminServer> {
+        let listener = TcpListener::bind(addr).await?;
+        Ok(AdminServer { listener, health })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub async fn serve(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        // Install the recorder before the first scrape so that /metrics is never empty-by-race.
+        metrics_handle();
+        let app = Router::new()
+            .route("/metrics", get(render_metrics))
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(readyz))
+            .with_state(self.health);
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+    }
+}
+
+async fn render_metrics() -> impl IntoResponse {
+    let handle = metrics_handle();
+    handle.run_upkeep();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+}
+
+async fn readyz(State(health): State<Health>) -> impl IntoResponse {
+    let report = health.report();
+    let status = if report.iter().all(|c| c.ready) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(report))
+}

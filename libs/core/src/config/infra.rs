@@ -1,0 +1,429 @@
+//! Sections for the process itself and the servers around the pipeline.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::Problems;
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One JSON object per line: for log shippers.
+    Json,
+    /// Human-readable: for a terminal.
+    Pretty,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// A `tracing` filter (`info`, `instream=debug,rdkafka=warn`); `RUST_LOG` overrides it.
+    pub log_level: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Json,
+            log_level: "info".into(),
+        }
+    }
+}
+
+impl TelemetryConfig {
+    pub(super) fn validate(&self, p: &mut Problems) {
+        p.non_empty(&self.log_level, "telemetry.log_level");
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served. Each service process has its own;
+    /// port 0 picks a free port (tests).
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9464)),
+        }
+    }
+}
+
+impl AdminConfig {
+    pub(super) fn validate(&self, _p: &mut Problems) {}
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After SIGTERM: how long in-flight work may take to finish and commit before the process
+    /// exits anyway. Must stay below `kafka.session_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl ShutdownConfig {
+    pub(super) fn validate(&self, p: &mut Problems) {
+        p.non_zero_duration(self.drain_timeout, "shutdown.drain_timeout");
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BrokerMode {
+    /// A Kafka cluster at `bootstrap_servers`.
+    External,
+    /// librdkafka's in-process Kafka-protocol broker; only `instream standalone` starts it, and
+    /// it keeps nothing across a restart.
+    Embedded,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// External or embedded broker.
+    pub broker: BrokerMode,
+    /// `host:port[,host:port…]` of the cluster (external mode).
+    pub bootstrap_servers: String,
+    /// Consumer group ids are `<group_prefix>-<service>`.
+    pub group_prefix: String,
+    /// librdkafka properties for every client (producers, consumers, admin), passed through
+    /// unchanged: TLS, SASL, `client.id`, tuning.
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka properties for producers only (over `properties`).
+    pub producer: BTreeMap<String, String>,
+    /// librdkafka properties for consumers only (over `properties`).
+    pub consumer: BTreeMap<String, String>,
+    /// Consumer group session timeout: a member silent this long loses its partitions.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// How often consumers commit what is durably handled.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// How often librdkafka reports statistics (consumer lag gauges come from them).
+    #[serde(with = "humantime_serde")]
+    pub statistics_interval: Duration,
+    /// Replication factor of the topics instream creates.
+    pub replication_factor: i32,
+    /// `retention.ms` of the raw, enriched and dead-letter topics (30 days by default, as in
+    /// the blueprint). Set explicitly at creation: some brokers report unset configs as absent.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            broker: BrokerMode::External,
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            group_prefix: "instream".into(),
+            properties: BTreeMap::new(),
+            producer: BTreeMap::new(),
+            consumer: BTreeMap::new(),
+            session_timeout: Duration::from_secs(45),
+            commit_interval: Duration::from_secs(1),
+            statistics_interval: Duration::from_secs(5),
+            replication_factor: 3,
+            retention: 30 * DAY,
+        }
+    }
+}
+
+impl KafkaConfig {
+    pub(super) fn validate(&self, p: &mut Problems) {
+        if self.broker == BrokerMode::External {
+            p.non_empty(&self.bootstrap_servers, "kafka.bootstrap_servers");
+        }
+        p.non_empty(&self.group_prefix, "kafka.group_prefix");
+        p.check(
+            self.session_timeout >= Duration::from_secs(1),
+            "kafka.session_timeout",
+            || "must be at least 1s".into(),
+        );
+        p.non_zero_duration(self.commit_interval, "kafka.commit_interval");
+        p.check(
+            self.replication_factor >= 1,
+            "kafka.replication_factor",
+            || "must be at least 1".into(),
+        );
+        p.non_zero_duration(self.retention, "kafka.retention");
+        for (section, props) in [
+            ("properties", &self.properties),
+            ("producer", &self.producer),
+            ("consumer", &self.consumer),
+        ] {
+            for name in props.keys() {
+                // These carry instream's delivery guarantees; overriding them would break them.
+                let guarded = [
+                    "enable.auto.commit",
+                    "enable.auto.offset.store",
+                    "acks",
+                    "enable.idempotence",
+                ];
+                p.check(
+                    !guarded.contains(&name.as_str()),
+                    &format!("kafka.{section}.{name}"),
+                    || "is set by instream to keep its delivery guarantees".into(),
+                );
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZooKeeperConfig {
+    /// `host:port[,host:port…]` of the ensemble.
+    pub connect: String,
+    /// Every instream znode lives below this path.
+    pub root: String,
+    /// ZooKeeper session timeout: ephemeral nodes (registry, leadership) vanish this long after
+    /// a process dies.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+}
+
+impl Default for ZooKeeperConfig {
+    fn default() -> Self {
+        Self {
+            connect: "127.0.0.1:2181".into(),
+            root: "/instream".into(),
+            session_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ZooKeeperConfig {
+    pub(super) fn validate(&self, p: &mut Problems) {
+        p.non_empty(&self.connect, "zookeeper.connect");
+        p.check(
+            self.root.starts_with('/') && (self.root.len() == 1 || !self.root.ends_with('/')),
+            "zookeeper.root",
+            || {
+                format!(
+                    "`{}` must be an absolute path without a trailing `/`",
+                    self.root
+                )
+            },
+        );
+        p.non_zero_duration(self.session_timeout, "zookeeper.session_timeout");
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DefinitionSourceKind {
+    /// A TOML or JSON file at `definitions.path`.
+    File,
+    /// Znodes under `<zookeeper.root>/pipelines`, watched and hot-reloaded.
+    Zookeeper,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DefinitionsConfig {
+    /// Where pipeline definitions come from.
+    pub source: DefinitionSourceKind,
+    /// The definitions file (`source = "file"`).
+    pub path: Option<PathBuf>,
+}
+
+impl Default for DefinitionsConfig {
+    fn default() -> Self {
+        Self {
+            source: DefinitionSourceKind::Zookeeper,
+            path: None,
+        }
+    }
+}
+
+impl DefinitionsConfig {
+    pub(super) fn validate(&self, p: &mut Problems) {
+        p.check(
+            self.source != DefinitionSourceKind::File || self.path.is_some(),
+            "definitions.path",
+            || "is required when definitions.source = \"file\"".into(),
+        );
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefDataBackend {
+    /// A Redis server at `refdata.redis_url`.
+    Redis,
+    /// An in-process map loaded from `refdata.seed_file` (standalone mode).
+    Memory,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RefDataConfig {
+    pub backend: RefDataBackend,
+    /// `redis://[user:password@]host:port[/db]`; `rediss://` for TLS. Never logged.
+    pub redis_url: String,
+    /// How long one Redis round trip may take before it is retried.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// JSON lines `{"key": "...", "fields": {...}}` loaded into the memory backend at start.
+    pub seed_file: Option<PathBuf>,
+}
+
+impl Default for RefDataConfig {
+    fn default() -> Self {
+        Self {
+            backend: RefDataBackend::Redis,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            timeout: Duration::from_secs(2),
+            seed_file: None,
+        }
+    }
+}
+
+impl RefDataConfig {
+    pub(super) fn validate(&self, p: &mut Problems) {
+        if self.backend == RefDataBackend::Redis {
+            p.check(
+                self.redis_url.starts_with("redis://") || self.redis_url.starts_with("rediss://"),
+                "refdata.redis_url",
+                || "must start with redis:// or rediss://".into(),
+            );
+        }
+        p.non_zero_duration(self.timeout, "refdata.timeout");
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreBackend {
+    /// ScyllaDB or Cassandra at `store.scylla_nodes`.
+    Scylla,
+    /// In-process store (standalone mode and tests); not shared between processes.
+    Embedded,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    /// Contact points, `host:port`.
+    pub scylla_nodes: Vec<String>,
+    /// Keyspace of the aggregate tables.
+    pub keyspace: String,
+    /// Replication factor used when instream creates the keyspace.
+    pub replication_factor: u32,
+    /// Rows expire this long after their last write (`default_time_to_live`).
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Optional credentials; the password is never logged.
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: StoreBackend::Scylla,
+            scylla_nodes: vec!["127.0.0.1:9042".into()],
+            keyspace: "instream".into(),
+            replication_factor: 3,
+            ttl: 30 * DAY,
+            username: None,
+            password: None,
+        }
+    }
+}
+
+impl StoreConfig {
+    pub(super) fn validate(&self, p: &mut Problems) {
+        if self.backend == StoreBackend::Scylla {
+            p.check(!self.scylla_nodes.is_empty(), "store.scylla_nodes", || {
+                "needs at least one host:port".into()
+            });
+        }
+        p.check(
+            !self.keyspace.is_empty()
+                && self
+                    .keyspace
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "store.keyspace",
+            || format!("`{}` must be letters, digits and _", self.keyspace),
+        );
+        p.positive(self.replication_factor.into(), "store.replication_factor");
+        p.check(
+            self.ttl >= Duration::from_secs(60) && self.ttl.as_secs() <= i32::MAX as u64,
+            "store.ttl",
+            || "must be between 1m and 68 years".into(),
+        );
+        p.check(
+            self.username.is_some() == self.password.is_some(),
+            "store.password",
+            || "store.username and store.password go together".into(),
+        );
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArchiveBackend {
+    /// HDFS at `archive.hdfs_url`.
+    Hdfs,
+    /// A directory on the local file system.
+    Local,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveConfig {
+    pub backend: ArchiveBackend,
+    /// `hdfs://namenode:port` or `hdfs://nameservice` (HA).
+    pub hdfs_url: String,
+    /// The archive's root: a path on HDFS or a local directory.
+    pub root: String,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        Self {
+            backend: ArchiveBackend::Hdfs,
+            hdfs_url: "hdfs://127.0.0.1:9000".into(),
+            root: "/instream/archive".into(),
+        }
+    }
+}
+
+impl ArchiveConfig {
+    pub(super) fn validate(&self, p: &mut Problems) {
+        if self.backend == ArchiveBackend::Hdfs {
+            p.check(
+                self.hdfs_url.starts_with("hdfs://") || self.hdfs_url.starts_with("viewfs://"),
+                "archive.hdfs_url",
+                || "must start with hdfs:// or viewfs://".into(),
+            );
+            p.check(self.root.starts_with('/'), "archive.root", || {
+                "must be an absolute HDFS path".into()
+            });
+        }
+        p.non_empty(&self.root, "archive.root");
+    }
+}

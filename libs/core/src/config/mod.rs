@@ -1,0 +1,188 @@
+//! The one configuration of an instream deployment.
+//!
+//! Layering, lowest first: the defaults written on each field below, then the TOML file given
+//! with `--config`, then environment variables `INSTREAM__<SECTION>__<KEY>` (double
+//! underscores; `INSTREAM__KAFKA__BOOTSTRAP_SERVERS=host:9092`). Unknown keys are errors, so a
+//! typo never silently falls back to a default. After parsing, [`Config::validate`] checks
+//! every section without I/O and reports every problem at once, each naming its key path.
+//!
+//! Every service reads the same file and uses its own sections, so one file (one ConfigMap)
+//! configures a whole deployment.
+
+mod infra;
+mod services;
+
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+pub use infra::*;
+pub use services::*;
+
+/// The prefix of environment overrides. `INSTREAM_TEST_*` (one underscore) are test-harness
+/// addresses and never reach the config.
+pub const ENV_PREFIX: &str = "INSTREAM__";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub telemetry: TelemetryConfig,
+    pub admin: AdminConfig,
+    pub shutdown: ShutdownConfig,
+    pub kafka: KafkaConfig,
+    pub zookeeper: ZooKeeperConfig,
+    pub definitions: DefinitionsConfig,
+    pub refdata: RefDataConfig,
+    pub store: StoreConfig,
+    pub archive: ArchiveConfig,
+    pub ingest: IngestConfig,
+    pub enricher: EnricherConfig,
+    pub aggregator: AggregatorConfig,
+    pub archiver: ArchiverConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an environment variable could not be read or parsed; figment names the key.
+    #[error("invalid config: {0}")]
+    Parse(Box<figment::Error>),
+    /// Values parsed but break a rule; every broken rule is listed.
+    #[error("invalid config:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Invalid>),
+}
+
+/// One broken rule: the dotted key path and why its value is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub key: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// Collects broken rules so that validation reports all of them, not just the first.
+#[derive(Debug, Default)]
+pub struct Problems(Vec<Invalid>);
+
+impl Problems {
+    pub fn add(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        });
+    }
+
+    /// Records a problem unless `ok` holds.
+    pub fn check(&mut self, ok: bool, key: &str, reason: impl FnOnce() -> String) {
+        if !ok {
+            self.add(key, reason());
+        }
+    }
+
+    pub fn positive(&mut self, value: u64, key: &str) {
+        self.check(value > 0, key, || "must be greater than 0".into());
+    }
+
+    pub fn non_zero_duration(&mut self, value: Duration, key: &str) {
+        self.check(!value.is_zero(), key, || "must be longer than 0s".into());
+    }
+
+    pub fn non_empty(&mut self, value: &str, key: &str) {
+        self.check(!value.trim().is_empty(), key, || "must not be empty".into());
+    }
+
+    pub fn into_result(self) -> Result<(), ConfigError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(self.0))
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then `INSTREAM__…` variables, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (tests must not depend on the
+    /// process environment).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        for (name, raw) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            // INSTREAM__KAFKA__BOOTSTRAP_SERVERS -> kafka.bootstrap_servers; the value is
+            // typed the way figment types environment values ("10s" stays a string, "4" an int).
+            let key = rest.to_lowercase().replace("__", ".");
+            let value: figment::value::Value = match raw.parse() {
+                Ok(v) => v,
+                Err(never) => match never {},
+            };
+            figment = figment.merge(Serialized::default(&key, value));
+        }
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML document over the defaults and validates it (no environment).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every rule of every section, without I/O.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Problems::default();
+        self.telemetry.validate(&mut p);
+        self.admin.validate(&mut p);
+        self.shutdown.validate(&mut p);
+        self.kafka.validate(&mut p);
+        self.zookeeper.validate(&mut p);
+        self.definitions.validate(&mut p);
+        self.refdata.validate(&mut p);
+        self.store.validate(&mut p);
+        self.archive.validate(&mut p);
+        self.ingest.validate(&mut p);
+        self.enricher.validate(&mut p);
+        self.aggregator.validate(&mut p);
+        self.archiver.validate(&mut p);
+        p.check(
+            self.shutdown.drain_timeout < self.kafka.session_timeout,
+            "shutdown.drain_timeout",
+            || {
+                format!(
+                    "must be shorter than kafka.session_timeout ({:?}) so that a draining \
+                     member is not expelled from its group while it commits",
+                    self.kafka.session_timeout
+                )
+            },
+        );
+        p.into_result()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,167 @@
+//! Sections for the pipeline's services.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::Problems;
+
+const MIB: u64 = 1024 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// The HTTP listener for producers.
+    pub listen: SocketAddr,
+    /// Largest request body accepted, after decompression.
+    pub max_body_bytes: u64,
+    /// Most events in one request.
+    pub max_events_per_request: usize,
+    /// Requests handled at once; more wait in the accept queue. Bounds memory.
+    pub max_in_flight_requests: usize,
+    /// Events waiting for a broker acknowledgement at once, over all requests; past it the
+    /// service answers 503 with Retry-After instead of queueing more.
+    pub max_in_flight_events: usize,
+    /// How long a request waits for the broker's acknowledgement before answering 503.
+    #[serde(with = "humantime_serde")]
+    pub produce_timeout: Duration,
+    /// The `Retry-After` given with 429/503 answers.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            max_body_bytes: 10 * MIB,
+            max_events_per_request: 10_000,
+            max_in_flight_requests: 512,
+            max_in_flight_events: 200_000,
+            produce_timeout: Duration::from_secs(30),
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+impl IngestConfig {
+    pub(super) fn validate(&self, p: &mut Problems) {
+        p.positive(self.max_body_bytes, "ingest.max_body_bytes");
+        p.positive(
+            self.max_events_per_request as u64,
+            "ingest.max_events_per_request",
+        );
+        p.positive(
+            self.max_in_flight_requests as u64,
+            "ingest.max_in_flight_requests",
+        );
+        p.check(
+            self.max_in_flight_events >= self.max_events_per_request,
+            "ingest.max_in_flight_events",
+            || {
+                format!(
+                    "must be at least ingest.max_events_per_request ({}), or a full request \
+                     could never be admitted",
+                    self.max_events_per_request
+                )
+            },
+        );
+        p.non_zero_duration(self.produce_timeout, "ingest.produce_timeout");
+        p.check(
+            self.retry_after >= Duration::from_secs(1),
+            "ingest.retry_after",
+            || "must be at least 1s (Retry-After is in whole seconds)".into(),
+        );
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnricherConfig {
+    /// Most events looked up and produced as one batch.
+    pub batch_size: usize,
+    /// How long a batch waits to fill before it is processed anyway.
+    #[serde(with = "humantime_serde")]
+    pub batch_timeout: Duration,
+}
+
+impl Default for EnricherConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 2_000,
+            batch_timeout: Duration::from_millis(20),
+        }
+    }
+}
+
+impl EnricherConfig {
+    pub(super) fn validate(&self, p: &mut Problems) {
+        p.positive(self.batch_size as u64, "enricher.batch_size");
+        p.non_zero_duration(self.batch_timeout, "enricher.batch_timeout");
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregatorConfig {
+    /// How often changed windows are written to the store (and then offsets committed).
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Most events taken from the consumer between two looks at the clock.
+    pub batch_size: usize,
+}
+
+impl Default for AggregatorConfig {
+    fn default() -> Self {
+        Self {
+            flush_interval: Duration::from_secs(1),
+            batch_size: 5_000,
+        }
+    }
+}
+
+impl AggregatorConfig {
+    pub(super) fn validate(&self, p: &mut Problems) {
+        p.non_zero_duration(self.flush_interval, "aggregator.flush_interval");
+        p.positive(self.batch_size as u64, "aggregator.batch_size");
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiverConfig {
+    /// A file is closed once this many compressed bytes are written.
+    pub roll_max_bytes: u64,
+    /// A file is closed once this many records are in it.
+    pub roll_max_records: u64,
+    /// A file is closed this long after its first record.
+    #[serde(with = "humantime_serde")]
+    pub roll_max_age: Duration,
+    /// zstd level of JSON-lines files (1 fast … 19 small).
+    pub zstd_level: i32,
+}
+
+impl Default for ArchiverConfig {
+    fn default() -> Self {
+        Self {
+            roll_max_bytes: 128 * MIB,
+            roll_max_records: 5_000_000,
+            roll_max_age: Duration::from_secs(600),
+            zstd_level: 3,
+        }
+    }
+}
+
+impl ArchiverConfig {
+    pub(super) fn validate(&self, p: &mut Problems) {
+        p.positive(self.roll_max_bytes, "archiver.roll_max_bytes");
+        p.positive(self.roll_max_records, "archiver.roll_max_records");
+        p.non_zero_duration(self.roll_max_age, "archiver.roll_max_age");
+        p.check(
+            (1..=19).contains(&self.zstd_level),
+            "archiver.zstd_level",
+            || format!("{} is outside 1..=19", self.zstd_level),
+        );
+    }
+}

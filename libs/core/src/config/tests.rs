@@ -1,0 +1,90 @@
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn defaults_are_valid() {
+    Config::default()
+        .validate()
+        .expect("defaults must validate");
+}
+
+#[test]
+fn environment_overrides_file_and_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("instream.toml");
+    std::fs::write(
+        &path,
+        "[kafka]\nbootstrap_servers = \"file:9092\"\ncommit_interval = \"3s\"\n",
+    )
+    .unwrap();
+    let config = Config::load_from(
+        Some(&path),
+        env(&[
+            ("INSTREAM__KAFKA__BOOTSTRAP_SERVERS", "env:9092"),
+            ("INSTREAM__INGEST__MAX_EVENTS_PER_REQUEST", "7"),
+            ("INSTREAM_TEST_KAFKA", "ignored:1"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(config.kafka.bootstrap_servers, "env:9092");
+    assert_eq!(config.kafka.commit_interval, Duration::from_secs(3));
+    assert_eq!(config.ingest.max_events_per_request, 7);
+}
+
+#[test]
+fn unknown_key_is_refused_by_name() {
+    let err = Config::from_toml("[kafka]\nbootstrap_server = \"x:1\"\n").unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("bootstrap_server"), "{text}");
+}
+
+#[test]
+fn wrong_type_names_the_key() {
+    let err =
+        Config::load_from(None, env(&[("INSTREAM__INGEST__MAX_BODY_BYTES", "lots")])).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("max_body_bytes"), "{text}");
+}
+
+#[test]
+fn every_broken_rule_is_reported_at_once() {
+    let err = Config::from_toml(
+        "[kafka]\nbootstrap_servers = \"\"\n[archiver]\nzstd_level = 40\n[store]\nkeyspace = \"a-b\"\n",
+    )
+    .unwrap_err();
+    let ConfigError::Invalid(problems) = err else {
+        panic!("expected validation errors, got {err}");
+    };
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "kafka.bootstrap_servers",
+            "store.keyspace",
+            "archiver.zstd_level"
+        ]
+    );
+}
+
+#[test]
+fn guarded_kafka_properties_are_refused() {
+    let err =
+        Config::from_toml("[kafka.consumer]\n\"enable.auto.commit\" = \"true\"\n").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("kafka.consumer.enable.auto.commit"),
+        "{err}"
+    );
+}
+
+#[test]
+fn drain_must_fit_in_the_session_timeout() {
+    let err = Config::from_toml("[shutdown]\ndrain_timeout = \"60s\"\n").unwrap_err();
+    assert!(err.to_string().contains("shutdown.drain_timeout"), "{err}");
+}

@@ -1,0 +1,22 @@
+//! instream-core: what every instream service shares at run time.
+//!
+//! - [`config`]: the one validated configuration (a TOML file plus `INSTREAM__SECTION__KEY`
+//!   environment overrides over embedded defaults). Every knob of every service lives here so
+//!   that one file configures a whole deployment and an invalid value stops a process at start,
+//!   naming the key.
+//! - [`telemetry`]: `tracing` set-up (JSON or pretty) and the Prometheus recorder.
+//! - [`admin`]: the admin HTTP server each service runs on its own port (`/metrics`,
+//!   `/healthz`, `/readyz`) and the [`admin::Health`] registry behind `/readyz`.
+//! - [`shutdown`]: SIGTERM/SIGINT handling and a supervisor that stops every task of a process
+//!   when one fails.
+//!
+//! Nothing here talks to Kafka, Redis, ZooKeeper or a store: those live in their own libs.
+
+pub mod admin;
+pub mod config;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use admin::{AdminServer, Health, Readiness};
+pub use config::{Config, ConfigError};
+pub use shutdown::{shutdown_on_signal, Supervisor, SupervisorError};

@@ -1,0 +1,200 @@
+//! Producer and consumer construction with instream's safe defaults, and the small helpers the
+//! stages share: batched receive, tracked commits, and produce with back-pressure.
+
+use std::time::Duration;
+
+use instream_core::config::KafkaConfig;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::context::InstreamContext;
+use crate::error::KafkaError;
+
+pub type Producer = FutureProducer<InstreamContext>;
+pub type Consumer = StreamConsumer<InstreamContext>;
+
+/// A consumed record, copied out of librdkafka's buffer.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+fn base_config(
+    cfg: &KafkaConfig,
+    extra: &std::collections::BTreeMap<String, String>,
+) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.bootstrap_servers);
+    c.set(
+        "statistics.interval.ms",
+        cfg.statistics_interval.as_millis().to_string(),
+    );
+    for (k, v) in cfg.properties.iter().chain(extra) {
+        c.set(k, v);
+    }
+    c
+}
+
+/// A producer that reports success only once every in-sync replica has the record
+/// (`acks=all`) and never writes a retried record twice (idempotence).
+pub fn producer(cfg: &KafkaConfig, service: &str) -> Result<Producer, KafkaError> {
+    let mut c = ClientConfig::new();
+    // Defaults first, so `kafka.properties` / `kafka.producer` can tune them.
+    c.set("linger.ms", "5");
+    c.set("compression.type", "lz4");
+    c.set("queue.buffering.max.messages", "500000");
+    for (k, v) in base_config(cfg, &cfg.producer).config_map() {
+        c.set(k, v);
+    }
+    // The guarantees are not negotiable (validation refuses overrides of these keys).
+    c.set("acks", "all");
+    c.set("enable.idempotence", "true");
+    c.create_with_context(InstreamContext::new(service, ""))
+        .map_err(KafkaError::Config)
+}
+
+/// A group member that never commits on its own: offsets are committed by the service through
+/// its [`OffsetTracker`](crate::OffsetTracker) once the records are durably handled. Reads only
+/// committed transactional data.
+pub fn consumer(
+    cfg: &KafkaConfig,
+    service: &str,
+    group: &str,
+    topics: &[impl AsRef<str>],
+) -> Result<Consumer, KafkaError> {
+    let mut c = ClientConfig::new();
+    c.set("auto.offset.reset", "earliest");
+    c.set("isolation.level", "read_committed");
+    c.set(
+        "session.timeout.ms",
+        cfg.session_timeout.as_millis().to_string(),
+    );
+    for (k, v) in base_config(cfg, &cfg.consumer).config_map() {
+        c.set(k, v);
+    }
+    c.set("group.id", group);
+    c.set("enable.auto.commit", "false");
+    c.set("enable.auto.offset.store", "false");
+    let consumer: Consumer = c
+        .create_with_context(InstreamContext::new(service, group))
+        .map_err(KafkaError::Config)?;
+    let names: Vec<&str> = topics.iter().map(AsRef::as_ref).collect();
+    consumer.subscribe(&names).map_err(KafkaError::Consume)?;
+    Ok(consumer)
+}
+
+/// Receives up to `max` records: waits up to `wait` for the first, then takes what arrives
+/// before `wait` has passed. Each record is tracked for commit.
+pub async fn recv_batch(
+    consumer: &Consumer,
+    max: usize,
+    wait: Duration,
+    out: &mut Vec<Record>,
+) -> Result<(), KafkaError> {
+    out.clear();
+    let deadline = tokio::time::Instant::now() + wait;
+    while out.len() < max {
+        let msg = match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Err(_elapsed) => break,
+            Ok(Err(e)) => return Err(KafkaError::Consume(e)),
+            Ok(Ok(m)) => m,
+        };
+        let headers = msg
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(Record {
+            topic: msg.topic().to_owned(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key: msg.key().map(<[u8]>::to_vec),
+            payload: msg.payload().unwrap_or_default().to_vec(),
+            headers,
+        });
+    }
+    let mut tracker = consumer.context().tracker();
+    for r in out.iter() {
+        tracker.track(&r.topic, r.partition, r.offset);
+    }
+    Ok(())
+}
+
+/// Marks records durably handled.
+pub fn complete<'a>(consumer: &Consumer, records: impl IntoIterator<Item = &'a Record>) {
+    let mut tracker = consumer.context().tracker();
+    for r in records {
+        tracker.complete(&r.topic, r.partition, r.offset);
+    }
+}
+
+/// Commits every offset the tracker allows. `sync` waits for the broker (shutdown).
+pub fn commit(consumer: &Consumer, sync: bool) -> Result<(), KafkaError> {
+    let ready = consumer.context().tracker().take_committable();
+    if ready.is_empty() {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition, next) in &ready {
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))
+            .map_err(KafkaError::Commit)?;
+    }
+    let mode = if sync {
+        CommitMode::Sync
+    } else {
+        CommitMode::Async
+    };
+    consumer.commit(&tpl, mode).map_err(KafkaError::Commit)
+}
+
+/// Enqueues a record, waiting while the producer's queue is full (back-pressure instead of
+/// unbounded memory). The returned future resolves when the broker acknowledged the write.
+pub async fn send<'a>(
+    producer: &Producer,
+    mut record: FutureRecord<'a, [u8], [u8]>,
+) -> Result<DeliveryFuture, KafkaError> {
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                r,
+            )) => {
+                record = r;
+                // librdkafka frees queue space as deliveries complete; give it a moment.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err((e, _)) => return Err(KafkaError::Produce(e)),
+        }
+    }
+}
+
+/// Waits for a delivery and turns its outcome into our error type.
+pub async fn delivered(delivery: DeliveryFuture) -> Result<(), KafkaError> {
+    match delivery.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(KafkaError::Produce(e)),
+        Err(_canceled) => Err(KafkaError::Produce(rdkafka::error::KafkaError::Canceled)),
+    }
+}

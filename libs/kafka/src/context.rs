@@ -1,0 +1,151 @@
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::statistics::Statistics;
+use rdkafka::TopicPartitionList;
+
+use crate::tracker::OffsetTracker;
+
+/// The client context of every instream Kafka client: librdkafka logs go to `tracing`,
+/// statistics become lag gauges, and a revoke commits what is done of the lost partitions and
+/// forgets them, so that this member never commits over their next owner.
+pub struct InstreamContext {
+    service: String,
+    group: String,
+    tracker: Arc<Mutex<OffsetTracker>>,
+}
+
+impl InstreamContext {
+    pub fn new(service: &str, group: &str) -> Self {
+        Self {
+            service: service.to_owned(),
+            group: group.to_owned(),
+            tracker: Arc::default(),
+        }
+    }
+
+    /// The offset tracker of this consumer.
+    pub fn tracker(&self) -> MutexGuard<'_, OffsetTracker> {
+        self.tracker
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+        tpl.elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect()
+    }
+}
+
+impl ClientContext for InstreamContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        let service = self.service.as_str();
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => tracing::error!(service, fac, "librdkafka: {message}"),
+            RDKafkaLogLevel::Warning => tracing::warn!(service, fac, "librdkafka: {message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(service, fac, "librdkafka: {message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(service, fac, "librdkafka: {message}"),
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::warn!(service = %self.service, %error, reason, "kafka client error");
+        metrics::counter!("instream_kafka_client_errors_total", "service" => self.service.clone())
+            .increment(1);
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // -1 is librdkafka's internal "unassigned" partition; a lag of -1 means unknown.
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!(
+                        "instream_consumer_lag",
+                        "group" => self.group.clone(),
+                        "topic" => topic.clone(),
+                        "partition" => partition.to_string()
+                    )
+                    .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for InstreamContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let lost = Self::partitions(tpl);
+                let mut tracker = self.tracker();
+                let done = tracker.take_committable_of(&lost);
+                if !done.is_empty() {
+                    let mut commit = TopicPartitionList::new();
+                    for (topic, partition, next) in &done {
+                        if let Err(e) = commit.add_partition_offset(
+                            topic,
+                            *partition,
+                            rdkafka::Offset::Offset(*next),
+                        ) {
+                            tracing::warn!(error = %e, "bad offset in revoke commit");
+                        }
+                    }
+                    if let Err(error) = consumer.commit(&commit, CommitMode::Sync) {
+                        // The next owner re-reads from the last commit: duplicates, never loss.
+                        tracing::warn!(%error, "commit on revoke failed");
+                    }
+                }
+                for (topic, partition) in &lost {
+                    tracker.forget(topic, *partition);
+                }
+                tracing::info!(service = %self.service, partitions = ?lost, "partitions revoked");
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(error) => {
+                tracing::warn!(service = %self.service, %error, "rebalance error")
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let got = Self::partitions(tpl);
+            let mut tracker = self.tracker();
+            for (topic, partition) in &got {
+                tracker.forget(topic, *partition);
+            }
+            tracing::info!(service = %self.service, partitions = ?got, "partitions assigned");
+        }
+        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        metrics::gauge!("instream_assigned_partitions", "group" => self.group.clone())
+            .set(assigned as f64);
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _offsets: &TopicPartitionList,
+    ) {
+        let outcome = match &result {
+            Ok(()) => "ok",
+            Err(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::NoOffset,
+            )) => "nothing",
+            Err(error) => {
+                tracing::warn!(service = %self.service, %error, "offset commit failed");
+                "error"
+            }
+        };
+        metrics::counter!("instream_offset_commits_total", "group" => self.group.clone(), "outcome" => outcome)
+            .increment(1);
+    }
+}

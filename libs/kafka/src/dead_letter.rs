@@ -1,0 +1,102 @@
+use instream_core::config::KafkaConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
+
+use crate::client::{send, Producer};
+use crate::error::KafkaError;
+use crate::headers;
+
+/// Where a dead record came from, when it came from a topic.
+#[derive(Debug, Clone)]
+pub struct Origin<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// One record to dead-letter: the bytes as they came, and why.
+#[derive(Debug, Clone)]
+pub struct DeadLetter<'a> {
+    /// The dead-letter topic, `instream_pipeline::topics::dead_letter(pipeline)`.
+    pub topic: &'a str,
+    pub pipeline: &'a str,
+    pub key: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+    /// A bounded label (`decode_error`, `enrich_miss`, …) for metrics and filtering.
+    pub code: &'static str,
+    /// The precise, human-readable reason.
+    pub reason: &'a str,
+    pub origin: Option<Origin<'a>>,
+}
+
+/// Publishes dead letters (to `<pipeline>.dlq`). Nothing is dropped silently: every refused record lands
+/// there with its reason, and `instream_dead_letters_total` counts it.
+#[derive(Clone)]
+pub struct DeadLetters {
+    producer: Producer,
+    service: &'static str,
+}
+
+impl DeadLetters {
+    pub fn new(producer: Producer, service: &'static str) -> Self {
+        Self { producer, service }
+    }
+
+    pub fn from_config(cfg: &KafkaConfig, service: &'static str) -> Result<Self, KafkaError> {
+        Ok(Self::new(crate::client::producer(cfg, service)?, service))
+    }
+
+    /// Enqueues the dead letter; the future resolves when the broker has it. The origin's
+    /// offset may be committed only after that.
+    pub async fn publish(&self, dl: &DeadLetter<'_>) -> Result<DeliveryFuture, KafkaError> {
+        let mut hs = OwnedHeaders::new()
+            .insert(Header {
+                key: headers::DLQ_CODE,
+                value: Some(dl.code),
+            })
+            .insert(Header {
+                key: headers::DLQ_REASON,
+                value: Some(dl.reason),
+            })
+            .insert(Header {
+                key: headers::DLQ_SERVICE,
+                value: Some(self.service),
+            });
+        if let Some(origin) = &dl.origin {
+            hs = hs
+                .insert(Header {
+                    key: headers::ORIGIN_TOPIC,
+                    value: Some(origin.topic),
+                })
+                .insert(Header {
+                    key: headers::ORIGIN_PARTITION,
+                    value: Some(&origin.partition.to_string()),
+                })
+                .insert(Header {
+                    key: headers::ORIGIN_OFFSET,
+                    value: Some(&origin.offset.to_string()),
+                });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(dl.topic).payload(dl.payload).headers(hs);
+        if let Some(key) = dl.key {
+            record = record.key(key);
+        }
+        let delivery = send(&self.producer, record).await?;
+        metrics::counter!(
+            "instream_dead_letters_total",
+            "service" => self.service,
+            "pipeline" => dl.pipeline.to_owned(),
+            "code" => dl.code
+        )
+        .increment(1);
+        tracing::debug!(
+            service = self.service,
+            pipeline = dl.pipeline,
+            code = dl.code,
+            reason = dl.reason,
+            "dead-lettered"
+        );
+        Ok(delivery)
+    }
+}

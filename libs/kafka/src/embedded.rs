@@ -1,0 +1,103 @@
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use rdkafka::mocking::MockCluster;
+
+use crate::error::KafkaError;
+
+enum Command {
+    CreateTopic {
+        name: String,
+        partitions: i32,
+        reply: mpsc::Sender<Result<(), String>>,
+    },
+    Stop,
+}
+
+/// librdkafka's in-process Kafka-protocol broker, reachable over loopback TCP by any Kafka
+/// client. It supports consumer groups and transactions, keeps everything in memory and
+/// nothing across a restart, and serves small volumes (thousands of records per second).
+///
+/// The mock cluster handle is not `Send`, so it lives on a thread of its own; this handle talks
+/// to that thread. Dropping it stops the broker.
+pub struct EmbeddedBroker {
+    bootstrap: String,
+    commands: mpsc::Sender<Command>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EmbeddedBroker {
+    pub fn start(brokers: i32) -> Result<EmbeddedBroker, KafkaError> {
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (commands, inbox) = mpsc::channel::<Command>();
+        let thread = std::thread::Builder::new()
+            .name("embedded-kafka".into())
+            .spawn(move || {
+                let cluster = match MockCluster::new(brokers) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
+                while let Ok(command) = inbox.recv() {
+                    match command {
+                        Command::CreateTopic {
+                            name,
+                            partitions,
+                            reply,
+                        } => {
+                            let result = cluster
+                                .create_topic(&name, partitions, 1)
+                                .map_err(|e| e.to_string());
+                            let _ = reply.send(result);
+                        }
+                        Command::Stop => break,
+                    }
+                }
+            })
+            .map_err(|e| KafkaError::Embedded(e.to_string()))?;
+        let bootstrap = ready_rx
+            .recv()
+            .map_err(|_| KafkaError::Embedded("broker thread died".into()))?
+            .map_err(KafkaError::Embedded)?;
+        tracing::info!(%bootstrap, "embedded Kafka-protocol broker started");
+        Ok(EmbeddedBroker {
+            bootstrap,
+            commands,
+            thread: Some(thread),
+        })
+    }
+
+    /// `host:port,…` for `bootstrap.servers`.
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap
+    }
+
+    /// Creates a topic (the embedded broker has no CreateTopics API; unknown topics are
+    /// otherwise auto-created with 4 partitions on first use).
+    pub fn create_topic(&self, name: &str, partitions: i32) -> Result<(), KafkaError> {
+        let (reply, answer) = mpsc::channel();
+        self.commands
+            .send(Command::CreateTopic {
+                name: name.to_owned(),
+                partitions,
+                reply,
+            })
+            .map_err(|_| KafkaError::Embedded("broker thread is gone".into()))?;
+        answer
+            .recv()
+            .map_err(|_| KafkaError::Embedded("broker thread is gone".into()))?
+            .map_err(KafkaError::Embedded)
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Stop);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

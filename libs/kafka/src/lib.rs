@@ -1,0 +1,35 @@
+//! instream-kafka: Kafka clients with instream's guarantees built in.
+//!
+//! - [`client`]: producers with `acks=all` and idempotence; consumers with manual commits only,
+//!   `read_committed`, and a context that logs rebalances and exports lag and assignment.
+//! - [`OffsetTracker`]: an offset is committed only when that record and every record before
+//!   it in its partition are durably handled, whatever order the work finishes in.
+//! - [`DeadLetters`]: publishing to `<pipeline>.dlq` with the reason and origin in headers.
+//! - [`admin`]: topic creation with explicit configs.
+//! - [`EmbeddedBroker`]: librdkafka's in-process Kafka-protocol broker for standalone mode and
+//!   tests (real wire protocol over loopback TCP; keeps nothing across a restart).
+
+pub mod admin;
+pub mod client;
+mod context;
+mod dead_letter;
+mod embedded;
+mod error;
+mod tracker;
+
+pub use client::{consumer, producer, Consumer, Producer, Record};
+pub use context::InstreamContext;
+pub use dead_letter::{DeadLetter, DeadLetters, Origin};
+pub use embedded::EmbeddedBroker;
+pub use error::KafkaError;
+pub use tracker::OffsetTracker;
+
+/// Header names instream sets on records.
+pub mod headers {
+    pub const DLQ_REASON: &str = "instream.dlq.reason";
+    pub const DLQ_CODE: &str = "instream.dlq.code";
+    pub const DLQ_SERVICE: &str = "instream.dlq.service";
+    pub const ORIGIN_TOPIC: &str = "instream.origin.topic";
+    pub const ORIGIN_PARTITION: &str = "instream.origin.partition";
+    pub const ORIGIN_OFFSET: &str = "instream.origin.offset";
+}

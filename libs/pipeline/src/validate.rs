@@ -1,0 +1,162 @@
+//! The one validation of a definition, used by every stage and by `instream pipeline apply`.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::model::{PipelineDefinition, Window};
+use crate::source::DefinitionError;
+
+/// Largest partition count instream creates topics with.
+const MAX_PARTITIONS: i32 = 1024;
+
+impl PipelineDefinition {
+    /// Checks the definition without I/O; every problem is listed, each with its field.
+    pub fn validate(&self) -> Result<(), DefinitionError> {
+        let mut problems = Vec::new();
+        let mut problem =
+            |field: String, reason: String| problems.push(format!("{field}: {reason}"));
+
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+        if !name_ok {
+            problem("name".into(), "must be 1-64 of [a-z0-9_-]".into());
+        }
+        if self.version == 0 {
+            problem("version".into(), "must be at least 1".into());
+        }
+        if !(1..=MAX_PARTITIONS).contains(&self.partitions) {
+            problem(
+                "partitions".into(),
+                format!("{} is outside 1..={MAX_PARTITIONS}", self.partitions),
+            );
+        }
+        let mut names = BTreeSet::new();
+        for (i, rule) in self.enrichments.iter().enumerate() {
+            if rule.name.is_empty() || !names.insert(rule.name.as_str()) {
+                problem(
+                    format!("enrichments[{i}].name"),
+                    format!("`{}` is empty or used twice", rule.name),
+                );
+            }
+            for (from, to) in &rule.fields {
+                if from.is_empty() || to.is_empty() || to.starts_with('_') {
+                    problem(
+                        format!("enrichments[{i}].fields"),
+                        format!("`{from}` -> `{to}`: names must be non-empty; `_` prefixes are reserved"),
+                    );
+                }
+            }
+        }
+        let mut names = BTreeSet::new();
+        for (i, agg) in self.aggregations.iter().enumerate() {
+            if agg.name.is_empty() || !names.insert(agg.name.as_str()) {
+                problem(
+                    format!("aggregations[{i}].name"),
+                    format!("`{}` is empty or used twice", agg.name),
+                );
+            }
+            match &agg.window {
+                Window::Tumbling { size } => {
+                    if *size < Duration::from_secs(1) {
+                        problem(
+                            format!("aggregations[{i}].window.size"),
+                            "must be at least 1s".into(),
+                        );
+                    }
+                }
+            }
+            match agg.group_by.first() {
+                Some(first) if first.as_str() == "key" => {}
+                _ => problem(
+                    format!("aggregations[{i}].group_by"),
+                    "must start with `key`: each window needs one owner, and only the partition \
+                     key guarantees it until repartitioning exists"
+                        .into(),
+                ),
+            }
+            for (j, path) in agg.group_by.iter().enumerate() {
+                let root = path.segments()[0].as_str();
+                let ok = match root {
+                    "key" => path.segments().len() == 1,
+                    "payload" | "enrichment" => path.segments().len() > 1,
+                    _ => false,
+                };
+                if !ok {
+                    problem(
+                        format!("aggregations[{i}].group_by[{j}]"),
+                        format!(
+                            "`{path}` must be `key`, `payload.<field>` or `enrichment.<field>`"
+                        ),
+                    );
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(DefinitionError::Invalid {
+                pipeline: self.name.clone(),
+                problems,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::source::parse_document;
+
+    const GOOD: &str = r#"
+[[pipelines]]
+name = "orders"
+key_field = "account_id"
+time_field = "ts"
+
+[[pipelines.enrichments]]
+name = "customer"
+key_template = "customer:{account_id}"
+fields = { tier = "customer_tier" }
+
+[[pipelines.aggregations]]
+name = "per_minute"
+window = { kind = "tumbling", size = "1m" }
+"#;
+
+    #[test]
+    fn a_good_document_parses_and_validates() {
+        let doc = parse_document(GOOD).unwrap();
+        assert_eq!(doc.pipelines.len(), 1);
+        let p = &doc.pipelines[0];
+        assert_eq!(p.version, 1);
+        assert_eq!(p.partitions, 4);
+        assert_eq!(p.aggregations[0].window.size_millis(), 60_000);
+        assert_eq!(p.aggregations[0].group_by[0].as_str(), "key");
+    }
+
+    #[test]
+    fn problems_name_their_fields() {
+        let bad = GOOD
+            .replace("name = \"orders\"", "name = \"Orders!\"")
+            .replace("size = \"1m\"", "size = \"10ms\"");
+        let err = parse_document(&bad).unwrap_err().to_string();
+        assert!(err.contains("name: must be"), "{err}");
+        assert!(err.contains("aggregations[0].window.size"), "{err}");
+    }
+
+    #[test]
+    fn group_by_must_start_with_the_key() {
+        let bad = GOOD.replace("window = {", "group_by = [\"payload.region\"]\nwindow = {");
+        let err = parse_document(&bad).unwrap_err().to_string();
+        assert!(err.contains("group_by: must start with `key`"), "{err}");
+    }
+
+    #[test]
+    fn json_documents_are_accepted() {
+        let json = r#"{"pipelines":[{"name":"p","key_field":"k","time_field":"t"}]}"#;
+        assert_eq!(parse_document(json).unwrap().pipelines[0].name, "p");
+    }
+}

@@ -1,0 +1,30 @@
+//! instream-testkit: real servers for tests, on free loopback ports, torn down on drop.
+//!
+//! - [`RedisServer`]: `redis-server` with persistence off, in a temp dir.
+//! - [`ZooKeeperServer`]: a ZooKeeper 3.8 standalone server (Debian's `zookeeper` package)
+//!   with a temp dataDir.
+//! - [`KafkaBroker`]: the Kafka-protocol broker a test talks to — the cluster named by
+//!   `INSTREAM_TEST_KAFKA=host:port` when set (a real Apache Kafka), else librdkafka's
+//!   in-process broker (see `instream_kafka::EmbeddedBroker`).
+//!
+//! Every start waits on a condition (the server answering its protocol), never a fixed sleep,
+//! and every server is killed when its handle drops, also when the test panics.
+
+mod process;
+mod servers;
+
+pub use process::{free_port, wait_until, TestkitError};
+pub use servers::{KafkaBroker, RedisServer, ZooKeeperServer};
+
+/// A unique suffix for names a test creates (topics, pipelines, znodes), so tests sharing a
+/// broker never see each other's data.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{}-{n}-{nanos:x}", std::process::id())
+}

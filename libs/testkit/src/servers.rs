@@ -1,0 +1,210 @@
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use instream_kafka::EmbeddedBroker;
+use tempfile::TempDir;
+
+use crate::process::{free_port, Guard, TestkitError};
+
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Sends `request` and reads the reply until `expect` appears or the peer closes.
+fn ask(port: u16, request: &[u8], expect: &[u8]) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(request).is_err() {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 256];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.windows(expect.len()).any(|w| w == expect) {
+                    return true;
+                }
+            }
+        }
+    }
+}
+
+fn spawn(command: &mut Command, log: &Path) -> Result<Guard, TestkitError> {
+    let program = command.get_program().to_string_lossy().into_owned();
+    let out = std::fs::File::create(log)?;
+    let err = out.try_clone()?;
+    command
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map(Guard)
+        .map_err(|source| TestkitError::Spawn { program, source })
+}
+
+fn wait_ready(
+    what: &str,
+    guard: &mut Guard,
+    log: &Path,
+    mut ready: impl FnMut() -> bool,
+) -> Result<(), TestkitError> {
+    let start = std::time::Instant::now();
+    loop {
+        if ready() {
+            return Ok(());
+        }
+        if guard.exited() || start.elapsed() > START_TIMEOUT {
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: String = tail
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            return Err(TestkitError::Timeout {
+                what: what.to_owned(),
+                timeout: START_TIMEOUT,
+                detail: format!("; its log ends:\n{tail}"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A real `redis-server` on a free loopback port.
+pub struct RedisServer {
+    port: u16,
+    _guard: Guard,
+    _dir: TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> Result<RedisServer, TestkitError> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let log = dir.path().join("redis.log");
+        let mut guard = spawn(
+            Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir.path()),
+            &log,
+        )?;
+        wait_ready("redis-server", &mut guard, &log, || {
+            ask(port, b"PING\r\n", b"+PONG")
+        })?;
+        Ok(RedisServer {
+            port,
+            _guard: guard,
+            _dir: dir,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+/// A real ZooKeeper 3.8 standalone server on a free loopback port.
+pub struct ZooKeeperServer {
+    port: u16,
+    _guard: Guard,
+    _dir: TempDir,
+}
+
+impl ZooKeeperServer {
+    pub fn start() -> Result<ZooKeeperServer, TestkitError> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data)?;
+        let cfg = dir.path().join("zoo.cfg");
+        std::fs::write(
+            &cfg,
+            format!(
+                "tickTime=500\ninitLimit=10\nsyncLimit=5\ndataDir={}\nclientPort={port}\n\
+                 clientPortAddress=127.0.0.1\nadmin.enableServer=false\n\
+                 4lw.commands.whitelist=ruok,srvr\nmaxSessionTimeout=60000\nminSessionTimeout=1000\n",
+                data.display()
+            ),
+        )?;
+        let log = dir.path().join("zookeeper.log");
+        let classpath = "/etc/zookeeper/conf:/usr/share/java/zookeeper.jar:/usr/share/java/*";
+        let mut guard = spawn(
+            Command::new("java")
+                .args(["-Xmx256m", "-XX:+UseSerialGC", "-cp", classpath])
+                .arg("-Dzookeeper.log.dir=".to_string() + &dir.path().display().to_string())
+                .arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
+                .arg(&cfg),
+            &log,
+        )?;
+        wait_ready("zookeeper", &mut guard, &log, || {
+            ask(port, b"ruok", b"imok")
+        })?;
+        Ok(ZooKeeperServer {
+            port,
+            _guard: guard,
+            _dir: dir,
+        })
+    }
+
+    /// `127.0.0.1:port`.
+    pub fn connect_string(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// The Kafka-protocol broker of a test.
+pub enum KafkaBroker {
+    /// A cluster given by `INSTREAM_TEST_KAFKA`; topics are created through the admin API.
+    External(String),
+    /// librdkafka's in-process broker.
+    Embedded(EmbeddedBroker),
+}
+
+impl KafkaBroker {
+    pub fn start() -> Result<KafkaBroker, TestkitError> {
+        match std::env::var("INSTREAM_TEST_KAFKA") {
+            Ok(addr) if !addr.trim().is_empty() => Ok(KafkaBroker::External(addr)),
+            _ => EmbeddedBroker::start(1)
+                .map(KafkaBroker::Embedded)
+                .map_err(|e| TestkitError::Broker(e.to_string())),
+        }
+    }
+
+    pub fn bootstrap_servers(&self) -> String {
+        match self {
+            KafkaBroker::External(addr) => addr.clone(),
+            KafkaBroker::Embedded(b) => b.bootstrap_servers().to_owned(),
+        }
+    }
+
+    /// Whether topics must be created here (the embedded broker has no CreateTopics API);
+    /// external brokers get them through `instream_kafka::admin::ensure_topics` as in production.
+    pub fn create_topic(&self, name: &str, partitions: i32) -> Result<(), TestkitError> {
+        match self {
+            KafkaBroker::External(_) => Ok(()),
+            KafkaBroker::Embedded(b) => b
+                .create_topic(name, partitions)
+                .map_err(|e| TestkitError::Broker(e.to_string())),
+        }
+    }
+
+    pub fn is_embedded(&self) -> bool {
+        matches!(self, KafkaBroker::Embedded(_))
+    }
+}

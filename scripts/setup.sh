@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs the Debian packages instream needs to build and test: the C toolchain pieces
+# librdkafka's build wants, and the real servers the tests start (Redis, ZooKeeper).
+# Idempotent: does nothing when everything is present. Needs root (or sudo) only to install.
+set -euo pipefail
+
+packages=(cmake pkg-config libcurl4-openssl-dev libsasl2-dev libzstd-dev libssl-dev
+          redis-server zookeeper default-jre-headless)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Debian's packages start nothing here (no systemd); the tests start their own servers on free
+# loopback ports. Make sure no distro-started redis holds the default port either way.
+command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (rustup) first" >&2; exit 1; }
