@@ -1,1 +1,89 @@
+//! instream-archive: the file store under the archiver.
+//!
+//! [`Archive::put`] makes a file appear whole or not at all: it is written under a temporary
+//! name (`_inprogress.` prefix) and renamed on completion, so readers never see a partial file
+//! and a crash leaves only leftovers that [`Archive::remove_leftovers`] deletes. Two
+//! implementations, chosen by `archive.backend`: [`HdfsArchive`] (on `hdfs-native`) and
+//! [`LocalArchive`] (a directory). [`conformance`] is the suite both must pass.
 
+pub mod conformance;
+mod hdfs;
+mod local;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use instream_core::config::{ArchiveBackend, ArchiveConfig};
+
+pub use hdfs::HdfsArchive;
+pub use local::LocalArchive;
+
+/// Files whose name starts with this are being written (or were, before a crash).
+pub const IN_PROGRESS_PREFIX: &str = "_inprogress.";
+
+/// A completed file, by its path relative to the archive root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchivedFile {
+    pub path: String,
+    pub size: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("archive path `{0}` is not a relative path of `/`-separated names")]
+    BadPath(String),
+    #[error("archive I/O on `{path}`: {message}")]
+    Io { path: String, message: String },
+}
+
+#[async_trait]
+pub trait Archive: Send + Sync {
+    /// Writes `data` at `path` (relative to the root) atomically; parents are created.
+    async fn put(&self, path: &str, data: Bytes) -> Result<(), ArchiveError>;
+    /// Completed files below `prefix` (recursive), sorted by path.
+    async fn list(&self, prefix: &str) -> Result<Vec<ArchivedFile>, ArchiveError>;
+    async fn get(&self, path: &str) -> Result<Bytes, ArchiveError>;
+    /// Deletes in-progress files below `prefix` left by a crash; returns how many.
+    async fn remove_leftovers(&self, prefix: &str) -> Result<usize, ArchiveError>;
+    /// Succeeds when the archive is reachable (readiness).
+    async fn ping(&self) -> Result<(), ArchiveError>;
+}
+
+/// Builds the archive `config` names.
+pub fn build(config: &ArchiveConfig) -> Result<Arc<dyn Archive>, ArchiveError> {
+    match config.backend {
+        ArchiveBackend::Local => Ok(Arc::new(LocalArchive::new(&config.root))),
+        ArchiveBackend::Hdfs => Ok(Arc::new(HdfsArchive::connect(
+            &config.hdfs_url,
+            &config.root,
+        )?)),
+    }
+}
+
+/// Checks a relative path: `/`-separated, no empty, `.` or `..` segments.
+pub(crate) fn check_path(path: &str) -> Result<(), ArchiveError> {
+    let ok = !path.starts_with('/')
+        && path
+            .split('/')
+            .all(|s| !s.is_empty() && s != "." && s != "..");
+    if ok {
+        Ok(())
+    } else {
+        Err(ArchiveError::BadPath(path.to_owned()))
+    }
+}
+
+/// `dir/name` -> `dir/_inprogress.name`.
+pub(crate) fn in_progress_name(path: &str) -> String {
+    match path.rsplit_once('/') {
+        Some((dir, name)) => format!("{dir}/{IN_PROGRESS_PREFIX}{name}"),
+        None => format!("{IN_PROGRESS_PREFIX}{path}"),
+    }
+}
+
+pub(crate) fn is_in_progress(path: &str) -> bool {
+    path.rsplit('/')
+        .next()
+        .is_some_and(|name| name.starts_with(IN_PROGRESS_PREFIX))
+}

@@ -1,1 +1,73 @@
+//! instream-store: where windowed aggregates live.
+//!
+//! The aggregator writes whole-window values with [`AggregateStore::upsert`] (idempotent: the
+//! same window written twice holds the last value, never a sum), and query-api reads them. Two
+//! implementations behind one trait, chosen by `store.backend`: [`ScyllaStore`] (ScyllaDB or
+//! Cassandra, on the `scylla` crate) and [`EmbeddedStore`] (in-process, for standalone mode
+//! and tests). [`conformance`] is the one suite both must pass.
 
+pub mod conformance;
+mod embedded;
+mod scylla_store;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use instream_core::config::{StoreBackend, StoreConfig};
+use serde::Serialize;
+
+pub use embedded::EmbeddedStore;
+pub use scylla_store::ScyllaStore;
+
+/// The value of one window of one group of one aggregation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WindowAggregate {
+    pub pipeline: String,
+    pub aggregation: String,
+    pub group_key: String,
+    /// Inclusive start, epoch milliseconds.
+    pub window_start: i64,
+    /// Exclusive end, epoch milliseconds.
+    pub window_end: i64,
+    /// The definition version the window was computed under.
+    pub definition_version: i64,
+    pub count: i64,
+}
+
+/// Windows of one group whose start lies in `[from, to)`, oldest first, at most `limit`.
+#[derive(Debug, Clone)]
+pub struct AggregateQuery {
+    pub pipeline: String,
+    pub aggregation: String,
+    pub group_key: String,
+    pub from: i64,
+    pub to: i64,
+    pub limit: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be reached or timed out: retry.
+    #[error("aggregate store unavailable: {0}")]
+    Unavailable(String),
+    /// The store refused the request (schema, permissions): retrying will not help.
+    #[error("aggregate store refused the request: {0}")]
+    Rejected(String),
+}
+
+#[async_trait]
+pub trait AggregateStore: Send + Sync {
+    /// Writes whole-window values; a window written again is replaced.
+    async fn upsert(&self, rows: &[WindowAggregate]) -> Result<(), StoreError>;
+    async fn query(&self, query: &AggregateQuery) -> Result<Vec<WindowAggregate>, StoreError>;
+    /// Succeeds when the store is reachable (readiness).
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Builds the store `config` names. Scylla: connects and applies the schema.
+pub async fn build(config: &StoreConfig) -> Result<Arc<dyn AggregateStore>, StoreError> {
+    match config.backend {
+        StoreBackend::Embedded => Ok(Arc::new(EmbeddedStore::default())),
+        StoreBackend::Scylla => Ok(Arc::new(ScyllaStore::connect(config).await?)),
+    }
+}

@@ -1,0 +1,130 @@
+use async_trait::async_trait;
+use bytes::Bytes;
+use hdfs_native::{Client, ClientBuilder, WriteOptions};
+
+use crate::{check_path, in_progress_name, is_in_progress, Archive, ArchiveError, ArchivedFile};
+
+/// The archive on HDFS, through the native RPC client (`hdfs-native`): no JVM, no libhdfs.
+/// The rename is a single NameNode operation, so a file appears whole or not at all.
+pub struct HdfsArchive {
+    client: Client,
+    root: String,
+}
+
+fn hdfs_err(path: &str) -> impl FnOnce(hdfs_native::HdfsError) -> ArchiveError + '_ {
+    move |e| ArchiveError::Io {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+impl HdfsArchive {
+    /// `url` is `hdfs://namenode:port` or an HA nameservice; `root` an absolute path.
+    pub fn connect(url: &str, root: &str) -> Result<HdfsArchive, ArchiveError> {
+        let client = ClientBuilder::new()
+            .with_url(url)
+            .build()
+            .map_err(hdfs_err(url))?;
+        Ok(HdfsArchive {
+            client,
+            root: root.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    fn full(&self, rel: &str) -> String {
+        if rel.is_empty() {
+            self.root.clone()
+        } else {
+            format!("{}/{rel}", self.root)
+        }
+    }
+
+    fn relative<'p>(&self, full: &'p str) -> &'p str {
+        full.strip_prefix(&self.root)
+            .map(|p| p.trim_start_matches('/'))
+            .unwrap_or(full)
+    }
+
+    async fn list_all(&self, prefix: &str) -> Result<Vec<(String, u64)>, ArchiveError> {
+        if !prefix.is_empty() {
+            check_path(prefix)?;
+        }
+        let dir = self.full(prefix);
+        let statuses = match self.client.list_status(&dir, true).await {
+            Ok(s) => s,
+            Err(hdfs_native::HdfsError::FileNotFound(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(hdfs_err(&dir)(e)),
+        };
+        Ok(statuses
+            .into_iter()
+            .filter(|s| !s.isdir)
+            .map(|s| (self.relative(&s.path).to_owned(), s.length as u64))
+            .collect())
+    }
+}
+
+#[async_trait]
+impl Archive for HdfsArchive {
+    async fn put(&self, path: &str, data: Bytes) -> Result<(), ArchiveError> {
+        check_path(path)?;
+        let target = self.full(path);
+        let temp = self.full(&in_progress_name(path));
+        let options = WriteOptions::default().create_parent(true).overwrite(true);
+        let mut writer = self
+            .client
+            .create(&temp, options)
+            .await
+            .map_err(hdfs_err(&temp))?;
+        writer.write_bytes(data).await.map_err(hdfs_err(&temp))?;
+        writer.close().await.map_err(hdfs_err(&temp))?;
+        self.client
+            .rename(&temp, &target, false)
+            .await
+            .map_err(hdfs_err(&target))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ArchivedFile>, ArchiveError> {
+        let mut files: Vec<ArchivedFile> = self
+            .list_all(prefix)
+            .await?
+            .into_iter()
+            .filter(|(p, _)| !is_in_progress(p))
+            .map(|(path, size)| ArchivedFile { path, size })
+            .collect();
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(files)
+    }
+
+    async fn get(&self, path: &str) -> Result<Bytes, ArchiveError> {
+        check_path(path)?;
+        let full = self.full(path);
+        let reader = self.client.read(&full).await.map_err(hdfs_err(&full))?;
+        reader
+            .read_range(0, reader.file_length())
+            .await
+            .map_err(hdfs_err(&full))
+    }
+
+    async fn remove_leftovers(&self, prefix: &str) -> Result<usize, ArchiveError> {
+        let mut removed = 0;
+        for (path, _) in self.list_all(prefix).await? {
+            if is_in_progress(&path) {
+                let full = self.full(&path);
+                self.client
+                    .delete(&full, false)
+                    .await
+                    .map_err(hdfs_err(&full))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn ping(&self) -> Result<(), ArchiveError> {
+        self.client
+            .get_file_info("/")
+            .await
+            .map(|_| ())
+            .map_err(hdfs_err("/"))
+    }
+}

@@ -1,0 +1,172 @@
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::{check_path, in_progress_name, is_in_progress, Archive, ArchiveError, ArchivedFile};
+
+/// The archive as a local directory. Files are fsynced before the rename and the directory
+/// after it, so a completed file survives a power cut.
+pub struct LocalArchive {
+    root: PathBuf,
+}
+
+impl LocalArchive {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ArchiveError + '_ {
+    move |e| ArchiveError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ArchiveError> + Send + 'static,
+) -> impl std::future::Future<Output = Result<T, ArchiveError>> {
+    async move {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| ArchiveError::Io {
+                path: String::new(),
+                message: e.to_string(),
+            })?
+    }
+}
+
+fn walk(dir: &Path, root: &Path, out: &mut Vec<(String, u64)>) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        let path = entry.path();
+        if meta.is_dir() {
+            walk(&path, root, out)?;
+        } else if let Ok(rel) = path.strip_prefix(root) {
+            out.push((rel.to_string_lossy().replace('\\', "/"), meta.len()));
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Archive for LocalArchive {
+    async fn put(&self, path: &str, data: Bytes) -> Result<(), ArchiveError> {
+        check_path(path)?;
+        let target = self.root.join(path);
+        let temp = self.root.join(in_progress_name(path));
+        blocking(move || {
+            let dir = target.parent().unwrap_or(Path::new("."));
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
+            let mut file = std::fs::File::create(&temp).map_err(io(&temp))?;
+            file.write_all(&data).map_err(io(&temp))?;
+            file.sync_all().map_err(io(&temp))?;
+            drop(file);
+            std::fs::rename(&temp, &target).map_err(io(&target))?;
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(dir))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ArchivedFile>, ArchiveError> {
+        let root = self.root.clone();
+        let dir = if prefix.is_empty() {
+            root.clone()
+        } else {
+            check_path(prefix)?;
+            root.join(prefix)
+        };
+        blocking(move || {
+            let mut found = Vec::new();
+            walk(&dir, &root, &mut found).map_err(io(&dir))?;
+            let mut files: Vec<ArchivedFile> = found
+                .into_iter()
+                .filter(|(p, _)| !is_in_progress(p))
+                .map(|(path, size)| ArchivedFile { path, size })
+                .collect();
+            files.sort_by(|a, b| a.path.cmp(&b.path));
+            Ok(files)
+        })
+        .await
+    }
+
+    async fn get(&self, path: &str) -> Result<Bytes, ArchiveError> {
+        check_path(path)?;
+        let full = self.root.join(path);
+        blocking(move || std::fs::read(&full).map(Bytes::from).map_err(io(&full))).await
+    }
+
+    async fn remove_leftovers(&self, prefix: &str) -> Result<usize, ArchiveError> {
+        let root = self.root.clone();
+        let dir = if prefix.is_empty() {
+            root.clone()
+        } else {
+            check_path(prefix)?;
+            root.join(prefix)
+        };
+        blocking(move || {
+            let mut found = Vec::new();
+            walk(&dir, &root, &mut found).map_err(io(&dir))?;
+            let mut removed = 0;
+            for (path, _) in found.into_iter().filter(|(p, _)| is_in_progress(p)) {
+                let full = root.join(&path);
+                std::fs::remove_file(&full).map_err(io(&full))?;
+                removed += 1;
+            }
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), ArchiveError> {
+        let root = self.root.clone();
+        blocking(move || std::fs::create_dir_all(&root).map_err(io(&root))).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn passes_the_conformance_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::conformance::run(&LocalArchive::new(dir.path()), "suite").await;
+    }
+
+    #[tokio::test]
+    async fn leftovers_of_a_crash_are_hidden_then_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = LocalArchive::new(dir.path());
+        archive
+            .put("p/a.jsonl", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        std::fs::write(dir.path().join("p/_inprogress.b.jsonl"), b"partial").unwrap();
+        let listed: Vec<String> = archive
+            .list("p")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|f| f.path)
+            .collect();
+        assert_eq!(listed, ["p/a.jsonl"]);
+        assert_eq!(archive.remove_leftovers("p").await.unwrap(), 1);
+        assert!(!dir.path().join("p/_inprogress.b.jsonl").exists());
+    }
+}

@@ -1,0 +1,79 @@
+//! The behaviour every [`AggregateStore`] must have. Run on the embedded store in CI and on a
+//! real ScyllaDB when `INSTREAM_TEST_SCYLLA` is set.
+
+use crate::{AggregateQuery, AggregateStore, WindowAggregate};
+
+fn window(pipeline: &str, key: &str, start: i64, count: i64) -> WindowAggregate {
+    WindowAggregate {
+        pipeline: pipeline.into(),
+        aggregation: "per_minute".into(),
+        group_key: key.into(),
+        window_start: start,
+        window_end: start + 60_000,
+        definition_version: 1,
+        count,
+    }
+}
+
+fn query(pipeline: &str, key: &str, from: i64, to: i64, limit: usize) -> AggregateQuery {
+    AggregateQuery {
+        pipeline: pipeline.into(),
+        aggregation: "per_minute".into(),
+        group_key: key.into(),
+        from,
+        to,
+        limit,
+    }
+}
+
+/// Panics on the first broken expectation. `pipeline` keeps runs on a shared store apart.
+pub async fn run(store: &dyn AggregateStore, pipeline: &str) {
+    store.ping().await.expect("ping");
+    let t0 = 1_700_000_040_000;
+    let rows: Vec<_> = (0..5)
+        .map(|i| window(pipeline, "a", t0 + i * 60_000, i + 1))
+        .chain([window(pipeline, "b", t0, 100)])
+        .collect();
+    store.upsert(&rows).await.expect("upsert");
+
+    let got = store
+        .query(&query(pipeline, "a", t0, t0 + 5 * 60_000, 100))
+        .await
+        .expect("query");
+    assert_eq!(got, rows[..5].to_vec(), "all of a's windows, oldest first");
+
+    let got = store
+        .query(&query(pipeline, "a", t0 + 60_000, t0 + 3 * 60_000, 100))
+        .await
+        .unwrap();
+    assert_eq!(got, rows[1..3].to_vec(), "from inclusive, to exclusive");
+
+    let got = store
+        .query(&query(pipeline, "a", t0, t0 + 5 * 60_000, 2))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 2, "limit");
+
+    // Upserts replace whole windows: writing a window twice keeps the last value.
+    let mut again = rows[0].clone();
+    again.count = 42;
+    store.upsert(&[again.clone()]).await.unwrap();
+    store.upsert(&[again.clone()]).await.unwrap();
+    let got = store
+        .query(&query(pipeline, "a", t0, t0 + 1, 10))
+        .await
+        .unwrap();
+    assert_eq!(got, vec![again]);
+
+    let got = store
+        .query(&query(pipeline, "b", t0, t0 + 5 * 60_000, 10))
+        .await
+        .unwrap();
+    assert_eq!(got, vec![rows[5].clone()], "groups are separate");
+
+    let got = store
+        .query(&query(pipeline, "nobody", t0, t0 + 5 * 60_000, 10))
+        .await
+        .unwrap();
+    assert!(got.is_empty());
+}

@@ -1,0 +1,80 @@
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+
+use async_trait::async_trait;
+
+use crate::{AggregateQuery, AggregateStore, StoreError, WindowAggregate};
+
+type Key = (String, String, String, i64);
+
+/// An in-process store: a sorted map. For standalone mode and tests; it is not shared between
+/// processes and keeps nothing across a restart.
+#[derive(Default)]
+pub struct EmbeddedStore {
+    rows: RwLock<BTreeMap<Key, WindowAggregate>>,
+}
+
+impl EmbeddedStore {
+    /// Every stored window (tests, the demo's summary).
+    pub fn all(&self) -> Vec<WindowAggregate> {
+        self.rows
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+#[async_trait]
+impl AggregateStore for EmbeddedStore {
+    async fn upsert(&self, rows: &[WindowAggregate]) -> Result<(), StoreError> {
+        let mut map = self.rows.write().unwrap_or_else(|p| p.into_inner());
+        for row in rows {
+            let key = (
+                row.pipeline.clone(),
+                row.aggregation.clone(),
+                row.group_key.clone(),
+                row.window_start,
+            );
+            map.insert(key, row.clone());
+        }
+        Ok(())
+    }
+
+    async fn query(&self, q: &AggregateQuery) -> Result<Vec<WindowAggregate>, StoreError> {
+        let map = self.rows.read().unwrap_or_else(|p| p.into_inner());
+        let lo = (
+            q.pipeline.clone(),
+            q.aggregation.clone(),
+            q.group_key.clone(),
+            q.from,
+        );
+        let hi = (
+            q.pipeline.clone(),
+            q.aggregation.clone(),
+            q.group_key.clone(),
+            q.to,
+        );
+        if q.from >= q.to {
+            return Ok(Vec::new());
+        }
+        Ok(map
+            .range(lo..hi)
+            .take(q.limit)
+            .map(|(_, v)| v.clone())
+            .collect())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn passes_the_conformance_suite() {
+        crate::conformance::run(&super::EmbeddedStore::default(), "embedded").await;
+    }
+}

@@ -1,0 +1,169 @@
+use async_trait::async_trait;
+use futures::future::try_join_all;
+use instream_core::config::StoreConfig;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::Consistency;
+use scylla::value::CqlTimestamp;
+
+use crate::{AggregateQuery, AggregateStore, StoreError, WindowAggregate};
+
+/// Writes in flight at once per upsert call: enough to keep every shard busy without
+/// overrunning the driver's connection pools.
+const UPSERT_CONCURRENCY: usize = 64;
+
+/// ScyllaDB / Cassandra: one row per window, partitioned by (pipeline, aggregation, group) and
+/// clustered by window start, with a table TTL for retention. Writes use LOCAL_QUORUM.
+pub struct ScyllaStore {
+    session: Session,
+    upsert: PreparedStatement,
+    select: PreparedStatement,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl ScyllaStore {
+    async fn write(&self, r: &WindowAggregate) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(
+                &self.upsert,
+                (
+                    &r.pipeline,
+                    &r.aggregation,
+                    &r.group_key,
+                    CqlTimestamp(r.window_start),
+                    CqlTimestamp(r.window_end),
+                    r.definition_version,
+                    r.count,
+                ),
+            )
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    /// Connects, creates the keyspace and table if missing, and prepares the statements.
+    pub async fn connect(cfg: &StoreConfig) -> Result<ScyllaStore, StoreError> {
+        let mut builder = SessionBuilder::new().known_nodes(&cfg.scylla_nodes);
+        if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
+            builder = builder.user(user, password);
+        }
+        let session = builder.build().await.map_err(unavailable)?;
+        let ks = &cfg.keyspace;
+        for ddl in schema(cfg) {
+            session
+                .query_unpaged(ddl, &[])
+                .await
+                .map_err(|e| StoreError::Rejected(e.to_string()))?;
+        }
+        session
+            .await_schema_agreement()
+            .await
+            .map_err(unavailable)?;
+        let mut upsert = session
+            .prepare(format!(
+                "INSERT INTO {ks}.window_aggregates (pipeline, aggregation, group_key, \
+                 window_start, window_end, definition_version, count) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            ))
+            .await
+            .map_err(|e| StoreError::Rejected(e.to_string()))?;
+        upsert.set_consistency(Consistency::LocalQuorum);
+        let mut select = session
+            .prepare(format!(
+                "SELECT pipeline, aggregation, group_key, window_start, window_end, \
+                 definition_version, count FROM {ks}.window_aggregates WHERE pipeline = ? AND \
+                 aggregation = ? AND group_key = ? AND window_start >= ? AND window_start < ? \
+                 LIMIT ?"
+            ))
+            .await
+            .map_err(|e| StoreError::Rejected(e.to_string()))?;
+        select.set_consistency(Consistency::LocalQuorum);
+        Ok(ScyllaStore {
+            session,
+            upsert,
+            select,
+        })
+    }
+}
+
+/// The keyspace and table, idempotently (`IF NOT EXISTS`).
+pub fn schema(cfg: &StoreConfig) -> Vec<String> {
+    let ks = &cfg.keyspace;
+    vec![
+        format!(
+            "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = \
+             {{'class': 'NetworkTopologyStrategy', 'replication_factor': {}}}",
+            cfg.replication_factor
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.window_aggregates (\
+             pipeline text, aggregation text, group_key text, window_start timestamp, \
+             window_end timestamp, definition_version bigint, count bigint, \
+             PRIMARY KEY ((pipeline, aggregation, group_key), window_start)) \
+             WITH CLUSTERING ORDER BY (window_start ASC) AND default_time_to_live = {}",
+            cfg.ttl.as_secs()
+        ),
+    ]
+}
+
+#[async_trait]
+impl AggregateStore for ScyllaStore {
+    async fn upsert(&self, rows: &[WindowAggregate]) -> Result<(), StoreError> {
+        for chunk in rows.chunks(UPSERT_CONCURRENCY) {
+            try_join_all(chunk.iter().map(|r| self.write(r))).await?;
+        }
+        Ok(())
+    }
+
+    async fn query(&self, q: &AggregateQuery) -> Result<Vec<WindowAggregate>, StoreError> {
+        if q.from >= q.to || q.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i32::try_from(q.limit).unwrap_or(i32::MAX);
+        let result = self
+            .session
+            .execute_unpaged(
+                &self.select,
+                (
+                    &q.pipeline,
+                    &q.aggregation,
+                    &q.group_key,
+                    CqlTimestamp(q.from),
+                    CqlTimestamp(q.to),
+                    limit,
+                ),
+            )
+            .await
+            .map_err(unavailable)?;
+        let rows = result.into_rows_result().map_err(unavailable)?;
+        let typed = rows
+            .rows::<(String, String, String, CqlTimestamp, CqlTimestamp, i64, i64)>()
+            .map_err(unavailable)?;
+        typed
+            .map(|row| {
+                let (pipeline, aggregation, group_key, start, end, version, count) =
+                    row.map_err(unavailable)?;
+                Ok(WindowAggregate {
+                    pipeline,
+                    aggregation,
+                    group_key,
+                    window_start: start.0,
+                    window_end: end.0,
+                    definition_version: version,
+                    count,
+                })
+            })
+            .collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.session
+            .query_unpaged("SELECT release_version FROM system.local", &[])
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+}
