@@ -29,17 +29,15 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ArchiveError + '_ {
     }
 }
 
-fn blocking<T: Send + 'static>(
+async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ArchiveError> + Send + 'static,
-) -> impl std::future::Future<Output = Result<T, ArchiveError>> {
-    async move {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| ArchiveError::Io {
-                path: String::new(),
-                message: e.to_string(),
-            })?
-    }
+) -> Result<T, ArchiveError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ArchiveError::Io {
+            path: String::new(),
+            message: e.to_string(),
+        })?
 }
 
 fn walk(dir: &Path, root: &Path, out: &mut Vec<(String, u64)>) -> std::io::Result<()> {
