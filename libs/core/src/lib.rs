@@ -14,9 +14,11 @@
 
 pub mod admin;
 pub mod config;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 
 pub use admin::{AdminServer, Health, Readiness};
 pub use config::{Config, ConfigError};
+pub use service::{service_main, ServiceContext};
 pub use shutdown::{shutdown_on_signal, Supervisor, SupervisorError};

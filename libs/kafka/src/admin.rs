@@ -90,3 +90,96 @@ async fn existing_topics(mut c: ClientConfig) -> Result<HashSet<String>, KafkaEr
     .await
     .map_err(|e| KafkaError::Admin(format!("listing topics: {e}")))?
 }
+
+/// The raw, enriched and dead-letter topics of every pipeline, with the pipeline's partition
+/// count. Every service ensures them at start, so start order does not matter.
+pub async fn ensure_pipeline_topics<'a>(
+    cfg: &KafkaConfig,
+    pipelines: impl IntoIterator<Item = &'a instream_pipeline::PipelineDefinition>,
+) -> Result<(), KafkaError> {
+    use instream_pipeline::topics;
+    let specs: Vec<TopicSpec> = pipelines
+        .into_iter()
+        .flat_map(|p| {
+            [
+                topics::raw(&p.name),
+                topics::enriched(&p.name),
+                topics::dead_letter(&p.name),
+            ]
+            .map(|name| TopicSpec {
+                name,
+                partitions: p.partitions,
+            })
+        })
+        .collect();
+    ensure_topics(cfg, &specs).await
+}
+
+/// Keeps `readiness` in step with whether the cluster answers a metadata request, checking
+/// every `interval` until `shutdown`.
+pub async fn watch_broker(
+    cfg: KafkaConfig,
+    readiness: instream_core::Readiness,
+    interval: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.bootstrap_servers);
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c.set("allow.auto.create.topics", "false");
+    let consumer: BaseConsumer = match c.create() {
+        Ok(c) => c,
+        Err(e) => {
+            readiness.set_not_ready(format!("kafka client: {e}"));
+            return;
+        }
+    };
+    let consumer = std::sync::Arc::new(consumer);
+    loop {
+        let probe = consumer.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            probe
+                .fetch_metadata(None, Duration::from_secs(5))
+                .map(|_| ())
+        })
+        .await;
+        match answer {
+            Ok(Ok(())) => readiness.set_ready(),
+            Ok(Err(e)) => readiness.set_not_ready(format!("kafka unreachable: {e}")),
+            Err(e) => readiness.set_not_ready(format!("kafka probe failed: {e}")),
+        }
+        if shutdown
+            .run_until_cancelled(tokio::time::sleep(interval))
+            .await
+            .is_none()
+        {
+            return;
+        }
+    }
+}
+
+/// Ensures the topics of every pipeline now and whenever the definitions change, until
+/// `shutdown`. Failures are logged and retried at the next change or after a minute.
+pub async fn keep_pipeline_topics(
+    cfg: KafkaConfig,
+    mut catalog: tokio::sync::watch::Receiver<std::sync::Arc<instream_pipeline::Catalog>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let current = catalog.borrow_and_update().clone();
+        if let Err(error) = ensure_pipeline_topics(&cfg, current.iter().map(|p| p.as_ref())).await {
+            tracing::warn!(%error, "ensuring pipeline topics failed; will retry");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = catalog.changed() => if changed.is_err() {
+                // The source stopped sending: nothing will change any more.
+                shutdown.cancelled().await;
+                return;
+            },
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+    }
+}

@@ -26,6 +26,8 @@ pub struct Record {
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The consumer's assignment generation when this record was received.
+    pub generation: u64,
 }
 
 impl Record {
@@ -102,7 +104,8 @@ pub fn consumer(
 }
 
 /// Receives up to `max` records: waits up to `wait` for the first, then takes what arrives
-/// before `wait` has passed. Each record is tracked for commit.
+/// before `wait` has passed. Each record is tracked for commit. Every record returned belongs
+/// to the current assignment generation (`Record::generation`).
 pub async fn recv_batch(
     consumer: &Consumer,
     max: usize,
@@ -132,8 +135,14 @@ pub async fn recv_batch(
             key: msg.key().map(<[u8]>::to_vec),
             payload: msg.payload().unwrap_or_default().to_vec(),
             headers,
+            generation: consumer.context().generation(),
         });
     }
+    // Records received before a rebalance in this same call belong to partitions we may no
+    // longer own; they are dropped here (never tracked, never handled) and read again from the
+    // last commit by whoever owns the partition now.
+    let generation = consumer.context().generation();
+    out.retain(|r| r.generation == generation);
     let mut tracker = consumer.context().tracker();
     for r in out.iter() {
         tracker.track(&r.topic, r.partition, r.offset);
@@ -188,6 +197,20 @@ pub async fn send<'a>(
             Err((e, _)) => return Err(KafkaError::Produce(e)),
         }
     }
+}
+
+/// Enqueues a record, or fails at once with [`KafkaError::QueueFull`] when the producer's queue
+/// is full (ingest answers 503 then, instead of holding the request).
+pub fn try_send(
+    producer: &Producer,
+    record: FutureRecord<'_, [u8], [u8]>,
+) -> Result<DeliveryFuture, KafkaError> {
+    producer.send_result(record).map_err(|(e, _)| match e {
+        rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
+            KafkaError::QueueFull
+        }
+        e => KafkaError::Produce(e),
+    })
 }
 
 /// Waits for a delivery and turns its outcome into our error type.

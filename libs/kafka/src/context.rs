@@ -1,3 +1,4 @@
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rdkafka::client::ClientContext;
@@ -15,6 +16,9 @@ pub struct InstreamContext {
     service: String,
     group: String,
     tracker: Arc<Mutex<OffsetTracker>>,
+    /// Bumped on every assignment change, so a service can tell records consumed before a
+    /// rebalance from those after it.
+    generation: AtomicU64,
 }
 
 impl InstreamContext {
@@ -23,6 +27,7 @@ impl InstreamContext {
             service: service.to_owned(),
             group: group.to_owned(),
             tracker: Arc::default(),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -31,6 +36,11 @@ impl InstreamContext {
         self.tracker
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The assignment generation: changes whenever partitions are revoked or assigned.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -107,6 +117,7 @@ impl ConsumerContext for InstreamContext {
                 for (topic, partition) in &lost {
                     tracker.forget(topic, *partition);
                 }
+                self.generation.fetch_add(1, Ordering::AcqRel);
                 tracing::info!(service = %self.service, partitions = ?lost, "partitions revoked");
             }
             Rebalance::Assign(_) => {}
@@ -123,6 +134,7 @@ impl ConsumerContext for InstreamContext {
             for (topic, partition) in &got {
                 tracker.forget(topic, *partition);
             }
+            self.generation.fetch_add(1, Ordering::AcqRel);
             tracing::info!(service = %self.service, partitions = ?got, "partitions assigned");
         }
         let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);

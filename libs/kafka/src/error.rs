@@ -10,6 +10,9 @@ pub enum KafkaError {
     /// A commit failed: the records will be delivered again, which downstream tolerates.
     #[error("kafka commit failed: {0}")]
     Commit(rdkafka::error::KafkaError),
+    /// The producer's local queue is full: the broker is slow or away. Back off.
+    #[error("kafka producer queue is full")]
+    QueueFull,
     #[error("kafka admin: {0}")]
     Admin(String),
     #[error("kafka consume failed: {0}")]

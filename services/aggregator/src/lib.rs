@@ -1,1 +1,257 @@
+//! instream-aggregator: `<pipeline>.enriched` in, windowed aggregates out to the
+//! [`AggregateStore`] (ScyllaDB, or the embedded store).
+//!
+//! Each aggregation of a pipeline keeps per-group, per-window values in memory. Every
+//! `aggregator.flush_interval` the changed windows are upserted as whole values (a repeated
+//! write replaces, never adds), and only then are the offsets of the records they cover
+//! committed. Aggregations group by the partition key first, so each window has exactly one
+//! owner (DESIGN §7).
+//!
+//! Not yet here (the aggregator issue): watermarks and window closing, late events, hopping and
+//! session windows, de-duplication of repeated event ids, and checkpoints of open-window
+//! state — until then a restart mid-window restarts that window's count from the committed
+//! offset.
 
+mod windows;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use instream_core::{Readiness, ServiceContext};
+use instream_kafka::client::{self, recv_batch, Consumer};
+use instream_kafka::{DeadLetter, DeadLetters, Origin, Record};
+use instream_pipeline::{topics, Catalog};
+use instream_store::AggregateStore;
+use rdkafka::consumer::Consumer as _;
+use tokio_util::sync::CancellationToken;
+
+pub use windows::Windows;
+
+const SERVICE: &str = "aggregator";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AggregatorError {
+    #[error(transparent)]
+    Kafka(#[from] instream_kafka::KafkaError),
+    #[error(transparent)]
+    Definitions(#[from] instream_pipeline::DefinitionError),
+    #[error(transparent)]
+    Store(#[from] instream_store::StoreError),
+    #[error(transparent)]
+    Coord(#[from] instream_coord::CoordError),
+}
+
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn enriched_topics(catalog: &Catalog) -> Vec<String> {
+    catalog
+        .iter()
+        .filter(|p| !p.aggregations.is_empty())
+        .map(|p| topics::enriched(&p.name))
+        .collect()
+}
+
+/// Runs with the store `config.store` names.
+pub async fn run(ctx: ServiceContext) -> Result<(), AggregatorError> {
+    let store = instream_store::build(&ctx.config.store).await?;
+    run_with_store(ctx, store).await
+}
+
+/// Records taken since the last flush, and what their windows' latency is measured from.
+#[derive(Default)]
+struct Pending {
+    records: Vec<Record>,
+    ingest_times: Vec<i64>,
+}
+
+/// Runs with a given store (standalone mode and tests share one embedded store).
+pub async fn run_with_store(
+    ctx: ServiceContext,
+    store: Arc<dyn AggregateStore>,
+) -> Result<(), AggregatorError> {
+    let ServiceContext {
+        config,
+        health,
+        shutdown,
+        admin_addr,
+    } = ctx;
+    let definitions = health.register("aggregator.definitions");
+    let mut catalog = instream_coord::definition_source(&config)
+        .subscribe(shutdown.clone())
+        .await?;
+    definitions.set_ready();
+    let store_ready = health.register("aggregator.store");
+    store_ready.set_ready();
+    tokio::spawn(instream_kafka::admin::keep_pipeline_topics(
+        config.kafka.clone(),
+        catalog.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(instream_kafka::admin::watch_broker(
+        config.kafka.clone(),
+        health.register("aggregator.kafka"),
+        Duration::from_secs(5),
+        shutdown.clone(),
+    ));
+    let _registration = instream_coord::register_service(&config, SERVICE, admin_addr).await?;
+    let dead = DeadLetters::from_config(&config.kafka, SERVICE)?;
+    let group = format!("{}-{SERVICE}", config.kafka.group_prefix);
+    let mut subscribed = enriched_topics(&catalog.borrow_and_update());
+    let consumer = client::consumer(&config.kafka, SERVICE, &group, &subscribed)?;
+
+    let mut windows = Windows::default();
+    let mut pending = Pending::default();
+    let mut batch = Vec::with_capacity(config.aggregator.batch_size);
+    let mut last_flush = Instant::now();
+    while !shutdown.is_cancelled() {
+        if catalog.has_changed().unwrap_or(false) {
+            let wanted = enriched_topics(&catalog.borrow_and_update());
+            if wanted != subscribed {
+                let names: Vec<&str> = wanted.iter().map(String::as_str).collect();
+                consumer
+                    .subscribe(&names)
+                    .map_err(instream_kafka::KafkaError::Consume)?;
+                subscribed = wanted;
+            }
+        }
+        let wait = config
+            .aggregator
+            .flush_interval
+            .saturating_sub(last_flush.elapsed())
+            .max(Duration::from_millis(1));
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            received = recv_batch(&consumer, config.aggregator.batch_size, wait, &mut batch) => received?,
+        }
+        let current = catalog.borrow().clone();
+        for record in batch.drain(..) {
+            match instream_event::decode(&record.payload) {
+                Ok(event) => match current.get(&event.pipeline) {
+                    Some(def) => {
+                        windows.add(def, &event);
+                        pending.ingest_times.push(event.ingest_time);
+                        pending.records.push(record);
+                    }
+                    None => {
+                        let reason = format!("no definition for pipeline `{}`", event.pipeline);
+                        dead_letter(&dead, &consumer, record, "unknown_pipeline", &reason).await?;
+                    }
+                },
+                Err(e) => {
+                    dead_letter(&dead, &consumer, record, "decode_error", &e.to_string()).await?
+                }
+            }
+        }
+        if last_flush.elapsed() >= config.aggregator.flush_interval {
+            flush(
+                &*store,
+                &store_ready,
+                &consumer,
+                &mut windows,
+                &mut pending,
+                &shutdown,
+            )
+            .await?;
+            client::commit(&consumer, false)?;
+            last_flush = Instant::now();
+        }
+    }
+    // Drain: what was counted is written, then committed; nothing is committed unwritten.
+    flush(
+        &*store,
+        &store_ready,
+        &consumer,
+        &mut windows,
+        &mut pending,
+        &CancellationToken::new(),
+    )
+    .await?;
+    client::commit(&consumer, true)?;
+    tracing::info!(windows = windows.len(), "aggregator drained and committed");
+    Ok(())
+}
+
+async fn dead_letter(
+    dead: &DeadLetters,
+    consumer: &Consumer,
+    record: Record,
+    code: &'static str,
+    reason: &str,
+) -> Result<(), AggregatorError> {
+    let pipeline = topics::pipeline_of(&record.topic);
+    let topic = topics::dead_letter(pipeline);
+    let delivery = dead
+        .publish(&DeadLetter {
+            topic: &topic,
+            pipeline,
+            key: record.key.as_deref(),
+            payload: &record.payload,
+            code,
+            reason,
+            origin: Some(Origin {
+                topic: &record.topic,
+                partition: record.partition,
+                offset: record.offset,
+            }),
+        })
+        .await?;
+    client::delivered(delivery).await?;
+    client::complete(consumer, [&record]);
+    Ok(())
+}
+
+/// Writes every changed window, retrying until the store takes them (or `stop` fires), then
+/// marks the records they cover as handled.
+async fn flush(
+    store: &dyn AggregateStore,
+    ready: &Readiness,
+    consumer: &Consumer,
+    windows: &mut Windows,
+    pending: &mut Pending,
+    stop: &CancellationToken,
+) -> Result<(), AggregatorError> {
+    let rows = windows.take_dirty();
+    if !rows.is_empty() {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match store.upsert(&rows).await {
+                Ok(()) => {
+                    ready.set_ready();
+                    break;
+                }
+                Err(error) => {
+                    ready.set_not_ready(error.to_string());
+                    tracing::warn!(%error, windows = rows.len(), "store write failed; retrying");
+                    if stop
+                        .run_until_cancelled(tokio::time::sleep(backoff))
+                        .await
+                        .is_none()
+                    {
+                        windows.mark_dirty(&rows);
+                        return Ok(());
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        metrics::counter!("instream_window_writes_total", "service" => SERVICE)
+            .increment(rows.len() as u64);
+    }
+    let now = now_millis();
+    for t in &pending.ingest_times {
+        metrics::histogram!("instream_stage_latency_seconds", "stage" => "aggregator_visible")
+            .record((now - t).max(0) as f64 / 1000.0);
+    }
+    metrics::counter!("instream_events_total", "service" => SERVICE, "outcome" => "aggregated")
+        .increment(pending.records.len() as u64);
+    client::complete(consumer, &pending.records);
+    pending.records.clear();
+    pending.ingest_times.clear();
+    metrics::gauge!("instream_open_windows", "service" => SERVICE).set(windows.len() as f64);
+    Ok(())
+}

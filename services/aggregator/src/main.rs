@@ -1,1 +1,3 @@
-fn main() {}
+fn main() -> std::process::ExitCode {
+    instream_core::service_main("aggregator", instream_aggregator::run)
+}

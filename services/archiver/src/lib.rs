@@ -1,1 +1,362 @@
+//! instream-archiver: `<pipeline>.raw` in, time-partitioned zstd JSON-lines files out, on
+//! HDFS or a local directory (the [`Archive`] trait).
+//!
+//! Each partition's records go to one open file at a time, named by partition and offset
+//! range: `<pipeline>/dt=YYYY-MM-DD/hour=HH/part-<partition>-<first>-<last>.jsonl.zst`. A
+//! file is rolled by size, record count, age and at hour boundaries; it is written under a
+//! temporary name and renamed whole (`Archive::put`), and only then are its offsets
+//! committed. After a crash, records at or below the highest offset already archived for
+//! their partition are skipped, so no offset is written twice even when the commit after a
+//! rename was lost.
 
+mod layout;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use instream_archive::Archive;
+use instream_core::config::ArchiverConfig;
+use instream_core::{Readiness, ServiceContext};
+use instream_kafka::client::{self, recv_batch, Consumer};
+use instream_kafka::{DeadLetter, DeadLetters, Origin, Record};
+use instream_pipeline::{topics, ArchiveTime, Catalog};
+use rdkafka::consumer::Consumer as _;
+use tokio_util::sync::CancellationToken;
+
+pub use layout::{file_name, folder, parse_file_name};
+
+const SERVICE: &str = "archiver";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiverError {
+    #[error(transparent)]
+    Kafka(#[from] instream_kafka::KafkaError),
+    #[error(transparent)]
+    Definitions(#[from] instream_pipeline::DefinitionError),
+    #[error(transparent)]
+    Archive(#[from] instream_archive::ArchiveError),
+    #[error(transparent)]
+    Coord(#[from] instream_coord::CoordError),
+    #[error("compressing: {0}")]
+    Compress(std::io::Error),
+}
+
+type PartitionKey = (String, i32);
+
+/// The file being filled for one partition.
+struct OpenFile {
+    folder: String,
+    hour_start: i64,
+    partition: i32,
+    offsets: Vec<i64>,
+    encoder: zstd::stream::Encoder<'static, Vec<u8>>,
+    opened: Instant,
+}
+
+impl OpenFile {
+    fn first(&self) -> i64 {
+        self.offsets.first().copied().unwrap_or(-1)
+    }
+
+    fn last(&self) -> i64 {
+        self.offsets.last().copied().unwrap_or(-1)
+    }
+}
+
+struct Archiver {
+    archive: Arc<dyn Archive>,
+    config: ArchiverConfig,
+    ready: Readiness,
+    files: HashMap<PartitionKey, OpenFile>,
+    /// Highest offset already in the archive per partition, read on first sight of it.
+    archived: HashMap<PartitionKey, i64>,
+    generation: u64,
+}
+
+fn raw_topics(catalog: &Catalog) -> Vec<String> {
+    catalog.iter().map(|p| topics::raw(&p.name)).collect()
+}
+
+/// Runs with the archive `config.archive` names.
+pub async fn run(ctx: ServiceContext) -> Result<(), ArchiverError> {
+    let archive = instream_archive::build(&ctx.config.archive)?;
+    run_with_archive(ctx, archive).await
+}
+
+pub async fn run_with_archive(
+    ctx: ServiceContext,
+    archive: Arc<dyn Archive>,
+) -> Result<(), ArchiverError> {
+    let ServiceContext {
+        config,
+        health,
+        shutdown,
+        admin_addr,
+    } = ctx;
+    let definitions = health.register("archiver.definitions");
+    let mut catalog = instream_coord::definition_source(&config)
+        .subscribe(shutdown.clone())
+        .await?;
+    definitions.set_ready();
+    let ready = health.register("archiver.archive");
+    archive.ping().await?;
+    ready.set_ready();
+    tokio::spawn(instream_kafka::admin::keep_pipeline_topics(
+        config.kafka.clone(),
+        catalog.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(instream_kafka::admin::watch_broker(
+        config.kafka.clone(),
+        health.register("archiver.kafka"),
+        Duration::from_secs(5),
+        shutdown.clone(),
+    ));
+    let _registration = instream_coord::register_service(&config, SERVICE, admin_addr).await?;
+    let initial = catalog.borrow().clone();
+    for p in initial.iter() {
+        let removed = archive.remove_leftovers(&p.name).await?;
+        if removed > 0 {
+            tracing::info!(pipeline = %p.name, removed, "removed unfinished files of an earlier run");
+        }
+    }
+    let dead = DeadLetters::from_config(&config.kafka, SERVICE)?;
+    let group = format!("{}-{SERVICE}", config.kafka.group_prefix);
+    let mut subscribed = raw_topics(&catalog.borrow_and_update());
+    let consumer = client::consumer(&config.kafka, SERVICE, &group, &subscribed)?;
+    let mut archiver = Archiver {
+        archive,
+        config: config.archiver.clone(),
+        ready,
+        files: HashMap::new(),
+        archived: HashMap::new(),
+        generation: 0,
+    };
+    let tick = config.archiver.roll_max_age.min(Duration::from_secs(1));
+    let mut batch = Vec::new();
+    let mut last_commit = Instant::now();
+    while !shutdown.is_cancelled() {
+        if catalog.has_changed().unwrap_or(false) {
+            let wanted = raw_topics(&catalog.borrow_and_update());
+            if wanted != subscribed {
+                let names: Vec<&str> = wanted.iter().map(String::as_str).collect();
+                consumer
+                    .subscribe(&names)
+                    .map_err(instream_kafka::KafkaError::Consume)?;
+                subscribed = wanted;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            received = recv_batch(&consumer, 10_000, tick, &mut batch) => received?,
+        }
+        let current = catalog.borrow().clone();
+        for record in batch.drain(..) {
+            archiver
+                .add(&current, &consumer, &dead, record, &shutdown)
+                .await?;
+        }
+        archiver.roll_aged(&consumer, &shutdown).await?;
+        if last_commit.elapsed() >= config.kafka.commit_interval {
+            client::commit(&consumer, false)?;
+            last_commit = Instant::now();
+        }
+    }
+    // Drain: close every open file, then commit what the files hold.
+    let keys: Vec<PartitionKey> = archiver.files.keys().cloned().collect();
+    for key in keys {
+        archiver
+            .roll(&key, "shutdown", &consumer, &CancellationToken::new())
+            .await?;
+    }
+    client::commit(&consumer, true)?;
+    tracing::info!("archiver drained and committed");
+    Ok(())
+}
+
+impl Archiver {
+    async fn highest_archived(&mut self, key: &PartitionKey) -> Result<i64, ArchiverError> {
+        if let Some(&max) = self.archived.get(key) {
+            return Ok(max);
+        }
+        let pipeline = topics::pipeline_of(&key.0);
+        let max = self
+            .archive
+            .list(pipeline)
+            .await?
+            .iter()
+            .filter_map(|f| parse_file_name(&f.path))
+            .filter(|(partition, _, _)| *partition == key.1)
+            .map(|(_, _, last)| last)
+            .max()
+            .unwrap_or(-1);
+        self.archived.insert(key.clone(), max);
+        Ok(max)
+    }
+
+    async fn add(
+        &mut self,
+        catalog: &Catalog,
+        consumer: &Consumer,
+        dead: &DeadLetters,
+        record: Record,
+        stop: &CancellationToken,
+    ) -> Result<(), ArchiverError> {
+        if record.generation != self.generation {
+            // A rebalance: open files hold records of partitions we may have lost. Their
+            // offsets were never committed, so dropping them loses nothing.
+            self.files.clear();
+            self.archived.clear();
+            self.generation = record.generation;
+        }
+        let pipeline = topics::pipeline_of(&record.topic).to_owned();
+        let event = match instream_event::decode(&record.payload) {
+            Ok(e) => e,
+            Err(e) => {
+                let topic = topics::dead_letter(&pipeline);
+                let delivery = dead
+                    .publish(&DeadLetter {
+                        topic: &topic,
+                        pipeline: &pipeline,
+                        key: record.key.as_deref(),
+                        payload: &record.payload,
+                        code: "decode_error",
+                        reason: &e.to_string(),
+                        origin: Some(Origin {
+                            topic: &record.topic,
+                            partition: record.partition,
+                            offset: record.offset,
+                        }),
+                    })
+                    .await?;
+                client::delivered(delivery).await?;
+                client::complete(consumer, [&record]);
+                return Ok(());
+            }
+        };
+        let key: PartitionKey = (record.topic.clone(), record.partition);
+        if record.offset <= self.highest_archived(&key).await? {
+            metrics::counter!("instream_archive_skipped_total", "pipeline" => pipeline)
+                .increment(1);
+            client::complete(consumer, [&record]);
+            return Ok(());
+        }
+        let by = catalog
+            .get(&pipeline)
+            .map(|d| d.archive.partition_by)
+            .unwrap_or_default();
+        let at = match by {
+            ArchiveTime::IngestTime => event.ingest_time,
+            ArchiveTime::EventTime => event.event_time,
+        };
+        let (dir, hour_start) = folder(&pipeline, at);
+        if self
+            .files
+            .get(&key)
+            .is_some_and(|f| f.hour_start != hour_start)
+        {
+            self.roll(&key, "hour", consumer, stop).await?;
+        }
+        let file = match self.files.entry(key.clone()) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(OpenFile {
+                folder: dir,
+                hour_start,
+                partition: record.partition,
+                offsets: Vec::new(),
+                encoder: zstd::stream::Encoder::new(Vec::new(), self.config.zstd_level)
+                    .map_err(ArchiverError::Compress)?,
+                opened: Instant::now(),
+            }),
+        };
+        file.encoder
+            .write_all(&record.payload)
+            .and_then(|()| file.encoder.write_all(b"\n"))
+            .map_err(ArchiverError::Compress)?;
+        file.offsets.push(record.offset);
+        let full = file.offsets.len() as u64 >= self.config.roll_max_records
+            || file.encoder.get_ref().len() as u64 >= self.config.roll_max_bytes;
+        if full {
+            self.roll(&key, "size", consumer, stop).await?;
+        }
+        Ok(())
+    }
+
+    async fn roll_aged(
+        &mut self,
+        consumer: &Consumer,
+        stop: &CancellationToken,
+    ) -> Result<(), ArchiverError> {
+        let aged: Vec<PartitionKey> = self
+            .files
+            .iter()
+            .filter(|(_, f)| f.opened.elapsed() >= self.config.roll_max_age)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in aged {
+            self.roll(&key, "age", consumer, stop).await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the partition's open file: writes it whole, then marks its offsets handled.
+    async fn roll(
+        &mut self,
+        key: &PartitionKey,
+        reason: &'static str,
+        consumer: &Consumer,
+        stop: &CancellationToken,
+    ) -> Result<(), ArchiverError> {
+        let Some(file) = self.files.remove(key) else {
+            return Ok(());
+        };
+        if file.offsets.is_empty() {
+            return Ok(());
+        }
+        let (first, last, records) = (file.first(), file.last(), file.offsets.len());
+        let path = format!("{}/{}", file.folder, file_name(file.partition, first, last));
+        let data = Bytes::from(file.encoder.finish().map_err(ArchiverError::Compress)?);
+        let size = data.len();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.archive.put(&path, data.clone()).await {
+                Ok(()) => {
+                    self.ready.set_ready();
+                    break;
+                }
+                Err(error) => {
+                    self.ready.set_not_ready(error.to_string());
+                    tracing::warn!(%error, %path, "archive write failed; retrying");
+                    if stop
+                        .run_until_cancelled(tokio::time::sleep(backoff))
+                        .await
+                        .is_none()
+                    {
+                        // Not written, not committed: read again after the restart.
+                        return Ok(());
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        self.archived.insert(key.clone(), last);
+        {
+            let mut tracker = consumer.context().tracker();
+            for offset in &file.offsets {
+                tracker.complete(&key.0, key.1, *offset);
+            }
+        }
+        let pipeline = topics::pipeline_of(&key.0).to_owned();
+        metrics::counter!("instream_archive_files_total", "pipeline" => pipeline.clone(), "reason" => reason)
+            .increment(1);
+        metrics::counter!("instream_archive_records_total", "pipeline" => pipeline.clone())
+            .increment(records as u64);
+        metrics::counter!("instream_archive_bytes_total", "pipeline" => pipeline)
+            .increment(size as u64);
+        tracing::debug!(%path, records, size, reason, "file archived");
+        Ok(())
+    }
+}

@@ -1,1 +1,116 @@
+//! instream-enricher: `<pipeline>.raw` in, `<pipeline>.enriched` out. Each event is looked up
+//! in reference data by its pipeline's rules (`customer:{customer_id}`), the found fields are
+//! added under `enrichment`, and the event is produced keyed as it came.
+//!
+//! A batch's lookups are one pipelined round trip. Reference data down means retry with
+//! back-off and `/readyz` false — an event is never skipped. Records that cannot be processed
+//! (undecodable, unknown pipeline, a miss under a `dead_letter` rule) go to `<pipeline>.dlq`.
+//! Offsets are committed only once a record's output (or dead letter) is acknowledged;
+//! outputs carry their origin partition and offset in headers so that a downstream stage can
+//! drop re-emits after a crash (at-least-once here; transactions are a later step).
 
+mod enrich;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use instream_core::ServiceContext;
+use instream_kafka::client::{self, recv_batch};
+use instream_kafka::DeadLetters;
+use instream_pipeline::{topics, Catalog};
+use rdkafka::consumer::Consumer as _;
+
+const SERVICE: &str = "enricher";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnricherError {
+    #[error(transparent)]
+    Kafka(#[from] instream_kafka::KafkaError),
+    #[error(transparent)]
+    Definitions(#[from] instream_pipeline::DefinitionError),
+    #[error(transparent)]
+    RefData(#[from] instream_refdata::RefDataError),
+    #[error(transparent)]
+    Coord(#[from] instream_coord::CoordError),
+}
+
+pub(crate) fn raw_topics(catalog: &Catalog) -> Vec<String> {
+    catalog.iter().map(|p| topics::raw(&p.name)).collect()
+}
+
+pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
+    let ServiceContext {
+        config,
+        health,
+        shutdown,
+        admin_addr,
+    } = ctx;
+    let definitions = health.register("enricher.definitions");
+    let mut catalog = instream_coord::definition_source(&config)
+        .subscribe(shutdown.clone())
+        .await?;
+    definitions.set_ready();
+    tokio::spawn(instream_kafka::admin::keep_pipeline_topics(
+        config.kafka.clone(),
+        catalog.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(instream_kafka::admin::watch_broker(
+        config.kafka.clone(),
+        health.register("enricher.kafka"),
+        Duration::from_secs(5),
+        shutdown.clone(),
+    ));
+    let refdata_ready = health.register("enricher.refdata");
+    let refstore = instream_refdata::build(&config.refdata).await?;
+    refdata_ready.set_ready();
+    let _registration = instream_coord::register_service(&config, SERVICE, admin_addr).await?;
+
+    let producer = instream_kafka::producer(&config.kafka, SERVICE)?;
+    let dead = DeadLetters::new(producer.clone(), SERVICE);
+    let group = format!("{}-{SERVICE}", config.kafka.group_prefix);
+    let mut subscribed = raw_topics(&catalog.borrow_and_update());
+    let consumer = client::consumer(&config.kafka, SERVICE, &group, &subscribed)?;
+    let enricher = enrich::Enricher {
+        refstore,
+        readiness: refdata_ready,
+        producer,
+        dead,
+        shutdown: shutdown.clone(),
+    };
+
+    let mut batch = Vec::with_capacity(config.enricher.batch_size);
+    let mut last_commit = Instant::now();
+    while !shutdown.is_cancelled() {
+        if catalog.has_changed().unwrap_or(false) {
+            let wanted = raw_topics(&catalog.borrow_and_update());
+            if wanted != subscribed {
+                let names: Vec<&str> = wanted.iter().map(String::as_str).collect();
+                consumer
+                    .subscribe(&names)
+                    .map_err(instream_kafka::KafkaError::Consume)?;
+                tracing::info!(topics = ?wanted, "subscription changed");
+                subscribed = wanted;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            received = recv_batch(&consumer, config.enricher.batch_size, config.enricher.batch_timeout, &mut batch) => received?,
+        }
+        if !batch.is_empty() {
+            let current: Arc<Catalog> = catalog.borrow().clone();
+            // `false`: shutdown came during a retry; the batch stays uncommitted and is
+            // re-read by whoever owns the partitions next.
+            if enricher.process(&current, &batch).await? {
+                client::complete(&consumer, &batch);
+            }
+        }
+        if last_commit.elapsed() >= config.kafka.commit_interval {
+            client::commit(&consumer, false)?;
+            last_commit = Instant::now();
+        }
+    }
+    client::commit(&consumer, true)?;
+    tracing::info!("enricher drained and committed");
+    Ok(())
+}

@@ -1,1 +1,145 @@
+//! instream-ingest: the front door. Producers POST JSON events over HTTP; each is validated
+//! against its pipeline's definition, given its envelope (event id, key, event and ingest
+//! time) and written to `<pipeline>.raw`, keyed by the partition key so one key's events stay
+//! in order.
+//!
+//! Guarantee: a 200 answer means every accepted event was acknowledged by the broker
+//! (`acks=all`, idempotent producer). Anything else — 503 with Retry-After when the broker is
+//! slow or away — means "send the same request again": event ids are derived
+//! deterministically (Idempotency-Key and index, or content), so a retry repeats ids and the
+//! aggregator drops the repeats.
 
+mod handler;
+mod parse;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::post;
+use axum::Router;
+use instream_core::config::Config;
+use instream_core::{Health, ServiceContext};
+use instream_kafka::Producer;
+use instream_pipeline::Catalog;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Kafka(#[from] instream_kafka::KafkaError),
+    #[error(transparent)]
+    Definitions(#[from] instream_pipeline::DefinitionError),
+    #[error(transparent)]
+    Coord(#[from] instream_coord::CoordError),
+    #[error("serving HTTP: {0}")]
+    Serve(std::io::Error),
+}
+
+pub(crate) struct AppState {
+    pub config: instream_core::config::IngestConfig,
+    pub producer: Producer,
+    pub catalog: watch::Receiver<Arc<Catalog>>,
+    /// Events waiting for the broker, over all requests: back-pressure bound.
+    pub in_flight_events: Semaphore,
+    /// Requests being handled.
+    pub in_flight_requests: Semaphore,
+}
+
+/// A bound ingest server, ready to serve.
+pub struct Ingest {
+    listener: TcpListener,
+    router: Router,
+    _registration: Option<instream_coord::Registration>,
+}
+
+impl Ingest {
+    /// Loads definitions, creates topics and the producer, and binds the HTTP listener.
+    pub async fn start(
+        config: &Config,
+        health: &Health,
+        admin_addr: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Result<Ingest, IngestError> {
+        let definitions = health.register("ingest.definitions");
+        let catalog = instream_coord::definition_source(config)
+            .subscribe(shutdown.clone())
+            .await?;
+        definitions.set_ready();
+        tokio::spawn(instream_kafka::admin::keep_pipeline_topics(
+            config.kafka.clone(),
+            catalog.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(instream_kafka::admin::watch_broker(
+            config.kafka.clone(),
+            health.register("ingest.kafka"),
+            std::time::Duration::from_secs(5),
+            shutdown.clone(),
+        ));
+        let producer = instream_kafka::producer(&config.kafka, "ingest")?;
+        let limits = &config.ingest;
+        let state = Arc::new(AppState {
+            config: limits.clone(),
+            producer,
+            catalog,
+            in_flight_events: Semaphore::new(limits.max_in_flight_events),
+            in_flight_requests: Semaphore::new(limits.max_in_flight_requests),
+        });
+        let body_limit = usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX);
+        let router = Router::new()
+            .route(
+                "/v1/pipelines/{pipeline}/events",
+                post(handler::post_events),
+            )
+            .layer(DefaultBodyLimit::max(body_limit))
+            .with_state(state);
+        let listener =
+            TcpListener::bind(limits.listen)
+                .await
+                .map_err(|source| IngestError::Bind {
+                    addr: limits.listen,
+                    source,
+                })?;
+        let registration = instream_coord::register_service(config, "ingest", admin_addr).await?;
+        Ok(Ingest {
+            listener,
+            router,
+            _registration: registration,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown`, then finishes the requests in flight (their events are
+    /// acknowledged or answered 503) and returns.
+    pub async fn serve(self, shutdown: CancellationToken) -> Result<(), IngestError> {
+        tracing::info!(addr = %self.local_addr().map_err(IngestError::Serve)?, "ingest listening");
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .map_err(IngestError::Serve)
+    }
+}
+
+/// The service: start, then serve until shutdown.
+pub async fn run(ctx: ServiceContext) -> Result<(), IngestError> {
+    Ingest::start(
+        &ctx.config,
+        &ctx.health,
+        ctx.admin_addr,
+        ctx.shutdown.clone(),
+    )
+    .await?
+    .serve(ctx.shutdown)
+    .await
+}

@@ -1,0 +1,101 @@
+//! The `main` of every service binary: arguments, config, logs, admin server, signals, and a
+//! supervisor, so that each `instream-<service>` binary is three lines.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{AdminServer, Health};
+use crate::config::Config;
+use crate::shutdown::{shutdown_on_signal, Supervisor};
+use crate::telemetry;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// The config file (TOML). Environment variables INSTREAM__SECTION__KEY override it.
+    #[arg(long, short, env = "INSTREAM_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// What a service gets to run: its config, the readiness registry, and the shutdown token.
+pub struct ServiceContext {
+    pub config: Config,
+    pub health: Health,
+    pub shutdown: CancellationToken,
+    /// Where this process's admin server listens (for the service registry).
+    pub admin_addr: std::net::SocketAddr,
+}
+
+/// Runs one service as a process. Exit codes: 0 after a clean shutdown, 1 when the service
+/// failed, 2 when the config is invalid (the message names the key).
+pub fn service_main<F, Fut, E>(service: &'static str, run: F) -> ExitCode
+where
+    F: FnOnce(ServiceContext) -> Fut,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display + 'static,
+{
+    let args = Args::parse();
+    let config = match Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("instream-{service}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init_tracing(&config.telemetry);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("instream-{service}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let token = CancellationToken::new();
+        shutdown_on_signal(token.clone());
+        let health = Health::default();
+        let admin = AdminServer::bind(config.admin.listen, health.clone())
+            .await
+            .map_err(|e| format!("admin server on {}: {e}", config.admin.listen))?;
+        let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
+        tracing::info!(service, admin = %admin_addr, "starting");
+        let drain = config.shutdown.drain_timeout;
+        let mut supervisor = Supervisor::new(token.clone());
+        supervisor.spawn("admin", admin.serve(token.clone()));
+        supervisor.spawn(
+            service,
+            run(ServiceContext {
+                config,
+                health,
+                shutdown: token,
+                admin_addr,
+            }),
+        );
+        // The admin server stops at once; the service gets the drain time, plus a margin for
+        // its final commit.
+        supervisor
+            .wait(drain + Duration::from_secs(2))
+            .await
+            .map_err(|e| e.to_string())
+    });
+    // Kafka clients flush on drop; leave them a moment without blocking forever.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    match result {
+        Ok(()) => {
+            tracing::info!(service, "stopped cleanly");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(service, error = %e, "stopped with an error");
+            eprintln!("instream-{service}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

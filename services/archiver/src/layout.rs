@@ -1,0 +1,59 @@
+//! File names: `<pipeline>/dt=YYYY-MM-DD/hour=HH/part-<partition>-<first>-<last>.jsonl.zst`.
+
+use time::OffsetDateTime;
+
+pub const EXTENSION: &str = "jsonl.zst";
+const HOUR_MS: i64 = 3_600_000;
+
+/// The folder of a record whose layout time is `millis`, and the start of its hour.
+pub fn folder(pipeline: &str, millis: i64) -> (String, i64) {
+    let hour_start = millis.div_euclid(HOUR_MS) * HOUR_MS;
+    let t = OffsetDateTime::from_unix_timestamp(hour_start / 1000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    (
+        format!(
+            "{pipeline}/dt={:04}-{:02}-{:02}/hour={:02}",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour()
+        ),
+        hour_start,
+    )
+}
+
+pub fn file_name(partition: i32, first: i64, last: i64) -> String {
+    format!("part-{partition}-{first}-{last}.{EXTENSION}")
+}
+
+/// `(partition, first, last)` of a file name made by [`file_name`].
+pub fn parse_file_name(path: &str) -> Option<(i32, i64, i64)> {
+    let name = path.rsplit('/').next()?;
+    let stem = name.strip_prefix("part-")?.strip_suffix(EXTENSION)?;
+    let stem = stem.strip_suffix('.')?;
+    let mut parts = stem.splitn(3, '-');
+    Some((
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folders_and_names_round_trip() {
+        let (dir, start) = folder("orders", 1_714_565_000_123);
+        assert_eq!(dir, "orders/dt=2024-05-01/hour=12");
+        assert_eq!(start, 1_714_564_800_000);
+        let name = file_name(3, 100, 199);
+        assert_eq!(name, "part-3-100-199.jsonl.zst");
+        assert_eq!(
+            parse_file_name(&format!("{dir}/{name}")),
+            Some((3, 100, 199))
+        );
+        assert_eq!(parse_file_name("orders/x.txt"), None);
+    }
+}

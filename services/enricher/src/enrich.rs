@@ -1,0 +1,280 @@
+//! One batch: decode, plan the lookups, look them all up at once, produce.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use instream_core::Readiness;
+use instream_event::Event;
+use instream_kafka::client::{self, Producer};
+use instream_kafka::{headers, DeadLetter, DeadLetters, Origin, Record};
+use instream_pipeline::{topics, Catalog, EnrichmentRule, MissPolicy, PipelineDefinition};
+use instream_refdata::{RefRecord, RefStore};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::{EnricherError, SERVICE};
+
+pub(crate) struct Enricher {
+    pub refstore: Arc<dyn RefStore>,
+    pub readiness: Readiness,
+    pub producer: Producer,
+    pub dead: DeadLetters,
+    pub shutdown: CancellationToken,
+}
+
+/// What happens to one consumed record.
+enum Plan {
+    Dead {
+        pipeline: String,
+        code: &'static str,
+        reason: String,
+    },
+    Enrich {
+        event: Event,
+        def: Arc<PipelineDefinition>,
+        /// Per rule: the index of its lookup, or the template field the event lacks.
+        lookups: Vec<Result<usize, String>>,
+    },
+}
+
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn plan(
+    catalog: &Catalog,
+    record: &Record,
+    lookups: &mut Vec<(String, instream_pipeline::RecordShape)>,
+) -> Plan {
+    let fallback_pipeline = topics::pipeline_of(&record.topic).to_owned();
+    let event = match instream_event::decode(&record.payload) {
+        Ok(e) => e,
+        Err(e) => {
+            return Plan::Dead {
+                pipeline: fallback_pipeline,
+                code: "decode_error",
+                reason: e.to_string(),
+            }
+        }
+    };
+    let Some(def) = catalog.get(&event.pipeline).cloned() else {
+        return Plan::Dead {
+            pipeline: fallback_pipeline,
+            code: "unknown_pipeline",
+            reason: format!("no definition for pipeline `{}`", event.pipeline),
+        };
+    };
+    let mut rule_lookups = Vec::with_capacity(def.enrichments.len());
+    if !def.enrichments.is_empty() {
+        let payload: Value = match serde_json::from_str(event.payload.get()) {
+            Ok(v) => v,
+            Err(e) => {
+                return Plan::Dead {
+                    pipeline: event.pipeline,
+                    code: "decode_error",
+                    reason: format!("payload: {e}"),
+                }
+            }
+        };
+        let mut key = String::new();
+        for rule in &def.enrichments {
+            match rule.key_template.render(&payload, &mut key) {
+                Ok(()) => {
+                    rule_lookups.push(Ok(lookups.len()));
+                    lookups.push((key.clone(), rule.shape));
+                }
+                Err(field) => rule_lookups.push(Err(field.to_string())),
+            }
+        }
+    }
+    Plan::Enrich {
+        event,
+        def,
+        lookups: rule_lookups,
+    }
+}
+
+/// Copies a found record into the enrichment, renamed as the rule says.
+fn apply(rule: &EnrichmentRule, found: &RefRecord, out: &mut Map<String, Value>) {
+    if rule.fields.is_empty() {
+        for (k, v) in found {
+            out.insert(k.clone(), v.clone());
+        }
+    } else {
+        for (from, to) in &rule.fields {
+            if let Some(v) = found.get(from) {
+                out.insert(to.clone(), v.clone());
+            }
+        }
+    }
+}
+
+impl Enricher {
+    /// Looks up until it works; `None` when shutdown comes first.
+    async fn lookup(
+        &self,
+        lookups: &[(String, instream_pipeline::RecordShape)],
+    ) -> Option<Vec<Option<RefRecord>>> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.refstore.lookup_many(lookups).await {
+                Ok(answers) => {
+                    self.readiness.set_ready();
+                    return Some(answers);
+                }
+                Err(error) => {
+                    self.readiness.set_not_ready(error.to_string());
+                    metrics::counter!("instream_enrich_lookup_failures_total").increment(1);
+                    tracing::warn!(%error, retry_in = ?backoff, "reference data lookup failed; retrying");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Processes a batch. `Ok(true)`: every record's output is acknowledged. `Ok(false)`:
+    /// shutdown interrupted it; nothing may be committed.
+    pub async fn process(
+        &self,
+        catalog: &Catalog,
+        batch: &[Record],
+    ) -> Result<bool, EnricherError> {
+        let mut lookups = Vec::new();
+        let plans: Vec<Plan> = batch
+            .iter()
+            .map(|r| plan(catalog, r, &mut lookups))
+            .collect();
+        let answers = if lookups.is_empty() {
+            Vec::new()
+        } else {
+            match self.lookup(&lookups).await {
+                Some(a) => a,
+                None => return Ok(false),
+            }
+        };
+        metrics::histogram!("instream_batch_size", "service" => SERVICE).record(batch.len() as f64);
+
+        let mut deliveries: Vec<DeliveryFuture> = Vec::with_capacity(batch.len());
+        let mut ingest_times = Vec::with_capacity(batch.len());
+        let mut buf = Vec::with_capacity(1024);
+        for (record, plan) in batch.iter().zip(plans) {
+            let origin = Origin {
+                topic: &record.topic,
+                partition: record.partition,
+                offset: record.offset,
+            };
+            let (mut event, def, rule_lookups) = match plan {
+                Plan::Dead {
+                    pipeline,
+                    code,
+                    reason,
+                } => {
+                    deliveries.push(
+                        self.dead_letter(record, &pipeline, code, &reason, origin)
+                            .await?,
+                    );
+                    continue;
+                }
+                Plan::Enrich {
+                    event,
+                    def,
+                    lookups,
+                } => (event, def, lookups),
+            };
+            let mut enrichment = Map::new();
+            let mut missed = Vec::new();
+            let mut dead_reason = None;
+            for (rule, lookup) in def.enrichments.iter().zip(rule_lookups) {
+                let found = match lookup {
+                    Ok(i) => answers.get(i).and_then(Option::as_ref),
+                    Err(_) => None,
+                };
+                let outcome = if found.is_some() { "hit" } else { "miss" };
+                metrics::counter!("instream_enrich_lookups_total", "pipeline" => def.name.clone(), "rule" => rule.name.clone(), "outcome" => outcome)
+                    .increment(1);
+                match (found, rule.on_miss) {
+                    (Some(found), _) => apply(rule, found, &mut enrichment),
+                    (None, MissPolicy::Pass) => missed.push(Value::String(rule.name.clone())),
+                    (None, MissPolicy::DeadLetter) => {
+                        dead_reason.get_or_insert_with(|| {
+                            format!("rule `{}` found no reference record", rule.name)
+                        });
+                    }
+                }
+            }
+            if let Some(reason) = dead_reason {
+                deliveries.push(
+                    self.dead_letter(record, &def.name, "enrich_miss", &reason, origin)
+                        .await?,
+                );
+                continue;
+            }
+            if !missed.is_empty() {
+                enrichment.insert("_missed".into(), Value::Array(missed));
+            }
+            event.enrichment = Some(enrichment);
+            instream_event::encode_into(&event, &mut buf);
+            let partition = record.partition.to_string();
+            let offset = record.offset.to_string();
+            let hs = OwnedHeaders::new()
+                .insert(Header {
+                    key: headers::ORIGIN_PARTITION,
+                    value: Some(&partition),
+                })
+                .insert(Header {
+                    key: headers::ORIGIN_OFFSET,
+                    value: Some(&offset),
+                });
+            let topic = topics::enriched(&def.name);
+            let out = FutureRecord::to(&topic)
+                .key(event.key.as_bytes())
+                .payload(buf.as_slice())
+                .headers(hs);
+            deliveries.push(client::send(&self.producer, out).await?);
+            ingest_times.push((def.name.clone(), event.ingest_time));
+        }
+        for delivery in deliveries {
+            client::delivered(delivery).await?;
+        }
+        let now = now_millis();
+        for (pipeline, ingest_time) in &ingest_times {
+            metrics::histogram!("instream_stage_latency_seconds", "stage" => SERVICE)
+                .record((now - ingest_time).max(0) as f64 / 1000.0);
+            metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => pipeline.clone(), "outcome" => "enriched")
+                .increment(1);
+        }
+        Ok(true)
+    }
+
+    async fn dead_letter(
+        &self,
+        record: &Record,
+        pipeline: &str,
+        code: &'static str,
+        reason: &str,
+        origin: Origin<'_>,
+    ) -> Result<DeliveryFuture, EnricherError> {
+        let topic = topics::dead_letter(pipeline);
+        Ok(self
+            .dead
+            .publish(&DeadLetter {
+                topic: &topic,
+                pipeline,
+                key: record.key.as_deref(),
+                payload: &record.payload,
+                code,
+                reason,
+                origin: Some(origin),
+            })
+            .await?)
+    }
+}

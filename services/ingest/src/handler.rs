@@ -1,0 +1,216 @@
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use instream_kafka::{client, KafkaError};
+use instream_pipeline::topics;
+use rdkafka::producer::FutureRecord;
+use serde::Serialize;
+
+use crate::parse::{envelope, split_body, IdSource};
+use crate::AppState;
+
+const SERVICE: &str = "ingest";
+
+#[derive(Serialize)]
+struct Refused {
+    index: usize,
+    code: &'static str,
+    reason: String,
+}
+
+#[derive(Serialize)]
+struct Answer {
+    accepted: usize,
+    rejected: Vec<Refused>,
+}
+
+#[derive(Serialize)]
+struct Failure<'a> {
+    error: &'a str,
+    message: String,
+}
+
+fn count_request(status: StatusCode) {
+    metrics::counter!("instream_http_requests_total", "service" => SERVICE, "status" => status.as_u16().to_string())
+        .increment(1);
+}
+
+fn failure(status: StatusCode, error: &'static str, message: String) -> Response {
+    count_request(status);
+    (status, Json(Failure { error, message })).into_response()
+}
+
+fn retry_later(state: &AppState, error: &'static str, message: String) -> Response {
+    let status = StatusCode::SERVICE_UNAVAILABLE;
+    count_request(status);
+    let retry_after = state.config.retry_after.as_secs().max(1).to_string();
+    (
+        status,
+        [(header::RETRY_AFTER, retry_after)],
+        Json(Failure { error, message }),
+    )
+        .into_response()
+}
+
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// `POST /v1/pipelines/{pipeline}/events`
+pub async fn post_events(
+    State(state): State<Arc<AppState>>,
+    Path(pipeline): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Ok(_request_slot) = state.in_flight_requests.try_acquire() else {
+        return retry_later(&state, "overloaded", "too many requests in flight".into());
+    };
+    let Some(def) = state.catalog.borrow().get(&pipeline).cloned() else {
+        return failure(
+            StatusCode::NOT_FOUND,
+            "unknown_pipeline",
+            format!("no pipeline named `{pipeline}`"),
+        );
+    };
+    let raws = match split_body(&body) {
+        Ok(r) => r,
+        Err(message) => return failure(StatusCode::BAD_REQUEST, "malformed_body", message),
+    };
+    if raws.len() > state.config.max_events_per_request {
+        return failure(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_events",
+            format!(
+                "{} events in one request; the limit is {}",
+                raws.len(),
+                state.config.max_events_per_request
+            ),
+        );
+    }
+    let idempotency_key = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(k)) if !k.is_empty() && k.len() <= 256 => Some(k),
+        Some(_) => {
+            return failure(
+                StatusCode::BAD_REQUEST,
+                "bad_idempotency_key",
+                "Idempotency-Key must be 1-256 visible ASCII characters".into(),
+            )
+        }
+    };
+    let ids = IdSource {
+        pipeline: &pipeline,
+        idempotency_key,
+    };
+    let ingest_time = now_millis();
+    let mut events = Vec::with_capacity(raws.len());
+    let mut rejected = Vec::new();
+    for (index, raw) in raws.iter().enumerate() {
+        match envelope(&def, raw, index, &ids, ingest_time) {
+            Ok(e) => events.push(e),
+            Err(r) => {
+                metrics::counter!("instream_events_rejected_total", "service" => SERVICE, "pipeline" => pipeline.clone(), "code" => r.code)
+                    .increment(1);
+                rejected.push(Refused {
+                    index,
+                    code: r.code,
+                    reason: r.message,
+                });
+            }
+        }
+    }
+    if events.is_empty() {
+        count_request(StatusCode::UNPROCESSABLE_ENTITY);
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(Answer {
+                accepted: 0,
+                rejected,
+            }),
+        )
+            .into_response();
+    }
+
+    // Back-pressure: admit the events only if the in-flight bound has room for all of them.
+    let permits = u32::try_from(events.len()).unwrap_or(u32::MAX);
+    let Ok(_event_slots) = state.in_flight_events.try_acquire_many(permits) else {
+        return retry_later(
+            &state,
+            "overloaded",
+            "too many events waiting for the broker".into(),
+        );
+    };
+    let started = Instant::now();
+    let topic = topics::raw(&pipeline);
+    let mut deliveries = Vec::with_capacity(events.len());
+    let mut buf = Vec::with_capacity(512);
+    for event in &events {
+        instream_event::encode_into(event, &mut buf);
+        let record = FutureRecord::to(&topic)
+            .key(event.key.as_bytes())
+            .payload(buf.as_slice());
+        match client::try_send(&state.producer, record) {
+            Ok(d) => deliveries.push(d),
+            Err(KafkaError::QueueFull) => {
+                return retry_later(
+                    &state,
+                    "overloaded",
+                    "the broker is not keeping up; send the same request again".into(),
+                )
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, pipeline, "produce failed");
+                return retry_later(&state, "broker_unavailable", e.to_string());
+            }
+        }
+    }
+    let acknowledged = tokio::time::timeout(
+        state.config.produce_timeout,
+        futures::future::try_join_all(deliveries.into_iter().map(client::delivered)),
+    )
+    .await;
+    match acknowledged {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, pipeline, "broker did not acknowledge");
+            return retry_later(
+                &state,
+                "broker_unavailable",
+                format!("not acknowledged by the broker ({e}); send the same request again"),
+            );
+        }
+        Err(_) => {
+            return retry_later(
+                &state,
+                "broker_timeout",
+                format!(
+                    "no acknowledgement within {:?}; send the same request again",
+                    state.config.produce_timeout
+                ),
+            )
+        }
+    }
+    let latency = started.elapsed().as_secs_f64();
+    metrics::histogram!("instream_produce_latency_seconds", "service" => SERVICE).record(latency);
+    metrics::histogram!("instream_stage_latency_seconds", "stage" => SERVICE).record(latency);
+    metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => pipeline.clone(), "outcome" => "accepted")
+        .increment(events.len() as u64);
+    count_request(StatusCode::OK);
+    (
+        StatusCode::OK,
+        Json(Answer {
+            accepted: events.len(),
+            rejected,
+        }),
+    )
+        .into_response()
+}

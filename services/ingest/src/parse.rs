@@ -1,0 +1,210 @@
+//! Turning a request body into envelopes, refusing each bad event with a precise reason.
+
+use instream_event::{
+    content_event_id, idempotent_event_id, parse_event_time, Event, EventTimeError, Rejection,
+};
+use instream_pipeline::PipelineDefinition;
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+/// Longest producer-given `event_id`, and longest partition key.
+const MAX_ID_LEN: usize = 128;
+const MAX_KEY_LEN: usize = 1024;
+
+/// Splits a body into the raw JSON of each event: one object, or an array of them.
+pub fn split_body(body: &[u8]) -> Result<Vec<&RawValue>, String> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    match first {
+        Some(b'[') => serde_json::from_slice::<Vec<&RawValue>>(body)
+            .map_err(|e| format!("the body is not a JSON array of events: {e}")),
+        Some(b'{') => serde_json::from_slice::<&RawValue>(body)
+            .map(|one| vec![one])
+            .map_err(|e| format!("the body is not a JSON object: {e}")),
+        Some(_) => Err("the body must be a JSON object or an array of objects".into()),
+        None => Err("the body is empty".into()),
+    }
+}
+
+/// Where a request's events get their ids from when they carry none.
+pub struct IdSource<'a> {
+    pub pipeline: &'a str,
+    pub idempotency_key: Option<&'a str>,
+}
+
+fn scalar_key(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Builds the envelope of the `index`-th event, or says why it is refused.
+pub fn envelope(
+    def: &PipelineDefinition,
+    raw: &RawValue,
+    index: usize,
+    ids: &IdSource<'_>,
+    ingest_time: i64,
+) -> Result<Event, Rejection> {
+    let payload: Value = serde_json::from_str(raw.get())
+        .map_err(|e| Rejection::new("malformed_json", e.to_string()))?;
+    if !payload.is_object() {
+        return Err(Rejection::new(
+            "not_an_object",
+            "an event must be a JSON object",
+        ));
+    }
+    let key = match def.key_field.lookup(&payload) {
+        None | Some(Value::Null) => {
+            return Err(Rejection::new(
+                "missing_key",
+                format!("the partition key field `{}` is missing", def.key_field),
+            ))
+        }
+        Some(v) => scalar_key(v).ok_or_else(|| {
+            Rejection::new(
+                "bad_key",
+                format!(
+                    "the partition key field `{}` must be a non-empty string or a number",
+                    def.key_field
+                ),
+            )
+        })?,
+    };
+    if key.len() > MAX_KEY_LEN {
+        return Err(Rejection::new(
+            "bad_key",
+            format!("the partition key is longer than {MAX_KEY_LEN} bytes"),
+        ));
+    }
+    let event_time = match def.time_field.lookup(&payload) {
+        None | Some(Value::Null) => {
+            return Err(Rejection::new(
+                "missing_time",
+                format!("the event time field `{}` is missing", def.time_field),
+            ))
+        }
+        Some(v) => parse_event_time(v).map_err(|e: EventTimeError| {
+            Rejection::new("bad_time", format!("`{}`: {e}", def.time_field))
+        })?,
+    };
+    for field in &def.required_fields {
+        if matches!(field.lookup(&payload), None | Some(Value::Null)) {
+            return Err(Rejection::new(
+                "missing_field",
+                format!("the required field `{field}` is missing"),
+            ));
+        }
+    }
+    let event_id = match payload.get("event_id") {
+        Some(Value::String(id)) if !id.is_empty() && id.len() <= MAX_ID_LEN => id.clone(),
+        Some(_) => {
+            return Err(Rejection::new(
+                "bad_event_id",
+                format!("`event_id` must be a non-empty string of at most {MAX_ID_LEN} bytes"),
+            ))
+        }
+        None => match ids.idempotency_key {
+            Some(k) => idempotent_event_id(ids.pipeline, k, index),
+            None => content_event_id(ids.pipeline, &key, event_time, raw.get().as_bytes()),
+        },
+    };
+    Ok(Event {
+        event_id,
+        pipeline: def.name.clone(),
+        key,
+        event_time,
+        ingest_time,
+        headers: Default::default(),
+        payload: raw.to_owned(),
+        enrichment: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use instream_pipeline::parse_document;
+
+    fn def() -> PipelineDefinition {
+        parse_document(
+            "[[pipelines]]\nname = \"orders\"\nkey_field = \"account.id\"\ntime_field = \"ts\"\nrequired_fields = [\"amount\"]\n",
+        )
+        .unwrap()
+        .pipelines
+        .remove(0)
+    }
+
+    fn one(json: &str, ids: &IdSource<'_>) -> Result<Event, Rejection> {
+        let raw: Box<RawValue> = serde_json::from_str(json).unwrap();
+        envelope(&def(), &raw, 0, ids, 5)
+    }
+
+    const NO_KEY: IdSource<'static> = IdSource {
+        pipeline: "orders",
+        idempotency_key: None,
+    };
+
+    #[test]
+    fn builds_the_envelope() {
+        let e = one(
+            r#"{"account":{"id":7},"ts":"2024-05-01T12:00:00Z","amount":3}"#,
+            &NO_KEY,
+        )
+        .unwrap();
+        assert_eq!(e.key, "7");
+        assert_eq!(e.event_time, 1_714_564_800_000);
+        assert_eq!(e.ingest_time, 5);
+        assert_eq!(e.event_id.len(), 36);
+    }
+
+    #[test]
+    fn ids_follow_the_idempotency_key_or_the_content() {
+        let body = r#"{"account":{"id":"a"},"ts":1,"amount":3}"#;
+        let with = IdSource {
+            pipeline: "orders",
+            idempotency_key: Some("req-1"),
+        };
+        assert_eq!(
+            one(body, &with).unwrap().event_id,
+            one(body, &with).unwrap().event_id
+        );
+        assert_ne!(
+            one(body, &with).unwrap().event_id,
+            one(body, &NO_KEY).unwrap().event_id
+        );
+        let given = r#"{"account":{"id":"a"},"ts":1,"amount":3,"event_id":"mine"}"#;
+        assert_eq!(one(given, &with).unwrap().event_id, "mine");
+    }
+
+    #[test]
+    fn refusals_are_precise() {
+        let code = |json: &str| one(json, &NO_KEY).unwrap_err().code;
+        assert_eq!(code(r#"[1]"#), "not_an_object");
+        assert_eq!(code(r#"{"ts":1,"amount":1}"#), "missing_key");
+        assert_eq!(
+            code(r#"{"account":{"id":[1]},"ts":1,"amount":1}"#),
+            "bad_key"
+        );
+        assert_eq!(code(r#"{"account":{"id":1},"amount":1}"#), "missing_time");
+        assert_eq!(
+            code(r#"{"account":{"id":1},"ts":"noon","amount":1}"#),
+            "bad_time"
+        );
+        assert_eq!(code(r#"{"account":{"id":1},"ts":1}"#), "missing_field");
+        assert_eq!(
+            code(r#"{"account":{"id":1},"ts":1,"amount":1,"event_id":5}"#),
+            "bad_event_id"
+        );
+    }
+
+    #[test]
+    fn bodies_split_into_events() {
+        assert_eq!(split_body(b" [{\"a\":1}, {\"b\":2}]").unwrap().len(), 2);
+        assert_eq!(split_body(b"{\"a\":1}").unwrap().len(), 1);
+        assert!(split_body(b"").is_err());
+        assert!(split_body(b"42").is_err());
+        assert!(split_body(b"[{\"a\":1}").is_err());
+    }
+}
