@@ -1,0 +1,163 @@
+//! The `instream-ingest` binary as a process: admin endpoints, a real request through a real
+//! Kafka-protocol broker, SIGTERM, and an invalid config.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use instream_testkit::{free_port, unique, KafkaBroker};
+
+const BIN: &str = env!("CARGO_BIN_EXE_instream-ingest");
+
+fn write_config(
+    dir: &std::path::Path,
+    bootstrap: &str,
+    pipeline: &str,
+) -> (std::path::PathBuf, u16, u16) {
+    let definitions = dir.join("definitions.toml");
+    std::fs::write(
+        &definitions,
+        format!("[[pipelines]]\nname = \"{pipeline}\"\nkey_field = \"account\"\ntime_field = \"ts\"\npartitions = 2\n"),
+    )
+    .unwrap();
+    let (admin, http) = (free_port().unwrap(), free_port().unwrap());
+    let config = dir.join("instream.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[telemetry]
+log_format = "json"
+[admin]
+listen = "127.0.0.1:{admin}"
+[shutdown]
+drain_timeout = "5s"
+[kafka]
+bootstrap_servers = "{bootstrap}"
+replication_factor = 1
+session_timeout = "6s"
+[definitions]
+source = "file"
+path = "{definitions}"
+[ingest]
+listen = "127.0.0.1:{http}"
+"#,
+            definitions = definitions.display()
+        ),
+    )
+    .unwrap();
+    (config, admin, http)
+}
+
+async fn wait_ok(url: &str, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = reqwest::get(url).await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{url} did not answer 200 within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_admin_endpoints_ingests_and_stops_cleanly_on_sigterm() {
+    let broker = KafkaBroker::start().unwrap();
+    let pipeline = unique("proc");
+    for t in ["raw", "enriched", "dlq"] {
+        broker.create_topic(&format!("{pipeline}.{t}"), 2).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (config, admin, http) = write_config(dir.path(), &broker.bootstrap_servers(), &pipeline);
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    wait_ok(
+        &format!("http://127.0.0.1:{admin}/healthz"),
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_ok(
+        &format!("http://127.0.0.1:{admin}/readyz"),
+        Duration::from_secs(30),
+    )
+    .await;
+
+    let answer = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{http}/v1/pipelines/{pipeline}/events"))
+        .body(r#"[{"account":"a1","ts":1700000000000},{"ts":1700000000000},{"account":"a2","ts":"2024-05-01T12:00:00Z"}]"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let json: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(json["accepted"], 2);
+    assert_eq!(json["rejected"][0]["index"], 1);
+    assert_eq!(json["rejected"][0]["code"], "missing_key");
+
+    let unknown = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{http}/v1/pipelines/nope/events"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "instream_http_requests_total",
+        "instream_events_total",
+        "instream_events_rejected_total",
+        "instream_produce_latency_seconds",
+        "instream_component_ready",
+    ] {
+        assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
+    }
+
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no exit within 15 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "clean shutdown exits 0, got {status}");
+}
+
+#[test]
+fn an_invalid_config_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, _) = write_config(dir.path(), "127.0.0.1:1", "p");
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .env("INSTREAM__INGEST__MAX_BODY_BYTES", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ingest.max_body_bytes"), "{stderr}");
+}

@@ -1,0 +1,109 @@
+//! Every service in one process: `instream standalone` and the demo.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use instream_core::config::{
+    ArchiveBackend, BrokerMode, Config, DefinitionSourceKind, StoreBackend,
+};
+use instream_core::{AdminServer, Health, ServiceContext, Supervisor};
+use instream_kafka::EmbeddedBroker;
+use instream_pipeline::{topics, FileSource};
+use instream_store::{AggregateStore, EmbeddedStore};
+use tokio_util::sync::CancellationToken;
+
+/// A running standalone platform.
+pub struct Standalone {
+    pub ingest_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// The embedded store, when the config selects it (the demo reads its summary from it).
+    pub embedded_store: Option<Arc<EmbeddedStore>>,
+    pub archive: Arc<dyn instream_archive::Archive>,
+    pub supervisor: Supervisor,
+    // Dropped last: the services talk to it until they stop.
+    _broker: Option<EmbeddedBroker>,
+}
+
+impl Standalone {
+    /// Starts the embedded broker (if selected), creates the pipelines' topics on it, and
+    /// starts every service under one supervisor with one admin server.
+    pub async fn start(mut config: Config, token: CancellationToken) -> anyhow::Result<Self> {
+        let broker = match config.kafka.broker {
+            BrokerMode::External => None,
+            BrokerMode::Embedded => {
+                let broker = EmbeddedBroker::start(1).context("starting the embedded broker")?;
+                config.kafka.bootstrap_servers = broker.bootstrap_servers().to_owned();
+                config.kafka.replication_factor = 1;
+                Some(broker)
+            }
+        };
+        if let Some(broker) = &broker {
+            // The embedded broker has no CreateTopics API: create the topics here, before the
+            // services look for them.
+            if let (DefinitionSourceKind::File, Some(path)) =
+                (config.definitions.source, &config.definitions.path)
+            {
+                let catalog = FileSource::new(path).load()?;
+                for p in catalog.iter() {
+                    for t in [
+                        topics::raw(&p.name),
+                        topics::enriched(&p.name),
+                        topics::dead_letter(&p.name),
+                    ] {
+                        broker.create_topic(&t, p.partitions)?;
+                    }
+                }
+            }
+        }
+
+        let health = Health::default();
+        let admin = AdminServer::bind(config.admin.listen, health.clone())
+            .await
+            .with_context(|| format!("admin server on {}", config.admin.listen))?;
+        let admin_addr = admin.local_addr()?;
+        let (store, embedded_store): (Arc<dyn AggregateStore>, _) = match config.store.backend {
+            StoreBackend::Embedded => {
+                let s = Arc::new(EmbeddedStore::default());
+                (s.clone(), Some(s))
+            }
+            StoreBackend::Scylla => (instream_store::build(&config.store).await?, None),
+        };
+        if config.archive.backend == ArchiveBackend::Local {
+            std::fs::create_dir_all(&config.archive.root)
+                .with_context(|| format!("creating archive.root {}", config.archive.root))?;
+        }
+        let archive = instream_archive::build(&config.archive)?;
+        let ingest =
+            instream_ingest::Ingest::start(&config, &health, admin_addr, token.clone()).await?;
+        let ingest_addr = ingest.local_addr()?;
+
+        let context = || ServiceContext {
+            config: config.clone(),
+            health: health.clone(),
+            shutdown: token.clone(),
+            admin_addr,
+        };
+        let mut supervisor = Supervisor::new(token.clone());
+        supervisor.spawn("admin", admin.serve(token.clone()));
+        supervisor.spawn("ingest", ingest.serve(token.clone()));
+        supervisor.spawn("enricher", instream_enricher::run(context()));
+        supervisor.spawn(
+            "aggregator",
+            instream_aggregator::run_with_store(context(), store),
+        );
+        supervisor.spawn(
+            "archiver",
+            instream_archiver::run_with_archive(context(), archive.clone()),
+        );
+        tracing::info!(%ingest_addr, %admin_addr, "standalone instream running");
+        Ok(Standalone {
+            ingest_addr,
+            admin_addr,
+            embedded_store,
+            archive,
+            supervisor,
+            _broker: broker,
+        })
+    }
+}
