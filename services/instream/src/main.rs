@@ -40,6 +40,14 @@ enum Command {
         #[arg(long, default_value = "instream-demo-data")]
         data_dir: PathBuf,
     },
+    /// Validates pipeline definitions (a TOML or JSON file) and stores them in ZooKeeper,
+    /// where every running service picks them up without a restart.
+    PipelineApply {
+        #[arg(long, short, env = "INSTREAM_CONFIG")]
+        config: Option<PathBuf>,
+        /// The definitions file: `[[pipelines]]` tables.
+        file: PathBuf,
+    },
     /// Validates a config file and prints the effective config (defaults filled in).
     CheckConfig {
         #[arg(long, short, env = "INSTREAM_CONFIG")]
@@ -51,6 +59,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CheckConfig { config } => check_config(config),
+        Command::PipelineApply { config, file } => {
+            runtime().and_then(|rt| rt.block_on(pipeline_apply(config, file)))
+        }
         Command::Standalone { config } => runtime().and_then(|rt| rt.block_on(standalone(config))),
         Command::Demo {
             duration,
@@ -101,5 +112,17 @@ async fn standalone(path: Option<PathBuf>) -> anyhow::Result<()> {
         platform.ingest_addr, platform.admin_addr
     );
     platform.supervisor.wait(drain).await?;
+    Ok(())
+}
+
+async fn pipeline_apply(config: Option<PathBuf>, file: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(config.as_deref())?;
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("reading {}", file.display()))?;
+    let document = instream_pipeline::parse_document(&text)?;
+    for definition in &document.pipelines {
+        instream_coord::publish_definition(&config.zookeeper, definition).await?;
+        println!("pipeline `{}` version {} stored", definition.name, definition.version);
+    }
     Ok(())
 }
