@@ -8,6 +8,10 @@
 #   INSTREAM_TEST_HDFS=hdfs://host:port   HDFS archive suite
 #   INSTREAM_TEST_KAFKA=host:port    run the Kafka tests against that broker instead
 # Without them, those tests are listed as "ignored" by name (skipped, never counted as passed).
+#
+# Then the Helm chart is linted, schema-checked and rendered offline (helm-python-sdk, from PyPI)
+# and the Terraform files are checked with `terraform fmt` (providers cannot be fetched here,
+# so `terraform validate` cannot run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +24,16 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo test"
 cargo test --workspace --no-fail-fast
+
+echo "== helm chart (lint, schema, render) and terraform fmt"
+python3 -m pip install --quiet --disable-pip-version-check helm-python-sdk pyyaml
+python3 helm/tests/test_chart.py
+terraform_bin=$(command -v terraform || true)
+if [ -n "$terraform_bin" ]; then
+  terraform fmt -check -recursive terraform
+else
+  echo "terraform not on PATH: terraform fmt check skipped"
+fi
 
 if [ -n "${INSTREAM_TEST_SCYLLA:-}" ]; then
   echo "== ScyllaDB store suite against $INSTREAM_TEST_SCYLLA"

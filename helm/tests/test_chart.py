@@ -1,0 +1,83 @@
+"""Checks of the Helm chart, offline: lint, schema, rendered manifests, and that the config the
+chart ships is one instream itself accepts. Run by scripts/test.sh (needs helm-python-sdk and
+a built `instream` binary). Prints one "N passed, N failed" line."""
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import helm_python
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "instream"
+INSTREAM = ROOT / "target" / "debug" / "instream"
+SERVICES = ["aggregator", "archiver", "enricher", "ingest"]
+
+
+def render(values=None):
+    chart = helm_python.Chart.load(str(CHART))
+    out = chart.render(values or {}, name="rel", namespace="data")
+    docs = []
+    for text in out.values():
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def test_lint_has_no_errors():
+    report = helm_python.lint(str(CHART))
+    assert report["errors"] == [], report
+    assert all(m["severity"] < 3 for m in report["messages"]), report["messages"]
+
+
+def test_one_deployment_per_service_with_probes():
+    docs = render()
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert sorted(deployments) == [f"rel-{s}" for s in SERVICES]
+    for service in SERVICES:
+        container = deployments[f"rel-{service}"]["spec"]["template"]["spec"]["containers"][0]
+        assert container["command"][0] == f"instream-{service}"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_services_scale_independently_and_can_be_disabled():
+    docs = render({"services": {"enricher": {"enabled": True, "replicas": 7},
+                                "archiver": {"enabled": False, "replicas": 1}}})
+    names = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert names["rel-enricher"]["spec"]["replicas"] == 7
+    assert "rel-archiver" not in names
+
+
+def test_schema_refuses_bad_values():
+    chart = helm_python.Chart.load(str(CHART))
+    try:
+        chart.render({"services": {"ingest": {"enabled": True, "replicas": -1}}},
+                     name="rel", namespace="data")
+    except helm_python.HelmError:
+        return
+    raise AssertionError("replicas -1 must be refused by values.schema.json")
+
+
+def test_shipped_config_is_valid_for_instream():
+    config = next(d for d in render() if d["kind"] == "ConfigMap")["data"]["instream.toml"]
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(config)
+    result = subprocess.run([str(INSTREAM), "check-config", "--config", f.name],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+if __name__ == "__main__":
+    tests = [(n, f) for n, f in sorted(globals().items()) if n.startswith("test_")]
+    failed = 0
+    for name, fn in tests:
+        try:
+            fn()
+            print(f"test {name} ... ok")
+        except Exception as e:  # report every failure, then exit non-zero
+            failed += 1
+            print(f"test {name} ... FAILED: {e!r}")
+    print(f"chart: {len(tests) - failed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
