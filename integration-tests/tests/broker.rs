@@ -36,7 +36,10 @@ async fn poll_until(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut scratch = Vec::new();
     while !done() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         for m in members {
             recv_batch(m, 100, Duration::from_millis(100), &mut scratch)
                 .await
@@ -60,9 +63,12 @@ async fn a_group_of_two_shares_partitions_and_the_survivor_takes_all() {
     })
     .await;
     drop(b); // leaves the group
-    poll_until(&[&a], Duration::from_secs(60), "the survivor to own all 4", || {
-        assigned(&a).len() == 4
-    })
+    poll_until(
+        &[&a],
+        Duration::from_secs(60),
+        "the survivor to own all 4",
+        || assigned(&a).len() == 4,
+    )
     .await;
 }
 
@@ -99,13 +105,21 @@ async fn transactions_commit_and_abort_and_read_committed_hides_aborts_on_real_k
         recv_batch(&consumer, 10, Duration::from_millis(200), &mut batch)
             .await
             .unwrap();
-        seen.extend(batch.drain(..).map(|r| String::from_utf8(r.payload).unwrap()));
+        seen.extend(
+            batch
+                .drain(..)
+                .map(|r| String::from_utf8(r.payload).unwrap()),
+        );
     }
     // One more look, so a wrongly visible aborted record would show up.
     recv_batch(&consumer, 10, Duration::from_millis(500), &mut batch)
         .await
         .unwrap();
-    seen.extend(batch.drain(..).map(|r| String::from_utf8(r.payload).unwrap()));
+    seen.extend(
+        batch
+            .drain(..)
+            .map(|r| String::from_utf8(r.payload).unwrap()),
+    );
     if broker.is_embedded() {
         // Measured here: librdkafka's mock broker accepts the whole transactional protocol
         // (init, begin, commit, abort) but never reports aborted transactions in its fetch

@@ -158,6 +158,15 @@ pub fn complete<'a>(consumer: &Consumer, records: impl IntoIterator<Item = &'a R
     }
 }
 
+/// Marks offsets of one partition durably handled (for stages that keep records' offsets
+/// rather than the records).
+pub fn complete_offsets(consumer: &Consumer, topic: &str, partition: i32, offsets: &[i64]) {
+    let mut tracker = consumer.context().tracker();
+    for offset in offsets {
+        tracker.complete(topic, partition, *offset);
+    }
+}
+
 /// Commits every offset the tracker allows. `sync` waits for the broker (shutdown).
 pub fn commit(consumer: &Consumer, sync: bool) -> Result<(), KafkaError> {
     let ready = consumer.context().tracker().take_committable();

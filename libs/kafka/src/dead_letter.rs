@@ -99,4 +99,30 @@ impl DeadLetters {
         );
         Ok(delivery)
     }
+
+    /// Dead-letters a consumed record as it came, to the dead-letter topic of the pipeline its
+    /// topic belongs to, with the record as origin.
+    pub async fn publish_record(
+        &self,
+        record: &crate::Record,
+        code: &'static str,
+        reason: &str,
+    ) -> Result<DeliveryFuture, KafkaError> {
+        let pipeline = instream_pipeline::topics::pipeline_of(&record.topic);
+        let topic = instream_pipeline::topics::dead_letter(pipeline);
+        self.publish(&DeadLetter {
+            topic: &topic,
+            pipeline,
+            key: record.key.as_deref(),
+            payload: &record.payload,
+            code,
+            reason,
+            origin: Some(Origin {
+                topic: &record.topic,
+                partition: record.partition,
+                offset: record.offset,
+            }),
+        })
+        .await
+    }
 }

@@ -19,10 +19,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use instream_core::{Readiness, ServiceContext};
 use instream_kafka::client::{self, recv_batch, Consumer};
-use instream_kafka::{DeadLetter, DeadLetters, Origin, Record};
+use instream_kafka::{DeadLetters, Record};
 use instream_pipeline::{topics, Catalog};
+use instream_stage::{Stage, Subscription};
 use instream_store::AggregateStore;
-use rdkafka::consumer::Consumer as _;
 use tokio_util::sync::CancellationToken;
 
 pub use windows::Windows;
@@ -34,11 +34,9 @@ pub enum AggregatorError {
     #[error(transparent)]
     Kafka(#[from] instream_kafka::KafkaError),
     #[error(transparent)]
-    Definitions(#[from] instream_pipeline::DefinitionError),
-    #[error(transparent)]
     Store(#[from] instream_store::StoreError),
     #[error(transparent)]
-    Coord(#[from] instream_coord::CoordError),
+    Stage(#[from] instream_stage::StageError),
 }
 
 fn now_millis() -> i64 {
@@ -80,45 +78,20 @@ pub async fn run_with_store(
         shutdown,
         admin_addr,
     } = ctx;
-    let definitions = health.register("aggregator.definitions");
-    let mut catalog = instream_coord::definition_source(&config)
-        .subscribe(shutdown.clone())
-        .await?;
-    definitions.set_ready();
+    let stage = Stage::start(SERVICE, &config, &health, admin_addr, &shutdown).await?;
+    let mut catalog = stage.catalog.clone();
     let store_ready = health.register("aggregator.store");
     store_ready.set_ready();
-    tokio::spawn(instream_kafka::admin::keep_pipeline_topics(
-        config.kafka.clone(),
-        catalog.clone(),
-        shutdown.clone(),
-    ));
-    tokio::spawn(instream_kafka::admin::watch_broker(
-        config.kafka.clone(),
-        health.register("aggregator.kafka"),
-        Duration::from_secs(5),
-        shutdown.clone(),
-    ));
-    let _registration = instream_coord::register_service(&config, SERVICE, admin_addr).await?;
     let dead = DeadLetters::from_config(&config.kafka, SERVICE)?;
-    let group = format!("{}-{SERVICE}", config.kafka.group_prefix);
-    let mut subscribed = enriched_topics(&catalog.borrow_and_update());
-    let consumer = client::consumer(&config.kafka, SERVICE, &group, &subscribed)?;
+    let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, enriched_topics)?;
 
     let mut windows = Windows::default();
     let mut pending = Pending::default();
     let mut batch = Vec::with_capacity(config.aggregator.batch_size);
     let mut last_flush = Instant::now();
     while !shutdown.is_cancelled() {
-        if catalog.has_changed().unwrap_or(false) {
-            let wanted = enriched_topics(&catalog.borrow_and_update());
-            if wanted != subscribed {
-                let names: Vec<&str> = wanted.iter().map(String::as_str).collect();
-                consumer
-                    .subscribe(&names)
-                    .map_err(instream_kafka::KafkaError::Consume)?;
-                subscribed = wanted;
-            }
-        }
+        subscription.follow(&mut catalog)?;
+        let consumer = subscription.consumer();
         let wait = config
             .aggregator
             .flush_interval
@@ -126,7 +99,7 @@ pub async fn run_with_store(
             .max(Duration::from_millis(1));
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            received = recv_batch(&consumer, config.aggregator.batch_size, wait, &mut batch) => received?,
+            received = recv_batch(consumer, config.aggregator.batch_size, wait, &mut batch) => received?,
         }
         let current = catalog.borrow().clone();
         for record in batch.drain(..) {
@@ -139,11 +112,11 @@ pub async fn run_with_store(
                     }
                     None => {
                         let reason = format!("no definition for pipeline `{}`", event.pipeline);
-                        dead_letter(&dead, &consumer, record, "unknown_pipeline", &reason).await?;
+                        dead_letter(&dead, consumer, record, "unknown_pipeline", &reason).await?;
                     }
                 },
                 Err(e) => {
-                    dead_letter(&dead, &consumer, record, "decode_error", &e.to_string()).await?
+                    dead_letter(&dead, consumer, record, "decode_error", &e.to_string()).await?
                 }
             }
         }
@@ -151,27 +124,28 @@ pub async fn run_with_store(
             flush(
                 &*store,
                 &store_ready,
-                &consumer,
+                consumer,
                 &mut windows,
                 &mut pending,
                 &shutdown,
             )
             .await?;
-            client::commit(&consumer, false)?;
+            client::commit(consumer, false)?;
             last_flush = Instant::now();
         }
     }
     // Drain: what was counted is written, then committed; nothing is committed unwritten.
+    let consumer = subscription.consumer();
     flush(
         &*store,
         &store_ready,
-        &consumer,
+        consumer,
         &mut windows,
         &mut pending,
         &CancellationToken::new(),
     )
     .await?;
-    client::commit(&consumer, true)?;
+    client::commit(consumer, true)?;
     tracing::info!(windows = windows.len(), "aggregator drained and committed");
     Ok(())
 }
@@ -183,23 +157,7 @@ async fn dead_letter(
     code: &'static str,
     reason: &str,
 ) -> Result<(), AggregatorError> {
-    let pipeline = topics::pipeline_of(&record.topic);
-    let topic = topics::dead_letter(pipeline);
-    let delivery = dead
-        .publish(&DeadLetter {
-            topic: &topic,
-            pipeline,
-            key: record.key.as_deref(),
-            payload: &record.payload,
-            code,
-            reason,
-            origin: Some(Origin {
-                topic: &record.topic,
-                partition: record.partition,
-                offset: record.offset,
-            }),
-        })
-        .await?;
+    let delivery = dead.publish_record(&record, code, reason).await?;
     client::delivered(delivery).await?;
     client::complete(consumer, [&record]);
     Ok(())

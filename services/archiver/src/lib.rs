@@ -21,9 +21,9 @@ use instream_archive::Archive;
 use instream_core::config::ArchiverConfig;
 use instream_core::{Readiness, ServiceContext};
 use instream_kafka::client::{self, recv_batch, Consumer};
-use instream_kafka::{DeadLetter, DeadLetters, Origin, Record};
+use instream_kafka::{DeadLetters, Record};
 use instream_pipeline::{topics, ArchiveTime, Catalog};
-use rdkafka::consumer::Consumer as _;
+use instream_stage::{Stage, Subscription};
 use tokio_util::sync::CancellationToken;
 
 pub use layout::{file_name, folder, parse_file_name};
@@ -35,11 +35,9 @@ pub enum ArchiverError {
     #[error(transparent)]
     Kafka(#[from] instream_kafka::KafkaError),
     #[error(transparent)]
-    Definitions(#[from] instream_pipeline::DefinitionError),
-    #[error(transparent)]
     Archive(#[from] instream_archive::ArchiveError),
     #[error(transparent)]
-    Coord(#[from] instream_coord::CoordError),
+    Stage(#[from] instream_stage::StageError),
     #[error("compressing: {0}")]
     Compress(std::io::Error),
 }
@@ -96,26 +94,11 @@ pub async fn run_with_archive(
         shutdown,
         admin_addr,
     } = ctx;
-    let definitions = health.register("archiver.definitions");
-    let mut catalog = instream_coord::definition_source(&config)
-        .subscribe(shutdown.clone())
-        .await?;
-    definitions.set_ready();
+    let stage = Stage::start(SERVICE, &config, &health, admin_addr, &shutdown).await?;
+    let mut catalog = stage.catalog.clone();
     let ready = health.register("archiver.archive");
     archive.ping().await?;
     ready.set_ready();
-    tokio::spawn(instream_kafka::admin::keep_pipeline_topics(
-        config.kafka.clone(),
-        catalog.clone(),
-        shutdown.clone(),
-    ));
-    tokio::spawn(instream_kafka::admin::watch_broker(
-        config.kafka.clone(),
-        health.register("archiver.kafka"),
-        Duration::from_secs(5),
-        shutdown.clone(),
-    ));
-    let _registration = instream_coord::register_service(&config, SERVICE, admin_addr).await?;
     let initial = catalog.borrow().clone();
     for p in initial.iter() {
         let removed = archive.remove_leftovers(&p.name).await?;
@@ -124,9 +107,7 @@ pub async fn run_with_archive(
         }
     }
     let dead = DeadLetters::from_config(&config.kafka, SERVICE)?;
-    let group = format!("{}-{SERVICE}", config.kafka.group_prefix);
-    let mut subscribed = raw_topics(&catalog.borrow_and_update());
-    let consumer = client::consumer(&config.kafka, SERVICE, &group, &subscribed)?;
+    let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, raw_topics)?;
     let mut archiver = Archiver {
         archive,
         config: config.archiver.clone(),
@@ -139,40 +120,33 @@ pub async fn run_with_archive(
     let mut batch = Vec::new();
     let mut last_commit = Instant::now();
     while !shutdown.is_cancelled() {
-        if catalog.has_changed().unwrap_or(false) {
-            let wanted = raw_topics(&catalog.borrow_and_update());
-            if wanted != subscribed {
-                let names: Vec<&str> = wanted.iter().map(String::as_str).collect();
-                consumer
-                    .subscribe(&names)
-                    .map_err(instream_kafka::KafkaError::Consume)?;
-                subscribed = wanted;
-            }
-        }
+        subscription.follow(&mut catalog)?;
+        let consumer = subscription.consumer();
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            received = recv_batch(&consumer, 10_000, tick, &mut batch) => received?,
+            received = recv_batch(consumer, 10_000, tick, &mut batch) => received?,
         }
         let current = catalog.borrow().clone();
         for record in batch.drain(..) {
             archiver
-                .add(&current, &consumer, &dead, record, &shutdown)
+                .add(&current, consumer, &dead, record, &shutdown)
                 .await?;
         }
-        archiver.roll_aged(&consumer, &shutdown).await?;
+        archiver.roll_aged(consumer, &shutdown).await?;
         if last_commit.elapsed() >= config.kafka.commit_interval {
-            client::commit(&consumer, false)?;
+            client::commit(consumer, false)?;
             last_commit = Instant::now();
         }
     }
     // Drain: close every open file, then commit what the files hold.
+    let consumer = subscription.consumer();
     let keys: Vec<PartitionKey> = archiver.files.keys().cloned().collect();
     for key in keys {
         archiver
-            .roll(&key, "shutdown", &consumer, &CancellationToken::new())
+            .roll(&key, "shutdown", consumer, &CancellationToken::new())
             .await?;
     }
-    client::commit(&consumer, true)?;
+    client::commit(consumer, true)?;
     tracing::info!("archiver drained and committed");
     Ok(())
 }
@@ -216,21 +190,8 @@ impl Archiver {
         let event = match instream_event::decode(&record.payload) {
             Ok(e) => e,
             Err(e) => {
-                let topic = topics::dead_letter(&pipeline);
                 let delivery = dead
-                    .publish(&DeadLetter {
-                        topic: &topic,
-                        pipeline: &pipeline,
-                        key: record.key.as_deref(),
-                        payload: &record.payload,
-                        code: "decode_error",
-                        reason: &e.to_string(),
-                        origin: Some(Origin {
-                            topic: &record.topic,
-                            partition: record.partition,
-                            offset: record.offset,
-                        }),
-                    })
+                    .publish_record(&record, "decode_error", &e.to_string())
                     .await?;
                 client::delivered(delivery).await?;
                 client::complete(consumer, [&record]);
@@ -343,12 +304,7 @@ impl Archiver {
             }
         }
         self.archived.insert(key.clone(), last);
-        {
-            let mut tracker = consumer.context().tracker();
-            for offset in &file.offsets {
-                tracker.complete(&key.0, key.1, *offset);
-            }
-        }
+        client::complete_offsets(consumer, &key.0, key.1, &file.offsets);
         let pipeline = topics::pipeline_of(&key.0).to_owned();
         metrics::counter!("instream_archive_files_total", "pipeline" => pipeline.clone(), "reason" => reason)
             .increment(1);

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use instream_core::Readiness;
 use instream_event::Event;
 use instream_kafka::client::{self, Producer};
-use instream_kafka::{headers, DeadLetter, DeadLetters, Origin, Record};
+use instream_kafka::{headers, DeadLetters, Record};
 use instream_pipeline::{topics, Catalog, EnrichmentRule, MissPolicy, PipelineDefinition};
 use instream_refdata::{RefRecord, RefStore};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -27,7 +27,6 @@ pub(crate) struct Enricher {
 /// What happens to one consumed record.
 enum Plan {
     Dead {
-        pipeline: String,
         code: &'static str,
         reason: String,
     },
@@ -51,12 +50,10 @@ fn plan(
     record: &Record,
     lookups: &mut Vec<(String, instream_pipeline::RecordShape)>,
 ) -> Plan {
-    let fallback_pipeline = topics::pipeline_of(&record.topic).to_owned();
     let event = match instream_event::decode(&record.payload) {
         Ok(e) => e,
         Err(e) => {
             return Plan::Dead {
-                pipeline: fallback_pipeline,
                 code: "decode_error",
                 reason: e.to_string(),
             }
@@ -64,7 +61,6 @@ fn plan(
     };
     let Some(def) = catalog.get(&event.pipeline).cloned() else {
         return Plan::Dead {
-            pipeline: fallback_pipeline,
             code: "unknown_pipeline",
             reason: format!("no definition for pipeline `{}`", event.pipeline),
         };
@@ -75,7 +71,6 @@ fn plan(
             Ok(v) => v,
             Err(e) => {
                 return Plan::Dead {
-                    pipeline: event.pipeline,
                     code: "decode_error",
                     reason: format!("payload: {e}"),
                 }
@@ -167,21 +162,9 @@ impl Enricher {
         let mut ingest_times = Vec::with_capacity(batch.len());
         let mut buf = Vec::with_capacity(1024);
         for (record, plan) in batch.iter().zip(plans) {
-            let origin = Origin {
-                topic: &record.topic,
-                partition: record.partition,
-                offset: record.offset,
-            };
             let (mut event, def, rule_lookups) = match plan {
-                Plan::Dead {
-                    pipeline,
-                    code,
-                    reason,
-                } => {
-                    deliveries.push(
-                        self.dead_letter(record, &pipeline, code, &reason, origin)
-                            .await?,
-                    );
+                Plan::Dead { code, reason } => {
+                    deliveries.push(self.dead.publish_record(record, code, &reason).await?);
                     continue;
                 }
                 Plan::Enrich {
@@ -213,7 +196,8 @@ impl Enricher {
             }
             if let Some(reason) = dead_reason {
                 deliveries.push(
-                    self.dead_letter(record, &def.name, "enrich_miss", &reason, origin)
+                    self.dead
+                        .publish_record(record, "enrich_miss", &reason)
                         .await?,
                 );
                 continue;
@@ -253,28 +237,5 @@ impl Enricher {
                 .increment(1);
         }
         Ok(true)
-    }
-
-    async fn dead_letter(
-        &self,
-        record: &Record,
-        pipeline: &str,
-        code: &'static str,
-        reason: &str,
-        origin: Origin<'_>,
-    ) -> Result<DeliveryFuture, EnricherError> {
-        let topic = topics::dead_letter(pipeline);
-        Ok(self
-            .dead
-            .publish(&DeadLetter {
-                topic: &topic,
-                pipeline,
-                key: record.key.as_deref(),
-                payload: &record.payload,
-                code,
-                reason,
-                origin: Some(origin),
-            })
-            .await?)
     }
 }

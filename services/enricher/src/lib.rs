@@ -12,13 +12,13 @@
 mod enrich;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use instream_core::ServiceContext;
 use instream_kafka::client::{self, recv_batch};
 use instream_kafka::DeadLetters;
 use instream_pipeline::{topics, Catalog};
-use rdkafka::consumer::Consumer as _;
+use instream_stage::{Stage, Subscription};
 
 const SERVICE: &str = "enricher";
 
@@ -27,11 +27,9 @@ pub enum EnricherError {
     #[error(transparent)]
     Kafka(#[from] instream_kafka::KafkaError),
     #[error(transparent)]
-    Definitions(#[from] instream_pipeline::DefinitionError),
-    #[error(transparent)]
     RefData(#[from] instream_refdata::RefDataError),
     #[error(transparent)]
-    Coord(#[from] instream_coord::CoordError),
+    Stage(#[from] instream_stage::StageError),
 }
 
 pub(crate) fn raw_topics(catalog: &Catalog) -> Vec<String> {
@@ -45,32 +43,14 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
         shutdown,
         admin_addr,
     } = ctx;
-    let definitions = health.register("enricher.definitions");
-    let mut catalog = instream_coord::definition_source(&config)
-        .subscribe(shutdown.clone())
-        .await?;
-    definitions.set_ready();
-    tokio::spawn(instream_kafka::admin::keep_pipeline_topics(
-        config.kafka.clone(),
-        catalog.clone(),
-        shutdown.clone(),
-    ));
-    tokio::spawn(instream_kafka::admin::watch_broker(
-        config.kafka.clone(),
-        health.register("enricher.kafka"),
-        Duration::from_secs(5),
-        shutdown.clone(),
-    ));
+    let stage = Stage::start(SERVICE, &config, &health, admin_addr, &shutdown).await?;
+    let mut catalog = stage.catalog.clone();
     let refdata_ready = health.register("enricher.refdata");
     let refstore = instream_refdata::build(&config.refdata).await?;
     refdata_ready.set_ready();
-    let _registration = instream_coord::register_service(&config, SERVICE, admin_addr).await?;
-
     let producer = instream_kafka::producer(&config.kafka, SERVICE)?;
     let dead = DeadLetters::new(producer.clone(), SERVICE);
-    let group = format!("{}-{SERVICE}", config.kafka.group_prefix);
-    let mut subscribed = raw_topics(&catalog.borrow_and_update());
-    let consumer = client::consumer(&config.kafka, SERVICE, &group, &subscribed)?;
+    let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, raw_topics)?;
     let enricher = enrich::Enricher {
         refstore,
         readiness: refdata_ready,
@@ -82,35 +62,26 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
     let mut batch = Vec::with_capacity(config.enricher.batch_size);
     let mut last_commit = Instant::now();
     while !shutdown.is_cancelled() {
-        if catalog.has_changed().unwrap_or(false) {
-            let wanted = raw_topics(&catalog.borrow_and_update());
-            if wanted != subscribed {
-                let names: Vec<&str> = wanted.iter().map(String::as_str).collect();
-                consumer
-                    .subscribe(&names)
-                    .map_err(instream_kafka::KafkaError::Consume)?;
-                tracing::info!(topics = ?wanted, "subscription changed");
-                subscribed = wanted;
-            }
-        }
+        subscription.follow(&mut catalog)?;
+        let consumer = subscription.consumer();
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            received = recv_batch(&consumer, config.enricher.batch_size, config.enricher.batch_timeout, &mut batch) => received?,
+            received = recv_batch(consumer, config.enricher.batch_size, config.enricher.batch_timeout, &mut batch) => received?,
         }
         if !batch.is_empty() {
             let current: Arc<Catalog> = catalog.borrow().clone();
             // `false`: shutdown came during a retry; the batch stays uncommitted and is
             // re-read by whoever owns the partitions next.
             if enricher.process(&current, &batch).await? {
-                client::complete(&consumer, &batch);
+                client::complete(consumer, &batch);
             }
         }
         if last_commit.elapsed() >= config.kafka.commit_interval {
-            client::commit(&consumer, false)?;
+            client::commit(consumer, false)?;
             last_commit = Instant::now();
         }
     }
-    client::commit(&consumer, true)?;
+    client::commit(subscription.consumer(), true)?;
     tracing::info!("enricher drained and committed");
     Ok(())
 }

@@ -22,6 +22,7 @@ use instream_core::config::Config;
 use instream_core::{Health, ServiceContext};
 use instream_kafka::Producer;
 use instream_pipeline::Catalog;
+use instream_stage::Stage;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -36,9 +37,7 @@ pub enum IngestError {
     #[error(transparent)]
     Kafka(#[from] instream_kafka::KafkaError),
     #[error(transparent)]
-    Definitions(#[from] instream_pipeline::DefinitionError),
-    #[error(transparent)]
-    Coord(#[from] instream_coord::CoordError),
+    Stage(#[from] instream_stage::StageError),
     #[error("serving HTTP: {0}")]
     Serve(std::io::Error),
 }
@@ -57,7 +56,7 @@ pub(crate) struct AppState {
 pub struct Ingest {
     listener: TcpListener,
     router: Router,
-    _registration: Option<instream_coord::Registration>,
+    _stage: Stage,
 }
 
 impl Ingest {
@@ -68,28 +67,13 @@ impl Ingest {
         admin_addr: SocketAddr,
         shutdown: CancellationToken,
     ) -> Result<Ingest, IngestError> {
-        let definitions = health.register("ingest.definitions");
-        let catalog = instream_coord::definition_source(config)
-            .subscribe(shutdown.clone())
-            .await?;
-        definitions.set_ready();
-        tokio::spawn(instream_kafka::admin::keep_pipeline_topics(
-            config.kafka.clone(),
-            catalog.clone(),
-            shutdown.clone(),
-        ));
-        tokio::spawn(instream_kafka::admin::watch_broker(
-            config.kafka.clone(),
-            health.register("ingest.kafka"),
-            std::time::Duration::from_secs(5),
-            shutdown.clone(),
-        ));
+        let stage = Stage::start("ingest", config, health, admin_addr, &shutdown).await?;
         let producer = instream_kafka::producer(&config.kafka, "ingest")?;
         let limits = &config.ingest;
         let state = Arc::new(AppState {
             config: limits.clone(),
             producer,
-            catalog,
+            catalog: stage.catalog.clone(),
             in_flight_events: Semaphore::new(limits.max_in_flight_events),
             in_flight_requests: Semaphore::new(limits.max_in_flight_requests),
         });
@@ -108,11 +92,10 @@ impl Ingest {
                     addr: limits.listen,
                     source,
                 })?;
-        let registration = instream_coord::register_service(config, "ingest", admin_addr).await?;
         Ok(Ingest {
             listener,
             router,
-            _registration: registration,
+            _stage: stage,
         })
     }
 

@@ -117,12 +117,15 @@ async fn standalone(path: Option<PathBuf>) -> anyhow::Result<()> {
 
 async fn pipeline_apply(config: Option<PathBuf>, file: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(config.as_deref())?;
-    let text = std::fs::read_to_string(&file)
-        .with_context(|| format!("reading {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     let document = instream_pipeline::parse_document(&text)?;
     for definition in &document.pipelines {
         instream_coord::publish_definition(&config.zookeeper, definition).await?;
-        println!("pipeline `{}` version {} stored", definition.name, definition.version);
+        println!(
+            "pipeline `{}` version {} stored",
+            definition.name, definition.version
+        );
     }
     Ok(())
 }

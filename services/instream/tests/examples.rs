@@ -87,7 +87,10 @@ fn standalone_with_the_example_config_accepts_events() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(stopped.elapsed() < Duration::from_secs(20), "no exit after SIGTERM");
+        assert!(
+            stopped.elapsed() < Duration::from_secs(20),
+            "no exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status}");

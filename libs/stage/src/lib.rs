@@ -1,0 +1,119 @@
+//! instream-stage: what every pipeline stage does around its own work, written once.
+//!
+//! [`Stage::start`] loads the pipeline definitions (and follows their changes), keeps the
+//! pipelines' topics in existence, reports whether the broker answers, and registers the
+//! instance in ZooKeeper — each with its own readiness component. [`Subscription`] is a group
+//! consumer whose topics follow the definitions, so a pipeline added at run time is picked up
+//! without a restart.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use instream_core::config::Config;
+use instream_core::Health;
+use instream_kafka::client::{self, Consumer};
+use instream_kafka::KafkaError;
+use instream_pipeline::Catalog;
+use rdkafka::consumer::Consumer as _;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// How often the broker's reachability is checked for `/readyz`.
+const BROKER_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error(transparent)]
+    Definitions(#[from] instream_pipeline::DefinitionError),
+    #[error(transparent)]
+    Coord(#[from] instream_coord::CoordError),
+}
+
+/// A started stage: the live definitions, and the registration that lasts as long as this.
+pub struct Stage {
+    pub catalog: watch::Receiver<Arc<Catalog>>,
+    _registration: Option<instream_coord::Registration>,
+}
+
+impl Stage {
+    pub async fn start(
+        service: &'static str,
+        config: &Config,
+        health: &Health,
+        admin_addr: SocketAddr,
+        shutdown: &CancellationToken,
+    ) -> Result<Stage, StageError> {
+        let definitions = health.register(&format!("{service}.definitions"));
+        let catalog = instream_coord::definition_source(config)
+            .subscribe(shutdown.clone())
+            .await?;
+        definitions.set_ready();
+        tokio::spawn(instream_kafka::admin::keep_pipeline_topics(
+            config.kafka.clone(),
+            catalog.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(instream_kafka::admin::watch_broker(
+            config.kafka.clone(),
+            health.register(&format!("{service}.kafka")),
+            BROKER_CHECK_INTERVAL,
+            shutdown.clone(),
+        ));
+        let registration = instream_coord::register_service(config, service, admin_addr).await?;
+        Ok(Stage {
+            catalog,
+            _registration: registration,
+        })
+    }
+}
+
+/// A group consumer (`<kafka.group_prefix>-<service>`) subscribed to the topics that
+/// `topics_of` names for the current definitions.
+pub struct Subscription {
+    consumer: Consumer,
+    topics: Vec<String>,
+    topics_of: fn(&Catalog) -> Vec<String>,
+}
+
+impl Subscription {
+    pub fn new(
+        config: &Config,
+        service: &str,
+        catalog: &mut watch::Receiver<Arc<Catalog>>,
+        topics_of: fn(&Catalog) -> Vec<String>,
+    ) -> Result<Subscription, KafkaError> {
+        let group = format!("{}-{service}", config.kafka.group_prefix);
+        let topics = topics_of(&catalog.borrow_and_update());
+        let consumer = client::consumer(&config.kafka, service, &group, &topics)?;
+        Ok(Subscription {
+            consumer,
+            topics,
+            topics_of,
+        })
+    }
+
+    pub fn consumer(&self) -> &Consumer {
+        &self.consumer
+    }
+
+    /// Re-subscribes when the definitions changed the set of topics (a rebalance follows).
+    pub fn follow(
+        &mut self,
+        catalog: &mut watch::Receiver<Arc<Catalog>>,
+    ) -> Result<(), KafkaError> {
+        if !catalog.has_changed().unwrap_or(false) {
+            return Ok(());
+        }
+        let wanted = (self.topics_of)(&catalog.borrow_and_update());
+        if wanted != self.topics {
+            let names: Vec<&str> = wanted.iter().map(String::as_str).collect();
+            self.consumer
+                .subscribe(&names)
+                .map_err(KafkaError::Consume)?;
+            tracing::info!(topics = ?wanted, "subscription follows the new definitions");
+            self.topics = wanted;
+        }
+        Ok(())
+    }
+}
