@@ -7,4 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build -p instream --quiet
-exec target/debug/instream demo --duration 30s "$@"
+# `instream demo` sends for 30 s unless told otherwise (--duration 2m).
+exec target/debug/instream demo "$@"

@@ -26,8 +26,12 @@ echo "== cargo test"
 cargo test --workspace --no-fail-fast
 
 echo "== helm chart (lint, schema, render) and terraform fmt"
-python3 -m pip install --quiet --disable-pip-version-check helm-python-sdk pyyaml
-python3 helm/tests/test_chart.py
+# A virtualenv of our own: a system Python may refuse global installs (PEP 668).
+venv=target/chart-venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check helm-python-sdk pyyaml
+INSTREAM_BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/instream" \
+  "$venv/bin/python" helm/tests/test_chart.py
 terraform_bin=$(command -v terraform || true)
 if [ -n "$terraform_bin" ]; then
   terraform fmt -check -recursive terraform

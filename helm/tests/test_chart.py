@@ -2,6 +2,7 @@
 chart ships is one instream itself accepts. Run by scripts/test.sh (needs helm-python-sdk and
 a built `instream` binary). Prints one "N passed, N failed" line."""
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -12,7 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "instream"
-INSTREAM = ROOT / "target" / "debug" / "instream"
+INSTREAM = Path(os.environ.get("INSTREAM_BIN", ROOT / "target" / "debug" / "instream"))
 SERVICES = ["aggregator", "archiver", "enricher", "ingest"]
 
 

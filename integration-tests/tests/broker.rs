@@ -73,7 +73,7 @@ async fn a_group_of_two_shares_partitions_and_the_survivor_takes_all() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transactions_commit_and_abort_and_read_committed_hides_aborts_on_real_kafka() {
+async fn transactions_commit_and_abort_and_aborts_hide_only_on_real_kafka() {
     let broker = KafkaBroker::start().unwrap();
     let cfg = config(&broker);
     let topic = unique("txn");

@@ -305,6 +305,12 @@ root = "{archive}"
     for file in archive.list(&pipeline).await.unwrap() {
         let (partition, first, last) = instream_archiver::parse_file_name(&file.path).unwrap();
         offsets.entry(partition).or_default().push((first, last));
+        // Nothing was dead-lettered, so a file holds every offset of its range, once.
+        let held = records
+            .iter()
+            .filter(|(path, _)| *path == file.path)
+            .count() as i64;
+        assert_eq!(held, last - first + 1, "{}", file.path);
     }
     for (partition, mut ranges) in offsets {
         ranges.sort();

@@ -60,8 +60,11 @@ impl Health {
         readiness
     }
 
+    /// Ready when at least one component is registered and every one is ready (nothing
+    /// registered yet means still starting).
     pub fn is_ready(&self) -> bool {
-        self.report().iter().all(|c| c.ready)
+        let report = self.report();
+        !report.is_empty() && report.iter().all(|c| c.ready)
     }
 
     pub fn report(&self) -> Vec<ComponentStatus> {
@@ -163,11 +166,10 @@ async fn render_metrics() -> impl IntoResponse {
 }
 
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {
-    let report = health.report();
-    let status = if report.iter().all(|c| c.ready) {
+    let status = if health.is_ready() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(report))
+    (status, Json(health.report()))
 }

@@ -52,6 +52,8 @@ pub enum SupervisorError {
     TaskFailed { task: String, error: String },
     #[error("task `{task}` panicked")]
     TaskPanicked { task: String },
+    #[error("task `{task}` ended before shutdown was requested")]
+    EndedEarly { task: String },
     #[error("tasks did not stop within the drain timeout: {0:?}")]
     Stragglers(Vec<String>),
 }
@@ -130,8 +132,8 @@ impl Supervisor {
                         None
                     }
                     Ok(()) => {
-                        tracing::warn!(%task, "ended before shutdown; stopping the process");
-                        None
+                        tracing::error!(%task, "ended before shutdown; stopping the process");
+                        Some(SupervisorError::EndedEarly { task })
                     }
                     Err(error) => {
                         tracing::error!(%task, %error, "failed; stopping the process");
@@ -167,6 +169,15 @@ mod tests {
         let err = sup.wait(Duration::from_secs(5)).await.unwrap_err();
         assert!(matches!(err, SupervisorError::TaskFailed { ref task, .. } if task == "fails"));
         assert!(token.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_task_ending_early_is_an_error() {
+        let token = CancellationToken::new();
+        let mut sup = Supervisor::new(token.clone());
+        sup.spawn("quits", async { Ok::<(), String>(()) });
+        let err = sup.wait(Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(err, SupervisorError::EndedEarly { ref task } if task == "quits"));
     }
 
     #[tokio::test]

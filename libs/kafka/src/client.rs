@@ -158,6 +158,24 @@ pub fn complete<'a>(consumer: &Consumer, records: impl IntoIterator<Item = &'a R
     }
 }
 
+/// The consumer's assignment generation now (see [`Record::generation`]).
+pub fn generation(consumer: &Consumer) -> u64 {
+    consumer.context().generation()
+}
+
+/// The partitions assigned to this consumer now.
+pub fn assigned_partitions(consumer: &Consumer) -> std::collections::HashSet<(String, i32)> {
+    consumer
+        .assignment()
+        .map(|tpl| {
+            tpl.elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Marks offsets of one partition durably handled (for stages that keep records' offsets
 /// rather than the records).
 pub fn complete_offsets(consumer: &Consumer, topic: &str, partition: i32, offsets: &[i64]) {
@@ -167,9 +185,10 @@ pub fn complete_offsets(consumer: &Consumer, topic: &str, partition: i32, offset
     }
 }
 
-/// Commits every offset the tracker allows. `sync` waits for the broker (shutdown).
+/// Commits every offset the tracker allows. `sync` (shutdown) waits for the broker and
+/// re-sends every committable offset, in case an earlier asynchronous commit failed.
 pub fn commit(consumer: &Consumer, sync: bool) -> Result<(), KafkaError> {
-    let ready = consumer.context().tracker().take_committable();
+    let ready = consumer.context().tracker().take_committable(sync);
     if ready.is_empty() {
         return Ok(());
     }

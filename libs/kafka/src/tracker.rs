@@ -29,13 +29,16 @@ impl OffsetTracker {
             .partitions
             .entry((topic.to_owned(), partition))
             .or_default();
-        if progress
+        let behind_pending = progress
             .pending
             .back()
-            .is_some_and(|(last, _)| *last >= offset)
-        {
-            // A re-delivery after a seek or rebalance: start over from here.
+            .is_some_and(|(last, _)| *last >= offset);
+        let behind_commit = progress.committable.is_some_and(|next| offset < next);
+        if behind_pending || behind_commit {
+            // A re-delivery after a seek or rebalance: start over from here, and never offer
+            // a commit past what is now being handled again.
             progress.pending.clear();
+            progress.committable = None;
         }
         progress.pending.push_back((offset, false));
     }
@@ -55,13 +58,14 @@ impl OffsetTracker {
         }
     }
 
-    /// Offsets that advanced since the last call: `(topic, partition, next offset)`. The caller
-    /// commits them; on failure the records are simply delivered again.
-    pub fn take_committable(&mut self) -> Vec<(String, i32, i64)> {
+    /// Offsets that advanced since the last call (`all`: every committable offset, advanced
+    /// or not — the final commit re-sends them in case an earlier asynchronous commit failed):
+    /// `(topic, partition, next offset)`. On a failed commit the records are delivered again.
+    pub fn take_committable(&mut self, all: bool) -> Vec<(String, i32, i64)> {
         let mut out = Vec::new();
         for ((topic, partition), progress) in &mut self.partitions {
             if let Some(next) = progress.committable {
-                if progress.committed != Some(next) {
+                if all || progress.committed != Some(next) {
                     progress.committed = Some(next);
                     out.push((topic.clone(), *partition, next));
                 }
@@ -114,12 +118,15 @@ mod tests {
         }
         t.complete("a", 0, 11);
         t.complete("a", 0, 14);
-        assert!(t.take_committable().is_empty(), "10 is still in flight");
+        assert!(
+            t.take_committable(false).is_empty(),
+            "10 is still in flight"
+        );
         t.complete("a", 0, 10);
-        assert_eq!(t.take_committable(), vec![("a".into(), 0, 12)]);
-        assert!(t.take_committable().is_empty(), "nothing new");
+        assert_eq!(t.take_committable(false), vec![("a".into(), 0, 12)]);
+        assert!(t.take_committable(false).is_empty(), "nothing new");
         t.complete("a", 0, 12);
-        assert_eq!(t.take_committable(), vec![("a".into(), 0, 15)]);
+        assert_eq!(t.take_committable(false), vec![("a".into(), 0, 15)]);
         assert_eq!(t.in_flight(), 0);
     }
 
@@ -129,10 +136,30 @@ mod tests {
         t.track("a", 0, 0);
         t.track("a", 1, 5);
         t.complete("a", 1, 5);
-        assert_eq!(t.take_committable(), vec![("a".into(), 1, 6)]);
+        assert_eq!(t.take_committable(false), vec![("a".into(), 1, 6)]);
         t.forget("a", 0);
         t.complete("a", 0, 0);
-        assert!(t.take_committable().is_empty());
+        assert!(t.take_committable(false).is_empty());
+    }
+
+    #[test]
+    fn a_redelivery_behind_the_commit_point_withdraws_it() {
+        let mut t = OffsetTracker::new();
+        t.track("a", 0, 5);
+        t.complete("a", 0, 5);
+        assert_eq!(t.take_committable(false), vec![("a".into(), 0, 6)]);
+        t.track("a", 0, 3);
+        assert!(
+            t.take_committable(true).is_empty(),
+            "6 must not be offered while 3 is redone"
+        );
+        t.complete("a", 0, 3);
+        assert_eq!(t.take_committable(true), vec![("a".into(), 0, 4)]);
+        assert_eq!(
+            t.take_committable(true),
+            vec![("a".into(), 0, 4)],
+            "all: offered again"
+        );
     }
 
     #[test]
@@ -142,6 +169,6 @@ mod tests {
         t.track("a", 0, 8);
         t.track("a", 0, 7);
         t.complete("a", 0, 7);
-        assert_eq!(t.take_committable(), vec![("a".into(), 0, 8)]);
+        assert_eq!(t.take_committable(false), vec![("a".into(), 0, 8)]);
     }
 }

@@ -20,25 +20,32 @@ pub use redis_store::RedisRefStore;
 /// A reference record: field name -> value.
 pub type RefRecord = Map<String, Value>;
 
+/// The answer to one lookup.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Found {
+    Record(RefRecord),
+    Missing,
+    /// The key holds something the rule cannot read (not a hash, not a JSON object): a data
+    /// problem of that one key, for the dead-letter topic, not a reason to stop.
+    Malformed(String),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RefDataError {
     /// The store could not be reached or answered too late: retry, never skip the event.
     #[error("reference data unavailable: {0}")]
     Unavailable(String),
-    /// A stored record is not in the shape its rule expects.
-    #[error("reference record `{key}` is malformed: {reason}")]
-    Malformed { key: String, reason: String },
     #[error("reference data file {path}: {reason}")]
     Seed { path: String, reason: String },
 }
 
 #[async_trait]
 pub trait RefStore: Send + Sync {
-    /// One answer per lookup, in order; `None` where the key does not exist.
+    /// One answer per lookup, in order. `Err` only when the store itself failed (retry).
     async fn lookup_many(
         &self,
         lookups: &[(String, RecordShape)],
-    ) -> Result<Vec<Option<RefRecord>>, RefDataError>;
+    ) -> Result<Vec<Found>, RefDataError>;
     /// Succeeds when the store is reachable (readiness).
     async fn ping(&self) -> Result<(), RefDataError>;
 }

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use instream_pipeline::RecordShape;
 use serde::Deserialize;
 
-use crate::{RefDataError, RefRecord, RefStore};
+use crate::{Found, RefDataError, RefRecord, RefStore};
 
 /// Reference data in a map, for standalone mode.
 #[derive(Default)]
@@ -54,11 +54,14 @@ impl RefStore for MemoryRefStore {
     async fn lookup_many(
         &self,
         lookups: &[(String, RecordShape)],
-    ) -> Result<Vec<Option<RefRecord>>, RefDataError> {
+    ) -> Result<Vec<Found>, RefDataError> {
         let records = self.records.read().unwrap_or_else(|p| p.into_inner());
         Ok(lookups
             .iter()
-            .map(|(key, _)| records.get(key).cloned())
+            .map(|(key, _)| match records.get(key) {
+                Some(r) => Found::Record(r.clone()),
+                None => Found::Missing,
+            })
             .collect())
     }
 

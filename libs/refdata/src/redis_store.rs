@@ -5,7 +5,7 @@ use redis::aio::ConnectionManager;
 use redis::Value;
 use serde_json::Value as Json;
 
-use crate::{RefDataError, RefRecord, RefStore};
+use crate::{Found, RefDataError, RefRecord, RefStore};
 
 /// Reference data in Redis: hashes (HGETALL) or strings holding JSON (GET). A batch is one
 /// pipelined round trip. The connection manager reconnects by itself after a failure.
@@ -44,7 +44,7 @@ fn text(v: &Value) -> Option<String> {
 }
 
 /// HGETALL's answer: RESP2 gives a flat array, RESP3 a map; empty means no such key.
-fn hash_record(key: &str, v: Value) -> Result<Option<RefRecord>, RefDataError> {
+fn hash_record(v: Value) -> Found {
     let pairs: Vec<(Value, Value)> = match v {
         Value::Array(items) => {
             let mut it = items.into_iter();
@@ -56,15 +56,11 @@ fn hash_record(key: &str, v: Value) -> Result<Option<RefRecord>, RefDataError> {
         }
         Value::Map(pairs) => pairs,
         Value::Nil => Vec::new(),
-        other => {
-            return Err(RefDataError::Malformed {
-                key: key.to_owned(),
-                reason: format!("expected a hash, got {other:?}"),
-            })
-        }
+        Value::ServerError(e) => return Found::Malformed(format!("not a hash: {e:?}")),
+        other => return Found::Malformed(format!("expected a hash, got {other:?}")),
     };
     if pairs.is_empty() {
-        return Ok(None);
+        return Found::Missing;
     }
     let mut record = RefRecord::new();
     for (f, v) in pairs {
@@ -72,22 +68,19 @@ fn hash_record(key: &str, v: Value) -> Result<Option<RefRecord>, RefDataError> {
             record.insert(f, Json::String(v));
         }
     }
-    Ok(Some(record))
+    Found::Record(record)
 }
 
-fn json_record(key: &str, v: Value) -> Result<Option<RefRecord>, RefDataError> {
-    let malformed = |reason: String| RefDataError::Malformed {
-        key: key.to_owned(),
-        reason,
-    };
+fn json_record(v: Value) -> Found {
     match v {
-        Value::Nil => Ok(None),
+        Value::Nil => Found::Missing,
         Value::BulkString(bytes) => match serde_json::from_slice::<Json>(&bytes) {
-            Ok(Json::Object(map)) => Ok(Some(map)),
-            Ok(_) => Err(malformed("holds JSON that is not an object".into())),
-            Err(e) => Err(malformed(format!("holds no JSON: {e}"))),
+            Ok(Json::Object(map)) => Found::Record(map),
+            Ok(_) => Found::Malformed("holds JSON that is not an object".into()),
+            Err(e) => Found::Malformed(format!("holds no JSON: {e}")),
         },
-        other => Err(malformed(format!("expected a string, got {other:?}"))),
+        Value::ServerError(e) => Found::Malformed(format!("not a string: {e:?}")),
+        other => Found::Malformed(format!("expected a string, got {other:?}")),
     }
 }
 
@@ -96,11 +89,13 @@ impl RefStore for RedisRefStore {
     async fn lookup_many(
         &self,
         lookups: &[(String, RecordShape)],
-    ) -> Result<Vec<Option<RefRecord>>, RefDataError> {
+    ) -> Result<Vec<Found>, RefDataError> {
         if lookups.is_empty() {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
+        // A wrong-type key answers with an error of its own, not a failed pipeline.
+        pipe.ignore_errors();
         for (key, shape) in lookups {
             match shape {
                 RecordShape::Hash => pipe.cmd("HGETALL").arg(key),
@@ -120,14 +115,14 @@ impl RefStore for RedisRefStore {
                 lookups.len()
             )));
         }
-        lookups
+        Ok(lookups
             .iter()
             .zip(answers)
-            .map(|((key, shape), v)| match shape {
-                RecordShape::Hash => hash_record(key, v),
-                RecordShape::Json => json_record(key, v),
+            .map(|((_, shape), v)| match shape {
+                RecordShape::Hash => hash_record(v),
+                RecordShape::Json => json_record(v),
             })
-            .collect()
+            .collect())
     }
 
     async fn ping(&self) -> Result<(), RefDataError> {

@@ -13,7 +13,7 @@
 mod process;
 mod servers;
 
-pub use process::{free_port, wait_until, TestkitError};
+pub use process::{free_port, wait_until, ChildGuard, TestkitError};
 pub use servers::{KafkaBroker, RedisServer, ZooKeeperServer};
 
 /// A unique suffix for names a test creates (topics, pipelines, znodes), so tests sharing a

@@ -49,17 +49,53 @@ pub fn wait_until(
     }
 }
 
-/// A child process killed (SIGKILL) and reaped on drop.
-pub(crate) struct Guard(pub Child);
+/// A child process killed (SIGKILL) and reaped on drop, so a failing test never leaves a
+/// server or a service running.
+pub struct ChildGuard(pub Child);
 
-impl Guard {
+impl ChildGuard {
+    /// Waits up to `timeout` for the process to exit by itself.
+    pub fn wait_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus, TestkitError> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.0.try_wait()? {
+                return Ok(status);
+            }
+            if start.elapsed() > timeout {
+                return Err(TestkitError::Timeout {
+                    what: "process exit".into(),
+                    timeout,
+                    detail: String::new(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM (a graceful stop request).
+    pub fn terminate(&self) -> std::io::Result<()> {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!(
+                "kill -TERM failed: {status}"
+            )))
+        }
+    }
+
     /// Whether the process already exited (then it will never become ready).
     pub fn exited(&mut self) -> bool {
         matches!(self.0.try_wait(), Ok(Some(_)))
     }
 }
 
-impl Drop for Guard {
+impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();

@@ -7,7 +7,7 @@ use std::time::Duration;
 use instream_kafka::EmbeddedBroker;
 use tempfile::TempDir;
 
-use crate::process::{free_port, Guard, TestkitError};
+use crate::process::{free_port, ChildGuard, TestkitError};
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -35,7 +35,7 @@ fn ask(port: u16, request: &[u8], expect: &[u8]) -> bool {
     }
 }
 
-fn spawn(command: &mut Command, log: &Path) -> Result<Guard, TestkitError> {
+fn spawn(command: &mut Command, log: &Path) -> Result<ChildGuard, TestkitError> {
     let program = command.get_program().to_string_lossy().into_owned();
     let out = std::fs::File::create(log)?;
     let err = out.try_clone()?;
@@ -44,13 +44,13 @@ fn spawn(command: &mut Command, log: &Path) -> Result<Guard, TestkitError> {
         .stdout(out)
         .stderr(err)
         .spawn()
-        .map(Guard)
+        .map(ChildGuard)
         .map_err(|source| TestkitError::Spawn { program, source })
 }
 
 fn wait_ready(
     what: &str,
-    guard: &mut Guard,
+    guard: &mut ChildGuard,
     log: &Path,
     mut ready: impl FnMut() -> bool,
 ) -> Result<(), TestkitError> {
@@ -83,7 +83,7 @@ fn wait_ready(
 /// A real `redis-server` on a free loopback port.
 pub struct RedisServer {
     port: u16,
-    _guard: Guard,
+    _guard: ChildGuard,
     _dir: TempDir,
 }
 
@@ -122,7 +122,7 @@ impl RedisServer {
 /// A real ZooKeeper 3.8 standalone server on a free loopback port.
 pub struct ZooKeeperServer {
     port: u16,
-    _guard: Guard,
+    _guard: ChildGuard,
     _dir: TempDir,
 }
 

@@ -18,9 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use instream_core::{Readiness, ServiceContext};
+use instream_event::Event;
 use instream_kafka::client::{self, recv_batch, Consumer};
 use instream_kafka::{DeadLetters, Record};
-use instream_pipeline::{topics, Catalog};
+use instream_pipeline::{topics, Catalog, PipelineDefinition};
 use instream_stage::{Stage, Subscription};
 use instream_store::AggregateStore;
 use tokio_util::sync::CancellationToken;
@@ -60,11 +61,12 @@ pub async fn run(ctx: ServiceContext) -> Result<(), AggregatorError> {
     run_with_store(ctx, store).await
 }
 
-/// Records taken since the last flush, and what their windows' latency is measured from.
+/// What was counted since the last flush: the records (to mark handled after the write) and
+/// their events (to take back after a rebalance).
 #[derive(Default)]
 struct Pending {
     records: Vec<Record>,
-    ingest_times: Vec<i64>,
+    events: Vec<(Arc<PipelineDefinition>, Event, (String, i32))>,
 }
 
 /// Runs with a given store (standalone mode and tests share one embedded store).
@@ -81,6 +83,7 @@ pub async fn run_with_store(
     let stage = Stage::start(SERVICE, &config, &health, admin_addr, &shutdown).await?;
     let mut catalog = stage.catalog.clone();
     let store_ready = health.register("aggregator.store");
+    store.ping().await?;
     store_ready.set_ready();
     let dead = DeadLetters::from_config(&config.kafka, SERVICE)?;
     let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, enriched_topics)?;
@@ -89,6 +92,7 @@ pub async fn run_with_store(
     let mut pending = Pending::default();
     let mut batch = Vec::with_capacity(config.aggregator.batch_size);
     let mut last_flush = Instant::now();
+    let mut generation = 0;
     while !shutdown.is_cancelled() {
         subscription.follow(&mut catalog)?;
         let consumer = subscription.consumer();
@@ -101,13 +105,24 @@ pub async fn run_with_store(
             _ = shutdown.cancelled() => break,
             received = recv_batch(consumer, config.aggregator.batch_size, wait, &mut batch) => received?,
         }
+        let now = client::generation(consumer);
+        if now != generation {
+            // A rebalance: whatever was counted but not flushed will be read again from the
+            // last commit, and lost partitions belong to their new owner now.
+            windows.roll_back(&pending.events);
+            pending.records.clear();
+            pending.events.clear();
+            windows.retain_sources(&client::assigned_partitions(consumer));
+            generation = now;
+        }
         let current = catalog.borrow().clone();
         for record in batch.drain(..) {
             match instream_event::decode(&record.payload) {
                 Ok(event) => match current.get(&event.pipeline) {
                     Some(def) => {
-                        windows.add(def, &event);
-                        pending.ingest_times.push(event.ingest_time);
+                        windows.add(def, &event, (&record.topic, record.partition));
+                        let source = (record.topic.clone(), record.partition);
+                        pending.events.push((def.clone(), event, source));
                         pending.records.push(record);
                     }
                     None => {
@@ -201,15 +216,15 @@ async fn flush(
             .increment(rows.len() as u64);
     }
     let now = now_millis();
-    for t in &pending.ingest_times {
+    for (_, event, _) in &pending.events {
         metrics::histogram!("instream_stage_latency_seconds", "stage" => "aggregator_visible")
-            .record((now - t).max(0) as f64 / 1000.0);
+            .record((now - event.ingest_time).max(0) as f64 / 1000.0);
     }
     metrics::counter!("instream_events_total", "service" => SERVICE, "outcome" => "aggregated")
         .increment(pending.records.len() as u64);
     client::complete(consumer, &pending.records);
     pending.records.clear();
-    pending.ingest_times.clear();
+    pending.events.clear();
     metrics::gauge!("instream_open_windows", "service" => SERVICE).set(windows.len() as f64);
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Open windows and their values.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use instream_event::{Event, FieldPath};
 use instream_pipeline::{Aggregation, PipelineDefinition};
@@ -17,6 +18,8 @@ struct WindowId {
 
 #[derive(Debug)]
 struct WindowValue {
+    /// The input partition the window's events come from (one, as groups start with the key).
+    source: (String, i32),
     end: i64,
     version: u64,
     count: i64,
@@ -78,8 +81,32 @@ fn resolve(path: &FieldPath, event: &Event, payload: &mut Option<Value>) -> Stri
 }
 
 impl Windows {
-    /// Counts `event` into its window of every aggregation of its pipeline.
-    pub fn add(&mut self, def: &PipelineDefinition, event: &Event) {
+    /// Counts `event`, read from `source` (topic, partition), into its window of every
+    /// aggregation of its pipeline.
+    pub fn add(&mut self, def: &PipelineDefinition, event: &Event, source: (&str, i32)) {
+        self.apply(def, event, source, 1);
+    }
+
+    /// Takes back what [`Self::add`] counted for records that were not flushed, after a
+    /// rebalance: they will be read again from the last commit. Afterwards every window holds
+    /// its last flushed value again, so nothing is dirty.
+    pub fn roll_back(&mut self, unflushed: &[(Arc<PipelineDefinition>, Event, (String, i32))]) {
+        for (def, event, source) in unflushed {
+            self.apply(def, event, (&source.0, source.1), -1);
+        }
+        self.windows.retain(|_, v| v.count > 0);
+        for v in self.windows.values_mut() {
+            v.dirty = false;
+        }
+    }
+
+    /// Forgets the windows of partitions this instance no longer owns; their new owner
+    /// continues them.
+    pub fn retain_sources(&mut self, owned: &HashSet<(String, i32)>) {
+        self.windows.retain(|_, v| owned.contains(&v.source));
+    }
+
+    fn apply(&mut self, def: &PipelineDefinition, event: &Event, source: (&str, i32), delta: i64) {
         let mut payload = None;
         for aggregation in &def.aggregations {
             let start = aggregation.window.start_of(event.event_time);
@@ -90,12 +117,13 @@ impl Windows {
                 start,
             };
             let value = self.windows.entry(id).or_insert_with(|| WindowValue {
+                source: (source.0.to_owned(), source.1),
                 end: start + aggregation.window.size_millis(),
                 version: def.version,
                 count: 0,
                 dirty: false,
             });
-            value.count += 1;
+            value.count += delta;
             value.dirty = true;
         }
     }
@@ -191,7 +219,7 @@ window = { kind = "tumbling", size = "1h" }
         let def = def();
         let mut w = Windows::default();
         for (k, t) in [("a", 0), ("a", 59_999), ("a", 60_000), ("b", 1)] {
-            w.add(&def, &event(k, t, "gold"));
+            w.add(&def, &event(k, t, "gold"), ("t", 0));
         }
         let mut rows = w.take_dirty();
         rows.sort_by(|x, y| {
@@ -223,11 +251,45 @@ window = { kind = "tumbling", size = "1h" }
             ]
         );
         assert!(w.take_dirty().is_empty());
-        w.add(&def, &event("a", 1, "gold"));
+        w.add(&def, &event("a", 1, "gold"), ("t", 0));
         let again = w.take_dirty();
         assert_eq!(again.len(), 2, "only the touched windows");
         assert!(again
             .iter()
             .any(|r| r.aggregation == "per_minute" && r.count == 3));
+    }
+
+    #[test]
+    fn a_rebalance_takes_back_unflushed_counts_and_lost_partitions() {
+        let def = Arc::new(def());
+        let mut w = Windows::default();
+        w.add(&def, &event("a", 0, "gold"), ("t", 0));
+        w.add(&def, &event("b", 0, "gold"), ("t", 1));
+        w.take_dirty(); // flushed
+        let unflushed = vec![
+            (def.clone(), event("a", 1, "gold"), ("t".to_owned(), 0)),
+            (def.clone(), event("c", 1, "gold"), ("t".to_owned(), 0)),
+        ];
+        for (d, e, s) in &unflushed {
+            w.add(d, e, (&s.0, s.1));
+        }
+        w.roll_back(&unflushed);
+        assert!(w.take_dirty().is_empty(), "back to the flushed values");
+        w.retain_sources(&[("t".to_owned(), 0)].into_iter().collect());
+        // Re-reading the unflushed records gives the counts of one clean pass.
+        for (d, e, s) in &unflushed {
+            w.add(d, e, (&s.0, s.1));
+        }
+        let rows = w.take_dirty();
+        let a = rows
+            .iter()
+            .find(|r| r.aggregation == "per_minute" && r.group_key == "a")
+            .unwrap();
+        assert_eq!(a.count, 2);
+        assert!(
+            rows.iter().all(|r| r.group_key != "b"),
+            "b's partition was lost"
+        );
+        assert_eq!(w.len(), 4, "a and c, two aggregations each");
     }
 }

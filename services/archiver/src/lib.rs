@@ -72,6 +72,9 @@ struct Archiver {
     /// Highest offset already in the archive per partition, read on first sight of it.
     archived: HashMap<PartitionKey, i64>,
     generation: u64,
+    /// Partitions whose file could not be written before shutdown: nothing more is written
+    /// for them by this process.
+    abandoned: std::collections::HashSet<PartitionKey>,
 }
 
 fn raw_topics(catalog: &Catalog) -> Vec<String> {
@@ -115,6 +118,7 @@ pub async fn run_with_archive(
         files: HashMap::new(),
         archived: HashMap::new(),
         generation: 0,
+        abandoned: Default::default(),
     };
     let tick = config.archiver.roll_max_age.min(Duration::from_secs(1));
     let mut batch = Vec::new();
@@ -132,6 +136,7 @@ pub async fn run_with_archive(
                 .add(&current, consumer, &dead, record, &shutdown)
                 .await?;
         }
+        archiver.follow_generation(client::generation(consumer));
         archiver.roll_aged(consumer, &shutdown).await?;
         if last_commit.elapsed() >= config.kafka.commit_interval {
             client::commit(consumer, false)?;
@@ -140,6 +145,7 @@ pub async fn run_with_archive(
     }
     // Drain: close every open file, then commit what the files hold.
     let consumer = subscription.consumer();
+    archiver.follow_generation(client::generation(consumer));
     let keys: Vec<PartitionKey> = archiver.files.keys().cloned().collect();
     for key in keys {
         archiver
@@ -152,6 +158,17 @@ pub async fn run_with_archive(
 }
 
 impl Archiver {
+    /// After a rebalance, open files hold records of partitions we may have lost. Their
+    /// offsets were never committed, so dropping them loses nothing; writing them could
+    /// overlap the new owner's files.
+    fn follow_generation(&mut self, generation: u64) {
+        if generation != self.generation {
+            self.files.clear();
+            self.archived.clear();
+            self.generation = generation;
+        }
+    }
+
     async fn highest_archived(&mut self, key: &PartitionKey) -> Result<i64, ArchiverError> {
         if let Some(&max) = self.archived.get(key) {
             return Ok(max);
@@ -179,12 +196,14 @@ impl Archiver {
         record: Record,
         stop: &CancellationToken,
     ) -> Result<(), ArchiverError> {
-        if record.generation != self.generation {
-            // A rebalance: open files hold records of partitions we may have lost. Their
-            // offsets were never committed, so dropping them loses nothing.
-            self.files.clear();
-            self.archived.clear();
-            self.generation = record.generation;
+        self.follow_generation(record.generation);
+        if self
+            .abandoned
+            .contains(&(record.topic.clone(), record.partition))
+        {
+            // A file of this partition could not be written before shutdown; writing later
+            // records would leave a gap that a restart could not see. They are read again.
+            return Ok(());
         }
         let pipeline = topics::pipeline_of(&record.topic).to_owned();
         let event = match instream_event::decode(&record.payload) {
@@ -220,6 +239,9 @@ impl Archiver {
             .is_some_and(|f| f.hour_start != hour_start)
         {
             self.roll(&key, "hour", consumer, stop).await?;
+            if self.abandoned.contains(&key) {
+                return Ok(());
+            }
         }
         let file = match self.files.entry(key.clone()) {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
@@ -297,6 +319,7 @@ impl Archiver {
                         .is_none()
                     {
                         // Not written, not committed: read again after the restart.
+                        self.abandoned.insert(key.clone());
                         return Ok(());
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -8,7 +8,7 @@ use instream_event::Event;
 use instream_kafka::client::{self, Producer};
 use instream_kafka::{headers, DeadLetters, Record};
 use instream_pipeline::{topics, Catalog, EnrichmentRule, MissPolicy, PipelineDefinition};
-use instream_refdata::{RefRecord, RefStore};
+use instream_refdata::{Found, RefRecord, RefStore};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use serde_json::{Map, Value};
@@ -114,7 +114,7 @@ impl Enricher {
     async fn lookup(
         &self,
         lookups: &[(String, instream_pipeline::RecordShape)],
-    ) -> Option<Vec<Option<RefRecord>>> {
+    ) -> Option<Vec<Found>> {
         let mut backoff = Duration::from_millis(50);
         loop {
             match self.refstore.lookup_many(lookups).await {
@@ -175,31 +175,44 @@ impl Enricher {
             };
             let mut enrichment = Map::new();
             let mut missed = Vec::new();
-            let mut dead_reason = None;
+            let mut dead: Option<(&'static str, String)> = None;
             for (rule, lookup) in def.enrichments.iter().zip(rule_lookups) {
                 let found = match lookup {
-                    Ok(i) => answers.get(i).and_then(Option::as_ref),
-                    Err(_) => None,
+                    Ok(i) => answers.get(i).unwrap_or(&Found::Missing),
+                    Err(_) => &Found::Missing,
                 };
-                let outcome = if found.is_some() { "hit" } else { "miss" };
+                let outcome = match found {
+                    Found::Record(_) => "hit",
+                    Found::Missing => "miss",
+                    Found::Malformed(_) => "malformed",
+                };
                 metrics::counter!("instream_enrich_lookups_total", "pipeline" => def.name.clone(), "rule" => rule.name.clone(), "outcome" => outcome)
                     .increment(1);
                 match (found, rule.on_miss) {
-                    (Some(found), _) => apply(rule, found, &mut enrichment),
-                    (None, MissPolicy::Pass) => missed.push(Value::String(rule.name.clone())),
-                    (None, MissPolicy::DeadLetter) => {
-                        dead_reason.get_or_insert_with(|| {
-                            format!("rule `{}` found no reference record", rule.name)
+                    (Found::Record(found), _) => apply(rule, found, &mut enrichment),
+                    (Found::Malformed(why), _) => {
+                        dead.get_or_insert_with(|| {
+                            (
+                                "refdata_malformed",
+                                format!("rule `{}`: the reference record {why}", rule.name),
+                            )
+                        });
+                    }
+                    (Found::Missing, MissPolicy::Pass) => {
+                        missed.push(Value::String(rule.name.clone()))
+                    }
+                    (Found::Missing, MissPolicy::DeadLetter) => {
+                        dead.get_or_insert_with(|| {
+                            (
+                                "enrich_miss",
+                                format!("rule `{}` found no reference record", rule.name),
+                            )
                         });
                     }
                 }
             }
-            if let Some(reason) = dead_reason {
-                deliveries.push(
-                    self.dead
-                        .publish_record(record, "enrich_miss", &reason)
-                        .await?,
-                );
+            if let Some((code, reason)) = dead {
+                deliveries.push(self.dead.publish_record(record, code, &reason).await?);
                 continue;
             }
             if !missed.is_empty() {

@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use instream_testkit::{free_port, unique, KafkaBroker};
+use instream_testkit::{free_port, unique, ChildGuard, KafkaBroker};
 
 const BIN: &str = env!("CARGO_BIN_EXE_instream-ingest");
 
@@ -73,13 +73,15 @@ async fn serves_admin_endpoints_ingests_and_stops_cleanly_on_sigterm() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (config, admin, http) = write_config(dir.path(), &broker.bootstrap_servers(), &pipeline);
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = ChildGuard(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
 
     wait_ok(
         &format!("http://127.0.0.1:{admin}/healthz"),
@@ -128,22 +130,10 @@ async fn serves_admin_endpoints_ingests_and_stops_cleanly_on_sigterm() {
         assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
     }
 
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "no exit within 15 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    child.terminate().unwrap();
+    let status = child
+        .wait_exit(Duration::from_secs(15))
+        .expect("exit within 15 s of SIGTERM");
     assert!(status.success(), "clean shutdown exits 0, got {status}");
 }
 

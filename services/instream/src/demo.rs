@@ -232,7 +232,7 @@ pub async fn run(duration: Duration, rate: u32, data: &Path) -> anyhow::Result<(
     if aggregated != accepted || archived != accepted {
         bail!("the stages did not account for every accepted event");
     }
-    println!("  every accepted event was aggregated once and archived once");
+    println!("  the aggregates and the archive each hold exactly the accepted events");
     Ok(())
 }
 

@@ -48,7 +48,8 @@ enum Command {
         /// The definitions file: `[[pipelines]]` tables.
         file: PathBuf,
     },
-    /// Validates a config file and prints the effective config (defaults filled in).
+    /// Validates a config file and prints the effective config (defaults filled in, secrets
+    /// masked).
     CheckConfig {
         #[arg(long, short, env = "INSTREAM_CONFIG")]
         config: Option<PathBuf>,
@@ -79,7 +80,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("instream: {e:#}");
-            ExitCode::FAILURE
+            // As the service binaries: 2 for an invalid config, 1 for anything else.
+            if e.downcast_ref::<instream_core::ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use instream_testkit::ChildGuard;
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -54,16 +56,18 @@ fn standalone_with_the_example_config_accepts_events() {
         .local_addr()
         .unwrap()
         .port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_instream"))
-        .current_dir(repo())
-        .args(["standalone", "--config", "examples/standalone.toml"])
-        .env("INSTREAM__INGEST__LISTEN", format!("127.0.0.1:{port}"))
-        .env("INSTREAM__ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
-        .env("INSTREAM__ARCHIVE__ROOT", data.path().join("archive"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_instream"))
+            .current_dir(repo())
+            .args(["standalone", "--config", "examples/standalone.toml"])
+            .env("INSTREAM__INGEST__LISTEN", format!("127.0.0.1:{port}"))
+            .env("INSTREAM__ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
+            .env("INSTREAM__ARCHIVE__ROOT", data.path().join("archive"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let body = r#"{"customer_id":"c1","ts":"2024-05-01T12:00:00Z","amount":5}"#;
     let started = Instant::now();
     let accepted = loop {
@@ -79,19 +83,9 @@ fn standalone_with_the_example_config_accepts_events() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(accepted.contains(r#""accepted":1"#), "{accepted}");
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let stopped = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            stopped.elapsed() < Duration::from_secs(20),
-            "no exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    child.terminate().unwrap();
+    let status = child
+        .wait_exit(Duration::from_secs(20))
+        .expect("exit within 20 s of SIGTERM");
     assert!(status.success(), "{status}");
 }

@@ -40,7 +40,16 @@ impl Default for TelemetryConfig {
 
 impl TelemetryConfig {
     pub(super) fn validate(&self, p: &mut Problems) {
-        p.non_empty(&self.log_level, "telemetry.log_level");
+        p.check(
+            tracing_subscriber::EnvFilter::try_new(&self.log_level).is_ok(),
+            "telemetry.log_level",
+            || {
+                format!(
+                    "`{}` is not a tracing filter (e.g. `info`, `instream=debug,warn`)",
+                    self.log_level
+                )
+            },
+        );
     }
 }
 
@@ -183,6 +192,18 @@ impl KafkaConfig {
                     !guarded.contains(&name.as_str()),
                     &format!("kafka.{section}.{name}"),
                     || "is set by instream to keep its delivery guarantees".into(),
+                );
+            }
+            // Stages drop what they received before a rebalance and rely on every partition
+            // being re-fetched from its commit afterwards: true of eager assignment only.
+            for (name, value) in props {
+                let incremental = (name == "partition.assignment.strategy"
+                    && value.contains("cooperative"))
+                    || (name == "group.protocol" && value.trim() == "consumer");
+                p.check(
+                    !incremental,
+                    &format!("kafka.{section}.{name}"),
+                    || format!("`{value}` means incremental rebalancing, which instream's stages do not support yet"),
                 );
             }
         }

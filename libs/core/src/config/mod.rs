@@ -119,28 +119,51 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        if let Some(path) = file {
-            figment = figment.merge(Toml::file_exact(path));
+        let mut overrides: Vec<(String, String, bool)> = env
+            .into_iter()
+            .filter_map(|(name, raw)| {
+                // INSTREAM__KAFKA__BOOTSTRAP_SERVERS -> kafka.bootstrap_servers
+                let rest = name.strip_prefix(ENV_PREFIX)?;
+                Some((rest.to_lowercase().replace("__", "."), raw, false))
+            })
+            .collect();
+        // Values are typed the way figment types environment values ("4" an integer, "10s" a
+        // string). A string field given digits (a password "123456") then fails to extract;
+        // such a variable is retried as a plain string, once per variable.
+        // Ends: each pass returns, or turns one more variable into a string.
+        loop {
+            let mut figment = Figment::from(Serialized::defaults(Config::default()));
+            if let Some(path) = file {
+                figment = figment.merge(Toml::file_exact(path));
+            }
+            for (key, raw, as_string) in &overrides {
+                let value: figment::value::Value = if *as_string {
+                    raw.clone().into()
+                } else {
+                    match raw.parse() {
+                        Ok(v) => v,
+                        Err(never) => match never {},
+                    }
+                };
+                figment = figment.merge(Serialized::default(key, value));
+            }
+            match figment.extract::<Config>() {
+                Ok(config) => {
+                    config.validate()?;
+                    return Ok(config);
+                }
+                Err(error) => {
+                    let path = error.path.join(".");
+                    let retry = overrides
+                        .iter_mut()
+                        .find(|(key, _, as_string)| !*as_string && *key == path);
+                    match retry {
+                        Some(entry) => entry.2 = true,
+                        None => return Err(ConfigError::Parse(Box::new(error))),
+                    }
+                }
+            }
         }
-        for (name, raw) in env {
-            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
-                continue;
-            };
-            // INSTREAM__KAFKA__BOOTSTRAP_SERVERS -> kafka.bootstrap_servers; the value is
-            // typed the way figment types environment values ("10s" stays a string, "4" an int).
-            let key = rest.to_lowercase().replace("__", ".");
-            let value: figment::value::Value = match raw.parse() {
-                Ok(v) => v,
-                Err(never) => match never {},
-            };
-            figment = figment.merge(Serialized::default(&key, value));
-        }
-        let config: Config = figment
-            .extract()
-            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
-        config.validate()?;
-        Ok(config)
     }
 
     /// Parses a TOML document over the defaults and validates it (no environment).
@@ -151,6 +174,32 @@ impl Config {
             .map_err(|e| ConfigError::Parse(Box::new(e)))?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// A copy fit to print or log: passwords (in URLs too) and secret-looking Kafka
+    /// properties replaced by `***`.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        c.refdata.redis_url = redact_url(&c.refdata.redis_url);
+        if c.store.password.is_some() {
+            c.store.password = Some("***".into());
+        }
+        for props in [
+            &mut c.kafka.properties,
+            &mut c.kafka.producer,
+            &mut c.kafka.consumer,
+        ] {
+            for (name, value) in props.iter_mut() {
+                let n = name.to_lowercase();
+                if ["password", "secret", "jaas", "key.pem", "token"]
+                    .iter()
+                    .any(|s| n.contains(s))
+                {
+                    *value = "***".into();
+                }
+            }
+        }
+        c
     }
 
     /// Checks every rule of every section, without I/O.
@@ -181,6 +230,20 @@ impl Config {
             },
         );
         p.into_result()
+    }
+}
+
+/// `scheme://user:password@host` -> `scheme://user:***@host`.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((credentials, host)) => {
+            let user = credentials.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
     }
 }
 

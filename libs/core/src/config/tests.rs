@@ -88,3 +88,53 @@ fn drain_must_fit_in_the_session_timeout() {
     let err = Config::from_toml("[shutdown]\ndrain_timeout = \"60s\"\n").unwrap_err();
     assert!(err.to_string().contains("shutdown.drain_timeout"), "{err}");
 }
+
+#[test]
+fn digits_given_to_a_string_field_stay_a_string() {
+    let config = Config::load_from(
+        None,
+        env(&[
+            ("INSTREAM__STORE__USERNAME", "42"),
+            ("INSTREAM__STORE__PASSWORD", "123456"),
+            ("INSTREAM__KAFKA__REPLICATION_FACTOR", "2"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(config.store.password.as_deref(), Some("123456"));
+    assert_eq!(config.store.username.as_deref(), Some("42"));
+    assert_eq!(config.kafka.replication_factor, 2);
+}
+
+#[test]
+fn a_bad_log_filter_is_refused() {
+    let err = Config::from_toml("[telemetry]\nlog_level = \"info,=x=y[\"\n").unwrap_err();
+    assert!(err.to_string().contains("telemetry.log_level"), "{err}");
+}
+
+#[test]
+fn cooperative_assignment_is_refused() {
+    let err = Config::from_toml(
+        "[kafka.consumer]\n\"partition.assignment.strategy\" = \"cooperative-sticky\"\n",
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("partition.assignment.strategy"),
+        "{err}"
+    );
+}
+
+#[test]
+fn redaction_hides_secrets() {
+    let mut config = Config::default();
+    config.refdata.redis_url = "redis://user:hunter2@redis:6379/0".into();
+    config.store.password = Some("s3cret".into());
+    config
+        .kafka
+        .properties
+        .insert("sasl.password".into(), "kpass".into());
+    let text = format!("{:?}", config.redacted());
+    for secret in ["hunter2", "s3cret", "kpass"] {
+        assert!(!text.contains(secret), "{secret} leaked: {text}");
+    }
+    assert!(text.contains("redis://user:***@redis:6379/0"), "{text}");
+}
