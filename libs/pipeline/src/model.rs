@@ -149,6 +149,23 @@ pub enum ArchiveTime {
     EventTime,
 }
 
+/// The pipeline's own checks of an event's payload, beyond its key and time (which ingest
+/// reads to build the envelope): the required fields now; schemas and data-quality rules
+/// plug in here too.
+impl instream_event::EventValidator for PipelineDefinition {
+    fn validate(&self, payload: &serde_json::Value) -> Result<(), instream_event::Rejection> {
+        for field in &self.required_fields {
+            if matches!(field.lookup(payload), None | Some(serde_json::Value::Null)) {
+                return Err(instream_event::Rejection::new(
+                    "missing_field",
+                    format!("the required field `{field}` is missing"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Every pipeline known to a process, by name.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Catalog {

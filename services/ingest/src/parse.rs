@@ -1,7 +1,8 @@
 //! Turning a request body into envelopes, refusing each bad event with a precise reason.
 
 use instream_event::{
-    content_event_id, idempotent_event_id, parse_event_time, Event, EventTimeError, Rejection,
+    content_event_id, idempotent_event_id, parse_event_time, Event, EventTimeError, EventValidator,
+    Rejection,
 };
 use instream_pipeline::PipelineDefinition;
 use serde_json::value::RawValue;
@@ -89,14 +90,7 @@ pub fn envelope(
             Rejection::new("bad_time", format!("`{}`: {e}", def.time_field))
         })?,
     };
-    for field in &def.required_fields {
-        if matches!(field.lookup(&payload), None | Some(Value::Null)) {
-            return Err(Rejection::new(
-                "missing_field",
-                format!("the required field `{field}` is missing"),
-            ));
-        }
-    }
+    EventValidator::validate(def, &payload)?;
     let event_id = match payload.get("event_id") {
         Some(Value::String(id)) if !id.is_empty() && id.len() <= MAX_ID_LEN => id.clone(),
         Some(_) => {
