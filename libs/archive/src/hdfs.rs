@@ -2,7 +2,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use hdfs_native::{Client, ClientBuilder, WriteOptions};
 
-use crate::{check_path, in_progress_name, is_in_progress, Archive, ArchiveError, ArchivedFile};
+use crate::{
+    check_path, completed, in_progress_name, is_in_progress, Archive, ArchiveError, ArchivedFile,
+};
 
 /// The archive on HDFS, through the native RPC client (`hdfs-native`): no JVM, no libhdfs.
 /// The rename is a single NameNode operation, so a file appears whole or not at all.
@@ -84,15 +86,7 @@ impl Archive for HdfsArchive {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ArchivedFile>, ArchiveError> {
-        let mut files: Vec<ArchivedFile> = self
-            .list_all(prefix)
-            .await?
-            .into_iter()
-            .filter(|(p, _)| !is_in_progress(p))
-            .map(|(path, size)| ArchivedFile { path, size })
-            .collect();
-        files.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(files)
+        Ok(completed(self.list_all(prefix).await?))
     }
 
     async fn get(&self, path: &str) -> Result<Bytes, ArchiveError> {

@@ -82,6 +82,17 @@ pub(crate) fn in_progress_name(path: &str) -> String {
     }
 }
 
+/// The completed files among `(path, size)` pairs, sorted by path.
+pub(crate) fn completed(found: Vec<(String, u64)>) -> Vec<ArchivedFile> {
+    let mut files: Vec<ArchivedFile> = found
+        .into_iter()
+        .filter(|(p, _)| !is_in_progress(p))
+        .map(|(path, size)| ArchivedFile { path, size })
+        .collect();
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    files
+}
+
 pub(crate) fn is_in_progress(path: &str) -> bool {
     path.rsplit('/')
         .next()

@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::{check_path, in_progress_name, is_in_progress, Archive, ArchiveError, ArchivedFile};
+use crate::{
+    check_path, completed, in_progress_name, is_in_progress, Archive, ArchiveError, ArchivedFile,
+};
 
 /// The archive as a local directory. Files are fsynced before the rename and the directory
 /// after it, so a completed file survives a power cut.
@@ -19,6 +21,23 @@ impl LocalArchive {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Every file below `prefix`, completed or not, as (path relative to the root, size).
+    async fn walk(&self, prefix: &str) -> Result<Vec<(String, u64)>, ArchiveError> {
+        let root = self.root.clone();
+        let dir = if prefix.is_empty() {
+            root.clone()
+        } else {
+            check_path(prefix)?;
+            root.join(prefix)
+        };
+        blocking(move || {
+            let mut found = Vec::new();
+            walk(&dir, &root, &mut found).map_err(io(&dir))?;
+            Ok(found)
+        })
+        .await
     }
 }
 
@@ -82,25 +101,7 @@ impl Archive for LocalArchive {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ArchivedFile>, ArchiveError> {
-        let root = self.root.clone();
-        let dir = if prefix.is_empty() {
-            root.clone()
-        } else {
-            check_path(prefix)?;
-            root.join(prefix)
-        };
-        blocking(move || {
-            let mut found = Vec::new();
-            walk(&dir, &root, &mut found).map_err(io(&dir))?;
-            let mut files: Vec<ArchivedFile> = found
-                .into_iter()
-                .filter(|(p, _)| !is_in_progress(p))
-                .map(|(path, size)| ArchivedFile { path, size })
-                .collect();
-            files.sort_by(|a, b| a.path.cmp(&b.path));
-            Ok(files)
-        })
-        .await
+        Ok(completed(self.walk(prefix).await?))
     }
 
     async fn get(&self, path: &str) -> Result<Bytes, ArchiveError> {
@@ -110,21 +111,17 @@ impl Archive for LocalArchive {
     }
 
     async fn remove_leftovers(&self, prefix: &str) -> Result<usize, ArchiveError> {
-        let root = self.root.clone();
-        let dir = if prefix.is_empty() {
-            root.clone()
-        } else {
-            check_path(prefix)?;
-            root.join(prefix)
-        };
+        let leftovers: Vec<PathBuf> = self
+            .walk(prefix)
+            .await?
+            .into_iter()
+            .filter(|(p, _)| is_in_progress(p))
+            .map(|(p, _)| self.root.join(p))
+            .collect();
+        let removed = leftovers.len();
         blocking(move || {
-            let mut found = Vec::new();
-            walk(&dir, &root, &mut found).map_err(io(&dir))?;
-            let mut removed = 0;
-            for (path, _) in found.into_iter().filter(|(p, _)| is_in_progress(p)) {
-                let full = root.join(&path);
-                std::fs::remove_file(&full).map_err(io(&full))?;
-                removed += 1;
+            for full in &leftovers {
+                std::fs::remove_file(full).map_err(io(full))?;
             }
             Ok(removed)
         })
