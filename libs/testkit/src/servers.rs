@@ -193,11 +193,11 @@ impl KafkaBroker {
         }
     }
 
-    /// Whether topics must be created here (the embedded broker has no CreateTopics API);
-    /// external brokers get them through `instream_kafka::admin::ensure_topics` as in production.
+    /// Creates a topic: through the admin API on an external cluster (replication 1), through
+    /// the mock's own call on the embedded broker (it has no CreateTopics API).
     pub fn create_topic(&self, name: &str, partitions: i32) -> Result<(), TestkitError> {
         match self {
-            KafkaBroker::External(_) => Ok(()),
+            KafkaBroker::External(addr) => create_external_topic(addr, name, partitions),
             KafkaBroker::Embedded(b) => b
                 .create_topic(name, partitions)
                 .map_err(|e| TestkitError::Broker(e.to_string())),
@@ -207,4 +207,29 @@ impl KafkaBroker {
     pub fn is_embedded(&self) -> bool {
         matches!(self, KafkaBroker::Embedded(_))
     }
+}
+
+fn create_external_topic(addr: &str, name: &str, partitions: i32) -> Result<(), TestkitError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::types::RDKafkaErrorCode;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .create()
+        .map_err(|e| TestkitError::Broker(e.to_string()))?;
+    let topic =
+        NewTopic::new(name, partitions, TopicReplication::Fixed(1)).set("retention.ms", "86400000");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    // The admin future is driven by librdkafka's own thread; any executor can wait on it.
+    let results = futures::executor::block_on(admin.create_topics([&topic], &options))
+        .map_err(|e| TestkitError::Broker(e.to_string()))?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(TestkitError::Broker(format!("creating `{topic}`: {code}")))
+            }
+        }
+    }
+    Ok(())
 }
