@@ -110,6 +110,7 @@ async fn kill_9_and_restart_archives_every_offset_exactly_once() {
         format!("[[pipelines]]\nname = \"{pipeline}\"\nkey_field = \"k\"\ntime_field = \"t\"\npartitions = {PARTITIONS}\n"),
     )
     .unwrap();
+    let admin_port = free_port().unwrap();
     let config = dir.path().join("instream.toml");
     std::fs::write(
         &config,
@@ -124,6 +125,7 @@ bootstrap_servers = "{bootstrap}"
 replication_factor = 1
 session_timeout = "6s"
 commit_interval = "100ms"
+statistics_interval = "1s"
 [kafka.consumer]
 "fetch.wait.max.ms" = "10"
 "fetch.queue.backoff.ms" = "10"
@@ -138,7 +140,7 @@ root = "{root}"
 roll_max_records = 500
 roll_max_age = "1s"
 "#,
-            admin = free_port().unwrap(),
+            admin = admin_port,
             bootstrap = broker.bootstrap_servers(),
             definitions = definitions.display(),
             root = root.display(),
@@ -189,6 +191,27 @@ roll_max_age = "1s"
     }
     assert_eq!(total, RECORDS as i64, "every offset exactly once");
     assert_eq!(all.len(), PARTITIONS as usize);
+
+    // The consumer reports its lag and assignment per partition.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics"))
+            .await
+            .and_then(|r| r.error_for_status());
+        let text = match metrics {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let lag = format!("instream_consumer_lag{{group=\"instream-archiver\",topic=\"{topic}\"");
+        if text.contains(&lag) && text.contains("instream_assigned_partitions") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no lag metrics:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     second.terminate().unwrap();
     let status = second.wait_exit(Duration::from_secs(20)).unwrap();
