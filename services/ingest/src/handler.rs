@@ -64,6 +64,23 @@ fn now_millis() -> i64 {
         .unwrap_or(0)
 }
 
+/// Admits a request before its body is read, so that at most `max_in_flight_requests`
+/// bodies (each at most `max_body_bytes`) are in memory at once; others get 503 at once.
+pub async fn admit(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Ok(_slot) = state.in_flight_requests.try_acquire() else {
+        return retry_later(&state, "overloaded", "too many requests in flight".into());
+    };
+    let in_flight = metrics::gauge!("instream_ingest_requests_in_flight");
+    in_flight.increment(1.0);
+    let response = next.run(request).await;
+    in_flight.decrement(1.0);
+    response
+}
+
 /// `POST /v1/pipelines/{pipeline}/events`
 pub async fn post_events(
     State(state): State<Arc<AppState>>,
@@ -71,9 +88,6 @@ pub async fn post_events(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Ok(_request_slot) = state.in_flight_requests.try_acquire() else {
-        return retry_later(&state, "overloaded", "too many requests in flight".into());
-    };
     let Some(def) = state.catalog.borrow().get(&pipeline).cloned() else {
         return failure(
             StatusCode::NOT_FOUND,

@@ -84,6 +84,10 @@ impl Ingest {
                 post(handler::post_events),
             )
             .layer(DefaultBodyLimit::max(body_limit))
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                handler::admit,
+            ))
             .with_state(state);
         let listener =
             TcpListener::bind(limits.listen)

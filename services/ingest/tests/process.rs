@@ -1,6 +1,7 @@
 //! The `instream-ingest` binary as a process: admin endpoints, a real request through a real
 //! Kafka-protocol broker, SIGTERM, and an invalid config.
 
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,7 @@ source = "file"
 path = "{definitions}"
 [ingest]
 listen = "127.0.0.1:{http}"
+max_in_flight_requests = 1
 "#,
             definitions = definitions.display()
         ),
@@ -113,6 +115,48 @@ async fn serves_admin_endpoints_ingests_and_stops_cleanly_on_sigterm() {
         .await
         .unwrap();
     assert_eq!(unknown.status(), 404);
+
+    // One request in flight at most: while a slow client holds the slot (its body not yet
+    // sent), another request is refused with 503 and Retry-After before its body is read.
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", http)).unwrap();
+    let body = r#"{"account":"a3","ts":1700000000000}"#;
+    write!(
+        slow,
+        "POST /v1/pipelines/{pipeline}/events HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let start = Instant::now();
+    loop {
+        let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains("instream_ingest_requests_in_flight 1") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the slot was never taken"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{http}/v1/pipelines/{pipeline}/events"
+        ))
+        .body(r#"{"account":"a4","ts":1700000000000}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    slow.write_all(body.as_bytes()).unwrap();
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
         .await

@@ -18,7 +18,8 @@ pub struct IngestConfig {
     pub max_body_bytes: u64,
     /// Most events in one request.
     pub max_events_per_request: usize,
-    /// Requests handled at once; more wait in the accept queue. Bounds memory.
+    /// Requests handled at once; more are answered 503 before their body is read. With
+    /// `max_body_bytes` it bounds the memory bodies take (64 × 10 MiB by default).
     pub max_in_flight_requests: usize,
     /// Events waiting for a broker acknowledgement at once, over all requests; past it the
     /// service answers 503 with Retry-After instead of queueing more.
@@ -37,7 +38,7 @@ impl Default for IngestConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             max_body_bytes: 10 * MIB,
             max_events_per_request: 10_000,
-            max_in_flight_requests: 512,
+            max_in_flight_requests: 64,
             max_in_flight_events: 200_000,
             produce_timeout: Duration::from_secs(30),
             retry_after: Duration::from_secs(1),
