@@ -21,5 +21,5 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # Debian's packages start nothing here (no systemd); the tests start their own servers on free
-# loopback ports. Make sure no distro-started redis holds the default port either way.
+# loopback ports, so a distro-started server on a default port would not disturb them.
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (rustup) first" >&2; exit 1; }
