@@ -67,7 +67,13 @@ fn walk(dir: &Path, root: &Path, out: &mut Vec<(String, u64)>) -> std::io::Resul
     };
     for entry in entries {
         let entry = entry?;
-        let meta = entry.metadata()?;
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            // Renamed or removed by a writer since the directory was read (an in-progress
+            // file completing): not there any more, so not listed.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
         let path = entry.path();
         if meta.is_dir() {
             walk(&path, root, out)?;
@@ -142,6 +148,29 @@ mod tests {
     async fn passes_the_conformance_suite() {
         let dir = tempfile::tempdir().unwrap();
         crate::conformance::run(&LocalArchive::new(dir.path()), "suite").await;
+    }
+
+    #[tokio::test]
+    async fn listing_while_files_complete_never_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = std::sync::Arc::new(LocalArchive::new(dir.path()));
+        let writer = {
+            let archive = archive.clone();
+            tokio::spawn(async move {
+                for i in 0..300 {
+                    let path = format!("p/dt=2024-05-01/part-0-{i}-{i}.jsonl");
+                    archive.put(&path, Bytes::from_static(b"x")).await.unwrap();
+                }
+            })
+        };
+        while !writer.is_finished() {
+            archive
+                .list("p")
+                .await
+                .expect("a listing during writes succeeds");
+        }
+        writer.await.unwrap();
+        assert_eq!(archive.list("p").await.unwrap().len(), 300);
     }
 
     #[tokio::test]

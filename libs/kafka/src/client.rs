@@ -163,17 +163,10 @@ pub fn generation(consumer: &Consumer) -> u64 {
     consumer.context().generation()
 }
 
-/// The partitions assigned to this consumer now.
+/// The partitions of the consumer's last assignment; unchanged between a revoke and the
+/// assignment that follows it.
 pub fn assigned_partitions(consumer: &Consumer) -> std::collections::HashSet<(String, i32)> {
-    consumer
-        .assignment()
-        .map(|tpl| {
-            tpl.elements()
-                .iter()
-                .map(|e| (e.topic().to_owned(), e.partition()))
-                .collect()
-        })
-        .unwrap_or_default()
+    consumer.context().assignment()
 }
 
 /// Marks offsets of one partition durably handled (for stages that keep records' offsets

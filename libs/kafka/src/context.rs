@@ -1,3 +1,4 @@
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -19,6 +20,9 @@ pub struct InstreamContext {
     /// Bumped on every assignment change, so a service can tell records consumed before a
     /// rebalance from those after it.
     generation: AtomicU64,
+    /// The partitions of the last assignment. Kept through a revoke until the next assignment,
+    /// so that a stage looking between the two does not think it owns nothing.
+    assignment: Mutex<HashSet<(String, i32)>>,
 }
 
 impl InstreamContext {
@@ -28,6 +32,7 @@ impl InstreamContext {
             group: group.to_owned(),
             tracker: Arc::default(),
             generation: AtomicU64::new(0),
+            assignment: Mutex::default(),
         }
     }
 
@@ -41,6 +46,14 @@ impl InstreamContext {
     /// The assignment generation: changes whenever partitions are revoked or assigned.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// The partitions of the last assignment (see the field's note).
+    pub fn assignment(&self) -> HashSet<(String, i32)> {
+        self.assignment
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -134,6 +147,10 @@ impl ConsumerContext for InstreamContext {
             for (topic, partition) in &got {
                 tracker.forget(topic, *partition);
             }
+            *self
+                .assignment
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = got.iter().cloned().collect();
             self.generation.fetch_add(1, Ordering::AcqRel);
             tracing::info!(service = %self.service, partitions = ?got, "partitions assigned");
         }

@@ -75,17 +75,16 @@ impl OffsetTracker {
         out
     }
 
-    /// Like [`Self::take_committable`], for the given partitions only (a revoke commits what
-    /// it can of the partitions it loses).
+    /// Every committable offset of the given partitions, whether handed out before or not (a
+    /// revoke re-sends them: an earlier asynchronous commit may have failed, and the next
+    /// reader must start exactly after what was handled).
     pub fn take_committable_of(&mut self, partitions: &[(String, i32)]) -> Vec<(String, i32, i64)> {
         let mut out = Vec::new();
         for key in partitions {
             if let Some(progress) = self.partitions.get_mut(key) {
                 if let Some(next) = progress.committable {
-                    if progress.committed != Some(next) {
-                        progress.committed = Some(next);
-                        out.push((key.0.clone(), key.1, next));
-                    }
+                    progress.committed = Some(next);
+                    out.push((key.0.clone(), key.1, next));
                 }
             }
         }

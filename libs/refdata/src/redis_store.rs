@@ -115,6 +115,14 @@ impl RefStore for RedisRefStore {
                 lookups.len()
             )));
         }
+        // Only a wrong-type key is that key's problem; any other error reply (LOADING after a
+        // restart, BUSY, NOAUTH…) is the server's, and the whole batch is retried.
+        if let Some(Value::ServerError(e)) = answers
+            .iter()
+            .find(|v| matches!(v, Value::ServerError(e) if e.code() != "WRONGTYPE"))
+        {
+            return Err(unavailable(format!("redis answered {}", e.code())));
+        }
         Ok(lookups
             .iter()
             .zip(answers)

@@ -80,9 +80,10 @@ pub async fn run_with_store(
         shutdown,
         admin_addr,
     } = ctx;
+    // Registered before the first await, so /readyz cannot pass without it.
+    let store_ready = health.register("aggregator.store");
     let stage = Stage::start(SERVICE, &config, &health, admin_addr, &shutdown).await?;
     let mut catalog = stage.catalog.clone();
-    let store_ready = health.register("aggregator.store");
     store.ping().await?;
     store_ready.set_ready();
     let dead = DeadLetters::from_config(&config.kafka, SERVICE)?;
@@ -105,16 +106,7 @@ pub async fn run_with_store(
             _ = shutdown.cancelled() => break,
             received = recv_batch(consumer, config.aggregator.batch_size, wait, &mut batch) => received?,
         }
-        let now = client::generation(consumer);
-        if now != generation {
-            // A rebalance: whatever was counted but not flushed will be read again from the
-            // last commit, and lost partitions belong to their new owner now.
-            windows.roll_back(&pending.events);
-            pending.records.clear();
-            pending.events.clear();
-            windows.retain_sources(&client::assigned_partitions(consumer));
-            generation = now;
-        }
+        follow_generation(consumer, &mut generation, &mut windows, &mut pending);
         let current = catalog.borrow().clone();
         for record in batch.drain(..) {
             match instream_event::decode(&record.payload) {
@@ -151,6 +143,7 @@ pub async fn run_with_store(
     }
     // Drain: what was counted is written, then committed; nothing is committed unwritten.
     let consumer = subscription.consumer();
+    follow_generation(consumer, &mut generation, &mut windows, &mut pending);
     flush(
         &*store,
         &store_ready,
@@ -163,6 +156,25 @@ pub async fn run_with_store(
     client::commit(consumer, true)?;
     tracing::info!(windows = windows.len(), "aggregator drained and committed");
     Ok(())
+}
+
+/// After a rebalance, whatever was counted but not flushed will be read again from the
+/// last commit (the revoke committed exactly the flushed prefix), and windows of partitions
+/// this instance no longer owns belong to their new owner.
+fn follow_generation(
+    consumer: &Consumer,
+    generation: &mut u64,
+    windows: &mut Windows,
+    pending: &mut Pending,
+) {
+    let now = client::generation(consumer);
+    if now != *generation {
+        windows.roll_back(&pending.events);
+        pending.records.clear();
+        pending.events.clear();
+        windows.retain_sources(&client::assigned_partitions(consumer));
+        *generation = now;
+    }
 }
 
 async fn dead_letter(

@@ -97,9 +97,10 @@ pub async fn run_with_archive(
         shutdown,
         admin_addr,
     } = ctx;
+    // Registered before the first await, so /readyz cannot pass without it.
+    let ready = health.register("archiver.archive");
     let stage = Stage::start(SERVICE, &config, &health, admin_addr, &shutdown).await?;
     let mut catalog = stage.catalog.clone();
-    let ready = health.register("archiver.archive");
     archive.ping().await?;
     ready.set_ready();
     let initial = catalog.borrow().clone();

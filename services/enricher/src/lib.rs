@@ -43,9 +43,10 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
         shutdown,
         admin_addr,
     } = ctx;
+    // Registered before the first await, so /readyz cannot pass without it.
+    let refdata_ready = health.register("enricher.refdata");
     let stage = Stage::start(SERVICE, &config, &health, admin_addr, &shutdown).await?;
     let mut catalog = stage.catalog.clone();
-    let refdata_ready = health.register("enricher.refdata");
     let refstore = instream_refdata::build(&config.refdata).await?;
     refdata_ready.set_ready();
     let producer = instream_kafka::producer(&config.kafka, SERVICE)?;

@@ -74,11 +74,37 @@ pub async fn admit(
     let Ok(_slot) = state.in_flight_requests.try_acquire() else {
         return retry_later(&state, "overloaded", "too many requests in flight".into());
     };
-    let in_flight = metrics::gauge!("instream_ingest_requests_in_flight");
-    in_flight.increment(1.0);
-    let response = next.run(request).await;
-    in_flight.decrement(1.0);
-    response
+    let _counted = InFlight::enter();
+    // A client that never finishes its body must not keep a slot forever.
+    match tokio::time::timeout(state.config.request_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => failure(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request took longer than {:?}; send it again (event ids are stable)",
+                state.config.request_timeout
+            ),
+        ),
+    }
+}
+
+/// Counts a request in `instream_ingest_requests_in_flight` for as long as it lives, also
+/// when its client goes away mid-request (the future is dropped, and so is this).
+struct InFlight(metrics::Gauge);
+
+impl InFlight {
+    fn enter() -> Self {
+        let gauge = metrics::gauge!("instream_ingest_requests_in_flight");
+        gauge.increment(1.0);
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 /// `POST /v1/pipelines/{pipeline}/events`

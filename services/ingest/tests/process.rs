@@ -42,6 +42,8 @@ path = "{definitions}"
 [ingest]
 listen = "127.0.0.1:{http}"
 max_in_flight_requests = 1
+produce_timeout = "1s"
+request_timeout = "2s"
 "#,
             definitions = definitions.display()
         ),
@@ -157,6 +159,20 @@ async fn serves_admin_endpoints_ingests_and_stops_cleanly_on_sigterm() {
     let mut answer = String::new();
     slow.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // A client that never sends its body loses the slot after ingest.request_timeout.
+    let mut stuck = std::net::TcpStream::connect(("127.0.0.1", http)).unwrap();
+    write!(
+        stuck,
+        "POST /v1/pipelines/{pipeline}/events HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{{"
+    )
+    .unwrap();
+    stuck
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = stuck.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 
     let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
         .await

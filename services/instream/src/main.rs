@@ -101,7 +101,7 @@ fn check_config(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(path.as_deref())?;
     print!(
         "{}",
-        toml::to_string(&config).context("printing the config")?
+        toml::to_string(&config.redacted()).context("printing the config")?
     );
     Ok(())
 }

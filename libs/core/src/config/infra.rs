@@ -40,6 +40,7 @@ impl Default for TelemetryConfig {
 
 impl TelemetryConfig {
     pub(super) fn validate(&self, p: &mut Problems) {
+        p.non_empty(&self.log_level, "telemetry.log_level");
         p.check(
             tracing_subscriber::EnvFilter::try_new(&self.log_level).is_ok(),
             "telemetry.log_level",

@@ -130,6 +130,7 @@ impl Config {
         // Values are typed the way figment types environment values ("4" an integer, "10s" a
         // string). A string field given digits (a password "123456") then fails to extract;
         // such a variable is retried as a plain string, once per variable.
+        let mut first_errors: Vec<(String, figment::Error)> = Vec::new();
         // Ends: each pass returns, or turns one more variable into a string.
         loop {
             let mut figment = Figment::from(Serialized::defaults(Config::default()));
@@ -154,11 +155,19 @@ impl Config {
                 }
                 Err(error) => {
                     let path = error.path.join(".");
+                    if let Some((_, first)) = first_errors.iter().find(|(p, _)| *p == path) {
+                        // Neither typed nor as a string: the typed attempt's message is the
+                        // one that explains (e.g. "invalid value -1").
+                        return Err(ConfigError::Parse(Box::new(first.clone())));
+                    }
                     let retry = overrides
                         .iter_mut()
                         .find(|(key, _, as_string)| !*as_string && *key == path);
                     match retry {
-                        Some(entry) => entry.2 = true,
+                        Some(entry) => {
+                            entry.2 = true;
+                            first_errors.push((path, error));
+                        }
                         None => return Err(ConfigError::Parse(Box::new(error))),
                     }
                 }
@@ -238,8 +247,11 @@ fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    match rest.split_once('@') {
+    // The host part starts after the last `@` before the path: a password may hold `@`.
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
         Some((credentials, host)) => {
+            let host = format!("{host}{}", &rest[authority_end..]);
             let user = credentials.split(':').next().unwrap_or("");
             format!("{scheme}://{user}:***@{host}")
         }

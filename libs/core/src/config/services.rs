@@ -27,6 +27,10 @@ pub struct IngestConfig {
     /// How long a request waits for the broker's acknowledgement before answering 503.
     #[serde(with = "humantime_serde")]
     pub produce_timeout: Duration,
+    /// The longest a request may take, body upload included; past it the answer is 408.
+    /// Must exceed `produce_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
     /// The `Retry-After` given with 429/503 answers.
     #[serde(with = "humantime_serde")]
     pub retry_after: Duration,
@@ -41,6 +45,7 @@ impl Default for IngestConfig {
             max_in_flight_requests: 64,
             max_in_flight_events: 200_000,
             produce_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(60),
             retry_after: Duration::from_secs(1),
         }
     }
@@ -69,6 +74,16 @@ impl IngestConfig {
             },
         );
         p.non_zero_duration(self.produce_timeout, "ingest.produce_timeout");
+        p.check(
+            self.request_timeout > self.produce_timeout,
+            "ingest.request_timeout",
+            || {
+                format!(
+                    "must be longer than ingest.produce_timeout ({:?})",
+                    self.produce_timeout
+                )
+            },
+        );
         p.check(
             self.retry_after >= Duration::from_secs(1),
             "ingest.retry_after",

@@ -126,15 +126,24 @@ fn cooperative_assignment_is_refused() {
 #[test]
 fn redaction_hides_secrets() {
     let mut config = Config::default();
-    config.refdata.redis_url = "redis://user:hunter2@redis:6379/0".into();
+    config.refdata.redis_url = "redis://user:hun@ter2@redis:6379/0".into();
     config.store.password = Some("s3cret".into());
     config
         .kafka
         .properties
         .insert("sasl.password".into(), "kpass".into());
     let text = format!("{:?}", config.redacted());
-    for secret in ["hunter2", "s3cret", "kpass"] {
+    for secret in ["hun@ter2", "ter2", "s3cret", "kpass"] {
         assert!(!text.contains(secret), "{secret} leaked: {text}");
     }
     assert!(text.contains("redis://user:***@redis:6379/0"), "{text}");
+}
+
+#[test]
+fn a_bad_number_from_the_environment_says_why() {
+    let err = Config::load_from(None, env(&[("INSTREAM__INGEST__MAX_BODY_BYTES", "-1")]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("max_body_bytes"), "{err}");
+    assert!(err.contains("-1"), "{err}");
 }
