@@ -14,7 +14,7 @@ mod time;
 pub use codec::{decode, encode, encode_into, DecodeError};
 pub use field::{FieldPath, FieldPathError};
 pub use id::{content_event_id, idempotent_event_id};
-pub use time::{format_rfc3339_millis, parse_event_time, EventTimeError};
+pub use time::{format_rfc3339_millis, now_millis, parse_event_time, EventTimeError};
 
 use std::collections::BTreeMap;
 

@@ -28,6 +28,14 @@ pub fn parse_event_time(value: &Value) -> Result<i64, EventTimeError> {
     }
 }
 
+/// The wall clock in milliseconds since the Unix epoch (ingest time, latency measurements).
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// `2024-05-01T12:00:00.123Z`, or the millisecond count itself when out of range.
 pub fn format_rfc3339_millis(millis: i64) -> String {
     OffsetDateTime::from_unix_timestamp_nanos(millis as i128 * 1_000_000)

@@ -202,6 +202,11 @@ impl Catalog {
         self.pipelines.len()
     }
 
+    /// The raw topic of every pipeline (what the enricher and the archiver consume).
+    pub fn raw_topics(&self) -> Vec<String> {
+        self.iter().map(|p| crate::topics::raw(&p.name)).collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.pipelines.is_empty()
     }

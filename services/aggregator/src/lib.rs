@@ -15,7 +15,7 @@
 mod windows;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use instream_core::{Readiness, ServiceContext};
 use instream_event::Event;
@@ -38,13 +38,6 @@ pub enum AggregatorError {
     Store(#[from] instream_store::StoreError),
     #[error(transparent)]
     Stage(#[from] instream_stage::StageError),
-}
-
-fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn enriched_topics(catalog: &Catalog) -> Vec<String> {
@@ -227,7 +220,7 @@ async fn flush(
         metrics::counter!("instream_window_writes_total", "service" => SERVICE)
             .increment(rows.len() as u64);
     }
-    let now = now_millis();
+    let now = instream_event::now_millis();
     for (_, event, _) in &pending.events {
         metrics::histogram!("instream_stage_latency_seconds", "stage" => "aggregator_visible")
             .record((now - event.ingest_time).max(0) as f64 / 1000.0);

@@ -77,10 +77,6 @@ struct Archiver {
     abandoned: std::collections::HashSet<PartitionKey>,
 }
 
-fn raw_topics(catalog: &Catalog) -> Vec<String> {
-    catalog.iter().map(|p| topics::raw(&p.name)).collect()
-}
-
 /// Runs with the archive `config.archive` names.
 pub async fn run(ctx: ServiceContext) -> Result<(), ArchiverError> {
     let archive = instream_archive::build(&ctx.config.archive)?;
@@ -111,7 +107,7 @@ pub async fn run_with_archive(
         }
     }
     let dead = DeadLetters::from_config(&config.kafka, SERVICE)?;
-    let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, raw_topics)?;
+    let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, Catalog::raw_topics)?;
     let mut archiver = Archiver {
         archive,
         config: config.archiver.clone(),

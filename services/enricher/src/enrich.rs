@@ -1,7 +1,7 @@
 //! One batch: decode, plan the lookups, look them all up at once, produce.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use instream_core::Readiness;
 use instream_event::Event;
@@ -36,13 +36,6 @@ enum Plan {
         /// Per rule: the index of its lookup, or the template field the event lacks.
         lookups: Vec<Result<usize, String>>,
     },
-}
-
-fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn plan(
@@ -242,7 +235,7 @@ impl Enricher {
         for delivery in deliveries {
             client::delivered(delivery).await?;
         }
-        let now = now_millis();
+        let now = instream_event::now_millis();
         for (pipeline, ingest_time) in &ingest_times {
             metrics::histogram!("instream_stage_latency_seconds", "stage" => SERVICE)
                 .record((now - ingest_time).max(0) as f64 / 1000.0);

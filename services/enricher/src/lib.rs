@@ -17,7 +17,7 @@ use std::time::Instant;
 use instream_core::ServiceContext;
 use instream_kafka::client::{self, recv_batch};
 use instream_kafka::DeadLetters;
-use instream_pipeline::{topics, Catalog};
+use instream_pipeline::Catalog;
 use instream_stage::{Stage, Subscription};
 
 const SERVICE: &str = "enricher";
@@ -30,10 +30,6 @@ pub enum EnricherError {
     RefData(#[from] instream_refdata::RefDataError),
     #[error(transparent)]
     Stage(#[from] instream_stage::StageError),
-}
-
-pub(crate) fn raw_topics(catalog: &Catalog) -> Vec<String> {
-    catalog.iter().map(|p| topics::raw(&p.name)).collect()
 }
 
 pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
@@ -51,7 +47,7 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
     refdata_ready.set_ready();
     let producer = instream_kafka::producer(&config.kafka, SERVICE)?;
     let dead = DeadLetters::new(producer.clone(), SERVICE);
-    let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, raw_topics)?;
+    let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, Catalog::raw_topics)?;
     let enricher = enrich::Enricher {
         refstore,
         readiness: refdata_ready,

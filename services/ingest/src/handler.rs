@@ -1,5 +1,5 @@
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -55,13 +55,6 @@ fn retry_later(state: &AppState, error: &'static str, message: String) -> Respon
         Json(Failure { error, message }),
     )
         .into_response()
-}
-
-fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Admits a request before its body is read, so that at most `max_in_flight_requests`
@@ -151,7 +144,7 @@ pub async fn post_events(
         pipeline: &pipeline,
         idempotency_key,
     };
-    let ingest_time = now_millis();
+    let ingest_time = instream_event::now_millis();
     let mut events = Vec::with_capacity(raws.len());
     let mut rejected = Vec::new();
     for (index, raw) in raws.iter().enumerate() {

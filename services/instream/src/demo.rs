@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use instream_core::config::Config;
@@ -98,13 +98,6 @@ roll_max_age = "2s"
     Ok(Config::from_toml(&text)?)
 }
 
-fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// A small deterministic generator (xorshift), so runs are comparable.
 struct Bids {
     state: u64,
@@ -123,7 +116,7 @@ impl Bids {
             "auction": 1000 + r % 97,
             "bidder": format!("p{}", (r >> 8) % BIDDERS as u64),
             "price": 1 + (r >> 20) % 5000,
-            "ts": now_millis(),
+            "ts": instream_event::now_millis(),
         })
     }
 }
