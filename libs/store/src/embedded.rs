@@ -24,6 +24,13 @@ impl EmbeddedStore {
             .cloned()
             .collect()
     }
+
+    /// Visits every stored window without copying the store (the demo's live view).
+    pub fn for_each(&self, mut visit: impl FnMut(&WindowAggregate)) {
+        for row in self.rows.read().unwrap_or_else(|p| p.into_inner()).values() {
+            visit(row);
+        }
+    }
 }
 
 #[async_trait]

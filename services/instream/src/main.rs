@@ -112,10 +112,14 @@ async fn standalone(path: Option<PathBuf>) -> anyhow::Result<()> {
     let drain = config.shutdown.drain_timeout;
     let token = CancellationToken::new();
     instream_core::shutdown_on_signal(token.clone());
+    let started = std::time::Instant::now();
     let platform = standalone::Standalone::start(config, token).await?;
+    platform.ready(Duration::from_secs(60)).await?;
     eprintln!(
-        "instream standalone: ingest on http://{}, admin on http://{}; Ctrl-C stops",
-        platform.ingest_addr, platform.admin_addr
+        "instream standalone: ready in {:.2}s; ingest on http://{}, admin on http://{}; Ctrl-C stops",
+        started.elapsed().as_secs_f64(),
+        platform.ingest_addr,
+        platform.admin_addr
     );
     platform.supervisor.wait(drain).await?;
     Ok(())

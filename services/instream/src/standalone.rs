@@ -13,6 +13,9 @@ use instream_pipeline::{topics, FileSource};
 use instream_store::{AggregateStore, EmbeddedStore};
 use tokio_util::sync::CancellationToken;
 
+/// The services one standalone process runs.
+const SERVICES: [&str; 4] = ["ingest", "enricher", "aggregator", "archiver"];
+
 /// A running standalone platform.
 pub struct Standalone {
     pub ingest_addr: SocketAddr,
@@ -21,11 +24,40 @@ pub struct Standalone {
     pub embedded_store: Option<Arc<EmbeddedStore>>,
     pub archive: Arc<dyn instream_archive::Archive>,
     pub supervisor: Supervisor,
+    /// Readiness of every component: the platform is up when this says so.
+    pub health: Health,
     // Dropped last: the services talk to it until they stop.
     _broker: Option<EmbeddedBroker>,
 }
 
 impl Standalone {
+    /// Waits until every service has registered its components and all of them report ready
+    /// (or `timeout` passes, then says which are not).
+    pub async fn ready(&self, timeout: std::time::Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let report = self.health.report();
+            let registered = SERVICES
+                .iter()
+                .all(|s| report.iter().any(|c| c.name.starts_with(&format!("{s}."))));
+            if registered && report.iter().all(|c| c.ready) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                let waiting: Vec<String> = report
+                    .iter()
+                    .filter(|c| !c.ready)
+                    .map(|c| format!("{} ({})", c.name, c.reason))
+                    .collect();
+                anyhow::bail!(
+                    "instream standalone not ready after {timeout:?}; waiting for: {}",
+                    waiting.join(", ")
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Starts the embedded broker (if selected), creates the pipelines' topics on it, and
     /// starts every service under one supervisor with one admin server.
     pub async fn start(mut config: Config, token: CancellationToken) -> anyhow::Result<Self> {
@@ -103,6 +135,7 @@ impl Standalone {
             embedded_store,
             archive,
             supervisor,
+            health,
             _broker: broker,
         })
     }

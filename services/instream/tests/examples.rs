@@ -64,9 +64,32 @@ fn standalone_with_the_example_config_accepts_events() {
             .env("INSTREAM__ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
             .env("INSTREAM__ARCHIVE__ROOT", data.path().join("archive"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
+    );
+    // The process says when every component is ready: "instream standalone: ready in 0.12s".
+    let stderr = child.0.stderr.take().expect("piped stderr");
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(rest) = line.split("ready in ").nth(1) {
+                let seconds = rest.split('s').next().and_then(|s| s.parse::<f64>().ok());
+                let _ = ready_tx.send(seconds);
+            }
+        }
+    });
+    let ready_in = ready_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("standalone reports readiness")
+        .expect("a number of seconds");
+    assert!(
+        ready_in < 2.0,
+        "standalone must be ready within 2 s of starting, took {ready_in}s"
     );
     let body = r#"{"customer_id":"c1","ts":"2024-05-01T12:00:00Z","amount":5}"#;
     let started = Instant::now();
@@ -88,4 +111,44 @@ fn standalone_with_the_example_config_accepts_events() {
         .wait_exit(Duration::from_secs(20))
         .expect("exit within 20 s of SIGTERM");
     assert!(status.success(), "{status}");
+}
+
+#[test]
+fn demo_without_a_terminal_runs_prints_its_summary_and_exits_0() {
+    let data = tempfile::tempdir().unwrap();
+    let mut child = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_instream"))
+            .args(["demo", "--duration", "3s", "--rate", "1000", "--data-dir"])
+            .arg(data.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let status = child
+        .wait_exit(Duration::from_secs(90))
+        .expect("the demo ends by itself");
+    let mut summary = String::new();
+    std::io::Read::read_to_string(
+        &mut child.0.stdout.take().expect("piped stdout"),
+        &mut summary,
+    )
+    .unwrap();
+    assert!(status.success(), "{status}\n{summary}");
+    // No terminal: no live view (no cursor movement), only the summary.
+    assert!(!summary.contains('\x1b'), "{summary}");
+    assert!(
+        summary.contains("every accepted bid is in the aggregates or the dead-letter topic"),
+        "{summary}"
+    );
+    let accepted: u64 = summary
+        .lines()
+        .find_map(|l| l.strip_prefix("  bids accepted by ingest        : "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("the summary names the accepted count");
+    assert!(
+        accepted >= 2_000,
+        "about 1,000 bids/s for 3 s, got {accepted}"
+    );
+    assert!(data.path().join("archive/bids").is_dir());
 }

@@ -1,0 +1,372 @@
+//! `instream demo`: the standalone platform driven by a Nexmark-shaped auction stream through
+//! the HTTP ingest, with a live view while it runs (when stdout is a terminal) and a summary
+//! that checks every accepted event reached the aggregates (or the dead-letter topic) and the
+//! archive.
+
+mod nexmark;
+mod view;
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use instream_core::config::Config;
+use instream_store::EmbeddedStore;
+use tokio_util::sync::CancellationToken;
+
+use crate::standalone::Standalone;
+use view::{Frame, Totals};
+
+const PIPELINE: &str = "bids";
+const HOT_AGGREGATION: &str = "bids_per_auction_10s";
+const CATEGORY_AGGREGATION: &str = "bids_per_auction_category_1m";
+
+/// Bids keyed by auction (so one auction's bids stay in order, as Nexmark's hot-items query
+/// needs), enriched with the auction (its category must exist: an unknown auction is
+/// dead-lettered) and the bidder (city and state; a miss passes through unenriched).
+const DEFINITIONS: &str = r#"
+[[pipelines]]
+name = "bids"
+key_field = "auction"
+time_field = "date_time"
+required_fields = ["bidder", "price"]
+partitions = 4
+
+[[pipelines.enrichments]]
+name = "auction"
+key_template = "auction:{auction}"
+fields = { category = "category", seller = "seller" }
+on_miss = "dead_letter"
+
+[[pipelines.enrichments]]
+name = "bidder"
+key_template = "person:{bidder}"
+fields = { city = "bidder_city", state = "bidder_state" }
+
+[[pipelines.aggregations]]
+name = "bids_per_auction_10s"
+window = { kind = "tumbling", size = "10s" }
+
+[[pipelines.aggregations]]
+name = "bids_per_auction_category_1m"
+group_by = ["key", "enrichment.category"]
+window = { kind = "tumbling", size = "1m" }
+"#;
+
+fn demo_config(data: &Path) -> anyhow::Result<Config> {
+    std::fs::create_dir_all(data)
+        .with_context(|| format!("creating the demo's directory {}", data.display()))?;
+    let definitions = data.join("definitions.toml");
+    std::fs::write(&definitions, DEFINITIONS)?;
+    let seed = data.join("reference-data.jsonl");
+    std::fs::write(&seed, nexmark::reference_data())?;
+    let archive = data.join("archive");
+    // A fresh archive per run: the embedded broker starts empty, so offsets start at 0 again.
+    let _ = std::fs::remove_dir_all(&archive);
+    let text = format!(
+        r#"
+[telemetry]
+log_format = "pretty"
+log_level = "warn"
+[admin]
+listen = "127.0.0.1:0"
+[shutdown]
+drain_timeout = "5s"
+[kafka]
+broker = "embedded"
+replication_factor = 1
+session_timeout = "6s"
+commit_interval = "500ms"
+statistics_interval = "1s"
+[kafka.consumer]
+"fetch.wait.max.ms" = "10"
+"fetch.queue.backoff.ms" = "10"
+[definitions]
+source = "file"
+path = "{definitions}"
+[refdata]
+backend = "memory"
+seed_file = "{seed}"
+[store]
+backend = "embedded"
+[archive]
+backend = "local"
+root = "{archive}"
+[ingest]
+listen = "127.0.0.1:0"
+[aggregator]
+flush_interval = "500ms"
+[archiver]
+roll_max_age = "2s"
+"#,
+        definitions = definitions.display(),
+        seed = seed.display(),
+        archive = archive.display(),
+    );
+    Ok(Config::from_toml(&text)?)
+}
+
+/// What the sender saw: events ingest accepted, and the events it refused by reason code.
+#[derive(Default)]
+struct Sent {
+    accepted: u64,
+    refused: BTreeMap<String, u64>,
+}
+
+pub async fn run(duration: Duration, rate: u32, data: &Path) -> anyhow::Result<()> {
+    let config = demo_config(data)?;
+    let token = CancellationToken::new();
+    let started_at = Instant::now();
+    let platform = Standalone::start(config, token.clone()).await?;
+    platform.ready(Duration::from_secs(30)).await?;
+    let startup = started_at.elapsed();
+    let store = platform
+        .embedded_store
+        .clone()
+        .context("the demo uses the embedded store")?;
+    let live = std::io::stdout().is_terminal();
+    eprintln!(
+        "instream demo: started in {:.2}s; ingest http://{}/v1/pipelines/{PIPELINE}/events, \
+         metrics http://{}/metrics; ~{rate} bids/s for {duration:?}{}",
+        startup.as_secs_f64(),
+        platform.ingest_addr,
+        platform.admin_addr,
+        if live {
+            ""
+        } else {
+            " (no terminal: progress every 5 s)"
+        }
+    );
+
+    // The first Ctrl-C stops sending and goes on to the summary; a second one exits at once.
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("\ninstream demo: stopping; Ctrl-C again to exit without a summary");
+                stop.cancel();
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            }
+        }
+    });
+
+    let metrics_url = format!("http://{}/metrics", platform.admin_addr);
+    let http = reqwest::Client::new();
+    let sender = tokio::spawn(send_bids(
+        http.clone(),
+        format!(
+            "http://{}/v1/pipelines/{PIPELINE}/events",
+            platform.ingest_addr
+        ),
+        rate,
+        duration,
+        stop.clone(),
+    ));
+
+    let started = Instant::now();
+    let mut before = Totals::default();
+    let mut last = Instant::now();
+    let mut next_line = Duration::from_secs(5);
+    if live {
+        print!("\x1b[2J");
+    }
+    while !sender.is_finished() {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.cancelled() => {}
+        }
+        let Ok(now) = scrape(&http, &metrics_url).await else {
+            continue;
+        };
+        let elapsed = started.elapsed();
+        if live {
+            let top = top_of_current_window(&store);
+            let frame = Frame {
+                elapsed,
+                duration,
+                now: &now,
+                before: &before,
+                interval: last.elapsed(),
+                top: &top,
+                top_title: "hot auctions, current 10 s window (bids)",
+            }
+            .render();
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(view::redraw(&frame).as_bytes());
+            let _ = stdout.flush();
+        } else if elapsed >= next_line {
+            eprintln!(
+                "instream demo: {:>4}s  ingest {:.0}, enriched {:.0}, aggregated {:.0}, archived {:.0}, dead letters {:.0}",
+                next_line.as_secs(),
+                now.ingested,
+                now.enriched,
+                now.aggregated,
+                now.archived,
+                now.dead_letters
+            );
+            next_line += Duration::from_secs(5);
+        }
+        before = now;
+        last = Instant::now();
+        if stop.is_cancelled() {
+            break;
+        }
+    }
+    stop.cancel();
+    let sent = sender.await.context("the sender task")??;
+
+    // Wait until the stages caught up with what ingest accepted: every accepted bid is either
+    // counted in the aggregates or dead-lettered by the enricher, and every one is archived.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (aggregated, archived, totals) = loop {
+        let aggregated = count_in(&store, HOT_AGGREGATION);
+        let archived = archived_records(&platform).await?;
+        let totals = scrape(&http, &metrics_url).await.unwrap_or_default();
+        let caught_up =
+            aggregated + totals.dead_letters as u64 >= sent.accepted && archived >= sent.accepted;
+        if caught_up || Instant::now() > deadline {
+            break (aggregated, archived, totals);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut categories: BTreeMap<String, i64> = BTreeMap::new();
+    store.for_each(|w| {
+        if w.aggregation == CATEGORY_AGGREGATION {
+            let category = w.group_key.rsplit('|').next().unwrap_or("?").to_owned();
+            *categories.entry(category).or_default() += w.count;
+        }
+    });
+    token.cancel();
+    platform.supervisor.wait(Duration::from_secs(15)).await?;
+
+    let dead = totals.dead_letters as u64;
+    println!(
+        "instream demo summary ({:.1}s, started in {:.2}s)",
+        started.elapsed().as_secs_f64(),
+        startup.as_secs_f64()
+    );
+    println!("  bids accepted by ingest        : {}", sent.accepted);
+    println!("  bids refused by ingest         : {:?}", sent.refused);
+    println!("  bids in the aggregates         : {aggregated}");
+    println!("  bids dead-lettered (no auction): {dead}");
+    println!("  bids in the archive            : {archived}");
+    println!(
+        "  refdata hit ratio              : {:.2}% of {:.0} lookups",
+        100.0 * totals.lookups_found / totals.lookups.max(1.0),
+        totals.lookups
+    );
+    println!("  bids per auction category      : {categories:?}");
+    println!(
+        "  archive                        : {}",
+        data.join("archive").display()
+    );
+    if aggregated + dead != sent.accepted || archived != sent.accepted {
+        bail!("the stages did not account for every accepted event");
+    }
+    println!(
+        "  every accepted bid is in the aggregates or the dead-letter topic, and in the archive, once"
+    );
+    Ok(())
+}
+
+/// Posts bids in batches every 100 ms at `rate` per second until `duration` or `stop`.
+async fn send_bids(
+    http: reqwest::Client,
+    url: String,
+    rate: u32,
+    duration: Duration,
+    stop: CancellationToken,
+) -> anyhow::Result<Sent> {
+    let mut bids = nexmark::Bids::default();
+    let mut sent = Sent::default();
+    let per_tick = (rate as usize / 10).max(1);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
+    let mut batch = 0u64;
+    while started.elapsed() < duration {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => break,
+        }
+        let now = instream_event::now_millis();
+        let body: Vec<serde_json::Value> = (0..per_tick).map(|_| bids.next_bid(now)).collect();
+        let answer = http
+            .post(&url)
+            // A retried batch would carry the same event ids.
+            .header("idempotency-key", format!("demo-{batch}"))
+            .json(&body)
+            .send()
+            .await
+            .context("posting to ingest")?;
+        batch += 1;
+        let status = answer.status();
+        let json: serde_json::Value = answer.json().await.unwrap_or_default();
+        if !status.is_success() {
+            eprintln!("instream demo: ingest answered {status}: {json}");
+            continue;
+        }
+        sent.accepted += json["accepted"].as_u64().unwrap_or(0);
+        for refused in json["rejected"].as_array().into_iter().flatten() {
+            let code = refused["code"].as_str().unwrap_or("?").to_owned();
+            *sent.refused.entry(code).or_default() += 1;
+        }
+    }
+    Ok(sent)
+}
+
+async fn scrape(http: &reqwest::Client, url: &str) -> anyhow::Result<Totals> {
+    let text = http.get(url).send().await?.text().await?;
+    Ok(Totals::from_exposition(&text)?)
+}
+
+fn count_in(store: &EmbeddedStore, aggregation: &str) -> u64 {
+    let mut total = 0i64;
+    store.for_each(|w| {
+        if w.aggregation == aggregation {
+            total += w.count;
+        }
+    });
+    total.max(0) as u64
+}
+
+/// The ten busiest auctions of the newest 10-second window the store holds.
+fn top_of_current_window(store: &EmbeddedStore) -> Vec<(String, i64)> {
+    let mut newest = i64::MIN;
+    store.for_each(|w| {
+        if w.aggregation == HOT_AGGREGATION {
+            newest = newest.max(w.window_start);
+        }
+    });
+    let mut top: Vec<(String, i64)> = Vec::new();
+    store.for_each(|w| {
+        if w.aggregation == HOT_AGGREGATION && w.window_start == newest {
+            top.push((format!("auction {}", w.group_key), w.count));
+        }
+    });
+    top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    top.truncate(10);
+    top
+}
+
+async fn archived_records(platform: &Standalone) -> anyhow::Result<u64> {
+    let mut records = 0u64;
+    for f in platform.archive.list(PIPELINE).await? {
+        let bytes = platform.archive.get(&f.path).await?;
+        records += zstd_lines(&bytes).context("reading an archive file")?;
+    }
+    Ok(records)
+}
+
+/// Counts the lines of a zstd JSON-lines file.
+fn zstd_lines(bytes: &[u8]) -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut text = Vec::new();
+    zstd::stream::read::Decoder::new(bytes)?.read_to_end(&mut text)?;
+    Ok(text.iter().filter(|&&b| b == b'\n').count() as u64)
+}
