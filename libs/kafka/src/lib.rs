@@ -15,6 +15,7 @@ mod context;
 mod dead_letter;
 mod embedded;
 mod error;
+pub mod ops;
 mod tracker;
 
 pub use client::{consumer, producer, Consumer, Producer, Record};
@@ -32,4 +33,6 @@ pub mod headers {
     pub const ORIGIN_TOPIC: &str = "instream.origin.topic";
     pub const ORIGIN_PARTITION: &str = "instream.origin.partition";
     pub const ORIGIN_OFFSET: &str = "instream.origin.offset";
+    /// On a record written back from a dead-letter topic: `<dlq topic>:<partition>:<offset>`.
+    pub const REDRIVEN_FROM: &str = "instream.redriven.from";
 }

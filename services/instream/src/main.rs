@@ -1,6 +1,7 @@
 //! `instream`: the operator CLI, and every service in one process.
 
 mod demo;
+mod ops;
 mod standalone;
 
 use std::path::PathBuf;
@@ -48,6 +49,15 @@ enum Command {
         /// The definitions file: `[[pipelines]]` tables.
         file: PathBuf,
     },
+    /// Consumer-group offsets: replay from a point in time.
+    #[command(subcommand)]
+    Offsets(ops::OffsetsCommand),
+    /// Dead letters: look at them, and send them back once the cause is fixed.
+    #[command(subcommand)]
+    Dlq(ops::DlqCommand),
+    /// Prints the configuration reference (Markdown): every key, its type, default and
+    /// meaning, generated from the config types (docs/configuration.md is this output).
+    ConfigReference,
     /// Validates a config file and prints the effective config (defaults filled in, secrets
     /// masked).
     CheckConfig {
@@ -60,6 +70,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CheckConfig { config } => check_config(config),
+        Command::Offsets(c) => runtime().and_then(|rt| rt.block_on(ops::offsets(c))),
+        Command::Dlq(c) => runtime().and_then(|rt| rt.block_on(ops::dlq(c))),
+        Command::ConfigReference => {
+            print!("{}", instream_core::config::reference_markdown());
+            Ok(())
+        }
         Command::PipelineApply { config, file } => {
             runtime().and_then(|rt| rt.block_on(pipeline_apply(config, file)))
         }

@@ -5,13 +5,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::Problems;
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     /// One JSON object per line: for log shippers.
@@ -20,7 +21,7 @@ pub enum LogFormat {
     Pretty,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
     /// Log line format.
@@ -54,7 +55,7 @@ impl TelemetryConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Where `/metrics`, `/healthz` and `/readyz` are served. Each service process has its own;
@@ -74,12 +75,13 @@ impl AdminConfig {
     pub(super) fn validate(&self, _p: &mut Problems) {}
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
     /// After SIGTERM: how long in-flight work may take to finish and commit before the process
     /// exits anyway. Must stay below `kafka.session_timeout`.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
     pub drain_timeout: Duration,
 }
 
@@ -97,7 +99,7 @@ impl ShutdownConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BrokerMode {
     /// A Kafka cluster at `bootstrap_servers`.
@@ -107,7 +109,7 @@ pub enum BrokerMode {
     Embedded,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
     /// External or embedded broker.
@@ -125,18 +127,22 @@ pub struct KafkaConfig {
     pub consumer: BTreeMap<String, String>,
     /// Consumer group session timeout: a member silent this long loses its partitions.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
     pub session_timeout: Duration,
     /// How often consumers commit what is durably handled.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
     pub commit_interval: Duration,
     /// How often librdkafka reports statistics (consumer lag gauges come from them).
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
     pub statistics_interval: Duration,
     /// Replication factor of the topics instream creates.
     pub replication_factor: i32,
     /// `retention.ms` of the raw, enriched and dead-letter topics (30 days by default, as in
     /// the blueprint). Set explicitly at creation: some brokers report unset configs as absent.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
     pub retention: Duration,
 }
 
@@ -211,7 +217,7 @@ impl KafkaConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ZooKeeperConfig {
     /// `host:port[,host:port…]` of the ensemble.
@@ -221,6 +227,7 @@ pub struct ZooKeeperConfig {
     /// ZooKeeper session timeout: ephemeral nodes (registry, leadership) vanish this long after
     /// a process dies.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
     pub session_timeout: Duration,
 }
 
@@ -251,7 +258,7 @@ impl ZooKeeperConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DefinitionSourceKind {
     /// A TOML or JSON file at `definitions.path`.
@@ -260,7 +267,7 @@ pub enum DefinitionSourceKind {
     Zookeeper,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct DefinitionsConfig {
     /// Where pipeline definitions come from.
@@ -288,7 +295,7 @@ impl DefinitionsConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RefDataBackend {
     /// A Redis server at `refdata.redis_url`.
@@ -297,14 +304,16 @@ pub enum RefDataBackend {
     Memory,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RefDataConfig {
+    /// Where reference records are looked up.
     pub backend: RefDataBackend,
     /// `redis://[user:password@]host:port[/db]`; `rediss://` for TLS. Never logged.
     pub redis_url: String,
     /// How long one Redis round trip may take before it is retried.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
     pub timeout: Duration,
     /// JSON lines `{"key": "...", "fields": {...}}` loaded into the memory backend at start.
     pub seed_file: Option<PathBuf>,
@@ -334,7 +343,7 @@ impl RefDataConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StoreBackend {
     /// ScyllaDB or Cassandra at `store.scylla_nodes`.
@@ -343,9 +352,10 @@ pub enum StoreBackend {
     Embedded,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
+    /// Which store the aggregator writes to.
     pub backend: StoreBackend,
     /// Contact points, `host:port`.
     pub scylla_nodes: Vec<String>,
@@ -355,9 +365,11 @@ pub struct StoreConfig {
     pub replication_factor: u32,
     /// Rows expire this long after their last write (`default_time_to_live`).
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
     pub ttl: Duration,
-    /// Optional credentials; the password is never logged.
+    /// User name for password authentication (with `store.password`).
     pub username: Option<String>,
+    /// Password for `store.username`; never logged, masked by `check-config`.
     pub password: Option<String>,
 }
 
@@ -405,7 +417,7 @@ impl StoreConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ArchiveBackend {
     /// HDFS at `archive.hdfs_url`.
@@ -414,9 +426,10 @@ pub enum ArchiveBackend {
     Local,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ArchiveConfig {
+    /// Which file system the archiver writes to.
     pub backend: ArchiveBackend,
     /// `hdfs://namenode:port` or `hdfs://nameservice` (HA).
     pub hdfs_url: String,

@@ -10,6 +10,7 @@
 //! configures a whole deployment.
 
 mod infra;
+mod reference;
 mod services;
 
 use std::path::Path;
@@ -17,30 +18,45 @@ use std::time::Duration;
 
 use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use infra::*;
+pub use reference::reference_markdown;
 pub use services::*;
 
 /// The prefix of environment overrides. `INSTREAM_TEST_*` (one underscore) are test-harness
 /// addresses and never reach the config.
 pub const ENV_PREFIX: &str = "INSTREAM__";
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// Logs: format and level. Every process.
     pub telemetry: TelemetryConfig,
+    /// The admin HTTP server (`/metrics`, `/healthz`, `/readyz`). Every process.
     pub admin: AdminConfig,
+    /// Graceful shutdown after SIGTERM or Ctrl-C. Every process.
     pub shutdown: ShutdownConfig,
+    /// The Kafka cluster (or the embedded broker) and the clients instream builds for it.
     pub kafka: KafkaConfig,
+    /// The ZooKeeper ensemble: pipeline definitions and the service registry.
     pub zookeeper: ZooKeeperConfig,
+    /// Where pipeline definitions come from.
     pub definitions: DefinitionsConfig,
+    /// Reference data for enrichment: Redis, or in memory from a file. The enricher.
     pub refdata: RefDataConfig,
+    /// Where windowed aggregates are written: ScyllaDB/Cassandra or embedded. The aggregator.
     pub store: StoreConfig,
+    /// Where raw events are archived: HDFS or a local directory. The archiver.
     pub archive: ArchiveConfig,
+    /// The HTTP ingest service.
     pub ingest: IngestConfig,
+    /// The enricher service.
     pub enricher: EnricherConfig,
+    /// The aggregator service.
     pub aggregator: AggregatorConfig,
+    /// The archiver service.
     pub archiver: ArchiverConfig,
 }
 

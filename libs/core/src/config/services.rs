@@ -3,13 +3,14 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::Problems;
 
 const MIB: u64 = 1024 * 1024;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
     /// The HTTP listener for producers.
@@ -26,13 +27,16 @@ pub struct IngestConfig {
     pub max_in_flight_events: usize,
     /// How long a request waits for the broker's acknowledgement before answering 503.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
     pub produce_timeout: Duration,
     /// The longest a request may take, body upload included; past it the answer is 408.
     /// Must exceed `produce_timeout`.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
     pub request_timeout: Duration,
     /// The `Retry-After` given with 429/503 answers.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
     pub retry_after: Duration,
 }
 
@@ -92,13 +96,14 @@ impl IngestConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct EnricherConfig {
     /// Most events looked up and produced as one batch.
     pub batch_size: usize,
     /// How long a batch waits to fill before it is processed anyway.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
     pub batch_timeout: Duration,
 }
 
@@ -118,11 +123,12 @@ impl EnricherConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AggregatorConfig {
     /// How often changed windows are written to the store (and then offsets committed).
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
     pub flush_interval: Duration,
     /// Most events taken from the consumer between two looks at the clock.
     pub batch_size: usize,
@@ -144,7 +150,7 @@ impl AggregatorConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ArchiverConfig {
     /// A file is closed once this many compressed bytes are written.
@@ -153,6 +159,7 @@ pub struct ArchiverConfig {
     pub roll_max_records: u64,
     /// A file is closed this long after its first record.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
     pub roll_max_age: Duration,
     /// zstd level of JSON-lines files (1 fast … 19 small).
     pub zstd_level: i32,

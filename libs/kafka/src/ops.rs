@@ -1,0 +1,329 @@
+//! Operator actions on topics and consumer groups: moving a group's offsets to a point in time
+//! (replay), and reading and re-driving dead letters. Used by the `instream` CLI; blocking
+//! librdkafka calls run on the blocking pool.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use instream_core::config::KafkaConfig;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+use rdkafka::message::{Header, Headers as _, Message as _, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::client::{delivered, send};
+use crate::error::KafkaError;
+use crate::headers;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where one partition of a group would move.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionReset {
+    pub partition: i32,
+    /// The group's committed offset now (`None`: nothing committed).
+    pub committed: Option<i64>,
+    /// The first offset whose timestamp is at or after the requested time; the partition's
+    /// end when every record is older.
+    pub target: i64,
+}
+
+fn client_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.bootstrap_servers);
+    for (k, v) in cfg.properties.iter().chain(&cfg.consumer) {
+        c.set(k, v);
+    }
+    c.set("group.id", group);
+    c.set("enable.auto.commit", "false");
+    c.set("isolation.level", "read_committed");
+    c
+}
+
+fn partitions_of(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>, KafkaError> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), TIMEOUT)
+        .map_err(KafkaError::Consume)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(KafkaError::Admin(format!(
+            "topic `{topic}` does not exist or has no partitions"
+        )));
+    }
+    Ok(partitions)
+}
+
+/// What `group` would commit on `topic` to re-read everything from `at_millis` (epoch ms) on.
+pub async fn plan_offset_reset(
+    cfg: &KafkaConfig,
+    group: &str,
+    topic: &str,
+    at_millis: i64,
+) -> Result<Vec<PartitionReset>, KafkaError> {
+    let c = client_config(cfg, group);
+    let topic = topic.to_owned();
+    blocking(move || {
+        let consumer: BaseConsumer = c.create().map_err(KafkaError::Config)?;
+        let partitions = partitions_of(&consumer, &topic)?;
+        let mut at = TopicPartitionList::new();
+        let mut current = TopicPartitionList::new();
+        for &p in &partitions {
+            at.add_partition_offset(&topic, p, Offset::Offset(at_millis))
+                .map_err(KafkaError::Consume)?;
+            current.add_partition(&topic, p);
+        }
+        let found = consumer
+            .offsets_for_times(at, TIMEOUT)
+            .map_err(KafkaError::Consume)?;
+        let committed = consumer
+            .committed_offsets(current, TIMEOUT)
+            .map_err(KafkaError::Consume)?;
+        let mut plan = Vec::new();
+        for &p in &partitions {
+            let target = match found.find_partition(&topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                // "No record at or after the time" — or a broker that cannot look up times
+                // (librdkafka's mock answers that for every time). Check the last record and
+                // scan when the answer cannot be right.
+                _ => {
+                    let (low, high) = consumer
+                        .fetch_watermarks(&topic, p, TIMEOUT)
+                        .map_err(KafkaError::Consume)?;
+                    let last_is_older =
+                        first_at_or_after(&c, &topic, p, at_millis, (high - 1).max(low), high)?
+                            == high;
+                    if last_is_older {
+                        high
+                    } else {
+                        first_at_or_after(&c, &topic, p, at_millis, low, high)?
+                    }
+                }
+            };
+            let committed = match committed.find_partition(&topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => Some(o),
+                _ => None,
+            };
+            plan.push(PartitionReset {
+                partition: p,
+                committed,
+                target,
+            });
+        }
+        Ok(plan)
+    })
+    .await
+}
+
+/// The offset of the first record in `[start, end)` of one partition whose timestamp is at or
+/// after `at_millis`; `end` when there is none. Reads the records one by one.
+fn first_at_or_after(
+    c: &ClientConfig,
+    topic: &str,
+    partition: i32,
+    at_millis: i64,
+    start: i64,
+    end: i64,
+) -> Result<i64, KafkaError> {
+    if start >= end {
+        return Ok(end);
+    }
+    let consumer: BaseConsumer = c.create().map_err(KafkaError::Config)?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(start))
+        .map_err(KafkaError::Consume)?;
+    consumer.assign(&tpl).map_err(KafkaError::Consume)?;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        if std::time::Instant::now() > deadline {
+            return Err(KafkaError::Admin(format!(
+                "scanning {topic}/{partition} for a time stalled after {TIMEOUT:?}"
+            )));
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(message) => {
+                let m = message.map_err(KafkaError::Consume)?;
+                if m.timestamp().to_millis().unwrap_or(i64::MIN) >= at_millis {
+                    return Ok(m.offset());
+                }
+                if m.offset() + 1 >= end {
+                    return Ok(end);
+                }
+            }
+            None => {
+                // Only transaction markers left before `end`.
+                let position = consumer.position().map_err(KafkaError::Consume)?;
+                if let Some(Offset::Offset(o)) = position
+                    .find_partition(topic, partition)
+                    .map(|e| e.offset())
+                {
+                    if o >= end {
+                        return Ok(end);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Commits the planned offsets for `group`. The group must have no live members (scale its
+/// service to zero first): a live member would overwrite these offsets with its own commits.
+pub async fn apply_offset_reset(
+    cfg: &KafkaConfig,
+    group: &str,
+    topic: &str,
+    plan: &[PartitionReset],
+) -> Result<(), KafkaError> {
+    let c = client_config(cfg, group);
+    let mut tpl = TopicPartitionList::new();
+    for r in plan {
+        tpl.add_partition_offset(topic, r.partition, Offset::Offset(r.target))
+            .map_err(KafkaError::Commit)?;
+    }
+    blocking(move || {
+        let consumer: BaseConsumer = c.create().map_err(KafkaError::Config)?;
+        consumer
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(KafkaError::Commit)
+    })
+    .await
+}
+
+/// A record of a dead-letter topic, with the headers `DeadLetters` wrote.
+#[derive(Debug, Clone)]
+pub struct StoredDeadLetter {
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_millis: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub code: String,
+    pub reason: String,
+    pub service: String,
+    pub origin_topic: Option<String>,
+    pub origin_partition: Option<i32>,
+    pub origin_offset: Option<i64>,
+}
+
+/// Reads `topic` (a dead-letter topic) from `from` (per partition; the beginning when absent)
+/// up to its end as it was when the call started.
+pub async fn read_dead_letters(
+    cfg: &KafkaConfig,
+    topic: &str,
+    from: HashMap<i32, i64>,
+) -> Result<Vec<StoredDeadLetter>, KafkaError> {
+    // A group id librdkafka needs but never uses: nothing is committed.
+    let c = client_config(cfg, "instream-dlq-reader");
+    let topic = topic.to_owned();
+    blocking(move || {
+        let consumer: BaseConsumer = c.create().map_err(KafkaError::Config)?;
+        let mut ends = HashMap::new();
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions_of(&consumer, &topic)? {
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, p, TIMEOUT)
+                .map_err(KafkaError::Consume)?;
+            let start = from.get(&p).copied().unwrap_or(low).max(low);
+            if start < high {
+                ends.insert(p, high);
+                tpl.add_partition_offset(&topic, p, Offset::Offset(start))
+                    .map_err(KafkaError::Consume)?;
+            }
+        }
+        consumer.assign(&tpl).map_err(KafkaError::Consume)?;
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while !ends.is_empty() {
+            if std::time::Instant::now() > deadline {
+                return Err(KafkaError::Admin(format!(
+                    "reading `{topic}` stalled: partitions {:?} did not reach their end in {TIMEOUT:?}",
+                    ends.keys().collect::<Vec<_>>()
+                )));
+            }
+            let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+                // Transaction markers take offsets too: a partition whose position passed its
+                // end has nothing more to give.
+                let positions = consumer.position().map_err(KafkaError::Consume)?;
+                ends.retain(|p, end| {
+                    !matches!(positions.find_partition(&topic, *p).map(|e| e.offset()),
+                        Some(Offset::Offset(o)) if o >= *end)
+                });
+                continue;
+            };
+            let m = message.map_err(KafkaError::Consume)?;
+            if let Some(end) = ends.get(&m.partition()) {
+                if m.offset() + 1 >= *end {
+                    ends.remove(&m.partition());
+                }
+            }
+            let header = |name: &str| -> Option<String> {
+                m.headers().and_then(|hs| {
+                    hs.iter()
+                        .find(|h| h.key == name)
+                        .and_then(|h| h.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                })
+            };
+            out.push(StoredDeadLetter {
+                partition: m.partition(),
+                offset: m.offset(),
+                timestamp_millis: m.timestamp().to_millis(),
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().unwrap_or_default().to_vec(),
+                code: header(headers::DLQ_CODE).unwrap_or_default(),
+                reason: header(headers::DLQ_REASON).unwrap_or_default(),
+                service: header(headers::DLQ_SERVICE).unwrap_or_default(),
+                origin_topic: header(headers::ORIGIN_TOPIC),
+                origin_partition: header(headers::ORIGIN_PARTITION).and_then(|v| v.parse().ok()),
+                origin_offset: header(headers::ORIGIN_OFFSET).and_then(|v| v.parse().ok()),
+            });
+        }
+        out.sort_by_key(|d| (d.partition, d.offset));
+        Ok(out)
+    })
+    .await
+}
+
+/// Writes each dead letter's record back to `topic` (keyed as before, so it lands in the same
+/// partition as the key's other events), marked with `instream.redriven.from =
+/// <dlq topic>:<partition>:<offset>`; returns once the broker has all of them.
+pub async fn redrive(
+    cfg: &KafkaConfig,
+    dead_letter_topic: &str,
+    topic: &str,
+    letters: &[StoredDeadLetter],
+) -> Result<(), KafkaError> {
+    let producer = crate::client::producer(cfg, "instream-cli")?;
+    let mut pending = Vec::with_capacity(letters.len());
+    for d in letters {
+        let from = format!("{dead_letter_topic}:{}:{}", d.partition, d.offset);
+        let hs = OwnedHeaders::new().insert(Header {
+            key: headers::REDRIVEN_FROM,
+            value: Some(&from),
+        });
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+            .payload(d.payload.as_slice())
+            .headers(hs);
+        if let Some(key) = &d.key {
+            record = record.key(key.as_slice());
+        }
+        pending.push(send(&producer, record).await?);
+    }
+    for delivery in pending {
+        delivered(delivery).await?;
+    }
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, KafkaError> + Send + 'static,
+) -> Result<T, KafkaError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| KafkaError::Admin(format!("blocking task failed: {e}")))?
+}
