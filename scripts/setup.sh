@@ -6,6 +6,8 @@ set -euo pipefail
 
 packages=(cmake pkg-config libcurl4-openssl-dev libsasl2-dev libzstd-dev libssl-dev
           redis-server zookeeper default-jre-headless)
+# The test command also checks the alerting rules with promtool (Debian's prometheus package).
+[ "${1:-}" = "--for-tests" ] && packages+=(prometheus)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -9,13 +9,13 @@
 #   INSTREAM_TEST_KAFKA=host:port    run the Kafka tests against that broker instead
 # Without them, those tests are listed as "ignored" by name (skipped, never counted as passed).
 #
-# Then the Helm chart is linted, schema-checked and rendered offline (helm-python-sdk, from PyPI)
+# Then the alerting rules are checked and unit-tested with promtool, the Helm chart is linted, schema-checked and rendered offline (helm-python-sdk, from PyPI)
 # and the Terraform files are checked with `terraform fmt` (providers cannot be fetched here,
 # so `terraform validate` cannot run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/setup.sh
+bash scripts/setup.sh --for-tests
 
 start=$(date +%s)
 echo "== cargo fmt --check"
@@ -32,6 +32,9 @@ venv=target/chart-venv
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check helm-python-sdk pyyaml
 INSTREAM_BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/instream" \
   "$venv/bin/python" helm/tests/test_chart.py
+echo "== alerting rules (promtool check and unit tests)"
+promtool check rules helm/instream/alerts/instream-rules.yaml
+promtool test rules helm/tests/instream-rules.test.yaml
 terraform_bin=$(command -v terraform || true)
 if [ -n "$terraform_bin" ]; then
   terraform fmt -check -recursive terraform

@@ -61,6 +61,20 @@ def test_schema_refuses_bad_values():
     raise AssertionError("replicas -1 must be refused by values.schema.json")
 
 
+def test_alert_rules_ship_as_a_prometheus_rule_only_when_enabled():
+    assert not [d for d in render() if d["kind"] == "PrometheusRule"]
+    docs = render({"prometheusRule": {"enabled": True, "labels": {"release": "kube-prom"}}})
+    rule = next(d for d in docs if d["kind"] == "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kube-prom"
+    shipped = yaml.safe_load((CHART / "alerts" / "instream-rules.yaml").read_text())
+    assert rule["spec"] == shipped
+    alerts = [r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    runbook = (ROOT / "docs" / "runbook.md").read_text()
+    for alert in alerts:
+        # Every alert links to its runbook section, and the section exists.
+        assert f"### {alert}" in runbook, f"docs/runbook.md has no section for {alert}"
+
+
 def test_shipped_config_is_valid_for_instream():
     config = next(d for d in render() if d["kind"] == "ConfigMap")["data"]["instream.toml"]
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
