@@ -9,9 +9,10 @@
 #   INSTREAM_TEST_KAFKA=host:port    run the Kafka tests against that broker instead
 # Without them, those tests are listed as "ignored" by name (skipped, never counted as passed).
 #
-# Then the alerting rules are checked and unit-tested with promtool, the Helm chart is linted, schema-checked and rendered offline (helm-python-sdk, from PyPI)
+# Then the Helm chart is linted, schema-checked and rendered offline (helm-python-sdk, from PyPI)
 # and the Terraform files are checked with `terraform fmt` (providers cannot be fetched here,
-# so `terraform validate` cannot run).
+# so `terraform validate` cannot run), and the alerting rules are checked and unit-tested
+# with promtool.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

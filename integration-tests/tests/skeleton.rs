@@ -29,6 +29,8 @@ name = "{name}"
 key_field = "customer_id"
 time_field = "ts"
 partitions = 4
+# The events' times are shuffled over five minutes: none of them is late.
+max_out_of_orderness = "10m"
 
 [[pipelines.enrichments]]
 name = "customer"

@@ -63,7 +63,8 @@ pub enum SupervisorError {
 /// waits for them up to the drain timeout and names the ones that did not stop.
 pub struct Supervisor {
     token: CancellationToken,
-    tasks: JoinSet<(String, Result<(), String>)>,
+    /// Each task's name, result, and whether shutdown had begun when it ended.
+    tasks: JoinSet<(String, Result<(), String>, bool)>,
     names: Vec<String>,
 }
 
@@ -88,9 +89,15 @@ impl Supervisor {
     {
         let name = name.into();
         self.names.push(name.clone());
+        let token = self.token.clone();
         self.tasks.spawn(async move {
             let result = task.await.map_err(|e| format!("{e:#}"));
-            (name, result)
+            // Stop the others at once, even before anyone waits on the supervisor (a
+            // start-up that waits for readiness sees it), and remember whether this task
+            // ended because of shutdown or on its own.
+            let stopping = token.is_cancelled();
+            token.cancel();
+            (name, result, stopping)
         });
     }
 
@@ -100,13 +107,13 @@ impl Supervisor {
         tokio::select! {
             _ = self.token.cancelled() => {}
             Some(joined) = self.tasks.join_next() => {
-                first_error = Self::record(joined, &mut self.names, self.token.is_cancelled());
+                first_error = Self::record(joined, &mut self.names);
                 self.token.cancel();
             }
         }
         let drain = async {
             while let Some(joined) = self.tasks.join_next().await {
-                let error = Self::record(joined, &mut self.names, true);
+                let error = Self::record(joined, &mut self.names);
                 first_error = first_error.take().or(error);
             }
         };
@@ -119,12 +126,11 @@ impl Supervisor {
     }
 
     fn record(
-        joined: Result<(String, Result<(), String>), tokio::task::JoinError>,
+        joined: Result<(String, Result<(), String>, bool), tokio::task::JoinError>,
         running: &mut Vec<String>,
-        stopping: bool,
     ) -> Option<SupervisorError> {
         match joined {
-            Ok((task, result)) => {
+            Ok((task, result, stopping)) => {
                 running.retain(|n| n != &task);
                 match result {
                     Ok(()) if stopping => {

@@ -129,6 +129,15 @@ impl ConsumerContext for InstreamContext {
                 }
                 for (topic, partition) in &lost {
                     tracker.forget(topic, *partition);
+                    // The new owner reports this partition's lag from now on; a stale value
+                    // here would be summed with its.
+                    metrics::gauge!(
+                        "instream_consumer_lag",
+                        "group" => self.group.clone(),
+                        "topic" => topic.clone(),
+                        "partition" => partition.to_string()
+                    )
+                    .set(0.0);
                 }
                 self.generation.fetch_add(1, Ordering::AcqRel);
                 tracing::info!(service = %self.service, partitions = ?lost, "partitions revoked");

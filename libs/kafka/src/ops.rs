@@ -130,29 +130,50 @@ fn first_at_or_after(
     start: i64,
     end: i64,
 ) -> Result<i64, KafkaError> {
+    let mut found = end;
+    scan(c, topic, partition, start, end, |m| {
+        if m.timestamp().to_millis().unwrap_or(i64::MIN) >= at_millis {
+            found = m.offset();
+            false
+        } else {
+            true
+        }
+    })?;
+    Ok(found)
+}
+
+/// Hands the records of one partition in `[start, end)` to `visit`, in offset order, until
+/// `visit` returns false or `end` is reached. Transaction markers and aborted records take
+/// offsets but are never handed over.
+fn scan(
+    c: &ClientConfig,
+    topic: &str,
+    partition: i32,
+    start: i64,
+    end: i64,
+    mut visit: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> bool,
+) -> Result<(), KafkaError> {
     if start >= end {
-        return Ok(end);
+        return Ok(());
     }
     let consumer: BaseConsumer = c.create().map_err(KafkaError::Config)?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(start))
         .map_err(KafkaError::Consume)?;
     consumer.assign(&tpl).map_err(KafkaError::Consume)?;
-    let deadline = std::time::Instant::now() + TIMEOUT;
+    let mut deadline = std::time::Instant::now() + TIMEOUT;
     loop {
         if std::time::Instant::now() > deadline {
             return Err(KafkaError::Admin(format!(
-                "scanning {topic}/{partition} for a time stalled after {TIMEOUT:?}"
+                "reading {topic}/{partition} stalled: nothing arrived for {TIMEOUT:?}"
             )));
         }
         match consumer.poll(Duration::from_millis(200)) {
             Some(message) => {
                 let m = message.map_err(KafkaError::Consume)?;
-                if m.timestamp().to_millis().unwrap_or(i64::MIN) >= at_millis {
-                    return Ok(m.offset());
-                }
-                if m.offset() + 1 >= end {
-                    return Ok(end);
+                deadline = std::time::Instant::now() + TIMEOUT;
+                if m.offset() >= end || !visit(&m) || m.offset() + 1 >= end {
+                    return Ok(());
                 }
             }
             None => {
@@ -163,12 +184,36 @@ fn first_at_or_after(
                     .map(|e| e.offset())
                 {
                     if o >= end {
-                        return Ok(end);
+                        return Ok(());
                     }
                 }
             }
         }
     }
+}
+
+/// Reads one partition of `topic` from `start` up to (not including) `end`, handing each
+/// record's offset and payload to `visit` with `state`; returns the state. For a stage that
+/// rebuilds what it knew from its input after a restart.
+pub async fn scan_partition<S: Send + 'static>(
+    cfg: &KafkaConfig,
+    topic: &str,
+    partition: i32,
+    start: i64,
+    end: i64,
+    mut state: S,
+    visit: fn(&mut S, i64, &[u8]),
+) -> Result<S, KafkaError> {
+    let c = client_config(cfg, "instream-scan");
+    let topic = topic.to_owned();
+    blocking(move || {
+        scan(&c, &topic, partition, start, end, |m| {
+            visit(&mut state, m.offset(), m.payload().unwrap_or_default());
+            true
+        })?;
+        Ok(state)
+    })
+    .await
 }
 
 /// Commits the planned offsets for `group`. The group must have no live members (scale its
@@ -210,83 +255,62 @@ pub struct StoredDeadLetter {
     pub origin_offset: Option<i64>,
 }
 
-/// Reads `topic` (a dead-letter topic) from `from` (per partition; the beginning when absent)
-/// up to its end as it was when the call started.
+/// Reads `topic` (a dead-letter topic) up to its end as it was when the call started: from
+/// `from` (per partition; the beginning when absent), or only the newest `newest` records of
+/// each partition when given.
 pub async fn read_dead_letters(
     cfg: &KafkaConfig,
     topic: &str,
     from: HashMap<i32, i64>,
+    newest: Option<i64>,
 ) -> Result<Vec<StoredDeadLetter>, KafkaError> {
     // A group id librdkafka needs but never uses: nothing is committed.
     let c = client_config(cfg, "instream-dlq-reader");
     let topic = topic.to_owned();
     blocking(move || {
         let consumer: BaseConsumer = c.create().map_err(KafkaError::Config)?;
-        let mut ends = HashMap::new();
-        let mut tpl = TopicPartitionList::new();
+        let mut out = Vec::new();
         for p in partitions_of(&consumer, &topic)? {
             let (low, high) = consumer
                 .fetch_watermarks(&topic, p, TIMEOUT)
                 .map_err(KafkaError::Consume)?;
-            let start = from.get(&p).copied().unwrap_or(low).max(low);
-            if start < high {
-                ends.insert(p, high);
-                tpl.add_partition_offset(&topic, p, Offset::Offset(start))
-                    .map_err(KafkaError::Consume)?;
+            let mut start = from.get(&p).copied().unwrap_or(low).max(low);
+            if let Some(n) = newest {
+                start = start.max(high - n);
             }
-        }
-        consumer.assign(&tpl).map_err(KafkaError::Consume)?;
-        let mut out = Vec::new();
-        let deadline = std::time::Instant::now() + TIMEOUT;
-        while !ends.is_empty() {
-            if std::time::Instant::now() > deadline {
-                return Err(KafkaError::Admin(format!(
-                    "reading `{topic}` stalled: partitions {:?} did not reach their end in {TIMEOUT:?}",
-                    ends.keys().collect::<Vec<_>>()
-                )));
-            }
-            let Some(message) = consumer.poll(Duration::from_millis(200)) else {
-                // Transaction markers take offsets too: a partition whose position passed its
-                // end has nothing more to give.
-                let positions = consumer.position().map_err(KafkaError::Consume)?;
-                ends.retain(|p, end| {
-                    !matches!(positions.find_partition(&topic, *p).map(|e| e.offset()),
-                        Some(Offset::Offset(o)) if o >= *end)
-                });
-                continue;
-            };
-            let m = message.map_err(KafkaError::Consume)?;
-            if let Some(end) = ends.get(&m.partition()) {
-                if m.offset() + 1 >= *end {
-                    ends.remove(&m.partition());
-                }
-            }
-            let header = |name: &str| -> Option<String> {
-                m.headers().and_then(|hs| {
-                    hs.iter()
-                        .find(|h| h.key == name)
-                        .and_then(|h| h.value)
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                })
-            };
-            out.push(StoredDeadLetter {
-                partition: m.partition(),
-                offset: m.offset(),
-                timestamp_millis: m.timestamp().to_millis(),
-                key: m.key().map(<[u8]>::to_vec),
-                payload: m.payload().unwrap_or_default().to_vec(),
-                code: header(headers::DLQ_CODE).unwrap_or_default(),
-                reason: header(headers::DLQ_REASON).unwrap_or_default(),
-                service: header(headers::DLQ_SERVICE).unwrap_or_default(),
-                origin_topic: header(headers::ORIGIN_TOPIC),
-                origin_partition: header(headers::ORIGIN_PARTITION).and_then(|v| v.parse().ok()),
-                origin_offset: header(headers::ORIGIN_OFFSET).and_then(|v| v.parse().ok()),
-            });
+            scan(&c, &topic, p, start, high, |m| {
+                out.push(stored(m));
+                true
+            })?;
         }
         out.sort_by_key(|d| (d.partition, d.offset));
         Ok(out)
     })
     .await
+}
+
+fn stored(m: &rdkafka::message::BorrowedMessage<'_>) -> StoredDeadLetter {
+    let header = |name: &str| -> Option<String> {
+        m.headers().and_then(|hs| {
+            hs.iter()
+                .find(|h| h.key == name)
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        })
+    };
+    StoredDeadLetter {
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_millis: m.timestamp().to_millis(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().unwrap_or_default().to_vec(),
+        code: header(headers::DLQ_CODE).unwrap_or_default(),
+        reason: header(headers::DLQ_REASON).unwrap_or_default(),
+        service: header(headers::DLQ_SERVICE).unwrap_or_default(),
+        origin_topic: header(headers::ORIGIN_TOPIC),
+        origin_partition: header(headers::ORIGIN_PARTITION).and_then(|v| v.parse().ok()),
+        origin_offset: header(headers::ORIGIN_OFFSET).and_then(|v| v.parse().ok()),
+    }
 }
 
 /// Writes each dead letter's record back to `topic` (keyed as before, so it lands in the same

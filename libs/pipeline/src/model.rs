@@ -23,6 +23,10 @@ pub struct PipelineDefinition {
     pub key_field: FieldPath,
     /// Field holding the event time, RFC 3339 or epoch milliseconds.
     pub time_field: FieldPath,
+    /// How far behind the newest event time of a partition an event may be and still count
+    /// as in order: the partition's watermark is its newest event time minus this.
+    #[serde(default = "default_out_of_orderness", with = "humantime_serde")]
+    pub max_out_of_orderness: Duration,
     /// Fields every event must have (besides the key and time fields).
     #[serde(default)]
     pub required_fields: Vec<FieldPath>,
@@ -40,6 +44,14 @@ fn one() -> u64 {
 
 fn default_partitions() -> i32 {
     4
+}
+
+fn default_out_of_orderness() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_allowed_lateness() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// A lookup of reference data for each event.
@@ -91,6 +103,11 @@ pub struct Aggregation {
     #[serde(default = "default_group_by")]
     pub group_by: Vec<FieldPath>,
     pub window: Window,
+    /// How long after the watermark passed a window's end a late event still updates it; the
+    /// window is closed (dropped from memory) then, and later events for it go to the
+    /// dead-letter topic as `too_late`.
+    #[serde(default = "default_allowed_lateness", with = "humantime_serde")]
+    pub allowed_lateness: Duration,
     /// Functions computed per window; `count` is always included.
     #[serde(default)]
     pub functions: Vec<Function>,
@@ -115,6 +132,14 @@ impl Window {
         match self {
             Window::Tumbling { size } => size.as_millis() as i64,
         }
+    }
+
+    /// When a window starting at `start` closes: its end plus the allowed lateness, in
+    /// watermark time (milliseconds).
+    pub fn closes_at(&self, start: i64, allowed_lateness: Duration) -> i64 {
+        start
+            .saturating_add(self.size_millis())
+            .saturating_add(allowed_lateness.as_millis() as i64)
     }
 
     /// Start of the window holding `event_time` (milliseconds, epoch-aligned; floor division so

@@ -34,6 +34,13 @@ impl PipelineDefinition {
                 format!("{} is outside 1..={MAX_PARTITIONS}", self.partitions),
             );
         }
+        // Open windows stay in memory (and in checkpoints) until the watermark passes them.
+        if self.max_out_of_orderness > Duration::from_secs(24 * 3600) {
+            problem(
+                "max_out_of_orderness".into(),
+                "must be at most 24h: windows stay open (in memory) until it passes".into(),
+            );
+        }
         let mut names = BTreeSet::new();
         for (i, rule) in self.enrichments.iter().enumerate() {
             if rule.name.is_empty() || !names.insert(rule.name.as_str()) {
@@ -68,6 +75,12 @@ impl PipelineDefinition {
                         );
                     }
                 }
+            }
+            if agg.allowed_lateness > Duration::from_secs(7 * 24 * 3600) {
+                problem(
+                    format!("aggregations[{i}].allowed_lateness"),
+                    "must be at most 7 days: windows stay open (in memory) until it passes".into(),
+                );
             }
             match agg.group_by.first() {
                 Some(first) if first.as_str() == "key" => {}

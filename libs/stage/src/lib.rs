@@ -72,6 +72,7 @@ impl Stage {
 /// `topics_of` names for the current definitions.
 pub struct Subscription {
     consumer: Consumer,
+    group: String,
     topics: Vec<String>,
     topics_of: fn(&Catalog) -> Vec<String>,
 }
@@ -88,6 +89,7 @@ impl Subscription {
         let consumer = client::consumer(&config.kafka, service, &group, &topics)?;
         Ok(Subscription {
             consumer,
+            group,
             topics,
             topics_of,
         })
@@ -95,6 +97,11 @@ impl Subscription {
 
     pub fn consumer(&self) -> &Consumer {
         &self.consumer
+    }
+
+    /// The consumer group id.
+    pub fn group(&self) -> &str {
+        &self.group
     }
 
     /// Re-subscribes when the definitions changed the set of topics (a rebalance follows).

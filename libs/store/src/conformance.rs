@@ -1,7 +1,7 @@
 //! The behaviour every [`AggregateStore`] must have. Run on the embedded store in CI and on a
 //! real ScyllaDB when `INSTREAM_TEST_SCYLLA` is set.
 
-use crate::{AggregateQuery, AggregateStore, WindowAggregate};
+use crate::{AggregateQuery, AggregateStore, Checkpoint, CheckpointKey, WindowAggregate};
 
 fn window(pipeline: &str, key: &str, start: i64, count: i64) -> WindowAggregate {
     WindowAggregate {
@@ -76,4 +76,72 @@ pub async fn run(store: &dyn AggregateStore, pipeline: &str) {
         .await
         .unwrap();
     assert!(got.is_empty());
+
+    checkpoints(store, pipeline).await;
+}
+
+fn checkpoint_key(pipeline: &str, partition: i32) -> CheckpointKey {
+    CheckpointKey {
+        group: format!("{pipeline}-group"),
+        topic: format!("{pipeline}.enriched"),
+        partition,
+    }
+}
+
+async fn checkpoints(store: &dyn AggregateStore, pipeline: &str) {
+    let key = checkpoint_key(pipeline, 0);
+    assert_eq!(store.load_checkpoint(&key).await.unwrap(), None, "none yet");
+    let first = Checkpoint {
+        key: key.clone(),
+        next_offset: 10,
+        state: vec![1, 2, 3],
+    };
+    let other = Checkpoint {
+        key: checkpoint_key(pipeline, 1),
+        next_offset: 7,
+        state: vec![],
+    };
+    store
+        .save_checkpoints(&[first.clone(), other.clone()])
+        .await
+        .unwrap();
+    assert_eq!(store.load_checkpoint(&key).await.unwrap(), Some(first));
+    // A later checkpoint replaces the earlier one whole.
+    let second = Checkpoint {
+        key: key.clone(),
+        next_offset: 25,
+        state: vec![9; 100_000],
+    };
+    store
+        .save_checkpoints(std::slice::from_ref(&second))
+        .await
+        .unwrap();
+    assert_eq!(store.load_checkpoint(&key).await.unwrap(), Some(second));
+    assert_eq!(
+        store.load_checkpoint(&other.key).await.unwrap(),
+        Some(other),
+        "partitions are separate"
+    );
+}
+
+/// For stores that outlive their process: what [`run`] wrote is still there.
+pub async fn run_after_reopen(store: &dyn AggregateStore, pipeline: &str) {
+    let got = store
+        .query(&query(
+            pipeline,
+            "b",
+            1_700_000_040_000,
+            1_800_000_000_000,
+            10,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].count, 100);
+    let cp = store
+        .load_checkpoint(&checkpoint_key(pipeline, 0))
+        .await
+        .unwrap()
+        .expect("the checkpoint survived");
+    assert_eq!(cp.next_offset, 25);
 }

@@ -3,7 +3,9 @@ use std::sync::RwLock;
 
 use async_trait::async_trait;
 
-use crate::{AggregateQuery, AggregateStore, StoreError, WindowAggregate};
+use crate::{
+    AggregateQuery, AggregateStore, Checkpoint, CheckpointKey, StoreError, WindowAggregate,
+};
 
 type Key = (String, String, String, i64);
 
@@ -12,6 +14,7 @@ type Key = (String, String, String, i64);
 #[derive(Default)]
 pub struct EmbeddedStore {
     rows: RwLock<BTreeMap<Key, WindowAggregate>>,
+    checkpoints: RwLock<BTreeMap<CheckpointKey, Checkpoint>>,
 }
 
 impl EmbeddedStore {
@@ -71,6 +74,19 @@ impl AggregateStore for EmbeddedStore {
             .take(q.limit)
             .map(|(_, v)| v.clone())
             .collect())
+    }
+
+    async fn save_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<(), StoreError> {
+        let mut map = self.checkpoints.write().unwrap_or_else(|p| p.into_inner());
+        for c in checkpoints {
+            map.insert(c.key.clone(), c.clone());
+        }
+        Ok(())
+    }
+
+    async fn load_checkpoint(&self, key: &CheckpointKey) -> Result<Option<Checkpoint>, StoreError> {
+        let map = self.checkpoints.read().unwrap_or_else(|p| p.into_inner());
+        Ok(map.get(key).cloned())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

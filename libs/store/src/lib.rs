@@ -8,6 +8,7 @@
 
 pub mod conformance;
 mod embedded;
+mod local;
 mod scylla_store;
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use instream_core::config::{StoreBackend, StoreConfig};
 use serde::Serialize;
 
 pub use embedded::EmbeddedStore;
+pub use local::LocalStore;
 pub use scylla_store::ScyllaStore;
 
 /// The value of one window of one group of one aggregation.
@@ -45,6 +47,25 @@ pub struct AggregateQuery {
     pub limit: usize,
 }
 
+/// Which consumer's state of which input partition a checkpoint holds.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CheckpointKey {
+    pub group: String,
+    pub topic: String,
+    pub partition: i32,
+}
+
+/// The aggregator's state of one input partition (open windows and what it needs to drop
+/// repeats), saved together with the offset it reflects so that both are restored together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub key: CheckpointKey,
+    /// The first offset the state does not reflect: consumption resumes here.
+    pub next_offset: i64,
+    /// The state, encoded by its owner.
+    pub state: Vec<u8>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The store could not be reached or timed out: retry.
@@ -62,12 +83,23 @@ pub trait AggregateStore: Send + Sync {
     async fn query(&self, query: &AggregateQuery) -> Result<Vec<WindowAggregate>, StoreError>;
     /// Succeeds when the store is reachable (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Replaces the checkpoints of the given partitions. Each one is written whole or not at
+    /// all.
+    async fn save_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<(), StoreError>;
+    /// The last checkpoint saved for a partition, if any.
+    async fn load_checkpoint(&self, key: &CheckpointKey) -> Result<Option<Checkpoint>, StoreError>;
 }
 
 /// Builds the store `config` names. Scylla: connects and applies the schema.
 pub async fn build(config: &StoreConfig) -> Result<Arc<dyn AggregateStore>, StoreError> {
     match config.backend {
         StoreBackend::Embedded => Ok(Arc::new(EmbeddedStore::default())),
+        StoreBackend::Local => {
+            let path = config.path.as_deref().ok_or_else(|| {
+                StoreError::Rejected("store.path is required for the local backend".into())
+            })?;
+            Ok(Arc::new(LocalStore::open(path)?))
+        }
         StoreBackend::Scylla => Ok(Arc::new(ScyllaStore::connect(config).await?)),
     }
 }

@@ -7,7 +7,9 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
 use scylla::value::CqlTimestamp;
 
-use crate::{AggregateQuery, AggregateStore, StoreError, WindowAggregate};
+use crate::{
+    AggregateQuery, AggregateStore, Checkpoint, CheckpointKey, StoreError, WindowAggregate,
+};
 
 /// Writes in flight at once per upsert call: enough to keep every shard busy without
 /// overrunning the driver's connection pools.
@@ -19,6 +21,8 @@ pub struct ScyllaStore {
     session: Session,
     upsert: PreparedStatement,
     select: PreparedStatement,
+    save_checkpoint: PreparedStatement,
+    load_checkpoint: PreparedStatement,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -81,10 +85,28 @@ impl ScyllaStore {
             .await
             .map_err(|e| StoreError::Rejected(e.to_string()))?;
         select.set_consistency(Consistency::LocalQuorum);
+        let mut save_checkpoint = session
+            .prepare(format!(
+                "INSERT INTO {ks}.aggregator_checkpoints (consumer_group, topic, partition, \
+                 next_offset, state) VALUES (?, ?, ?, ?, ?)"
+            ))
+            .await
+            .map_err(|e| StoreError::Rejected(e.to_string()))?;
+        save_checkpoint.set_consistency(Consistency::LocalQuorum);
+        let mut load_checkpoint = session
+            .prepare(format!(
+                "SELECT next_offset, state FROM {ks}.aggregator_checkpoints \
+                 WHERE consumer_group = ? AND topic = ? AND partition = ?"
+            ))
+            .await
+            .map_err(|e| StoreError::Rejected(e.to_string()))?;
+        load_checkpoint.set_consistency(Consistency::LocalQuorum);
         Ok(ScyllaStore {
             session,
             upsert,
             select,
+            save_checkpoint,
+            load_checkpoint,
         })
     }
 }
@@ -105,6 +127,14 @@ pub fn schema(cfg: &StoreConfig) -> Vec<String> {
              PRIMARY KEY ((pipeline, aggregation, group_key), window_start)) \
              WITH CLUSTERING ORDER BY (window_start ASC) AND default_time_to_live = {}",
             cfg.ttl.as_secs()
+        ),
+        // One row per consumer group and input partition, replaced on every checkpoint; no
+        // TTL: a partition idle for longer than the retention must still resume exactly.
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.aggregator_checkpoints (\
+             consumer_group text, topic text, partition int, next_offset bigint, state blob, \
+             PRIMARY KEY ((consumer_group, topic, partition))) \
+             WITH default_time_to_live = 0"
         ),
     ]
 }
@@ -157,6 +187,44 @@ impl AggregateStore for ScyllaStore {
                 })
             })
             .collect()
+    }
+
+    async fn save_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<(), StoreError> {
+        try_join_all(checkpoints.iter().map(|c| {
+            self.session.execute_unpaged(
+                &self.save_checkpoint,
+                (
+                    &c.key.group,
+                    &c.key.topic,
+                    c.key.partition,
+                    c.next_offset,
+                    &c.state,
+                ),
+            )
+        }))
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn load_checkpoint(&self, key: &CheckpointKey) -> Result<Option<Checkpoint>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(
+                &self.load_checkpoint,
+                (&key.group, &key.topic, key.partition),
+            )
+            .await
+            .map_err(unavailable)?;
+        let rows = result.into_rows_result().map_err(unavailable)?;
+        let row = rows
+            .maybe_first_row::<(i64, Vec<u8>)>()
+            .map_err(unavailable)?;
+        Ok(row.map(|(next_offset, state)| Checkpoint {
+            key: key.clone(),
+            next_offset,
+            state,
+        }))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

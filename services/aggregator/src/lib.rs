@@ -1,32 +1,36 @@
 //! instream-aggregator: `<pipeline>.enriched` in, windowed aggregates out to the
-//! [`AggregateStore`] (ScyllaDB, or the embedded store).
+//! [`AggregateStore`] (ScyllaDB, a local file, or the embedded store).
 //!
-//! Each aggregation of a pipeline keeps per-group, per-window values in memory. Every
-//! `aggregator.flush_interval` the changed windows are upserted as whole values (a repeated
-//! write replaces, never adds), and only then are the offsets of the records they cover
-//! committed. Aggregations group by the partition key first, so each window has exactly one
-//! owner (DESIGN §7).
+//! Per input partition it keeps a [`PartitionState`]: open windows, the watermark, and what it
+//! needs to drop repeats (event ids within a horizon, origin offsets of re-emitted records).
+//! Every `aggregator.flush_interval` it upserts the changed windows as whole values (a repeated
+//! write replaces, never adds), then saves each changed partition's state as a checkpoint
+//! together with the offset it reflects, and only then marks the records handled and commits.
+//! After a crash, restart or rebalance, the new owner of a partition restores its checkpoint
+//! and skips the records the checkpoint already reflects, so every window ends with the value
+//! one clean pass gives: nothing lost, nothing counted twice (DESIGN §3). Aggregations group by
+//! the partition key first, so each window has exactly one owner (DESIGN §7).
 //!
-//! Not yet here (the aggregator issue): watermarks and window closing, late events, hopping and
-//! session windows, de-duplication of repeated event ids, and checkpoints of open-window
-//! state — until then a restart mid-window restarts that window's count from the committed
-//! offset.
+//! Not yet here (the aggregator issue): hopping and session windows, functions beyond count,
+//! early-result emission settings, repartitioning, query-api.
 
+mod state;
 mod windows;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use instream_core::{Readiness, ServiceContext};
 use instream_event::Event;
 use instream_kafka::client::{self, recv_batch, Consumer};
-use instream_kafka::{DeadLetters, Record};
-use instream_pipeline::{topics, Catalog, PipelineDefinition};
+use instream_kafka::{headers, DeadLetters, Record};
+use instream_pipeline::{topics, Catalog};
 use instream_stage::{Stage, Subscription};
-use instream_store::AggregateStore;
+use instream_store::{AggregateStore, Checkpoint, CheckpointKey, WindowAggregate};
 use tokio_util::sync::CancellationToken;
 
-pub use windows::Windows;
+pub use state::{Outcome, PartitionState};
 
 const SERVICE: &str = "aggregator";
 
@@ -38,6 +42,12 @@ pub enum AggregatorError {
     Store(#[from] instream_store::StoreError),
     #[error(transparent)]
     Stage(#[from] instream_stage::StageError),
+    #[error("partition {topic}/{partition}: {source}")]
+    Checkpoint {
+        topic: String,
+        partition: i32,
+        source: state::SnapshotError,
+    },
 }
 
 fn enriched_topics(catalog: &Catalog) -> Vec<String> {
@@ -54,12 +64,17 @@ pub async fn run(ctx: ServiceContext) -> Result<(), AggregatorError> {
     run_with_store(ctx, store).await
 }
 
-/// What was counted since the last flush: the records (to mark handled after the write) and
-/// their events (to take back after a rebalance).
-#[derive(Default)]
-struct Pending {
-    records: Vec<Record>,
-    events: Vec<(Arc<PipelineDefinition>, Event, (String, i32))>,
+/// Records received since the last flush, with their ingest time (for the latency to
+/// "visible"): handled once the flush has made their effect durable.
+type Pending = Vec<(Record, Option<i64>)>;
+
+type Source = (String, i32);
+
+/// The states of the partitions this instance owns, loaded from their checkpoints on first use.
+struct Partitions {
+    group: String,
+    horizon: Duration,
+    states: HashMap<Source, PartitionState>,
 }
 
 /// Runs with a given store (standalone mode and tests share one embedded store).
@@ -82,8 +97,12 @@ pub async fn run_with_store(
     let dead = DeadLetters::from_config(&config.kafka, SERVICE)?;
     let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, enriched_topics)?;
 
-    let mut windows = Windows::default();
-    let mut pending = Pending::default();
+    let mut partitions = Partitions {
+        group: subscription.group().to_owned(),
+        horizon: config.aggregator.dedup_horizon,
+        states: HashMap::new(),
+    };
+    let mut pending = Pending::new();
     let mut batch = Vec::with_capacity(config.aggregator.batch_size);
     let mut last_flush = Instant::now();
     let mut generation = 0;
@@ -99,33 +118,51 @@ pub async fn run_with_store(
             _ = shutdown.cancelled() => break,
             received = recv_batch(consumer, config.aggregator.batch_size, wait, &mut batch) => received?,
         }
-        follow_generation(consumer, &mut generation, &mut windows, &mut pending);
+        follow_generation(consumer, &mut generation, &mut partitions, &mut pending);
         let current = catalog.borrow().clone();
         for record in batch.drain(..) {
-            match instream_event::decode(&record.payload) {
-                Ok(event) => match current.get(&event.pipeline) {
-                    Some(def) => {
-                        windows.add(def, &event, (&record.topic, record.partition));
-                        let source = (record.topic.clone(), record.partition);
-                        pending.events.push((def.clone(), event, source));
-                        pending.records.push(record);
-                    }
-                    None => {
-                        let reason = format!("no definition for pipeline `{}`", event.pipeline);
-                        dead_letter(&dead, consumer, record, "unknown_pipeline", &reason).await?;
-                    }
-                },
+            let event = match instream_event::decode(&record.payload) {
+                Ok(event) => event,
                 Err(e) => {
-                    dead_letter(&dead, consumer, record, "decode_error", &e.to_string()).await?
+                    dead_letter(&dead, &record, "decode_error", &e.to_string()).await?;
+                    pending.push((record, None));
+                    continue;
                 }
+            };
+            let Some(def) = current.get(&event.pipeline) else {
+                let reason = format!("no definition for pipeline `{}`", event.pipeline);
+                dead_letter(&dead, &record, "unknown_pipeline", &reason).await?;
+                pending.push((record, None));
+                continue;
+            };
+            let source = (record.topic.clone(), record.partition);
+            let horizon = partitions.horizon;
+            let state = partitions
+                .state(&*store, &config.kafka, &store_ready, &source, &shutdown)
+                .await?;
+            // Stopping while the store was away: the rest is read again after a restart.
+            let Some(state) = state else { break };
+            let origin = origin_of(&record);
+            let outcome = state.apply(record.offset, &event, origin, def, horizon);
+            count(&event, &outcome);
+            if let Outcome::TooLate(aggregations) = &outcome {
+                let reason = format!(
+                    "event time {} is beyond the allowed lateness of {} (watermark {})",
+                    instream_event::format_rfc3339_millis(event.event_time),
+                    aggregations.join(", "),
+                    instream_event::format_rfc3339_millis(state.watermark_for(def)),
+                );
+                dead_letter(&dead, &record, "too_late", &reason).await?;
             }
+            pending.push((record, Some(event.ingest_time)));
         }
         if last_flush.elapsed() >= config.aggregator.flush_interval {
             flush(
                 &*store,
                 &store_ready,
                 consumer,
-                &mut windows,
+                &mut partitions,
+                &current,
                 &mut pending,
                 &shutdown,
             )
@@ -134,102 +171,263 @@ pub async fn run_with_store(
             last_flush = Instant::now();
         }
     }
-    // Drain: what was counted is written, then committed; nothing is committed unwritten.
+    // Drain: what was counted is written and checkpointed, then committed.
     let consumer = subscription.consumer();
-    follow_generation(consumer, &mut generation, &mut windows, &mut pending);
+    follow_generation(consumer, &mut generation, &mut partitions, &mut pending);
+    let current = catalog.borrow().clone();
     flush(
         &*store,
         &store_ready,
         consumer,
-        &mut windows,
+        &mut partitions,
+        &current,
         &mut pending,
         &CancellationToken::new(),
     )
     .await?;
     client::commit(consumer, true)?;
-    tracing::info!(windows = windows.len(), "aggregator drained and committed");
+    tracing::info!(
+        partitions = partitions.states.len(),
+        "aggregator drained and committed"
+    );
     Ok(())
 }
 
-/// After a rebalance, whatever was counted but not flushed will be read again from the
-/// last commit (the revoke committed exactly the flushed prefix), and windows of partitions
-/// this instance no longer owns belong to their new owner.
+/// The origin partition and offset a record carries (the enricher's input position).
+fn origin_of(record: &Record) -> Option<(i32, i64)> {
+    let number = |name| {
+        record
+            .header(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse::<i64>().ok())
+    };
+    let partition = i32::try_from(number(headers::ORIGIN_PARTITION)?).ok()?;
+    Some((partition, number(headers::ORIGIN_OFFSET)?))
+}
+
+fn count(event: &Event, outcome: &Outcome) {
+    let outcome = match outcome {
+        Outcome::Counted => "aggregated",
+        Outcome::AlreadyApplied => "already_applied",
+        Outcome::RepeatedOrigin => "repeated_origin",
+        Outcome::RepeatedEvent => "repeated_event",
+        Outcome::TooLate(_) => "too_late",
+    };
+    metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => event.pipeline.clone(), "outcome" => outcome)
+        .increment(1);
+}
+
+impl Partitions {
+    /// The state of `source`, restored from its checkpoint the first time it is asked for:
+    /// windows and offsets from the store, seen event ids by reading the partition's recent
+    /// records again. `None` when `stop` fired while the store was unreachable.
+    async fn state(
+        &mut self,
+        store: &dyn AggregateStore,
+        kafka: &instream_core::config::KafkaConfig,
+        ready: &Readiness,
+        source: &Source,
+        stop: &CancellationToken,
+    ) -> Result<Option<&mut PartitionState>, AggregatorError> {
+        if !self.states.contains_key(source) {
+            let key = CheckpointKey {
+                group: self.group.clone(),
+                topic: source.0.clone(),
+                partition: source.1,
+            };
+            let started = Instant::now();
+            let mut backoff = Duration::from_millis(50);
+            let state = loop {
+                match restore(store, kafka, &key, self.horizon).await {
+                    Ok(state) => break state,
+                    // A checkpoint this build cannot read: going on would lose or double
+                    // count, so the service stops and says which partition.
+                    Err(error @ AggregatorError::Checkpoint { .. }) => return Err(error),
+                    Err(error) => {
+                        ready.set_not_ready(error.to_string());
+                        tracing::warn!(%error, topic = %key.topic, partition = key.partition, "restoring a checkpoint failed; retrying");
+                        if stop
+                            .run_until_cancelled(tokio::time::sleep(backoff))
+                            .await
+                            .is_none()
+                        {
+                            return Ok(None);
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            };
+            ready.set_ready();
+            metrics::histogram!("instream_checkpoint_restore_seconds", "service" => SERVICE)
+                .record(started.elapsed().as_secs_f64());
+            tracing::info!(
+                topic = %key.topic,
+                partition = key.partition,
+                next_offset = state.next_offset(),
+                windows = state.window_count(),
+                remembered_ids = state.remembered_ids(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "partition state restored"
+            );
+            self.states.insert(source.clone(), state);
+        }
+        Ok(self.states.get_mut(source))
+    }
+}
+
+/// Loads a partition's checkpoint (a fresh state when there is none) and rebuilds its seen
+/// ids from the partition itself.
+async fn restore(
+    store: &dyn AggregateStore,
+    kafka: &instream_core::config::KafkaConfig,
+    key: &CheckpointKey,
+    horizon: Duration,
+) -> Result<PartitionState, AggregatorError> {
+    let Some(checkpoint) = store.load_checkpoint(key).await? else {
+        return Ok(PartitionState::default());
+    };
+    let (state, seen_from) = PartitionState::restore(&checkpoint.state).map_err(|source| {
+        AggregatorError::Checkpoint {
+            topic: key.topic.clone(),
+            partition: key.partition,
+            source,
+        }
+    })?;
+    let next = state.next_offset();
+    let mut state = instream_kafka::ops::scan_partition(
+        kafka,
+        &key.topic,
+        key.partition,
+        seen_from,
+        next,
+        state,
+        |state, offset, payload| state.rebuild_seen(offset, payload),
+    )
+    .await?;
+    state.finish_rebuild(horizon);
+    Ok(state)
+}
+
+/// After a rebalance every partition may have a new owner: states are restored again from
+/// their checkpoints, and records received under the old assignment are read again from the
+/// last commit (the revoke committed exactly what was checkpointed).
 fn follow_generation(
     consumer: &Consumer,
     generation: &mut u64,
-    windows: &mut Windows,
+    partitions: &mut Partitions,
     pending: &mut Pending,
 ) {
     let now = client::generation(consumer);
     if now != *generation {
-        windows.roll_back(&pending.events);
-        pending.records.clear();
-        pending.events.clear();
-        windows.retain_sources(&client::assigned_partitions(consumer));
+        partitions.states.clear();
+        pending.clear();
         *generation = now;
     }
 }
 
 async fn dead_letter(
     dead: &DeadLetters,
-    consumer: &Consumer,
-    record: Record,
+    record: &Record,
     code: &'static str,
     reason: &str,
 ) -> Result<(), AggregatorError> {
-    let delivery = dead.publish_record(&record, code, reason).await?;
+    let delivery = dead.publish_record(record, code, reason).await?;
     client::delivered(delivery).await?;
-    client::complete(consumer, [&record]);
     Ok(())
 }
 
-/// Writes every changed window, retrying until the store takes them (or `stop` fires), then
-/// marks the records they cover as handled.
+/// Retries `write` with back-off until it succeeds; false when `stop` fired first.
+async fn until_written<F, Fut>(
+    ready: &Readiness,
+    stop: &CancellationToken,
+    what: &str,
+    mut write: F,
+) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), instream_store::StoreError>>,
+{
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match write().await {
+            Ok(()) => {
+                ready.set_ready();
+                return true;
+            }
+            Err(error) => {
+                ready.set_not_ready(error.to_string());
+                tracing::warn!(%error, what, "store write failed; retrying");
+                if stop
+                    .run_until_cancelled(tokio::time::sleep(backoff))
+                    .await
+                    .is_none()
+                {
+                    return false;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Writes every changed window, then every changed partition's checkpoint, retrying until the
+/// store takes them (or `stop` fires), then marks the records they cover as handled.
 async fn flush(
     store: &dyn AggregateStore,
     ready: &Readiness,
     consumer: &Consumer,
-    windows: &mut Windows,
+    partitions: &mut Partitions,
+    catalog: &Catalog,
     pending: &mut Pending,
     stop: &CancellationToken,
 ) -> Result<(), AggregatorError> {
-    let rows = windows.take_dirty();
+    let mut rows: Vec<WindowAggregate> = Vec::new();
+    for state in partitions.states.values_mut() {
+        state.take_dirty(&mut rows);
+    }
     if !rows.is_empty() {
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match store.upsert(&rows).await {
-                Ok(()) => {
-                    ready.set_ready();
-                    break;
-                }
-                Err(error) => {
-                    ready.set_not_ready(error.to_string());
-                    tracing::warn!(%error, windows = rows.len(), "store write failed; retrying");
-                    if stop
-                        .run_until_cancelled(tokio::time::sleep(backoff))
-                        .await
-                        .is_none()
-                    {
-                        windows.mark_dirty(&rows);
-                        return Ok(());
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
+        if !until_written(ready, stop, "windows", || store.upsert(&rows)).await {
+            for state in partitions.states.values_mut() {
+                state.mark_dirty(&rows);
             }
+            return Ok(());
         }
         metrics::counter!("instream_window_writes_total", "service" => SERVICE)
             .increment(rows.len() as u64);
     }
-    let now = instream_event::now_millis();
-    for (_, event, _) in &pending.events {
-        metrics::histogram!("instream_stage_latency_seconds", "stage" => "aggregator_visible")
-            .record((now - event.ingest_time).max(0) as f64 / 1000.0);
+    let visible = instream_event::now_millis();
+    let mut checkpoints = Vec::new();
+    let mut open = 0;
+    for (source, state) in partitions.states.iter_mut() {
+        state.close_windows(|pipeline| catalog.get(pipeline).map(|d| d.max_out_of_orderness));
+        open += state.window_count();
+        if let Some((next_offset, bytes)) = state.take_snapshot() {
+            checkpoints.push(Checkpoint {
+                key: CheckpointKey {
+                    group: partitions.group.clone(),
+                    topic: source.0.clone(),
+                    partition: source.1,
+                },
+                next_offset,
+                state: bytes,
+            });
+        }
     }
-    metrics::counter!("instream_events_total", "service" => SERVICE, "outcome" => "aggregated")
-        .increment(pending.records.len() as u64);
-    client::complete(consumer, &pending.records);
-    pending.records.clear();
-    pending.events.clear();
-    metrics::gauge!("instream_open_windows", "service" => SERVICE).set(windows.len() as f64);
+    if !checkpoints.is_empty()
+        && !until_written(ready, stop, "checkpoints", || {
+            store.save_checkpoints(&checkpoints)
+        })
+        .await
+    {
+        // Not durable: the records stay unhandled and are read again after a restart.
+        return Ok(());
+    }
+    for ingest_time in pending.iter().filter_map(|(_, t)| *t) {
+        metrics::histogram!("instream_stage_latency_seconds", "stage" => "aggregator_visible")
+            .record((visible - ingest_time).max(0) as f64 / 1000.0);
+    }
+    client::complete(consumer, pending.iter().map(|(record, _)| record));
+    pending.clear();
+    metrics::gauge!("instream_open_windows", "service" => SERVICE).set(open as f64);
     Ok(())
 }

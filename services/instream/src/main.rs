@@ -85,9 +85,11 @@ fn main() -> ExitCode {
             rate,
             data_dir,
         } => {
+            // On a terminal the live view is redrawn in place; warnings would scroll it away.
+            let live = std::io::IsTerminal::is_terminal(&std::io::stdout());
             instream_core::telemetry::init_tracing(&instream_core::config::TelemetryConfig {
                 log_format: instream_core::config::LogFormat::Pretty,
-                log_level: "warn".into(),
+                log_level: if live { "error" } else { "warn" }.into(),
             });
             runtime().and_then(|rt| rt.block_on(demo::run(duration, rate, &data_dir)))
         }
@@ -129,8 +131,8 @@ async fn standalone(path: Option<PathBuf>) -> anyhow::Result<()> {
     let token = CancellationToken::new();
     instream_core::shutdown_on_signal(token.clone());
     let started = std::time::Instant::now();
-    let platform = standalone::Standalone::start(config, token).await?;
-    platform.ready(Duration::from_secs(60)).await?;
+    let platform =
+        standalone::Standalone::start_ready(config, token, Duration::from_secs(60)).await?;
     eprintln!(
         "instream standalone: ready in {:.2}s; ingest on http://{}, admin on http://{}; Ctrl-C stops",
         started.elapsed().as_secs_f64(),

@@ -32,12 +32,17 @@ pub enum OffsetsCommand {
         /// `orders.enriched` (aggregator).
         #[arg(long)]
         topic: String,
-        /// RFC 3339 time, e.g. `2026-11-25T10:00:00Z`.
+        /// RFC 3339 time, e.g. `2026-11-25T10:00:00Z` or `2026-11-25T11:00:00+01:00`. Records
+        /// are found by their broker timestamp: when they were written to the topic.
         #[arg(long, value_parser = parse_time)]
         to_datetime: i64,
         /// Commit the plan (without it, only print it).
         #[arg(long)]
         execute: bool,
+        /// Allow moving a partition forward, past records the group has not read yet (they
+        /// would never be processed).
+        #[arg(long)]
+        allow_skip: bool,
         #[arg(long, value_enum, default_value = "table")]
         output: Output,
     },
@@ -65,7 +70,8 @@ pub enum DlqCommand {
         config: Option<PathBuf>,
         #[arg(long)]
         pipeline: String,
-        /// Only dead letters with this code (e.g. `enrich_miss`).
+        /// Only dead letters with this code (e.g. `enrich_miss`). `decode_error` records are
+        /// sent back only when asked for by name: they are not instream events.
         #[arg(long)]
         code: Option<String>,
         /// Start of the dead-letter partition, `PARTITION:OFFSET`; repeat per partition. A
@@ -78,13 +84,19 @@ pub enum DlqCommand {
 }
 
 fn parse_time(s: &str) -> Result<i64, String> {
-    let t = humantime::parse_rfc3339_weak(s)
-        .map_err(|e| format!("`{s}` is not an RFC 3339 time (2026-11-25T10:00:00Z): {e}"))?;
-    let millis = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|_| format!("`{s}` is before 1970"))?
-        .as_millis();
-    i64::try_from(millis).map_err(|_| format!("`{s}` is too far in the future"))
+    instream_event::parse_event_time(&serde_json::Value::String(s.to_owned()))
+        .map_err(|_| format!("`{s}` is not an RFC 3339 time (e.g. 2026-11-25T10:00:00Z)"))
+}
+
+/// Writes command output; a reader that went away (`instream dlq tail | head`) is not an
+/// error.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 fn parse_partition_offset(s: &str) -> Result<(i32, i64), String> {
@@ -98,54 +110,89 @@ fn parse_partition_offset(s: &str) -> Result<(i32, i64), String> {
 }
 
 pub async fn offsets(command: OffsetsCommand) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
     let OffsetsCommand::Reset {
         config,
         group,
         topic,
         to_datetime,
         execute,
+        allow_skip,
         output,
     } = command;
     let config = Config::load(config.as_deref())?;
     let plan = ops::plan_offset_reset(&config.kafka, &group, &topic, to_datetime)
         .await
         .with_context(|| format!("planning the reset of `{group}` on `{topic}`"))?;
-    if execute {
+    // Moving forward skips records the group never processed: that is loss, not replay.
+    let skips: Vec<i32> = plan
+        .iter()
+        .filter(|r| r.committed.is_some_and(|c| r.target > c))
+        .map(|r| r.partition)
+        .collect();
+    let refused = execute && !skips.is_empty() && !allow_skip;
+    if execute && !refused {
         ops::apply_offset_reset(&config.kafka, &group, &topic, &plan)
             .await
             .with_context(|| {
                 format!("committing offsets for `{group}` (is its service still running?)")
             })?;
     }
+    let executed = execute && !refused;
+    let mut text = String::new();
     match output {
         Output::Json => {
             let rows: Vec<_> = plan
                 .iter()
                 .map(|r| {
                     serde_json::json!({"partition": r.partition, "committed": r.committed,
-                        "target": r.target})
+                        "target": r.target, "skips_unread": skips.contains(&r.partition)})
                 })
                 .collect();
-            println!(
+            let _ = writeln!(
+                text,
                 "{}",
-                serde_json::json!({"group": group, "topic": topic, "executed": execute, "partitions": rows})
+                serde_json::json!({"group": group, "topic": topic, "executed": executed, "partitions": rows})
             );
         }
         Output::Table => {
-            println!(
+            let _ = writeln!(
+                text,
                 "{:>9}  {:>12}  {:>12}",
                 "partition", "committed", "new offset"
             );
             for r in &plan {
                 let committed = r.committed.map_or("-".to_owned(), |c| c.to_string());
-                println!("{:>9}  {committed:>12}  {:>12}", r.partition, r.target);
+                let note = if skips.contains(&r.partition) {
+                    "  skips records not read yet"
+                } else {
+                    ""
+                };
+                let _ = writeln!(
+                    text,
+                    "{:>9}  {committed:>12}  {:>12}{note}",
+                    r.partition, r.target
+                );
             }
-            if execute {
-                println!("committed for group `{group}`: start its service again to replay");
-            } else {
-                println!("dry run: add --execute to commit (with the group's service stopped)");
+            if executed {
+                let _ = writeln!(
+                    text,
+                    "committed for group `{group}`: start its service again to replay"
+                );
+            } else if !refused {
+                let _ = writeln!(
+                    text,
+                    "dry run: add --execute to commit (with the group's service stopped)"
+                );
             }
         }
+    }
+    emit(&text)?;
+    if refused {
+        anyhow::bail!(
+            "partitions {skips:?} would move forward past records `{group}` has not read; \
+             nothing committed (add --allow-skip to skip them on purpose)"
+        );
     }
     Ok(())
 }
@@ -160,16 +207,16 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
         } => {
             let config = Config::load(config.as_deref())?;
             let topic = topics::dead_letter(&pipeline);
-            let mut letters = ops::read_dead_letters(&config.kafka, &topic, HashMap::new())
+            let newest = limit.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+            let mut letters = ops::read_dead_letters(&config.kafka, &topic, HashMap::new(), newest)
                 .await
                 .with_context(|| format!("reading `{topic}`"))?;
-            letters.sort_by_key(|d| d.timestamp_millis);
+            letters.sort_by_key(|d| (d.timestamp_millis, d.partition, d.offset));
             if let Some(n) = limit {
                 let skip = letters.len().saturating_sub(n);
                 letters.drain(..skip);
             }
-            print_letters(&letters, output);
-            Ok(())
+            emit(&format_letters(&letters, output))
         }
         DlqCommand::Redrive {
             config,
@@ -181,63 +228,100 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             let config = Config::load(config.as_deref())?;
             let dlq_topic = topics::dead_letter(&pipeline);
             let raw = topics::raw(&pipeline);
-            let letters =
-                ops::read_dead_letters(&config.kafka, &dlq_topic, from.into_iter().collect())
-                    .await
-                    .with_context(|| format!("reading `{dlq_topic}`"))?;
-            let mut next: HashMap<i32, i64> = HashMap::new();
+            let from: HashMap<i32, i64> = from.into_iter().collect();
+            let letters = ops::read_dead_letters(&config.kafka, &dlq_topic, from.clone(), None)
+                .await
+                .with_context(|| format!("reading `{dlq_topic}`"))?;
+            // Where the next redrive continues: after everything read now, and never before
+            // where this one started.
+            let mut next = from;
             for d in &letters {
-                next.insert(d.partition, d.offset + 1);
+                let n = next.entry(d.partition).or_insert(0);
+                *n = (*n).max(d.offset + 1);
             }
-            let selected: Vec<StoredDeadLetter> = letters
-                .into_iter()
-                .filter(|d| code.as_deref().is_none_or(|c| d.code == c))
-                .collect();
-            // Only records that came from the raw topic can go back there: what a later stage
-            // refused (e.g. an event too late for its window) is not raw input.
-            let (redrivable, other): (Vec<_>, Vec<_>) = selected
-                .into_iter()
-                .partition(|d| d.origin_topic.as_deref() == Some(raw.as_str()));
-            if !other.is_empty() {
-                eprintln!(
-                    "instream: {} dead letters did not come from `{raw}` and are left alone \
-                     (see `instream dlq tail`)",
-                    other.len()
+            let plan = select_for_redrive(letters, code.as_deref(), &raw);
+            let mut text = String::new();
+            use std::fmt::Write as _;
+            if !plan.left.is_empty() {
+                let _ = writeln!(
+                    text,
+                    "{} dead letters are left alone (other codes, not from `{raw}`, or \
+                     `decode_error` not asked for by name; see `instream dlq tail`)",
+                    plan.left.len()
                 );
             }
-            if execute {
-                ops::redrive(&config.kafka, &dlq_topic, &raw, &redrivable)
-                    .await
-                    .with_context(|| format!("writing to `{raw}`"))?;
-                println!("redrove {} dead letters to `{raw}`", redrivable.len());
-            } else {
-                println!(
+            if !execute {
+                let _ = writeln!(
+                    text,
                     "dry run: {} dead letters would go back to `{raw}`; add --execute",
-                    redrivable.len()
+                    plan.send.len()
                 );
+                return emit(&text);
             }
-            if redrivable.is_empty() && other.is_empty() && next.is_empty() {
-                return Ok(());
-            }
+            ops::redrive(&config.kafka, &dlq_topic, &raw, &plan.send)
+                .await
+                .with_context(|| format!("writing to `{raw}`"))?;
+            let _ = writeln!(text, "redrove {} dead letters to `{raw}`", plan.send.len());
             let mut continue_from: Vec<(i32, i64)> = next.into_iter().collect();
             continue_from.sort();
-            let flags: Vec<String> = continue_from
-                .iter()
-                .map(|(p, o)| format!("--from-offset {p}:{o}"))
-                .collect();
-            println!("to continue after these later: {}", flags.join(" "));
-            Ok(())
+            if !continue_from.is_empty() {
+                let flags: Vec<String> = continue_from
+                    .iter()
+                    .map(|(p, o)| format!("--from-offset {p}:{o}"))
+                    .collect();
+                let _ = writeln!(text, "to continue after these later: {}", flags.join(" "));
+            }
+            emit(&text)
         }
     }
 }
 
-fn print_letters(letters: &[StoredDeadLetter], output: Output) {
+/// What a redrive sends, and what it leaves alone.
+struct RedrivePlan {
+    send: Vec<StoredDeadLetter>,
+    left: Vec<StoredDeadLetter>,
+}
+
+/// Only records that came from the raw topic can go back there (what a later stage refused,
+/// e.g. an event too late for its window, is not raw input); `decode_error` records only when
+/// asked for by name (they are not instream events); and one raw record once, although the
+/// enricher and the archiver may both have dead-lettered it.
+fn select_for_redrive(
+    letters: Vec<StoredDeadLetter>,
+    code: Option<&str>,
+    raw: &str,
+) -> RedrivePlan {
+    let mut seen = std::collections::HashSet::new();
+    let mut plan = RedrivePlan {
+        send: Vec::new(),
+        left: Vec::new(),
+    };
+    for d in letters {
+        let wanted = match code {
+            Some(c) => d.code == c,
+            None => d.code != "decode_error",
+        };
+        let from_raw = d.origin_topic.as_deref() == Some(raw);
+        let first = seen.insert((d.origin_partition, d.origin_offset));
+        if wanted && from_raw && first {
+            plan.send.push(d);
+        } else if !(wanted && from_raw) {
+            plan.left.push(d);
+        }
+    }
+    plan
+}
+
+fn format_letters(letters: &[StoredDeadLetter], output: Output) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::new();
     match output {
         Output::Json => {
             for d in letters {
                 let payload: serde_json::Value = serde_json::from_slice(&d.payload)
                     .unwrap_or_else(|_| String::from_utf8_lossy(&d.payload).into_owned().into());
-                println!(
+                let _ = writeln!(
+                    text,
                     "{}",
                     serde_json::json!({
                         "partition": d.partition, "offset": d.offset,
@@ -251,7 +335,8 @@ fn print_letters(letters: &[StoredDeadLetter], output: Output) {
             }
         }
         Output::Table => {
-            println!(
+            let _ = writeln!(
+                text,
                 "{:<24}  {:<9}  {:<18}  {:<24}  reason",
                 "time", "dlq", "code", "origin"
             );
@@ -264,7 +349,8 @@ fn print_letters(letters: &[StoredDeadLetter], output: Output) {
                     (Some(t), Some(p), Some(o)) => format!("{t}:{p}:{o}"),
                     _ => "-".into(),
                 };
-                println!(
+                let _ = writeln!(
+                    text,
                     "{time:<24}  {:<9}  {:<18}  {origin:<24}  {}",
                     format!("{}:{}", d.partition, d.offset),
                     d.code,
@@ -272,10 +358,11 @@ fn print_letters(letters: &[StoredDeadLetter], output: Output) {
                 );
             }
             if letters.is_empty() {
-                println!("(no dead letters)");
+                let _ = writeln!(text, "(no dead letters)");
             }
         }
     }
+    text
 }
 
 #[cfg(test)]
@@ -285,10 +372,49 @@ mod tests {
     #[test]
     fn arguments_are_parsed_or_refused_precisely() {
         assert_eq!(parse_time("1970-01-01T00:00:01Z"), Ok(1000));
+        assert_eq!(parse_time("1970-01-01T01:00:01+01:00"), Ok(1000));
         assert!(parse_time("yesterday").unwrap_err().contains("RFC 3339"));
         assert_eq!(parse_partition_offset("3:120"), Ok((3, 120)));
         assert!(parse_partition_offset("3")
             .unwrap_err()
             .contains("PARTITION:OFFSET"));
+    }
+}
+
+#[cfg(test)]
+mod redrive_tests {
+    use super::*;
+
+    fn letter(offset: i64, code: &str, origin: &str, origin_offset: i64) -> StoredDeadLetter {
+        StoredDeadLetter {
+            partition: 0,
+            offset,
+            timestamp_millis: None,
+            key: None,
+            payload: Vec::new(),
+            code: code.into(),
+            reason: String::new(),
+            service: String::new(),
+            origin_topic: Some(origin.into()),
+            origin_partition: Some(0),
+            origin_offset: Some(origin_offset),
+        }
+    }
+
+    #[test]
+    fn redrive_sends_raw_origins_once_and_poison_only_by_name() {
+        let letters = vec![
+            letter(0, "enrich_miss", "p.raw", 5),
+            letter(1, "decode_error", "p.raw", 6),
+            letter(2, "decode_error", "p.raw", 6), // the archiver's copy of the same record
+            letter(3, "unknown_pipeline", "p.enriched", 7),
+        ];
+        let plan = select_for_redrive(letters.clone(), None, "p.raw");
+        let sent: Vec<i64> = plan.send.iter().map(|d| d.offset).collect();
+        assert_eq!(sent, vec![0]);
+        assert_eq!(plan.left.len(), 3);
+        let plan = select_for_redrive(letters, Some("decode_error"), "p.raw");
+        let sent: Vec<i64> = plan.send.iter().map(|d| d.offset).collect();
+        assert_eq!(sent, vec![1], "one copy of the poison record, on request");
     }
 }

@@ -31,10 +31,34 @@ pub struct Standalone {
 }
 
 impl Standalone {
-    /// Waits until every service has registered its components and all of them report ready
-    /// (or `timeout` passes, then says which are not).
-    pub async fn ready(&self, timeout: std::time::Duration) -> anyhow::Result<()> {
+    /// Starts the platform and waits until every service has registered its components and
+    /// all of them report ready. A service that fails during start-up (a bad seed file, an
+    /// unreachable store) stops the wait at once, and its own error is returned.
+    pub async fn start_ready(
+        config: Config,
+        token: CancellationToken,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<Self> {
+        let drain = config.shutdown.drain_timeout;
+        let platform = Self::start(config, token.clone()).await?;
+        match platform.ready(timeout).await {
+            Ok(()) => Ok(platform),
+            Err(waiting) => {
+                token.cancel();
+                match platform.supervisor.wait(drain).await {
+                    Err(failed) => {
+                        Err(anyhow::Error::new(failed)
+                            .context("instream standalone could not start"))
+                    }
+                    Ok(()) => Err(waiting),
+                }
+            }
+        }
+    }
+
+    async fn ready(&self, timeout: std::time::Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let stopped = self.supervisor.token();
         loop {
             let report = self.health.report();
             let registered = SERVICES
@@ -42,6 +66,9 @@ impl Standalone {
                 .all(|s| report.iter().any(|c| c.name.starts_with(&format!("{s}."))));
             if registered && report.iter().all(|c| c.ready) {
                 return Ok(());
+            }
+            if stopped.is_cancelled() {
+                anyhow::bail!("instream standalone stopped while starting");
             }
             if tokio::time::Instant::now() > deadline {
                 let waiting: Vec<String> = report
@@ -54,7 +81,10 @@ impl Standalone {
                     waiting.join(", ")
                 );
             }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            tokio::select! {
+                _ = stopped.cancelled() => {}
+                _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+            }
         }
     }
 
@@ -99,7 +129,9 @@ impl Standalone {
                 let s = Arc::new(EmbeddedStore::default());
                 (s.clone(), Some(s))
             }
-            StoreBackend::Scylla => (instream_store::build(&config.store).await?, None),
+            StoreBackend::Scylla | StoreBackend::Local => {
+                (instream_store::build(&config.store).await?, None)
+            }
         };
         if config.archive.backend == ArchiveBackend::Local {
             std::fs::create_dir_all(&config.archive.root)

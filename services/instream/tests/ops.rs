@@ -128,8 +128,8 @@ async fn dlq_tail_shows_dead_letters_and_redrive_sends_raw_ones_back_once() {
     let letters = DeadLetters::from_config(&cfg, "enricher").unwrap();
     let cases: [(&str, &str, &str); 3] = [
         (&raw, "enrich_miss", r#"{"n":1}"#),
-        (&raw, "malformed_refdata", r#"{"n":2}"#),
-        (&enriched, "too_late", r#"{"n":3}"#),
+        (&raw, "refdata_malformed", r#"{"n":2}"#),
+        (&enriched, "unknown_pipeline", r#"{"n":3}"#),
     ];
     for (i, (origin, code, payload)) in cases.iter().enumerate() {
         let delivery = letters
@@ -164,10 +164,31 @@ async fn dlq_tail_shows_dead_letters_and_redrive_sends_raw_ones_back_once() {
     assert_eq!(lines[0]["origin"]["topic"], raw.as_str());
     assert_eq!(lines[2]["record"]["n"], 3);
 
-    // A dry run sends nothing.
-    instream(&broker, &["dlq", "redrive", "--pipeline", &pipeline]);
-    let nothing = ops::read_dead_letters(&cfg, &raw, Default::default()).await;
-    assert!(nothing.is_err() || nothing.unwrap().is_empty());
+    // A dry run sends nothing and offers no place to continue from.
+    let dry = instream(&broker, &["dlq", "redrive", "--pipeline", &pipeline]);
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert!(text.contains("dry run: 2 dead letters"), "{text}");
+    assert!(!text.contains("--from-offset"), "{text}");
+    let newest = instream(
+        &broker,
+        &[
+            "dlq",
+            "tail",
+            "--pipeline",
+            &pipeline,
+            "--limit",
+            "1",
+            "--output",
+            "json",
+        ],
+    );
+    let newest = String::from_utf8_lossy(&newest.stdout);
+    assert_eq!(newest.lines().count(), 1, "{newest}");
+    assert!(newest.contains("unknown_pipeline"), "{newest}");
+    let nothing = ops::read_dead_letters(&cfg, &raw, Default::default(), None)
+        .await
+        .unwrap();
+    assert!(nothing.is_empty(), "{nothing:?}");
 
     // All codes: the two that came from the raw topic go back; the aggregator's does not.
     let out = instream(
@@ -177,7 +198,7 @@ async fn dlq_tail_shows_dead_letters_and_redrive_sends_raw_ones_back_once() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("redrove 2 dead letters"), "{text}");
     assert!(text.contains("--from-offset 0:3"), "{text}");
-    let back = ops::read_dead_letters(&cfg, &raw, Default::default())
+    let back = ops::read_dead_letters(&cfg, &raw, Default::default(), None)
         .await
         .unwrap();
     let payloads: Vec<&[u8]> = back.iter().map(|d| d.payload.as_slice()).collect();
@@ -197,8 +218,13 @@ async fn dlq_tail_shows_dead_letters_and_redrive_sends_raw_ones_back_once() {
             "--execute",
         ],
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("redrove 0 dead letters"));
-    let again = ops::read_dead_letters(&cfg, &raw, Default::default())
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("redrove 0 dead letters"), "{text}");
+    assert!(
+        text.contains("--from-offset 0:3"),
+        "still continues after 0:3: {text}"
+    );
+    let again = ops::read_dead_letters(&cfg, &raw, Default::default(), None)
         .await
         .unwrap();
     assert_eq!(again.len(), 2);

@@ -350,6 +350,9 @@ pub enum StoreBackend {
     Scylla,
     /// In-process store (standalone mode and tests); not shared between processes.
     Embedded,
+    /// A file on the local disk at `store.path` (one process at a time): survives restarts,
+    /// for a single-node deployment and kill tests.
+    Local,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -367,6 +370,8 @@ pub struct StoreConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     pub ttl: Duration,
+    /// The database file of the local backend (`backend = "local"`).
+    pub path: Option<PathBuf>,
     /// User name for password authentication (with `store.password`).
     pub username: Option<String>,
     /// Password for `store.username`; never logged, masked by `check-config`.
@@ -381,6 +386,7 @@ impl Default for StoreConfig {
             keyspace: "instream".into(),
             replication_factor: 3,
             ttl: 30 * DAY,
+            path: None,
             username: None,
             password: None,
         }
@@ -392,6 +398,11 @@ impl StoreConfig {
         if self.backend == StoreBackend::Scylla {
             p.check(!self.scylla_nodes.is_empty(), "store.scylla_nodes", || {
                 "needs at least one host:port".into()
+            });
+        }
+        if self.backend == StoreBackend::Local {
+            p.check(self.path.is_some(), "store.path", || {
+                "the local backend needs the path of its database file".into()
             });
         }
         p.check(

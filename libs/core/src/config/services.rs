@@ -15,7 +15,7 @@ const MIB: u64 = 1024 * 1024;
 pub struct IngestConfig {
     /// The HTTP listener for producers.
     pub listen: SocketAddr,
-    /// Largest request body accepted, after decompression.
+    /// Largest request body accepted.
     pub max_body_bytes: u64,
     /// Most events in one request.
     pub max_events_per_request: usize,
@@ -34,7 +34,7 @@ pub struct IngestConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     pub request_timeout: Duration,
-    /// The `Retry-After` given with 429/503 answers.
+    /// The `Retry-After` given with 503 answers (overload, broker unreachable or slow).
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     pub retry_after: Duration,
@@ -126,12 +126,19 @@ impl EnricherConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AggregatorConfig {
-    /// How often changed windows are written to the store (and then offsets committed).
+    /// How often changed windows are written to the store, then each changed partition's
+    /// checkpoint, and then offsets committed.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     pub flush_interval: Duration,
     /// Most events taken from the consumer between two looks at the clock.
     pub batch_size: usize,
+    /// How long (in ingest time) an `event_id` is remembered: a repeat within it is dropped
+    /// before it reaches a window. Client retries come within seconds. A restart reads this
+    /// much of each partition again to rebuild the ids, so it bounds recovery time too.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub dedup_horizon: Duration,
 }
 
 impl Default for AggregatorConfig {
@@ -139,6 +146,7 @@ impl Default for AggregatorConfig {
         Self {
             flush_interval: Duration::from_secs(1),
             batch_size: 5_000,
+            dedup_horizon: Duration::from_secs(600),
         }
     }
 }
@@ -147,6 +155,11 @@ impl AggregatorConfig {
     pub(super) fn validate(&self, p: &mut Problems) {
         p.non_zero_duration(self.flush_interval, "aggregator.flush_interval");
         p.positive(self.batch_size as u64, "aggregator.batch_size");
+        p.check(
+            self.dedup_horizon <= Duration::from_secs(24 * 3600),
+            "aggregator.dedup_horizon",
+            || "must be at most 24h: a restart reads that much of each partition again".into(),
+        );
     }
 }
 

@@ -55,57 +55,71 @@ group_by = ["key", "enrichment.category"]
 window = { kind = "tumbling", size = "1m" }
 "#;
 
+/// Marks a directory the demo created, so that a later run clears only what it wrote.
+const MARKER: &str = ".instream-demo";
+
 fn demo_config(data: &Path) -> anyhow::Result<Config> {
+    use instream_core::config::{
+        ArchiveBackend, BrokerMode, DefinitionSourceKind, RefDataBackend, StoreBackend,
+    };
     std::fs::create_dir_all(data)
         .with_context(|| format!("creating the demo's directory {}", data.display()))?;
     let definitions = data.join("definitions.toml");
     std::fs::write(&definitions, DEFINITIONS)?;
     let seed = data.join("reference-data.jsonl");
     std::fs::write(&seed, nexmark::reference_data())?;
+    let archive = fresh_archive(data)?;
+
+    let mut config = Config::default();
+    let local = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    config.admin.listen = local;
+    config.ingest.listen = local;
+    config.shutdown.drain_timeout = Duration::from_secs(5);
+    config.kafka.broker = BrokerMode::Embedded;
+    config.kafka.replication_factor = 1;
+    config.kafka.session_timeout = Duration::from_secs(6);
+    config.kafka.commit_interval = Duration::from_millis(500);
+    config.kafka.statistics_interval = Duration::from_secs(1);
+    // The embedded broker answers fetches at once; short waits keep the demo's latency low.
+    for (k, v) in [
+        ("fetch.wait.max.ms", "10"),
+        ("fetch.queue.backoff.ms", "10"),
+    ] {
+        config.kafka.consumer.insert(k.into(), v.into());
+    }
+    config.definitions.source = DefinitionSourceKind::File;
+    config.definitions.path = Some(definitions);
+    config.refdata.backend = RefDataBackend::Memory;
+    config.refdata.seed_file = Some(seed);
+    config.store.backend = StoreBackend::Embedded;
+    config.archive.backend = ArchiveBackend::Local;
+    config.archive.root = archive.to_string_lossy().into_owned();
+    config.aggregator.flush_interval = Duration::from_millis(500);
+    config.archiver.roll_max_age = Duration::from_secs(2);
+    config.validate()?;
+    Ok(config)
+}
+
+/// A fresh archive directory per run (the embedded broker starts empty, so offsets start at 0
+/// again). Only a directory an earlier demo created — it holds the marker — is removed.
+fn fresh_archive(data: &Path) -> anyhow::Result<std::path::PathBuf> {
     let archive = data.join("archive");
-    // A fresh archive per run: the embedded broker starts empty, so offsets start at 0 again.
-    let _ = std::fs::remove_dir_all(&archive);
-    let text = format!(
-        r#"
-[telemetry]
-log_format = "pretty"
-log_level = "warn"
-[admin]
-listen = "127.0.0.1:0"
-[shutdown]
-drain_timeout = "5s"
-[kafka]
-broker = "embedded"
-replication_factor = 1
-session_timeout = "6s"
-commit_interval = "500ms"
-statistics_interval = "1s"
-[kafka.consumer]
-"fetch.wait.max.ms" = "10"
-"fetch.queue.backoff.ms" = "10"
-[definitions]
-source = "file"
-path = "{definitions}"
-[refdata]
-backend = "memory"
-seed_file = "{seed}"
-[store]
-backend = "embedded"
-[archive]
-backend = "local"
-root = "{archive}"
-[ingest]
-listen = "127.0.0.1:0"
-[aggregator]
-flush_interval = "500ms"
-[archiver]
-roll_max_age = "2s"
-"#,
-        definitions = definitions.display(),
-        seed = seed.display(),
-        archive = archive.display(),
-    );
-    Ok(Config::from_toml(&text)?)
+    if archive.exists() {
+        if !archive.join(MARKER).exists() {
+            bail!(
+                "{} exists and was not made by the demo; choose another --data-dir",
+                archive.display()
+            );
+        }
+        std::fs::remove_dir_all(&archive)
+            .with_context(|| format!("clearing the last run's {}", archive.display()))?;
+    }
+    std::fs::create_dir_all(&archive)?;
+    std::fs::write(
+        archive.join(MARKER),
+        "made by `instream demo`; removed by its next run\n",
+    )?;
+    Ok(archive)
 }
 
 /// What the sender saw: events ingest accepted, and the events it refused by reason code.
@@ -113,15 +127,41 @@ roll_max_age = "2s"
 struct Sent {
     accepted: u64,
     refused: BTreeMap<String, u64>,
+    /// Batches ingest did not accept even after retrying, by HTTP status.
+    failed_batches: BTreeMap<u16, u64>,
 }
 
 pub async fn run(duration: Duration, rate: u32, data: &Path) -> anyhow::Result<()> {
     let config = demo_config(data)?;
     let token = CancellationToken::new();
     let started_at = Instant::now();
-    let platform = Standalone::start(config, token.clone()).await?;
-    platform.ready(Duration::from_secs(30)).await?;
+    let platform = Standalone::start_ready(config, token.clone(), Duration::from_secs(30)).await?;
     let startup = started_at.elapsed();
+    let result = drive(&platform, duration, rate, data, startup).await;
+    // Whatever happened, the services stop cleanly before the process ends.
+    token.cancel();
+    let stopped = platform.supervisor.wait(Duration::from_secs(15)).await;
+    let summary = result?;
+    stopped?;
+    print!("{summary}");
+    if !summary.ends_with(EXACT) {
+        bail!("the stages did not account for every accepted event");
+    }
+    Ok(())
+}
+
+const EXACT: &str =
+    "  every accepted bid is in the aggregates or the dead-letter topic, and in the archive, once\n";
+
+/// Sends the stream, shows the view, waits for the stages to catch up, and returns the summary.
+async fn drive(
+    platform: &Standalone,
+    duration: Duration,
+    rate: u32,
+    data: &Path,
+    startup: Duration,
+) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
     let store = platform
         .embedded_store
         .clone()
@@ -223,14 +263,14 @@ pub async fn run(duration: Duration, rate: u32, data: &Path) -> anyhow::Result<(
     // Wait until the stages caught up with what ingest accepted: every accepted bid is either
     // counted in the aggregates or dead-lettered by the enricher, and every one is archived.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let (aggregated, archived, totals) = loop {
+    let (aggregated, archive, totals) = loop {
         let aggregated = count_in(&store, HOT_AGGREGATION);
-        let archived = archived_records(&platform).await?;
+        let archive = archived(platform).await?;
         let totals = scrape(&http, &metrics_url).await.unwrap_or_default();
-        let caught_up =
-            aggregated + totals.dead_letters as u64 >= sent.accepted && archived >= sent.accepted;
+        let caught_up = aggregated + totals.dead_letters as u64 >= sent.accepted
+            && archive.records >= sent.accepted;
         if caught_up || Instant::now() > deadline {
-            break (aggregated, archived, totals);
+            break (aggregated, archive, totals);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
@@ -241,37 +281,50 @@ pub async fn run(duration: Duration, rate: u32, data: &Path) -> anyhow::Result<(
             *categories.entry(category).or_default() += w.count;
         }
     });
-    token.cancel();
-    platform.supervisor.wait(Duration::from_secs(15)).await?;
 
     let dead = totals.dead_letters as u64;
-    println!(
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "instream demo summary ({:.1}s, started in {:.2}s)",
         started.elapsed().as_secs_f64(),
         startup.as_secs_f64()
     );
-    println!("  bids accepted by ingest        : {}", sent.accepted);
-    println!("  bids refused by ingest         : {:?}", sent.refused);
-    println!("  bids in the aggregates         : {aggregated}");
-    println!("  bids dead-lettered (no auction): {dead}");
-    println!("  bids in the archive            : {archived}");
-    println!(
+    let _ = writeln!(out, "  bids accepted by ingest        : {}", sent.accepted);
+    let _ = writeln!(out, "  bids refused by ingest         : {:?}", sent.refused);
+    if !sent.failed_batches.is_empty() {
+        let _ = writeln!(
+            out,
+            "  batches that failed, by status : {:?}",
+            sent.failed_batches
+        );
+    }
+    let _ = writeln!(out, "  bids in the aggregates         : {aggregated}");
+    let _ = writeln!(out, "  bids dead-lettered (no auction): {dead}");
+    let _ = writeln!(
+        out,
+        "  bids in the archive            : {} ({} distinct event ids)",
+        archive.records, archive.distinct_ids
+    );
+    let _ = writeln!(
+        out,
         "  refdata hit ratio              : {:.2}% of {:.0} lookups",
         100.0 * totals.lookups_found / totals.lookups.max(1.0),
         totals.lookups
     );
-    println!("  bids per auction category      : {categories:?}");
-    println!(
+    let _ = writeln!(out, "  bids per auction category      : {categories:?}");
+    let _ = writeln!(
+        out,
         "  archive                        : {}",
         data.join("archive").display()
     );
-    if aggregated + dead != sent.accepted || archived != sent.accepted {
-        bail!("the stages did not account for every accepted event");
+    let exact = aggregated + dead == sent.accepted
+        && archive.records == sent.accepted
+        && archive.distinct_ids == sent.accepted;
+    if exact {
+        out.push_str(EXACT);
     }
-    println!(
-        "  every accepted bid is in the aggregates or the dead-letter topic, and in the archive, once"
-    );
-    Ok(())
+    Ok(out)
 }
 
 /// Posts bids in batches every 100 ms at `rate` per second until `duration` or `stop`.
@@ -296,19 +349,36 @@ async fn send_bids(
         }
         let now = instream_event::now_millis();
         let body: Vec<serde_json::Value> = (0..per_tick).map(|_| bids.next_bid(now)).collect();
-        let answer = http
-            .post(&url)
-            // A retried batch would carry the same event ids.
-            .header("idempotency-key", format!("demo-{batch}"))
-            .json(&body)
-            .send()
-            .await
-            .context("posting to ingest")?;
+        // A batch answered 503 (overload) is sent again after Retry-After with the same
+        // Idempotency-Key, so its events keep their ids and are counted once.
+        let key = format!("demo-{batch}");
         batch += 1;
-        let status = answer.status();
-        let json: serde_json::Value = answer.json().await.unwrap_or_default();
+        let mut attempt = 0;
+        let (status, json) = loop {
+            attempt += 1;
+            let answer = http
+                .post(&url)
+                .header("idempotency-key", &key)
+                .json(&body)
+                .send()
+                .await
+                .context("posting to ingest")?;
+            let status = answer.status();
+            let retry_after = answer
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(1);
+            let json: serde_json::Value = answer.json().await.unwrap_or_default();
+            if status != reqwest::StatusCode::SERVICE_UNAVAILABLE || attempt >= 5 {
+                break (status, json);
+            }
+            tokio::time::sleep(Duration::from_secs(retry_after)).await;
+        };
         if !status.is_success() {
             eprintln!("instream demo: ingest answered {status}: {json}");
+            *sent.failed_batches.entry(status.as_u16()).or_default() += 1;
             continue;
         }
         sent.accepted += json["accepted"].as_u64().unwrap_or(0);
@@ -354,19 +424,29 @@ fn top_of_current_window(store: &EmbeddedStore) -> Vec<(String, i64)> {
     top
 }
 
-async fn archived_records(platform: &Standalone) -> anyhow::Result<u64> {
-    let mut records = 0u64;
-    for f in platform.archive.list(PIPELINE).await? {
-        let bytes = platform.archive.get(&f.path).await?;
-        records += zstd_lines(&bytes).context("reading an archive file")?;
-    }
-    Ok(records)
+/// What the archive holds: records, and how many distinct event ids among them.
+struct Archived {
+    records: u64,
+    distinct_ids: u64,
 }
 
-/// Counts the lines of a zstd JSON-lines file.
-fn zstd_lines(bytes: &[u8]) -> std::io::Result<u64> {
-    use std::io::Read;
-    let mut text = Vec::new();
-    zstd::stream::read::Decoder::new(bytes)?.read_to_end(&mut text)?;
-    Ok(text.iter().filter(|&&b| b == b'\n').count() as u64)
+async fn archived(platform: &Standalone) -> anyhow::Result<Archived> {
+    use std::io::BufRead;
+    let mut records = 0u64;
+    let mut ids = std::collections::HashSet::new();
+    for f in platform.archive.list(PIPELINE).await? {
+        let bytes = platform.archive.get(&f.path).await?;
+        let text = zstd::stream::decode_all(&bytes[..]).context("reading an archive file")?;
+        for line in text.lines() {
+            let line = line?;
+            records += 1;
+            let event = instream_event::decode(line.as_bytes())
+                .with_context(|| format!("an archived line of {} is not an event", f.path))?;
+            ids.insert(event.event_id);
+        }
+    }
+    Ok(Archived {
+        records,
+        distinct_ids: ids.len() as u64,
+    })
 }

@@ -177,11 +177,11 @@ instream_events_total{service="ingest",pipeline="bids",outcome="accepted"} 1200
 instream_events_total{service="enricher",pipeline="bids",outcome="enriched"} 1100
 instream_events_total{service="aggregator",outcome="aggregated"} 1000
 # TYPE instream_events_rejected_total counter
-instream_events_rejected_total{service="ingest",pipeline="bids",reason="missing_field"} 3
+instream_events_rejected_total{service="ingest",pipeline="bids",code="missing_field"} 3
 # TYPE instream_archive_records_total counter
 instream_archive_records_total{pipeline="bids"} 900
 # TYPE instream_dead_letters_total counter
-instream_dead_letters_total{service="enricher",pipeline="bids",code="refdata_missing"} 7
+instream_dead_letters_total{service="enricher",pipeline="bids",code="enrich_miss"} 7
 # TYPE instream_enrich_lookups_total counter
 instream_enrich_lookups_total{pipeline="bids",rule="auction",outcome="hit"} 99
 instream_enrich_lookups_total{pipeline="bids",rule="auction",outcome="miss"} 1

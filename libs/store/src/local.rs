@@ -1,0 +1,187 @@
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, TableDefinition};
+
+use crate::{
+    AggregateQuery, AggregateStore, Checkpoint, CheckpointKey, StoreError, WindowAggregate,
+};
+
+/// (pipeline, aggregation, group, window start).
+type WindowKey<'a> = (&'a str, &'a str, &'a str, i64);
+/// (window end, definition version, count).
+type WindowRow = (i64, i64, i64);
+const WINDOWS: TableDefinition<WindowKey, WindowRow> = TableDefinition::new("window_aggregates");
+/// (consumer group, topic, partition) -> (next offset, state).
+const CHECKPOINTS: TableDefinition<(&str, &str, i32), (i64, &[u8])> =
+    TableDefinition::new("aggregator_checkpoints");
+
+/// A store in one file on the local disk (redb: copy-on-write B-trees, every commit durable
+/// before it returns). For a single-node deployment and for tests that kill the aggregator
+/// process: unlike the embedded store, what it holds survives the process. One process opens
+/// the file at a time.
+pub struct LocalStore {
+    db: Arc<Database>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl LocalStore {
+    pub fn open(path: &Path) -> Result<LocalStore, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Rejected(format!("creating {}: {e}", dir.display())))?;
+        }
+        let db = Database::create(path)
+            .map_err(|e| StoreError::Rejected(format!("opening {}: {e}", path.display())))?;
+        // Create both tables up front, so that reads of an empty store find them.
+        let txn = db.begin_write().map_err(unavailable)?;
+        txn.open_table(WINDOWS).map_err(unavailable)?;
+        txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+        txn.commit().map_err(unavailable)?;
+        Ok(LocalStore { db: Arc::new(db) })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(unavailable)?
+    }
+}
+
+#[async_trait]
+impl AggregateStore for LocalStore {
+    async fn upsert(&self, rows: &[WindowAggregate]) -> Result<(), StoreError> {
+        let rows = rows.to_vec();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(WINDOWS).map_err(unavailable)?;
+                for r in &rows {
+                    table
+                        .insert(
+                            (
+                                r.pipeline.as_str(),
+                                r.aggregation.as_str(),
+                                r.group_key.as_str(),
+                                r.window_start,
+                            ),
+                            (r.window_end, r.definition_version, r.count),
+                        )
+                        .map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn query(&self, q: &AggregateQuery) -> Result<Vec<WindowAggregate>, StoreError> {
+        if q.from >= q.to || q.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let q = q.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(WINDOWS).map_err(unavailable)?;
+            let lo = (
+                q.pipeline.as_str(),
+                q.aggregation.as_str(),
+                q.group_key.as_str(),
+                q.from,
+            );
+            let hi = (
+                q.pipeline.as_str(),
+                q.aggregation.as_str(),
+                q.group_key.as_str(),
+                q.to,
+            );
+            let mut out = Vec::new();
+            for entry in table.range(lo..hi).map_err(unavailable)?.take(q.limit) {
+                let (k, v) = entry.map_err(unavailable)?;
+                let (_, _, _, window_start) = k.value();
+                let (window_end, definition_version, count) = v.value();
+                out.push(WindowAggregate {
+                    pipeline: q.pipeline.clone(),
+                    aggregation: q.aggregation.clone(),
+                    group_key: q.group_key.clone(),
+                    window_start,
+                    window_end,
+                    definition_version,
+                    count,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn save_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<(), StoreError> {
+        let checkpoints = checkpoints.to_vec();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+                for c in &checkpoints {
+                    table
+                        .insert(
+                            (c.key.group.as_str(), c.key.topic.as_str(), c.key.partition),
+                            (c.next_offset, c.state.as_slice()),
+                        )
+                        .map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn load_checkpoint(&self, key: &CheckpointKey) -> Result<Option<Checkpoint>, StoreError> {
+        let key = key.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+            let found = table
+                .get((key.group.as_str(), key.topic.as_str(), key.partition))
+                .map_err(unavailable)?;
+            Ok(found.map(|v| {
+                let (next_offset, state) = v.value();
+                Checkpoint {
+                    key: key.clone(),
+                    next_offset,
+                    state: state.to_vec(),
+                }
+            }))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn passes_the_conformance_suite_and_keeps_data_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        {
+            let store = LocalStore::open(&path).unwrap();
+            crate::conformance::run(&store, "local").await;
+        }
+        // What a killed process wrote is there for the next one.
+        let store = LocalStore::open(&path).unwrap();
+        crate::conformance::run_after_reopen(&store, "local").await;
+    }
+}

@@ -1,0 +1,519 @@
+//! What the aggregator knows about one input partition: its open windows, its watermark, and
+//! what it needs to drop repeats — all as of one offset, so that a checkpoint of it and that
+//! offset are restored together.
+//!
+//! Repeats come in two kinds (DESIGN §3). A client retry puts an event into the raw topic twice
+//! with the same `event_id`; ids seen within a horizon of ingest time are remembered and a
+//! repeat is dropped. An enricher that re-runs after a crash emits records again; they carry
+//! their origin partition and offset, and anything at or below the highest origin offset
+//! already counted is dropped.
+//!
+//! The seen ids are not written into checkpoints (at 100k events/s, ten minutes of ids are
+//! tens of millions): they are a function of the records in `[seen_from, next_offset)` of the
+//! partition, so a restore reads that range again and rebuilds them exactly. Records enter the
+//! list in offset order and leave only from its front, once older than the horizon, so the
+//! rebuilt list equals the one the checkpoint was taken from.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
+
+use instream_event::Event;
+use instream_pipeline::PipelineDefinition;
+use instream_store::WindowAggregate;
+use serde::{Deserialize, Serialize};
+
+use crate::windows::group_key;
+
+/// Increments when the snapshot layout changes; older snapshots are refused, not misread.
+const SNAPSHOT_FORMAT: u8 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct WindowId {
+    pub pipeline: String,
+    pub aggregation: String,
+    pub group_key: String,
+    pub start: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct WindowValue {
+    end: i64,
+    /// Watermark time at which the window closes (end plus allowed lateness).
+    closes_at: i64,
+    /// The definition version the window opened under; it finishes under it (DESIGN §7).
+    version: u64,
+    count: i64,
+    /// Changed since the last flush.
+    #[serde(skip)]
+    dirty: bool,
+}
+
+/// What happened to one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Counted into the windows of every aggregation.
+    Counted,
+    /// At an offset the state already reflects (read again after a restart or rebalance).
+    AlreadyApplied,
+    /// Re-emitted by a stage upstream: its origin offset was already counted.
+    RepeatedOrigin,
+    /// Its `event_id` was counted within the horizon.
+    RepeatedEvent,
+    /// Beyond the allowed lateness of these aggregations (counted in the others).
+    TooLate(Vec<String>),
+}
+
+/// Remembered event ids: a FIFO in offset order with a multiset for lookups.
+#[derive(Debug, Default)]
+struct SeenIds {
+    order: VecDeque<(u128, i64, i64)>,
+    counts: HashMap<u128, u32>,
+}
+
+impl SeenIds {
+    fn contains(&self, id: u128) -> bool {
+        self.counts.contains_key(&id)
+    }
+
+    fn push(&mut self, id: u128, ingest_time: i64, offset: i64) {
+        self.order.push_back((id, ingest_time, offset));
+        *self.counts.entry(id).or_default() += 1;
+    }
+
+    /// Forgets ids from the front that are older than `cutoff` (ingest time).
+    fn prune(&mut self, cutoff: i64) {
+        while let Some(&(id, ingest_time, _)) = self.order.front() {
+            if ingest_time >= cutoff {
+                break;
+            }
+            self.order.pop_front();
+            if let Some(n) = self.counts.get_mut(&id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.counts.remove(&id);
+                }
+            }
+        }
+    }
+
+    fn front_offset(&self) -> Option<i64> {
+        self.order.front().map(|&(_, _, offset)| offset)
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+}
+
+fn id_hash(event_id: &str) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(event_id.as_bytes())
+}
+
+/// The state of one input partition.
+#[derive(Debug)]
+pub struct PartitionState {
+    /// The first offset not reflected here; records below it are skipped.
+    next_offset: i64,
+    max_event_time: i64,
+    max_ingest_time: i64,
+    /// Origin partition -> highest origin offset counted.
+    origin_max: BTreeMap<i32, i64>,
+    seen: SeenIds,
+    windows: HashMap<WindowId, WindowValue>,
+    /// Changed since the last checkpoint.
+    changed: bool,
+}
+
+/// The checkpointed part of a [`PartitionState`].
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    format: u8,
+    next_offset: i64,
+    max_event_time: i64,
+    max_ingest_time: i64,
+    /// Where the seen ids start: a restore reads `[seen_from, next_offset)` again.
+    seen_from: i64,
+    origin_max: Vec<(i32, i64)>,
+    windows: Vec<(WindowId, WindowValue)>,
+}
+
+/// A checkpoint's state could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("unreadable aggregator checkpoint: {0}")]
+pub struct SnapshotError(String);
+
+impl Default for PartitionState {
+    fn default() -> Self {
+        PartitionState {
+            next_offset: 0,
+            max_event_time: i64::MIN,
+            max_ingest_time: i64::MIN,
+            origin_max: BTreeMap::new(),
+            seen: SeenIds::default(),
+            windows: HashMap::new(),
+            changed: false,
+        }
+    }
+}
+
+impl PartitionState {
+    pub fn next_offset(&self) -> i64 {
+        self.next_offset
+    }
+
+    pub fn window_count(&self) -> usize {
+        self.windows.len()
+    }
+
+    pub fn remembered_ids(&self) -> usize {
+        self.seen.len()
+    }
+
+    fn watermark(&self, def: &PipelineDefinition) -> i64 {
+        self.max_event_time
+            .saturating_sub(def.max_out_of_orderness.as_millis() as i64)
+    }
+
+    /// Applies the record at `offset`. `origin` is (partition, offset) in the stage's input
+    /// when the record carries it.
+    pub fn apply(
+        &mut self,
+        offset: i64,
+        event: &Event,
+        origin: Option<(i32, i64)>,
+        def: &PipelineDefinition,
+        horizon: Duration,
+    ) -> Outcome {
+        if offset < self.next_offset {
+            return Outcome::AlreadyApplied;
+        }
+        self.next_offset = offset + 1;
+        self.changed = true;
+        let id = id_hash(&event.event_id);
+        let repeated = self.seen.contains(id);
+        self.remember(id, event.ingest_time, offset, horizon);
+        if let Some((partition, origin_offset)) = origin {
+            let highest = self.origin_max.entry(partition).or_insert(-1);
+            if origin_offset <= *highest {
+                return Outcome::RepeatedOrigin;
+            }
+            *highest = origin_offset;
+        }
+        if repeated {
+            return Outcome::RepeatedEvent;
+        }
+        let watermark = self.watermark(def);
+        let mut late = Vec::new();
+        let mut payload = None;
+        for aggregation in &def.aggregations {
+            let start = aggregation.window.start_of(event.event_time);
+            let closes_at = aggregation
+                .window
+                .closes_at(start, aggregation.allowed_lateness);
+            if closes_at <= watermark {
+                late.push(aggregation.name.clone());
+                continue;
+            }
+            let id = WindowId {
+                pipeline: def.name.clone(),
+                aggregation: aggregation.name.clone(),
+                group_key: group_key(aggregation, event, &mut payload),
+                start,
+            };
+            let value = self.windows.entry(id).or_insert_with(|| WindowValue {
+                end: start + aggregation.window.size_millis(),
+                closes_at,
+                version: def.version,
+                count: 0,
+                dirty: false,
+            });
+            value.count += 1;
+            value.dirty = true;
+        }
+        self.max_event_time = self.max_event_time.max(event.event_time);
+        if late.is_empty() {
+            Outcome::Counted
+        } else {
+            Outcome::TooLate(late)
+        }
+    }
+
+    fn remember(&mut self, id: u128, ingest_time: i64, offset: i64, horizon: Duration) {
+        self.seen.push(id, ingest_time, offset);
+        self.max_ingest_time = self.max_ingest_time.max(ingest_time);
+        self.seen.prune(
+            self.max_ingest_time
+                .saturating_sub(horizon.as_millis() as i64),
+        );
+    }
+
+    /// The windows changed since the last call, as whole values to upsert.
+    pub fn take_dirty(&mut self, out: &mut Vec<WindowAggregate>) {
+        for (id, v) in self.windows.iter_mut().filter(|(_, v)| v.dirty) {
+            v.dirty = false;
+            out.push(WindowAggregate {
+                pipeline: id.pipeline.clone(),
+                aggregation: id.aggregation.clone(),
+                group_key: id.group_key.clone(),
+                window_start: id.start,
+                window_end: v.end,
+                definition_version: v.version as i64,
+                count: v.count,
+            });
+        }
+    }
+
+    /// Marks windows dirty again after a failed write, so the next flush retries them.
+    pub fn mark_dirty(&mut self, rows: &[WindowAggregate]) {
+        for row in rows {
+            let id = WindowId {
+                pipeline: row.pipeline.clone(),
+                aggregation: row.aggregation.clone(),
+                group_key: row.group_key.clone(),
+                start: row.window_start,
+            };
+            if let Some(v) = self.windows.get_mut(&id) {
+                v.dirty = true;
+            }
+        }
+    }
+
+    /// Drops flushed windows the watermark has passed (end plus allowed lateness): their
+    /// value in the store is final. `out_of_orderness` gives a pipeline's
+    /// `max_out_of_orderness` (None: no definition any more, so nothing can close safely).
+    /// Returns how many closed.
+    pub fn close_windows(&mut self, out_of_orderness: impl Fn(&str) -> Option<Duration>) -> usize {
+        let before = self.windows.len();
+        let max_event_time = self.max_event_time;
+        self.windows.retain(|id, v| {
+            let Some(delay) = out_of_orderness(&id.pipeline) else {
+                return true;
+            };
+            let watermark = max_event_time.saturating_sub(delay.as_millis() as i64);
+            v.dirty || v.closes_at > watermark
+        });
+        let closed = before - self.windows.len();
+        if closed > 0 {
+            self.changed = true;
+        }
+        closed
+    }
+
+    /// The watermark of this partition under `def`.
+    pub fn watermark_for(&self, def: &PipelineDefinition) -> i64 {
+        self.watermark(def)
+    }
+
+    /// The checkpoint of this state, if it changed since the last one.
+    pub fn take_snapshot(&mut self) -> Option<(i64, Vec<u8>)> {
+        if !self.changed {
+            return None;
+        }
+        self.changed = false;
+        let snapshot = Snapshot {
+            format: SNAPSHOT_FORMAT,
+            next_offset: self.next_offset,
+            max_event_time: self.max_event_time,
+            max_ingest_time: self.max_ingest_time,
+            seen_from: self.seen.front_offset().unwrap_or(self.next_offset),
+            origin_max: self.origin_max.iter().map(|(&p, &o)| (p, o)).collect(),
+            windows: self
+                .windows
+                .iter()
+                .map(|(id, v)| (id.clone(), v.clone()))
+                .collect(),
+        };
+        // Encoding plain structs into a Vec cannot fail.
+        let bytes = postcard::to_allocvec(&snapshot).unwrap_or_default();
+        Some((self.next_offset, bytes))
+    }
+
+    /// The state a checkpoint holds, without its seen ids: read `[seen_from, next_offset)` of
+    /// the partition into [`Self::rebuild_seen`], then call [`Self::finish_rebuild`].
+    /// Returns the state and `seen_from`.
+    pub fn restore(bytes: &[u8]) -> Result<(PartitionState, i64), SnapshotError> {
+        let s: Snapshot = postcard::from_bytes(bytes).map_err(|e| SnapshotError(e.to_string()))?;
+        if s.format != SNAPSHOT_FORMAT {
+            return Err(SnapshotError(format!(
+                "format {} (this build reads {SNAPSHOT_FORMAT})",
+                s.format
+            )));
+        }
+        let state = PartitionState {
+            next_offset: s.next_offset,
+            max_event_time: s.max_event_time,
+            max_ingest_time: s.max_ingest_time,
+            origin_max: s.origin_max.into_iter().collect(),
+            seen: SeenIds::default(),
+            windows: s.windows.into_iter().collect(),
+            changed: false,
+        };
+        Ok((state, s.seen_from))
+    }
+
+    /// Puts back one record of the range a restore reads again (undecodable records are
+    /// skipped, as they are when first read).
+    pub fn rebuild_seen(&mut self, offset: i64, payload: &[u8]) {
+        if offset >= self.next_offset {
+            return;
+        }
+        if let Ok(event) = instream_event::decode(payload) {
+            self.seen
+                .push(id_hash(&event.event_id), event.ingest_time, offset);
+        }
+    }
+
+    /// Applies the horizon to the rebuilt ids, as the live state did.
+    pub fn finish_rebuild(&mut self, horizon: Duration) {
+        self.seen.prune(
+            self.max_ingest_time
+                .saturating_sub(horizon.as_millis() as i64),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use instream_pipeline::parse_document;
+    use serde_json::value::RawValue;
+
+    const HORIZON: Duration = Duration::from_secs(600);
+
+    fn def() -> PipelineDefinition {
+        parse_document(
+            r#"
+[[pipelines]]
+name = "p"
+key_field = "k"
+time_field = "t"
+max_out_of_orderness = "0s"
+[[pipelines.aggregations]]
+name = "per_minute"
+window = { kind = "tumbling", size = "1m" }
+allowed_lateness = "30s"
+"#,
+        )
+        .unwrap()
+        .pipelines
+        .remove(0)
+    }
+
+    fn event(id: &str, t: i64, ingest: i64) -> Event {
+        Event {
+            event_id: id.into(),
+            pipeline: "p".into(),
+            key: "k1".into(),
+            event_time: t,
+            ingest_time: ingest,
+            headers: Default::default(),
+            payload: RawValue::from_string("{}".into()).unwrap(),
+            enrichment: None,
+        }
+    }
+
+    fn counts(state: &mut PartitionState) -> Vec<(i64, i64)> {
+        let mut rows = Vec::new();
+        for v in state.windows.values_mut() {
+            v.dirty = true;
+        }
+        state.take_dirty(&mut rows);
+        let mut out: Vec<(i64, i64)> = rows.iter().map(|r| (r.window_start, r.count)).collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn repeats_by_id_and_by_origin_are_dropped_and_replays_skipped() {
+        let def = def();
+        let mut s = PartitionState::default();
+        assert_eq!(
+            s.apply(0, &event("a", 0, 0), Some((0, 10)), &def, HORIZON),
+            Outcome::Counted
+        );
+        assert_eq!(
+            s.apply(1, &event("a", 0, 1), Some((0, 11)), &def, HORIZON),
+            Outcome::RepeatedEvent,
+            "a client retry carries the same id"
+        );
+        assert_eq!(
+            s.apply(2, &event("b", 0, 2), Some((0, 10)), &def, HORIZON),
+            Outcome::RepeatedOrigin,
+            "an enricher re-run re-emits origin offset 10"
+        );
+        assert_eq!(
+            s.apply(1, &event("c", 0, 2), None, &def, HORIZON),
+            Outcome::AlreadyApplied
+        );
+        assert_eq!(counts(&mut s), vec![(0, 1)]);
+    }
+
+    #[test]
+    fn ids_older_than_the_horizon_are_forgotten() {
+        let def = def();
+        let mut s = PartitionState::default();
+        s.apply(0, &event("a", 0, 0), None, &def, HORIZON);
+        s.apply(1, &event("x", 0, 600_001), None, &def, HORIZON);
+        assert_eq!(s.remembered_ids(), 1, "a is older than the horizon");
+        assert_eq!(
+            s.apply(2, &event("a", 0, 600_002), None, &def, HORIZON),
+            Outcome::Counted
+        );
+    }
+
+    #[test]
+    fn late_events_within_lateness_count_and_beyond_it_do_not() {
+        let def = def();
+        let mut s = PartitionState::default();
+        s.apply(0, &event("a", 10_000, 0), None, &def, HORIZON);
+        // The watermark is 85 s: window [0, 60 s) closes at 90 s, so it still takes events.
+        s.apply(1, &event("b", 85_000, 0), None, &def, HORIZON);
+        assert_eq!(
+            s.apply(2, &event("c", 5_000, 0), None, &def, HORIZON),
+            Outcome::Counted
+        );
+        s.apply(3, &event("d", 90_000, 0), None, &def, HORIZON);
+        assert_eq!(
+            s.apply(4, &event("e", 5_000, 0), None, &def, HORIZON),
+            Outcome::TooLate(vec!["per_minute".into()])
+        );
+        assert_eq!(counts(&mut s), vec![(0, 2), (60_000, 2)]);
+        let closed = s.close_windows(|_| Some(Duration::ZERO));
+        assert_eq!(closed, 1, "[0, 60 s) is flushed and past its lateness");
+    }
+
+    #[test]
+    fn a_restored_checkpoint_plus_the_reread_range_equals_the_live_state() {
+        let def = def();
+        let mut live = PartitionState::default();
+        let events: Vec<Event> = (0..50)
+            .map(|i| event(&format!("e{}", i % 40), i * 1_000, i * 20_000))
+            .collect();
+        let mut payloads = Vec::new();
+        for (offset, e) in events.iter().enumerate() {
+            live.apply(offset as i64, e, None, &def, HORIZON);
+            payloads.push(instream_event::encode(e));
+        }
+        let (next, bytes) = live.take_snapshot().expect("changed");
+        assert_eq!(next, 50);
+        let (mut restored, seen_from) = PartitionState::restore(&bytes).unwrap();
+        assert!(seen_from > 0, "old ids were pruned: {seen_from}");
+        for (offset, payload) in payloads.iter().enumerate().skip(seen_from as usize) {
+            restored.rebuild_seen(offset as i64, payload);
+        }
+        restored.finish_rebuild(HORIZON);
+        assert_eq!(restored.seen.order, live.seen.order);
+        assert_eq!(counts(&mut restored), counts(&mut live));
+        // Both treat what comes next the same way.
+        for (offset, e) in [
+            (50, event("e45", 51_000, 1_000_000)),
+            (51, event("e49", 52_000, 1_000_001)),
+        ] {
+            assert_eq!(
+                restored.apply(offset, &e, None, &def, HORIZON),
+                live.apply(offset, &e, None, &def, HORIZON)
+            );
+        }
+        assert!(PartitionState::restore(b"garbage").is_err());
+    }
+}
