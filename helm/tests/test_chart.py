@@ -51,6 +51,19 @@ def test_services_scale_independently_and_can_be_disabled():
     assert "rel-archiver" not in names
 
 
+def test_query_api_gets_a_deployment_and_a_service_when_enabled():
+    docs = render({"services": {"query-api": {"enabled": True, "replicas": 3, "httpPort": 8081}}})
+    deployment = next(d for d in docs if d["kind"] == "Deployment"
+                      and d["metadata"]["name"] == "rel-query-api")
+    assert deployment["spec"]["replicas"] == 3
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][0] == "instream-query-api"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["INSTREAM__QUERY_API__LISTEN"] == "0.0.0.0:8081"
+    services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
+    assert services == {"rel-ingest", "rel-query-api"}
+
+
 def test_schema_refuses_bad_values():
     chart = helm_python.Chart.load(str(CHART))
     try:

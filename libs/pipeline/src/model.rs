@@ -108,9 +108,12 @@ pub struct Aggregation {
     /// dead-letter topic as `too_late`.
     #[serde(default = "default_allowed_lateness", with = "humantime_serde")]
     pub allowed_lateness: Duration,
-    /// Functions computed per window; `count` is always included.
+    /// Values computed per window besides the count (which every window has).
     #[serde(default)]
     pub functions: Vec<Function>,
+    /// Only events this filter accepts are aggregated (all when absent).
+    #[serde(default)]
+    pub filter: Option<Filter>,
 }
 
 fn default_group_by() -> Vec<FieldPath> {
@@ -125,12 +128,27 @@ pub enum Window {
         #[serde(with = "humantime_serde")]
         size: Duration,
     },
+    /// Windows of `size` starting every `slide` (aligned to the epoch): an event is in
+    /// `size / slide` of them.
+    Hopping {
+        #[serde(with = "humantime_serde")]
+        size: Duration,
+        #[serde(with = "humantime_serde")]
+        slide: Duration,
+    },
 }
 
 impl Window {
     pub fn size_millis(&self) -> i64 {
         match self {
+            Window::Tumbling { size } | Window::Hopping { size, .. } => size.as_millis() as i64,
+        }
+    }
+
+    fn slide_millis(&self) -> i64 {
+        match self {
             Window::Tumbling { size } => size.as_millis() as i64,
+            Window::Hopping { slide, .. } => slide.as_millis() as i64,
         }
     }
 
@@ -142,18 +160,138 @@ impl Window {
             .saturating_add(allowed_lateness.as_millis() as i64)
     }
 
-    /// Start of the window holding `event_time` (milliseconds, epoch-aligned; floor division so
-    /// times before 1970 land in the right window too).
+    /// Start of the newest window holding `event_time` (milliseconds, epoch-aligned; floor
+    /// division so times before 1970 land in the right window too).
     pub fn start_of(&self, event_time: i64) -> i64 {
-        let size = self.size_millis();
-        event_time.div_euclid(size) * size
+        let slide = self.slide_millis();
+        event_time.div_euclid(slide) * slide
     }
+
+    /// Starts of every window holding `event_time`, newest first.
+    pub fn starts_of(&self, event_time: i64) -> impl Iterator<Item = i64> {
+        let size = self.size_millis();
+        let slide = self.slide_millis();
+        let newest = self.start_of(event_time);
+        (0..)
+            .map(move |i| newest - i * slide)
+            .take_while(move |start| event_time < start + size)
+    }
+}
+
+/// A value computed per window besides the count (which every window has).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "fn", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Function {
+    /// Events in the window (always computed; listing it changes nothing).
+    Count,
+    /// Sum of a numeric field (numbers, or strings holding one; others are skipped).
+    Sum {
+        field: FieldPath,
+    },
+    Min {
+        field: FieldPath,
+    },
+    Max {
+        field: FieldPath,
+    },
+    Avg {
+        field: FieldPath,
+    },
+    /// The field's value of the event with the earliest event time (the first read wins ties).
+    First {
+        field: FieldPath,
+    },
+    /// The field's value of the event with the latest event time (the last read wins ties).
+    Last {
+        field: FieldPath,
+    },
+    /// Approximate distinct values (HyperLogLog, 2^precision registers; relative error about
+    /// 1.04 / sqrt(2^precision)).
+    CountDistinct {
+        field: FieldPath,
+        #[serde(default = "default_precision")]
+        precision: u8,
+    },
+    /// Approximate quantiles (DDSketch: each answer within `relative_accuracy` of the true
+    /// value).
+    Quantiles {
+        field: FieldPath,
+        #[serde(default = "default_quantiles")]
+        q: Vec<f64>,
+        #[serde(default = "default_relative_accuracy")]
+        relative_accuracy: f64,
+    },
+}
+
+fn default_precision() -> u8 {
+    12
+}
+
+fn default_quantiles() -> Vec<f64> {
+    vec![0.5, 0.9, 0.99]
+}
+
+fn default_relative_accuracy() -> f64 {
+    0.01
+}
+
+impl Function {
+    /// The field the function reads, if any.
+    pub fn field(&self) -> Option<&FieldPath> {
+        match self {
+            Function::Count => None,
+            Function::Sum { field }
+            | Function::Min { field }
+            | Function::Max { field }
+            | Function::Avg { field }
+            | Function::First { field }
+            | Function::Last { field }
+            | Function::CountDistinct { field, .. }
+            | Function::Quantiles { field, .. } => Some(field),
+        }
+    }
+
+    /// The name of the function's value in a window's `values`: `sum_price`, `p99_price`, …
+    /// (the last segment of the field).
+    pub fn output_name(&self) -> String {
+        let field = self
+            .field()
+            .and_then(|f| f.segments().last())
+            .map(String::as_str)
+            .unwrap_or_default();
+        let kind = match self {
+            Function::Count => return "count".into(),
+            Function::Sum { .. } => "sum",
+            Function::Min { .. } => "min",
+            Function::Max { .. } => "max",
+            Function::Avg { .. } => "avg",
+            Function::First { .. } => "first",
+            Function::Last { .. } => "last",
+            Function::CountDistinct { .. } => "count_distinct",
+            Function::Quantiles { .. } => "quantiles",
+        };
+        format!("{kind}_{field}")
+    }
+}
+
+/// Which events an aggregation takes: those whose field compares true with the value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    pub field: FieldPath,
+    pub op: FilterOp,
+    pub value: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Function {
-    Count,
+pub enum FilterOp {
+    Eq,
+    Ne,
+    Gt,
+    Gte,
+    Lt,
+    Lte,
 }
 
 /// How the archiver lays out a pipeline's files.

@@ -3,11 +3,22 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use crate::model::{PipelineDefinition, Window};
+use instream_event::FieldPath;
+
+use crate::model::{Function, PipelineDefinition, Window};
 use crate::source::DefinitionError;
 
 /// Largest partition count instream creates topics with.
 const MAX_PARTITIONS: i32 = 1024;
+
+/// `key`, or `payload.<path>` / `enrichment.<path>`: what an aggregation can read.
+fn field_root_ok(path: &FieldPath) -> bool {
+    match path.segments()[0].as_str() {
+        "key" => path.segments().len() == 1,
+        "payload" | "enrichment" => path.segments().len() > 1,
+        _ => false,
+    }
+}
 
 impl PipelineDefinition {
     /// Checks the definition without I/O; every problem is listed, each with its field.
@@ -75,6 +86,74 @@ impl PipelineDefinition {
                         );
                     }
                 }
+                Window::Hopping { size, slide } => {
+                    if *slide < Duration::from_secs(1) || slide > size {
+                        problem(
+                            format!("aggregations[{i}].window.slide"),
+                            "must be at least 1s and at most the window size".into(),
+                        );
+                    } else if size.as_millis() / slide.as_millis() > 100 {
+                        problem(
+                            format!("aggregations[{i}].window.slide"),
+                            "puts each event in more than 100 windows; use a longer slide".into(),
+                        );
+                    }
+                }
+            }
+            let mut outputs = BTreeSet::new();
+            for (j, function) in agg.functions.iter().enumerate() {
+                let at = format!("aggregations[{i}].functions[{j}]");
+                if let Some(path) = function.field() {
+                    if !field_root_ok(path) {
+                        problem(
+                            format!("{at}.field"),
+                            format!(
+                                "`{path}` must be `key`, `payload.<field>` or `enrichment.<field>`"
+                            ),
+                        );
+                    }
+                }
+                if !outputs.insert(function.output_name()) {
+                    problem(
+                        at.clone(),
+                        format!("`{}` is computed twice", function.output_name()),
+                    );
+                }
+                match function {
+                    Function::CountDistinct { precision, .. } if !(4..=18).contains(precision) => {
+                        problem(
+                            format!("{at}.precision"),
+                            format!("{precision} is outside 4..=18"),
+                        );
+                    }
+                    Function::Quantiles {
+                        q,
+                        relative_accuracy,
+                        ..
+                    } => {
+                        if q.is_empty() || q.iter().any(|q| !(0.0..=1.0).contains(q)) {
+                            problem(format!("{at}.q"), "needs quantiles between 0 and 1".into());
+                        }
+                        if !(*relative_accuracy > 0.0 && *relative_accuracy < 0.5) {
+                            problem(
+                                format!("{at}.relative_accuracy"),
+                                "must be above 0 and below 0.5".into(),
+                            );
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(filter) = &agg.filter {
+                if !field_root_ok(&filter.field) {
+                    problem(
+                        format!("aggregations[{i}].filter.field"),
+                        format!(
+                            "`{}` must be `key`, `payload.<field>` or `enrichment.<field>`",
+                            filter.field
+                        ),
+                    );
+                }
             }
             if agg.allowed_lateness > Duration::from_secs(7 * 24 * 3600) {
                 problem(
@@ -92,13 +171,7 @@ impl PipelineDefinition {
                 ),
             }
             for (j, path) in agg.group_by.iter().enumerate() {
-                let root = path.segments()[0].as_str();
-                let ok = match root {
-                    "key" => path.segments().len() == 1,
-                    "payload" | "enrichment" => path.segments().len() > 1,
-                    _ => false,
-                };
-                if !ok {
+                if !field_root_ok(path) {
                     problem(
                         format!("aggregations[{i}].group_by[{j}]"),
                         format!(

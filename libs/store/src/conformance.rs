@@ -12,6 +12,10 @@ fn window(pipeline: &str, key: &str, start: i64, count: i64) -> WindowAggregate 
         window_end: start + 60_000,
         definition_version: 1,
         count,
+        values: serde_json::json!({"sum_price": count * 10, "quantiles_price": {"p50": 1.5}})
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
     }
 }
 

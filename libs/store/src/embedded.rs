@@ -52,6 +52,19 @@ impl AggregateStore for EmbeddedStore {
         Ok(())
     }
 
+    async fn delete(&self, rows: &[WindowAggregate]) -> Result<(), StoreError> {
+        let mut map = self.rows.write().unwrap_or_else(|p| p.into_inner());
+        for row in rows {
+            map.remove(&(
+                row.pipeline.clone(),
+                row.aggregation.clone(),
+                row.group_key.clone(),
+                row.window_start,
+            ));
+        }
+        Ok(())
+    }
+
     async fn query(&self, q: &AggregateQuery) -> Result<Vec<WindowAggregate>, StoreError> {
         let map = self.rows.read().unwrap_or_else(|p| p.into_inner());
         let lo = (

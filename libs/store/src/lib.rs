@@ -34,6 +34,8 @@ pub struct WindowAggregate {
     /// The definition version the window was computed under.
     pub definition_version: i64,
     pub count: i64,
+    /// The aggregation's other functions, by output name (`sum_price`, `quantiles_price`, …).
+    pub values: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Windows of one group whose start lies in `[from, to)`, oldest first, at most `limit`.
@@ -80,6 +82,9 @@ pub enum StoreError {
 pub trait AggregateStore: Send + Sync {
     /// Writes whole-window values; a window written again is replaced.
     async fn upsert(&self, rows: &[WindowAggregate]) -> Result<(), StoreError>;
+    /// Removes windows (by pipeline, aggregation, group and start): a session window that
+    /// merged into another one under a new start.
+    async fn delete(&self, rows: &[WindowAggregate]) -> Result<(), StoreError>;
     async fn query(&self, query: &AggregateQuery) -> Result<Vec<WindowAggregate>, StoreError>;
     /// Succeeds when the store is reachable (readiness).
     async fn ping(&self) -> Result<(), StoreError>;

@@ -10,8 +10,8 @@ use crate::{
 
 /// (pipeline, aggregation, group, window start).
 type WindowKey<'a> = (&'a str, &'a str, &'a str, i64);
-/// (window end, definition version, count).
-type WindowRow = (i64, i64, i64);
+/// (window end, definition version, count, other values as a JSON object).
+type WindowRow<'a> = (i64, i64, i64, &'a str);
 const WINDOWS: TableDefinition<WindowKey, WindowRow> = TableDefinition::new("window_aggregates");
 /// (consumer group, topic, partition) -> (next offset, state).
 const CHECKPOINTS: TableDefinition<(&str, &str, i32), (i64, &[u8])> =
@@ -65,6 +65,7 @@ impl AggregateStore for LocalStore {
             {
                 let mut table = txn.open_table(WINDOWS).map_err(unavailable)?;
                 for r in &rows {
+                    let values = serde_json::Value::Object(r.values.clone()).to_string();
                     table
                         .insert(
                             (
@@ -73,8 +74,30 @@ impl AggregateStore for LocalStore {
                                 r.group_key.as_str(),
                                 r.window_start,
                             ),
-                            (r.window_end, r.definition_version, r.count),
+                            (r.window_end, r.definition_version, r.count, values.as_str()),
                         )
+                        .map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn delete(&self, rows: &[WindowAggregate]) -> Result<(), StoreError> {
+        let rows = rows.to_vec();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(WINDOWS).map_err(unavailable)?;
+                for r in &rows {
+                    table
+                        .remove((
+                            r.pipeline.as_str(),
+                            r.aggregation.as_str(),
+                            r.group_key.as_str(),
+                            r.window_start,
+                        ))
                         .map_err(unavailable)?;
                 }
             }
@@ -107,7 +130,8 @@ impl AggregateStore for LocalStore {
             for entry in table.range(lo..hi).map_err(unavailable)?.take(q.limit) {
                 let (k, v) = entry.map_err(unavailable)?;
                 let (_, _, _, window_start) = k.value();
-                let (window_end, definition_version, count) = v.value();
+                let (window_end, definition_version, count, values) = v.value();
+                let values = serde_json::from_str(values).unwrap_or_default();
                 out.push(WindowAggregate {
                     pipeline: q.pipeline.clone(),
                     aggregation: q.aggregation.clone(),
@@ -116,6 +140,7 @@ impl AggregateStore for LocalStore {
                     window_end,
                     definition_version,
                     count,
+                    values,
                 });
             }
             Ok(out)

@@ -21,6 +21,7 @@ pub struct ScyllaStore {
     session: Session,
     upsert: PreparedStatement,
     select: PreparedStatement,
+    delete: PreparedStatement,
     save_checkpoint: PreparedStatement,
     load_checkpoint: PreparedStatement,
 }
@@ -42,6 +43,7 @@ impl ScyllaStore {
                     CqlTimestamp(r.window_end),
                     r.definition_version,
                     r.count,
+                    serde_json::Value::Object(r.values.clone()).to_string(),
                 ),
             )
             .await
@@ -70,7 +72,8 @@ impl ScyllaStore {
         let mut upsert = session
             .prepare(format!(
                 "INSERT INTO {ks}.window_aggregates (pipeline, aggregation, group_key, \
-                 window_start, window_end, definition_version, count) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                 window_start, window_end, definition_version, count, values_json) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             ))
             .await
             .map_err(|e| StoreError::Rejected(e.to_string()))?;
@@ -78,13 +81,21 @@ impl ScyllaStore {
         let mut select = session
             .prepare(format!(
                 "SELECT pipeline, aggregation, group_key, window_start, window_end, \
-                 definition_version, count FROM {ks}.window_aggregates WHERE pipeline = ? AND \
+                 definition_version, count, values_json FROM {ks}.window_aggregates WHERE pipeline = ? AND \
                  aggregation = ? AND group_key = ? AND window_start >= ? AND window_start < ? \
                  LIMIT ?"
             ))
             .await
             .map_err(|e| StoreError::Rejected(e.to_string()))?;
         select.set_consistency(Consistency::LocalQuorum);
+        let mut delete = session
+            .prepare(format!(
+                "DELETE FROM {ks}.window_aggregates WHERE pipeline = ? AND aggregation = ? \
+                 AND group_key = ? AND window_start = ?"
+            ))
+            .await
+            .map_err(|e| StoreError::Rejected(e.to_string()))?;
+        delete.set_consistency(Consistency::LocalQuorum);
         let mut save_checkpoint = session
             .prepare(format!(
                 "INSERT INTO {ks}.aggregator_checkpoints (consumer_group, topic, partition, \
@@ -105,6 +116,7 @@ impl ScyllaStore {
             session,
             upsert,
             select,
+            delete,
             save_checkpoint,
             load_checkpoint,
         })
@@ -123,7 +135,7 @@ pub fn schema(cfg: &StoreConfig) -> Vec<String> {
         format!(
             "CREATE TABLE IF NOT EXISTS {ks}.window_aggregates (\
              pipeline text, aggregation text, group_key text, window_start timestamp, \
-             window_end timestamp, definition_version bigint, count bigint, \
+             window_end timestamp, definition_version bigint, count bigint, values_json text, \
              PRIMARY KEY ((pipeline, aggregation, group_key), window_start)) \
              WITH CLUSTERING ORDER BY (window_start ASC) AND default_time_to_live = {}",
             cfg.ttl.as_secs()
@@ -144,6 +156,25 @@ impl AggregateStore for ScyllaStore {
     async fn upsert(&self, rows: &[WindowAggregate]) -> Result<(), StoreError> {
         for chunk in rows.chunks(UPSERT_CONCURRENCY) {
             try_join_all(chunk.iter().map(|r| self.write(r))).await?;
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, rows: &[WindowAggregate]) -> Result<(), StoreError> {
+        for chunk in rows.chunks(UPSERT_CONCURRENCY) {
+            try_join_all(chunk.iter().map(|r| {
+                self.session.execute_unpaged(
+                    &self.delete,
+                    (
+                        &r.pipeline,
+                        &r.aggregation,
+                        &r.group_key,
+                        CqlTimestamp(r.window_start),
+                    ),
+                )
+            }))
+            .await
+            .map_err(unavailable)?;
         }
         Ok(())
     }
@@ -170,12 +201,24 @@ impl AggregateStore for ScyllaStore {
             .map_err(unavailable)?;
         let rows = result.into_rows_result().map_err(unavailable)?;
         let typed = rows
-            .rows::<(String, String, String, CqlTimestamp, CqlTimestamp, i64, i64)>()
+            .rows::<(
+                String,
+                String,
+                String,
+                CqlTimestamp,
+                CqlTimestamp,
+                i64,
+                i64,
+                Option<String>,
+            )>()
             .map_err(unavailable)?;
         typed
             .map(|row| {
-                let (pipeline, aggregation, group_key, start, end, version, count) =
+                let (pipeline, aggregation, group_key, start, end, version, count, values) =
                     row.map_err(unavailable)?;
+                let values = values
+                    .and_then(|v| serde_json::from_str(&v).ok())
+                    .unwrap_or_default();
                 Ok(WindowAggregate {
                     pipeline,
                     aggregation,
@@ -184,6 +227,7 @@ impl AggregateStore for ScyllaStore {
                     window_end: end.0,
                     definition_version: version,
                     count,
+                    values,
                 })
             })
             .collect()

@@ -14,6 +14,7 @@
 //! Not yet here (the aggregator issue): hopping and session windows, functions beyond count,
 //! early-result emission settings, repartitioning, query-api.
 
+mod functions;
 mod state;
 mod windows;
 
@@ -383,7 +384,7 @@ async fn flush(
 ) -> Result<(), AggregatorError> {
     let mut rows: Vec<WindowAggregate> = Vec::new();
     for state in partitions.states.values_mut() {
-        state.take_dirty(&mut rows);
+        state.take_dirty(|pipeline| catalog.get(pipeline).map(|d| &**d), &mut rows);
     }
     if !rows.is_empty() {
         if !until_written(ready, stop, "windows", || store.upsert(&rows)).await {

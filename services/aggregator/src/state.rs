@@ -9,10 +9,11 @@
 //! already counted is dropped.
 //!
 //! The seen ids are not written into checkpoints (at 100k events/s, ten minutes of ids are
-//! tens of millions): they are a function of the records in `[seen_from, next_offset)` of the
-//! partition, so a restore reads that range again and rebuilds them exactly. Records enter the
-//! list in offset order and leave only from its front, once older than the horizon, so the
-//! rebuilt list equals the one the checkpoint was taken from.
+//! tens of millions): an id counts as seen when a record read before carries it with an ingest
+//! time within the horizon of the newest ingest time read. That is a function of the records
+//! in `[seen_from, next_offset)` of the partition (`seen_from` being the oldest record still
+//! queued), so a restore reads that range again and rebuilds exactly the queue the checkpoint
+//! was taken from.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
@@ -22,6 +23,7 @@ use instream_pipeline::PipelineDefinition;
 use instream_store::WindowAggregate;
 use serde::{Deserialize, Serialize};
 
+use crate::functions::{accepts, field_value, Acc};
 use crate::windows::group_key;
 
 /// Increments when the snapshot layout changes; older snapshots are refused, not misread.
@@ -35,7 +37,7 @@ pub struct WindowId {
     pub start: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct WindowValue {
     end: i64,
     /// Watermark time at which the window closes (end plus allowed lateness).
@@ -43,6 +45,8 @@ struct WindowValue {
     /// The definition version the window opened under; it finishes under it (DESIGN §7).
     version: u64,
     count: i64,
+    /// One accumulator per function of the aggregation, in its order.
+    accs: Vec<Acc>,
     /// Changed since the last flush.
     #[serde(skip)]
     dirty: bool,
@@ -63,34 +67,44 @@ pub enum Outcome {
     TooLate(Vec<String>),
 }
 
-/// Remembered event ids: a FIFO in offset order with a multiset for lookups.
+/// Remembered event ids: every id read with an ingest time within the horizon of the newest
+/// one. A queue in offset order (its front is `seen_from`, where a restore starts reading)
+/// with, per id, how many queued records carry it and the newest ingest time among them.
+/// Records leave from the front once older than the horizon; one older than the horizon but
+/// behind a newer one stays queued a little longer, but its id no longer counts as seen,
+/// because lookups compare the id's newest ingest time with the cutoff. O(1) per record.
 #[derive(Debug, Default)]
 struct SeenIds {
     order: VecDeque<(u128, i64, i64)>,
-    counts: HashMap<u128, u32>,
+    ids: HashMap<u128, (u32, i64), Prehashed>,
 }
 
 impl SeenIds {
-    fn contains(&self, id: u128) -> bool {
-        self.counts.contains_key(&id)
+    /// Whether a record with this id and an ingest time at or after `cutoff` was read.
+    fn contains(&self, id: u128, cutoff: i64) -> bool {
+        self.ids
+            .get(&id)
+            .is_some_and(|&(_, newest)| newest >= cutoff)
     }
 
     fn push(&mut self, id: u128, ingest_time: i64, offset: i64) {
         self.order.push_back((id, ingest_time, offset));
-        *self.counts.entry(id).or_default() += 1;
+        let entry = self.ids.entry(id).or_insert((0, i64::MIN));
+        entry.0 += 1;
+        entry.1 = entry.1.max(ingest_time);
     }
 
-    /// Forgets ids from the front that are older than `cutoff` (ingest time).
+    /// Drops queued records from the front while they are older than `cutoff`.
     fn prune(&mut self, cutoff: i64) {
         while let Some(&(id, ingest_time, _)) = self.order.front() {
             if ingest_time >= cutoff {
                 break;
             }
             self.order.pop_front();
-            if let Some(n) = self.counts.get_mut(&id) {
-                *n -= 1;
-                if *n == 0 {
-                    self.counts.remove(&id);
+            if let Some(entry) = self.ids.get_mut(&id) {
+                entry.0 -= 1;
+                if entry.0 == 0 {
+                    self.ids.remove(&id);
                 }
             }
         }
@@ -105,8 +119,56 @@ impl SeenIds {
     }
 }
 
+/// Hashes a key that is itself a 128-bit hash (event ids, window ids) by taking its low bits:
+/// hashing it again (SipHash) cost as much as the rest of an event's update.
+#[derive(Default, Clone, Copy)]
+pub struct PrehashedKey(u64);
+
+impl std::hash::Hasher for PrehashedKey {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached for keys other than u128; fold them in.
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
+        }
+    }
+
+    fn write_u128(&mut self, key: u128) {
+        self.0 = key as u64;
+    }
+}
+
+type Prehashed = std::hash::BuildHasherDefault<PrehashedKey>;
+
 fn id_hash(event_id: &str) -> u128 {
     xxhash_rust::xxh3::xxh3_128(event_id.as_bytes())
+}
+
+fn window_hash(pipeline: &str, aggregation: &str, group_key: &str, start: i64) -> u128 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    // Lengths first, so that no two different ids hash the same bytes.
+    for part in [pipeline, aggregation, group_key] {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.update(&start.to_le_bytes());
+    h.digest128()
+}
+
+impl WindowId {
+    fn hash(&self) -> u128 {
+        window_hash(
+            &self.pipeline,
+            &self.aggregation,
+            &self.group_key,
+            self.start,
+        )
+    }
 }
 
 /// The state of one input partition.
@@ -119,7 +181,9 @@ pub struct PartitionState {
     /// Origin partition -> highest origin offset counted.
     origin_max: BTreeMap<i32, i64>,
     seen: SeenIds,
-    windows: HashMap<WindowId, WindowValue>,
+    /// Keyed by a 128-bit hash of the id, so that finding an existing window allocates
+    /// nothing.
+    windows: HashMap<u128, (WindowId, WindowValue), Prehashed>,
     /// Changed since the last checkpoint.
     changed: bool,
 }
@@ -150,7 +214,7 @@ impl Default for PartitionState {
             max_ingest_time: i64::MIN,
             origin_max: BTreeMap::new(),
             seen: SeenIds::default(),
-            windows: HashMap::new(),
+            windows: HashMap::default(),
             changed: false,
         }
     }
@@ -190,7 +254,10 @@ impl PartitionState {
         self.next_offset = offset + 1;
         self.changed = true;
         let id = id_hash(&event.event_id);
-        let repeated = self.seen.contains(id);
+        let cutoff = self
+            .max_ingest_time
+            .saturating_sub(horizon.as_millis() as i64);
+        let repeated = self.seen.contains(id, cutoff);
         self.remember(id, event.ingest_time, offset, horizon);
         if let Some((partition, origin_offset)) = origin {
             let highest = self.origin_max.entry(partition).or_insert(-1);
@@ -206,29 +273,59 @@ impl PartitionState {
         let mut late = Vec::new();
         let mut payload = None;
         for aggregation in &def.aggregations {
-            let start = aggregation.window.start_of(event.event_time);
-            let closes_at = aggregation
-                .window
-                .closes_at(start, aggregation.allowed_lateness);
-            if closes_at <= watermark {
-                late.push(aggregation.name.clone());
-                continue;
+            if let Some(filter) = &aggregation.filter {
+                if !accepts(filter, event, &mut payload) {
+                    continue;
+                }
             }
-            let id = WindowId {
-                pipeline: def.name.clone(),
-                aggregation: aggregation.name.clone(),
-                group_key: group_key(aggregation, event, &mut payload),
-                start,
-            };
-            let value = self.windows.entry(id).or_insert_with(|| WindowValue {
-                end: start + aggregation.window.size_millis(),
-                closes_at,
-                version: def.version,
-                count: 0,
-                dirty: false,
-            });
-            value.count += 1;
-            value.dirty = true;
+            let group = group_key(aggregation, event, &mut payload);
+            let values: Vec<Option<serde_json::Value>> = aggregation
+                .functions
+                .iter()
+                .map(|f| {
+                    f.field()
+                        .and_then(|path| field_value(path, event, &mut payload))
+                })
+                .collect();
+            // A hopping window's event is in several windows; it is late for the aggregation
+            // only when it is late for all of them.
+            let mut all_late = true;
+            for start in aggregation.window.starts_of(event.event_time) {
+                let closes_at = aggregation
+                    .window
+                    .closes_at(start, aggregation.allowed_lateness);
+                if closes_at <= watermark {
+                    continue;
+                }
+                all_late = false;
+                let hash = window_hash(&def.name, &aggregation.name, &group, start);
+                let (_, value) = self.windows.entry(hash).or_insert_with(|| {
+                    (
+                        WindowId {
+                            pipeline: def.name.clone(),
+                            aggregation: aggregation.name.clone(),
+                            group_key: group.clone().into_owned(),
+                            start,
+                        },
+                        WindowValue {
+                            end: start + aggregation.window.size_millis(),
+                            closes_at,
+                            version: def.version,
+                            count: 0,
+                            accs: aggregation.functions.iter().map(Acc::new).collect(),
+                            dirty: false,
+                        },
+                    )
+                });
+                value.count += 1;
+                for (acc, v) in value.accs.iter_mut().zip(&values) {
+                    acc.add(v.as_ref(), event.event_time);
+                }
+                value.dirty = true;
+            }
+            if all_late {
+                late.push(aggregation.name.clone());
+            }
         }
         self.max_event_time = self.max_event_time.max(event.event_time);
         if late.is_empty() {
@@ -247,10 +344,25 @@ impl PartitionState {
         );
     }
 
-    /// The windows changed since the last call, as whole values to upsert.
-    pub fn take_dirty(&mut self, out: &mut Vec<WindowAggregate>) {
-        for (id, v) in self.windows.iter_mut().filter(|(_, v)| v.dirty) {
+    /// The windows changed since the last call, as whole values to upsert. `def_of` gives
+    /// the pipeline definitions, for the names and settings of the functions.
+    pub fn take_dirty<'d>(
+        &mut self,
+        def_of: impl Fn(&str) -> Option<&'d PipelineDefinition>,
+        out: &mut Vec<WindowAggregate>,
+    ) {
+        for (id, v) in self.windows.values_mut().filter(|(_, v)| v.dirty) {
             v.dirty = false;
+            let functions = def_of(&id.pipeline)
+                .and_then(|d| d.aggregations.iter().find(|a| a.name == id.aggregation))
+                .map(|a| a.functions.as_slice())
+                .unwrap_or_default();
+            let mut values = serde_json::Map::new();
+            for (function, acc) in functions.iter().zip(&v.accs) {
+                if !matches!(acc, Acc::Count) {
+                    values.insert(function.output_name(), acc.output(function));
+                }
+            }
             out.push(WindowAggregate {
                 pipeline: id.pipeline.clone(),
                 aggregation: id.aggregation.clone(),
@@ -259,6 +371,7 @@ impl PartitionState {
                 window_end: v.end,
                 definition_version: v.version as i64,
                 count: v.count,
+                values,
             });
         }
     }
@@ -266,13 +379,13 @@ impl PartitionState {
     /// Marks windows dirty again after a failed write, so the next flush retries them.
     pub fn mark_dirty(&mut self, rows: &[WindowAggregate]) {
         for row in rows {
-            let id = WindowId {
-                pipeline: row.pipeline.clone(),
-                aggregation: row.aggregation.clone(),
-                group_key: row.group_key.clone(),
-                start: row.window_start,
-            };
-            if let Some(v) = self.windows.get_mut(&id) {
+            let hash = window_hash(
+                &row.pipeline,
+                &row.aggregation,
+                &row.group_key,
+                row.window_start,
+            );
+            if let Some((_, v)) = self.windows.get_mut(&hash) {
                 v.dirty = true;
             }
         }
@@ -285,7 +398,7 @@ impl PartitionState {
     pub fn close_windows(&mut self, out_of_orderness: impl Fn(&str) -> Option<Duration>) -> usize {
         let before = self.windows.len();
         let max_event_time = self.max_event_time;
-        self.windows.retain(|id, v| {
+        self.windows.retain(|_, (id, v)| {
             let Some(delay) = out_of_orderness(&id.pipeline) else {
                 return true;
             };
@@ -317,11 +430,7 @@ impl PartitionState {
             max_ingest_time: self.max_ingest_time,
             seen_from: self.seen.front_offset().unwrap_or(self.next_offset),
             origin_max: self.origin_max.iter().map(|(&p, &o)| (p, o)).collect(),
-            windows: self
-                .windows
-                .iter()
-                .map(|(id, v)| (id.clone(), v.clone()))
-                .collect(),
+            windows: self.windows.values().cloned().collect(),
         };
         // Encoding plain structs into a Vec cannot fail.
         let bytes = postcard::to_allocvec(&snapshot).unwrap_or_default();
@@ -345,7 +454,11 @@ impl PartitionState {
             max_ingest_time: s.max_ingest_time,
             origin_max: s.origin_max.into_iter().collect(),
             seen: SeenIds::default(),
-            windows: s.windows.into_iter().collect(),
+            windows: s
+                .windows
+                .into_iter()
+                .map(|(id, v)| (id.hash(), (id, v)))
+                .collect(),
             changed: false,
         };
         Ok((state, s.seen_from))
@@ -414,10 +527,11 @@ allowed_lateness = "30s"
 
     fn counts(state: &mut PartitionState) -> Vec<(i64, i64)> {
         let mut rows = Vec::new();
-        for v in state.windows.values_mut() {
+        for (_, v) in state.windows.values_mut() {
             v.dirty = true;
         }
-        state.take_dirty(&mut rows);
+        let d = def();
+        state.take_dirty(|_| Some(&d), &mut rows);
         let mut out: Vec<(i64, i64)> = rows.iter().map(|r| (r.window_start, r.count)).collect();
         out.sort();
         out
@@ -503,6 +617,7 @@ allowed_lateness = "30s"
         }
         restored.finish_rebuild(HORIZON);
         assert_eq!(restored.seen.order, live.seen.order);
+        assert_eq!(restored.seen.ids, live.seen.ids);
         assert_eq!(counts(&mut restored), counts(&mut live));
         // Both treat what comes next the same way.
         for (offset, e) in [

@@ -12,13 +12,23 @@ fn scalar_text(v: Option<&Value>) -> String {
     }
 }
 
-/// The group of `event` under `aggregation`: its group-by values joined with `|`.
-pub fn group_key(aggregation: &Aggregation, event: &Event, payload: &mut Option<Value>) -> String {
+/// The group of `event` under `aggregation`: its group-by values joined with `|`. Grouping by
+/// the key alone (the default) borrows it: no allocation per event.
+pub fn group_key<'e>(
+    aggregation: &Aggregation,
+    event: &'e Event,
+    payload: &mut Option<Value>,
+) -> std::borrow::Cow<'e, str> {
+    if let [only] = aggregation.group_by.as_slice() {
+        if only.as_str() == "key" {
+            return std::borrow::Cow::Borrowed(&event.key);
+        }
+    }
     let mut parts = Vec::with_capacity(aggregation.group_by.len());
     for path in &aggregation.group_by {
         parts.push(resolve(path, event, payload));
     }
-    parts.join("|")
+    std::borrow::Cow::Owned(parts.join("|"))
 }
 
 fn resolve(path: &FieldPath, event: &Event, payload: &mut Option<Value>) -> String {

@@ -49,6 +49,9 @@ enum Command {
         /// The definitions file: `[[pipelines]]` tables.
         file: PathBuf,
     },
+    /// The aggregate store's schema.
+    #[command(subcommand)]
+    Schema(SchemaCommand),
     /// Consumer-group offsets: replay from a point in time.
     #[command(subcommand)]
     Offsets(ops::OffsetsCommand),
@@ -66,10 +69,23 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum SchemaCommand {
+    /// Creates the keyspace and tables of `store` (ScyllaDB/Cassandra, or the local file) if
+    /// they are missing; changes nothing that exists. Services apply it at start too.
+    Apply {
+        #[arg(long, short, env = "INSTREAM_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CheckConfig { config } => check_config(config),
+        Command::Schema(SchemaCommand::Apply { config }) => {
+            runtime().and_then(|rt| rt.block_on(schema_apply(config)))
+        }
         Command::Offsets(c) => runtime().and_then(|rt| rt.block_on(ops::offsets(c))),
         Command::Dlq(c) => runtime().and_then(|rt| rt.block_on(ops::dlq(c))),
         Command::ConfigReference => {
@@ -155,5 +171,16 @@ async fn pipeline_apply(config: Option<PathBuf>, file: PathBuf) -> anyhow::Resul
             definition.name, definition.version
         );
     }
+    Ok(())
+}
+
+async fn schema_apply(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = Config::load(path.as_deref())?;
+    let store = instream_store::build(&config.store).await?;
+    store.ping().await?;
+    println!(
+        "schema of the {:?} store applied (keyspace `{}`)",
+        config.store.backend, config.store.keyspace
+    );
     Ok(())
 }

@@ -19,6 +19,8 @@ const SERVICES: [&str; 4] = ["ingest", "enricher", "aggregator", "archiver"];
 /// A running standalone platform.
 pub struct Standalone {
     pub ingest_addr: SocketAddr,
+    /// Where query-api serves, when the config lets it run (API keys, or anonymous access).
+    pub query_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     /// The embedded store, when the config selects it (the demo reads its summary from it).
     pub embedded_store: Option<Arc<EmbeddedStore>>,
@@ -141,6 +143,17 @@ impl Standalone {
         let ingest =
             instream_ingest::Ingest::start(&config, &health, admin_addr, token.clone()).await?;
         let ingest_addr = ingest.local_addr()?;
+        let query =
+            if config.query_api.api_key_sha256.is_empty() && !config.query_api.allow_anonymous {
+                tracing::info!("query-api off: no query_api.api_key_sha256 and no allow_anonymous");
+                None
+            } else {
+                Some(
+                    instream_query_api::QueryApi::start(&config, store.clone(), &health, &token)
+                        .await?,
+                )
+            };
+        let query_addr = query.as_ref().map(|q| q.local_addr()).transpose()?;
 
         let context = || ServiceContext {
             config: config.clone(),
@@ -151,6 +164,9 @@ impl Standalone {
         let mut supervisor = Supervisor::new(token.clone());
         supervisor.spawn("admin", admin.serve(token.clone()));
         supervisor.spawn("ingest", ingest.serve(token.clone()));
+        if let Some(query) = query {
+            supervisor.spawn("query-api", query.serve(token.clone()));
+        }
         supervisor.spawn("enricher", instream_enricher::run(context()));
         supervisor.spawn(
             "aggregator",
@@ -163,6 +179,7 @@ impl Standalone {
         tracing::info!(%ingest_addr, %admin_addr, "standalone instream running");
         Ok(Standalone {
             ingest_addr,
+            query_addr,
             admin_addr,
             embedded_store,
             archive,

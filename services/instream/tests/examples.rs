@@ -140,6 +140,13 @@ fn demo_without_a_terminal_runs_prints_its_summary_and_exits_0() {
         "about 1,000 bids/s for 3 s, got {accepted}"
     );
     assert!(data.path().join("archive/bids").is_dir());
+    // The aggregates are readable over query-api.
+    let from_api: i64 = summary
+        .lines()
+        .find_map(|l| l.strip_prefix("  query-api, auction 1000        : "))
+        .and_then(|l| l.split(' ').next()?.parse().ok())
+        .expect("the summary shows what query-api answered");
+    assert!(from_api > 0, "{summary}");
 }
 
 #[test]
@@ -181,4 +188,25 @@ fn ctrl_c_stops_the_demo_early_with_its_summary() {
     );
     assert!(summary.contains("instream demo summary"), "{summary}");
     assert!(summary.contains("every accepted bid"), "{summary}");
+}
+
+#[test]
+fn schema_apply_creates_the_local_store_and_names_a_bad_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store/aggregates.redb");
+    let applied = Command::new(env!("CARGO_BIN_EXE_instream"))
+        .args(["schema", "apply"])
+        .env("INSTREAM__STORE__BACKEND", "local")
+        .env("INSTREAM__STORE__PATH", &path)
+        .output()
+        .unwrap();
+    assert!(applied.status.success(), "{applied:?}");
+    assert!(path.is_file());
+    let refused = Command::new(env!("CARGO_BIN_EXE_instream"))
+        .args(["schema", "apply"])
+        .env("INSTREAM__STORE__BACKEND", "local")
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("store.path"));
 }

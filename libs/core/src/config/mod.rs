@@ -58,6 +58,8 @@ pub struct Config {
     pub aggregator: AggregatorConfig,
     /// The archiver service.
     pub archiver: ArchiverConfig,
+    /// The query-api service (reads the aggregate store over HTTP).
+    pub query_api: QueryApiConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -243,6 +245,7 @@ impl Config {
         self.enricher.validate(&mut p);
         self.aggregator.validate(&mut p);
         self.archiver.validate(&mut p);
+        self.query_api.validate(&mut p);
         p.check(
             self.shutdown.drain_timeout < self.kafka.session_timeout,
             "shutdown.drain_timeout",

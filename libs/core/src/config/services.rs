@@ -201,3 +201,55 @@ impl ArchiverConfig {
         );
     }
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueryApiConfig {
+    /// The HTTP listener of `GET /v1/pipelines/{pipeline}/aggregates/{aggregation}`.
+    pub listen: SocketAddr,
+    /// SHA-256 digests (hex) of the API keys accepted as `Authorization: Bearer <key>`; the
+    /// keys themselves are never stored. `printf %s "$KEY" | sha256sum` makes one.
+    pub api_key_sha256: Vec<String>,
+    /// Serve without a key (a laptop, the standalone demo). Without keys and without this,
+    /// query-api refuses to start.
+    pub allow_anonymous: bool,
+    /// Windows per page when the request does not say.
+    pub default_page_size: usize,
+    /// Most windows per page a request may ask for.
+    pub max_page_size: usize,
+}
+
+impl Default for QueryApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8081)),
+            api_key_sha256: Vec::new(),
+            allow_anonymous: false,
+            default_page_size: 100,
+            max_page_size: 1_000,
+        }
+    }
+}
+
+impl QueryApiConfig {
+    pub(super) fn validate(&self, p: &mut Problems) {
+        for (i, digest) in self.api_key_sha256.iter().enumerate() {
+            p.check(
+                digest.len() == 64 && digest.chars().all(|c| c.is_ascii_hexdigit()),
+                &format!("query_api.api_key_sha256[{i}]"),
+                || "must be a SHA-256 digest: 64 hex digits (not the key itself)".into(),
+            );
+        }
+        p.positive(self.default_page_size as u64, "query_api.default_page_size");
+        p.check(
+            self.default_page_size <= self.max_page_size,
+            "query_api.default_page_size",
+            || {
+                format!(
+                    "must not exceed query_api.max_page_size ({})",
+                    self.max_page_size
+                )
+            },
+        );
+    }
+}

@@ -96,6 +96,8 @@ fn demo_config(data: &Path) -> anyhow::Result<Config> {
     config.archive.root = archive.to_string_lossy().into_owned();
     config.aggregator.flush_interval = Duration::from_millis(500);
     config.archiver.roll_max_age = Duration::from_secs(2);
+    config.query_api.listen = local;
+    config.query_api.allow_anonymous = true;
     config.validate()?;
     Ok(config)
 }
@@ -167,33 +169,44 @@ async fn drive(
         .clone()
         .context("the demo uses the embedded store")?;
     let live = std::io::stdout().is_terminal();
-    eprintln!(
-        "instream demo: started in {:.2}s; ingest http://{}/v1/pipelines/{PIPELINE}/events, \
-         metrics http://{}/metrics; ~{rate} bids/s for {duration:?}{}",
-        startup.as_secs_f64(),
-        platform.ingest_addr,
-        platform.admin_addr,
-        if live {
-            ""
-        } else {
-            " (no terminal: progress every 5 s)"
-        }
-    );
-
     // The first Ctrl-C stops sending and goes on to the summary; a second one exits at once.
+    // The handler is registered before the demo says it started, so no Ctrl-C falls between.
     let stop = CancellationToken::new();
+    let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("listening for Ctrl-C")?;
     tokio::spawn({
         let stop = stop.clone();
         async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
+            if interrupts.recv().await.is_some() {
                 eprintln!("\ninstream demo: stopping; Ctrl-C again to exit without a summary");
                 stop.cancel();
-                if tokio::signal::ctrl_c().await.is_ok() {
+                if interrupts.recv().await.is_some() {
                     std::process::exit(130);
                 }
             }
         }
     });
+
+    let query = platform
+        .query_addr
+        .map(|a| {
+            format!(
+                ", aggregates http://{a}/v1/pipelines/{PIPELINE}/aggregates/{HOT_AGGREGATION}?key=1000"
+            )
+        })
+        .unwrap_or_default();
+    let progress = if live {
+        ""
+    } else {
+        " (no terminal: progress every 5 s)"
+    };
+    eprintln!(
+        "instream demo: started in {:.2}s; ingest http://{}/v1/pipelines/{PIPELINE}/events, \
+         metrics http://{}/metrics{query}; ~{rate} bids/s for {duration:?}{progress}",
+        startup.as_secs_f64(),
+        platform.ingest_addr,
+        platform.admin_addr,
+    );
 
     let metrics_url = format!("http://{}/metrics", platform.admin_addr);
     let http = reqwest::Client::new();
@@ -313,6 +326,24 @@ async fn drive(
         totals.lookups
     );
     let _ = writeln!(out, "  bids per auction category      : {categories:?}");
+    if let Some(addr) = platform.query_addr {
+        // The hottest auction's windows, read back the way a dashboard would.
+        let url = format!(
+            "http://{addr}/v1/pipelines/{PIPELINE}/aggregates/{HOT_AGGREGATION}?key=1000&from=0"
+        );
+        let page: serde_json::Value = http.get(&url).send().await?.json().await?;
+        let windows = page["windows"].as_array().map_or(0, Vec::len);
+        let bids: i64 = page["windows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|w| w["count"].as_i64())
+            .sum();
+        let _ = writeln!(
+            out,
+            "  query-api, auction 1000        : {bids} bids in {windows} windows ({url})"
+        );
+    }
     let _ = writeln!(
         out,
         "  archive                        : {}",

@@ -1,0 +1,390 @@
+//! instream-query-api: windowed aggregates over HTTP, read from the [`AggregateStore`] the
+//! aggregator writes.
+//!
+//! `GET /v1/pipelines/{pipeline}/aggregates/{aggregation}?key=K&from=T1&to=T2&limit=N&page_token=P`
+//! answers the windows of group `K` whose start lies in `[T1, T2)` (RFC 3339 or epoch
+//! milliseconds; the last 24 hours by default), oldest first, `limit` per page, with a
+//! `next_page_token` while more remain. Requests carry `Authorization: Bearer <key>`; keys are
+//! configured as SHA-256 digests and compared in constant time. `/readyz` follows the store.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use instream_core::config::{Config, QueryApiConfig};
+use instream_core::{Health, Readiness, ServiceContext};
+use instream_store::{AggregateQuery, AggregateStore, WindowAggregate};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+
+const SERVICE: &str = "query-api";
+const DAY_MILLIS: i64 = 24 * 3600 * 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryApiError {
+    #[error("query_api: no API key is configured (query_api.api_key_sha256) and anonymous access is off (query_api.allow_anonymous)")]
+    NoKeys,
+    #[error("query_api.listen {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("query-api server: {0}")]
+    Serve(std::io::Error),
+    #[error(transparent)]
+    Store(#[from] instream_store::StoreError),
+}
+
+struct AppState {
+    store: Arc<dyn AggregateStore>,
+    config: QueryApiConfig,
+    /// Decoded digests of the accepted keys.
+    keys: Vec<[u8; 32]>,
+}
+
+/// A bound query-api, not yet serving.
+pub struct QueryApi {
+    listener: tokio::net::TcpListener,
+    router: Router,
+}
+
+impl QueryApi {
+    /// Checks the keys, binds the listener and starts watching the store's health.
+    pub async fn start(
+        config: &Config,
+        store: Arc<dyn AggregateStore>,
+        health: &Health,
+        shutdown: &CancellationToken,
+    ) -> Result<QueryApi, QueryApiError> {
+        let cfg = &config.query_api;
+        let keys: Vec<[u8; 32]> = cfg
+            .api_key_sha256
+            .iter()
+            .filter_map(|hex| decode_digest(hex))
+            .collect();
+        if keys.is_empty() && !cfg.allow_anonymous {
+            return Err(QueryApiError::NoKeys);
+        }
+        let ready = health.register("query-api.store");
+        tokio::spawn(watch_store(store.clone(), ready, shutdown.clone()));
+        let state = Arc::new(AppState {
+            store,
+            config: cfg.clone(),
+            keys,
+        });
+        let router = Router::new()
+            .route(
+                "/v1/pipelines/{pipeline}/aggregates/{aggregation}",
+                get(aggregates),
+            )
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| QueryApiError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        Ok(QueryApi { listener, router })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub async fn serve(self, shutdown: CancellationToken) -> Result<(), QueryApiError> {
+        tracing::info!(addr = %self.local_addr().map_err(QueryApiError::Serve)?, "query-api listening");
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .map_err(QueryApiError::Serve)
+    }
+}
+
+/// The service: the store `config.store` names, then serve until shutdown.
+pub async fn run(ctx: ServiceContext) -> Result<(), QueryApiError> {
+    let store = instream_store::build(&ctx.config.store).await?;
+    run_with_store(ctx, store).await
+}
+
+/// With a given store (standalone mode shares the aggregator's embedded store).
+pub async fn run_with_store(
+    ctx: ServiceContext,
+    store: Arc<dyn AggregateStore>,
+) -> Result<(), QueryApiError> {
+    QueryApi::start(&ctx.config, store, &ctx.health, &ctx.shutdown)
+        .await?
+        .serve(ctx.shutdown)
+        .await
+}
+
+/// Pings the store every few seconds: `/readyz` says whether queries can be answered.
+async fn watch_store(
+    store: Arc<dyn AggregateStore>,
+    ready: Readiness,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match store.ping().await {
+            Ok(()) => ready.set_ready(),
+            Err(e) => ready.set_not_ready(e.to_string()),
+        }
+        if shutdown
+            .run_until_cancelled(tokio::time::sleep(Duration::from_secs(5)))
+            .await
+            .is_none()
+        {
+            return;
+        }
+    }
+}
+
+fn decode_digest(hex: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if hex.len() != 64 {
+        return None;
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[derive(Deserialize)]
+struct Params {
+    key: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    limit: Option<usize>,
+    page_token: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Window {
+    window_start: String,
+    window_end: String,
+    count: i64,
+    values: serde_json::Map<String, serde_json::Value>,
+    definition_version: i64,
+}
+
+#[derive(Serialize)]
+struct Page {
+    pipeline: String,
+    aggregation: String,
+    key: String,
+    windows: Vec<Window>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_page_token: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Failure {
+    error: &'static str,
+    message: String,
+}
+
+/// A refused request: its status, a stable error code and a precise message.
+struct Refusal {
+    status: StatusCode,
+    error: &'static str,
+    message: String,
+}
+
+fn failure(status: StatusCode, error: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal {
+        status,
+        error,
+        message: message.into(),
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            Json(Failure {
+                error: self.error,
+                message: self.message,
+            }),
+        )
+            .into_response();
+        let extra = match self.status {
+            StatusCode::UNAUTHORIZED => Some((header::WWW_AUTHENTICATE, "Bearer")),
+            StatusCode::SERVICE_UNAVAILABLE => Some((header::RETRY_AFTER, "1")),
+            _ => None,
+        };
+        if let Some((name, value)) = extra {
+            response
+                .headers_mut()
+                .insert(name, header::HeaderValue::from_static(value));
+        }
+        response
+    }
+}
+
+/// Whether the request carries an accepted key.
+fn authorized(state: &AppState, headers: &HeaderMap) -> Result<(), Refusal> {
+    if state.keys.is_empty() && state.config.allow_anonymous {
+        return Ok(());
+    }
+    let Some(key) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return Err(failure(
+            StatusCode::UNAUTHORIZED,
+            "missing_api_key",
+            "send `Authorization: Bearer <api key>`",
+        ));
+    };
+    let digest: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
+    // Every configured digest is compared, whatever matched, so timing says nothing.
+    let mut matched = subtle::Choice::from(0);
+    for accepted in &state.keys {
+        matched |= accepted.ct_eq(&digest);
+    }
+    if bool::from(matched) {
+        Ok(())
+    } else {
+        Err(failure(
+            StatusCode::FORBIDDEN,
+            "unknown_api_key",
+            "the API key is not accepted",
+        ))
+    }
+}
+
+fn parse_time(name: &str, value: &str) -> Result<i64, Refusal> {
+    if let Ok(millis) = value.parse::<i64>() {
+        return Ok(millis);
+    }
+    instream_event::parse_event_time(&serde_json::Value::String(value.to_owned())).map_err(|_| {
+        failure(
+            StatusCode::BAD_REQUEST,
+            "bad_time",
+            format!("`{name}` must be RFC 3339 or epoch milliseconds, got `{value}`"),
+        )
+    })
+}
+
+async fn aggregates(
+    State(state): State<Arc<AppState>>,
+    Path((pipeline, aggregation)): Path<(String, String)>,
+    Query(params): Query<Params>,
+    headers: HeaderMap,
+) -> Response {
+    let started = Instant::now();
+    let response = match answer(&state, pipeline, aggregation, params, &headers).await {
+        Ok(page) => Json(page).into_response(),
+        Err(refusal) => refusal.into_response(),
+    };
+    metrics::counter!("instream_http_requests_total", "service" => SERVICE, "status" => response.status().as_u16().to_string())
+        .increment(1);
+    metrics::histogram!("instream_query_latency_seconds", "service" => SERVICE)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn answer(
+    state: &AppState,
+    pipeline: String,
+    aggregation: String,
+    params: Params,
+    headers: &HeaderMap,
+) -> Result<Page, Refusal> {
+    authorized(state, headers)?;
+    let Some(key) = params.key.filter(|k| !k.is_empty()) else {
+        return Err(failure(
+            StatusCode::BAD_REQUEST,
+            "missing_key",
+            "`key` (the group: the partition key, then any other group-by values joined by `|`) is required",
+        ));
+    };
+    let now = instream_event::now_millis();
+    let to = match &params.to {
+        Some(v) => parse_time("to", v)?,
+        None => now + 1,
+    };
+    let mut from = match &params.from {
+        Some(v) => parse_time("from", v)?,
+        None => to - DAY_MILLIS,
+    };
+    if let Some(token) = &params.page_token {
+        match token.parse::<i64>() {
+            Ok(next) if next >= from => from = next,
+            _ => {
+                return Err(failure(
+                    StatusCode::BAD_REQUEST,
+                    "bad_page_token",
+                    "`page_token` must be a value a previous page returned",
+                ))
+            }
+        }
+    }
+    if from >= to {
+        return Err(failure(
+            StatusCode::BAD_REQUEST,
+            "empty_range",
+            "`from` must be before `to`",
+        ));
+    }
+    let limit = params.limit.unwrap_or(state.config.default_page_size);
+    if limit == 0 || limit > state.config.max_page_size {
+        return Err(failure(
+            StatusCode::BAD_REQUEST,
+            "bad_limit",
+            format!("`limit` must be 1..={}", state.config.max_page_size),
+        ));
+    }
+    // One more than asked: whether another page follows.
+    let query = AggregateQuery {
+        pipeline: pipeline.clone(),
+        aggregation: aggregation.clone(),
+        group_key: key.clone(),
+        from,
+        to,
+        limit: limit + 1,
+    };
+    let mut rows: Vec<WindowAggregate> = match state.store.query(&query).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!(error = %e, "store query failed");
+            return Err(failure(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the aggregate store did not answer; retry",
+            ));
+        }
+    };
+    let next_page_token = if rows.len() > limit {
+        rows.truncate(limit);
+        rows.last().map(|w| (w.window_start + 1).to_string())
+    } else {
+        None
+    };
+    let windows = rows
+        .into_iter()
+        .map(|w| Window {
+            window_start: instream_event::format_rfc3339_millis(w.window_start),
+            window_end: instream_event::format_rfc3339_millis(w.window_end),
+            count: w.count,
+            values: w.values,
+            definition_version: w.definition_version,
+        })
+        .collect();
+    Ok(Page {
+        pipeline,
+        aggregation,
+        key,
+        windows,
+        next_page_token,
+    })
+}
