@@ -136,18 +136,34 @@ pub enum Window {
         #[serde(with = "humantime_serde")]
         slide: Duration,
     },
+    /// One window per burst of activity of a group: events less than `gap` apart (in event
+    /// time) share a session, which ends `gap` after its last event.
+    Session {
+        #[serde(with = "humantime_serde")]
+        gap: Duration,
+    },
 }
 
 impl Window {
+    /// The length of a fixed window; for a session, its gap (the shortest session).
     pub fn size_millis(&self) -> i64 {
         match self {
             Window::Tumbling { size } | Window::Hopping { size, .. } => size.as_millis() as i64,
+            Window::Session { gap } => gap.as_millis() as i64,
+        }
+    }
+
+    /// The session gap in milliseconds, for session windows.
+    pub fn session_gap_millis(&self) -> Option<i64> {
+        match self {
+            Window::Session { gap } => Some(gap.as_millis() as i64),
+            _ => None,
         }
     }
 
     fn slide_millis(&self) -> i64 {
         match self {
-            Window::Tumbling { size } => size.as_millis() as i64,
+            Window::Tumbling { size } | Window::Session { gap: size } => size.as_millis() as i64,
             Window::Hopping { slide, .. } => slide.as_millis() as i64,
         }
     }
@@ -167,7 +183,8 @@ impl Window {
         event_time.div_euclid(slide) * slide
     }
 
-    /// Starts of every window holding `event_time`, newest first.
+    /// Starts of every fixed window holding `event_time`, newest first (not for sessions,
+    /// whose start depends on the other events).
     pub fn starts_of(&self, event_time: i64) -> impl Iterator<Item = i64> {
         let size = self.size_millis();
         let slide = self.slide_millis();

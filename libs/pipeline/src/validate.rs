@@ -86,6 +86,14 @@ impl PipelineDefinition {
                         );
                     }
                 }
+                Window::Session { gap } => {
+                    if *gap < Duration::from_secs(1) {
+                        problem(
+                            format!("aggregations[{i}].window.gap"),
+                            "must be at least 1s".into(),
+                        );
+                    }
+                }
                 Window::Hopping { size, slide } => {
                     if *slide < Duration::from_secs(1) || slide > size {
                         problem(

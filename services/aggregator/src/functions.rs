@@ -221,6 +221,42 @@ impl Acc {
         }
     }
 
+    /// Folds in the accumulator of another window of the same function (session windows that
+    /// merge). On equal event times, `first` keeps its own value and `last` takes the other's.
+    pub fn merge(&mut self, other: Acc) {
+        let keep = |a: Option<f64>, b: Option<f64>, pick: fn(f64, f64) -> f64| match (a, b) {
+            (Some(x), Some(y)) => Some(pick(x, y)),
+            (x, y) => x.or(y),
+        };
+        match (self, other) {
+            (Acc::Sum(a), Acc::Sum(b)) => *a += b,
+            (Acc::Min(a), Acc::Min(b)) => *a = keep(*a, b, f64::min),
+            (Acc::Max(a), Acc::Max(b)) => *a = keep(*a, b, f64::max),
+            (Acc::Avg { sum, n }, Acc::Avg { sum: s2, n: n2 }) => {
+                *sum += s2;
+                *n += n2;
+            }
+            (Acc::First(a), Acc::First(Some(b))) if a.as_ref().is_none_or(|(t, _)| b.0 < *t) => {
+                *a = Some(b);
+            }
+            (Acc::Last(a), Acc::Last(Some(b))) if a.as_ref().is_none_or(|(t, _)| b.0 >= *t) => {
+                *a = Some(b);
+            }
+            (Acc::Distinct(a), Acc::Distinct(b)) => {
+                for (x, y) in a.registers.iter_mut().zip(b.registers) {
+                    *x = (*x).max(y);
+                }
+            }
+            (Acc::Quantiles(a), Acc::Quantiles(b)) => {
+                if let Err(e) = a.merge(&b) {
+                    // Only sketches of different settings refuse; one definition makes both.
+                    tracing::warn!(error = %e, "quantile sketches did not merge");
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// The value written to the store.
     pub fn output(&self, function: &Function) -> Value {
         let float = |x: f64| serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number);

@@ -11,8 +11,12 @@
 //! one clean pass gives: nothing lost, nothing counted twice (DESIGN §3). Aggregations group by
 //! the partition key first, so each window has exactly one owner (DESIGN §7).
 //!
-//! Not yet here (the aggregator issue): hopping and session windows, functions beyond count,
-//! early-result emission settings, repartitioning, query-api.
+//! Windows are tumbling, hopping or session windows; functions are computed by accumulators
+//! that are part of the checkpointed state. Open windows are written at every flush (so
+//! dashboards see them grow) and a last time when they close.
+//!
+//! Not yet here (the aggregator issue): repartitioning for group-bys that do not start with
+//! the key, and a setting to write windows only when they close.
 
 mod functions;
 mod state;
@@ -395,6 +399,16 @@ async fn flush(
         }
         metrics::counter!("instream_window_writes_total", "service" => SERVICE)
             .increment(rows.len() as u64);
+    }
+    let deletes: Vec<WindowAggregate> = partitions
+        .states
+        .values_mut()
+        .flat_map(|state| state.take_deletes())
+        .collect();
+    if !deletes.is_empty()
+        && !until_written(ready, stop, "merged sessions", || store.delete(&deletes)).await
+    {
+        return Ok(());
     }
     let visible = instream_event::now_millis();
     let mut checkpoints = Vec::new();

@@ -47,6 +47,8 @@ struct WindowValue {
     count: i64,
     /// One accumulator per function of the aggregation, in its order.
     accs: Vec<Acc>,
+    /// Session windows: the gap (their end moves as events arrive, and they merge).
+    gap: Option<i64>,
     /// Changed since the last flush.
     #[serde(skip)]
     dirty: bool,
@@ -184,6 +186,12 @@ pub struct PartitionState {
     /// Keyed by a 128-bit hash of the id, so that finding an existing window allocates
     /// nothing.
     windows: HashMap<u128, (WindowId, WindowValue), Prehashed>,
+    /// Session windows by group (a hash of pipeline, aggregation and group): the hashes of
+    /// their open sessions, which never overlap.
+    sessions: HashMap<u128, Vec<u128>, Prehashed>,
+    /// Store rows of sessions that merged into one with another start: deleted at the next
+    /// flush. Not checkpointed: a replay after a crash merges the same sessions again.
+    deletes: Vec<WindowAggregate>,
     /// Changed since the last checkpoint.
     changed: bool,
 }
@@ -215,6 +223,8 @@ impl Default for PartitionState {
             origin_max: BTreeMap::new(),
             seen: SeenIds::default(),
             windows: HashMap::default(),
+            sessions: HashMap::default(),
+            deletes: Vec::new(),
             changed: false,
         }
     }
@@ -287,6 +297,17 @@ impl PartitionState {
                         .and_then(|path| field_value(path, event, &mut payload))
                 })
                 .collect();
+            if let Some(gap) = aggregation.window.session_gap_millis() {
+                // Late when more than the allowed lateness behind the watermark: such an
+                // event could otherwise overlap a session already closed and dropped.
+                let lateness = aggregation.allowed_lateness.as_millis() as i64;
+                if event.event_time.saturating_add(lateness) < watermark {
+                    late.push(aggregation.name.clone());
+                } else {
+                    self.add_to_session(def, aggregation, &group, gap, event, &values);
+                }
+                continue;
+            }
             // A hopping window's event is in several windows; it is late for the aggregation
             // only when it is late for all of them.
             let mut all_late = true;
@@ -313,6 +334,7 @@ impl PartitionState {
                             version: def.version,
                             count: 0,
                             accs: aggregation.functions.iter().map(Acc::new).collect(),
+                            gap: None,
                             dirty: false,
                         },
                     )
@@ -333,6 +355,93 @@ impl PartitionState {
         } else {
             Outcome::TooLate(late)
         }
+    }
+
+    /// Puts the event into its group's session: a new one, or the sessions its
+    /// `[time, time + gap)` overlaps, merged into one.
+    fn add_to_session(
+        &mut self,
+        def: &PipelineDefinition,
+        aggregation: &instream_pipeline::Aggregation,
+        group: &str,
+        gap: i64,
+        event: &Event,
+        values: &[Option<serde_json::Value>],
+    ) {
+        let t = event.event_time;
+        let group_hash = window_hash(&def.name, &aggregation.name, group, i64::MIN);
+        let lateness = aggregation.allowed_lateness.as_millis() as i64;
+        let mut start = t;
+        let mut end = t.saturating_add(gap);
+        let mut version = def.version;
+        let mut absorbed: Vec<(WindowId, WindowValue)> = Vec::new();
+        let open = self.sessions.entry(group_hash).or_default();
+        open.retain(|hash| {
+            let Some((id, v)) = self.windows.get(hash) else {
+                return false;
+            };
+            if id.start < t.saturating_add(gap) && t < v.end {
+                if let Some(taken) = self.windows.remove(hash) {
+                    start = start.min(taken.0.start);
+                    end = end.max(taken.1.end);
+                    absorbed.push(taken);
+                }
+                false
+            } else {
+                true
+            }
+        });
+        absorbed.sort_by_key(|(id, _)| id.start);
+        if let Some((_, oldest)) = absorbed.first() {
+            // The window opened under the version of its oldest part (DESIGN §7).
+            version = oldest.version;
+        }
+        let mut merged = WindowValue {
+            end,
+            closes_at: end.saturating_add(lateness),
+            version,
+            count: 1,
+            accs: aggregation.functions.iter().map(Acc::new).collect(),
+            gap: Some(gap),
+            dirty: true,
+        };
+        for (acc, v) in merged.accs.iter_mut().zip(values) {
+            acc.add(v.as_ref(), t);
+        }
+        for (id, part) in absorbed {
+            merged.count += part.count;
+            for (acc, other) in merged.accs.iter_mut().zip(part.accs) {
+                acc.merge(other);
+            }
+            if id.start != start {
+                self.deletes.push(WindowAggregate {
+                    pipeline: id.pipeline,
+                    aggregation: id.aggregation,
+                    group_key: id.group_key,
+                    window_start: id.start,
+                    window_end: part.end,
+                    definition_version: part.version as i64,
+                    count: 0,
+                    values: Default::default(),
+                });
+            }
+        }
+        let id = WindowId {
+            pipeline: def.name.clone(),
+            aggregation: aggregation.name.clone(),
+            group_key: group.to_owned(),
+            start,
+        };
+        let hash = id.hash();
+        self.windows.insert(hash, (id, merged));
+        if let Some(open) = self.sessions.get_mut(&group_hash) {
+            open.push(hash);
+        }
+    }
+
+    /// Store rows to delete (sessions merged under another start), once.
+    pub fn take_deletes(&mut self) -> Vec<WindowAggregate> {
+        std::mem::take(&mut self.deletes)
     }
 
     fn remember(&mut self, id: u128, ingest_time: i64, offset: i64, horizon: Duration) {
@@ -408,6 +517,11 @@ impl PartitionState {
         let closed = before - self.windows.len();
         if closed > 0 {
             self.changed = true;
+            let windows = &self.windows;
+            self.sessions.retain(|_, open| {
+                open.retain(|hash| windows.contains_key(hash));
+                !open.is_empty()
+            });
         }
         closed
     }
@@ -448,6 +562,13 @@ impl PartitionState {
                 s.format
             )));
         }
+        let mut sessions: HashMap<u128, Vec<u128>, Prehashed> = HashMap::default();
+        for (id, v) in &s.windows {
+            if v.gap.is_some() {
+                let group = window_hash(&id.pipeline, &id.aggregation, &id.group_key, i64::MIN);
+                sessions.entry(group).or_default().push(id.hash());
+            }
+        }
         let state = PartitionState {
             next_offset: s.next_offset,
             max_event_time: s.max_event_time,
@@ -459,6 +580,8 @@ impl PartitionState {
                 .into_iter()
                 .map(|(id, v)| (id.hash(), (id, v)))
                 .collect(),
+            sessions,
+            deletes: Vec::new(),
             changed: false,
         };
         Ok((state, s.seen_from))
