@@ -1,0 +1,257 @@
+//! The aggregator through a real broker: produce N enriched events, run the
+//! `instream-aggregator` binary on them, and report events per second and per CPU-second of
+//! the aggregator process (user + system time, from /proc, between its first and its last
+//! counted event), as one JSON line.
+//!
+//! ```sh
+//! cargo build --release -p instream-aggregator
+//! TANSU=/path/to/tansu cargo run --release -p instream-aggregator --example through_broker -- 1000000
+//! ```
+//! `TANSU` is a tansu 0.6 binary (started here with memory storage); or give a running broker
+//! with `INSTREAM_BENCH_KAFKA=host:port`.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use instream_core::config::KafkaConfig;
+use instream_kafka::admin::{ensure_topics, TopicSpec};
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+const PARTITIONS: i32 = 4;
+const KEYS: usize = 10_000;
+
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// User + system CPU seconds of a process so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name and state.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+async fn counted(admin: u16) -> f64 {
+    let Ok(response) = reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await else {
+        return 0.0;
+    };
+    response
+        .text()
+        .await
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("instream_events_total") && l.contains("service=\"aggregator\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let events: usize = std::env::args()
+        .nth(1)
+        .map(|n| n.parse())
+        .transpose()?
+        .unwrap_or(1_000_000);
+    let dir = tempfile::tempdir()?;
+
+    let (bootstrap, _broker) = match std::env::var("INSTREAM_BENCH_KAFKA") {
+        Ok(b) => (b, None),
+        Err(_) => {
+            let tansu = std::env::var("TANSU").unwrap_or_else(|_| "tansu".into());
+            let port = free_port();
+            let url = format!("tcp://127.0.0.1:{port}");
+            let child = Command::new(tansu)
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                ])
+                .args(["--storage-engine", "memory://tansu/"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let guard = Guard(child);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                if Instant::now() > deadline {
+                    return Err("tansu did not listen within 20 s".into());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (format!("127.0.0.1:{port}"), Some(guard))
+        }
+    };
+    let kafka = KafkaConfig {
+        bootstrap_servers: bootstrap.clone(),
+        replication_factor: 1,
+        ..KafkaConfig::default()
+    };
+    let topics: Vec<TopicSpec> = ["raw", "enriched", "dlq"]
+        .iter()
+        .map(|t| TopicSpec {
+            name: format!("bench.{t}"),
+            partitions: PARTITIONS,
+        })
+        .collect();
+    ensure_topics(&kafka, &topics).await?;
+
+    // About 300-byte enriched events, 10,000 keys, times spread over ten minutes.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let t0 = instream_event::now_millis() - 600_000;
+    let produced = Instant::now();
+    let mut pending = Vec::with_capacity(10_000);
+    for i in 0..events {
+        let key = format!("auction-{}", (i * 7_919) % KEYS);
+        let envelope = format!(
+            r#"{{"event_id":"e{i}","pipeline":"bench","key":"{key}","event_time":{},"ingest_time":{},"payload":{{"auction":"{key}","bidder":"person-{}","price":{},"channel":"Google","url":"https://www.nexmark.com/google/item.htm?query={}"}},"enrichment":{{"category":"books","seller":"person-{}","bidder_city":"Seattle"}}}}"#,
+            t0 + (i as i64 * 600_000) / events as i64,
+            t0 + i as i64,
+            i % 5_000,
+            i % 10_000,
+            i % 1_000,
+            i % 700
+        );
+        pending.push(
+            producer
+                .send_result(
+                    FutureRecord::to("bench.enriched")
+                        .key(&key)
+                        .payload(&envelope),
+                )
+                .map_err(|(e, _)| e)?,
+        );
+        if pending.len() == 10_000 {
+            for d in pending.drain(..) {
+                d.await?.map_err(|(e, _)| e)?;
+            }
+        }
+    }
+    for d in pending.drain(..) {
+        d.await?.map_err(|(e, _)| e)?;
+    }
+    let produce_secs = produced.elapsed().as_secs_f64();
+
+    let definitions = dir.path().join("definitions.toml");
+    std::fs::write(
+        &definitions,
+        format!(
+            r#"[[pipelines]]
+name = "bench"
+key_field = "auction"
+time_field = "t"
+partitions = {PARTITIONS}
+max_out_of_orderness = "10m"
+[[pipelines.aggregations]]
+name = "per_minute"
+window = {{ kind = "tumbling", size = "1m" }}
+functions = [{{ fn = "sum", field = "payload.price" }}]
+"#
+        ),
+    )?;
+    let admin = free_port();
+    let config = dir.path().join("instream.toml");
+    let mut file = std::fs::File::create(&config)?;
+    write!(
+        file,
+        r#"[telemetry]
+log_level = "warn"
+[admin]
+listen = "127.0.0.1:{admin}"
+[kafka]
+bootstrap_servers = "{bootstrap}"
+replication_factor = 1
+[kafka.consumer]
+"fetch.wait.max.ms" = "10"
+"fetch.queue.backoff.ms" = "10"
+[definitions]
+source = "file"
+path = "{}"
+[store]
+backend = "local"
+path = "{}"
+[aggregator]
+batch_size = 10000
+"#,
+        definitions.display(),
+        dir.path().join("store.redb").display()
+    )?;
+    let binary = std::env::current_exe()?
+        .parent()
+        .and_then(|examples| examples.parent())
+        .map(|release| release.join("instream-aggregator"))
+        .ok_or("no target directory")?;
+    let aggregator = Guard(
+        Command::new(&binary)
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("{}: {e} (build it with --release first)", binary.display()))?,
+    );
+    let pid = aggregator.0.id();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let (mut first_at, mut first_cpu) = (None, 0.0);
+    loop {
+        let n = counted(admin).await;
+        if first_at.is_none() && n > 0.0 {
+            first_at = Some((Instant::now(), n));
+            first_cpu = cpu_seconds(pid);
+        }
+        if n >= events as f64 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("only {n} of {events} counted in 10 minutes").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cpu = cpu_seconds(pid) - first_cpu;
+    let (since, counted_then) = first_at.ok_or("nothing counted")?;
+    let measured = events as f64 - counted_then;
+    let wall = since.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "events": events,
+            "produce_events_per_s": (events as f64 / produce_secs).round(),
+            "aggregator_events_per_s": (measured / wall).round(),
+            "aggregator_events_per_cpu_s": (measured / cpu.max(0.001)).round(),
+            "aggregator_cpu_s": cpu,
+            "wall_s": wall,
+        })
+    );
+    Ok(())
+}
