@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-cargo build -p instream --quiet
+echo "demo: building instream (the first build takes about 5 minutes on 2 cores)" >&2
+cargo build -p instream
 # `instream demo` sends for 30 s unless told otherwise (--duration 2m).
 exec target/debug/instream demo "$@"

@@ -4,10 +4,11 @@
 # Idempotent: does nothing when everything is present. Needs root (or sudo) only to install.
 set -euo pipefail
 
-packages=(cmake pkg-config libcurl4-openssl-dev libsasl2-dev libzstd-dev libssl-dev
+packages=(build-essential cmake pkg-config libcurl4-openssl-dev libsasl2-dev libzstd-dev libssl-dev
           redis-server zookeeper default-jre-headless)
 # The test command also checks the alerting rules with promtool (Debian's prometheus package).
-[ "${1:-}" = "--for-tests" ] && packages+=(prometheus)
+# The Helm chart checks run in a Python virtualenv.
+[ "${1:-}" = "--for-tests" ] && packages+=(prometheus python3-venv)
 
 missing=()
 for p in "${packages[@]}"; do
