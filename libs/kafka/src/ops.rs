@@ -195,6 +195,24 @@ fn scan(
 /// Reads one partition of `topic` from `start` up to (not including) `end`, handing each
 /// record's offset and payload to `visit` with `state`; returns the state. For a stage that
 /// rebuilds what it knew from its input after a restart.
+/// The low and high watermarks (first offset still held, offset after the last) of one
+/// partition.
+pub async fn watermarks(
+    cfg: &KafkaConfig,
+    topic: &str,
+    partition: i32,
+) -> Result<(i64, i64), KafkaError> {
+    let c = client_config(cfg, "instream-scan");
+    let topic = topic.to_owned();
+    blocking(move || {
+        let consumer: BaseConsumer = c.create().map_err(KafkaError::Config)?;
+        consumer
+            .fetch_watermarks(&topic, partition, TIMEOUT)
+            .map_err(KafkaError::Consume)
+    })
+    .await
+}
+
 pub async fn scan_partition<S: Send + 'static>(
     cfg: &KafkaConfig,
     topic: &str,
@@ -204,7 +222,9 @@ pub async fn scan_partition<S: Send + 'static>(
     mut state: S,
     visit: fn(&mut S, i64, &[u8]),
 ) -> Result<S, KafkaError> {
-    let c = client_config(cfg, "instream-scan");
+    let mut c = client_config(cfg, "instream-scan");
+    // A start the partition no longer holds is an error, not a silent jump to its end.
+    c.set("auto.offset.reset", "error");
     let topic = topic.to_owned();
     blocking(move || {
         scan(&c, &topic, partition, start, end, |m| {

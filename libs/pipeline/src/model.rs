@@ -180,7 +180,7 @@ impl Window {
     /// division so times before 1970 land in the right window too).
     pub fn start_of(&self, event_time: i64) -> i64 {
         let slide = self.slide_millis();
-        event_time.div_euclid(slide) * slide
+        event_time.div_euclid(slide).saturating_mul(slide)
     }
 
     /// Starts of every fixed window holding `event_time`, newest first (not for sessions,
@@ -190,8 +190,9 @@ impl Window {
         let slide = self.slide_millis();
         let newest = self.start_of(event_time);
         (0..)
-            .map(move |i| newest - i * slide)
-            .take_while(move |start| event_time < start + size)
+            .map(move |i: i64| newest.saturating_sub(i.saturating_mul(slide)))
+            .take_while(move |start| event_time < start.saturating_add(size))
+            .take(100)
     }
 }
 

@@ -65,6 +65,17 @@ impl ScyllaStore {
                 .await
                 .map_err(|e| StoreError::Rejected(e.to_string()))?;
         }
+        // Tables made before windows carried `values_json` lack it; adding a column that
+        // exists fails, which is the usual case and fine.
+        if let Err(e) = session
+            .query_unpaged(
+                format!("ALTER TABLE {ks}.window_aggregates ADD values_json text"),
+                &[],
+            )
+            .await
+        {
+            tracing::debug!(error = %e, "values_json column already there");
+        }
         session
             .await_schema_agreement()
             .await

@@ -34,13 +34,15 @@ pub fn field_value(path: &FieldPath, event: &Event, payload: &mut Option<Value>)
     }
 }
 
-/// A number, or a string holding one.
+/// A finite number, or a string holding one (`"NaN"` and `"inf"` are not numbers here: one
+/// would spoil a window's sum for good).
 fn number(value: &Value) -> Option<f64> {
-    match value {
+    let x = match value {
         Value::Number(n) => n.as_f64(),
         Value::String(s) => s.trim().parse().ok(),
         _ => None,
-    }
+    }?;
+    x.is_finite().then_some(x)
 }
 
 /// Whether the filter takes the event. Numbers compare as numbers, anything else by equality

@@ -162,7 +162,7 @@ pub async fn run_with_store(
             pending.push((record, Some(event.ingest_time)));
         }
         if last_flush.elapsed() >= config.aggregator.flush_interval {
-            flush(
+            let durable = flush(
                 &*store,
                 &store_ready,
                 consumer,
@@ -172,7 +172,9 @@ pub async fn run_with_store(
                 &shutdown,
             )
             .await?;
-            client::commit(consumer, false)?;
+            if durable {
+                client::commit(consumer, false)?;
+            }
             last_flush = Instant::now();
         }
     }
@@ -180,7 +182,9 @@ pub async fn run_with_store(
     let consumer = subscription.consumer();
     follow_generation(consumer, &mut generation, &mut partitions, &mut pending);
     let current = catalog.borrow().clone();
-    flush(
+    // Retries until the store takes everything; the supervisor's drain timeout bounds it (then
+    // nothing is committed and a restart reads the rest again).
+    let durable = flush(
         &*store,
         &store_ready,
         consumer,
@@ -190,7 +194,9 @@ pub async fn run_with_store(
         &CancellationToken::new(),
     )
     .await?;
-    client::commit(consumer, true)?;
+    if durable {
+        client::commit(consumer, true)?;
+    }
     tracing::info!(
         partitions = partitions.states.len(),
         "aggregator drained and committed"
@@ -299,6 +305,27 @@ async fn restore(
         }
     })?;
     let next = state.next_offset();
+    let (low, high) = instream_kafka::ops::watermarks(kafka, &key.topic, key.partition).await?;
+    if high < next {
+        return Err(AggregatorError::Checkpoint {
+            topic: key.topic.clone(),
+            partition: key.partition,
+            source: state::SnapshotError(format!(
+                "it reflects offsets up to {next}, but the partition ends at {high}: was the \
+                 topic recreated? Remove the aggregator's checkpoints for it (see the runbook)"
+            )),
+        });
+    }
+    if low > next {
+        // Retention deleted records this group never counted: say so loudly, go on.
+        tracing::error!(topic = %key.topic, partition = key.partition, from = next, to = low, "records were deleted by retention before the aggregator counted them");
+        metrics::counter!("instream_aggregator_records_lost_total", "topic" => key.topic.clone())
+            .increment((low - next) as u64);
+    }
+    if low > seen_from {
+        tracing::warn!(topic = %key.topic, partition = key.partition, from = seen_from, to = low, "records of the de-duplication horizon were deleted by retention; repeats of them cannot be recognized");
+    }
+    let seen_from = seen_from.max(low);
     let mut state = instream_kafka::ops::scan_partition(
         kafka,
         &key.topic,
@@ -375,8 +402,10 @@ where
     }
 }
 
-/// Writes every changed window, then every changed partition's checkpoint, retrying until the
-/// store takes them (or `stop` fires), then marks the records they cover as handled.
+/// Writes every changed window, the deletions of merged sessions, then every changed
+/// partition's checkpoint, retrying until the store takes them, then marks the records they
+/// cover as handled. Returns false when `stop` fired first: nothing new is durable then, so
+/// nothing may be committed (what was taken is put back for the next attempt).
 async fn flush(
     store: &dyn AggregateStore,
     ready: &Readiness,
@@ -385,7 +414,7 @@ async fn flush(
     catalog: &Catalog,
     pending: &mut Pending,
     stop: &CancellationToken,
-) -> Result<(), AggregatorError> {
+) -> Result<bool, AggregatorError> {
     let mut rows: Vec<WindowAggregate> = Vec::new();
     for state in partitions.states.values_mut() {
         state.take_dirty(|pipeline| catalog.get(pipeline).map(|d| &**d), &mut rows);
@@ -395,20 +424,23 @@ async fn flush(
             for state in partitions.states.values_mut() {
                 state.mark_dirty(&rows);
             }
-            return Ok(());
+            return Ok(false);
         }
         metrics::counter!("instream_window_writes_total", "service" => SERVICE)
             .increment(rows.len() as u64);
     }
     let deletes: Vec<WindowAggregate> = partitions
         .states
-        .values_mut()
-        .flat_map(|state| state.take_deletes())
+        .values()
+        .flat_map(|state| state.deletes().iter().cloned())
         .collect();
-    if !deletes.is_empty()
-        && !until_written(ready, stop, "merged sessions", || store.delete(&deletes)).await
-    {
-        return Ok(());
+    if !deletes.is_empty() {
+        if !until_written(ready, stop, "merged sessions", || store.delete(&deletes)).await {
+            return Ok(false);
+        }
+        for state in partitions.states.values_mut() {
+            state.deletes_done();
+        }
     }
     let visible = instream_event::now_millis();
     let mut checkpoints = Vec::new();
@@ -416,7 +448,7 @@ async fn flush(
     for (source, state) in partitions.states.iter_mut() {
         state.close_windows(|pipeline| catalog.get(pipeline).map(|d| d.max_out_of_orderness));
         open += state.window_count();
-        if let Some((next_offset, bytes)) = state.take_snapshot() {
+        if let Some((next_offset, bytes)) = state.snapshot() {
             checkpoints.push(Checkpoint {
                 key: CheckpointKey {
                     group: partitions.group.clone(),
@@ -435,7 +467,10 @@ async fn flush(
         .await
     {
         // Not durable: the records stay unhandled and are read again after a restart.
-        return Ok(());
+        return Ok(false);
+    }
+    for state in partitions.states.values_mut() {
+        state.mark_saved();
     }
     for ingest_time in pending.iter().filter_map(|(_, t)| *t) {
         metrics::histogram!("instream_stage_latency_seconds", "stage" => "aggregator_visible")
@@ -444,5 +479,103 @@ async fn flush(
     client::complete(consumer, pending.iter().map(|(record, _)| record));
     pending.clear();
     metrics::gauge!("instream_open_windows", "service" => SERVICE).set(open as f64);
-    Ok(())
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use instream_store::{AggregateQuery, StoreError};
+
+    /// A store whose checkpoint writes fail, as during an outage that begins mid-flush (a
+    /// fault no real server can be made to show on cue).
+    struct CheckpointsDown;
+
+    #[async_trait]
+    impl AggregateStore for CheckpointsDown {
+        async fn upsert(&self, _: &[WindowAggregate]) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn delete(&self, _: &[WindowAggregate]) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn query(&self, _: &AggregateQuery) -> Result<Vec<WindowAggregate>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn save_checkpoints(&self, _: &[Checkpoint]) -> Result<(), StoreError> {
+            Err(StoreError::Unavailable("down".into()))
+        }
+        async fn load_checkpoint(
+            &self,
+            _: &CheckpointKey,
+        ) -> Result<Option<Checkpoint>, StoreError> {
+            Ok(None)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flush_cut_short_by_shutdown_makes_nothing_handled_and_keeps_the_checkpoint_due() {
+        let def = instream_pipeline::parse_document(
+            "[[pipelines]]\nname = \"p\"\nkey_field = \"k\"\ntime_field = \"t\"\n\
+             [[pipelines.aggregations]]\nname = \"m\"\nwindow = { kind = \"tumbling\", size = \"1m\" }\n",
+        )
+        .unwrap()
+        .pipelines
+        .remove(0);
+        let catalog = Catalog::new([def.clone()]);
+        let event = instream_event::Event {
+            event_id: "e1".into(),
+            pipeline: "p".into(),
+            key: "k".into(),
+            event_time: 0,
+            ingest_time: 0,
+            headers: Default::default(),
+            payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+            enrichment: None,
+        };
+        let mut state = PartitionState::default();
+        state.apply(0, &event, None, &def, Duration::from_secs(600));
+        let mut partitions = Partitions {
+            group: "g".into(),
+            horizon: Duration::from_secs(600),
+            states: [(("p.enriched".to_owned(), 0), state)]
+                .into_iter()
+                .collect(),
+        };
+        let config = instream_core::config::KafkaConfig::default();
+        let consumer = instream_kafka::consumer(&config, SERVICE, "g", &["p.enriched"]).unwrap();
+        let ready = instream_core::Health::default().register("aggregator.store");
+        let record = Record {
+            topic: "p.enriched".into(),
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload: instream_event::encode(&event),
+            headers: Vec::new(),
+            generation: 0,
+        };
+        let mut pending: Pending = vec![(record, Some(0))];
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let durable = flush(
+            &CheckpointsDown,
+            &ready,
+            &consumer,
+            &mut partitions,
+            &catalog,
+            &mut pending,
+            &stop,
+        )
+        .await
+        .unwrap();
+        assert!(!durable, "nothing may be committed");
+        assert_eq!(pending.len(), 1, "the record stays unhandled");
+        let state = partitions.states.values().next().unwrap();
+        assert!(state.snapshot().is_some(), "the checkpoint is still due");
+        assert!(!ready.is_ready(), "readiness says the store is away");
+    }
 }

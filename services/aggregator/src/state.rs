@@ -27,7 +27,7 @@ use crate::functions::{accepts, field_value, Acc};
 use crate::windows::group_key;
 
 /// Increments when the snapshot layout changes; older snapshots are refused, not misread.
-const SNAPSHOT_FORMAT: u8 = 1;
+const SNAPSHOT_FORMAT: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct WindowId {
@@ -199,7 +199,6 @@ pub struct PartitionState {
 /// The checkpointed part of a [`PartitionState`].
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
-    format: u8,
     next_offset: i64,
     max_event_time: i64,
     max_ingest_time: i64,
@@ -212,7 +211,7 @@ struct Snapshot {
 /// A checkpoint's state could not be read.
 #[derive(Debug, thiserror::Error)]
 #[error("unreadable aggregator checkpoint: {0}")]
-pub struct SnapshotError(String);
+pub struct SnapshotError(pub(crate) String);
 
 impl Default for PartitionState {
     fn default() -> Self {
@@ -329,7 +328,7 @@ impl PartitionState {
                             start,
                         },
                         WindowValue {
-                            end: start + aggregation.window.size_millis(),
+                            end: start.saturating_add(aggregation.window.size_millis()),
                             closes_at,
                             version: def.version,
                             count: 0,
@@ -439,9 +438,15 @@ impl PartitionState {
         }
     }
 
-    /// Store rows to delete (sessions merged under another start), once.
-    pub fn take_deletes(&mut self) -> Vec<WindowAggregate> {
-        std::mem::take(&mut self.deletes)
+    /// Store rows to delete (sessions merged under another start); they stay listed until
+    /// [`Self::deletes_done`].
+    pub fn deletes(&self) -> &[WindowAggregate] {
+        &self.deletes
+    }
+
+    /// The rows [`Self::deletes`] listed are deleted.
+    pub fn deletes_done(&mut self) {
+        self.deletes.clear();
     }
 
     fn remember(&mut self, id: u128, ingest_time: i64, offset: i64, horizon: Duration) {
@@ -532,13 +537,11 @@ impl PartitionState {
     }
 
     /// The checkpoint of this state, if it changed since the last one.
-    pub fn take_snapshot(&mut self) -> Option<(i64, Vec<u8>)> {
+    pub fn snapshot(&self) -> Option<(i64, Vec<u8>)> {
         if !self.changed {
             return None;
         }
-        self.changed = false;
         let snapshot = Snapshot {
-            format: SNAPSHOT_FORMAT,
             next_offset: self.next_offset,
             max_event_time: self.max_event_time,
             max_ingest_time: self.max_ingest_time,
@@ -546,22 +549,32 @@ impl PartitionState {
             origin_max: self.origin_max.iter().map(|(&p, &o)| (p, o)).collect(),
             windows: self.windows.values().cloned().collect(),
         };
+        // The format byte comes first, outside the encoded body, so that a build reading
+        // another layout says so instead of misreading the body.
+        let mut bytes = vec![SNAPSHOT_FORMAT];
         // Encoding plain structs into a Vec cannot fail.
-        let bytes = postcard::to_allocvec(&snapshot).unwrap_or_default();
+        bytes.extend(postcard::to_allocvec(&snapshot).unwrap_or_default());
         Some((self.next_offset, bytes))
+    }
+
+    /// The snapshot from [`Self::snapshot`] is durable: the state is unchanged since.
+    pub fn mark_saved(&mut self) {
+        self.changed = false;
     }
 
     /// The state a checkpoint holds, without its seen ids: read `[seen_from, next_offset)` of
     /// the partition into [`Self::rebuild_seen`], then call [`Self::finish_rebuild`].
     /// Returns the state and `seen_from`.
     pub fn restore(bytes: &[u8]) -> Result<(PartitionState, i64), SnapshotError> {
-        let s: Snapshot = postcard::from_bytes(bytes).map_err(|e| SnapshotError(e.to_string()))?;
-        if s.format != SNAPSHOT_FORMAT {
+        let Some((&format, body)) = bytes.split_first() else {
+            return Err(SnapshotError("empty".into()));
+        };
+        if format != SNAPSHOT_FORMAT {
             return Err(SnapshotError(format!(
-                "format {} (this build reads {SNAPSHOT_FORMAT})",
-                s.format
+                "format {format} (this build reads {SNAPSHOT_FORMAT})"
             )));
         }
+        let s: Snapshot = postcard::from_bytes(body).map_err(|e| SnapshotError(e.to_string()))?;
         let mut sessions: HashMap<u128, Vec<u128>, Prehashed> = HashMap::default();
         for (id, v) in &s.windows {
             if v.gap.is_some() {
@@ -731,7 +744,9 @@ allowed_lateness = "30s"
             live.apply(offset as i64, e, None, &def, HORIZON);
             payloads.push(instream_event::encode(e));
         }
-        let (next, bytes) = live.take_snapshot().expect("changed");
+        let (next, bytes) = live.snapshot().expect("changed");
+        live.mark_saved();
+        assert!(live.snapshot().is_none(), "nothing changed since");
         assert_eq!(next, 50);
         let (mut restored, seen_from) = PartitionState::restore(&bytes).unwrap();
         assert!(seen_from > 0, "old ids were pruned: {seen_from}");

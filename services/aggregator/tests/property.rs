@@ -166,13 +166,16 @@ fn flush(
             r,
         );
     }
-    for d in state.take_deletes() {
-        store.remove(&(d.aggregation, d.group_key, d.window_start));
+    for d in state.deletes() {
+        store.remove(&(d.aggregation.clone(), d.group_key.clone(), d.window_start));
     }
+    state.deletes_done();
     state.close_windows(|_| Some(def.max_out_of_orderness));
-    state
-        .take_snapshot()
-        .unwrap_or_else(|| (state.next_offset(), Vec::new()))
+    let snapshot = state
+        .snapshot()
+        .unwrap_or_else(|| (state.next_offset(), Vec::new()));
+    state.mark_saved();
+    snapshot
 }
 
 /// Runs the stream through the real state with flushes, crashes and replays.

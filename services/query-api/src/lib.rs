@@ -311,11 +311,11 @@ async fn answer(
     let now = instream_event::now_millis();
     let to = match &params.to {
         Some(v) => parse_time("to", v)?,
-        None => now + 1,
+        None => now.saturating_add(1),
     };
     let mut from = match &params.from {
         Some(v) => parse_time("from", v)?,
-        None => to - DAY_MILLIS,
+        None => to.saturating_sub(DAY_MILLIS),
     };
     if let Some(token) = &params.page_token {
         match token.parse::<i64>() {
