@@ -61,14 +61,8 @@ async fn counted(admin: u16) -> f64 {
     let Ok(response) = reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await else {
         return 0.0;
     };
-    response
-        .text()
-        .await
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("instream_events_total") && l.contains("service=\"aggregator\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    let text = response.text().await.unwrap_or_default();
+    instream_testkit::metric_sum(&text, "instream_events_total", "service=\"aggregator\"").0
 }
 
 #[tokio::main]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use instream_kafka::headers;
 use instream_store::{AggregateQuery, AggregateStore, LocalStore};
-use instream_testkit::{free_port, unique, ChildGuard, KafkaBroker};
+use instream_testkit::{free_port, metric_sum, unique, ChildGuard, KafkaBroker};
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -42,16 +42,7 @@ async fn metric(admin: u16, metric: &str, filter: &str) -> (f64, usize) {
     let Ok(response) = reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await else {
         return (0.0, 0);
     };
-    let text = response.text().await.unwrap_or_default();
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| l.starts_with(metric) && l.contains(filter))
-        .collect();
-    let sum = lines
-        .iter()
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    (sum, lines.len())
+    metric_sum(&response.text().await.unwrap_or_default(), metric, filter)
 }
 
 async fn wait_until<F: std::future::Future<Output = bool>>(

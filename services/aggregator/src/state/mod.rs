@@ -15,7 +15,7 @@
 //! queued), so a restore reads that range again and rebuilds exactly the queue the checkpoint
 //! was taken from.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use instream_event::Event;
@@ -25,6 +25,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::functions::{accepts, field_value, Acc};
 use crate::windows::group_key;
+use seen::{id_hash, Prehashed, SeenIds};
+
+mod seen;
+mod sessions;
 
 /// Increments when the snapshot layout changes; older snapshots are refused, not misread.
 const SNAPSHOT_FORMAT: u8 = 2;
@@ -67,88 +71,6 @@ pub enum Outcome {
     RepeatedEvent,
     /// Beyond the allowed lateness of these aggregations (counted in the others).
     TooLate(Vec<String>),
-}
-
-/// Remembered event ids: every id read with an ingest time within the horizon of the newest
-/// one. A queue in offset order (its front is `seen_from`, where a restore starts reading)
-/// with, per id, how many queued records carry it and the newest ingest time among them.
-/// Records leave from the front once older than the horizon; one older than the horizon but
-/// behind a newer one stays queued a little longer, but its id no longer counts as seen,
-/// because lookups compare the id's newest ingest time with the cutoff. O(1) per record.
-#[derive(Debug, Default)]
-struct SeenIds {
-    order: VecDeque<(u128, i64, i64)>,
-    ids: HashMap<u128, (u32, i64), Prehashed>,
-}
-
-impl SeenIds {
-    /// Whether a record with this id and an ingest time at or after `cutoff` was read.
-    fn contains(&self, id: u128, cutoff: i64) -> bool {
-        self.ids
-            .get(&id)
-            .is_some_and(|&(_, newest)| newest >= cutoff)
-    }
-
-    fn push(&mut self, id: u128, ingest_time: i64, offset: i64) {
-        self.order.push_back((id, ingest_time, offset));
-        let entry = self.ids.entry(id).or_insert((0, i64::MIN));
-        entry.0 += 1;
-        entry.1 = entry.1.max(ingest_time);
-    }
-
-    /// Drops queued records from the front while they are older than `cutoff`.
-    fn prune(&mut self, cutoff: i64) {
-        while let Some(&(id, ingest_time, _)) = self.order.front() {
-            if ingest_time >= cutoff {
-                break;
-            }
-            self.order.pop_front();
-            if let Some(entry) = self.ids.get_mut(&id) {
-                entry.0 -= 1;
-                if entry.0 == 0 {
-                    self.ids.remove(&id);
-                }
-            }
-        }
-    }
-
-    fn front_offset(&self) -> Option<i64> {
-        self.order.front().map(|&(_, _, offset)| offset)
-    }
-
-    fn len(&self) -> usize {
-        self.order.len()
-    }
-}
-
-/// Hashes a key that is itself a 128-bit hash (event ids, window ids) by taking its low bits:
-/// hashing it again (SipHash) cost as much as the rest of an event's update.
-#[derive(Default, Clone, Copy)]
-pub struct PrehashedKey(u64);
-
-impl std::hash::Hasher for PrehashedKey {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only reached for keys other than u128; fold them in.
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
-        }
-    }
-
-    fn write_u128(&mut self, key: u128) {
-        self.0 = key as u64;
-    }
-}
-
-type Prehashed = std::hash::BuildHasherDefault<PrehashedKey>;
-
-fn id_hash(event_id: &str) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(event_id.as_bytes())
 }
 
 fn window_hash(pipeline: &str, aggregation: &str, group_key: &str, start: i64) -> u128 {
@@ -356,99 +278,6 @@ impl PartitionState {
         }
     }
 
-    /// Puts the event into its group's session: a new one, or the sessions its
-    /// `[time, time + gap)` overlaps, merged into one.
-    fn add_to_session(
-        &mut self,
-        def: &PipelineDefinition,
-        aggregation: &instream_pipeline::Aggregation,
-        group: &str,
-        gap: i64,
-        event: &Event,
-        values: &[Option<serde_json::Value>],
-    ) {
-        let t = event.event_time;
-        let group_hash = window_hash(&def.name, &aggregation.name, group, i64::MIN);
-        let lateness = aggregation.allowed_lateness.as_millis() as i64;
-        let mut start = t;
-        let mut end = t.saturating_add(gap);
-        let mut version = def.version;
-        let mut absorbed: Vec<(WindowId, WindowValue)> = Vec::new();
-        let open = self.sessions.entry(group_hash).or_default();
-        open.retain(|hash| {
-            let Some((id, v)) = self.windows.get(hash) else {
-                return false;
-            };
-            if id.start < t.saturating_add(gap) && t < v.end {
-                if let Some(taken) = self.windows.remove(hash) {
-                    start = start.min(taken.0.start);
-                    end = end.max(taken.1.end);
-                    absorbed.push(taken);
-                }
-                false
-            } else {
-                true
-            }
-        });
-        absorbed.sort_by_key(|(id, _)| id.start);
-        if let Some((_, oldest)) = absorbed.first() {
-            // The window opened under the version of its oldest part (DESIGN §7).
-            version = oldest.version;
-        }
-        let mut merged = WindowValue {
-            end,
-            closes_at: end.saturating_add(lateness),
-            version,
-            count: 1,
-            accs: aggregation.functions.iter().map(Acc::new).collect(),
-            gap: Some(gap),
-            dirty: true,
-        };
-        for (acc, v) in merged.accs.iter_mut().zip(values) {
-            acc.add(v.as_ref(), t);
-        }
-        for (id, part) in absorbed {
-            merged.count += part.count;
-            for (acc, other) in merged.accs.iter_mut().zip(part.accs) {
-                acc.merge(other);
-            }
-            if id.start != start {
-                self.deletes.push(WindowAggregate {
-                    pipeline: id.pipeline,
-                    aggregation: id.aggregation,
-                    group_key: id.group_key,
-                    window_start: id.start,
-                    window_end: part.end,
-                    definition_version: part.version as i64,
-                    count: 0,
-                    values: Default::default(),
-                });
-            }
-        }
-        let id = WindowId {
-            pipeline: def.name.clone(),
-            aggregation: aggregation.name.clone(),
-            group_key: group.to_owned(),
-            start,
-        };
-        let hash = id.hash();
-        self.windows.insert(hash, (id, merged));
-        if let Some(open) = self.sessions.get_mut(&group_hash) {
-            open.push(hash);
-        }
-    }
-
-    /// Store rows to delete (sessions merged under another start); they stay listed until
-    /// [`Self::deletes_done`].
-    pub fn deletes(&self) -> &[WindowAggregate] {
-        &self.deletes
-    }
-
-    /// The rows [`Self::deletes`] listed are deleted.
-    pub fn deletes_done(&mut self) {
-        self.deletes.clear();
-    }
-
     fn remember(&mut self, id: u128, ingest_time: i64, offset: i64, horizon: Duration) {
         self.seen.push(id, ingest_time, offset);
         self.max_ingest_time = self.max_ingest_time.max(ingest_time);
@@ -622,151 +451,4 @@ impl PartitionState {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use instream_pipeline::parse_document;
-    use serde_json::value::RawValue;
-
-    const HORIZON: Duration = Duration::from_secs(600);
-
-    fn def() -> PipelineDefinition {
-        parse_document(
-            r#"
-[[pipelines]]
-name = "p"
-key_field = "k"
-time_field = "t"
-max_out_of_orderness = "0s"
-[[pipelines.aggregations]]
-name = "per_minute"
-window = { kind = "tumbling", size = "1m" }
-allowed_lateness = "30s"
-"#,
-        )
-        .unwrap()
-        .pipelines
-        .remove(0)
-    }
-
-    fn event(id: &str, t: i64, ingest: i64) -> Event {
-        Event {
-            event_id: id.into(),
-            pipeline: "p".into(),
-            key: "k1".into(),
-            event_time: t,
-            ingest_time: ingest,
-            headers: Default::default(),
-            payload: RawValue::from_string("{}".into()).unwrap(),
-            enrichment: None,
-        }
-    }
-
-    fn counts(state: &mut PartitionState) -> Vec<(i64, i64)> {
-        let mut rows = Vec::new();
-        for (_, v) in state.windows.values_mut() {
-            v.dirty = true;
-        }
-        let d = def();
-        state.take_dirty(|_| Some(&d), &mut rows);
-        let mut out: Vec<(i64, i64)> = rows.iter().map(|r| (r.window_start, r.count)).collect();
-        out.sort();
-        out
-    }
-
-    #[test]
-    fn repeats_by_id_and_by_origin_are_dropped_and_replays_skipped() {
-        let def = def();
-        let mut s = PartitionState::default();
-        assert_eq!(
-            s.apply(0, &event("a", 0, 0), Some((0, 10)), &def, HORIZON),
-            Outcome::Counted
-        );
-        assert_eq!(
-            s.apply(1, &event("a", 0, 1), Some((0, 11)), &def, HORIZON),
-            Outcome::RepeatedEvent,
-            "a client retry carries the same id"
-        );
-        assert_eq!(
-            s.apply(2, &event("b", 0, 2), Some((0, 10)), &def, HORIZON),
-            Outcome::RepeatedOrigin,
-            "an enricher re-run re-emits origin offset 10"
-        );
-        assert_eq!(
-            s.apply(1, &event("c", 0, 2), None, &def, HORIZON),
-            Outcome::AlreadyApplied
-        );
-        assert_eq!(counts(&mut s), vec![(0, 1)]);
-    }
-
-    #[test]
-    fn ids_older_than_the_horizon_are_forgotten() {
-        let def = def();
-        let mut s = PartitionState::default();
-        s.apply(0, &event("a", 0, 0), None, &def, HORIZON);
-        s.apply(1, &event("x", 0, 600_001), None, &def, HORIZON);
-        assert_eq!(s.remembered_ids(), 1, "a is older than the horizon");
-        assert_eq!(
-            s.apply(2, &event("a", 0, 600_002), None, &def, HORIZON),
-            Outcome::Counted
-        );
-    }
-
-    #[test]
-    fn late_events_within_lateness_count_and_beyond_it_do_not() {
-        let def = def();
-        let mut s = PartitionState::default();
-        s.apply(0, &event("a", 10_000, 0), None, &def, HORIZON);
-        // The watermark is 85 s: window [0, 60 s) closes at 90 s, so it still takes events.
-        s.apply(1, &event("b", 85_000, 0), None, &def, HORIZON);
-        assert_eq!(
-            s.apply(2, &event("c", 5_000, 0), None, &def, HORIZON),
-            Outcome::Counted
-        );
-        s.apply(3, &event("d", 90_000, 0), None, &def, HORIZON);
-        assert_eq!(
-            s.apply(4, &event("e", 5_000, 0), None, &def, HORIZON),
-            Outcome::TooLate(vec!["per_minute".into()])
-        );
-        assert_eq!(counts(&mut s), vec![(0, 2), (60_000, 2)]);
-        let closed = s.close_windows(|_| Some(Duration::ZERO));
-        assert_eq!(closed, 1, "[0, 60 s) is flushed and past its lateness");
-    }
-
-    #[test]
-    fn a_restored_checkpoint_plus_the_reread_range_equals_the_live_state() {
-        let def = def();
-        let mut live = PartitionState::default();
-        let events: Vec<Event> = (0..50)
-            .map(|i| event(&format!("e{}", i % 40), i * 1_000, i * 20_000))
-            .collect();
-        let mut payloads = Vec::new();
-        for (offset, e) in events.iter().enumerate() {
-            live.apply(offset as i64, e, None, &def, HORIZON);
-            payloads.push(instream_event::encode(e));
-        }
-        let (next, bytes) = live.snapshot().expect("changed");
-        live.mark_saved();
-        assert!(live.snapshot().is_none(), "nothing changed since");
-        assert_eq!(next, 50);
-        let (mut restored, seen_from) = PartitionState::restore(&bytes).unwrap();
-        assert!(seen_from > 0, "old ids were pruned: {seen_from}");
-        for (offset, payload) in payloads.iter().enumerate().skip(seen_from as usize) {
-            restored.rebuild_seen(offset as i64, payload);
-        }
-        restored.finish_rebuild(HORIZON);
-        assert_eq!(restored.seen.order, live.seen.order);
-        assert_eq!(restored.seen.ids, live.seen.ids);
-        assert_eq!(counts(&mut restored), counts(&mut live));
-        // Both treat what comes next the same way.
-        for (offset, e) in [
-            (50, event("e45", 51_000, 1_000_000)),
-            (51, event("e49", 52_000, 1_000_001)),
-        ] {
-            assert_eq!(
-                restored.apply(offset, &e, None, &def, HORIZON),
-                live.apply(offset, &e, None, &def, HORIZON)
-            );
-        }
-        assert!(PartitionState::restore(b"garbage").is_err());
-    }
-}
+mod tests;

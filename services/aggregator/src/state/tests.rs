@@ -1,0 +1,146 @@
+use super::*;
+use instream_pipeline::parse_document;
+use serde_json::value::RawValue;
+
+const HORIZON: Duration = Duration::from_secs(600);
+
+fn def() -> PipelineDefinition {
+    parse_document(
+        r#"
+[[pipelines]]
+name = "p"
+key_field = "k"
+time_field = "t"
+max_out_of_orderness = "0s"
+[[pipelines.aggregations]]
+name = "per_minute"
+window = { kind = "tumbling", size = "1m" }
+allowed_lateness = "30s"
+"#,
+    )
+    .unwrap()
+    .pipelines
+    .remove(0)
+}
+
+fn event(id: &str, t: i64, ingest: i64) -> Event {
+    Event {
+        event_id: id.into(),
+        pipeline: "p".into(),
+        key: "k1".into(),
+        event_time: t,
+        ingest_time: ingest,
+        headers: Default::default(),
+        payload: RawValue::from_string("{}".into()).unwrap(),
+        enrichment: None,
+    }
+}
+
+fn counts(state: &mut PartitionState) -> Vec<(i64, i64)> {
+    let mut rows = Vec::new();
+    for (_, v) in state.windows.values_mut() {
+        v.dirty = true;
+    }
+    let d = def();
+    state.take_dirty(|_| Some(&d), &mut rows);
+    let mut out: Vec<(i64, i64)> = rows.iter().map(|r| (r.window_start, r.count)).collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn repeats_by_id_and_by_origin_are_dropped_and_replays_skipped() {
+    let def = def();
+    let mut s = PartitionState::default();
+    assert_eq!(
+        s.apply(0, &event("a", 0, 0), Some((0, 10)), &def, HORIZON),
+        Outcome::Counted
+    );
+    assert_eq!(
+        s.apply(1, &event("a", 0, 1), Some((0, 11)), &def, HORIZON),
+        Outcome::RepeatedEvent,
+        "a client retry carries the same id"
+    );
+    assert_eq!(
+        s.apply(2, &event("b", 0, 2), Some((0, 10)), &def, HORIZON),
+        Outcome::RepeatedOrigin,
+        "an enricher re-run re-emits origin offset 10"
+    );
+    assert_eq!(
+        s.apply(1, &event("c", 0, 2), None, &def, HORIZON),
+        Outcome::AlreadyApplied
+    );
+    assert_eq!(counts(&mut s), vec![(0, 1)]);
+}
+
+#[test]
+fn ids_older_than_the_horizon_are_forgotten() {
+    let def = def();
+    let mut s = PartitionState::default();
+    s.apply(0, &event("a", 0, 0), None, &def, HORIZON);
+    s.apply(1, &event("x", 0, 600_001), None, &def, HORIZON);
+    assert_eq!(s.remembered_ids(), 1, "a is older than the horizon");
+    assert_eq!(
+        s.apply(2, &event("a", 0, 600_002), None, &def, HORIZON),
+        Outcome::Counted
+    );
+}
+
+#[test]
+fn late_events_within_lateness_count_and_beyond_it_do_not() {
+    let def = def();
+    let mut s = PartitionState::default();
+    s.apply(0, &event("a", 10_000, 0), None, &def, HORIZON);
+    // The watermark is 85 s: window [0, 60 s) closes at 90 s, so it still takes events.
+    s.apply(1, &event("b", 85_000, 0), None, &def, HORIZON);
+    assert_eq!(
+        s.apply(2, &event("c", 5_000, 0), None, &def, HORIZON),
+        Outcome::Counted
+    );
+    s.apply(3, &event("d", 90_000, 0), None, &def, HORIZON);
+    assert_eq!(
+        s.apply(4, &event("e", 5_000, 0), None, &def, HORIZON),
+        Outcome::TooLate(vec!["per_minute".into()])
+    );
+    assert_eq!(counts(&mut s), vec![(0, 2), (60_000, 2)]);
+    let closed = s.close_windows(|_| Some(Duration::ZERO));
+    assert_eq!(closed, 1, "[0, 60 s) is flushed and past its lateness");
+}
+
+#[test]
+fn a_restored_checkpoint_plus_the_reread_range_equals_the_live_state() {
+    let def = def();
+    let mut live = PartitionState::default();
+    let events: Vec<Event> = (0..50)
+        .map(|i| event(&format!("e{}", i % 40), i * 1_000, i * 20_000))
+        .collect();
+    let mut payloads = Vec::new();
+    for (offset, e) in events.iter().enumerate() {
+        live.apply(offset as i64, e, None, &def, HORIZON);
+        payloads.push(instream_event::encode(e));
+    }
+    let (next, bytes) = live.snapshot().expect("changed");
+    live.mark_saved();
+    assert!(live.snapshot().is_none(), "nothing changed since");
+    assert_eq!(next, 50);
+    let (mut restored, seen_from) = PartitionState::restore(&bytes).unwrap();
+    assert!(seen_from > 0, "old ids were pruned: {seen_from}");
+    for (offset, payload) in payloads.iter().enumerate().skip(seen_from as usize) {
+        restored.rebuild_seen(offset as i64, payload);
+    }
+    restored.finish_rebuild(HORIZON);
+    assert_eq!(restored.seen.order, live.seen.order);
+    assert_eq!(restored.seen.ids, live.seen.ids);
+    assert_eq!(counts(&mut restored), counts(&mut live));
+    // Both treat what comes next the same way.
+    for (offset, e) in [
+        (50, event("e45", 51_000, 1_000_000)),
+        (51, event("e49", 52_000, 1_000_001)),
+    ] {
+        assert_eq!(
+            restored.apply(offset, &e, None, &def, HORIZON),
+            live.apply(offset, &e, None, &def, HORIZON)
+        );
+    }
+    assert!(PartitionState::restore(b"garbage").is_err());
+}
