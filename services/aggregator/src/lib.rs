@@ -12,11 +12,12 @@
 //! the partition key first, so each window has exactly one owner (DESIGN §7).
 //!
 //! Windows are tumbling, hopping or session windows; functions are computed by accumulators
-//! that are part of the checkpointed state. Open windows are written at every flush (so
-//! dashboards see them grow) and a last time when they close.
+//! that are part of the checkpointed state. A window is written once the watermark passes its
+//! end (and again for late events within the lateness), and while open every
+//! `aggregator.early_results_every` unless that is zero.
 //!
 //! Not yet here (the aggregator issue): repartitioning for group-bys that do not start with
-//! the key, and a setting to write windows only when they close.
+//! the key.
 
 mod functions;
 mod state;
@@ -80,6 +81,8 @@ struct Partitions {
     group: String,
     horizon: Duration,
     states: HashMap<Source, PartitionState>,
+    /// Whether this flush also writes windows still open (an early-results round).
+    early: bool,
 }
 
 /// Runs with a given store (standalone mode and tests share one embedded store).
@@ -106,7 +109,10 @@ pub async fn run_with_store(
         group: subscription.group().to_owned(),
         horizon: config.aggregator.dedup_horizon,
         states: HashMap::new(),
+        early: false,
     };
+    let early_every = config.aggregator.early_results_every;
+    let mut last_early = Instant::now();
     let mut pending = Pending::new();
     let mut batch = Vec::with_capacity(config.aggregator.batch_size);
     let mut last_flush = Instant::now();
@@ -162,6 +168,10 @@ pub async fn run_with_store(
             pending.push((record, Some(event.ingest_time)));
         }
         if last_flush.elapsed() >= config.aggregator.flush_interval {
+            partitions.early = !early_every.is_zero() && last_early.elapsed() >= early_every;
+            if partitions.early {
+                last_early = Instant::now();
+            }
             let durable = flush(
                 &*store,
                 &store_ready,
@@ -182,8 +192,10 @@ pub async fn run_with_store(
     let consumer = subscription.consumer();
     follow_generation(consumer, &mut generation, &mut partitions, &mut pending);
     let current = catalog.borrow().clone();
-    // Retries until the store takes everything; the supervisor's drain timeout bounds it (then
-    // nothing is committed and a restart reads the rest again).
+    partitions.early = !early_every.is_zero();
+    // With early results on, the last values of open windows are written too. Retries until
+    // the store takes everything; the supervisor's drain timeout bounds it (then nothing is
+    // committed and a restart reads the rest again).
     let durable = flush(
         &*store,
         &store_ready,
@@ -417,7 +429,11 @@ async fn flush(
 ) -> Result<bool, AggregatorError> {
     let mut rows: Vec<WindowAggregate> = Vec::new();
     for state in partitions.states.values_mut() {
-        state.take_dirty(|pipeline| catalog.get(pipeline).map(|d| &**d), &mut rows);
+        state.take_dirty(
+            |pipeline| catalog.get(pipeline).map(|d| &**d),
+            partitions.early,
+            &mut rows,
+        );
     }
     if !rows.is_empty() {
         if !until_written(ready, stop, "windows", || store.upsert(&rows)).await {
@@ -545,6 +561,7 @@ mod tests {
             states: [(("p.enriched".to_owned(), 0), state)]
                 .into_iter()
                 .collect(),
+            early: true,
         };
         let config = instream_core::config::KafkaConfig::default();
         let consumer = instream_kafka::consumer(&config, SERVICE, "g", &["p.enriched"]).unwrap();

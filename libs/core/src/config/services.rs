@@ -139,6 +139,12 @@ pub struct AggregatorConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     pub dedup_horizon: Duration,
+    /// How often windows still open are written (early results, for dashboards); `0s` writes
+    /// a window only once the watermark has passed its end (and again for each late event
+    /// within the allowed lateness).
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub early_results_every: Duration,
 }
 
 impl Default for AggregatorConfig {
@@ -147,6 +153,7 @@ impl Default for AggregatorConfig {
             flush_interval: Duration::from_secs(1),
             batch_size: 5_000,
             dedup_horizon: Duration::from_secs(600),
+            early_results_every: Duration::from_secs(1),
         }
     }
 }

@@ -31,7 +31,7 @@ mod seen;
 mod sessions;
 
 /// Increments when the snapshot layout changes; older snapshots are refused, not misread.
-const SNAPSHOT_FORMAT: u8 = 2;
+const SNAPSHOT_FORMAT: u8 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct WindowId {
@@ -53,8 +53,8 @@ struct WindowValue {
     accs: Vec<Acc>,
     /// Session windows: the gap (their end moves as events arrive, and they merge).
     gap: Option<i64>,
-    /// Changed since the last flush.
-    #[serde(skip)]
+    /// Changed since it was last written. Checkpointed: without early results a window can
+    /// be due (changed, not yet written) when its partition's state is saved.
     dirty: bool,
 }
 
@@ -289,14 +289,28 @@ impl PartitionState {
 
     /// The windows changed since the last call, as whole values to upsert. `def_of` gives
     /// the pipeline definitions, for the names and settings of the functions.
+    /// With `early` false, only windows the watermark has passed (their end, not counting
+    /// lateness) are taken: results on close; open windows stay due until then or until the
+    /// next early round.
     pub fn take_dirty<'d>(
         &mut self,
         def_of: impl Fn(&str) -> Option<&'d PipelineDefinition>,
+        early: bool,
         out: &mut Vec<WindowAggregate>,
     ) {
+        let max_event_time = self.max_event_time;
         for (id, v) in self.windows.values_mut().filter(|(_, v)| v.dirty) {
+            let def = def_of(&id.pipeline);
+            if !early {
+                let watermark = def.map_or(i64::MAX, |d| {
+                    max_event_time.saturating_sub(d.max_out_of_orderness.as_millis() as i64)
+                });
+                if v.end > watermark {
+                    continue;
+                }
+            }
             v.dirty = false;
-            let functions = def_of(&id.pipeline)
+            let functions = def
                 .and_then(|d| d.aggregations.iter().find(|a| a.name == id.aggregation))
                 .map(|a| a.functions.as_slice())
                 .unwrap_or_default();

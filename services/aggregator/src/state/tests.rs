@@ -42,7 +42,7 @@ fn counts(state: &mut PartitionState) -> Vec<(i64, i64)> {
         v.dirty = true;
     }
     let d = def();
-    state.take_dirty(|_| Some(&d), &mut rows);
+    state.take_dirty(|_| Some(&d), true, &mut rows);
     let mut out: Vec<(i64, i64)> = rows.iter().map(|r| (r.window_start, r.count)).collect();
     out.sort();
     out
@@ -143,4 +143,23 @@ fn a_restored_checkpoint_plus_the_reread_range_equals_the_live_state() {
         );
     }
     assert!(PartitionState::restore(b"garbage").is_err());
+}
+
+#[test]
+fn without_early_results_only_windows_the_watermark_passed_are_taken() {
+    let def = def();
+    let mut s = PartitionState::default();
+    s.apply(0, &event("a", 10_000, 0), None, &def, HORIZON);
+    let mut rows = Vec::new();
+    s.take_dirty(|_| Some(&def), false, &mut rows);
+    assert!(rows.is_empty(), "[0, 60 s) is still open");
+    // The watermark passes 60 s: the window is due, the new one [60 s, 120 s) is not.
+    s.apply(1, &event("b", 61_000, 0), None, &def, HORIZON);
+    s.take_dirty(|_| Some(&def), false, &mut rows);
+    let starts: Vec<i64> = rows.iter().map(|r| r.window_start).collect();
+    assert_eq!(starts, vec![0]);
+    rows.clear();
+    s.take_dirty(|_| Some(&def), true, &mut rows);
+    let starts: Vec<i64> = rows.iter().map(|r| r.window_start).collect();
+    assert_eq!(starts, vec![60_000], "an early round takes the open one");
 }
