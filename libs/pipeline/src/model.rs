@@ -27,6 +27,12 @@ pub struct PipelineDefinition {
     /// as in order: the partition's watermark is its newest event time minus this.
     #[serde(default = "default_out_of_orderness", with = "humantime_serde")]
     pub max_out_of_orderness: Duration,
+    /// How far an event's time may lie after the time ingest accepted it. One further ahead
+    /// (a clock gone wrong, microseconds sent as milliseconds) would move its partition's
+    /// watermark and make every later event too late, so the aggregator dead-letters it as
+    /// `future_time` instead.
+    #[serde(default = "default_time_ahead", with = "humantime_serde")]
+    pub max_time_ahead: Duration,
     /// Fields every event must have (besides the key and time fields).
     #[serde(default)]
     pub required_fields: Vec<FieldPath>,
@@ -48,6 +54,10 @@ fn default_partitions() -> i32 {
 
 fn default_out_of_orderness() -> Duration {
     Duration::from_secs(5)
+}
+
+fn default_time_ahead() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn default_allowed_lateness() -> Duration {

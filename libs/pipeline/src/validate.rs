@@ -52,6 +52,14 @@ impl PipelineDefinition {
                 "must be at most 24h: windows stay open (in memory) until it passes".into(),
             );
         }
+        if self.max_time_ahead < Duration::from_secs(1)
+            || self.max_time_ahead > Duration::from_secs(7 * 24 * 3600)
+        {
+            problem(
+                "max_time_ahead".into(),
+                "must be between 1s and 7 days".into(),
+            );
+        }
         let mut names = BTreeSet::new();
         for (i, rule) in self.enrichments.iter().enumerate() {
             if rule.name.is_empty() || !names.insert(rule.name.as_str()) {

@@ -165,6 +165,15 @@ pub async fn run_with_store(
                 );
                 dead_letter(&dead, &record, "too_late", &reason).await?;
             }
+            if outcome == Outcome::TooFarAhead {
+                let reason = format!(
+                    "event time {} is more than {:?} after its ingest time {}",
+                    instream_event::format_rfc3339_millis(event.event_time),
+                    def.max_time_ahead,
+                    instream_event::format_rfc3339_millis(event.ingest_time),
+                );
+                dead_letter(&dead, &record, "future_time", &reason).await?;
+            }
             pending.push((record, Some(event.ingest_time)));
         }
         if last_flush.elapsed() >= config.aggregator.flush_interval {
@@ -235,6 +244,7 @@ fn count(event: &Event, outcome: &Outcome) {
         Outcome::RepeatedOrigin => "repeated_origin",
         Outcome::RepeatedEvent => "repeated_event",
         Outcome::TooLate(_) => "too_late",
+        Outcome::TooFarAhead => "future_time",
     };
     metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => event.pipeline.clone(), "outcome" => outcome)
         .increment(1);

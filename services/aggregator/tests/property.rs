@@ -400,6 +400,7 @@ fn crashes_replays_and_repeats_never_change_the_result() {
             let kind = match clean.apply(o as i64, &r.event, Some(r.origin), &def, HORIZON) {
                 Outcome::Counted => "counted",
                 Outcome::TooLate(_) => "too_late",
+                Outcome::TooFarAhead => "future_time",
                 Outcome::RepeatedEvent => "repeated_event",
                 Outcome::RepeatedOrigin => "repeated_origin",
                 Outcome::AlreadyApplied => "already_applied",

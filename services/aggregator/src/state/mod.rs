@@ -71,6 +71,9 @@ pub enum Outcome {
     RepeatedEvent,
     /// Beyond the allowed lateness of these aggregations (counted in the others).
     TooLate(Vec<String>),
+    /// Its event time is further after its ingest time than the pipeline allows; it moved
+    /// nothing (not the watermark either).
+    TooFarAhead,
 }
 
 fn window_hash(pipeline: &str, aggregation: &str, group_key: &str, start: i64) -> u128 {
@@ -199,6 +202,10 @@ impl PartitionState {
         }
         if repeated {
             return Outcome::RepeatedEvent;
+        }
+        let ahead = def.max_time_ahead.as_millis() as i64;
+        if event.event_time > event.ingest_time.saturating_add(ahead) {
+            return Outcome::TooFarAhead;
         }
         let watermark = self.watermark(def);
         let mut late = Vec::new();

@@ -163,3 +163,18 @@ fn without_early_results_only_windows_the_watermark_passed_are_taken() {
     let starts: Vec<i64> = rows.iter().map(|r| r.window_start).collect();
     assert_eq!(starts, vec![60_000], "an early round takes the open one");
 }
+
+#[test]
+fn an_event_far_ahead_of_its_ingest_time_moves_nothing() {
+    let def = def();
+    let mut s = PartitionState::default();
+    s.apply(0, &event("a", 10_000, 10_000), None, &def, HORIZON);
+    // Microseconds sent as milliseconds: a thousand times too late in the future.
+    let wild = event("b", 10_000_000_000, 10_000);
+    assert_eq!(s.apply(1, &wild, None, &def, HORIZON), Outcome::TooFarAhead);
+    assert_eq!(
+        s.apply(2, &event("c", 20_000, 20_000), None, &def, HORIZON),
+        Outcome::Counted,
+        "the watermark did not move"
+    );
+}
