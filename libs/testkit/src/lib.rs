@@ -10,10 +10,12 @@
 //! Every start waits on a condition (the server answering its protocol), never a fixed sleep,
 //! and every server is killed when its handle drops, also when the test panics.
 
+mod config;
 mod metrics;
 mod process;
 mod servers;
 
+pub use config::process_config_toml;
 pub use metrics::metric_sum;
 pub use process::{free_port, wait_until, ChildGuard, TestkitError};
 pub use servers::{KafkaBroker, RedisServer, ZooKeeperServer};

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use instream_kafka::headers;
 use instream_store::{AggregateQuery, AggregateStore, LocalStore};
-use instream_testkit::{free_port, metric_sum, unique, ChildGuard, KafkaBroker};
+use instream_testkit::{
+    free_port, metric_sum, process_config_toml, unique, ChildGuard, KafkaBroker,
+};
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -187,24 +189,7 @@ window = {{ kind = "tumbling", size = "1m" }}
     std::fs::write(
         &config,
         format!(
-            r#"
-[admin]
-listen = "127.0.0.1:{admin}"
-[shutdown]
-drain_timeout = "5s"
-[kafka]
-bootstrap_servers = "{bootstrap}"
-replication_factor = 1
-session_timeout = "6s"
-commit_interval = "100ms"
-statistics_interval = "500ms"
-[kafka.consumer]
-"fetch.wait.max.ms" = "10"
-"fetch.queue.backoff.ms" = "10"
-"max.partition.fetch.bytes" = "16384"
-[definitions]
-source = "file"
-path = "{definitions}"
+            r#"{process}
 [store]
 backend = "local"
 path = "{store}"
@@ -212,8 +197,13 @@ path = "{store}"
 flush_interval = "150ms"
 batch_size = 300
 "#,
-            bootstrap = broker.bootstrap_servers(),
-            definitions = definitions.display(),
+            process = process_config_toml(
+                admin,
+                &broker.bootstrap_servers(),
+                &definitions,
+                "500ms",
+                16_384
+            ),
             store = store_path.display(),
         ),
     )

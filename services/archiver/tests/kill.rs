@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use instream_archive::{Archive, LocalArchive};
-use instream_testkit::{free_port, unique, ChildGuard, KafkaBroker};
+use instream_testkit::{free_port, process_config_toml, unique, ChildGuard, KafkaBroker};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -115,24 +115,7 @@ async fn kill_9_and_restart_archives_every_offset_exactly_once() {
     std::fs::write(
         &config,
         format!(
-            r#"
-[admin]
-listen = "127.0.0.1:{admin}"
-[shutdown]
-drain_timeout = "5s"
-[kafka]
-bootstrap_servers = "{bootstrap}"
-replication_factor = 1
-session_timeout = "6s"
-commit_interval = "100ms"
-statistics_interval = "1s"
-[kafka.consumer]
-"fetch.wait.max.ms" = "10"
-"fetch.queue.backoff.ms" = "10"
-"max.partition.fetch.bytes" = "65536"
-[definitions]
-source = "file"
-path = "{definitions}"
+            r#"{process}
 [archive]
 backend = "local"
 root = "{root}"
@@ -140,9 +123,13 @@ root = "{root}"
 roll_max_records = 500
 roll_max_age = "1s"
 "#,
-            admin = admin_port,
-            bootstrap = broker.bootstrap_servers(),
-            definitions = definitions.display(),
+            process = process_config_toml(
+                admin_port,
+                &broker.bootstrap_servers(),
+                &definitions,
+                "1s",
+                65_536
+            ),
             root = root.display(),
         ),
     )
