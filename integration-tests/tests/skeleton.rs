@@ -323,6 +323,42 @@ root = "{archive}"
         }
     }
 
+    // Every running service is in the registry, the consumers with their partitions; a new
+    // definition version reaches every one of them within 2 s.
+    let instances = instream_coord::instances(&config.zookeeper).await.unwrap();
+    let services: BTreeSet<&str> = instances.iter().map(|i| i.service.as_str()).collect();
+    assert_eq!(
+        services,
+        BTreeSet::from(["aggregator", "archiver", "enricher", "ingest"])
+    );
+    for consumer in ["aggregator", "archiver", "enricher"] {
+        let instance = instances.iter().find(|i| i.service == consumer).unwrap();
+        let partitions = instance.info["partitions"].as_array().unwrap();
+        assert_eq!(partitions.len(), 4, "{consumer}: {}", instance.info);
+    }
+    let mut next = def.clone();
+    next.version = 2;
+    instream_coord::publish_definition(&config.zookeeper, &next)
+        .await
+        .unwrap();
+    let published = std::time::Instant::now();
+    wait_for("version 2 at every service", Duration::from_secs(2), || {
+        let zk = config.zookeeper.clone();
+        let pipeline = pipeline.clone();
+        async move {
+            let instances = instream_coord::instances(&zk).await.unwrap();
+            instances.len() == 4
+                && instances
+                    .iter()
+                    .all(|i| i.info["definitions"][pipeline.as_str()] == 2)
+        }
+    })
+    .await;
+    eprintln!(
+        "version 2 reached every service in {:?}",
+        published.elapsed()
+    );
+
     shutdown.cancel();
     for task in tasks {
         let result = tokio::time::timeout(Duration::from_secs(30), task)

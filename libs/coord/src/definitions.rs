@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use zookeeper_client as zk;
 
-use crate::session::{connect, CoordError};
+use crate::session::{connect, persistent, CoordError, PIPELINES};
 
 /// Pipeline definitions stored in ZooKeeper, watched: a stored change reaches every
 /// subscriber within moments. A definition that fails validation is reported (log and
@@ -28,10 +28,6 @@ impl ZkDefinitionSource {
     }
 }
 
-fn folder(cfg: &ZooKeeperConfig) -> String {
-    format!("{}/pipelines", cfg.root.trim_end_matches('/'))
-}
-
 /// Validates and stores a definition. A stored definition may only be replaced by a higher
 /// version, so that results always name the version they were computed under.
 pub async fn publish_definition(
@@ -40,7 +36,7 @@ pub async fn publish_definition(
 ) -> Result<(), CoordError> {
     definition.validate()?;
     let client = connect(cfg).await?;
-    let path = format!("{}/{}", folder(cfg), definition.name);
+    let path = format!("{PIPELINES}/{}", definition.name);
     let data = serde_json::to_vec(definition)
         .map_err(|e| CoordError::Definition(DefinitionError::Parse(format!("serialising: {e}"))))?;
     match client.get_data(&path).await {
@@ -62,9 +58,8 @@ pub async fn publish_definition(
                 .map_err(CoordError::op("set", &path))?;
         }
         Err(zk::Error::NoNode) => {
-            let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
             client
-                .create(&path, &data, &options)
+                .create(&path, &data, &persistent(cfg))
                 .await
                 .map_err(CoordError::op("create", &path))?;
         }
@@ -132,7 +127,7 @@ impl DefinitionSource for ZkDefinitionSource {
         shutdown: CancellationToken,
     ) -> Result<watch::Receiver<Arc<Catalog>>, DefinitionError> {
         let backend = |e: CoordError| DefinitionError::Backend(e.to_string());
-        let folder = folder(&self.cfg);
+        let folder = PIPELINES.to_owned();
         let client = connect(&self.cfg).await.map_err(backend)?;
         let mut last_good = BTreeMap::new();
         let (catalog, mut changed) = load(&client, &folder, &mut last_good)
@@ -185,4 +180,40 @@ impl DefinitionSource for ZkDefinitionSource {
         });
         Ok(rx)
     }
+}
+
+/// One stored definition as the CLI shows it: the definition, or why it does not parse.
+#[derive(Debug)]
+pub struct StoredDefinition {
+    pub name: String,
+    pub definition: Result<PipelineDefinition, String>,
+    /// When it was last stored, in milliseconds since the epoch.
+    pub modified_ms: i64,
+}
+
+/// Every stored definition, by name.
+pub async fn stored_definitions(
+    cfg: &ZooKeeperConfig,
+) -> Result<Vec<StoredDefinition>, CoordError> {
+    let client = connect(cfg).await?;
+    let mut names = client
+        .list_children(PIPELINES)
+        .await
+        .map_err(CoordError::op("list", PIPELINES))?;
+    names.sort();
+    let mut stored = Vec::with_capacity(names.len());
+    for name in names {
+        let path = format!("{PIPELINES}/{name}");
+        let (data, stat) = match client.get_data(&path).await {
+            Ok(found) => found,
+            Err(zk::Error::NoNode) => continue,
+            Err(e) => return Err(CoordError::op("get", &path)(e)),
+        };
+        stored.push(StoredDefinition {
+            name,
+            definition: parse_definition(&data).map_err(|e| e.to_string()),
+            modified_ms: stat.mtime,
+        });
+    }
+    Ok(stored)
 }

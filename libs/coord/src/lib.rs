@@ -1,21 +1,96 @@
 //! instream-coord: ZooKeeper as instream's control plane.
 //!
-//! Layout under `zookeeper.root` (default `/instream`):
+//! Every path lives below `zookeeper.root` (default `/instream`), used as the client's
+//! chroot, so one ensemble can hold several deployments:
 //! - `pipelines/<name>`: one pipeline definition as JSON, validated before it is stored and
 //!   watched by every service ([`ZkDefinitionSource`]).
-//! - `services/<service>/<instance>`: an ephemeral node per running instance
-//!   ([`register_instance`]), gone when the instance's session ends.
+//! - `services/<service>/<instance>`: an ephemeral node per running instance (host, admin
+//!   address, version, assigned partitions), re-created after a session expiry.
+//! - `elections/<duty>/_c_…-latch-<seq>`: contenders for a singleton duty; the lowest leads.
+//!
+//! With `zookeeper.auth` set, every node is created with `creator_all` digest ACLs.
+//! [`LocalCoordinator`] gives standalone mode the same registry and elections in-process.
 
 mod definitions;
+mod election;
+mod local;
 mod registry;
 mod session;
 
-pub use definitions::{publish_definition, ZkDefinitionSource};
-pub use registry::{register_instance, Registration};
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+pub use definitions::{
+    publish_definition, stored_definitions, StoredDefinition, ZkDefinitionSource,
+};
+pub use election::{campaign, Leadership};
+pub use local::LocalCoordinator;
+pub use registry::{instances, register_instance, Instance, Registration};
 pub use session::{connect, CoordError};
 
-use instream_core::config::{Config, DefinitionSourceKind};
+use instream_core::config::{Config, DefinitionSourceKind, ZooKeeperConfig};
 use instream_pipeline::{DefinitionSource, FileSource};
+
+/// Registry and elections, from ZooKeeper or in-process.
+#[async_trait]
+pub trait Coordinator: Send + Sync {
+    /// Registers an instance; it stays registered while the returned value lives.
+    async fn register(
+        &self,
+        service: &str,
+        instance: &str,
+        info: Value,
+    ) -> Result<Registration, CoordError>;
+    /// Joins the election for `duty`.
+    async fn campaign(&self, duty: &str, instance: &str) -> Result<Leadership, CoordError>;
+    /// Every registered instance.
+    async fn instances(&self) -> Result<Vec<Instance>, CoordError>;
+}
+
+/// [`Coordinator`] on ZooKeeper.
+pub struct ZkCoordinator {
+    cfg: ZooKeeperConfig,
+}
+
+impl ZkCoordinator {
+    pub fn new(cfg: ZooKeeperConfig) -> Self {
+        Self { cfg }
+    }
+}
+
+#[async_trait]
+impl Coordinator for ZkCoordinator {
+    async fn register(
+        &self,
+        service: &str,
+        instance: &str,
+        info: Value,
+    ) -> Result<Registration, CoordError> {
+        register_instance(&self.cfg, service, instance, &info).await
+    }
+
+    async fn campaign(&self, duty: &str, instance: &str) -> Result<Leadership, CoordError> {
+        campaign(&self.cfg, duty, instance).await
+    }
+
+    async fn instances(&self) -> Result<Vec<Instance>, CoordError> {
+        instances(&self.cfg).await
+    }
+}
+
+/// The coordinator the config implies: ZooKeeper when definitions come from ZooKeeper; the
+/// process's one in-process coordinator otherwise (standalone), shared by every service in it.
+pub fn coordinator(config: &Config) -> Arc<dyn Coordinator> {
+    static LOCAL: OnceLock<LocalCoordinator> = OnceLock::new();
+    match config.definitions.source {
+        DefinitionSourceKind::Zookeeper => Arc::new(ZkCoordinator::new(config.zookeeper.clone())),
+        DefinitionSourceKind::File => {
+            Arc::new(LOCAL.get_or_init(LocalCoordinator::default).clone())
+        }
+    }
+}
 
 /// The definition source `config.definitions` names.
 pub fn definition_source(config: &Config) -> Box<dyn DefinitionSource> {
@@ -26,32 +101,36 @@ pub fn definition_source(config: &Config) -> Box<dyn DefinitionSource> {
     }
 }
 
-/// Registers this instance in ZooKeeper when the deployment uses ZooKeeper (definitions
-/// from ZooKeeper); standalone set-ups with a definitions file have no registry.
-pub async fn register_service(
-    config: &Config,
-    service: &str,
-    admin: std::net::SocketAddr,
-) -> Result<Option<Registration>, CoordError> {
-    if config.definitions.source != DefinitionSourceKind::Zookeeper {
-        return Ok(None);
-    }
+/// A name for this instance, unique even when several share a process (standalone, tests).
+pub fn instance_name() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
-    // Several instances may share a process (standalone mode, tests): the start time tells
-    // them apart.
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let instance = format!("{host}-{}-{started:x}", std::process::id());
+    format!("{host}-{}-{started:x}", std::process::id())
+}
+
+/// Registers this service instance with the coordinator the config implies: host, admin
+/// address, version and role now; assigned partitions as they change
+/// ([`Registration::update`]).
+pub async fn register_service(
+    config: &Config,
+    service: &str,
+    admin: std::net::SocketAddr,
+) -> Result<Registration, CoordError> {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
     let info = serde_json::json!({
         "service": service,
+        "role": service,
         "host": host,
         "pid": std::process::id(),
         "admin": admin.to_string(),
+        "ports": {"admin": admin.port()},
         "version": env!("CARGO_PKG_VERSION"),
+        "partitions": [],
     });
-    register_instance(&config.zookeeper, service, &instance, &info)
+    coordinator(config)
+        .register(service, &instance_name(), info)
         .await
-        .map(Some)
 }

@@ -22,23 +22,74 @@ impl CoordError {
     }
 }
 
-/// Connects and makes sure the root and its folders exist.
+/// The folders every instream deployment has below its root.
+pub(crate) const PIPELINES: &str = "/pipelines";
+pub(crate) const SERVICES: &str = "/services";
+pub(crate) const ELECTIONS: &str = "/elections";
+
+/// The ACLs of every znode instream creates: with `zookeeper.auth` only that identity may
+/// touch them; without it, anyone may.
+pub(crate) fn acls(cfg: &ZooKeeperConfig) -> zk::Acls<'static> {
+    if cfg.auth.is_some() {
+        zk::Acls::creator_all()
+    } else {
+        zk::Acls::anyone_all()
+    }
+}
+
+pub(crate) fn persistent(cfg: &ZooKeeperConfig) -> zk::CreateOptions<'static> {
+    zk::CreateMode::Persistent.with_acls(acls(cfg))
+}
+
+/// Connects with `zookeeper.auth` (if any), makes sure `zookeeper.root` and its folders
+/// exist, and returns a client chrooted at the root: every path below is relative to it, so
+/// two deployments on one ensemble cannot see each other's nodes.
 pub async fn connect(cfg: &ZooKeeperConfig) -> Result<zk::Client, CoordError> {
-    let client = zk::Client::connector()
-        .with_session_timeout(cfg.session_timeout)
+    let mut connector = zk::Client::connector().with_session_timeout(cfg.session_timeout);
+    if let Some(auth) = &cfg.auth {
+        connector = connector.with_auth("digest", auth.as_bytes());
+    }
+    let client = connector
         .connect(&cfg.connect)
         .await
         .map_err(|source| CoordError::Connect {
             connect: cfg.connect.clone(),
             source,
         })?;
-    let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
-    for folder in ["pipelines", "services"] {
-        let path = format!("{}/{folder}", cfg.root.trim_end_matches('/'));
+    let root = cfg.root.trim_end_matches('/');
+    if !root.is_empty() {
         client
-            .mkdir(&path, &options)
+            .mkdir(root, &persistent(cfg))
             .await
-            .map_err(CoordError::op("mkdir", &path))?;
+            .map_err(CoordError::op("mkdir", root))?;
+    }
+    let client = if root.is_empty() {
+        client
+    } else {
+        client.chroot(root.to_owned()).map_err(|_| CoordError::Op {
+            op: "chroot",
+            path: root.to_owned(),
+            source: zk::Error::BadArguments(&"invalid chroot path"),
+        })?
+    };
+    for folder in [PIPELINES, SERVICES, ELECTIONS] {
+        client
+            .mkdir(folder, &persistent(cfg))
+            .await
+            .map_err(CoordError::op("mkdir", folder))?;
     }
     Ok(client)
+}
+
+/// Resolves when the client's session has ended for good (expired, closed or refused), the
+/// point where ephemeral nodes and watches are gone and a new session must redo them.
+pub(crate) async fn session_ended(client: &zk::Client) -> zk::SessionState {
+    let mut states = client.state_watcher();
+    let mut state = states.peek_state();
+    loop {
+        if state.is_terminated() {
+            return state;
+        }
+        state = states.changed().await;
+    }
 }

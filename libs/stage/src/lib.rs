@@ -33,7 +33,7 @@ pub enum StageError {
 /// A started stage: the live definitions, and the registration that lasts as long as this.
 pub struct Stage {
     pub catalog: watch::Receiver<Arc<Catalog>>,
-    _registration: Option<instream_coord::Registration>,
+    pub registration: Arc<instream_coord::Registration>,
 }
 
 impl Stage {
@@ -60,11 +60,42 @@ impl Stage {
             BROKER_CHECK_INTERVAL,
             shutdown.clone(),
         ));
-        let registration = instream_coord::register_service(config, service, admin_addr).await?;
+        let registration =
+            Arc::new(instream_coord::register_service(config, service, admin_addr).await?);
+        tokio::spawn(announce_definitions(
+            catalog.clone(),
+            registration.clone(),
+            shutdown.clone(),
+        ));
         Ok(Stage {
             catalog,
-            _registration: registration,
+            registration,
         })
+    }
+}
+
+/// Keeps the registry and `instream_definition_version{pipeline}` saying which version of
+/// each definition this instance runs, so an operator (and a test) can see a change arrive.
+async fn announce_definitions(
+    mut catalog: watch::Receiver<Arc<Catalog>>,
+    registration: Arc<instream_coord::Registration>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let versions: serde_json::Map<String, serde_json::Value> = catalog
+            .borrow_and_update()
+            .iter()
+            .map(|def| {
+                metrics::gauge!("instream_definition_version", "pipeline" => def.name.clone())
+                    .set(def.version as f64);
+                (def.name.clone(), def.version.into())
+            })
+            .collect();
+        registration.update(|info| info["definitions"] = versions.into());
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = catalog.changed() => if changed.is_err() { return },
+        }
     }
 }
 
@@ -75,6 +106,8 @@ pub struct Subscription {
     group: String,
     topics: Vec<String>,
     topics_of: fn(&Catalog) -> Vec<String>,
+    /// Where the assignment is announced, and the generation last announced.
+    registration: Option<(Arc<instream_coord::Registration>, u64)>,
 }
 
 impl Subscription {
@@ -92,7 +125,16 @@ impl Subscription {
             group,
             topics,
             topics_of,
+            registration: None,
         })
+    }
+
+    /// Announces this consumer's group and assigned partitions in the registry from now on
+    /// (`instream status` shows them).
+    pub fn announce_in(&mut self, registration: Arc<instream_coord::Registration>) {
+        let group = self.group.clone();
+        registration.update(|info| info["group"] = group.into());
+        self.registration = Some((registration, u64::MAX));
     }
 
     pub fn consumer(&self) -> &Consumer {
@@ -109,6 +151,20 @@ impl Subscription {
         &mut self,
         catalog: &mut watch::Receiver<Arc<Catalog>>,
     ) -> Result<(), KafkaError> {
+        if let Some((registration, announced)) = &mut self.registration {
+            let context = self.consumer.context();
+            let generation = context.generation();
+            if generation != *announced {
+                *announced = generation;
+                let mut partitions: Vec<String> = context
+                    .assignment()
+                    .into_iter()
+                    .map(|(topic, partition)| format!("{topic}/{partition}"))
+                    .collect();
+                partitions.sort();
+                registration.update(|info| info["partitions"] = partitions.into());
+            }
+        }
         if !catalog.has_changed().unwrap_or(false) {
             return Ok(());
         }

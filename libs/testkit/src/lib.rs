@@ -6,6 +6,7 @@
 //! - [`KafkaBroker`]: the Kafka-protocol broker a test talks to — the cluster named by
 //!   `INSTREAM_TEST_KAFKA=host:port` when set (a real Apache Kafka), else librdkafka's
 //!   in-process broker (see `instream_kafka::EmbeddedBroker`).
+//! - [`TcpProxy`]: a proxy a test cuts to partition a client from its server.
 //!
 //! Every start waits on a condition (the server answering its protocol), never a fixed sleep,
 //! and every server is killed when its handle drops, also when the test panics.
@@ -13,11 +14,13 @@
 mod config;
 mod metrics;
 mod process;
+mod proxy;
 mod servers;
 
 pub use config::process_config_toml;
 pub use metrics::metric_sum;
 pub use process::{free_port, wait_until, ChildGuard, TestkitError};
+pub use proxy::TcpProxy;
 pub use servers::{KafkaBroker, RedisServer, ZooKeeperServer};
 
 /// A unique suffix for names a test creates (topics, pipelines, znodes), so tests sharing a

@@ -104,6 +104,7 @@ pub async fn run_with_store(
     store_ready.set_ready();
     let dead = DeadLetters::from_config(&config.kafka, SERVICE)?;
     let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, enriched_topics)?;
+    subscription.announce_in(stage.registration.clone());
 
     let mut partitions = Partitions {
         group: subscription.group().to_owned(),

@@ -108,6 +108,7 @@ pub async fn run_with_archive(
     }
     let dead = DeadLetters::from_config(&config.kafka, SERVICE)?;
     let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, Catalog::raw_topics)?;
+    subscription.announce_in(stage.registration.clone());
     let mut archiver = Archiver {
         archive,
         config: config.archiver.clone(),

@@ -48,6 +48,7 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
     let producer = instream_kafka::producer(&config.kafka, SERVICE)?;
     let dead = DeadLetters::new(producer.clone(), SERVICE);
     let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, Catalog::raw_topics)?;
+    subscription.announce_in(stage.registration.clone());
     let enricher = enrich::Enricher {
         refstore,
         readiness: refdata_ready,

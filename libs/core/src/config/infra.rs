@@ -229,6 +229,10 @@ pub struct ZooKeeperConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     pub session_timeout: Duration,
+    /// `user:password` for ZooKeeper's `digest` scheme. When set, every znode instream creates
+    /// is readable and writable by that identity only (`creator_all`); when unset, znodes are
+    /// open to anyone who can reach the ensemble. Never logged.
+    pub auth: Option<String>,
 }
 
 impl Default for ZooKeeperConfig {
@@ -237,6 +241,7 @@ impl Default for ZooKeeperConfig {
             connect: "127.0.0.1:2181".into(),
             root: "/instream".into(),
             session_timeout: Duration::from_secs(10),
+            auth: None,
         }
     }
 }
@@ -255,6 +260,17 @@ impl ZooKeeperConfig {
             },
         );
         p.non_zero_duration(self.session_timeout, "zookeeper.session_timeout");
+        p.check(!self.connect.contains('/'), "zookeeper.connect", || {
+            "must be `host:port[,host:port…]`; the chroot is `zookeeper.root`".into()
+        });
+        if let Some(auth) = &self.auth {
+            p.check(
+                auth.split_once(':')
+                    .is_some_and(|(user, password)| !user.is_empty() && !password.is_empty()),
+                "zookeeper.auth",
+                || "must be `user:password`".into(),
+            );
+        }
     }
 }
 

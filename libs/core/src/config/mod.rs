@@ -208,6 +208,9 @@ impl Config {
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
         c.refdata.redis_url = redact_url(&c.refdata.redis_url);
+        if c.zookeeper.auth.is_some() {
+            c.zookeeper.auth = Some("***".into());
+        }
         if c.store.password.is_some() {
             c.store.password = Some("***".into());
         }

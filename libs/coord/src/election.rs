@@ -1,0 +1,235 @@
+use std::time::Duration;
+
+use instream_core::config::ZooKeeperConfig;
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use zookeeper_client as zk;
+
+use crate::session::{acls, connect, persistent, session_ended, CoordError, ELECTIONS};
+
+/// This instance's standing in one duty's election. Dropping it withdraws (and hands the
+/// duty over at once if it was leading).
+pub struct Leadership {
+    term: watch::Receiver<Option<u64>>,
+    _stop: DropGuard,
+}
+
+impl Leadership {
+    pub(crate) fn new(term: watch::Receiver<Option<u64>>, stop: CancellationToken) -> Self {
+        Self {
+            term,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    /// `Some(term)` while this instance leads (the election node's sequence number plus one,
+    /// so the first term is 1). Terms only grow, so a duty can stamp its writes
+    /// with the term and a store can refuse a deposed leader's late ones.
+    pub fn term(&self) -> Option<u64> {
+        *self.term.borrow()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.term().is_some()
+    }
+
+    /// Waits until this instance leads; returns the term.
+    pub async fn acquired(&mut self) -> u64 {
+        loop {
+            if let Some(term) = *self.term.borrow_and_update() {
+                return term;
+            }
+            if self.term.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    /// Waits until this instance no longer leads. A duty must stop at once: a standby may
+    /// take over as soon as the session is gone.
+    pub async fn lost(&mut self) {
+        while self.term.borrow_and_update().is_some() {
+            if self.term.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Follows the leadership from elsewhere.
+    pub fn watch(&self) -> watch::Receiver<Option<u64>> {
+        self.term.clone()
+    }
+}
+
+/// Joins the election for `duty` (ephemeral sequential nodes under `elections/<duty>`; the
+/// lowest leads; each contender watches the one before it, so a leader's death wakes one
+/// standby, not the herd). Leadership is given up as soon as the connection is lost, before
+/// the session can expire and a standby take over, so two instances never lead at once; it
+/// comes back if the same session reconnects and its node is still there.
+pub async fn campaign(
+    cfg: &ZooKeeperConfig,
+    duty: &str,
+    instance: &str,
+) -> Result<Leadership, CoordError> {
+    if duty.is_empty() || duty.contains('/') {
+        return Err(CoordError::Op {
+            op: "campaign",
+            path: duty.to_owned(),
+            source: zk::Error::BadArguments(&"a duty is one path segment"),
+        });
+    }
+    let client = connect(cfg).await?;
+    let (tx, rx) = watch::channel(None);
+    let stop = CancellationToken::new();
+    tokio::spawn(contend(
+        cfg.clone(),
+        client,
+        duty.to_owned(),
+        instance.to_owned(),
+        tx,
+        stop.clone(),
+    ));
+    Ok(Leadership::new(rx, stop))
+}
+
+enum Held {
+    /// Withdrawn (shutdown or the `Leadership` dropped).
+    Stopped,
+    /// The session ended or the lock node vanished: contend again with a new session.
+    Lost,
+}
+
+/// Leads until the session ends or `stop`.
+async fn hold(
+    client: &zk::Client,
+    lock_path: &str,
+    term: u64,
+    duty: &str,
+    tx: &watch::Sender<Option<u64>>,
+    stop: &CancellationToken,
+) -> Held {
+    tx.send_replace(Some(term));
+    metrics::gauge!("instream_leader", "duty" => duty.to_owned()).set(1.0);
+    tracing::info!(duty, term, "leadership acquired");
+    let mut states = client.state_watcher();
+    let held = loop {
+        tokio::select! {
+            _ = stop.cancelled() => break Held::Stopped,
+            state = states.changed() => match state {
+                zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
+                    if matches!(client.check_stat(lock_path).await, Ok(Some(_))) {
+                        tracing::info!(duty, term, "connection back; still leading");
+                        tx.send_replace(Some(term));
+                    } else {
+                        break Held::Lost;
+                    }
+                }
+                zk::SessionState::Disconnected => {
+                    tracing::warn!(duty, term, "zookeeper connection lost; leadership suspended");
+                    tx.send_replace(None);
+                }
+                _ => break Held::Lost,
+            }
+        }
+    };
+    tx.send_replace(None);
+    metrics::gauge!("instream_leader", "duty" => duty.to_owned()).set(0.0);
+    tracing::info!(duty, term, "leadership given up");
+    held
+}
+
+async fn contend(
+    cfg: ZooKeeperConfig,
+    mut client: zk::Client,
+    duty: String,
+    instance: String,
+    tx: watch::Sender<Option<u64>>,
+    stop: CancellationToken,
+) {
+    let dir = format!("{ELECTIONS}/{duty}");
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let held = {
+            let outcome = async {
+                client
+                    .mkdir(&dir, &persistent(&cfg))
+                    .await
+                    .map_err(CoordError::op("mkdir", &dir))?;
+                let prefix = zk::LockPrefix::new_curator(&dir, "latch-")
+                    .map_err(CoordError::op("campaign", &dir))?;
+                client
+                    .lock(
+                        prefix,
+                        instance.as_bytes(),
+                        zk::LockOptions::new(acls(&cfg)),
+                    )
+                    .await
+                    .map_err(CoordError::op("campaign", &dir))
+            };
+            tokio::select! {
+                // Cancelling `lock` is safe: the crate deletes a half-made contender node.
+                _ = stop.cancelled() => return,
+                state = session_ended(&client) => {
+                    tracing::warn!(%duty, ?state, "zookeeper session ended while waiting to lead");
+                    Held::Lost
+                }
+                locked = outcome => match locked {
+                    Ok(lock) => {
+                        backoff = Duration::from_millis(100);
+                        let path = lock.lock_path().to_owned();
+                        let term = path
+                            .rsplit('-')
+                            .next()
+                            .and_then(|seq| seq.parse::<u64>().ok())
+                            .map_or(0, |seq| seq + 1);
+                        let held = hold(&client, &path, term, &duty, &tx, &stop).await;
+                        // Dropping the lock deletes its node; a standby is woken at once.
+                        drop(lock);
+                        held
+                    }
+                    Err(error) => {
+                        tracing::warn!(%duty, %error, "contending for leadership failed");
+                        Held::Lost
+                    }
+                },
+            }
+        };
+        if matches!(held, Held::Stopped) {
+            return;
+        }
+        if !client.state().is_terminated() {
+            // Same session: wait a little, then contend again with it.
+            if stop
+                .run_until_cancelled(tokio::time::sleep(backoff))
+                .await
+                .is_none()
+            {
+                return;
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            continue;
+        }
+        metrics::counter!("instream_zookeeper_sessions_lost_total", "role" => "election")
+            .increment(1);
+        loop {
+            match stop.run_until_cancelled(connect(&cfg)).await {
+                None => return,
+                Some(Ok(fresh)) => {
+                    client = fresh;
+                    break;
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(%duty, %error, retry_in = ?backoff, "reconnecting to contend failed");
+                    if stop
+                        .run_until_cancelled(tokio::time::sleep(backoff))
+                        .await
+                        .is_none()
+                    {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
