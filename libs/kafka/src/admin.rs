@@ -23,8 +23,37 @@ pub struct TopicSpec {
 /// Creates the topics that do not exist yet. Existing topics are left as they are (their
 /// partition count is not changed: that would move keys between partitions).
 pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[TopicSpec]) -> Result<(), KafkaError> {
+    create_topics(cfg, topics, cfg.replication_factor, cfg.retention)
+        .await
+        .map(|_| ())
+}
+
+/// What `create_topics` did with one topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicOutcome {
+    Created,
+    /// It existed already and was left as it is.
+    Existed,
+}
+
+impl TopicOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TopicOutcome::Created => "created",
+            TopicOutcome::Existed => "existed",
+        }
+    }
+}
+
+/// Creates the missing topics with `replication` and `retention`; says per topic what it did.
+pub async fn create_topics(
+    cfg: &KafkaConfig,
+    topics: &[TopicSpec],
+    replication: i32,
+    retention: Duration,
+) -> Result<Vec<(String, TopicOutcome)>, KafkaError> {
     if topics.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.bootstrap_servers);
@@ -32,35 +61,43 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[TopicSpec]) -> Result<()
         c.set(k, v);
     }
     let existing = existing_topics(c.clone()).await?;
-    let topics: Vec<&TopicSpec> = topics
+    let mut outcomes: Vec<(String, TopicOutcome)> = topics
+        .iter()
+        .filter(|t| existing.contains(&t.name))
+        .map(|t| (t.name.clone(), TopicOutcome::Existed))
+        .collect();
+    let missing: Vec<&TopicSpec> = topics
         .iter()
         .filter(|t| !existing.contains(&t.name))
         .collect();
-    if topics.is_empty() {
-        return Ok(());
+    if missing.is_empty() {
+        return Ok(outcomes);
     }
     let admin: AdminClient<DefaultClientContext> = c.create().map_err(KafkaError::Config)?;
-    let retention = cfg.retention.as_millis().to_string();
-    let new: Vec<NewTopic<'_>> = topics
+    let retention = retention.as_millis().to_string();
+    let new: Vec<NewTopic<'_>> = missing
         .iter()
         .map(|t| {
-            NewTopic::new(
-                &t.name,
-                t.partitions,
-                TopicReplication::Fixed(cfg.replication_factor),
-            )
-            .set("retention.ms", &retention)
+            NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(replication))
+                .set("retention.ms", &retention)
         })
         .collect();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let options = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(30)))
+        .request_timeout(Some(Duration::from_secs(30)));
     let results = admin
         .create_topics(&new, &options)
         .await
-        .map_err(|e| KafkaError::Admin(e.to_string()))?;
+        .map_err(|e| KafkaError::Admin(format!("creating topics: {e}")))?;
     for result in results {
         match result {
-            Ok(name) => tracing::info!(topic = %name, "topic created"),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Ok(name) => {
+                tracing::info!(topic = %name, "topic created");
+                outcomes.push((name, TopicOutcome::Created));
+            }
+            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                outcomes.push((name, TopicOutcome::Existed))
+            }
             Err((name, code)) => {
                 return Err(KafkaError::Admin(format!(
                     "creating topic `{name}`: {code}"
@@ -68,7 +105,7 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[TopicSpec]) -> Result<()
             }
         }
     }
-    Ok(())
+    Ok(outcomes)
 }
 
 /// The names of all topics, from a metadata request that never auto-creates one. Asking

@@ -371,3 +371,55 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| KafkaError::Admin(format!("blocking task failed: {e}")))?
 }
+
+/// One partition of a group's progress on a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionLag {
+    pub partition: i32,
+    /// The group's committed offset (`None`: nothing committed yet).
+    pub committed: Option<i64>,
+    /// The partition's end (the offset the next record will get).
+    pub end: i64,
+    /// Records not yet processed: `end - committed`, or `end - start` when nothing is
+    /// committed (the group reads from the earliest).
+    pub lag: i64,
+}
+
+/// How far `group` is behind on every partition of `topic`.
+pub async fn group_lag(
+    cfg: &KafkaConfig,
+    group: &str,
+    topic: &str,
+) -> Result<Vec<PartitionLag>, KafkaError> {
+    let c = client_config(cfg, group);
+    let topic = topic.to_owned();
+    blocking(move || {
+        let consumer: BaseConsumer = c.create().map_err(KafkaError::Config)?;
+        let partitions = partitions_of(&consumer, &topic)?;
+        let mut current = TopicPartitionList::new();
+        for &p in &partitions {
+            current.add_partition(&topic, p);
+        }
+        let committed = consumer
+            .committed_offsets(current, TIMEOUT)
+            .map_err(KafkaError::Consume)?;
+        let mut lags = Vec::with_capacity(partitions.len());
+        for &p in &partitions {
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, p, TIMEOUT)
+                .map_err(KafkaError::Consume)?;
+            let committed = match committed.find_partition(&topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => Some(o),
+                _ => None,
+            };
+            lags.push(PartitionLag {
+                partition: p,
+                committed,
+                end: high,
+                lag: (high - committed.unwrap_or(low).max(low)).max(0),
+            });
+        }
+        Ok(lags)
+    })
+    .await
+}

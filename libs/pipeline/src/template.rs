@@ -45,6 +45,25 @@ impl KeyTemplate {
         })
     }
 
+    /// Writes the key whose fields have the values `values` (in the template's order) into
+    /// `out`: the key a reference record must be stored under for events with those values.
+    /// `Err(n)` when `values` does not hold exactly one value per field (`n` fields).
+    pub fn render_values(&self, values: &[&str], out: &mut String) -> Result<(), usize> {
+        let fields = self.fields().count();
+        if values.len() != fields {
+            return Err(fields);
+        }
+        out.clear();
+        let mut values = values.iter();
+        for part in &self.parts {
+            match part {
+                Part::Literal(s) => out.push_str(s),
+                Part::Field(_) => out.push_str(values.next().copied().unwrap_or_default()),
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the key for `payload` into `out`; `Err` names the first field that is missing or
     /// not a scalar.
     pub fn render<'t>(&'t self, payload: &Value, out: &mut String) -> Result<(), &'t FieldPath> {
@@ -156,5 +175,14 @@ mod tests {
             Err(TemplateError::NoField(_))
         ));
         assert!("a:{}".parse::<KeyTemplate>().is_err());
+    }
+
+    #[test]
+    fn renders_from_given_values_in_field_order() {
+        let t: KeyTemplate = "fx:{from}:{to.code}".parse().unwrap();
+        let mut out = String::new();
+        t.render_values(&["EUR", "978"], &mut out).unwrap();
+        assert_eq!(out, "fx:EUR:978");
+        assert_eq!(t.render_values(&["EUR"], &mut out), Err(2));
     }
 }

@@ -4,8 +4,10 @@
 //! trip to Redis, never one per event. Two implementations, chosen by `refdata.backend`:
 //! [`RedisRefStore`] and [`MemoryRefStore`] (standalone mode, loaded from a JSON-lines file).
 
+pub mod load;
 mod memory;
 mod redis_store;
+pub mod versions;
 
 use std::sync::Arc;
 
@@ -48,6 +50,16 @@ pub trait RefStore: Send + Sync {
     ) -> Result<Vec<Found>, RefDataError>;
     /// Succeeds when the store is reachable (readiness).
     async fn ping(&self) -> Result<(), RefDataError>;
+    /// Follows the version pointers of these (pipeline, rule) pairs from now on (read at once,
+    /// then kept current by announcements and a periodic check).
+    async fn track(&self, _rules: &[(String, String)]) -> Result<(), RefDataError> {
+        Ok(())
+    }
+    /// The current version of a rule's data loaded by `instream refdata load`; `None` when
+    /// the rule's data is not versioned (looked up under its plain key).
+    fn version(&self, _pipeline: &str, _rule: &str) -> Option<u64> {
+        None
+    }
 }
 
 /// Builds the store `config` names; Redis connects lazily and reconnects by itself.

@@ -1,4 +1,10 @@
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+
 use async_trait::async_trait;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::versions::{pointer_key, CHANGES_CHANNEL};
 use instream_core::config::RefDataConfig;
 use instream_pipeline::RecordShape;
 use redis::aio::ConnectionManager;
@@ -9,9 +15,135 @@ use crate::{Found, RefDataError, RefRecord, RefStore};
 
 /// Reference data in Redis: hashes (HGETALL) or strings holding JSON (GET). A batch is one
 /// pipelined round trip. The connection manager reconnects by itself after a failure.
+/// Version pointers of tracked rules are followed by a background task: announcements on
+/// [`CHANGES_CHANNEL`] take effect at once, and every `refdata.version_check_interval` the
+/// pointers are read again in case an announcement was missed (pub/sub does not queue).
 pub struct RedisRefStore {
     connection: ConnectionManager,
     timeout: std::time::Duration,
+    versions: Arc<Versions>,
+    _stop: DropGuard,
+}
+
+type RuleId = (String, String);
+
+#[derive(Default)]
+struct Versions {
+    current: RwLock<HashMap<RuleId, u64>>,
+    tracked: Mutex<HashSet<RuleId>>,
+}
+
+impl Versions {
+    fn set(&self, rule: &RuleId, version: Option<u64>) {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let changed = match version {
+            Some(v) => current.insert(rule.clone(), v) != Some(v),
+            None => current.remove(rule).is_some(),
+        };
+        if changed {
+            tracing::info!(pipeline = %rule.0, rule = %rule.1, ?version, "reference data version switched");
+            metrics::gauge!("instream_refdata_version", "pipeline" => rule.0.clone(), "rule" => rule.1.clone())
+                .set(version.unwrap_or(0) as f64);
+        }
+    }
+
+    fn tracked(&self) -> Vec<RuleId> {
+        self.tracked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Reads the pointers of `rules` (one MGET) into `versions`.
+async fn refresh(
+    connection: &mut ConnectionManager,
+    timeout: std::time::Duration,
+    versions: &Versions,
+    rules: &[RuleId],
+) -> Result<(), RefDataError> {
+    if rules.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<String> = rules.iter().map(|(p, r)| pointer_key(p, r)).collect();
+    let found: Vec<Option<u64>> = tokio::time::timeout(
+        timeout,
+        redis::cmd("MGET").arg(&keys).query_async(connection),
+    )
+    .await
+    .map_err(|_| unavailable("reading version pointers timed out"))?
+    .map_err(unavailable)?;
+    for (rule, version) in rules.iter().zip(found) {
+        versions.set(rule, version);
+    }
+    Ok(())
+}
+
+/// Follows announcements and re-reads the pointers every `interval`, until `stop`.
+async fn follow_versions(
+    client: redis::Client,
+    mut connection: ConnectionManager,
+    timeout: std::time::Duration,
+    interval: std::time::Duration,
+    versions: Arc<Versions>,
+    stop: CancellationToken,
+) {
+    use futures::StreamExt;
+    let mut backoff = std::time::Duration::from_millis(100);
+    loop {
+        let subscribed = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(CHANGES_CHANNEL).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let mut pubsub = match stop.run_until_cancelled(subscribed).await {
+            None => return,
+            Some(Ok(p)) => p,
+            Some(Err(error)) => {
+                tracing::warn!(%error, retry_in = ?backoff, "subscribing to reference data changes failed");
+                if stop
+                    .run_until_cancelled(tokio::time::sleep(backoff))
+                    .await
+                    .is_none()
+                {
+                    return;
+                }
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = std::time::Duration::from_millis(100);
+        // Announcements sent while not subscribed are lost: read the pointers now.
+        if let Err(error) = refresh(&mut connection, timeout, &versions, &versions.tracked()).await
+        {
+            tracing::warn!(%error, "reading version pointers failed");
+        }
+        let mut ticks = tokio::time::interval(interval);
+        let mut messages = pubsub.on_message();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                message = messages.next() => {
+                    let Some(message) = message else { break };
+                    let Ok(text) = message.get_payload::<String>() else { continue };
+                    if let Some((pipeline, rule, version)) = crate::versions::parse_change(&text) {
+                        let rule = (pipeline, rule);
+                        if versions.tracked.lock().unwrap_or_else(|p| p.into_inner()).contains(&rule) {
+                            versions.set(&rule, Some(version));
+                        }
+                    }
+                }
+                _ = ticks.tick() => {
+                    if let Err(error) = refresh(&mut connection, timeout, &versions, &versions.tracked()).await {
+                        tracing::warn!(%error, "reading version pointers failed");
+                    }
+                }
+            }
+        }
+        tracing::warn!("reference data change subscription ended; subscribing again");
+    }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> RefDataError {
@@ -27,10 +159,27 @@ impl RedisRefStore {
             .await
             .map_err(|_| unavailable("connect timed out"))?
             .map_err(unavailable)?;
+        let versions = Arc::new(Versions::default());
+        let stop = CancellationToken::new();
+        tokio::spawn(follow_versions(
+            client,
+            connection.clone(),
+            cfg.timeout,
+            cfg.version_check_interval,
+            versions.clone(),
+            stop.clone(),
+        ));
         Ok(Self {
             connection,
             timeout: cfg.timeout,
+            versions,
+            _stop: stop.drop_guard(),
         })
+    }
+
+    /// A connection for other work on the same server (loading reference data).
+    pub fn connection(&self) -> ConnectionManager {
+        self.connection.clone()
     }
 }
 
@@ -131,6 +280,33 @@ impl RefStore for RedisRefStore {
                 RecordShape::Json => json_record(v),
             })
             .collect())
+    }
+
+    async fn track(&self, rules: &[(String, String)]) -> Result<(), RefDataError> {
+        let new: Vec<RuleId> = {
+            let mut tracked = self
+                .versions
+                .tracked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            rules
+                .iter()
+                .filter(|r| tracked.insert((*r).clone()))
+                .cloned()
+                .collect()
+        };
+        let mut connection = self.connection.clone();
+        refresh(&mut connection, self.timeout, &self.versions, &new).await
+    }
+
+    fn version(&self, pipeline: &str, rule: &str) -> Option<u64> {
+        // Keyed by owned strings; one small lookup per rule per batch item.
+        self.versions
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(pipeline.to_owned(), rule.to_owned()))
+            .copied()
     }
 
     async fn ping(&self) -> Result<(), RefDataError> {

@@ -40,6 +40,7 @@ enum Plan {
 
 fn plan(
     catalog: &Catalog,
+    refstore: &dyn RefStore,
     record: &Record,
     lookups: &mut Vec<(String, instream_pipeline::RecordShape)>,
 ) -> Plan {
@@ -74,7 +75,15 @@ fn plan(
             match rule.key_template.render(&payload, &mut key) {
                 Ok(()) => {
                     rule_lookups.push(Ok(lookups.len()));
-                    lookups.push((key.clone(), rule.shape));
+                    // Data loaded by `instream refdata load` lives under its version's prefix.
+                    let full = match refstore.version(&def.name, &rule.name) {
+                        Some(v) => format!(
+                            "{}{key}",
+                            instream_refdata::versions::version_prefix(&def.name, &rule.name, v)
+                        ),
+                        None => key.clone(),
+                    };
+                    lookups.push((full, rule.shape));
                 }
                 Err(field) => rule_lookups.push(Err(field.to_string())),
             }
@@ -103,6 +112,22 @@ fn apply(rule: &EnrichmentRule, found: &RefRecord, out: &mut Map<String, Value>)
 }
 
 impl Enricher {
+    /// Follows the reference-data versions of every rule in `catalog`.
+    pub async fn track_rules(&self, catalog: &Catalog) {
+        let rules: Vec<(String, String)> = catalog
+            .iter()
+            .flat_map(|def| {
+                def.enrichments
+                    .iter()
+                    .map(|rule| (def.name.clone(), rule.name.clone()))
+            })
+            .collect();
+        if let Err(error) = self.refstore.track(&rules).await {
+            // The background check reads them again shortly.
+            tracing::warn!(%error, "reading reference data versions failed");
+        }
+    }
+
     /// Looks up until it works; `None` when shutdown comes first.
     async fn lookup(
         &self,
@@ -139,7 +164,7 @@ impl Enricher {
         let mut lookups = Vec::new();
         let plans: Vec<Plan> = batch
             .iter()
-            .map(|r| plan(catalog, r, &mut lookups))
+            .map(|r| plan(catalog, self.refstore.as_ref(), r, &mut lookups))
             .collect();
         let answers = if lookups.is_empty() {
             Vec::new()

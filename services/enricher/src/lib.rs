@@ -57,6 +57,8 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
         shutdown: shutdown.clone(),
     };
 
+    let mut tracked: Arc<Catalog> = catalog.borrow().clone();
+    enricher.track_rules(&tracked).await;
     let mut batch = Vec::with_capacity(config.enricher.batch_size);
     let mut last_commit = Instant::now();
     while !shutdown.is_cancelled() {
@@ -68,6 +70,10 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
         }
         if !batch.is_empty() {
             let current: Arc<Catalog> = catalog.borrow().clone();
+            if !Arc::ptr_eq(&current, &tracked) {
+                enricher.track_rules(&current).await;
+                tracked = current.clone();
+            }
             // `false`: shutdown came during a retry; the batch stays uncommitted and is
             // re-read by whoever owns the partitions next.
             if enricher.process(&current, &batch).await? {

@@ -1,7 +1,9 @@
 //! `instream`: the operator CLI, and every service in one process.
 
+mod control;
 mod demo;
 mod ops;
+mod output;
 mod standalone;
 
 use std::path::PathBuf;
@@ -41,13 +43,44 @@ enum Command {
         #[arg(long, default_value = "instream-demo-data")]
         data_dir: PathBuf,
     },
-    /// Validates pipeline definitions (a TOML or JSON file) and stores them in ZooKeeper,
-    /// where every running service picks them up without a restart.
-    PipelineApply {
+    /// Pipeline definitions in ZooKeeper: apply (validate and store), get, list, diff.
+    #[command(subcommand)]
+    Pipeline(control::PipelineCommand),
+    /// A pipeline's Kafka topics.
+    #[command(subcommand)]
+    Topics(control::TopicsCommand),
+    /// Reference data for enrichment.
+    #[command(subcommand)]
+    Refdata(control::RefdataCommand),
+    /// The live topology: every registered instance (service, admin address, definition
+    /// versions, assigned partitions) and each consumer group's lag.
+    Status {
         #[arg(long, short, env = "INSTREAM_CONFIG")]
         config: Option<PathBuf>,
-        /// The definitions file: `[[pipelines]]` tables.
-        file: PathBuf,
+        #[arg(long, value_enum, default_value = "table")]
+        output: output::Output,
+    },
+    /// Reads one group's windows of an aggregation from the aggregate store.
+    Query {
+        #[arg(long, short, env = "INSTREAM_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        pipeline: String,
+        #[arg(long)]
+        aggregation: String,
+        /// The group key (the event key, or the group-by values joined by `|`).
+        #[arg(long)]
+        key: String,
+        /// Windows starting at or after this RFC 3339 time.
+        #[arg(long, value_parser = ops::parse_time)]
+        from: Option<i64>,
+        /// Windows starting before this RFC 3339 time.
+        #[arg(long, value_parser = ops::parse_time)]
+        to: Option<i64>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long, value_enum, default_value = "table")]
+        output: output::Output,
     },
     /// The aggregate store's schema.
     #[command(subcommand)]
@@ -80,7 +113,26 @@ enum SchemaCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line, like every other error; `--help` has the usage.
+            let text = e.kind().to_string();
+            let detail = e.to_string();
+            let first = detail
+                .lines()
+                .next()
+                .unwrap_or(&text)
+                .trim_start_matches("error: ");
+            eprintln!("instream: {first} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::CheckConfig { config } => check_config(config),
         Command::Schema(SchemaCommand::Apply { config }) => {
@@ -92,9 +144,33 @@ fn main() -> ExitCode {
             print!("{}", instream_core::config::reference_markdown());
             Ok(())
         }
-        Command::PipelineApply { config, file } => {
-            runtime().and_then(|rt| rt.block_on(pipeline_apply(config, file)))
+        Command::Pipeline(c) => runtime().and_then(|rt| rt.block_on(control::pipeline(c))),
+        Command::Topics(c) => runtime().and_then(|rt| rt.block_on(control::topics_create(c))),
+        Command::Refdata(c) => runtime().and_then(|rt| rt.block_on(control::refdata(c))),
+        Command::Status { config, output } => {
+            runtime().and_then(|rt| rt.block_on(control::status(config, output)))
         }
+        Command::Query {
+            config,
+            pipeline,
+            aggregation,
+            key,
+            from,
+            to,
+            limit,
+            output,
+        } => runtime().and_then(|rt| {
+            rt.block_on(control::query(
+                config,
+                pipeline,
+                aggregation,
+                key,
+                from,
+                to,
+                limit,
+                output,
+            ))
+        }),
         Command::Standalone { config } => runtime().and_then(|rt| rt.block_on(standalone(config))),
         Command::Demo {
             duration,
@@ -113,7 +189,15 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("instream: {e:#}");
+            // One line, so scripts and logs keep it whole; a list of problems stays readable
+            // as `… invalid: - a - b`.
+            let text = format!("{e:#}");
+            let line: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("instream: {}", line.join(" "));
             // As the service binaries: 2 for an invalid config, 1 for anything else.
             if e.downcast_ref::<instream_core::ConfigError>().is_some() {
                 ExitCode::from(2)
@@ -156,21 +240,6 @@ async fn standalone(path: Option<PathBuf>) -> anyhow::Result<()> {
         platform.admin_addr
     );
     platform.supervisor.wait(drain).await?;
-    Ok(())
-}
-
-async fn pipeline_apply(config: Option<PathBuf>, file: PathBuf) -> anyhow::Result<()> {
-    let config = Config::load(config.as_deref())?;
-    let text =
-        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    let document = instream_pipeline::parse_document(&text)?;
-    for definition in &document.pipelines {
-        instream_coord::publish_definition(&config.zookeeper, definition).await?;
-        println!(
-            "pipeline `{}` version {} stored",
-            definition.name, definition.version
-        );
-    }
     Ok(())
 }
 

@@ -5,16 +5,12 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Subcommand, ValueEnum};
+use clap::Subcommand;
 use instream_core::config::Config;
 use instream_kafka::ops::{self, StoredDeadLetter};
 use instream_pipeline::topics;
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Output {
-    Table,
-    Json,
-}
+use crate::output::{emit, Output};
 
 #[derive(Subcommand)]
 pub enum OffsetsCommand {
@@ -83,20 +79,9 @@ pub enum DlqCommand {
     },
 }
 
-fn parse_time(s: &str) -> Result<i64, String> {
+pub fn parse_time(s: &str) -> Result<i64, String> {
     instream_event::parse_event_time(&serde_json::Value::String(s.to_owned()))
         .map_err(|_| format!("`{s}` is not an RFC 3339 time (e.g. 2026-11-25T10:00:00Z)"))
-}
-
-/// Writes command output; a reader that went away (`instream dlq tail | head`) is not an
-/// error.
-fn emit(text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
-        _ => Ok(()),
-    }
 }
 
 fn parse_partition_offset(s: &str) -> Result<(i32, i64), String> {

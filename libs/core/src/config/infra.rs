@@ -333,6 +333,11 @@ pub struct RefDataConfig {
     pub timeout: Duration,
     /// JSON lines `{"key": "...", "fields": {...}}` loaded into the memory backend at start.
     pub seed_file: Option<PathBuf>,
+    /// How often the version pointers of `instream refdata load` are read again, in case a
+    /// switch announcement was missed (they normally take effect at once).
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub version_check_interval: Duration,
 }
 
 impl Default for RefDataConfig {
@@ -342,6 +347,7 @@ impl Default for RefDataConfig {
             redis_url: "redis://127.0.0.1:6379".into(),
             timeout: Duration::from_secs(2),
             seed_file: None,
+            version_check_interval: Duration::from_secs(5),
         }
     }
 }
@@ -356,6 +362,10 @@ impl RefDataConfig {
             );
         }
         p.non_zero_duration(self.timeout, "refdata.timeout");
+        p.non_zero_duration(
+            self.version_check_interval,
+            "refdata.version_check_interval",
+        );
     }
 }
 

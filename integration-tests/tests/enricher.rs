@@ -1,0 +1,196 @@
+//! A running enricher (real Redis, definitions in a file, a Kafka-protocol broker) follows
+//! `refdata load`: events enriched after a load carry the new version's fields, with no
+//! restart and no event skipped.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use instream_core::config::Config;
+use instream_core::{Health, ServiceContext};
+use instream_kafka::client::{self, recv_batch};
+use instream_pipeline::{parse_document, topics};
+use instream_testkit::{unique, KafkaBroker, RedisServer};
+use rdkafka::producer::FutureRecord;
+use tokio_util::sync::CancellationToken;
+
+fn raw_event(pipeline: &str, i: usize) -> Vec<u8> {
+    let event = instream_event::Event {
+        event_id: format!("e{i}"),
+        pipeline: pipeline.to_owned(),
+        key: "c1".into(),
+        event_time: 1_714_564_800_000 + i as i64,
+        ingest_time: instream_event::now_millis(),
+        headers: BTreeMap::new(),
+        payload: serde_json::value::RawValue::from_string(format!(
+            "{{\"customer_id\":\"c1\",\"ts\":{},\"n\":{i}}}",
+            1_714_564_800_000 + i as i64
+        ))
+        .unwrap(),
+        enrichment: None,
+    };
+    let mut buf = Vec::new();
+    instream_event::encode_into(&event, &mut buf);
+    buf
+}
+
+/// Reads enriched events until `want` distinct ones arrived: event number -> tier.
+async fn read_until(consumer: &client::Consumer, tiers: &mut BTreeMap<i64, String>, want: usize) {
+    let mut batch = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tiers.len() < want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "enriched events missing"
+        );
+        recv_batch(consumer, 100, Duration::from_millis(100), &mut batch)
+            .await
+            .unwrap();
+        for record in batch.drain(..) {
+            let event = instream_event::decode(&record.payload).unwrap();
+            let tier = event.enrichment.unwrap()["tier"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            tiers.insert(event.event_time - 1_714_564_800_000, tier);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_enricher_follows_a_refdata_load() {
+    let redis = RedisServer::start().unwrap();
+    let broker = KafkaBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = unique("refv");
+    let definitions = dir.path().join("definitions.toml");
+    let text = format!(
+        r#"
+[[pipelines]]
+name = "{pipeline}"
+key_field = "customer_id"
+time_field = "ts"
+partitions = 1
+
+[[pipelines.enrichments]]
+name = "customer"
+key_template = "customer:{{customer_id}}"
+fields = {{ tier = "tier" }}
+"#
+    );
+    std::fs::write(&definitions, &text).unwrap();
+    let def = parse_document(&text).unwrap().pipelines.remove(0);
+    for topic in [
+        topics::raw(&pipeline),
+        topics::enriched(&pipeline),
+        topics::dead_letter(&pipeline),
+    ] {
+        broker.create_topic(&topic, 1).unwrap();
+    }
+    let config = Config::from_toml(&format!(
+        "{base}\n[definitions]\nsource = \"file\"\npath = \"{defs}\"\n[refdata]\nbackend = \"redis\"\nredis_url = \"{redis}\"\nversion_check_interval = \"60s\"\n",
+        base = instream_integration_tests::base_config_toml(&broker.bootstrap_servers()),
+        defs = definitions.display(),
+        redis = redis.url(),
+    ))
+    .unwrap();
+
+    let load = |version_tier: &'static str| {
+        let (dir, def, redis_url) = (dir.path().to_owned(), def.clone(), redis.url());
+        let pipeline = pipeline.clone();
+        async move {
+            let file = dir.join(format!("{version_tier}.jsonl"));
+            std::fs::write(
+                &file,
+                format!("{{\"id\":\"c1\",\"tier\":\"{version_tier}\"}}\n"),
+            )
+            .unwrap();
+            let store =
+                instream_refdata::RedisRefStore::connect(&instream_core::config::RefDataConfig {
+                    redis_url,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            instream_refdata::load::load_file(
+                store.connection(),
+                Duration::from_secs(2),
+                &pipeline,
+                &def.enrichments[0],
+                &["id".to_owned()],
+                &file,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(load("gold").await.version, 1);
+
+    let shutdown = CancellationToken::new();
+    let enricher = tokio::spawn(instream_enricher::run(ServiceContext {
+        config: config.clone(),
+        health: Health::default(),
+        shutdown: shutdown.clone(),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+    }));
+    let producer = client::producer(&config.kafka, "test").unwrap();
+    let send = |from: usize, to: usize| {
+        let (producer, topic, pipeline) =
+            (producer.clone(), topics::raw(&pipeline), pipeline.clone());
+        async move {
+            for i in from..to {
+                let payload = raw_event(&pipeline, i);
+                let record = FutureRecord::to(&topic)
+                    .key(b"c1".as_slice())
+                    .payload(payload.as_slice());
+                client::delivered(client::send(&producer, record).await.unwrap())
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    let consumer = client::consumer(
+        &config.kafka,
+        "test",
+        &unique("reader"),
+        &[topics::enriched(&pipeline)],
+    )
+    .unwrap();
+    let mut tiers: BTreeMap<i64, String> = BTreeMap::new();
+    send(0, 10).await;
+    read_until(&consumer, &mut tiers, 10).await;
+    assert!(tiers.values().all(|t| t == "gold"), "{tiers:?}");
+
+    // A new version: within moments, newly enriched events carry it.
+    assert_eq!(load("platinum").await.version, 2);
+    let switched = std::time::Instant::now();
+    let mut sent = 10;
+    loop {
+        send(sent, sent + 5).await;
+        sent += 5;
+        read_until(&consumer, &mut tiers, sent).await;
+        if tiers.values().last().is_some_and(|t| t == "platinum") {
+            break;
+        }
+        assert!(
+            switched.elapsed() < Duration::from_secs(5),
+            "the enricher did not follow: {tiers:?}"
+        );
+    }
+    // Every event was enriched once, old version strictly before new.
+    assert_eq!(tiers.len(), sent);
+    let first_new = tiers
+        .iter()
+        .find(|(_, t)| *t == "platinum")
+        .map(|(i, _)| *i)
+        .unwrap();
+    assert!(
+        tiers.iter().all(|(i, t)| (*i < first_new) == (t == "gold")),
+        "{tiers:?}"
+    );
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), enricher)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

@@ -1,0 +1,539 @@
+//! Operator commands on the control plane and the stores: `pipeline apply|get|list|diff`,
+//! `topics create`, `status`, `query` and `refdata load`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use instream_core::config::{Config, RefDataBackend};
+use instream_pipeline::{topics, Catalog, PipelineDefinition};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::output::{emit, emit_json, table, Output};
+
+#[derive(Subcommand)]
+pub enum PipelineCommand {
+    /// Validates pipeline definitions (a TOML or JSON file) and stores them in ZooKeeper,
+    /// where every running service picks them up without a restart.
+    Apply {
+        #[arg(long, short, env = "INSTREAM_CONFIG")]
+        config: Option<PathBuf>,
+        /// The definitions file: `[[pipelines]]` tables.
+        file: PathBuf,
+    },
+    /// Prints one stored definition (TOML that `pipeline apply` takes back, or JSON).
+    Get {
+        #[arg(long, short, env = "INSTREAM_CONFIG")]
+        config: Option<PathBuf>,
+        name: String,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Lists the stored definitions.
+    List {
+        #[arg(long, short, env = "INSTREAM_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Shows what `pipeline apply FILE` would change: per pipeline new, changed or unchanged,
+    /// with a line diff of each change. Stores nothing.
+    Diff {
+        #[arg(long, short, env = "INSTREAM_CONFIG")]
+        config: Option<PathBuf>,
+        file: PathBuf,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TopicsCommand {
+    /// Creates a pipeline's raw, enriched and dead-letter topics if they are missing (existing
+    /// topics are left as they are). Services do this at start too, with the config's defaults.
+    Create {
+        #[arg(long, short, env = "INSTREAM_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        pipeline: String,
+        /// Partitions (default: the definition's `partitions`).
+        #[arg(long)]
+        partitions: Option<i32>,
+        /// Replication factor (default: `kafka.replication_factor`).
+        #[arg(long)]
+        replication: Option<i32>,
+        /// Retention, e.g. `7d` (default: `kafka.retention`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        retention: Option<Duration>,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RefdataCommand {
+    /// Loads a CSV (header row) or JSON-lines file as a new version of one enrichment rule's
+    /// reference data in Redis, then switches the rule to it in one step; running enrichers
+    /// follow within moments. The previous version is kept for enrichers still on it; older
+    /// ones are removed.
+    Load {
+        #[arg(long, short, env = "INSTREAM_CONFIG")]
+        config: Option<PathBuf>,
+        /// The records: `.csv` or `.jsonl`.
+        file: PathBuf,
+        #[arg(long)]
+        pipeline: String,
+        /// The enrichment rule (its key template and Redis shape decide the keys).
+        #[arg(long)]
+        rule: String,
+        /// The record field that fills the rule's key template; once per template field, in
+        /// order (`--key-field code` for `airport:{origin}`).
+        #[arg(long = "key-field", required = true)]
+        key_fields: Vec<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+/// The definitions the config's source holds now (ZooKeeper or the file).
+async fn current_catalog(config: &Config) -> anyhow::Result<Arc<Catalog>> {
+    let stop = CancellationToken::new();
+    let catalog = instream_coord::definition_source(config)
+        .subscribe(stop.clone())
+        .await
+        .context("reading the pipeline definitions")?;
+    stop.cancel();
+    let current = catalog.borrow().clone();
+    Ok(current)
+}
+
+fn definition_of(catalog: &Catalog, name: &str) -> anyhow::Result<Arc<PipelineDefinition>> {
+    match catalog.get(name) {
+        Some(def) => Ok(def.clone()),
+        None => {
+            let known: Vec<&str> = catalog.iter().map(|d| d.name.as_str()).collect();
+            bail!("no pipeline `{name}` (defined: {})", known.join(", "))
+        }
+    }
+}
+
+fn as_toml(def: &PipelineDefinition) -> anyhow::Result<String> {
+    /// The shape `pipeline apply` reads.
+    #[derive(serde::Serialize)]
+    struct Document<'a> {
+        pipelines: [&'a PipelineDefinition; 1],
+    }
+    toml::to_string(&Document { pipelines: [def] }).context("printing the definition as TOML")
+}
+
+fn pretty(def: &PipelineDefinition) -> String {
+    serde_json::to_string_pretty(def).unwrap_or_default() + "\n"
+}
+
+pub async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
+    match command {
+        PipelineCommand::Apply { config, file } => {
+            let config = Config::load(config.as_deref())?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let document = instream_pipeline::parse_document(&text)
+                .with_context(|| format!("{}", file.display()))?;
+            for definition in &document.pipelines {
+                instream_coord::publish_definition(&config.zookeeper, definition).await?;
+                println!(
+                    "pipeline `{}` version {} stored",
+                    definition.name, definition.version
+                );
+            }
+            Ok(())
+        }
+        PipelineCommand::Get {
+            config,
+            name,
+            output,
+        } => {
+            let config = Config::load(config.as_deref())?;
+            let stored = instream_coord::stored_definitions(&config.zookeeper).await?;
+            let Some(found) = stored.into_iter().find(|s| s.name == name) else {
+                bail!("no pipeline `{name}` is stored in ZooKeeper");
+            };
+            let def = found
+                .definition
+                .map_err(|e| anyhow::anyhow!("the stored `{name}` is invalid: {e}"))?;
+            match output {
+                Output::Table => emit(&as_toml(&def)?),
+                Output::Json => emit_json(&serde_json::to_value(&def)?),
+            }
+        }
+        PipelineCommand::List { config, output } => {
+            let config = Config::load(config.as_deref())?;
+            let stored = instream_coord::stored_definitions(&config.zookeeper).await?;
+            match output {
+                Output::Json => emit_json(&json!(stored
+                    .iter()
+                    .map(|s| match &s.definition {
+                        Ok(d) => json!({"name": s.name, "version": d.version,
+                            "partitions": d.partitions, "enrichments": d.enrichments.len(),
+                            "aggregations": d.aggregations.len(), "modified_ms": s.modified_ms}),
+                        Err(e) =>
+                            json!({"name": s.name, "invalid": e, "modified_ms": s.modified_ms}),
+                    })
+                    .collect::<Vec<_>>())),
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = stored
+                        .iter()
+                        .map(|s| {
+                            let modified = instream_event::format_rfc3339_millis(s.modified_ms);
+                            match &s.definition {
+                                Ok(d) => vec![
+                                    s.name.clone(),
+                                    d.version.to_string(),
+                                    d.partitions.to_string(),
+                                    d.enrichments.len().to_string(),
+                                    d.aggregations.len().to_string(),
+                                    modified,
+                                ],
+                                Err(e) => vec![
+                                    s.name.clone(),
+                                    format!("INVALID: {e}"),
+                                    String::new(),
+                                    String::new(),
+                                    String::new(),
+                                    modified,
+                                ],
+                            }
+                        })
+                        .collect();
+                    emit(&table(
+                        &[
+                            "PIPELINE",
+                            "VERSION",
+                            "PARTITIONS",
+                            "ENRICHMENTS",
+                            "AGGREGATIONS",
+                            "STORED",
+                        ],
+                        &rows,
+                    ))
+                }
+            }
+        }
+        PipelineCommand::Diff {
+            config,
+            file,
+            output,
+        } => {
+            let config = Config::load(config.as_deref())?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let document = instream_pipeline::parse_document(&text)
+                .with_context(|| format!("{}", file.display()))?;
+            let stored: BTreeMap<String, Result<PipelineDefinition, String>> =
+                instream_coord::stored_definitions(&config.zookeeper)
+                    .await?
+                    .into_iter()
+                    .map(|s| (s.name, s.definition))
+                    .collect();
+            let mut report = Vec::new();
+            let mut text = String::new();
+            for def in &document.pipelines {
+                let new = pretty(def);
+                let (state, old) = match stored.get(&def.name) {
+                    None => ("new", String::new()),
+                    Some(Ok(old)) if old == def => ("unchanged", pretty(old)),
+                    Some(Ok(old)) => ("changed", pretty(old)),
+                    Some(Err(_)) => ("replaces an invalid stored definition", String::new()),
+                };
+                let diff = similar::TextDiff::from_lines(&old, &new)
+                    .unified_diff()
+                    .context_radius(3)
+                    .header(
+                        &format!("stored/{}", def.name),
+                        &format!("file/{}", def.name),
+                    )
+                    .to_string();
+                text.push_str(&format!("pipeline `{}`: {state}\n", def.name));
+                if state != "unchanged" {
+                    text.push_str(&diff);
+                }
+                report.push(json!({"pipeline": def.name, "state": state, "diff": diff}));
+            }
+            match output {
+                Output::Table => emit(&text),
+                Output::Json => emit_json(&json!(report)),
+            }
+        }
+    }
+}
+
+pub async fn topics_create(command: TopicsCommand) -> anyhow::Result<()> {
+    let TopicsCommand::Create {
+        config,
+        pipeline,
+        partitions,
+        replication,
+        retention,
+        output,
+    } = command;
+    let config = Config::load(config.as_deref())?;
+    let catalog = current_catalog(&config).await?;
+    let def = definition_of(&catalog, &pipeline)?;
+    let partitions = partitions.unwrap_or(def.partitions);
+    if partitions < 1 {
+        bail!("--partitions must be at least 1");
+    }
+    let replication = replication.unwrap_or(config.kafka.replication_factor);
+    if replication < 1 {
+        bail!("--replication must be at least 1");
+    }
+    let retention = retention.unwrap_or(config.kafka.retention);
+    let specs: Vec<instream_kafka::admin::TopicSpec> = [
+        topics::raw(&pipeline),
+        topics::enriched(&pipeline),
+        topics::dead_letter(&pipeline),
+    ]
+    .into_iter()
+    .map(|name| instream_kafka::admin::TopicSpec { name, partitions })
+    .collect();
+    let outcomes =
+        instream_kafka::admin::create_topics(&config.kafka, &specs, replication, retention)
+            .await
+            .with_context(|| format!("creating the topics of `{pipeline}`"))?;
+    match output {
+        Output::Json => emit_json(&json!(outcomes
+            .iter()
+            .map(
+                |(t, o)| json!({"topic": t, "outcome": o.as_str(), "partitions": partitions,
+                "replication": replication, "retention_ms": retention.as_millis() as u64})
+            )
+            .collect::<Vec<_>>())),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = outcomes
+                .iter()
+                .map(|(t, o)| {
+                    let note = match o {
+                        instream_kafka::admin::TopicOutcome::Created => format!(
+                            "created: {partitions} partitions, replication {replication}, retention {}",
+                            humantime::format_duration(retention)
+                        ),
+                        instream_kafka::admin::TopicOutcome::Existed => {
+                            "existed (left as it is)".to_owned()
+                        }
+                    };
+                    vec![t.clone(), note]
+                })
+                .collect();
+            emit(&table(&["TOPIC", "OUTCOME"], &rows))
+        }
+    }
+}
+
+/// The consumer groups of the services, with the topics each reads.
+fn groups(config: &Config, catalog: &Catalog) -> Vec<(String, String)> {
+    let prefix = &config.kafka.group_prefix;
+    let mut out = Vec::new();
+    for def in catalog.iter() {
+        out.push((format!("{prefix}-enricher"), topics::raw(&def.name)));
+        out.push((format!("{prefix}-archiver"), topics::raw(&def.name)));
+        out.push((format!("{prefix}-aggregator"), topics::enriched(&def.name)));
+    }
+    out.sort();
+    out
+}
+
+pub async fn status(config: Option<PathBuf>, output: Output) -> anyhow::Result<()> {
+    let config = Config::load(config.as_deref())?;
+    let instances = instream_coord::coordinator(&config)
+        .instances()
+        .await
+        .context("reading the service registry")?;
+    let catalog = current_catalog(&config).await?;
+    let mut lags = Vec::new();
+    for (group, topic) in groups(&config, &catalog) {
+        let lag = instream_kafka::ops::group_lag(&config.kafka, &group, &topic)
+            .await
+            .with_context(|| format!("reading the lag of `{group}` on `{topic}`"))?;
+        lags.push((group, topic, lag));
+    }
+    match output {
+        Output::Json => emit_json(&json!({
+            "instances": instances,
+            "lag": lags.iter().map(|(g, t, l)| json!({
+                "group": g, "topic": t, "lag": l.iter().map(|p| p.lag).sum::<i64>(),
+                "partitions": l.iter().map(|p| json!({"partition": p.partition,
+                    "committed": p.committed, "end": p.end, "lag": p.lag})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })),
+        Output::Table => {
+            let text_of = |v: &serde_json::Value| match v {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => String::new(),
+                other => other.to_string(),
+            };
+            let rows: Vec<Vec<String>> = instances
+                .iter()
+                .map(|i| {
+                    let partitions = i.info["partitions"]
+                        .as_array()
+                        .map(|a| a.iter().map(text_of).collect::<Vec<_>>().join(","))
+                        .unwrap_or_default();
+                    let definitions = i.info["definitions"]
+                        .as_object()
+                        .map(|m| {
+                            m.iter()
+                                .map(|(p, v)| format!("{p}@{v}"))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
+                        .unwrap_or_default();
+                    vec![
+                        i.service.clone(),
+                        i.instance.clone(),
+                        text_of(&i.info["admin"]),
+                        text_of(&i.info["version"]),
+                        definitions,
+                        partitions,
+                    ]
+                })
+                .collect();
+            let mut text = table(
+                &[
+                    "SERVICE",
+                    "INSTANCE",
+                    "ADMIN",
+                    "VERSION",
+                    "DEFINITIONS",
+                    "PARTITIONS",
+                ],
+                &rows,
+            );
+            text.push('\n');
+            let rows: Vec<Vec<String>> = lags
+                .iter()
+                .map(|(g, t, l)| {
+                    let uncommitted = l.iter().filter(|p| p.committed.is_none()).count();
+                    vec![
+                        g.clone(),
+                        t.clone(),
+                        l.iter().map(|p| p.lag).sum::<i64>().to_string(),
+                        format!("{} ({uncommitted} never committed)", l.len()),
+                    ]
+                })
+                .collect();
+            text.push_str(&table(&["GROUP", "TOPIC", "LAG", "PARTITIONS"], &rows));
+            emit(&text)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn query(
+    config: Option<PathBuf>,
+    pipeline: String,
+    aggregation: String,
+    key: String,
+    from: Option<i64>,
+    to: Option<i64>,
+    limit: usize,
+    output: Output,
+) -> anyhow::Result<()> {
+    let config = Config::load(config.as_deref())?;
+    let store = instream_store::build(&config.store)
+        .await
+        .context("opening the aggregate store")?;
+    let windows = store
+        .query(&instream_store::AggregateQuery {
+            pipeline: pipeline.clone(),
+            aggregation: aggregation.clone(),
+            group_key: key.clone(),
+            from: from.unwrap_or(i64::MIN),
+            to: to.unwrap_or(i64::MAX),
+            limit,
+        })
+        .await
+        .with_context(|| format!("querying `{pipeline}`/`{aggregation}` for key `{key}`"))?;
+    match output {
+        Output::Json => emit_json(&json!(windows)),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = windows
+                .iter()
+                .map(|w| {
+                    vec![
+                        instream_event::format_rfc3339_millis(w.window_start),
+                        instream_event::format_rfc3339_millis(w.window_end),
+                        w.count.to_string(),
+                        serde_json::Value::Object(w.values.clone()).to_string(),
+                        w.definition_version.to_string(),
+                    ]
+                })
+                .collect();
+            emit(&table(
+                &[
+                    "WINDOW START",
+                    "WINDOW END",
+                    "COUNT",
+                    "VALUES",
+                    "DEFINITION",
+                ],
+                &rows,
+            ))
+        }
+    }
+}
+
+pub async fn refdata(command: RefdataCommand) -> anyhow::Result<()> {
+    let RefdataCommand::Load {
+        config,
+        file,
+        pipeline,
+        rule,
+        key_fields,
+        output,
+    } = command;
+    let config = Config::load(config.as_deref())?;
+    if config.refdata.backend != RefDataBackend::Redis {
+        bail!("refdata load writes to Redis; this config's refdata.backend is not `redis`");
+    }
+    let catalog = current_catalog(&config).await?;
+    let def = definition_of(&catalog, &pipeline)?;
+    let Some(rule_def) = def.enrichments.iter().find(|r| r.name == rule) else {
+        let known: Vec<&str> = def.enrichments.iter().map(|r| r.name.as_str()).collect();
+        bail!(
+            "pipeline `{pipeline}` has no enrichment rule `{rule}` (rules: {})",
+            known.join(", ")
+        );
+    };
+    let store = instream_refdata::RedisRefStore::connect(&config.refdata)
+        .await
+        .context("connecting to Redis")?;
+    let started = std::time::Instant::now();
+    let report = instream_refdata::load::load_file(
+        store.connection(),
+        config.refdata.timeout,
+        &pipeline,
+        rule_def,
+        &key_fields,
+        &file,
+    )
+    .await?;
+    let took = started.elapsed();
+    match output {
+        Output::Json => emit_json(&json!({
+            "pipeline": pipeline, "rule": rule, "version": report.version,
+            "previous": report.previous, "records": report.records,
+            "removed_keys": report.removed, "seconds": took.as_secs_f64(),
+        })),
+        Output::Table => emit(&format!(
+            "loaded {} records of `{pipeline}`/`{rule}` as version {} in {:.1}s (previous: {}); {} keys of older versions removed\n",
+            report.records,
+            report.version,
+            took.as_secs_f64(),
+            report.previous.map_or("none".into(), |v| v.to_string()),
+            report.removed
+        )),
+    }
+}
