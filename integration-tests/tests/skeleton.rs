@@ -331,6 +331,8 @@ root = "{archive}"
         services,
         BTreeSet::from(["aggregator", "archiver", "enricher", "ingest"])
     );
+    let ingest_node = instances.iter().find(|i| i.service == "ingest").unwrap();
+    assert_eq!(ingest_node.info["ports"]["http"], ingest_addr.port());
     for consumer in ["aggregator", "archiver", "enricher"] {
         let instance = instances.iter().find(|i| i.service == consumer).unwrap();
         let partitions = instance.info["partitions"].as_array().unwrap();

@@ -27,6 +27,27 @@ pub async fn run(archive: &dyn Archive, prefix: &str) {
     assert_eq!(files[1].size, 11);
     assert_eq!(archive.get(&a).await.unwrap(), Bytes::from_static(b"first"));
     assert_eq!(archive.remove_leftovers(prefix).await.unwrap(), 0);
+    // The write time is the server's clock: within a generous minute of ours.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    assert!(
+        (files[0].modified_ms - now).abs() < 60_000,
+        "written just now: {} vs {now}",
+        files[0].modified_ms
+    );
+
+    // Retention deletes one file; deleting it again is not an error.
+    archive.delete(&a).await.unwrap();
+    archive.delete(&a).await.unwrap();
+    let left: Vec<String> = archive
+        .list(prefix)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.path)
+        .collect();
+    assert_eq!(left, std::slice::from_ref(&b));
 
     for bad in ["/abs", "a//b", "a/../b", ""] {
         assert!(

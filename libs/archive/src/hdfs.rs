@@ -47,7 +47,7 @@ impl HdfsArchive {
             .unwrap_or(full)
     }
 
-    async fn list_all(&self, prefix: &str) -> Result<Vec<(String, u64)>, ArchiveError> {
+    async fn list_all(&self, prefix: &str) -> Result<Vec<ArchivedFile>, ArchiveError> {
         if !prefix.is_empty() {
             check_path(prefix)?;
         }
@@ -60,7 +60,11 @@ impl HdfsArchive {
         Ok(statuses
             .into_iter()
             .filter(|s| !s.isdir)
-            .map(|s| (self.relative(&s.path).to_owned(), s.length as u64))
+            .map(|s| ArchivedFile {
+                path: self.relative(&s.path).to_owned(),
+                size: s.length as u64,
+                modified_ms: s.modification_time as i64,
+            })
             .collect())
     }
 }
@@ -101,9 +105,9 @@ impl Archive for HdfsArchive {
 
     async fn remove_leftovers(&self, prefix: &str) -> Result<usize, ArchiveError> {
         let mut removed = 0;
-        for (path, _) in self.list_all(prefix).await? {
-            if is_in_progress(&path) {
-                let full = self.full(&path);
+        for file in self.list_all(prefix).await? {
+            if is_in_progress(&file.path) {
+                let full = self.full(&file.path);
                 self.client
                     .delete(&full, false)
                     .await
@@ -112,6 +116,15 @@ impl Archive for HdfsArchive {
             }
         }
         Ok(removed)
+    }
+
+    async fn delete(&self, path: &str) -> Result<(), ArchiveError> {
+        check_path(path)?;
+        let full = self.full(path);
+        match self.client.delete(&full, false).await {
+            Ok(_) | Err(hdfs_native::HdfsError::FileNotFound(_)) => Ok(()),
+            Err(e) => Err(hdfs_err(&full)(e)),
+        }
     }
 
     async fn ping(&self) -> Result<(), ArchiveError> {

@@ -27,6 +27,9 @@ pub const IN_PROGRESS_PREFIX: &str = "_inprogress.";
 pub struct ArchivedFile {
     pub path: String,
     pub size: u64,
+    /// When the file was written (completed), in milliseconds since the epoch: what retention
+    /// judges by, since an event-time layout can hold old folders written just now.
+    pub modified_ms: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,8 @@ pub trait Archive: Send + Sync {
     /// Completed files below `prefix` (recursive), sorted by path.
     async fn list(&self, prefix: &str) -> Result<Vec<ArchivedFile>, ArchiveError>;
     async fn get(&self, path: &str) -> Result<Bytes, ArchiveError>;
+    /// Deletes one completed file (retention). A file already gone is not an error.
+    async fn delete(&self, path: &str) -> Result<(), ArchiveError>;
     /// Deletes in-progress files below `prefix` left by a crash; returns how many.
     async fn remove_leftovers(&self, prefix: &str) -> Result<usize, ArchiveError>;
     /// Succeeds when the archive is reachable (readiness).
@@ -82,12 +87,11 @@ pub(crate) fn in_progress_name(path: &str) -> String {
     }
 }
 
-/// The completed files among `(path, size)` pairs, sorted by path.
-pub(crate) fn completed(found: Vec<(String, u64)>) -> Vec<ArchivedFile> {
+/// The completed files among everything found, sorted by path.
+pub(crate) fn completed(found: Vec<ArchivedFile>) -> Vec<ArchivedFile> {
     let mut files: Vec<ArchivedFile> = found
         .into_iter()
-        .filter(|(p, _)| !is_in_progress(p))
-        .map(|(path, size)| ArchivedFile { path, size })
+        .filter(|f| !is_in_progress(&f.path))
         .collect();
     files.sort_by(|a, b| a.path.cmp(&b.path));
     files

@@ -23,8 +23,8 @@ impl LocalArchive {
         &self.root
     }
 
-    /// Every file below `prefix`, completed or not, as (path relative to the root, size).
-    async fn walk(&self, prefix: &str) -> Result<Vec<(String, u64)>, ArchiveError> {
+    /// Every file below `prefix`, completed or not, by its path relative to the root.
+    async fn walk(&self, prefix: &str) -> Result<Vec<ArchivedFile>, ArchiveError> {
         let root = self.root.clone();
         let dir = if prefix.is_empty() {
             root.clone()
@@ -59,7 +59,7 @@ async fn blocking<T: Send + 'static>(
         })?
 }
 
-fn walk(dir: &Path, root: &Path, out: &mut Vec<(String, u64)>) -> std::io::Result<()> {
+fn walk(dir: &Path, root: &Path, out: &mut Vec<ArchivedFile>) -> std::io::Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -78,7 +78,16 @@ fn walk(dir: &Path, root: &Path, out: &mut Vec<(String, u64)>) -> std::io::Resul
         if meta.is_dir() {
             walk(&path, root, out)?;
         } else if let Ok(rel) = path.strip_prefix(root) {
-            out.push((rel.to_string_lossy().replace('\\', "/"), meta.len()));
+            let modified_ms = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as i64);
+            out.push(ArchivedFile {
+                path: rel.to_string_lossy().replace('\\', "/"),
+                size: meta.len(),
+                modified_ms,
+            });
         }
     }
     Ok(())
@@ -121,8 +130,8 @@ impl Archive for LocalArchive {
             .walk(prefix)
             .await?
             .into_iter()
-            .filter(|(p, _)| is_in_progress(p))
-            .map(|(p, _)| self.root.join(p))
+            .filter(|f| is_in_progress(&f.path))
+            .map(|f| self.root.join(f.path))
             .collect();
         let removed = leftovers.len();
         blocking(move || {
@@ -130,6 +139,16 @@ impl Archive for LocalArchive {
                 std::fs::remove_file(full).map_err(io(full))?;
             }
             Ok(removed)
+        })
+        .await
+    }
+
+    async fn delete(&self, path: &str) -> Result<(), ArchiveError> {
+        check_path(path)?;
+        let full = self.root.join(path);
+        blocking(move || match std::fs::remove_file(&full) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&full)(e)),
+            _ => Ok(()),
         })
         .await
     }

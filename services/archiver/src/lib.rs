@@ -10,6 +10,7 @@
 //! rename was lost.
 
 mod layout;
+mod retention;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -27,6 +28,7 @@ use instream_stage::{Stage, Subscription};
 use tokio_util::sync::CancellationToken;
 
 pub use layout::{file_name, folder, parse_file_name};
+pub use retention::{retention_pass, run_retention, RETENTION_DUTY};
 
 const SERVICE: &str = "archiver";
 
@@ -40,6 +42,8 @@ pub enum ArchiverError {
     Stage(#[from] instream_stage::StageError),
     #[error("compressing: {0}")]
     Compress(std::io::Error),
+    #[error(transparent)]
+    Coord(#[from] instream_coord::CoordError),
 }
 
 type PartitionKey = (String, i32);
@@ -98,6 +102,19 @@ pub async fn run_with_archive(
     let stage = Stage::start(SERVICE, &config, &health, admin_addr, &shutdown).await?;
     let mut catalog = stage.catalog.clone();
     archive.ping().await?;
+    if !config.archiver.retention.is_zero() {
+        let leadership = instream_coord::coordinator(&config)
+            .campaign(RETENTION_DUTY, &instream_coord::instance_name())
+            .await?;
+        tokio::spawn(run_retention(
+            archive.clone(),
+            catalog.clone(),
+            leadership,
+            config.archiver.retention,
+            config.archiver.retention_check_interval,
+            shutdown.clone(),
+        ));
+    }
     ready.set_ready();
     let initial = catalog.borrow().clone();
     for p in initial.iter() {

@@ -96,6 +96,12 @@ impl Ingest {
                     addr: limits.listen,
                     source,
                 })?;
+        if let Ok(bound) = listener.local_addr() {
+            stage.registration.update(|info| {
+                info["ports"]["http"] = bound.port().into();
+                info["http"] = bound.to_string().into();
+            });
+        }
         Ok(Ingest {
             listener,
             router,

@@ -239,6 +239,17 @@ impl Config {
         self.admin.validate(&mut p);
         self.shutdown.validate(&mut p);
         self.kafka.validate(&mut p);
+        p.check(
+            self.archiver.retention.is_zero() || self.archiver.retention >= self.kafka.retention,
+            "archiver.retention",
+            || {
+                format!(
+                    "{} is shorter than kafka.retention ({}); a restarted archiver could write records again whose files retention deleted (`0s` keeps files forever)",
+                    humantime_serde::re::humantime::format_duration(self.archiver.retention),
+                    humantime_serde::re::humantime::format_duration(self.kafka.retention)
+                )
+            },
+        );
         self.zookeeper.validate(&mut p);
         self.definitions.validate(&mut p);
         self.refdata.validate(&mut p);

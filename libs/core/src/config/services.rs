@@ -183,6 +183,17 @@ pub struct ArchiverConfig {
     pub roll_max_age: Duration,
     /// zstd level of JSON-lines files (1 fast … 19 small).
     pub zstd_level: i32,
+    /// Archive files written longer ago than this are deleted (by one elected archiver
+    /// instance); `0s` keeps them forever. At least `kafka.retention`: a restarted archiver
+    /// finds where it stopped from the newest files, which must outlive the records on the
+    /// topic.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub retention: Duration,
+    /// How often the elected archiver looks for files past `retention`.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub retention_check_interval: Duration,
 }
 
 impl Default for ArchiverConfig {
@@ -192,6 +203,8 @@ impl Default for ArchiverConfig {
             roll_max_records: 5_000_000,
             roll_max_age: Duration::from_secs(600),
             zstd_level: 3,
+            retention: Duration::from_secs(30 * 24 * 3600),
+            retention_check_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -201,6 +214,10 @@ impl ArchiverConfig {
         p.positive(self.roll_max_bytes, "archiver.roll_max_bytes");
         p.positive(self.roll_max_records, "archiver.roll_max_records");
         p.non_zero_duration(self.roll_max_age, "archiver.roll_max_age");
+        p.non_zero_duration(
+            self.retention_check_interval,
+            "archiver.retention_check_interval",
+        );
         p.check(
             (1..=19).contains(&self.zstd_level),
             "archiver.zstd_level",

@@ -124,16 +124,34 @@ fn cooperative_assignment_is_refused() {
 }
 
 #[test]
+fn archive_retention_must_outlive_the_topics() {
+    let err = Config::from_toml("[archiver]\nretention = \"7d\"\n").unwrap_err();
+    assert!(err.to_string().contains("archiver.retention"), "{err}");
+    Config::from_toml("[archiver]\nretention = \"0s\"\n").expect("0s keeps files forever");
+    Config::from_toml("[archiver]\nretention = \"7d\"\n[kafka]\nretention = \"7d\"\n")
+        .expect("equal is fine");
+}
+
+#[test]
+fn zookeeper_auth_and_connect_are_checked() {
+    let err = Config::from_toml("[zookeeper]\nauth = \"nopassword\"\n").unwrap_err();
+    assert!(err.to_string().contains("zookeeper.auth"), "{err}");
+    let err = Config::from_toml("[zookeeper]\nconnect = \"zk:2181/instream\"\n").unwrap_err();
+    assert!(err.to_string().contains("zookeeper.root"), "{err}");
+}
+
+#[test]
 fn redaction_hides_secrets() {
     let mut config = Config::default();
     config.refdata.redis_url = "redis://user:hun@ter2@redis:6379/0".into();
     config.store.password = Some("s3cret".into());
+    config.zookeeper.auth = Some("instream:zkpass".into());
     config
         .kafka
         .properties
         .insert("sasl.password".into(), "kpass".into());
     let text = format!("{:?}", config.redacted());
-    for secret in ["hun@ter2", "ter2", "s3cret", "kpass"] {
+    for secret in ["hun@ter2", "ter2", "s3cret", "kpass", "zkpass"] {
         assert!(!text.contains(secret), "{secret} leaked: {text}");
     }
     assert!(text.contains("redis://user:***@redis:6379/0"), "{text}");
