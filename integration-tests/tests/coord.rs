@@ -119,7 +119,16 @@ async fn definition_changes_reach_subscribers_and_bad_ones_are_ignored() {
         "{err}"
     );
 
-    // Garbage written behind publish's back is ignored; the last good version stays.
+    // Garbage written behind publish's back is ignored; the last good version stays, and it is
+    // reported (`instream_definition_invalid{pipeline}` = 1 while it is stored).
+    let snapshotter = {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder
+            .install()
+            .expect("the only recorder of this test binary");
+        snapshotter
+    };
     let client = zk::Client::connect(&cfg.connect).await.unwrap();
     client
         .set_data(
@@ -129,13 +138,36 @@ async fn definition_changes_reach_subscribers_and_bad_ones_are_ignored() {
         )
         .await
         .unwrap();
-    // Give the watch time to fire and the reload to run; the catalog must not change.
-    let changed = tokio::time::timeout(Duration::from_secs(2), rx.changed()).await;
-    assert!(
-        changed.is_err(),
-        "an invalid definition must not change the catalog"
+    // A valid change to another pipeline after it: once that arrives, the reload that met
+    // the garbage has run.
+    publish_definition(&cfg, &definition("clicks", 2, 2))
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        rx.wait_for(|c| c.get("clicks").is_some_and(|d| d.version == 2)),
+    )
+    .await
+    .expect("the later change arrives")
+    .unwrap();
+    assert_eq!(
+        rx.borrow().get("orders").unwrap().version,
+        2,
+        "an invalid definition must not replace the last good one"
     );
-    assert_eq!(rx.borrow().get("orders").unwrap().version, 2);
+    let invalid = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .any(|(key, _, _, value)| {
+            key.key().name() == "instream_definition_invalid"
+                && key
+                    .key()
+                    .labels()
+                    .any(|l| l.key() == "pipeline" && l.value() == "orders")
+                && value == metrics_util::debugging::DebugValue::Gauge(1.0.into())
+        });
+    assert!(invalid, "the invalid definition is reported in a metric");
     shutdown.cancel();
 }
 
@@ -304,12 +336,22 @@ async fn an_expired_session_recovers_everything_it_held() {
     shutdown.cancel();
 }
 
-/// The leader is cut off from ZooKeeper. It stops leading as soon as its connection goes; the
-/// standby leads once the leader's session has expired (within the session timeout, plus a
-/// tick); at no moment do both lead. When the old leader's connection returns it stays a
-/// standby.
+/// The leader is cut off from ZooKeeper. It stops leading as soon as it notices (a closed
+/// connection at once; a silent one when its own read timeout passes, before the server's
+/// session timeout); the standby leads once the leader's session has expired (within the
+/// session timeout, plus a tick); at no moment do both lead. When the old leader's connection
+/// returns it stays a standby.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_leader_hands_over_and_never_leads_beside_the_standby() {
+    cut_off_leader_hands_over(|proxy| proxy.cut()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_partitioned_leader_hands_over_and_never_leads_beside_the_standby() {
+    cut_off_leader_hands_over(|proxy| proxy.blackhole()).await;
+}
+
+async fn cut_off_leader_hands_over(partition: impl Fn(&TcpProxy)) {
     let server = ZooKeeperServer::start().unwrap();
     let direct = ZooKeeperConfig {
         session_timeout: Duration::from_secs(2),
@@ -342,7 +384,7 @@ async fn a_cut_off_leader_hands_over_and_never_leads_beside_the_standby() {
     });
     assert!(!second.is_leader());
     let cut_at = std::time::Instant::now();
-    proxy.cut();
+    partition(&proxy);
     tokio::time::timeout(Duration::from_secs(5), first.lost())
         .await
         .expect("the cut-off leader gives up");

@@ -15,6 +15,53 @@ use tokio_util::sync::CancellationToken;
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
+/// One archiver's view of the shared archive, counting the files it deleted.
+struct Counting {
+    inner: Arc<LocalArchive>,
+    deleted: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Archive for Counting {
+    async fn put(&self, path: &str, data: Bytes) -> Result<(), instream_archive::ArchiveError> {
+        self.inner.put(path, data).await
+    }
+    async fn list(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<instream_archive::ArchivedFile>, instream_archive::ArchiveError> {
+        self.inner.list(prefix).await
+    }
+    async fn get(&self, path: &str) -> Result<Bytes, instream_archive::ArchiveError> {
+        self.inner.get(path).await
+    }
+    async fn delete(&self, path: &str) -> Result<(), instream_archive::ArchiveError> {
+        self.deleted
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.delete(path).await
+    }
+    async fn remove_leftovers(
+        &self,
+        prefix: &str,
+    ) -> Result<usize, instream_archive::ArchiveError> {
+        self.inner.remove_leftovers(prefix).await
+    }
+    async fn ping(&self) -> Result<(), instream_archive::ArchiveError> {
+        self.inner.ping().await
+    }
+}
+
+fn counting(archive: &Arc<LocalArchive>) -> Arc<Counting> {
+    Arc::new(Counting {
+        inner: archive.clone(),
+        deleted: Default::default(),
+    })
+}
+
+fn deleted(archive: &Counting) -> usize {
+    archive.deleted.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 async fn write(archive: &LocalArchive, path: &str, age: Duration) {
     archive.put(path, Bytes::from_static(b"x")).await.unwrap();
     std::fs::File::options()
@@ -98,8 +145,9 @@ async fn only_the_elected_archiver_deletes_expired_files_and_a_standby_takes_ove
         .unwrap();
     let first_watch = first.watch();
     let first_stop = CancellationToken::new();
+    let (first_archive, second_archive) = (counting(&archive), counting(&archive));
     let first_task = tokio::spawn(instream_archiver::run_retention(
-        archive.clone(),
+        first_archive.clone(),
         catalog.clone(),
         first,
         30 * DAY,
@@ -117,7 +165,7 @@ async fn only_the_elected_archiver_deletes_expired_files_and_a_standby_takes_ove
     let second_watch = second.watch();
     let second_stop = CancellationToken::new();
     let second_task = tokio::spawn(instream_archiver::run_retention(
-        archive.clone(),
+        second_archive.clone(),
         catalog.clone(),
         second,
         30 * DAY,
@@ -137,6 +185,8 @@ async fn only_the_elected_archiver_deletes_expired_files_and_a_standby_takes_ove
         ]
     );
     assert!(second_watch.borrow().is_none(), "only one leads");
+    assert_eq!(deleted(&first_archive), 2, "the leader deleted both");
+    assert_eq!(deleted(&second_archive), 0, "the standby deleted nothing");
 
     // The leader stops (its election node goes with it): the standby takes the duty and
     // deletes what expires from then on.
@@ -157,6 +207,8 @@ async fn only_the_elected_archiver_deletes_expired_files_and_a_standby_takes_ove
         paths(&archive).await.len() == 2
     })
     .await;
+    assert_eq!(deleted(&second_archive), 1, "the new leader deleted it");
+    assert_eq!(deleted(&first_archive), 2, "the old one did nothing more");
     second_stop.cancel();
     second_task.await.unwrap();
 }

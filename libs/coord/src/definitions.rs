@@ -75,6 +75,7 @@ async fn load(
     client: &zk::Client,
     folder: &str,
     last_good: &mut BTreeMap<String, PipelineDefinition>,
+    rejected: &mut BTreeMap<String, i64>,
 ) -> Result<(Catalog, impl std::future::Future<Output = ()>), CoordError> {
     let (names, _, children_watch) = client
         .get_and_watch_children(folder)
@@ -84,7 +85,7 @@ async fn load(
     let mut current = BTreeMap::new();
     for name in names {
         let path = format!("{folder}/{name}");
-        let (data, _, watch) = match client.get_and_watch_data(&path).await {
+        let (data, stat, watch) = match client.get_and_watch_data(&path).await {
             Ok(found) => found,
             Err(zk::Error::NoNode) => continue, // deleted between list and get
             Err(e) => return Err(CoordError::op("get", &path)(e)),
@@ -92,6 +93,8 @@ async fn load(
         watches.push(watch.changed().map(|_| ()).boxed());
         match parse_definition(&data) {
             Ok(def) if def.name == name => {
+                metrics::gauge!("instream_definition_invalid", "pipeline" => name.clone()).set(0.0);
+                rejected.remove(&name);
                 current.insert(name, def);
             }
             outcome => {
@@ -99,8 +102,12 @@ async fn load(
                     Ok(def) => format!("node `{name}` holds pipeline `{}`", def.name),
                     Err(e) => e.to_string(),
                 };
-                metrics::counter!("instream_definition_rejected_total", "pipeline" => name.clone())
-                    .increment(1);
+                metrics::gauge!("instream_definition_invalid", "pipeline" => name.clone()).set(1.0);
+                // Counted once per bad write, not on every reload that meets it again.
+                if rejected.insert(name.clone(), stat.mzxid) != Some(stat.mzxid) {
+                    metrics::counter!("instream_definition_rejected_total", "pipeline" => name.clone())
+                        .increment(1);
+                }
                 match last_good.get(&name) {
                     Some(good) => {
                         tracing::error!(pipeline = %name, %error, kept_version = good.version, "invalid definition ignored; keeping the last good version");
@@ -130,7 +137,8 @@ impl DefinitionSource for ZkDefinitionSource {
         let folder = PIPELINES.to_owned();
         let client = connect(&self.cfg).await.map_err(backend)?;
         let mut last_good = BTreeMap::new();
-        let (catalog, mut changed) = load(&client, &folder, &mut last_good)
+        let mut rejected = BTreeMap::new();
+        let (catalog, mut changed) = load(&client, &folder, &mut last_good, &mut rejected)
             .await
             .map_err(backend)?;
         let (tx, rx) = watch::channel(Arc::new(catalog));
@@ -144,7 +152,7 @@ impl DefinitionSource for ZkDefinitionSource {
                 }
                 // Reload until it works; a lost session means a new client.
                 loop {
-                    match load(&client, &folder, &mut last_good).await {
+                    match load(&client, &folder, &mut last_good, &mut rejected).await {
                         Ok((catalog, next)) => {
                             changed = next;
                             tx.send_if_modified(|old| {

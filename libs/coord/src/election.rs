@@ -108,17 +108,30 @@ async fn hold(
     tx: &watch::Sender<Option<u64>>,
     stop: &CancellationToken,
 ) -> Held {
-    tx.send_replace(Some(term));
-    metrics::gauge!("instream_leader", "duty" => duty.to_owned()).set(1.0);
-    tracing::info!(duty, term, "leadership acquired");
+    // The watcher first, then the state it starts from: a connection lost between the lock
+    // and here must not be announced as leadership.
     let mut states = client.state_watcher();
+    match states.peek_state() {
+        zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
+            tx.send_replace(Some(term));
+            metrics::gauge!("instream_leader", "duty" => duty.to_owned()).set(1.0);
+            tracing::info!(duty, term, "leadership acquired");
+        }
+        state if state.is_terminated() => return Held::Lost,
+        _ => tracing::warn!(
+            duty,
+            term,
+            "won the election while disconnected; waiting for the connection"
+        ),
+    }
     let held = loop {
         tokio::select! {
             _ = stop.cancelled() => break Held::Stopped,
             state = states.changed() => match state {
                 zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
                     if matches!(client.check_stat(lock_path).await, Ok(Some(_))) {
-                        tracing::info!(duty, term, "connection back; still leading");
+                        tracing::info!(duty, term, "connected; leading");
+                        metrics::gauge!("instream_leader", "duty" => duty.to_owned()).set(1.0);
                         tx.send_replace(Some(term));
                     } else {
                         break Held::Lost;
@@ -126,6 +139,7 @@ async fn hold(
                 }
                 zk::SessionState::Disconnected => {
                     tracing::warn!(duty, term, "zookeeper connection lost; leadership suspended");
+                    metrics::gauge!("instream_leader", "duty" => duty.to_owned()).set(0.0);
                     tx.send_replace(None);
                 }
                 _ => break Held::Lost,

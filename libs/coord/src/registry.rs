@@ -103,6 +103,8 @@ async fn keep_registered(
     mut info: watch::Receiver<Value>,
     stop: CancellationToken,
 ) {
+    // An update that failed (a connection lost for a moment) is written again until it lands.
+    let mut dirty = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => {
@@ -114,12 +116,9 @@ async fn keep_registered(
                 if changed.is_err() {
                     return;
                 }
-                let data = info.borrow_and_update().to_string();
-                if let Err(error) = client.set_data(&path, data.as_bytes(), None).await {
-                    // The next session writes the newest info when it re-registers.
-                    tracing::warn!(%error, %path, "updating the registry node failed");
-                }
+                dirty = true;
             }
+            _ = tokio::time::sleep(Duration::from_secs(1)), if dirty => {}
             state = session_ended(&client) => {
                 metrics::counter!("instream_zookeeper_sessions_lost_total", "role" => "registry").increment(1);
                 tracing::warn!(?state, %path, "zookeeper session ended; registering again");
@@ -135,6 +134,7 @@ async fn keep_registered(
                         None => return,
                         Some(Ok(fresh)) => {
                             client = fresh;
+                            dirty = false;
                             tracing::info!(%path, "registered again");
                             break;
                         }
@@ -146,6 +146,16 @@ async fn keep_registered(
                             backoff = (backoff * 2).min(Duration::from_secs(5));
                         }
                     }
+                }
+                continue;
+            }
+        }
+        if dirty {
+            let data = info.borrow_and_update().to_string();
+            match client.set_data(&path, data.as_bytes(), None).await {
+                Ok(_) => dirty = false,
+                Err(error) => {
+                    tracing::warn!(%error, %path, "updating the registry node failed; retrying")
                 }
             }
         }

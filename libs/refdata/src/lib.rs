@@ -4,6 +4,7 @@
 //! trip to Redis, never one per event. Two implementations, chosen by `refdata.backend`:
 //! [`RedisRefStore`] and [`MemoryRefStore`] (standalone mode, loaded from a JSON-lines file).
 
+mod cache;
 pub mod load;
 mod memory;
 mod redis_store;
@@ -16,6 +17,7 @@ use instream_core::config::{RefDataBackend, RefDataConfig};
 use instream_pipeline::RecordShape;
 use serde_json::{Map, Value};
 
+pub use cache::{CacheSettings, CachedRefStore};
 pub use memory::MemoryRefStore;
 pub use redis_store::RedisRefStore;
 

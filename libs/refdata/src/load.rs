@@ -15,6 +15,19 @@ use crate::versions::{counter_key, pointer_key, version_of_key, version_prefix, 
 /// between two chunks, so a million-row load does not stall enrichment.
 const CHUNK: usize = 1_000;
 
+/// How long the keys of a retired version stay readable: an enricher that missed two switch
+/// announcements in a row still finds its version until its periodic check catches up.
+pub const RETIRED_VERSION_GRACE: Duration = Duration::from_secs(600);
+
+/// Raises the pointer to ARGV[1] only if that is higher than what it holds, so two loads
+/// finishing out of order never move it backwards. Returns the previous value.
+const RAISE_POINTER: &str = r"
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > current then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return current";
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("{path}: {reason}")]
@@ -37,8 +50,10 @@ pub struct LoadReport {
     pub version: u64,
     pub previous: Option<u64>,
     pub records: u64,
-    /// Keys of versions older than the previous one, removed after the switch.
-    pub removed: u64,
+    /// Keys of versions older than the previous one, given [`RETIRED_VERSION_GRACE`] to live.
+    pub retired: u64,
+    /// Whether the pointer now names this version (false: a later load switched first).
+    pub switched: bool,
 }
 
 /// Where the records come from: CSV with a header row (every value a string) or JSON lines
@@ -264,34 +279,39 @@ pub async fn load_file(
         .await
         .map_err(|e| LoadError::Spec(format!("reading the file: {e}")))??;
     let records = writer.written;
-    // The switch: one SET, then the announcement enrichers refresh on.
+    // The switch: one atomic raise of the pointer, then the announcement enrichers follow.
     let pointer = pointer_key(pipeline, &rule.name);
-    let previous: Option<u64> = redis::cmd("GETSET")
+    let previous: u64 = redis::cmd("EVAL")
+        .arg(RAISE_POINTER)
+        .arg(1)
         .arg(&pointer)
         .arg(version)
         .query_async(&mut connection)
         .await
         .map_err(|e| LoadError::Redis(e.to_string()))?;
-    let _: i64 = redis::cmd("PUBLISH")
-        .arg(CHANGES_CHANNEL)
-        .arg(format!("{pipeline}:{}:{version}", rule.name))
-        .query_async(&mut connection)
-        .await
-        .map_err(|e| LoadError::Redis(e.to_string()))?;
-    // Versions before the previous one are no longer read by anyone; the previous one stays
-    // for enrichers that have not seen the switch yet.
-    let keep = previous.unwrap_or(version);
-    let removed =
-        remove_versions_before(&mut connection, pipeline, &rule.name, keep.min(version)).await?;
+    let switched = version > previous;
+    if switched {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(CHANGES_CHANNEL)
+            .arg(format!("{pipeline}:{}:{version}", rule.name))
+            .query_async(&mut connection)
+            .await
+            .map_err(|e| LoadError::Redis(e.to_string()))?;
+    }
+    // Versions before the previous one are retired: they expire after a grace period. The
+    // previous one stays for enrichers that have not seen the switch yet.
+    let keep_from = if switched { previous } else { version };
+    let retired = retire_versions_before(&mut connection, pipeline, &rule.name, keep_from).await?;
     Ok(LoadReport {
         version,
-        previous,
+        previous: (previous > 0).then_some(previous),
         records,
-        removed,
+        retired,
+        switched,
     })
 }
 
-async fn remove_versions_before(
+async fn retire_versions_before(
     connection: &mut ConnectionManager,
     pipeline: &str,
     rule: &str,
@@ -299,7 +319,8 @@ async fn remove_versions_before(
 ) -> Result<u64, LoadError> {
     let pattern = format!("instream:refdata:{pipeline}:{rule}:v*");
     let mut cursor: u64 = 0;
-    let mut removed = 0;
+    let mut retired = 0;
+    let grace = RETIRED_VERSION_GRACE.as_secs();
     loop {
         let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(cursor)
@@ -315,15 +336,19 @@ async fn remove_versions_before(
             .filter(|k| version_of_key(pipeline, rule, k).is_some_and(|v| v < keep_from))
             .collect();
         if !old.is_empty() {
-            let n: u64 = redis::cmd("UNLINK")
-                .arg(&old)
+            let mut pipe = redis::pipe();
+            for key in &old {
+                // NX: a key already retired keeps its earlier deadline.
+                pipe.cmd("EXPIRE").arg(*key).arg(grace).arg("NX");
+            }
+            let set: Vec<u64> = pipe
                 .query_async(connection)
                 .await
                 .map_err(|e| LoadError::Redis(e.to_string()))?;
-            removed += n;
+            retired += set.iter().sum::<u64>();
         }
         if next == 0 {
-            return Ok(removed);
+            return Ok(retired);
         }
         cursor = next;
     }

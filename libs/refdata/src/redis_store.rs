@@ -36,9 +36,15 @@ struct Versions {
 impl Versions {
     fn set(&self, rule: &RuleId, version: Option<u64>) {
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
-        let changed = match version {
-            Some(v) => current.insert(rule.clone(), v) != Some(v),
-            None => current.remove(rule).is_some(),
+        // Versions only go up: an older answer (a pointer read that raced an announcement)
+        // must not move an enricher back.
+        let changed = match (version, current.get(rule).copied()) {
+            (Some(v), Some(old)) if v <= old => false,
+            (Some(v), _) => {
+                current.insert(rule.clone(), v);
+                true
+            }
+            (None, _) => false,
         };
         if changed {
             tracing::info!(pipeline = %rule.0, rule = %rule.1, ?version, "reference data version switched");

@@ -8,16 +8,34 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 /// Forwards `127.0.0.1:<port>` to a target. [`TcpProxy::cut`] drops every connection and
-/// refuses new ones until [`TcpProxy::restore`]; dropping the proxy stops it.
+/// refuses new ones; [`TcpProxy::blackhole`] keeps the connections open but lets nothing
+/// through (a silent partition: only timeouts notice). [`TcpProxy::restore`] ends either;
+/// dropping the proxy stops it.
 pub struct TcpProxy {
     addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    silent: Arc<AtomicBool>,
     open: Arc<Mutex<Vec<TcpStream>>>,
     stopped: Arc<AtomicBool>,
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream) {
-    let _ = io::copy(&mut from, &mut to);
+/// Copies `from` to `to`, dropping what arrives while `silent`.
+fn pump(mut from: TcpStream, mut to: TcpStream, silent: Arc<AtomicBool>) {
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if silent.load(Ordering::Acquire) {
+                    continue;
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
     let _ = to.shutdown(Shutdown::Both);
     let _ = from.shutdown(Shutdown::Both);
 }
@@ -29,7 +47,8 @@ impl TcpProxy {
         let cut = Arc::new(AtomicBool::new(false));
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let stopped = Arc::new(AtomicBool::new(false));
-        let (c, o, s) = (cut.clone(), open.clone(), stopped.clone());
+        let silent = Arc::new(AtomicBool::new(false));
+        let (c, o, s, q) = (cut.clone(), open.clone(), stopped.clone(), silent.clone());
         thread::spawn(move || {
             for client in listener.incoming() {
                 if s.load(Ordering::Acquire) {
@@ -51,13 +70,15 @@ impl TcpProxy {
                 let (Ok(client2), Ok(server2)) = (client.try_clone(), server.try_clone()) else {
                     continue;
                 };
-                thread::spawn(move || pump(client, server2));
-                thread::spawn(move || pump(server, client2));
+                let (q1, q2) = (q.clone(), q.clone());
+                thread::spawn(move || pump(client, server2, q1));
+                thread::spawn(move || pump(server, client2, q2));
             }
         });
         Ok(TcpProxy {
             addr,
             cut,
+            silent,
             open,
             stopped,
         })
@@ -81,9 +102,15 @@ impl TcpProxy {
         }
     }
 
-    /// Forwards new connections again.
+    /// Keeps connections open but forwards nothing, in either direction.
+    pub fn blackhole(&self) {
+        self.silent.store(true, Ordering::Release);
+    }
+
+    /// Forwards again (new connections after a cut; traffic after a blackhole).
     pub fn restore(&self) {
         self.cut.store(false, Ordering::Release);
+        self.silent.store(false, Ordering::Release);
     }
 }
 

@@ -24,6 +24,8 @@ pub enum PipelineCommand {
         config: Option<PathBuf>,
         /// The definitions file: `[[pipelines]]` tables.
         file: PathBuf,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
     },
     /// Prints one stored definition (TOML that `pipeline apply` takes back, or JSON).
     Get {
@@ -79,7 +81,7 @@ pub enum RefdataCommand {
     /// Loads a CSV (header row) or JSON-lines file as a new version of one enrichment rule's
     /// reference data in Redis, then switches the rule to it in one step; running enrichers
     /// follow within moments. The previous version is kept for enrichers still on it; older
-    /// ones are removed.
+    /// ones expire ten minutes later.
     Load {
         #[arg(long, short, env = "INSTREAM_CONFIG")]
         config: Option<PathBuf>,
@@ -136,20 +138,58 @@ fn pretty(def: &PipelineDefinition) -> String {
 
 pub async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
     match command {
-        PipelineCommand::Apply { config, file } => {
+        PipelineCommand::Apply {
+            config,
+            file,
+            output,
+        } => {
             let config = Config::load(config.as_deref())?;
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let document = instream_pipeline::parse_document(&text)
                 .with_context(|| format!("{}", file.display()))?;
-            for definition in &document.pipelines {
-                instream_coord::publish_definition(&config.zookeeper, definition).await?;
-                println!(
-                    "pipeline `{}` version {} stored",
-                    definition.name, definition.version
+            // All or nothing: every definition is checked against what is stored before any
+            // is written. One stored exactly as in the file is left alone.
+            let stored: BTreeMap<String, Result<PipelineDefinition, String>> =
+                instream_coord::stored_definitions(&config.zookeeper)
+                    .await?
+                    .into_iter()
+                    .map(|s| (s.name, s.definition))
+                    .collect();
+            let mut plan = Vec::new();
+            let mut refused = Vec::new();
+            for def in &document.pipelines {
+                match stored.get(&def.name) {
+                    Some(Ok(old)) if old == def => plan.push((def, false)),
+                    Some(Ok(old)) if old.version >= def.version => refused.push(format!(
+                        "`{}`: version {} is not above the stored version {}",
+                        def.name, def.version, old.version
+                    )),
+                    _ => plan.push((def, true)),
+                }
+            }
+            if !refused.is_empty() {
+                bail!("nothing stored: {}", refused.join("; "));
+            }
+            let mut report = Vec::new();
+            let mut text = String::new();
+            for (def, write) in plan {
+                if write {
+                    instream_coord::publish_definition(&config.zookeeper, def).await?;
+                }
+                let outcome = if write { "stored" } else { "unchanged" };
+                text.push_str(&format!(
+                    "pipeline `{}` version {} {outcome}\n",
+                    def.name, def.version
+                ));
+                report.push(
+                    json!({"pipeline": def.name, "version": def.version, "outcome": outcome}),
                 );
             }
-            Ok(())
+            match output {
+                Output::Table => emit(&text),
+                Output::Json => emit_json(&json!(report)),
+            }
         }
         PipelineCommand::Get {
             config,
@@ -347,6 +387,13 @@ fn groups(config: &Config, catalog: &Catalog) -> Vec<(String, String)> {
 
 pub async fn status(config: Option<PathBuf>, output: Output) -> anyhow::Result<()> {
     let config = Config::load(config.as_deref())?;
+    if config.definitions.source != instream_core::config::DefinitionSourceKind::Zookeeper {
+        bail!(
+            "the registry lives in ZooKeeper; this config reads definitions from a file, so its \
+             services keep their registry inside their own process (standalone): use the \
+             deployment's config, or that process's /metrics"
+        );
+    }
     let instances = instream_coord::coordinator(&config)
         .instances()
         .await
@@ -354,19 +401,23 @@ pub async fn status(config: Option<PathBuf>, output: Output) -> anyhow::Result<(
     let catalog = current_catalog(&config).await?;
     let mut lags = Vec::new();
     for (group, topic) in groups(&config, &catalog) {
+        // A pipeline whose topics are not created yet is a row saying so, not a failure.
         let lag = instream_kafka::ops::group_lag(&config.kafka, &group, &topic)
             .await
-            .with_context(|| format!("reading the lag of `{group}` on `{topic}`"))?;
+            .map_err(|e| e.to_string());
         lags.push((group, topic, lag));
     }
     match output {
         Output::Json => emit_json(&json!({
             "instances": instances,
-            "lag": lags.iter().map(|(g, t, l)| json!({
-                "group": g, "topic": t, "lag": l.iter().map(|p| p.lag).sum::<i64>(),
-                "partitions": l.iter().map(|p| json!({"partition": p.partition,
-                    "committed": p.committed, "end": p.end, "lag": p.lag})).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
+            "lag": lags.iter().map(|(g, t, l)| match l {
+                Ok(l) => json!({
+                    "group": g, "topic": t, "lag": l.iter().map(|p| p.lag).sum::<i64>(),
+                    "partitions": l.iter().map(|p| json!({"partition": p.partition,
+                        "committed": p.committed, "end": p.end, "lag": p.lag})).collect::<Vec<_>>(),
+                }),
+                Err(e) => json!({"group": g, "topic": t, "error": e}),
+            }).collect::<Vec<_>>(),
         })),
         Output::Table => {
             let text_of = |v: &serde_json::Value| match v {
@@ -414,14 +465,22 @@ pub async fn status(config: Option<PathBuf>, output: Output) -> anyhow::Result<(
             text.push('\n');
             let rows: Vec<Vec<String>> = lags
                 .iter()
-                .map(|(g, t, l)| {
-                    let uncommitted = l.iter().filter(|p| p.committed.is_none()).count();
-                    vec![
+                .map(|(g, t, l)| match l {
+                    Ok(l) => {
+                        let uncommitted = l.iter().filter(|p| p.committed.is_none()).count();
+                        vec![
+                            g.clone(),
+                            t.clone(),
+                            l.iter().map(|p| p.lag).sum::<i64>().to_string(),
+                            format!("{} ({uncommitted} never committed)", l.len()),
+                        ]
+                    }
+                    Err(e) => vec![
                         g.clone(),
                         t.clone(),
-                        l.iter().map(|p| p.lag).sum::<i64>().to_string(),
-                        format!("{} ({uncommitted} never committed)", l.len()),
-                    ]
+                        "-".into(),
+                        format!("unavailable: {e}"),
+                    ],
                 })
                 .collect();
             text.push_str(&table(&["GROUP", "TOPIC", "LAG", "PARTITIONS"], &rows));
@@ -524,16 +583,18 @@ pub async fn refdata(command: RefdataCommand) -> anyhow::Result<()> {
     match output {
         Output::Json => emit_json(&json!({
             "pipeline": pipeline, "rule": rule, "version": report.version,
-            "previous": report.previous, "records": report.records,
-            "removed_keys": report.removed, "seconds": took.as_secs_f64(),
+            "previous": report.previous, "records": report.records, "switched": report.switched,
+            "retired_keys": report.retired, "seconds": took.as_secs_f64(),
         })),
         Output::Table => emit(&format!(
-            "loaded {} records of `{pipeline}`/`{rule}` as version {} in {:.1}s (previous: {}); {} keys of older versions removed\n",
+            "loaded {} records of `{pipeline}`/`{rule}` as version {} in {:.1}s (previous: {}){}; {} keys of older versions expire in {}\n",
             report.records,
             report.version,
             took.as_secs_f64(),
             report.previous.map_or("none".into(), |v| v.to_string()),
-            report.removed
+            if report.switched { "" } else { "; NOT switched: a later load switched first" },
+            report.retired,
+            humantime::format_duration(instream_refdata::load::RETIRED_VERSION_GRACE),
         )),
     }
 }

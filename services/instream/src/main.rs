@@ -109,6 +109,8 @@ enum SchemaCommand {
     Apply {
         #[arg(long, short, env = "INSTREAM_CONFIG")]
         config: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "table")]
+        output: output::Output,
     },
 }
 
@@ -135,8 +137,8 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::CheckConfig { config } => check_config(config),
-        Command::Schema(SchemaCommand::Apply { config }) => {
-            runtime().and_then(|rt| rt.block_on(schema_apply(config)))
+        Command::Schema(SchemaCommand::Apply { config, output }) => {
+            runtime().and_then(|rt| rt.block_on(schema_apply(config, output)))
         }
         Command::Offsets(c) => runtime().and_then(|rt| rt.block_on(ops::offsets(c))),
         Command::Dlq(c) => runtime().and_then(|rt| rt.block_on(ops::dlq(c))),
@@ -243,13 +245,19 @@ async fn standalone(path: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn schema_apply(path: Option<PathBuf>) -> anyhow::Result<()> {
+async fn schema_apply(path: Option<PathBuf>, output: output::Output) -> anyhow::Result<()> {
     let config = Config::load(path.as_deref())?;
     let store = instream_store::build(&config.store).await?;
     store.ping().await?;
-    println!(
-        "schema of the {:?} store applied (keyspace `{}`)",
-        config.store.backend, config.store.keyspace
-    );
-    Ok(())
+    match output {
+        output::Output::Json => output::emit_json(&serde_json::json!({
+            "applied": true,
+            "backend": format!("{:?}", config.store.backend).to_lowercase(),
+            "keyspace": config.store.keyspace,
+        })),
+        output::Output::Table => output::emit(&format!(
+            "schema of the {:?} store applied (keyspace `{}`)\n",
+            config.store.backend, config.store.keyspace
+        )),
+    }
 }

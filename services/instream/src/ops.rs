@@ -76,6 +76,8 @@ pub enum DlqCommand {
         from: Vec<(i32, i64)>,
         #[arg(long)]
         execute: bool,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
     },
 }
 
@@ -209,6 +211,7 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             code,
             from,
             execute,
+            output,
         } => {
             let config = Config::load(config.as_deref())?;
             let dlq_topic = topics::dead_letter(&pipeline);
@@ -225,6 +228,22 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
                 *n = (*n).max(d.offset + 1);
             }
             let plan = select_for_redrive(letters, code.as_deref(), &raw);
+            let mut continue_from: Vec<(i32, i64)> = next.into_iter().collect();
+            continue_from.sort();
+            if let Output::Json = output {
+                if execute {
+                    ops::redrive(&config.kafka, &dlq_topic, &raw, &plan.send)
+                        .await
+                        .with_context(|| format!("writing to `{raw}`"))?;
+                }
+                return crate::output::emit_json(&serde_json::json!({
+                    "executed": execute, "to": raw, "sent": if execute { plan.send.len() } else { 0 },
+                    "would_send": plan.send.len(), "left_alone": plan.left.len(),
+                    "continue_from": continue_from.iter()
+                        .map(|(p, o)| serde_json::json!({"partition": p, "offset": o}))
+                        .collect::<Vec<_>>(),
+                }));
+            }
             let mut text = String::new();
             use std::fmt::Write as _;
             if !plan.left.is_empty() {
@@ -247,8 +266,6 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("writing to `{raw}`"))?;
             let _ = writeln!(text, "redrove {} dead letters to `{raw}`", plan.send.len());
-            let mut continue_from: Vec<(i32, i64)> = next.into_iter().collect();
-            continue_from.sort();
             if !continue_from.is_empty() {
                 let flags: Vec<String> = continue_from
                     .iter()

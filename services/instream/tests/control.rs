@@ -137,7 +137,11 @@ async fn pipeline_commands_apply_get_list_and_diff_definitions() {
         "changed",
         "only the version differs"
     );
-    env.ok(&["pipeline", "apply", again]);
+    let applied = env.json(&["pipeline", "apply", again, "--output", "json"]);
+    assert_eq!(applied[0]["outcome"], "stored");
+    // Applying the same file again changes nothing and is not an error.
+    let applied = env.json(&["pipeline", "apply", again, "--output", "json"]);
+    assert_eq!(applied[0]["outcome"], "unchanged");
     assert_eq!(
         env.json(&["pipeline", "diff", again, "--output", "json"])[0]["state"],
         "unchanged"
@@ -157,6 +161,22 @@ async fn pipeline_commands_apply_get_list_and_diff_definitions() {
     // Refusals: one line each, non-zero exit, nothing stored.
     let error = env.fails(&["pipeline", "apply", v1]);
     assert!(error.contains("not above the stored version 2"), "{error}");
+    // All or nothing: a file whose second pipeline is refused stores neither.
+    let both = dir.path().join("both.toml");
+    std::fs::write(
+        &both,
+        std::fs::read_to_string(definitions(dir.path(), "clicks", 1, "")).unwrap()
+            + &std::fs::read_to_string(v1).unwrap(),
+    )
+    .unwrap();
+    let error = env.fails(&["pipeline", "apply", both.to_str().unwrap()]);
+    assert!(error.contains("nothing stored"), "{error}");
+    let listed = env.json(&["pipeline", "list", "--output", "json"]);
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        1,
+        "clicks was not stored: {listed}"
+    );
     let invalid = definitions(dir.path(), "orders", 4, "partitions = 0");
     let error = env.fails(&["pipeline", "apply", invalid.to_str().unwrap()]);
     assert!(error.contains("partitions"), "{error}");
@@ -267,10 +287,34 @@ async fn refdata_load_switches_versions_and_enrichers_follow() {
         ])
         .await
         .unwrap();
+    assert!(
+        matches!(old[0], instream_refdata::Found::Record(_)),
+        "a retired version stays readable for its grace period"
+    );
+    let redis_conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let ttl = |k: String| {
+        let mut c = redis_conn.clone();
+        async move {
+            redis::cmd("TTL")
+                .arg(k)
+                .query_async::<i64>(&mut c)
+                .await
+                .unwrap()
+        }
+    };
+    let retired_ttl = ttl(key(1, "c1")).await;
+    assert!(
+        (1..=600).contains(&retired_ttl),
+        "version 1 expires within the grace: {retired_ttl}"
+    );
     assert_eq!(
-        old[0],
-        instream_refdata::Found::Missing,
-        "version 1 removed"
+        ttl(key(2, "c1")).await,
+        -1,
+        "the previous version does not expire"
     );
     assert!(
         matches!(old[1], instream_refdata::Found::Record(_)),
@@ -325,6 +369,39 @@ async fn refdata_load_switches_versions_and_enrichers_follow() {
         Some(3),
         "failed loads switch nothing"
     );
+
+    // A load that finishes after a later one never moves the pointer back.
+    let mut c = redis_conn.clone();
+    let _: () = redis::cmd("SET")
+        .arg(instream_refdata::versions::pointer_key(
+            "orders", "customer",
+        ))
+        .arg(99)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let loaded = env.json(&[
+        "refdata",
+        "load",
+        jsonl.to_str().unwrap(),
+        "--pipeline",
+        "orders",
+        "--rule",
+        "customer",
+        "--key-field",
+        "id",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(loaded["switched"], false, "{loaded}");
+    let pointer: u64 = redis::cmd("GET")
+        .arg(instream_refdata::versions::pointer_key(
+            "orders", "customer",
+        ))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(pointer, 99);
 }
 
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
@@ -353,8 +430,27 @@ async fn status_topics_and_query_show_the_running_platform() {
     };
     let defs = definitions(dir.path(), "orders", 1, "");
     env.ok(&["pipeline", "apply", defs.to_str().unwrap()]);
+    // A second pipeline whose topics do not exist yet.
+    let clicks = definitions(dir.path(), "clicks", 1, "");
+    env.ok(&["pipeline", "apply", clicks.to_str().unwrap()]);
     for topic in ["orders.raw", "orders.enriched", "orders.dlq"] {
         broker.create_topic(topic, 2).unwrap();
+    }
+    // Five records no group has read yet.
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap_servers())
+        .create()
+        .unwrap();
+    for i in 0..5 {
+        producer
+            .send(
+                rdkafka::producer::FutureRecord::<str, str>::to("orders.raw")
+                    .key(&format!("k{i}"))
+                    .payload("{}"),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
     }
 
     // topics create: the topics exist, so they are left as they are.
@@ -394,19 +490,29 @@ async fn status_topics_and_query_show_the_running_platform() {
     let status = env.json(&["status", "--output", "json"]);
     assert_eq!(status["instances"][0]["service"], "enricher");
     assert_eq!(status["instances"][0]["info"]["admin"], "10.0.0.1:9464");
-    let groups: Vec<&str> = status["lag"]
+    let rows: Vec<(&str, &str, Option<i64>)> = status["lag"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|l| l["group"].as_str().unwrap())
+        .map(|l| {
+            (
+                l["group"].as_str().unwrap(),
+                l["topic"].as_str().unwrap(),
+                l["lag"].as_i64(),
+            )
+        })
         .collect();
     assert_eq!(
-        groups,
+        rows,
         [
-            "instream-aggregator",
-            "instream-archiver",
-            "instream-enricher"
-        ]
+            ("instream-aggregator", "clicks.enriched", None),
+            ("instream-aggregator", "orders.enriched", Some(0)),
+            ("instream-archiver", "clicks.raw", None),
+            ("instream-archiver", "orders.raw", Some(5)),
+            ("instream-enricher", "clicks.raw", None),
+            ("instream-enricher", "orders.raw", Some(5)),
+        ],
+        "{status}"
     );
     let table = env.ok(&["status"]);
     assert!(

@@ -217,7 +217,7 @@ impl KafkaConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ZooKeeperConfig {
     /// `host:port[,host:port…]` of the ensemble.
@@ -233,6 +233,18 @@ pub struct ZooKeeperConfig {
     /// is readable and writable by that identity only (`creator_all`); when unset, znodes are
     /// open to anyone who can reach the ensemble. Never logged.
     pub auth: Option<String>,
+}
+
+/// By hand, so that `auth` never reaches a log through `{:?}`.
+impl std::fmt::Debug for ZooKeeperConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZooKeeperConfig")
+            .field("connect", &self.connect)
+            .field("root", &self.root)
+            .field("session_timeout", &self.session_timeout)
+            .field("auth", &self.auth.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 impl Default for ZooKeeperConfig {

@@ -150,6 +150,10 @@ fn redaction_hides_secrets() {
         .kafka
         .properties
         .insert("sasl.password".into(), "kpass".into());
+    assert!(
+        !format!("{:?}", config.zookeeper).contains("zkpass"),
+        "Debug of the ZooKeeper section hides auth"
+    );
     let text = format!("{:?}", config.redacted());
     for secret in ["hun@ter2", "ter2", "s3cret", "kpass", "zkpass"] {
         assert!(!text.contains(secret), "{secret} leaked: {text}");

@@ -1,0 +1,347 @@
+//! The enricher's two-level lookup: an in-process cache (moka: TTL, a size bound in bytes,
+//! negative entries with their own shorter TTL) in front of the [`RefStore`]. A batch's misses
+//! go to the store as one pipelined request; a key already being fetched for another batch is
+//! waited for, not fetched again (single flight).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use instream_pipeline::RecordShape;
+use moka::sync::Cache;
+use tokio::sync::watch;
+
+use crate::{Found, RefDataError, RefStore};
+
+/// How the cache is sized and how long entries live.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    /// Upper bound of the cache's memory (estimated bytes of keys and records); 0 disables it.
+    pub max_bytes: u64,
+    /// How long a found record is served from the cache.
+    pub ttl: Duration,
+    /// How long "no such key" is served from the cache.
+    pub negative_ttl: Duration,
+}
+
+/// A fetch in progress: `None` until it ends; `Some(None)` when it failed.
+type Flight = watch::Receiver<Option<Option<Arc<Found>>>>;
+
+struct EntryExpiry {
+    ttl: Duration,
+    negative_ttl: Duration,
+}
+
+impl moka::Expiry<String, Arc<Found>> for EntryExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        value: &Arc<Found>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(match **value {
+            Found::Record(_) => self.ttl,
+            _ => self.negative_ttl,
+        })
+    }
+}
+
+/// Estimated bytes an entry holds, for the size bound. `&String`: moka's weigher signature.
+#[allow(clippy::ptr_arg)]
+fn weight(key: &String, value: &Arc<Found>) -> u32 {
+    let record = match &**value {
+        Found::Record(r) => r
+            .iter()
+            .map(|(k, v)| k.len() + 16 + v.as_str().map_or(16, str::len))
+            .sum::<usize>(),
+        Found::Missing => 0,
+        Found::Malformed(why) => why.len(),
+    };
+    u32::try_from(64 + key.len() + record).unwrap_or(u32::MAX)
+}
+
+pub struct CachedRefStore {
+    inner: Arc<dyn RefStore>,
+    cache: Option<Cache<String, Arc<Found>>>,
+    in_flight: Mutex<HashMap<String, Flight>>,
+}
+
+/// Where each lookup's answer comes from.
+enum Source {
+    Ready(Arc<Found>),
+    /// Index into this call's own fetch.
+    Fetched(usize),
+    /// Another caller's fetch.
+    Waiting(Flight),
+}
+
+impl CachedRefStore {
+    pub fn new(inner: Arc<dyn RefStore>, settings: &CacheSettings) -> Self {
+        let cache = (settings.max_bytes > 0).then(|| {
+            Cache::builder()
+                .max_capacity(settings.max_bytes)
+                .weigher(weight)
+                .expire_after(EntryExpiry {
+                    ttl: settings.ttl,
+                    negative_ttl: settings.negative_ttl,
+                })
+                .build()
+        });
+        Self {
+            inner,
+            cache,
+            in_flight: Mutex::default(),
+        }
+    }
+
+    /// The store behind the cache (versions, readiness).
+    pub fn store(&self) -> &Arc<dyn RefStore> {
+        &self.inner
+    }
+
+    /// Forgets `keys` (a retry that must see the store's current answer).
+    pub fn invalidate(&self, keys: &[(String, RecordShape)]) {
+        if let Some(cache) = &self.cache {
+            for (key, _) in keys {
+                cache.invalidate(key);
+            }
+        }
+    }
+
+    /// One answer per lookup, in order: from the cache, from another batch's fetch in
+    /// flight, or from one request to the store for the rest. `Err` when the store failed
+    /// (the caller retries; nothing is cached from a failure).
+    pub async fn lookup_many(
+        &self,
+        lookups: &[(String, RecordShape)],
+    ) -> Result<Vec<Arc<Found>>, RefDataError> {
+        let mut sources = Vec::with_capacity(lookups.len());
+        let mut fetch: Vec<(String, RecordShape)> = Vec::new();
+        let mut fetch_index: HashMap<&str, usize> = HashMap::new();
+        let mut senders = Vec::new();
+        let (mut local_hits, mut waits) = (0u64, 0u64);
+        for (key, shape) in lookups {
+            if let Some(found) = self.cache.as_ref().and_then(|c| c.get(key)) {
+                local_hits += 1;
+                sources.push(Source::Ready(found));
+                continue;
+            }
+            if let Some(&i) = fetch_index.get(key.as_str()) {
+                sources.push(Source::Fetched(i));
+                continue;
+            }
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(flight) = in_flight.get(key) {
+                waits += 1;
+                sources.push(Source::Waiting(flight.clone()));
+                continue;
+            }
+            let (tx, rx) = watch::channel(None);
+            in_flight.insert(key.clone(), rx);
+            drop(in_flight);
+            senders.push(tx);
+            fetch_index.insert(key, fetch.len());
+            sources.push(Source::Fetched(fetch.len()));
+            fetch.push((key.clone(), *shape));
+        }
+        metrics::counter!("instream_refdata_lookups_total", "level" => "local", "outcome" => "hit")
+            .increment(local_hits);
+        metrics::counter!("instream_refdata_lookups_total", "level" => "local", "outcome" => "miss")
+            .increment(lookups.len() as u64 - local_hits);
+        metrics::counter!("instream_refdata_single_flight_waits_total").increment(waits);
+
+        let fetched = if fetch.is_empty() {
+            Vec::new()
+        } else {
+            let started = Instant::now();
+            let answer = self.inner.lookup_many(&fetch).await;
+            metrics::histogram!("instream_refdata_lookup_seconds")
+                .record(started.elapsed().as_secs_f64());
+            let answer = answer.map(|found| found.into_iter().map(Arc::new).collect::<Vec<_>>());
+            {
+                let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                for (key, _) in &fetch {
+                    in_flight.remove(key);
+                }
+            }
+            match answer {
+                Ok(found) => {
+                    let hits = found
+                        .iter()
+                        .filter(|f| matches!(***f, Found::Record(_)))
+                        .count();
+                    metrics::counter!("instream_refdata_lookups_total", "level" => "redis", "outcome" => "hit")
+                        .increment(hits as u64);
+                    metrics::counter!("instream_refdata_lookups_total", "level" => "redis", "outcome" => "miss")
+                        .increment((found.len() - hits) as u64);
+                    for ((key, _), (value, tx)) in fetch.iter().zip(found.iter().zip(&senders)) {
+                        // A malformed key is fixed by hand; do not hide the fix for a TTL.
+                        if let (Some(cache), false) =
+                            (&self.cache, matches!(**value, Found::Malformed(_)))
+                        {
+                            cache.insert(key.clone(), value.clone());
+                        }
+                        tx.send_replace(Some(Some(value.clone())));
+                    }
+                    found
+                }
+                Err(error) => {
+                    for tx in &senders {
+                        tx.send_replace(Some(None));
+                    }
+                    return Err(error);
+                }
+            }
+        };
+
+        let mut out = Vec::with_capacity(lookups.len());
+        for source in sources {
+            out.push(match source {
+                Source::Ready(found) => found,
+                Source::Fetched(i) => fetched[i].clone(),
+                Source::Waiting(mut flight) => {
+                    let outcome = flight
+                        .wait_for(Option::is_some)
+                        .await
+                        .ok()
+                        .and_then(|v| v.clone())
+                        .flatten();
+                    match outcome {
+                        Some(found) => found,
+                        // The other fetch failed or was abandoned: this batch retries.
+                        None => {
+                            return Err(RefDataError::Unavailable("a shared lookup failed".into()))
+                        }
+                    }
+                }
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A store that counts the keys it is asked for and answers after a pause.
+    struct Counting {
+        asked: AtomicUsize,
+        requests: AtomicUsize,
+        gate: tokio::sync::Semaphore,
+    }
+
+    #[async_trait::async_trait]
+    impl RefStore for Counting {
+        async fn lookup_many(
+            &self,
+            lookups: &[(String, RecordShape)],
+        ) -> Result<Vec<Found>, RefDataError> {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            self.asked.fetch_add(lookups.len(), Ordering::SeqCst);
+            let _permit = self.gate.acquire().await;
+            Ok(lookups
+                .iter()
+                .map(|(k, _)| {
+                    if k.starts_with("known") {
+                        let mut r = crate::RefRecord::new();
+                        r.insert("k".into(), k.clone().into());
+                        Found::Record(r)
+                    } else {
+                        Found::Missing
+                    }
+                })
+                .collect())
+        }
+        async fn ping(&self) -> Result<(), RefDataError> {
+            Ok(())
+        }
+    }
+
+    fn settings() -> CacheSettings {
+        CacheSettings {
+            max_bytes: 1 << 20,
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_millis(200),
+        }
+    }
+
+    fn keys(names: &[&str]) -> Vec<(String, RecordShape)> {
+        names
+            .iter()
+            .map(|n| (n.to_string(), RecordShape::Hash))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_asks_once_per_distinct_key_and_the_cache_answers_next_time() {
+        let store = Arc::new(Counting {
+            asked: AtomicUsize::new(0),
+            requests: AtomicUsize::new(0),
+            gate: tokio::sync::Semaphore::new(100),
+        });
+        let cached = CachedRefStore::new(store.clone(), &settings());
+        let found = cached
+            .lookup_many(&keys(&["known1", "known1", "gone", "known2", "gone"]))
+            .await
+            .unwrap();
+        assert_eq!(store.asked.load(Ordering::SeqCst), 3, "distinct keys only");
+        assert_eq!(store.requests.load(Ordering::SeqCst), 1, "one request");
+        assert!(matches!(*found[1], Found::Record(ref r) if r["k"] == "known1"));
+        assert_eq!(*found[4], Found::Missing);
+        cached
+            .lookup_many(&keys(&["known1", "gone", "known2"]))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.requests.load(Ordering::SeqCst),
+            1,
+            "all from the cache"
+        );
+        // The negative entry expires sooner than the positive ones.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cached
+            .lookup_many(&keys(&["known1", "gone"]))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.asked.load(Ordering::SeqCst),
+            4,
+            "only `gone` asked again"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_misses_for_one_key_make_one_request() {
+        let store = Arc::new(Counting {
+            asked: AtomicUsize::new(0),
+            requests: AtomicUsize::new(0),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let cached = Arc::new(CachedRefStore::new(store.clone(), &settings()));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let cached = cached.clone();
+            tasks.push(tokio::spawn(async move {
+                cached.lookup_many(&keys(&["known-hot"])).await.unwrap()
+            }));
+        }
+        // Every task has either asked the store or joined the one flight.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while cached.in_flight.lock().unwrap().is_empty()
+                || store.requests.load(Ordering::SeqCst) == 0
+            {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        store.gate.add_permits(100);
+        for task in tasks {
+            let found = task.await.unwrap();
+            assert!(matches!(*found[0], Found::Record(_)));
+        }
+        assert_eq!(store.requests.load(Ordering::SeqCst), 1, "single flight");
+    }
+}
