@@ -194,3 +194,166 @@ fields = {{ tier = "tier" }}
         .unwrap()
         .unwrap();
 }
+
+fn raw_event_for(pipeline: &str, i: usize, customer: &str) -> Vec<u8> {
+    let event = instream_event::Event {
+        event_id: format!("r{i}"),
+        pipeline: pipeline.to_owned(),
+        key: customer.to_owned(),
+        event_time: 1_714_564_800_000 + i as i64,
+        ingest_time: instream_event::now_millis(),
+        headers: BTreeMap::new(),
+        payload: serde_json::value::RawValue::from_string(format!(
+            "{{\"customer_id\":\"{customer}\",\"ts\":{}}}",
+            1_714_564_800_000 + i as i64
+        ))
+        .unwrap(),
+        enrichment: None,
+    };
+    let mut buf = Vec::new();
+    instream_event::encode_into(&event, &mut buf);
+    buf
+}
+
+/// `HGETALL` calls Redis has answered so far.
+async fn hgetall_calls(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_hgetall:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Under `on_miss = "retry"`, a record written while the enricher is retrying is found and
+/// used (the negative cache does not hide it); one that never comes is dead-lettered after
+/// the last attempt, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_rule_finds_a_record_that_arrives_late_and_dead_letters_one_that_never_does() {
+    let redis = RedisServer::start().unwrap();
+    let broker = KafkaBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = unique("retry");
+    let definitions = dir.path().join("definitions.toml");
+    std::fs::write(
+        &definitions,
+        format!(
+            r#"
+[[pipelines]]
+name = "{pipeline}"
+key_field = "customer_id"
+time_field = "ts"
+partitions = 1
+
+[[pipelines.enrichments]]
+name = "customer"
+key_template = "customer:{{customer_id}}"
+on_miss = "retry"
+retry_attempts = 4
+retry_backoff = "250ms"
+"#
+        ),
+    )
+    .unwrap();
+    for topic in [
+        topics::raw(&pipeline),
+        topics::enriched(&pipeline),
+        topics::dead_letter(&pipeline),
+    ] {
+        broker.create_topic(&topic, 1).unwrap();
+    }
+    let config = Config::from_toml(&format!(
+        "{base}\n[definitions]\nsource = \"file\"\npath = \"{defs}\"\n[refdata]\nbackend = \"redis\"\nredis_url = \"{redis}\"\n",
+        base = instream_integration_tests::base_config_toml(&broker.bootstrap_servers()),
+        defs = definitions.display(),
+        redis = redis.url(),
+    ))
+    .unwrap();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let enricher = tokio::spawn(instream_enricher::run(ServiceContext {
+        config: config.clone(),
+        health: Health::default(),
+        shutdown: shutdown.clone(),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+    }));
+    let producer = client::producer(&config.kafka, "test").unwrap();
+    let raw_topic = topics::raw(&pipeline);
+    let before = hgetall_calls(&mut conn).await;
+    let payload = raw_event_for(&pipeline, 0, "late");
+    let record = FutureRecord::to(&raw_topic)
+        .key(b"late".as_slice())
+        .payload(payload.as_slice());
+    client::delivered(client::send(&producer, record).await.unwrap())
+        .await
+        .unwrap();
+    // The first lookup and one retry have missed: now the record arrives.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while hgetall_calls(&mut conn).await < before + 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no retry seen");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _: () = redis::cmd("HSET")
+        .arg("customer:late")
+        .arg("tier")
+        .arg("gold")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let consumer = client::consumer(
+        &config.kafka,
+        "test",
+        &unique("reader"),
+        &[topics::enriched(&pipeline)],
+    )
+    .unwrap();
+    let mut tiers = BTreeMap::new();
+    read_until(&consumer, &mut tiers, 1).await;
+    assert_eq!(tiers[&0], "gold");
+
+    // A record that never comes: dead-lettered once the attempts are spent.
+    let payload = raw_event_for(&pipeline, 1, "never");
+    let record = FutureRecord::to(&raw_topic)
+        .key(b"never".as_slice())
+        .payload(payload.as_slice());
+    client::delivered(client::send(&producer, record).await.unwrap())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let letters = loop {
+        let letters = instream_kafka::ops::read_dead_letters(
+            &config.kafka,
+            &topics::dead_letter(&pipeline),
+            Default::default(),
+            None,
+        )
+        .await
+        .unwrap();
+        if !letters.is_empty() {
+            break letters;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no dead letter");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].code, "enrich_miss");
+    assert!(
+        letters[0].reason.contains("after 4 retries"),
+        "{}",
+        letters[0].reason
+    );
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), enricher)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

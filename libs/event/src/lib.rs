@@ -10,11 +10,13 @@ mod codec;
 mod field;
 mod id;
 mod time;
+mod view;
 
 pub use codec::{decode, encode, encode_into, DecodeError};
 pub use field::{FieldPath, FieldPathError};
 pub use id::{content_event_id, idempotent_event_id};
 pub use time::{format_rfc3339_millis, now_millis, parse_event_time, EventTimeError};
+pub use view::{pick, scalars, view, with_enrichment, Envelope, EventView, Paths, Scalar};
 
 use std::collections::BTreeMap;
 

@@ -81,6 +81,24 @@ pub struct EnrichmentRule {
     /// What happens when the key is not found.
     #[serde(default)]
     pub on_miss: MissPolicy,
+    /// Output field -> value, written when the record is not found or lacks the field.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub defaults: BTreeMap<String, serde_json::Value>,
+    /// `on_miss = "retry"`: how many more lookups before the event is dead-lettered.
+    #[serde(default = "default_retry_attempts")]
+    pub retry_attempts: u32,
+    /// `on_miss = "retry"`: the pause before the first retry; it doubles each time (at most
+    /// 5 s). The batch waits: a key's events stay in order.
+    #[serde(default = "default_retry_backoff", with = "humantime_serde")]
+    pub retry_backoff: Duration,
+}
+
+fn default_retry_attempts() -> u32 {
+    3
+}
+
+fn default_retry_backoff() -> Duration {
+    Duration::from_millis(200)
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +119,9 @@ pub enum MissPolicy {
     Pass,
     /// The event goes to the dead-letter topic with reason `enrich_miss`.
     DeadLetter,
+    /// The lookup is repeated (`retry_attempts`, `retry_backoff`) in case the record is being
+    /// loaded; still missing after that, the event is dead-lettered as `enrich_miss`.
+    Retry,
 }
 
 /// A windowed aggregation of the enriched stream.

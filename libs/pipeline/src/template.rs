@@ -64,6 +64,18 @@ impl KeyTemplate {
         Ok(())
     }
 
+    /// As [`KeyTemplate::render_values`], from an iterator of exactly one value per field (extra
+    /// values are ignored, missing ones render empty: callers count first).
+    pub fn render_iter<'v>(&self, mut values: impl Iterator<Item = &'v str>, out: &mut String) {
+        out.clear();
+        for part in &self.parts {
+            match part {
+                Part::Literal(s) => out.push_str(s),
+                Part::Field(_) => out.push_str(values.next().unwrap_or_default()),
+            }
+        }
+    }
+
     /// Writes the key for `payload` into `out`; `Err` names the first field that is missing or
     /// not a scalar.
     pub fn render<'t>(&'t self, payload: &Value, out: &mut String) -> Result<(), &'t FieldPath> {

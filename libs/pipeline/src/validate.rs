@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use instream_event::FieldPath;
 
-use crate::model::{Function, PipelineDefinition, Window};
+use crate::model::{Function, MissPolicy, PipelineDefinition, Window};
 use crate::source::DefinitionError;
 
 /// Largest partition count instream creates topics with.
@@ -75,6 +75,38 @@ impl PipelineDefinition {
                         format!("`{from}` -> `{to}`: names must be non-empty; `_` prefixes are reserved"),
                     );
                 }
+            }
+            let mut outputs = BTreeSet::new();
+            for to in rule.fields.values() {
+                if !outputs.insert(to.as_str()) {
+                    problem(
+                        format!("enrichments[{i}].fields"),
+                        format!("`{to}` is the output of two fields"),
+                    );
+                }
+            }
+            for name in rule.defaults.keys() {
+                if name.is_empty() || name.starts_with('_') {
+                    problem(
+                        format!("enrichments[{i}].defaults"),
+                        format!("`{name}`: names must be non-empty; `_` prefixes are reserved"),
+                    );
+                } else if !rule.fields.is_empty() && !rule.fields.values().any(|to| to == name) {
+                    problem(
+                        format!("enrichments[{i}].defaults"),
+                        format!("`{name}` is not one of the rule's output fields"),
+                    );
+                }
+            }
+            if rule.on_miss == MissPolicy::Retry
+                && (!(1..=20).contains(&rule.retry_attempts)
+                    || rule.retry_backoff.is_zero()
+                    || rule.retry_backoff > Duration::from_secs(5))
+            {
+                problem(
+                    format!("enrichments[{i}].retry_attempts"),
+                    "retry needs 1 to 20 attempts and a backoff above 0s and at most 5s".into(),
+                );
             }
         }
         let mut names = BTreeSet::new();
@@ -247,6 +279,42 @@ window = { kind = "tumbling", size = "1m" }
         let err = parse_document(&bad).unwrap_err().to_string();
         assert!(err.contains("name: must be"), "{err}");
         assert!(err.contains("aggregations[0].window.size"), "{err}");
+    }
+
+    #[test]
+    fn enrichment_outputs_defaults_and_retries_are_checked() {
+        let with = |line: &str| {
+            GOOD.replace(
+                "fields = { tier = \"customer_tier\" }",
+                &format!("fields = {{ tier = \"customer_tier\" }}\n{line}"),
+            )
+        };
+        parse_document(&with("defaults = { customer_tier = \"none\" }"))
+            .expect("a default for an output field");
+        parse_document(&with(
+            "on_miss = \"retry\"\nretry_attempts = 5\nretry_backoff = \"100ms\"",
+        ))
+        .expect("a bounded retry");
+        for (line, named) in [
+            ("defaults = { other = 1 }", "enrichments[0].defaults"),
+            (
+                "on_miss = \"retry\"\nretry_attempts = 0",
+                "enrichments[0].retry_attempts",
+            ),
+            (
+                "on_miss = \"retry\"\nretry_backoff = \"1m\"",
+                "enrichments[0].retry_attempts",
+            ),
+        ] {
+            let err = parse_document(&with(line)).unwrap_err().to_string();
+            assert!(err.contains(named), "{line}: {err}");
+        }
+        let twice = GOOD.replace(
+            "fields = { tier = \"customer_tier\" }",
+            "fields = { tier = \"customer_tier\", level = \"customer_tier\" }",
+        );
+        let err = parse_document(&twice).unwrap_err().to_string();
+        assert!(err.contains("output of two fields"), "{err}");
     }
 
     #[test]

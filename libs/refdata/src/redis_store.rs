@@ -29,7 +29,8 @@ type RuleId = (String, String);
 
 #[derive(Default)]
 struct Versions {
-    current: RwLock<HashMap<RuleId, u64>>,
+    /// Pipeline -> rule -> version: looked up by `&str`s on the hot path, no allocation.
+    current: RwLock<HashMap<String, HashMap<String, u64>>>,
     tracked: Mutex<HashSet<RuleId>>,
 }
 
@@ -38,10 +39,17 @@ impl Versions {
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
         // Versions only go up: an older answer (a pointer read that raced an announcement)
         // must not move an enricher back.
-        let changed = match (version, current.get(rule).copied()) {
+        let old = current
+            .get(&rule.0)
+            .and_then(|rules| rules.get(&rule.1))
+            .copied();
+        let changed = match (version, old) {
             (Some(v), Some(old)) if v <= old => false,
             (Some(v), _) => {
-                current.insert(rule.clone(), v);
+                current
+                    .entry(rule.0.clone())
+                    .or_default()
+                    .insert(rule.1.clone(), v);
                 true
             }
             (None, _) => false,
@@ -306,12 +314,12 @@ impl RefStore for RedisRefStore {
     }
 
     fn version(&self, pipeline: &str, rule: &str) -> Option<u64> {
-        // Keyed by owned strings; one small lookup per rule per batch item.
         self.versions
             .current
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&(pipeline.to_owned(), rule.to_owned()))
+            .get(pipeline)?
+            .get(rule)
             .copied()
     }
 

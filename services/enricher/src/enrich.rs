@@ -1,114 +1,31 @@
-//! One batch: decode, plan the lookups, look them all up at once, produce.
+//! One batch: plan, look everything up at once (local cache, then Redis), retry misses of
+//! `retry` rules, write the outputs, produce them, and wait for every acknowledgement.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use instream_core::Readiness;
-use instream_event::Event;
 use instream_kafka::client::{self, Producer};
 use instream_kafka::{headers, DeadLetters, Record};
-use instream_pipeline::{topics, Catalog, EnrichmentRule, MissPolicy, PipelineDefinition};
-use instream_refdata::{Found, RefRecord, RefStore};
+use instream_pipeline::{topics, Catalog};
+use instream_refdata::{CachedRefStore, Found};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureRecord};
-use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::transform::{self, Lookup, Outcomes, Output};
 use crate::{EnricherError, SERVICE};
 
 pub(crate) struct Enricher {
-    pub refstore: Arc<dyn RefStore>,
+    pub refdata: Arc<CachedRefStore>,
     pub readiness: Readiness,
     pub producer: Producer,
     pub dead: DeadLetters,
     pub shutdown: CancellationToken,
-}
-
-/// What happens to one consumed record.
-enum Plan {
-    Dead {
-        code: &'static str,
-        reason: String,
-    },
-    Enrich {
-        event: Event,
-        def: Arc<PipelineDefinition>,
-        /// Per rule: the index of its lookup, or the template field the event lacks.
-        lookups: Vec<Result<usize, String>>,
-    },
-}
-
-fn plan(
-    catalog: &Catalog,
-    refstore: &dyn RefStore,
-    record: &Record,
-    lookups: &mut Vec<(String, instream_pipeline::RecordShape)>,
-) -> Plan {
-    let event = match instream_event::decode(&record.payload) {
-        Ok(e) => e,
-        Err(e) => {
-            return Plan::Dead {
-                code: "decode_error",
-                reason: e.to_string(),
-            }
-        }
-    };
-    let Some(def) = catalog.get(&event.pipeline).cloned() else {
-        return Plan::Dead {
-            code: "unknown_pipeline",
-            reason: format!("no definition for pipeline `{}`", event.pipeline),
-        };
-    };
-    let mut rule_lookups = Vec::with_capacity(def.enrichments.len());
-    if !def.enrichments.is_empty() {
-        let payload: Value = match serde_json::from_str(event.payload.get()) {
-            Ok(v) => v,
-            Err(e) => {
-                return Plan::Dead {
-                    code: "decode_error",
-                    reason: format!("payload: {e}"),
-                }
-            }
-        };
-        let mut key = String::new();
-        for rule in &def.enrichments {
-            match rule.key_template.render(&payload, &mut key) {
-                Ok(()) => {
-                    rule_lookups.push(Ok(lookups.len()));
-                    // Data loaded by `instream refdata load` lives under its version's prefix.
-                    let full = match refstore.version(&def.name, &rule.name) {
-                        Some(v) => format!(
-                            "{}{key}",
-                            instream_refdata::versions::version_prefix(&def.name, &rule.name, v)
-                        ),
-                        None => key.clone(),
-                    };
-                    lookups.push((full, rule.shape));
-                }
-                Err(field) => rule_lookups.push(Err(field.to_string())),
-            }
-        }
-    }
-    Plan::Enrich {
-        event,
-        def,
-        lookups: rule_lookups,
-    }
-}
-
-/// Copies a found record into the enrichment, renamed as the rule says.
-fn apply(rule: &EnrichmentRule, found: &RefRecord, out: &mut Map<String, Value>) {
-    if rule.fields.is_empty() {
-        for (k, v) in found {
-            out.insert(k.clone(), v.clone());
-        }
-    } else {
-        for (from, to) in &rule.fields {
-            if let Some(v) = found.get(from) {
-                out.insert(to.clone(), v.clone());
-            }
-        }
-    }
+    /// The enriched records of the batch in flight, kept from batch to batch so that its
+    /// pages are not faulted in again each time.
+    pub arena: std::sync::Mutex<Vec<u8>>,
 }
 
 impl Enricher {
@@ -122,20 +39,17 @@ impl Enricher {
                     .map(|rule| (def.name.clone(), rule.name.clone()))
             })
             .collect();
-        if let Err(error) = self.refstore.track(&rules).await {
+        if let Err(error) = self.refdata.store().track(&rules).await {
             // The background check reads them again shortly.
             tracing::warn!(%error, "reading reference data versions failed");
         }
     }
 
     /// Looks up until it works; `None` when shutdown comes first.
-    async fn lookup(
-        &self,
-        lookups: &[(String, instream_pipeline::RecordShape)],
-    ) -> Option<Vec<Found>> {
+    async fn lookup(&self, lookups: &[Lookup]) -> Option<Vec<Arc<Found>>> {
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.refstore.lookup_many(lookups).await {
+            match self.refdata.lookup_many(lookups).await {
                 Ok(answers) => {
                     self.readiness.set_ready();
                     return Some(answers);
@@ -154,6 +68,54 @@ impl Enricher {
         }
     }
 
+    /// Asks again for the keys still missing under `retry` rules, with a doubling pause,
+    /// until found or out of attempts. `false` when shutdown interrupted it.
+    async fn retry_misses(
+        &self,
+        lookups: &[Lookup],
+        retries: &[Option<(u32, Duration)>],
+        answers: &mut [Arc<Found>],
+    ) -> bool {
+        let mut round = 0u32;
+        loop {
+            let pending: Vec<usize> = (0..lookups.len())
+                .filter(|&i| {
+                    matches!(*answers[i], Found::Missing)
+                        && retries[i].is_some_and(|(attempts, _)| attempts > round)
+                })
+                .collect();
+            let Some(base) = pending
+                .iter()
+                .filter_map(|&i| retries[i].map(|r| r.1))
+                .max()
+            else {
+                return true;
+            };
+            let wait = base
+                .saturating_mul(1 << round.min(16))
+                .min(Duration::from_secs(5));
+            if self
+                .shutdown
+                .run_until_cancelled(tokio::time::sleep(wait))
+                .await
+                .is_none()
+            {
+                return false;
+            }
+            let keys: Vec<Lookup> = pending.iter().map(|&i| lookups[i].clone()).collect();
+            // The negative cache must not answer a retry.
+            self.refdata.invalidate(&keys);
+            let Some(fresh) = self.lookup(&keys).await else {
+                return false;
+            };
+            metrics::counter!("instream_enrich_retries_total").increment(keys.len() as u64);
+            for (j, &i) in pending.iter().enumerate() {
+                answers[i] = fresh[j].clone();
+            }
+            round += 1;
+        }
+    }
+
     /// Processes a batch. `Ok(true)`: every record's output is acknowledged. `Ok(false)`:
     /// shutdown interrupted it; nothing may be committed.
     pub async fn process(
@@ -161,111 +123,81 @@ impl Enricher {
         catalog: &Catalog,
         batch: &[Record],
     ) -> Result<bool, EnricherError> {
-        let mut lookups = Vec::new();
-        let plans: Vec<Plan> = batch
-            .iter()
-            .map(|r| plan(catalog, self.refstore.as_ref(), r, &mut lookups))
-            .collect();
-        let answers = if lookups.is_empty() {
+        let store = self.refdata.store().clone();
+        let plans = transform::plan(catalog, &|p, r| store.version(p, r), batch);
+        let mut answers = if plans.lookups.is_empty() {
             Vec::new()
         } else {
-            match self.lookup(&lookups).await {
+            match self.lookup(&plans.lookups).await {
                 Some(a) => a,
                 None => return Ok(false),
             }
         };
+        if !self
+            .retry_misses(&plans.lookups, &plans.retries, &mut answers)
+            .await
+        {
+            return Ok(false);
+        }
         metrics::histogram!("instream_batch_size", "service" => SERVICE).record(batch.len() as f64);
+        let mut outcomes = Outcomes::default();
+        let mut arena = std::mem::take(&mut *self.arena.lock().unwrap_or_else(|p| p.into_inner()));
+        let outputs = transform::render(plans, batch, &answers, &mut outcomes, &mut arena);
+        for (pipeline, rule, outcome, n) in outcomes.iter() {
+            metrics::counter!("instream_enrich_lookups_total", "pipeline" => pipeline.to_owned(), "rule" => rule.to_owned(), "outcome" => outcome)
+                .increment(n);
+        }
 
         let mut deliveries: Vec<DeliveryFuture> = Vec::with_capacity(batch.len());
-        let mut ingest_times = Vec::with_capacity(batch.len());
-        let mut buf = Vec::with_capacity(1024);
-        for (record, plan) in batch.iter().zip(plans) {
-            let (mut event, def, rule_lookups) = match plan {
-                Plan::Dead { code, reason } => {
+        let mut enriched: HashMap<Arc<str>, Vec<i64>> = HashMap::new();
+        for (record, output) in batch.iter().zip(outputs) {
+            match output {
+                Output::Dead { code, reason } => {
                     deliveries.push(self.dead.publish_record(record, code, &reason).await?);
-                    continue;
                 }
-                Plan::Enrich {
-                    event,
-                    def,
-                    lookups,
-                } => (event, def, lookups),
-            };
-            let mut enrichment = Map::new();
-            let mut missed = Vec::new();
-            let mut dead: Option<(&'static str, String)> = None;
-            for (rule, lookup) in def.enrichments.iter().zip(rule_lookups) {
-                let found = match lookup {
-                    Ok(i) => answers.get(i).unwrap_or(&Found::Missing),
-                    Err(_) => &Found::Missing,
-                };
-                let outcome = match found {
-                    Found::Record(_) => "hit",
-                    Found::Missing => "miss",
-                    Found::Malformed(_) => "malformed",
-                };
-                metrics::counter!("instream_enrich_lookups_total", "pipeline" => def.name.clone(), "rule" => rule.name.clone(), "outcome" => outcome)
-                    .increment(1);
-                match (found, rule.on_miss) {
-                    (Found::Record(found), _) => apply(rule, found, &mut enrichment),
-                    (Found::Malformed(why), _) => {
-                        dead.get_or_insert_with(|| {
-                            (
-                                "refdata_malformed",
-                                format!("rule `{}`: the reference record {why}", rule.name),
-                            )
+                Output::Enriched {
+                    pipeline,
+                    key,
+                    bytes,
+                    ingest_time,
+                } => {
+                    let partition = record.partition.to_string();
+                    let offset = record.offset.to_string();
+                    let hs = OwnedHeaders::new_with_capacity(2)
+                        .insert(Header {
+                            key: headers::ORIGIN_PARTITION,
+                            value: Some(&partition),
+                        })
+                        .insert(Header {
+                            key: headers::ORIGIN_OFFSET,
+                            value: Some(&offset),
                         });
-                    }
-                    (Found::Missing, MissPolicy::Pass) => {
-                        missed.push(Value::String(rule.name.clone()))
-                    }
-                    (Found::Missing, MissPolicy::DeadLetter) => {
-                        dead.get_or_insert_with(|| {
-                            (
-                                "enrich_miss",
-                                format!("rule `{}` found no reference record", rule.name),
-                            )
-                        });
-                    }
+                    let topic = topics::enriched(&pipeline.name);
+                    let out = FutureRecord::to(&topic)
+                        .key(&arena[key])
+                        .payload(&arena[bytes])
+                        .headers(hs);
+                    deliveries.push(client::send(&self.producer, out).await?);
+                    enriched
+                        .entry(Arc::from(pipeline.name.as_str()))
+                        .or_default()
+                        .push(ingest_time);
                 }
             }
-            if let Some((code, reason)) = dead {
-                deliveries.push(self.dead.publish_record(record, code, &reason).await?);
-                continue;
-            }
-            if !missed.is_empty() {
-                enrichment.insert("_missed".into(), Value::Array(missed));
-            }
-            event.enrichment = Some(enrichment);
-            instream_event::encode_into(&event, &mut buf);
-            let partition = record.partition.to_string();
-            let offset = record.offset.to_string();
-            let hs = OwnedHeaders::new()
-                .insert(Header {
-                    key: headers::ORIGIN_PARTITION,
-                    value: Some(&partition),
-                })
-                .insert(Header {
-                    key: headers::ORIGIN_OFFSET,
-                    value: Some(&offset),
-                });
-            let topic = topics::enriched(&def.name);
-            let out = FutureRecord::to(&topic)
-                .key(event.key.as_bytes())
-                .payload(buf.as_slice())
-                .headers(hs);
-            deliveries.push(client::send(&self.producer, out).await?);
-            ingest_times.push((def.name.clone(), event.ingest_time));
         }
+        // librdkafka copied every record: the arena serves the next batch.
+        *self.arena.lock().unwrap_or_else(|p| p.into_inner()) = arena;
         for delivery in deliveries {
             client::delivered(delivery).await?;
         }
         let now = instream_event::now_millis();
-        for (pipeline, ingest_time) in &ingest_times {
-            metrics::histogram!("instream_stage_latency_seconds", "stage" => SERVICE)
-                .record((now - ingest_time).max(0) as f64 / 1000.0);
-            metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => pipeline.clone(), "outcome" => "enriched")
-                .increment(1);
+        let latency = metrics::histogram!("instream_stage_latency_seconds", "stage" => SERVICE);
+        for (pipeline, times) in enriched {
+            for ingest_time in &times {
+                latency.record((now - ingest_time).max(0) as f64 / 1000.0);
+            }
+            metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => pipeline.to_string(), "outcome" => "enriched")
+                .increment(times.len() as u64);
         }
         Ok(true)
     }

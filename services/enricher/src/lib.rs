@@ -10,6 +10,7 @@
 //! drop re-emits after a crash (at-least-once here; transactions are a later step).
 
 mod enrich;
+pub mod transform;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -44,17 +45,26 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
     let stage = Stage::start(SERVICE, &config, &health, admin_addr, &shutdown).await?;
     let mut catalog = stage.catalog.clone();
     let refstore = instream_refdata::build(&config.refdata).await?;
+    let refdata = Arc::new(instream_refdata::CachedRefStore::new(
+        refstore,
+        &instream_refdata::CacheSettings {
+            max_bytes: config.refdata.cache_max_bytes,
+            ttl: config.refdata.cache_ttl,
+            negative_ttl: config.refdata.cache_negative_ttl,
+        },
+    ));
     refdata_ready.set_ready();
     let producer = instream_kafka::producer(&config.kafka, SERVICE)?;
     let dead = DeadLetters::new(producer.clone(), SERVICE);
     let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, Catalog::raw_topics)?;
     subscription.announce_in(stage.registration.clone());
     let enricher = enrich::Enricher {
-        refstore,
+        refdata,
         readiness: refdata_ready,
         producer,
         dead,
         shutdown: shutdown.clone(),
+        arena: Default::default(),
     };
 
     let mut tracked: Arc<Catalog> = catalog.borrow().clone();

@@ -1,3 +1,8 @@
+// mimalloc: the enricher's hot path allocates per record; it measured ~15% more events/s than
+// the system allocator (benches/enrich.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     instream_core::service_main("enricher", instream_enricher::run)
 }

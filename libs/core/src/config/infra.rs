@@ -350,6 +350,19 @@ pub struct RefDataConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     pub version_check_interval: Duration,
+    /// Memory bound of the enricher's local cache of reference records (estimated bytes of
+    /// keys and records); `0` turns the cache off (every lookup goes to Redis).
+    pub cache_max_bytes: u64,
+    /// How long a found record is served from the local cache. Records loaded with
+    /// `instream refdata load` never change under their versioned key, so this bounds only
+    /// how stale data written to Redis by other tools may be.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub cache_ttl: Duration,
+    /// How long "no such record" is served from the local cache (negative caching).
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub cache_negative_ttl: Duration,
 }
 
 impl Default for RefDataConfig {
@@ -360,6 +373,9 @@ impl Default for RefDataConfig {
             timeout: Duration::from_secs(2),
             seed_file: None,
             version_check_interval: Duration::from_secs(5),
+            cache_max_bytes: 256 * 1024 * 1024,
+            cache_ttl: Duration::from_secs(60),
+            cache_negative_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -378,6 +394,10 @@ impl RefDataConfig {
             self.version_check_interval,
             "refdata.version_check_interval",
         );
+        if self.cache_max_bytes > 0 {
+            p.non_zero_duration(self.cache_ttl, "refdata.cache_ttl");
+            p.non_zero_duration(self.cache_negative_ttl, "refdata.cache_negative_ttl");
+        }
     }
 }
 

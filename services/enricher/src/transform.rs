@@ -1,0 +1,382 @@
+//! The enricher's work on one batch without I/O: read each record's envelope (borrowed, not
+//! copied), plan its lookups from the few payload fields its rules' key templates name, and,
+//! given the answers, write the enriched record by splicing an `enrichment` object into the
+//! original bytes. Benchmarked in `benches/enrich.rs`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use instream_event::{Envelope, FieldPath, Paths, Scalar};
+use instream_kafka::Record;
+use instream_pipeline::{Catalog, EnrichmentRule, MissPolicy, PipelineDefinition, RecordShape};
+use instream_refdata::{Found, RefRecord};
+use serde_json::Value;
+
+/// One lookup to make: the full Redis key and its shape.
+pub type Lookup = (String, RecordShape);
+
+/// What the batch needs from reference data, and what each record became.
+pub struct Plans<'r> {
+    pub plans: Vec<Plan<'r>>,
+    /// Distinct lookups of the whole batch.
+    pub lookups: Vec<Lookup>,
+    /// Per lookup, the most retries any rule asking for it allows (`None`: no retry rule).
+    pub retries: Vec<Option<(u32, std::time::Duration)>>,
+    /// Per rule of each planned event (see [`Plan::Enrich`]): the index of its lookup, or
+    /// `None` when the event lacks a key field. One vector for the batch.
+    pub rule_lookups: Vec<Option<usize>>,
+}
+
+pub enum Plan<'r> {
+    Dead {
+        code: &'static str,
+        reason: String,
+    },
+    Enrich {
+        envelope: Envelope<'r>,
+        def: Arc<PipelineDefinition>,
+        /// This event's part of [`Plans::rule_lookups`], one per rule.
+        lookups: std::ops::Range<usize>,
+    },
+}
+
+/// What to do with one record once its lookups are answered.
+pub enum Output {
+    /// Produce `bytes` to the pipeline's enriched topic.
+    Enriched {
+        pipeline: Arc<PipelineDefinition>,
+        /// The event's partition key (the enriched topic is keyed as the raw one), in the arena.
+        key: std::ops::Range<usize>,
+        /// The enriched record, in the arena.
+        bytes: std::ops::Range<usize>,
+        ingest_time: i64,
+    },
+    Dead {
+        code: &'static str,
+        reason: String,
+    },
+}
+
+/// Counts of one batch's lookup outcomes by (pipeline, rule index, outcome), for metrics
+/// emitted once per batch rather than once per event.
+#[derive(Default)]
+pub struct Outcomes {
+    counts: Vec<(Arc<PipelineDefinition>, usize, &'static str, u64)>,
+}
+
+impl Outcomes {
+    fn add(&mut self, def: &Arc<PipelineDefinition>, rule: usize, outcome: &'static str) {
+        match self
+            .counts
+            .iter_mut()
+            .find(|(d, r, o, _)| *r == rule && *o == outcome && Arc::ptr_eq(d, def))
+        {
+            Some((.., n)) => *n += 1,
+            None => self.counts.push((def.clone(), rule, outcome, 1)),
+        }
+    }
+
+    /// (pipeline, rule, outcome, count) of every outcome seen.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str, &'static str, u64)> {
+        self.counts.iter().map(|(def, rule, outcome, n)| {
+            (
+                def.name.as_str(),
+                def.enrichments[*rule].name.as_str(),
+                *outcome,
+                *n,
+            )
+        })
+    }
+
+    pub fn get(&self, pipeline: &str, rule: &str, outcome: &str) -> u64 {
+        self.iter()
+            .filter(|(p, r, o, _)| *p == pipeline && *r == rule && *o == outcome)
+            .map(|(.., n)| n)
+            .sum()
+    }
+}
+
+/// Plans every record of `batch`. `version` names the current version of a rule's data.
+pub fn plan<'r>(
+    catalog: &Catalog,
+    version: &dyn Fn(&str, &str) -> Option<u64>,
+    batch: &'r [Record],
+) -> Plans<'r> {
+    let mut out = Plans {
+        plans: Vec::with_capacity(batch.len()),
+        lookups: Vec::new(),
+        retries: Vec::new(),
+        rule_lookups: Vec::with_capacity(batch.len()),
+    };
+    let mut index: HashMap<String, usize> = HashMap::with_capacity(batch.len());
+    let mut values: Vec<Scalar<'r>> = Vec::new();
+    let mut key = String::new();
+    let mut full = String::new();
+    // Per pipeline, once a batch: the payload fields its key templates read, and per rule the
+    // key prefix of its current reference-data version.
+    let prepared: HashMap<&str, (Paths<'_>, Vec<String>)> = catalog
+        .iter()
+        .map(|def| {
+            let paths: Vec<&FieldPath> = def
+                .enrichments
+                .iter()
+                .flat_map(|r| r.key_template.fields())
+                .collect();
+            let prefixes = def
+                .enrichments
+                .iter()
+                .map(|rule| {
+                    // Data loaded by `instream refdata load` lives under its version's prefix.
+                    version(&def.name, &rule.name).map_or_else(String::new, |v| {
+                        instream_refdata::versions::version_prefix(&def.name, &rule.name, v)
+                    })
+                })
+                .collect();
+            (def.name.as_str(), (Paths::new(&paths), prefixes))
+        })
+        .collect();
+    let paths_for = |pipeline: &str| prepared.get(pipeline).map(|(paths, _)| paths);
+    for record in batch {
+        let envelope = match instream_event::pick(&record.payload, &paths_for, &mut values) {
+            Ok(v) => v,
+            Err(e) => {
+                out.plans.push(Plan::Dead {
+                    code: "decode_error",
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+        };
+        let Some(def) = catalog.get(&envelope.pipeline).cloned() else {
+            out.plans.push(Plan::Dead {
+                code: "unknown_pipeline",
+                reason: format!("no definition for pipeline `{}`", envelope.pipeline),
+            });
+            continue;
+        };
+        let first = out.rule_lookups.len();
+        let rule_lookups = &mut out.rule_lookups;
+        if let Some((_, prefixes)) = prepared.get(def.name.as_str()) {
+            let mut at = 0;
+            for (rule, prefix) in def.enrichments.iter().zip(prefixes) {
+                let n = rule.key_template.fields().count();
+                let mine = &values[at..at + n];
+                at += n;
+                if mine.iter().any(Option::is_none) {
+                    rule_lookups.push(None);
+                    continue;
+                }
+                rule.key_template.render_iter(
+                    mine.iter().map(|v| v.as_deref().unwrap_or_default()),
+                    &mut key,
+                );
+                full.clear();
+                full.push_str(prefix);
+                full.push_str(&key);
+                let retry = (rule.on_miss == MissPolicy::Retry)
+                    .then_some((rule.retry_attempts, rule.retry_backoff));
+                let i = match index.get(full.as_str()) {
+                    Some(&i) => i,
+                    None => {
+                        let i = out.lookups.len();
+                        index.insert(full.clone(), i);
+                        out.lookups.push((full.clone(), rule.shape));
+                        out.retries.push(None);
+                        i
+                    }
+                };
+                if let Some(retry) = retry {
+                    let slot = &mut out.retries[i];
+                    *slot = Some(slot.map_or(retry, |(a, b)| (a.max(retry.0), b.max(retry.1))));
+                }
+                rule_lookups.push(Some(i));
+            }
+        }
+        let lookups = first..out.rule_lookups.len();
+        out.plans.push(Plan::Enrich {
+            envelope,
+            def,
+            lookups,
+        });
+    }
+    out
+}
+
+/// The enrichment object of one event, written straight as JSON. When two rules write the
+/// same output field, the first one's value is kept.
+struct Writer<'b, 'n> {
+    buf: &'b mut Vec<u8>,
+    /// The names written, kept only when several rules could write the same one (within a
+    /// rule, output names are unique: validation sees to it).
+    names: Option<Vec<&'n str>>,
+    empty: bool,
+}
+
+impl<'n> Writer<'_, 'n> {
+    fn field(&mut self, name: &'n str, value: &Value) {
+        if let Some(names) = &mut self.names {
+            if names.contains(&name) {
+                return;
+            }
+            names.push(name);
+        }
+        self.buf.push(if self.empty { b'{' } else { b',' });
+        self.empty = false;
+        // Writing to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *self.buf, name);
+        self.buf.push(b':');
+        let _ = serde_json::to_writer(&mut *self.buf, value);
+    }
+
+    fn finish(self) {
+        if self.empty {
+            self.buf.push(b'{');
+        }
+        self.buf.push(b'}');
+    }
+}
+
+fn apply<'n>(rule: &'n EnrichmentRule, found: Option<&'n RefRecord>, w: &mut Writer<'_, 'n>) {
+    match found {
+        Some(record) if rule.fields.is_empty() => {
+            for (k, v) in record {
+                w.field(k, v);
+            }
+        }
+        Some(record) => {
+            for (from, to) in &rule.fields {
+                if let Some(v) = record.get(from).or_else(|| rule.defaults.get(to)) {
+                    w.field(to, v);
+                }
+            }
+        }
+        None => {
+            for (to, v) in &rule.defaults {
+                w.field(to, v);
+            }
+        }
+    }
+}
+
+/// Writes each planned record's output from the lookups' answers; the bytes of every
+/// enriched record (and its key) go into `arena`, one allocation for the batch. A record
+/// whose lookup is still missing under a `retry` rule is dead-lettered: retries happen before
+/// this.
+pub fn render(
+    plans: Plans<'_>,
+    batch: &[Record],
+    answers: &[Arc<Found>],
+    outcomes: &mut Outcomes,
+    arena: &mut Vec<u8>,
+) -> Vec<Output> {
+    arena.clear();
+    let mut outputs = Vec::with_capacity(plans.plans.len());
+    let mut enrichment = Vec::with_capacity(256);
+    let mut reencoded = Vec::new();
+    let rule_lookups = plans.rule_lookups;
+    for (record, plan) in batch.iter().zip(plans.plans) {
+        let (envelope, def, lookups) = match plan {
+            Plan::Dead { code, reason } => {
+                outputs.push(Output::Dead { code, reason });
+                continue;
+            }
+            Plan::Enrich {
+                envelope,
+                def,
+                lookups,
+            } => (envelope, def, lookups),
+        };
+        enrichment.clear();
+        let several = def.enrichments.len() > 1;
+        let mut writer = Writer {
+            buf: &mut enrichment,
+            names: several.then(Vec::new),
+            empty: true,
+        };
+        let mut missed: Vec<Value> = Vec::new();
+        let mut dead: Option<(&'static str, String)> = None;
+        for (rule_index, (rule, lookup)) in def
+            .enrichments
+            .iter()
+            .zip(&rule_lookups[lookups])
+            .enumerate()
+        {
+            let found = lookup.and_then(|i| answers.get(i)).map(|f| &**f);
+            let outcome = match found {
+                Some(Found::Record(_)) => "hit",
+                Some(Found::Malformed(_)) => "malformed",
+                _ => "miss",
+            };
+            outcomes.add(&def, rule_index, outcome);
+            match (found, rule.on_miss) {
+                (Some(Found::Record(r)), _) => apply(rule, Some(r), &mut writer),
+                (Some(Found::Malformed(why)), _) => {
+                    dead.get_or_insert_with(|| {
+                        (
+                            "refdata_malformed",
+                            format!("rule `{}`: the reference record {why}", rule.name),
+                        )
+                    });
+                }
+                (_, MissPolicy::Pass) => {
+                    missed.push(Value::String(rule.name.clone()));
+                    apply(rule, None, &mut writer);
+                }
+                (_, MissPolicy::DeadLetter | MissPolicy::Retry) => {
+                    dead.get_or_insert_with(|| {
+                        let why = match lookup {
+                            None => "the event lacks a field of its key template".to_owned(),
+                            Some(_) if rule.on_miss == MissPolicy::Retry => {
+                                format!("no reference record after {} retries", rule.retry_attempts)
+                            }
+                            Some(_) => "no reference record".to_owned(),
+                        };
+                        ("enrich_miss", format!("rule `{}`: {why}", rule.name))
+                    });
+                }
+            }
+        }
+        if let Some((code, reason)) = dead {
+            outputs.push(Output::Dead { code, reason });
+            continue;
+        }
+        let missed = Value::Array(missed);
+        if missed.as_array().is_some_and(|m| !m.is_empty()) {
+            writer.field("_missed", &missed);
+        }
+        writer.finish();
+        let key_start = arena.len();
+        arena.extend_from_slice(envelope.key.as_bytes());
+        let start = arena.len();
+        let spliced = !envelope.enriched
+            && instream_event::with_enrichment(&record.payload, &enrichment, arena).is_some();
+        if !spliced {
+            // Already enriched once (a replayed record): re-encode with the new enrichment.
+            match instream_event::decode(&record.payload) {
+                Ok(mut event) => {
+                    event.enrichment = serde_json::from_slice(&enrichment).ok();
+                    instream_event::encode_into(&event, &mut reencoded);
+                    arena.extend_from_slice(&reencoded);
+                }
+                Err(e) => {
+                    outputs.push(Output::Dead {
+                        code: "decode_error",
+                        reason: e.to_string(),
+                    });
+                    continue;
+                }
+            }
+        }
+        outputs.push(Output::Enriched {
+            pipeline: def,
+            key: key_start..start,
+            bytes: start..arena.len(),
+            ingest_time: envelope.ingest_time,
+        });
+    }
+    outputs
+}
+
+#[cfg(test)]
+#[path = "transform_tests.rs"]
+mod tests;

@@ -1,0 +1,238 @@
+use std::collections::BTreeMap;
+
+use instream_refdata::RefRecord;
+use serde_json::json;
+
+use super::*;
+
+fn catalog() -> Catalog {
+    let doc = instream_pipeline::parse_document(
+        r#"
+[[pipelines]]
+name = "orders"
+key_field = "customer_id"
+time_field = "ts"
+
+[[pipelines.enrichments]]
+name = "customer"
+key_template = "customer:{customer_id}"
+fields = { tier = "tier", name = "customer_name" }
+defaults = { tier = "unknown" }
+
+[[pipelines.enrichments]]
+name = "country"
+key_template = "country:{address.country}"
+shape = "json"
+fields = { name = "country_name", tier = "tier" }
+on_miss = "dead_letter"
+
+[[pipelines]]
+name = "strict"
+key_field = "customer_id"
+time_field = "ts"
+
+[[pipelines.enrichments]]
+name = "customer"
+key_template = "customer:{customer_id}"
+on_miss = "retry"
+retry_attempts = 2
+"#,
+    )
+    .unwrap();
+    Catalog::new(doc.pipelines)
+}
+
+fn record(pipeline: &str, offset: i64, payload: serde_json::Value) -> Record {
+    let event = instream_event::Event {
+        event_id: format!("e{offset}"),
+        pipeline: pipeline.into(),
+        key: "k1".into(),
+        event_time: 1,
+        ingest_time: 2,
+        headers: BTreeMap::new(),
+        payload: serde_json::value::RawValue::from_string(payload.to_string()).unwrap(),
+        enrichment: None,
+    };
+    Record {
+        topic: format!("{pipeline}.raw"),
+        partition: 0,
+        offset,
+        key: Some(b"k1".to_vec()),
+        payload: instream_event::encode(&event).to_vec(),
+        headers: Vec::new(),
+        generation: 0,
+    }
+}
+
+fn found(fields: serde_json::Value) -> Arc<Found> {
+    let serde_json::Value::Object(map) = fields else {
+        panic!()
+    };
+    Arc::new(Found::Record(RefRecord::from_iter(map)))
+}
+
+fn enrichment(output: &Output, arena: &[u8]) -> serde_json::Value {
+    match output {
+        Output::Enriched { bytes, .. } => serde_json::to_value(
+            instream_event::decode(&arena[bytes.clone()])
+                .unwrap()
+                .enrichment,
+        )
+        .unwrap(),
+        Output::Dead { code, reason } => panic!("dead: {code}: {reason}"),
+    }
+}
+
+fn dead(output: &Output) -> (&'static str, &str) {
+    match output {
+        Output::Dead { code, reason } => (code, reason.as_str()),
+        Output::Enriched { .. } => panic!("enriched"),
+    }
+}
+
+#[test]
+fn lookups_are_planned_once_per_distinct_key_under_the_current_version() {
+    let catalog = catalog();
+    let batch = vec![
+        record(
+            "orders",
+            0,
+            json!({"customer_id": "c1", "address": {"country": "NL"}}),
+        ),
+        record(
+            "orders",
+            1,
+            json!({"customer_id": "c1", "address": {"country": "DE"}}),
+        ),
+        record(
+            "orders",
+            2,
+            json!({"customer_id": 7, "address": {"country": "NL"}}),
+        ),
+    ];
+    let version = |p: &str, r: &str| (p == "orders" && r == "customer").then_some(3);
+    let plans = plan(&catalog, &version, &batch);
+    let keys: Vec<&str> = plans.lookups.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "instream:refdata:orders:customer:v3:customer:c1",
+            "country:NL",
+            "country:DE",
+            "instream:refdata:orders:customer:v3:customer:7",
+        ]
+    );
+    assert_eq!(plans.lookups[1].1, RecordShape::Json);
+}
+
+#[test]
+fn found_fields_are_renamed_defaults_fill_gaps_and_the_payload_is_untouched() {
+    let catalog = catalog();
+    let payload = json!({"customer_id": "c1", "address": {"country": "NL"}, "amount": 5});
+    let batch = vec![
+        record("orders", 0, payload.clone()),
+        // The customer is unknown: passed on, marked, with the default tier.
+        record(
+            "orders",
+            1,
+            json!({"customer_id": "c9", "address": {"country": "NL"}}),
+        ),
+    ];
+    let plans = plan(&catalog, &|_, _| None, &batch);
+    let answers = vec![
+        found(json!({"tier": "gold", "name": "Ann", "other": 1})),
+        found(json!({"name": "Netherlands", "tier": "ignored: customer wrote it first"})),
+        Arc::new(Found::Missing),
+    ];
+    let mut outcomes = Outcomes::default();
+    let mut arena = Vec::new();
+    let outputs = render(plans, &batch, &answers, &mut outcomes, &mut arena);
+    assert_eq!(
+        enrichment(&outputs[0], &arena),
+        json!({"tier": "gold", "customer_name": "Ann", "country_name": "Netherlands"})
+    );
+    let Output::Enriched { bytes, key, .. } = &outputs[0] else {
+        panic!()
+    };
+    assert_eq!(&arena[key.clone()], b"k1");
+    let event = instream_event::decode(&arena[bytes.clone()]).unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(event.payload.get()).unwrap(),
+        payload
+    );
+    assert_eq!(
+        enrichment(&outputs[1], &arena),
+        json!({"tier": "unknown", "country_name": "Netherlands", "_missed": ["customer"]})
+    );
+    assert_eq!(outcomes.get("orders", "customer", "miss"), 1);
+    assert_eq!(outcomes.get("orders", "customer", "hit"), 1);
+}
+
+#[test]
+fn misses_under_dead_letter_and_retry_rules_and_bad_records_are_dead_lettered() {
+    let catalog = catalog();
+    let batch = vec![
+        record(
+            "orders",
+            0,
+            json!({"customer_id": "c1", "address": {"country": "XX"}}),
+        ),
+        record("orders", 1, json!({"customer_id": "c1"})),
+        record("strict", 2, json!({"customer_id": "c2"})),
+        record(
+            "orders",
+            3,
+            json!({"customer_id": "c1", "address": {"country": "BAD"}}),
+        ),
+        record("nope", 4, json!({})),
+        Record {
+            payload: b"not json".to_vec(),
+            ..record("orders", 5, json!({}))
+        },
+    ];
+    let plans = plan(&catalog, &|_, _| None, &batch);
+    let keys: Vec<&str> = plans.lookups.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["customer:c1", "country:XX", "customer:c2", "country:BAD"]
+    );
+    assert_eq!(
+        plans.retries[2],
+        Some((2, std::time::Duration::from_millis(200)))
+    );
+    assert_eq!(plans.retries[0], None);
+    let answers = vec![
+        found(json!({"tier": "gold"})),
+        Arc::new(Found::Missing),
+        Arc::new(Found::Missing),
+        Arc::new(Found::Malformed("holds no JSON".into())),
+    ];
+    let outputs = render(
+        plans,
+        &batch,
+        &answers,
+        &mut Outcomes::default(),
+        &mut Vec::new(),
+    );
+    assert_eq!(
+        dead(&outputs[0]),
+        ("enrich_miss", "rule `country`: no reference record")
+    );
+    assert_eq!(
+        dead(&outputs[1]),
+        (
+            "enrich_miss",
+            "rule `country`: the event lacks a field of its key template"
+        )
+    );
+    assert_eq!(
+        dead(&outputs[2]),
+        (
+            "enrich_miss",
+            "rule `customer`: no reference record after 2 retries"
+        )
+    );
+    assert_eq!(dead(&outputs[3]).0, "refdata_malformed");
+    assert_eq!(dead(&outputs[4]).0, "unknown_pipeline");
+    assert_eq!(dead(&outputs[5]).0, "decode_error");
+}
