@@ -73,6 +73,35 @@ pub fn producer(cfg: &KafkaConfig, service: &str) -> Result<Producer, KafkaError
         .map_err(KafkaError::Config)
 }
 
+/// A transactional producer (`transactional.id` = `id`): what it writes between
+/// `begin_transaction` and `commit_transaction`, together with the consumer offsets sent into
+/// the same transaction, becomes visible to `read_committed` readers all at once or not at
+/// all. `transaction_timeout` bounds how long a dead instance's open transaction holds those
+/// readers back when no instance with the same id comes to abort it.
+pub fn transactional_producer(
+    cfg: &KafkaConfig,
+    service: &str,
+    id: &str,
+    transaction_timeout: std::time::Duration,
+) -> Result<Producer, KafkaError> {
+    let mut c = ClientConfig::new();
+    c.set("linger.ms", "5");
+    c.set("compression.type", "lz4");
+    c.set("queue.buffering.max.messages", "500000");
+    for (k, v) in base_config(cfg, &cfg.producer).config_map() {
+        c.set(k, v);
+    }
+    c.set("acks", "all");
+    c.set("enable.idempotence", "true");
+    c.set("transactional.id", id);
+    c.set(
+        "transaction.timeout.ms",
+        transaction_timeout.as_millis().to_string(),
+    );
+    c.create_with_context(InstreamContext::new(service, ""))
+        .map_err(KafkaError::Config)
+}
+
 /// A group member that never commits on its own: offsets are committed by the service through
 /// its [`OffsetTracker`](crate::OffsetTracker) once the records are durably handled. Reads only
 /// committed transactional data.

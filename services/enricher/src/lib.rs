@@ -10,6 +10,7 @@
 //! drop re-emits after a crash (at-least-once here; transactions are a later step).
 
 mod enrich;
+mod transaction;
 pub mod transform;
 
 use std::sync::Arc;
@@ -31,6 +32,8 @@ pub enum EnricherError {
     RefData(#[from] instream_refdata::RefDataError),
     #[error(transparent)]
     Stage(#[from] instream_stage::StageError),
+    #[error("transaction: {0}")]
+    Transaction(String),
 }
 
 pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
@@ -54,7 +57,37 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
         },
     ));
     refdata_ready.set_ready();
-    let producer = instream_kafka::producer(&config.kafka, SERVICE)?;
+    let transactional = config.enricher_transactional();
+    let producer = if transactional {
+        let id = config.enricher.transactional_id.clone().unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+            // The pid is 1 in a container, so a pod keeps its id; two processes on one
+            // machine do not fence each other.
+            format!(
+                "{}-enricher-{host}-{}",
+                config.kafka.group_prefix,
+                std::process::id()
+            )
+        });
+        instream_kafka::client::transactional_producer(
+            &config.kafka,
+            SERVICE,
+            &id,
+            config.enricher.transaction_timeout,
+        )?
+    } else {
+        instream_kafka::producer(&config.kafka, SERVICE)?
+    };
+    let transactions = if transactional {
+        Some(
+            transaction::Transactions::start(producer.clone(), config.enricher.transaction_timeout)
+                .await?,
+        )
+    } else {
+        None
+    };
+    // Dead letters go through the same producer: in transactional delivery they are part of
+    // the batch's transaction.
     let dead = DeadLetters::new(producer.clone(), SERVICE);
     let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, Catalog::raw_topics)?;
     subscription.announce_in(stage.registration.clone());
@@ -84,18 +117,40 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
                 enricher.track_rules(&current).await;
                 tracked = current.clone();
             }
+            if let Some(tx) = &transactions {
+                tx.begin()?;
+            }
             // `false`: shutdown came during a retry; the batch stays uncommitted and is
             // re-read by whoever owns the partitions next.
-            if enricher.process(&current, &batch).await? {
-                client::complete(consumer, &batch);
+            let done = match enricher.process(&current, &batch).await {
+                Ok(done) => done,
+                Err(error) => {
+                    if let Some(tx) = &transactions {
+                        let _ = tx.abort().await;
+                    }
+                    return Err(error);
+                }
+            };
+            match (&transactions, done) {
+                (None, true) => client::complete(consumer, &batch),
+                (None, false) => {}
+                (Some(tx), true) => {
+                    if let transaction::Outcome::Committed = tx.commit(consumer, &batch).await? {
+                        // Committed in the transaction; the tracker only forgets them.
+                        client::complete(consumer, &batch);
+                    }
+                }
+                (Some(tx), false) => tx.abort().await?,
             }
         }
-        if last_commit.elapsed() >= config.kafka.commit_interval {
+        if transactions.is_none() && last_commit.elapsed() >= config.kafka.commit_interval {
             client::commit(consumer, false)?;
             last_commit = Instant::now();
         }
     }
-    client::commit(subscription.consumer(), true)?;
+    if transactions.is_none() {
+        client::commit(subscription.consumer(), true)?;
+    }
     tracing::info!("enricher drained and committed");
     Ok(())
 }

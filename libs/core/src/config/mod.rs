@@ -203,6 +203,16 @@ impl Config {
         Ok(config)
     }
 
+    /// Whether the enricher writes each batch as one Kafka transaction (`enricher.delivery`,
+    /// `auto` resolved by `kafka.broker`).
+    pub fn enricher_transactional(&self) -> bool {
+        match self.enricher.delivery {
+            EnricherDelivery::Transactional => true,
+            EnricherDelivery::AtLeastOnce => false,
+            EnricherDelivery::Auto => self.kafka.broker == BrokerMode::External,
+        }
+    }
+
     /// A copy fit to print or log: passwords (in URLs too) and secret-looking Kafka
     /// properties replaced by `***`.
     pub fn redacted(&self) -> Config {
@@ -239,6 +249,17 @@ impl Config {
         self.admin.validate(&mut p);
         self.shutdown.validate(&mut p);
         self.kafka.validate(&mut p);
+        p.check(
+            !(self.enricher.delivery == EnricherDelivery::Transactional
+                && self.kafka.broker == BrokerMode::Embedded),
+            "enricher.delivery",
+            || {
+                "`transactional` needs a Kafka cluster: the embedded broker neither stores the \
+                 offsets sent in a transaction nor hides aborted ones (use `auto` or \
+                 `at_least_once`)"
+                    .into()
+            },
+        );
         p.check(
             self.archiver.retention.is_zero() || self.archiver.retention >= self.kafka.retention,
             "archiver.retention",

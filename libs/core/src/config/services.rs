@@ -105,6 +105,37 @@ pub struct EnricherConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     pub batch_timeout: Duration,
+    /// How a batch's outputs and its input offsets are made durable.
+    pub delivery: EnricherDelivery,
+    /// `transactional.id` of this instance (`transactional` delivery). Give each instance a
+    /// stable one (a StatefulSet pod name): a restarted instance then aborts its predecessor's
+    /// open transaction at once. Default: `<kafka.group_prefix>-enricher-<HOSTNAME>-<pid>` (the
+    /// pid is 1 in a container, so that is the pod's name).
+    pub transactional_id: Option<String>,
+    /// `transaction.timeout.ms`: how long a dead instance's open transaction can hold back
+    /// `read_committed` readers when no instance with its id returns.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub transaction_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EnricherDelivery {
+    /// `transactional` on a Kafka cluster; `at_least_once` on the embedded broker, which
+    /// accepts the transactional protocol but neither stores the offsets sent in a transaction
+    /// nor hides aborted ones.
+    Auto,
+    /// Each batch is one Kafka transaction: its enriched records, its dead letters and its
+    /// input offsets (sent with the consumer group's metadata, KIP-447, so a deposed member is
+    /// fenced) commit together. Exactly once into the enriched topic for `read_committed`
+    /// readers, on brokers with transactions.
+    Transactional,
+    /// Outputs are acknowledged, then offsets committed. After a crash some outputs are
+    /// written again, carrying the same origin partition and offset headers, so the aggregator
+    /// drops the repeats: the end result is exact only with one writer per input partition
+    /// (the consumer group guarantees that). For brokers without transactions.
+    AtLeastOnce,
 }
 
 impl Default for EnricherConfig {
@@ -112,6 +143,9 @@ impl Default for EnricherConfig {
         Self {
             batch_size: 2_000,
             batch_timeout: Duration::from_millis(20),
+            delivery: EnricherDelivery::Auto,
+            transactional_id: None,
+            transaction_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -120,6 +154,12 @@ impl EnricherConfig {
     pub(super) fn validate(&self, p: &mut Problems) {
         p.positive(self.batch_size as u64, "enricher.batch_size");
         p.non_zero_duration(self.batch_timeout, "enricher.batch_timeout");
+        p.check(
+            self.transaction_timeout >= Duration::from_secs(1)
+                && self.transaction_timeout <= Duration::from_secs(900),
+            "enricher.transaction_timeout",
+            || "must be between 1s and 15m (the broker's default maximum)".into(),
+        );
     }
 }
 

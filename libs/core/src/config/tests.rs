@@ -124,6 +124,24 @@ fn cooperative_assignment_is_refused() {
 }
 
 #[test]
+fn enricher_transactions_need_a_kafka_cluster() {
+    let err = Config::from_toml(
+        "[kafka]\nbroker = \"embedded\"\n[enricher]\ndelivery = \"transactional\"\n",
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("enricher.delivery"), "{err}");
+    let auto = Config::from_toml("[kafka]\nbroker = \"embedded\"\n").unwrap();
+    assert!(
+        !auto.enricher_transactional(),
+        "auto: at least once on the embedded broker"
+    );
+    assert!(
+        Config::default().enricher_transactional(),
+        "auto: transactions on Kafka"
+    );
+}
+
+#[test]
 fn archive_retention_must_outlive_the_topics() {
     let err = Config::from_toml("[archiver]\nretention = \"7d\"\n").unwrap_err();
     assert!(err.to_string().contains("archiver.retention"), "{err}");

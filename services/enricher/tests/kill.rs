@@ -1,0 +1,236 @@
+//! The `instream-enricher` binary killed with -9 twice mid-stream and restarted, in each
+//! delivery mode: every raw record comes out enriched (nothing lost), with the right
+//! reference data, and every copy of one record is the same bytes under the same origin
+//! partition and offset — so the aggregator, which drops a repeated origin, counts each once.
+//! In transactional delivery on a broker with full transactions (a real Kafka via
+//! `INSTREAM_TEST_KAFKA`) there are no copies at all. On the embedded broker the transactional
+//! path runs (the protocol is accepted) but shows copies: it neither stores the offsets sent
+//! in a transaction nor hides aborted ones (README, "Test broker"). Real Redis.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use instream_kafka::client::{self, recv_batch};
+use instream_kafka::headers;
+use instream_testkit::{
+    free_port, metric_sum, process_config_toml, unique, ChildGuard, KafkaBroker, RedisServer,
+};
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+const BIN: &str = env!("CARGO_BIN_EXE_instream-enricher");
+const EVENTS: usize = 12_000;
+const CUSTOMERS: usize = 50;
+const PARTITIONS: i32 = 4;
+
+fn spawn(config: &std::path::Path) -> ChildGuard {
+    ChildGuard(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+async fn enriched_so_far(admin: u16) -> f64 {
+    let Ok(response) = reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await else {
+        return 0.0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    metric_sum(&text, "instream_events_total", "outcome=\"enriched\"").0
+}
+
+fn tier(customer: usize) -> &'static str {
+    ["gold", "silver", "bronze"][customer % 3]
+}
+
+async fn produce_raw(broker: &KafkaBroker, pipeline: &str) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap_servers())
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let topic = format!("{pipeline}.raw");
+    let mut pending = Vec::new();
+    for i in 0..EVENTS {
+        let customer = i % CUSTOMERS;
+        let event = instream_event::Event {
+            event_id: format!("e{i}"),
+            pipeline: pipeline.to_owned(),
+            key: format!("c{customer}"),
+            event_time: 1_714_564_800_000 + i as i64,
+            ingest_time: instream_event::now_millis(),
+            headers: Default::default(),
+            payload: serde_json::value::RawValue::from_string(format!(
+                "{{\"customer_id\":\"c{customer}\",\"n\":{i}}}"
+            ))
+            .unwrap(),
+            enrichment: None,
+        };
+        let bytes = instream_event::encode(&event);
+        let key = event.key.clone();
+        let topic = topic.clone();
+        let producer = producer.clone();
+        pending.push(tokio::spawn(async move {
+            producer
+                .send(
+                    FutureRecord::to(&topic).key(&key).payload(&bytes[..]),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| e)
+        }));
+        if pending.len() >= 2_000 {
+            for p in pending.drain(..) {
+                p.await.unwrap().unwrap();
+            }
+        }
+    }
+    for p in pending {
+        p.await.unwrap().unwrap();
+    }
+}
+
+async fn kill_twice_and_check(delivery: &str) {
+    let redis = RedisServer::start().unwrap();
+    let broker = KafkaBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = unique("ekill");
+    for topic in ["raw", "enriched", "dlq"] {
+        broker
+            .create_topic(&format!("{pipeline}.{topic}"), PARTITIONS)
+            .unwrap();
+    }
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for c in 0..CUSTOMERS {
+        let _: () = redis::cmd("HSET")
+            .arg(format!("customer:c{c}"))
+            .arg("tier")
+            .arg(tier(c))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let definitions = dir.path().join("definitions.toml");
+    std::fs::write(
+        &definitions,
+        format!(
+            "[[pipelines]]\nname = \"{pipeline}\"\nkey_field = \"customer_id\"\ntime_field = \"n\"\npartitions = {PARTITIONS}\n\n[[pipelines.enrichments]]\nname = \"customer\"\nkey_template = \"customer:{{customer_id}}\"\nfields = {{ tier = \"tier\" }}\n"
+        ),
+    )
+    .unwrap();
+    let admin = free_port().unwrap();
+    let config = dir.path().join("enricher.toml");
+    std::fs::write(
+        &config,
+        process_config_toml(admin, &broker.bootstrap_servers(), &definitions, "1s", 4096)
+            + &format!(
+                "[refdata]\nbackend = \"redis\"\nredis_url = \"{}\"\n[enricher]\nbatch_size = 200\ndelivery = \"{delivery}\"\ntransactional_id = \"kill-test-{pipeline}\"\n",
+                redis.url()
+            ),
+    )
+    .unwrap();
+    produce_raw(&broker, &pipeline).await;
+
+    // Killed twice with -9 while it works, then run to the end.
+    for kill_after in [EVENTS as f64 / 4.0, EVENTS as f64 / 4.0] {
+        let mut child = spawn(&config);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while enriched_so_far(admin).await < kill_after {
+            assert!(tokio::time::Instant::now() < deadline, "no progress");
+            assert!(!child.exited(), "the enricher exited");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(child); // SIGKILL
+    }
+    let mut child = spawn(&config);
+
+    // Read the enriched topic until every raw record is there.
+    let kafka = instream_core::config::KafkaConfig {
+        bootstrap_servers: broker.bootstrap_servers(),
+        ..Default::default()
+    };
+    let consumer = client::consumer(
+        &kafka,
+        "test",
+        &unique("reader"),
+        &[format!("{pipeline}.enriched")],
+    )
+    .unwrap();
+    let mut copies: BTreeMap<(i32, i64), Vec<Vec<u8>>> = BTreeMap::new();
+    let mut batch = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    while copies.len() < EVENTS {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {EVENTS} raw records came out enriched",
+            copies.len()
+        );
+        recv_batch(&consumer, 1_000, Duration::from_millis(200), &mut batch)
+            .await
+            .unwrap();
+        for record in batch.drain(..) {
+            let origin = |name| {
+                std::str::from_utf8(record.header(name).expect("origin headers"))
+                    .unwrap()
+                    .parse::<i64>()
+                    .unwrap()
+            };
+            let key = (
+                origin(headers::ORIGIN_PARTITION) as i32,
+                origin(headers::ORIGIN_OFFSET),
+            );
+            copies.entry(key).or_default().push(record.payload);
+        }
+    }
+    child.terminate().unwrap();
+    let status = child.wait_exit(Duration::from_secs(30)).unwrap();
+    assert!(status.success(), "a clean stop after the kills: {status}");
+
+    let mut repeated = 0;
+    let mut seen_events = std::collections::BTreeSet::new();
+    for ((partition, offset), versions) in &copies {
+        assert!(
+            versions.iter().all(|v| v == &versions[0]),
+            "every copy of {partition}:{offset} is the same record"
+        );
+        repeated += versions.len() - 1;
+        let event = instream_event::decode(&versions[0]).unwrap();
+        let n: usize = event.event_id[1..].parse().unwrap();
+        assert_eq!(
+            event.enrichment.unwrap()["tier"],
+            tier(n % CUSTOMERS),
+            "{}",
+            event.event_id
+        );
+        seen_events.insert(n);
+    }
+    assert_eq!(
+        seen_events.len(),
+        EVENTS,
+        "every event enriched, once per origin"
+    );
+    eprintln!("{delivery}: {repeated} repeated copies after two kills");
+    if delivery == "transactional" && !broker.is_embedded() {
+        assert_eq!(repeated, 0, "transactions leave no copies on a real broker");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_twice_in_transactional_delivery_nothing_lost_and_copies_identical() {
+    kill_twice_and_check("transactional").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_twice_in_at_least_once_delivery_nothing_lost_and_copies_identical() {
+    kill_twice_and_check("at_least_once").await;
+}
