@@ -127,5 +127,108 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// With Redis on loopback and one lookup in ten missing the local cache: 90% of the events
+/// name one of 1,000 hot bidders (cached), 10% a bidder seen once (looked up in Redis, one
+/// pipelined request per batch). Starts its own `redis-server`.
+fn bench_redis(c: &mut Criterion) {
+    const HOT: usize = 1_000;
+    const BATCHES: usize = 50;
+    let redis = instream_testkit::RedisServer::start().expect("redis-server (scripts/setup.sh)");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = instream_core::config::RefDataConfig {
+        redis_url: redis.url(),
+        ..Default::default()
+    };
+    let store: Arc<dyn RefStore> = Arc::new(
+        runtime
+            .block_on(instream_refdata::RedisRefStore::connect(&config))
+            .unwrap(),
+    );
+    // Every bidder the batches name, hot and cold, is in Redis.
+    let batches: Vec<Vec<Record>> = (0..BATCHES)
+        .map(|round| {
+            let mut records = batch(round);
+            for (i, r) in records.iter_mut().enumerate() {
+                let bidder = if i % 10 == 0 {
+                    format!("cold-{round}-{i}")
+                } else {
+                    format!("{}", (round * BATCH + i) % HOT)
+                };
+                let mut event = instream_event::decode(&r.payload).unwrap();
+                let mut payload: serde_json::Value =
+                    serde_json::from_str(event.payload.get()).unwrap();
+                payload["bidder"] = bidder.into();
+                event.payload = serde_json::value::RawValue::from_string(payload.to_string()).unwrap();
+                r.payload = instream_event::encode(&event).to_vec();
+            }
+            records
+        })
+        .collect();
+    runtime.block_on(async {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mut pipe = redis::pipe();
+        let mut keys: Vec<String> = (0..HOT).map(|b| format!("person:{b}")).collect();
+        for round in 0..BATCHES {
+            for i in (0..BATCH).step_by(10) {
+                keys.push(format!("person:cold-{round}-{i}"));
+            }
+        }
+        for key in &keys {
+            pipe.cmd("HSET")
+                .arg(key)
+                .arg("name")
+                .arg("Some Bidder")
+                .arg("city")
+                .arg("Portland")
+                .arg("state")
+                .arg("OR")
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await.unwrap();
+    });
+    let cached = CachedRefStore::new(
+        store,
+        &CacheSettings {
+            max_bytes: 256 << 20,
+            ttl: std::time::Duration::from_secs(3600),
+            negative_ttl: std::time::Duration::from_secs(60),
+        },
+    );
+    let catalog = catalog();
+    let mut arena = Vec::with_capacity(BATCH * 512);
+    let mut run = |records: &[Record], evict_cold: bool| {
+        let plans = plan(&catalog, &|_, _| None, records);
+        if evict_cold {
+            // The cold tenth is looked up in Redis every time.
+            let cold: Vec<_> = plans
+                .lookups
+                .iter()
+                .filter(|(k, _)| k.starts_with("person:cold"))
+                .cloned()
+                .collect();
+            cached.invalidate(&cold);
+        }
+        let answers = runtime.block_on(cached.lookup_many(&plans.lookups)).unwrap();
+        render(plans, records, &answers, &mut Outcomes::default(), &mut arena).len()
+    };
+    for records in &batches {
+        run(records, false);
+    }
+    let mut group = c.benchmark_group("enrich");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    let mut i = 0;
+    group.bench_function("Redis on loopback, 10% local misses", |b| {
+        b.iter(|| {
+            i += 1;
+            run(&batches[i % BATCHES], true)
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_redis);
 criterion_main!(benches);
