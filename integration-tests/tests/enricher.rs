@@ -357,3 +357,141 @@ retry_backoff = "250ms"
         .unwrap()
         .unwrap();
 }
+
+/// Redis goes away mid-stream (a proxy between the enricher and Redis is cut): `/readyz`
+/// turns false, no event is skipped or passed on unenriched, and when Redis is back every
+/// event comes out enriched and readiness returns, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_of_redis_holds_events_back_and_loses_none() {
+    let redis = RedisServer::start().unwrap();
+    let proxy =
+        instream_testkit::TcpProxy::start(format!("127.0.0.1:{}", redis.port()).parse().unwrap())
+            .unwrap();
+    let broker = KafkaBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = unique("outage");
+    let definitions = dir.path().join("definitions.toml");
+    std::fs::write(
+        &definitions,
+        format!(
+            "[[pipelines]]\nname = \"{pipeline}\"\nkey_field = \"customer_id\"\ntime_field = \"ts\"\npartitions = 1\n\n[[pipelines.enrichments]]\nname = \"customer\"\nkey_template = \"customer:{{customer_id}}\"\n"
+        ),
+    )
+    .unwrap();
+    for topic in [
+        topics::raw(&pipeline),
+        topics::enriched(&pipeline),
+        topics::dead_letter(&pipeline),
+    ] {
+        broker.create_topic(&topic, 1).unwrap();
+    }
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // Each event names its own customer, so the local cache cannot answer for Redis.
+    for i in 0..200 {
+        let _: () = redis::cmd("HSET")
+            .arg(format!("customer:u{i}"))
+            .arg("tier")
+            .arg("gold")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let config = Config::from_toml(&format!(
+        "{base}\n[definitions]\nsource = \"file\"\npath = \"{defs}\"\n[refdata]\nbackend = \"redis\"\nredis_url = \"redis://{proxy}\"\ntimeout = \"500ms\"\n",
+        base = instream_integration_tests::base_config_toml(&broker.bootstrap_servers()),
+        defs = definitions.display(),
+        proxy = proxy.addr(),
+    ))
+    .unwrap();
+    let health = Health::default();
+    let shutdown = CancellationToken::new();
+    let enricher = tokio::spawn(instream_enricher::run(ServiceContext {
+        config: config.clone(),
+        health: health.clone(),
+        shutdown: shutdown.clone(),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+    }));
+    let producer = client::producer(&config.kafka, "test").unwrap();
+    let raw_topic = topics::raw(&pipeline);
+    let send = |from: usize, to: usize| {
+        let (producer, topic, pipeline) = (producer.clone(), raw_topic.clone(), pipeline.clone());
+        async move {
+            for i in from..to {
+                let customer = format!("u{i}");
+                let payload = raw_event_for(&pipeline, i, &customer);
+                let record = FutureRecord::to(&topic)
+                    .key(customer.as_bytes())
+                    .payload(payload.as_slice());
+                client::delivered(client::send(&producer, record).await.unwrap())
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    let consumer = client::consumer(
+        &config.kafka,
+        "test",
+        &unique("reader"),
+        &[topics::enriched(&pipeline)],
+    )
+    .unwrap();
+    let mut tiers = BTreeMap::new();
+    send(0, 100).await;
+    read_until(&consumer, &mut tiers, 100).await;
+    assert!(health.is_ready());
+
+    proxy.cut();
+    send(100, 200).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while health.is_ready() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readiness stayed true"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let not_ready = health
+        .report()
+        .into_iter()
+        .find(|c| c.name == "enricher.refdata")
+        .unwrap();
+    assert!(!not_ready.ready, "{not_ready:?}");
+
+    proxy.restore();
+    read_until(&consumer, &mut tiers, 200).await;
+    assert!(
+        tiers.values().all(|t| t == "gold"),
+        "every event enriched, none passed on as missed"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !health.is_ready() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readiness did not return"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let letters = instream_kafka::ops::read_dead_letters(
+        &config.kafka,
+        &topics::dead_letter(&pipeline),
+        Default::default(),
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(
+        letters.is_empty(),
+        "nothing dead-lettered: {}",
+        letters.len()
+    );
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), enricher)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

@@ -161,7 +161,8 @@ fn bench_redis(c: &mut Criterion) {
                 let mut payload: serde_json::Value =
                     serde_json::from_str(event.payload.get()).unwrap();
                 payload["bidder"] = bidder.into();
-                event.payload = serde_json::value::RawValue::from_string(payload.to_string()).unwrap();
+                event.payload =
+                    serde_json::value::RawValue::from_string(payload.to_string()).unwrap();
                 r.payload = instream_event::encode(&event).to_vec();
             }
             records
@@ -212,8 +213,17 @@ fn bench_redis(c: &mut Criterion) {
                 .collect();
             cached.invalidate(&cold);
         }
-        let answers = runtime.block_on(cached.lookup_many(&plans.lookups)).unwrap();
-        render(plans, records, &answers, &mut Outcomes::default(), &mut arena).len()
+        let answers = runtime
+            .block_on(cached.lookup_many(&plans.lookups))
+            .unwrap();
+        render(
+            plans,
+            records,
+            &answers,
+            &mut Outcomes::default(),
+            &mut arena,
+        )
+        .len()
     };
     for records in &batches {
         run(records, false);
