@@ -19,6 +19,9 @@ pub struct Totals {
     pub dead_letters: f64,
     pub lookups: f64,
     pub lookups_found: f64,
+    /// Lookups the enricher's local cache was asked, and how many it answered.
+    pub local_lookups: f64,
+    pub local_hits: f64,
     /// (consumer group, summed lag over its partitions), by group name.
     pub lag: Vec<(String, f64)>,
 }
@@ -68,6 +71,11 @@ impl Totals {
             dead_letters: sum("instream_dead_letters_total", &[]),
             lookups: sum("instream_enrich_lookups_total", &[]),
             lookups_found: sum("instream_enrich_lookups_total", &[("outcome", "hit")]),
+            local_lookups: sum("instream_refdata_lookups_total", &[("level", "local")]),
+            local_hits: sum(
+                "instream_refdata_lookups_total",
+                &[("level", "local"), ("outcome", "hit")],
+            ),
             lag,
         })
     }
@@ -139,6 +147,15 @@ impl Frame<'_> {
             "-".into()
         };
         let _ = writeln!(out, "  refdata hit ratio {hit} of {:.0} lookups", n.lookups);
+        let local = if n.local_lookups > 0.0 {
+            format!("{:.2}%", 100.0 * n.local_hits / n.local_lookups)
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            out,
+            "  local cache       {local} answered without Redis"
+        );
         let _ = writeln!(
             out,
             "  dead letters      {:.0}    refused at ingest {:.0}",
