@@ -112,7 +112,7 @@ fields = {{ tier = "tier" }}
                 .await
                 .unwrap();
             instream_refdata::load::load_file(
-                store.connection(),
+                store.connection().unwrap(),
                 Duration::from_secs(2),
                 &pipeline,
                 &def.enrichments[0],

@@ -5,6 +5,7 @@
 //! [`RedisRefStore`] and [`MemoryRefStore`] (standalone mode, loaded from a JSON-lines file).
 
 mod cache;
+mod link;
 pub mod load;
 mod memory;
 mod redis_store;

@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use async_trait::async_trait;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use crate::link::Link;
 use crate::versions::{pointer_key, CHANGES_CHANNEL};
 use instream_core::config::RefDataConfig;
 use instream_pipeline::RecordShape;
@@ -19,7 +20,7 @@ use crate::{Found, RefDataError, RefRecord, RefStore};
 /// [`CHANGES_CHANNEL`] take effect at once, and every `refdata.version_check_interval` the
 /// pointers are read again in case an announcement was missed (pub/sub does not queue).
 pub struct RedisRefStore {
-    connection: ConnectionManager,
+    link: Arc<Link>,
     timeout: std::time::Duration,
     versions: Arc<Versions>,
     _stop: DropGuard,
@@ -73,7 +74,7 @@ impl Versions {
 
 /// Reads the pointers of `rules` (one MGET) into `versions`.
 async fn refresh(
-    connection: &mut ConnectionManager,
+    link: &Link,
     timeout: std::time::Duration,
     versions: &Versions,
     rules: &[RuleId],
@@ -81,15 +82,23 @@ async fn refresh(
     if rules.is_empty() {
         return Ok(());
     }
-    let keys: Vec<String> = rules.iter().map(|(p, r)| pointer_key(p, r)).collect();
-    let found: Vec<Option<u64>> = tokio::time::timeout(
-        timeout,
-        redis::cmd("MGET").arg(&keys).query_async(connection),
-    )
-    .await
-    .map_err(|_| unavailable("reading version pointers timed out"))?
-    .map_err(unavailable)?;
-    for (rule, version) in rules.iter().zip(found) {
+    // One GET per pointer (a cluster spreads them over slots; elsewhere they are pipelined).
+    let commands = rules
+        .iter()
+        .map(|(p, r)| {
+            let mut c = redis::cmd("GET");
+            c.arg(pointer_key(p, r));
+            c
+        })
+        .collect();
+    let found = tokio::time::timeout(timeout, link.run(commands))
+        .await
+        .map_err(|_| unavailable("reading version pointers timed out"))??;
+    for (rule, reply) in rules.iter().zip(found) {
+        let version = match reply {
+            Ok(v) => redis::from_redis_value::<Option<u64>>(v).ok().flatten(),
+            Err(_) => None,
+        };
         versions.set(rule, version);
     }
     Ok(())
@@ -97,14 +106,28 @@ async fn refresh(
 
 /// Follows announcements and re-reads the pointers every `interval`, until `stop`.
 async fn follow_versions(
-    client: redis::Client,
-    mut connection: ConnectionManager,
+    client: Option<redis::Client>,
+    link: Arc<Link>,
     timeout: std::time::Duration,
     interval: std::time::Duration,
     versions: Arc<Versions>,
     stop: CancellationToken,
 ) {
     use futures::StreamExt;
+    let Some(client) = client else {
+        // Sentinel and cluster: the pointers are read every `interval`.
+        let mut ticks = tokio::time::interval(interval);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticks.tick() => {
+                    if let Err(error) = refresh(&link, timeout, &versions, &versions.tracked()).await {
+                        tracing::warn!(%error, "reading version pointers failed");
+                    }
+                }
+            }
+        }
+    };
     let mut backoff = std::time::Duration::from_millis(100);
     loop {
         let subscribed = async {
@@ -130,8 +153,7 @@ async fn follow_versions(
         };
         backoff = std::time::Duration::from_millis(100);
         // Announcements sent while not subscribed are lost: read the pointers now.
-        if let Err(error) = refresh(&mut connection, timeout, &versions, &versions.tracked()).await
-        {
+        if let Err(error) = refresh(&link, timeout, &versions, &versions.tracked()).await {
             tracing::warn!(%error, "reading version pointers failed");
         }
         let mut ticks = tokio::time::interval(interval);
@@ -150,7 +172,7 @@ async fn follow_versions(
                     }
                 }
                 _ = ticks.tick() => {
-                    if let Err(error) = refresh(&mut connection, timeout, &versions, &versions.tracked()).await {
+                    if let Err(error) = refresh(&link, timeout, &versions, &versions.tracked()).await {
                         tracing::warn!(%error, "reading version pointers failed");
                     }
                 }
@@ -166,34 +188,30 @@ fn unavailable(e: impl std::fmt::Display) -> RefDataError {
 
 impl RedisRefStore {
     pub async fn connect(cfg: &RefDataConfig) -> Result<Self, RefDataError> {
-        // The URL may hold a password: errors name the failure, never the URL.
-        let client = redis::Client::open(cfg.redis_url.as_str())
-            .map_err(|e| RefDataError::Unavailable(format!("refdata.redis_url: {:?}", e.kind())))?;
-        let connection = tokio::time::timeout(cfg.timeout, client.get_connection_manager())
-            .await
-            .map_err(|_| unavailable("connect timed out"))?
-            .map_err(unavailable)?;
+        // The URLs may hold a password: errors name the failure, never the URL.
+        let link = Arc::new(Link::open(cfg).await?);
         let versions = Arc::new(Versions::default());
         let stop = CancellationToken::new();
         tokio::spawn(follow_versions(
-            client,
-            connection.clone(),
+            Link::pubsub_client(cfg),
+            link.clone(),
             cfg.timeout,
             cfg.version_check_interval,
             versions.clone(),
             stop.clone(),
         ));
         Ok(Self {
-            connection,
+            link,
             timeout: cfg.timeout,
             versions,
             _stop: stop.drop_guard(),
         })
     }
 
-    /// A connection for other work on the same server (loading reference data).
-    pub fn connection(&self) -> ConnectionManager {
-        self.connection.clone()
+    /// A connection for other work on the same server (loading reference data); `None` in
+    /// sentinel and cluster modes, which `refdata load` does not support yet.
+    pub fn connection(&self) -> Option<ConnectionManager> {
+        self.link.single()
     }
 }
 
@@ -256,21 +274,20 @@ impl RefStore for RedisRefStore {
         if lookups.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        // A wrong-type key answers with an error of its own, not a failed pipeline.
-        pipe.ignore_errors();
-        for (key, shape) in lookups {
-            match shape {
-                RecordShape::Hash => pipe.cmd("HGETALL").arg(key),
-                RecordShape::Json => pipe.cmd("GET").arg(key),
-            };
-        }
-        let mut connection = self.connection.clone();
-        let answers: Vec<Value> =
-            tokio::time::timeout(self.timeout, pipe.query_async(&mut connection))
-                .await
-                .map_err(|_| unavailable("lookup timed out"))?
-                .map_err(unavailable)?;
+        let commands = lookups
+            .iter()
+            .map(|(key, shape)| {
+                let mut c = redis::cmd(match shape {
+                    RecordShape::Hash => "HGETALL",
+                    RecordShape::Json => "GET",
+                });
+                c.arg(key);
+                c
+            })
+            .collect();
+        let answers = tokio::time::timeout(self.timeout, self.link.run(commands))
+            .await
+            .map_err(|_| unavailable("lookup timed out"))??;
         if answers.len() != lookups.len() {
             return Err(unavailable(format!(
                 "{} answers for {} lookups",
@@ -280,18 +297,21 @@ impl RefStore for RedisRefStore {
         }
         // Only a wrong-type key is that key's problem; any other error reply (LOADING after a
         // restart, BUSY, NOAUTH…) is the server's, and the whole batch is retried.
-        if let Some(Value::ServerError(e)) = answers
+        if let Some(Err(code)) = answers
             .iter()
-            .find(|v| matches!(v, Value::ServerError(e) if e.code() != "WRONGTYPE"))
+            .find(|v| matches!(v, Err(code) if code != "WRONGTYPE"))
         {
-            return Err(unavailable(format!("redis answered {}", e.code())));
+            return Err(unavailable(format!("redis answered {code}")));
         }
         Ok(lookups
             .iter()
             .zip(answers)
-            .map(|((_, shape), v)| match shape {
-                RecordShape::Hash => hash_record(v),
-                RecordShape::Json => json_record(v),
+            .map(|((_, shape), reply)| match reply {
+                Err(code) => Found::Malformed(format!("is the wrong type ({code})")),
+                Ok(v) => match shape {
+                    RecordShape::Hash => hash_record(v),
+                    RecordShape::Json => json_record(v),
+                },
             })
             .collect())
     }
@@ -309,8 +329,7 @@ impl RefStore for RedisRefStore {
                 .cloned()
                 .collect()
         };
-        let mut connection = self.connection.clone();
-        refresh(&mut connection, self.timeout, &self.versions, &new).await
+        refresh(&self.link, self.timeout, &self.versions, &new).await
     }
 
     fn version(&self, pipeline: &str, rule: &str) -> Option<u64> {
@@ -324,14 +343,13 @@ impl RefStore for RedisRefStore {
     }
 
     async fn ping(&self) -> Result<(), RefDataError> {
-        let mut connection = self.connection.clone();
-        let _: String = tokio::time::timeout(
-            self.timeout,
-            redis::cmd("PING").query_async(&mut connection),
-        )
-        .await
-        .map_err(|_| unavailable("ping timed out"))?
-        .map_err(unavailable)?;
-        Ok(())
+        let answers = tokio::time::timeout(self.timeout, self.link.run(vec![redis::cmd("PING")]))
+            .await
+            .map_err(|_| unavailable("ping timed out"))??;
+        match answers.first() {
+            Some(Ok(_)) => Ok(()),
+            Some(Err(code)) => Err(unavailable(format!("redis answered {code}"))),
+            None => Err(unavailable("no answer to PING")),
+        }
     }
 }

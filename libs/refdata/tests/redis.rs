@@ -90,3 +90,105 @@ async fn a_stopped_server_is_an_error_to_retry_not_a_miss() {
         .unwrap_err();
     assert!(matches!(err, RefDataError::Unavailable(_)), "{err}");
 }
+
+/// Cluster mode: a batch whose keys fall in every node's slots is answered key by key, a
+/// wrong-type key is that key's problem, and a version pointer is read like on one server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mode_answers_keys_spread_over_every_node() {
+    use instream_core::config::RedisMode;
+    let cluster = instream_testkit::RedisCluster::start().unwrap();
+    let nodes = cluster.urls();
+    let writer = redis::cluster::ClusterClient::new(nodes.clone()).unwrap();
+    let mut w = writer.get_async_connection().await.unwrap();
+    for i in 0..300 {
+        let _: () = redis::cmd("HSET")
+            .arg(format!("customer:{i}"))
+            .arg("tier")
+            .arg(format!("t{i}"))
+            .query_async(&mut w)
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("SET")
+        .arg("customer:str")
+        .arg("not a hash")
+        .query_async(&mut w)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(instream_refdata::versions::pointer_key(
+            "orders", "customer",
+        ))
+        .arg(4)
+        .query_async(&mut w)
+        .await
+        .unwrap();
+    let store = RedisRefStore::connect(&RefDataConfig {
+        redis_mode: RedisMode::Cluster,
+        redis_nodes: nodes,
+        ..config("redis://unused:1".into())
+    })
+    .await
+    .unwrap();
+    store.ping().await.unwrap();
+    let mut lookups: Vec<(String, RecordShape)> = (0..300)
+        .map(|i| (format!("customer:{i}"), RecordShape::Hash))
+        .collect();
+    lookups.push(("customer:none".into(), RecordShape::Hash));
+    lookups.push(("customer:str".into(), RecordShape::Hash));
+    let found = store.lookup_many(&lookups).await.unwrap();
+    for (i, f) in found.iter().take(300).enumerate() {
+        match f {
+            Found::Record(r) => assert_eq!(r["tier"], format!("t{i}")),
+            other => panic!("customer:{i}: {other:?}"),
+        }
+    }
+    assert_eq!(found[300], Found::Missing);
+    assert!(
+        matches!(found[301], Found::Malformed(_)),
+        "{:?}",
+        found[301]
+    );
+    store
+        .track(&[("orders".into(), "customer".into())])
+        .await
+        .unwrap();
+    assert_eq!(store.version("orders", "customer"), Some(4));
+}
+
+/// Sentinel mode: the master is found through the sentinel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_mode_finds_the_master_through_the_sentinel() {
+    use instream_core::config::RedisMode;
+    let sentinel = instream_testkit::RedisSentinel::start().unwrap();
+    let client = redis::Client::open(sentinel.master().url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    run(&mut conn, &["HSET", "customer:1", "tier", "gold"]).await;
+    let store = RedisRefStore::connect(&RefDataConfig {
+        redis_mode: RedisMode::Sentinel,
+        redis_nodes: vec![sentinel.sentinel_url()],
+        sentinel_master: "mymaster".into(),
+        // Only its credentials and database count in sentinel mode.
+        ..config("redis://127.0.0.1:1".into())
+    })
+    .await
+    .unwrap();
+    let found = store
+        .lookup_many(&[
+            ("customer:1".into(), RecordShape::Hash),
+            ("customer:2".into(), RecordShape::Hash),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(&found[0], Found::Record(r) if r["tier"] == "gold"));
+    assert_eq!(found[1], Found::Missing);
+    // A name no sentinel knows is an error to retry, not a panic.
+    let unknown = RedisRefStore::connect(&RefDataConfig {
+        redis_mode: RedisMode::Sentinel,
+        redis_nodes: vec![sentinel.sentinel_url()],
+        sentinel_master: "other".into(),
+        ..config("redis://127.0.0.1:1".into())
+    })
+    .await;
+    assert!(matches!(unknown, Err(RefDataError::Unavailable(_))));
+}

@@ -7,6 +7,7 @@
 //!   `INSTREAM_TEST_KAFKA=host:port` when set (a real Apache Kafka), else librdkafka's
 //!   in-process broker (see `instream_kafka::EmbeddedBroker`).
 //! - [`TcpProxy`]: a proxy a test cuts to partition a client from its server.
+//! - [`RedisCluster`], [`RedisSentinel`]: Redis as Cluster (three masters) and behind a Sentinel.
 //!
 //! Every start waits on a condition (the server answering its protocol), never a fixed sleep,
 //! and every server is killed when its handle drops, also when the test panics.
@@ -15,12 +16,14 @@ mod config;
 mod metrics;
 mod process;
 mod proxy;
+mod redis_topologies;
 mod servers;
 
 pub use config::process_config_toml;
 pub use metrics::metric_sum;
 pub use process::{free_port, wait_until, ChildGuard, TestkitError};
 pub use proxy::TcpProxy;
+pub use redis_topologies::{RedisCluster, RedisSentinel};
 pub use servers::{KafkaBroker, RedisServer, ZooKeeperServer};
 
 /// A unique suffix for names a test creates (topics, pipelines, znodes), so tests sharing a

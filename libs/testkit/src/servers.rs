@@ -12,7 +12,7 @@ use crate::process::{free_port, ChildGuard, TestkitError};
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Sends `request` and reads the reply until `expect` appears or the peer closes.
-fn ask(port: u16, request: &[u8], expect: &[u8]) -> bool {
+pub(crate) fn ask(port: u16, request: &[u8], expect: &[u8]) -> bool {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
     };
@@ -35,7 +35,7 @@ fn ask(port: u16, request: &[u8], expect: &[u8]) -> bool {
     }
 }
 
-fn spawn(command: &mut Command, log: &Path) -> Result<ChildGuard, TestkitError> {
+pub(crate) fn spawn(command: &mut Command, log: &Path) -> Result<ChildGuard, TestkitError> {
     let program = command.get_program().to_string_lossy().into_owned();
     let out = std::fs::File::create(log)?;
     let err = out.try_clone()?;
@@ -48,7 +48,7 @@ fn spawn(command: &mut Command, log: &Path) -> Result<ChildGuard, TestkitError> 
         .map_err(|source| TestkitError::Spawn { program, source })
 }
 
-fn wait_ready(
+pub(crate) fn wait_ready(
     what: &str,
     guard: &mut ChildGuard,
     log: &Path,

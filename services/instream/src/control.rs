@@ -570,8 +570,11 @@ pub async fn refdata(command: RefdataCommand) -> anyhow::Result<()> {
         .await
         .context("connecting to Redis")?;
     let started = std::time::Instant::now();
+    let Some(connection) = store.connection() else {
+        bail!("refdata load writes to one Redis server (refdata.redis_mode = \"standalone\"); sentinel and cluster are not supported by it yet");
+    };
     let report = instream_refdata::load::load_file(
-        store.connection(),
+        connection,
         config.refdata.timeout,
         &pipeline,
         rule_def,

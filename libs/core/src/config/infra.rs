@@ -337,8 +337,17 @@ pub enum RefDataBackend {
 pub struct RefDataConfig {
     /// Where reference records are looked up.
     pub backend: RefDataBackend,
-    /// `redis://[user:password@]host:port[/db]`; `rediss://` for TLS. Never logged.
+    /// `redis://[user:password@]host:port[/db]` (an ACL user and password go here). In
+    /// `sentinel` mode only its user, password and database are used, for the master the
+    /// sentinels name. Never logged.
     pub redis_url: String,
+    /// How Redis is deployed.
+    pub redis_mode: RedisMode,
+    /// `sentinel`: the sentinels, `redis://host:port`; `cluster`: some of the cluster's nodes
+    /// (`redis://[user:password@]host:port`), the rest are discovered.
+    pub redis_nodes: Vec<String>,
+    /// `sentinel`: the name of the monitored master.
+    pub sentinel_master: String,
     /// How long one Redis round trip may take before it is retried.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
@@ -370,6 +379,9 @@ impl Default for RefDataConfig {
         Self {
             backend: RefDataBackend::Redis,
             redis_url: "redis://127.0.0.1:6379".into(),
+            redis_mode: RedisMode::Standalone,
+            redis_nodes: Vec::new(),
+            sentinel_master: "mymaster".into(),
             timeout: Duration::from_secs(2),
             seed_file: None,
             version_check_interval: Duration::from_secs(5),
@@ -384,10 +396,18 @@ impl RefDataConfig {
     pub(super) fn validate(&self, p: &mut Problems) {
         if self.backend == RefDataBackend::Redis {
             p.check(
-                self.redis_url.starts_with("redis://") || self.redis_url.starts_with("rediss://"),
+                self.redis_url.starts_with("redis://"),
                 "refdata.redis_url",
-                || "must start with redis:// or rediss://".into(),
+                || "must start with redis:// (TLS, rediss://, is not built in yet)".into(),
             );
+            if self.redis_mode != RedisMode::Standalone {
+                p.check(
+                    !self.redis_nodes.is_empty()
+                        && self.redis_nodes.iter().all(|n| n.starts_with("redis://")),
+                    "refdata.redis_nodes",
+                    || "sentinel and cluster modes need redis://host:port nodes".into(),
+                );
+            }
         }
         p.non_zero_duration(self.timeout, "refdata.timeout");
         p.non_zero_duration(
@@ -399,6 +419,19 @@ impl RefDataConfig {
             p.non_zero_duration(self.cache_negative_ttl, "refdata.cache_negative_ttl");
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisMode {
+    /// One server (or a proxy in front of several) at `refdata.redis_url`.
+    Standalone,
+    /// A master found through the sentinels in `refdata.redis_nodes`, followed across
+    /// failovers.
+    Sentinel,
+    /// A Redis Cluster reached through `refdata.redis_nodes`; each lookup goes to its key's
+    /// node.
+    Cluster,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -218,6 +218,9 @@ impl Config {
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
         c.refdata.redis_url = redact_url(&c.refdata.redis_url);
+        for node in &mut c.refdata.redis_nodes {
+            *node = redact_url(node);
+        }
         if c.zookeeper.auth.is_some() {
             c.zookeeper.auth = Some("***".into());
         }

@@ -152,10 +152,7 @@ impl Frame<'_> {
         } else {
             "-".into()
         };
-        let _ = writeln!(
-            out,
-            "  local cache       {local} answered without Redis"
-        );
+        let _ = writeln!(out, "  local cache       {local} answered without Redis");
         let _ = writeln!(
             out,
             "  dead letters      {:.0}    refused at ingest {:.0}",

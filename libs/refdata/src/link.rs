@@ -1,0 +1,201 @@
+//! The connection to Redis in each deployment shape (`refdata.redis_mode`): one server (the
+//! connection manager reconnects by itself), Sentinel (the master is resolved through the
+//! sentinels, and again after a failure, so a failover is followed), or Cluster (each command
+//! routed by its key's slot).
+
+use std::sync::Mutex;
+
+use instream_core::config::{RedisMode, RefDataConfig};
+use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{IntoConnectionInfo, Value};
+
+use crate::RefDataError;
+
+/// One command's answer: its value, or the error code the server gave for it alone (a
+/// `WRONGTYPE` key, say).
+pub(crate) type Reply = Result<Value, String>;
+
+pub(crate) enum Link {
+    Single(ConnectionManager),
+    Sentinel {
+        client: Box<tokio::sync::Mutex<SentinelClient>>,
+        master: Mutex<Option<MultiplexedConnection>>,
+    },
+    Cluster(ClusterConnection),
+}
+
+fn unavailable(e: impl std::fmt::Display) -> RefDataError {
+    RefDataError::Unavailable(e.to_string())
+}
+
+/// `refdata.redis_url` as connection settings; the error names the key, never the URL (it may
+/// hold a password).
+fn url_info(url: &str, key: &str) -> Result<redis::ConnectionInfo, RefDataError> {
+    url.into_connection_info()
+        .map_err(|e| RefDataError::Unavailable(format!("{key}: {:?}", e.kind())))
+}
+
+fn replies(values: Vec<Value>) -> Vec<Reply> {
+    values
+        .into_iter()
+        .map(|v| match v {
+            Value::ServerError(e) => Err(e.code().to_owned()),
+            other => Ok(other),
+        })
+        .collect()
+}
+
+impl Link {
+    pub async fn open(cfg: &RefDataConfig) -> Result<Link, RefDataError> {
+        match cfg.redis_mode {
+            RedisMode::Standalone => {
+                url_info(&cfg.redis_url, "refdata.redis_url")?;
+                let client = redis::Client::open(cfg.redis_url.as_str()).map_err(|e| {
+                    RefDataError::Unavailable(format!("refdata.redis_url: {:?}", e.kind()))
+                })?;
+                let manager = tokio::time::timeout(cfg.timeout, client.get_connection_manager())
+                    .await
+                    .map_err(|_| unavailable("connect timed out"))?
+                    .map_err(unavailable)?;
+                Ok(Link::Single(manager))
+            }
+            RedisMode::Sentinel => {
+                // The data nodes take the user, password and database of `redis_url`.
+                let data = url_info(&cfg.redis_url, "refdata.redis_url")?;
+                let node = SentinelNodeConnectionInfo::default()
+                    .set_redis_connection_info(data.redis_settings().clone());
+                let mut sentinels = Vec::new();
+                for (i, url) in cfg.redis_nodes.iter().enumerate() {
+                    sentinels.push(url_info(url, &format!("refdata.redis_nodes[{i}]"))?);
+                }
+                let client = SentinelClient::build(
+                    sentinels,
+                    cfg.sentinel_master.clone(),
+                    Some(node),
+                    SentinelServerType::Master,
+                )
+                .map_err(|e| RefDataError::Unavailable(format!("sentinel: {:?}", e.kind())))?;
+                let link = Link::Sentinel {
+                    client: Box::new(tokio::sync::Mutex::new(client)),
+                    master: Mutex::new(None),
+                };
+                tokio::time::timeout(cfg.timeout, link.sentinel_master())
+                    .await
+                    .map_err(|_| unavailable("resolving the master timed out"))??;
+                Ok(link)
+            }
+            RedisMode::Cluster => {
+                let mut nodes = Vec::new();
+                for (i, url) in cfg.redis_nodes.iter().enumerate() {
+                    nodes.push(url_info(url, &format!("refdata.redis_nodes[{i}]"))?);
+                }
+                let client = redis::cluster::ClusterClient::new(nodes)
+                    .map_err(|e| RefDataError::Unavailable(format!("cluster: {:?}", e.kind())))?;
+                let connection = tokio::time::timeout(cfg.timeout, client.get_async_connection())
+                    .await
+                    .map_err(|_| unavailable("connect timed out"))?
+                    .map_err(unavailable)?;
+                Ok(Link::Cluster(connection))
+            }
+        }
+    }
+
+    /// The master's connection, resolved through the sentinels when there is none.
+    async fn sentinel_master(&self) -> Result<MultiplexedConnection, RefDataError> {
+        let Link::Sentinel { client, master } = self else {
+            return Err(unavailable("not a sentinel link"));
+        };
+        if let Some(c) = master.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Ok(c);
+        }
+        let fresh = client
+            .lock()
+            .await
+            .get_async_connection()
+            .await
+            .map_err(unavailable)?;
+        *master.lock().unwrap_or_else(|p| p.into_inner()) = Some(fresh.clone());
+        Ok(fresh)
+    }
+
+    /// Runs `commands` (each about one key) and answers each: one pipelined round trip on a
+    /// server, concurrent commands routed by key on a cluster (the multiplexed connections
+    /// pipeline them per node). `Err` when Redis could not be reached.
+    pub async fn run(&self, commands: Vec<redis::Cmd>) -> Result<Vec<Reply>, RefDataError> {
+        match self {
+            Link::Single(manager) => {
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                for c in commands {
+                    pipe.add_command(c);
+                }
+                let values: Vec<Value> = pipe
+                    .query_async(&mut manager.clone())
+                    .await
+                    .map_err(unavailable)?;
+                Ok(replies(values))
+            }
+            Link::Sentinel { master, .. } => {
+                let mut connection = self.sentinel_master().await?;
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                for c in commands {
+                    pipe.add_command(c);
+                }
+                match pipe.query_async::<Vec<Value>>(&mut connection).await {
+                    Ok(values) => {
+                        let replies = replies(values);
+                        // A former master now a replica: ask the sentinels again.
+                        if replies
+                            .iter()
+                            .any(|r| matches!(r, Err(code) if code == "READONLY"))
+                        {
+                            *master.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                            return Err(unavailable("the master became a replica (failover)"));
+                        }
+                        Ok(replies)
+                    }
+                    Err(e) => {
+                        *master.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                        Err(unavailable(e))
+                    }
+                }
+            }
+            Link::Cluster(connection) => {
+                let answers = futures::future::join_all(commands.into_iter().map(|c| {
+                    let mut connection = connection.clone();
+                    async move { c.query_async::<Value>(&mut connection).await }
+                }))
+                .await;
+                let mut out = Vec::with_capacity(answers.len());
+                for answer in answers {
+                    match answer {
+                        Ok(v) => out.push(Ok(v)),
+                        Err(e) if e.code() == Some("WRONGTYPE") => {
+                            out.push(Err("WRONGTYPE".to_owned()))
+                        }
+                        Err(e) => return Err(unavailable(e)),
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// A client for pub/sub (one server only; elsewhere versions are followed by polling).
+    pub fn pubsub_client(cfg: &RefDataConfig) -> Option<redis::Client> {
+        (cfg.redis_mode == RedisMode::Standalone)
+            .then(|| redis::Client::open(cfg.redis_url.as_str()).ok())
+            .flatten()
+    }
+
+    /// The connection manager of a one-server link (for `refdata load`).
+    pub fn single(&self) -> Option<ConnectionManager> {
+        match self {
+            Link::Single(m) => Some(m.clone()),
+            _ => None,
+        }
+    }
+}

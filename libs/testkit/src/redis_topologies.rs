@@ -1,0 +1,138 @@
+//! Redis in the shapes production runs it: a three-master Cluster and a master watched by a
+//! Sentinel, all on loopback, torn down on drop.
+
+use std::process::Command;
+
+use tempfile::TempDir;
+
+use crate::process::{free_port, wait_until, ChildGuard, TestkitError};
+use crate::servers::{ask, spawn, wait_ready, RedisServer};
+
+/// Three `redis-server`s in cluster mode, the slots spread by `redis-cli --cluster create`.
+pub struct RedisCluster {
+    ports: Vec<u16>,
+    _nodes: Vec<ChildGuard>,
+    _dir: TempDir,
+}
+
+impl RedisCluster {
+    pub fn start() -> Result<RedisCluster, TestkitError> {
+        let dir = tempfile::tempdir()?;
+        let mut ports = Vec::new();
+        let mut nodes = Vec::new();
+        for i in 0..3 {
+            let port = free_port()?;
+            let node_dir = dir.path().join(format!("node{i}"));
+            std::fs::create_dir_all(&node_dir)?;
+            let log = node_dir.join("redis.log");
+            let mut guard = spawn(
+                Command::new("redis-server")
+                    .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                    .args([
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                    ])
+                    .args(["--save", "", "--appendonly", "no"])
+                    .arg("--dir")
+                    .arg(&node_dir),
+                &log,
+            )?;
+            wait_ready("redis-server (cluster node)", &mut guard, &log, || {
+                ask(port, b"PING\r\n", b"+PONG")
+            })?;
+            ports.push(port);
+            nodes.push(guard);
+        }
+        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .map_err(|source| TestkitError::Spawn {
+                program: "redis-cli".into(),
+                source,
+            })?;
+        if !created.status.success() {
+            return Err(TestkitError::Broker(format!(
+                "redis-cli --cluster create: {}",
+                String::from_utf8_lossy(&created.stdout)
+            )));
+        }
+        for &port in &ports {
+            wait_until(
+                "the cluster to agree",
+                std::time::Duration::from_secs(30),
+                || ask(port, b"CLUSTER INFO\r\n", b"cluster_state:ok"),
+            )?;
+        }
+        Ok(RedisCluster {
+            ports,
+            _nodes: nodes,
+            _dir: dir,
+        })
+    }
+
+    /// `redis://127.0.0.1:<port>` of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+}
+
+/// A master and one Sentinel monitoring it as `mymaster`.
+pub struct RedisSentinel {
+    master: RedisServer,
+    port: u16,
+    _guard: ChildGuard,
+    _dir: TempDir,
+}
+
+impl RedisSentinel {
+    pub fn start() -> Result<RedisSentinel, TestkitError> {
+        let master = RedisServer::start()?;
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let config = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 1\nsentinel down-after-milliseconds mymaster 1000\n",
+                dir.path().display(),
+                master.port()
+            ),
+        )?;
+        let log = dir.path().join("sentinel.log");
+        let mut guard = spawn(
+            Command::new("redis-server").arg(&config).arg("--sentinel"),
+            &log,
+        )?;
+        wait_ready("redis-sentinel", &mut guard, &log, || {
+            ask(
+                port,
+                b"SENTINEL get-master-addr-by-name mymaster\r\n",
+                master.port().to_string().as_bytes(),
+            )
+        })?;
+        Ok(RedisSentinel {
+            master,
+            port,
+            _guard: guard,
+            _dir: dir,
+        })
+    }
+
+    /// `redis://127.0.0.1:<port>` of the sentinel.
+    pub fn sentinel_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The master, to write test data to directly.
+    pub fn master(&self) -> &RedisServer {
+        &self.master
+    }
+}
