@@ -154,7 +154,26 @@ impl<'de: 'a, 'a, 'p> Visitor<'de> for EnvelopePicker<'_, '_, 'a, 'p> {
         let mut payload_done = false;
         let mut deferred: Option<&'de RawValue> = None;
         let mut enriched = false;
+        let mut seen: u8 = 0;
+        const FIELDS: [&str; 8] = [
+            "event_id",
+            "pipeline",
+            "key",
+            "event_time",
+            "ingest_time",
+            "headers",
+            "payload",
+            "enrichment",
+        ];
         while let Some(Str(name)) = map.next_key::<Str<'de>>()? {
+            // A field twice is refused, as the strict decoder refuses it: a second `pipeline`
+            // after the payload would otherwise change what was picked for.
+            if let Some(i) = FIELDS.iter().position(|f| *f == &*name) {
+                if seen & (1 << i) != 0 {
+                    return Err(A::Error::duplicate_field(FIELDS[i]));
+                }
+                seen |= 1 << i;
+            }
             match &*name {
                 "event_id" => {
                     map.next_value::<Str<'de>>()?;
@@ -171,7 +190,10 @@ impl<'de: 'a, 'a, 'p> Visitor<'de> for EnvelopePicker<'_, '_, 'a, 'p> {
                     map.next_value::<BTreeMapOfStrings>()?;
                 }
                 "enrichment" => {
-                    enriched = !map.next_value::<&'de RawValue>()?.get().eq("null");
+                    // Present at all (null too): the record is re-encoded rather than spliced,
+                    // which would write the member twice.
+                    map.next_value::<IgnoredAny>()?;
+                    enriched = true;
                 }
                 "payload" => match pipeline.as_deref() {
                     // The usual order (ingest writes the pipeline first): pick on the way.
@@ -193,21 +215,7 @@ impl<'de: 'a, 'a, 'p> Visitor<'de> for EnvelopePicker<'_, '_, 'a, 'p> {
                     }
                     None => deferred = Some(map.next_value()?),
                 },
-                other => {
-                    return Err(A::Error::unknown_field(
-                        other,
-                        &[
-                            "event_id",
-                            "pipeline",
-                            "key",
-                            "event_time",
-                            "ingest_time",
-                            "headers",
-                            "payload",
-                            "enrichment",
-                        ],
-                    ))
-                }
+                other => return Err(A::Error::unknown_field(other, &FIELDS)),
             }
         }
         let missing = |field: &'static str| A::Error::missing_field(field);
@@ -525,7 +533,15 @@ mod tests {
                 .unwrap()
                 .enriched
         );
+        let null_enrichment = r#"{"event_id":"e","pipeline":"x","key":"k","event_time":1,"ingest_time":2,"payload":{},"enrichment":null}"#;
+        assert!(
+            pick(null_enrichment.as_bytes(), &paths_for, &mut out)
+                .unwrap()
+                .enriched
+        );
         for bad in [
+            r#"{"event_id":"e","pipeline":"x","key":"k","event_time":1,"ingest_time":2,"payload":{"customer":{"id":"c1"}},"pipeline":"orders"}"#,
+            r#"{"event_id":"e","event_id":"f","pipeline":"x","key":"k","event_time":1,"ingest_time":2,"payload":{}}"#,
             r#"{"pipeline":"orders","key":"k","event_time":1,"ingest_time":2,"payload":{}}"#,
             r#"{"event_id":"e","pipeline":"orders","key":"k","event_time":1,"ingest_time":2,"payload":{},"extra":1}"#,
             r#"{"event_id":"e","pipeline":"orders","key":"k","event_time":1,"ingest_time":2}"#,

@@ -75,6 +75,35 @@ enum Source {
     Waiting(Flight),
 }
 
+/// The keys this call fetches for others too (single flight). Dropped without an answer, it
+/// tells their waiters the fetch failed, so they retry instead of waiting forever.
+struct FlightsGuard<'a> {
+    in_flight: &'a Mutex<HashMap<String, Flight>>,
+    keys: Vec<String>,
+    senders: Vec<watch::Sender<Option<Option<Arc<Found>>>>>,
+}
+
+impl FlightsGuard<'_> {
+    fn answer(&mut self, found: &[Arc<Found>]) {
+        for (tx, value) in self.senders.drain(..).zip(found) {
+            tx.send_replace(Some(Some(value.clone())));
+        }
+    }
+}
+
+impl Drop for FlightsGuard<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        for key in &self.keys {
+            in_flight.remove(key);
+        }
+        drop(in_flight);
+        for tx in self.senders.drain(..) {
+            tx.send_replace(Some(None));
+        }
+    }
+}
+
 impl CachedRefStore {
     pub fn new(inner: Arc<dyn RefStore>, settings: &CacheSettings) -> Self {
         let cache = (settings.max_bytes > 0).then(|| {
@@ -153,17 +182,18 @@ impl CachedRefStore {
         let fetched = if fetch.is_empty() {
             Vec::new()
         } else {
+            // Whatever ends this fetch — an answer, an error, or this future dropped half-way —
+            // the keys leave the in-flight map and their waiters hear of it.
+            let mut flights = FlightsGuard {
+                in_flight: &self.in_flight,
+                keys: fetch.iter().map(|(k, _)| k.clone()).collect(),
+                senders: std::mem::take(&mut senders),
+            };
             let started = Instant::now();
             let answer = self.inner.lookup_many(&fetch).await;
             metrics::histogram!("instream_refdata_lookup_seconds")
                 .record(started.elapsed().as_secs_f64());
             let answer = answer.map(|found| found.into_iter().map(Arc::new).collect::<Vec<_>>());
-            {
-                let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-                for (key, _) in &fetch {
-                    in_flight.remove(key);
-                }
-            }
             match answer {
                 Ok(found) => {
                     let hits = found
@@ -174,23 +204,19 @@ impl CachedRefStore {
                         .increment(hits as u64);
                     metrics::counter!("instream_refdata_lookups_total", "level" => "redis", "outcome" => "miss")
                         .increment((found.len() - hits) as u64);
-                    for ((key, _), (value, tx)) in fetch.iter().zip(found.iter().zip(&senders)) {
+                    for ((key, _), value) in fetch.iter().zip(found.iter()) {
                         // A malformed key is fixed by hand; do not hide the fix for a TTL.
                         if let (Some(cache), false) =
                             (&self.cache, matches!(**value, Found::Malformed(_)))
                         {
                             cache.insert(key.clone(), value.clone());
                         }
-                        tx.send_replace(Some(Some(value.clone())));
                     }
+                    flights.answer(&found);
                     found
                 }
-                Err(error) => {
-                    for tx in &senders {
-                        tx.send_replace(Some(None));
-                    }
-                    return Err(error);
-                }
+                // The guard tells the waiters it failed.
+                Err(error) => return Err(error),
             }
         };
 
@@ -343,5 +369,37 @@ mod tests {
             assert!(matches!(*found[0], Found::Record(_)));
         }
         assert_eq!(store.requests.load(Ordering::SeqCst), 1, "single flight");
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_fetch_frees_its_keys_and_its_waiters() {
+        let store = Arc::new(Counting {
+            asked: AtomicUsize::new(0),
+            requests: AtomicUsize::new(0),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let cached = CachedRefStore::new(store.clone(), &settings());
+        let wanted = keys(&["known-a"]);
+        // The owner starts the fetch and waits on the store; the waiter joins its flight.
+        let mut owner = Box::pin(cached.lookup_many(&wanted));
+        assert!(futures::poll!(owner.as_mut()).is_pending());
+        let mut waiter = Box::pin(cached.lookup_many(&wanted));
+        assert!(futures::poll!(waiter.as_mut()).is_pending());
+        assert_eq!(store.requests.load(Ordering::SeqCst), 1);
+        drop(owner);
+        // The waiter hears the fetch was abandoned (and its batch retries), not hangs.
+        let waited = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter is told");
+        assert!(matches!(waited, Err(RefDataError::Unavailable(_))));
+        assert!(
+            cached.in_flight.lock().unwrap().is_empty(),
+            "the key was freed"
+        );
+        // A new lookup asks the store itself.
+        store.gate.add_permits(10);
+        let found = cached.lookup_many(&wanted).await.unwrap();
+        assert!(matches!(*found[0], Found::Record(_)));
+        assert_eq!(store.requests.load(Ordering::SeqCst), 2);
     }
 }

@@ -184,6 +184,14 @@ impl Link {
         }
     }
 
+    /// Sentinel: drops the master's connection, so the next command asks the sentinels where
+    /// the master is. Elsewhere nothing to do.
+    pub fn forget_master(&self) {
+        if let Link::Sentinel { master, .. } = self {
+            *master.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+
     /// A client for pub/sub (one server only; elsewhere versions are followed by polling).
     pub fn pubsub_client(cfg: &RefDataConfig) -> Option<redis::Client> {
         (cfg.redis_mode == RedisMode::Standalone)

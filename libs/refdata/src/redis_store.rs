@@ -285,9 +285,14 @@ impl RefStore for RedisRefStore {
                 c
             })
             .collect();
-        let answers = tokio::time::timeout(self.timeout, self.link.run(commands))
-            .await
-            .map_err(|_| unavailable("lookup timed out"))??;
+        let answers = match tokio::time::timeout(self.timeout, self.link.run(commands)).await {
+            Ok(answers) => answers?,
+            Err(_) => {
+                // A master that hangs rather than refuses: ask the sentinels again next time.
+                self.link.forget_master();
+                return Err(unavailable("lookup timed out"));
+            }
+        };
         if answers.len() != lookups.len() {
             return Err(unavailable(format!(
                 "{} answers for {} lookups",
@@ -318,18 +323,25 @@ impl RefStore for RedisRefStore {
 
     async fn track(&self, rules: &[(String, String)]) -> Result<(), RefDataError> {
         let new: Vec<RuleId> = {
-            let mut tracked = self
+            let tracked = self
                 .versions
                 .tracked
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             rules
                 .iter()
-                .filter(|r| tracked.insert((*r).clone()))
+                .filter(|r| !tracked.contains(*r))
                 .cloned()
                 .collect()
         };
-        refresh(&self.link, self.timeout, &self.versions, &new).await
+        // Tracked only once read: a failed read is tried again by the next call.
+        refresh(&self.link, self.timeout, &self.versions, &new).await?;
+        self.versions
+            .tracked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(new);
+        Ok(())
     }
 
     fn version(&self, pipeline: &str, rule: &str) -> Option<u64> {

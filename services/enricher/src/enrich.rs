@@ -29,8 +29,11 @@ pub(crate) struct Enricher {
 }
 
 impl Enricher {
-    /// Follows the reference-data versions of every rule in `catalog`.
-    pub async fn track_rules(&self, catalog: &Catalog) {
+    /// Follows the reference-data versions of every rule in `catalog`, reading each pointer
+    /// once before any of its lookups: a pointer not read yet must not pass for "no versioned
+    /// data", which would send lookups to the plain key and miss. Retries until it works;
+    /// `false` when shutdown came first.
+    pub async fn track_rules(&self, catalog: &Catalog) -> bool {
         let rules: Vec<(String, String)> = catalog
             .iter()
             .flat_map(|def| {
@@ -39,9 +42,24 @@ impl Enricher {
                     .map(|rule| (def.name.clone(), rule.name.clone()))
             })
             .collect();
-        if let Err(error) = self.refdata.store().track(&rules).await {
-            // The background check reads them again shortly.
-            tracing::warn!(%error, "reading reference data versions failed");
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.refdata.store().track(&rules).await {
+                Ok(()) => return true,
+                Err(error) => {
+                    self.readiness.set_not_ready(error.to_string());
+                    tracing::warn!(%error, retry_in = ?backoff, "reading reference data versions failed; retrying");
+                    if self
+                        .shutdown
+                        .run_until_cancelled(tokio::time::sleep(backoff))
+                        .await
+                        .is_none()
+                    {
+                        return false;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
         }
     }
 

@@ -21,6 +21,7 @@ use instream_kafka::client::{self, recv_batch};
 use instream_kafka::DeadLetters;
 use instream_pipeline::Catalog;
 use instream_stage::{Stage, Subscription};
+use rdkafka::consumer::Consumer as _;
 
 const SERVICE: &str = "enricher";
 
@@ -47,7 +48,26 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
     let refdata_ready = health.register("enricher.refdata");
     let stage = Stage::start(SERVICE, &config, &health, admin_addr, &shutdown).await?;
     let mut catalog = stage.catalog.clone();
-    let refstore = instream_refdata::build(&config.refdata).await?;
+    // Redis away at start is waited for (not ready meanwhile), as it is later on.
+    let mut backoff = std::time::Duration::from_millis(100);
+    let refstore = loop {
+        match instream_refdata::build(&config.refdata).await {
+            Ok(store) => break store,
+            Err(error @ instream_refdata::RefDataError::Unavailable(_)) => {
+                refdata_ready.set_not_ready(error.to_string());
+                tracing::warn!(%error, retry_in = ?backoff, "reference data unreachable at start; retrying");
+                if shutdown
+                    .run_until_cancelled(tokio::time::sleep(backoff))
+                    .await
+                    .is_none()
+                {
+                    return Ok(());
+                }
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
     let refdata = Arc::new(instream_refdata::CachedRefStore::new(
         refstore,
         &instream_refdata::CacheSettings {
@@ -57,6 +77,23 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
         },
     ));
     refdata_ready.set_ready();
+    // An idle enricher still reports whether Redis answers.
+    tokio::spawn({
+        let (refdata, readiness, shutdown) =
+            (refdata.clone(), refdata_ready.clone(), shutdown.clone());
+        async move {
+            let mut ticks = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = ticks.tick() => match refdata.store().ping().await {
+                        Ok(()) => readiness.set_ready(),
+                        Err(error) => readiness.set_not_ready(error.to_string()),
+                    },
+                }
+            }
+        }
+    });
     let transactional = config.enricher_transactional();
     let producer = if transactional {
         let id = config.enricher.transactional_id.clone().unwrap_or_else(|| {
@@ -101,7 +138,9 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
     };
 
     let mut tracked: Arc<Catalog> = catalog.borrow().clone();
-    enricher.track_rules(&tracked).await;
+    if !enricher.track_rules(&tracked).await {
+        return Ok(());
+    }
     let mut batch = Vec::with_capacity(config.enricher.batch_size);
     let mut last_commit = Instant::now();
     while !shutdown.is_cancelled() {
@@ -114,12 +153,26 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
         if !batch.is_empty() {
             let current: Arc<Catalog> = catalog.borrow().clone();
             if !Arc::ptr_eq(&current, &tracked) {
-                enricher.track_rules(&current).await;
+                if !enricher.track_rules(&current).await {
+                    break;
+                }
                 tracked = current.clone();
             }
-            if let Some(tx) = &transactions {
-                tx.begin()?;
-            }
+            // The group generation the batch was consumed under: a member deposed since (a
+            // rebalance, or a poll interval missed while Redis was down) is then fenced by the
+            // broker instead of committing over the partitions' new owner.
+            let group = match &transactions {
+                Some(tx) => {
+                    let Some(group) = consumer.group_metadata() else {
+                        return Err(EnricherError::Transaction(
+                            "the consumer has no group metadata".into(),
+                        ));
+                    };
+                    tx.begin()?;
+                    Some(group)
+                }
+                None => None,
+            };
             // `false`: shutdown came during a retry; the batch stays uncommitted and is
             // re-read by whoever owns the partitions next.
             let done = match enricher.process(&current, &batch).await {
@@ -131,16 +184,18 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
                     return Err(error);
                 }
             };
-            match (&transactions, done) {
-                (None, true) => client::complete(consumer, &batch),
-                (None, false) => {}
-                (Some(tx), true) => {
-                    if let transaction::Outcome::Committed = tx.commit(consumer, &batch).await? {
+            match (&transactions, done, group) {
+                (None, true, _) => client::complete(consumer, &batch),
+                (None, false, _) => {}
+                (Some(tx), true, Some(group)) => {
+                    if let transaction::Outcome::Committed =
+                        tx.commit(consumer, group, &batch).await?
+                    {
                         // Committed in the transaction; the tracker only forgets them.
                         client::complete(consumer, &batch);
                     }
                 }
-                (Some(tx), false) => tx.abort().await?,
+                (Some(tx), _, _) => tx.abort().await?,
             }
         }
         if transactions.is_none() && last_commit.elapsed() >= config.kafka.commit_interval {

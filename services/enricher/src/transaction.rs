@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use instream_kafka::client::{Consumer, Producer};
 use instream_kafka::Record;
-use rdkafka::consumer::Consumer as _;
+use rdkafka::consumer::{Consumer as _, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::producer::Producer as _;
 use rdkafka::{Offset, TopicPartitionList};
@@ -35,7 +35,8 @@ fn failed(what: &str, e: impl std::fmt::Display) -> EnricherError {
 impl Transactions {
     pub async fn start(producer: Producer, timeout: Duration) -> Result<Self, EnricherError> {
         let p = producer.clone();
-        // Also aborts whatever a previous instance with this transactional.id left open.
+        // Also aborts whatever a previous instance with this transactional.id left open (with
+        // a stable id; the default one holds the pid, stable only in a container).
         tokio::task::spawn_blocking(move || p.init_transactions(timeout))
             .await
             .map_err(|e| failed("init_transactions", e))?
@@ -64,6 +65,7 @@ impl Transactions {
     pub async fn commit(
         &self,
         consumer: &Consumer,
+        group: ConsumerGroupMetadata,
         batch: &[Record],
     ) -> Result<Outcome, EnricherError> {
         // Per partition, the first offset (to rewind to) and the next one (to commit).
@@ -81,9 +83,6 @@ impl Transactions {
                 .add_partition_offset(topic, *partition, Offset::Offset(*next))
                 .map_err(|e| failed("offsets", e))?;
         }
-        let Some(group) = consumer.group_metadata() else {
-            return Err(failed("group metadata", "the consumer has none"));
-        };
         let (p, timeout) = (self.producer.clone(), self.timeout);
         let result = tokio::task::spawn_blocking(move || {
             p.send_offsets_to_transaction(&offsets, &group, timeout)?;
@@ -102,14 +101,18 @@ impl Transactions {
                 metrics::counter!("instream_enrich_transactions_total", "outcome" => "aborted")
                     .increment(1);
                 self.abort().await?;
+                let assigned = instream_kafka::client::assigned_partitions(consumer);
                 for ((topic, partition), (first, _)) in &ranges {
                     // A partition no longer assigned is not ours to rewind: its next owner
                     // starts from the last committed offset anyway.
-                    if let Err(error) =
-                        consumer.seek(topic, *partition, Offset::Offset(*first), self.timeout)
-                    {
-                        tracing::info!(%error, topic, partition, "not rewound after an abort");
+                    if !assigned.contains(&((*topic).to_owned(), *partition)) {
+                        continue;
                     }
+                    // Going on past aborted records would lose them: stop instead, and start
+                    // again from the committed offsets.
+                    consumer
+                        .seek(topic, *partition, Offset::Offset(*first), self.timeout)
+                        .map_err(|e| failed(&format!("rewinding {topic}/{partition}"), e))?;
                 }
                 Ok(Outcome::Aborted)
             }

@@ -160,7 +160,13 @@ pub fn plan<'r>(
             let mut at = 0;
             for (rule, prefix) in def.enrichments.iter().zip(prefixes) {
                 let n = rule.key_template.fields().count();
-                let mine = &values[at..at + n];
+                // The picker fills one value per path of this pipeline; `None` cannot happen,
+                // and is a missing field if it ever does.
+                let Some(mine) = values.get(at..at + n) else {
+                    rule_lookups.push(None);
+                    at += n;
+                    continue;
+                };
                 at += n;
                 if mine.iter().any(Option::is_none) {
                     rule_lookups.push(None);

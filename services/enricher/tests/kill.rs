@@ -96,6 +96,23 @@ async fn produce_raw(broker: &KafkaBroker, pipeline: &str) {
     }
 }
 
+/// Files each enriched record under its origin (partition, offset).
+fn take(copies: &mut BTreeMap<(i32, i64), Vec<Vec<u8>>>, batch: &mut Vec<instream_kafka::Record>) {
+    for record in batch.drain(..) {
+        let origin = |name| {
+            std::str::from_utf8(record.header(name).expect("origin headers"))
+                .unwrap()
+                .parse::<i64>()
+                .unwrap()
+        };
+        let key = (
+            origin(headers::ORIGIN_PARTITION) as i32,
+            origin(headers::ORIGIN_OFFSET),
+        );
+        copies.entry(key).or_default().push(record.payload);
+    }
+}
+
 async fn kill_twice_and_check(delivery: &str) {
     let redis = RedisServer::start().unwrap();
     let broker = KafkaBroker::start().unwrap();
@@ -169,32 +186,53 @@ async fn kill_twice_and_check(delivery: &str) {
     let mut copies: BTreeMap<(i32, i64), Vec<Vec<u8>>> = BTreeMap::new();
     let mut batch = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    while copies.len() < EVENTS {
+    let mut distinct = 0;
+    while distinct < EVENTS {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "only {} of {EVENTS} raw records came out enriched",
-            copies.len()
+            "only {distinct} of {EVENTS} raw records came out enriched"
         );
         recv_batch(&consumer, 1_000, Duration::from_millis(200), &mut batch)
             .await
             .unwrap();
-        for record in batch.drain(..) {
-            let origin = |name| {
-                std::str::from_utf8(record.header(name).expect("origin headers"))
-                    .unwrap()
-                    .parse::<i64>()
-                    .unwrap()
-            };
-            let key = (
-                origin(headers::ORIGIN_PARTITION) as i32,
-                origin(headers::ORIGIN_OFFSET),
-            );
-            copies.entry(key).or_default().push(record.payload);
-        }
+        take(&mut copies, &mut batch);
+        distinct = copies.len();
     }
     child.terminate().unwrap();
     let status = child.wait_exit(Duration::from_secs(30)).unwrap();
     assert!(status.success(), "a clean stop after the kills: {status}");
+    // Then everything the enricher wrote, to each partition's end, so late copies count too.
+    let topic = format!("{pipeline}.enriched");
+    let mut ends = Vec::new();
+    for p in 0..PARTITIONS {
+        ends.push(
+            instream_kafka::ops::watermarks(&kafka, &topic, p)
+                .await
+                .unwrap()
+                .1,
+        );
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let positions = rdkafka::consumer::Consumer::position(&consumer).unwrap();
+        let caught_up = (0..PARTITIONS).all(|p| {
+            matches!(
+                positions.find_partition(&topic, p).map(|e| e.offset()),
+                Some(rdkafka::Offset::Offset(o)) if o >= ends[p as usize]
+            ) || ends[p as usize] == 0
+        });
+        if caught_up {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "could not read to the end"
+        );
+        recv_batch(&consumer, 1_000, Duration::from_millis(200), &mut batch)
+            .await
+            .unwrap();
+        take(&mut copies, &mut batch);
+    }
 
     let mut repeated = 0;
     let mut seen_events = std::collections::BTreeSet::new();

@@ -124,7 +124,8 @@ pub struct EnricherConfig {
 pub enum EnricherDelivery {
     /// `transactional` on a Kafka cluster; `at_least_once` on the embedded broker, which
     /// accepts the transactional protocol but neither stores the offsets sent in a transaction
-    /// nor hides aborted ones.
+    /// nor hides aborted ones. A Kafka-protocol broker without transactions (tansu) needs
+    /// `at_least_once` set.
     Auto,
     /// Each batch is one Kafka transaction: its enriched records, its dead letters and its
     /// input offsets (sent with the consumer group's metadata, KIP-447, so a deposed member is
@@ -133,8 +134,9 @@ pub enum EnricherDelivery {
     Transactional,
     /// Outputs are acknowledged, then offsets committed. After a crash some outputs are
     /// written again, carrying the same origin partition and offset headers, so the aggregator
-    /// drops the repeats: the end result is exact only with one writer per input partition
-    /// (the consumer group guarantees that). For brokers without transactions.
+    /// drops the repeats: the end result is exact only with one writer per input partition,
+    /// which the consumer group gives except for a member deposed after missing its polls (it
+    /// may still write one batch). For brokers without transactions.
     AtLeastOnce,
 }
 
