@@ -392,6 +392,7 @@ async fn cut_off_leader_hands_over(partition: impl Fn(&TcpProxy)) {
         .await
         .expect("the standby takes over");
     let took = cut_at.elapsed();
+    eprintln!("the standby led {took:?} after the cut");
     assert!(
         second_term > first_term,
         "terms grow: {first_term} then {second_term}"
@@ -532,7 +533,9 @@ async fn a_killed_leader_process_hands_over_within_the_session_timeout() {
             .recv_timeout(session_timeout + Duration::from_secs(5))
             .expect("the standby takes over");
         assert!(line.starts_with("leading"), "{line}");
-        killed_at.elapsed()
+        let took = killed_at.elapsed();
+        eprintln!("the standby led {took:?} after the kill");
+        took
     })
     .await
     .unwrap();

@@ -33,6 +33,30 @@ fn raw_event(pipeline: &str, i: usize) -> Vec<u8> {
     buf
 }
 
+/// Creates the pipeline's topics (one partition) and the config of an enricher reading its
+/// definitions from `definitions`, with `refdata_extra` added to its `[refdata]` section.
+fn enricher_config(
+    broker: &KafkaBroker,
+    pipeline: &str,
+    definitions: &std::path::Path,
+    redis_url: &str,
+    refdata_extra: &str,
+) -> Config {
+    for topic in [
+        topics::raw(pipeline),
+        topics::enriched(pipeline),
+        topics::dead_letter(pipeline),
+    ] {
+        broker.create_topic(&topic, 1).unwrap();
+    }
+    Config::from_toml(&format!(
+        "{base}\n[definitions]\nsource = \"file\"\npath = \"{defs}\"\n[refdata]\nbackend = \"redis\"\nredis_url = \"{redis_url}\"\n{refdata_extra}\n",
+        base = instream_integration_tests::base_config_toml(&broker.bootstrap_servers()),
+        defs = definitions.display(),
+    ))
+    .unwrap()
+}
+
 /// Reads enriched events until `want` distinct ones arrived: event number -> tier.
 async fn read_until(consumer: &client::Consumer, tiers: &mut BTreeMap<i64, String>, want: usize) {
     let mut batch = Vec::new();
@@ -79,20 +103,13 @@ fields = {{ tier = "tier" }}
     );
     std::fs::write(&definitions, &text).unwrap();
     let def = parse_document(&text).unwrap().pipelines.remove(0);
-    for topic in [
-        topics::raw(&pipeline),
-        topics::enriched(&pipeline),
-        topics::dead_letter(&pipeline),
-    ] {
-        broker.create_topic(&topic, 1).unwrap();
-    }
-    let config = Config::from_toml(&format!(
-        "{base}\n[definitions]\nsource = \"file\"\npath = \"{defs}\"\n[refdata]\nbackend = \"redis\"\nredis_url = \"{redis}\"\nversion_check_interval = \"60s\"\n",
-        base = instream_integration_tests::base_config_toml(&broker.bootstrap_servers()),
-        defs = definitions.display(),
-        redis = redis.url(),
-    ))
-    .unwrap();
+    let config = enricher_config(
+        &broker,
+        &pipeline,
+        &definitions,
+        &redis.url(),
+        "version_check_interval = \"60s\"",
+    );
 
     let load = |version_tier: &'static str| {
         let (dir, def, redis_url) = (dir.path().to_owned(), def.clone(), redis.url());
@@ -259,20 +276,7 @@ retry_backoff = "250ms"
         ),
     )
     .unwrap();
-    for topic in [
-        topics::raw(&pipeline),
-        topics::enriched(&pipeline),
-        topics::dead_letter(&pipeline),
-    ] {
-        broker.create_topic(&topic, 1).unwrap();
-    }
-    let config = Config::from_toml(&format!(
-        "{base}\n[definitions]\nsource = \"file\"\npath = \"{defs}\"\n[refdata]\nbackend = \"redis\"\nredis_url = \"{redis}\"\n",
-        base = instream_integration_tests::base_config_toml(&broker.bootstrap_servers()),
-        defs = definitions.display(),
-        redis = redis.url(),
-    ))
-    .unwrap();
+    let config = enricher_config(&broker, &pipeline, &definitions, &redis.url(), "");
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -378,13 +382,6 @@ async fn an_outage_of_redis_holds_events_back_and_loses_none() {
         ),
     )
     .unwrap();
-    for topic in [
-        topics::raw(&pipeline),
-        topics::enriched(&pipeline),
-        topics::dead_letter(&pipeline),
-    ] {
-        broker.create_topic(&topic, 1).unwrap();
-    }
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -400,13 +397,13 @@ async fn an_outage_of_redis_holds_events_back_and_loses_none() {
             .await
             .unwrap();
     }
-    let config = Config::from_toml(&format!(
-        "{base}\n[definitions]\nsource = \"file\"\npath = \"{defs}\"\n[refdata]\nbackend = \"redis\"\nredis_url = \"redis://{proxy}\"\ntimeout = \"500ms\"\n",
-        base = instream_integration_tests::base_config_toml(&broker.bootstrap_servers()),
-        defs = definitions.display(),
-        proxy = proxy.addr(),
-    ))
-    .unwrap();
+    let config = enricher_config(
+        &broker,
+        &pipeline,
+        &definitions,
+        &format!("redis://{}", proxy.addr()),
+        "timeout = \"500ms\"",
+    );
     let health = Health::default();
     let shutdown = CancellationToken::new();
     let enricher = tokio::spawn(instream_enricher::run(ServiceContext {

@@ -12,6 +12,7 @@
 //! Every start waits on a condition (the server answering its protocol), never a fixed sleep,
 //! and every server is killed when its handle drops, also when the test panics.
 
+mod bench;
 mod config;
 mod metrics;
 mod process;
@@ -19,9 +20,10 @@ mod proxy;
 mod redis_topologies;
 mod servers;
 
+pub use bench::{bench_broker, cpu_seconds};
 pub use config::process_config_toml;
 pub use metrics::metric_sum;
-pub use process::{free_port, wait_until, ChildGuard, TestkitError};
+pub use process::{free_port, spawn_service, wait_until, ChildGuard, TestkitError};
 pub use proxy::TcpProxy;
 pub use redis_topologies::{RedisCluster, RedisSentinel};
 pub use servers::{KafkaBroker, RedisServer, ZooKeeperServer};

@@ -49,6 +49,18 @@ pub fn wait_until(
     }
 }
 
+/// Starts a service binary with `--config <config>`, its output discarded (its /metrics and
+/// exit status are what tests look at).
+pub fn spawn_service(binary: &str, config: &std::path::Path) -> std::io::Result<ChildGuard> {
+    std::process::Command::new(binary)
+        .arg("--config")
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(ChildGuard)
+}
+
 /// A child process killed (SIGKILL) and reaped on drop, so a failing test never leaves a
 /// server or a service running.
 pub struct ChildGuard(pub Child);

@@ -11,8 +11,7 @@
 //! with `INSTREAM_BENCH_KAFKA=host:port`.
 
 use std::io::Write;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use instream_core::config::KafkaConfig;
@@ -22,40 +21,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 const PARTITIONS: i32 = 4;
 const KEYS: usize = 10_000;
-
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// User + system CPU seconds of a process so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name and state.
-    (ticks(11) + ticks(12)) / 100.0
-}
 
 async fn counted(admin: u16) -> f64 {
     let Ok(response) = reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await else {
@@ -74,35 +39,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or(1_000_000);
     let dir = tempfile::tempdir()?;
 
-    let (bootstrap, _broker) = match std::env::var("INSTREAM_BENCH_KAFKA") {
-        Ok(b) => (b, None),
-        Err(_) => {
-            let tansu = std::env::var("TANSU").unwrap_or_else(|_| "tansu".into());
-            let port = free_port();
-            let url = format!("tcp://127.0.0.1:{port}");
-            let child = Command::new(tansu)
-                .args([
-                    "broker",
-                    "--listener-url",
-                    &url,
-                    "--advertised-listener-url",
-                    &url,
-                ])
-                .args(["--storage-engine", "memory://tansu/"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?;
-            let guard = Guard(child);
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                if Instant::now() > deadline {
-                    return Err("tansu did not listen within 20 s".into());
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            (format!("127.0.0.1:{port}"), Some(guard))
-        }
-    };
+    let (bootstrap, _broker) = instream_testkit::bench_broker()?;
     let kafka = KafkaConfig {
         bootstrap_servers: bootstrap.clone(),
         replication_factor: 1,
@@ -174,7 +111,7 @@ functions = [{{ fn = "sum", field = "payload.price" }}]
 "#
         ),
     )?;
-    let admin = free_port();
+    let admin = instream_testkit::free_port()?;
     let config = dir.path().join("instream.toml");
     let mut file = std::fs::File::create(&config)?;
     write!(
@@ -206,7 +143,7 @@ batch_size = 10000
         .and_then(|examples| examples.parent())
         .map(|release| release.join("instream-aggregator"))
         .ok_or("no target directory")?;
-    let aggregator = Guard(
+    let aggregator = instream_testkit::ChildGuard(
         Command::new(&binary)
             .arg("--config")
             .arg(&config)
@@ -222,7 +159,7 @@ batch_size = 10000
         let n = counted(admin).await;
         if first_at.is_none() && n > 0.0 {
             first_at = Some((Instant::now(), n));
-            first_cpu = cpu_seconds(pid);
+            first_cpu = instream_testkit::cpu_seconds(pid);
         }
         if n >= events as f64 {
             break;
@@ -232,7 +169,7 @@ batch_size = 10000
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let cpu = cpu_seconds(pid) - first_cpu;
+    let cpu = instream_testkit::cpu_seconds(pid) - first_cpu;
     let (since, counted_then) = first_at.ok_or("nothing counted")?;
     let measured = events as f64 - counted_then;
     let wall = since.elapsed().as_secs_f64();

@@ -6,7 +6,6 @@
 //! local store, which outlives the process.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use instream_kafka::headers;
@@ -27,15 +26,7 @@ const RETRY_DELAY: usize = 300;
 const T0: i64 = 1_714_564_800_000;
 
 fn spawn(config: &std::path::Path) -> ChildGuard {
-    ChildGuard(
-        Command::new(BIN)
-            .arg("--config")
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+    instream_testkit::spawn_service(BIN, config).unwrap()
 }
 
 /// The sum of the `metric` lines (those containing `filter`) in the process's /metrics, and

@@ -4,7 +4,6 @@
 //! `INSTREAM_TEST_KAFKA`).
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use instream_archive::{Archive, LocalArchive};
@@ -17,15 +16,7 @@ const RECORDS: usize = 20_000;
 const PARTITIONS: i32 = 2;
 
 fn spawn(config: &std::path::Path) -> ChildGuard {
-    ChildGuard(
-        Command::new(BIN)
-            .arg("--config")
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+    instream_testkit::spawn_service(BIN, config).unwrap()
 }
 
 /// Per partition, the (first, last, lines) of every completed file.

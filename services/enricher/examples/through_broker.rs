@@ -12,7 +12,7 @@
 //! `TANSU` is a tansu 0.6 binary (started with memory storage); or `INSTREAM_BENCH_KAFKA=host:port`.
 //! tansu has no transactions, so the enricher runs with `delivery = "at_least_once"`.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use instream_core::config::KafkaConfig;
@@ -23,31 +23,6 @@ use rdkafka::producer::FutureRecord;
 const PARTITIONS: i32 = 4;
 const BIDDERS: usize = 10_000;
 const BATCH: usize = 2_000;
-
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// User + system CPU seconds of a process so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
 
 async fn enriched(admin: u16) -> f64 {
     let Ok(response) = reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await else {
@@ -65,36 +40,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .transpose()?
         .unwrap_or(1_000_000);
     let dir = tempfile::tempdir()?;
-    let (bootstrap, _broker) = match std::env::var("INSTREAM_BENCH_KAFKA") {
-        Ok(b) => (b, None),
-        Err(_) => {
-            let tansu = std::env::var("TANSU").unwrap_or_else(|_| "tansu".into());
-            let port = instream_testkit::free_port()?;
-            let url = format!("tcp://127.0.0.1:{port}");
-            let guard = Guard(
-                Command::new(tansu)
-                    .args([
-                        "broker",
-                        "--listener-url",
-                        &url,
-                        "--advertised-listener-url",
-                        &url,
-                    ])
-                    .args(["--storage-engine", "memory://tansu/"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()?,
-            );
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                if Instant::now() > deadline {
-                    return Err("tansu did not listen within 20 s".into());
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            (format!("127.0.0.1:{port}"), Some(guard))
-        }
-    };
+    let (bootstrap, _broker) = instream_testkit::bench_broker()?;
     let redis = instream_testkit::RedisServer::start()?;
     {
         let client = redis::Client::open(redis.url())?;
@@ -166,7 +112,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         if started.is_none() {
             started = Some((Instant::now(), batch.len()));
-            cpu_at_start = cpu_seconds(me);
+            cpu_at_start = instream_testkit::cpu_seconds(me);
         }
         let mut deliveries = Vec::with_capacity(batch.len());
         for r in &batch {
@@ -183,7 +129,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let (since, first) = started.ok_or("nothing copied")?;
     let pass_wall = since.elapsed().as_secs_f64();
-    let pass_cpu = cpu_seconds(me) - cpu_at_start;
+    let pass_cpu = instream_testkit::cpu_seconds(me) - cpu_at_start;
     let pass_events = (events - first) as f64;
     drop(consumer);
 
@@ -233,7 +179,7 @@ delivery = "at_least_once"
         .and_then(|examples| examples.parent())
         .map(|release| release.join("instream-enricher"))
         .ok_or("no target directory")?;
-    let enricher = Guard(
+    let enricher = instream_testkit::ChildGuard(
         Command::new(&binary)
             .arg("--config")
             .arg(&config)
@@ -249,7 +195,7 @@ delivery = "at_least_once"
         let n = enriched(admin).await;
         if first_at.is_none() && n > 0.0 {
             first_at = Some((Instant::now(), n));
-            first_cpu = cpu_seconds(pid);
+            first_cpu = instream_testkit::cpu_seconds(pid);
         }
         if n >= events as f64 {
             break;
@@ -259,7 +205,7 @@ delivery = "at_least_once"
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let cpu = cpu_seconds(pid) - first_cpu;
+    let cpu = instream_testkit::cpu_seconds(pid) - first_cpu;
     let (since, then) = first_at.ok_or("nothing enriched")?;
     let measured = events as f64 - then;
     let wall = since.elapsed().as_secs_f64();

@@ -8,7 +8,6 @@
 //! in a transaction nor hides aborted ones (README, "Test broker"). Real Redis.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use instream_kafka::client::{self, recv_batch};
@@ -25,15 +24,7 @@ const CUSTOMERS: usize = 50;
 const PARTITIONS: i32 = 4;
 
 fn spawn(config: &std::path::Path) -> ChildGuard {
-    ChildGuard(
-        Command::new(BIN)
-            .arg("--config")
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+    instream_testkit::spawn_service(BIN, config).unwrap()
 }
 
 async fn enriched_so_far(admin: u16) -> f64 {

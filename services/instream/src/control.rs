@@ -102,7 +102,7 @@ pub enum RefdataCommand {
 }
 
 /// The definitions the config's source holds now (ZooKeeper or the file).
-async fn current_catalog(config: &Config) -> anyhow::Result<Arc<Catalog>> {
+pub(crate) async fn current_catalog(config: &Config) -> anyhow::Result<Arc<Catalog>> {
     let stop = CancellationToken::new();
     let catalog = instream_coord::definition_source(config)
         .subscribe(stop.clone())
@@ -136,6 +136,26 @@ fn pretty(def: &PipelineDefinition) -> String {
     serde_json::to_string_pretty(def).unwrap_or_default() + "\n"
 }
 
+/// The definitions in `file`, and what ZooKeeper holds now by name (or why it does not parse).
+async fn file_and_stored(
+    config: &Config,
+    file: &std::path::Path,
+) -> anyhow::Result<(
+    instream_pipeline::DefinitionsDocument,
+    BTreeMap<String, Result<PipelineDefinition, String>>,
+)> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let document =
+        instream_pipeline::parse_document(&text).with_context(|| format!("{}", file.display()))?;
+    let stored = instream_coord::stored_definitions(&config.zookeeper)
+        .await?
+        .into_iter()
+        .map(|s| (s.name, s.definition))
+        .collect();
+    Ok((document, stored))
+}
+
 pub async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
     match command {
         PipelineCommand::Apply {
@@ -144,18 +164,9 @@ pub async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
             output,
         } => {
             let config = Config::load(config.as_deref())?;
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            let document = instream_pipeline::parse_document(&text)
-                .with_context(|| format!("{}", file.display()))?;
+            let (document, stored) = file_and_stored(&config, &file).await?;
             // All or nothing: every definition is checked against what is stored before any
             // is written. One stored exactly as in the file is left alone.
-            let stored: BTreeMap<String, Result<PipelineDefinition, String>> =
-                instream_coord::stored_definitions(&config.zookeeper)
-                    .await?
-                    .into_iter()
-                    .map(|s| (s.name, s.definition))
-                    .collect();
             let mut plan = Vec::new();
             let mut refused = Vec::new();
             for def in &document.pipelines {
@@ -268,16 +279,7 @@ pub async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
             output,
         } => {
             let config = Config::load(config.as_deref())?;
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            let document = instream_pipeline::parse_document(&text)
-                .with_context(|| format!("{}", file.display()))?;
-            let stored: BTreeMap<String, Result<PipelineDefinition, String>> =
-                instream_coord::stored_definitions(&config.zookeeper)
-                    .await?
-                    .into_iter()
-                    .map(|s| (s.name, s.definition))
-                    .collect();
+            let (document, stored) = file_and_stored(&config, &file).await?;
             let mut report = Vec::new();
             let mut text = String::new();
             for def in &document.pipelines {
@@ -368,123 +370,6 @@ pub async fn topics_create(command: TopicsCommand) -> anyhow::Result<()> {
                 })
                 .collect();
             emit(&table(&["TOPIC", "OUTCOME"], &rows))
-        }
-    }
-}
-
-/// The consumer groups of the services, with the topics each reads.
-fn groups(config: &Config, catalog: &Catalog) -> Vec<(String, String)> {
-    let prefix = &config.kafka.group_prefix;
-    let mut out = Vec::new();
-    for def in catalog.iter() {
-        out.push((format!("{prefix}-enricher"), topics::raw(&def.name)));
-        out.push((format!("{prefix}-archiver"), topics::raw(&def.name)));
-        out.push((format!("{prefix}-aggregator"), topics::enriched(&def.name)));
-    }
-    out.sort();
-    out
-}
-
-pub async fn status(config: Option<PathBuf>, output: Output) -> anyhow::Result<()> {
-    let config = Config::load(config.as_deref())?;
-    if config.definitions.source != instream_core::config::DefinitionSourceKind::Zookeeper {
-        bail!(
-            "the registry lives in ZooKeeper; this config reads definitions from a file, so its \
-             services keep their registry inside their own process (standalone): use the \
-             deployment's config, or that process's /metrics"
-        );
-    }
-    let instances = instream_coord::coordinator(&config)
-        .instances()
-        .await
-        .context("reading the service registry")?;
-    let catalog = current_catalog(&config).await?;
-    let mut lags = Vec::new();
-    for (group, topic) in groups(&config, &catalog) {
-        // A pipeline whose topics are not created yet is a row saying so, not a failure.
-        let lag = instream_kafka::ops::group_lag(&config.kafka, &group, &topic)
-            .await
-            .map_err(|e| e.to_string());
-        lags.push((group, topic, lag));
-    }
-    match output {
-        Output::Json => emit_json(&json!({
-            "instances": instances,
-            "lag": lags.iter().map(|(g, t, l)| match l {
-                Ok(l) => json!({
-                    "group": g, "topic": t, "lag": l.iter().map(|p| p.lag).sum::<i64>(),
-                    "partitions": l.iter().map(|p| json!({"partition": p.partition,
-                        "committed": p.committed, "end": p.end, "lag": p.lag})).collect::<Vec<_>>(),
-                }),
-                Err(e) => json!({"group": g, "topic": t, "error": e}),
-            }).collect::<Vec<_>>(),
-        })),
-        Output::Table => {
-            let text_of = |v: &serde_json::Value| match v {
-                serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Null => String::new(),
-                other => other.to_string(),
-            };
-            let rows: Vec<Vec<String>> = instances
-                .iter()
-                .map(|i| {
-                    let partitions = i.info["partitions"]
-                        .as_array()
-                        .map(|a| a.iter().map(text_of).collect::<Vec<_>>().join(","))
-                        .unwrap_or_default();
-                    let definitions = i.info["definitions"]
-                        .as_object()
-                        .map(|m| {
-                            m.iter()
-                                .map(|(p, v)| format!("{p}@{v}"))
-                                .collect::<Vec<_>>()
-                                .join(",")
-                        })
-                        .unwrap_or_default();
-                    vec![
-                        i.service.clone(),
-                        i.instance.clone(),
-                        text_of(&i.info["admin"]),
-                        text_of(&i.info["version"]),
-                        definitions,
-                        partitions,
-                    ]
-                })
-                .collect();
-            let mut text = table(
-                &[
-                    "SERVICE",
-                    "INSTANCE",
-                    "ADMIN",
-                    "VERSION",
-                    "DEFINITIONS",
-                    "PARTITIONS",
-                ],
-                &rows,
-            );
-            text.push('\n');
-            let rows: Vec<Vec<String>> = lags
-                .iter()
-                .map(|(g, t, l)| match l {
-                    Ok(l) => {
-                        let uncommitted = l.iter().filter(|p| p.committed.is_none()).count();
-                        vec![
-                            g.clone(),
-                            t.clone(),
-                            l.iter().map(|p| p.lag).sum::<i64>().to_string(),
-                            format!("{} ({uncommitted} never committed)", l.len()),
-                        ]
-                    }
-                    Err(e) => vec![
-                        g.clone(),
-                        t.clone(),
-                        "-".into(),
-                        format!("unavailable: {e}"),
-                    ],
-                })
-                .collect();
-            text.push_str(&table(&["GROUP", "TOPIC", "LAG", "PARTITIONS"], &rows));
-            emit(&text)
         }
     }
 }

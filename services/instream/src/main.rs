@@ -5,6 +5,7 @@ mod demo;
 mod ops;
 mod output;
 mod standalone;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -150,7 +151,7 @@ fn main() -> ExitCode {
         Command::Topics(c) => runtime().and_then(|rt| rt.block_on(control::topics_create(c))),
         Command::Refdata(c) => runtime().and_then(|rt| rt.block_on(control::refdata(c))),
         Command::Status { config, output } => {
-            runtime().and_then(|rt| rt.block_on(control::status(config, output)))
+            runtime().and_then(|rt| rt.block_on(status::status(config, output)))
         }
         Command::Query {
             config,

@@ -1,0 +1,58 @@
+//! What the through-broker benchmark examples share: a broker to run against and the CPU time
+//! of the process under measurement.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::process::{free_port, ChildGuard, TestkitError};
+
+/// The broker of a benchmark: `INSTREAM_BENCH_KAFKA=host:port` when set, else a tansu 0.6
+/// started here with memory storage (`TANSU` names its binary, `tansu` by default). Returns
+/// the bootstrap address and the broker's process, which is killed on drop.
+pub fn bench_broker() -> Result<(String, Option<ChildGuard>), TestkitError> {
+    if let Ok(bootstrap) = std::env::var("INSTREAM_BENCH_KAFKA") {
+        return Ok((bootstrap, None));
+    }
+    let tansu = std::env::var("TANSU").unwrap_or_else(|_| "tansu".into());
+    let port = free_port()?;
+    let url = format!("tcp://127.0.0.1:{port}");
+    let child = Command::new(&tansu)
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .args(["--storage-engine", "memory://tansu/"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|source| TestkitError::Spawn {
+            program: tansu,
+            source,
+        })?;
+    let guard = ChildGuard(child);
+    crate::process::wait_until("tansu to listen", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })?;
+    Ok((format!("127.0.0.1:{port}"), Some(guard)))
+}
+
+/// User + system CPU seconds a process has used so far (from /proc).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name and state.
+    (ticks(11) + ticks(12)) / 100.0
+}

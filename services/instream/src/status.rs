@@ -1,0 +1,128 @@
+//! `instream status`: the live topology from the registry, and each consumer group's lag.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use instream_core::config::Config;
+use instream_pipeline::{topics, Catalog};
+use serde_json::json;
+
+use crate::control::current_catalog;
+use crate::output::{emit, emit_json, table, Output};
+
+/// The consumer groups of the services, with the topics each reads.
+fn groups(config: &Config, catalog: &Catalog) -> Vec<(String, String)> {
+    let prefix = &config.kafka.group_prefix;
+    let mut out = Vec::new();
+    for def in catalog.iter() {
+        out.push((format!("{prefix}-enricher"), topics::raw(&def.name)));
+        out.push((format!("{prefix}-archiver"), topics::raw(&def.name)));
+        out.push((format!("{prefix}-aggregator"), topics::enriched(&def.name)));
+    }
+    out.sort();
+    out
+}
+
+pub async fn status(config: Option<PathBuf>, output: Output) -> anyhow::Result<()> {
+    let config = Config::load(config.as_deref())?;
+    if config.definitions.source != instream_core::config::DefinitionSourceKind::Zookeeper {
+        bail!(
+            "the registry lives in ZooKeeper; this config reads definitions from a file, so its \
+             services keep their registry inside their own process (standalone): use the \
+             deployment's config, or that process's /metrics"
+        );
+    }
+    let instances = instream_coord::coordinator(&config)
+        .instances()
+        .await
+        .context("reading the service registry")?;
+    let catalog = current_catalog(&config).await?;
+    let mut lags = Vec::new();
+    for (group, topic) in groups(&config, &catalog) {
+        // A pipeline whose topics are not created yet is a row saying so, not a failure.
+        let lag = instream_kafka::ops::group_lag(&config.kafka, &group, &topic)
+            .await
+            .map_err(|e| e.to_string());
+        lags.push((group, topic, lag));
+    }
+    match output {
+        Output::Json => emit_json(&json!({
+            "instances": instances,
+            "lag": lags.iter().map(|(g, t, l)| match l {
+                Ok(l) => json!({
+                    "group": g, "topic": t, "lag": l.iter().map(|p| p.lag).sum::<i64>(),
+                    "partitions": l.iter().map(|p| json!({"partition": p.partition,
+                        "committed": p.committed, "end": p.end, "lag": p.lag})).collect::<Vec<_>>(),
+                }),
+                Err(e) => json!({"group": g, "topic": t, "error": e}),
+            }).collect::<Vec<_>>(),
+        })),
+        Output::Table => {
+            let text_of = |v: &serde_json::Value| match v {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => String::new(),
+                other => other.to_string(),
+            };
+            let rows: Vec<Vec<String>> = instances
+                .iter()
+                .map(|i| {
+                    let partitions = i.info["partitions"]
+                        .as_array()
+                        .map(|a| a.iter().map(text_of).collect::<Vec<_>>().join(","))
+                        .unwrap_or_default();
+                    let definitions = i.info["definitions"]
+                        .as_object()
+                        .map(|m| {
+                            m.iter()
+                                .map(|(p, v)| format!("{p}@{v}"))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
+                        .unwrap_or_default();
+                    vec![
+                        i.service.clone(),
+                        i.instance.clone(),
+                        text_of(&i.info["admin"]),
+                        text_of(&i.info["version"]),
+                        definitions,
+                        partitions,
+                    ]
+                })
+                .collect();
+            let mut text = table(
+                &[
+                    "SERVICE",
+                    "INSTANCE",
+                    "ADMIN",
+                    "VERSION",
+                    "DEFINITIONS",
+                    "PARTITIONS",
+                ],
+                &rows,
+            );
+            text.push('\n');
+            let rows: Vec<Vec<String>> = lags
+                .iter()
+                .map(|(g, t, l)| match l {
+                    Ok(l) => {
+                        let uncommitted = l.iter().filter(|p| p.committed.is_none()).count();
+                        vec![
+                            g.clone(),
+                            t.clone(),
+                            l.iter().map(|p| p.lag).sum::<i64>().to_string(),
+                            format!("{} ({uncommitted} never committed)", l.len()),
+                        ]
+                    }
+                    Err(e) => vec![
+                        g.clone(),
+                        t.clone(),
+                        "-".into(),
+                        format!("unavailable: {e}"),
+                    ],
+                })
+                .collect();
+            text.push_str(&table(&["GROUP", "TOPIC", "LAG", "PARTITIONS"], &rows));
+            emit(&text)
+        }
+    }
+}
