@@ -1,0 +1,239 @@
+//! `instream refdata load` as the real binary against a real ZooKeeper and a real Redis:
+//! versions switched atomically and followed by an enricher's store, retired versions kept
+//! for their grace, bad input refused with nothing switched.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{definitions, Env};
+use instream_testkit::{unique, KafkaBroker, RedisServer, ZooKeeperServer};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refdata_load_switches_versions_and_enrichers_follow() {
+    let zookeeper = ZooKeeperServer::start().unwrap();
+    let redis = RedisServer::start().unwrap();
+    let broker = KafkaBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let env = Env {
+        zk: zookeeper.connect_string(),
+        root: format!("/{}", unique("cli")),
+        bootstrap: broker.bootstrap_servers(),
+        redis: Some(redis.url()),
+        store: None,
+    };
+    let defs = definitions(dir.path(), "orders", 1, "");
+    env.ok(&["pipeline", "apply", defs.to_str().unwrap()]);
+
+    // What an enricher holds: a store that follows the rule's version.
+    let refdata = instream_core::config::RefDataConfig {
+        redis_url: redis.url(),
+        version_check_interval: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let store = instream_refdata::RedisRefStore::connect(&refdata)
+        .await
+        .unwrap();
+    use instream_refdata::RefStore;
+    let rule = ("orders".to_owned(), "customer".to_owned());
+    store.track(std::slice::from_ref(&rule)).await.unwrap();
+    assert_eq!(store.version("orders", "customer"), None);
+
+    let csv = dir.path().join("customers.csv");
+    std::fs::write(&csv, "id,tier,name\nc1,gold,Ann\nc2,silver,\"Bob, Jr.\"\n").unwrap();
+    let loaded = env.json(&[
+        "refdata",
+        "load",
+        csv.to_str().unwrap(),
+        "--pipeline",
+        "orders",
+        "--rule",
+        "customer",
+        "--key-field",
+        "id",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(
+        (loaded["version"].as_u64(), loaded["records"].as_u64()),
+        (Some(1), Some(2))
+    );
+    // The announcement reaches the enricher's store within 2 s (the periodic check is 60 s).
+    wait_for("version 1", || {
+        store.version("orders", "customer") == Some(1)
+    })
+    .await;
+    let key = |v: u64, k: &str| {
+        format!(
+            "{}customer:{k}",
+            instream_refdata::versions::version_prefix("orders", "customer", v)
+        )
+    };
+    let found = store
+        .lookup_many(&[(key(1, "c2"), instream_pipeline::RecordShape::Hash)])
+        .await
+        .unwrap();
+    let instream_refdata::Found::Record(record) = &found[0] else {
+        panic!("{found:?}")
+    };
+    assert_eq!(record["name"], "Bob, Jr.");
+    assert_eq!(record["tier"], "silver");
+
+    // JSON lines as version 2, then 3: version 1 goes once 2 is the previous one.
+    let jsonl = dir.path().join("customers.jsonl");
+    std::fs::write(&jsonl, "{\"id\":\"c1\",\"tier\":\"platinum\"}\n").unwrap();
+    for expected in [2u64, 3] {
+        let loaded = env.json(&[
+            "refdata",
+            "load",
+            jsonl.to_str().unwrap(),
+            "--pipeline",
+            "orders",
+            "--rule",
+            "customer",
+            "--key-field",
+            "id",
+            "--output",
+            "json",
+        ]);
+        assert_eq!(loaded["version"].as_u64(), Some(expected));
+        wait_for("the new version", || {
+            store.version("orders", "customer") == Some(expected)
+        })
+        .await;
+    }
+    let old = store
+        .lookup_many(&[
+            (key(1, "c1"), instream_pipeline::RecordShape::Hash),
+            (key(2, "c1"), instream_pipeline::RecordShape::Hash),
+            (key(3, "c1"), instream_pipeline::RecordShape::Hash),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        matches!(old[0], instream_refdata::Found::Record(_)),
+        "a retired version stays readable for its grace period"
+    );
+    let redis_conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let ttl = |k: String| {
+        let mut c = redis_conn.clone();
+        async move {
+            redis::cmd("TTL")
+                .arg(k)
+                .query_async::<i64>(&mut c)
+                .await
+                .unwrap()
+        }
+    };
+    let retired_ttl = ttl(key(1, "c1")).await;
+    assert!(
+        (1..=600).contains(&retired_ttl),
+        "version 1 expires within the grace: {retired_ttl}"
+    );
+    assert_eq!(
+        ttl(key(2, "c1")).await,
+        -1,
+        "the previous version does not expire"
+    );
+    assert!(
+        matches!(old[1], instream_refdata::Found::Record(_)),
+        "the previous version stays"
+    );
+    assert!(matches!(&old[2], instream_refdata::Found::Record(r) if r["tier"] == "platinum"));
+
+    // Refusals name the problem.
+    let error = env.fails(&[
+        "refdata",
+        "load",
+        csv.to_str().unwrap(),
+        "--pipeline",
+        "orders",
+        "--rule",
+        "nope",
+        "--key-field",
+        "id",
+    ]);
+    assert!(error.contains("no enrichment rule `nope`"), "{error}");
+    let error = env.fails(&[
+        "refdata",
+        "load",
+        csv.to_str().unwrap(),
+        "--pipeline",
+        "orders",
+        "--rule",
+        "customer",
+        "--key-field",
+        "missing",
+    ]);
+    assert!(
+        error.contains("line 2") && error.contains("`missing`"),
+        "{error}"
+    );
+    let error = env.fails(&[
+        "refdata",
+        "load",
+        csv.to_str().unwrap(),
+        "--pipeline",
+        "orders",
+        "--rule",
+        "customer",
+        "--key-field",
+        "id",
+        "--key-field",
+        "tier",
+    ]);
+    assert!(error.contains("one --key-field per field"), "{error}");
+    assert_eq!(
+        store.version("orders", "customer"),
+        Some(3),
+        "failed loads switch nothing"
+    );
+
+    // A load that finishes after a later one never moves the pointer back.
+    let mut c = redis_conn.clone();
+    let _: () = redis::cmd("SET")
+        .arg(instream_refdata::versions::pointer_key(
+            "orders", "customer",
+        ))
+        .arg(99)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let loaded = env.json(&[
+        "refdata",
+        "load",
+        jsonl.to_str().unwrap(),
+        "--pipeline",
+        "orders",
+        "--rule",
+        "customer",
+        "--key-field",
+        "id",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(loaded["switched"], false, "{loaded}");
+    let pointer: u64 = redis::cmd("GET")
+        .arg(instream_refdata::versions::pointer_key(
+            "orders", "customer",
+        ))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(pointer, 99);
+}
+
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
