@@ -43,8 +43,9 @@ impl Archive for Counting {
     async fn remove_leftovers(
         &self,
         prefix: &str,
+        name_prefix: &str,
     ) -> Result<usize, instream_archive::ArchiveError> {
-        self.inner.remove_leftovers(prefix).await
+        self.inner.remove_leftovers(prefix, name_prefix).await
     }
     async fn ping(&self) -> Result<(), instream_archive::ArchiveError> {
         self.inner.ping().await

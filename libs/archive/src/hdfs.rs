@@ -1,9 +1,10 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use hdfs_native::{Client, ClientBuilder, WriteOptions};
+use instream_core::config::ArchiveConfig;
 
 use crate::{
-    check_path, completed, in_progress_name, is_in_progress, Archive, ArchiveError, ArchivedFile,
+    check_path, completed, in_progress_name, is_leftover_of, Archive, ArchiveError, ArchivedFile,
 };
 
 /// The archive on HDFS, through the native RPC client (`hdfs-native`): no JVM, no libhdfs.
@@ -20,16 +21,60 @@ fn hdfs_err(path: &str) -> impl FnOnce(hdfs_native::HdfsError) -> ArchiveError +
     }
 }
 
+#[cfg(feature = "kerberos")]
+fn kerberos(
+    mut builder: ClientBuilder,
+    config: &ArchiveConfig,
+) -> Result<ClientBuilder, ArchiveError> {
+    if let Some(principal) = &config.kerberos_principal {
+        builder = builder.with_kerberos_principal(principal);
+    }
+    if let Some(keytab) = &config.kerberos_keytab {
+        builder = builder.with_kerberos_keytab(keytab);
+    }
+    if let Some(cache) = &config.kerberos_cache {
+        builder = builder.with_kerberos_cache(cache);
+    }
+    Ok(builder)
+}
+
+/// Without the feature, Kerberos settings are refused rather than silently ignored (the
+/// client would then talk to a secured cluster without credentials).
+#[cfg(not(feature = "kerberos"))]
+fn kerberos(builder: ClientBuilder, config: &ArchiveConfig) -> Result<ClientBuilder, ArchiveError> {
+    let set = config.kerberos_principal.is_some()
+        || config.kerberos_keytab.is_some()
+        || config.kerberos_cache.is_some();
+    if set {
+        return Err(ArchiveError::Unsupported(
+            "archive.kerberos_* is set, but instream was built without the `kerberos` feature \
+             (cargo build --features kerberos)"
+                .into(),
+        ));
+    }
+    Ok(builder)
+}
+
 impl HdfsArchive {
-    /// `url` is `hdfs://namenode:port` or an HA nameservice; `root` an absolute path.
-    pub fn connect(url: &str, root: &str) -> Result<HdfsArchive, ArchiveError> {
-        let client = ClientBuilder::new()
-            .with_url(url)
-            .build()
-            .map_err(hdfs_err(url))?;
+    /// Connects as `config` says: `hdfs_url` is `hdfs://namenode:port` or an HA nameservice
+    /// (its namenodes from `hdfs_config` or the Hadoop configuration directory).
+    pub fn connect(config: &ArchiveConfig) -> Result<HdfsArchive, ArchiveError> {
+        let url = config.hdfs_url.as_str();
+        let mut builder = ClientBuilder::new().with_url(url);
+        if !config.hdfs_config.is_empty() {
+            builder = builder.with_config(config.hdfs_config.clone());
+        }
+        if let Some(dir) = &config.hdfs_config_dir {
+            builder = builder.with_config_dir(dir);
+        }
+        if let Some(user) = &config.hdfs_user {
+            builder = builder.with_user(user);
+        }
+        builder = kerberos(builder, config)?;
+        let client = builder.build().map_err(hdfs_err(url))?;
         Ok(HdfsArchive {
             client,
-            root: root.trim_end_matches('/').to_owned(),
+            root: config.root.trim_end_matches('/').to_owned(),
         })
     }
 
@@ -81,12 +126,19 @@ impl Archive for HdfsArchive {
             .create(&temp, options)
             .await
             .map_err(hdfs_err(&temp))?;
-        writer.write_bytes(data).await.map_err(hdfs_err(&temp))?;
+        let head = data.slice(..data.len() / 2);
+        let tail = data.slice(data.len() / 2..);
+        writer.write_bytes(head).await.map_err(hdfs_err(&temp))?;
+        fail::fail_point!("archive-put-mid-write");
+        writer.write_bytes(tail).await.map_err(hdfs_err(&temp))?;
         writer.close().await.map_err(hdfs_err(&temp))?;
+        fail::fail_point!("archive-put-before-rename");
         self.client
             .rename(&temp, &target, false)
             .await
-            .map_err(hdfs_err(&target))
+            .map_err(hdfs_err(&target))?;
+        fail::fail_point!("archive-put-after-rename");
+        Ok(())
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ArchivedFile>, ArchiveError> {
@@ -103,10 +155,14 @@ impl Archive for HdfsArchive {
             .map_err(hdfs_err(&full))
     }
 
-    async fn remove_leftovers(&self, prefix: &str) -> Result<usize, ArchiveError> {
+    async fn remove_leftovers(
+        &self,
+        prefix: &str,
+        name_prefix: &str,
+    ) -> Result<usize, ArchiveError> {
         let mut removed = 0;
         for file in self.list_all(prefix).await? {
-            if is_in_progress(&file.path) {
+            if is_leftover_of(&file.path, name_prefix) {
                 let full = self.full(&file.path);
                 self.client
                     .delete(&full, false)

@@ -36,6 +36,8 @@ pub struct ArchivedFile {
 pub enum ArchiveError {
     #[error("archive path `{0}` is not a relative path of `/`-separated names")]
     BadPath(String),
+    #[error("{0}")]
+    Unsupported(String),
     #[error("archive I/O on `{path}`: {message}")]
     Io { path: String, message: String },
 }
@@ -49,8 +51,15 @@ pub trait Archive: Send + Sync {
     async fn get(&self, path: &str) -> Result<Bytes, ArchiveError>;
     /// Deletes one completed file (retention). A file already gone is not an error.
     async fn delete(&self, path: &str) -> Result<(), ArchiveError>;
-    /// Deletes in-progress files below `prefix` left by a crash; returns how many.
-    async fn remove_leftovers(&self, prefix: &str) -> Result<usize, ArchiveError>;
+    /// Deletes in-progress files below `prefix` whose own name (after the in-progress
+    /// prefix) starts with `name_prefix`, left by a crash; returns how many. The name prefix
+    /// scopes it to what the caller owns (one partition), so another writer's file in
+    /// progress is left alone.
+    async fn remove_leftovers(
+        &self,
+        prefix: &str,
+        name_prefix: &str,
+    ) -> Result<usize, ArchiveError>;
     /// Succeeds when the archive is reachable (readiness).
     async fn ping(&self) -> Result<(), ArchiveError>;
 }
@@ -59,10 +68,7 @@ pub trait Archive: Send + Sync {
 pub fn build(config: &ArchiveConfig) -> Result<Arc<dyn Archive>, ArchiveError> {
     match config.backend {
         ArchiveBackend::Local => Ok(Arc::new(LocalArchive::new(&config.root))),
-        ArchiveBackend::Hdfs => Ok(Arc::new(HdfsArchive::connect(
-            &config.hdfs_url,
-            &config.root,
-        )?)),
+        ArchiveBackend::Hdfs => Ok(Arc::new(HdfsArchive::connect(config)?)),
     }
 }
 
@@ -95,6 +101,14 @@ pub(crate) fn completed(found: Vec<ArchivedFile>) -> Vec<ArchivedFile> {
         .collect();
     files.sort_by(|a, b| a.path.cmp(&b.path));
     files
+}
+
+/// An in-progress file whose own name starts with `name_prefix`.
+pub(crate) fn is_leftover_of(path: &str, name_prefix: &str) -> bool {
+    path.rsplit('/')
+        .next()
+        .and_then(|name| name.strip_prefix(IN_PROGRESS_PREFIX))
+        .is_some_and(|name| name.starts_with(name_prefix))
 }
 
 pub(crate) fn is_in_progress(path: &str) -> bool {

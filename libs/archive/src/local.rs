@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::{
-    check_path, completed, in_progress_name, is_in_progress, Archive, ArchiveError, ArchivedFile,
+    check_path, completed, in_progress_name, is_leftover_of, Archive, ArchiveError, ArchivedFile,
 };
 
 /// The archive as a local directory. Files are fsynced before the rename and the directory
@@ -103,13 +103,18 @@ impl Archive for LocalArchive {
             let dir = target.parent().unwrap_or(Path::new("."));
             std::fs::create_dir_all(dir).map_err(io(dir))?;
             let mut file = std::fs::File::create(&temp).map_err(io(&temp))?;
-            file.write_all(&data).map_err(io(&temp))?;
+            let (head, tail) = data.split_at(data.len() / 2);
+            file.write_all(head).map_err(io(&temp))?;
+            fail::fail_point!("archive-put-mid-write");
+            file.write_all(tail).map_err(io(&temp))?;
             file.sync_all().map_err(io(&temp))?;
             drop(file);
+            fail::fail_point!("archive-put-before-rename");
             std::fs::rename(&temp, &target).map_err(io(&target))?;
             std::fs::File::open(dir)
                 .and_then(|d| d.sync_all())
                 .map_err(io(dir))?;
+            fail::fail_point!("archive-put-after-rename");
             Ok(())
         })
         .await
@@ -125,12 +130,16 @@ impl Archive for LocalArchive {
         blocking(move || std::fs::read(&full).map(Bytes::from).map_err(io(&full))).await
     }
 
-    async fn remove_leftovers(&self, prefix: &str) -> Result<usize, ArchiveError> {
+    async fn remove_leftovers(
+        &self,
+        prefix: &str,
+        name_prefix: &str,
+    ) -> Result<usize, ArchiveError> {
         let leftovers: Vec<PathBuf> = self
             .walk(prefix)
             .await?
             .into_iter()
-            .filter(|f| is_in_progress(&f.path))
+            .filter(|f| is_leftover_of(&f.path, name_prefix))
             .map(|f| self.root.join(f.path))
             .collect();
         let removed = leftovers.len();
@@ -209,7 +218,10 @@ mod tests {
             .map(|f| f.path)
             .collect();
         assert_eq!(listed, ["p/a.jsonl"]);
-        assert_eq!(archive.remove_leftovers("p").await.unwrap(), 1);
+        std::fs::write(dir.path().join("p/_inprogress.c.jsonl"), b"another's").unwrap();
+        assert_eq!(archive.remove_leftovers("p", "b.").await.unwrap(), 1);
         assert!(!dir.path().join("p/_inprogress.b.jsonl").exists());
+        assert!(dir.path().join("p/_inprogress.c.jsonl").exists());
+        assert_eq!(archive.remove_leftovers("p", "").await.unwrap(), 1);
     }
 }

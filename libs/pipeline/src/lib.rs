@@ -13,6 +13,7 @@ mod validate;
 pub use model::*;
 pub use source::{parse_definition, parse_document, DefinitionError, DefinitionSource, FileSource};
 pub use template::{KeyTemplate, TemplateError};
+pub use validate::RAW_COLUMNS;
 
 /// Topic names of a pipeline. One place, so no stage spells them differently.
 pub mod topics {

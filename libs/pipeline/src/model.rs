@@ -349,6 +349,44 @@ pub enum FilterOp {
 pub struct ArchivePolicy {
     #[serde(default)]
     pub partition_by: ArchiveTime,
+    #[serde(default)]
+    pub format: ArchiveFormat,
+    /// Parquet only: typed columns read from the payload, besides the raw columns (offset,
+    /// event id, key, times, headers and the payload as JSON, which is always kept whole).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<ArchiveColumn>,
+}
+
+/// The archive's file format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArchiveFormat {
+    /// One event per line, the file compressed with zstd (`.jsonl.zst`).
+    #[default]
+    JsonLines,
+    /// Apache Parquet, zstd-compressed columns (`.parquet`).
+    Parquet,
+}
+
+/// One typed Parquet column taken from the payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveColumn {
+    pub name: String,
+    /// Path in the payload, e.g. `price.amount`.
+    pub path: FieldPath,
+    #[serde(rename = "type")]
+    pub kind: ColumnType,
+}
+
+/// A Parquet column's type. A payload value of another type (or none) is stored as null.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnType {
+    String,
+    Int64,
+    Float64,
+    Boolean,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

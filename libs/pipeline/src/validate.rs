@@ -5,8 +5,19 @@ use std::time::Duration;
 
 use instream_event::FieldPath;
 
-use crate::model::{Function, MissPolicy, PipelineDefinition, Window};
+use crate::model::{ArchiveFormat, Function, MissPolicy, PipelineDefinition, Window};
 use crate::source::DefinitionError;
+
+/// The columns every Parquet archive file has; typed payload columns take other names.
+pub const RAW_COLUMNS: [&str; 7] = [
+    "offset",
+    "event_id",
+    "key",
+    "event_time",
+    "ingest_time",
+    "headers",
+    "payload",
+];
 
 /// Largest partition count instream creates topics with.
 const MAX_PARTITIONS: i32 = 1024;
@@ -229,6 +240,35 @@ impl PipelineDefinition {
                 }
             }
         }
+        let archive = &self.archive;
+        if !archive.columns.is_empty() && archive.format != ArchiveFormat::Parquet {
+            problem(
+                "archive.columns".into(),
+                "typed columns need `archive.format = \"parquet\"`".into(),
+            );
+        }
+        let mut columns = BTreeSet::new();
+        for (i, column) in archive.columns.iter().enumerate() {
+            let name_ok = !column.name.is_empty()
+                && column
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !name_ok || RAW_COLUMNS.contains(&column.name.as_str()) {
+                problem(
+                    format!("archive.columns[{i}].name"),
+                    format!(
+                        "`{}` must be [A-Za-z0-9_] and not one of the raw columns {RAW_COLUMNS:?}",
+                        column.name
+                    ),
+                );
+            } else if !columns.insert(column.name.as_str()) {
+                problem(
+                    format!("archive.columns[{i}].name"),
+                    format!("`{}` is used twice", column.name),
+                );
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -315,6 +355,32 @@ window = { kind = "tumbling", size = "1m" }
         );
         let err = parse_document(&twice).unwrap_err().to_string();
         assert!(err.contains("output of two fields"), "{err}");
+    }
+
+    #[test]
+    fn archive_columns_are_checked() {
+        let with = |archive: &str| format!("{GOOD}\n[pipelines.archive]\n{archive}\n");
+        let good = parse_document(&with(
+            "format = \"parquet\"\ncolumns = [{ name = \"amount\", path = \"price.amount\", type = \"float64\" }]",
+        ))
+        .expect("a typed column");
+        assert_eq!(good.pipelines[0].archive.columns[0].name, "amount");
+        let err = parse_document(&with(
+            "columns = [{ name = \"a\", path = \"a\", type = \"int64\" }]",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("archive.columns: typed columns need"), "{err}");
+        let err = parse_document(&with(
+            "format = \"parquet\"\ncolumns = [{ name = \"payload\", path = \"a\", type = \"string\" }, { name = \"a\", path = \"a\", type = \"string\" }, { name = \"a\", path = \"b\", type = \"boolean\" }]",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("archive.columns[0].name"), "{err}");
+        assert!(
+            err.contains("archive.columns[2].name: `a` is used twice"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,8 +1,11 @@
-//! File names: `<pipeline>/dt=YYYY-MM-DD/hour=HH/part-<partition>-<first>-<last>.jsonl.zst`.
+//! File names: `<pipeline>/dt=YYYY-MM-DD/hour=HH/part-<partition>-<first>-<last>.<ext>`, the
+//! extension naming the format (`jsonl.zst` or `parquet`).
 
+use instream_pipeline::ArchiveFormat;
 use time::OffsetDateTime;
 
-pub const EXTENSION: &str = "jsonl.zst";
+use crate::format::{extension, format_of};
+
 const HOUR_MS: i64 = 3_600_000;
 
 /// The folder of a record whose layout time is `millis`, and the start of its hour.
@@ -22,21 +25,37 @@ pub fn folder(pipeline: &str, millis: i64) -> (String, i64) {
     )
 }
 
-pub fn file_name(partition: i32, first: i64, last: i64) -> String {
-    format!("part-{partition}-{first}-{last}.{EXTENSION}")
+pub fn file_name(format: ArchiveFormat, partition: i32, first: i64, last: i64) -> String {
+    format!("part-{partition}-{first}-{last}.{}", extension(format))
+}
+
+/// The prefix of every file name of one partition (also of its in-progress files).
+pub fn partition_prefix(partition: i32) -> String {
+    format!("part-{partition}-")
 }
 
 /// `(partition, first, last)` of a file name made by [`file_name`].
 pub fn parse_file_name(path: &str) -> Option<(i32, i64, i64)> {
     let name = path.rsplit('/').next()?;
-    let stem = name.strip_prefix("part-")?.strip_suffix(EXTENSION)?;
-    let stem = stem.strip_suffix('.')?;
+    let format = format_of(name)?;
+    let stem = name
+        .strip_prefix("part-")?
+        .strip_suffix(extension(format))?
+        .strip_suffix('.')?;
     let mut parts = stem.splitn(3, '-');
     Some((
         parts.next()?.parse().ok()?,
         parts.next()?.parse().ok()?,
         parts.next()?.parse().ok()?,
     ))
+}
+
+/// `dt=YYYY-MM-DD/hour=HH` of a file's path, for counts per hour.
+pub fn hour_of(path: &str) -> Option<String> {
+    let mut segments = path.rsplit('/').skip(1);
+    let hour = segments.next()?.strip_prefix("hour=")?;
+    let day = segments.next()?.strip_prefix("dt=")?;
+    Some(format!("{day}T{hour}"))
 }
 
 #[cfg(test)]
@@ -48,12 +67,23 @@ mod tests {
         let (dir, start) = folder("orders", 1_714_565_000_123);
         assert_eq!(dir, "orders/dt=2024-05-01/hour=12");
         assert_eq!(start, 1_714_564_800_000);
-        let name = file_name(3, 100, 199);
+        let name = file_name(ArchiveFormat::JsonLines, 3, 100, 199);
         assert_eq!(name, "part-3-100-199.jsonl.zst");
         assert_eq!(
             parse_file_name(&format!("{dir}/{name}")),
             Some((3, 100, 199))
         );
+        let name = file_name(ArchiveFormat::Parquet, 12, 0, 5);
+        assert_eq!(name, "part-12-0-5.parquet");
+        assert_eq!(parse_file_name(&name), Some((12, 0, 5)));
+        assert!(name.starts_with(&partition_prefix(12)));
+        assert!(!name.starts_with(&partition_prefix(1)));
         assert_eq!(parse_file_name("orders/x.txt"), None);
+        assert_eq!(parse_file_name("orders/part-1-2.parquet"), None);
+        assert_eq!(
+            hour_of(&format!("{dir}/{name}")).as_deref(),
+            Some("2024-05-01T12")
+        );
+        assert_eq!(hour_of("part-1-2-3.parquet"), None);
     }
 }

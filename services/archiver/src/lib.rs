@@ -1,19 +1,22 @@
-//! instream-archiver: `<pipeline>.raw` in, time-partitioned zstd JSON-lines files out, on
-//! HDFS or a local directory (the [`Archive`] trait).
+//! instream-archiver: `<pipeline>.raw` in, time-partitioned files out (zstd JSON lines or
+//! Parquet, per pipeline), on HDFS or a local directory (the [`Archive`] trait).
 //!
 //! Each partition's records go to one open file at a time, named by partition and offset
-//! range: `<pipeline>/dt=YYYY-MM-DD/hour=HH/part-<partition>-<first>-<last>.jsonl.zst`. A
-//! file is rolled by size, record count, age and at hour boundaries; it is written under a
+//! range: `<pipeline>/dt=YYYY-MM-DD/hour=HH/part-<partition>-<first>-<last>.<ext>`. A file
+//! is rolled by size, record count, age and at hour boundaries; it is written under a
 //! temporary name and renamed whole (`Archive::put`), and only then are its offsets
 //! committed. After a crash, records at or below the highest offset already archived for
 //! their partition are skipped, so no offset is written twice even when the commit after a
-//! rename was lost.
+//! rename was lost. A record that cannot be decoded goes to the dead-letter topic and its
+//! offset into the open file's range (not its rows), so the ranges of a partition's files
+//! still meet end to end: [`verify`] checks exactly that.
 
+pub mod format;
 mod layout;
 mod retention;
+mod verify;
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,12 +26,14 @@ use instream_core::config::ArchiverConfig;
 use instream_core::{Readiness, ServiceContext};
 use instream_kafka::client::{self, recv_batch, Consumer};
 use instream_kafka::{DeadLetters, Record};
-use instream_pipeline::{topics, ArchiveTime, Catalog};
+use instream_pipeline::{topics, ArchiveFormat, ArchiveTime, Catalog};
 use instream_stage::{Stage, Subscription};
 use tokio_util::sync::CancellationToken;
 
-pub use layout::{file_name, folder, parse_file_name};
+pub use format::{FileWriter, FormatError};
+pub use layout::{file_name, folder, hour_of, parse_file_name};
 pub use retention::{retention_pass, run_retention, RETENTION_DUTY};
+pub use verify::{verify, FileProblem, OffsetRange, PartitionReport, VerifyReport};
 
 const SERVICE: &str = "archiver";
 
@@ -40,8 +45,8 @@ pub enum ArchiverError {
     Archive(#[from] instream_archive::ArchiveError),
     #[error(transparent)]
     Stage(#[from] instream_stage::StageError),
-    #[error("compressing: {0}")]
-    Compress(std::io::Error),
+    #[error("encoding an archive file: {0}")]
+    Format(#[from] FormatError),
     #[error(transparent)]
     Coord(#[from] instream_coord::CoordError),
 }
@@ -53,19 +58,12 @@ struct OpenFile {
     folder: String,
     hour_start: i64,
     partition: i32,
+    format: ArchiveFormat,
+    /// Every offset the file answers for: its records', and dead letters' in between.
     offsets: Vec<i64>,
-    encoder: zstd::stream::Encoder<'static, Vec<u8>>,
+    records: u64,
+    writer: FileWriter,
     opened: Instant,
-}
-
-impl OpenFile {
-    fn first(&self) -> i64 {
-        self.offsets.first().copied().unwrap_or(-1)
-    }
-
-    fn last(&self) -> i64 {
-        self.offsets.last().copied().unwrap_or(-1)
-    }
 }
 
 struct Archiver {
@@ -116,13 +114,6 @@ pub async fn run_with_archive(
         ));
     }
     ready.set_ready();
-    let initial = catalog.borrow().clone();
-    for p in initial.iter() {
-        let removed = archive.remove_leftovers(&p.name).await?;
-        if removed > 0 {
-            tracing::info!(pipeline = %p.name, removed, "removed unfinished files of an earlier run");
-        }
-    }
     let dead = DeadLetters::from_config(&config.kafka, SERVICE)?;
     let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, Catalog::raw_topics)?;
     subscription.announce_in(stage.registration.clone());
@@ -154,7 +145,10 @@ pub async fn run_with_archive(
         archiver.follow_generation(client::generation(consumer));
         archiver.roll_aged(consumer, &shutdown).await?;
         if last_commit.elapsed() >= config.kafka.commit_interval {
+            let started = Instant::now();
             client::commit(consumer, false)?;
+            metrics::histogram!("instream_archive_commit_seconds")
+                .record(started.elapsed().as_secs_f64());
             last_commit = Instant::now();
         }
     }
@@ -181,14 +175,25 @@ impl Archiver {
             self.files.clear();
             self.archived.clear();
             self.generation = generation;
+            metrics::gauge!("instream_archive_open_files").set(0.0);
         }
     }
 
+    /// The highest offset of the partition already in the archive. On first sight of a
+    /// partition (at start, after a rebalance) this also removes its files left unfinished
+    /// by a crash: only this partition's, as other instances write other partitions.
     async fn highest_archived(&mut self, key: &PartitionKey) -> Result<i64, ArchiverError> {
         if let Some(&max) = self.archived.get(key) {
             return Ok(max);
         }
         let pipeline = topics::pipeline_of(&key.0);
+        let removed = self
+            .archive
+            .remove_leftovers(pipeline, &layout::partition_prefix(key.1))
+            .await?;
+        if removed > 0 {
+            tracing::info!(%pipeline, partition = key.1, removed, "removed unfinished files of an earlier run");
+        }
         let max = self
             .archive
             .list(pipeline)
@@ -203,6 +208,37 @@ impl Archiver {
         Ok(max)
     }
 
+    fn open(
+        &mut self,
+        catalog: &Catalog,
+        key: &PartitionKey,
+        folder: String,
+        hour_start: i64,
+    ) -> Result<&mut OpenFile, ArchiverError> {
+        if !self.files.contains_key(key) {
+            let policy = catalog
+                .get(topics::pipeline_of(&key.0))
+                .map(|d| d.archive.clone())
+                .unwrap_or_default();
+            let writer = FileWriter::new(policy.format, &policy.columns, self.config.zstd_level)?;
+            self.files.insert(
+                key.clone(),
+                OpenFile {
+                    folder,
+                    hour_start,
+                    partition: key.1,
+                    format: policy.format,
+                    offsets: Vec::new(),
+                    records: 0,
+                    writer,
+                    opened: Instant::now(),
+                },
+            );
+            metrics::gauge!("instream_archive_open_files").set(self.files.len() as f64);
+        }
+        Ok(self.files.get_mut(key).expect("inserted above"))
+    }
+
     async fn add(
         &mut self,
         catalog: &Catalog,
@@ -212,15 +248,21 @@ impl Archiver {
         stop: &CancellationToken,
     ) -> Result<(), ArchiverError> {
         self.follow_generation(record.generation);
-        if self
-            .abandoned
-            .contains(&(record.topic.clone(), record.partition))
-        {
+        let key: PartitionKey = (record.topic.clone(), record.partition);
+        if self.abandoned.contains(&key) {
             // A file of this partition could not be written before shutdown; writing later
             // records would leave a gap that a restart could not see. They are read again.
             return Ok(());
         }
         let pipeline = topics::pipeline_of(&record.topic).to_owned();
+        // Before decoding: an offset some file already answers for (even as a dead letter)
+        // is neither archived nor dead-lettered twice.
+        if record.offset <= self.highest_archived(&key).await? {
+            metrics::counter!("instream_archive_skipped_total", "pipeline" => pipeline)
+                .increment(1);
+            client::complete(consumer, [&record]);
+            return Ok(());
+        }
         let event = match instream_event::decode(&record.payload) {
             Ok(e) => e,
             Err(e) => {
@@ -228,17 +270,15 @@ impl Archiver {
                     .publish_record(&record, "decode_error", &e.to_string())
                     .await?;
                 client::delivered(delivery).await?;
-                client::complete(consumer, [&record]);
+                // The offset joins the open file's range (completed when it is written), or a
+                // file of its own in the current hour, so the ranges stay end to end.
+                let (dir, hour_start) = folder(&pipeline, instream_event::now_millis());
+                self.open(catalog, &key, dir, hour_start)?
+                    .offsets
+                    .push(record.offset);
                 return Ok(());
             }
         };
-        let key: PartitionKey = (record.topic.clone(), record.partition);
-        if record.offset <= self.highest_archived(&key).await? {
-            metrics::counter!("instream_archive_skipped_total", "pipeline" => pipeline)
-                .increment(1);
-            client::complete(consumer, [&record]);
-            return Ok(());
-        }
         let by = catalog
             .get(&pipeline)
             .map(|d| d.archive.partition_by)
@@ -258,25 +298,12 @@ impl Archiver {
                 return Ok(());
             }
         }
-        let file = match self.files.entry(key.clone()) {
-            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => v.insert(OpenFile {
-                folder: dir,
-                hour_start,
-                partition: record.partition,
-                offsets: Vec::new(),
-                encoder: zstd::stream::Encoder::new(Vec::new(), self.config.zstd_level)
-                    .map_err(ArchiverError::Compress)?,
-                opened: Instant::now(),
-            }),
-        };
-        file.encoder
-            .write_all(&record.payload)
-            .and_then(|()| file.encoder.write_all(b"\n"))
-            .map_err(ArchiverError::Compress)?;
+        let (max_records, max_bytes) = (self.config.roll_max_records, self.config.roll_max_bytes);
+        let file = self.open(catalog, &key, dir, hour_start)?;
+        file.writer.append(record.offset, &record.payload, &event)?;
         file.offsets.push(record.offset);
-        let full = file.offsets.len() as u64 >= self.config.roll_max_records
-            || file.encoder.get_ref().len() as u64 >= self.config.roll_max_bytes;
+        file.records += 1;
+        let full = file.records >= max_records || file.writer.size() >= max_bytes;
         if full {
             self.roll(&key, "size", consumer, stop).await?;
         }
@@ -311,13 +338,19 @@ impl Archiver {
         let Some(file) = self.files.remove(key) else {
             return Ok(());
         };
-        if file.offsets.is_empty() {
+        metrics::gauge!("instream_archive_open_files").set(self.files.len() as f64);
+        let (Some(&first), Some(&last)) = (file.offsets.first(), file.offsets.last()) else {
             return Ok(());
-        }
-        let (first, last, records) = (file.first(), file.last(), file.offsets.len());
-        let path = format!("{}/{}", file.folder, file_name(file.partition, first, last));
-        let data = Bytes::from(file.encoder.finish().map_err(ArchiverError::Compress)?);
+        };
+        let records = file.records;
+        let path = format!(
+            "{}/{}",
+            file.folder,
+            file_name(file.format, file.partition, first, last)
+        );
+        let data = Bytes::from(file.writer.finish()?);
         let size = data.len();
+        let started = Instant::now();
         let mut backoff = Duration::from_millis(50);
         loop {
             match self.archive.put(&path, data.clone()).await {
@@ -344,10 +377,12 @@ impl Archiver {
         self.archived.insert(key.clone(), last);
         client::complete_offsets(consumer, &key.0, key.1, &file.offsets);
         let pipeline = topics::pipeline_of(&key.0).to_owned();
+        metrics::histogram!("instream_archive_write_seconds", "pipeline" => pipeline.clone())
+            .record(started.elapsed().as_secs_f64());
         metrics::counter!("instream_archive_files_total", "pipeline" => pipeline.clone(), "reason" => reason)
             .increment(1);
         metrics::counter!("instream_archive_records_total", "pipeline" => pipeline.clone())
-            .increment(records as u64);
+            .increment(records);
         metrics::counter!("instream_archive_bytes_total", "pipeline" => pipeline)
             .increment(size as u64);
         tracing::debug!(%path, records, size, reason, "file archived");

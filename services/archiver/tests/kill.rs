@@ -3,110 +3,86 @@
 //! afterwards exits 0. Runs against a real Kafka-protocol broker (the embedded one, or
 //! `INSTREAM_TEST_KAFKA`).
 
-use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use instream_archive::{Archive, LocalArchive};
+use instream_archiver::VerifyReport;
 use instream_testkit::{free_port, process_config_toml, unique, ChildGuard, KafkaBroker};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 const BIN: &str = env!("CARGO_BIN_EXE_instream-archiver");
 const RECORDS: usize = 20_000;
+/// Every this many records one is not JSON: dead-lettered, its offset inside a file's range.
+const GARBAGE_EVERY: usize = 2_500;
 const PARTITIONS: i32 = 2;
 
-fn spawn(config: &std::path::Path) -> ChildGuard {
-    instream_testkit::spawn_service(BIN, config).unwrap()
+/// One pipeline's topics filled with `RECORDS` records, and an archiver config for it.
+struct Setup {
+    pipeline: String,
+    topic: String,
+    dir: tempfile::TempDir,
+    root: PathBuf,
+    config: PathBuf,
+    admin_port: u16,
+    garbage: u64,
 }
 
-/// Per partition, the (first, last, lines) of every completed file.
-async fn files(archive: &LocalArchive, pipeline: &str) -> BTreeMap<i32, Vec<(i64, i64, i64)>> {
-    let mut out: BTreeMap<i32, Vec<(i64, i64, i64)>> = BTreeMap::new();
-    for f in archive.list(pipeline).await.unwrap() {
-        let (partition, first, last) = instream_archiver::parse_file_name(&f.path).unwrap();
-        let bytes = archive.get(&f.path).await.unwrap();
-        let text = zstd_lines(&bytes);
-        out.entry(partition).or_default().push((first, last, text));
-    }
-    for ranges in out.values_mut() {
-        ranges.sort();
-    }
-    out
-}
-
-fn zstd_lines(bytes: &[u8]) -> i64 {
-    let text = zstd::decode_all(bytes).unwrap();
-    text.iter().filter(|&&b| b == b'\n').count() as i64
-}
-
-async fn wait_for_files(
-    archive: &LocalArchive,
-    pipeline: &str,
-    what: &str,
-    done: impl Fn(&BTreeMap<i32, Vec<(i64, i64, i64)>>) -> bool,
-) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        if done(&files(archive, pipeline).await) {
-            return;
+impl Setup {
+    async fn new(broker: &KafkaBroker, format: &str) -> Setup {
+        let pipeline = unique("kill");
+        for t in ["raw", "enriched", "dlq"] {
+            broker
+                .create_topic(&format!("{pipeline}.{t}"), PARTITIONS)
+                .unwrap();
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_and_restart_archives_every_offset_exactly_once() {
-    let broker = KafkaBroker::start().unwrap();
-    let pipeline = unique("kill");
-    for t in ["raw", "enriched", "dlq"] {
-        broker
-            .create_topic(&format!("{pipeline}.{t}"), PARTITIONS)
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", broker.bootstrap_servers())
+            .set("linger.ms", "5")
+            .create()
             .unwrap();
-    }
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap_servers())
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
-    let topic = format!("{pipeline}.raw");
-    let mut deliveries = Vec::new();
-    for i in 0..RECORDS {
-        let envelope = serde_json::json!({
-            "event_id": format!("e{i}"), "pipeline": pipeline, "key": format!("k{}", i % 97),
-            "event_time": 1_714_564_800_000i64 + i as i64, "ingest_time": 1_714_564_800_000i64,
-            "payload": {"n": i},
-        })
-        .to_string();
-        let key = format!("k{}", i % 97);
-        deliveries.push(
-            producer
-                .send_result(FutureRecord::to(&topic).key(&key).payload(&envelope))
-                .map_err(|(e, _)| e)
-                .unwrap(),
-        );
-    }
-    for d in deliveries {
-        d.await.unwrap().unwrap();
-    }
+        let topic = format!("{pipeline}.raw");
+        let mut deliveries = Vec::new();
+        let mut garbage = 0;
+        for i in 0..RECORDS {
+            let envelope = if i % GARBAGE_EVERY == GARBAGE_EVERY / 2 {
+                garbage += 1;
+                "not json at all".to_owned()
+            } else {
+                serde_json::json!({
+                    "event_id": format!("e{i}"), "pipeline": pipeline, "key": format!("k{}", i % 97),
+                    "event_time": 1_714_564_800_000i64 + i as i64, "ingest_time": 1_714_564_800_000i64,
+                    "payload": {"n": i},
+                })
+                .to_string()
+            };
+            let key = format!("k{}", i % 97);
+            deliveries.push(
+                producer
+                    .send_result(FutureRecord::to(&topic).key(&key).payload(&envelope))
+                    .map_err(|(e, _)| e)
+                    .unwrap(),
+            );
+        }
+        for d in deliveries {
+            d.await.unwrap().unwrap();
+        }
 
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("archive");
-    let definitions = dir.path().join("definitions.toml");
-    std::fs::write(
-        &definitions,
-        format!("[[pipelines]]\nname = \"{pipeline}\"\nkey_field = \"k\"\ntime_field = \"t\"\npartitions = {PARTITIONS}\n"),
-    )
-    .unwrap();
-    let admin_port = free_port().unwrap();
-    let config = dir.path().join("instream.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"{process}
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("archive");
+        let definitions = dir.path().join("definitions.toml");
+        std::fs::write(
+            &definitions,
+            format!("[[pipelines]]\nname = \"{pipeline}\"\nkey_field = \"k\"\ntime_field = \"t\"\npartitions = {PARTITIONS}\narchive = {{ format = \"{format}\" }}\n"),
+        )
+        .unwrap();
+        let admin_port = free_port().unwrap();
+        let config = dir.path().join("instream.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"{process}
 [archive]
 backend = "local"
 root = "{root}"
@@ -114,61 +90,137 @@ root = "{root}"
 roll_max_records = 500
 roll_max_age = "1s"
 "#,
-            process = process_config_toml(
-                admin_port,
-                &broker.bootstrap_servers(),
-                &definitions,
-                "1s",
-                65_536
+                process = process_config_toml(
+                    admin_port,
+                    &broker.bootstrap_servers(),
+                    &definitions,
+                    "1s",
+                    65_536
+                ),
+                root = root.display(),
             ),
-            root = root.display(),
-        ),
-    )
-    .unwrap();
-    let archive = LocalArchive::new(&root);
+        )
+        .unwrap();
+        Setup {
+            pipeline,
+            topic,
+            dir,
+            root,
+            config,
+            admin_port,
+            garbage,
+        }
+    }
 
-    let mut first = spawn(&config);
-    wait_for_files(&archive, &pipeline, "the first files", |f| {
-        f.values().map(Vec::len).sum::<usize>() >= 4
+    fn archive(&self) -> LocalArchive {
+        LocalArchive::new(&self.root)
+    }
+
+    fn spawn(&self, failpoints: Option<&str>) -> ChildGuard {
+        let mut command = std::process::Command::new(BIN);
+        command
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(f) = failpoints {
+            command.env("FAILPOINTS", f);
+        }
+        ChildGuard(command.spawn().unwrap())
+    }
+
+    async fn completed_files(&self) -> usize {
+        self.archive().list(&self.pipeline).await.unwrap().len()
+    }
+
+    /// Waits until the archive reads back clean and holds every decodable record.
+    async fn wait_for_everything(&self) -> VerifyReport {
+        let expected = RECORDS as u64 - self.garbage;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let report = instream_archiver::verify(&self.archive(), &self.pipeline)
+                .await
+                .unwrap();
+            let covered: i64 = report.partitions.iter().map(|p| p.last_offset + 1).sum();
+            if report.records >= expected && covered >= RECORDS as i64 {
+                return report;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out with {} of {expected} records archived",
+                report.records
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every offset of every partition in exactly one file; the garbage dead-lettered.
+    fn assert_exact(&self, report: &VerifyReport) {
+        assert!(report.is_clean(), "{report:#?}");
+        assert_eq!(report.records, RECORDS as u64 - self.garbage, "{report:#?}");
+        assert_eq!(report.partitions.len(), PARTITIONS as usize);
+        let mut covered = 0;
+        let mut without_record = 0;
+        for p in &report.partitions {
+            assert_eq!(p.first_offset, 0, "partition {} starts at 0", p.partition);
+            covered += p.last_offset + 1;
+            without_record += p.offsets_without_record;
+        }
+        assert_eq!(covered, RECORDS as i64, "every offset covered once");
+        assert_eq!(without_record, self.garbage, "the garbage is dead-lettered");
+    }
+}
+
+/// `_inprogress.` files below `dir`: a write under way (or cut short).
+fn in_progress(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let path = e.path();
+            if path.is_dir() {
+                in_progress(&path)
+            } else {
+                usize::from(e.file_name().to_string_lossy().starts_with("_inprogress."))
+            }
+        })
+        .sum()
+}
+
+async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while !done().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_restart_archives_every_offset_exactly_once() {
+    let broker = KafkaBroker::start().unwrap();
+    let setup = Setup::new(&broker, "json_lines").await;
+    let mut first = setup.spawn(None);
+    wait_until("the first files", async || {
+        setup.completed_files().await >= 4
     })
     .await;
     first.0.kill().unwrap(); // SIGKILL: no drain, no final commit
     first.wait_exit(Duration::from_secs(10)).unwrap();
-    let before: usize = files(&archive, &pipeline)
-        .await
-        .values()
-        .map(Vec::len)
-        .sum();
+    let before = setup.completed_files().await;
     assert!(
         before < RECORDS / 500,
         "the kill must come mid-stream ({before} files already)"
     );
 
-    let mut second = spawn(&config);
-    wait_for_files(&archive, &pipeline, "every record", |f| {
-        f.values().flatten().map(|(_, _, n)| n).sum::<i64>() >= RECORDS as i64
-    })
-    .await;
-    let all = files(&archive, &pipeline).await;
-    let mut total = 0;
-    for (partition, ranges) in &all {
-        let mut next = 0;
-        for (first, last, lines) in ranges {
-            assert_eq!(
-                *first, next,
-                "partition {partition}: gap or overlap at {first}"
-            );
-            assert_eq!(
-                *lines,
-                last - first + 1,
-                "partition {partition}: file {first}-{last}"
-            );
-            next = last + 1;
-            total += lines;
-        }
-    }
-    assert_eq!(total, RECORDS as i64, "every offset exactly once");
-    assert_eq!(all.len(), PARTITIONS as usize);
+    let mut second = setup.spawn(None);
+    let report = setup.wait_for_everything().await;
+    setup.assert_exact(&report);
+    let (topic, admin_port) = (&setup.topic, setup.admin_port);
 
     // The consumer reports its lag and assignment per partition.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -194,4 +246,49 @@ roll_max_age = "1s"
     second.terminate().unwrap();
     let status = second.wait_exit(Duration::from_secs(20)).unwrap();
     assert!(status.success(), "{status}");
+    drop(setup.dir);
+}
+
+/// Killed with -9 while a file is half written, while it is complete but not yet renamed,
+/// and right after the rename (before the commit): each time the restart removes what was
+/// left, re-reads what was not committed, and the archive ends up exact. Parquet files, so
+/// each record's offset is checked too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_inside_a_roll_leaves_no_gap_and_no_overlap() {
+    let broker = KafkaBroker::start().unwrap();
+    for point in [
+        "archive-put-mid-write",
+        "archive-put-before-rename",
+        "archive-put-after-rename",
+    ] {
+        let setup = Setup::new(&broker, "parquet").await;
+        // Three files pass, the fourth stops at the fail point until the kill.
+        let mut first = setup.spawn(Some(&format!("{point}=3*off->pause")));
+        let root = setup.root.clone();
+        wait_until(&format!("the archiver to stop at {point}"), async || {
+            let files = setup.completed_files().await;
+            if point == "archive-put-after-rename" {
+                files >= 4
+            } else {
+                files >= 3 && in_progress(&root) > 0
+            }
+        })
+        .await;
+        first.0.kill().unwrap();
+        first.wait_exit(Duration::from_secs(10)).unwrap();
+        if point != "archive-put-after-rename" {
+            assert!(
+                in_progress(&root) > 0,
+                "{point}: the kill leaves a partial file"
+            );
+        }
+
+        let mut second = setup.spawn(None);
+        let report = setup.wait_for_everything().await;
+        setup.assert_exact(&report);
+        assert_eq!(in_progress(&root), 0, "{point}: leftovers removed");
+        second.terminate().unwrap();
+        let status = second.wait_exit(Duration::from_secs(20)).unwrap();
+        assert!(status.success(), "{point}: {status}");
+    }
 }

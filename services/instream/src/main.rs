@@ -1,5 +1,6 @@
 //! `instream`: the operator CLI, and every service in one process.
 
+mod archive;
 mod control;
 mod demo;
 mod ops;
@@ -92,6 +93,9 @@ enum Command {
     /// Dead letters: look at them, and send them back once the cause is fixed.
     #[command(subcommand)]
     Dlq(ops::DlqCommand),
+    /// The archive of raw events: check it.
+    #[command(subcommand)]
+    Archive(archive::ArchiveCommand),
     /// Prints the configuration reference (Markdown): every key, its type, default and
     /// meaning, generated from the config types (docs/configuration.md is this output).
     ConfigReference,
@@ -143,6 +147,7 @@ fn main() -> ExitCode {
         }
         Command::Offsets(c) => runtime().and_then(|rt| rt.block_on(ops::offsets(c))),
         Command::Dlq(c) => runtime().and_then(|rt| rt.block_on(ops::dlq(c))),
+        Command::Archive(c) => runtime().and_then(|rt| rt.block_on(archive::archive(c))),
         Command::ConfigReference => {
             print!("{}", instream_core::config::reference_markdown());
             Ok(())

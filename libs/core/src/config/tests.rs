@@ -151,6 +151,21 @@ fn archive_retention_must_outlive_the_topics() {
 }
 
 #[test]
+fn an_hdfs_nameservice_needs_its_namenodes() {
+    let err = Config::from_toml(
+        "[archive]\nhdfs_url = \"hdfs://ns1\"\nhdfs_config = { \"dfs.ha.namenodes.other\" = \"a,b\" }\n",
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("dfs.ha.namenodes.ns1"), "{err}");
+    Config::from_toml(
+        "[archive]\nhdfs_url = \"hdfs://ns1\"\n[archive.hdfs_config]\n\"dfs.ha.namenodes.ns1\" = \"a,b\"\n\"dfs.namenode.rpc-address.ns1.a\" = \"h1:8020\"\n\"dfs.namenode.rpc-address.ns1.b\" = \"h2:8020\"\n",
+    )
+    .expect("an HA nameservice spelled out");
+    let err = Config::from_toml("[archive]\nkerberos_keytab = \"/k.keytab\"\n").unwrap_err();
+    assert!(err.to_string().contains("archive.kerberos_keytab"), "{err}");
+}
+
+#[test]
 fn zookeeper_auth_and_connect_are_checked() {
     let err = Config::from_toml("[zookeeper]\nauth = \"nopassword\"\n").unwrap_err();
     assert!(err.to_string().contains("zookeeper.auth"), "{err}");

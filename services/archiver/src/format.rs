@@ -1,0 +1,581 @@
+//! The two file formats of the archive, written in memory and put whole.
+//!
+//! JSON lines: each record's bytes as consumed, one per line, the file compressed with zstd.
+//! Parquet: one row per record with the raw columns ([`RAW_COLUMNS`]) — the payload kept
+//! whole as JSON — plus the pipeline's typed columns read from the payload. Rows are buffered
+//! per column and written as a row group every [`ROW_GROUP_ROWS`] rows, so memory holds at
+//! most one row group of a file besides its compressed bytes.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use instream_event::Event;
+use instream_pipeline::{ArchiveColumn, ArchiveFormat, ColumnType, RAW_COLUMNS};
+use parquet::basic::{Compression, LogicalType, Repetition, TimeUnit, Type as PhysicalType};
+use parquet::data_type::{BoolType, ByteArray, ByteArrayType, DoubleType, Int64Type};
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::file::writer::SerializedFileWriter;
+use parquet::schema::types::{ColumnPath, Type};
+
+/// Rows per Parquet row group: large enough for good compression, small enough to bound the
+/// memory of a file's unwritten rows.
+pub const ROW_GROUP_ROWS: usize = 65_536;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("zstd: {0}")]
+    Zstd(#[from] std::io::Error),
+    #[error("parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error("`{0}` is not an archive file name")]
+    UnknownFile(String),
+}
+
+/// The file name suffix of a format.
+pub fn extension(format: ArchiveFormat) -> &'static str {
+    match format {
+        ArchiveFormat::JsonLines => "jsonl.zst",
+        ArchiveFormat::Parquet => "parquet",
+    }
+}
+
+/// The format a file name's suffix names.
+pub fn format_of(path: &str) -> Option<ArchiveFormat> {
+    [ArchiveFormat::JsonLines, ArchiveFormat::Parquet]
+        .into_iter()
+        .find(|f| path.ends_with(&format!(".{}", extension(*f))))
+}
+
+/// One archive file being filled.
+pub enum FileWriter {
+    JsonLines(JsonLinesWriter),
+    Parquet(Box<ParquetWriter>),
+}
+
+impl FileWriter {
+    pub fn new(
+        format: ArchiveFormat,
+        columns: &[ArchiveColumn],
+        zstd_level: i32,
+    ) -> Result<FileWriter, FormatError> {
+        Ok(match format {
+            ArchiveFormat::JsonLines => FileWriter::JsonLines(JsonLinesWriter::new(zstd_level)?),
+            ArchiveFormat::Parquet => {
+                FileWriter::Parquet(Box::new(ParquetWriter::new(columns, zstd_level)?))
+            }
+        })
+    }
+
+    /// Adds one record: `raw` is what was consumed, `event` its decoding.
+    pub fn append(&mut self, offset: i64, raw: &[u8], event: &Event) -> Result<(), FormatError> {
+        match self {
+            FileWriter::JsonLines(w) => w.append(raw),
+            FileWriter::Parquet(w) => w.append(offset, event),
+        }
+    }
+
+    /// Bytes the file would have now (compressed bytes written, plus unwritten rows).
+    pub fn size(&self) -> u64 {
+        match self {
+            FileWriter::JsonLines(w) => w.encoder.get_ref().len() as u64,
+            FileWriter::Parquet(w) => w.size(),
+        }
+    }
+
+    pub fn finish(self) -> Result<Vec<u8>, FormatError> {
+        match self {
+            FileWriter::JsonLines(w) => Ok(w.encoder.finish()?),
+            FileWriter::Parquet(w) => w.finish(),
+        }
+    }
+}
+
+pub struct JsonLinesWriter {
+    encoder: zstd::stream::Encoder<'static, Vec<u8>>,
+}
+
+impl JsonLinesWriter {
+    fn new(level: i32) -> Result<JsonLinesWriter, FormatError> {
+        Ok(JsonLinesWriter {
+            encoder: zstd::stream::Encoder::new(Vec::new(), level)?,
+        })
+    }
+
+    fn append(&mut self, raw: &[u8]) -> Result<(), FormatError> {
+        self.encoder.write_all(raw)?;
+        self.encoder.write_all(b"\n")?;
+        Ok(())
+    }
+}
+
+/// Strings of one column of a row group, in one buffer: one allocation per row group rather
+/// than one per value.
+#[derive(Default)]
+struct Strings {
+    data: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl Strings {
+    fn push(&mut self, s: &[u8]) {
+        self.data.extend_from_slice(s);
+        self.ends.push(self.data.len());
+    }
+
+    fn take(&mut self) -> Vec<ByteArray> {
+        let data = Bytes::from(std::mem::take(&mut self.data));
+        let mut start = 0;
+        let values = self
+            .ends
+            .iter()
+            .map(|&end| {
+                let v = ByteArray::from(data.slice(start..end));
+                start = end;
+                v
+            })
+            .collect();
+        self.ends.clear();
+        values
+    }
+}
+
+/// A typed payload column's buffered values; `defined` is the definition level per row
+/// (1: a value, 0: null).
+struct TypedColumn {
+    spec: ArchiveColumn,
+    defined: Vec<i16>,
+    values: TypedValues,
+}
+
+enum TypedValues {
+    String(Strings),
+    Int64(Vec<i64>),
+    Float64(Vec<f64>),
+    Boolean(Vec<bool>),
+}
+
+impl TypedColumn {
+    fn push(&mut self, value: Option<&serde_json::Value>) {
+        use serde_json::Value;
+        let stored = match (&mut self.values, value) {
+            (TypedValues::String(s), Some(Value::String(v))) => {
+                s.push(v.as_bytes());
+                true
+            }
+            (TypedValues::Int64(s), Some(Value::Number(n))) => {
+                n.as_i64().map(|v| s.push(v)).is_some()
+            }
+            (TypedValues::Float64(s), Some(Value::Number(n))) => {
+                n.as_f64().map(|v| s.push(v)).is_some()
+            }
+            (TypedValues::Boolean(s), Some(Value::Bool(v))) => {
+                s.push(*v);
+                true
+            }
+            _ => false,
+        };
+        if !stored && value.is_some_and(|v| !v.is_null()) {
+            // Kept in the payload column all the same; the counter tells the columns are off.
+            metrics::counter!("instream_archive_column_mismatch_total", "column" => self.spec.name.clone())
+                .increment(1);
+        }
+        self.defined.push(i16::from(stored));
+    }
+}
+
+pub struct ParquetWriter {
+    writer: SerializedFileWriter<Vec<u8>>,
+    offsets: Vec<i64>,
+    event_ids: Strings,
+    keys: Strings,
+    event_times: Vec<i64>,
+    ingest_times: Vec<i64>,
+    headers: Strings,
+    headers_defined: Vec<i16>,
+    payloads: Strings,
+    typed: Vec<TypedColumn>,
+    /// Payload parsing is needed only for typed columns.
+    parse_payload: bool,
+}
+
+fn required(name: &str, physical: PhysicalType, logical: Option<LogicalType>) -> Arc<Type> {
+    field(name, physical, logical, Repetition::REQUIRED)
+}
+
+fn field(
+    name: &str,
+    physical: PhysicalType,
+    logical: Option<LogicalType>,
+    repetition: Repetition,
+) -> Arc<Type> {
+    Arc::new(
+        Type::primitive_type_builder(name, physical)
+            .with_repetition(repetition)
+            .with_logical_type(logical)
+            .build()
+            .expect("a valid primitive column"),
+    )
+}
+
+/// The Parquet schema of an archive file with these typed columns.
+pub fn parquet_schema(columns: &[ArchiveColumn]) -> Result<Type, FormatError> {
+    let millis = || Some(LogicalType::timestamp(true, TimeUnit::MILLIS));
+    let mut fields = vec![
+        required("offset", PhysicalType::INT64, None),
+        required(
+            "event_id",
+            PhysicalType::BYTE_ARRAY,
+            Some(LogicalType::String),
+        ),
+        required("key", PhysicalType::BYTE_ARRAY, Some(LogicalType::String)),
+        required("event_time", PhysicalType::INT64, millis()),
+        required("ingest_time", PhysicalType::INT64, millis()),
+        field(
+            "headers",
+            PhysicalType::BYTE_ARRAY,
+            Some(LogicalType::Json),
+            Repetition::OPTIONAL,
+        ),
+        required("payload", PhysicalType::BYTE_ARRAY, Some(LogicalType::Json)),
+    ];
+    debug_assert_eq!(fields.len(), RAW_COLUMNS.len());
+    for c in columns {
+        let (physical, logical) = match c.kind {
+            ColumnType::String => (PhysicalType::BYTE_ARRAY, Some(LogicalType::String)),
+            ColumnType::Int64 => (PhysicalType::INT64, None),
+            ColumnType::Float64 => (PhysicalType::DOUBLE, None),
+            ColumnType::Boolean => (PhysicalType::BOOLEAN, None),
+        };
+        fields.push(field(&c.name, physical, logical, Repetition::OPTIONAL));
+    }
+    Ok(Type::group_type_builder("event")
+        .with_fields(fields)
+        .build()?)
+}
+
+impl ParquetWriter {
+    fn new(columns: &[ArchiveColumn], zstd_level: i32) -> Result<ParquetWriter, FormatError> {
+        let schema = Arc::new(parquet_schema(columns)?);
+        let mut props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(parquet::basic::ZstdLevel::try_new(
+                zstd_level,
+            )?))
+            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS));
+        // Unique per row: a dictionary or min/max statistics would cost CPU and save nothing.
+        for unique in ["event_id", "headers", "payload"] {
+            let path = ColumnPath::from(unique);
+            props = props
+                .set_column_dictionary_enabled(path.clone(), false)
+                .set_column_statistics_enabled(path, EnabledStatistics::None);
+        }
+        let writer = SerializedFileWriter::new(Vec::new(), schema, Arc::new(props.build()))?;
+        Ok(ParquetWriter {
+            writer,
+            offsets: Vec::new(),
+            event_ids: Strings::default(),
+            keys: Strings::default(),
+            event_times: Vec::new(),
+            ingest_times: Vec::new(),
+            headers: Strings::default(),
+            headers_defined: Vec::new(),
+            payloads: Strings::default(),
+            parse_payload: !columns.is_empty(),
+            typed: columns
+                .iter()
+                .map(|c| TypedColumn {
+                    spec: c.clone(),
+                    defined: Vec::new(),
+                    values: match c.kind {
+                        ColumnType::String => TypedValues::String(Strings::default()),
+                        ColumnType::Int64 => TypedValues::Int64(Vec::new()),
+                        ColumnType::Float64 => TypedValues::Float64(Vec::new()),
+                        ColumnType::Boolean => TypedValues::Boolean(Vec::new()),
+                    },
+                })
+                .collect(),
+        })
+    }
+
+    fn append(&mut self, offset: i64, event: &Event) -> Result<(), FormatError> {
+        self.offsets.push(offset);
+        self.event_ids.push(event.event_id.as_bytes());
+        self.keys.push(event.key.as_bytes());
+        self.event_times.push(event.event_time);
+        self.ingest_times.push(event.ingest_time);
+        if event.headers.is_empty() {
+            self.headers_defined.push(0);
+        } else {
+            let json = serde_json::to_vec(&event.headers).unwrap_or_default();
+            self.headers.push(&json);
+            self.headers_defined.push(1);
+        }
+        self.payloads.push(event.payload.get().as_bytes());
+        if self.parse_payload {
+            let payload: Option<serde_json::Value> = serde_json::from_str(event.payload.get()).ok();
+            for column in &mut self.typed {
+                column.push(payload.as_ref().and_then(|p| column.spec.path.lookup(p)));
+            }
+        }
+        if self.offsets.len() >= ROW_GROUP_ROWS {
+            self.write_row_group()?;
+        }
+        Ok(())
+    }
+
+    fn size(&self) -> u64 {
+        let buffered =
+            self.payloads.data.len() + self.event_ids.data.len() + self.offsets.len() * 40;
+        // Unwritten rows compress too; counting them at a quarter keeps a file near its limit.
+        (self.writer.bytes_written() + buffered / 4) as u64
+    }
+
+    fn write_row_group(&mut self) -> Result<(), FormatError> {
+        if self.offsets.is_empty() {
+            return Ok(());
+        }
+        let mut group = self.writer.next_row_group()?;
+        let mut index = 0;
+        while let Some(mut column) = group.next_column()? {
+            match index {
+                0 => column
+                    .typed::<Int64Type>()
+                    .write_batch(&self.offsets, None, None)?,
+                1 => column.typed::<ByteArrayType>().write_batch(
+                    &self.event_ids.take(),
+                    None,
+                    None,
+                )?,
+                2 => column
+                    .typed::<ByteArrayType>()
+                    .write_batch(&self.keys.take(), None, None)?,
+                3 => column
+                    .typed::<Int64Type>()
+                    .write_batch(&self.event_times, None, None)?,
+                4 => column
+                    .typed::<Int64Type>()
+                    .write_batch(&self.ingest_times, None, None)?,
+                5 => column.typed::<ByteArrayType>().write_batch(
+                    &self.headers.take(),
+                    Some(&self.headers_defined),
+                    None,
+                )?,
+                6 => column.typed::<ByteArrayType>().write_batch(
+                    &self.payloads.take(),
+                    None,
+                    None,
+                )?,
+                n => {
+                    let typed = &mut self.typed[n - RAW_COLUMNS.len()];
+                    let defined = Some(typed.defined.as_slice());
+                    match &mut typed.values {
+                        TypedValues::String(s) => {
+                            column
+                                .typed::<ByteArrayType>()
+                                .write_batch(&s.take(), defined, None)?
+                        }
+                        TypedValues::Int64(v) => {
+                            column.typed::<Int64Type>().write_batch(v, defined, None)?
+                        }
+                        TypedValues::Float64(v) => {
+                            column.typed::<DoubleType>().write_batch(v, defined, None)?
+                        }
+                        TypedValues::Boolean(v) => {
+                            column.typed::<BoolType>().write_batch(v, defined, None)?
+                        }
+                    }
+                }
+            };
+            column.close()?;
+            index += 1;
+        }
+        group.close()?;
+        self.offsets.clear();
+        self.event_times.clear();
+        self.ingest_times.clear();
+        self.headers_defined.clear();
+        for typed in &mut self.typed {
+            typed.defined.clear();
+            match &mut typed.values {
+                TypedValues::String(_) => {}
+                TypedValues::Int64(v) => v.clear(),
+                TypedValues::Float64(v) => v.clear(),
+                TypedValues::Boolean(v) => v.clear(),
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Vec<u8>, FormatError> {
+        self.write_row_group()?;
+        Ok(self.writer.into_inner()?)
+    }
+}
+
+/// What a file holds, read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileContents {
+    pub records: u64,
+    /// Each record's offset, where the format stores it (Parquet).
+    pub offsets: Option<Vec<i64>>,
+}
+
+/// Reads a file back: its record count, and its offsets where the format keeps them.
+pub fn read_file(path: &str, data: Bytes) -> Result<FileContents, FormatError> {
+    match format_of(path).ok_or_else(|| FormatError::UnknownFile(path.to_owned()))? {
+        ArchiveFormat::JsonLines => {
+            let mut decoder = zstd::stream::Decoder::new(&data[..])?;
+            let mut records = 0u64;
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = std::io::Read::read(&mut decoder, &mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                records += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+            }
+            Ok(FileContents {
+                records,
+                offsets: None,
+            })
+        }
+        ArchiveFormat::Parquet => {
+            let reader = SerializedFileReader::new(data)?;
+            let mut offsets = Vec::new();
+            for i in 0..reader.num_row_groups() {
+                let group = reader.get_row_group(i)?;
+                let rows = group.metadata().num_rows() as usize;
+                match group.get_column_reader(0)? {
+                    parquet::column::reader::ColumnReader::Int64ColumnReader(mut r) => {
+                        r.read_records(rows, None, None, &mut offsets)?;
+                    }
+                    _ => {
+                        return Err(FormatError::Parquet(
+                            parquet::errors::ParquetError::General(
+                                "the first column is not the INT64 `offset`".into(),
+                            ),
+                        ))
+                    }
+                }
+            }
+            Ok(FileContents {
+                records: offsets.len() as u64,
+                offsets: Some(offsets),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(i: i64) -> (Vec<u8>, Event) {
+        let raw = serde_json::json!({
+            "event_id": format!("e{i}"), "pipeline": "p", "key": format!("k{}", i % 7),
+            "event_time": 1_714_564_800_000i64 + i, "ingest_time": 1_714_564_800_000i64,
+            "headers": if i % 2 == 0 { serde_json::json!({"source": "test"}) } else { serde_json::json!({}) },
+            "payload": {"n": i, "name": format!("item {i}"), "price": {"amount": i as f64 / 2.0}, "ok": i % 3 == 0},
+        })
+        .to_string()
+        .into_bytes();
+        let event = instream_event::decode(&raw).unwrap();
+        (raw, event)
+    }
+
+    fn columns() -> Vec<ArchiveColumn> {
+        let c = |name: &str, path: &str, kind| ArchiveColumn {
+            name: name.into(),
+            path: path.parse().unwrap(),
+            kind,
+        };
+        vec![
+            c("n", "n", ColumnType::Int64),
+            c("name", "name", ColumnType::String),
+            c("amount", "price.amount", ColumnType::Float64),
+            c("ok", "ok", ColumnType::Boolean),
+            c("missing", "nowhere", ColumnType::String),
+            c("n_as_text", "n", ColumnType::String),
+        ]
+    }
+
+    #[test]
+    fn json_lines_round_trip() {
+        let mut w = FileWriter::new(ArchiveFormat::JsonLines, &[], 3).unwrap();
+        for i in 0..100 {
+            let (raw, e) = event(i);
+            w.append(i, &raw, &e).unwrap();
+        }
+        let bytes = Bytes::from(w.finish().unwrap());
+        let text = zstd::decode_all(&bytes[..]).unwrap();
+        assert_eq!(text.split(|&b| b == b'\n').next(), Some(&event(0).0[..]));
+        let read = read_file("p/part-0-0-99.jsonl.zst", bytes).unwrap();
+        assert_eq!(read.records, 100);
+        assert_eq!(read.offsets, None);
+    }
+
+    #[test]
+    fn parquet_round_trip_over_several_row_groups() {
+        use parquet::record::Field;
+        let rows = ROW_GROUP_ROWS as i64 + 10;
+        let mut w = FileWriter::new(ArchiveFormat::Parquet, &columns(), 3).unwrap();
+        for i in 0..rows {
+            let (raw, e) = event(i);
+            w.append(1000 + i, &raw, &e).unwrap();
+        }
+        let bytes = Bytes::from(w.finish().unwrap());
+        let read = read_file("p/part-0-1000-1009.parquet", bytes.clone()).unwrap();
+        assert_eq!(read.records, rows as u64);
+        let expected: Vec<i64> = (1000..1000 + rows).collect();
+        assert_eq!(read.offsets.as_deref(), Some(&expected[..]));
+
+        let reader = SerializedFileReader::new(bytes).unwrap();
+        assert_eq!(reader.num_row_groups(), 2);
+        let row = reader.get_row_iter(None).unwrap().nth(3).unwrap().unwrap();
+        let fields: std::collections::HashMap<String, Field> = row
+            .get_column_iter()
+            .map(|(n, f)| (n.clone(), f.clone()))
+            .collect();
+        assert_eq!(fields["offset"], Field::Long(1003));
+        assert_eq!(fields["event_id"], Field::Str("e3".into()));
+        assert_eq!(fields["key"], Field::Str("k3".into()));
+        assert_eq!(
+            fields["event_time"],
+            Field::TimestampMillis(1_714_564_800_003)
+        );
+        assert_eq!(fields["headers"], Field::Null);
+        assert_eq!(fields["n"], Field::Long(3));
+        assert_eq!(fields["name"], Field::Str("item 3".into()));
+        assert_eq!(fields["amount"], Field::Double(1.5));
+        assert_eq!(fields["ok"], Field::Bool(true));
+        assert_eq!(fields["missing"], Field::Null);
+        // A value of another type is null in its column, and whole in the payload.
+        assert_eq!(fields["n_as_text"], Field::Null);
+        let Field::Str(payload) = &fields["payload"] else {
+            panic!("payload is {:?}", fields["payload"]);
+        };
+        let payload: serde_json::Value = serde_json::from_str(payload).unwrap();
+        assert_eq!(payload["n"], 3);
+        let row = reader.get_row_iter(None).unwrap().nth(2).unwrap().unwrap();
+        let headers = row
+            .get_column_iter()
+            .find(|(n, _)| n.as_str() == "headers")
+            .map(|(_, f)| f.clone());
+        assert_eq!(headers, Some(Field::Str(r#"{"source":"test"}"#.into())));
+    }
+
+    #[test]
+    fn file_names_name_their_format() {
+        assert_eq!(
+            format_of("a/part-1-2-3.parquet"),
+            Some(ArchiveFormat::Parquet)
+        );
+        assert_eq!(
+            format_of("a/part-1-2-3.jsonl.zst"),
+            Some(ArchiveFormat::JsonLines)
+        );
+        assert_eq!(format_of("a/part-1-2-3.csv"), None);
+        assert!(read_file("a/b.csv", Bytes::new()).is_err());
+    }
+}
