@@ -23,6 +23,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The Kerberos build of the HDFS client settings (a feature, off by default).
+cargo clippy -p instream-archive --all-targets --features kerberos --quiet -- -D warnings
 echo "== cargo test"
 cargo test --workspace --no-fail-fast
 

@@ -3,7 +3,7 @@
 //! (`scripts/test.sh` then runs them with `--ignored`). The configuration tests below need
 //! no server.
 
-use instream_archive::{conformance, Archive, ArchiveError, HdfsArchive};
+use instream_archive::{conformance, Archive, HdfsArchive};
 use instream_core::config::ArchiveConfig;
 
 fn config(url: &str) -> ArchiveConfig {
@@ -68,7 +68,9 @@ fn kerberos_settings_are_refused_without_the_feature() {
     let mut config = config("hdfs://127.0.0.1:9000");
     config.kerberos_principal = Some("archiver@EXAMPLE.COM".into());
     match HdfsArchive::connect(&config) {
-        Err(ArchiveError::Unsupported(message)) => assert!(message.contains("kerberos")),
+        Err(instream_archive::ArchiveError::Unsupported(message)) => {
+            assert!(message.contains("kerberos"))
+        }
         Err(other) => panic!("refused for another reason: {other}"),
         Ok(_) => panic!("accepted Kerberos settings it cannot use"),
     }
