@@ -5,8 +5,13 @@
 //! whole as JSON — plus the pipeline's typed columns read from the payload. Rows are buffered
 //! per column and written as a row group every [`ROW_GROUP_ROWS`] rows, so memory holds at
 //! most one row group of a file besides its compressed bytes.
+//!
+//! Each file also says which offsets it answers for, so `verify` can check the set of
+//! offsets rather than trust names: Parquet has each row's `offset` and the dead-lettered
+//! ones in its key-value metadata; a JSON-lines file starts with a zstd *skippable frame*
+//! holding both as runs (zstd tools skip it, so `zstdcat` still prints just the lines).
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -14,6 +19,7 @@ use instream_event::Event;
 use instream_pipeline::{ArchiveColumn, ArchiveFormat, ColumnType, RAW_COLUMNS};
 use parquet::basic::{Compression, LogicalType, Repetition, TimeUnit, Type as PhysicalType};
 use parquet::data_type::{BoolType, ByteArray, ByteArrayType, DoubleType, Int64Type};
+use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::file::writer::SerializedFileWriter;
@@ -31,7 +37,61 @@ pub enum FormatError {
     Parquet(#[from] parquet::errors::ParquetError),
     #[error("`{0}` is not an archive file name")]
     UnknownFile(String),
+    #[error("offset {offset} after {last}: a file's offsets must increase")]
+    OffsetOrder { offset: i64, last: i64 },
+    #[error("the offsets note: {0}")]
+    Note(String),
 }
+
+/// Offsets `first..=last`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OffsetRange {
+    pub first: i64,
+    pub last: i64,
+}
+
+/// Increasing offsets, as runs of consecutive ones (a file's are mostly one run).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Runs(pub Vec<OffsetRange>);
+
+impl Runs {
+    pub fn push(&mut self, offset: i64) -> Result<(), FormatError> {
+        match self.0.last_mut() {
+            Some(run) if offset <= run.last => Err(FormatError::OffsetOrder {
+                offset,
+                last: run.last,
+            }),
+            Some(run) if offset == run.last + 1 => {
+                run.last = offset;
+                Ok(())
+            }
+            _ => {
+                self.0.push(OffsetRange {
+                    first: offset,
+                    last: offset,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.iter().map(|r| (r.last - r.first + 1) as u64).sum()
+    }
+}
+
+/// What a JSON-lines file's skippable frame holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct OffsetsNote {
+    records: Runs,
+    dead_lettered: Runs,
+}
+
+/// zstd's first skippable-frame magic number; decoders skip such frames whole.
+const SKIPPABLE_MAGIC: u32 = 0x184D_2A50;
+/// Parquet key-value metadata key of the dead-lettered offsets (JSON runs).
+const DEAD_LETTERED_KEY: &str = "instream.dead_lettered";
 
 /// The file name suffix of a format.
 pub fn extension(format: ArchiveFormat) -> &'static str {
@@ -49,8 +109,14 @@ pub fn format_of(path: &str) -> Option<ArchiveFormat> {
 }
 
 /// One archive file being filled.
-pub enum FileWriter {
-    JsonLines(JsonLinesWriter),
+pub struct FileWriter {
+    body: Body,
+    records: Runs,
+    dead_lettered: Runs,
+}
+
+enum Body {
+    JsonLines(zstd::stream::Encoder<'static, Vec<u8>>),
     Parquet(Box<ParquetWriter>),
 }
 
@@ -60,53 +126,72 @@ impl FileWriter {
         columns: &[ArchiveColumn],
         zstd_level: i32,
     ) -> Result<FileWriter, FormatError> {
-        Ok(match format {
-            ArchiveFormat::JsonLines => FileWriter::JsonLines(JsonLinesWriter::new(zstd_level)?),
-            ArchiveFormat::Parquet => {
-                FileWriter::Parquet(Box::new(ParquetWriter::new(columns, zstd_level)?))
+        let body = match format {
+            ArchiveFormat::JsonLines => {
+                Body::JsonLines(zstd::stream::Encoder::new(Vec::new(), zstd_level)?)
             }
+            ArchiveFormat::Parquet => {
+                Body::Parquet(Box::new(ParquetWriter::new(columns, zstd_level)?))
+            }
+        };
+        Ok(FileWriter {
+            body,
+            records: Runs::default(),
+            dead_lettered: Runs::default(),
         })
     }
 
     /// Adds one record: `raw` is what was consumed, `event` its decoding.
     pub fn append(&mut self, offset: i64, raw: &[u8], event: &Event) -> Result<(), FormatError> {
-        match self {
-            FileWriter::JsonLines(w) => w.append(raw),
-            FileWriter::Parquet(w) => w.append(offset, event),
+        self.records.push(offset)?;
+        match &mut self.body {
+            Body::JsonLines(encoder) => {
+                encoder.write_all(raw)?;
+                encoder.write_all(b"\n")?;
+                Ok(())
+            }
+            Body::Parquet(w) => w.append(offset, event),
         }
+    }
+
+    /// Notes an offset the file answers for without a row: its record was dead-lettered.
+    pub fn dead_lettered(&mut self, offset: i64) -> Result<(), FormatError> {
+        self.dead_lettered.push(offset)
     }
 
     /// Bytes the file would have now (compressed bytes written, plus unwritten rows).
     pub fn size(&self) -> u64 {
-        match self {
-            FileWriter::JsonLines(w) => w.encoder.get_ref().len() as u64,
-            FileWriter::Parquet(w) => w.size(),
+        match &self.body {
+            Body::JsonLines(encoder) => encoder.get_ref().len() as u64,
+            Body::Parquet(w) => w.size(),
         }
     }
 
     pub fn finish(self) -> Result<Vec<u8>, FormatError> {
-        match self {
-            FileWriter::JsonLines(w) => Ok(w.encoder.finish()?),
-            FileWriter::Parquet(w) => w.finish(),
+        match self.body {
+            Body::JsonLines(encoder) => {
+                let compressed = encoder.finish()?;
+                let note = serde_json::to_vec(&OffsetsNote {
+                    records: self.records,
+                    dead_lettered: self.dead_lettered,
+                })
+                .map_err(note_error)?;
+                let mut file = Vec::with_capacity(8 + note.len() + compressed.len());
+                file.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
+                file.extend_from_slice(&(note.len() as u32).to_le_bytes());
+                file.extend_from_slice(&note);
+                file.extend_from_slice(&compressed);
+                Ok(file)
+            }
+            Body::Parquet(mut w) => {
+                if !self.dead_lettered.0.is_empty() {
+                    let runs = serde_json::to_string(&self.dead_lettered).map_err(note_error)?;
+                    w.writer
+                        .append_key_value_metadata(KeyValue::new(DEAD_LETTERED_KEY.into(), runs));
+                }
+                w.finish()
+            }
         }
-    }
-}
-
-pub struct JsonLinesWriter {
-    encoder: zstd::stream::Encoder<'static, Vec<u8>>,
-}
-
-impl JsonLinesWriter {
-    fn new(level: i32) -> Result<JsonLinesWriter, FormatError> {
-        Ok(JsonLinesWriter {
-            encoder: zstd::stream::Encoder::new(Vec::new(), level)?,
-        })
-    }
-
-    fn append(&mut self, raw: &[u8]) -> Result<(), FormatError> {
-        self.encoder.write_all(raw)?;
-        self.encoder.write_all(b"\n")?;
-        Ok(())
     }
 }
 
@@ -417,19 +502,36 @@ impl ParquetWriter {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileContents {
     pub records: u64,
-    /// Each record's offset, where the format stores it (Parquet).
-    pub offsets: Option<Vec<i64>>,
+    /// The records' offsets; `None` for a file that does not say (JSON lines written before
+    /// files carried their offsets).
+    pub record_offsets: Option<Runs>,
+    /// Offsets the file answers for without a row (dead-lettered); `None` as above.
+    pub dead_lettered: Option<Runs>,
 }
 
-/// Reads a file back: its record count, and its offsets where the format keeps them.
+fn note_error(e: impl std::fmt::Display) -> FormatError {
+    FormatError::Note(e.to_string())
+}
+
+/// Reads a file back: its record count, and the offsets it answers for.
 pub fn read_file(path: &str, data: Bytes) -> Result<FileContents, FormatError> {
     match format_of(path).ok_or_else(|| FormatError::UnknownFile(path.to_owned()))? {
         ArchiveFormat::JsonLines => {
-            let mut decoder = zstd::stream::Decoder::new(&data[..])?;
+            let mut note: Option<OffsetsNote> = None;
+            let mut body = &data[..];
+            if body.len() >= 8 && body[..4] == SKIPPABLE_MAGIC.to_le_bytes() {
+                let len = u32::from_le_bytes([body[4], body[5], body[6], body[7]]) as usize;
+                let text = body
+                    .get(8..8 + len)
+                    .ok_or_else(|| note_error("cut short"))?;
+                note = Some(serde_json::from_slice(text).map_err(note_error)?);
+                body = &body[8 + len..];
+            }
+            let mut decoder = zstd::stream::Decoder::new(body)?;
             let mut records = 0u64;
             let mut buf = vec![0u8; 1 << 16];
             loop {
-                let n = std::io::Read::read(&mut decoder, &mut buf)?;
+                let n = decoder.read(&mut buf)?;
                 if n == 0 {
                     break;
                 }
@@ -437,7 +539,8 @@ pub fn read_file(path: &str, data: Bytes) -> Result<FileContents, FormatError> {
             }
             Ok(FileContents {
                 records,
-                offsets: None,
+                record_offsets: note.as_ref().map(|n| n.records.clone()),
+                dead_lettered: note.map(|n| n.dead_lettered),
             })
         }
         ArchiveFormat::Parquet => {
@@ -450,18 +553,27 @@ pub fn read_file(path: &str, data: Bytes) -> Result<FileContents, FormatError> {
                     parquet::column::reader::ColumnReader::Int64ColumnReader(mut r) => {
                         r.read_records(rows, None, None, &mut offsets)?;
                     }
-                    _ => {
-                        return Err(FormatError::Parquet(
-                            parquet::errors::ParquetError::General(
-                                "the first column is not the INT64 `offset`".into(),
-                            ),
-                        ))
-                    }
+                    _ => return Err(note_error("the first column is not the INT64 `offset`")),
                 }
             }
+            let mut runs = Runs::default();
+            for o in &offsets {
+                runs.push(*o)?;
+            }
+            let dead_lettered = match reader
+                .metadata()
+                .file_metadata()
+                .key_value_metadata()
+                .and_then(|kv| kv.iter().find(|kv| kv.key == DEAD_LETTERED_KEY))
+                .and_then(|kv| kv.value.as_deref())
+            {
+                Some(text) => serde_json::from_str(text).map_err(note_error)?,
+                None => Runs::default(),
+            };
             Ok(FileContents {
                 records: offsets.len() as u64,
-                offsets: Some(offsets),
+                record_offsets: Some(runs),
+                dead_lettered: Some(dead_lettered),
             })
         }
     }
@@ -503,16 +615,34 @@ mod tests {
     #[test]
     fn json_lines_round_trip() {
         let mut w = FileWriter::new(ArchiveFormat::JsonLines, &[], 3).unwrap();
-        for i in 0..100 {
+        for i in (0..100).filter(|i| i % 40 != 39) {
             let (raw, e) = event(i);
             w.append(i, &raw, &e).unwrap();
         }
+        w.dead_lettered(39).unwrap();
+        w.dead_lettered(79).unwrap();
+        let (raw, e) = event(0);
+        assert!(w.append(5, &raw, &e).is_err(), "offsets only increase");
         let bytes = Bytes::from(w.finish().unwrap());
+        // A plain zstd decoder skips the offsets note: the lines, and nothing else.
         let text = zstd::decode_all(&bytes[..]).unwrap();
         assert_eq!(text.split(|&b| b == b'\n').next(), Some(&event(0).0[..]));
+        assert_eq!(text.iter().filter(|&&b| b == b'\n').count(), 98);
         let read = read_file("p/part-0-0-99.jsonl.zst", bytes).unwrap();
-        assert_eq!(read.records, 100);
-        assert_eq!(read.offsets, None);
+        assert_eq!(read.records, 98);
+        let run = |first, last| OffsetRange { first, last };
+        assert_eq!(
+            read.record_offsets,
+            Some(Runs(vec![run(0, 38), run(40, 78), run(80, 99)]))
+        );
+        assert_eq!(
+            read.dead_lettered,
+            Some(Runs(vec![run(39, 39), run(79, 79)]))
+        );
+        // A file from before the note: lines only, offsets unknown.
+        let old = zstd::encode_all(&b"{}\n{}\n"[..], 3).unwrap();
+        let read = read_file("p/part-0-0-1.jsonl.zst", Bytes::from(old)).unwrap();
+        assert_eq!((read.records, read.record_offsets), (2, None));
     }
 
     #[test]
@@ -524,11 +654,19 @@ mod tests {
             let (raw, e) = event(i);
             w.append(1000 + i, &raw, &e).unwrap();
         }
+        w.dead_lettered(1000 + rows).unwrap();
         let bytes = Bytes::from(w.finish().unwrap());
         let read = read_file("p/part-0-1000-1009.parquet", bytes.clone()).unwrap();
         assert_eq!(read.records, rows as u64);
-        let expected: Vec<i64> = (1000..1000 + rows).collect();
-        assert_eq!(read.offsets.as_deref(), Some(&expected[..]));
+        let run = |first, last| OffsetRange { first, last };
+        assert_eq!(
+            read.record_offsets,
+            Some(Runs(vec![run(1000, 1000 + rows - 1)]))
+        );
+        assert_eq!(
+            read.dead_lettered,
+            Some(Runs(vec![run(1000 + rows, 1000 + rows)]))
+        );
 
         let reader = SerializedFileReader::new(bytes).unwrap();
         assert_eq!(reader.num_row_groups(), 2);

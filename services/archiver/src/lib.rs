@@ -30,10 +30,10 @@ use instream_pipeline::{topics, ArchiveFormat, ArchiveTime, Catalog};
 use instream_stage::{Stage, Subscription};
 use tokio_util::sync::CancellationToken;
 
-pub use format::{FileWriter, FormatError};
+pub use format::{FileWriter, FormatError, OffsetRange, Runs};
 pub use layout::{file_name, folder, hour_of, parse_file_name};
 pub use retention::{retention_pass, run_retention, RETENTION_DUTY};
-pub use verify::{verify, FileProblem, OffsetRange, PartitionReport, VerifyReport};
+pub use verify::{verify, FileProblem, PartitionReport, VerifyReport};
 
 const SERVICE: &str = "archiver";
 
@@ -273,9 +273,9 @@ impl Archiver {
                 // The offset joins the open file's range (completed when it is written), or a
                 // file of its own in the current hour, so the ranges stay end to end.
                 let (dir, hour_start) = folder(&pipeline, instream_event::now_millis());
-                self.open(catalog, &key, dir, hour_start)?
-                    .offsets
-                    .push(record.offset);
+                let file = self.open(catalog, &key, dir, hour_start)?;
+                file.writer.dead_lettered(record.offset)?;
+                file.offsets.push(record.offset);
                 return Ok(());
             }
         };

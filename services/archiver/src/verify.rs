@@ -1,36 +1,33 @@
-//! `instream archive verify`: reads a pipeline's files back and checks that, per partition,
-//! their offset ranges meet end to end — no gap, no overlap — and that each file holds what
-//! its name says.
+//! `instream archive verify`: reads a pipeline's files back and checks, per partition, the
+//! set of offsets they answer for — each file's records and dead letters, wherever its folder
+//! (an event-time layout spreads a partition over many) — for gaps and overlaps, and that
+//! each file holds what its name says.
 
 use std::collections::BTreeMap;
 
 use instream_archive::Archive;
 use serde::Serialize;
 
-use crate::format::read_file;
+use crate::format::{read_file, OffsetRange};
 use crate::layout::{hour_of, parse_file_name};
 use crate::ArchiverError;
-
-/// Offsets `first..=last`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct OffsetRange {
-    pub first: i64,
-    pub last: i64,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PartitionReport {
     pub partition: i32,
     pub files: u64,
-    /// The first and last offset any file answers for.
+    /// The lowest and highest offset any file answers for.
     pub first_offset: i64,
     pub last_offset: i64,
     pub records: u64,
-    /// Offsets inside the files' ranges without a record: dead-lettered by the archiver.
+    /// Offsets a file answers for without a record: dead-lettered by the archiver.
     pub offsets_without_record: u64,
-    /// Offsets between two files that no file answers for.
+    /// Files that do not list their offsets (written before files did): their name's range
+    /// is taken as what they hold.
+    pub files_without_offsets: u64,
+    /// Offsets between the first and the last that no file answers for.
     pub gaps: Vec<OffsetRange>,
-    /// Offsets two files answer for.
+    /// Offsets more than one file answers for.
     pub overlaps: Vec<OffsetRange>,
 }
 
@@ -63,15 +60,18 @@ impl VerifyReport {
     }
 }
 
-struct FileRange {
-    first: i64,
-    last: i64,
+#[derive(Default)]
+struct PartitionFiles {
+    files: u64,
     records: u64,
+    without_record: u64,
+    without_offsets: u64,
+    runs: Vec<OffsetRange>,
 }
 
 /// Reads every completed file of `pipeline` and reports per partition.
 pub async fn verify(archive: &dyn Archive, pipeline: &str) -> Result<VerifyReport, ArchiverError> {
-    let mut per_partition: BTreeMap<i32, Vec<FileRange>> = BTreeMap::new();
+    let mut per_partition: BTreeMap<i32, PartitionFiles> = BTreeMap::new();
     let mut report = VerifyReport {
         pipeline: pipeline.to_owned(),
         files: 0,
@@ -102,68 +102,88 @@ pub async fn verify(archive: &dyn Archive, pipeline: &str) -> Result<VerifyRepor
                 continue;
             }
         };
-        let span = u64::try_from(last - first + 1).unwrap_or(0);
-        if last < first || contents.records > span {
-            report.problems.push(problem(
-                &file.path,
-                format!(
-                    "{} records cannot fit offsets {first}-{last}",
-                    contents.records
-                ),
-            ));
-        }
-        if let Some(offsets) = &contents.offsets {
-            let in_order = offsets.windows(2).all(|w| w[0] < w[1]);
-            let inside = offsets.iter().all(|o| (first..=last).contains(o));
-            if !in_order || !inside {
-                report.problems.push(problem(
-                    &file.path,
-                    format!("its offsets are not increasing within {first}-{last}"),
-                ));
-            }
-        }
+        let part = per_partition.entry(partition).or_default();
+        part.files += 1;
+        part.records += contents.records;
         report.records += contents.records;
         if let Some(hour) = hour_of(&file.path) {
             *report.records_per_hour.entry(hour).or_default() += contents.records;
         }
-        per_partition.entry(partition).or_default().push(FileRange {
-            first,
-            last,
-            records: contents.records,
-        });
+        match (contents.record_offsets, contents.dead_lettered) {
+            (Some(records), Some(dead)) => {
+                if records.count() != contents.records {
+                    report.problems.push(problem(
+                        &file.path,
+                        format!(
+                            "{} records but {} offsets listed",
+                            contents.records,
+                            records.count()
+                        ),
+                    ));
+                }
+                let mut runs: Vec<OffsetRange> =
+                    records.0.into_iter().chain(dead.0.clone()).collect();
+                runs.sort_by_key(|r| r.first);
+                let (low, high) = (
+                    runs.first().map(|r| r.first),
+                    runs.iter().map(|r| r.last).max(),
+                );
+                if (low, high) != (Some(first), Some(last)) {
+                    report.problems.push(problem(
+                        &file.path,
+                        format!("its name says offsets {first}-{last}, it holds {low:?}-{high:?}"),
+                    ));
+                }
+                part.without_record += dead.count();
+                part.runs.extend(runs);
+            }
+            _ => {
+                let span = u64::try_from(last - first + 1).unwrap_or(0);
+                if last < first || contents.records > span {
+                    report.problems.push(problem(
+                        &file.path,
+                        format!(
+                            "{} records cannot fit offsets {first}-{last}",
+                            contents.records
+                        ),
+                    ));
+                }
+                part.without_offsets += 1;
+                part.without_record += span.saturating_sub(contents.records);
+                part.runs.push(OffsetRange { first, last });
+            }
+        }
     }
-    for (partition, mut ranges) in per_partition {
-        ranges.sort_by_key(|r| (r.first, r.last));
+    for (partition, mut files) in per_partition {
+        files.runs.sort_by_key(|r| (r.first, r.last));
+        let Some(start) = files.runs.first().copied() else {
+            continue;
+        };
         let mut part = PartitionReport {
             partition,
-            files: ranges.len() as u64,
-            first_offset: ranges[0].first,
-            last_offset: ranges[0].last,
-            records: 0,
-            offsets_without_record: 0,
+            files: files.files,
+            first_offset: start.first,
+            last_offset: start.last,
+            records: files.records,
+            offsets_without_record: files.without_record,
+            files_without_offsets: files.without_offsets,
             gaps: Vec::new(),
             overlaps: Vec::new(),
         };
-        for (i, r) in ranges.iter().enumerate() {
-            if i > 0 {
-                let end = part.last_offset;
-                if r.first > end + 1 {
-                    part.gaps.push(OffsetRange {
-                        first: end + 1,
-                        last: r.first - 1,
-                    });
-                } else if r.first <= end {
-                    part.overlaps.push(OffsetRange {
-                        first: r.first,
-                        last: end.min(r.last),
-                    });
-                }
+        for r in &files.runs[1..] {
+            let end = part.last_offset;
+            if r.first > end + 1 {
+                part.gaps.push(OffsetRange {
+                    first: end + 1,
+                    last: r.first - 1,
+                });
+            } else if r.first <= end {
+                part.overlaps.push(OffsetRange {
+                    first: r.first,
+                    last: end.min(r.last),
+                });
             }
-            part.last_offset = part.last_offset.max(r.last);
-            part.records += r.records;
-            part.offsets_without_record += u64::try_from(r.last - r.first + 1)
-                .unwrap_or(0)
-                .saturating_sub(r.records);
+            part.last_offset = end.max(r.last);
         }
         report.partitions.push(part);
     }
@@ -188,14 +208,19 @@ mod tests {
         dead: &[i64],
     ) {
         let mut w = FileWriter::new(ArchiveFormat::Parquet, &[], 1).unwrap();
-        for &o in offsets {
+        let mut all: Vec<i64> = offsets.iter().chain(dead).copied().collect();
+        all.sort();
+        for &o in &all {
+            if dead.contains(&o) {
+                w.dead_lettered(o).unwrap();
+                continue;
+            }
             let raw = format!(
                 r#"{{"event_id":"e{o}","pipeline":"p","key":"k","event_time":0,"ingest_time":0,"payload":{{}}}}"#
             );
             let event = instream_event::decode(raw.as_bytes()).unwrap();
             w.append(o, raw.as_bytes(), &event).unwrap();
         }
-        let all: Vec<i64> = offsets.iter().chain(dead).copied().collect();
         let (first, last) = (*all.iter().min().unwrap(), *all.iter().max().unwrap());
         let path = format!(
             "p/dt=2024-05-01/hour={hour}/{}",
@@ -230,6 +255,55 @@ mod tests {
         assert_eq!(
             report.records_per_hour,
             BTreeMap::from([("2024-05-01T10".into(), 3), ("2024-05-01T11".into(), 4)])
+        );
+    }
+
+    /// Judged by the offsets the files hold, not by their names: interleaved files across
+    /// folders are clean, a name wider than the contents is a problem, and a file from before
+    /// files listed their offsets counts by its name.
+    #[tokio::test]
+    async fn the_set_of_offsets_is_checked_not_the_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = LocalArchive::new(dir.path());
+        put(&archive, "12", 0, &[0, 1, 5], &[]).await; // named 0-5
+        put(&archive, "10", 0, &[2, 4], &[3]).await; // named 2-4, in an earlier hour
+        let legacy = zstd::encode_all(&b"{}\n{}\n"[..], 1).unwrap();
+        archive
+            .put(
+                "p/dt=2024-05-01/hour=13/part-0-6-7.jsonl.zst",
+                Bytes::from(legacy),
+            )
+            .await
+            .unwrap();
+        let report = verify(&archive, "p").await.unwrap();
+        assert!(report.is_clean(), "{report:#?}");
+        let p0 = &report.partitions[0];
+        assert_eq!((p0.first_offset, p0.last_offset, p0.records), (0, 7, 7));
+        assert_eq!(
+            (p0.offsets_without_record, p0.files_without_offsets),
+            (1, 1)
+        );
+
+        // A file whose name claims more than it holds hides nothing.
+        let mut w = FileWriter::new(ArchiveFormat::JsonLines, &[], 1).unwrap();
+        let raw = br#"{"event_id":"e","pipeline":"p","key":"k","event_time":0,"ingest_time":0,"payload":{}}"#;
+        w.append(8, raw, &instream_event::decode(raw).unwrap())
+            .unwrap();
+        archive
+            .put(
+                "p/dt=2024-05-01/hour=13/part-0-8-9.jsonl.zst",
+                Bytes::from(w.finish().unwrap()),
+            )
+            .await
+            .unwrap();
+        let report = verify(&archive, "p").await.unwrap();
+        assert!(!report.is_clean());
+        assert!(
+            report.problems[0]
+                .problem
+                .contains("its name says offsets 8-9"),
+            "{:?}",
+            report.problems
         );
     }
 

@@ -163,6 +163,7 @@ roll_max_age = "1s"
         let mut without_record = 0;
         for p in &report.partitions {
             assert_eq!(p.first_offset, 0, "partition {} starts at 0", p.partition);
+            assert_eq!(p.files_without_offsets, 0, "every file lists its offsets");
             covered += p.last_offset + 1;
             without_record += p.offsets_without_record;
         }
