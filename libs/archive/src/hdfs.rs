@@ -126,6 +126,7 @@ impl Archive for HdfsArchive {
             .create(&temp, options)
             .await
             .map_err(hdfs_err(&temp))?;
+        let size = data.len();
         let head = data.slice(..data.len() / 2);
         let tail = data.slice(data.len() / 2..);
         writer.write_bytes(head).await.map_err(hdfs_err(&temp))?;
@@ -133,10 +134,16 @@ impl Archive for HdfsArchive {
         writer.write_bytes(tail).await.map_err(hdfs_err(&temp))?;
         writer.close().await.map_err(hdfs_err(&temp))?;
         fail::fail_point!("archive-put-before-rename");
-        self.client
-            .rename(&temp, &target, false)
-            .await
-            .map_err(hdfs_err(&target))?;
+        if let Err(error) = self.client.rename(&temp, &target, false).await {
+            // A rename whose answer was lost (a failover) leaves the target in place; a retry
+            // must take that as done rather than fail forever on "exists".
+            match self.client.get_file_info(&target).await {
+                Ok(status) if status.length == size => {
+                    let _ = self.client.delete(&temp, false).await;
+                }
+                _ => return Err(hdfs_err(&target)(error)),
+            }
+        }
         fail::fail_point!("archive-put-after-rename");
         Ok(())
     }

@@ -224,6 +224,7 @@ pub fn commit(consumer: &Consumer, sync: bool) -> Result<(), KafkaError> {
     } else {
         CommitMode::Async
     };
+    consumer.context().commit_sent();
     consumer.commit(&tpl, mode).map_err(KafkaError::Commit)
 }
 

@@ -23,6 +23,9 @@ pub struct InstreamContext {
     /// The partitions of the last assignment. Kept through a revoke until the next assignment,
     /// so that a stage looking between the two does not think it owns nothing.
     assignment: Mutex<HashSet<(String, i32)>>,
+    /// When the oldest unanswered asynchronous commit was sent: its answer (the commit
+    /// callback) records the commit latency.
+    commit_sent: Mutex<Option<std::time::Instant>>,
 }
 
 impl InstreamContext {
@@ -33,7 +36,14 @@ impl InstreamContext {
             tracker: Arc::default(),
             generation: AtomicU64::new(0),
             assignment: Mutex::default(),
+            commit_sent: Mutex::default(),
         }
+    }
+
+    /// Notes that a commit was sent now (the first of several outstanding counts).
+    pub fn commit_sent(&self) {
+        let mut sent = self.commit_sent.lock().unwrap_or_else(|e| e.into_inner());
+        sent.get_or_insert_with(std::time::Instant::now);
     }
 
     /// The offset tracker of this consumer.
@@ -185,5 +195,14 @@ impl ConsumerContext for InstreamContext {
         };
         metrics::counter!("instream_offset_commits_total", "group" => self.group.clone(), "outcome" => outcome)
             .increment(1);
+        let sent = self
+            .commit_sent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(sent) = sent {
+            metrics::histogram!("instream_offset_commit_seconds", "group" => self.group.clone())
+                .record(sent.elapsed().as_secs_f64());
+        }
     }
 }

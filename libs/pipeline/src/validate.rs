@@ -254,7 +254,9 @@ impl PipelineDefinition {
                     .name
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !name_ok || RAW_COLUMNS.contains(&column.name.as_str()) {
+            // Case-insensitive: Spark and Hive fold column names.
+            let folded = column.name.to_ascii_lowercase();
+            if !name_ok || RAW_COLUMNS.contains(&folded.as_str()) {
                 problem(
                     format!("archive.columns[{i}].name"),
                     format!(
@@ -262,7 +264,7 @@ impl PipelineDefinition {
                         column.name
                     ),
                 );
-            } else if !columns.insert(column.name.as_str()) {
+            } else if !columns.insert(folded) {
                 problem(
                     format!("archive.columns[{i}].name"),
                     format!("`{}` is used twice", column.name),
@@ -373,6 +375,16 @@ window = { kind = "tumbling", size = "1m" }
         assert!(err.contains("archive.columns: typed columns need"), "{err}");
         let err = parse_document(&with(
             "format = \"parquet\"\ncolumns = [{ name = \"payload\", path = \"a\", type = \"string\" }, { name = \"a\", path = \"a\", type = \"string\" }, { name = \"a\", path = \"b\", type = \"boolean\" }]",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("archive.columns[0].name"), "{err}");
+        assert!(
+            err.contains("archive.columns[2].name: `a` is used twice"),
+            "{err}"
+        );
+        let err = parse_document(&with(
+            "format = \"parquet\"\ncolumns = [{ name = \"Offset\", path = \"a\", type = \"int64\" }, { name = \"A\", path = \"a\", type = \"int64\" }, { name = \"a\", path = \"b\", type = \"int64\" }]",
         ))
         .unwrap_err()
         .to_string();

@@ -1,7 +1,7 @@
-//! Raw events into archive files, in process: decode each record (as the archiver does, for
-//! its time) and append it, then finish the file — zstd JSON lines, and Parquet with and
-//! without typed columns. Throughput is in bytes of raw JSON in. Realistic ~300-byte
-//! Nexmark-shaped bid envelopes, 50,000 per file.
+//! Raw events into archive files on local disk: decode each record (as the archiver does, for
+//! its time), append it, finish the file and write it out with fsync — zstd JSON lines, and
+//! Parquet with and without typed columns. Throughput is in bytes of raw JSON in. Realistic
+//! ~300-byte Nexmark-shaped bid envelopes, 100,000 per file (two Parquet row groups).
 //!
 //! `cargo bench -p instream-archiver --bench formats`
 
@@ -9,7 +9,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use instream_archiver::FileWriter;
 use instream_pipeline::{ArchiveColumn, ArchiveFormat, ColumnType};
 
-const RECORDS: usize = 50_000;
+const RECORDS: usize = 100_000;
 
 fn records() -> Vec<Vec<u8>> {
     (0..RECORDS)
@@ -51,17 +51,28 @@ fn columns() -> Vec<ArchiveColumn> {
     ]
 }
 
-fn write(format: ArchiveFormat, columns: &[ArchiveColumn], records: &[Vec<u8>]) -> usize {
+fn write(
+    format: ArchiveFormat,
+    columns: &[ArchiveColumn],
+    records: &[Vec<u8>],
+    disk: &std::path::Path,
+) -> usize {
     let mut file = FileWriter::new(format, columns, 3).unwrap();
     for (offset, raw) in records.iter().enumerate() {
         let event = instream_event::decode(raw).unwrap();
         file.append(offset as i64, raw, &event).unwrap();
     }
-    file.finish().unwrap().len()
+    let bytes = file.finish().unwrap();
+    let mut out = std::fs::File::create(disk).unwrap();
+    std::io::Write::write_all(&mut out, &bytes).unwrap();
+    out.sync_all().unwrap();
+    bytes.len()
 }
 
 fn formats(c: &mut Criterion) {
     let records = records();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("file");
     let bytes: usize = records.iter().map(Vec::len).sum();
     println!(
         "{} records, {:.0} bytes each on average",
@@ -77,9 +88,11 @@ fn formats(c: &mut Criterion) {
         ("parquet_typed_columns", ArchiveFormat::Parquet, columns()),
     ];
     for (name, format, columns) in &cases {
-        let size = write(*format, columns, &records);
+        let size = write(*format, columns, &records, &disk);
         println!("{name}: {bytes} bytes in, {size} bytes out");
-        group.bench_function(*name, |b| b.iter(|| write(*format, columns, &records)));
+        group.bench_function(*name, |b| {
+            b.iter(|| write(*format, columns, &records, &disk))
+        });
     }
     group.finish();
 }

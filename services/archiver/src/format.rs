@@ -28,6 +28,9 @@ use parquet::schema::types::{ColumnPath, Type};
 /// Rows per Parquet row group: large enough for good compression, small enough to bound the
 /// memory of a file's unwritten rows.
 pub const ROW_GROUP_ROWS: usize = 65_536;
+/// Unwritten row bytes that close a row group early, whatever the row count: large events
+/// must not hold hundreds of MiB per open file.
+pub const ROW_GROUP_BYTES: usize = 32 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
@@ -389,12 +392,13 @@ impl ParquetWriter {
         self.keys.push(event.key.as_bytes());
         self.event_times.push(event.event_time);
         self.ingest_times.push(event.ingest_time);
-        if event.headers.is_empty() {
-            self.headers_defined.push(0);
-        } else {
-            let json = serde_json::to_vec(&event.headers).unwrap_or_default();
-            self.headers.push(&json);
-            self.headers_defined.push(1);
+        match serde_json::to_vec(&event.headers) {
+            Ok(json) if !event.headers.is_empty() => {
+                self.headers.push(&json);
+                self.headers_defined.push(1);
+            }
+            // No headers (a map of strings always serialises; were it not to, null is honest).
+            _ => self.headers_defined.push(0),
         }
         self.payloads.push(event.payload.get().as_bytes());
         if self.parse_payload {
@@ -403,17 +407,23 @@ impl ParquetWriter {
                 column.push(payload.as_ref().and_then(|p| column.spec.path.lookup(p)));
             }
         }
-        if self.offsets.len() >= ROW_GROUP_ROWS {
+        if self.offsets.len() >= ROW_GROUP_ROWS || self.buffered_bytes() >= ROW_GROUP_BYTES {
             self.write_row_group()?;
         }
         Ok(())
     }
 
+    fn buffered_bytes(&self) -> usize {
+        self.payloads.data.len()
+            + self.event_ids.data.len()
+            + self.keys.data.len()
+            + self.headers.data.len()
+            + self.offsets.len() * 40
+    }
+
     fn size(&self) -> u64 {
-        let buffered =
-            self.payloads.data.len() + self.event_ids.data.len() + self.offsets.len() * 40;
         // Unwritten rows compress too; counting them at a quarter keeps a file near its limit.
-        (self.writer.bytes_written() + buffered / 4) as u64
+        (self.writer.bytes_written() + self.buffered_bytes() / 4) as u64
     }
 
     fn write_row_group(&mut self) -> Result<(), FormatError> {
@@ -551,7 +561,12 @@ pub fn read_file(path: &str, data: Bytes) -> Result<FileContents, FormatError> {
                 let rows = group.metadata().num_rows() as usize;
                 match group.get_column_reader(0)? {
                     parquet::column::reader::ColumnReader::Int64ColumnReader(mut r) => {
-                        r.read_records(rows, None, None, &mut offsets)?;
+                        let (read, _, _) = r.read_records(rows, None, None, &mut offsets)?;
+                        if read != rows {
+                            return Err(note_error(format!(
+                                "row group {i}: {read} of {rows} offsets readable"
+                            )));
+                        }
                     }
                     _ => return Err(note_error("the first column is not the INT64 `offset`")),
                 }
@@ -656,7 +671,8 @@ mod tests {
         }
         w.dead_lettered(1000 + rows).unwrap();
         let bytes = Bytes::from(w.finish().unwrap());
-        let read = read_file("p/part-0-1000-1009.parquet", bytes.clone()).unwrap();
+        let name = format!("p/part-0-1000-{}.parquet", 1000 + rows);
+        let read = read_file(&name, bytes.clone()).unwrap();
         assert_eq!(read.records, rows as u64);
         let run = |first, last| OffsetRange { first, last };
         assert_eq!(

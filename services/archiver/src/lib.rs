@@ -37,6 +37,11 @@ pub use verify::{verify, FileProblem, PartitionReport, VerifyReport};
 
 const SERVICE: &str = "archiver";
 
+/// How long a file write is retried. The consumer is not polled meanwhile, so this stays well
+/// inside librdkafka's `max.poll.interval.ms` (5 min): past it the group would hand the
+/// partition to another instance while this one still writes.
+const WRITE_RETRY_LIMIT: Duration = Duration::from_secs(120);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiverError {
     #[error(transparent)]
@@ -49,6 +54,12 @@ pub enum ArchiverError {
     Format(#[from] FormatError),
     #[error(transparent)]
     Coord(#[from] instream_coord::CoordError),
+    #[error("`{path}` could not be written for {waited:?} ({error}); stopping before the consumer group moves the partition")]
+    Unwritable {
+        path: String,
+        waited: Duration,
+        error: instream_archive::ArchiveError,
+    },
 }
 
 type PartitionKey = (String, i32);
@@ -73,6 +84,9 @@ struct Archiver {
     files: HashMap<PartitionKey, OpenFile>,
     /// Highest offset already in the archive per partition, read on first sight of it.
     archived: HashMap<PartitionKey, i64>,
+    /// Per pipeline, the highest archived offset of each partition: one listing of the
+    /// archive per assignment, not one per partition.
+    listed: HashMap<String, HashMap<i32, i64>>,
     generation: u64,
     /// Partitions whose file could not be written before shutdown: nothing more is written
     /// for them by this process.
@@ -123,6 +137,7 @@ pub async fn run_with_archive(
         ready,
         files: HashMap::new(),
         archived: HashMap::new(),
+        listed: HashMap::new(),
         generation: 0,
         abandoned: Default::default(),
     };
@@ -145,10 +160,8 @@ pub async fn run_with_archive(
         archiver.follow_generation(client::generation(consumer));
         archiver.roll_aged(consumer, &shutdown).await?;
         if last_commit.elapsed() >= config.kafka.commit_interval {
-            let started = Instant::now();
+            // Its latency, request to broker answer: instream_offset_commit_seconds.
             client::commit(consumer, false)?;
-            metrics::histogram!("instream_archive_commit_seconds")
-                .record(started.elapsed().as_secs_f64());
             last_commit = Instant::now();
         }
     }
@@ -174,6 +187,7 @@ impl Archiver {
         if generation != self.generation {
             self.files.clear();
             self.archived.clear();
+            self.listed.clear();
             self.generation = generation;
             metrics::gauge!("instream_archive_open_files").set(0.0);
         }
@@ -194,16 +208,21 @@ impl Archiver {
         if removed > 0 {
             tracing::info!(%pipeline, partition = key.1, removed, "removed unfinished files of an earlier run");
         }
-        let max = self
-            .archive
-            .list(pipeline)
-            .await?
-            .iter()
-            .filter_map(|f| parse_file_name(&f.path))
-            .filter(|(partition, _, _)| *partition == key.1)
-            .map(|(_, _, last)| last)
-            .max()
-            .unwrap_or(-1);
+        if !self.listed.contains_key(pipeline) {
+            let mut highest: HashMap<i32, i64> = HashMap::new();
+            for (partition, _, last) in self
+                .archive
+                .list(pipeline)
+                .await?
+                .iter()
+                .filter_map(|f| parse_file_name(&f.path))
+            {
+                let h = highest.entry(partition).or_insert(last);
+                *h = (*h).max(last);
+            }
+            self.listed.insert(pipeline.to_owned(), highest);
+        }
+        let max = self.listed[pipeline].get(&key.1).copied().unwrap_or(-1);
         self.archived.insert(key.clone(), max);
         Ok(max)
     }
@@ -270,8 +289,10 @@ impl Archiver {
                     .publish_record(&record, "decode_error", &e.to_string())
                     .await?;
                 client::delivered(delivery).await?;
-                // The offset joins the open file's range (completed when it is written), or a
-                // file of its own in the current hour, so the ranges stay end to end.
+                // The offset joins the open file (completed when it is written), or a file of
+                // its own in the current hour, so the files' offsets stay end to end. Until
+                // then a crash or rebalance reads the record again and dead-letters it again:
+                // the dead-letter topic is at-least-once, as for every stage.
                 let (dir, hour_start) = folder(&pipeline, instream_event::now_millis());
                 let file = self.open(catalog, &key, dir, hour_start)?;
                 file.writer.dead_lettered(record.offset)?;
@@ -303,8 +324,9 @@ impl Archiver {
         file.writer.append(record.offset, &record.payload, &event)?;
         file.offsets.push(record.offset);
         file.records += 1;
-        let full = file.records >= max_records || file.writer.size() >= max_bytes;
-        if full {
+        if file.records >= max_records {
+            self.roll(&key, "records", consumer, stop).await?;
+        } else if file.writer.size() >= max_bytes {
             self.roll(&key, "size", consumer, stop).await?;
         }
         Ok(())
@@ -357,6 +379,16 @@ impl Archiver {
                 Ok(()) => {
                     self.ready.set_ready();
                     break;
+                }
+                Err(error) if started.elapsed() >= WRITE_RETRY_LIMIT => {
+                    // The consumer is not polled while we retry; before the group takes the
+                    // partition away and a second writer starts on the same offsets, stop.
+                    // Nothing of this file was committed: the restart reads it again.
+                    return Err(ArchiverError::Unwritable {
+                        path,
+                        waited: started.elapsed(),
+                        error,
+                    });
                 }
                 Err(error) => {
                     self.ready.set_not_ready(error.to_string());

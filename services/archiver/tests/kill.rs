@@ -30,7 +30,9 @@ struct Setup {
 }
 
 impl Setup {
-    async fn new(broker: &KafkaBroker, format: &str) -> Setup {
+    /// `spread_ms` is the event-time step between records: with `partition_by =
+    /// "event_time"` a large step spreads each partition over several hour folders.
+    async fn new(broker: &KafkaBroker, format: &str, partition_by: &str, spread_ms: i64) -> Setup {
         let pipeline = unique("kill");
         for t in ["raw", "enriched", "dlq"] {
             broker
@@ -52,7 +54,7 @@ impl Setup {
             } else {
                 serde_json::json!({
                     "event_id": format!("e{i}"), "pipeline": pipeline, "key": format!("k{}", i % 97),
-                    "event_time": 1_714_564_800_000i64 + i as i64, "ingest_time": 1_714_564_800_000i64,
+                    "event_time": 1_714_564_800_000i64 + i as i64 * spread_ms, "ingest_time": 1_714_564_800_000i64,
                     "payload": {"n": i},
                 })
                 .to_string()
@@ -74,7 +76,7 @@ impl Setup {
         let definitions = dir.path().join("definitions.toml");
         std::fs::write(
             &definitions,
-            format!("[[pipelines]]\nname = \"{pipeline}\"\nkey_field = \"k\"\ntime_field = \"t\"\npartitions = {PARTITIONS}\narchive = {{ format = \"{format}\" }}\n"),
+            format!("[[pipelines]]\nname = \"{pipeline}\"\nkey_field = \"k\"\ntime_field = \"t\"\npartitions = {PARTITIONS}\narchive = {{ format = \"{format}\", partition_by = \"{partition_by}\" }}\n"),
         )
         .unwrap();
         let admin_port = free_port().unwrap();
@@ -172,22 +174,29 @@ roll_max_age = "1s"
     }
 }
 
-/// `_inprogress.` files below `dir`: a write under way (or cut short).
-fn in_progress(dir: &Path) -> usize {
+/// `_inprogress.` files below `dir`: writes under way (or cut short).
+fn in_progress(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
+        return Vec::new();
     };
     entries
         .flatten()
-        .map(|e| {
+        .flat_map(|e| {
             let path = e.path();
             if path.is_dir() {
                 in_progress(&path)
+            } else if e.file_name().to_string_lossy().starts_with("_inprogress.") {
+                vec![path]
             } else {
-                usize::from(e.file_name().to_string_lossy().starts_with("_inprogress."))
+                Vec::new()
             }
         })
-        .sum()
+        .collect()
+}
+
+/// A whole Parquet file ends with its footer's magic; a half-written one does not.
+fn is_whole_parquet(path: &Path) -> bool {
+    std::fs::read(path).is_ok_and(|b| b.len() > 8 && b.ends_with(b"PAR1"))
 }
 
 async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
@@ -204,7 +213,7 @@ async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_and_restart_archives_every_offset_exactly_once() {
     let broker = KafkaBroker::start().unwrap();
-    let setup = Setup::new(&broker, "json_lines").await;
+    let setup = Setup::new(&broker, "json_lines", "ingest_time", 1).await;
     let mut first = setup.spawn(None);
     wait_until("the first files", async || {
         setup.completed_files().await >= 4
@@ -252,8 +261,9 @@ async fn kill_9_and_restart_archives_every_offset_exactly_once() {
 
 /// Killed with -9 while a file is half written, while it is complete but not yet renamed,
 /// and right after the rename (before the commit): each time the restart removes what was
-/// left, re-reads what was not committed, and the archive ends up exact. Parquet files, so
-/// each record's offset is checked too.
+/// left, re-reads what was not committed, and the archive ends up exact. Parquet files laid
+/// out by event time over about five hours, so files also roll at hour boundaries and each
+/// partition spreads over several folders.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_inside_a_roll_leaves_no_gap_and_no_overlap() {
     let broker = KafkaBroker::start().unwrap();
@@ -262,32 +272,47 @@ async fn kill_9_inside_a_roll_leaves_no_gap_and_no_overlap() {
         "archive-put-before-rename",
         "archive-put-after-rename",
     ] {
-        let setup = Setup::new(&broker, "parquet").await;
+        let setup = Setup::new(&broker, "parquet", "event_time", 1_000).await;
         // Three files pass, the fourth stops at the fail point until the kill.
         let mut first = setup.spawn(Some(&format!("{point}=3*off->pause")));
         let root = setup.root.clone();
         wait_until(&format!("the archiver to stop at {point}"), async || {
             let files = setup.completed_files().await;
-            if point == "archive-put-after-rename" {
-                files >= 4
-            } else {
-                files >= 3 && in_progress(&root) > 0
+            let partial = in_progress(&root);
+            match point {
+                "archive-put-after-rename" => files >= 4,
+                // Paused before the rename: the temporary file is complete.
+                "archive-put-before-rename" => {
+                    files >= 3 && partial.iter().any(|p| is_whole_parquet(p))
+                }
+                _ => files >= 3 && !partial.is_empty(),
             }
         })
         .await;
         first.0.kill().unwrap();
         first.wait_exit(Duration::from_secs(10)).unwrap();
-        if point != "archive-put-after-rename" {
-            assert!(
-                in_progress(&root) > 0,
-                "{point}: the kill leaves a partial file"
-            );
+        let partial = in_progress(&root);
+        match point {
+            "archive-put-mid-write" => assert!(
+                !partial.is_empty() && partial.iter().all(|p| !is_whole_parquet(p)),
+                "{point}: the kill leaves a half-written file: {partial:?}"
+            ),
+            "archive-put-before-rename" => assert!(
+                partial.iter().any(|p| is_whole_parquet(p)),
+                "{point}: the kill leaves a complete file not yet renamed"
+            ),
+            _ => {}
         }
 
         let mut second = setup.spawn(None);
         let report = setup.wait_for_everything().await;
         setup.assert_exact(&report);
-        assert_eq!(in_progress(&root), 0, "{point}: leftovers removed");
+        assert!(in_progress(&root).is_empty(), "{point}: leftovers removed");
+        assert!(
+            report.records_per_hour.len() >= 5,
+            "spread over hours: {:?}",
+            report.records_per_hour
+        );
         second.terminate().unwrap();
         let status = second.wait_exit(Duration::from_secs(20)).unwrap();
         assert!(status.success(), "{point}: {status}");

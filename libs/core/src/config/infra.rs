@@ -588,10 +588,11 @@ impl ArchiveConfig {
                 .hdfs_url
                 .split_once("://")
                 .map_or("", |(_, rest)| rest.split('/').next().unwrap_or(""));
-            if !authority.contains(':')
-                && !self.hdfs_config.is_empty()
-                && self.hdfs_config_dir.is_none()
-            {
+            let spells_out_ha = self
+                .hdfs_config
+                .keys()
+                .any(|k| k.starts_with("dfs.ha.namenodes.") || k == "dfs.nameservices");
+            if !authority.contains(':') && spells_out_ha && self.hdfs_config_dir.is_none() {
                 let key = format!("dfs.ha.namenodes.{authority}");
                 p.check(
                     self.hdfs_config.contains_key(&key),

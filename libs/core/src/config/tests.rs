@@ -161,6 +161,10 @@ fn an_hdfs_nameservice_needs_its_namenodes() {
         "[archive]\nhdfs_url = \"hdfs://ns1\"\n[archive.hdfs_config]\n\"dfs.ha.namenodes.ns1\" = \"a,b\"\n\"dfs.namenode.rpc-address.ns1.a\" = \"h1:8020\"\n\"dfs.namenode.rpc-address.ns1.b\" = \"h2:8020\"\n",
     )
     .expect("an HA nameservice spelled out");
+    Config::from_toml(
+        "[archive]\nhdfs_url = \"hdfs://namenode\"\nhdfs_config = { \"dfs.client.socket-timeout\" = \"30000\" }\n",
+    )
+    .expect("a plain host on the default port, with other client settings");
     let err = Config::from_toml("[archive]\nkerberos_keytab = \"/k.keytab\"\n").unwrap_err();
     assert!(err.to_string().contains("archive.kerberos_keytab"), "{err}");
 }
