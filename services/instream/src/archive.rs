@@ -11,8 +11,11 @@ use crate::output::{emit, emit_json, table, Output};
 #[derive(Subcommand)]
 pub enum ArchiveCommand {
     /// Reads every file of a pipeline back and reports, per partition, the offsets covered,
-    /// any gap or overlap between files, and records per hour. Exits 1 when it finds a gap,
-    /// an overlap or a file that is not what its name says.
+    /// any gap or overlap between files, and records per hour; then compares with the
+    /// archiver group's committed offsets and the topic's first offsets (when the broker
+    /// answers), so offsets committed but in no file show too. Exits 1 when it finds a gap,
+    /// an overlap, offsets committed but not archived, or a file that is not what its name
+    /// says.
     Verify {
         #[arg(long, short, env = "INSTREAM_CONFIG")]
         config: Option<PathBuf>,
@@ -31,11 +34,19 @@ pub async fn archive(command: ArchiveCommand) -> anyhow::Result<()> {
     } = command;
     let config = Config::load(config.as_deref())?;
     let archive = instream_archive::build(&config.archive)?;
-    let report = instream_archiver::verify(archive.as_ref(), &pipeline)
+    let mut report = instream_archiver::verify(archive.as_ref(), &pipeline)
         .await
         .with_context(|| format!("reading the archive of `{pipeline}`"))?;
+    let compared = compare_with_commits(&config, &pipeline, &mut report).await;
     match output {
-        Output::Json => emit_json(&serde_json::to_value(&report)?)?,
+        Output::Json => {
+            let mut value = serde_json::to_value(&report)?;
+            value["committed_offsets_compared"] = match &compared {
+                Ok(()) => serde_json::Value::Bool(true),
+                Err(e) => serde_json::Value::String(e.to_string()),
+            };
+            emit_json(&value)?
+        }
         Output::Table => {
             let ranges = |r: &[instream_archiver::OffsetRange]| {
                 r.iter()
@@ -80,6 +91,9 @@ pub async fn archive(command: ArchiveCommand) -> anyhow::Result<()> {
             for p in &report.problems {
                 text.push_str(&format!("\nproblem: {}: {}", p.path, p.problem));
             }
+            if let Err(e) = &compared {
+                text.push_str(&format!("\ncommitted offsets not compared: {e}"));
+            }
             text.push_str(&format!(
                 "\n{} files, {} records: {}\n",
                 report.files,
@@ -95,6 +109,48 @@ pub async fn archive(command: ArchiveCommand) -> anyhow::Result<()> {
     }
     if !report.is_clean() {
         bail!("the archive of `{pipeline}` has gaps, overlaps or bad files (listed above)");
+    }
+    Ok(())
+}
+
+/// Adds to `report` what the archiver group committed without a file to show for it: offsets
+/// between the topic's first offset (older ones are gone from the topic) and the committed
+/// offset that no file answers for. Errs when the broker cannot be asked.
+async fn compare_with_commits(
+    config: &Config,
+    pipeline: &str,
+    report: &mut instream_archiver::VerifyReport,
+) -> anyhow::Result<()> {
+    let group = format!("{}-archiver", config.kafka.group_prefix);
+    let topic = instream_pipeline::topics::raw(pipeline);
+    let lags = instream_kafka::ops::group_lag(&config.kafka, &group, &topic).await?;
+    for lag in lags {
+        let Some(committed) = lag.committed else {
+            continue;
+        };
+        let (low, _) =
+            instream_kafka::ops::watermarks(&config.kafka, &topic, lag.partition).await?;
+        let archived = report
+            .partitions
+            .iter()
+            .find(|p| p.partition == lag.partition);
+        // What should be in files: [low, committed). What is: [first_offset, last_offset].
+        let (first, next) = archived.map_or((committed, committed), |p| {
+            (p.first_offset, p.last_offset + 1)
+        });
+        let mut missing = Vec::new();
+        if first > low && committed > low {
+            missing.push((low, first.min(committed) - 1));
+        }
+        if committed > next {
+            missing.push((next.max(low), committed - 1));
+        }
+        for (from, to) in missing.into_iter().filter(|(from, to)| from <= to) {
+            report.problems.push(instream_archiver::FileProblem {
+                path: format!("{topic}/{}", lag.partition),
+                problem: format!("offsets {from}-{to} are committed by {group} but in no file"),
+            });
+        }
     }
     Ok(())
 }
