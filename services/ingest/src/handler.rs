@@ -6,12 +6,15 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use instream_event::Rejection;
 use instream_kafka::{client, KafkaError};
 use instream_pipeline::topics;
 use rdkafka::producer::FutureRecord;
 use serde::Serialize;
+use serde_json::value::RawValue;
 
-use crate::parse::{envelope, split_body, IdSource};
+use crate::body::{self, BodyError, Framing, ShapeLimits};
+use crate::parse::{envelope, IdSource};
 use crate::AppState;
 
 const SERVICE: &str = "ingest";
@@ -42,6 +45,7 @@ fn count_request(status: StatusCode) {
 
 fn failure(status: StatusCode, error: &'static str, message: String) -> Response {
     count_request(status);
+    metrics::counter!("instream_ingest_refused_total", "error" => error).increment(1);
     (status, Json(Failure { error, message })).into_response()
 }
 
@@ -114,9 +118,21 @@ pub async fn post_events(
             format!("no pipeline named `{pipeline}`"),
         );
     };
-    let raws = match split_body(&body) {
+    let limit = usize::try_from(state.config.max_body_bytes).unwrap_or(usize::MAX);
+    let body = match body::decode(&headers, body, limit) {
+        Ok(b) => b,
+        Err(e) => {
+            let status = match e {
+                BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                BodyError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            return failure(status, e.code(), e.message());
+        }
+    };
+    let raws = match body::split(&body, Framing::of(&headers)) {
         Ok(r) => r,
-        Err(message) => return failure(StatusCode::BAD_REQUEST, "malformed_body", message),
+        Err(e) => return failure(StatusCode::BAD_REQUEST, e.code(), e.message()),
     };
     if raws.len() > state.config.max_events_per_request {
         return failure(
@@ -147,8 +163,16 @@ pub async fn post_events(
     let ingest_time = instream_event::now_millis();
     let mut events = Vec::with_capacity(raws.len());
     let mut rejected = Vec::new();
+    let shape = ShapeLimits {
+        max_depth: state.config.max_depth,
+        max_string_bytes: state.config.max_string_bytes,
+    };
     for (index, raw) in raws.iter().enumerate() {
-        match envelope(&def, raw, index, &ids, ingest_time) {
+        let checked = body::check_shape(raw, shape).and_then(|()| {
+            serde_json::from_slice::<&RawValue>(raw)
+                .map_err(|e| Rejection::new("malformed_json", e.to_string()))
+        });
+        match checked.and_then(|raw| envelope(&def, raw, index, &ids, ingest_time)) {
             Ok(e) => events.push(e),
             Err(r) => {
                 metrics::counter!("instream_events_rejected_total", "service" => SERVICE, "pipeline" => pipeline.clone(), "code" => r.code)

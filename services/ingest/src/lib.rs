@@ -9,6 +9,7 @@
 //! deterministically (Idempotency-Key and index, or content), so a retry repeats ids and the
 //! aggregator drops the repeats.
 
+mod body;
 mod handler;
 mod parse;
 

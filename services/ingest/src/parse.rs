@@ -12,20 +12,6 @@ use serde_json::Value;
 const MAX_ID_LEN: usize = 128;
 const MAX_KEY_LEN: usize = 1024;
 
-/// Splits a body into the raw JSON of each event: one object, or an array of them.
-pub fn split_body(body: &[u8]) -> Result<Vec<&RawValue>, String> {
-    let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    match first {
-        Some(b'[') => serde_json::from_slice::<Vec<&RawValue>>(body)
-            .map_err(|e| format!("the body is not a JSON array of events: {e}")),
-        Some(b'{') => serde_json::from_slice::<&RawValue>(body)
-            .map(|one| vec![one])
-            .map_err(|e| format!("the body is not a JSON object: {e}")),
-        Some(_) => Err("the body must be a JSON object or an array of objects".into()),
-        None => Err("the body is empty".into()),
-    }
-}
-
 /// Where a request's events get their ids from when they carry none.
 pub struct IdSource<'a> {
     pub pipeline: &'a str,
@@ -191,14 +177,5 @@ mod tests {
             code(r#"{"account":{"id":1},"ts":1,"amount":1,"event_id":5}"#),
             "bad_event_id"
         );
-    }
-
-    #[test]
-    fn bodies_split_into_events() {
-        assert_eq!(split_body(b" [{\"a\":1}, {\"b\":2}]").unwrap().len(), 2);
-        assert_eq!(split_body(b"{\"a\":1}").unwrap().len(), 1);
-        assert!(split_body(b"").is_err());
-        assert!(split_body(b"42").is_err());
-        assert!(split_body(b"[{\"a\":1}").is_err());
     }
 }

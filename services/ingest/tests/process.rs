@@ -5,68 +5,10 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use instream_testkit::{free_port, unique, ChildGuard, KafkaBroker};
+use instream_testkit::{unique, ChildGuard, KafkaBroker};
 
-const BIN: &str = env!("CARGO_BIN_EXE_instream-ingest");
-
-fn write_config(
-    dir: &std::path::Path,
-    bootstrap: &str,
-    pipeline: &str,
-) -> (std::path::PathBuf, u16, u16) {
-    let definitions = dir.join("definitions.toml");
-    std::fs::write(
-        &definitions,
-        format!("[[pipelines]]\nname = \"{pipeline}\"\nkey_field = \"account\"\ntime_field = \"ts\"\npartitions = 2\n"),
-    )
-    .unwrap();
-    let (admin, http) = (free_port().unwrap(), free_port().unwrap());
-    let config = dir.join("instream.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[telemetry]
-log_format = "json"
-[admin]
-listen = "127.0.0.1:{admin}"
-[shutdown]
-drain_timeout = "5s"
-[kafka]
-bootstrap_servers = "{bootstrap}"
-replication_factor = 1
-session_timeout = "6s"
-[definitions]
-source = "file"
-path = "{definitions}"
-[ingest]
-listen = "127.0.0.1:{http}"
-max_in_flight_requests = 1
-produce_timeout = "1s"
-request_timeout = "2s"
-"#,
-            definitions = definitions.display()
-        ),
-    )
-    .unwrap();
-    (config, admin, http)
-}
-
-async fn wait_ok(url: &str, timeout: Duration) {
-    let start = Instant::now();
-    loop {
-        if let Ok(r) = reqwest::get(url).await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "{url} did not answer 200 within {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+mod common;
+use common::{wait_ok, write_config, BIN};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_admin_endpoints_ingests_and_stops_cleanly_on_sigterm() {
@@ -76,7 +18,12 @@ async fn serves_admin_endpoints_ingests_and_stops_cleanly_on_sigterm() {
         broker.create_topic(&format!("{pipeline}.{t}"), 2).unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
-    let (config, admin, http) = write_config(dir.path(), &broker.bootstrap_servers(), &pipeline);
+    let (config, admin, http) = write_config(
+        dir.path(),
+        &broker.bootstrap_servers(),
+        &pipeline,
+        "max_in_flight_requests = 1\nproduce_timeout = \"1s\"\nrequest_timeout = \"2s\"",
+    );
     let mut child = ChildGuard(
         Command::new(BIN)
             .arg("--config")
@@ -200,7 +147,7 @@ async fn serves_admin_endpoints_ingests_and_stops_cleanly_on_sigterm() {
 #[test]
 fn an_invalid_config_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let (config, _, _) = write_config(dir.path(), "127.0.0.1:1", "p");
+    let (config, _, _) = write_config(dir.path(), "127.0.0.1:1", "p", "");
     let out = Command::new(BIN)
         .arg("--config")
         .arg(&config)

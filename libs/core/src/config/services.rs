@@ -15,8 +15,13 @@ const MIB: u64 = 1024 * 1024;
 pub struct IngestConfig {
     /// The HTTP listener for producers.
     pub listen: SocketAddr,
-    /// Largest request body accepted.
+    /// Largest request body accepted, before and after decompression (gzip or zstd
+    /// `Content-Encoding`): a compression bomb stops here.
     pub max_body_bytes: u64,
+    /// Deepest nesting of objects and arrays in one event (the event object is level 1).
+    pub max_depth: usize,
+    /// Longest string (key or value) in one event, in bytes as sent.
+    pub max_string_bytes: usize,
     /// Most events in one request.
     pub max_events_per_request: usize,
     /// Requests handled at once; more are answered 503 before their body is read. With
@@ -45,6 +50,8 @@ impl Default for IngestConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             max_body_bytes: 10 * MIB,
+            max_depth: 32,
+            max_string_bytes: 64 * 1024,
             max_events_per_request: 10_000,
             max_in_flight_requests: 64,
             max_in_flight_events: 200_000,
@@ -58,6 +65,13 @@ impl Default for IngestConfig {
 impl IngestConfig {
     pub(super) fn validate(&self, p: &mut Problems) {
         p.positive(self.max_body_bytes, "ingest.max_body_bytes");
+        // serde_json refuses documents nested deeper than 128 levels whatever this says.
+        p.check(
+            (1..=100).contains(&self.max_depth),
+            "ingest.max_depth",
+            || "must be between 1 and 100".into(),
+        );
+        p.positive(self.max_string_bytes as u64, "ingest.max_string_bytes");
         p.positive(
             self.max_events_per_request as u64,
             "ingest.max_events_per_request",

@@ -1,0 +1,378 @@
+//! From request bytes to each event's JSON text: decompression (gzip, zstd) bounded by the
+//! body limit, framing (one object, an array, or NDJSON), and the shape limits (nesting depth,
+//! string length) checked by one scan before anything is parsed — a 10,000-deep document
+//! costs a pass over its bytes, not a recursion.
+
+use std::io::Read;
+
+use axum::body::Bytes;
+use axum::http::{header, HeaderMap};
+use instream_event::Rejection;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum BodyError {
+    TooLarge {
+        limit: usize,
+    },
+    UnsupportedEncoding(String),
+    Corrupt {
+        encoding: &'static str,
+        message: String,
+    },
+    Malformed(String),
+}
+
+impl BodyError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            BodyError::TooLarge { .. } => "body_too_large",
+            BodyError::UnsupportedEncoding(_) => "unsupported_encoding",
+            BodyError::Corrupt { .. } => "corrupt_body",
+            BodyError::Malformed(_) => "malformed_body",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            BodyError::TooLarge { limit } => {
+                format!("the body is larger than {limit} bytes (after decompression)")
+            }
+            BodyError::UnsupportedEncoding(e) => {
+                format!("Content-Encoding `{e}` is not supported: use gzip, zstd or none")
+            }
+            BodyError::Corrupt { encoding, message } => {
+                format!("the body is not valid {encoding}: {message}")
+            }
+            BodyError::Malformed(m) => m.clone(),
+        }
+    }
+}
+
+/// The body as the client meant it: decompressed per `Content-Encoding`, at most `limit`
+/// bytes after decompression (a compression bomb stops at the limit).
+pub fn decode(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, BodyError> {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase());
+    let (name, reader): (&'static str, Box<dyn Read + '_>) = match encoding.as_deref() {
+        None | Some("") | Some("identity") => return Ok(body),
+        Some("gzip") | Some("x-gzip") => (
+            "gzip",
+            Box::new(flate2::read::MultiGzDecoder::new(&body[..])),
+        ),
+        Some("zstd") => {
+            let decoder =
+                zstd::stream::read::Decoder::new(&body[..]).map_err(|e| BodyError::Corrupt {
+                    encoding: "zstd",
+                    message: e.to_string(),
+                })?;
+            ("zstd", Box::new(decoder))
+        }
+        Some(other) => return Err(BodyError::UnsupportedEncoding(other.to_owned())),
+    };
+    let mut out = Vec::new();
+    reader
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| BodyError::Corrupt {
+            encoding: name,
+            message: e.to_string(),
+        })?;
+    if out.len() > limit {
+        return Err(BodyError::TooLarge { limit });
+    }
+    Ok(Bytes::from(out))
+}
+
+/// How the body holds its events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// One JSON object, or an array of them.
+    Json,
+    /// One JSON object per line (`application/x-ndjson`).
+    NdJson,
+}
+
+impl Framing {
+    pub fn of(headers: &HeaderMap) -> Framing {
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let essence = content_type.split(';').next().unwrap_or("").trim();
+        if essence.eq_ignore_ascii_case("application/x-ndjson")
+            || essence.eq_ignore_ascii_case("application/jsonl")
+        {
+            Framing::NdJson
+        } else {
+            Framing::Json
+        }
+    }
+}
+
+fn trim(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    &bytes[start..end.max(start)]
+}
+
+/// Splits a body into each event's bytes. Only the framing is checked here; each event's
+/// own JSON is checked (and refused alone) later, so one bad event does not cost its batch.
+pub fn split(body: &[u8], framing: Framing) -> Result<Vec<&[u8]>, BodyError> {
+    let body = trim(body);
+    if framing == Framing::NdJson {
+        let lines: Vec<&[u8]> = body
+            .split(|&b| b == b'\n')
+            .map(trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        if lines.is_empty() {
+            return Err(BodyError::Malformed("the body is empty".into()));
+        }
+        return Ok(lines);
+    }
+    match body.first() {
+        None => Err(BodyError::Malformed("the body is empty".into())),
+        Some(b'{') => Ok(vec![body]),
+        Some(b'[') => split_array(body),
+        Some(_) => Err(BodyError::Malformed(
+            "the body must be a JSON object, an array of objects, or NDJSON \
+             (Content-Type: application/x-ndjson)"
+                .into(),
+        )),
+    }
+}
+
+/// The elements of a top-level JSON array, found by tracking strings and brackets only.
+fn split_array(body: &[u8]) -> Result<Vec<&[u8]>, BodyError> {
+    let malformed = |m: &str| BodyError::Malformed(format!("the body is not a JSON array: {m}"));
+    let mut elements = Vec::new();
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut start = 1;
+    for (i, &b) in body.iter().enumerate() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => depth += 1,
+            b']' | b'}' => {
+                depth = depth
+                    .checked_sub(1)
+                    .ok_or_else(|| malformed("unbalanced brackets"))?;
+                if depth == 0 {
+                    if i != body.len() - 1 {
+                        return Err(malformed("text after the closing `]`"));
+                    }
+                    let last = trim(&body[start..i]);
+                    if !last.is_empty() {
+                        elements.push(last);
+                    } else if !elements.is_empty() {
+                        return Err(malformed("a trailing comma"));
+                    }
+                    return Ok(elements);
+                }
+            }
+            b',' if depth == 1 => {
+                let element = trim(&body[start..i]);
+                if element.is_empty() {
+                    return Err(malformed(&format!("an empty element before byte {i}")));
+                }
+                elements.push(element);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    Err(malformed("it ends before its closing `]`"))
+}
+
+/// Limits on one event's shape.
+#[derive(Debug, Clone, Copy)]
+pub struct ShapeLimits {
+    pub max_depth: usize,
+    pub max_string_bytes: usize,
+}
+
+/// Checks nesting depth and string lengths of one event's JSON text, and that it is UTF-8,
+/// in one pass without parsing.
+pub fn check_shape(raw: &[u8], limits: ShapeLimits) -> Result<(), Rejection> {
+    if let Err(e) = std::str::from_utf8(raw) {
+        return Err(Rejection::new(
+            "invalid_utf8",
+            format!("the event is not UTF-8: {e}"),
+        ));
+    }
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut string_start = 0;
+    for (i, &b) in raw.iter().enumerate() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => {
+                    in_string = false;
+                    if i - string_start > limits.max_string_bytes {
+                        return Err(Rejection::new(
+                            "string_too_long",
+                            format!(
+                                "a string of {} bytes at byte {string_start}; the limit is {}",
+                                i - string_start,
+                                limits.max_string_bytes
+                            ),
+                        ));
+                    }
+                }
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => {
+                in_string = true;
+                string_start = i + 1;
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limits.max_depth {
+                    return Err(Rejection::new(
+                        "too_deep",
+                        format!(
+                            "nested deeper than {} levels (at byte {i})",
+                            limits.max_depth
+                        ),
+                    ));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: ShapeLimits = ShapeLimits {
+        max_depth: 4,
+        max_string_bytes: 8,
+    };
+
+    fn headers(pairs: &[(header::HeaderName, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(k.clone(), v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn arrays_split_into_elements_whatever_they_hold() {
+        let body = br#" [ {"a":"x,]}"}, {"b":[1,{"c":2}]} ,{bad} ] "#;
+        let parts = split(body, Framing::Json).unwrap();
+        assert_eq!(
+            parts,
+            [&br#"{"a":"x,]}"}"#[..], br#"{"b":[1,{"c":2}]}"#, b"{bad}"]
+        );
+        assert_eq!(split(b"[]", Framing::Json).unwrap().len(), 0);
+        assert_eq!(split(br#"{"a":1}"#, Framing::Json).unwrap().len(), 1);
+        for bad in [
+            &b"[{},]"[..],
+            b"[{},,{}]",
+            b"[{}",
+            b"[{}] x",
+            b"42",
+            b"",
+            b"}",
+        ] {
+            assert!(split(bad, Framing::Json).is_err(), "{:?}", bad);
+        }
+    }
+
+    #[test]
+    fn ndjson_is_one_event_per_line() {
+        let body = b"{\"a\":1}\n\n  {\"b\":2}\r\n{broken\n";
+        let parts = split(body, Framing::NdJson).unwrap();
+        assert_eq!(parts, [&b"{\"a\":1}"[..], b"{\"b\":2}", b"{broken"]);
+        assert!(split(b"\n \n", Framing::NdJson).is_err());
+        let h = headers(&[(header::CONTENT_TYPE, "application/x-ndjson; charset=utf-8")]);
+        assert_eq!(Framing::of(&h), Framing::NdJson);
+        assert_eq!(Framing::of(&HeaderMap::new()), Framing::Json);
+    }
+
+    #[test]
+    fn shapes_are_limited_without_parsing() {
+        assert!(check_shape(br#"{"a":[{"b":"12345678"}]}"#, LIMITS).is_ok());
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert_eq!(
+            check_shape(deep.as_bytes(), LIMITS).unwrap_err().code,
+            "too_deep"
+        );
+        assert_eq!(
+            check_shape(br#"{"a":"123456789"}"#, LIMITS)
+                .unwrap_err()
+                .code,
+            "string_too_long"
+        );
+        // Brackets and escaped quotes inside strings are text.
+        assert!(check_shape(br#"{"a":"[[[\"[["}"#, LIMITS).is_ok());
+        assert_eq!(
+            check_shape(b"{\"a\":\"\xff\"}", LIMITS).unwrap_err().code,
+            "invalid_utf8"
+        );
+    }
+
+    #[test]
+    fn bodies_decompress_within_the_limit() {
+        use std::io::Write;
+        let text = b"{\"a\":1}".repeat(100);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&text).unwrap();
+        let gz = Bytes::from(gz.finish().unwrap());
+        let h = headers(&[(header::CONTENT_ENCODING, "gzip")]);
+        assert_eq!(decode(&h, gz.clone(), 10_000).unwrap(), &text[..]);
+        assert_eq!(
+            decode(&h, gz, 100).unwrap_err(),
+            BodyError::TooLarge { limit: 100 }
+        );
+        let zs = Bytes::from(zstd::encode_all(&text[..], 1).unwrap());
+        let h = headers(&[(header::CONTENT_ENCODING, "zstd")]);
+        assert_eq!(decode(&h, zs, 10_000).unwrap(), &text[..]);
+        // A bomb: 256 MiB of zeros in a few KiB stops at the limit.
+        let bomb = Bytes::from(zstd::encode_all(std::io::repeat(0).take(1 << 28), 3).unwrap());
+        assert!(bomb.len() < 1 << 20);
+        assert_eq!(
+            decode(&h, bomb, 1 << 20).unwrap_err().code(),
+            "body_too_large"
+        );
+        assert_eq!(
+            decode(&h, Bytes::from_static(b"not zstd"), 100)
+                .unwrap_err()
+                .code(),
+            "corrupt_body"
+        );
+        let h = headers(&[(header::CONTENT_ENCODING, "br")]);
+        assert_eq!(
+            decode(&h, Bytes::new(), 1).unwrap_err().code(),
+            "unsupported_encoding"
+        );
+    }
+}

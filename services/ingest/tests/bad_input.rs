@@ -1,0 +1,216 @@
+//! Bad input against the `instream-ingest` binary on the embedded broker: each kind gets its
+//! precise status and code, a counter moves, the valid events of the same batch are still
+//! accepted, and the process stays up throughout.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use instream_testkit::{unique, ChildGuard, KafkaBroker};
+use serde_json::Value;
+
+mod common;
+use common::{wait_ok, write_config, BIN};
+
+const GOOD: &str = r#"{"account":"a1","ts":1700000000000}"#;
+
+struct Client {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl Client {
+    async fn post(&self, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, Value) {
+        let mut request = self.http.post(&self.url).body(body);
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let answer = request.send().await.unwrap();
+        let status = answer.status().as_u16();
+        let json = answer.json().await.unwrap_or(Value::Null);
+        (status, json)
+    }
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(bytes).unwrap();
+    gz.finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_precise_error_and_spares_the_valid_events() {
+    let broker = KafkaBroker::start().unwrap();
+    let pipeline = unique("bad");
+    for t in ["raw", "enriched", "dlq"] {
+        broker.create_topic(&format!("{pipeline}.{t}"), 2).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (config, admin, http) = write_config(
+        dir.path(),
+        &broker.bootstrap_servers(),
+        &pipeline,
+        "max_body_bytes = 65536\nmax_depth = 16\nmax_string_bytes = 1024",
+    );
+    let mut child = ChildGuard(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_ok(
+        &format!("http://127.0.0.1:{admin}/readyz"),
+        Duration::from_secs(30),
+    )
+    .await;
+    let client = Client {
+        http: reqwest::Client::new(),
+        url: format!("http://127.0.0.1:{http}/v1/pipelines/{pipeline}/events"),
+    };
+
+    // One NDJSON batch holding every kind of bad event between good ones.
+    let deep = format!(
+        r#"{{"account":"a","ts":1,"x":{}1{}}}"#,
+        "[".repeat(10_000),
+        "]".repeat(10_000)
+    );
+    let long = format!(r#"{{"account":"a","ts":1,"x":"{}"}}"#, "y".repeat(2_000));
+    let mut ndjson = Vec::new();
+    for line in [
+        GOOD.as_bytes(),
+        b"{\"account\": oops}",                 // 1 malformed JSON
+        br#"{"account":["a"],"ts":1}"#,         // 2 wrong type for the key
+        br#"{"ts":1}"#,                         // 3 no key
+        br#"{"account":"a"}"#,                  // 4 no time
+        deep.as_bytes(),                        // 5 10,000 levels deep
+        b"{\"account\":\"\xff\xfe\",\"ts\":1}", // 6 invalid UTF-8
+        long.as_bytes(),                        // 7 a 2,000-byte string
+        br#"{"account":"a2","ts":"2024-05-01T12:00:00Z"}"#,
+    ] {
+        ndjson.extend_from_slice(line);
+        ndjson.push(b'\n');
+    }
+    let (status, answer) = client
+        .post(&[("content-type", "application/x-ndjson")], ndjson.clone())
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["accepted"], 2, "{answer}");
+    let codes: Vec<(u64, &str)> = answer["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["index"].as_u64().unwrap(), r["code"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            (1, "malformed_json"),
+            (2, "bad_key"),
+            (3, "missing_key"),
+            (4, "missing_time"),
+            (5, "too_deep"),
+            (6, "invalid_utf8"),
+            (7, "string_too_long"),
+        ]
+    );
+    for r in answer["rejected"].as_array().unwrap() {
+        assert!(!r["reason"].as_str().unwrap().is_empty(), "{r}");
+    }
+
+    // The same events as a JSON array, gzip-compressed: the same answer.
+    let mut array = b"[".to_vec();
+    for (i, line) in ndjson
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .enumerate()
+    {
+        if i > 0 {
+            array.push(b',');
+        }
+        array.extend_from_slice(line);
+    }
+    array.push(b']');
+    let (status, gz_answer) = client
+        .post(&[("content-encoding", "gzip")], gzip(&array))
+        .await;
+    assert_eq!(status, 200, "{gz_answer}");
+    assert_eq!(gz_answer["rejected"], answer["rejected"]);
+    assert_eq!(gz_answer["accepted"], 2);
+    // And zstd.
+    let zs = zstd::encode_all(GOOD.as_bytes(), 1).unwrap();
+    let (status, _) = client.post(&[("content-encoding", "zstd")], zs).await;
+    assert_eq!(status, 200);
+
+    // Whole-request refusals.
+    let (status, a) = client.post(&[], b"[{}".to_vec()).await;
+    assert_eq!((status, a["error"].as_str()), (400, Some("malformed_body")));
+    let (status, _) = client.post(&[], vec![b' '; 70_000]).await;
+    assert_eq!(status, 413, "oversized body");
+    let bomb = gzip(&vec![b' '; 10 << 20]);
+    assert!(bomb.len() < 65_536);
+    let (status, a) = client.post(&[("content-encoding", "gzip")], bomb).await;
+    assert_eq!((status, a["error"].as_str()), (413, Some("body_too_large")));
+    let (status, a) = client
+        .post(&[("content-encoding", "gzip")], b"not gzip".to_vec())
+        .await;
+    assert_eq!((status, a["error"].as_str()), (400, Some("corrupt_body")));
+    let (status, a) = client
+        .post(&[("content-encoding", "br")], GOOD.as_bytes().to_vec())
+        .await;
+    assert_eq!(
+        (status, a["error"].as_str()),
+        (415, Some("unsupported_encoding"))
+    );
+    let unknown = Client {
+        http: reqwest::Client::new(),
+        url: format!("http://127.0.0.1:{http}/v1/pipelines/nope/events"),
+    };
+    let (status, a) = unknown.post(&[], GOOD.as_bytes().to_vec()).await;
+    assert_eq!(
+        (status, a["error"].as_str()),
+        (404, Some("unknown_pipeline"))
+    );
+
+    // Counters moved for each kind, and the process is still up and ready.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for code in [
+        "malformed_json",
+        "too_deep",
+        "invalid_utf8",
+        "string_too_long",
+        "missing_time",
+    ] {
+        assert!(
+            metrics.contains(&format!("code=\"{code}\"")),
+            "no rejection counted for {code}"
+        );
+    }
+    for error in [
+        "body_too_large",
+        "corrupt_body",
+        "unsupported_encoding",
+        "malformed_body",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "instream_ingest_refused_total{{error=\"{error}\"}}"
+            )),
+            "no refusal counted for {error}:\n{metrics}"
+        );
+    }
+    wait_ok(
+        &format!("http://127.0.0.1:{admin}/readyz"),
+        Duration::from_secs(5),
+    )
+    .await;
+    child.terminate().unwrap();
+    assert!(child.wait_exit(Duration::from_secs(15)).unwrap().success());
+}

@@ -1,0 +1,69 @@
+//! What the ingest process tests share: the binary, its config, waiting for it.
+
+#![allow(dead_code)] // each test file uses its part
+
+use std::time::{Duration, Instant};
+
+use instream_testkit::free_port;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_instream-ingest");
+
+/// A config for one pipeline (key `account`, time `ts`) with `ingest` settings added to the
+/// `[ingest]` table; returns its path, the admin port and the HTTP port.
+pub fn write_config(
+    dir: &std::path::Path,
+    bootstrap: &str,
+    pipeline: &str,
+    ingest: &str,
+) -> (std::path::PathBuf, u16, u16) {
+    let definitions = dir.join("definitions.toml");
+    std::fs::write(
+        &definitions,
+        format!("[[pipelines]]\nname = \"{pipeline}\"\nkey_field = \"account\"\ntime_field = \"ts\"\npartitions = 2\n"),
+    )
+    .unwrap();
+    let (admin, http) = (free_port().unwrap(), free_port().unwrap());
+    let config = dir.join("instream.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[telemetry]
+log_format = "json"
+[admin]
+listen = "127.0.0.1:{admin}"
+[shutdown]
+drain_timeout = "5s"
+[kafka]
+bootstrap_servers = "{bootstrap}"
+replication_factor = 1
+session_timeout = "6s"
+[definitions]
+source = "file"
+path = "{definitions}"
+[ingest]
+listen = "127.0.0.1:{http}"
+{ingest}
+"#,
+            definitions = definitions.display()
+        ),
+    )
+    .unwrap();
+    (config, admin, http)
+}
+
+pub async fn wait_ok(url: &str, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = reqwest::get(url).await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{url} did not answer 200 within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
