@@ -130,6 +130,7 @@ redis_url = "{redis}"
 
 [ingest]
 listen = "127.0.0.1:0"
+allow_anonymous = true
 
 [aggregator]
 flush_interval = "200ms"

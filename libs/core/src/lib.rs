@@ -13,6 +13,7 @@
 //! Nothing here talks to Kafka, Redis, ZooKeeper or a store: those live in their own libs.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod service;
 pub mod shutdown;

@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::body::{self, BodyError, Framing, ShapeLimits};
+use crate::keys::Denied;
 use crate::parse::{envelope, IdSource};
 use crate::AppState;
 
@@ -111,6 +112,14 @@ pub async fn post_events(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    // Before the pipeline is looked up, so a client without a key learns nothing of them.
+    let key = match state.keys.authorize(&headers, &pipeline) {
+        Ok(key) => key,
+        Err(Denied::Unauthenticated(why)) => {
+            return failure(StatusCode::UNAUTHORIZED, "unauthorized", why.into())
+        }
+        Err(Denied::Forbidden(why)) => return failure(StatusCode::FORBIDDEN, "forbidden", why),
+    };
     let Some(def) = state.catalog.borrow().get(&pipeline).cloned() else {
         return failure(
             StatusCode::NOT_FOUND,
@@ -197,6 +206,27 @@ pub async fn post_events(
             .into_response();
     }
 
+    if let Some(key) = key {
+        if let Err(wait) = key.take(events.len()) {
+            metrics::counter!("instream_ingest_rate_limited_total", "key" => key.name.clone())
+                .increment(1);
+            let status = StatusCode::TOO_MANY_REQUESTS;
+            count_request(status);
+            let retry_after = wait.as_secs_f64().ceil().max(1.0).to_string();
+            return (
+                status,
+                [(header::RETRY_AFTER, retry_after)],
+                Json(Failure {
+                    error: "rate_limited",
+                    message: format!(
+                        "the key `{}` is over its events per second; send it again later",
+                        key.name
+                    ),
+                }),
+            )
+                .into_response();
+        }
+    }
     // Back-pressure: admit the events only if the in-flight bound has room for all of them.
     let permits = u32::try_from(events.len()).unwrap_or(u32::MAX);
     let Ok(_event_slots) = state.in_flight_events.try_acquire_many(permits) else {

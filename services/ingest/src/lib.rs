@@ -11,6 +11,7 @@
 
 mod body;
 mod handler;
+mod keys;
 mod parse;
 
 use std::net::SocketAddr;
@@ -41,6 +42,8 @@ pub enum IngestError {
     Stage(#[from] instream_stage::StageError),
     #[error("serving HTTP: {0}")]
     Serve(std::io::Error),
+    #[error("ingest: no API key is configured (ingest.api_keys) and anonymous access is off (ingest.allow_anonymous)")]
+    NoKeys,
 }
 
 pub(crate) struct AppState {
@@ -51,6 +54,7 @@ pub(crate) struct AppState {
     pub in_flight_events: Semaphore,
     /// Requests being handled.
     pub in_flight_requests: Semaphore,
+    pub keys: keys::ApiKeys,
 }
 
 /// A bound ingest server, ready to serve.
@@ -68,6 +72,10 @@ impl Ingest {
         admin_addr: SocketAddr,
         shutdown: CancellationToken,
     ) -> Result<Ingest, IngestError> {
+        let keys = keys::ApiKeys::from_config(&config.ingest).ok_or(IngestError::NoKeys)?;
+        if config.ingest.allow_anonymous {
+            tracing::warn!("ingest accepts events without an API key (ingest.allow_anonymous)");
+        }
         let stage = Stage::start("ingest", config, health, admin_addr, &shutdown).await?;
         let producer = instream_kafka::producer(&config.kafka, "ingest")?;
         let limits = &config.ingest;
@@ -77,6 +85,7 @@ impl Ingest {
             catalog: stage.catalog.clone(),
             in_flight_events: Semaphore::new(limits.max_in_flight_events),
             in_flight_requests: Semaphore::new(limits.max_in_flight_requests),
+            keys,
         });
         let body_limit = usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX);
         let router = Router::new()

@@ -1,6 +1,7 @@
 //! Bad input against the `instream-ingest` binary on the embedded broker: each kind gets its
 //! precise status and code, a counter moves, the valid events of the same batch are still
-//! accepted, and the process stays up throughout.
+//! accepted, and the process stays up throughout. API keys: missing, unknown, for another
+//! pipeline, and over its rate.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -14,14 +15,30 @@ use common::{wait_ok, write_config, BIN};
 
 const GOOD: &str = r#"{"account":"a1","ts":1700000000000}"#;
 
+const KEY: &str = "producer-key";
+const OTHER_KEY: &str = "other-pipeline-key";
+const SLOW_KEY: &str = "slow-key";
+
+fn digest(key: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 struct Client {
     http: reqwest::Client,
     url: String,
+    key: Option<&'static str>,
 }
 
 impl Client {
     async fn post(&self, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, Value) {
         let mut request = self.http.post(&self.url).body(body);
+        if let Some(key) = self.key {
+            request = request.bearer_auth(key);
+        }
         for (k, v) in headers {
             request = request.header(*k, *v);
         }
@@ -50,7 +67,17 @@ async fn bad_input_gets_a_precise_error_and_spares_the_valid_events() {
         dir.path(),
         &broker.bootstrap_servers(),
         &pipeline,
-        "max_body_bytes = 65536\nmax_depth = 16\nmax_string_bytes = 1024",
+        &format!(
+            "max_body_bytes = 65536\nmax_depth = 16\nmax_string_bytes = 1024\n\
+             max_events_per_request = 20\nmax_in_flight_events = 100\n\
+             api_keys = [\
+             {{ name = \"producer\", sha256 = \"{}\", pipelines = [\"{pipeline}\"] }},\
+             {{ name = \"other\", sha256 = \"{}\", pipelines = [\"elsewhere\"] }},\
+             {{ name = \"slow\", sha256 = \"{}\", events_per_second = 5 }}]",
+            digest(KEY),
+            digest(OTHER_KEY),
+            digest(SLOW_KEY)
+        ),
     );
     let mut child = ChildGuard(
         Command::new(BIN)
@@ -66,10 +93,42 @@ async fn bad_input_gets_a_precise_error_and_spares_the_valid_events() {
         Duration::from_secs(30),
     )
     .await;
-    let client = Client {
+    let url = format!("http://127.0.0.1:{http}/v1/pipelines/{pipeline}/events");
+    let with_key = |key| Client {
         http: reqwest::Client::new(),
-        url: format!("http://127.0.0.1:{http}/v1/pipelines/{pipeline}/events"),
+        url: url.clone(),
+        key,
     };
+    let client = with_key(Some(KEY));
+
+    // Keys: none, unknown, for another pipeline; then one over its rate.
+    let good = || GOOD.as_bytes().to_vec();
+    let (status, a) = with_key(None).post(&[], good()).await;
+    assert_eq!((status, a["error"].as_str()), (401, Some("unauthorized")));
+    let (status, a) = with_key(Some("guess")).post(&[], good()).await;
+    assert_eq!((status, a["error"].as_str()), (401, Some("unauthorized")));
+    let (status, a) = with_key(Some(OTHER_KEY)).post(&[], good()).await;
+    assert_eq!((status, a["error"].as_str()), (403, Some("forbidden")));
+    assert!(a["message"].as_str().unwrap().contains("`other`"), "{a}");
+    let slow = with_key(Some(SLOW_KEY));
+    let twenty = format!("[{}]", vec![GOOD; 20].join(","));
+    let (status, a) = slow.post(&[], twenty.into_bytes()).await;
+    assert_eq!(status, 200, "a full request fits the burst: {a}");
+    let answer = slow
+        .http
+        .post(&url)
+        .bearer_auth(SLOW_KEY)
+        .body(GOOD)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 429);
+    let wait: u64 = answer.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=5).contains(&wait), "Retry-After {wait}");
 
     // One NDJSON batch holding every kind of bad event between good ones.
     let deep = format!(
@@ -167,8 +226,18 @@ async fn bad_input_gets_a_precise_error_and_spares_the_valid_events() {
     let unknown = Client {
         http: reqwest::Client::new(),
         url: format!("http://127.0.0.1:{http}/v1/pipelines/nope/events"),
+        key: Some(OTHER_KEY),
     };
-    let (status, a) = unknown.post(&[], GOOD.as_bytes().to_vec()).await;
+    let (status, _) = unknown.post(&[], good()).await;
+    assert_eq!(
+        status, 403,
+        "a key that may not write there learns nothing of it"
+    );
+    let unknown = Client {
+        key: Some(SLOW_KEY),
+        ..unknown
+    };
+    let (status, a) = unknown.post(&[], good()).await;
     assert_eq!(
         (status, a["error"].as_str()),
         (404, Some("unknown_pipeline"))
@@ -193,11 +262,17 @@ async fn bad_input_gets_a_precise_error_and_spares_the_valid_events() {
             "no rejection counted for {code}"
         );
     }
+    assert!(
+        metrics.contains("instream_ingest_rate_limited_total{key=\"slow\"} 1"),
+        "the 429 is counted:\n{metrics}"
+    );
     for error in [
         "body_too_large",
         "corrupt_body",
         "unsupported_encoding",
         "malformed_body",
+        "unauthorized",
+        "forbidden",
     ] {
         assert!(
             metrics.contains(&format!(

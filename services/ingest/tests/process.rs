@@ -22,7 +22,7 @@ async fn serves_admin_endpoints_ingests_and_stops_cleanly_on_sigterm() {
         dir.path(),
         &broker.bootstrap_servers(),
         &pipeline,
-        "max_in_flight_requests = 1\nproduce_timeout = \"1s\"\nrequest_timeout = \"2s\"",
+        "max_in_flight_requests = 1\nproduce_timeout = \"1s\"\nrequest_timeout = \"2s\"\nallow_anonymous = true",
     );
     let mut child = ChildGuard(
         Command::new(BIN)
@@ -157,4 +157,22 @@ fn an_invalid_config_exits_2_naming_the_key() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("ingest.max_body_bytes"), "{stderr}");
+}
+
+#[tokio::test]
+async fn without_keys_or_anonymous_access_ingest_does_not_start() {
+    let broker = KafkaBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, _) = write_config(dir.path(), &broker.bootstrap_servers(), "p", "");
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ingest.api_keys") && stderr.contains("ingest.allow_anonymous"),
+        "{stderr}"
+    );
 }

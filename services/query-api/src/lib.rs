@@ -20,8 +20,6 @@ use instream_core::config::{Config, QueryApiConfig};
 use instream_core::{Health, Readiness, ServiceContext};
 use instream_store::{AggregateQuery, AggregateStore, WindowAggregate};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
 const SERVICE: &str = "query-api";
@@ -67,7 +65,7 @@ impl QueryApi {
         let keys: Vec<[u8; 32]> = cfg
             .api_key_sha256
             .iter()
-            .filter_map(|hex| decode_digest(hex))
+            .filter_map(|hex| instream_core::auth::decode_digest(hex))
             .collect();
         if keys.is_empty() && !cfg.allow_anonymous {
             return Err(QueryApiError::NoKeys);
@@ -143,17 +141,6 @@ async fn watch_store(
             return;
         }
     }
-}
-
-fn decode_digest(hex: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    if hex.len() != 64 {
-        return None;
-    }
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 #[derive(Deserialize)]
@@ -234,31 +221,20 @@ fn authorized(state: &AppState, headers: &HeaderMap) -> Result<(), Refusal> {
     if state.keys.is_empty() && state.config.allow_anonymous {
         return Ok(());
     }
-    let Some(key) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
+    let Some(key) = instream_core::auth::bearer(headers) else {
         return Err(failure(
             StatusCode::UNAUTHORIZED,
             "missing_api_key",
             "send `Authorization: Bearer <api key>`",
         ));
     };
-    let digest: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
-    // Every configured digest is compared, whatever matched, so timing says nothing.
-    let mut matched = subtle::Choice::from(0);
-    for accepted in &state.keys {
-        matched |= accepted.ct_eq(&digest);
-    }
-    if bool::from(matched) {
-        Ok(())
-    } else {
-        Err(failure(
+    match instream_core::auth::find_key(&state.keys, key) {
+        Some(_) => Ok(()),
+        None => Err(failure(
             StatusCode::FORBIDDEN,
             "unknown_api_key",
             "the API key is not accepted",
-        ))
+        )),
     }
 }
 

@@ -116,6 +116,8 @@ fn type_name(field: &Value, target: &Value) -> String {
     let optional = types.contains(&"null");
     let base = match types.iter().find(|t| **t != "null").copied() {
         Some("object") => "map of strings",
+        // Items given by reference are tables (e.g. `[[ingest.api_keys]]`).
+        Some("array") if target.pointer("/items/$ref").is_some() => "list of tables",
         Some("array") => "list of strings",
         Some(other) => other,
         None => "value",

@@ -43,6 +43,32 @@ pub struct IngestConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     pub retry_after: Duration,
+    /// Producers' API keys, sent as `Authorization: Bearer <key>`; each `{ name, sha256,
+    /// pipelines, events_per_second }`: who holds it, the key's SHA-256 digest (64 hex digits,
+    /// `printf %s "$KEY" | sha256sum`; keys themselves are never stored), the pipelines it may
+    /// write to (empty: all), and its events per second (bursts of one second's worth, at least
+    /// one full request; over it, 429 with Retry-After; 0: no limit).
+    pub api_keys: Vec<IngestApiKey>,
+    /// Accept events without a key (a laptop, the standalone demo). Without keys and without
+    /// this, ingest refuses to start.
+    pub allow_anonymous: bool,
+}
+
+/// One producer's API key.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IngestApiKey {
+    /// Who holds it: named in logs and in `instream_ingest_rate_limited_total{key}`.
+    pub name: String,
+    /// The key's SHA-256 digest, 64 hex digits: `printf %s "$KEY" | sha256sum`.
+    pub sha256: String,
+    /// The pipelines it may write to; empty: every pipeline.
+    #[serde(default)]
+    pub pipelines: Vec<String>,
+    /// Events per second it may send, with bursts of one second's worth (at least one full
+    /// request); past it the answer is 429 with Retry-After. 0: no limit.
+    #[serde(default)]
+    pub events_per_second: u32,
 }
 
 impl Default for IngestConfig {
@@ -58,6 +84,8 @@ impl Default for IngestConfig {
             produce_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(60),
             retry_after: Duration::from_secs(1),
+            api_keys: Vec::new(),
+            allow_anonymous: false,
         }
     }
 }
@@ -72,6 +100,19 @@ impl IngestConfig {
             || "must be between 1 and 100".into(),
         );
         p.positive(self.max_string_bytes as u64, "ingest.max_string_bytes");
+        let mut names = std::collections::BTreeSet::new();
+        for (i, key) in self.api_keys.iter().enumerate() {
+            p.check(
+                crate::auth::decode_digest(&key.sha256).is_some(),
+                &format!("ingest.api_keys[{i}].sha256"),
+                || "must be a SHA-256 digest: 64 hex digits (not the key itself)".into(),
+            );
+            p.check(
+                !key.name.is_empty() && names.insert(key.name.as_str()),
+                &format!("ingest.api_keys[{i}].name"),
+                || format!("`{}` is empty or used twice", key.name),
+            );
+        }
         p.positive(
             self.max_events_per_request as u64,
             "ingest.max_events_per_request",

@@ -74,6 +74,7 @@ fn demo_config(data: &Path) -> anyhow::Result<Config> {
     let local = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     config.admin.listen = local;
     config.ingest.listen = local;
+    config.ingest.allow_anonymous = true;
     config.shutdown.drain_timeout = Duration::from_secs(5);
     config.kafka.broker = BrokerMode::Embedded;
     config.kafka.replication_factor = 1;
