@@ -36,6 +36,11 @@ pub struct PipelineDefinition {
     /// Fields every event must have (besides the key and time fields).
     #[serde(default)]
     pub required_fields: Vec<FieldPath>,
+    /// A JSON Schema (draft 2020-12 unless `$schema` says otherwise) every event's payload
+    /// must satisfy at ingest: JSON text, or a TOML table. Refused when it does not compile,
+    /// and when it refers to other documents (`$ref` to a URL).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "json_text")]
+    pub schema: Option<serde_json::Value>,
     #[serde(default)]
     pub enrichments: Vec<EnrichmentRule>,
     #[serde(default)]
@@ -459,5 +464,35 @@ impl Catalog {
 
     pub fn is_empty(&self) -> bool {
         self.pipelines.is_empty()
+    }
+}
+
+/// A JSON value kept in a definition as JSON text, so that any schema round-trips through
+/// TOML (which has no null); a TOML table is read too.
+mod json_text {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_json::Value;
+
+    pub fn serialize<S: Serializer>(value: &Option<Value>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(v) => s.serialize_str(&v.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Text(String),
+            Table(Value),
+        }
+        match Form::deserialize(d)? {
+            Form::Text(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| D::Error::custom(format!("schema is not JSON: {e}"))),
+            Form::Table(v) => Ok(Some(v)),
+        }
     }
 }

@@ -240,6 +240,11 @@ impl PipelineDefinition {
                 }
             }
         }
+        if let Some(schema) = &self.schema {
+            if let Err(e) = jsonschema::validator_for(schema) {
+                problem("schema".into(), format!("does not compile: {e}"));
+            }
+        }
         let archive = &self.archive;
         if !archive.columns.is_empty() && archive.format != ArchiveFormat::Parquet {
             problem(
@@ -357,6 +362,37 @@ window = { kind = "tumbling", size = "1m" }
         );
         let err = parse_document(&twice).unwrap_err().to_string();
         assert!(err.contains("output of two fields"), "{err}");
+    }
+
+    #[test]
+    fn schemas_are_compiled_when_applied() {
+        let with = |schema: &str| {
+            GOOD.replace(
+                "time_field = \"ts\"",
+                &format!("time_field = \"ts\"\n{schema}"),
+            )
+        };
+        let doc = parse_document(&with(
+            r#"schema = '{"type":"object","properties":{"amount":{"type":"number"}}}'"#,
+        ))
+        .expect("JSON text");
+        assert_eq!(doc.pipelines[0].schema.as_ref().unwrap()["type"], "object");
+        parse_document(&with(
+            r#"schema = { type = "object", required = ["amount"] }"#,
+        ))
+        .expect("a TOML table");
+        let err = parse_document(&with(r#"schema = '{"type":"nonsense"}'"#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("schema: does not compile"), "{err}");
+        let err = parse_document(&with(r#"schema = '{"$ref":"https://example.com/s.json"}'"#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("schema: does not compile"), "{err}");
+        let err = parse_document(&with("schema = '{not json'"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("schema is not JSON"), "{err}");
     }
 
     #[test]

@@ -87,21 +87,24 @@ pub async fn admit(
     }
 }
 
-/// Counts a request in `instream_ingest_requests_in_flight` for as long as it lives, also
-/// when its client goes away mid-request (the future is dropped, and so is this).
-struct InFlight(metrics::Gauge);
+/// Adds to a gauge for as long as it lives, also when the client goes away mid-request (the
+/// future is dropped, and so is this): requests and body bytes in flight.
+struct InFlight(metrics::Gauge, f64);
 
 impl InFlight {
     fn enter() -> Self {
-        let gauge = metrics::gauge!("instream_ingest_requests_in_flight");
-        gauge.increment(1.0);
-        InFlight(gauge)
+        Self::add(metrics::gauge!("instream_ingest_requests_in_flight"), 1.0)
+    }
+
+    fn add(gauge: metrics::Gauge, amount: f64) -> Self {
+        gauge.increment(amount);
+        InFlight(gauge, amount)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.decrement(1.0);
+        self.0.decrement(self.1);
     }
 }
 
@@ -139,6 +142,11 @@ pub async fn post_events(
             return failure(status, e.code(), e.message());
         }
     };
+    // What this request holds in memory (decompressed, when it came compressed).
+    let _bytes = InFlight::add(
+        metrics::gauge!("instream_ingest_in_flight_bytes"),
+        body.len() as f64,
+    );
     let raws = match body::split(&body, Framing::of(&headers)) {
         Ok(r) => r,
         Err(e) => return failure(StatusCode::BAD_REQUEST, e.code(), e.message()),
@@ -172,6 +180,7 @@ pub async fn post_events(
     let ingest_time = instream_event::now_millis();
     let mut events = Vec::with_capacity(raws.len());
     let mut rejected = Vec::new();
+    let schema = state.schema_of(&def);
     let shape = ShapeLimits {
         max_depth: state.config.max_depth,
         max_string_bytes: state.config.max_string_bytes,
@@ -181,7 +190,9 @@ pub async fn post_events(
             serde_json::from_slice::<&RawValue>(raw)
                 .map_err(|e| Rejection::new("malformed_json", e.to_string()))
         });
-        match checked.and_then(|raw| envelope(&def, raw, index, &ids, ingest_time)) {
+        match checked
+            .and_then(|raw| envelope(&def, schema.as_deref(), raw, index, &ids, ingest_time))
+        {
             Ok(e) => events.push(e),
             Err(r) => {
                 metrics::counter!("instream_events_rejected_total", "service" => SERVICE, "pipeline" => pipeline.clone(), "code" => r.code)

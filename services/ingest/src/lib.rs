@@ -14,6 +14,7 @@ mod handler;
 mod keys;
 mod parse;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -55,6 +56,31 @@ pub(crate) struct AppState {
     /// Requests being handled.
     pub in_flight_requests: Semaphore,
     pub keys: keys::ApiKeys,
+    /// Each pipeline's compiled JSON Schema, with the definition version it came from.
+    schemas: std::sync::Mutex<HashMap<String, (u64, Option<Arc<jsonschema::Validator>>)>>,
+}
+
+impl AppState {
+    /// The pipeline's compiled schema, compiled once per definition version.
+    pub fn schema_of(
+        &self,
+        def: &instream_pipeline::PipelineDefinition,
+    ) -> Option<Arc<jsonschema::Validator>> {
+        let mut schemas = self.schemas.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((version, compiled)) = schemas.get(&def.name) {
+            if *version == def.version {
+                return compiled.clone();
+            }
+        }
+        // Definitions are validated (their schema compiled) before they get here.
+        let compiled = def
+            .schema
+            .as_ref()
+            .and_then(|s| jsonschema::validator_for(s).ok())
+            .map(Arc::new);
+        schemas.insert(def.name.clone(), (def.version, compiled.clone()));
+        compiled
+    }
 }
 
 /// A bound ingest server, ready to serve.
@@ -86,6 +112,7 @@ impl Ingest {
             in_flight_events: Semaphore::new(limits.max_in_flight_events),
             in_flight_requests: Semaphore::new(limits.max_in_flight_requests),
             keys,
+            schemas: Default::default(),
         });
         let body_limit = usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX);
         let router = Router::new()

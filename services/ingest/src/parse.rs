@@ -29,6 +29,7 @@ fn scalar_key(v: &Value) -> Option<String> {
 /// Builds the envelope of the `index`-th event, or says why it is refused.
 pub fn envelope(
     def: &PipelineDefinition,
+    schema: Option<&jsonschema::Validator>,
     raw: &RawValue,
     index: usize,
     ids: &IdSource<'_>,
@@ -77,6 +78,13 @@ pub fn envelope(
         })?,
     };
     EventValidator::validate(def, &payload)?;
+    if let Some(schema) = schema {
+        if let Err(e) = schema.validate(&payload) {
+            let at = e.instance_path().as_str();
+            let at = if at.is_empty() { "/" } else { at };
+            return Err(Rejection::new("schema", format!("at `{at}`: {e}")));
+        }
+    }
     let event_id = match payload.get("event_id") {
         Some(Value::String(id)) if !id.is_empty() && id.len() <= MAX_ID_LEN => id.clone(),
         Some(_) => {
@@ -118,7 +126,7 @@ mod tests {
 
     fn one(json: &str, ids: &IdSource<'_>) -> Result<Event, Rejection> {
         let raw: Box<RawValue> = serde_json::from_str(json).unwrap();
-        envelope(&def(), &raw, 0, ids, 5)
+        envelope(&def(), None, &raw, 0, ids, 5)
     }
 
     const NO_KEY: IdSource<'static> = IdSource {
@@ -177,5 +185,24 @@ mod tests {
             code(r#"{"account":{"id":1},"ts":1,"amount":1,"event_id":5}"#),
             "bad_event_id"
         );
+    }
+
+    #[test]
+    fn the_schema_refuses_with_the_path() {
+        let schema = jsonschema::validator_for(&serde_json::json!({
+            "type": "object",
+            "properties": {"amount": {"type": "number", "minimum": 0}}
+        }))
+        .unwrap();
+        let check = |json: &str| {
+            let raw: Box<RawValue> = serde_json::from_str(json).unwrap();
+            envelope(&def(), Some(&schema), &raw, 0, &NO_KEY, 5)
+        };
+        check(r#"{"account":{"id":1},"ts":1,"amount":3}"#).expect("valid");
+        let refused = check(r#"{"account":{"id":1},"ts":1,"amount":-3}"#).unwrap_err();
+        assert_eq!(refused.code, "schema");
+        assert!(refused.message.contains("/amount"), "{}", refused.message);
+        let refused = check(r#"{"account":{"id":1},"ts":1,"amount":"3"}"#).unwrap_err();
+        assert!(refused.message.contains("number"), "{}", refused.message);
     }
 }

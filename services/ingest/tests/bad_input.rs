@@ -79,6 +79,13 @@ async fn bad_input_gets_a_precise_error_and_spares_the_valid_events() {
             digest(SLOW_KEY)
         ),
     );
+    // The pipeline's JSON Schema: `qty`, when present, a positive integer.
+    let definitions = dir.path().join("definitions.toml");
+    let mut text = std::fs::read_to_string(&definitions).unwrap();
+    text.push_str(
+        "schema = '{\"type\":\"object\",\"properties\":{\"qty\":{\"type\":\"integer\",\"minimum\":1}}}'\n",
+    );
+    std::fs::write(&definitions, text).unwrap();
     let mut child = ChildGuard(
         Command::new(BIN)
             .arg("--config")
@@ -147,6 +154,7 @@ async fn bad_input_gets_a_precise_error_and_spares_the_valid_events() {
         deep.as_bytes(),                        // 5 10,000 levels deep
         b"{\"account\":\"\xff\xfe\",\"ts\":1}", // 6 invalid UTF-8
         long.as_bytes(),                        // 7 a 2,000-byte string
+        br#"{"account":"a","ts":1,"qty":0}"#,   // 8 against the schema
         br#"{"account":"a2","ts":"2024-05-01T12:00:00Z"}"#,
     ] {
         ndjson.extend_from_slice(line);
@@ -173,6 +181,7 @@ async fn bad_input_gets_a_precise_error_and_spares_the_valid_events() {
             (5, "too_deep"),
             (6, "invalid_utf8"),
             (7, "string_too_long"),
+            (8, "schema"),
         ]
     );
     for r in answer["rejected"].as_array().unwrap() {
@@ -256,6 +265,7 @@ async fn bad_input_gets_a_precise_error_and_spares_the_valid_events() {
         "invalid_utf8",
         "string_too_long",
         "missing_time",
+        "schema",
     ] {
         assert!(
             metrics.contains(&format!("code=\"{code}\"")),

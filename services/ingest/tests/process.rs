@@ -132,6 +132,7 @@ async fn serves_admin_endpoints_ingests_and_stops_cleanly_on_sigterm() {
         "instream_events_total",
         "instream_events_rejected_total",
         "instream_produce_latency_seconds",
+        "instream_ingest_in_flight_bytes",
         "instream_component_ready",
     ] {
         assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
