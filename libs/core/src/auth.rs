@@ -18,14 +18,12 @@ pub fn decode_digest(hex: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// The key of an `Authorization: Bearer <key>` header.
+/// The key of an `Authorization: Bearer <key>` header (the scheme name in any case).
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, key) = value.split_once(' ')?;
+    let key = key.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
 }
 
 /// The index of the digest `key` hashes to. Every digest is compared, whatever matched, so
@@ -66,6 +64,8 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::AUTHORIZATION, "Bearer  k1 ".parse().unwrap());
         assert_eq!(bearer(&headers), Some("k1"));
+        headers.insert(header::AUTHORIZATION, "bearer k2".parse().unwrap());
+        assert_eq!(bearer(&headers), Some("k2"));
         headers.insert(header::AUTHORIZATION, "Basic k1".parse().unwrap());
         assert_eq!(bearer(&headers), None);
     }

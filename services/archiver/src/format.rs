@@ -149,7 +149,17 @@ impl FileWriter {
         self.records.push(offset)?;
         match &mut self.body {
             Body::JsonLines(encoder) => {
-                encoder.write_all(raw)?;
+                // One event per line. A line break in valid JSON is whitespace (it cannot
+                // be inside a string), so a pretty-printed payload loses nothing as a space.
+                if raw.iter().any(|&b| b == b'\n' || b == b'\r') {
+                    let flat: Vec<u8> = raw
+                        .iter()
+                        .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b })
+                        .collect();
+                    encoder.write_all(&flat)?;
+                } else {
+                    encoder.write_all(raw)?;
+                }
                 encoder.write_all(b"\n")?;
                 Ok(())
             }
@@ -636,19 +646,32 @@ mod tests {
         }
         w.dead_lettered(39).unwrap();
         w.dead_lettered(79).unwrap();
+        // A pretty-printed record stays one line, and still the same JSON.
+        let pretty = serde_json::to_vec_pretty(
+            &serde_json::from_slice::<serde_json::Value>(&event(100).0).unwrap(),
+        )
+        .unwrap();
+        assert!(pretty.contains(&b'\n'));
+        w.append(100, &pretty, &instream_event::decode(&pretty).unwrap())
+            .unwrap();
         let (raw, e) = event(0);
         assert!(w.append(5, &raw, &e).is_err(), "offsets only increase");
         let bytes = Bytes::from(w.finish().unwrap());
         // A plain zstd decoder skips the offsets note: the lines, and nothing else.
         let text = zstd::decode_all(&bytes[..]).unwrap();
         assert_eq!(text.split(|&b| b == b'\n').next(), Some(&event(0).0[..]));
-        assert_eq!(text.iter().filter(|&&b| b == b'\n').count(), 98);
-        let read = read_file("p/part-0-0-99.jsonl.zst", bytes).unwrap();
-        assert_eq!(read.records, 98);
+        assert_eq!(text.iter().filter(|&&b| b == b'\n').count(), 99);
+        let last = text.split(|&b| b == b'\n').nth(98).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(last).unwrap(),
+            serde_json::from_slice::<serde_json::Value>(&event(100).0).unwrap()
+        );
+        let read = read_file("p/part-0-0-100.jsonl.zst", bytes).unwrap();
+        assert_eq!(read.records, 99);
         let run = |first, last| OffsetRange { first, last };
         assert_eq!(
             read.record_offsets,
-            Some(Runs(vec![run(0, 38), run(40, 78), run(80, 99)]))
+            Some(Runs(vec![run(0, 38), run(40, 78), run(80, 100)]))
         );
         assert_eq!(
             read.dead_lettered,

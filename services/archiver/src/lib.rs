@@ -37,9 +37,10 @@ pub use verify::{verify, FileProblem, PartitionReport, VerifyReport};
 
 const SERVICE: &str = "archiver";
 
-/// How long a file write is retried. The consumer is not polled meanwhile, so this stays well
-/// inside librdkafka's `max.poll.interval.ms` (5 min): past it the group would hand the
-/// partition to another instance while this one still writes.
+/// How long after the consumer's last poll file writes may go on (each write, and its
+/// retries). The consumer is not polled meanwhile, so this stays well inside librdkafka's
+/// `max.poll.interval.ms` (5 min): past it the group would hand the partition to another
+/// instance while this one still writes.
 const WRITE_RETRY_LIMIT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +89,8 @@ struct Archiver {
     /// archive per assignment, not one per partition.
     listed: HashMap<String, HashMap<i32, i64>>,
     generation: u64,
+    /// When the consumer was last polled: file writes must end within `WRITE_RETRY_LIMIT` of it.
+    polled_at: Instant,
     /// Partitions whose file could not be written before shutdown: nothing more is written
     /// for them by this process.
     abandoned: std::collections::HashSet<PartitionKey>,
@@ -138,6 +141,7 @@ pub async fn run_with_archive(
         files: HashMap::new(),
         archived: HashMap::new(),
         listed: HashMap::new(),
+        polled_at: Instant::now(),
         generation: 0,
         abandoned: Default::default(),
     };
@@ -151,6 +155,7 @@ pub async fn run_with_archive(
             _ = shutdown.cancelled() => break,
             received = recv_batch(consumer, 10_000, tick, &mut batch) => received?,
         }
+        archiver.polled_at = Instant::now();
         let current = catalog.borrow().clone();
         for record in batch.drain(..) {
             archiver
@@ -373,14 +378,24 @@ impl Archiver {
         let data = Bytes::from(file.writer.finish()?);
         let size = data.len();
         let started = Instant::now();
+        let deadline = self.polled_at + WRITE_RETRY_LIMIT;
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.archive.put(&path, data.clone()).await {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let put = match tokio::time::timeout(left, self.archive.put(&path, data.clone())).await
+            {
+                Ok(result) => result,
+                Err(_) => Err(instream_archive::ArchiveError::Io {
+                    path: path.clone(),
+                    message: format!("no answer within {left:?}"),
+                }),
+            };
+            match put {
                 Ok(()) => {
                     self.ready.set_ready();
                     break;
                 }
-                Err(error) if started.elapsed() >= WRITE_RETRY_LIMIT => {
+                Err(error) if Instant::now() >= deadline => {
                     // The consumer is not polled while we retry; before the group takes the
                     // partition away and a second writer starts on the same offsets, stop.
                     // Nothing of this file was committed: the restart reads it again.

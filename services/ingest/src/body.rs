@@ -20,6 +20,11 @@ pub enum BodyError {
         message: String,
     },
     Malformed(String),
+    TooManyEvents {
+        limit: usize,
+    },
+    /// The body could not be read whole (the client went away, or sent a broken chunk).
+    Unreadable(String),
 }
 
 impl BodyError {
@@ -29,6 +34,8 @@ impl BodyError {
             BodyError::UnsupportedEncoding(_) => "unsupported_encoding",
             BodyError::Corrupt { .. } => "corrupt_body",
             BodyError::Malformed(_) => "malformed_body",
+            BodyError::TooManyEvents { .. } => "too_many_events",
+            BodyError::Unreadable(_) => "unreadable_body",
         }
     }
 
@@ -44,7 +51,21 @@ impl BodyError {
                 format!("the body is not valid {encoding}: {message}")
             }
             BodyError::Malformed(m) => m.clone(),
+            BodyError::TooManyEvents { limit } => {
+                format!("more than {limit} events in one request")
+            }
+            BodyError::Unreadable(m) => format!("the body could not be read: {m}"),
         }
+    }
+}
+
+/// Reads the body as sent, refusing it as soon as it passes `limit` bytes.
+pub async fn read(body: axum::body::Body, limit: usize) -> Result<Bytes, BodyError> {
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge { limit }),
+        Err(e) => Err(BodyError::Unreadable(e.to_string())),
     }
 }
 
@@ -122,16 +143,25 @@ fn trim(bytes: &[u8]) -> &[u8] {
     &bytes[start..end.max(start)]
 }
 
-/// Splits a body into each event's bytes. Only the framing is checked here; each event's
-/// own JSON is checked (and refused alone) later, so one bad event does not cost its batch.
-pub fn split(body: &[u8], framing: Framing) -> Result<Vec<&[u8]>, BodyError> {
+/// Splits a body into each event's bytes, at most `max_events` of them (more is an error as
+/// soon as it is seen, so a body of many tiny events costs no more memory than the limit).
+/// Only the framing is checked here; each event's own JSON is checked later and refused
+/// alone. NDJSON isolates best: in an array, an element whose brackets or quotes do not
+/// balance breaks the framing of the whole body.
+pub fn split(body: &[u8], framing: Framing, max_events: usize) -> Result<Vec<&[u8]>, BodyError> {
     let body = trim(body);
     if framing == Framing::NdJson {
-        let lines: Vec<&[u8]> = body
+        let mut lines = Vec::new();
+        for line in body
             .split(|&b| b == b'\n')
             .map(trim)
             .filter(|l| !l.is_empty())
-            .collect();
+        {
+            if lines.len() == max_events {
+                return Err(BodyError::TooManyEvents { limit: max_events });
+            }
+            lines.push(line);
+        }
         if lines.is_empty() {
             return Err(BodyError::Malformed("the body is empty".into()));
         }
@@ -140,7 +170,7 @@ pub fn split(body: &[u8], framing: Framing) -> Result<Vec<&[u8]>, BodyError> {
     match body.first() {
         None => Err(BodyError::Malformed("the body is empty".into())),
         Some(b'{') => Ok(vec![body]),
-        Some(b'[') => split_array(body),
+        Some(b'[') => split_array(body, max_events),
         Some(_) => Err(BodyError::Malformed(
             "the body must be a JSON object, an array of objects, or NDJSON \
              (Content-Type: application/x-ndjson)"
@@ -150,7 +180,7 @@ pub fn split(body: &[u8], framing: Framing) -> Result<Vec<&[u8]>, BodyError> {
 }
 
 /// The elements of a top-level JSON array, found by tracking strings and brackets only.
-fn split_array(body: &[u8]) -> Result<Vec<&[u8]>, BodyError> {
+fn split_array(body: &[u8], max_events: usize) -> Result<Vec<&[u8]>, BodyError> {
     let malformed = |m: &str| BodyError::Malformed(format!("the body is not a JSON array: {m}"));
     let mut elements = Vec::new();
     let mut depth = 0usize;
@@ -180,6 +210,9 @@ fn split_array(body: &[u8]) -> Result<Vec<&[u8]>, BodyError> {
                     }
                     let last = trim(&body[start..i]);
                     if !last.is_empty() {
+                        if elements.len() == max_events {
+                            return Err(BodyError::TooManyEvents { limit: max_events });
+                        }
                         elements.push(last);
                     } else if !elements.is_empty() {
                         return Err(malformed("a trailing comma"));
@@ -191,6 +224,9 @@ fn split_array(body: &[u8]) -> Result<Vec<&[u8]>, BodyError> {
                 let element = trim(&body[start..i]);
                 if element.is_empty() {
                     return Err(malformed(&format!("an empty element before byte {i}")));
+                }
+                if elements.len() == max_events {
+                    return Err(BodyError::TooManyEvents { limit: max_events });
                 }
                 elements.push(element);
                 start = i + 1;
@@ -287,13 +323,13 @@ mod tests {
     #[test]
     fn arrays_split_into_elements_whatever_they_hold() {
         let body = br#" [ {"a":"x,]}"}, {"b":[1,{"c":2}]} ,{bad} ] "#;
-        let parts = split(body, Framing::Json).unwrap();
+        let parts = split(body, Framing::Json, 100).unwrap();
         assert_eq!(
             parts,
             [&br#"{"a":"x,]}"}"#[..], br#"{"b":[1,{"c":2}]}"#, b"{bad}"]
         );
-        assert_eq!(split(b"[]", Framing::Json).unwrap().len(), 0);
-        assert_eq!(split(br#"{"a":1}"#, Framing::Json).unwrap().len(), 1);
+        assert_eq!(split(b"[]", Framing::Json, 100).unwrap().len(), 0);
+        assert_eq!(split(br#"{"a":1}"#, Framing::Json, 100).unwrap().len(), 1);
         for bad in [
             &b"[{},]"[..],
             b"[{},,{}]",
@@ -303,16 +339,25 @@ mod tests {
             b"",
             b"}",
         ] {
-            assert!(split(bad, Framing::Json).is_err(), "{:?}", bad);
+            assert!(split(bad, Framing::Json, 100).is_err(), "{:?}", bad);
         }
     }
 
     #[test]
     fn ndjson_is_one_event_per_line() {
         let body = b"{\"a\":1}\n\n  {\"b\":2}\r\n{broken\n";
-        let parts = split(body, Framing::NdJson).unwrap();
+        let parts = split(body, Framing::NdJson, 100).unwrap();
         assert_eq!(parts, [&b"{\"a\":1}"[..], b"{\"b\":2}", b"{broken"]);
-        assert!(split(b"\n \n", Framing::NdJson).is_err());
+        assert!(split(b"\n \n", Framing::NdJson, 100).is_err());
+        assert_eq!(
+            split(body, Framing::NdJson, 2).unwrap_err(),
+            BodyError::TooManyEvents { limit: 2 }
+        );
+        assert_eq!(
+            split(b"[{},{},{}]", Framing::Json, 2).unwrap_err(),
+            BodyError::TooManyEvents { limit: 2 }
+        );
+        assert_eq!(split(b"[{},{}]", Framing::Json, 2).unwrap().len(), 2);
         let h = headers(&[(header::CONTENT_TYPE, "application/x-ndjson; charset=utf-8")]);
         assert_eq!(Framing::of(&h), Framing::NdJson);
         assert_eq!(Framing::of(&HeaderMap::new()), Framing::Json);

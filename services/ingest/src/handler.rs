@@ -1,10 +1,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use instream_event::Rejection;
 use instream_kafka::{client, KafkaError};
@@ -62,13 +62,41 @@ fn retry_later(state: &AppState, error: &'static str, message: String) -> Respon
         .into_response()
 }
 
-/// Admits a request before its body is read, so that at most `max_in_flight_requests`
-/// bodies (each at most `max_body_bytes`) are in memory at once; others get 503 at once.
+/// The key a request was admitted with (an index into the configured keys; `None`:
+/// anonymous).
+#[derive(Clone, Copy)]
+pub struct Caller(Option<usize>);
+
+/// Admits a request before its body is read: its API key first (a client without one holds
+/// no slot and sends no body), then a slot, so that at most `max_in_flight_requests` bodies
+/// (each at most `max_body_bytes`) are in memory at once; others get 503 at once.
 pub async fn admit(
     State(state): State<Arc<AppState>>,
-    request: axum::extract::Request,
+    mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let pipeline = request
+        .uri()
+        .path()
+        .strip_prefix("/v1/pipelines/")
+        .and_then(|rest| rest.strip_suffix("/events"))
+        .unwrap_or("")
+        .to_owned();
+    // Before the pipeline is looked up, so a client without a key learns nothing of them.
+    match state.keys.authorize(request.headers(), &pipeline) {
+        Ok(key) => {
+            request.extensions_mut().insert(Caller(key));
+        }
+        Err(Denied::Unauthenticated(why)) => {
+            let mut response = failure(StatusCode::UNAUTHORIZED, "unauthorized", why.into());
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return response;
+        }
+        Err(Denied::Forbidden(why)) => return failure(StatusCode::FORBIDDEN, "forbidden", why),
+    }
     let Ok(_slot) = state.in_flight_requests.try_acquire() else {
         return retry_later(&state, "overloaded", "too many requests in flight".into());
     };
@@ -112,17 +140,11 @@ impl Drop for InFlight {
 pub async fn post_events(
     State(state): State<Arc<AppState>>,
     Path(pipeline): Path<String>,
+    Extension(Caller(caller)): Extension<Caller>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Response {
-    // Before the pipeline is looked up, so a client without a key learns nothing of them.
-    let key = match state.keys.authorize(&headers, &pipeline) {
-        Ok(key) => key,
-        Err(Denied::Unauthenticated(why)) => {
-            return failure(StatusCode::UNAUTHORIZED, "unauthorized", why.into())
-        }
-        Err(Denied::Forbidden(why)) => return failure(StatusCode::FORBIDDEN, "forbidden", why),
-    };
+    let key = caller.map(|i| state.keys.get(i));
     let Some(def) = state.catalog.borrow().get(&pipeline).cloned() else {
         return failure(
             StatusCode::NOT_FOUND,
@@ -131,6 +153,13 @@ pub async fn post_events(
         );
     };
     let limit = usize::try_from(state.config.max_body_bytes).unwrap_or(usize::MAX);
+    let body = match body::read(body, limit).await {
+        Ok(b) => b,
+        Err(e @ BodyError::TooLarge { .. }) => {
+            return failure(StatusCode::PAYLOAD_TOO_LARGE, e.code(), e.message())
+        }
+        Err(e) => return failure(StatusCode::BAD_REQUEST, e.code(), e.message()),
+    };
     let body = match body::decode(&headers, body, limit) {
         Ok(b) => b,
         Err(e) => {
@@ -147,21 +176,17 @@ pub async fn post_events(
         metrics::gauge!("instream_ingest_in_flight_bytes"),
         body.len() as f64,
     );
-    let raws = match body::split(&body, Framing::of(&headers)) {
+    let raws = match body::split(
+        &body,
+        Framing::of(&headers),
+        state.config.max_events_per_request,
+    ) {
         Ok(r) => r,
+        Err(e @ BodyError::TooManyEvents { .. }) => {
+            return failure(StatusCode::PAYLOAD_TOO_LARGE, e.code(), e.message())
+        }
         Err(e) => return failure(StatusCode::BAD_REQUEST, e.code(), e.message()),
     };
-    if raws.len() > state.config.max_events_per_request {
-        return failure(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_many_events",
-            format!(
-                "{} events in one request; the limit is {}",
-                raws.len(),
-                state.config.max_events_per_request
-            ),
-        );
-    }
     let idempotency_key = match headers.get("idempotency-key").map(|v| v.to_str()) {
         None => None,
         Some(Ok(k)) if !k.is_empty() && k.len() <= 256 => Some(k),
@@ -217,6 +242,16 @@ pub async fn post_events(
             .into_response();
     }
 
+    // Back-pressure: admit the events only if the in-flight bound has room for all of them.
+    let permits = u32::try_from(events.len()).unwrap_or(u32::MAX);
+    let Ok(_event_slots) = state.in_flight_events.try_acquire_many(permits) else {
+        return retry_later(
+            &state,
+            "overloaded",
+            "too many events waiting for the broker".into(),
+        );
+    };
+    // Charged once admitted, so a request refused for overload costs its key nothing.
     if let Some(key) = key {
         if let Err(wait) = key.take(events.len()) {
             metrics::counter!("instream_ingest_rate_limited_total", "key" => key.name.clone())
@@ -238,15 +273,6 @@ pub async fn post_events(
                 .into_response();
         }
     }
-    // Back-pressure: admit the events only if the in-flight bound has room for all of them.
-    let permits = u32::try_from(events.len()).unwrap_or(u32::MAX);
-    let Ok(_event_slots) = state.in_flight_events.try_acquire_many(permits) else {
-        return retry_later(
-            &state,
-            "overloaded",
-            "too many events waiting for the broker".into(),
-        );
-    };
     let started = Instant::now();
     let topic = topics::raw(&pipeline);
     let mut deliveries = Vec::with_capacity(events.len());

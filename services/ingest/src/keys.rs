@@ -63,11 +63,7 @@ impl ApiKeys {
     }
 
     /// The key the request is made with (`None`: anonymous, where allowed).
-    pub fn authorize(
-        &self,
-        headers: &HeaderMap,
-        pipeline: &str,
-    ) -> Result<Option<&ApiKey>, Denied> {
+    pub fn authorize(&self, headers: &HeaderMap, pipeline: &str) -> Result<Option<usize>, Denied> {
         let Some(token) = instream_core::auth::bearer(headers) else {
             if self.anonymous {
                 return Ok(None);
@@ -84,8 +80,12 @@ impl ApiKeys {
             Some(allowed) if !allowed.iter().any(|p| p == pipeline) => Err(Denied::Forbidden(
                 format!("the key `{}` may not write to `{pipeline}`", key.name),
             )),
-            _ => Ok(Some(key)),
+            _ => Ok(Some(index)),
         }
+    }
+
+    pub fn get(&self, index: usize) -> &ApiKey {
+        &self.keys[index]
     }
 }
 

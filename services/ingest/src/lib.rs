@@ -57,8 +57,11 @@ pub(crate) struct AppState {
     pub in_flight_requests: Semaphore,
     pub keys: keys::ApiKeys,
     /// Each pipeline's compiled JSON Schema, with the definition version it came from.
-    schemas: std::sync::Mutex<HashMap<String, (u64, Option<Arc<jsonschema::Validator>>)>>,
+    schemas: std::sync::Mutex<HashMap<String, CompiledSchema>>,
 }
+
+/// A pipeline's compiled schema (if it has one) and the definition version it came from.
+type CompiledSchema = (u64, Option<Arc<jsonschema::Validator>>);
 
 impl AppState {
     /// The pipeline's compiled schema, compiled once per definition version.
@@ -114,13 +117,13 @@ impl Ingest {
             keys,
             schemas: Default::default(),
         });
-        let body_limit = usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX);
         let router = Router::new()
             .route(
                 "/v1/pipelines/{pipeline}/events",
                 post(handler::post_events),
             )
-            .layer(DefaultBodyLimit::max(body_limit))
+            // The handler reads the body itself, within the limit, answering 413 in JSON.
+            .layer(DefaultBodyLimit::disable())
             .layer(axum::middleware::from_fn_with_state(
                 state.clone(),
                 handler::admit,

@@ -215,8 +215,18 @@ async fn bad_input_gets_a_precise_error_and_spares_the_valid_events() {
     // Whole-request refusals.
     let (status, a) = client.post(&[], b"[{}".to_vec()).await;
     assert_eq!((status, a["error"].as_str()), (400, Some("malformed_body")));
-    let (status, _) = client.post(&[], vec![b' '; 70_000]).await;
-    assert_eq!(status, 413, "oversized body");
+    let (status, a) = client.post(&[], vec![b' '; 70_000]).await;
+    assert_eq!(
+        (status, a["error"].as_str()),
+        (413, Some("body_too_large")),
+        "an oversized body is refused (and counted) like any other"
+    );
+    let twenty_one = format!("[{}]", vec![GOOD; 21].join(","));
+    let (status, a) = client.post(&[], twenty_one.into_bytes()).await;
+    assert_eq!(
+        (status, a["error"].as_str()),
+        (413, Some("too_many_events"))
+    );
     let bomb = gzip(&vec![b' '; 10 << 20]);
     assert!(bomb.len() < 65_536);
     let (status, a) = client.post(&[("content-encoding", "gzip")], bomb).await;

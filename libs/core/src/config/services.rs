@@ -101,11 +101,18 @@ impl IngestConfig {
         );
         p.positive(self.max_string_bytes as u64, "ingest.max_string_bytes");
         let mut names = std::collections::BTreeSet::new();
+        let mut digests = std::collections::BTreeSet::new();
         for (i, key) in self.api_keys.iter().enumerate() {
+            let digest = crate::auth::decode_digest(&key.sha256);
             p.check(
-                crate::auth::decode_digest(&key.sha256).is_some(),
+                digest.is_some(),
                 &format!("ingest.api_keys[{i}].sha256"),
                 || "must be a SHA-256 digest: 64 hex digits (not the key itself)".into(),
+            );
+            p.check(
+                digest.is_none_or(|d| digests.insert(d)),
+                &format!("ingest.api_keys[{i}].sha256"),
+                || "the same key twice: one key, one name, one scope".into(),
             );
             p.check(
                 !key.name.is_empty() && names.insert(key.name.as_str()),
