@@ -4,10 +4,9 @@
 //! pipeline, and over its rate.
 
 use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use instream_testkit::{unique, ChildGuard, KafkaBroker};
+use instream_testkit::{spawn_service, unique, KafkaBroker};
 use serde_json::Value;
 
 mod common;
@@ -86,15 +85,7 @@ async fn bad_input_gets_a_precise_error_and_spares_the_valid_events() {
         "schema = '{\"type\":\"object\",\"properties\":{\"qty\":{\"type\":\"integer\",\"minimum\":1}}}'\n",
     );
     std::fs::write(&definitions, text).unwrap();
-    let mut child = ChildGuard(
-        Command::new(BIN)
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = spawn_service(BIN, &config).unwrap();
     wait_ok(
         &format!("http://127.0.0.1:{admin}/readyz"),
         Duration::from_secs(30),

@@ -2,10 +2,10 @@
 //! Kafka-protocol broker, SIGTERM, and an invalid config.
 
 use std::io::{Read, Write};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use instream_testkit::{unique, ChildGuard, KafkaBroker};
+use instream_testkit::{spawn_service, unique, KafkaBroker};
 
 mod common;
 use common::{wait_ok, write_config, BIN};
@@ -24,15 +24,7 @@ async fn serves_admin_endpoints_ingests_and_stops_cleanly_on_sigterm() {
         &pipeline,
         "max_in_flight_requests = 1\nproduce_timeout = \"1s\"\nrequest_timeout = \"2s\"\nallow_anonymous = true",
     );
-    let mut child = ChildGuard(
-        Command::new(BIN)
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = spawn_service(BIN, &config).unwrap();
 
     wait_ok(
         &format!("http://127.0.0.1:{admin}/healthz"),
