@@ -398,32 +398,25 @@ window = { kind = "tumbling", size = "1m" }
     #[test]
     fn archive_columns_are_checked() {
         let with = |archive: &str| format!("{GOOD}\n[pipelines.archive]\n{archive}\n");
+        let refused = |archive: &str| parse_document(&with(archive)).unwrap_err().to_string();
         let good = parse_document(&with(
             "format = \"parquet\"\ncolumns = [{ name = \"amount\", path = \"price.amount\", type = \"float64\" }]",
         ))
         .expect("a typed column");
         assert_eq!(good.pipelines[0].archive.columns[0].name, "amount");
-        let err = parse_document(&with(
-            "columns = [{ name = \"a\", path = \"a\", type = \"int64\" }]",
-        ))
-        .unwrap_err()
-        .to_string();
+        let err = refused("columns = [{ name = \"a\", path = \"a\", type = \"int64\" }]");
         assert!(err.contains("archive.columns: typed columns need"), "{err}");
-        let err = parse_document(&with(
+        let err = refused(
             "format = \"parquet\"\ncolumns = [{ name = \"payload\", path = \"a\", type = \"string\" }, { name = \"a\", path = \"a\", type = \"string\" }, { name = \"a\", path = \"b\", type = \"boolean\" }]",
-        ))
-        .unwrap_err()
-        .to_string();
+        );
         assert!(err.contains("archive.columns[0].name"), "{err}");
         assert!(
             err.contains("archive.columns[2].name: `a` is used twice"),
             "{err}"
         );
-        let err = parse_document(&with(
+        let err = refused(
             "format = \"parquet\"\ncolumns = [{ name = \"Offset\", path = \"a\", type = \"int64\" }, { name = \"A\", path = \"a\", type = \"int64\" }, { name = \"a\", path = \"b\", type = \"int64\" }]",
-        ))
-        .unwrap_err()
-        .to_string();
+        );
         assert!(err.contains("archive.columns[0].name"), "{err}");
         assert!(
             err.contains("archive.columns[2].name: `a` is used twice"),

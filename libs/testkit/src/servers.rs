@@ -204,6 +204,18 @@ impl KafkaBroker {
         }
     }
 
+    /// Creates a pipeline's three topics (`<pipeline>.raw`, `.enriched`, `.dlq`).
+    pub fn create_pipeline_topics(
+        &self,
+        pipeline: &str,
+        partitions: i32,
+    ) -> Result<(), TestkitError> {
+        for t in ["raw", "enriched", "dlq"] {
+            self.create_topic(&format!("{pipeline}.{t}"), partitions)?;
+        }
+        Ok(())
+    }
+
     pub fn is_embedded(&self) -> bool {
         matches!(self, KafkaBroker::Embedded(_))
     }

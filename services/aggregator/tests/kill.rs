@@ -148,11 +148,9 @@ async fn produce(broker: &KafkaBroker, pipeline: &str) -> Input {
 async fn killed_twice_with_9_every_window_holds_the_count_of_one_clean_pass() {
     let broker = KafkaBroker::start().unwrap();
     let pipeline = unique("aggkill");
-    for t in ["raw", "enriched", "dlq"] {
-        broker
-            .create_topic(&format!("{pipeline}.{t}"), PARTITIONS)
-            .unwrap();
-    }
+    broker
+        .create_pipeline_topics(&pipeline, PARTITIONS)
+        .unwrap();
     let input = produce(&broker, &pipeline).await;
 
     let dir = tempfile::tempdir().unwrap();

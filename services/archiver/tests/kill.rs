@@ -34,11 +34,9 @@ impl Setup {
     /// "event_time"` a large step spreads each partition over several hour folders.
     async fn new(broker: &KafkaBroker, format: &str, partition_by: &str, spread_ms: i64) -> Setup {
         let pipeline = unique("kill");
-        for t in ["raw", "enriched", "dlq"] {
-            broker
-                .create_topic(&format!("{pipeline}.{t}"), PARTITIONS)
-                .unwrap();
-        }
+        broker
+            .create_pipeline_topics(&pipeline, PARTITIONS)
+            .unwrap();
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", broker.bootstrap_servers())
             .set("linger.ms", "5")

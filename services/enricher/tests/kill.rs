@@ -109,11 +109,9 @@ async fn kill_twice_and_check(delivery: &str) {
     let broker = KafkaBroker::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let pipeline = unique("ekill");
-    for topic in ["raw", "enriched", "dlq"] {
-        broker
-            .create_topic(&format!("{pipeline}.{topic}"), PARTITIONS)
-            .unwrap();
-    }
+    broker
+        .create_pipeline_topics(&pipeline, PARTITIONS)
+        .unwrap();
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
         .get_multiplexed_async_connection()

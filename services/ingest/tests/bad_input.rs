@@ -58,9 +58,7 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
 async fn bad_input_gets_a_precise_error_and_spares_the_valid_events() {
     let broker = KafkaBroker::start().unwrap();
     let pipeline = unique("bad");
-    for t in ["raw", "enriched", "dlq"] {
-        broker.create_topic(&format!("{pipeline}.{t}"), 2).unwrap();
-    }
+    broker.create_pipeline_topics(&pipeline, 2).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (config, admin, http) = write_config(
         dir.path(),

@@ -14,9 +14,7 @@ use common::{wait_ok, write_config, BIN};
 async fn serves_admin_endpoints_ingests_and_stops_cleanly_on_sigterm() {
     let broker = KafkaBroker::start().unwrap();
     let pipeline = unique("proc");
-    for t in ["raw", "enriched", "dlq"] {
-        broker.create_topic(&format!("{pipeline}.{t}"), 2).unwrap();
-    }
+    broker.create_pipeline_topics(&pipeline, 2).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (config, admin, http) = write_config(
         dir.path(),

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use instream_testkit::free_port;
+use instream_testkit::{free_port, process_config_toml};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_instream-ingest");
 
@@ -27,25 +27,8 @@ pub fn write_config(
     std::fs::write(
         &config,
         format!(
-            r#"
-[telemetry]
-log_format = "json"
-[admin]
-listen = "127.0.0.1:{admin}"
-[shutdown]
-drain_timeout = "5s"
-[kafka]
-bootstrap_servers = "{bootstrap}"
-replication_factor = 1
-session_timeout = "6s"
-[definitions]
-source = "file"
-path = "{definitions}"
-[ingest]
-listen = "127.0.0.1:{http}"
-{ingest}
-"#,
-            definitions = definitions.display()
+            "{process}\n[telemetry]\nlog_format = \"json\"\n[ingest]\nlisten = \"127.0.0.1:{http}\"\n{ingest}\n",
+            process = process_config_toml(admin, bootstrap, &definitions, "1s", 65_536),
         ),
     )
     .unwrap();
