@@ -179,26 +179,61 @@ pub fn split(body: &[u8], framing: Framing, max_events: usize) -> Result<Vec<&[u
     }
 }
 
+/// What a byte of JSON text is, seen by [`Lexer`].
+enum Token {
+    /// Inside a string (an escape included).
+    Text,
+    /// The quote that opens a string.
+    Opens,
+    /// The quote that closes a string.
+    Closes,
+    /// Any byte outside strings: brackets, commas, scalars, whitespace.
+    Outside(u8),
+}
+
+/// Tells string contents from structure in one pass, so that brackets, commas and escaped
+/// quotes inside strings are text: the one piece both the array splitter and the shape check
+/// scan with.
+#[derive(Default)]
+struct Lexer {
+    in_string: bool,
+    escaped: bool,
+}
+
+impl Lexer {
+    fn next(&mut self, b: u8) -> Token {
+        if !self.in_string {
+            if b == b'"' {
+                self.in_string = true;
+                return Token::Opens;
+            }
+            return Token::Outside(b);
+        }
+        match (self.escaped, b) {
+            (true, _) => self.escaped = false,
+            (false, b'\\') => self.escaped = true,
+            (false, b'"') => {
+                self.in_string = false;
+                return Token::Closes;
+            }
+            _ => {}
+        }
+        Token::Text
+    }
+}
+
 /// The elements of a top-level JSON array, found by tracking strings and brackets only.
 fn split_array(body: &[u8], max_events: usize) -> Result<Vec<&[u8]>, BodyError> {
     let malformed = |m: &str| BodyError::Malformed(format!("the body is not a JSON array: {m}"));
     let mut elements = Vec::new();
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
+    let mut lexer = Lexer::default();
     let mut start = 1;
     for (i, &b) in body.iter().enumerate() {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
+        let Token::Outside(b) = lexer.next(b) else {
             continue;
-        }
+        };
         match b {
-            b'"' => in_string = true,
             b'[' | b'{' => depth += 1,
             b']' | b'}' => {
                 depth = depth
@@ -254,37 +289,25 @@ pub fn check_shape(raw: &[u8], limits: ShapeLimits) -> Result<(), Rejection> {
         ));
     }
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
+    let mut lexer = Lexer::default();
     let mut string_start = 0;
     for (i, &b) in raw.iter().enumerate() {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => {
-                    in_string = false;
-                    if i - string_start > limits.max_string_bytes {
-                        return Err(Rejection::new(
-                            "string_too_long",
-                            format!(
-                                "a string of {} bytes at byte {string_start}; the limit is {}",
-                                i - string_start,
-                                limits.max_string_bytes
-                            ),
-                        ));
-                    }
+        match lexer.next(b) {
+            Token::Text => {}
+            Token::Opens => string_start = i + 1,
+            Token::Closes => {
+                if i - string_start > limits.max_string_bytes {
+                    return Err(Rejection::new(
+                        "string_too_long",
+                        format!(
+                            "a string of {} bytes at byte {string_start}; the limit is {}",
+                            i - string_start,
+                            limits.max_string_bytes
+                        ),
+                    ));
                 }
-                _ => {}
             }
-            continue;
-        }
-        match b {
-            b'"' => {
-                in_string = true;
-                string_start = i + 1;
-            }
-            b'[' | b'{' => {
+            Token::Outside(b'[' | b'{') => {
                 depth += 1;
                 if depth > limits.max_depth {
                     return Err(Rejection::new(
@@ -296,8 +319,8 @@ pub fn check_shape(raw: &[u8], limits: ShapeLimits) -> Result<(), Rejection> {
                     ));
                 }
             }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
+            Token::Outside(b']' | b'}') => depth = depth.saturating_sub(1),
+            Token::Outside(_) => {}
         }
     }
     Ok(())
