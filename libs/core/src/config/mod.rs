@@ -9,6 +9,7 @@
 //! Every service reads the same file and uses its own sections, so one file (one ConfigMap)
 //! configures a whole deployment.
 
+mod archive;
 mod infra;
 mod reference;
 mod services;
@@ -21,6 +22,7 @@ use figment::Figment;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use archive::*;
 pub use infra::*;
 pub use reference::reference_markdown;
 pub use services::*;
