@@ -7,8 +7,8 @@ set -euo pipefail
 packages=(build-essential cmake pkg-config libcurl4-openssl-dev libsasl2-dev libzstd-dev libssl-dev
           redis-server zookeeper default-jre-headless)
 # The test command also checks the alerting rules with promtool (Debian's prometheus package).
-# The Helm chart checks run in a Python virtualenv.
-[ "${1:-}" = "--for-tests" ] && packages+=(prometheus python3-venv)
+# The Helm chart checks run in a Python virtualenv; the SQL source tests start PostgreSQL.
+[ "${1:-}" = "--for-tests" ] && packages+=(prometheus python3-venv postgresql)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -7,6 +7,8 @@
 //! - `services/<service>/<instance>`: an ephemeral node per running instance (host, admin
 //!   address, version, assigned partitions), re-created after a session expiry.
 //! - `elections/<duty>/_c_…-latch-<seq>`: contenders for a singleton duty; the lowest leads.
+//! - `sources/<name>`: a SQL source's progress, claimed by each new leader's term
+//!   ([`Progress`]).
 //!
 //! With `zookeeper.auth` set, every node is created with `creator_all` digest ACLs.
 //! [`LocalCoordinator`] gives standalone mode the same registry and elections in-process.
@@ -14,6 +16,7 @@
 mod definitions;
 mod election;
 mod local;
+mod progress;
 mod registry;
 mod session;
 
@@ -27,6 +30,7 @@ pub use definitions::{
 };
 pub use election::{campaign, Leadership};
 pub use local::LocalCoordinator;
+pub use progress::{stored_position, Progress};
 pub use registry::{instances, register_instance, Instance, Registration};
 pub use session::{connect, CoordError};
 

@@ -11,6 +11,11 @@ pub enum CoordError {
         path: String,
         source: zk::Error,
     },
+    /// A later leader claimed the duty's node: this instance must stop its duty.
+    #[error("zookeeper {path}: claimed by a later leader than term {term}")]
+    Fenced { path: String, term: u64 },
+    #[error("zookeeper {path} holds something unreadable: {reason}")]
+    Corrupt { path: String, reason: String },
     #[error(transparent)]
     Definition(#[from] instream_pipeline::DefinitionError),
 }

@@ -5,11 +5,13 @@
 //! (`instream-coord`). Every stage reads the same [`Catalog`] through a `watch` channel, so a
 //! stored change reaches running services without a restart.
 
+mod envelope;
 mod model;
 mod source;
 mod template;
 mod validate;
 
+pub use envelope::{envelope, IdSource};
 pub use model::*;
 pub use source::{parse_definition, parse_document, DefinitionError, DefinitionSource, FileSource};
 pub use template::{KeyTemplate, TemplateError};

@@ -6,6 +6,8 @@
 //! - [`KafkaBroker`]: the Kafka-protocol broker a test talks to — the cluster named by
 //!   `INSTREAM_TEST_KAFKA=host:port` when set (a real Apache Kafka), else librdkafka's
 //!   in-process broker (see `instream_kafka::EmbeddedBroker`).
+//! - [`PostgresServer`]: a PostgreSQL cluster made by `initdb` in a temp dir (as the `postgres`
+//!   user under root), trust authentication.
 //! - [`TcpProxy`]: a proxy a test cuts to partition a client from its server.
 //! - [`RedisCluster`], [`RedisSentinel`]: Redis as Cluster (three masters) and behind a Sentinel.
 //!
@@ -15,6 +17,7 @@
 mod bench;
 mod config;
 mod metrics;
+mod postgres;
 mod process;
 mod proxy;
 mod redis_topologies;
@@ -23,6 +26,7 @@ mod servers;
 pub use bench::{bench_broker, cpu_seconds};
 pub use config::process_config_toml;
 pub use metrics::metric_sum;
+pub use postgres::PostgresServer;
 pub use process::{free_port, spawn_service, wait_until, ChildGuard, TestkitError};
 pub use proxy::TcpProxy;
 pub use redis_topologies::{RedisCluster, RedisSentinel};

@@ -15,8 +15,8 @@ use serde_json::value::RawValue;
 
 use crate::body::{self, BodyError, Framing, ShapeLimits};
 use crate::keys::Denied;
-use crate::parse::{envelope, IdSource};
 use crate::AppState;
+use instream_pipeline::{envelope, IdSource};
 
 const SERVICE: &str = "ingest";
 

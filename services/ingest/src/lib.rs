@@ -12,7 +12,6 @@
 mod body;
 mod handler;
 mod keys;
-mod parse;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

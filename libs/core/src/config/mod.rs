@@ -10,6 +10,7 @@
 //! configures a whole deployment.
 
 mod archive;
+mod db_source;
 mod infra;
 mod reference;
 mod services;
@@ -23,6 +24,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use archive::*;
+pub use db_source::*;
 pub use infra::*;
 pub use reference::reference_markdown;
 pub use services::*;
@@ -62,6 +64,8 @@ pub struct Config {
     pub archiver: ArchiverConfig,
     /// The query-api service (reads the aggregate store over HTTP).
     pub query_api: QueryApiConfig,
+    /// The db-source service: polls SQL tables into pipelines.
+    pub db_source: DbSourceConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +230,7 @@ impl Config {
         if c.zookeeper.auth.is_some() {
             c.zookeeper.auth = Some("***".into());
         }
+        c.db_source.url = redact_url(&c.db_source.url);
         if c.store.password.is_some() {
             c.store.password = Some("***".into());
         }
@@ -286,6 +291,7 @@ impl Config {
         self.aggregator.validate(&mut p);
         self.archiver.validate(&mut p);
         self.query_api.validate(&mut p);
+        self.db_source.validate(&mut p);
         p.check(
             self.shutdown.drain_timeout < self.kafka.session_timeout,
             "shutdown.drain_timeout",

@@ -183,6 +183,7 @@ fn redaction_hides_secrets() {
     config.refdata.redis_url = "redis://user:hun@ter2@redis:6379/0".into();
     config.store.password = Some("s3cret".into());
     config.zookeeper.auth = Some("instream:zkpass".into());
+    config.db_source.url = "postgres://reader:pgpass@db:5432/shop".into();
     config
         .kafka
         .properties
@@ -192,7 +193,8 @@ fn redaction_hides_secrets() {
         "Debug of the ZooKeeper section hides auth"
     );
     let text = format!("{:?}", config.redacted());
-    for secret in ["hun@ter2", "ter2", "s3cret", "kpass", "zkpass"] {
+    assert!(!format!("{:?}", config.db_source).contains("pgpass"));
+    for secret in ["hun@ter2", "ter2", "s3cret", "kpass", "zkpass", "pgpass"] {
         assert!(!text.contains(secret), "{secret} leaked: {text}");
     }
     assert!(text.contains("redis://user:***@redis:6379/0"), "{text}");
@@ -205,4 +207,30 @@ fn a_bad_number_from_the_environment_says_why() {
         .to_string();
     assert!(err.contains("max_body_bytes"), "{err}");
     assert!(err.contains("-1"), "{err}");
+}
+
+#[test]
+fn sql_tables_are_checked_before_anything_runs() {
+    let err = Config::from_toml(
+        "[db_source]\nurl = \"mysql://x\"\nbatch_rows = 0\n\
+         [[db_source.tables]]\nname = \"a/b\"\npipeline = \"p\"\ntable = \"x; DROP TABLE y\"\nmode = \"timestamp+incrementing\"\ntimestamp_column = \"ts\"\n\
+         [[db_source.tables]]\nname = \"ok\"\npipeline = \"p\"\ntable = \"s.t\"\nmode = \"incrementing\"\nincrementing_column = \"id\"\n\
+         [[db_source.tables]]\nname = \"ok\"\npipeline = \"p\"\ntable = \"t\"\nmode = \"timestamp\"\ntimestamp_column = \"Bad Column\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    for key in [
+        "db_source.url",
+        "db_source.batch_rows",
+        "db_source.tables[0].name",
+        "db_source.tables[0].table",
+        "db_source.tables[0].incrementing_column: the mode needs this column",
+        "db_source.tables[2].name: `ok` names two tables",
+        "db_source.tables[2].timestamp_column",
+    ] {
+        assert!(err.contains(key), "{key} missing from: {err}");
+    }
+    assert!(!err.contains("tables[1]"), "{err}");
+    let err = Config::from_toml("[[db_source.tables]]\nmode = \"snapshot\"\n").unwrap_err();
+    assert!(err.to_string().contains("mode"), "{err}");
 }

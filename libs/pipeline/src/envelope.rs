@@ -1,10 +1,12 @@
-//! Turning a request body into envelopes, refusing each bad event with a precise reason.
+//! Turning a producer's JSON object (an HTTP request's event, a SQL row) into an envelope,
+//! refusing a bad one with a precise reason. Ingest and db-source share it, so an event is
+//! judged the same way whichever door it came through.
 
+use crate::PipelineDefinition;
 use instream_event::{
     content_event_id, idempotent_event_id, parse_event_time, Event, EventTimeError, EventValidator,
     Rejection,
 };
-use instream_pipeline::PipelineDefinition;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
@@ -12,7 +14,8 @@ use serde_json::Value;
 const MAX_ID_LEN: usize = 128;
 const MAX_KEY_LEN: usize = 1024;
 
-/// Where a request's events get their ids from when they carry none.
+/// Where events get their ids from when they carry none: a request's Idempotency-Key (or a
+/// source row's position) and index, else the content.
 pub struct IdSource<'a> {
     pub pipeline: &'a str,
     pub idempotency_key: Option<&'a str>,
@@ -113,7 +116,7 @@ pub fn envelope(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use instream_pipeline::parse_document;
+    use crate::parse_document;
 
     fn def() -> PipelineDefinition {
         parse_document(

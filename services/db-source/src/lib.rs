@@ -1,0 +1,387 @@
+//! instream-db-source: the seed's "streaming data from SQL databases". Polls PostgreSQL
+//! tables the way the Kafka Connect JDBC source does (`incrementing`, `timestamp`,
+//! `timestamp+incrementing`) and writes each new or changed row as an event of a pipeline to
+//! `<pipeline>.raw`, keyed by the pipeline's key field like any ingested event.
+//!
+//! One instance at a time polls a table: each table has a ZooKeeper election
+//! (`elections/db-source-<name>`), and the others stand by to take over when the leader's
+//! session ends. The last row handed over is stored in ZooKeeper (`sources/<name>`) only after
+//! the broker acknowledged every row up to it, with the leader's term, so a deposed leader can
+//! no longer move it ([`instream_coord::Progress`]).
+//!
+//! Guarantee: a restart or a takeover skips no row. The rows of the batch in flight when a
+//! leader died are read again and produced again *with the same event ids* (derived from the
+//! source, the table position and, for timestamp mode, the row's content), so the aggregator
+//! drops the repeats as it drops an HTTP client's retries; the raw topic (and so the archive)
+//! may hold such a row twice. A row the pipeline refuses (no key, bad time, schema) goes to
+//! the dead-letter topic with the reason and its table position; the position moves past it.
+
+mod table;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use instream_core::config::{Config, DbSourceConfig, SqlTableConfig};
+use instream_core::{Readiness, ServiceContext};
+use instream_event::Event;
+use instream_kafka::client::{self, Producer};
+use instream_kafka::{DeadLetter, DeadLetters};
+use instream_pipeline::{envelope, topics, Catalog, IdSource, PipelineDefinition};
+use instream_stage::Stage;
+use rdkafka::producer::FutureRecord;
+use serde_json::value::RawValue;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use table::{Position, Row, Table, TableError};
+
+const SERVICE: &str = "db-source";
+/// Longest wait between two attempts after an error (database or broker away).
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Longest the broker may take to acknowledge a batch before the batch is tried again.
+const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbSourceError {
+    #[error(transparent)]
+    Stage(#[from] instream_stage::StageError),
+    #[error(transparent)]
+    Kafka(#[from] instream_kafka::KafkaError),
+    #[error(transparent)]
+    Coord(#[from] instream_coord::CoordError),
+    #[error(transparent)]
+    Table(#[from] TableError),
+    #[error("pipeline `{0}` is not defined (yet)")]
+    UnknownPipeline(String),
+    #[error("the broker did not acknowledge the batch within {0:?}")]
+    AckTimeout(Duration),
+    #[error("stored position of `{name}` is unreadable: {reason}")]
+    BadPosition { name: String, reason: String },
+}
+
+/// What every table's poller shares.
+struct Shared {
+    config: Config,
+    producer: Producer,
+    dead_letters: DeadLetters,
+    catalog: watch::Receiver<Arc<Catalog>>,
+    database: Readiness,
+    shutdown: CancellationToken,
+}
+
+/// The service: one poller per configured table, each leading or standing by, until shutdown.
+pub async fn run(ctx: ServiceContext) -> Result<(), DbSourceError> {
+    let ServiceContext {
+        config,
+        health,
+        shutdown,
+        admin_addr,
+    } = ctx;
+    if config.db_source.tables.is_empty() {
+        tracing::warn!("db_source.tables is empty: nothing to poll");
+    }
+    let stage = Stage::start(SERVICE, &config, &health, admin_addr, &shutdown).await?;
+    let producer = instream_kafka::producer(&config.kafka, SERVICE)?;
+    let shared = Arc::new(Shared {
+        dead_letters: DeadLetters::new(producer.clone(), SERVICE),
+        producer,
+        catalog: stage.catalog.clone(),
+        database: health.register("db-source.postgres"),
+        shutdown: shutdown.clone(),
+        config,
+    });
+    tokio::spawn(watch_database(shared.clone()));
+    let pollers: Vec<_> = shared
+        .config
+        .db_source
+        .tables
+        .iter()
+        .map(|t| tokio::spawn(poll_table(shared.clone(), t.clone())))
+        .collect();
+    for poller in pollers {
+        if let Err(e) = poller.await {
+            tracing::error!(error = %e, "a table poller ended abnormally");
+        }
+    }
+    drop(stage);
+    Ok(())
+}
+
+/// Connects with the session settings the queries rely on: UTC, and a statement timeout.
+pub async fn connect(cfg: &DbSourceConfig) -> Result<tokio_postgres::Client, TableError> {
+    let (client, connection) = tokio_postgres::connect(&cfg.url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "postgres connection ended");
+        }
+    });
+    client
+        .batch_execute(&format!(
+            "SET TimeZone = 'UTC'; SET statement_timeout = {}",
+            cfg.query_timeout.as_millis()
+        ))
+        .await?;
+    Ok(client)
+}
+
+/// Keeps `/readyz` saying whether the database answers, on standbys too (they must be able to
+/// take over).
+async fn watch_database(shared: Arc<Shared>) {
+    let cfg = &shared.config.db_source;
+    let mut client = None;
+    loop {
+        if client.is_none() {
+            client = connect(cfg)
+                .await
+                .map_err(|e| shared.database.set_not_ready(e.to_string()))
+                .ok();
+        }
+        if let Some(c) = &client {
+            match tokio::time::timeout(cfg.query_timeout, c.simple_query("SELECT 1")).await {
+                Ok(Ok(_)) => shared.database.set_ready(),
+                Ok(Err(e)) => {
+                    shared.database.set_not_ready(e.to_string());
+                    client = None;
+                }
+                Err(_) => {
+                    shared.database.set_not_ready("SELECT 1 timed out");
+                    client = None;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+/// Campaigns for the table; while leading, polls it; gives it up on shutdown.
+async fn poll_table(shared: Arc<Shared>, table: SqlTableConfig) {
+    let name = table.name.clone();
+    let leader_gauge = metrics::gauge!("instream_db_source_leader", "source" => name.clone());
+    leader_gauge.set(0.0);
+    let mut backoff = Duration::from_millis(100);
+    let duty = format!("db-source-{name}");
+    let instance = instream_coord::instance_name();
+    loop {
+        let campaign = instream_coord::campaign(&shared.config.zookeeper, &duty, &instance);
+        let mut leadership = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            l = campaign => match l {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(source = %name, error = %e, "cannot join the election; retrying");
+                    if pause(&shared.shutdown, &mut backoff).await { return; }
+                    continue;
+                }
+            },
+        };
+        loop {
+            let term = tokio::select! {
+                _ = shared.shutdown.cancelled() => return,
+                t = leadership.acquired() => t,
+            };
+            tracing::info!(source = %name, term, "leading: polling the table");
+            leader_gauge.set(1.0);
+            let outcome = tokio::select! {
+                _ = shared.shutdown.cancelled() => { leader_gauge.set(0.0); return }
+                _ = leadership.lost() => Ok(()),
+                r = lead(&shared, &table, term) => r,
+            };
+            leader_gauge.set(0.0);
+            match outcome {
+                Ok(()) => tracing::warn!(source = %name, term, "leadership lost: standing by"),
+                Err(DbSourceError::Coord(instream_coord::CoordError::Fenced { .. })) => {
+                    tracing::warn!(source = %name, term, "a later leader took the table: standing by");
+                    // Re-join so that this instance can lead again later.
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(source = %name, term, error = %e, "polling failed; retrying");
+                    if pause(&shared.shutdown, &mut backoff).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps the back-off (doubling it up to [`MAX_BACKOFF`]); true when shutting down.
+async fn pause(shutdown: &CancellationToken, backoff: &mut Duration) -> bool {
+    let wait = *backoff;
+    *backoff = (*backoff * 2).min(MAX_BACKOFF);
+    tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = tokio::time::sleep(wait) => false,
+    }
+}
+
+/// Polls the table as leader of `term` until an error (or until the caller stops it).
+async fn lead(shared: &Shared, cfg: &SqlTableConfig, term: u64) -> Result<(), DbSourceError> {
+    let db = &shared.config.db_source;
+    let mut progress =
+        instream_coord::Progress::claim(&shared.config.zookeeper, &cfg.name, term).await?;
+    let mut position: Position = if progress.position().is_null() {
+        Position::default()
+    } else {
+        serde_json::from_value(progress.position().clone()).map_err(|e| {
+            DbSourceError::BadPosition {
+                name: cfg.name.clone(),
+                reason: e.to_string(),
+            }
+        })?
+    };
+    let client = connect(db).await?;
+    let table = Table::describe(&client, cfg).await?;
+    tracing::info!(source = %cfg.name, table = %cfg.table, from = %position.label(), "reading");
+    let mut schemas = SchemaCache::default();
+    let rows_total = |outcome: &'static str| metrics::counter!("instream_db_source_rows_total", "source" => cfg.name.clone(), "outcome" => outcome);
+    loop {
+        let started = Instant::now();
+        let rows = table
+            .next_rows(&client, &position, db.batch_rows, db.query_timeout)
+            .await?;
+        metrics::histogram!("instream_db_source_query_seconds", "source" => cfg.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        let Some(last) = rows.last().map(|r| r.position.clone()) else {
+            tokio::time::sleep(db.poll_interval).await;
+            continue;
+        };
+        let def = shared
+            .catalog
+            .borrow()
+            .get(&cfg.pipeline)
+            .cloned()
+            .ok_or_else(|| DbSourceError::UnknownPipeline(cfg.pipeline.clone()))?;
+        let schema = schemas.get(&def);
+        let (produced, refused) = hand_over(shared, cfg, &def, schema.as_deref(), &rows).await?;
+        progress
+            .save(serde_json::to_value(&last).unwrap_or_default())
+            .await?;
+        rows_total("produced").increment(produced);
+        rows_total("dead_lettered").increment(refused);
+        metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => cfg.pipeline.clone(), "outcome" => "accepted")
+            .increment(produced);
+        metrics::histogram!("instream_stage_latency_seconds", "stage" => SERVICE)
+            .record(started.elapsed().as_secs_f64());
+        tracing::debug!(source = %cfg.name, rows = rows.len(), to = %last.label(), "batch handed over");
+        position = last;
+        if (rows.len() as u32) < db.batch_rows {
+            tokio::time::sleep(db.poll_interval).await;
+        }
+    }
+}
+
+/// Produces the rows as events (refused ones as dead letters) and waits until the broker
+/// acknowledged every one. Returns (produced, dead-lettered).
+async fn hand_over(
+    shared: &Shared,
+    cfg: &SqlTableConfig,
+    def: &PipelineDefinition,
+    schema: Option<&jsonschema::Validator>,
+    rows: &[Row],
+) -> Result<(u64, u64), DbSourceError> {
+    let topic = topics::raw(&def.name);
+    let dlq = topics::dead_letter(&def.name);
+    let ingest_time = instream_event::now_millis();
+    let mut deliveries = Vec::with_capacity(rows.len());
+    let (mut produced, mut refused) = (0, 0);
+    let mut buf = Vec::with_capacity(512);
+    for row in rows {
+        match event_of(cfg, def, schema, row, ingest_time) {
+            Ok(event) => {
+                instream_event::encode_into(&event, &mut buf);
+                let record = FutureRecord::to(&topic)
+                    .key(event.key.as_bytes())
+                    .payload(buf.as_slice());
+                deliveries.push(client::send(&shared.producer, record).await?);
+                produced += 1;
+            }
+            Err(rejection) => {
+                let reason = format!(
+                    "{} (table {} at {})",
+                    rejection.message,
+                    cfg.table,
+                    row.position.label()
+                );
+                deliveries.push(
+                    shared
+                        .dead_letters
+                        .publish(&DeadLetter {
+                            topic: &dlq,
+                            pipeline: &def.name,
+                            key: None,
+                            payload: row.json.as_bytes(),
+                            code: rejection.code,
+                            reason: &reason,
+                            origin: None,
+                        })
+                        .await?,
+                );
+                refused += 1;
+            }
+        }
+    }
+    tokio::time::timeout(
+        ACK_TIMEOUT,
+        futures::future::try_join_all(deliveries.into_iter().map(client::delivered)),
+    )
+    .await
+    .map_err(|_| DbSourceError::AckTimeout(ACK_TIMEOUT))??;
+    Ok((produced, refused))
+}
+
+/// A row's event: the pipeline's usual checks, an id that a re-read of the same row version
+/// repeats, and the source in the headers.
+fn event_of(
+    cfg: &SqlTableConfig,
+    def: &PipelineDefinition,
+    schema: Option<&jsonschema::Validator>,
+    row: &Row,
+    ingest_time: i64,
+) -> Result<Event, instream_event::Rejection> {
+    let raw: Box<RawValue> = serde_json::from_str(&row.json)
+        .map_err(|e| instream_event::Rejection::new("malformed_json", e.to_string()))?;
+    // With an id column, the source and position name the row version; in timestamp mode
+    // rows may share a position, so the id comes from the content (the envelope's default).
+    let idempotency = cfg
+        .mode
+        .uses_incrementing()
+        .then(|| format!("db-source/{}/{}", cfg.name, row.position.label()));
+    let ids = IdSource {
+        pipeline: &def.name,
+        idempotency_key: idempotency.as_deref(),
+    };
+    let mut event = envelope(def, schema, &raw, 0, &ids, ingest_time)?;
+    event
+        .headers
+        .insert("source".into(), format!("{SERVICE}/{}", cfg.name));
+    event
+        .headers
+        .insert("source_position".into(), row.position.label());
+    Ok(event)
+}
+
+/// Each pipeline's compiled schema, compiled once per definition version.
+#[derive(Default)]
+struct SchemaCache(Option<(String, u64, Option<Arc<jsonschema::Validator>>)>);
+
+impl SchemaCache {
+    fn get(&mut self, def: &PipelineDefinition) -> Option<Arc<jsonschema::Validator>> {
+        if let Some((name, version, compiled)) = &self.0 {
+            if *name == def.name && *version == def.version {
+                return compiled.clone();
+            }
+        }
+        // Definitions are validated (their schema compiled) before they get here.
+        let compiled = def
+            .schema
+            .as_ref()
+            .and_then(|s| jsonschema::validator_for(s).ok())
+            .map(Arc::new);
+        self.0 = Some((def.name.clone(), def.version, compiled.clone()));
+        compiled
+    }
+}

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    instream_core::service_main("db-source", instream_db_source::run)
+}
