@@ -7,7 +7,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked \
-      -p instream -p instream-ingest -p instream-enricher -p instream-aggregator -p instream-archiver -p instream-query-api
+      -p instream -p instream-ingest -p instream-enricher -p instream-aggregator -p instream-archiver -p instream-query-api -p instream-db-source
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends \
@@ -17,6 +17,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
 COPY --from=build /src/target/release/instream /src/target/release/instream-ingest \
      /src/target/release/instream-enricher /src/target/release/instream-aggregator \
      /src/target/release/instream-archiver /src/target/release/instream-query-api \
+     /src/target/release/instream-db-source \
      /usr/local/bin/
 USER 10001
 EXPOSE 8080 9464

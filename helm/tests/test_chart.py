@@ -64,6 +64,18 @@ def test_query_api_gets_a_deployment_and_a_service_when_enabled():
     assert services == {"rel-ingest", "rel-query-api"}
 
 
+def test_db_source_runs_a_standby_and_no_service_when_enabled():
+    docs = render({"services": {"db-source": {"enabled": True, "replicas": 2}}})
+    deployment = next(d for d in docs if d["kind"] == "Deployment"
+                      and d["metadata"]["name"] == "rel-db-source")
+    assert deployment["spec"]["replicas"] == 2
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][0] == "instream-db-source"
+    assert "http" not in {p["name"] for p in container["ports"]}
+    services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
+    assert "rel-db-source" not in services
+
+
 def test_schema_refuses_bad_values():
     chart = helm_python.Chart.load(str(CHART))
     try:
