@@ -12,6 +12,7 @@
 mod body;
 mod handler;
 mod keys;
+mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -42,6 +43,8 @@ pub enum IngestError {
     Stage(#[from] instream_stage::StageError),
     #[error("serving HTTP: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("ingest: no API key is configured (ingest.api_keys) and anonymous access is off (ingest.allow_anonymous)")]
     NoKeys,
 }
@@ -88,6 +91,8 @@ impl AppState {
 /// A bound ingest server, ready to serve.
 pub struct Ingest {
     listener: TcpListener,
+    /// Set with `ingest.tls`: connections are served over TLS.
+    tls: Option<tokio_rustls::TlsAcceptor>,
     router: Router,
     _stage: Stage,
 }
@@ -101,6 +106,7 @@ impl Ingest {
         shutdown: CancellationToken,
     ) -> Result<Ingest, IngestError> {
         let keys = keys::ApiKeys::from_config(&config.ingest).ok_or(IngestError::NoKeys)?;
+        let tls = config.ingest.tls.as_ref().map(tls::acceptor).transpose()?;
         if config.ingest.allow_anonymous {
             tracing::warn!("ingest accepts events without an API key (ingest.allow_anonymous)");
         }
@@ -136,13 +142,16 @@ impl Ingest {
                     source,
                 })?;
         if let Ok(bound) = listener.local_addr() {
+            let scheme = if tls.is_some() { "https" } else { "http" };
             stage.registration.update(|info| {
                 info["ports"]["http"] = bound.port().into();
                 info["http"] = bound.to_string().into();
+                info["scheme"] = scheme.into();
             });
         }
         Ok(Ingest {
             listener,
+            tls,
             router,
             _stage: stage,
         })
@@ -155,11 +164,25 @@ impl Ingest {
     /// Serves until `shutdown`, then finishes the requests in flight (their events are
     /// acknowledged or answered 503) and returns.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), IngestError> {
-        tracing::info!(addr = %self.local_addr().map_err(IngestError::Serve)?, "ingest listening");
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-            .map_err(IngestError::Serve)
+        let addr = self.local_addr().map_err(IngestError::Serve)?;
+        match self.tls {
+            Some(acceptor) => {
+                tracing::info!(%addr, "ingest listening (HTTPS)");
+                let listener =
+                    tls::TlsListener::start(self.listener, acceptor).map_err(IngestError::Serve)?;
+                axum::serve(listener, self.router)
+                    .with_graceful_shutdown(shutdown.cancelled_owned())
+                    .await
+                    .map_err(IngestError::Serve)
+            }
+            None => {
+                tracing::info!(%addr, "ingest listening");
+                axum::serve(self.listener, self.router)
+                    .with_graceful_shutdown(shutdown.cancelled_owned())
+                    .await
+                    .map_err(IngestError::Serve)
+            }
+        }
     }
 }
 

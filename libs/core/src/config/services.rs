@@ -52,6 +52,19 @@ pub struct IngestConfig {
     /// Accept events without a key (a laptop, the standalone demo). Without keys and without
     /// this, ingest refuses to start.
     pub allow_anonymous: bool,
+    /// Serve HTTPS (TLS 1.2 and 1.3, rustls) with this certificate and key. Unset: plain HTTP,
+    /// for TLS terminated in front (an ingress or a mesh). Read at start: restart to rotate.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A server certificate and its private key, PEM files.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first (PEM).
+    pub cert_file: std::path::PathBuf,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: std::path::PathBuf,
 }
 
 /// One producer's API key.
@@ -86,6 +99,7 @@ impl Default for IngestConfig {
             retry_after: Duration::from_secs(1),
             api_keys: Vec::new(),
             allow_anonymous: false,
+            tls: None,
         }
     }
 }
