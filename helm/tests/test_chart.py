@@ -76,6 +76,22 @@ def test_db_source_runs_a_standby_and_no_service_when_enabled():
     assert "rel-db-source" not in services
 
 
+def test_ingest_serves_https_from_a_tls_secret():
+    docs = render({"services": {"ingest": {"enabled": True, "replicas": 1, "httpPort": 8443,
+                                           "tlsSecret": "ingest-cert"}}})
+    pod = next(d for d in docs if d["kind"] == "Deployment"
+               and d["metadata"]["name"] == "rel-ingest")["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    assert env["INSTREAM__INGEST__TLS__CERT_FILE"] == "/etc/instream-tls/tls.crt"
+    assert env["INSTREAM__INGEST__TLS__KEY_FILE"] == "/etc/instream-tls/tls.key"
+    secrets = [v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v]
+    assert secrets == ["ingest-cert"]
+    plain = render()
+    pod = next(d for d in plain if d["kind"] == "Deployment"
+               and d["metadata"]["name"] == "rel-ingest")["spec"]["template"]["spec"]
+    assert all("secret" not in v for v in pod["volumes"])
+
+
 def test_schema_refuses_bad_values():
     chart = helm_python.Chart.load(str(CHART))
     try:
