@@ -66,6 +66,7 @@ struct Shared {
     dead_letters: DeadLetters,
     catalog: watch::Receiver<Arc<Catalog>>,
     database: Readiness,
+    health: instream_core::Health,
     shutdown: CancellationToken,
 }
 
@@ -87,6 +88,7 @@ pub async fn run(ctx: ServiceContext) -> Result<(), DbSourceError> {
         producer,
         catalog: stage.catalog.clone(),
         database: health.register("db-source.postgres"),
+        health: health.clone(),
         shutdown: shutdown.clone(),
         config,
     });
@@ -161,6 +163,10 @@ async fn poll_table(shared: Arc<Shared>, table: SqlTableConfig) {
     let name = table.name.clone();
     let leader_gauge = metrics::gauge!("instream_db_source_leader", "source" => name.clone());
     leader_gauge.set(0.0);
+    // Not ready only while this instance leads the table and cannot poll it (a standby has
+    // nothing to do and must not block a rollout).
+    let polling = shared.health.register(&format!("db-source.table.{name}"));
+    polling.set_ready();
     let mut backoff = Duration::from_millis(100);
     let duty = format!("db-source-{name}");
     let instance = instream_coord::instance_name();
@@ -184,12 +190,27 @@ async fn poll_table(shared: Arc<Shared>, table: SqlTableConfig) {
             };
             tracing::info!(source = %name, term, "leading: polling the table");
             leader_gauge.set(1.0);
+            let led_since = Instant::now();
             let outcome = tokio::select! {
                 _ = shared.shutdown.cancelled() => { leader_gauge.set(0.0); return }
                 _ = leadership.lost() => Ok(()),
-                r = lead(&shared, &table, term) => r,
+                r = lead(&shared, &table, term, &polling) => r,
             };
             leader_gauge.set(0.0);
+            if led_since.elapsed() > Duration::from_secs(60) {
+                backoff = Duration::from_millis(100);
+            }
+            match &outcome {
+                Err(e)
+                    if !matches!(
+                        e,
+                        DbSourceError::Coord(instream_coord::CoordError::Fenced { .. })
+                    ) =>
+                {
+                    polling.set_not_ready(e.to_string())
+                }
+                _ => polling.set_ready(),
+            }
             match outcome {
                 Ok(()) => tracing::warn!(source = %name, term, "leadership lost: standing by"),
                 Err(DbSourceError::Coord(instream_coord::CoordError::Fenced { .. })) => {
@@ -219,7 +240,12 @@ async fn pause(shutdown: &CancellationToken, backoff: &mut Duration) -> bool {
 }
 
 /// Polls the table as leader of `term` until an error (or until the caller stops it).
-async fn lead(shared: &Shared, cfg: &SqlTableConfig, term: u64) -> Result<(), DbSourceError> {
+async fn lead(
+    shared: &Shared,
+    cfg: &SqlTableConfig,
+    term: u64,
+    polling: &Readiness,
+) -> Result<(), DbSourceError> {
     let db = &shared.config.db_source;
     let mut progress =
         instream_coord::Progress::claim(&shared.config.zookeeper, &cfg.name, term).await?;
@@ -235,6 +261,7 @@ async fn lead(shared: &Shared, cfg: &SqlTableConfig, term: u64) -> Result<(), Db
     };
     let client = connect(db).await?;
     let table = Table::describe(&client, cfg).await?;
+    polling.set_ready();
     tracing::info!(source = %cfg.name, table = %cfg.table, from = %position.label(), "reading");
     let mut schemas = SchemaCache::default();
     let rows_total = |outcome: &'static str| metrics::counter!("instream_db_source_rows_total", "source" => cfg.name.clone(), "outcome" => outcome);

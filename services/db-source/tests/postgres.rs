@@ -190,7 +190,8 @@ async fn each_mode_reads_every_row_once_and_waits_out_the_delay() {
     let tables = format!(
         "[[db_source.tables]]\nname = \"{orders}\"\npipeline = \"{orders}\"\ntable = \"shop.orders\"\nmode = \"incrementing\"\nincrementing_column = \"id\"\n\
          [[db_source.tables]]\nname = \"{prices}\"\npipeline = \"{prices}\"\ntable = \"prices\"\nmode = \"timestamp\"\ntimestamp_column = \"ts\"\ndelay = \"1h\"\n\
-         [[db_source.tables]]\nname = \"{stock}\"\npipeline = \"{stock}\"\ntable = \"stock\"\nmode = \"timestamp+incrementing\"\ntimestamp_column = \"updated\"\nincrementing_column = \"id\"\ndelay = \"1s\"\n"
+         [[db_source.tables]]\nname = \"{stock}\"\npipeline = \"{stock}\"\ntable = \"stock\"\nmode = \"timestamp+incrementing\"\ntimestamp_column = \"updated\"\nincrementing_column = \"id\"\ndelay = \"1s\"\n\
+         [[db_source.tables]]\nname = \"missing\"\npipeline = \"{orders}\"\ntable = \"nope\"\nmode = \"incrementing\"\nincrementing_column = \"id\"\n"
     );
     let root = format!("/{}", unique("dbsrc"));
     servers.create_topics(&[&orders, &prices, &stock]);
@@ -283,6 +284,26 @@ async fn each_mode_reads_every_row_once_and_waits_out_the_delay() {
     .unwrap()
     .expect("progress stored");
     assert_eq!(stored.1["id"], 251);
+
+    // A table that is not there: its poller says why in /readyz, the others go on.
+    let ready = reqwest::get(format!("http://127.0.0.1:{admin}/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let report: serde_json::Value = ready.json().await.unwrap();
+    let missing = report
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "db-source.table.missing")
+        .expect("the missing table's component");
+    assert!(
+        missing["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no such table"),
+        "{missing}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

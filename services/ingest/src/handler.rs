@@ -198,9 +198,11 @@ pub async fn post_events(
             )
         }
     };
+    let scoped =
+        idempotency_key.map(|idem| scoped_idempotency_key(key.map(|k| k.name.as_str()), idem));
     let ids = IdSource {
         pipeline: &pipeline,
-        idempotency_key,
+        idempotency_key: scoped.as_deref(),
     };
     let ingest_time = instream_event::now_millis();
     let mut events = Vec::with_capacity(raws.len());
@@ -337,4 +339,29 @@ pub async fn post_events(
         }),
     )
         .into_response()
+}
+
+/// An Idempotency-Key as seen by the id derivation: prefixed by the API key's name, so two
+/// producers that happen to send the same Idempotency-Key get different event ids (else the
+/// second one's events would be dropped downstream as repeats of the first's).
+fn scoped_idempotency_key(caller: Option<&str>, key: &str) -> String {
+    match caller {
+        // A header value holds no NUL, so a name's end is never mistaken for a key's start.
+        Some(name) => format!("{name}\0{key}"),
+        None => key.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scoped_idempotency_key;
+
+    #[test]
+    fn idempotency_keys_are_scoped_by_the_caller() {
+        let a = scoped_idempotency_key(Some("shop"), "req-1");
+        let b = scoped_idempotency_key(Some("crm"), "req-1");
+        assert_ne!(a, b);
+        assert_eq!(a, scoped_idempotency_key(Some("shop"), "req-1"));
+        assert_eq!(scoped_idempotency_key(None, "req-1"), "req-1");
+    }
 }
