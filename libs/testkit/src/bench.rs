@@ -7,8 +7,11 @@ use std::time::Duration;
 use crate::process::{free_port, ChildGuard, TestkitError};
 
 /// The broker of a benchmark: `INSTREAM_BENCH_KAFKA=host:port` when set, else a tansu 0.6
-/// started here with memory storage (`TANSU` names its binary, `tansu` by default). Returns
-/// the bootstrap address and the broker's process, which is killed on drop.
+/// started here (`TANSU` names its binary, `tansu` by default) with memory storage, or the
+/// storage `TANSU_STORAGE` names. Memory storage needs tansu built with its `dynostore`
+/// feature (`cargo install tansu --version 0.6.0 --features dynostore`); a default build
+/// refuses `memory://`. Returns the bootstrap address and the broker's process, which is
+/// killed on drop.
 pub fn bench_broker() -> Result<(String, Option<ChildGuard>), TestkitError> {
     if let Ok(bootstrap) = std::env::var("INSTREAM_BENCH_KAFKA") {
         return Ok((bootstrap, None));
@@ -24,7 +27,10 @@ pub fn bench_broker() -> Result<(String, Option<ChildGuard>), TestkitError> {
             "--advertised-listener-url",
             &url,
         ])
-        .args(["--storage-engine", "memory://tansu/"])
+        .args([
+            "--storage-engine",
+            &std::env::var("TANSU_STORAGE").unwrap_or_else(|_| "memory://tansu/".into()),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

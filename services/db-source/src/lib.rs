@@ -18,6 +18,7 @@
 
 mod table;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,8 @@ const SERVICE: &str = "db-source";
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Longest the broker may take to acknowledge a batch before the batch is tried again.
 const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a leader reads the table's columns again, so added columns are picked up.
+const REDESCRIBE_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbSourceError {
@@ -111,7 +114,12 @@ pub async fn run(ctx: ServiceContext) -> Result<(), DbSourceError> {
 
 /// Connects with the session settings the queries rely on: UTC, and a statement timeout.
 pub async fn connect(cfg: &DbSourceConfig) -> Result<tokio_postgres::Client, TableError> {
-    let (client, connection) = tokio_postgres::connect(&cfg.url, tokio_postgres::NoTls).await?;
+    let (client, connection) = tokio::time::timeout(
+        cfg.query_timeout,
+        tokio_postgres::connect(&cfg.url, tokio_postgres::NoTls),
+    )
+    .await
+    .map_err(|_| TableError::Timeout(cfg.query_timeout))??;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "postgres connection ended");
@@ -184,6 +192,10 @@ async fn poll_table(shared: Arc<Shared>, table: SqlTableConfig) {
             },
         };
         loop {
+            if !leadership.is_leader() {
+                // Standing by: nothing of ours to be unready about.
+                polling.set_ready();
+            }
             let term = tokio::select! {
                 _ = shared.shutdown.cancelled() => return,
                 t = leadership.acquired() => t,
@@ -215,7 +227,11 @@ async fn poll_table(shared: Arc<Shared>, table: SqlTableConfig) {
                 Ok(()) => tracing::warn!(source = %name, term, "leadership lost: standing by"),
                 Err(DbSourceError::Coord(instream_coord::CoordError::Fenced { .. })) => {
                     tracing::warn!(source = %name, term, "a later leader took the table: standing by");
-                    // Re-join so that this instance can lead again later.
+                    // Re-join so that this instance can lead again later (after a pause: a
+                    // stored term above every new one would otherwise spin here).
+                    if pause(&shared.shutdown, &mut backoff).await {
+                        return;
+                    }
                     break;
                 }
                 Err(e) => {
@@ -260,14 +276,20 @@ async fn lead(
         })?
     };
     let client = connect(db).await?;
-    let table = Table::describe(&client, cfg).await?;
+    let mut table = Table::describe(&client, cfg).await?;
+    let mut described = Instant::now();
     polling.set_ready();
     tracing::info!(source = %cfg.name, table = %cfg.table, from = %position.label(), "reading");
     let mut schemas = SchemaCache::default();
     let rows_total = |outcome: &'static str| metrics::counter!("instream_db_source_rows_total", "source" => cfg.name.clone(), "outcome" => outcome);
     loop {
+        // Columns added to the table join the events within a minute.
+        if described.elapsed() > REDESCRIBE_INTERVAL {
+            table = Table::describe(&client, cfg).await?;
+            described = Instant::now();
+        }
         let started = Instant::now();
-        let rows = table
+        let (rows, more) = table
             .next_rows(&client, &position, db.batch_rows, db.query_timeout)
             .await?;
         metrics::histogram!("instream_db_source_query_seconds", "source" => cfg.name.clone())
@@ -283,7 +305,17 @@ async fn lead(
             .cloned()
             .ok_or_else(|| DbSourceError::UnknownPipeline(cfg.pipeline.clone()))?;
         let schema = schemas.get(&def);
-        let (produced, refused) = hand_over(shared, cfg, &def, schema.as_deref(), &rows).await?;
+        // A group of one timestamp may be larger than a batch: handed over in batch-sized
+        // chunks, each acknowledged, and the position saved once the whole group is.
+        let (mut produced, mut refused) = (0, 0);
+        let occurrences = occurrences(&rows);
+        let size = db.batch_rows as usize;
+        for (chunk, occurrences) in rows.chunks(size).zip(occurrences.chunks(size)) {
+            let (p, r) =
+                hand_over(shared, cfg, &def, schema.as_deref(), chunk, occurrences).await?;
+            produced += p;
+            refused += r;
+        }
         progress
             .save(serde_json::to_value(&last).unwrap_or_default())
             .await?;
@@ -295,7 +327,7 @@ async fn lead(
             .record(started.elapsed().as_secs_f64());
         tracing::debug!(source = %cfg.name, rows = rows.len(), to = %last.label(), "batch handed over");
         position = last;
-        if (rows.len() as u32) < db.batch_rows {
+        if !more {
             tokio::time::sleep(db.poll_interval).await;
         }
     }
@@ -309,6 +341,7 @@ async fn hand_over(
     def: &PipelineDefinition,
     schema: Option<&jsonschema::Validator>,
     rows: &[Row],
+    occurrences: &[usize],
 ) -> Result<(u64, u64), DbSourceError> {
     let topic = topics::raw(&def.name);
     let dlq = topics::dead_letter(&def.name);
@@ -316,8 +349,8 @@ async fn hand_over(
     let mut deliveries = Vec::with_capacity(rows.len());
     let (mut produced, mut refused) = (0, 0);
     let mut buf = Vec::with_capacity(512);
-    for row in rows {
-        match event_of(cfg, def, schema, row, ingest_time) {
+    for (row, &occurrence) in rows.iter().zip(occurrences) {
+        match event_of(cfg, def, schema, row, occurrence, ingest_time) {
             Ok(event) => {
                 instream_event::encode_into(&event, &mut buf);
                 let record = FutureRecord::to(&topic)
@@ -360,6 +393,20 @@ async fn hand_over(
     Ok((produced, refused))
 }
 
+/// Each row's occurrence among identical rows of its position (1 for the first). Timestamp
+/// mode tells identical rows of one timestamp apart by it: a timestamp's rows are always read
+/// together, so a re-read numbers them the same way.
+fn occurrences(rows: &[Row]) -> Vec<usize> {
+    let mut seen: HashMap<(&Position, &str), usize> = HashMap::new();
+    rows.iter()
+        .map(|row| {
+            let n = seen.entry((&row.position, row.json.as_str())).or_default();
+            *n += 1;
+            *n
+        })
+        .collect()
+}
+
 /// A row's event: the pipeline's usual checks, an id that a re-read of the same row version
 /// repeats, and the source in the headers.
 fn event_of(
@@ -367,21 +414,29 @@ fn event_of(
     def: &PipelineDefinition,
     schema: Option<&jsonschema::Validator>,
     row: &Row,
+    occurrence: usize,
     ingest_time: i64,
 ) -> Result<Event, instream_event::Rejection> {
     let raw: Box<RawValue> = serde_json::from_str(&row.json)
         .map_err(|e| instream_event::Rejection::new("malformed_json", e.to_string()))?;
-    // With an id column, the source and position name the row version; in timestamp mode
-    // rows may share a position, so the id comes from the content (the envelope's default).
-    let idempotency = cfg
-        .mode
-        .uses_incrementing()
-        .then(|| format!("db-source/{}/{}", cfg.name, row.position.label()));
+    // With an id column, the source and position name the row version. In timestamp mode
+    // rows may share a position: the content and the occurrence of that content among the
+    // timestamp's rows tell them apart, the same way on every read.
+    let idempotency = if cfg.mode.uses_incrementing() {
+        format!("db-source/{}/{}", cfg.name, row.position.label())
+    } else {
+        let content = xxhash_rust::xxh3::xxh3_128(row.json.as_bytes());
+        format!(
+            "db-source/{}/{}/{content:032x}",
+            cfg.name,
+            row.position.label()
+        )
+    };
     let ids = IdSource {
         pipeline: &def.name,
-        idempotency_key: idempotency.as_deref(),
+        idempotency_key: Some(&idempotency),
     };
-    let mut event = envelope(def, schema, &raw, 0, &ids, ingest_time)?;
+    let mut event = envelope(def, schema, &raw, occurrence, &ids, ingest_time)?;
     event
         .headers
         .insert("source".into(), format!("{SERVICE}/{}", cfg.name));

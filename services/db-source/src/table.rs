@@ -26,7 +26,7 @@ pub enum TableError {
 
 /// Where a table's reading stands: the last row handed to the broker (its id and/or
 /// timestamp). Stored in ZooKeeper after the broker acknowledged the rows up to it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Position {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<i64>,
@@ -91,13 +91,27 @@ impl Table {
         };
         let columns = client
             .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull \
                  FROM pg_attribute a WHERE a.attrelid = $1::bigint::oid AND a.attnum > 0 \
                  AND NOT a.attisdropped ORDER BY a.attnum",
                 &[&oid],
             )
             .await?;
+        let not_null: Vec<String> = columns
+            .iter()
+            .filter(|r| r.get::<_, bool>(2))
+            .map(|r| r.get(0))
+            .collect();
         let columns: Vec<(String, String)> = columns.iter().map(|r| (r.get(0), r.get(1))).collect();
+        for column in [&config.incrementing_column, &config.timestamp_column]
+            .into_iter()
+            .flatten()
+        {
+            if !not_null.contains(column) {
+                // A row whose mode column is NULL compares as unknown and is never read.
+                tracing::warn!(table = %config.table, column = %column, "the column may hold NULL; rows where it does are not read (make it NOT NULL)");
+            }
+        }
         let type_of = |name: &Option<String>| -> Result<Option<&str>, TableError> {
             let Some(name) = name else { return Ok(None) };
             columns
@@ -199,14 +213,15 @@ impl Table {
 
     /// The next rows after `from`, at most `limit` (in timestamp mode fewer, or more, so that
     /// the rows of one timestamp are never split between two batches: the next query starts
-    /// after the last timestamp read).
+    /// after the last timestamp read), and whether more may be waiting (the query filled its
+    /// limit).
     pub async fn next_rows(
         &self,
         client: &Client,
         from: &Position,
         limit: u32,
         timeout: Duration,
-    ) -> Result<Vec<Row>, TableError> {
+    ) -> Result<(Vec<Row>, bool), TableError> {
         let limit = i64::from(limit);
         let id = from.id.unwrap_or(i64::MIN);
         let ts = from.ts.clone().unwrap_or_else(|| "-infinity".into());
@@ -217,6 +232,7 @@ impl Table {
             PollMode::TimestampIncrementing => vec![&ts, &id, &delay, &limit],
         };
         let mut rows = query(client, &self.batch, &params, timeout).await?;
+        let more = rows.len() as i64 == limit;
         if let Some(same) = &self.same_timestamp {
             if rows.len() as i64 == limit {
                 let last = rows.last().and_then(|r| r.position.ts.clone());
@@ -229,7 +245,7 @@ impl Table {
                 }
             }
         }
-        Ok(rows)
+        Ok((rows, more))
     }
 
     pub fn config(&self) -> &SqlTableConfig {

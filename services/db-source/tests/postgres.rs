@@ -179,6 +179,8 @@ async fn each_mode_reads_every_row_once_and_waits_out_the_delay() {
          -- 150 rows share one timestamp: more than a batch of 100.
          INSERT INTO prices SELECT 'sku-' || g, 'acc-1', now() - interval '2 hours', g FROM generate_series(1, 150) g;
          INSERT INTO prices SELECT 'sku-x' || g, 'acc-2', now() - interval '2 hours' + g * interval '1 ms', g FROM generate_series(1, 30) g;
+         -- Two identical rows: two events.
+         INSERT INTO prices SELECT 'sku-twin', 'acc-4', now() - interval '90 minutes', 7 FROM generate_series(1, 2);
          -- Younger than the delay (1 hour): not read.
          INSERT INTO prices VALUES ('sku-young', 'acc-3', now() - interval '10 minutes', 1);
          CREATE TABLE stock (id int PRIMARY KEY, account text, ts timestamptz, updated timestamptz);
@@ -236,8 +238,8 @@ async fn each_mode_reads_every_row_once_and_waits_out_the_delay() {
     );
 
     // timestamp: the 150 rows of one timestamp are read together, the young row is not.
-    let events = wait_distinct(&kafka, &prices, 180).await;
-    assert_eq!(events.len(), 180);
+    let events = wait_distinct(&kafka, &prices, 182).await;
+    assert_eq!(events.len(), 182);
     // A `timestamp` column comes out as UTC with its offset, so it parses as event time.
     assert!(field(&events[0])["ts"]
         .as_str()
@@ -269,7 +271,7 @@ async fn each_mode_reads_every_row_once_and_waits_out_the_delay() {
     )
     .await;
     let events = raw_events(&kafka, &prices).await;
-    assert_eq!(events.len(), 180, "a row younger than the delay was read");
+    assert_eq!(events.len(), 182, "a row younger than the delay was read");
     assert!(events.iter().all(|e| field(e)["sku"] != "sku-young"));
 
     let stored = instream_coord::stored_position(
@@ -351,7 +353,8 @@ async fn a_killed_leader_is_replaced_by_the_standby_and_no_row_is_skipped() {
                 )
                 .await
                 .unwrap();
-                tokio::task::yield_now().await;
+                // Paced over about a second, so that the kill below lands mid-stream.
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
     };
@@ -362,8 +365,18 @@ async fn a_killed_leader_is_replaced_by_the_standby_and_no_row_is_skipped() {
         400.0,
     )
     .await;
+    let at_kill = metric_sum(
+        &metrics(admins[leader]).await,
+        "instream_db_source_rows_total",
+        &pipeline,
+    )
+    .0;
     children[leader].0.kill().unwrap();
     children[leader].0.wait().unwrap();
+    assert!(
+        at_kill < 1300.0,
+        "the leader had read everything before the kill: {at_kill}"
+    );
     writer.await.unwrap();
 
     wait_metric(
@@ -389,6 +402,16 @@ async fn a_killed_leader_is_replaced_by_the_standby_and_no_row_is_skipped() {
         "{} repeats",
         events.len() - 1300
     );
+    let taken_over = metric_sum(
+        &metrics(admins[standby]).await,
+        "instream_db_source_rows_total",
+        &pipeline,
+    )
+    .0;
+    assert!(
+        taken_over > 0.0,
+        "the standby read nothing after the takeover"
+    );
     let mut by_id: HashMap<i64, &str> = HashMap::new();
     for e in &events {
         let id = field(e)["id"].as_i64().unwrap();
@@ -399,12 +422,36 @@ async fn a_killed_leader_is_replaced_by_the_standby_and_no_row_is_skipped() {
         );
     }
 
-    // A restart of the killed instance stands by and reads nothing again.
+    // The killed instance restarts as the standby; when the survivor dies too, it takes over
+    // from the stored position and reads nothing again.
     children[leader] = spawn(if leader == 0 {
         &first_config
     } else {
         &second_config
     });
+    // Up and standing by: its leader gauge is there, at 0.
+    let start = Instant::now();
+    while metric_sum(
+        &metrics(admins[leader]).await,
+        "instream_db_source_leader",
+        &pipeline,
+    ) != (0.0, 1)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the restarted instance never stood by"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    children[standby].0.kill().unwrap();
+    children[standby].0.wait().unwrap();
+    wait_metric(
+        &[admins[leader]],
+        "instream_db_source_leader",
+        &pipeline,
+        1.0,
+    )
+    .await;
     let before = raw_events(&kafka, &pipeline).await.len();
     sql.execute(
         "INSERT INTO events (account, ts) VALUES ('late', 1700000009999)",

@@ -64,7 +64,7 @@ fn body(seed: usize, n: usize) -> Vec<u8> {
         let k = seed * n + i;
         out.extend_from_slice(
             format!(
-                r#"{{"account":"acct-{a:05}","ts":{t},"type":"purchase","amount":{amt}.{c:02},"currency":"EUR","sku":"sku-{s:06}","qty":{q},"channel":"web","session":"s-{k:010}","url":"https://shop.example.com/p/{s}?ref=campaign-{r}","agent":"Mozilla/5.0 (X11; Linux x86_64)"}}"#,
+                r#"{{"account":"acct-{a:05}","ts":{t},"type":"purchase","amount":{amt}.{c:02},"currency":"EUR","sku":"sku-{s:06}","qty":{q},"channel":"web","session":"s-{k:010}","url":"https://shop.example.com/p/{s}?ref=campaign-{r}","agent":"Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"}}"#,
                 a = k % 10_000,
                 t = 1_764_000_000_000u64 + k as u64,
                 amt = k % 500,
@@ -194,6 +194,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut pids = vec![("loadgen", std::process::id())];
     let mut _broker = None;
     let mut _ingest = None;
+    let mut kafka_to_check = None;
     let url = match std::env::var("INGEST_URL") {
         Ok(url) => url,
         Err(_) => {
@@ -215,6 +216,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 })
                 .collect();
             ensure_topics(&kafka, &topics).await?;
+            kafka_to_check = Some(kafka.clone());
             let definitions = dir.path().join("definitions.toml");
             std::fs::write(
                 &definitions,
@@ -274,6 +276,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cpu = Cpu { pids };
 
     let mut max_rate = 0.0;
+    let mut accepted_total = 0u64;
     for name in ["max", "paced"] {
         let rate = (name == "paced").then(|| 0.8 * f64::min(GOAL_EVENTS_PER_S, max_rate));
         let start = Instant::now() + o.warmup;
@@ -289,6 +292,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let tally = load.await?;
         let seconds = o.duration.as_secs_f64();
         let accepted = tally.accepted.load(Ordering::Relaxed) as f64;
+        accepted_total += tally.accepted.load(Ordering::Relaxed);
         let events_per_s = accepted / seconds;
         if name == "max" {
             max_rate = events_per_s;
@@ -326,6 +330,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "cpu_seconds_per_second": cpu_per_s,
             })
         );
+    }
+    // What the answers claimed must be on the topic (warm-up requests add to it).
+    if let Some(kafka) = kafka_to_check {
+        let mut on_topic = 0;
+        for p in 0..PARTITIONS {
+            let (low, high) =
+                instream_kafka::ops::watermarks(&kafka, &format!("{PIPELINE}.raw"), p).await?;
+            on_topic += high - low;
+        }
+        println!(
+            "{}",
+            serde_json::json!({"accepted_in_measured_phases": accepted_total, "records_on_topic": on_topic})
+        );
+        if (on_topic as u64) < accepted_total {
+            return Err("fewer records on the topic than accepted".into());
+        }
     }
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! checks it against that certificate), refuses plain HTTP on that port, and names the file
 //! when the key cannot be read.
 
-use std::process::Command;
+use std::io::Read;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -123,12 +124,26 @@ async fn an_unreadable_key_file_is_named_at_start() {
     let (settings, _) = certificate(dir.path());
     std::fs::write(dir.path().join("key.pem"), "not a key").unwrap();
     let (config, _, _) = write_config(dir.path(), &broker.bootstrap_servers(), "p", &settings);
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .output()
+    let mut child = instream_testkit::ChildGuard(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let status = child
+        .wait_exit(Duration::from_secs(30))
+        .expect("exits at once");
+    assert!(!status.success());
+    let mut stderr = String::new();
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
         .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("ingest.tls.key_file"), "{stderr}");
 }
