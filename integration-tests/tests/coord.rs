@@ -544,3 +544,40 @@ async fn a_killed_leader_process_hands_over_within_the_session_timeout() {
         "the standby took {took:?}; the session timeout is {session_timeout:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duty_progress_is_fenced_by_term() {
+    use instream_coord::{stored_position, CoordError, Progress};
+    use serde_json::json;
+
+    let server = ZooKeeperServer::start().unwrap();
+    let cfg = config(&server);
+    let name = unique("source");
+    assert!(stored_position(&cfg, &name).await.unwrap().is_none());
+
+    let mut first = Progress::claim(&cfg, &name, 5).await.unwrap();
+    assert!(first.position().is_null(), "nothing stored yet");
+    first.save(json!({"id": 10})).await.unwrap();
+
+    // A lower term cannot claim it; a higher one takes over with the stored position.
+    let lower = Progress::claim(&cfg, &name, 3).await;
+    assert!(
+        matches!(lower, Err(CoordError::Fenced { term: 3, .. })),
+        "{:?}",
+        lower.err()
+    );
+    let mut second = Progress::claim(&cfg, &name, 7).await.unwrap();
+    assert_eq!(second.position(), &json!({"id": 10}));
+
+    // The deposed holder's late save fails and moves nothing.
+    let late = first.save(json!({"id": 99})).await;
+    assert!(
+        matches!(late, Err(CoordError::Fenced { term: 5, .. })),
+        "{late:?}"
+    );
+    second.save(json!({"id": 20})).await.unwrap();
+    assert_eq!(
+        stored_position(&cfg, &name).await.unwrap(),
+        Some((7, json!({"id": 20})))
+    );
+}

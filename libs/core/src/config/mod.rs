@@ -307,21 +307,37 @@ impl Config {
     }
 }
 
-/// `scheme://user:password@host` -> `scheme://user:***@host`.
+/// `scheme://user:password@host` -> `scheme://user:***@host`, and `password=…` query
+/// parameters (which the PostgreSQL client accepts) masked too.
 fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    // The host part starts after the last `@` before the path: a password may hold `@`.
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rsplit_once('@') {
+    let (rest, query) = match rest.split_once('?') {
+        Some((rest, query)) => (rest, Some(query)),
+        None => (rest, None),
+    };
+    // The host starts after the last `@`: a password may hold `@`, and some clients take a
+    // `/` in it too, so the path is not where the credentials end.
+    let mut out = match rest.rsplit_once('@') {
         Some((credentials, host)) => {
-            let host = format!("{host}{}", &rest[authority_end..]);
             let user = credentials.split(':').next().unwrap_or("");
             format!("{scheme}://{user}:***@{host}")
         }
-        None => url.to_owned(),
+        None => format!("{scheme}://{rest}"),
+    };
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => p.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
+    out
 }
 
 #[cfg(test)]

@@ -194,6 +194,16 @@ fn redaction_hides_secrets() {
     );
     let text = format!("{:?}", config.redacted());
     assert!(!format!("{:?}", config.db_source).contains("pgpass"));
+    for (url, shown) in [
+        ("postgres://u:ab/cd@db/shop", "postgres://u:***@db/shop"),
+        (
+            "postgres://db/shop?user=u&password=pw&sslmode=disable",
+            "postgres://db/shop?user=u&password=***&sslmode=disable",
+        ),
+        ("redis://redis:6379/0", "redis://redis:6379/0"),
+    ] {
+        assert_eq!(super::redact_url(url), shown);
+    }
     for secret in ["hun@ter2", "ter2", "s3cret", "kpass", "zkpass", "pgpass"] {
         assert!(!text.contains(secret), "{secret} leaked: {text}");
     }
