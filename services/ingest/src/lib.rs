@@ -12,6 +12,7 @@
 mod body;
 mod handler;
 mod keys;
+mod serve;
 mod tls;
 
 use std::collections::HashMap;
@@ -93,6 +94,8 @@ pub struct Ingest {
     listener: TcpListener,
     /// Set with `ingest.tls`: connections are served over TLS.
     tls: Option<tokio_rustls::TlsAcceptor>,
+    max_connections: usize,
+    header_read_timeout: std::time::Duration,
     router: Router,
     _stage: Stage,
 }
@@ -152,6 +155,8 @@ impl Ingest {
         Ok(Ingest {
             listener,
             tls,
+            max_connections: limits.max_connections,
+            header_read_timeout: limits.header_read_timeout,
             router,
             _stage: stage,
         })
@@ -165,24 +170,14 @@ impl Ingest {
     /// acknowledged or answered 503) and returns.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), IngestError> {
         let addr = self.local_addr().map_err(IngestError::Serve)?;
-        match self.tls {
-            Some(acceptor) => {
-                tracing::info!(%addr, "ingest listening (HTTPS)");
-                let listener =
-                    tls::TlsListener::start(self.listener, acceptor).map_err(IngestError::Serve)?;
-                axum::serve(listener, self.router)
-                    .with_graceful_shutdown(shutdown.cancelled_owned())
-                    .await
-                    .map_err(IngestError::Serve)
-            }
-            None => {
-                tracing::info!(%addr, "ingest listening");
-                axum::serve(self.listener, self.router)
-                    .with_graceful_shutdown(shutdown.cancelled_owned())
-                    .await
-                    .map_err(IngestError::Serve)
-            }
-        }
+        let scheme = if self.tls.is_some() { "HTTPS" } else { "HTTP" };
+        tracing::info!(%addr, scheme, "ingest listening");
+        let limits = serve::Limits {
+            max_connections: self.max_connections,
+            header_read_timeout: self.header_read_timeout,
+        };
+        serve::serve(self.listener, self.tls, self.router, limits, shutdown).await;
+        Ok(())
     }
 }
 

@@ -20,7 +20,7 @@ async fn serves_admin_endpoints_ingests_and_stops_cleanly_on_sigterm() {
         dir.path(),
         &broker.bootstrap_servers(),
         &pipeline,
-        "max_in_flight_requests = 1\nproduce_timeout = \"1s\"\nrequest_timeout = \"2s\"\nallow_anonymous = true",
+        "max_in_flight_requests = 1\nproduce_timeout = \"1s\"\nrequest_timeout = \"2s\"\nheader_read_timeout = \"1s\"\nallow_anonymous = true",
     );
     let mut child = spawn_service(BIN, &config).unwrap();
 
@@ -110,6 +110,28 @@ async fn serves_admin_endpoints_ingests_and_stops_cleanly_on_sigterm() {
     let mut answer = String::new();
     let _ = stuck.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    // A client that never finishes its headers (slow-loris) is cut off after
+    // ingest.header_read_timeout, before any slot or body.
+    let mut loris = std::net::TcpStream::connect(("127.0.0.1", http)).unwrap();
+    write!(
+        loris,
+        "POST /v1/pipelines/{pipeline}/events HTTP/1.1\r\nHost: x\r\n"
+    )
+    .unwrap();
+    loris
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let read = loris.read_to_end(&mut answer);
+    assert!(read.is_ok(), "the connection was not closed: {read:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "closed only after {:?}",
+        started.elapsed()
+    );
+    assert!(!String::from_utf8_lossy(&answer).contains("200 OK"));
 
     let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
         .await

@@ -52,6 +52,14 @@ pub struct IngestConfig {
     /// Accept events without a key (a laptop, the standalone demo). Without keys and without
     /// this, ingest refuses to start.
     pub allow_anonymous: bool,
+    /// Connections held at once (idle keep-alive ones included); past it new ones wait in
+    /// the kernel's backlog until one closes.
+    pub max_connections: usize,
+    /// Longest a client may take to send a request's headers (slow-loris); then the
+    /// connection is closed. The body is bounded by `request_timeout`.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub header_read_timeout: Duration,
     /// Serve HTTPS (TLS 1.2 and 1.3, rustls) with this certificate and key. Unset: plain HTTP,
     /// for TLS terminated in front (an ingress or a mesh). Read at start: restart to rotate.
     pub tls: Option<TlsFiles>,
@@ -99,6 +107,8 @@ impl Default for IngestConfig {
             retry_after: Duration::from_secs(1),
             api_keys: Vec::new(),
             allow_anonymous: false,
+            max_connections: 1024,
+            header_read_timeout: Duration::from_secs(10),
             tls: None,
         }
     }
@@ -107,6 +117,8 @@ impl Default for IngestConfig {
 impl IngestConfig {
     pub(super) fn validate(&self, p: &mut Problems) {
         p.positive(self.max_body_bytes, "ingest.max_body_bytes");
+        p.positive(self.max_connections as u64, "ingest.max_connections");
+        p.non_zero_duration(self.header_read_timeout, "ingest.header_read_timeout");
         // serde_json refuses documents nested deeper than 128 levels whatever this says.
         p.check(
             (1..=100).contains(&self.max_depth),
