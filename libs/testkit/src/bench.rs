@@ -62,3 +62,28 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name and state.
     (ticks(11) + ticks(12)) / 100.0
 }
+
+/// Starts the service binary `name` that sits next to the running benchmark example
+/// (`target/release/examples/x` → `target/release/<name>`) with `--config config`, its stderr
+/// shown; killed on drop.
+pub fn spawn_release_binary(
+    name: &str,
+    config: &std::path::Path,
+) -> Result<ChildGuard, TestkitError> {
+    let binary = std::env::current_exe()?
+        .parent()
+        .and_then(|examples| examples.parent())
+        .map(|release| release.join(name))
+        .ok_or_else(|| std::io::Error::other("no target directory above the example"))?;
+    Command::new(&binary)
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map(ChildGuard)
+        .map_err(|source| TestkitError::Spawn {
+            program: format!("{} (build it with --release first)", binary.display()),
+            source,
+        })
+}

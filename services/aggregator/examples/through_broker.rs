@@ -11,7 +11,6 @@
 //! with `INSTREAM_BENCH_KAFKA=host:port`.
 
 use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use instream_core::config::KafkaConfig;
@@ -138,20 +137,7 @@ batch_size = 10000
         definitions.display(),
         dir.path().join("store.redb").display()
     )?;
-    let binary = std::env::current_exe()?
-        .parent()
-        .and_then(|examples| examples.parent())
-        .map(|release| release.join("instream-aggregator"))
-        .ok_or("no target directory")?;
-    let aggregator = instream_testkit::ChildGuard(
-        Command::new(&binary)
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("{}: {e} (build it with --release first)", binary.display()))?,
-    );
+    let aggregator = instream_testkit::spawn_release_binary("instream-aggregator", &config)?;
     let pid = aggregator.0.id();
     let deadline = Instant::now() + Duration::from_secs(600);
     let (mut first_at, mut first_cpu) = (None, 0.0);

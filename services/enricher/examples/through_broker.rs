@@ -12,7 +12,6 @@
 //! `TANSU` is a tansu 0.6 binary (started with memory storage); or `INSTREAM_BENCH_KAFKA=host:port`.
 //! tansu has no transactions, so the enricher runs with `delivery = "at_least_once"`.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use instream_core::config::KafkaConfig;
@@ -174,20 +173,7 @@ delivery = "at_least_once"
             redis.url()
         ),
     )?;
-    let binary = std::env::current_exe()?
-        .parent()
-        .and_then(|examples| examples.parent())
-        .map(|release| release.join("instream-enricher"))
-        .ok_or("no target directory")?;
-    let enricher = instream_testkit::ChildGuard(
-        Command::new(&binary)
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("{}: {e} (build it with --release first)", binary.display()))?,
-    );
+    let enricher = instream_testkit::spawn_release_binary("instream-enricher", &config)?;
     let pid = enricher.0.id();
     let deadline = Instant::now() + Duration::from_secs(600);
     let (mut first_at, mut first_cpu) = (None, 0.0);

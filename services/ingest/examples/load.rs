@@ -14,7 +14,6 @@
 //! `INGEST_URL=http://host:port` drives an ingest that is already running instead (pipeline
 //! `bench`, anonymous) and reports no ingest CPU.
 
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -241,22 +240,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     definitions.display()
                 ),
             )?;
-            let binary = std::env::current_exe()?
-                .parent()
-                .and_then(|examples| examples.parent())
-                .map(|release| release.join("instream-ingest"))
-                .ok_or("no target directory")?;
-            let child = instream_testkit::ChildGuard(
-                Command::new(&binary)
-                    .arg("--config")
-                    .arg(&config)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::inherit())
-                    .spawn()
-                    .map_err(|e| {
-                        format!("{}: {e} (build it with --release first)", binary.display())
-                    })?,
-            );
+            let child = instream_testkit::spawn_release_binary("instream-ingest", &config)?;
             pids.push(("ingest", child.0.id()));
             _ingest = Some(child);
             let ready = format!("http://127.0.0.1:{admin}/readyz");
