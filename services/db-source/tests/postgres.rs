@@ -461,4 +461,11 @@ async fn a_killed_leader_is_replaced_by_the_standby_and_no_row_is_skipped() {
     .unwrap();
     let events = wait_distinct(&kafka, &pipeline, 1301).await;
     assert_eq!(events.len(), before + 1);
+
+    // SIGTERM: the leader gives the table up and exits cleanly.
+    children[leader].terminate().unwrap();
+    let status = children[leader]
+        .wait_exit(Duration::from_secs(15))
+        .expect("exit within 15 s of SIGTERM");
+    assert!(status.success(), "clean shutdown exits 0, got {status}");
 }
