@@ -191,7 +191,7 @@ async fn poll_table(shared: Arc<Shared>, table: SqlTableConfig) {
                 }
             },
         };
-        loop {
+        let fenced_while_leading = loop {
             if !leadership.is_leader() {
                 // Standing by: nothing of ours to be unready about.
                 polling.set_ready();
@@ -226,13 +226,16 @@ async fn poll_table(shared: Arc<Shared>, table: SqlTableConfig) {
             match outcome {
                 Ok(()) => tracing::warn!(source = %name, term, "leadership lost: standing by"),
                 Err(DbSourceError::Coord(instream_coord::CoordError::Fenced { .. })) => {
-                    tracing::warn!(source = %name, term, "a later leader took the table: standing by");
-                    // Re-join so that this instance can lead again later (after a pause: a
-                    // stored term above every new one would otherwise spin here).
-                    if pause(&shared.shutdown, &mut backoff).await {
-                        return;
+                    let still_leading = leadership.is_leader();
+                    if still_leading {
+                        // Leading the election, yet a higher term is stored: the election's
+                        // node was recreated (terms restarted). Re-joining raises the term by
+                        // one per round; an operator should delete or fix the progress node.
+                        tracing::error!(source = %name, term, "sources/{name} holds a higher term than this leader's; re-joining the election (delete the node's stale term to resume at once)");
+                    } else {
+                        tracing::warn!(source = %name, term, "a later leader took the table: standing by");
                     }
-                    break;
+                    break still_leading;
                 }
                 Err(e) => {
                     tracing::warn!(source = %name, term, error = %e, "polling failed; retrying");
@@ -241,6 +244,11 @@ async fn poll_table(shared: Arc<Shared>, table: SqlTableConfig) {
                     }
                 }
             }
+        };
+        // Withdraw before waiting, so the candidacy is not held through the pause.
+        drop(leadership);
+        if fenced_while_leading && pause(&shared.shutdown, &mut backoff).await {
+            return;
         }
     }
 }
@@ -276,7 +284,11 @@ async fn lead(
         })?
     };
     let client = connect(db).await?;
-    let mut table = Table::describe(&client, cfg).await?;
+    let mut table = Table::describe(&client, cfg, db.query_timeout).await?;
+    for column in &table.nullable {
+        // A NULL compares as unknown: such a row is never read.
+        tracing::warn!(table = %cfg.table, %column, "the column may hold NULL; rows where it does are not read (make it NOT NULL)");
+    }
     let mut described = Instant::now();
     polling.set_ready();
     tracing::info!(source = %cfg.name, table = %cfg.table, from = %position.label(), "reading");
@@ -285,7 +297,7 @@ async fn lead(
     loop {
         // Columns added to the table join the events within a minute.
         if described.elapsed() > REDESCRIBE_INTERVAL {
-            table = Table::describe(&client, cfg).await?;
+            table = Table::describe(&client, cfg, db.query_timeout).await?;
             described = Instant::now();
         }
         let started = Instant::now();
@@ -393,7 +405,7 @@ async fn hand_over(
     Ok((produced, refused))
 }
 
-/// Each row's occurrence among identical rows of its position (1 for the first). Timestamp
+/// Each row's occurrence among identical rows of its position (0 for the first). Timestamp
 /// mode tells identical rows of one timestamp apart by it: a timestamp's rows are always read
 /// together, so a re-read numbers them the same way.
 fn occurrences(rows: &[Row]) -> Vec<usize> {
@@ -402,7 +414,7 @@ fn occurrences(rows: &[Row]) -> Vec<usize> {
         .map(|row| {
             let n = seen.entry((&row.position, row.json.as_str())).or_default();
             *n += 1;
-            *n
+            *n - 1
         })
         .collect()
 }

@@ -57,6 +57,8 @@ pub struct Row {
 /// A table's queries, built once from its columns.
 pub struct Table {
     config: SqlTableConfig,
+    /// The mode's columns that may hold NULL: rows where they do are never read.
+    pub nullable: Vec<String>,
     batch: String,
     /// Timestamp mode: every row of one timestamp (a full batch that all shares one).
     same_timestamp: Option<String>,
@@ -71,8 +73,19 @@ fn quoted_table(name: &str) -> String {
 }
 
 impl Table {
-    /// Reads the table's columns and checks the mode's columns exist with usable types.
-    pub async fn describe(client: &Client, config: &SqlTableConfig) -> Result<Table, TableError> {
+    /// Reads the table's columns (within `timeout`) and checks the mode's columns exist with
+    /// usable types.
+    pub async fn describe(
+        client: &Client,
+        config: &SqlTableConfig,
+        timeout: Duration,
+    ) -> Result<Table, TableError> {
+        tokio::time::timeout(timeout, Self::read_columns(client, config))
+            .await
+            .map_err(|_| TableError::Timeout(timeout))?
+    }
+
+    async fn read_columns(client: &Client, config: &SqlTableConfig) -> Result<Table, TableError> {
         let shape = |reason: String| TableError::Shape {
             table: config.table.clone(),
             reason,
@@ -103,15 +116,6 @@ impl Table {
             .map(|r| r.get(0))
             .collect();
         let columns: Vec<(String, String)> = columns.iter().map(|r| (r.get(0), r.get(1))).collect();
-        for column in [&config.incrementing_column, &config.timestamp_column]
-            .into_iter()
-            .flatten()
-        {
-            if !not_null.contains(column) {
-                // A row whose mode column is NULL compares as unknown and is never read.
-                tracing::warn!(table = %config.table, column = %column, "the column may hold NULL; rows where it does are not read (make it NOT NULL)");
-            }
-        }
         let type_of = |name: &Option<String>| -> Result<Option<&str>, TableError> {
             let Some(name) = name else { return Ok(None) };
             columns
@@ -136,6 +140,21 @@ impl Table {
                 )));
             }
         }
+        let nullable = [
+            config
+                .incrementing_column
+                .as_ref()
+                .filter(|_| config.mode.uses_incrementing()),
+            config
+                .timestamp_column
+                .as_ref()
+                .filter(|_| config.mode.uses_timestamp()),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|c| !not_null.contains(c))
+        .cloned()
+        .collect();
         let select = columns
             .iter()
             .map(|(name, ty)| {
@@ -147,7 +166,9 @@ impl Table {
             })
             .collect::<Vec<_>>()
             .join(", ");
-        Ok(Table::with_select(config.clone(), select))
+        let mut table = Table::with_select(config.clone(), select);
+        table.nullable = nullable;
+        Ok(table)
     }
 
     /// `select`: every column, `timestamp` ones converted to `timestamptz` at UTC.
@@ -206,6 +227,7 @@ impl Table {
         });
         Table {
             config,
+            nullable: Vec::new(),
             batch,
             same_timestamp,
         }

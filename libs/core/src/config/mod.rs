@@ -313,29 +313,40 @@ fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let (rest, query) = match rest.split_once('?') {
-        Some((rest, query)) => (rest, Some(query)),
-        None => (rest, None),
-    };
-    // The host starts after the last `@`: a password may hold `@`, and some clients take a
-    // `/` in it too, so the path is not where the credentials end.
-    let mut out = match rest.rsplit_once('@') {
-        Some((credentials, host)) => {
-            let user = credentials.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}")
+    // Credentials end at an `@`: a password may hold `@`, `/` or `?` (clients take the
+    // first `@` onwards as the host, so the host part runs from the last `@` before the path
+    // or query that follows the first `@`).
+    let (credentials, after) = match rest.find('@') {
+        Some(first) => {
+            let authority_end = rest[first..]
+                .find(['/', '?'])
+                .map_or(rest.len(), |i| first + i);
+            let last = rest[..authority_end].rfind('@').unwrap_or(first);
+            (Some(&rest[..last]), &rest[last + 1..])
         }
-        None => format!("{scheme}://{rest}"),
+        None => (None, rest),
     };
-    if let Some(query) = query {
-        let params: Vec<String> = query
-            .split('&')
-            .map(|p| match p.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                _ => p.to_owned(),
-            })
-            .collect();
-        out.push('?');
-        out.push_str(&params.join("&"));
+    let mut out = match credentials {
+        Some(credentials) => {
+            let user = credentials.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@")
+        }
+        None => format!("{scheme}://"),
+    };
+    match after.split_once('?') {
+        Some((host, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => p.to_owned(),
+                })
+                .collect();
+            out.push_str(host);
+            out.push('?');
+            out.push_str(&params.join("&"));
+        }
+        None => out.push_str(after),
     }
     out
 }

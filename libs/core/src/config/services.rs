@@ -56,7 +56,10 @@ pub struct IngestConfig {
     /// the kernel's backlog until one closes.
     pub max_connections: usize,
     /// Longest a client may take to send a request's headers (slow-loris); then the
-    /// connection is closed. The body is bounded by `request_timeout`.
+    /// connection is closed. The body is bounded by `request_timeout`. It also closes a
+    /// keep-alive connection idle this long: producers should keep their pools' idle timeout
+    /// below it (a POST sent on a connection as it closes fails and is not retried by most
+    /// clients).
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     pub header_read_timeout: Duration,

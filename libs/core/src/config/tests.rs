@@ -196,6 +196,11 @@ fn redaction_hides_secrets() {
     assert!(!format!("{:?}", config.db_source).contains("pgpass"));
     for (url, shown) in [
         ("postgres://u:ab/cd@db/shop", "postgres://u:***@db/shop"),
+        ("postgres://u:pa?ss@db/shop", "postgres://u:***@db/shop"),
+        (
+            "postgres://u:p@ss@db/shop?password=x",
+            "postgres://u:***@db/shop?password=***",
+        ),
         (
             "postgres://db/shop?user=u&password=pw&sslmode=disable",
             "postgres://db/shop?user=u&password=***&sslmode=disable",
