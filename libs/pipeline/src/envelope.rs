@@ -113,6 +113,37 @@ pub fn envelope(
     })
 }
 
+/// Pipelines' compiled JSON Schemas, each compiled once per definition version (ingest and
+/// db-source check every event against them).
+#[derive(Default)]
+pub struct SchemaCache(std::collections::HashMap<String, CompiledSchema>);
+
+/// A pipeline's compiled schema (if it has one) and the definition version it came from.
+type CompiledSchema = (u64, Option<std::sync::Arc<jsonschema::Validator>>);
+
+impl SchemaCache {
+    /// The definition's compiled schema, compiled on first use of its version.
+    pub fn get(
+        &mut self,
+        def: &PipelineDefinition,
+    ) -> Option<std::sync::Arc<jsonschema::Validator>> {
+        if let Some((version, compiled)) = self.0.get(&def.name) {
+            if *version == def.version {
+                return compiled.clone();
+            }
+        }
+        // Definitions are validated (their schema compiled) before they get here.
+        let compiled = def
+            .schema
+            .as_ref()
+            .and_then(|s| jsonschema::validator_for(s).ok())
+            .map(std::sync::Arc::new);
+        self.0
+            .insert(def.name.clone(), (def.version, compiled.clone()));
+        compiled
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

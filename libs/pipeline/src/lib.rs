@@ -11,7 +11,7 @@ mod source;
 mod template;
 mod validate;
 
-pub use envelope::{envelope, IdSource};
+pub use envelope::{envelope, IdSource, SchemaCache};
 pub use model::*;
 pub use source::{parse_definition, parse_document, DefinitionError, DefinitionSource, FileSource};
 pub use template::{KeyTemplate, TemplateError};

@@ -27,7 +27,7 @@ use instream_core::{Readiness, ServiceContext};
 use instream_event::Event;
 use instream_kafka::client::{self, Producer};
 use instream_kafka::{DeadLetter, DeadLetters};
-use instream_pipeline::{envelope, topics, Catalog, IdSource, PipelineDefinition};
+use instream_pipeline::{envelope, topics, Catalog, IdSource, PipelineDefinition, SchemaCache};
 use instream_stage::Stage;
 use rdkafka::producer::FutureRecord;
 use serde_json::value::RawValue;
@@ -456,26 +456,4 @@ fn event_of(
         .headers
         .insert("source_position".into(), row.position.label());
     Ok(event)
-}
-
-/// Each pipeline's compiled schema, compiled once per definition version.
-#[derive(Default)]
-struct SchemaCache(Option<(String, u64, Option<Arc<jsonschema::Validator>>)>);
-
-impl SchemaCache {
-    fn get(&mut self, def: &PipelineDefinition) -> Option<Arc<jsonschema::Validator>> {
-        if let Some((name, version, compiled)) = &self.0 {
-            if *name == def.name && *version == def.version {
-                return compiled.clone();
-            }
-        }
-        // Definitions are validated (their schema compiled) before they get here.
-        let compiled = def
-            .schema
-            .as_ref()
-            .and_then(|s| jsonschema::validator_for(s).ok())
-            .map(Arc::new);
-        self.0 = Some((def.name.clone(), def.version, compiled.clone()));
-        compiled
-    }
 }

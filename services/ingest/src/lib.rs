@@ -15,7 +15,6 @@ mod keys;
 mod serve;
 mod tls;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -59,12 +58,9 @@ pub(crate) struct AppState {
     /// Requests being handled.
     pub in_flight_requests: Semaphore,
     pub keys: keys::ApiKeys,
-    /// Each pipeline's compiled JSON Schema, with the definition version it came from.
-    schemas: std::sync::Mutex<HashMap<String, CompiledSchema>>,
+    /// Each pipeline's compiled JSON Schema, per definition version.
+    schemas: std::sync::Mutex<instream_pipeline::SchemaCache>,
 }
-
-/// A pipeline's compiled schema (if it has one) and the definition version it came from.
-type CompiledSchema = (u64, Option<Arc<jsonschema::Validator>>);
 
 impl AppState {
     /// The pipeline's compiled schema, compiled once per definition version.
@@ -72,20 +68,10 @@ impl AppState {
         &self,
         def: &instream_pipeline::PipelineDefinition,
     ) -> Option<Arc<jsonschema::Validator>> {
-        let mut schemas = self.schemas.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((version, compiled)) = schemas.get(&def.name) {
-            if *version == def.version {
-                return compiled.clone();
-            }
-        }
-        // Definitions are validated (their schema compiled) before they get here.
-        let compiled = def
-            .schema
-            .as_ref()
-            .and_then(|s| jsonschema::validator_for(s).ok())
-            .map(Arc::new);
-        schemas.insert(def.name.clone(), (def.version, compiled.clone()));
-        compiled
+        self.schemas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(def)
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use instream_testkit::{spawn_service, unique, KafkaBroker};
 
 mod common;
-use common::{wait_ok, write_config, BIN};
+use common::{wait_metric_line, wait_ok, write_config, BIN};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_admin_endpoints_ingests_and_stops_cleanly_on_sigterm() {
@@ -65,23 +65,12 @@ async fn serves_admin_endpoints_ingests_and_stops_cleanly_on_sigterm() {
         body.len()
     )
     .unwrap();
-    let start = Instant::now();
-    loop {
-        let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if metrics.contains("instream_ingest_requests_in_flight 1") {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the slot was never taken"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_metric_line(
+        admin,
+        "instream_ingest_requests_in_flight 1",
+        Duration::from_secs(10),
+    )
+    .await;
     let refused = reqwest::Client::new()
         .post(format!(
             "http://127.0.0.1:{http}/v1/pipelines/{pipeline}/events"

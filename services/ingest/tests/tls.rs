@@ -14,7 +14,7 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 
 mod common;
-use common::{wait_ok, write_config, BIN};
+use common::{wait_metric_line, wait_ok, write_config, BIN};
 
 /// A self-signed certificate for 127.0.0.1, written as PEM files; returns the TLS settings.
 fn certificate(dir: &std::path::Path) -> (String, Vec<u8>) {
@@ -98,23 +98,12 @@ async fn serves_https_with_the_configured_certificate() {
         .send()
         .await;
     assert!(plain.is_err(), "plain HTTP was answered: {plain:?}");
-    let start = std::time::Instant::now();
-    loop {
-        let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if metrics.contains("instream_ingest_tls_handshake_failures_total 1") {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "handshake failure not counted"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_metric_line(
+        admin,
+        "instream_ingest_tls_handshake_failures_total 1",
+        Duration::from_secs(10),
+    )
+    .await;
 }
 
 #[tokio::test]

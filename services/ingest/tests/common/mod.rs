@@ -35,6 +35,24 @@ pub fn write_config(
     (config, admin, http)
 }
 
+/// Waits until ingest's /metrics holds `line` (e.g. `instream_ingest_requests_in_flight 1`).
+pub async fn wait_metric_line(admin: u16, line: &str, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains(line) {
+            return;
+        }
+        assert!(start.elapsed() < timeout, "/metrics never showed `{line}`");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn wait_ok(url: &str, timeout: Duration) {
     let start = Instant::now();
     loop {
