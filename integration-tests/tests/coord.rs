@@ -490,7 +490,7 @@ fn spawn_contender(
             }
         }
     });
-    (instream_testkit::ChildGuard(child), rx)
+    (instream_testkit::ChildGuard::new(child), rx)
 }
 
 /// The leading process is killed with -9: the standby process leads within the session

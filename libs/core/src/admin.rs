@@ -134,6 +134,10 @@ pub struct AdminServer {
 
 impl AdminServer {
     pub async fn bind(addr: SocketAddr, health: Health) -> std::io::Result<AdminServer> {
+        // The recorder must exist before any service task starts: a metric handle taken
+        // before it (`let gauge = gauge!(…)` kept for the task's life) is a no-op forever.
+        // Installing it when `serve` first runs raced with the service task spawned next.
+        metrics_handle();
         let listener = TcpListener::bind(addr).await?;
         Ok(AdminServer { listener, health })
     }
@@ -143,8 +147,6 @@ impl AdminServer {
     }
 
     pub async fn serve(self, shutdown: CancellationToken) -> std::io::Result<()> {
-        // Install the recorder before the first scrape so that /metrics is never empty-by-race.
-        metrics_handle();
         let app = Router::new()
             .route("/metrics", get(render_metrics))
             .route("/healthz", get(|| async { "ok\n" }))

@@ -38,7 +38,7 @@ pub fn bench_broker() -> Result<(String, Option<ChildGuard>), TestkitError> {
             program: tansu,
             source,
         })?;
-    let guard = ChildGuard(child);
+    let guard = ChildGuard::new(child);
     crate::process::wait_until("tansu to listen", Duration::from_secs(20), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     })?;
@@ -81,7 +81,7 @@ pub fn spawn_release_binary(
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
-        .map(ChildGuard)
+        .map(ChildGuard::new)
         .map_err(|source| TestkitError::Spawn {
             program: format!("{} (build it with --release first)", binary.display()),
             source,

@@ -1,4 +1,5 @@
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
@@ -49,23 +50,34 @@ pub fn wait_until(
     }
 }
 
-/// Starts a service binary with `--config <config>`, its output discarded (its /metrics and
-/// exit status are what tests look at).
+/// Starts a service binary with `--config <config>`. Its log goes to a file next to the
+/// config (`<config>.<n>.log`), whose last lines are printed if the test fails while the
+/// process is still held: a CI failure then shows what the service itself said.
 pub fn spawn_service(binary: &str, config: &std::path::Path) -> std::io::Result<ChildGuard> {
-    std::process::Command::new(binary)
+    static SPAWNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log = config.with_extension(format!("{n}.log"));
+    let file = std::fs::File::create(&log)?;
+    let child = std::process::Command::new(binary)
         .arg("--config")
         .arg(config)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map(ChildGuard)
+        .stderr(file)
+        .spawn()?;
+    Ok(ChildGuard(child, Some(log)))
 }
 
 /// A child process killed (SIGKILL) and reaped on drop, so a failing test never leaves a
-/// server or a service running.
-pub struct ChildGuard(pub Child);
+/// server or a service running. With a log file, its last lines are printed when the
+/// guard is dropped during a panic.
+pub struct ChildGuard(pub Child, pub Option<PathBuf>);
 
 impl ChildGuard {
+    /// Guards a process whose output is handled elsewhere.
+    pub fn new(child: Child) -> Self {
+        Self(child, None)
+    }
+
     /// Waits up to `timeout` for the process to exit by itself.
     pub fn wait_exit(
         &mut self,
@@ -111,5 +123,20 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        if let (true, Some(log)) = (std::thread::panicking(), &self.1) {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+            eprintln!(
+                "--- last {} log lines of pid {} ({}) ---\n{}\n---",
+                tail.len(),
+                self.0.id(),
+                log.display(),
+                tail.join("\n")
+            );
+        }
     }
 }
+
+/// How much of a failed test's service log is printed.
+const LOG_TAIL_LINES: usize = 60;

@@ -44,7 +44,7 @@ pub(crate) fn spawn(command: &mut Command, log: &Path) -> Result<ChildGuard, Tes
         .stdout(out)
         .stderr(err)
         .spawn()
-        .map(ChildGuard)
+        .map(ChildGuard::new)
         .map_err(|source| TestkitError::Spawn { program, source })
 }
 

@@ -126,7 +126,7 @@ roll_max_age = "1s"
         if let Some(f) = failpoints {
             command.env("FAILPOINTS", f);
         }
-        ChildGuard(command.spawn().unwrap())
+        ChildGuard::new(command.spawn().unwrap())
     }
 
     async fn completed_files(&self) -> usize {

@@ -143,14 +143,22 @@ async fn metrics(admin: u16) -> String {
 async fn wait_metric(admins: &[u16], metric: &str, filter: &str, at_least: f64) -> usize {
     let start = Instant::now();
     loop {
+        let mut seen = Vec::new();
         for (i, admin) in admins.iter().enumerate() {
-            if metric_sum(&metrics(*admin).await, metric, filter).0 >= at_least {
+            let text = metrics(*admin).await;
+            let (sum, lines) = metric_sum(&text, metric, filter);
+            if sum >= at_least {
                 return i;
             }
+            seen.push(format!(
+                "port {admin}: {sum} on {lines} lines ({} bytes of /metrics)",
+                text.len()
+            ));
         }
         assert!(
             start.elapsed() < Duration::from_secs(60),
-            "{metric}{{{filter}}} never reached {at_least}"
+            "{metric}{{{filter}}} never reached {at_least}: {}",
+            seen.join("; ")
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -431,15 +439,14 @@ async fn a_killed_leader_is_replaced_by_the_standby_and_no_row_is_skipped() {
     });
     // Up and standing by: its leader gauge is there, at 0.
     let start = Instant::now();
-    while metric_sum(
-        &metrics(admins[leader]).await,
-        "instream_db_source_leader",
-        &pipeline,
-    ) != (0.0, 1)
-    {
+    loop {
+        let text = metrics(admins[leader]).await;
+        if metric_sum(&text, "instream_db_source_leader", &pipeline) == (0.0, 1) {
+            break;
+        }
         assert!(
             start.elapsed() < Duration::from_secs(30),
-            "the restarted instance never stood by"
+            "the restarted instance never stood by; its /metrics:\n{text}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -113,7 +113,7 @@ async fn an_unreadable_key_file_is_named_at_start() {
     let (settings, _) = certificate(dir.path());
     std::fs::write(dir.path().join("key.pem"), "not a key").unwrap();
     let (config, _, _) = write_config(dir.path(), &broker.bootstrap_servers(), "p", &settings);
-    let mut child = instream_testkit::ChildGuard(
+    let mut child = instream_testkit::ChildGuard::new(
         Command::new(BIN)
             .arg("--config")
             .arg(&config)

@@ -58,7 +58,7 @@ fn standalone_with_the_example_config_accepts_events() {
         .unwrap()
         .port();
     let spawned = Instant::now();
-    let mut child = ChildGuard(
+    let mut child = ChildGuard::new(
         Command::new(env!("CARGO_BIN_EXE_instream"))
             .current_dir(repo())
             .args(["standalone", "--config", "examples/standalone.toml"])
@@ -105,7 +105,7 @@ fn standalone_with_the_example_config_accepts_events() {
 #[test]
 fn demo_without_a_terminal_runs_prints_its_summary_and_exits_0() {
     let data = tempfile::tempdir().unwrap();
-    let mut child = ChildGuard(
+    let mut child = ChildGuard::new(
         Command::new(env!("CARGO_BIN_EXE_instream"))
             .args(["demo", "--duration", "3s", "--rate", "1000", "--data-dir"])
             .arg(data.path())
@@ -152,7 +152,7 @@ fn demo_without_a_terminal_runs_prints_its_summary_and_exits_0() {
 #[test]
 fn ctrl_c_stops_the_demo_early_with_its_summary() {
     let data = tempfile::tempdir().unwrap();
-    let mut child = ChildGuard(
+    let mut child = ChildGuard::new(
         Command::new(env!("CARGO_BIN_EXE_instream"))
             .args(["demo", "--duration", "10m", "--rate", "500", "--data-dir"])
             .arg(data.path())
