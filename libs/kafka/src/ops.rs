@@ -236,6 +236,28 @@ pub async fn scan_partition<S: Send + 'static>(
     .await
 }
 
+/// Every committed record's payload on `topic` now, partition by partition (for operator
+/// reports over small topics such as `<pipeline>.quality`).
+pub async fn read_topic(cfg: &KafkaConfig, topic: &str) -> Result<Vec<Vec<u8>>, KafkaError> {
+    let c = client_config(cfg, "instream-scan");
+    let topic = topic.to_owned();
+    blocking(move || {
+        let consumer: BaseConsumer = c.create().map_err(KafkaError::Config)?;
+        let mut out = Vec::new();
+        for p in partitions_of(&consumer, &topic)? {
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, p, TIMEOUT)
+                .map_err(KafkaError::Consume)?;
+            scan(&c, &topic, p, low, high, |m| {
+                out.push(m.payload().unwrap_or_default().to_vec());
+                true
+            })?;
+        }
+        Ok(out)
+    })
+    .await
+}
+
 /// Commits the planned offsets for `group`. The group must have no live members (scale its
 /// service to zero first): a live member would overwrite these offsets with its own commits.
 pub async fn apply_offset_reset(

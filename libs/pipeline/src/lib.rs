@@ -7,6 +7,7 @@
 
 mod envelope;
 mod model;
+pub mod quality;
 mod source;
 mod template;
 mod validate;
@@ -32,6 +33,11 @@ pub mod topics {
     /// Records no stage could process, with the reason in headers.
     pub fn dead_letter(pipeline: &str) -> String {
         format!("{pipeline}.dlq")
+    }
+
+    /// One record per data-quality violation, for `instream quality report`.
+    pub fn quality(pipeline: &str) -> String {
+        format!("{pipeline}.quality")
     }
 
     /// The pipeline a stage topic belongs to: `orders.raw` -> `orders`.

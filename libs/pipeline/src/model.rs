@@ -47,6 +47,9 @@ pub struct PipelineDefinition {
     pub aggregations: Vec<Aggregation>,
     #[serde(default)]
     pub archive: ArchivePolicy,
+    /// Data-quality rules, checked by the enricher after enrichment and before produce.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quality: Vec<crate::quality::QualityRule>,
 }
 
 fn one() -> u64 {

@@ -276,6 +276,7 @@ impl PipelineDefinition {
                 );
             }
         }
+        crate::quality::validate_rules(self, &mut problem);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -362,6 +363,72 @@ window = { kind = "tumbling", size = "1m" }
         );
         let err = parse_document(&twice).unwrap_err().to_string();
         assert!(err.contains("output of two fields"), "{err}");
+    }
+
+    #[test]
+    fn invalid_quality_rules_are_refused_naming_the_rule_and_the_reason() {
+        let with = |rules: &str| {
+            format!(
+                "{GOOD}\n[[pipelines.quality]]\nname = \"ok\"\ncheck = {{ kind = \"required\", field = \"payload.amount\" }}\n{rules}"
+            )
+        };
+        parse_document(&with(
+            "[[pipelines.quality]]\nname = \"tier\"\naction = \"dead_letter\"\ncheck = { kind = \"allowed\", field = \"enrichment.customer_tier\", values = [\"gold\"] }\n\
+             [[pipelines.quality]]\nname = \"known\"\ncheck = { kind = \"reference\", enrichment = \"customer\" }",
+        ))
+        .expect("good rules");
+        for (rule, named) in [
+            (
+                "check = { kind = \"pattern\", field = \"payload.sku\", regex = \"([a-z\" }",
+                "`bad`.check.regex: does not compile",
+            ),
+            (
+                "check = { kind = \"range\", field = \"payload.amount\", min = 10, max = 1 }",
+                "`bad`.check: min 10 is greater than max 1",
+            ),
+            (
+                "check = { kind = \"range\", field = \"payload.amount\" }",
+                "a range needs `min` or `max`",
+            ),
+            (
+                "check = { kind = \"required\", field = \"enrichment.nope\" }",
+                "field `enrichment.nope`: no enrichment rule writes `nope`",
+            ),
+            (
+                "check = { kind = \"required\", field = \"amount\" }",
+                "must be `key`, `payload.<field>` or `enrichment.<field>`",
+            ),
+            (
+                "check = { kind = \"reference\", enrichment = \"nope\" }",
+                "the pipeline has no enrichment rule `nope`",
+            ),
+            (
+                "check = { kind = \"allowed\", field = \"key\", values = [] }",
+                "`bad`.check.values: lists no value",
+            ),
+            ("check = { kind = \"freshness\" }", "freshness needs"),
+        ] {
+            let err = parse_document(&with(&format!(
+                "[[pipelines.quality]]\nname = \"bad\"\n{rule}"
+            )))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(named), "{rule}: {err}");
+            assert!(err.contains("quality[1] `bad`"), "{rule}: {err}");
+        }
+        let twice = with("[[pipelines.quality]]\nname = \"ok\"\ncheck = { kind = \"required\", field = \"key\" }");
+        assert!(parse_document(&twice)
+            .unwrap_err()
+            .to_string()
+            .contains("is used twice"));
+        // With a schema that declares its properties, a payload path must be one of them.
+        let schema = with("[[pipelines.quality]]\nname = \"typo\"\ncheck = { kind = \"required\", field = \"payload.amuont\" }")
+            .replace(
+                "time_field = \"ts\"",
+                "time_field = \"ts\"\nschema = '{\"type\":\"object\",\"properties\":{\"amount\":{\"type\":\"number\"}}}'",
+            );
+        let err = parse_document(&schema).unwrap_err().to_string();
+        assert!(err.contains("declares no property `amuont`"), "{err}");
     }
 
     #[test]

@@ -210,7 +210,7 @@ impl KafkaBroker {
         pipeline: &str,
         partitions: i32,
     ) -> Result<(), TestkitError> {
-        for t in ["raw", "enriched", "dlq"] {
+        for t in ["raw", "enriched", "dlq", "quality"] {
             self.create_topic(&format!("{pipeline}.{t}"), partitions)?;
         }
         Ok(())

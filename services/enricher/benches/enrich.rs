@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use instream_enricher::transform::{plan, render, Outcomes};
+use instream_enricher::transform::{plan, render, Outcomes, Quality};
 use instream_kafka::Record;
 use instream_pipeline::Catalog;
 use instream_refdata::{CacheSettings, CachedRefStore, MemoryRefStore, RefStore};
@@ -108,7 +108,15 @@ fn bench(c: &mut Criterion) {
             .unwrap();
         let mut outcomes = Outcomes::default();
         let mut arena = Vec::with_capacity(records.len() * 512);
-        let outputs = render(plans, records, &answers, &mut outcomes, &mut arena);
+        let mut quality = Quality::new(0);
+        let outputs = render(
+            plans,
+            records,
+            &answers,
+            &mut outcomes,
+            &mut quality,
+            &mut arena,
+        );
         (outputs, arena)
     };
     // Warm the cache with every bidder.
@@ -221,6 +229,7 @@ fn bench_redis(c: &mut Criterion) {
             records,
             &answers,
             &mut Outcomes::default(),
+            &mut Quality::new(0),
             &mut arena,
         )
         .len()

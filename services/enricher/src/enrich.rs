@@ -14,7 +14,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
-use crate::transform::{self, Lookup, Outcomes, Output};
+use crate::transform::{self, Lookup, Outcomes, Output, Quality};
 use crate::{EnricherError, SERVICE};
 
 pub(crate) struct Enricher {
@@ -26,6 +26,8 @@ pub(crate) struct Enricher {
     /// The enriched records of the batch in flight, kept from batch to batch so that its
     /// pages are not faulted in again each time.
     pub arena: std::sync::Mutex<Vec<u8>>,
+    /// Compiled quality rules and the sampler, from batch to batch.
+    pub quality: std::sync::Mutex<Quality>,
 }
 
 impl Enricher {
@@ -160,7 +162,23 @@ impl Enricher {
         metrics::histogram!("instream_batch_size", "service" => SERVICE).record(batch.len() as f64);
         let mut outcomes = Outcomes::default();
         let mut arena = std::mem::take(&mut *self.arena.lock().unwrap_or_else(|p| p.into_inner()));
-        let outputs = transform::render(plans, batch, &answers, &mut outcomes, &mut arena);
+        // A block, so the guard is gone before the first await below.
+        let (outputs, quality_records) = {
+            let mut quality = self.quality.lock().unwrap_or_else(|p| p.into_inner());
+            let outputs = transform::render(
+                plans,
+                batch,
+                &answers,
+                &mut outcomes,
+                &mut quality,
+                &mut arena,
+            );
+            for (def, n) in quality.checked.drain(..) {
+                metrics::counter!("instream_quality_checked_total", "pipeline" => def.name.clone())
+                    .increment(n);
+            }
+            (outputs, std::mem::take(&mut quality.records))
+        };
         for (pipeline, rule, outcome, n) in outcomes.iter() {
             metrics::counter!("instream_enrich_lookups_total", "pipeline" => pipeline.to_owned(), "rule" => rule.to_owned(), "outcome" => outcome)
                 .increment(n);
@@ -178,10 +196,11 @@ impl Enricher {
                     key,
                     bytes,
                     ingest_time,
+                    tags,
                 } => {
                     let partition = record.partition.to_string();
                     let offset = record.offset.to_string();
-                    let hs = OwnedHeaders::new_with_capacity(2)
+                    let mut hs = OwnedHeaders::new_with_capacity(3)
                         .insert(Header {
                             key: headers::ORIGIN_PARTITION,
                             value: Some(&partition),
@@ -190,6 +209,12 @@ impl Enricher {
                             key: headers::ORIGIN_OFFSET,
                             value: Some(&offset),
                         });
+                    if let Some(tags) = &tags {
+                        hs = hs.insert(Header {
+                            key: instream_quality::TAG_HEADER,
+                            value: Some(tags.as_str()),
+                        });
+                    }
                     let topic = topics::enriched(&pipeline.name);
                     let out = FutureRecord::to(&topic)
                         .key(&arena[key])
@@ -202,6 +227,28 @@ impl Enricher {
                         .push(ingest_time);
                 }
             }
+        }
+        // Every violation, whatever its action, is recorded for the report (in the batch's
+        // transaction in transactional delivery), keyed by event id.
+        let mut violations: HashMap<(String, String, &'static str), u64> = HashMap::new();
+        for violation in &quality_records {
+            let topic = topics::quality(&violation.pipeline);
+            let value = serde_json::to_vec(violation).unwrap_or_default();
+            let out = FutureRecord::to(&topic)
+                .key(violation.event_id.as_bytes())
+                .payload(value.as_slice());
+            deliveries.push(client::send(&self.producer, out).await?);
+            *violations
+                .entry((
+                    violation.pipeline.clone(),
+                    violation.rule.clone(),
+                    violation.action.as_str(),
+                ))
+                .or_default() += 1;
+        }
+        for ((pipeline, rule, action), n) in violations {
+            metrics::counter!("instream_quality_violations_total", "pipeline" => pipeline, "rule" => rule, "action" => action)
+                .increment(n);
         }
         // librdkafka copied every record: the arena serves the next batch.
         *self.arena.lock().unwrap_or_else(|p| p.into_inner()) = arena;

@@ -135,6 +135,9 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
         dead,
         shutdown: shutdown.clone(),
         arena: Default::default(),
+        quality: std::sync::Mutex::new(transform::Quality::new(
+            config.enricher.quality_samples_per_minute,
+        )),
     };
 
     let mut tracked: Arc<Catalog> = catalog.borrow().clone();

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use instream_event::{Envelope, FieldPath, Paths, Scalar};
 use instream_kafka::Record;
+use instream_pipeline::quality::QualityAction;
 use instream_pipeline::{Catalog, EnrichmentRule, MissPolicy, PipelineDefinition, RecordShape};
+use instream_quality::{EventFacts, RuleSetCache, Sampler, Violation, ViolationRecord};
 use instream_refdata::{Found, RefRecord};
 use serde_json::Value;
 
@@ -50,11 +52,139 @@ pub enum Output {
         /// The enriched record, in the arena.
         bytes: std::ops::Range<usize>,
         ingest_time: i64,
+        /// The quality rules with action `tag` the event broke, comma-separated (the
+        /// `instream.quality` header).
+        tags: Option<String>,
     },
     Dead {
         code: &'static str,
         reason: String,
     },
+}
+
+/// The data-quality side of the batches: compiled rule sets and the sampler (kept from batch
+/// to batch), and what one batch found.
+pub struct Quality {
+    pub rules: RuleSetCache,
+    pub sampler: Sampler,
+    /// One record per violation of the batch, for `<pipeline>.quality`.
+    pub records: Vec<ViolationRecord>,
+    /// Events checked in the batch, by pipeline.
+    pub checked: Vec<(Arc<PipelineDefinition>, u64)>,
+}
+
+impl Quality {
+    pub fn new(samples_per_minute: u32) -> Self {
+        Self {
+            rules: RuleSetCache::default(),
+            sampler: Sampler::new(samples_per_minute),
+            records: Vec::new(),
+            checked: Vec::new(),
+        }
+    }
+
+    fn count_checked(&mut self, def: &Arc<PipelineDefinition>) {
+        match self.checked.iter_mut().find(|(d, _)| Arc::ptr_eq(d, def)) {
+            Some((_, n)) => *n += 1,
+            None => self.checked.push((def.clone(), 1)),
+        }
+    }
+}
+
+/// What the quality rules decided for one event.
+#[derive(Default)]
+struct Verdict {
+    /// The first `dead_letter` rule broken: the event's dead-letter reason.
+    dead: Option<String>,
+    /// The `tag` rules broken.
+    tags: Vec<Value>,
+}
+
+/// Judges one enriched event by its pipeline's rules and records each violation. `enrichment`
+/// is the event's enrichment object so far (unclosed, as the writer leaves it).
+fn check_quality(
+    quality: &mut Quality,
+    def: &Arc<PipelineDefinition>,
+    record: &Record,
+    enrichment: &[u8],
+    found: &[bool],
+    violations: &mut Vec<Violation>,
+) -> Result<Verdict, instream_event::DecodeError> {
+    let Some(rules) = quality.rules.get(def) else {
+        return Ok(Verdict::default());
+    };
+    quality.count_checked(def);
+    let event = instream_event::view(&record.payload)?;
+    let payload: Option<Value> = if rules.needs_payload() {
+        Some(serde_json::from_str(event.payload.get())?)
+    } else {
+        None
+    };
+    let enrichment: Option<Value> = if rules.needs_enrichment() {
+        let mut text = enrichment.to_vec();
+        text.extend_from_slice(if text.is_empty() { b"{}" } else { b"}" });
+        serde_json::from_slice(&text).ok()
+    } else {
+        None
+    };
+    violations.clear();
+    rules.evaluate(
+        &EventFacts {
+            key: &event.key,
+            payload: payload.as_ref(),
+            enrichment: enrichment.as_ref(),
+            event_time: event.event_time,
+            ingest_time: event.ingest_time,
+            found,
+        },
+        violations,
+    );
+    let mut verdict = Verdict::default();
+    if violations.is_empty() {
+        return Ok(verdict);
+    }
+    let now = instream_event::now_millis();
+    for violation in violations.drain(..) {
+        let name = rules.name(violation.rule);
+        let action = rules.action(violation.rule);
+        let severity = rules.severity(violation.rule);
+        match action {
+            QualityAction::DeadLetter if verdict.dead.is_none() => {
+                let value = violation
+                    .value
+                    .as_ref()
+                    .map_or_else(String::new, |v| format!(" (value {v})"));
+                verdict.dead = Some(format!(
+                    "quality rule `{name}` ({}): {}{value}",
+                    severity.as_str(),
+                    violation.message
+                ));
+            }
+            QualityAction::Tag => verdict.tags.push(Value::String(name.to_owned())),
+            _ => {}
+        }
+        let sample = (record.payload.len() <= instream_quality::MAX_SAMPLE_BYTES
+            && quality.sampler.take(&def.name, name, now))
+        .then(|| serde_json::value::RawValue::from_string(event.payload.get().to_owned()).ok())
+        .flatten();
+        quality.records.push(ViolationRecord {
+            pipeline: def.name.clone(),
+            version: def.version,
+            rule: name.to_owned(),
+            severity,
+            action,
+            event_id: event.event_id.to_string(),
+            key: event.key.to_string(),
+            event_time: event.event_time,
+            ingest_time: event.ingest_time,
+            value: instream_quality::bounded_value(violation.value),
+            message: violation.message,
+            raw_partition: record.partition,
+            raw_offset: record.offset,
+            sample,
+        });
+    }
+    Ok(verdict)
 }
 
 /// Counts of one batch's lookup outcomes by (pipeline, rule index, outcome), for metrics
@@ -267,15 +397,20 @@ fn apply<'n>(rule: &'n EnrichmentRule, found: Option<&'n RefRecord>, w: &mut Wri
 /// Writes each planned record's output from the lookups' answers; the bytes of every
 /// enriched record (and its key) go into `arena`, one allocation for the batch. A record
 /// whose lookup is still missing under a `retry` rule is dead-lettered: retries happen before
-/// this.
+/// this. Then the pipeline's quality rules judge the enriched event (see [`Quality`]).
 pub fn render(
     plans: Plans<'_>,
     batch: &[Record],
     answers: &[Arc<Found>],
     outcomes: &mut Outcomes,
+    quality: &mut Quality,
     arena: &mut Vec<u8>,
 ) -> Vec<Output> {
     arena.clear();
+    quality.records.clear();
+    quality.checked.clear();
+    let mut found_flags: Vec<bool> = Vec::new();
+    let mut violations: Vec<Violation> = Vec::new();
     let mut outputs = Vec::with_capacity(plans.plans.len());
     let mut enrichment = Vec::with_capacity(256);
     let mut reencoded = Vec::new();
@@ -301,6 +436,7 @@ pub fn render(
         };
         let mut missed: Vec<Value> = Vec::new();
         let mut dead: Option<(&'static str, String)> = None;
+        found_flags.clear();
         for (rule_index, (rule, lookup)) in def
             .enrichments
             .iter()
@@ -314,6 +450,7 @@ pub fn render(
                 _ => "miss",
             };
             outcomes.add(&def, rule_index, outcome);
+            found_flags.push(outcome == "hit");
             match (found, rule.on_miss) {
                 (Some(Found::Record(r)), _) => apply(rule, Some(r), &mut writer),
                 (Some(Found::Malformed(why)), _) => {
@@ -346,9 +483,45 @@ pub fn render(
             outputs.push(Output::Dead { code, reason });
             continue;
         }
+        let verdict = match check_quality(
+            quality,
+            &def,
+            record,
+            writer.buf,
+            &found_flags,
+            &mut violations,
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                outputs.push(Output::Dead {
+                    code: "decode_error",
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+        };
+        if let Some(reason) = verdict.dead {
+            outputs.push(Output::Dead {
+                code: "quality",
+                reason,
+            });
+            continue;
+        }
         let missed = Value::Array(missed);
         if missed.as_array().is_some_and(|m| !m.is_empty()) {
             writer.field("_missed", &missed);
+        }
+        let tags = (!verdict.tags.is_empty()).then(|| {
+            verdict
+                .tags
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        let tag_list = Value::Array(verdict.tags);
+        if tags.is_some() {
+            writer.field(instream_quality::TAG_FIELD, &tag_list);
         }
         writer.finish();
         let key_start = arena.len();
@@ -378,6 +551,7 @@ pub fn render(
             key: key_start..start,
             bytes: start..arena.len(),
             ingest_time: envelope.ingest_time,
+            tags,
         });
     }
     outputs

@@ -146,7 +146,14 @@ fn found_fields_are_renamed_defaults_fill_gaps_and_the_payload_is_untouched() {
     ];
     let mut outcomes = Outcomes::default();
     let mut arena = Vec::new();
-    let outputs = render(plans, &batch, &answers, &mut outcomes, &mut arena);
+    let outputs = render(
+        plans,
+        &batch,
+        &answers,
+        &mut outcomes,
+        &mut Quality::new(0),
+        &mut arena,
+    );
     assert_eq!(
         enrichment(&outputs[0], &arena),
         json!({"tier": "gold", "customer_name": "Ann", "country_name": "Netherlands"})
@@ -212,6 +219,7 @@ fn misses_under_dead_letter_and_retry_rules_and_bad_records_are_dead_lettered() 
         &batch,
         &answers,
         &mut Outcomes::default(),
+        &mut Quality::new(0),
         &mut Vec::new(),
     );
     assert_eq!(
@@ -235,4 +243,98 @@ fn misses_under_dead_letter_and_retry_rules_and_bad_records_are_dead_lettered() 
     assert_eq!(dead(&outputs[3]).0, "refdata_malformed");
     assert_eq!(dead(&outputs[4]).0, "unknown_pipeline");
     assert_eq!(dead(&outputs[5]).0, "decode_error");
+}
+
+#[test]
+fn quality_rules_tag_dead_letter_or_count_and_every_violation_is_recorded() {
+    let doc = instream_pipeline::parse_document(
+        r#"
+[[pipelines]]
+name = "orders"
+key_field = "customer_id"
+time_field = "ts"
+
+[[pipelines.enrichments]]
+name = "customer"
+key_template = "customer:{customer_id}"
+fields = { tier = "tier" }
+
+[[pipelines.quality]]
+name = "amount-positive"
+severity = "error"
+action = "dead_letter"
+check = { kind = "range", field = "payload.amount", min = 0 }
+
+[[pipelines.quality]]
+name = "known-customer"
+check = { kind = "reference", enrichment = "customer" }
+
+[[pipelines.quality]]
+name = "gold-only"
+action = "count"
+check = { kind = "allowed", field = "enrichment.tier", values = ["gold"] }
+"#,
+    )
+    .unwrap();
+    let catalog = Catalog::new(doc.pipelines);
+    let batch = vec![
+        record("orders", 0, json!({"customer_id": "c1", "amount": 5})),
+        record("orders", 1, json!({"customer_id": "c2", "amount": -3})),
+        record("orders", 2, json!({"customer_id": "c9", "amount": 1})),
+        record("orders", 3, json!({"customer_id": "c3", "amount": 2})),
+    ];
+    let plans = plan(&catalog, &|_, _| None, &batch);
+    let answers = vec![
+        found(json!({"tier": "gold"})),
+        found(json!({"tier": "gold"})),
+        Arc::new(Found::Missing),
+        found(json!({"tier": "silver"})),
+    ];
+    let mut quality = Quality::new(1);
+    let mut arena = Vec::new();
+    let outputs = render(
+        plans,
+        &batch,
+        &answers,
+        &mut Outcomes::default(),
+        &mut quality,
+        &mut arena,
+    );
+    // Clean: untouched, no header.
+    assert_eq!(enrichment(&outputs[0], &arena), json!({"tier": "gold"}));
+    assert!(matches!(&outputs[0], Output::Enriched { tags: None, .. }));
+    // A dead_letter rule broken: to the DLQ with the rule, its severity and the value.
+    assert_eq!(
+        dead(&outputs[1]),
+        (
+            "quality",
+            "quality rule `amount-positive` (error): -3 is below min 0 (value -3)"
+        )
+    );
+    // A tag rule broken: goes on, named in the enrichment and the header.
+    assert_eq!(
+        enrichment(&outputs[2], &arena),
+        json!({"_missed": ["customer"], "_quality": ["known-customer"]})
+    );
+    assert!(matches!(&outputs[2], Output::Enriched { tags: Some(t), .. } if t == "known-customer"));
+    // A count rule broken: goes on untouched.
+    assert_eq!(enrichment(&outputs[3], &arena), json!({"tier": "silver"}));
+    assert!(matches!(&outputs[3], Output::Enriched { tags: None, .. }));
+    // Each violation recorded once, whatever its action; one sample per rule this minute.
+    let recorded: Vec<(&str, &str, i64)> = quality
+        .records
+        .iter()
+        .map(|r| (r.rule.as_str(), r.event_id.as_str(), r.raw_offset))
+        .collect();
+    assert_eq!(
+        recorded,
+        [
+            ("amount-positive", "e1", 1),
+            ("known-customer", "e2", 2),
+            ("gold-only", "e3", 3)
+        ]
+    );
+    assert!(quality.records.iter().all(|r| r.sample.is_some()));
+    assert_eq!(quality.records[2].value, Some(json!("silver")));
+    assert_eq!(quality.checked[0].1, 4);
 }

@@ -5,6 +5,7 @@ mod control;
 mod demo;
 mod ops;
 mod output;
+mod quality;
 mod standalone;
 mod status;
 
@@ -90,6 +91,9 @@ enum Command {
     /// Consumer-group offsets: replay from a point in time.
     #[command(subcommand)]
     Offsets(ops::OffsetsCommand),
+    /// Data-quality rules: what they found.
+    #[command(subcommand)]
+    Quality(quality::QualityCommand),
     /// Dead letters: look at them, and send them back once the cause is fixed.
     #[command(subcommand)]
     Dlq(ops::DlqCommand),
@@ -147,6 +151,7 @@ fn main() -> ExitCode {
         }
         Command::Offsets(c) => runtime().and_then(|rt| rt.block_on(ops::offsets(c))),
         Command::Dlq(c) => runtime().and_then(|rt| rt.block_on(ops::dlq(c))),
+        Command::Quality(c) => runtime().and_then(|rt| rt.block_on(quality::quality(c))),
         Command::Archive(c) => runtime().and_then(|rt| rt.block_on(archive::archive(c))),
         Command::ConfigReference => {
             print!("{}", instream_core::config::reference_markdown());

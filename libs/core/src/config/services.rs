@@ -208,6 +208,10 @@ pub struct EnricherConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     pub transaction_timeout: Duration,
+    /// Most offending events kept as samples (their payload) per quality rule and minute by
+    /// each enricher, on `<pipeline>.quality`; 0 keeps none. Every violation is recorded
+    /// either way, without its payload.
+    pub quality_samples_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -239,6 +243,7 @@ impl Default for EnricherConfig {
             delivery: EnricherDelivery::Auto,
             transactional_id: None,
             transaction_timeout: Duration::from_secs(10),
+            quality_samples_per_minute: 10,
         }
     }
 }
@@ -252,6 +257,11 @@ impl EnricherConfig {
                 && self.transaction_timeout <= Duration::from_secs(900),
             "enricher.transaction_timeout",
             || "must be between 1s and 15m (the broker's default maximum)".into(),
+        );
+        p.check(
+            self.quality_samples_per_minute <= 10_000,
+            "enricher.quality_samples_per_minute",
+            || "must be at most 10000".into(),
         );
     }
 }

@@ -1,0 +1,109 @@
+//! `instream quality report`: a pipeline's data-quality violations per rule per hour, read
+//! from `<pipeline>.quality` (one record per violation, written by the enricher).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Subcommand;
+use instream_core::Config;
+use instream_pipeline::topics;
+use instream_quality::{Report, ViolationRecord};
+
+use crate::output::{emit, emit_json, table, Output};
+
+#[derive(Subcommand)]
+pub enum QualityCommand {
+    /// Violations per rule per hour of ingest time between two times, each event and rule
+    /// counted once (repeats after a crash are not counted again), with sampled offending
+    /// events.
+    Report {
+        #[arg(long, short, env = "INSTREAM_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        pipeline: String,
+        /// Start (RFC 3339), inclusive.
+        #[arg(long, value_parser = crate::ops::parse_time)]
+        from: i64,
+        /// End (RFC 3339), exclusive.
+        #[arg(long, value_parser = crate::ops::parse_time)]
+        to: i64,
+        /// Sampled offending events shown per rule.
+        #[arg(long, default_value_t = 3)]
+        samples: usize,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+pub async fn quality(command: QualityCommand) -> anyhow::Result<()> {
+    let QualityCommand::Report {
+        config,
+        pipeline,
+        from,
+        to,
+        samples,
+        output,
+    } = command;
+    anyhow::ensure!(from < to, "--from must be before --to");
+    let config = Config::load(config.as_deref())?;
+    let topic = topics::quality(&pipeline);
+    let payloads = instream_kafka::ops::read_topic(&config.kafka, &topic)
+        .await
+        .with_context(|| format!("reading `{topic}`"))?;
+    let mut unreadable = 0usize;
+    let records = payloads.iter().filter_map(|p| {
+        let record = serde_json::from_slice::<ViolationRecord>(p).ok();
+        unreadable += usize::from(record.is_none());
+        record
+    });
+    let report = Report::build(&pipeline, from, to, records, samples);
+    if unreadable > 0 {
+        eprintln!("warning: {unreadable} records of `{topic}` are not violation records; skipped");
+    }
+    match output {
+        Output::Json => emit_json(&serde_json::to_value(&report)?),
+        Output::Table => emit(&format_table(&report)),
+    }
+}
+
+fn format_table(report: &Report) -> String {
+    let mut text = format!(
+        "pipeline {}, ingest time {} .. {}\n",
+        report.pipeline, report.from, report.to
+    );
+    if report.rows.is_empty() {
+        text.push_str("no violations\n");
+        return text;
+    }
+    let rows: Vec<Vec<String>> = report
+        .rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.hour.clone(),
+                r.rule.clone(),
+                r.severity.as_str().to_owned(),
+                r.action.as_str().to_owned(),
+                r.violations.to_string(),
+            ]
+        })
+        .collect();
+    text.push_str(&table(
+        &["hour", "rule", "severity", "action", "violations"],
+        &rows,
+    ));
+    for (rule, samples) in &report.samples {
+        text.push_str(&format!("\nsamples of `{rule}`:\n"));
+        for s in samples {
+            text.push_str(&format!(
+                "  event {} (raw {}:{}): {}\n    {}\n",
+                s.event_id,
+                s.raw_partition,
+                s.raw_offset,
+                s.message,
+                s.sample.as_ref().map_or("", |p| p.get())
+            ));
+        }
+    }
+    text
+}
