@@ -395,12 +395,13 @@ async fn each_rule_kind_and_action_and_the_report_counts_exactly_what_was_inject
     // Metrics: every event checked, violations by rule and action.
     let text = metrics.render();
     let label = format!("pipeline=\"{pipeline}\"");
-    assert_eq!(
-        metric_sum(&text, "instream_quality_checked_total", &label).0,
-        N as f64
-    );
     for (rule, n) in &expected {
         let filter = format!("{label},rule=\"{rule}\"");
+        assert_eq!(
+            metric_sum(&text, "instream_quality_checked_total", &filter).0,
+            N as f64,
+            "{rule}"
+        );
         assert_eq!(
             metric_sum(&text, "instream_quality_violations_total", &filter).0,
             *n as f64,

@@ -174,8 +174,10 @@ impl Enricher {
                 &mut arena,
             );
             for (def, n) in quality.checked.drain(..) {
-                metrics::counter!("instream_quality_checked_total", "pipeline" => def.name.clone())
-                    .increment(n);
+                for rule in &def.quality {
+                    metrics::counter!("instream_quality_checked_total", "pipeline" => def.name.clone(), "rule" => rule.name.clone())
+                        .increment(n);
+                }
             }
             (outputs, std::mem::take(&mut quality.records))
         };

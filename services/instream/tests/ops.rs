@@ -1,5 +1,6 @@
-//! `instream offsets reset` and `instream dlq tail|redrive`, run as the real binary against a
-//! Kafka-protocol broker (the embedded one, or `INSTREAM_TEST_KAFKA`).
+//! `instream offsets reset`, `instream dlq tail|redrive` and `instream quality report`, run
+//! as the real binary against a Kafka-protocol broker (the embedded one, or
+//! `INSTREAM_TEST_KAFKA`).
 
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -228,4 +229,87 @@ async fn dlq_tail_shows_dead_letters_and_redrive_sends_raw_ones_back_once() {
         .await
         .unwrap();
     assert_eq!(again.len(), 2);
+}
+
+#[tokio::test]
+async fn quality_report_counts_each_event_and_rule_once_per_hour() {
+    let broker = KafkaBroker::start().unwrap();
+    let pipeline = unique("orders");
+    let topic = instream_pipeline::topics::quality(&pipeline);
+    broker.create_topic(&topic, 2).unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap_servers())
+        .create()
+        .unwrap();
+    // 10:00Z and 11:00Z on 2026-11-25.
+    let (ten, eleven) = (1_795_600_800_000i64, 1_795_604_400_000i64);
+    let violation = |event: &str, rule: &str, ingest_time: i64, sample: bool| {
+        let mut v = serde_json::json!({
+            "pipeline": pipeline, "version": 1, "rule": rule, "severity": "error",
+            "action": "tag", "event_id": event, "key": "c1", "event_time": ingest_time,
+            "ingest_time": ingest_time, "value": -3, "message": "-3 is below min 0",
+            "raw_partition": 0, "raw_offset": 7,
+        });
+        if sample {
+            v["sample"] = serde_json::json!({"amount": -3});
+        }
+        v.to_string()
+    };
+    let records = [
+        violation("e1", "amount", ten + 1, true),
+        violation("e1", "amount", ten + 1, false), // written again after a crash
+        violation("e2", "amount", ten + 2, false),
+        violation("e2", "currency", ten + 2, false),
+        violation("e3", "amount", eleven + 5, false),
+        violation("e4", "amount", eleven + 3_600_000, false), // after --to
+        "not a violation record".to_owned(),
+    ];
+    for (i, r) in records.iter().enumerate() {
+        let key = format!("e{i}");
+        producer
+            .send(
+                FutureRecord::to(&topic).key(&key).payload(r),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    let args = [
+        "quality",
+        "report",
+        "--pipeline",
+        &pipeline,
+        "--from",
+        "2026-11-25T10:00:00Z",
+        "--to",
+        "2026-11-25T12:00:00Z",
+    ];
+    let json = instream(&broker, &[&args[..], &["--output", "json"]].concat());
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let rows: Vec<(String, String, u64)> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["hour"].as_str().unwrap().to_owned(),
+                r["rule"].as_str().unwrap().to_owned(),
+                r["violations"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("2026-11-25T10:00:00Z".to_owned(), "amount".to_owned(), 2),
+            ("2026-11-25T10:00:00Z".to_owned(), "currency".to_owned(), 1),
+            ("2026-11-25T11:00:00Z".to_owned(), "amount".to_owned(), 1),
+        ]
+    );
+    assert_eq!(report["samples"]["amount"][0]["sample"]["amount"], -3);
+    assert!(String::from_utf8_lossy(&json.stderr).contains("1 records"));
+    let table = instream(&broker, &args);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("2026-11-25T11:00:00Z  amount"), "{text}");
+    assert!(text.contains("samples of `amount`"), "{text}");
 }
