@@ -128,8 +128,9 @@ async fn existing_topics(mut c: ClientConfig) -> Result<HashSet<String>, KafkaEr
     .map_err(|e| KafkaError::Admin(format!("listing topics: {e}")))?
 }
 
-/// The raw, enriched, dead-letter and quality-record topics of every pipeline, with the
-/// pipeline's partition count. Every service ensures them at start, so start order does not matter.
+/// The raw, enriched, dead-letter and quality-record topics of every pipeline, and the
+/// repartition topics of its aggregations not grouped by the key, with the pipeline's
+/// partition count. Every service ensures them at start, so start order does not matter.
 pub async fn ensure_pipeline_topics<'a>(
     cfg: &KafkaConfig,
     pipelines: impl IntoIterator<Item = &'a instream_pipeline::PipelineDefinition>,
@@ -138,15 +139,7 @@ pub async fn ensure_pipeline_topics<'a>(
     let specs: Vec<TopicSpec> = pipelines
         .into_iter()
         .flat_map(|p| {
-            [
-                topics::raw(&p.name),
-                topics::enriched(&p.name),
-                topics::dead_letter(&p.name),
-                // Always, not only with rules: a hot reload adding the first rule must not
-                // meet a missing topic.
-                topics::quality(&p.name),
-            ]
-            .map(|name| TopicSpec {
+            topics::of_pipeline(p).into_iter().map(|name| TopicSpec {
                 name,
                 partitions: p.partitions,
             })

@@ -118,6 +118,9 @@ pub fn consumer(
         "session.timeout.ms",
         cfg.session_timeout.as_millis().to_string(),
     );
+    // A subscribed topic created after the subscription (a definition adding a repartitioned
+    // aggregation) is seen at the next metadata refresh: 10 s, not librdkafka's 5 minutes.
+    c.set("topic.metadata.refresh.interval.ms", "10000");
     for (k, v) in base_config(cfg, &cfg.consumer).config_map() {
         c.set(k, v);
     }
@@ -146,6 +149,14 @@ pub async fn recv_batch(
     while out.len() < max {
         let msg = match tokio::time::timeout_at(deadline, consumer.recv()).await {
             Err(_elapsed) => break,
+            // A subscribed topic not created yet (a definition change races its creation):
+            // librdkafka says so at each metadata refresh and picks it up once it exists.
+            Ok(Err(rdkafka::error::KafkaError::MessageConsumption(
+                rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+            ))) => {
+                tracing::warn!("a subscribed topic does not exist yet; consuming the others");
+                continue;
+            }
             Ok(Err(e)) => return Err(KafkaError::Consume(e)),
             Ok(Ok(m)) => m,
         };

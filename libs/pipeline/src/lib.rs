@@ -40,6 +40,37 @@ pub mod topics {
         format!("{pipeline}.quality")
     }
 
+    /// The internal topic of an aggregation whose group-by is not led by the key: the
+    /// aggregator writes its events there keyed by the group, and reads them back.
+    pub fn repartition(pipeline: &str, aggregation: &str) -> String {
+        format!("{pipeline}.by-{aggregation}")
+    }
+
+    /// The aggregation a repartition topic belongs to: `orders.by-region` -> `region`.
+    pub fn repartitioned_aggregation(topic: &str) -> Option<&str> {
+        topic.rsplit_once('.')?.1.strip_prefix("by-")
+    }
+
+    /// Every topic of a pipeline: raw, enriched, dead letters, quality records (always, so a
+    /// hot reload adding the first rule meets no missing topic) and the repartition topic of
+    /// each aggregation not grouped by the key.
+    pub fn of_pipeline(def: &crate::PipelineDefinition) -> Vec<String> {
+        [
+            raw(&def.name),
+            enriched(&def.name),
+            dead_letter(&def.name),
+            quality(&def.name),
+        ]
+        .into_iter()
+        .chain(
+            def.aggregations
+                .iter()
+                .filter(|a| a.repartitioned())
+                .map(|a| repartition(&def.name, &a.name)),
+        )
+        .collect()
+    }
+
     /// The pipeline a stage topic belongs to: `orders.raw` -> `orders`.
     pub fn pipeline_of(topic: &str) -> &str {
         topic.rsplit_once('.').map_or(topic, |(p, _)| p)

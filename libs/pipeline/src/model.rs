@@ -138,7 +138,8 @@ pub enum MissPolicy {
 pub struct Aggregation {
     pub name: String,
     /// What a group is: `key` (the partition key), `payload.<path>` or `enrichment.<field>`.
-    /// Must start with `key` so each window has one owner (until repartitioning exists).
+    /// Led by `key`, a group's events are already in one partition; otherwise they are
+    /// repartitioned by the group first (see [`Aggregation::repartitioned`]).
     #[serde(default = "default_group_by")]
     pub group_by: Vec<FieldPath>,
     pub window: Window,
@@ -153,6 +154,15 @@ pub struct Aggregation {
     /// Only events this filter accepts are aggregated (all when absent).
     #[serde(default)]
     pub filter: Option<Filter>,
+}
+
+impl Aggregation {
+    /// Whether the aggregation's groups cut across the partition key, so its events go
+    /// through `<pipeline>.by-<name>`, keyed by the group, to give each window one owner
+    /// (DESIGN §7).
+    pub fn repartitioned(&self) -> bool {
+        self.group_by.first().is_none_or(|f| f.as_str() != "key")
+    }
 }
 
 fn default_group_by() -> Vec<FieldPath> {

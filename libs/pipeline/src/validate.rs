@@ -220,14 +220,28 @@ impl PipelineDefinition {
                     "must be at most 7 days: windows stay open (in memory) until it passes".into(),
                 );
             }
-            match agg.group_by.first() {
-                Some(first) if first.as_str() == "key" => {}
-                _ => problem(
+            if agg.group_by.is_empty() {
+                problem(
                     format!("aggregations[{i}].group_by"),
-                    "must start with `key`: each window needs one owner, and only the partition \
-                     key guarantees it until repartitioning exists"
-                        .into(),
-                ),
+                    "names no field".into(),
+                );
+            }
+            // A group-by not led by the key is repartitioned through `<pipeline>.by-<name>`.
+            let topic_safe = !agg.name.is_empty()
+                && agg.name.len() <= 64
+                && agg
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+            if agg.repartitioned() && !topic_safe {
+                problem(
+                    format!("aggregations[{i}].name"),
+                    format!(
+                        "`{}` must be 1-64 of [a-z0-9_-]: a group-by not led by `key` is \
+                         repartitioned through the topic `{}.by-<name>`",
+                        agg.name, self.name
+                    ),
+                );
             }
             for (j, path) in agg.group_by.iter().enumerate() {
                 if !field_root_ok(path) {
@@ -492,10 +506,23 @@ window = { kind = "tumbling", size = "1m" }
     }
 
     #[test]
-    fn group_by_must_start_with_the_key() {
-        let bad = GOOD.replace("window = {", "group_by = [\"payload.region\"]\nwindow = {");
-        let err = parse_document(&bad).unwrap_err().to_string();
-        assert!(err.contains("group_by: must start with `key`"), "{err}");
+    fn a_group_by_not_led_by_the_key_is_repartitioned_under_a_topic_safe_name() {
+        let by_region = GOOD.replace("window = {", "group_by = [\"payload.region\"]\nwindow = {");
+        let doc = parse_document(&by_region).unwrap();
+        let agg = &doc.pipelines[0].aggregations[0];
+        assert!(agg.repartitioned());
+        assert_eq!(
+            crate::topics::repartition("orders", &agg.name),
+            "orders.by-per_minute"
+        );
+        let err = parse_document(&by_region.replace("\"per_minute\"", "\"Per Minute\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("aggregations[0].name: `Per Minute` must be"), "{err}");
+        let none = GOOD.replace("window = {", "group_by = []\nwindow = {");
+        let err = parse_document(&none).unwrap_err().to_string();
+        assert!(err.contains("group_by: names no field"), "{err}");
+        assert!(!parse_document(GOOD).unwrap().pipelines[0].aggregations[0].repartitioned());
     }
 
     #[test]

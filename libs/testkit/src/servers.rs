@@ -204,7 +204,7 @@ impl KafkaBroker {
         }
     }
 
-    /// Creates a pipeline's three topics (`<pipeline>.raw`, `.enriched`, `.dlq`).
+    /// Creates a pipeline's topics `<pipeline>.raw`, `.enriched`, `.dlq` and `.quality`.
     pub fn create_pipeline_topics(
         &self,
         pipeline: &str,

@@ -9,15 +9,19 @@
 //! After a crash, restart or rebalance, the new owner of a partition restores its checkpoint
 //! and skips the records the checkpoint already reflects, so every window ends with the value
 //! one clean pass gives: nothing lost, nothing counted twice (DESIGN §3). Aggregations group by
-//! the partition key first, so each window has exactly one owner (DESIGN §7).
+//! the partition key, or are repartitioned so that each window has exactly one owner (DESIGN
+//! §7): for an aggregation whose group-by is not led by `key`, the owner of an enriched
+//! partition forwards each new event (repeats dropped first) to `<pipeline>.by-<name>`, keyed
+//! by the group and carrying its enriched partition and offset as origin, and waits for the
+//! broker's acknowledgement before the enriched records count as handled; the partitions of
+//! that topic are then aggregated like any other input, their repeats after a crash dropped by
+//! origin and event id.
 //!
 //! Windows are tumbling, hopping or session windows; functions are computed by accumulators
 //! that are part of the checkpointed state. A window is written once the watermark passes its
 //! end (and again for late events within the lateness), and while open every
 //! `aggregator.early_results_every` unless that is zero.
-//!
-//! Not yet here (the aggregator issue): repartitioning for group-bys that do not start with
-//! the key.
+
 
 mod functions;
 mod state;
@@ -34,9 +38,11 @@ use instream_kafka::{headers, DeadLetters, Record};
 use instream_pipeline::{topics, Catalog};
 use instream_stage::{Stage, Subscription};
 use instream_store::{AggregateStore, Checkpoint, CheckpointKey, WindowAggregate};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
-pub use state::{Outcome, PartitionState};
+pub use state::{Outcome, PartitionState, Scope};
 
 const SERVICE: &str = "aggregator";
 
@@ -56,11 +62,20 @@ pub enum AggregatorError {
     },
 }
 
-fn enriched_topics(catalog: &Catalog) -> Vec<String> {
+/// The enriched topic of every pipeline with aggregations, and the repartition topic of each
+/// aggregation not grouped by the key.
+fn input_topics(catalog: &Catalog) -> Vec<String> {
     catalog
         .iter()
         .filter(|p| !p.aggregations.is_empty())
-        .map(|p| topics::enriched(&p.name))
+        .flat_map(|p| {
+            std::iter::once(topics::enriched(&p.name)).chain(
+                p.aggregations
+                    .iter()
+                    .filter(|a| a.repartitioned())
+                    .map(|a| topics::repartition(&p.name, &a.name)),
+            )
+        })
         .collect()
 }
 
@@ -102,8 +117,10 @@ pub async fn run_with_store(
     let mut catalog = stage.catalog.clone();
     store.ping().await?;
     store_ready.set_ready();
-    let dead = DeadLetters::from_config(&config.kafka, SERVICE)?;
-    let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, enriched_topics)?;
+    let producer = instream_kafka::producer(&config.kafka, SERVICE)?;
+    let dead = DeadLetters::new(producer.clone(), SERVICE);
+    let mut forwarded: Vec<DeliveryFuture> = Vec::new();
+    let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, input_topics)?;
     subscription.announce_in(stage.registration.clone());
 
     let mut partitions = Partitions {
@@ -155,8 +172,15 @@ pub async fn run_with_store(
             // Stopping while the store was away: the rest is read again after a restart.
             let Some(state) = state else { break };
             let origin = origin_of(&record);
-            let outcome = state.apply(record.offset, &event, origin, def, horizon);
+            let scope = match topics::repartitioned_aggregation(&record.topic) {
+                Some(name) => Scope::Repartitioned(name),
+                None => Scope::Keyed,
+            };
+            let outcome = state.apply_in(scope, record.offset, &event, origin, def, horizon);
             count(&event, &outcome);
+            if scope == Scope::Keyed && matches!(outcome, Outcome::Counted | Outcome::TooLate(_)) {
+                forward(&producer, &record, &event, def, &mut forwarded).await?;
+            }
             if let Outcome::TooLate(aggregations) = &outcome {
                 let reason = format!(
                     "event time {} is beyond the allowed lateness of {} (watermark {})",
@@ -176,6 +200,11 @@ pub async fn run_with_store(
                 dead_letter(&dead, &record, "future_time", &reason).await?;
             }
             pending.push((record, Some(event.ingest_time)));
+        }
+        // Forwarded events are on the broker before their enriched records can be
+        // checkpointed and committed as handled.
+        for delivery in forwarded.drain(..) {
+            client::delivered(delivery).await?;
         }
         if last_flush.elapsed() >= config.aggregator.flush_interval {
             partitions.early = !early_every.is_zero() && last_early.elapsed() >= early_every;
@@ -223,6 +252,47 @@ pub async fn run_with_store(
         partitions = partitions.states.len(),
         "aggregator drained and committed"
     );
+    Ok(())
+}
+
+/// Sends `event` (the enriched `record` as it came) to the repartition topic of each of its
+/// pipeline's aggregations not grouped by the key that takes it, keyed by its group there.
+/// Its origin becomes the enriched partition and offset: one forwarder per enriched
+/// partition writes them in order, so a copy written again after a crash is recognised.
+async fn forward(
+    producer: &instream_kafka::client::Producer,
+    record: &Record,
+    event: &Event,
+    def: &instream_pipeline::PipelineDefinition,
+    deliveries: &mut Vec<DeliveryFuture>,
+) -> Result<(), AggregatorError> {
+    let mut payload = None;
+    for aggregation in def.aggregations.iter().filter(|a| a.repartitioned()) {
+        if let Some(filter) = &aggregation.filter {
+            if !functions::accepts(filter, event, &mut payload) {
+                continue;
+            }
+        }
+        let group = windows::group_key(aggregation, event, &mut payload);
+        let topic = topics::repartition(&def.name, &aggregation.name);
+        let (partition, offset) = (record.partition.to_string(), record.offset.to_string());
+        let hs = OwnedHeaders::new_with_capacity(2)
+            .insert(Header {
+                key: headers::ORIGIN_PARTITION,
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: headers::ORIGIN_OFFSET,
+                value: Some(&offset),
+            });
+        let out = FutureRecord::to(&topic)
+            .key(group.as_bytes())
+            .payload(record.payload.as_slice())
+            .headers(hs);
+        deliveries.push(client::send(producer, out).await?);
+        metrics::counter!("instream_aggregator_repartitioned_total", "pipeline" => def.name.clone(), "aggregation" => aggregation.name.clone())
+            .increment(1);
+    }
     Ok(())
 }
 

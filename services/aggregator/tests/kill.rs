@@ -1,7 +1,9 @@
 //! The `instream-aggregator` binary killed with -9 twice mid-stream and restarted: every
 //! window in the store ends with exactly the count one clean pass over the distinct events
 //! gives — nothing lost, nothing counted twice — although the input also holds client retries
-//! (an `event_id` again) and an upstream re-run's re-emits (an origin offset again). Runs
+//! (an `event_id` again) and an upstream re-run's re-emits (an origin offset again), for an
+//! aggregation grouped by the key and for one grouped by a payload field across keys
+//! (repartitioned through `<pipeline>.by-per_bucket`). Runs
 //! against a real Kafka-protocol broker (the embedded one, or `INSTREAM_TEST_KAFKA`), with the
 //! local store, which outlives the process.
 
@@ -20,6 +22,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 const BIN: &str = env!("CARGO_BIN_EXE_instream-aggregator");
 const EVENTS: usize = 12_000;
 const KEYS: usize = 40;
+/// Groups of the repartitioned aggregation; each spans keys of every partition.
+const BUCKETS: usize = 7;
 const PARTITIONS: i32 = 4;
 const RETRY_DELAY: usize = 300;
 /// 2024-05-01T12:00:00Z; event times are shuffled over five one-minute windows after it.
@@ -55,6 +59,8 @@ async fn wait_until<F: std::future::Future<Output = bool>>(
 struct Input {
     /// (key, window start) -> distinct events.
     expected: BTreeMap<(String, i64), i64>,
+    /// (bucket, window start) -> distinct events.
+    expected_buckets: BTreeMap<(String, i64), i64>,
     records: usize,
 }
 
@@ -70,6 +76,7 @@ async fn produce(broker: &KafkaBroker, pipeline: &str) -> Input {
         .unwrap();
     let topic = format!("{pipeline}.enriched");
     let mut expected = BTreeMap::new();
+    let mut expected_buckets = BTreeMap::new();
     let mut sent: Vec<Vec<(String, String, i64)>> = vec![Vec::new(); PARTITIONS as usize];
     let mut origin = vec![0i64; PARTITIONS as usize];
     let mut deliveries = Vec::new();
@@ -110,13 +117,19 @@ async fn produce(broker: &KafkaBroker, pipeline: &str) -> Input {
             let key = format!("k{}", i % KEYS);
             let partition = (i % KEYS) as i32 % PARTITIONS;
             let event_time = T0 + ((i * 7_919) % 300_000) as i64;
+            // Buckets cut across keys and partitions: `per_bucket` is repartitioned.
+            let bucket = format!("b{}", i % BUCKETS);
             let envelope = serde_json::json!({
                 "event_id": format!("e{i}"), "pipeline": pipeline, "key": key,
-                "event_time": event_time, "ingest_time": T0 + i as i64, "payload": {"n": i},
+                "event_time": event_time, "ingest_time": T0 + i as i64,
+                "payload": {"n": i, "bucket": bucket},
             })
             .to_string();
             *expected
                 .entry((key.clone(), event_time - event_time % 60_000))
+                .or_insert(0) += 1;
+            *expected_buckets
+                .entry((bucket, event_time - event_time % 60_000))
                 .or_insert(0) += 1;
             if i.is_multiple_of(10) {
                 retries.push_back((i + RETRY_DELAY, key.clone(), envelope.clone(), partition));
@@ -141,7 +154,11 @@ async fn produce(broker: &KafkaBroker, pipeline: &str) -> Input {
     for d in deliveries {
         d.await.unwrap().unwrap();
     }
-    Input { expected, records }
+    Input {
+        expected,
+        expected_buckets,
+        records,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,6 +167,10 @@ async fn killed_twice_with_9_every_window_holds_the_count_of_one_clean_pass() {
     let pipeline = unique("aggkill");
     broker
         .create_pipeline_topics(&pipeline, PARTITIONS)
+        .unwrap();
+    // Services create it on a Kafka cluster; the embedded broker has no CreateTopics API.
+    broker
+        .create_topic(&format!("{pipeline}.by-per_bucket"), PARTITIONS)
         .unwrap();
     let input = produce(&broker, &pipeline).await;
 
@@ -168,6 +189,10 @@ partitions = {PARTITIONS}
 max_out_of_orderness = "10m"
 [[pipelines.aggregations]]
 name = "per_minute"
+window = {{ kind = "tumbling", size = "1m" }}
+[[pipelines.aggregations]]
+name = "per_bucket"
+group_by = ["payload.bucket"]
 window = {{ kind = "tumbling", size = "1m" }}
 "#
         ),
@@ -223,7 +248,8 @@ batch_size = 300
             "group=\"instream-aggregator\"",
         )
         .await;
-        lines == PARTITIONS as usize && lag == 0.0
+        // The enriched topic and `per_bucket`'s repartition topic.
+        lines == 2 * PARTITIONS as usize && lag == 0.0
     })
     .await;
     last.terminate().unwrap();
@@ -253,5 +279,27 @@ batch_size = 300
     assert_eq!(
         got, input.expected,
         "per-key, per-window counts of one clean pass"
+    );
+    // Repartitioned by bucket: each bucket's windows hold the events of every partition.
+    let mut got = BTreeMap::new();
+    for b in 0..BUCKETS {
+        let rows = store
+            .query(&AggregateQuery {
+                pipeline: pipeline.clone(),
+                aggregation: "per_bucket".into(),
+                group_key: format!("b{b}"),
+                from: T0,
+                to: T0 + 600_000,
+                limit: 100,
+            })
+            .await
+            .unwrap();
+        for r in rows {
+            got.insert((r.group_key, r.window_start), r.count);
+        }
+    }
+    assert_eq!(
+        got, input.expected_buckets,
+        "per-bucket, per-window counts of one clean pass"
     );
 }

@@ -110,11 +110,7 @@ impl Standalone {
             {
                 let catalog = FileSource::new(path).load()?;
                 for p in catalog.iter() {
-                    for t in [
-                        topics::raw(&p.name),
-                        topics::enriched(&p.name),
-                        topics::dead_letter(&p.name),
-                    ] {
+                    for t in topics::of_pipeline(p) {
                         broker.create_topic(&t, p.partitions)?;
                     }
                 }

@@ -154,6 +154,24 @@ impl Default for PartitionState {
     }
 }
 
+/// Which of a pipeline's aggregations the events of one input partition feed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    /// A partition of `<pipeline>.enriched`: the aggregations grouped by the key.
+    Keyed,
+    /// A partition of `<pipeline>.by-<name>`: that one repartitioned aggregation.
+    Repartitioned(&'a str),
+}
+
+impl Scope<'_> {
+    pub fn takes(&self, aggregation: &instream_pipeline::Aggregation) -> bool {
+        match self {
+            Scope::Keyed => !aggregation.repartitioned(),
+            Scope::Repartitioned(name) => aggregation.repartitioned() && aggregation.name == *name,
+        }
+    }
+}
+
 impl PartitionState {
     pub fn next_offset(&self) -> i64 {
         self.next_offset
@@ -172,10 +190,25 @@ impl PartitionState {
             .saturating_sub(def.max_out_of_orderness.as_millis() as i64)
     }
 
-    /// Applies the record at `offset`. `origin` is (partition, offset) in the stage's input
-    /// when the record carries it.
+    /// Applies the record at `offset` of an enriched-topic partition to the aggregations
+    /// grouped by the key. `origin` is (partition, offset) in the stage's input when the
+    /// record carries it.
     pub fn apply(
         &mut self,
+        offset: i64,
+        event: &Event,
+        origin: Option<(i32, i64)>,
+        def: &PipelineDefinition,
+        horizon: Duration,
+    ) -> Outcome {
+        self.apply_in(Scope::Keyed, offset, event, origin, def, horizon)
+    }
+
+    /// Applies the record at `offset` to the aggregations of `scope`; repeats and the time
+    /// checks are judged the same way whatever the scope.
+    pub fn apply_in(
+        &mut self,
+        scope: Scope<'_>,
         offset: i64,
         event: &Event,
         origin: Option<(i32, i64)>,
@@ -210,7 +243,7 @@ impl PartitionState {
         let watermark = self.watermark(def);
         let mut late = Vec::new();
         let mut payload = None;
-        for aggregation in &def.aggregations {
+        for aggregation in def.aggregations.iter().filter(|a| scope.takes(a)) {
             if let Some(filter) = &aggregation.filter {
                 if !accepts(filter, event, &mut payload) {
                     continue;
