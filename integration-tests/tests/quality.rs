@@ -358,16 +358,28 @@ async fn each_rule_kind_and_action_and_the_report_counts_exactly_what_was_inject
     }
     let total: u64 = expected.values().sum();
     let quality_topic = topics::quality(&pipeline);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let records: Vec<ViolationRecord> = loop {
-        let payloads = instream_kafka::ops::read_topic(&config.kafka, &quality_topic)
-            .await
-            .unwrap();
+        let payloads = instream_kafka::ops::scan_topic_since(
+            &config.kafka,
+            &quality_topic,
+            0,
+            Vec::new(),
+            |all: &mut Vec<Vec<u8>>, _, payload| all.push(payload.to_vec()),
+        )
+        .await
+        .unwrap();
         if payloads.len() as u64 >= total {
             break payloads
                 .iter()
                 .map(|p| serde_json::from_slice(p).unwrap())
                 .collect();
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {total} violation records",
+            payloads.len()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let report = Report::build(
@@ -381,13 +393,31 @@ async fn each_rule_kind_and_action_and_the_report_counts_exactly_what_was_inject
         assert_eq!(report.total(rule), *n, "rule {rule}: {:?}", report.rows);
     }
     assert_eq!(report.rows.iter().map(|r| r.violations).sum::<u64>(), total);
-    // Samples: at most two per rule this minute, each with the offending event's payload.
-    for (rule, samples) in &report.samples {
-        assert!(samples.len() <= 2, "{rule}");
-        assert!(samples.iter().all(|s| s.sample.is_some()));
+    // Samples: two per rule and minute (so at most four if the run crossed a minute), each
+    // with the offending event's payload; every rule that was broken has some.
+    for rule in expected.keys() {
+        let sampled: Vec<&ViolationRecord> = records
+            .iter()
+            .filter(|r| r.rule == *rule && r.sample.is_some())
+            .collect();
+        assert!(
+            (1..=4).contains(&sampled.len()),
+            "{rule}: {} samples",
+            sampled.len()
+        );
+        let i: usize = sampled[0]
+            .event_id
+            .rsplit('-')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            broken[i].contains(rule),
+            "a sample of {rule} that did not break it"
+        );
     }
-    let sampled: usize = records.iter().filter(|r| r.sample.is_some()).count();
-    assert!(sampled <= 2 * expected.len(), "{sampled} samples");
+    assert_eq!(report.samples.len(), expected.len());
     let range = records.iter().find(|r| r.rule == "amount-range").unwrap();
     assert_eq!(range.action.as_str(), "dead_letter");
     assert_eq!(range.severity.as_str(), "error");

@@ -71,40 +71,16 @@ pub async fn plan_offset_reset(
     blocking(move || {
         let consumer: BaseConsumer = c.create().map_err(KafkaError::Config)?;
         let partitions = partitions_of(&consumer, &topic)?;
-        let mut at = TopicPartitionList::new();
         let mut current = TopicPartitionList::new();
         for &p in &partitions {
-            at.add_partition_offset(&topic, p, Offset::Offset(at_millis))
-                .map_err(KafkaError::Consume)?;
             current.add_partition(&topic, p);
         }
-        let found = consumer
-            .offsets_for_times(at, TIMEOUT)
-            .map_err(KafkaError::Consume)?;
+        let targets = offsets_at(&consumer, &c, &topic, &partitions, at_millis)?;
         let committed = consumer
             .committed_offsets(current, TIMEOUT)
             .map_err(KafkaError::Consume)?;
         let mut plan = Vec::new();
-        for &p in &partitions {
-            let target = match found.find_partition(&topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => o,
-                // "No record at or after the time" — or a broker that cannot look up times
-                // (librdkafka's mock answers that for every time). Check the last record and
-                // scan when the answer cannot be right.
-                _ => {
-                    let (low, high) = consumer
-                        .fetch_watermarks(&topic, p, TIMEOUT)
-                        .map_err(KafkaError::Consume)?;
-                    let last_is_older =
-                        first_at_or_after(&c, &topic, p, at_millis, (high - 1).max(low), high)?
-                            == high;
-                    if last_is_older {
-                        high
-                    } else {
-                        first_at_or_after(&c, &topic, p, at_millis, low, high)?
-                    }
-                }
-            };
+        for (p, target) in targets {
             let committed = match committed.find_partition(&topic, p).map(|e| e.offset()) {
                 Some(Offset::Offset(o)) => Some(o),
                 _ => None,
@@ -118,6 +94,48 @@ pub async fn plan_offset_reset(
         Ok(plan)
     })
     .await
+}
+
+/// Per partition, the offset of the first record at or after `at_millis` (the partition's
+/// end when there is none).
+fn offsets_at(
+    consumer: &BaseConsumer,
+    c: &ClientConfig,
+    topic: &str,
+    partitions: &[i32],
+    at_millis: i64,
+) -> Result<Vec<(i32, i64)>, KafkaError> {
+    let mut at = TopicPartitionList::new();
+    for &p in partitions {
+        at.add_partition_offset(topic, p, Offset::Offset(at_millis))
+            .map_err(KafkaError::Consume)?;
+    }
+    let found = consumer
+        .offsets_for_times(at, TIMEOUT)
+        .map_err(KafkaError::Consume)?;
+    let mut targets = Vec::new();
+    for &p in partitions {
+        let target = match found.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            // "No record at or after the time" — or a broker that cannot look up times
+            // (librdkafka's mock answers that for every time). Check the last record and
+            // scan when the answer cannot be right.
+            _ => {
+                let (low, high) = consumer
+                    .fetch_watermarks(topic, p, TIMEOUT)
+                    .map_err(KafkaError::Consume)?;
+                let last_is_older =
+                    first_at_or_after(c, topic, p, at_millis, (high - 1).max(low), high)? == high;
+                if last_is_older {
+                    high
+                } else {
+                    first_at_or_after(c, topic, p, at_millis, low, high)?
+                }
+            }
+        };
+        targets.push((p, target));
+    }
+    Ok(targets)
 }
 
 /// The offset of the first record in `[start, end)` of one partition whose timestamp is at or
@@ -236,24 +254,31 @@ pub async fn scan_partition<S: Send + 'static>(
     .await
 }
 
-/// Every committed record's payload on `topic` now, partition by partition (for operator
-/// reports over small topics such as `<pipeline>.quality`).
-pub async fn read_topic(cfg: &KafkaConfig, topic: &str) -> Result<Vec<Vec<u8>>, KafkaError> {
+/// Hands every committed record of `topic` written at or after `since_millis` (its broker
+/// timestamp) up to the end now to `visit`, with its partition, one partition after the other
+/// (for operator reports over a time range, without holding the topic in memory).
+pub async fn scan_topic_since<S: Send + 'static>(
+    cfg: &KafkaConfig,
+    topic: &str,
+    since_millis: i64,
+    mut state: S,
+    visit: fn(&mut S, i32, &[u8]),
+) -> Result<S, KafkaError> {
     let c = client_config(cfg, "instream-scan");
     let topic = topic.to_owned();
     blocking(move || {
         let consumer: BaseConsumer = c.create().map_err(KafkaError::Config)?;
-        let mut out = Vec::new();
-        for p in partitions_of(&consumer, &topic)? {
-            let (low, high) = consumer
+        let partitions = partitions_of(&consumer, &topic)?;
+        for (p, start) in offsets_at(&consumer, &c, &topic, &partitions, since_millis)? {
+            let (_, high) = consumer
                 .fetch_watermarks(&topic, p, TIMEOUT)
                 .map_err(KafkaError::Consume)?;
-            scan(&c, &topic, p, low, high, |m| {
-                out.push(m.payload().unwrap_or_default().to_vec());
+            scan(&c, &topic, p, start, high, |m| {
+                visit(&mut state, p, m.payload().unwrap_or_default());
                 true
             })?;
         }
-        Ok(out)
+        Ok(state)
     })
     .await
 }

@@ -14,6 +14,9 @@ use crate::model::{FilterOp, PipelineDefinition};
 /// Most rules one pipeline may declare: each costs CPU on every event.
 pub const MAX_QUALITY_RULES: usize = 64;
 
+/// Longest freshness limit: ten years, far inside the milliseconds an i64 holds.
+const MAX_FRESHNESS: Duration = Duration::from_secs(3650 * 24 * 3600);
+
 /// Longest regex source accepted (the compiled automaton is bounded by the regex crate too).
 const MAX_PATTERN_LEN: usize = 1024;
 
@@ -31,7 +34,9 @@ pub struct QualityRule {
 }
 
 /// How bad a violation is: carried into records and the report, never changes the action.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Severity {
     Info,
@@ -51,7 +56,9 @@ impl Severity {
 }
 
 /// What a violation does to the event. Every violation is also counted and recorded.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum QualityAction {
     /// The event goes on, carrying the names of the rules it broke (header
@@ -234,11 +241,16 @@ pub(crate) fn validate_rules(def: &PipelineDefinition, problem: &mut dyn FnMut(S
                     format!("the pipeline has no enrichment rule `{enrichment}`"),
                 )
             }
-            Check::Freshness { max_age, max_ahead } if max_age.is_none() && max_ahead.is_none() => {
-                problem(
-                    at(".check"),
-                    "freshness needs `max_age` or `max_ahead`".into(),
-                )
+            Check::Freshness { max_age, max_ahead } => {
+                if max_age.is_none() && max_ahead.is_none() {
+                    problem(
+                        at(".check"),
+                        "freshness needs `max_age` or `max_ahead`".into(),
+                    )
+                }
+                if max_age.iter().chain(max_ahead).any(|d| *d > MAX_FRESHNESS) {
+                    problem(at(".check"), "limits must be at most 3650 days".into())
+                }
             }
             _ => {}
         }

@@ -518,7 +518,10 @@ window = { kind = "tumbling", size = "1m" }
         let err = parse_document(&by_region.replace("\"per_minute\"", "\"Per Minute\""))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("aggregations[0].name: `Per Minute` must be"), "{err}");
+        assert!(
+            err.contains("aggregations[0].name: `Per Minute` must be"),
+            "{err}"
+        );
         let none = GOOD.replace("window = {", "group_by = []\nwindow = {");
         let err = parse_document(&none).unwrap_err().to_string();
         assert!(err.contains("group_by: names no field"), "{err}");

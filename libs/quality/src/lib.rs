@@ -11,7 +11,7 @@ mod report;
 mod rules;
 
 pub use record::{bounded_value, Sampler, ViolationRecord, MAX_SAMPLE_BYTES};
-pub use report::{Report, ReportRow};
+pub use report::{Report, ReportBuilder, ReportRow};
 pub use rules::{EventFacts, RuleSet, RuleSetCache, Violation};
 
 /// The header listing the rules a tagged event broke, comma-separated.

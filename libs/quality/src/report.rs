@@ -28,53 +28,77 @@ pub struct Report {
     pub from: String,
     pub to: String,
     pub rows: Vec<ReportRow>,
-    /// Up to the asked number of sampled violations per rule, oldest first.
+    /// Up to the asked number of sampled violations per rule, in the order read.
     pub samples: BTreeMap<String, Vec<ViolationRecord>>,
 }
 
-impl Report {
-    /// Counts `records` whose ingest time is in `from..to` (epoch milliseconds), bucketed by
-    /// the hour of ingest time: when the bad data arrived (its event time may be the very
-    /// thing that is wrong).
-    pub fn build(
-        pipeline: &str,
-        from: i64,
-        to: i64,
-        records: impl IntoIterator<Item = ViolationRecord>,
-        samples_per_rule: usize,
-    ) -> Report {
-        let mut seen: HashSet<(String, String)> = HashSet::new();
-        let mut counts: BTreeMap<(i64, String), (Severity, QualityAction, u64)> = BTreeMap::new();
-        let mut samples: BTreeMap<String, Vec<ViolationRecord>> = BTreeMap::new();
-        for record in records {
-            if record.pipeline != pipeline || record.ingest_time < from || record.ingest_time >= to
-            {
-                continue;
-            }
-            if !seen.insert((record.event_id.clone(), record.rule.clone())) {
-                continue;
-            }
-            let hour = record.ingest_time.div_euclid(HOUR_MS) * HOUR_MS;
-            let entry = counts.entry((hour, record.rule.clone())).or_insert((
-                record.severity,
-                record.action,
-                0,
-            ));
-            entry.2 += 1;
-            if record.sample.is_some() {
-                let kept = samples.entry(record.rule.clone()).or_default();
-                if kept.len() < samples_per_rule {
-                    kept.push(record);
-                }
+/// Builds a [`Report`] from records read one at a time, partition after partition: copies of
+/// one violation share their event id as key, so they are in one partition, and the set that
+/// recognises them is emptied between partitions.
+pub struct ReportBuilder {
+    pipeline: String,
+    from: i64,
+    to: i64,
+    samples_per_rule: usize,
+    seen: HashSet<(String, String)>,
+    counts: BTreeMap<(i64, String, Severity, QualityAction), u64>,
+    samples: BTreeMap<String, Vec<ViolationRecord>>,
+}
+
+impl ReportBuilder {
+    /// Counts records whose ingest time is in `from..to` (epoch milliseconds).
+    pub fn new(pipeline: &str, from: i64, to: i64, samples_per_rule: usize) -> Self {
+        Self {
+            pipeline: pipeline.to_owned(),
+            from,
+            to,
+            samples_per_rule,
+            seen: HashSet::new(),
+            counts: BTreeMap::new(),
+            samples: BTreeMap::new(),
+        }
+    }
+
+    pub fn add(&mut self, record: ViolationRecord) {
+        if record.pipeline != self.pipeline
+            || record.ingest_time < self.from
+            || record.ingest_time >= self.to
+        {
+            return;
+        }
+        if !self
+            .seen
+            .insert((record.event_id.clone(), record.rule.clone()))
+        {
+            return;
+        }
+        let hour = record.ingest_time.div_euclid(HOUR_MS) * HOUR_MS;
+        *self
+            .counts
+            .entry((hour, record.rule.clone(), record.severity, record.action))
+            .or_default() += 1;
+        if record.sample.is_some() {
+            let kept = self.samples.entry(record.rule.clone()).or_default();
+            if kept.len() < self.samples_per_rule {
+                kept.push(record);
             }
         }
+    }
+
+    /// Records of the next partition follow.
+    pub fn partition_done(&mut self) {
+        self.seen.clear();
+    }
+
+    pub fn finish(self) -> Report {
         Report {
-            pipeline: pipeline.to_owned(),
-            from: instream_event::format_rfc3339_millis(from),
-            to: instream_event::format_rfc3339_millis(to),
-            rows: counts
+            pipeline: self.pipeline,
+            from: instream_event::format_rfc3339_millis(self.from),
+            to: instream_event::format_rfc3339_millis(self.to),
+            rows: self
+                .counts
                 .into_iter()
-                .map(|((hour, rule), (severity, action, violations))| ReportRow {
+                .map(|((hour, rule, severity, action), violations)| ReportRow {
                     hour: instream_event::format_rfc3339_millis(hour),
                     rule,
                     severity,
@@ -82,8 +106,28 @@ impl Report {
                     violations,
                 })
                 .collect(),
-            samples,
+            samples: self.samples,
         }
+    }
+}
+
+impl Report {
+    /// Counts `records` whose ingest time is in `from..to` (epoch milliseconds), bucketed by
+    /// the hour of ingest time: when the bad data arrived (its event time may be the very
+    /// thing that is wrong). A rule whose severity or action changed within an hour has a
+    /// row for each.
+    pub fn build(
+        pipeline: &str,
+        from: i64,
+        to: i64,
+        records: impl IntoIterator<Item = ViolationRecord>,
+        samples_per_rule: usize,
+    ) -> Report {
+        let mut builder = ReportBuilder::new(pipeline, from, to, samples_per_rule);
+        for record in records {
+            builder.add(record);
+        }
+        builder.finish()
     }
 
     /// Total violations of `rule` in the report.

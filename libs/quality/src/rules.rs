@@ -91,7 +91,7 @@ enum Test {
     Type(Path, ValueType),
     Range(Path, Option<f64>, Option<f64>),
     Pattern(Path, regex::Regex),
-    Allowed(Path, Vec<Value>),
+    Allowed(Path, AllowedValues),
     Compare(Path, FilterOp, Path),
     /// Index of the enrichment rule whose lookup must have found a record.
     Reference(usize),
@@ -99,6 +99,57 @@ enum Test {
         max_age: Option<i64>,
         max_ahead: Option<i64>,
     },
+}
+
+/// An `allowed` list sorted for lookup once, not compared value by value per event.
+#[derive(Debug, Default)]
+struct AllowedValues {
+    /// Listed strings (a numeric string too matches only as that text).
+    texts: std::collections::HashSet<String>,
+    /// Listed numbers, as bit patterns of their f64 value (0.0 and -0.0 both as 0.0).
+    numbers: std::collections::HashSet<u64>,
+    /// Anything else listed (booleans, null, objects, arrays): compared as JSON.
+    others: Vec<Value>,
+}
+
+impl AllowedValues {
+    fn new(values: &[Value]) -> Self {
+        let mut set = AllowedValues::default();
+        for v in values {
+            match v {
+                Value::String(s) => {
+                    set.texts.insert(s.clone());
+                }
+                Value::Number(n) => match n.as_f64() {
+                    Some(x) => {
+                        set.numbers.insert(number_bits(x));
+                    }
+                    None => set.others.push(v.clone()),
+                },
+                other => set.others.push(other.clone()),
+            }
+        }
+        set
+    }
+
+    fn contains(&self, v: Lookup<'_>) -> bool {
+        match v {
+            Lookup::Key(k) => self.texts.contains(k),
+            Lookup::Value(Value::String(s)) => self.texts.contains(s.as_str()),
+            Lookup::Value(Value::Number(n)) => n
+                .as_f64()
+                .is_some_and(|x| self.numbers.contains(&number_bits(x))),
+            Lookup::Value(other) => self.others.contains(other),
+        }
+    }
+}
+
+fn number_bits(x: f64) -> u64 {
+    if x == 0.0 {
+        0.0f64.to_bits()
+    } else {
+        x.to_bits()
+    }
 }
 
 #[derive(Debug)]
@@ -161,7 +212,9 @@ impl RuleSet {
                     Path::new(field),
                     regex::Regex::new(regex).map_err(|e| invalid(e.to_string()))?,
                 ),
-                Check::Allowed { field, values } => Test::Allowed(Path::new(field), values.clone()),
+                Check::Allowed { field, values } => {
+                    Test::Allowed(Path::new(field), AllowedValues::new(values))
+                }
                 Check::Compare { left, op, right } => {
                     Test::Compare(Path::new(left), *op, Path::new(right))
                 }
@@ -288,16 +341,7 @@ fn judge(test: &Test, event: &EventFacts<'_>) -> Option<(Option<Value>, String)>
         }
         Test::Allowed(path, values) => {
             let v = path.value(event)?;
-            let allowed = values
-                .iter()
-                .any(|a| match (v.number(), Lookup::Value(a).number()) {
-                    (Some(x), Some(y)) if !a.is_string() => x == y,
-                    _ => match v {
-                        Lookup::Key(k) => a.as_str() == Some(k),
-                        Lookup::Value(v) => v == a,
-                    },
-                });
-            (!allowed).then(|| {
+            (!values.contains(v)).then(|| {
                 (
                     Some(v.to_value()),
                     "is not one of the allowed values".into(),
@@ -355,22 +399,24 @@ fn judge(test: &Test, event: &EventFacts<'_>) -> Option<(Option<Value>, String)>
     }
 }
 
-/// Numbers as numbers, two RFC 3339 times (or epoch-millis strings) as instants, other
-/// strings as text; anything else does not compare.
+/// Numbers (or numeric strings) as numbers, two RFC 3339 times as instants, other strings as
+/// text; anything else does not compare. Allocates nothing.
 fn compare(l: Lookup<'_>, r: Lookup<'_>) -> Option<Ordering> {
+    if let (Some(a), Some(b)) = (l.number(), r.number()) {
+        return a.partial_cmp(&b);
+    }
     if let (Some(a), Some(b)) = (l.as_str(), r.as_str()) {
-        let time = |s: &str| instream_event::parse_event_time(&Value::String(s.to_owned())).ok();
+        let time = |s: &str| {
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
+        };
         return match (time(a), time(b)) {
             (Some(x), Some(y)) => Some(x.cmp(&y)),
             _ => Some(a.cmp(b)),
         };
     }
-    match (l.number(), r.number()) {
-        (Some(a), Some(b)) => a.partial_cmp(&b),
-        _ => match (l, r) {
-            (Lookup::Value(a), Lookup::Value(b)) if a == b => Some(Ordering::Equal),
-            _ => None,
-        },
+    match (l, r) {
+        (Lookup::Value(a), Lookup::Value(b)) if a == b => Some(Ordering::Equal),
+        _ => None,
     }
 }
 
@@ -385,33 +431,37 @@ fn op_text(op: FilterOp) -> &'static str {
     }
 }
 
-/// Compiled rule sets by pipeline, rebuilt when a pipeline's definition version changes.
+/// Compiled rule sets by pipeline, rebuilt whenever the pipeline's definition is another
+/// one (a reload makes a new `Arc`), so a rewritten definition is never judged by the rules
+/// compiled for an earlier one, whatever its version says.
 #[derive(Default)]
 pub struct RuleSetCache {
-    sets: std::collections::HashMap<String, Arc<RuleSet>>,
+    sets: std::collections::HashMap<String, (Arc<PipelineDefinition>, Arc<RuleSet>)>,
 }
 
 impl RuleSetCache {
-    /// The rule set of `def`'s version; `None` when it has no rules. A definition that does
-    /// not compile (it cannot pass validation) is logged and checked by no rule.
-    pub fn get(&mut self, def: &PipelineDefinition) -> Option<Arc<RuleSet>> {
+    /// The rule set of `def`; `None` when it has no rules. A definition that does not compile
+    /// (it cannot have passed validation) keeps the rules last compiled for the pipeline.
+    pub fn get(&mut self, def: &Arc<PipelineDefinition>) -> Option<Arc<RuleSet>> {
         if def.quality.is_empty() {
+            self.sets.remove(&def.name);
             return None;
         }
-        if let Some(set) = self.sets.get(&def.name) {
-            if set.version == def.version {
+        if let Some((compiled_for, set)) = self.sets.get(&def.name) {
+            if Arc::ptr_eq(compiled_for, def) {
                 return Some(set.clone());
             }
         }
         match RuleSet::compile(def) {
             Ok(set) => {
                 let set = Arc::new(set);
-                self.sets.insert(def.name.clone(), set.clone());
+                self.sets
+                    .insert(def.name.clone(), (def.clone(), set.clone()));
                 Some(set)
             }
             Err(error) => {
-                tracing::error!(%error, "quality rules do not compile; not checked");
-                None
+                tracing::error!(%error, "quality rules do not compile; keeping the last ones");
+                self.sets.get(&def.name).map(|(_, set)| set.clone())
             }
         }
     }

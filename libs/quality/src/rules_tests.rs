@@ -172,3 +172,28 @@ check = { kind = "freshness", max_age = "400ms", max_ahead = "1s" }
         "event time is 2000 ms after ingest (max_ahead 1000 ms)"
     );
 }
+
+#[test]
+fn numeric_strings_compare_as_numbers_and_long_allowed_lists_match_by_type() {
+    let set = rule_set(
+        r#"
+[[pipelines.quality]]
+name = "more-seats-than-booked"
+check = { kind = "compare", left = "payload.seats", op = "gte", right = "payload.booked" }
+[[pipelines.quality]]
+name = "gate"
+check = { kind = "allowed", field = "payload.gate", values = ["A1", "B2", 7, true] }
+"#,
+    );
+    assert!(broken(&set, json!({"seats": "10", "booked": "9"})).is_empty());
+    assert_eq!(
+        broken(&set, json!({"seats": "9", "booked": 10})),
+        ["more-seats-than-booked"]
+    );
+    for ok in [json!("A1"), json!(7), json!(7.0), json!(true)] {
+        assert!(broken(&set, json!({ "gate": ok })).is_empty(), "{ok}");
+    }
+    for bad in [json!("7"), json!("a1"), json!(false), json!([7])] {
+        assert_eq!(broken(&set, json!({ "gate": bad })), ["gate"], "{bad}");
+    }
+}

@@ -22,7 +22,6 @@
 //! end (and again for late events within the lateness), and while open every
 //! `aggregator.early_results_every` unless that is zero.
 
-
 mod functions;
 mod state;
 mod windows;

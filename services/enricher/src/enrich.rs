@@ -248,14 +248,16 @@ impl Enricher {
                 ))
                 .or_default() += 1;
         }
-        for ((pipeline, rule, action), n) in violations {
-            metrics::counter!("instream_quality_violations_total", "pipeline" => pipeline, "rule" => rule, "action" => action)
-                .increment(n);
-        }
         // librdkafka copied every record: the arena serves the next batch.
         *self.arena.lock().unwrap_or_else(|p| p.into_inner()) = arena;
         for delivery in deliveries {
             client::delivered(delivery).await?;
+        }
+        // Counted once on the broker (a transaction may still abort: then counted again when
+        // the batch is redone).
+        for ((pipeline, rule, action), n) in violations {
+            metrics::counter!("instream_quality_violations_total", "pipeline" => pipeline, "rule" => rule, "action" => action)
+                .increment(n);
         }
         let now = instream_event::now_millis();
         let latency = metrics::histogram!("instream_stage_latency_seconds", "stage" => SERVICE);

@@ -150,9 +150,9 @@ fn check_quality(
         let severity = rules.severity(violation.rule);
         match action {
             QualityAction::DeadLetter if verdict.dead.is_none() => {
-                let value = violation
-                    .value
-                    .as_ref()
+                // Bounded: the reason travels in a header and a log line, and a huge value
+                // would push the dead letter over the broker's message size.
+                let value = instream_quality::bounded_value(violation.value.clone())
                     .map_or_else(String::new, |v| format!(" (value {v})"));
                 verdict.dead = Some(format!(
                     "quality rule `{name}` ({}): {}{value}",
@@ -483,6 +483,7 @@ pub fn render(
             outputs.push(Output::Dead { code, reason });
             continue;
         }
+        let recorded = quality.records.len();
         let verdict = match check_quality(
             quality,
             &def,
@@ -538,6 +539,8 @@ pub fn render(
                     arena.extend_from_slice(&reencoded);
                 }
                 Err(e) => {
+                    // Not the event the rules judged after all: no violation of it stands.
+                    quality.records.truncate(recorded);
                     outputs.push(Output::Dead {
                         code: "decode_error",
                         reason: e.to_string(),

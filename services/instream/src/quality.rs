@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use instream_core::Config;
 use instream_pipeline::topics;
-use instream_quality::{Report, ViolationRecord};
+use instream_quality::{Report, ReportBuilder, ViolationRecord};
 
 use crate::output::{emit, emit_json, table, Output};
 
@@ -47,16 +47,32 @@ pub async fn quality(command: QualityCommand) -> anyhow::Result<()> {
     anyhow::ensure!(from < to, "--from must be before --to");
     let config = Config::load(config.as_deref())?;
     let topic = topics::quality(&pipeline);
-    let payloads = instream_kafka::ops::read_topic(&config.kafka, &topic)
-        .await
-        .with_context(|| format!("reading `{topic}`"))?;
-    let mut unreadable = 0usize;
-    let records = payloads.iter().filter_map(|p| {
-        let record = serde_json::from_slice::<ViolationRecord>(p).ok();
-        unreadable += usize::from(record.is_none());
-        record
-    });
-    let report = Report::build(&pipeline, from, to, records, samples);
+    // A record is produced after its event was ingested; an hour's slack covers clocks that
+    // disagree between hosts.
+    let since = from.saturating_sub(3_600_000);
+    let (builder, _, unreadable) = instream_kafka::ops::scan_topic_since(
+        &config.kafka,
+        &topic,
+        since,
+        (
+            ReportBuilder::new(&pipeline, from, to, samples),
+            None::<i32>,
+            0usize,
+        ),
+        |(builder, partition, unreadable), p, payload| {
+            if partition.is_some_and(|last| last != p) {
+                builder.partition_done();
+            }
+            *partition = Some(p);
+            match serde_json::from_slice::<ViolationRecord>(payload) {
+                Ok(record) => builder.add(record),
+                Err(_) => *unreadable += 1,
+            }
+        },
+    )
+    .await
+    .with_context(|| format!("reading `{topic}`"))?;
+    let report = builder.finish();
     if unreadable > 0 {
         eprintln!("warning: {unreadable} records of `{topic}` are not violation records; skipped");
     }
