@@ -1,8 +1,9 @@
 use async_trait::async_trait;
 use futures::future::try_join_all;
-use instream_core::config::StoreConfig;
+use instream_core::config::{StoreConfig, StoreConsistency};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
+use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
 use scylla::value::CqlTimestamp;
@@ -16,36 +17,109 @@ use crate::{
 const UPSERT_CONCURRENCY: usize = 64;
 
 /// ScyllaDB / Cassandra: one row per window, partitioned by (pipeline, aggregation, group) and
-/// clustered by window start, with a table TTL for retention. Writes use LOCAL_QUORUM.
+/// clustered by window start, with a table TTL for retention. Prepared statements (so the
+/// driver routes each to a replica of its partition), `store.write_consistency` and
+/// `store.read_consistency` (LOCAL_QUORUM by default); the windows of one group written in
+/// one flush go as unlogged batches of one partition key.
 pub struct ScyllaStore {
     session: Session,
     upsert: PreparedStatement,
+    write_consistency: Consistency,
+    batch_rows: usize,
     select: PreparedStatement,
     delete: PreparedStatement,
     save_checkpoint: PreparedStatement,
     load_checkpoint: PreparedStatement,
 }
 
+fn consistency(c: StoreConsistency) -> Consistency {
+    match c {
+        StoreConsistency::One => Consistency::One,
+        StoreConsistency::LocalOne => Consistency::LocalOne,
+        StoreConsistency::Two => Consistency::Two,
+        StoreConsistency::Quorum => Consistency::Quorum,
+        StoreConsistency::LocalQuorum => Consistency::LocalQuorum,
+        StoreConsistency::EachQuorum => Consistency::EachQuorum,
+        StoreConsistency::All => Consistency::All,
+    }
+}
+
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+type UpsertRow<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    CqlTimestamp,
+    CqlTimestamp,
+    i64,
+    i64,
+    String,
+);
+
+fn upsert_row(r: &WindowAggregate) -> UpsertRow<'_> {
+    (
+        &r.pipeline,
+        &r.aggregation,
+        &r.group_key,
+        CqlTimestamp(r.window_start),
+        CqlTimestamp(r.window_end),
+        r.definition_version,
+        r.count,
+        serde_json::Value::Object(r.values.clone()).to_string(),
+    )
+}
+
+/// `rows` cut into runs of one partition key (pipeline, aggregation, group), each at most
+/// `max` long, in the order the rows first appear.
+pub fn partition_runs(rows: &[WindowAggregate], max: usize) -> Vec<Vec<&WindowAggregate>> {
+    let mut by_key: Vec<((&str, &str, &str), Vec<&WindowAggregate>)> = Vec::new();
+    let mut index: std::collections::HashMap<(&str, &str, &str), usize> =
+        std::collections::HashMap::new();
+    for r in rows {
+        let key = (
+            r.pipeline.as_str(),
+            r.aggregation.as_str(),
+            r.group_key.as_str(),
+        );
+        let i = *index.entry(key).or_insert_with(|| {
+            by_key.push((key, Vec::new()));
+            by_key.len() - 1
+        });
+        by_key[i].1.push(r);
+    }
+    by_key
+        .into_iter()
+        .flat_map(|(_, rows)| {
+            rows.chunks(max.max(1))
+                .map(<[&WindowAggregate]>::to_vec)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 impl ScyllaStore {
-    async fn write(&self, r: &WindowAggregate) -> Result<(), StoreError> {
+    /// Writes one run of a partition key: a plain execute for one row, an unlogged batch for
+    /// more (one partition, so the batch costs the coordinator nothing extra).
+    async fn write_run(&self, run: &[&WindowAggregate]) -> Result<(), StoreError> {
+        if let [only] = run {
+            return self
+                .session
+                .execute_unpaged(&self.upsert, upsert_row(only))
+                .await
+                .map(|_| ())
+                .map_err(unavailable);
+        }
+        let mut batch = Batch::new(BatchType::Unlogged);
+        for _ in run {
+            batch.append_statement(self.upsert.clone());
+        }
+        batch.set_consistency(self.write_consistency);
+        let values: Vec<UpsertRow<'_>> = run.iter().map(|r| upsert_row(r)).collect();
         self.session
-            .execute_unpaged(
-                &self.upsert,
-                (
-                    &r.pipeline,
-                    &r.aggregation,
-                    &r.group_key,
-                    CqlTimestamp(r.window_start),
-                    CqlTimestamp(r.window_end),
-                    r.definition_version,
-                    r.count,
-                    serde_json::Value::Object(r.values.clone()).to_string(),
-                ),
-            )
+            .batch(&batch, values)
             .await
             .map(|_| ())
             .map_err(unavailable)
@@ -88,7 +162,11 @@ impl ScyllaStore {
             ))
             .await
             .map_err(|e| StoreError::Rejected(e.to_string()))?;
-        upsert.set_consistency(Consistency::LocalQuorum);
+        let (write, read) = (
+            consistency(cfg.write_consistency),
+            consistency(cfg.read_consistency),
+        );
+        upsert.set_consistency(write);
         let mut select = session
             .prepare(format!(
                 "SELECT pipeline, aggregation, group_key, window_start, window_end, \
@@ -98,7 +176,7 @@ impl ScyllaStore {
             ))
             .await
             .map_err(|e| StoreError::Rejected(e.to_string()))?;
-        select.set_consistency(Consistency::LocalQuorum);
+        select.set_consistency(read);
         let mut delete = session
             .prepare(format!(
                 "DELETE FROM {ks}.window_aggregates WHERE pipeline = ? AND aggregation = ? \
@@ -106,7 +184,7 @@ impl ScyllaStore {
             ))
             .await
             .map_err(|e| StoreError::Rejected(e.to_string()))?;
-        delete.set_consistency(Consistency::LocalQuorum);
+        delete.set_consistency(write);
         let mut save_checkpoint = session
             .prepare(format!(
                 "INSERT INTO {ks}.aggregator_checkpoints (consumer_group, topic, partition, \
@@ -114,7 +192,7 @@ impl ScyllaStore {
             ))
             .await
             .map_err(|e| StoreError::Rejected(e.to_string()))?;
-        save_checkpoint.set_consistency(Consistency::LocalQuorum);
+        save_checkpoint.set_consistency(write);
         let mut load_checkpoint = session
             .prepare(format!(
                 "SELECT next_offset, state FROM {ks}.aggregator_checkpoints \
@@ -122,10 +200,12 @@ impl ScyllaStore {
             ))
             .await
             .map_err(|e| StoreError::Rejected(e.to_string()))?;
-        load_checkpoint.set_consistency(Consistency::LocalQuorum);
+        load_checkpoint.set_consistency(read);
         Ok(ScyllaStore {
             session,
             upsert,
+            write_consistency: write,
+            batch_rows: cfg.upsert_batch_rows,
             select,
             delete,
             save_checkpoint,
@@ -165,8 +245,9 @@ pub fn schema(cfg: &StoreConfig) -> Vec<String> {
 #[async_trait]
 impl AggregateStore for ScyllaStore {
     async fn upsert(&self, rows: &[WindowAggregate]) -> Result<(), StoreError> {
-        for chunk in rows.chunks(UPSERT_CONCURRENCY) {
-            try_join_all(chunk.iter().map(|r| self.write(r))).await?;
+        let runs = partition_runs(rows, self.batch_rows);
+        for chunk in runs.chunks(UPSERT_CONCURRENCY) {
+            try_join_all(chunk.iter().map(|run| self.write_run(run))).await?;
         }
         Ok(())
     }
@@ -288,5 +369,50 @@ impl AggregateStore for ScyllaStore {
             .await
             .map(|_| ())
             .map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(group: &str, start: i64) -> WindowAggregate {
+        WindowAggregate {
+            pipeline: "p".into(),
+            aggregation: "a".into(),
+            group_key: group.into(),
+            window_start: start,
+            window_end: start + 60_000,
+            definition_version: 1,
+            count: 1,
+            values: Default::default(),
+        }
+    }
+
+    #[test]
+    fn rows_are_cut_into_bounded_runs_of_one_partition_key() {
+        let rows = [
+            row("x", 0),
+            row("y", 0),
+            row("x", 60),
+            row("x", 120),
+            row("y", 60),
+        ];
+        let runs: Vec<Vec<(&str, i64)>> = partition_runs(&rows, 2)
+            .iter()
+            .map(|run| {
+                run.iter()
+                    .map(|r| (r.group_key.as_str(), r.window_start))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            runs,
+            [
+                vec![("x", 0), ("x", 60)],
+                vec![("x", 120)],
+                vec![("y", 0), ("y", 60)]
+            ]
+        );
     }
 }

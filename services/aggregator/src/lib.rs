@@ -524,6 +524,14 @@ async fn flush(
         }
         metrics::counter!("instream_window_writes_total", "service" => SERVICE)
             .increment(rows.len() as u64);
+        let now = instream_event::now_millis();
+        let delay =
+            metrics::histogram!("instream_window_close_delay_seconds", "service" => SERVICE);
+        for state in partitions.states.values_mut() {
+            for closed_at in state.take_written_closes() {
+                delay.record((now - closed_at).max(0) as f64 / 1000.0);
+            }
+        }
     }
     let deletes: Vec<WindowAggregate> = partitions
         .states

@@ -467,6 +467,42 @@ pub struct StoreConfig {
     pub username: Option<String>,
     /// Password for `store.username`; never logged, masked by `check-config`.
     pub password: Option<String>,
+    /// Consistency of window and checkpoint writes (ScyllaDB/Cassandra).
+    pub write_consistency: StoreConsistency,
+    /// Consistency of reads: a restored checkpoint must see the last one written, so
+    /// writes + reads must overlap (W + R > replication factor); refused otherwise.
+    pub read_consistency: StoreConsistency,
+    /// Most windows of one group (one partition key) written as one unlogged batch: a
+    /// hopping window's event updates several windows of its group at once.
+    pub upsert_batch_rows: usize,
+}
+
+/// A ScyllaDB/Cassandra consistency level instream may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreConsistency {
+    One,
+    LocalOne,
+    Two,
+    Quorum,
+    LocalQuorum,
+    EachQuorum,
+    All,
+}
+
+impl StoreConsistency {
+    /// Replicas (in the local data centre, for the local and each-quorum levels) that must
+    /// answer, out of `replication` per data centre.
+    pub fn replicas(self, replication: u32) -> u32 {
+        match self {
+            StoreConsistency::One | StoreConsistency::LocalOne => 1,
+            StoreConsistency::Two => 2,
+            StoreConsistency::Quorum
+            | StoreConsistency::LocalQuorum
+            | StoreConsistency::EachQuorum => replication / 2 + 1,
+            StoreConsistency::All => replication,
+        }
+    }
 }
 
 impl Default for StoreConfig {
@@ -480,6 +516,9 @@ impl Default for StoreConfig {
             path: None,
             username: None,
             password: None,
+            write_consistency: StoreConsistency::LocalQuorum,
+            read_consistency: StoreConsistency::LocalQuorum,
+            upsert_batch_rows: 16,
         }
     }
 }
@@ -515,6 +554,26 @@ impl StoreConfig {
             self.username.is_some() == self.password.is_some(),
             "store.password",
             || "store.username and store.password go together".into(),
+        );
+        let rf = self.replication_factor;
+        let (w, r) = (
+            self.write_consistency.replicas(rf),
+            self.read_consistency.replicas(rf),
+        );
+        p.check(w <= rf && r <= rf, "store.write_consistency", || {
+            format!("asks more replicas than store.replication_factor {rf} has")
+        });
+        p.check(w + r > rf, "store.read_consistency", || {
+            format!(
+                "with store.write_consistency it reads {r} and writes {w} of {rf} replicas: a \
+                 restored checkpoint could miss the last one written (W + R must exceed the \
+                 replication factor)"
+            )
+        });
+        p.check(
+            (1..=100).contains(&self.upsert_batch_rows),
+            "store.upsert_batch_rows",
+            || "must be between 1 and 100".into(),
         );
     }
 }

@@ -249,3 +249,20 @@ fn sql_tables_are_checked_before_anything_runs() {
     let err = Config::from_toml("[[db_source.tables]]\nmode = \"snapshot\"\n").unwrap_err();
     assert!(err.to_string().contains("mode"), "{err}");
 }
+
+#[test]
+fn store_consistency_must_let_a_restore_read_the_last_checkpoint() {
+    let with =
+        |levels: &str| Config::from_toml(&format!("[store]\nreplication_factor = 3\n{levels}\n"));
+    with("").expect("local_quorum both ways");
+    with("write_consistency = \"all\"\nread_consistency = \"one\"").expect("3 + 1 > 3");
+    let err = with("write_consistency = \"one\"\nread_consistency = \"local_one\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("store.read_consistency"), "{err}");
+    assert!(err.contains("W + R must exceed"), "{err}");
+    let err = Config::from_toml("[store]\nreplication_factor = 1\nwrite_consistency = \"two\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("store.write_consistency"), "{err}");
+}

@@ -27,6 +27,7 @@ use crate::functions::{accepts, field_value, Acc};
 use crate::windows::group_key;
 use seen::{id_hash, Prehashed, SeenIds};
 
+mod close_clock;
 mod seen;
 mod sessions;
 
@@ -119,6 +120,8 @@ pub struct PartitionState {
     deletes: Vec<WindowAggregate>,
     /// Changed since the last checkpoint.
     changed: bool,
+    /// When windows closed, for the close-to-store delay (not checkpointed).
+    clock: close_clock::CloseClock,
 }
 
 /// The checkpointed part of a [`PartitionState`].
@@ -150,6 +153,7 @@ impl Default for PartitionState {
             sessions: HashMap::default(),
             deletes: Vec::new(),
             changed: false,
+            clock: Default::default(),
         }
     }
 }
@@ -310,7 +314,12 @@ impl PartitionState {
                 late.push(aggregation.name.clone());
             }
         }
-        self.max_event_time = self.max_event_time.max(event.event_time);
+        if event.event_time > self.max_event_time {
+            self.max_event_time = event.event_time;
+            // At most once per millisecond of event time: not a clock read per event.
+            self.clock
+                .advanced(event.event_time, instream_event::now_millis());
+        }
         if late.is_empty() {
             Outcome::Counted
         } else {
@@ -339,15 +348,18 @@ impl PartitionState {
         out: &mut Vec<WindowAggregate>,
     ) {
         let max_event_time = self.max_event_time;
-        for (id, v) in self.windows.values_mut().filter(|(_, v)| v.dirty) {
+        let clock = &mut self.clock;
+        for (hash, (id, v)) in self.windows.iter_mut().filter(|(_, (_, v))| v.dirty) {
             let def = def_of(&id.pipeline);
-            if !early {
-                let watermark = def.map_or(i64::MAX, |d| {
-                    max_event_time.saturating_sub(d.max_out_of_orderness.as_millis() as i64)
-                });
-                if v.end > watermark {
-                    continue;
-                }
+            let out_of_orderness = def.map(|d| d.max_out_of_orderness.as_millis() as i64);
+            // No definition any more: written as it is (nothing will change it).
+            let closed =
+                out_of_orderness.is_none_or(|ooo| v.end <= max_event_time.saturating_sub(ooo));
+            if !early && !closed {
+                continue;
+            }
+            if let (true, Some(ooo)) = (closed, out_of_orderness) {
+                clock.closed(*hash, v.end, ooo);
             }
             v.dirty = false;
             let functions = def
@@ -371,6 +383,12 @@ impl PartitionState {
                 values,
             });
         }
+    }
+
+    /// Wall-clock close times of the closed windows taken by [`Self::take_dirty`] since the
+    /// last call: the caller records each one's delay once the write is durable.
+    pub fn take_written_closes(&mut self) -> Vec<i64> {
+        self.clock.take_written()
     }
 
     /// Marks windows dirty again after a failed write, so the next flush retries them.
@@ -406,6 +424,7 @@ impl PartitionState {
         if closed > 0 {
             self.changed = true;
             let windows = &self.windows;
+            self.clock.retain(|hash| windows.contains_key(hash));
             self.sessions.retain(|_, open| {
                 open.retain(|hash| windows.contains_key(hash));
                 !open.is_empty()
@@ -479,6 +498,7 @@ impl PartitionState {
             sessions,
             deletes: Vec::new(),
             changed: false,
+            clock: Default::default(),
         };
         Ok((state, s.seen_from))
     }
