@@ -72,11 +72,14 @@ fn upsert_row(r: &WindowAggregate) -> UpsertRow<'_> {
     )
 }
 
+/// (pipeline, aggregation, group): the table's partition key.
+type PartitionKey<'a> = (&'a str, &'a str, &'a str);
+
 /// `rows` cut into runs of one partition key (pipeline, aggregation, group), each at most
 /// `max` long, in the order the rows first appear.
 pub fn partition_runs(rows: &[WindowAggregate], max: usize) -> Vec<Vec<&WindowAggregate>> {
-    let mut by_key: Vec<((&str, &str, &str), Vec<&WindowAggregate>)> = Vec::new();
-    let mut index: std::collections::HashMap<(&str, &str, &str), usize> =
+    let mut by_key: Vec<(PartitionKey<'_>, Vec<&WindowAggregate>)> = Vec::new();
+    let mut index: std::collections::HashMap<PartitionKey<'_>, usize> =
         std::collections::HashMap::new();
     for r in rows {
         let key = (
