@@ -172,7 +172,14 @@ pub async fn run_with_store(
             let Some(state) = state else { break };
             let origin = origin_of(&record);
             let scope = match topics::repartitioned_aggregation(&record.topic) {
-                Some(name) => Scope::Repartitioned(name),
+                Some(name) => Scope::Repartitioned {
+                    aggregation: name,
+                    group: record
+                        .key
+                        .as_deref()
+                        .and_then(|k| std::str::from_utf8(k).ok()),
+                    idle_timeout: config.aggregator.repartition_idle_timeout,
+                },
                 None => Scope::Keyed,
             };
             let outcome = state.apply_in(scope, record.offset, &event, origin, def, horizon);

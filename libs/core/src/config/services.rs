@@ -288,6 +288,14 @@ pub struct AggregatorConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     pub early_results_every: Duration,
+    /// Aggregations repartitioned by a group other than the key: their watermark follows the
+    /// slowest enriched partition still sending, so one restarting instance does not make
+    /// its partitions' events late; a partition silent for this long stops holding it back.
+    /// Exact through a restart shorter than this; windows fed by a partition that went quiet
+    /// close this much later.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub repartition_idle_timeout: Duration,
 }
 
 impl Default for AggregatorConfig {
@@ -297,6 +305,7 @@ impl Default for AggregatorConfig {
             batch_size: 5_000,
             dedup_horizon: Duration::from_secs(600),
             early_results_every: Duration::from_secs(1),
+            repartition_idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -309,6 +318,11 @@ impl AggregatorConfig {
             self.dedup_horizon <= Duration::from_secs(24 * 3600),
             "aggregator.dedup_horizon",
             || "must be at most 24h: a restart reads that much of each partition again".into(),
+        );
+        p.check(
+            self.repartition_idle_timeout <= Duration::from_secs(24 * 3600),
+            "aggregator.repartition_idle_timeout",
+            || "must be at most 24h: windows wait that long for a silent partition".into(),
         );
     }
 }

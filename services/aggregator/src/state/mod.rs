@@ -32,7 +32,7 @@ mod seen;
 mod sessions;
 
 /// Increments when the snapshot layout changes; older snapshots are refused, not misread.
-const SNAPSHOT_FORMAT: u8 = 3;
+const SNAPSHOT_FORMAT: u8 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct WindowId {
@@ -108,6 +108,9 @@ pub struct PartitionState {
     max_ingest_time: i64,
     /// Origin partition -> highest origin offset counted.
     origin_max: BTreeMap<i32, i64>,
+    /// Repartition partitions: origin partition -> (highest event time, wall-clock ms of its
+    /// last event); the event times are checkpointed.
+    origin_times: BTreeMap<i32, (i64, i64)>,
     seen: SeenIds,
     /// Keyed by a 128-bit hash of the id, so that finding an existing window allocates
     /// nothing.
@@ -134,6 +137,20 @@ struct Snapshot {
     seen_from: i64,
     origin_max: Vec<(i32, i64)>,
     windows: Vec<(WindowId, WindowValue)>,
+    /// Repartition partitions: each origin's highest event time (format 4 on).
+    origin_times: Vec<(i32, i64)>,
+}
+
+/// [`Snapshot`] as format 3 wrote it (before per-origin event times), still read.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct SnapshotV3 {
+    next_offset: i64,
+    max_event_time: i64,
+    max_ingest_time: i64,
+    seen_from: i64,
+    origin_max: Vec<(i32, i64)>,
+    windows: Vec<(WindowId, WindowValue)>,
 }
 
 /// A checkpoint's state could not be read.
@@ -148,6 +165,7 @@ impl Default for PartitionState {
             max_event_time: i64::MIN,
             max_ingest_time: i64::MIN,
             origin_max: BTreeMap::new(),
+            origin_times: BTreeMap::new(),
             seen: SeenIds::default(),
             windows: HashMap::default(),
             sessions: HashMap::default(),
@@ -163,15 +181,26 @@ impl Default for PartitionState {
 pub enum Scope<'a> {
     /// A partition of `<pipeline>.enriched`: the aggregations grouped by the key.
     Keyed,
-    /// A partition of `<pipeline>.by-<name>`: that one repartitioned aggregation.
-    Repartitioned(&'a str),
+    /// A partition of `<pipeline>.by-<aggregation>`: that one repartitioned aggregation.
+    Repartitioned {
+        aggregation: &'a str,
+        /// The record's key: the group it was partitioned by, so the window it lands in is
+        /// the one this partition owns even if the group-by changed since it was written
+        /// (`None`: computed from the event).
+        group: Option<&'a str>,
+        /// An origin (enriched partition) that sent nothing for this long (wall clock) no
+        /// longer holds the watermark back.
+        idle_timeout: Duration,
+    },
 }
 
 impl Scope<'_> {
     pub fn takes(&self, aggregation: &instream_pipeline::Aggregation) -> bool {
         match self {
             Scope::Keyed => !aggregation.repartitioned(),
-            Scope::Repartitioned(name) => aggregation.repartitioned() && aggregation.name == *name,
+            Scope::Repartitioned {
+                aggregation: name, ..
+            } => aggregation.repartitioned() && aggregation.name == *name,
         }
     }
 }
@@ -253,7 +282,12 @@ impl PartitionState {
                     continue;
                 }
             }
-            let group = group_key(aggregation, event, &mut payload);
+            let group = match scope {
+                Scope::Repartitioned {
+                    group: Some(group), ..
+                } => std::borrow::Cow::Borrowed(group),
+                _ => group_key(aggregation, event, &mut payload),
+            };
             let values: Vec<Option<serde_json::Value>> = aggregation
                 .functions
                 .iter()
@@ -314,17 +348,41 @@ impl PartitionState {
                 late.push(aggregation.name.clone());
             }
         }
-        if event.event_time > self.max_event_time {
-            self.max_event_time = event.event_time;
+        let progress = match (scope, origin) {
+            (Scope::Repartitioned { idle_timeout, .. }, Some((partition, _))) => {
+                self.origin_progress(partition, event.event_time, idle_timeout)
+            }
+            _ => event.event_time,
+        };
+        if progress > self.max_event_time {
+            self.max_event_time = progress;
             // At most once per millisecond of event time: not a clock read per event.
-            self.clock
-                .advanced(event.event_time, instream_event::now_millis());
+            self.clock.advanced(progress, instream_event::now_millis());
         }
         if late.is_empty() {
             Outcome::Counted
         } else {
             Outcome::TooLate(late)
         }
+    }
+
+    /// A repartition partition merges the events of every enriched partition, which do not
+    /// progress together (one may be restarting while the others race on): its watermark
+    /// follows the slowest origin still sending, so that an origin's events are late only
+    /// against its own progress, as in one clean pass. An origin silent for `idle_timeout`
+    /// stops holding it back. Returns the time the watermark may follow.
+    fn origin_progress(&mut self, origin: i32, event_time: i64, idle_timeout: Duration) -> i64 {
+        let now = instream_event::now_millis();
+        let entry = self.origin_times.entry(origin).or_insert((event_time, now));
+        entry.0 = entry.0.max(event_time);
+        entry.1 = now;
+        let idle = idle_timeout.as_millis() as i64;
+        self.origin_times
+            .values()
+            .filter(|(_, seen)| now.saturating_sub(*seen) <= idle)
+            .map(|(t, _)| *t)
+            .min()
+            .unwrap_or(event_time)
     }
 
     fn remember(&mut self, id: u128, ingest_time: i64, offset: i64, horizon: Duration) {
@@ -450,6 +508,11 @@ impl PartitionState {
             seen_from: self.seen.front_offset().unwrap_or(self.next_offset),
             origin_max: self.origin_max.iter().map(|(&p, &o)| (p, o)).collect(),
             windows: self.windows.values().cloned().collect(),
+            origin_times: self
+                .origin_times
+                .iter()
+                .map(|(&p, &(t, _))| (p, t))
+                .collect(),
         };
         // The format byte comes first, outside the encoded body, so that a build reading
         // another layout says so instead of misreading the body.
@@ -471,12 +534,26 @@ impl PartitionState {
         let Some((&format, body)) = bytes.split_first() else {
             return Err(SnapshotError("empty".into()));
         };
-        if format != SNAPSHOT_FORMAT {
-            return Err(SnapshotError(format!(
-                "format {format} (this build reads {SNAPSHOT_FORMAT})"
-            )));
-        }
-        let s: Snapshot = postcard::from_bytes(body).map_err(|e| SnapshotError(e.to_string()))?;
+        let decoded = match format {
+            SNAPSHOT_FORMAT => postcard::from_bytes::<Snapshot>(body),
+            3 => postcard::from_bytes::<SnapshotV3>(body).map(|v3| Snapshot {
+                next_offset: v3.next_offset,
+                max_event_time: v3.max_event_time,
+                max_ingest_time: v3.max_ingest_time,
+                seen_from: v3.seen_from,
+                origin_max: v3.origin_max,
+                windows: v3.windows,
+                origin_times: Vec::new(),
+            }),
+            _ => {
+                return Err(SnapshotError(format!(
+                    "format {format} (this build reads 3 and {SNAPSHOT_FORMAT})"
+                )))
+            }
+        };
+        let s: Snapshot = decoded.map_err(|e| SnapshotError(e.to_string()))?;
+        // Restored origins count as just heard from: each gets the idle timeout to resume.
+        let now = instream_event::now_millis();
         let mut sessions: HashMap<u128, Vec<u128>, Prehashed> = HashMap::default();
         for (id, v) in &s.windows {
             if v.gap.is_some() {
@@ -489,6 +566,11 @@ impl PartitionState {
             max_event_time: s.max_event_time,
             max_ingest_time: s.max_ingest_time,
             origin_max: s.origin_max.into_iter().collect(),
+            origin_times: s
+                .origin_times
+                .into_iter()
+                .map(|(p, t)| (p, (t, now)))
+                .collect(),
             seen: SeenIds::default(),
             windows: s
                 .windows

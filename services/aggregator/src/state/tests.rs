@@ -178,3 +178,130 @@ fn an_event_far_ahead_of_its_ingest_time_moves_nothing() {
         "the watermark did not move"
     );
 }
+
+/// `def()` with its aggregation grouped by a payload field: repartitioned.
+fn repartitioned_def() -> PipelineDefinition {
+    let mut def = def();
+    def.aggregations[0].group_by = vec!["payload.region".parse().unwrap()];
+    def
+}
+
+#[test]
+fn a_repartition_partition_waits_for_its_slowest_origin() {
+    let def = repartitioned_def();
+    let scope = |idle_secs: u64| Scope::Repartitioned {
+        aggregation: "per_minute",
+        group: Some("eu"),
+        idle_timeout: Duration::from_secs(idle_secs),
+    };
+    // Origin 0 races ten minutes ahead while origin 1 (say, restarting) is still at 0.
+    let run = |idle_secs| {
+        let mut s = PartitionState::default();
+        let outcomes = [
+            s.apply_in(
+                scope(idle_secs),
+                0,
+                &event("a", 0, 0),
+                Some((1, 0)),
+                &def,
+                HORIZON,
+            ),
+            s.apply_in(
+                scope(idle_secs),
+                1,
+                &event("b", 600_000, 1),
+                Some((0, 0)),
+                &def,
+                HORIZON,
+            ),
+            s.apply_in(
+                scope(idle_secs),
+                2,
+                &event("c", 1_000, 2),
+                Some((1, 1)),
+                &def,
+                HORIZON,
+            ),
+        ];
+        (outcomes, s)
+    };
+    let (outcomes, mut s) = run(3600);
+    // Origin 1's second event is in order for origin 1: counted, as in one clean pass.
+    assert!(
+        outcomes.iter().all(|o| *o == Outcome::Counted),
+        "{outcomes:?}"
+    );
+    assert_eq!(counts(&mut s), [(0, 2), (600_000, 1)]);
+    // The group is the record's key, whatever the payload says.
+    let mut rows = Vec::new();
+    s.take_dirty(|_| Some(&def), true, &mut rows);
+    assert!(rows.iter().all(|r| r.group_key == "eu"));
+    // A restored state keeps each origin's progress.
+    let (_, bytes) = s.snapshot().unwrap();
+    let (mut restored, _) = PartitionState::restore(&bytes).unwrap();
+    assert_eq!(
+        restored.apply_in(
+            scope(3600),
+            3,
+            &event("d", 2_000, 3),
+            Some((1, 2)),
+            &def,
+            HORIZON
+        ),
+        Outcome::Counted
+    );
+    // Origin 1 then falls silent for longer than the idle timeout: origin 0 alone sets the
+    // pace, and origin 1's old times are late when it comes back.
+    restored.origin_times.get_mut(&1).unwrap().1 -= 7_200_000;
+    restored.apply_in(
+        scope(3600),
+        4,
+        &event("e", 700_000, 4),
+        Some((0, 1)),
+        &def,
+        HORIZON,
+    );
+    assert!(matches!(
+        restored.apply_in(
+            scope(3600),
+            5,
+            &event("f", 3_000, 5),
+            Some((1, 3)),
+            &def,
+            HORIZON
+        ),
+        Outcome::TooLate(_)
+    ));
+    // The keyed behaviour, one watermark for all origins, would have refused it.
+    let keyed_def = self::def();
+    let mut keyed = PartitionState::default();
+    keyed.apply(0, &event("a", 0, 0), Some((1, 0)), &keyed_def, HORIZON);
+    keyed.apply(
+        1,
+        &event("b", 600_000, 1),
+        Some((0, 0)),
+        &keyed_def,
+        HORIZON,
+    );
+    assert!(matches!(
+        keyed.apply(2, &event("c", 1_000, 2), Some((1, 1)), &keyed_def, HORIZON),
+        Outcome::TooLate(_)
+    ));
+}
+
+#[test]
+fn format_3_checkpoints_are_still_read() {
+    let v3 = SnapshotV3 {
+        next_offset: 5,
+        max_event_time: 1_000,
+        max_ingest_time: 2_000,
+        seen_from: 5,
+        origin_max: vec![(0, 4)],
+        windows: Vec::new(),
+    };
+    let mut bytes = vec![3u8];
+    bytes.extend(postcard::to_allocvec(&v3).unwrap());
+    let (state, seen_from) = PartitionState::restore(&bytes).unwrap();
+    assert_eq!((state.next_offset(), seen_from), (5, 5));
+    assert!(PartitionState::restore(&[2u8]).is_err());
+}
