@@ -536,7 +536,8 @@ async fn flush(
             metrics::histogram!("instream_window_close_delay_seconds", "service" => SERVICE);
         for state in partitions.states.values_mut() {
             for closed_at in state.take_written_closes() {
-                delay.record((now - closed_at).max(0) as f64 / 1000.0);
+                let ms = closed_at.map_or(0, |t| (now - t).max(0));
+                delay.record(ms as f64 / 1000.0);
             }
         }
     }

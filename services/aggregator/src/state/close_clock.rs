@@ -16,8 +16,9 @@ pub struct CloseClock {
     marks: VecDeque<(i64, i64)>,
     /// Windows whose close was taken already: a late event's rewrite is not a close.
     measured: HashSet<u128>,
-    /// Wall-clock close times of windows taken for writing, recorded once written.
-    pending: Vec<i64>,
+    /// Wall-clock close times of windows taken for writing, recorded once written; `None`
+    /// for a window whose final value was written before it closed (early results).
+    pending: Vec<Option<i64>>,
 }
 
 impl CloseClock {
@@ -48,12 +49,21 @@ impl CloseClock {
             return;
         }
         if let Some(wall) = self.reached(end.saturating_add(out_of_orderness_ms)) {
-            self.pending.push(wall);
+            self.pending.push(Some(wall));
         }
     }
 
-    /// The close times of the windows written since the last call.
-    pub fn take_written(&mut self) -> Vec<i64> {
+    /// A closed window with nothing new to write: its final value was already written while
+    /// it was open (an early result), so it was in the store when it closed.
+    pub fn closed_already_written(&mut self, hash: u128) {
+        if self.measured.insert(hash) {
+            self.pending.push(None);
+        }
+    }
+
+    /// The close times of the windows written since the last call (`None`: written before
+    /// the close).
+    pub fn take_written(&mut self) -> Vec<Option<i64>> {
         std::mem::take(&mut self.pending)
     }
 
@@ -79,10 +89,12 @@ mod tests {
         clock.closed(7, 4_000, 1_000); // a late rewrite: not a second close
                                        // Closed before the first mark: unknown, not measured.
         clock.closed(8, 0, 500);
-        assert_eq!(clock.take_written(), [50_100]);
+        assert_eq!(clock.take_written(), [Some(50_100)]);
         assert!(clock.take_written().is_empty());
         clock.retain(|_| false);
         clock.closed(7, 4_000, 1_000);
-        assert_eq!(clock.take_written(), [50_100]);
+        clock.closed_already_written(9);
+        clock.closed_already_written(9);
+        assert_eq!(clock.take_written(), [Some(50_100), None]);
     }
 }

@@ -407,12 +407,18 @@ impl PartitionState {
     ) {
         let max_event_time = self.max_event_time;
         let clock = &mut self.clock;
-        for (hash, (id, v)) in self.windows.iter_mut().filter(|(_, (_, v))| v.dirty) {
+        for (hash, (id, v)) in self.windows.iter_mut() {
             let def = def_of(&id.pipeline);
             let out_of_orderness = def.map(|d| d.max_out_of_orderness.as_millis() as i64);
             // No definition any more: written as it is (nothing will change it).
             let closed =
                 out_of_orderness.is_none_or(|ooo| v.end <= max_event_time.saturating_sub(ooo));
+            if !v.dirty {
+                if closed {
+                    clock.closed_already_written(*hash);
+                }
+                continue;
+            }
             if !early && !closed {
                 continue;
             }
@@ -444,8 +450,9 @@ impl PartitionState {
     }
 
     /// Wall-clock close times of the closed windows taken by [`Self::take_dirty`] since the
-    /// last call: the caller records each one's delay once the write is durable.
-    pub fn take_written_closes(&mut self) -> Vec<i64> {
+    /// last call (`None`: its final value was written before it closed): the caller records
+    /// each one's delay once the write is durable.
+    pub fn take_written_closes(&mut self) -> Vec<Option<i64>> {
         self.clock.take_written()
     }
 
