@@ -42,6 +42,9 @@ pub enum RefDataError {
     Unavailable(String),
     #[error("reference data file {path}: {reason}")]
     Seed { path: String, reason: String },
+    /// A setting that cannot work (an unreadable CA file): not retried.
+    #[error("reference data settings: {0}")]
+    Settings(String),
 }
 
 #[async_trait]

@@ -37,6 +37,32 @@ fn url_info(url: &str, key: &str) -> Result<redis::ConnectionInfo, RefDataError>
         .map_err(|e| RefDataError::Unavailable(format!("{key}: {:?}", e.kind())))
 }
 
+/// The CA of `refdata.tls_ca_file`, for TLS to servers whose authority the system store
+/// lacks.
+fn tls_certificates(cfg: &RefDataConfig) -> Result<Option<redis::TlsCertificates>, RefDataError> {
+    let Some(path) = &cfg.tls_ca_file else {
+        return Ok(None);
+    };
+    let pem = std::fs::read(path).map_err(|e| {
+        RefDataError::Settings(format!("refdata.tls_ca_file {}: {e}", path.display()))
+    })?;
+    Ok(Some(redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    }))
+}
+
+/// A one-server client for `refdata.redis_url` (`rediss://`: TLS, trusting the configured CA
+/// or the system store).
+fn single_client(cfg: &RefDataConfig) -> Result<redis::Client, RefDataError> {
+    let info = url_info(&cfg.redis_url, "refdata.redis_url")?;
+    let client = match tls_certificates(cfg)? {
+        Some(certs) => redis::Client::build_with_tls(info, certs),
+        None => redis::Client::open(info),
+    };
+    client.map_err(|e| RefDataError::Unavailable(format!("refdata.redis_url: {:?}", e.kind())))
+}
+
 fn replies(values: Vec<Value>) -> Vec<Reply> {
     values
         .into_iter()
@@ -51,10 +77,7 @@ impl Link {
     pub async fn open(cfg: &RefDataConfig) -> Result<Link, RefDataError> {
         match cfg.redis_mode {
             RedisMode::Standalone => {
-                url_info(&cfg.redis_url, "refdata.redis_url")?;
-                let client = redis::Client::open(cfg.redis_url.as_str()).map_err(|e| {
-                    RefDataError::Unavailable(format!("refdata.redis_url: {:?}", e.kind()))
-                })?;
+                let client = single_client(cfg)?;
                 let manager = tokio::time::timeout(cfg.timeout, client.get_connection_manager())
                     .await
                     .map_err(|_| unavailable("connect timed out"))?
@@ -64,8 +87,11 @@ impl Link {
             RedisMode::Sentinel => {
                 // The data nodes take the user, password and database of `redis_url`.
                 let data = url_info(&cfg.redis_url, "refdata.redis_url")?;
-                let node = SentinelNodeConnectionInfo::default()
+                let mut node = SentinelNodeConnectionInfo::default()
                     .set_redis_connection_info(data.redis_settings().clone());
+                if cfg.redis_url.starts_with("rediss://") {
+                    node = node.set_tls_mode(redis::TlsMode::Secure);
+                }
                 let mut sentinels = Vec::new();
                 for (i, url) in cfg.redis_nodes.iter().enumerate() {
                     sentinels.push(url_info(url, &format!("refdata.redis_nodes[{i}]"))?);
@@ -91,7 +117,12 @@ impl Link {
                 for (i, url) in cfg.redis_nodes.iter().enumerate() {
                     nodes.push(url_info(url, &format!("refdata.redis_nodes[{i}]"))?);
                 }
-                let client = redis::cluster::ClusterClient::new(nodes)
+                let mut builder = redis::cluster::ClusterClientBuilder::new(nodes);
+                if let Some(certs) = tls_certificates(cfg)? {
+                    builder = builder.certs(certs);
+                }
+                let client = builder
+                    .build()
                     .map_err(|e| RefDataError::Unavailable(format!("cluster: {:?}", e.kind())))?;
                 let connection = tokio::time::timeout(cfg.timeout, client.get_async_connection())
                     .await
@@ -195,7 +226,7 @@ impl Link {
     /// A client for pub/sub (one server only; elsewhere versions are followed by polling).
     pub fn pubsub_client(cfg: &RefDataConfig) -> Option<redis::Client> {
         (cfg.redis_mode == RedisMode::Standalone)
-            .then(|| redis::Client::open(cfg.redis_url.as_str()).ok())
+            .then(|| single_client(cfg).ok())
             .flatten()
     }
 

@@ -192,3 +192,52 @@ async fn sentinel_mode_finds_the_master_through_the_sentinel() {
     .await;
     assert!(matches!(unknown, Err(RefDataError::Unavailable(_))));
 }
+
+#[tokio::test]
+async fn tls_with_a_private_authority_and_plain_text_refused() {
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let cert = certified.cert.pem();
+    let server = RedisServer::start_tls(&cert, &certified.signing_key.serialize_pem()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &cert).unwrap();
+    let tls = RefDataConfig {
+        tls_ca_file: Some(ca.clone()),
+        ..config(server.url())
+    };
+    assert!(server.url().starts_with("rediss://"));
+    let store = RedisRefStore::connect(&tls).await.unwrap();
+    // Written and read back over TLS (the load path's connection and the lookup path).
+    let mut conn = store.connection().unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg("customer:tls")
+        .arg("tier")
+        .arg("gold")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let found = store
+        .lookup_many(&[("customer:tls".into(), RecordShape::Hash)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&found[0], Found::Record(r) if r.get("tier") == Some(&serde_json::json!("gold")))
+    );
+    store.ping().await.unwrap();
+    // Without the authority the certificate is not trusted; without TLS the server does not
+    // answer; an unreadable authority file is a setting to fix, not an outage to wait out.
+    let untrusted = RedisRefStore::connect(&config(server.url())).await;
+    assert!(matches!(untrusted, Err(RefDataError::Unavailable(_))));
+    let plain = RedisRefStore::connect(&config(server.url().replace("rediss", "redis"))).await;
+    assert!(matches!(plain, Err(RefDataError::Unavailable(_))));
+    let missing = RedisRefStore::connect(&RefDataConfig {
+        tls_ca_file: Some(dir.path().join("nope.pem")),
+        ..config(server.url())
+    })
+    .await;
+    assert!(
+        matches!(missing, Err(RefDataError::Settings(_))),
+        "{:?}",
+        missing.err()
+    );
+}

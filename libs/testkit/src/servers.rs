@@ -83,6 +83,7 @@ pub(crate) fn wait_ready(
 /// A real `redis-server` on a free loopback port.
 pub struct RedisServer {
     port: u16,
+    tls: bool,
     _guard: ChildGuard,
     _dir: TempDir,
 }
@@ -105,13 +106,54 @@ impl RedisServer {
         })?;
         Ok(RedisServer {
             port,
+            tls: false,
+            _guard: guard,
+            _dir: dir,
+        })
+    }
+
+    /// A server that speaks only TLS, with the certificate and key given (PEM); clients are
+    /// not asked for a certificate. Its [`RedisServer::url`] is `rediss://`.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Result<RedisServer, TestkitError> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let log = dir.path().join("redis.log");
+        let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+        std::fs::write(&cert, cert_pem)?;
+        std::fs::write(&key, key_pem)?;
+        let mut guard = spawn(
+            Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", "0"])
+                .args(["--tls-port", &port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&cert)
+                .arg("--tls-key-file")
+                .arg(&key)
+                .arg("--tls-ca-cert-file")
+                .arg(&cert)
+                .args(["--tls-auth-clients", "no"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--logfile")
+                .arg(&log)
+                .arg("--dir")
+                .arg(dir.path()),
+            &dir.path().join("redis.out"),
+        )?;
+        wait_ready("redis-server (TLS)", &mut guard, &log, || {
+            std::fs::read_to_string(&log)
+                .is_ok_and(|text| text.contains("Ready to accept connections"))
+        })?;
+        Ok(RedisServer {
+            port,
+            tls: true,
             _guard: guard,
             _dir: dir,
         })
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn port(&self) -> u16 {

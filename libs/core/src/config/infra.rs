@@ -372,6 +372,10 @@ pub struct RefDataConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     pub cache_negative_ttl: Duration,
+    /// PEM certificate(s) of the authority that signed the Redis servers' certificates, for
+    /// `rediss://` URLs when it is not in the system's trust store (standalone and cluster
+    /// modes; sentinel mode trusts the system store).
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for RefDataConfig {
@@ -388,6 +392,7 @@ impl Default for RefDataConfig {
             cache_max_bytes: 256 * 1024 * 1024,
             cache_ttl: Duration::from_secs(60),
             cache_negative_ttl: Duration::from_secs(5),
+            tls_ca_file: None,
         }
     }
 }
@@ -395,17 +400,28 @@ impl Default for RefDataConfig {
 impl RefDataConfig {
     pub(super) fn validate(&self, p: &mut Problems) {
         if self.backend == RefDataBackend::Redis {
-            p.check(
-                self.redis_url.starts_with("redis://"),
-                "refdata.redis_url",
-                || "must start with redis:// (TLS, rediss://, is not built in yet)".into(),
-            );
+            let scheme_ok = |url: &str| url.starts_with("redis://") || url.starts_with("rediss://");
+            p.check(scheme_ok(&self.redis_url), "refdata.redis_url", || {
+                "must start with redis:// (or rediss:// for TLS)".into()
+            });
             if self.redis_mode != RedisMode::Standalone {
                 p.check(
-                    !self.redis_nodes.is_empty()
-                        && self.redis_nodes.iter().all(|n| n.starts_with("redis://")),
+                    !self.redis_nodes.is_empty() && self.redis_nodes.iter().all(|n| scheme_ok(n)),
                     "refdata.redis_nodes",
-                    || "sentinel and cluster modes need redis://host:port nodes".into(),
+                    || "sentinel and cluster modes need redis[s]://host:port nodes".into(),
+                );
+            }
+            if self.tls_ca_file.is_some() {
+                let tls = std::iter::once(&self.redis_url)
+                    .chain(&self.redis_nodes)
+                    .any(|u| u.starts_with("rediss://"));
+                p.check(tls, "refdata.tls_ca_file", || {
+                    "is used only with rediss:// URLs".into()
+                });
+                p.check(
+                    self.redis_mode != RedisMode::Sentinel,
+                    "refdata.tls_ca_file",
+                    || "sentinel mode trusts the system's certificate store only".into(),
                 );
             }
         }
