@@ -46,6 +46,14 @@ fn tls_certificates(cfg: &RefDataConfig) -> Result<Option<redis::TlsCertificates
     let pem = std::fs::read(path).map_err(|e| {
         RefDataError::Settings(format!("refdata.tls_ca_file {}: {e}", path.display()))
     })?;
+    // Checked here: a file without a certificate would otherwise fail every connection
+    // attempt, retried as an outage forever.
+    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+        return Err(RefDataError::Settings(format!(
+            "refdata.tls_ca_file {}: holds no PEM certificate",
+            path.display()
+        )));
+    }
     Ok(Some(redis::TlsCertificates {
         client_tls: None,
         root_cert: Some(pem),

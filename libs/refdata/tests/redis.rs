@@ -240,4 +240,16 @@ async fn tls_with_a_private_authority_and_plain_text_refused() {
         "{:?}",
         missing.err()
     );
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    let garbage = RedisRefStore::connect(&RefDataConfig {
+        tls_ca_file: Some(garbage),
+        ..config(server.url())
+    })
+    .await;
+    assert!(
+        matches!(garbage, Err(RefDataError::Settings(_))),
+        "{:?}",
+        garbage.err()
+    );
 }

@@ -75,8 +75,20 @@ fn upsert_row(r: &WindowAggregate) -> UpsertRow<'_> {
 /// (pipeline, aggregation, group): the table's partition key.
 type PartitionKey<'a> = (&'a str, &'a str, &'a str);
 
+/// Most bytes of values in one batch, under Cassandra's default 50 KiB refusal threshold.
+const BATCH_BYTES: usize = 32 * 1024;
+
+/// What a row weighs in a batch, roughly: its key strings and its values' JSON.
+fn row_bytes(r: &WindowAggregate) -> usize {
+    r.group_key.len()
+        + r.pipeline.len()
+        + r.aggregation.len()
+        + 48
+        + serde_json::to_vec(&r.values).map_or(0, |v| v.len())
+}
+
 /// `rows` cut into runs of one partition key (pipeline, aggregation, group), each at most
-/// `max` long, in the order the rows first appear.
+/// `max` rows and about [`BATCH_BYTES`] long, in the order the rows first appear.
 pub fn partition_runs(rows: &[WindowAggregate], max: usize) -> Vec<Vec<&WindowAggregate>> {
     let mut by_key: Vec<(PartitionKey<'_>, Vec<&WindowAggregate>)> = Vec::new();
     let mut index: std::collections::HashMap<PartitionKey<'_>, usize> =
@@ -93,14 +105,25 @@ pub fn partition_runs(rows: &[WindowAggregate], max: usize) -> Vec<Vec<&WindowAg
         });
         by_key[i].1.push(r);
     }
-    by_key
-        .into_iter()
-        .flat_map(|(_, rows)| {
-            rows.chunks(max.max(1))
-                .map(<[&WindowAggregate]>::to_vec)
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    let mut runs: Vec<Vec<&WindowAggregate>> = Vec::new();
+    for (_, rows) in by_key {
+        let mut run: Vec<&WindowAggregate> = Vec::new();
+        let mut bytes = 0;
+        for r in rows {
+            // Weighed only when rows can share a batch.
+            let size = if max <= 1 { 0 } else { row_bytes(r) };
+            if !run.is_empty() && (run.len() >= max.max(1) || bytes + size > BATCH_BYTES) {
+                runs.push(std::mem::take(&mut run));
+                bytes = 0;
+            }
+            bytes += size;
+            run.push(r);
+        }
+        if !run.is_empty() {
+            runs.push(run);
+        }
+    }
+    runs
 }
 
 impl ScyllaStore {
@@ -390,6 +413,16 @@ mod tests {
             count: 1,
             values: Default::default(),
         }
+    }
+
+    #[test]
+    fn big_values_get_batches_of_their_own() {
+        let mut big = row("x", 0);
+        big.values
+            .insert("sketch".into(), serde_json::json!("y".repeat(20_000)));
+        let rows = [big.clone(), big.clone(), row("x", 120)];
+        let sizes: Vec<usize> = partition_runs(&rows, 16).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [1, 2]);
     }
 
     #[test]

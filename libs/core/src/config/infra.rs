@@ -412,9 +412,13 @@ impl RefDataConfig {
                 );
             }
             if self.tls_ca_file.is_some() {
-                let tls = std::iter::once(&self.redis_url)
-                    .chain(&self.redis_nodes)
-                    .any(|u| u.starts_with("rediss://"));
+                // The URLs the mode connects to with the authority.
+                let tls = match self.redis_mode {
+                    RedisMode::Cluster => {
+                        self.redis_nodes.iter().any(|u| u.starts_with("rediss://"))
+                    }
+                    _ => self.redis_url.starts_with("rediss://"),
+                };
                 p.check(tls, "refdata.tls_ca_file", || {
                     "is used only with rediss:// URLs".into()
                 });
@@ -486,10 +490,12 @@ pub struct StoreConfig {
     /// Consistency of window and checkpoint writes (ScyllaDB/Cassandra).
     pub write_consistency: StoreConsistency,
     /// Consistency of reads: a restored checkpoint must see the last one written, so
-    /// writes + reads must overlap (W + R > replication factor); refused otherwise.
+    /// writes + reads must overlap (W + R > replication factor, judged for one data centre);
+    /// refused otherwise.
     pub read_consistency: StoreConsistency,
     /// Most windows of one group (one partition key) written as one unlogged batch: a
-    /// hopping window's event updates several windows of its group at once.
+    /// hopping window's event updates several windows of its group at once. A batch is also
+    /// kept under 32 KiB (Cassandra refuses batches above 50 KiB by default).
     pub upsert_batch_rows: usize,
 }
 
@@ -571,14 +577,35 @@ impl StoreConfig {
             "store.password",
             || "store.username and store.password go together".into(),
         );
+        if self.backend == StoreBackend::Scylla {
+            self.validate_consistency(p);
+        }
+        p.check(
+            (1..=50).contains(&self.upsert_batch_rows),
+            "store.upsert_batch_rows",
+            || "must be between 1 and 50".into(),
+        );
+    }
+
+    /// Judged for one data centre (`replication_factor` replicas): with several, keep both
+    /// levels `local_quorum` and pin each instance to its data centre's nodes.
+    fn validate_consistency(&self, p: &mut Problems) {
         let rf = self.replication_factor;
         let (w, r) = (
             self.write_consistency.replicas(rf),
             self.read_consistency.replicas(rf),
         );
-        p.check(w <= rf && r <= rf, "store.write_consistency", || {
+        p.check(w <= rf, "store.write_consistency", || {
             format!("asks more replicas than store.replication_factor {rf} has")
         });
+        p.check(r <= rf, "store.read_consistency", || {
+            format!("asks more replicas than store.replication_factor {rf} has")
+        });
+        p.check(
+            self.read_consistency != StoreConsistency::EachQuorum,
+            "store.read_consistency",
+            || "each_quorum is for writes only".into(),
+        );
         p.check(w + r > rf, "store.read_consistency", || {
             format!(
                 "with store.write_consistency it reads {r} and writes {w} of {rf} replicas: a \
@@ -586,10 +613,5 @@ impl StoreConfig {
                  replication factor)"
             )
         });
-        p.check(
-            (1..=100).contains(&self.upsert_batch_rows),
-            "store.upsert_batch_rows",
-            || "must be between 1 and 100".into(),
-        );
     }
 }

@@ -61,6 +61,17 @@ impl CloseClock {
         }
     }
 
+    /// Whether the window's close was taken already (or will not be).
+    pub fn is_timed(&self, hash: &u128) -> bool {
+        self.measured.contains(hash)
+    }
+
+    /// Windows whose close is not timed (restored from a checkpoint: when they closed, or
+    /// will, relative to marks not kept is unknown).
+    pub fn untimed(&mut self, hashes: impl IntoIterator<Item = u128>) {
+        self.measured.extend(hashes);
+    }
+
     /// The close times of the windows written since the last call (`None`: written before
     /// the close).
     pub fn take_written(&mut self) -> Vec<Option<i64>> {

@@ -137,8 +137,9 @@ struct Snapshot {
     seen_from: i64,
     origin_max: Vec<(i32, i64)>,
     windows: Vec<(WindowId, WindowValue)>,
-    /// Repartition partitions: each origin's highest event time (format 4 on).
-    origin_times: Vec<(i32, i64)>,
+    /// Repartition partitions: each origin's highest event time and the wall-clock time it
+    /// was last heard from (format 4 on), so an origin silent before a restart stays silent.
+    origin_times: Vec<(i32, i64, i64)>,
 }
 
 /// [`Snapshot`] as format 3 wrote it (before per-origin event times), still read.
@@ -408,6 +409,9 @@ impl PartitionState {
         let max_event_time = self.max_event_time;
         let clock = &mut self.clock;
         for (hash, (id, v)) in self.windows.iter_mut() {
+            if !v.dirty && clock.is_timed(hash) {
+                continue;
+            }
             let def = def_of(&id.pipeline);
             let out_of_orderness = def.map(|d| d.max_out_of_orderness.as_millis() as i64);
             // No definition any more: written as it is (nothing will change it).
@@ -518,7 +522,7 @@ impl PartitionState {
             origin_times: self
                 .origin_times
                 .iter()
-                .map(|(&p, &(t, _))| (p, t))
+                .map(|(&p, &(t, heard))| (p, t, heard))
                 .collect(),
         };
         // The format byte comes first, outside the encoded body, so that a build reading
@@ -559,7 +563,8 @@ impl PartitionState {
             }
         };
         let s: Snapshot = decoded.map_err(|e| SnapshotError(e.to_string()))?;
-        // Restored origins count as just heard from: each gets the idle timeout to resume.
+        // An origin keeps the silence it had; one heard from "later" than now (a clock set
+        // back) counts as heard now.
         let now = instream_event::now_millis();
         let mut sessions: HashMap<u128, Vec<u128>, Prehashed> = HashMap::default();
         for (id, v) in &s.windows {
@@ -576,7 +581,7 @@ impl PartitionState {
             origin_times: s
                 .origin_times
                 .into_iter()
-                .map(|(p, t)| (p, (t, now)))
+                .map(|(p, t, heard)| (p, (t, heard.min(now))))
                 .collect(),
             seen: SeenIds::default(),
             windows: s
@@ -589,6 +594,9 @@ impl PartitionState {
             changed: false,
             clock: Default::default(),
         };
+        let mut state = state;
+        // Windows restored are not timed: when they closed (or close) is not known here.
+        state.clock.untimed(state.windows.keys().copied());
         Ok((state, s.seen_from))
     }
 

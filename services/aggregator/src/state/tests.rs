@@ -236,40 +236,31 @@ fn a_repartition_partition_waits_for_its_slowest_origin() {
     let mut rows = Vec::new();
     s.take_dirty(|_| Some(&def), true, &mut rows);
     assert!(rows.iter().all(|r| r.group_key == "eu"));
-    // A restored state keeps each origin's progress.
+    // A restored state keeps each origin's progress: origin 0 racing further ahead still
+    // waits for origin 1.
     let (_, bytes) = s.snapshot().unwrap();
     let (mut restored, _) = PartitionState::restore(&bytes).unwrap();
-    assert_eq!(
-        restored.apply_in(
+    let mut apply = |state: &mut PartitionState, offset, id, t, origin| {
+        state.apply_in(
             scope(3600),
-            3,
-            &event("d", 2_000, 3),
-            Some((1, 2)),
+            offset,
+            &event(id, t, offset as i64),
+            Some(origin),
             &def,
-            HORIZON
-        ),
+            HORIZON,
+        )
+    };
+    apply(&mut restored, 3, "g", 900_000, (0, 2));
+    assert_eq!(
+        apply(&mut restored, 4, "d", 2_000, (1, 2)),
         Outcome::Counted
     );
     // Origin 1 then falls silent for longer than the idle timeout: origin 0 alone sets the
     // pace, and origin 1's old times are late when it comes back.
     restored.origin_times.get_mut(&1).unwrap().1 -= 7_200_000;
-    restored.apply_in(
-        scope(3600),
-        4,
-        &event("e", 700_000, 4),
-        Some((0, 1)),
-        &def,
-        HORIZON,
-    );
+    apply(&mut restored, 5, "e", 950_000, (0, 3));
     assert!(matches!(
-        restored.apply_in(
-            scope(3600),
-            5,
-            &event("f", 3_000, 5),
-            Some((1, 3)),
-            &def,
-            HORIZON
-        ),
+        apply(&mut restored, 6, "f", 3_000, (1, 3)),
         Outcome::TooLate(_)
     ));
     // The keyed behaviour, one watermark for all origins, would have refused it.
