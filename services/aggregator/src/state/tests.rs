@@ -240,11 +240,11 @@ fn a_repartition_partition_waits_for_its_slowest_origin() {
     // waits for origin 1.
     let (_, bytes) = s.snapshot().unwrap();
     let (mut restored, _) = PartitionState::restore(&bytes).unwrap();
-    let mut apply = |state: &mut PartitionState, offset, id, t, origin| {
+    let apply = |state: &mut PartitionState, offset, id, t, origin| {
         state.apply_in(
             scope(3600),
             offset,
-            &event(id, t, offset as i64),
+            &event(id, t, offset),
             Some(origin),
             &def,
             HORIZON,
