@@ -14,6 +14,7 @@ mod db_source;
 mod infra;
 mod reference;
 mod services;
+mod store;
 
 use std::path::Path;
 use std::time::Duration;
@@ -28,6 +29,7 @@ pub use db_source::*;
 pub use infra::*;
 pub use reference::reference_markdown;
 pub use services::*;
+pub use store::*;
 
 /// The prefix of environment overrides. `INSTREAM_TEST_*` (one underscore) are test-harness
 /// addresses and never reach the config.

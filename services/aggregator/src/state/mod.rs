@@ -30,9 +30,7 @@ use seen::{id_hash, Prehashed, SeenIds};
 mod close_clock;
 mod seen;
 mod sessions;
-
-/// Increments when the snapshot layout changes; older snapshots are refused, not misread.
-const SNAPSHOT_FORMAT: u8 = 4;
+mod snapshot;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct WindowId {
@@ -125,33 +123,6 @@ pub struct PartitionState {
     changed: bool,
     /// When windows closed, for the close-to-store delay (not checkpointed).
     clock: close_clock::CloseClock,
-}
-
-/// The checkpointed part of a [`PartitionState`].
-#[derive(Serialize, Deserialize)]
-struct Snapshot {
-    next_offset: i64,
-    max_event_time: i64,
-    max_ingest_time: i64,
-    /// Where the seen ids start: a restore reads `[seen_from, next_offset)` again.
-    seen_from: i64,
-    origin_max: Vec<(i32, i64)>,
-    windows: Vec<(WindowId, WindowValue)>,
-    /// Repartition partitions: each origin's highest event time and the wall-clock time it
-    /// was last heard from (format 4 on), so an origin silent before a restart stays silent.
-    origin_times: Vec<(i32, i64, i64)>,
-}
-
-/// [`Snapshot`] as format 3 wrote it (before per-origin event times), still read.
-#[derive(Deserialize)]
-#[cfg_attr(test, derive(Serialize))]
-struct SnapshotV3 {
-    next_offset: i64,
-    max_event_time: i64,
-    max_ingest_time: i64,
-    seen_from: i64,
-    origin_max: Vec<(i32, i64)>,
-    windows: Vec<(WindowId, WindowValue)>,
 }
 
 /// A checkpoint's state could not be read.
@@ -505,99 +476,6 @@ impl PartitionState {
     /// The watermark of this partition under `def`.
     pub fn watermark_for(&self, def: &PipelineDefinition) -> i64 {
         self.watermark(def)
-    }
-
-    /// The checkpoint of this state, if it changed since the last one.
-    pub fn snapshot(&self) -> Option<(i64, Vec<u8>)> {
-        if !self.changed {
-            return None;
-        }
-        let snapshot = Snapshot {
-            next_offset: self.next_offset,
-            max_event_time: self.max_event_time,
-            max_ingest_time: self.max_ingest_time,
-            seen_from: self.seen.front_offset().unwrap_or(self.next_offset),
-            origin_max: self.origin_max.iter().map(|(&p, &o)| (p, o)).collect(),
-            windows: self.windows.values().cloned().collect(),
-            origin_times: self
-                .origin_times
-                .iter()
-                .map(|(&p, &(t, heard))| (p, t, heard))
-                .collect(),
-        };
-        // The format byte comes first, outside the encoded body, so that a build reading
-        // another layout says so instead of misreading the body.
-        let mut bytes = vec![SNAPSHOT_FORMAT];
-        // Encoding plain structs into a Vec cannot fail.
-        bytes.extend(postcard::to_allocvec(&snapshot).unwrap_or_default());
-        Some((self.next_offset, bytes))
-    }
-
-    /// The snapshot from [`Self::snapshot`] is durable: the state is unchanged since.
-    pub fn mark_saved(&mut self) {
-        self.changed = false;
-    }
-
-    /// The state a checkpoint holds, without its seen ids: read `[seen_from, next_offset)` of
-    /// the partition into [`Self::rebuild_seen`], then call [`Self::finish_rebuild`].
-    /// Returns the state and `seen_from`.
-    pub fn restore(bytes: &[u8]) -> Result<(PartitionState, i64), SnapshotError> {
-        let Some((&format, body)) = bytes.split_first() else {
-            return Err(SnapshotError("empty".into()));
-        };
-        let decoded = match format {
-            SNAPSHOT_FORMAT => postcard::from_bytes::<Snapshot>(body),
-            3 => postcard::from_bytes::<SnapshotV3>(body).map(|v3| Snapshot {
-                next_offset: v3.next_offset,
-                max_event_time: v3.max_event_time,
-                max_ingest_time: v3.max_ingest_time,
-                seen_from: v3.seen_from,
-                origin_max: v3.origin_max,
-                windows: v3.windows,
-                origin_times: Vec::new(),
-            }),
-            _ => {
-                return Err(SnapshotError(format!(
-                    "format {format} (this build reads 3 and {SNAPSHOT_FORMAT})"
-                )))
-            }
-        };
-        let s: Snapshot = decoded.map_err(|e| SnapshotError(e.to_string()))?;
-        // An origin keeps the silence it had; one heard from "later" than now (a clock set
-        // back) counts as heard now.
-        let now = instream_event::now_millis();
-        let mut sessions: HashMap<u128, Vec<u128>, Prehashed> = HashMap::default();
-        for (id, v) in &s.windows {
-            if v.gap.is_some() {
-                let group = window_hash(&id.pipeline, &id.aggregation, &id.group_key, i64::MIN);
-                sessions.entry(group).or_default().push(id.hash());
-            }
-        }
-        let state = PartitionState {
-            next_offset: s.next_offset,
-            max_event_time: s.max_event_time,
-            max_ingest_time: s.max_ingest_time,
-            origin_max: s.origin_max.into_iter().collect(),
-            origin_times: s
-                .origin_times
-                .into_iter()
-                .map(|(p, t, heard)| (p, (t, heard.min(now))))
-                .collect(),
-            seen: SeenIds::default(),
-            windows: s
-                .windows
-                .into_iter()
-                .map(|(id, v)| (id.hash(), (id, v)))
-                .collect(),
-            sessions,
-            deletes: Vec::new(),
-            changed: false,
-            clock: Default::default(),
-        };
-        let mut state = state;
-        // Windows restored are not timed: when they closed (or close) is not known here.
-        state.clock.untimed(state.windows.keys().copied());
-        Ok((state, s.seen_from))
     }
 
     /// Puts back one record of the range a restore reads again (undecodable records are

@@ -282,7 +282,7 @@ fn a_repartition_partition_waits_for_its_slowest_origin() {
 
 #[test]
 fn format_3_checkpoints_are_still_read() {
-    let v3 = SnapshotV3 {
+    let v3 = super::snapshot::SnapshotV3 {
         next_offset: 5,
         max_event_time: 1_000,
         max_ingest_time: 2_000,

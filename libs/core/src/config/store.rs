@@ -1,0 +1,172 @@
+//! The aggregate store section: which store, and how the aggregator talks to ScyllaDB.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::infra::DAY;
+use super::Problems;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreBackend {
+    /// ScyllaDB or Cassandra at `store.scylla_nodes`.
+    Scylla,
+    /// In-process store (standalone mode and tests); not shared between processes.
+    Embedded,
+    /// A file on the local disk at `store.path` (one process at a time): survives restarts,
+    /// for a single-node deployment and kill tests.
+    Local,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Which store the aggregator writes to.
+    pub backend: StoreBackend,
+    /// Contact points, `host:port`.
+    pub scylla_nodes: Vec<String>,
+    /// Keyspace of the aggregate tables.
+    pub keyspace: String,
+    /// Replication factor used when instream creates the keyspace.
+    pub replication_factor: u32,
+    /// Rows expire this long after their last write (`default_time_to_live`).
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub ttl: Duration,
+    /// The database file of the local backend (`backend = "local"`).
+    pub path: Option<PathBuf>,
+    /// User name for password authentication (with `store.password`).
+    pub username: Option<String>,
+    /// Password for `store.username`; never logged, masked by `check-config`.
+    pub password: Option<String>,
+    /// Consistency of window and checkpoint writes (ScyllaDB/Cassandra).
+    pub write_consistency: StoreConsistency,
+    /// Consistency of reads: a restored checkpoint must see the last one written, so
+    /// writes + reads must overlap (W + R > replication factor, judged for one data centre);
+    /// refused otherwise.
+    pub read_consistency: StoreConsistency,
+    /// Most windows of one group (one partition key) written as one unlogged batch: a
+    /// hopping window's event updates several windows of its group at once. A batch is also
+    /// kept under 32 KiB (Cassandra refuses batches above 50 KiB by default).
+    pub upsert_batch_rows: usize,
+}
+
+/// A ScyllaDB/Cassandra consistency level instream may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreConsistency {
+    One,
+    LocalOne,
+    Two,
+    Quorum,
+    LocalQuorum,
+    EachQuorum,
+    All,
+}
+
+impl StoreConsistency {
+    /// Replicas (in the local data centre, for the local and each-quorum levels) that must
+    /// answer, out of `replication` per data centre.
+    pub fn replicas(self, replication: u32) -> u32 {
+        match self {
+            StoreConsistency::One | StoreConsistency::LocalOne => 1,
+            StoreConsistency::Two => 2,
+            StoreConsistency::Quorum
+            | StoreConsistency::LocalQuorum
+            | StoreConsistency::EachQuorum => replication / 2 + 1,
+            StoreConsistency::All => replication,
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: StoreBackend::Scylla,
+            scylla_nodes: vec!["127.0.0.1:9042".into()],
+            keyspace: "instream".into(),
+            replication_factor: 3,
+            ttl: 30 * DAY,
+            path: None,
+            username: None,
+            password: None,
+            write_consistency: StoreConsistency::LocalQuorum,
+            read_consistency: StoreConsistency::LocalQuorum,
+            upsert_batch_rows: 16,
+        }
+    }
+}
+
+impl StoreConfig {
+    pub(super) fn validate(&self, p: &mut Problems) {
+        if self.backend == StoreBackend::Scylla {
+            p.check(!self.scylla_nodes.is_empty(), "store.scylla_nodes", || {
+                "needs at least one host:port".into()
+            });
+        }
+        if self.backend == StoreBackend::Local {
+            p.check(self.path.is_some(), "store.path", || {
+                "the local backend needs the path of its database file".into()
+            });
+        }
+        p.check(
+            !self.keyspace.is_empty()
+                && self
+                    .keyspace
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "store.keyspace",
+            || format!("`{}` must be letters, digits and _", self.keyspace),
+        );
+        p.positive(self.replication_factor.into(), "store.replication_factor");
+        p.check(
+            self.ttl >= Duration::from_secs(60) && self.ttl.as_secs() <= i32::MAX as u64,
+            "store.ttl",
+            || "must be between 1m and 68 years".into(),
+        );
+        p.check(
+            self.username.is_some() == self.password.is_some(),
+            "store.password",
+            || "store.username and store.password go together".into(),
+        );
+        if self.backend == StoreBackend::Scylla {
+            self.validate_consistency(p);
+        }
+        p.check(
+            (1..=50).contains(&self.upsert_batch_rows),
+            "store.upsert_batch_rows",
+            || "must be between 1 and 50".into(),
+        );
+    }
+
+    /// Judged for one data centre (`replication_factor` replicas): with several, keep both
+    /// levels `local_quorum` and pin each instance to its data centre's nodes.
+    fn validate_consistency(&self, p: &mut Problems) {
+        let rf = self.replication_factor;
+        let (w, r) = (
+            self.write_consistency.replicas(rf),
+            self.read_consistency.replicas(rf),
+        );
+        p.check(w <= rf, "store.write_consistency", || {
+            format!("asks more replicas than store.replication_factor {rf} has")
+        });
+        p.check(r <= rf, "store.read_consistency", || {
+            format!("asks more replicas than store.replication_factor {rf} has")
+        });
+        p.check(
+            self.read_consistency != StoreConsistency::EachQuorum,
+            "store.read_consistency",
+            || "each_quorum is for writes only".into(),
+        );
+        p.check(w + r > rf, "store.read_consistency", || {
+            format!(
+                "with store.write_consistency it reads {r} and writes {w} of {rf} replicas: a \
+                 restored checkpoint could miss the last one written (W + R must exceed the \
+                 replication factor)"
+            )
+        });
+    }
+}
