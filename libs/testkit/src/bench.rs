@@ -87,3 +87,44 @@ pub fn spawn_release_binary(
             source,
         })
 }
+
+/// Starts the release `instream-aggregator` next to the running example on `bootstrap`, with
+/// the pipelines of `definitions` (TOML) read from a file in `dir`, its windows in a local
+/// store there, and batches of 10,000. Returns the process and its admin port.
+pub fn spawn_bench_aggregator(
+    dir: &std::path::Path,
+    bootstrap: &str,
+    definitions: &str,
+) -> Result<(ChildGuard, u16), TestkitError> {
+    let definitions_path = dir.join("definitions.toml");
+    std::fs::write(&definitions_path, definitions)?;
+    let admin = free_port()?;
+    let config = dir.join("instream.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[telemetry]
+log_level = "warn"
+[admin]
+listen = "127.0.0.1:{admin}"
+[kafka]
+bootstrap_servers = "{bootstrap}"
+replication_factor = 1
+[kafka.consumer]
+"fetch.wait.max.ms" = "10"
+"fetch.queue.backoff.ms" = "10"
+[definitions]
+source = "file"
+path = "{}"
+[store]
+backend = "local"
+path = "{}"
+[aggregator]
+batch_size = 10000
+"#,
+            definitions_path.display(),
+            dir.join("store.redb").display()
+        ),
+    )?;
+    Ok((spawn_release_binary("instream-aggregator", &config)?, admin))
+}

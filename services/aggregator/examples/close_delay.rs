@@ -13,7 +13,6 @@
 //! `TANSU` is a tansu 0.6 binary (started here with memory storage); or give a running broker
 //! with `INSTREAM_BENCH_KAFKA=host:port`.
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use instream_core::config::KafkaConfig;
@@ -119,10 +118,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     ensure_topics(&kafka, &topics).await?;
 
-    let definitions = dir.path().join("definitions.toml");
-    std::fs::write(
-        &definitions,
-        format!(
+    let (aggregator, admin) = instream_testkit::spawn_bench_aggregator(
+        dir.path(),
+        &bootstrap,
+        &format!(
             r#"[[pipelines]]
 name = "bench"
 key_field = "auction"
@@ -137,34 +136,6 @@ functions = [{{ fn = "sum", field = "payload.price" }}]
 "#
         ),
     )?;
-    let admin = instream_testkit::free_port()?;
-    let config = dir.path().join("instream.toml");
-    let mut file = std::fs::File::create(&config)?;
-    write!(
-        file,
-        r#"[telemetry]
-log_level = "warn"
-[admin]
-listen = "127.0.0.1:{admin}"
-[kafka]
-bootstrap_servers = "{bootstrap}"
-replication_factor = 1
-[kafka.consumer]
-"fetch.wait.max.ms" = "10"
-"fetch.queue.backoff.ms" = "10"
-[definitions]
-source = "file"
-path = "{}"
-[store]
-backend = "local"
-path = "{}"
-[aggregator]
-batch_size = 10000
-"#,
-        definitions.display(),
-        dir.path().join("store.redb").display()
-    )?;
-    let aggregator = instream_testkit::spawn_release_binary("instream-aggregator", &config)?;
     let pid = aggregator.0.id();
     let cpu_before = instream_testkit::cpu_seconds(pid);
 

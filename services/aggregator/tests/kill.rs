@@ -161,6 +161,33 @@ async fn produce(broker: &KafkaBroker, pipeline: &str) -> Input {
     }
 }
 
+/// (group, window start) -> count of every window of `groups` in the first ten minutes.
+async fn window_counts(
+    store: &LocalStore,
+    pipeline: &str,
+    aggregation: &str,
+    groups: &[String],
+) -> BTreeMap<(String, i64), i64> {
+    let mut got = BTreeMap::new();
+    for group in groups {
+        let rows = store
+            .query(&AggregateQuery {
+                pipeline: pipeline.to_owned(),
+                aggregation: aggregation.into(),
+                group_key: group.clone(),
+                from: T0,
+                to: T0 + 600_000,
+                limit: 100,
+            })
+            .await
+            .unwrap();
+        for r in rows {
+            got.insert((r.group_key, r.window_start), r.count);
+        }
+    }
+    got
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_twice_with_9_every_window_holds_the_count_of_one_clean_pass() {
     let broker = KafkaBroker::start().unwrap();
@@ -257,23 +284,8 @@ batch_size = 300
     assert!(status.success(), "{status}");
 
     let store = LocalStore::open(&store_path).unwrap();
-    let mut got = BTreeMap::new();
-    for k in 0..KEYS {
-        let rows = store
-            .query(&AggregateQuery {
-                pipeline: pipeline.clone(),
-                aggregation: "per_minute".into(),
-                group_key: format!("k{k}"),
-                from: T0,
-                to: T0 + 600_000,
-                limit: 100,
-            })
-            .await
-            .unwrap();
-        for r in rows {
-            got.insert((r.group_key, r.window_start), r.count);
-        }
-    }
+    let keys: Vec<String> = (0..KEYS).map(|k| format!("k{k}")).collect();
+    let got = window_counts(&store, &pipeline, "per_minute", &keys).await;
     let total: i64 = got.values().sum();
     assert_eq!(total, EVENTS as i64, "every distinct event counted once");
     assert_eq!(
@@ -281,23 +293,8 @@ batch_size = 300
         "per-key, per-window counts of one clean pass"
     );
     // Repartitioned by bucket: each bucket's windows hold the events of every partition.
-    let mut got = BTreeMap::new();
-    for b in 0..BUCKETS {
-        let rows = store
-            .query(&AggregateQuery {
-                pipeline: pipeline.clone(),
-                aggregation: "per_bucket".into(),
-                group_key: format!("b{b}"),
-                from: T0,
-                to: T0 + 600_000,
-                limit: 100,
-            })
-            .await
-            .unwrap();
-        for r in rows {
-            got.insert((r.group_key, r.window_start), r.count);
-        }
-    }
+    let buckets: Vec<String> = (0..BUCKETS).map(|b| format!("b{b}")).collect();
+    let got = window_counts(&store, &pipeline, "per_bucket", &buckets).await;
     assert_eq!(
         got, input.expected_buckets,
         "per-bucket, per-window counts of one clean pass"
