@@ -88,13 +88,16 @@ pub fn spawn_release_binary(
         })
 }
 
-/// Starts the release `instream-aggregator` next to the running example on `bootstrap`, with
-/// the pipelines of `definitions` (TOML) read from a file in `dir`, its windows in a local
-/// store there, and batches of 10,000. Returns the process and its admin port.
-pub fn spawn_bench_aggregator(
+/// Starts the release service `binary` next to the running example on `bootstrap`, with the
+/// pipelines of `definitions` (TOML) read from a file in `dir` and `sections` (TOML: the
+/// service's own tables, `[kafka.consumer]` properties, …) added to its config. Returns the
+/// process and its admin port.
+pub fn spawn_bench_service(
+    binary: &str,
     dir: &std::path::Path,
     bootstrap: &str,
     definitions: &str,
+    sections: &str,
 ) -> Result<(ChildGuard, u16), TestkitError> {
     let definitions_path = dir.join("definitions.toml");
     std::fs::write(&definitions_path, definitions)?;
@@ -110,21 +113,40 @@ listen = "127.0.0.1:{admin}"
 [kafka]
 bootstrap_servers = "{bootstrap}"
 replication_factor = 1
-[kafka.consumer]
-"fetch.wait.max.ms" = "10"
-"fetch.queue.backoff.ms" = "10"
 [definitions]
 source = "file"
 path = "{}"
+{sections}"#,
+            definitions_path.display(),
+        ),
+    )?;
+    Ok((spawn_release_binary(binary, &config)?, admin))
+}
+
+/// [`spawn_bench_service`] for `instream-aggregator`: short consumer fetch waits, its windows
+/// in a local store in `dir`, batches of 10,000.
+pub fn spawn_bench_aggregator(
+    dir: &std::path::Path,
+    bootstrap: &str,
+    definitions: &str,
+) -> Result<(ChildGuard, u16), TestkitError> {
+    let sections = format!(
+        r#"[kafka.consumer]
+"fetch.wait.max.ms" = "10"
+"fetch.queue.backoff.ms" = "10"
 [store]
 backend = "local"
 path = "{}"
 [aggregator]
 batch_size = 10000
 "#,
-            definitions_path.display(),
-            dir.join("store.redb").display()
-        ),
-    )?;
-    Ok((spawn_release_binary("instream-aggregator", &config)?, admin))
+        dir.join("store.redb").display()
+    );
+    spawn_bench_service(
+        "instream-aggregator",
+        dir,
+        bootstrap,
+        definitions,
+        &sections,
+    )
 }

@@ -23,7 +23,9 @@ mod proxy;
 mod redis_topologies;
 mod servers;
 
-pub use bench::{bench_broker, cpu_seconds, spawn_bench_aggregator, spawn_release_binary};
+pub use bench::{
+    bench_broker, cpu_seconds, spawn_bench_aggregator, spawn_bench_service, spawn_release_binary,
+};
 pub use config::process_config_toml;
 pub use metrics::metric_sum;
 pub use postgres::PostgresServer;

@@ -132,10 +132,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pass_events = (events - first) as f64;
     drop(consumer);
 
-    let definitions = dir.path().join("definitions.toml");
-    std::fs::write(
-        &definitions,
-        format!(
+    let (enricher, admin) = instream_testkit::spawn_bench_service(
+        "instream-enricher",
+        dir.path(),
+        &bootstrap,
+        &format!(
             r#"[[pipelines]]
 name = "bench"
 key_field = "auction"
@@ -147,33 +148,16 @@ key_template = "person:{{bidder}}"
 fields = {{ name = "bidder_name", city = "bidder_city", state = "bidder_state" }}
 "#
         ),
-    )?;
-    let admin = instream_testkit::free_port()?;
-    let config = dir.path().join("instream.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[telemetry]
-log_level = "warn"
-[admin]
-listen = "127.0.0.1:{admin}"
-[kafka]
-bootstrap_servers = "{bootstrap}"
-replication_factor = 1
-[definitions]
-source = "file"
-path = "{}"
-[refdata]
+        &format!(
+            r#"[refdata]
 backend = "redis"
 redis_url = "{}"
 [enricher]
 delivery = "at_least_once"
 "#,
-            definitions.display(),
             redis.url()
         ),
     )?;
-    let enricher = instream_testkit::spawn_release_binary("instream-enricher", &config)?;
     let pid = enricher.0.id();
     let deadline = Instant::now() + Duration::from_secs(600);
     let (mut first_at, mut first_cpu) = (None, 0.0);
