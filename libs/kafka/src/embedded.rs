@@ -11,6 +11,13 @@ enum Command {
         partitions: i32,
         reply: mpsc::Sender<Result<(), String>>,
     },
+    /// Disconnects one broker and refuses new connections (`up: false`), or lets it serve
+    /// again (`up: true`): an outage as clients see it.
+    SetBrokerUp {
+        broker: i32,
+        up: bool,
+        reply: mpsc::Sender<Result<(), String>>,
+    },
     Stop,
 }
 
@@ -53,6 +60,14 @@ impl EmbeddedBroker {
                                 .map_err(|e| e.to_string());
                             let _ = reply.send(result);
                         }
+                        Command::SetBrokerUp { broker, up, reply } => {
+                            let result = if up {
+                                cluster.broker_up(broker)
+                            } else {
+                                cluster.broker_down(broker)
+                            };
+                            let _ = reply.send(result.map_err(|e| e.to_string()));
+                        }
                         Command::Stop => break,
                     }
                 }
@@ -78,13 +93,26 @@ impl EmbeddedBroker {
     /// Creates a topic (the embedded broker has no CreateTopics API; unknown topics are
     /// otherwise auto-created with 4 partitions on first use).
     pub fn create_topic(&self, name: &str, partitions: i32) -> Result<(), KafkaError> {
+        self.ask(|reply| Command::CreateTopic {
+            name: name.to_owned(),
+            partitions,
+            reply,
+        })
+    }
+
+    /// Takes broker `broker` (numbered from 1) down — its connections closed, new ones
+    /// refused — or brings it back up.
+    pub fn set_broker_up(&self, broker: i32, up: bool) -> Result<(), KafkaError> {
+        self.ask(|reply| Command::SetBrokerUp { broker, up, reply })
+    }
+
+    fn ask(
+        &self,
+        command: impl FnOnce(mpsc::Sender<Result<(), String>>) -> Command,
+    ) -> Result<(), KafkaError> {
         let (reply, answer) = mpsc::channel();
         self.commands
-            .send(Command::CreateTopic {
-                name: name.to_owned(),
-                partitions,
-                reply,
-            })
+            .send(command(reply))
             .map_err(|_| KafkaError::Embedded("broker thread is gone".into()))?;
         answer
             .recv()

@@ -258,6 +258,19 @@ impl KafkaBroker {
         Ok(())
     }
 
+    /// Takes the embedded broker down (connections closed, new ones refused) or back up; an
+    /// external cluster cannot be, and answers an error.
+    pub fn set_up(&self, up: bool) -> Result<(), TestkitError> {
+        match self {
+            KafkaBroker::External(_) => Err(TestkitError::Broker(
+                "an external cluster cannot be taken down by the test".into(),
+            )),
+            KafkaBroker::Embedded(b) => b
+                .set_broker_up(1, up)
+                .map_err(|e| TestkitError::Broker(e.to_string())),
+        }
+    }
+
     pub fn is_embedded(&self) -> bool {
         matches!(self, KafkaBroker::Embedded(_))
     }

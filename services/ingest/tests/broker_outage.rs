@@ -1,0 +1,158 @@
+//! The `instream-ingest` binary while its broker is down: requests answered 503 with
+//! Retry-After (never a 200 for events the broker did not take), `/readyz` false, and both
+//! recover by themselves when the broker is back.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use instream_testkit::{metric_sum, spawn_service, unique, KafkaBroker};
+
+mod common;
+use common::{wait_ok, write_config, BIN};
+
+/// NDJSON of events numbered `range`, one key per ten.
+fn batch(range: std::ops::Range<u32>) -> String {
+    range
+        .map(|n| {
+            format!(
+                "{{\"account\":\"a{}\",\"ts\":1700000000000,\"n\":{n}}}\n",
+                n / 10
+            )
+        })
+        .collect()
+}
+
+async fn post(http: u16, pipeline: &str, body: String) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{http}/v1/pipelines/{pipeline}/events"
+        ))
+        .header("content-type", "application/x-ndjson")
+        .timeout(Duration::from_secs(30))
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn wait_status(url: &str, want: u16, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = reqwest::get(url).await {
+            if r.status() == want {
+                return;
+            }
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{url} did not answer {want} within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The `n` of every event on the pipeline's raw topic.
+async fn numbers_on_topic(bootstrap: &str, pipeline: &str) -> BTreeSet<u64> {
+    let cfg = instream_core::config::KafkaConfig {
+        bootstrap_servers: bootstrap.to_owned(),
+        ..Default::default()
+    };
+    let payloads = instream_kafka::ops::scan_topic_since(
+        &cfg,
+        &instream_pipeline::topics::raw(pipeline),
+        0,
+        Vec::new(),
+        |all: &mut Vec<Vec<u8>>, _, payload| all.push(payload.to_vec()),
+    )
+    .await
+    .unwrap();
+    payloads
+        .iter()
+        .map(|bytes| {
+            let event = instream_event::decode(bytes).unwrap();
+            let payload: serde_json::Value = serde_json::from_str(event.payload.get()).unwrap();
+            payload["n"].as_u64().unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_answers_503_turns_readyz_false_and_recovers() {
+    let broker = KafkaBroker::start().unwrap();
+    if !broker.is_embedded() {
+        eprintln!("skipped: the test takes the broker down, which only the embedded one allows");
+        return;
+    }
+    let pipeline = unique("outage");
+    broker.create_pipeline_topics(&pipeline, 2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (config, admin, http) = write_config(
+        dir.path(),
+        &broker.bootstrap_servers(),
+        &pipeline,
+        "produce_timeout = \"2s\"\nretry_after = \"3s\"\nallow_anonymous = true",
+    );
+    let _child = spawn_service(BIN, &config).unwrap();
+    let readyz = format!("http://127.0.0.1:{admin}/readyz");
+    wait_ok(&readyz, Duration::from_secs(30)).await;
+
+    let before = post(http, &pipeline, batch(0..100)).await;
+    assert_eq!(before.status(), 200);
+
+    broker.set_up(false).unwrap();
+    // Probed every 5 s, each probe waiting up to 5 s for an answer.
+    wait_status(&readyz, 503, Duration::from_secs(30)).await;
+    let refused = post(http, &pipeline, batch(100..200)).await;
+    assert_eq!(refused.status(), 503, "{:?}", refused.text().await);
+    assert_eq!(
+        refused
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("3")
+    );
+    let answer: serde_json::Value = refused.json().await.unwrap();
+    let error = answer["error"].as_str().unwrap_or_default();
+    assert!(
+        error == "broker_timeout" || error == "broker_unavailable",
+        "{answer}"
+    );
+    let exposition = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (unavailable, _) = metric_sum(&exposition, "instream_http_requests_total", "\"503\"");
+    assert!(unavailable >= 1.0, "503 answers not counted:\n{exposition}");
+
+    broker.set_up(true).unwrap();
+    wait_ok(&readyz, Duration::from_secs(60)).await;
+    // The producer reconnects on its own; clients that retry get through.
+    let start = Instant::now();
+    loop {
+        let again = post(http, &pipeline, batch(200..300)).await;
+        if again.status() == 200 {
+            let answer: serde_json::Value = again.json().await.unwrap();
+            assert_eq!(answer["accepted"], 100);
+            break;
+        }
+        assert_eq!(again.status(), 503);
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "still refused after the broker came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Everything answered 200 is on the topic; what was refused may be too (the producer
+    // delivers it once the broker is back), with the same ids, which is why clients may
+    // send it again.
+    let on_topic = numbers_on_topic(&broker.bootstrap_servers(), &pipeline).await;
+    for n in (0..100).chain(200..300) {
+        assert!(
+            on_topic.contains(&n),
+            "accepted event {n} is not on the topic"
+        );
+    }
+}
