@@ -27,29 +27,24 @@ pub struct CacheSettings {
 /// A fetch in progress: `None` until it ends; `Some(None)` when it failed.
 type Flight = watch::Receiver<Option<Option<Arc<Found>>>>;
 
-struct EntryExpiry {
-    ttl: Duration,
-    negative_ttl: Duration,
+/// A cached answer and when it was stored. The cache's own expiry (`time_to_live`, the
+/// longer of the two TTLs) bounds memory; the shorter TTL of its kind is checked when it is
+/// read. Per-entry expiry in moka (`Expiry`) keeps a timer wheel updated on every read, which
+/// cost more than the lookup itself on the enricher's hot path.
+#[derive(Clone)]
+struct Entry {
+    found: Arc<Found>,
+    stored: Instant,
 }
 
-impl moka::Expiry<String, Arc<Found>> for EntryExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &String,
-        value: &Arc<Found>,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        Some(match **value {
-            Found::Record(_) => self.ttl,
-            _ => self.negative_ttl,
-        })
-    }
-}
+/// The cache's hasher: keys come from event fields, so seeded per process, but much cheaper
+/// than SipHash for the short keys of lookups.
+type KeyHasher = foldhash::fast::RandomState;
 
 /// Estimated bytes an entry holds, for the size bound. `&String`: moka's weigher signature.
 #[allow(clippy::ptr_arg)]
-fn weight(key: &String, value: &Arc<Found>) -> u32 {
-    let record = match &**value {
+fn weight(key: &String, value: &Entry) -> u32 {
+    let record = match &*value.found {
         Found::Record(r) => r
             .iter()
             .map(|(k, v)| k.len() + 16 + v.as_str().map_or(16, str::len))
@@ -62,7 +57,9 @@ fn weight(key: &String, value: &Arc<Found>) -> u32 {
 
 pub struct CachedRefStore {
     inner: Arc<dyn RefStore>,
-    cache: Option<Cache<String, Arc<Found>>>,
+    cache: Option<Cache<String, Entry, KeyHasher>>,
+    ttl: Duration,
+    negative_ttl: Duration,
     in_flight: Mutex<HashMap<String, Flight>>,
 }
 
@@ -110,17 +107,28 @@ impl CachedRefStore {
             Cache::builder()
                 .max_capacity(settings.max_bytes)
                 .weigher(weight)
-                .expire_after(EntryExpiry {
-                    ttl: settings.ttl,
-                    negative_ttl: settings.negative_ttl,
-                })
-                .build()
+                .time_to_live(settings.ttl.max(settings.negative_ttl))
+                .build_with_hasher(KeyHasher::default())
         });
         Self {
             inner,
             cache,
+            ttl: settings.ttl,
+            negative_ttl: settings.negative_ttl,
             in_flight: Mutex::default(),
         }
+    }
+
+    /// The cached answer for `key` while it is fresh for its kind (found or not).
+    fn cached(&self, key: &String) -> Option<Arc<Found>> {
+        let entry = self.cache.as_ref()?.get(key)?;
+        let ttl = match *entry.found {
+            Found::Record(_) => self.ttl,
+            _ => self.negative_ttl,
+        };
+        // Only the shorter TTL needs the clock: the cache expires the longer one itself.
+        let fresh = ttl >= self.ttl.max(self.negative_ttl) || entry.stored.elapsed() < ttl;
+        fresh.then_some(entry.found)
     }
 
     /// The store behind the cache (versions, readiness).
@@ -150,7 +158,7 @@ impl CachedRefStore {
         let mut senders = Vec::new();
         let (mut local_hits, mut waits) = (0u64, 0u64);
         for (key, shape) in lookups {
-            if let Some(found) = self.cache.as_ref().and_then(|c| c.get(key)) {
+            if let Some(found) = self.cached(key) {
                 local_hits += 1;
                 sources.push(Source::Ready(found));
                 continue;
@@ -204,12 +212,17 @@ impl CachedRefStore {
                         .increment(hits as u64);
                     metrics::counter!("instream_refdata_lookups_total", "level" => "redis", "outcome" => "miss")
                         .increment((found.len() - hits) as u64);
+                    let stored = Instant::now();
                     for ((key, _), value) in fetch.iter().zip(found.iter()) {
                         // A malformed key is fixed by hand; do not hide the fix for a TTL.
                         if let (Some(cache), false) =
                             (&self.cache, matches!(**value, Found::Malformed(_)))
                         {
-                            cache.insert(key.clone(), value.clone());
+                            let entry = Entry {
+                                found: value.clone(),
+                                stored,
+                            };
+                            cache.insert(key.clone(), entry);
                         }
                     }
                     flights.answer(&found);
