@@ -253,3 +253,61 @@ async fn tls_with_a_private_authority_and_plain_text_refused() {
         garbage.err()
     );
 }
+
+/// Sentinel failover: the master killed with -9, the sentinel promotes its replica, and the
+/// same store answers again from the new master without a restart; in between, lookups fail
+/// as an outage to retry (the enricher holds its batch), never as a missing key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_is_followed_without_a_restart() {
+    use instream_core::config::RedisMode;
+    let mut sentinel = instream_testkit::RedisSentinel::start_with_replica().unwrap();
+    let client = redis::Client::open(sentinel.master().url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    run(&mut conn, &["HSET", "customer:1", "tier", "gold"]).await;
+    let acknowledged: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(acknowledged, 1, "the replica did not take the write");
+    let store = RedisRefStore::connect(&RefDataConfig {
+        redis_mode: RedisMode::Sentinel,
+        redis_nodes: vec![sentinel.sentinel_url()],
+        sentinel_master: "mymaster".into(),
+        ..config("redis://127.0.0.1:1".into())
+    })
+    .await
+    .unwrap();
+    let lookup = [("customer:1".to_string(), RecordShape::Hash)];
+    let gold = |found: &[Found]| matches!(&found[0], Found::Record(r) if r["tier"] == "gold");
+    assert!(gold(&store.lookup_many(&lookup).await.unwrap()));
+
+    let replica = sentinel.replica().unwrap().port();
+    sentinel.kill_master().unwrap();
+    let killed = std::time::Instant::now();
+    let mut outages = 0;
+    loop {
+        match store.lookup_many(&lookup).await {
+            Ok(found) => {
+                assert!(gold(&found), "{found:?}");
+                break;
+            }
+            Err(RefDataError::Unavailable(_)) => outages += 1,
+            Err(other) => panic!("not an outage to retry: {other}"),
+        }
+        assert!(
+            killed.elapsed() < std::time::Duration::from_secs(60),
+            "no answer 60 s after the master was killed ({outages} failed lookups)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The only server left is the promoted replica, and the sentinel names it.
+    assert!(outages > 0, "the kill was not noticed");
+    assert_eq!(sentinel.master_port_now(), Some(replica));
+    eprintln!(
+        "failover followed {:.1} s after the kill ({outages} failed lookups)",
+        killed.elapsed().as_secs_f64()
+    );
+    store.ping().await.unwrap();
+}

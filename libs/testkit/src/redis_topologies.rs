@@ -84,9 +84,10 @@ impl RedisCluster {
     }
 }
 
-/// A master and one Sentinel monitoring it as `mymaster`.
+/// A master (with a replica, if asked for) and one Sentinel monitoring it as `mymaster`.
 pub struct RedisSentinel {
     master: RedisServer,
+    replica: Option<RedisServer>,
     port: u16,
     _guard: ChildGuard,
     _dir: TempDir,
@@ -94,14 +95,41 @@ pub struct RedisSentinel {
 
 impl RedisSentinel {
     pub fn start() -> Result<RedisSentinel, TestkitError> {
+        Self::start_with(false)
+    }
+
+    /// With a replica the sentinel knows of before this returns, so that it can promote it
+    /// when the master fails ([`RedisSentinel::kill_master`]).
+    pub fn start_with_replica() -> Result<RedisSentinel, TestkitError> {
+        Self::start_with(true)
+    }
+
+    fn start_with(with_replica: bool) -> Result<RedisSentinel, TestkitError> {
         let master = RedisServer::start()?;
+        let replica = if with_replica {
+            let replica = RedisServer::start_replica_of(master.port())?;
+            wait_until(
+                "the replica to follow its master",
+                std::time::Duration::from_secs(30),
+                || {
+                    ask(
+                        replica.port(),
+                        b"INFO replication\r\n",
+                        b"master_link_status:up",
+                    )
+                },
+            )?;
+            Some(replica)
+        } else {
+            None
+        };
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let config = dir.path().join("sentinel.conf");
         std::fs::write(
             &config,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 1\nsentinel down-after-milliseconds mymaster 1000\n",
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 1\nsentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n",
                 dir.path().display(),
                 master.port()
             ),
@@ -118,8 +146,17 @@ impl RedisSentinel {
                 master.port().to_string().as_bytes(),
             )
         })?;
+        if let Some(replica) = &replica {
+            let seen = format!("{}", replica.port());
+            wait_until(
+                "the sentinel to know the replica",
+                std::time::Duration::from_secs(30),
+                || ask(port, b"SENTINEL replicas mymaster\r\n", seen.as_bytes()),
+            )?;
+        }
         Ok(RedisSentinel {
             master,
+            replica,
             port,
             _guard: guard,
             _dir: dir,
@@ -134,5 +171,32 @@ impl RedisSentinel {
     /// The master, to write test data to directly.
     pub fn master(&self) -> &RedisServer {
         &self.master
+    }
+
+    /// The replica of [`RedisSentinel::start_with_replica`].
+    pub fn replica(&self) -> Option<&RedisServer> {
+        self.replica.as_ref()
+    }
+
+    /// Kills the master with SIGKILL; the sentinel then promotes the replica.
+    pub fn kill_master(&mut self) -> Result<(), TestkitError> {
+        self.master.kill()
+    }
+
+    /// The master's port as the sentinel names it now.
+    pub fn master_port_now(&self) -> Option<u16> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .ok()?;
+        std::io::Write::write_all(&mut s, b"SENTINEL get-master-addr-by-name mymaster\r\n").ok()?;
+        let mut buf = [0u8; 256];
+        let n = std::io::Read::read(&mut s, &mut buf).ok()?;
+        // *2 $9 127.0.0.1 $<len> <port>
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .last()?
+            .trim()
+            .parse()
+            .ok()
     }
 }

@@ -84,12 +84,21 @@ pub(crate) fn wait_ready(
 pub struct RedisServer {
     port: u16,
     tls: bool,
-    _guard: ChildGuard,
+    guard: ChildGuard,
     _dir: TempDir,
 }
 
 impl RedisServer {
     pub fn start() -> Result<RedisServer, TestkitError> {
+        Self::start_with(&[])
+    }
+
+    /// A replica of the server on `master_port` (read-only, following it).
+    pub fn start_replica_of(master_port: u16) -> Result<RedisServer, TestkitError> {
+        Self::start_with(&["--replicaof", "127.0.0.1", &master_port.to_string()])
+    }
+
+    fn start_with(extra: &[&str]) -> Result<RedisServer, TestkitError> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let log = dir.path().join("redis.log");
@@ -97,6 +106,7 @@ impl RedisServer {
             Command::new("redis-server")
                 .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
                 .args(["--save", "", "--appendonly", "no"])
+                .args(extra)
                 .arg("--dir")
                 .arg(dir.path()),
             &log,
@@ -107,9 +117,16 @@ impl RedisServer {
         Ok(RedisServer {
             port,
             tls: false,
-            _guard: guard,
+            guard,
             _dir: dir,
         })
+    }
+
+    /// Kills the server with SIGKILL and waits for it to be gone: a crash, not a shutdown.
+    pub fn kill(&mut self) -> Result<(), TestkitError> {
+        self.guard.0.kill()?;
+        self.guard.0.wait()?;
+        Ok(())
     }
 
     /// A server that speaks only TLS, with the certificate and key given (PEM); clients are
@@ -146,7 +163,7 @@ impl RedisServer {
         Ok(RedisServer {
             port,
             tls: true,
-            _guard: guard,
+            guard,
             _dir: dir,
         })
     }
