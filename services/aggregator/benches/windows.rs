@@ -11,6 +11,10 @@ use instream_aggregator::PartitionState;
 use instream_event::Event;
 use instream_pipeline::{parse_document, PipelineDefinition};
 
+// As in the service binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const EVENTS: usize = 200_000;
 const KEYS: usize = 100_000;
 

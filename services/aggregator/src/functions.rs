@@ -9,9 +9,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sketches_ddsketch::{Config as SketchConfig, DDSketch};
 
-/// The value at `path` (`key`, `payload.…`, `enrichment.…`) of an event. `payload` caches the
-/// parsed payload across the lookups of one event.
-pub fn field_value(path: &FieldPath, event: &Event, payload: &mut Option<Value>) -> Option<Value> {
+use crate::payload::Payload;
+
+/// The value at `path` (`key`, `payload.…`, `enrichment.…`) of an event. `payload` is the
+/// event's payload, read once across the lookups of one event.
+pub fn field_value(path: &FieldPath, event: &Event, payload: &mut Payload) -> Option<Value> {
     let segments = path.segments();
     match segments[0].as_str() {
         "key" => Some(Value::String(event.key.clone())),
@@ -22,15 +24,7 @@ pub fn field_value(path: &FieldPath, event: &Event, payload: &mut Option<Value>)
                 .try_fold(first, |v, s| v.as_object()?.get(s))
                 .cloned()
         }
-        _ => {
-            let doc = payload.get_or_insert_with(|| {
-                serde_json::from_str(event.payload.get()).unwrap_or(Value::Null)
-            });
-            segments[1..]
-                .iter()
-                .try_fold(&*doc, |v, s| v.as_object()?.get(s))
-                .cloned()
-        }
+        _ => payload.get(&segments[1..]),
     }
 }
 
@@ -47,7 +41,7 @@ fn number(value: &Value) -> Option<f64> {
 
 /// Whether the filter takes the event. Numbers compare as numbers, anything else by equality
 /// of the JSON values (so `gt` on strings is false).
-pub fn accepts(filter: &Filter, event: &Event, payload: &mut Option<Value>) -> bool {
+pub fn accepts(filter: &Filter, event: &Event, payload: &mut Payload) -> bool {
     let Some(found) = field_value(&filter.field, event, payload) else {
         return filter.op == FilterOp::Ne;
     };
@@ -383,7 +377,7 @@ mod tests {
         let f = |field: &str, op: &str, value: Value| -> bool {
             let filter: Filter =
                 serde_json::from_value(json!({"field": field, "op": op, "value": value})).unwrap();
-            accepts(&filter, &event, &mut None)
+            accepts(&filter, &event, &mut Payload::new(event.payload.get()))
         };
         assert!(f("payload.price", "gte", json!(100)));
         assert!(!f("payload.price", "lt", json!(100)));

@@ -23,6 +23,7 @@
 //! `aggregator.early_results_every` unless that is zero.
 
 mod functions;
+mod payload;
 mod state;
 mod windows;
 
@@ -272,7 +273,7 @@ async fn forward(
     def: &instream_pipeline::PipelineDefinition,
     deliveries: &mut Vec<DeliveryFuture>,
 ) -> Result<(), AggregatorError> {
-    let mut payload = None;
+    let mut payload = payload::Payload::new(event.payload.get());
     for aggregation in def.aggregations.iter().filter(|a| a.repartitioned()) {
         if let Some(filter) = &aggregation.filter {
             if !functions::accepts(filter, event, &mut payload) {

@@ -4,6 +4,8 @@ use instream_event::{Event, FieldPath};
 use instream_pipeline::Aggregation;
 use serde_json::Value;
 
+use crate::payload::Payload;
+
 fn scalar_text(v: Option<&Value>) -> String {
     match v {
         Some(Value::String(s)) => s.clone(),
@@ -17,7 +19,7 @@ fn scalar_text(v: Option<&Value>) -> String {
 pub fn group_key<'e>(
     aggregation: &Aggregation,
     event: &'e Event,
-    payload: &mut Option<Value>,
+    payload: &mut Payload,
 ) -> std::borrow::Cow<'e, str> {
     if let [only] = aggregation.group_by.as_slice() {
         if only.as_str() == "key" {
@@ -31,7 +33,7 @@ pub fn group_key<'e>(
     std::borrow::Cow::Owned(parts.join("|"))
 }
 
-fn resolve(path: &FieldPath, event: &Event, payload: &mut Option<Value>) -> String {
+fn resolve(path: &FieldPath, event: &Event, payload: &mut Payload) -> String {
     let segments = path.segments();
     match segments[0].as_str() {
         "key" => event.key.clone(),
@@ -47,16 +49,8 @@ fn resolve(path: &FieldPath, event: &Event, payload: &mut Option<Value>) -> Stri
                 });
             scalar_text(found)
         }
-        _ => {
-            // `payload.…`: parsed once per event, only when some aggregation needs it.
-            let doc = payload.get_or_insert_with(|| {
-                serde_json::from_str(event.payload.get()).unwrap_or(Value::Null)
-            });
-            let found = segments[1..]
-                .iter()
-                .try_fold(&*doc, |v, s| v.as_object()?.get(s));
-            scalar_text(found)
-        }
+        // `payload.…`: read once per event, only when some aggregation needs it.
+        _ => scalar_text(payload.get(&segments[1..]).as_ref()),
     }
 }
 
@@ -95,7 +89,7 @@ window = { kind = "tumbling", size = "1h" }
             payload: RawValue::from_string(r#"{"kind":"bid"}"#.into()).unwrap(),
             enrichment: Some(enrichment),
         };
-        let mut payload = None;
+        let mut payload = Payload::new(event.payload.get());
         assert_eq!(
             group_key(&def.aggregations[0], &event, &mut payload),
             "a|gold|bid|null"

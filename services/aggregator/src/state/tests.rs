@@ -296,3 +296,24 @@ fn format_3_checkpoints_are_still_read() {
     assert_eq!((state.next_offset(), seen_from), (5, 5));
     assert!(PartitionState::restore(&[2u8]).is_err());
 }
+
+#[test]
+fn a_window_id_hashes_the_same_in_one_piece_and_streamed() {
+    use super::{window_hash, window_hash_streaming};
+    for group in [
+        "",
+        "k1",
+        "a-rather-longer-group|with|parts",
+        &"x".repeat(150),
+    ] {
+        assert_eq!(
+            window_hash("bids", "per_minute", group, 1_700_000_000_000),
+            window_hash_streaming("bids", "per_minute", group, 1_700_000_000_000),
+            "{group}"
+        );
+    }
+    assert_ne!(
+        window_hash("bids", "per_minute", "k1", 0),
+        window_hash("bids", "per_minutek", "1", 0)
+    );
+}
