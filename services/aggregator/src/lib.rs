@@ -184,7 +184,7 @@ pub async fn run_with_store(
                 None => Scope::Keyed,
             };
             let outcome = state.apply_in(scope, record.offset, &event, origin, def, horizon);
-            count(&event, &outcome);
+            count(&event, scope, &outcome);
             if scope == Scope::Keyed && matches!(outcome, Outcome::Counted | Outcome::TooLate(_)) {
                 forward(&producer, &record, &event, def, &mut forwarded).await?;
             }
@@ -315,7 +315,11 @@ fn origin_of(record: &Record) -> Option<(i32, i64)> {
     Some((partition, number(headers::ORIGIN_OFFSET)?))
 }
 
-fn count(event: &Event, outcome: &Outcome) {
+/// Counts an event's outcome once per enriched record in `instream_events_total` (the
+/// stage's throughput, as for every service); what a repartition partition does with its
+/// forwarded copy is counted apart, per aggregation, so that a forwarded event is not counted
+/// twice there.
+fn count(event: &Event, scope: Scope, outcome: &Outcome) {
     let outcome = match outcome {
         Outcome::Counted => "aggregated",
         Outcome::AlreadyApplied => "already_applied",
@@ -324,8 +328,16 @@ fn count(event: &Event, outcome: &Outcome) {
         Outcome::TooLate(_) => "too_late",
         Outcome::TooFarAhead => "future_time",
     };
-    metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => event.pipeline.clone(), "outcome" => outcome)
-        .increment(1);
+    match scope {
+        Scope::Keyed => {
+            metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => event.pipeline.clone(), "outcome" => outcome)
+                .increment(1);
+        }
+        Scope::Repartitioned { aggregation, .. } => {
+            metrics::counter!("instream_aggregator_repartition_events_total", "pipeline" => event.pipeline.clone(), "aggregation" => aggregation.to_owned(), "outcome" => outcome)
+                .increment(1);
+        }
+    }
 }
 
 impl Partitions {
