@@ -238,6 +238,16 @@ impl Link {
             .flatten()
     }
 
+    /// Sentinel: the master's connection, asked of the sentinels again first so that it is
+    /// the master now (for `refdata load`). Elsewhere `None`.
+    pub async fn master(&self) -> Result<Option<MultiplexedConnection>, RefDataError> {
+        if !matches!(self, Link::Sentinel { .. }) {
+            return Ok(None);
+        }
+        self.forget_master();
+        self.sentinel_master().await.map(Some)
+    }
+
     /// The connection manager of a one-server link (for `refdata load`).
     pub fn single(&self) -> Option<ConnectionManager> {
         match self {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use instream_pipeline::{EnrichmentRule, RecordShape};
-use redis::aio::ConnectionManager;
+use redis::aio::ConnectionLike;
 use serde_json::{Map, Value};
 
 use crate::versions::{counter_key, pointer_key, version_of_key, version_prefix, CHANGES_CHANNEL};
@@ -147,15 +147,15 @@ fn scalar_text(v: &Value) -> Option<String> {
 }
 
 /// The records of one version, turned into Redis commands chunk by chunk.
-struct Writer {
-    connection: ConnectionManager,
+struct Writer<C> {
+    connection: C,
     timeout: Duration,
     pipe: redis::Pipeline,
     queued: usize,
     written: u64,
 }
 
-impl Writer {
+impl<C: ConnectionLike + Send> Writer<C> {
     async fn flush(&mut self) -> Result<(), LoadError> {
         if self.queued == 0 {
             return Ok(());
@@ -174,8 +174,9 @@ impl Writer {
 /// Loads `path` as a new version of `rule` of `pipeline`. `key_fields` name, per field of the
 /// rule's key template in order, the record field that fills it (`--key-field code` for
 /// `airport:{origin}`). The key fields stay in the stored record.
-pub async fn load_file(
-    connection: ConnectionManager,
+/// `connection` goes to the server that takes writes: the one server, or the master.
+pub async fn load_file<C: ConnectionLike + Clone + Send>(
+    connection: C,
     timeout: Duration,
     pipeline: &str,
     rule: &EnrichmentRule,
@@ -311,8 +312,8 @@ pub async fn load_file(
     })
 }
 
-async fn retire_versions_before(
-    connection: &mut ConnectionManager,
+async fn retire_versions_before<C: ConnectionLike + Send>(
+    connection: &mut C,
     pipeline: &str,
     rule: &str,
     keep_from: u64,

@@ -213,6 +213,14 @@ impl RedisRefStore {
     pub fn connection(&self) -> Option<ConnectionManager> {
         self.link.single()
     }
+
+    /// Sentinel mode: a connection to the master the sentinels name now (for `refdata load`);
+    /// `None` in the other modes.
+    pub async fn master_connection(
+        &self,
+    ) -> Result<Option<redis::aio::MultiplexedConnection>, RefDataError> {
+        self.link.master().await
+    }
 }
 
 fn text(v: &Value) -> Option<String> {

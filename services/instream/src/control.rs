@@ -455,18 +455,20 @@ pub async fn refdata(command: RefdataCommand) -> anyhow::Result<()> {
         .await
         .context("connecting to Redis")?;
     let started = std::time::Instant::now();
-    let Some(connection) = store.connection() else {
-        bail!("refdata load writes to one Redis server (refdata.redis_mode = \"standalone\"); sentinel and cluster are not supported by it yet");
+    let timeout = config.refdata.timeout;
+    let report = if let Some(server) = store.connection() {
+        instream_refdata::load::load_file(server, timeout, &pipeline, rule_def, &key_fields, &file)
+            .await?
+    } else if let Some(master) = store
+        .master_connection()
+        .await
+        .context("finding the master through the sentinels")?
+    {
+        instream_refdata::load::load_file(master, timeout, &pipeline, rule_def, &key_fields, &file)
+            .await?
+    } else {
+        bail!("refdata load writes to one Redis server or a Sentinel-managed master; refdata.redis_mode = \"cluster\" is not supported by it yet");
     };
-    let report = instream_refdata::load::load_file(
-        connection,
-        config.refdata.timeout,
-        &pipeline,
-        rule_def,
-        &key_fields,
-        &file,
-    )
-    .await?;
     let took = started.elapsed();
     match output {
         Output::Json => emit_json(&json!({

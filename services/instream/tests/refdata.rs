@@ -237,3 +237,77 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// With `refdata.redis_mode = "sentinel"` the load goes to the master the sentinel names and
+/// is followed there (by the pointer check: pub/sub is standalone only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refdata_load_writes_to_the_master_a_sentinel_names() {
+    let zookeeper = ZooKeeperServer::start().unwrap();
+    let sentinel = instream_testkit::RedisSentinel::start().unwrap();
+    let broker = KafkaBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let env = Env {
+        zk: zookeeper.connect_string(),
+        root: format!("/{}", unique("cli")),
+        bootstrap: broker.bootstrap_servers(),
+        redis: None,
+        store: None,
+    };
+    let defs = definitions(dir.path(), "orders", 1, "");
+    env.ok(&["pipeline", "apply", defs.to_str().unwrap()]);
+    let config = dir.path().join("instream.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[refdata]\nredis_mode = \"sentinel\"\nredis_nodes = [\"{}\"]\nsentinel_master = \"mymaster\"\n",
+            sentinel.sentinel_url()
+        ),
+    )
+    .unwrap();
+    let csv = dir.path().join("customers.csv");
+    std::fs::write(&csv, "id,tier\nc1,gold\n").unwrap();
+    let loaded = env.json(&[
+        "refdata",
+        "load",
+        csv.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--pipeline",
+        "orders",
+        "--rule",
+        "customer",
+        "--key-field",
+        "id",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(
+        (loaded["version"].as_u64(), loaded["switched"].as_bool()),
+        (Some(1), Some(true)),
+        "{loaded}"
+    );
+    // On the master itself: the pointer and the version's record.
+    let mut master = redis::Client::open(sentinel.master().url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let pointer: u64 = redis::cmd("GET")
+        .arg(instream_refdata::versions::pointer_key(
+            "orders", "customer",
+        ))
+        .query_async(&mut master)
+        .await
+        .unwrap();
+    assert_eq!(pointer, 1);
+    let tier: String = redis::cmd("HGET")
+        .arg(format!(
+            "{}customer:c1",
+            instream_refdata::versions::version_prefix("orders", "customer", 1)
+        ))
+        .arg("tier")
+        .query_async(&mut master)
+        .await
+        .unwrap();
+    assert_eq!(tier, "gold");
+}
