@@ -157,6 +157,19 @@ impl ScyllaStore {
         if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
             builder = builder.user(user, password);
         }
+        if let Some(dc) = &cfg.local_dc {
+            // Local nodes only: LOCAL_QUORUM then means this data centre's replicas, and a
+            // request never crosses to another one behind the consistency level's back.
+            let policy = scylla::policies::load_balancing::DefaultPolicy::builder()
+                .prefer_datacenter(dc.clone())
+                .token_aware(true)
+                .permit_dc_failover(false)
+                .build();
+            let profile = scylla::client::execution_profile::ExecutionProfile::builder()
+                .load_balancing_policy(policy)
+                .build();
+            builder = builder.default_execution_profile_handle(profile.into_handle());
+        }
         let session = builder.build().await.map_err(unavailable)?;
         let ks = &cfg.keyspace;
         for ddl in schema(cfg) {

@@ -52,6 +52,10 @@ pub struct StoreConfig {
     /// hopping window's event updates several windows of its group at once. A batch is also
     /// kept under 32 KiB (Cassandra refuses batches above 50 KiB by default).
     pub upsert_batch_rows: usize,
+    /// The data centre this instance runs in (ScyllaDB/Cassandra with several): requests go
+    /// to its nodes only, token-aware, and `local_*` consistency levels count its replicas.
+    /// Unset: any node, as a one-data-centre cluster has.
+    pub local_dc: Option<String>,
 }
 
 /// A ScyllaDB/Cassandra consistency level instream may use.
@@ -96,6 +100,7 @@ impl Default for StoreConfig {
             write_consistency: StoreConsistency::LocalQuorum,
             read_consistency: StoreConsistency::LocalQuorum,
             upsert_batch_rows: 16,
+            local_dc: None,
         }
     }
 }
@@ -143,8 +148,13 @@ impl StoreConfig {
     }
 
     /// Judged for one data centre (`replication_factor` replicas): with several, keep both
-    /// levels `local_quorum` and pin each instance to its data centre's nodes.
+    /// levels `local_quorum` and pin each instance to its data centre (`store.local_dc`).
     fn validate_consistency(&self, p: &mut Problems) {
+        if let Some(dc) = &self.local_dc {
+            p.check(!dc.trim().is_empty(), "store.local_dc", || {
+                "must name a data centre, or be left out".into()
+            });
+        }
         let rf = self.replication_factor;
         let (w, r) = (
             self.write_consistency.replicas(rf),

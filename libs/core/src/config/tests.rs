@@ -265,4 +265,7 @@ fn store_consistency_must_let_a_restore_read_the_last_checkpoint() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("store.write_consistency"), "{err}");
+    with("local_dc = \"eu-west\"").expect("a named data centre");
+    let err = with("local_dc = \" \"").unwrap_err().to_string();
+    assert!(err.contains("store.local_dc"), "{err}");
 }
