@@ -27,24 +27,26 @@ pub struct CacheSettings {
 /// A fetch in progress: `None` until it ends; `Some(None)` when it failed.
 type Flight = watch::Receiver<Option<Option<Arc<Found>>>>;
 
-/// A cached answer and when it was stored. The cache's own expiry (`time_to_live`, the
-/// longer of the two TTLs) bounds memory; the shorter TTL of its kind is checked when it is
-/// read. Per-entry expiry in moka (`Expiry`) keeps a timer wheel updated on every read, which
-/// cost more than the lookup itself on the enricher's hot path.
-#[derive(Clone)]
-struct Entry {
-    found: Arc<Found>,
-    stored: Instant,
-}
-
-/// The cache's hasher: keys come from event fields, so seeded per process, but much cheaper
+/// The caches' hasher: keys come from event fields, so seeded per process, but much cheaper
 /// than SipHash for the short keys of lookups.
 type KeyHasher = foldhash::fast::RandomState;
 
+/// Found records and "no such key" answers are cached apart, each with its own
+/// `time_to_live` and size bound (the negative one an eighth of `max_bytes`), so a flood of
+/// unknown keys can push out only other unknown keys. Per-entry expiry in one moka cache
+/// (`Expiry`) kept a timer wheel updated on every read, which cost more than the lookup
+/// itself on the enricher's hot path.
+struct Caches {
+    found: Cache<String, Arc<Found>, KeyHasher>,
+    missing: Cache<String, (), KeyHasher>,
+    /// The one answer every negative entry stands for.
+    missing_answer: Arc<Found>,
+}
+
 /// Estimated bytes an entry holds, for the size bound. `&String`: moka's weigher signature.
 #[allow(clippy::ptr_arg)]
-fn weight(key: &String, value: &Entry) -> u32 {
-    let record = match &*value.found {
+fn weight(key: &String, value: &Arc<Found>) -> u32 {
+    let record = match &**value {
         Found::Record(r) => r
             .iter()
             .map(|(k, v)| k.len() + 16 + v.as_str().map_or(16, str::len))
@@ -55,11 +57,14 @@ fn weight(key: &String, value: &Entry) -> u32 {
     u32::try_from(64 + key.len() + record).unwrap_or(u32::MAX)
 }
 
+#[allow(clippy::ptr_arg)]
+fn key_weight(key: &String, _: &()) -> u32 {
+    u32::try_from(64 + key.len()).unwrap_or(u32::MAX)
+}
+
 pub struct CachedRefStore {
     inner: Arc<dyn RefStore>,
-    cache: Option<Cache<String, Entry, KeyHasher>>,
-    ttl: Duration,
-    negative_ttl: Duration,
+    cache: Option<Caches>,
     in_flight: Mutex<HashMap<String, Flight>>,
 }
 
@@ -104,31 +109,39 @@ impl Drop for FlightsGuard<'_> {
 impl CachedRefStore {
     pub fn new(inner: Arc<dyn RefStore>, settings: &CacheSettings) -> Self {
         let cache = (settings.max_bytes > 0).then(|| {
-            Cache::builder()
-                .max_capacity(settings.max_bytes)
-                .weigher(weight)
-                .time_to_live(settings.ttl.max(settings.negative_ttl))
-                .build_with_hasher(KeyHasher::default())
+            let negative_bytes = settings.max_bytes / 8;
+            Caches {
+                found: Cache::builder()
+                    .max_capacity(settings.max_bytes - negative_bytes)
+                    .weigher(weight)
+                    .time_to_live(settings.ttl)
+                    .build_with_hasher(KeyHasher::default()),
+                missing: Cache::builder()
+                    .max_capacity(negative_bytes.max(1))
+                    .weigher(key_weight)
+                    .time_to_live(settings.negative_ttl)
+                    .build_with_hasher(KeyHasher::default()),
+                missing_answer: Arc::new(Found::Missing),
+            }
         });
         Self {
             inner,
             cache,
-            ttl: settings.ttl,
-            negative_ttl: settings.negative_ttl,
             in_flight: Mutex::default(),
         }
     }
 
-    /// The cached answer for `key` while it is fresh for its kind (found or not).
+    /// The cached answer for `key`, found or not.
     fn cached(&self, key: &String) -> Option<Arc<Found>> {
-        let entry = self.cache.as_ref()?.get(key)?;
-        let ttl = match *entry.found {
-            Found::Record(_) => self.ttl,
-            _ => self.negative_ttl,
-        };
-        // Only the shorter TTL needs the clock: the cache expires the longer one itself.
-        let fresh = ttl >= self.ttl.max(self.negative_ttl) || entry.stored.elapsed() < ttl;
-        fresh.then_some(entry.found)
+        let caches = self.cache.as_ref()?;
+        if let Some(found) = caches.found.get(key) {
+            return Some(found);
+        }
+        // `get`, not `contains_key`: a read counts for the entry's popularity.
+        caches
+            .missing
+            .get(key)
+            .map(|()| caches.missing_answer.clone())
     }
 
     /// The store behind the cache (versions, readiness).
@@ -138,9 +151,10 @@ impl CachedRefStore {
 
     /// Forgets `keys` (a retry that must see the store's current answer).
     pub fn invalidate(&self, keys: &[(String, RecordShape)]) {
-        if let Some(cache) = &self.cache {
+        if let Some(caches) = &self.cache {
             for (key, _) in keys {
-                cache.invalidate(key);
+                caches.found.invalidate(key);
+                caches.missing.invalidate(key);
             }
         }
     }
@@ -212,17 +226,16 @@ impl CachedRefStore {
                         .increment(hits as u64);
                     metrics::counter!("instream_refdata_lookups_total", "level" => "redis", "outcome" => "miss")
                         .increment((found.len() - hits) as u64);
-                    let stored = Instant::now();
                     for ((key, _), value) in fetch.iter().zip(found.iter()) {
-                        // A malformed key is fixed by hand; do not hide the fix for a TTL.
-                        if let (Some(cache), false) =
-                            (&self.cache, matches!(**value, Found::Malformed(_)))
-                        {
-                            let entry = Entry {
-                                found: value.clone(),
-                                stored,
-                            };
-                            cache.insert(key.clone(), entry);
+                        match (&self.cache, &**value) {
+                            (Some(caches), Found::Record(_)) => {
+                                caches.found.insert(key.clone(), value.clone());
+                            }
+                            (Some(caches), Found::Missing) => {
+                                caches.missing.insert(key.clone(), ());
+                            }
+                            // A malformed key is fixed by hand; do not hide the fix for a TTL.
+                            _ => {}
                         }
                     }
                     flights.answer(&found);
@@ -348,6 +361,34 @@ mod tests {
             store.asked.load(Ordering::SeqCst),
             4,
             "only `gone` asked again"
+        );
+    }
+
+    /// Each kind keeps its own TTL, also when "not found" is kept longer than records.
+    #[tokio::test]
+    async fn a_longer_negative_ttl_keeps_misses_and_lets_records_expire() {
+        let store = Arc::new(Counting {
+            asked: AtomicUsize::new(0),
+            requests: AtomicUsize::new(0),
+            gate: tokio::sync::Semaphore::new(100),
+        });
+        let cached = CachedRefStore::new(
+            store.clone(),
+            &CacheSettings {
+                max_bytes: 1 << 20,
+                ttl: Duration::from_millis(200),
+                negative_ttl: Duration::from_secs(60),
+            },
+        );
+        let both = keys(&["known1", "gone"]);
+        cached.lookup_many(&both).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let found = cached.lookup_many(&both).await.unwrap();
+        assert_eq!(*found[1], Found::Missing);
+        assert_eq!(
+            store.asked.load(Ordering::SeqCst),
+            3,
+            "only the expired record asked again"
         );
     }
 

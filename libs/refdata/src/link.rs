@@ -239,7 +239,8 @@ impl Link {
     }
 
     /// Sentinel: the master's connection, asked of the sentinels again first so that it is
-    /// the master now (for `refdata load`). Elsewhere `None`.
+    /// the master now (for `refdata load`; the lookups' cached connection is replaced by it
+    /// too). Elsewhere `None`.
     pub async fn master(&self) -> Result<Option<MultiplexedConnection>, RefDataError> {
         if !matches!(self, Link::Sentinel { .. }) {
             return Ok(None);

@@ -183,20 +183,12 @@ impl RedisSentinel {
         self.master.kill()
     }
 
-    /// The master's port as the sentinel names it now.
-    pub fn master_port_now(&self) -> Option<u16> {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
-            .ok()?;
-        std::io::Write::write_all(&mut s, b"SENTINEL get-master-addr-by-name mymaster\r\n").ok()?;
-        let mut buf = [0u8; 256];
-        let n = std::io::Read::read(&mut s, &mut buf).ok()?;
-        // *2 $9 127.0.0.1 $<len> <port>
-        String::from_utf8_lossy(&buf[..n])
-            .lines()
-            .last()?
-            .trim()
-            .parse()
-            .ok()
+    /// Whether the sentinel names the server on `port` as the master now.
+    pub fn names_master(&self, port: u16) -> bool {
+        ask(
+            self.port,
+            b"SENTINEL get-master-addr-by-name mymaster\r\n",
+            format!("\r\n{port}\r\n").as_bytes(),
+        )
     }
 }

@@ -2,6 +2,11 @@
 //! listed, borrowed from the event's bytes, and a field is parsed only when asked for. A whole
 //! `serde_json::Value` tree per event (maps, strings, their allocations) was most of the cost
 //! of an aggregation that reads one number.
+//!
+//! Fields not read are only checked for their syntax: a payload with an out-of-range number
+//! or a lone surrogate in a field no aggregation reads still yields its other fields, where
+//! a whole parse made the payload unreadable. Ingest refuses such payloads at the edge; only
+//! a producer writing to the topic directly can send one.
 
 use serde::de::{Deserializer as _, MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -116,5 +121,12 @@ mod tests {
         assert_eq!(array.get(&path("price")), None);
         let mut broken = Payload::new("{\"price\":");
         assert_eq!(broken.get(&path("price")), None);
+    }
+
+    #[test]
+    fn a_field_that_does_not_parse_spoils_only_itself() {
+        let mut payload = Payload::new(r#"{"x":1e400,"price":5}"#);
+        assert_eq!(payload.get(&path("price")), Some(json!(5)));
+        assert_eq!(payload.get(&path("x")), None);
     }
 }

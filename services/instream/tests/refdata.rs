@@ -238,8 +238,9 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// With `refdata.redis_mode = "sentinel"` the load goes to the master the sentinel names and
-/// is followed there (by the pointer check: pub/sub is standalone only).
+/// With `refdata.redis_mode = "sentinel"` the load goes to the master the sentinel names, and
+/// a store in sentinel mode reads the new version there (enrichers in that mode follow
+/// switches by the pointer check: pub/sub is standalone only).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refdata_load_writes_to_the_master_a_sentinel_names() {
     let zookeeper = ZooKeeperServer::start().unwrap();
@@ -310,4 +311,19 @@ async fn refdata_load_writes_to_the_master_a_sentinel_names() {
         .await
         .unwrap();
     assert_eq!(tier, "gold");
+    // An enricher's store in sentinel mode reads the pointer from the master.
+    let store = instream_refdata::RedisRefStore::connect(&instream_core::config::RefDataConfig {
+        redis_mode: instream_core::config::RedisMode::Sentinel,
+        redis_nodes: vec![sentinel.sentinel_url()],
+        sentinel_master: "mymaster".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    use instream_refdata::RefStore;
+    store
+        .track(&[("orders".into(), "customer".into())])
+        .await
+        .unwrap();
+    assert_eq!(store.version("orders", "customer"), Some(1));
 }

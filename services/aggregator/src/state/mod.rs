@@ -81,6 +81,8 @@ fn window_hash(pipeline: &str, aggregation: &str, group_key: &str, start: i64) -
     // the one-piece hash of a short id is several times faster than the streaming state.
     let parts = [pipeline, aggregation, group_key];
     let len = parts.iter().map(|p| 8 + p.len()).sum::<usize>() + 8;
+    // Ids of up to 192 bytes (names and groups of usual lengths) take the fast path; xxh3
+    // hashes inputs up to 240 bytes in one step either way.
     let mut buf = [0u8; 192];
     if len <= buf.len() {
         let mut at = 0;
@@ -268,7 +270,7 @@ impl PartitionState {
         let watermark = self.watermark(def);
         let mut late = Vec::new();
         let mut payload = crate::payload::Payload::new(event.payload.get());
-        // The functions. input values, one aggregation at a time: one allocation per event.
+        // The functions' input values, one aggregation at a time: one allocation per event.
         let mut values: Vec<Option<serde_json::Value>> = Vec::new();
         for aggregation in def.aggregations.iter().filter(|a| scope.takes(a)) {
             if let Some(filter) = &aggregation.filter {
