@@ -24,6 +24,7 @@
 
 mod functions;
 mod payload;
+mod repartition;
 mod state;
 mod windows;
 
@@ -34,12 +35,11 @@ use std::time::{Duration, Instant};
 use instream_core::{Readiness, ServiceContext};
 use instream_event::Event;
 use instream_kafka::client::{self, recv_batch, Consumer};
-use instream_kafka::{headers, DeadLetters, Record};
+use instream_kafka::{DeadLetters, Record};
 use instream_pipeline::{topics, Catalog};
 use instream_stage::{Stage, Subscription};
 use instream_store::{AggregateStore, Checkpoint, CheckpointKey, WindowAggregate};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureRecord};
+use rdkafka::producer::DeliveryFuture;
 use tokio_util::sync::CancellationToken;
 
 pub use state::{Outcome, PartitionState, Scope};
@@ -60,23 +60,6 @@ pub enum AggregatorError {
         partition: i32,
         source: state::SnapshotError,
     },
-}
-
-/// The enriched topic of every pipeline with aggregations, and the repartition topic of each
-/// aggregation not grouped by the key.
-fn input_topics(catalog: &Catalog) -> Vec<String> {
-    catalog
-        .iter()
-        .filter(|p| !p.aggregations.is_empty())
-        .flat_map(|p| {
-            std::iter::once(topics::enriched(&p.name)).chain(
-                p.aggregations
-                    .iter()
-                    .filter(|a| a.repartitioned())
-                    .map(|a| topics::repartition(&p.name, &a.name)),
-            )
-        })
-        .collect()
 }
 
 /// Runs with the store `config.store` names.
@@ -120,7 +103,8 @@ pub async fn run_with_store(
     let producer = instream_kafka::producer(&config.kafka, SERVICE)?;
     let dead = DeadLetters::new(producer.clone(), SERVICE);
     let mut forwarded: Vec<DeliveryFuture> = Vec::new();
-    let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, input_topics)?;
+    let mut subscription =
+        Subscription::new(&config, SERVICE, &mut catalog, repartition::input_topics)?;
     subscription.announce_in(stage.registration.clone());
 
     let mut partitions = Partitions {
@@ -171,7 +155,7 @@ pub async fn run_with_store(
                 .await?;
             // Stopping while the store was away: the rest is read again after a restart.
             let Some(state) = state else { break };
-            let origin = origin_of(&record);
+            let origin = repartition::origin_of(&record);
             let scope = match topics::repartitioned_aggregation(&record.topic) {
                 Some(name) => Scope::Repartitioned {
                     aggregation: name,
@@ -186,7 +170,7 @@ pub async fn run_with_store(
             let outcome = state.apply_in(scope, record.offset, &event, origin, def, horizon);
             count(&event, scope, &outcome);
             if scope == Scope::Keyed && matches!(outcome, Outcome::Counted | Outcome::TooLate(_)) {
-                forward(&producer, &record, &event, def, &mut forwarded).await?;
+                repartition::forward(&producer, &record, &event, def, &mut forwarded).await?;
             }
             if let Outcome::TooLate(aggregations) = &outcome {
                 let reason = format!(
@@ -260,59 +244,6 @@ pub async fn run_with_store(
         "aggregator drained and committed"
     );
     Ok(())
-}
-
-/// Sends `event` (the enriched `record` as it came) to the repartition topic of each of its
-/// pipeline's aggregations not grouped by the key that takes it, keyed by its group there.
-/// Its origin becomes the enriched partition and offset: one forwarder per enriched
-/// partition writes them in order, so a copy written again after a crash is recognised.
-async fn forward(
-    producer: &instream_kafka::client::Producer,
-    record: &Record,
-    event: &Event,
-    def: &instream_pipeline::PipelineDefinition,
-    deliveries: &mut Vec<DeliveryFuture>,
-) -> Result<(), AggregatorError> {
-    let mut payload = payload::Payload::new(event.payload.get());
-    for aggregation in def.aggregations.iter().filter(|a| a.repartitioned()) {
-        if let Some(filter) = &aggregation.filter {
-            if !functions::accepts(filter, event, &mut payload) {
-                continue;
-            }
-        }
-        let group = windows::group_key(aggregation, event, &mut payload);
-        let topic = topics::repartition(&def.name, &aggregation.name);
-        let (partition, offset) = (record.partition.to_string(), record.offset.to_string());
-        let hs = OwnedHeaders::new_with_capacity(2)
-            .insert(Header {
-                key: headers::ORIGIN_PARTITION,
-                value: Some(&partition),
-            })
-            .insert(Header {
-                key: headers::ORIGIN_OFFSET,
-                value: Some(&offset),
-            });
-        let out = FutureRecord::to(&topic)
-            .key(group.as_bytes())
-            .payload(record.payload.as_slice())
-            .headers(hs);
-        deliveries.push(client::send(producer, out).await?);
-        metrics::counter!("instream_aggregator_repartitioned_total", "pipeline" => def.name.clone(), "aggregation" => aggregation.name.clone())
-            .increment(1);
-    }
-    Ok(())
-}
-
-/// The origin partition and offset a record carries (the enricher's input position).
-fn origin_of(record: &Record) -> Option<(i32, i64)> {
-    let number = |name| {
-        record
-            .header(name)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|v| v.parse::<i64>().ok())
-    };
-    let partition = i32::try_from(number(headers::ORIGIN_PARTITION)?).ok()?;
-    Some((partition, number(headers::ORIGIN_OFFSET)?))
 }
 
 /// Counts an event's outcome once per enriched record in `instream_events_total` (the

@@ -1,0 +1,82 @@
+//! Repartitioning (DESIGN §7): which topics the aggregator reads, and how an event of an
+//! aggregation not grouped by the key leaves for `<pipeline>.by-<aggregation>` carrying its
+//! enriched position as origin.
+
+use instream_event::Event;
+use instream_kafka::client::{self, Producer};
+use instream_kafka::{headers, Record};
+use instream_pipeline::{topics, Catalog, PipelineDefinition};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
+
+use crate::{functions, payload, windows, AggregatorError};
+
+/// The enriched topic of every pipeline with aggregations, and the repartition topic of each
+/// aggregation not grouped by the key.
+pub(crate) fn input_topics(catalog: &Catalog) -> Vec<String> {
+    catalog
+        .iter()
+        .filter(|p| !p.aggregations.is_empty())
+        .flat_map(|p| {
+            std::iter::once(topics::enriched(&p.name)).chain(
+                p.aggregations
+                    .iter()
+                    .filter(|a| a.repartitioned())
+                    .map(|a| topics::repartition(&p.name, &a.name)),
+            )
+        })
+        .collect()
+}
+
+/// Sends `event` (the enriched `record` as it came) to the repartition topic of each of its
+/// pipeline's aggregations not grouped by the key that takes it, keyed by its group there.
+/// Its origin becomes the enriched partition and offset: one forwarder per enriched
+/// partition writes them in order, so a copy written again after a crash is recognised.
+pub(crate) async fn forward(
+    producer: &Producer,
+    record: &Record,
+    event: &Event,
+    def: &PipelineDefinition,
+    deliveries: &mut Vec<DeliveryFuture>,
+) -> Result<(), AggregatorError> {
+    let mut payload = payload::Payload::new(event.payload.get());
+    for aggregation in def.aggregations.iter().filter(|a| a.repartitioned()) {
+        if let Some(filter) = &aggregation.filter {
+            if !functions::accepts(filter, event, &mut payload) {
+                continue;
+            }
+        }
+        let group = windows::group_key(aggregation, event, &mut payload);
+        let topic = topics::repartition(&def.name, &aggregation.name);
+        let (partition, offset) = (record.partition.to_string(), record.offset.to_string());
+        let hs = OwnedHeaders::new_with_capacity(2)
+            .insert(Header {
+                key: headers::ORIGIN_PARTITION,
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: headers::ORIGIN_OFFSET,
+                value: Some(&offset),
+            });
+        let out = FutureRecord::to(&topic)
+            .key(group.as_bytes())
+            .payload(record.payload.as_slice())
+            .headers(hs);
+        deliveries.push(client::send(producer, out).await?);
+        metrics::counter!("instream_aggregator_repartitioned_total", "pipeline" => def.name.clone(), "aggregation" => aggregation.name.clone())
+            .increment(1);
+    }
+    Ok(())
+}
+
+/// The origin partition and offset a record carries (the enricher's input position).
+pub(crate) fn origin_of(record: &Record) -> Option<(i32, i64)> {
+    let number = |name| {
+        record
+            .header(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse::<i64>().ok())
+    };
+    let partition = i32::try_from(number(headers::ORIGIN_PARTITION)?).ok()?;
+    Some((partition, number(headers::ORIGIN_OFFSET)?))
+}
