@@ -41,19 +41,12 @@ async fn refdata_load_switches_versions_and_enrichers_follow() {
 
     let csv = dir.path().join("customers.csv");
     std::fs::write(&csv, "id,tier,name\nc1,gold,Ann\nc2,silver,\"Bob, Jr.\"\n").unwrap();
-    let loaded = env.json(&[
-        "refdata",
-        "load",
+    let loaded = env.json(&load(
         csv.to_str().unwrap(),
-        "--pipeline",
-        "orders",
-        "--rule",
         "customer",
-        "--key-field",
-        "id",
-        "--output",
-        "json",
-    ]);
+        &["id"],
+        &["--output", "json"],
+    ));
     assert_eq!(
         (loaded["version"].as_u64(), loaded["records"].as_u64()),
         (Some(1), Some(2))
@@ -83,19 +76,12 @@ async fn refdata_load_switches_versions_and_enrichers_follow() {
     let jsonl = dir.path().join("customers.jsonl");
     std::fs::write(&jsonl, "{\"id\":\"c1\",\"tier\":\"platinum\"}\n").unwrap();
     for expected in [2u64, 3] {
-        let loaded = env.json(&[
-            "refdata",
-            "load",
+        let loaded = env.json(&load(
             jsonl.to_str().unwrap(),
-            "--pipeline",
-            "orders",
-            "--rule",
             "customer",
-            "--key-field",
-            "id",
-            "--output",
-            "json",
-        ]);
+            &["id"],
+            &["--output", "json"],
+        ));
         assert_eq!(loaded["version"].as_u64(), Some(expected));
         wait_for("the new version", || {
             store.version("orders", "customer") == Some(expected)
@@ -146,46 +132,19 @@ async fn refdata_load_switches_versions_and_enrichers_follow() {
     assert!(matches!(&old[2], instream_refdata::Found::Record(r) if r["tier"] == "platinum"));
 
     // Refusals name the problem.
-    let error = env.fails(&[
-        "refdata",
-        "load",
-        csv.to_str().unwrap(),
-        "--pipeline",
-        "orders",
-        "--rule",
-        "nope",
-        "--key-field",
-        "id",
-    ]);
+    let error = env.fails(&load(csv.to_str().unwrap(), "nope", &["id"], &[]));
     assert!(error.contains("no enrichment rule `nope`"), "{error}");
-    let error = env.fails(&[
-        "refdata",
-        "load",
-        csv.to_str().unwrap(),
-        "--pipeline",
-        "orders",
-        "--rule",
-        "customer",
-        "--key-field",
-        "missing",
-    ]);
+    let error = env.fails(&load(csv.to_str().unwrap(), "customer", &["missing"], &[]));
     assert!(
         error.contains("line 2") && error.contains("`missing`"),
         "{error}"
     );
-    let error = env.fails(&[
-        "refdata",
-        "load",
+    let error = env.fails(&load(
         csv.to_str().unwrap(),
-        "--pipeline",
-        "orders",
-        "--rule",
         "customer",
-        "--key-field",
-        "id",
-        "--key-field",
-        "tier",
-    ]);
+        &["id", "tier"],
+        &[],
+    ));
     assert!(error.contains("one --key-field per field"), "{error}");
     assert_eq!(
         store.version("orders", "customer"),
@@ -203,19 +162,12 @@ async fn refdata_load_switches_versions_and_enrichers_follow() {
         .query_async(&mut c)
         .await
         .unwrap();
-    let loaded = env.json(&[
-        "refdata",
-        "load",
+    let loaded = env.json(&load(
         jsonl.to_str().unwrap(),
-        "--pipeline",
-        "orders",
-        "--rule",
         "customer",
-        "--key-field",
-        "id",
-        "--output",
-        "json",
-    ]);
+        &["id"],
+        &["--output", "json"],
+    ));
     assert_eq!(loaded["switched"], false, "{loaded}");
     let pointer: u64 = redis::cmd("GET")
         .arg(instream_refdata::versions::pointer_key(
@@ -225,6 +177,29 @@ async fn refdata_load_switches_versions_and_enrichers_follow() {
         .await
         .unwrap();
     assert_eq!(pointer, 99);
+}
+
+/// `instream refdata load FILE --pipeline orders --rule RULE --key-field K…` and `extra`.
+fn load<'a>(
+    file: &'a str,
+    rule: &'a str,
+    key_fields: &[&'a str],
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "refdata",
+        "load",
+        file,
+        "--pipeline",
+        "orders",
+        "--rule",
+        rule,
+    ];
+    for key in key_fields {
+        args.extend(["--key-field", key]);
+    }
+    args.extend(extra);
+    args
 }
 
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
@@ -267,21 +242,12 @@ async fn refdata_load_writes_to_the_master_a_sentinel_names() {
     .unwrap();
     let csv = dir.path().join("customers.csv");
     std::fs::write(&csv, "id,tier\nc1,gold\n").unwrap();
-    let loaded = env.json(&[
-        "refdata",
-        "load",
+    let loaded = env.json(&load(
         csv.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-        "--pipeline",
-        "orders",
-        "--rule",
         "customer",
-        "--key-field",
-        "id",
-        "--output",
-        "json",
-    ]);
+        &["id"],
+        &["--config", config.to_str().unwrap(), "--output", "json"],
+    ));
     assert_eq!(
         (loaded["version"].as_u64(), loaded["switched"].as_bool()),
         (Some(1), Some(true)),
