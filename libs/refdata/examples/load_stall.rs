@@ -66,18 +66,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or(1_000_000);
     let redis = instream_testkit::RedisServer::start()?;
     let dir = tempfile::tempdir()?;
-    let doc = instream_pipeline::parse_document(
-        r#"
-[[pipelines]]
-name = "bids"
-key_field = "auction"
-time_field = "date_time"
-[[pipelines.enrichments]]
-name = "bidder"
-key_template = "person:{bidder}"
-fields = { name = "bidder_name", city = "bidder_city", state = "bidder_state" }
-"#,
-    )?;
+    let doc = instream_pipeline::parse_document(instream_testkit::BIDS_PIPELINE)?;
     let rule = doc.pipelines[0].enrichments[0].clone();
     let config = RefDataConfig {
         redis_url: redis.url(),

@@ -1,10 +1,24 @@
-//! What the through-broker benchmark examples share: a broker to run against and the CPU time
-//! of the process under measurement.
+//! What the benchmarks share: a broker to run against, the CPU time
+//! of the process under measurement, and the enrichment benchmarks' pipeline.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::process::{free_port, ChildGuard, TestkitError};
+
+/// The enrichment benchmarks' pipeline: Nexmark bids keyed by auction, each enriched with its
+/// bidder (`person:{bidder}`: name, city, state).
+pub const BIDS_PIPELINE: &str = r#"
+[[pipelines]]
+name = "bids"
+key_field = "auction"
+time_field = "date_time"
+
+[[pipelines.enrichments]]
+name = "bidder"
+key_template = "person:{bidder}"
+fields = { name = "bidder_name", city = "bidder_city", state = "bidder_state" }
+"#;
 
 /// The broker of a benchmark: `INSTREAM_BENCH_KAFKA=host:port` when set, else a tansu 0.6
 /// started here (`TANSU` names its binary, `tansu` by default) with memory storage, or the

@@ -25,6 +25,7 @@ mod servers;
 
 pub use bench::{
     bench_broker, cpu_seconds, spawn_bench_aggregator, spawn_bench_service, spawn_release_binary,
+    BIDS_PIPELINE,
 };
 pub use config::process_config_toml;
 pub use metrics::metric_sum;

@@ -21,20 +21,7 @@ const BATCH: usize = 2_000;
 const BIDDERS: usize = 10_000;
 
 fn catalog() -> Catalog {
-    let doc = instream_pipeline::parse_document(
-        r#"
-[[pipelines]]
-name = "bids"
-key_field = "auction"
-time_field = "date_time"
-
-[[pipelines.enrichments]]
-name = "bidder"
-key_template = "person:{bidder}"
-fields = { name = "bidder_name", city = "bidder_city", state = "bidder_state" }
-"#,
-    )
-    .unwrap();
+    let doc = instream_pipeline::parse_document(instream_testkit::BIDS_PIPELINE).unwrap();
     Catalog::new(doc.pipelines)
 }
 
