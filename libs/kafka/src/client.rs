@@ -55,22 +55,45 @@ fn base_config(
     c
 }
 
-/// A producer that reports success only once every in-sync replica has the record
-/// (`acks=all`) and never writes a retried record twice (idempotence).
-pub fn producer(cfg: &KafkaConfig, service: &str) -> Result<Producer, KafkaError> {
+/// Producer settings every producer of instream has: its defaults, then `kafka.properties`
+/// and `kafka.producer` (which may tune them), then the guarantees, which are not negotiable
+/// (validation refuses overrides of these keys): success only once every in-sync replica has
+/// the record (`acks=all`), and a retried record never written twice (idempotence).
+fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
-    // Defaults first, so `kafka.properties` / `kafka.producer` can tune them.
     c.set("linger.ms", "5");
     c.set("compression.type", "lz4");
     c.set("queue.buffering.max.messages", "500000");
     for (k, v) in base_config(cfg, &cfg.producer).config_map() {
         c.set(k, v);
     }
-    // The guarantees are not negotiable (validation refuses overrides of these keys).
     c.set("acks", "all");
     c.set("enable.idempotence", "true");
+    c
+}
+
+fn create(c: &ClientConfig, service: &str) -> Result<Producer, KafkaError> {
     c.create_with_context(InstreamContext::new(service, ""))
         .map_err(KafkaError::Config)
+}
+
+/// A producer with the guarantees of [`producer_config`].
+pub fn producer(cfg: &KafkaConfig, service: &str) -> Result<Producer, KafkaError> {
+    create(&producer_config(cfg), service)
+}
+
+/// A [`producer`] whose records of one partition reach the broker without gaps: for stages
+/// whose outputs are de-duplicated downstream by origin offset (the highest counted per
+/// origin partition), where a record lost behind a later one of the same partition would be
+/// dropped as a repeat when written again. Delivery never times out (an unreachable broker
+/// holds the batch back, as a Redis outage does), and a failure that could leave a gap stops
+/// the producer for good (`enable.gapless.guarantee`): the stage exits and its restart reads
+/// again from its last commit. `message.timeout.ms` given in `kafka.producer` does not apply.
+pub fn gapless_producer(cfg: &KafkaConfig, service: &str) -> Result<Producer, KafkaError> {
+    let mut c = producer_config(cfg);
+    c.set("message.timeout.ms", "0");
+    c.set("enable.gapless.guarantee", "true");
+    create(&c, service)
 }
 
 /// A transactional producer (`transactional.id` = `id`): what it writes between
@@ -84,22 +107,13 @@ pub fn transactional_producer(
     id: &str,
     transaction_timeout: std::time::Duration,
 ) -> Result<Producer, KafkaError> {
-    let mut c = ClientConfig::new();
-    c.set("linger.ms", "5");
-    c.set("compression.type", "lz4");
-    c.set("queue.buffering.max.messages", "500000");
-    for (k, v) in base_config(cfg, &cfg.producer).config_map() {
-        c.set(k, v);
-    }
-    c.set("acks", "all");
-    c.set("enable.idempotence", "true");
+    let mut c = producer_config(cfg);
     c.set("transactional.id", id);
     c.set(
         "transaction.timeout.ms",
         transaction_timeout.as_millis().to_string(),
     );
-    c.create_with_context(InstreamContext::new(service, ""))
-        .map_err(KafkaError::Config)
+    create(&c, service)
 }
 
 /// A group member that never commits on its own: offsets are committed by the service through
@@ -157,7 +171,19 @@ pub async fn recv_batch(
                 tracing::warn!("a subscribed topic does not exist yet; consuming the others");
                 continue;
             }
-            Ok(Err(e)) => return Err(KafkaError::Consume(e)),
+            // librdkafka reports a lost connection, a broker going away and the like as
+            // consumer errors, then reconnects and goes on by itself; only a fatal error (the
+            // client is unusable) stops the stage. The broker probe turns /readyz false
+            // meanwhile.
+            Ok(Err(e)) => {
+                if let Some((code, reason)) = consumer.client().fatal_error() {
+                    tracing::error!(?code, reason, "the kafka consumer failed for good");
+                    return Err(KafkaError::Consume(e));
+                }
+                tracing::warn!(error = %e, "kafka consumer error; it reconnects by itself");
+                metrics::counter!("instream_kafka_consume_errors_total").increment(1);
+                continue;
+            }
             Ok(Ok(m)) => m,
         };
         let headers = msg

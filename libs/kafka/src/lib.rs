@@ -18,7 +18,7 @@ mod error;
 pub mod ops;
 mod tracker;
 
-pub use client::{consumer, producer, Consumer, Producer, Record};
+pub use client::{consumer, gapless_producer, producer, Consumer, Producer, Record};
 pub use context::InstreamContext;
 pub use dead_letter::{DeadLetter, DeadLetters, Origin};
 pub use embedded::EmbeddedBroker;

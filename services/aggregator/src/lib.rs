@@ -100,7 +100,9 @@ pub async fn run_with_store(
     let mut catalog = stage.catalog.clone();
     store.ping().await?;
     store_ready.set_ready();
-    let producer = instream_kafka::producer(&config.kafka, SERVICE)?;
+    // Forwarded events are de-duplicated by origin offset in the repartition partitions: none
+    // may be lost behind a later one.
+    let producer = instream_kafka::gapless_producer(&config.kafka, SERVICE)?;
     let dead = DeadLetters::new(producer.clone(), SERVICE);
     let mut forwarded: Vec<DeliveryFuture> = Vec::new();
     let mut subscription =

@@ -113,7 +113,9 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
             config.enricher.transaction_timeout,
         )?
     } else {
-        instream_kafka::producer(&config.kafka, SERVICE)?
+        // At-least-once outputs are de-duplicated by origin offset downstream: none may be
+        // lost behind a later one.
+        instream_kafka::gapless_producer(&config.kafka, SERVICE)?
     };
     let transactions = if transactional {
         Some(

@@ -5,7 +5,9 @@
 //! In transactional delivery on a broker with full transactions (a real Kafka via
 //! `INSTREAM_TEST_KAFKA`) there are no copies at all. On the embedded broker the transactional
 //! path runs (the protocol is accepted) but shows copies: it neither stores the offsets sent
-//! in a transaction nor hides aborted ones (README, "Test broker"). Real Redis.
+//! in a transaction nor hides aborted ones (README, "Test broker"). And the broker taken
+//! down mid-stream, for longer than the producer's configured delivery timeout: the
+//! enricher waits for it and loses nothing. Real Redis.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -104,7 +106,19 @@ fn take(copies: &mut BTreeMap<(i32, i64), Vec<Vec<u8>>>, batch: &mut Vec<instrea
     }
 }
 
-async fn kill_twice_and_check(delivery: &str) {
+/// A pipeline of `PARTITIONS` partitions holding `EVENTS` raw records, a real Redis holding
+/// every customer, and an enricher config for `delivery` with `extra` sections appended.
+struct Scenario {
+    _redis: RedisServer,
+    broker: KafkaBroker,
+    _dir: tempfile::TempDir,
+    pipeline: String,
+    config: std::path::PathBuf,
+    admin: u16,
+    delivery: String,
+}
+
+async fn scenario(delivery: &str, extra: &str) -> Scenario {
     let redis = RedisServer::start().unwrap();
     let broker = KafkaBroker::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -140,25 +154,29 @@ async fn kill_twice_and_check(delivery: &str) {
         &config,
         process_config_toml(admin, &broker.bootstrap_servers(), &definitions, "1s", 4096)
             + &format!(
-                "[refdata]\nbackend = \"redis\"\nredis_url = \"{}\"\n[enricher]\nbatch_size = 200\ndelivery = \"{delivery}\"\ntransactional_id = \"kill-test-{pipeline}\"\n",
+                "[refdata]\nbackend = \"redis\"\nredis_url = \"{}\"\n[enricher]\nbatch_size = 200\ndelivery = \"{delivery}\"\ntransactional_id = \"kill-test-{pipeline}\"\n{extra}",
                 redis.url()
             ),
     )
     .unwrap();
     produce_raw(&broker, &pipeline).await;
-
-    // Killed twice with -9 while it works, then run to the end.
-    for kill_after in [EVENTS as f64 / 4.0, EVENTS as f64 / 4.0] {
-        let mut child = spawn(&config);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        while enriched_so_far(admin).await < kill_after {
-            assert!(tokio::time::Instant::now() < deadline, "no progress");
-            assert!(!child.exited(), "the enricher exited");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        drop(child); // SIGKILL
+    Scenario {
+        _redis: redis,
+        broker,
+        _dir: dir,
+        pipeline,
+        config,
+        admin,
+        delivery: delivery.to_owned(),
     }
-    let mut child = spawn(&config);
+}
+
+/// With `child` running: reads the enriched topic until every raw record is there, stops the
+/// child (which must exit 0), reads each partition to its end, and checks that every event
+/// came out enriched and right, every copy of one origin the same bytes. Returns the number
+/// of repeated copies.
+async fn check_output(s: &Scenario, mut child: ChildGuard) -> usize {
+    let (broker, pipeline) = (&s.broker, &s.pipeline);
 
     // Read the enriched topic until every raw record is there.
     let kafka = instream_core::config::KafkaConfig {
@@ -181,6 +199,7 @@ async fn kill_twice_and_check(delivery: &str) {
             tokio::time::Instant::now() < deadline,
             "only {distinct} of {EVENTS} raw records came out enriched"
         );
+        assert!(!child.exited(), "the enricher exited");
         recv_batch(&consumer, 1_000, Duration::from_millis(200), &mut batch)
             .await
             .unwrap();
@@ -246,8 +265,26 @@ async fn kill_twice_and_check(delivery: &str) {
         EVENTS,
         "every event enriched, once per origin"
     );
+    repeated
+}
+
+async fn kill_twice_and_check(delivery: &str) {
+    let s = scenario(delivery, "").await;
+    let (config, admin) = (&s.config, s.admin);
+    // Killed twice with -9 while it works, then run to the end.
+    for kill_after in [EVENTS as f64 / 4.0, EVENTS as f64 / 4.0] {
+        let mut child = spawn(config);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while enriched_so_far(admin).await < kill_after {
+            assert!(tokio::time::Instant::now() < deadline, "no progress");
+            assert!(!child.exited(), "the enricher exited");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(child); // SIGKILL
+    }
+    let repeated = check_output(&s, spawn(config)).await;
     eprintln!("{delivery}: {repeated} repeated copies after two kills");
-    if delivery == "transactional" && !broker.is_embedded() {
+    if delivery == "transactional" && !s.broker.is_embedded() {
         assert_eq!(repeated, 0, "transactions leave no copies on a real broker");
     }
 }
@@ -260,4 +297,48 @@ async fn killed_twice_in_transactional_delivery_nothing_lost_and_copies_identica
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_twice_in_at_least_once_delivery_nothing_lost_and_copies_identical() {
     kill_twice_and_check("at_least_once").await;
+}
+
+/// The broker goes away while the enricher writes (longer than the producer's configured
+/// `message.timeout.ms`, which at-least-once delivery overrides): deliveries wait for it
+/// instead of failing, the enricher stays up, and every event comes out once per origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_mid_stream_holds_deliveries_back_and_loses_none() {
+    let s = scenario(
+        "at_least_once",
+        "[kafka.producer]\n\"message.timeout.ms\" = \"1000\"\n",
+    )
+    .await;
+    if !s.broker.is_embedded() {
+        eprintln!("skipped: the test takes the broker down, which only the embedded one allows");
+        return;
+    }
+    let mut child = spawn(&s.config);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while enriched_so_far(s.admin).await < EVENTS as f64 / 4.0 {
+        assert!(tokio::time::Instant::now() < deadline, "no progress");
+        assert!(!child.exited(), "the enricher exited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.broker.set_up(false).unwrap();
+    // Down until the enricher's broker probe notices (5 to 10 s): far past the 1 s timeout.
+    let readyz = format!("http://127.0.0.1:{}/readyz", s.admin);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while reqwest::get(&readyz).await.map(|r| r.status()).ok()
+        != Some(reqwest::StatusCode::SERVICE_UNAVAILABLE)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz never turned 503"
+        );
+        assert!(!child.exited(), "the enricher exited during the outage");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!child.exited(), "the enricher exited during the outage");
+    s.broker.set_up(true).unwrap();
+    let repeated = check_output(&s, child).await;
+    eprintln!(
+        "{}: {repeated} repeated copies after the outage",
+        s.delivery
+    );
 }
