@@ -88,9 +88,16 @@ pub fn producer(cfg: &KafkaConfig, service: &str) -> Result<Producer, KafkaError
 /// dropped as a repeat when written again. Delivery never times out (an unreachable broker
 /// holds the batch back, as a Redis outage does), and a failure that could leave a gap stops
 /// the producer for good (`enable.gapless.guarantee`): the stage exits and its restart reads
-/// again from its last commit. `message.timeout.ms` given in `kafka.producer` does not apply.
+/// again from its last commit. `message.timeout.ms` (`delivery.timeout.ms`) and `retries`
+/// given in `kafka.producer` do not apply.
 pub fn gapless_producer(cfg: &KafkaConfig, service: &str) -> Result<Producer, KafkaError> {
     let mut c = producer_config(cfg);
+    // Aliases first: which of two names for one setting wins is up to the order they are
+    // applied in. Running out of retries fails a record as retriable, which the gapless
+    // guarantee does not cover: the default (no limit) stays.
+    for alias in ["delivery.timeout.ms", "retries", "message.send.max.retries"] {
+        c.remove(alias);
+    }
     c.set("message.timeout.ms", "0");
     c.set("enable.gapless.guarantee", "true");
     create(&c, service)
@@ -149,6 +156,32 @@ pub fn consumer(
     Ok(consumer)
 }
 
+/// Consumer errors librdkafka recovers from by itself — a lost connection, a broker or a
+/// coordinator moving, the group left after a long pause — are ridden out: the stage goes on
+/// when the broker is back (its `/readyz` is false meanwhile). Any other (an authorization
+/// refused, an offset reset refused, a fatal client error) stops the stage, so that it is
+/// not stuck unseen.
+fn is_transient(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        e,
+        rdkafka::error::KafkaError::MessageConsumption(
+            Code::BrokerTransportFailure
+                | Code::AllBrokersDown
+                | Code::Resolve
+                | Code::OperationTimedOut
+                | Code::PollExceeded
+                | Code::RequestTimedOut
+                | Code::NetworkException
+                | Code::NotCoordinator
+                | Code::CoordinatorNotAvailable
+                | Code::LeaderNotAvailable
+                | Code::NotLeaderForPartition
+                | Code::PartitionEOF
+        )
+    )
+}
+
 /// Receives up to `max` records: waits up to `wait` for the first, then takes what arrives
 /// before `wait` has passed. Each record is tracked for commit. Every record returned belongs
 /// to the current assignment generation (`Record::generation`).
@@ -171,19 +204,12 @@ pub async fn recv_batch(
                 tracing::warn!("a subscribed topic does not exist yet; consuming the others");
                 continue;
             }
-            // librdkafka reports a lost connection, a broker going away and the like as
-            // consumer errors, then reconnects and goes on by itself; only a fatal error (the
-            // client is unusable) stops the stage. The broker probe turns /readyz false
-            // meanwhile.
-            Ok(Err(e)) => {
-                if let Some((code, reason)) = consumer.client().fatal_error() {
-                    tracing::error!(?code, reason, "the kafka consumer failed for good");
-                    return Err(KafkaError::Consume(e));
-                }
+            Ok(Err(e)) if is_transient(&e) && consumer.client().fatal_error().is_none() => {
                 tracing::warn!(error = %e, "kafka consumer error; it reconnects by itself");
                 metrics::counter!("instream_kafka_consume_errors_total").increment(1);
                 continue;
             }
+            Ok(Err(e)) => return Err(KafkaError::Consume(e)),
             Ok(Ok(m)) => m,
         };
         let headers = msg
@@ -302,6 +328,32 @@ pub fn try_send(
 }
 
 /// Waits for a delivery and turns its outcome into our error type.
+/// Waits for `delivery` while watching `producer` and `stop`: `Ok(false)` when `stop` came
+/// first (the record may or may not be on the broker: nothing may count as delivered). A
+/// producer failed for good is an error even if this delivery is never answered, which can
+/// happen to a record in flight when deliveries do not time out ([`gapless_producer`]).
+pub async fn delivered_unless(
+    producer: &Producer,
+    delivery: DeliveryFuture,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Result<bool, KafkaError> {
+    let mut delivery = std::pin::pin!(delivered(delivery));
+    let mut check = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            done = &mut delivery => return done.map(|()| true),
+            _ = stop.cancelled() => return Ok(false),
+            _ = check.tick() => {
+                if let Some((code, reason)) = rdkafka::producer::Producer::client(producer).fatal_error() {
+                    tracing::error!(?code, reason, "the kafka producer failed for good");
+                    let error = rdkafka::error::KafkaError::MessageProduction(code);
+                    return Err(KafkaError::Produce(error));
+                }
+            }
+        }
+    }
+}
+
 pub async fn delivered(delivery: DeliveryFuture) -> Result<(), KafkaError> {
     match delivery.await {
         Ok(Ok(_)) => Ok(()),

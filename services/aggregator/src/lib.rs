@@ -139,14 +139,36 @@ pub async fn run_with_store(
             let event = match instream_event::decode(&record.payload) {
                 Ok(event) => event,
                 Err(e) => {
-                    dead_letter(&dead, &record, "decode_error", &e.to_string()).await?;
+                    if !dead_letter(
+                        &dead,
+                        &producer,
+                        &record,
+                        "decode_error",
+                        &e.to_string(),
+                        &shutdown,
+                    )
+                    .await?
+                    {
+                        return Ok(()); // stopping while the broker did not answer: nothing committed
+                    }
                     pending.push((record, None));
                     continue;
                 }
             };
             let Some(def) = current.get(&event.pipeline) else {
                 let reason = format!("no definition for pipeline `{}`", event.pipeline);
-                dead_letter(&dead, &record, "unknown_pipeline", &reason).await?;
+                if !dead_letter(
+                    &dead,
+                    &producer,
+                    &record,
+                    "unknown_pipeline",
+                    &reason,
+                    &shutdown,
+                )
+                .await?
+                {
+                    return Ok(()); // stopping while the broker did not answer: nothing committed
+                }
                 pending.push((record, None));
                 continue;
             };
@@ -181,7 +203,9 @@ pub async fn run_with_store(
                     aggregations.join(", "),
                     instream_event::format_rfc3339_millis(state.watermark_for(def)),
                 );
-                dead_letter(&dead, &record, "too_late", &reason).await?;
+                if !dead_letter(&dead, &producer, &record, "too_late", &reason, &shutdown).await? {
+                    return Ok(()); // stopping while the broker did not answer: nothing committed
+                }
             }
             if outcome == Outcome::TooFarAhead {
                 let reason = format!(
@@ -190,14 +214,24 @@ pub async fn run_with_store(
                     def.max_time_ahead,
                     instream_event::format_rfc3339_millis(event.ingest_time),
                 );
-                dead_letter(&dead, &record, "future_time", &reason).await?;
+                if !dead_letter(&dead, &producer, &record, "future_time", &reason, &shutdown)
+                    .await?
+                {
+                    return Ok(()); // stopping while the broker did not answer: nothing committed
+                }
             }
             pending.push((record, Some(event.ingest_time)));
         }
         // Forwarded events are on the broker before their enriched records can be
         // checkpointed and committed as handled.
         for delivery in forwarded.drain(..) {
-            client::delivered(delivery).await?;
+            if !client::delivered_unless(&producer, delivery, &shutdown).await? {
+                // Stopping while the broker does not answer: what was counted since the last
+                // checkpoint may not have been forwarded, so it is neither flushed nor
+                // committed; a restart reads it again.
+                tracing::info!("stopped while forwarding; nothing more committed");
+                return Ok(());
+            }
         }
         if last_flush.elapsed() >= config.aggregator.flush_interval {
             partitions.early = !early_every.is_zero() && last_early.elapsed() >= early_every;
@@ -402,15 +436,17 @@ fn follow_generation(
     }
 }
 
+/// Dead-letters `record`; `false` when `stop` came before the broker's answer.
 async fn dead_letter(
     dead: &DeadLetters,
+    producer: &client::Producer,
     record: &Record,
     code: &'static str,
     reason: &str,
-) -> Result<(), AggregatorError> {
+    stop: &CancellationToken,
+) -> Result<bool, AggregatorError> {
     let delivery = dead.publish_record(record, code, reason).await?;
-    client::delivered(delivery).await?;
-    Ok(())
+    Ok(client::delivered_unless(producer, delivery, stop).await?)
 }
 
 /// Retries `write` with back-off until it succeeds; false when `stop` fired first.

@@ -193,6 +193,7 @@ impl KafkaConfig {
                     "enable.auto.commit",
                     "enable.auto.offset.store",
                     "acks",
+                    "request.required.acks",
                     "enable.idempotence",
                 ];
                 p.check(
