@@ -92,9 +92,10 @@ pub fn producer(cfg: &KafkaConfig, service: &str) -> Result<Producer, KafkaError
 /// given in `kafka.producer` do not apply.
 pub fn gapless_producer(cfg: &KafkaConfig, service: &str) -> Result<Producer, KafkaError> {
     let mut c = producer_config(cfg);
-    // Aliases first: which of two names for one setting wins is up to the order they are
-    // applied in. Running out of retries fails a record as retriable, which the gapless
-    // guarantee does not cover: the default (no limit) stays.
+    // A user's alias could win over the settings below (which of two names for one setting
+    // applies depends on the order they are set in), so aliases go. Running out of retries
+    // fails a record as retriable, which the gapless guarantee does not cover: the default
+    // (no limit) stays.
     for alias in ["delivery.timeout.ms", "retries", "message.send.max.retries"] {
         c.remove(alias);
     }
@@ -327,21 +328,28 @@ pub fn try_send(
     })
 }
 
-/// Waits for a delivery and turns its outcome into our error type.
-/// Waits for `delivery` while watching `producer` and `stop`: `Ok(false)` when `stop` came
-/// first (the record may or may not be on the broker: nothing may count as delivered). A
-/// producer failed for good is an error even if this delivery is never answered, which can
-/// happen to a record in flight when deliveries do not time out ([`gapless_producer`]).
-pub async fn delivered_unless(
+/// Waits for every one of `deliveries`, in order, while watching `producer` and `stop`:
+/// `Ok(false)` when `stop` came first (some may be on the broker, none may count as
+/// delivered). A producer failed for good is an error even if a delivery is never answered,
+/// which can happen to a record in flight when deliveries do not time out
+/// ([`gapless_producer`]). One watcher for the whole batch: nothing per record.
+pub async fn all_delivered_unless(
     producer: &Producer,
-    delivery: DeliveryFuture,
+    deliveries: impl IntoIterator<Item = DeliveryFuture>,
     stop: &tokio_util::sync::CancellationToken,
 ) -> Result<bool, KafkaError> {
-    let mut delivery = std::pin::pin!(delivered(delivery));
+    let all = async {
+        for delivery in deliveries {
+            delivered(delivery).await?;
+        }
+        Ok::<(), KafkaError>(())
+    };
+    let mut all = std::pin::pin!(all);
     let mut check = tokio::time::interval(std::time::Duration::from_secs(1));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            done = &mut delivery => return done.map(|()| true),
+            done = &mut all => return done.map(|()| true),
             _ = stop.cancelled() => return Ok(false),
             _ = check.tick() => {
                 if let Some((code, reason)) = rdkafka::producer::Producer::client(producer).fatal_error() {
@@ -354,6 +362,7 @@ pub async fn delivered_unless(
     }
 }
 
+/// Waits for a delivery and turns its outcome into our error type.
 pub async fn delivered(delivery: DeliveryFuture) -> Result<(), KafkaError> {
     match delivery.await {
         Ok(Ok(_)) => Ok(()),

@@ -224,14 +224,12 @@ pub async fn run_with_store(
         }
         // Forwarded events are on the broker before their enriched records can be
         // checkpointed and committed as handled.
-        for delivery in forwarded.drain(..) {
-            if !client::delivered_unless(&producer, delivery, &shutdown).await? {
-                // Stopping while the broker does not answer: what was counted since the last
-                // checkpoint may not have been forwarded, so it is neither flushed nor
-                // committed; a restart reads it again.
-                tracing::info!("stopped while forwarding; nothing more committed");
-                return Ok(());
-            }
+        if !client::all_delivered_unless(&producer, forwarded.drain(..), &shutdown).await? {
+            // Stopping while the broker does not answer: what was counted since the last
+            // checkpoint may not have been forwarded, so it is neither flushed nor committed;
+            // a restart reads it again.
+            tracing::info!("stopped while forwarding; nothing more committed");
+            return Ok(());
         }
         if last_flush.elapsed() >= config.aggregator.flush_interval {
             partitions.early = !early_every.is_zero() && last_early.elapsed() >= early_every;
@@ -446,7 +444,7 @@ async fn dead_letter(
     stop: &CancellationToken,
 ) -> Result<bool, AggregatorError> {
     let delivery = dead.publish_record(record, code, reason).await?;
-    Ok(client::delivered_unless(producer, delivery, stop).await?)
+    Ok(client::all_delivered_unless(producer, [delivery], stop).await?)
 }
 
 /// Retries `write` with back-off until it succeeds; false when `stop` fired first.

@@ -250,11 +250,9 @@ impl Enricher {
         }
         // librdkafka copied every record: the arena serves the next batch.
         *self.arena.lock().unwrap_or_else(|p| p.into_inner()) = arena;
-        for delivery in deliveries {
-            // Shutdown while the broker does not answer: the batch stays uncommitted.
-            if !client::delivered_unless(&self.producer, delivery, &self.shutdown).await? {
-                return Ok(false);
-            }
+        // Shutdown while the broker does not answer: the batch stays uncommitted.
+        if !client::all_delivered_unless(&self.producer, deliveries, &self.shutdown).await? {
+            return Ok(false);
         }
         // Counted once on the broker (a transaction may still abort: then counted again when
         // the batch is redone).
