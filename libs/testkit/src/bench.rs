@@ -20,6 +20,32 @@ key_template = "person:{bidder}"
 fields = { name = "bidder_name", city = "bidder_city", state = "bidder_state" }
 "#;
 
+/// The client settings of a benchmark against `bootstrap`, once the topics
+/// `<pipeline>.<kind>` of `kinds` exist there with `partitions` partitions each.
+pub async fn bench_topics(
+    bootstrap: &str,
+    pipeline: &str,
+    kinds: &[&str],
+    partitions: i32,
+) -> Result<instream_core::config::KafkaConfig, TestkitError> {
+    let kafka = instream_core::config::KafkaConfig {
+        bootstrap_servers: bootstrap.to_owned(),
+        replication_factor: 1,
+        ..Default::default()
+    };
+    let topics: Vec<instream_kafka::admin::TopicSpec> = kinds
+        .iter()
+        .map(|kind| instream_kafka::admin::TopicSpec {
+            name: format!("{pipeline}.{kind}"),
+            partitions,
+        })
+        .collect();
+    instream_kafka::admin::ensure_topics(&kafka, &topics)
+        .await
+        .map_err(|e| TestkitError::Broker(e.to_string()))?;
+    Ok(kafka)
+}
+
 /// The broker of a benchmark: `INSTREAM_BENCH_KAFKA=host:port` when set, else a tansu 0.6
 /// started here (`TANSU` names its binary, `tansu` by default) with memory storage, or the
 /// storage `TANSU_STORAGE` names. Memory storage needs tansu built with its `dynostore`

@@ -24,8 +24,8 @@ mod redis_topologies;
 mod servers;
 
 pub use bench::{
-    bench_broker, cpu_seconds, spawn_bench_aggregator, spawn_bench_service, spawn_release_binary,
-    BIDS_PIPELINE,
+    bench_broker, bench_topics, cpu_seconds, spawn_bench_aggregator, spawn_bench_service,
+    spawn_release_binary, BIDS_PIPELINE,
 };
 pub use config::process_config_toml;
 pub use metrics::metric_sum;

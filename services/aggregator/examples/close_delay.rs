@@ -15,8 +15,6 @@
 
 use std::time::{Duration, Instant};
 
-use instream_core::config::KafkaConfig;
-use instream_kafka::admin::{ensure_topics, TopicSpec};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
@@ -104,19 +102,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seconds = arg("--seconds", 150)?;
     let dir = tempfile::tempdir()?;
     let (bootstrap, _broker) = instream_testkit::bench_broker()?;
-    let kafka = KafkaConfig {
-        bootstrap_servers: bootstrap.clone(),
-        replication_factor: 1,
-        ..KafkaConfig::default()
-    };
-    let topics: Vec<TopicSpec> = ["raw", "enriched", "dlq", "quality"]
-        .iter()
-        .map(|t| TopicSpec {
-            name: format!("bench.{t}"),
-            partitions: PARTITIONS,
-        })
-        .collect();
-    ensure_topics(&kafka, &topics).await?;
+    instream_testkit::bench_topics(
+        &bootstrap,
+        "bench",
+        &["raw", "enriched", "dlq", "quality"],
+        PARTITIONS,
+    )
+    .await?;
 
     let (aggregator, admin) = instream_testkit::spawn_bench_aggregator(
         dir.path(),

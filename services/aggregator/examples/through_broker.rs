@@ -12,8 +12,6 @@
 
 use std::time::{Duration, Instant};
 
-use instream_core::config::KafkaConfig;
-use instream_kafka::admin::{ensure_topics, TopicSpec};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -38,19 +36,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
 
     let (bootstrap, _broker) = instream_testkit::bench_broker()?;
-    let kafka = KafkaConfig {
-        bootstrap_servers: bootstrap.clone(),
-        replication_factor: 1,
-        ..KafkaConfig::default()
-    };
-    let topics: Vec<TopicSpec> = ["raw", "enriched", "dlq"]
-        .iter()
-        .map(|t| TopicSpec {
-            name: format!("bench.{t}"),
-            partitions: PARTITIONS,
-        })
-        .collect();
-    ensure_topics(&kafka, &topics).await?;
+    instream_testkit::bench_topics(&bootstrap, "bench", &["raw", "enriched", "dlq"], PARTITIONS)
+        .await?;
 
     // About 300-byte enriched events, 10,000 keys, times spread over ten minutes.
     let producer: FutureProducer = ClientConfig::new()

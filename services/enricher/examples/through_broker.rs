@@ -14,8 +14,6 @@
 
 use std::time::{Duration, Instant};
 
-use instream_core::config::KafkaConfig;
-use instream_kafka::admin::{ensure_topics, TopicSpec};
 use instream_kafka::client::{self, recv_batch};
 use rdkafka::producer::FutureRecord;
 
@@ -58,19 +56,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let _: () = pipe.query_async(&mut conn).await?;
     }
-    let kafka = KafkaConfig {
-        bootstrap_servers: bootstrap.clone(),
-        replication_factor: 1,
-        ..KafkaConfig::default()
-    };
-    let topics: Vec<TopicSpec> = ["raw", "enriched", "dlq", "copy"]
-        .iter()
-        .map(|t| TopicSpec {
-            name: format!("bench.{t}"),
-            partitions: PARTITIONS,
-        })
-        .collect();
-    ensure_topics(&kafka, &topics).await?;
+    let kafka = instream_testkit::bench_topics(
+        &bootstrap,
+        "bench",
+        &["raw", "enriched", "dlq", "copy"],
+        PARTITIONS,
+    )
+    .await?;
 
     let producer = client::producer(&kafka, "bench")?;
     let now = instream_event::now_millis();

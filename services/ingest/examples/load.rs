@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use instream_core::config::KafkaConfig;
-use instream_kafka::admin::{ensure_topics, TopicSpec};
 
 const PIPELINE: &str = "bench";
 const PARTITIONS: i32 = 6;
@@ -206,19 +205,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 pids.push(("broker", b.0.id()));
             }
             _broker = broker;
-            let kafka = KafkaConfig {
-                bootstrap_servers: bootstrap.clone(),
-                replication_factor: 1,
-                ..KafkaConfig::default()
-            };
-            let topics: Vec<TopicSpec> = ["raw", "dlq"]
-                .iter()
-                .map(|t| TopicSpec {
-                    name: format!("{PIPELINE}.{t}"),
-                    partitions: PARTITIONS,
-                })
-                .collect();
-            ensure_topics(&kafka, &topics).await?;
+            let kafka =
+                instream_testkit::bench_topics(&bootstrap, PIPELINE, &["raw", "dlq"], PARTITIONS)
+                    .await?;
             kafka_to_check = Some(kafka.clone());
             let definitions = dir.path().join("definitions.toml");
             std::fs::write(
