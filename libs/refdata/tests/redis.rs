@@ -95,7 +95,6 @@ async fn a_stopped_server_is_an_error_to_retry_not_a_miss() {
 /// wrong-type key is that key's problem, and a version pointer is read like on one server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_mode_answers_keys_spread_over_every_node() {
-    use instream_core::config::RedisMode;
     let cluster = instream_testkit::RedisCluster::start().unwrap();
     let nodes = cluster.urls();
     let writer = redis::cluster::ClusterClient::new(nodes.clone()).unwrap();
@@ -124,7 +123,7 @@ async fn cluster_mode_answers_keys_spread_over_every_node() {
         .await
         .unwrap();
     let store = RedisRefStore::connect(&RefDataConfig {
-        redis_mode: RedisMode::Cluster,
+        redis_mode: instream_core::config::RedisMode::Cluster,
         redis_nodes: nodes,
         ..config("redis://unused:1".into())
     })
@@ -159,17 +158,13 @@ async fn cluster_mode_answers_keys_spread_over_every_node() {
 /// Sentinel mode: the master is found through the sentinel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_mode_finds_the_master_through_the_sentinel() {
-    use instream_core::config::RedisMode;
     let sentinel = instream_testkit::RedisSentinel::start().unwrap();
     let client = redis::Client::open(sentinel.master().url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     run(&mut conn, &["HSET", "customer:1", "tier", "gold"]).await;
     let store = RedisRefStore::connect(&RefDataConfig {
-        redis_mode: RedisMode::Sentinel,
-        redis_nodes: vec![sentinel.sentinel_url()],
-        sentinel_master: "mymaster".into(),
-        // Only its credentials and database count in sentinel mode.
-        ..config("redis://127.0.0.1:1".into())
+        timeout: std::time::Duration::from_secs(2),
+        ..sentinel.refdata_config()
     })
     .await
     .unwrap();
@@ -184,10 +179,9 @@ async fn sentinel_mode_finds_the_master_through_the_sentinel() {
     assert_eq!(found[1], Found::Missing);
     // A name no sentinel knows is an error to retry, not a panic.
     let unknown = RedisRefStore::connect(&RefDataConfig {
-        redis_mode: RedisMode::Sentinel,
-        redis_nodes: vec![sentinel.sentinel_url()],
         sentinel_master: "other".into(),
-        ..config("redis://127.0.0.1:1".into())
+        timeout: std::time::Duration::from_secs(2),
+        ..sentinel.refdata_config()
     })
     .await;
     assert!(matches!(unknown, Err(RefDataError::Unavailable(_))));
@@ -259,7 +253,6 @@ async fn tls_with_a_private_authority_and_plain_text_refused() {
 /// as an outage to retry (the enricher holds its batch), never as a missing key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_is_followed_without_a_restart() {
-    use instream_core::config::RedisMode;
     let mut sentinel = instream_testkit::RedisSentinel::start_with_replica().unwrap();
     let client = redis::Client::open(sentinel.master().url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
@@ -272,10 +265,8 @@ async fn a_sentinel_failover_is_followed_without_a_restart() {
         .unwrap();
     assert_eq!(acknowledged, 1, "the replica did not take the write");
     let store = RedisRefStore::connect(&RefDataConfig {
-        redis_mode: RedisMode::Sentinel,
-        redis_nodes: vec![sentinel.sentinel_url()],
-        sentinel_master: "mymaster".into(),
-        ..config("redis://127.0.0.1:1".into())
+        timeout: std::time::Duration::from_secs(2),
+        ..sentinel.refdata_config()
     })
     .await
     .unwrap();

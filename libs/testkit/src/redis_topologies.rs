@@ -173,6 +173,16 @@ impl RedisSentinel {
         &self.master
     }
 
+    /// Reference-data settings that find this master through the sentinel.
+    pub fn refdata_config(&self) -> instream_core::config::RefDataConfig {
+        instream_core::config::RefDataConfig {
+            redis_mode: instream_core::config::RedisMode::Sentinel,
+            redis_nodes: vec![self.sentinel_url()],
+            sentinel_master: "mymaster".into(),
+            ..Default::default()
+        }
+    }
+
     /// The replica of [`RedisSentinel::start_with_replica`].
     pub fn replica(&self) -> Option<&RedisServer> {
         self.replica.as_ref()

@@ -169,13 +169,7 @@ async fn refdata_load_switches_versions_and_enrichers_follow() {
         &["--output", "json"],
     ));
     assert_eq!(loaded["switched"], false, "{loaded}");
-    let pointer: u64 = redis::cmd("GET")
-        .arg(instream_refdata::versions::pointer_key(
-            "orders", "customer",
-        ))
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let pointer = pointer(&mut c).await;
     assert_eq!(pointer, 99);
 }
 
@@ -200,6 +194,17 @@ fn load<'a>(
     }
     args.extend(extra);
     args
+}
+
+/// The version pointer of `orders`/`customer`, read on `connection`.
+async fn pointer(connection: &mut redis::aio::MultiplexedConnection) -> u64 {
+    redis::cmd("GET")
+        .arg(instream_refdata::versions::pointer_key(
+            "orders", "customer",
+        ))
+        .query_async(connection)
+        .await
+        .unwrap()
 }
 
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
@@ -259,13 +264,7 @@ async fn refdata_load_writes_to_the_master_a_sentinel_names() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let pointer: u64 = redis::cmd("GET")
-        .arg(instream_refdata::versions::pointer_key(
-            "orders", "customer",
-        ))
-        .query_async(&mut master)
-        .await
-        .unwrap();
+    let pointer = pointer(&mut master).await;
     assert_eq!(pointer, 1);
     let tier: String = redis::cmd("HGET")
         .arg(format!(
@@ -278,14 +277,9 @@ async fn refdata_load_writes_to_the_master_a_sentinel_names() {
         .unwrap();
     assert_eq!(tier, "gold");
     // An enricher's store in sentinel mode reads the pointer from the master.
-    let store = instream_refdata::RedisRefStore::connect(&instream_core::config::RefDataConfig {
-        redis_mode: instream_core::config::RedisMode::Sentinel,
-        redis_nodes: vec![sentinel.sentinel_url()],
-        sentinel_master: "mymaster".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let store = instream_refdata::RedisRefStore::connect(&sentinel.refdata_config())
+        .await
+        .unwrap();
     use instream_refdata::RefStore;
     store
         .track(&[("orders".into(), "customer".into())])
