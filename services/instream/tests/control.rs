@@ -8,20 +8,14 @@ mod common;
 use std::time::Duration;
 
 use common::{definitions, Env};
-use instream_testkit::{unique, KafkaBroker, ZooKeeperServer};
+use instream_testkit::{KafkaBroker, ZooKeeperServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_commands_apply_get_list_and_diff_definitions() {
     let zookeeper = ZooKeeperServer::start().unwrap();
     let broker = KafkaBroker::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let env = Env {
-        zk: zookeeper.connect_string(),
-        root: format!("/{}", unique("cli")),
-        bootstrap: broker.bootstrap_servers(),
-        redis: None,
-        store: None,
-    };
+    let env = Env::new(&zookeeper, &broker);
     let v1 = definitions(dir.path(), "orders", 1, "");
     let v1 = v1.to_str().unwrap();
 
@@ -108,11 +102,8 @@ async fn status_topics_and_query_show_the_running_platform() {
     let dir = tempfile::tempdir().unwrap();
     let store_path = dir.path().join("aggregates.redb");
     let env = Env {
-        zk: zookeeper.connect_string(),
-        root: format!("/{}", unique("cli")),
-        bootstrap: broker.bootstrap_servers(),
-        redis: None,
         store: Some(store_path.clone()),
+        ..Env::new(&zookeeper, &broker)
     };
     let defs = definitions(dir.path(), "orders", 1, "");
     env.ok(&["pipeline", "apply", defs.to_str().unwrap()]);

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{definitions, Env};
-use instream_testkit::{unique, KafkaBroker, RedisServer, ZooKeeperServer};
+use instream_testkit::{KafkaBroker, RedisServer, ZooKeeperServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refdata_load_switches_versions_and_enrichers_follow() {
@@ -16,11 +16,8 @@ async fn refdata_load_switches_versions_and_enrichers_follow() {
     let broker = KafkaBroker::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let env = Env {
-        zk: zookeeper.connect_string(),
-        root: format!("/{}", unique("cli")),
-        bootstrap: broker.bootstrap_servers(),
         redis: Some(redis.url()),
-        store: None,
+        ..Env::new(&zookeeper, &broker)
     };
     let defs = definitions(dir.path(), "orders", 1, "");
     env.ok(&["pipeline", "apply", defs.to_str().unwrap()]);
@@ -227,13 +224,7 @@ async fn refdata_load_writes_to_the_master_a_sentinel_names() {
     let sentinel = instream_testkit::RedisSentinel::start().unwrap();
     let broker = KafkaBroker::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let env = Env {
-        zk: zookeeper.connect_string(),
-        root: format!("/{}", unique("cli")),
-        bootstrap: broker.bootstrap_servers(),
-        redis: None,
-        store: None,
-    };
+    let env = Env::new(&zookeeper, &broker);
     let defs = definitions(dir.path(), "orders", 1, "");
     env.ok(&["pipeline", "apply", defs.to_str().unwrap()]);
     let config = dir.path().join("instream.toml");

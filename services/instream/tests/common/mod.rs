@@ -17,6 +17,20 @@ pub struct Env {
 }
 
 impl Env {
+    /// The CLI against `zookeeper` (under a root of its own) and `broker`; no Redis, no store.
+    pub fn new(
+        zookeeper: &instream_testkit::ZooKeeperServer,
+        broker: &instream_testkit::KafkaBroker,
+    ) -> Env {
+        Env {
+            zk: zookeeper.connect_string(),
+            root: format!("/{}", instream_testkit::unique("cli")),
+            bootstrap: broker.bootstrap_servers(),
+            redis: None,
+            store: None,
+        }
+    }
+
     pub fn run(&self, args: &[&str]) -> Output {
         let mut command = Command::new(env!("CARGO_BIN_EXE_instream"));
         command
