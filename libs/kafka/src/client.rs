@@ -262,6 +262,14 @@ pub fn assigned_partitions(consumer: &Consumer) -> std::collections::HashSet<(St
     consumer.context().assignment()
 }
 
+/// The partitions of the assignment in force and its [`generation`], or `None` between a
+/// revoke and the assignment that follows it.
+pub fn current_assignment(
+    consumer: &Consumer,
+) -> Option<(u64, std::collections::HashSet<(String, i32)>)> {
+    consumer.context().current_assignment()
+}
+
 /// Marks offsets of one partition durably handled (for stages that keep records' offsets
 /// rather than the records).
 pub fn complete_offsets(consumer: &Consumer, topic: &str, partition: i32, offsets: &[i64]) {

@@ -20,9 +20,10 @@ pub struct InstreamContext {
     /// Bumped on every assignment change, so a service can tell records consumed before a
     /// rebalance from those after it.
     generation: AtomicU64,
-    /// The partitions of the last assignment. Kept through a revoke until the next assignment,
-    /// so that a stage looking between the two does not think it owns nothing.
-    assignment: Mutex<HashSet<(String, i32)>>,
+    /// The partitions of the last assignment, with the generation it made. Kept through a
+    /// revoke until the next assignment, so that a stage looking between the two does not
+    /// think it owns nothing.
+    assignment: Mutex<(u64, HashSet<(String, i32)>)>,
     /// When the oldest unanswered asynchronous commit was sent: its answer (the commit
     /// callback) records the commit latency.
     commit_sent: Mutex<Option<std::time::Instant>>,
@@ -63,7 +64,18 @@ impl InstreamContext {
         self.assignment
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .1
             .clone()
+    }
+
+    /// The partitions of the assignment in force with its generation, or `None` between a
+    /// revoke and the assignment that follows it.
+    pub fn current_assignment(&self) -> Option<(u64, HashSet<(String, i32)>)> {
+        let assignment = self
+            .assignment
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        (assignment.0 == self.generation()).then(|| assignment.clone())
     }
 
     fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -166,11 +178,13 @@ impl ConsumerContext for InstreamContext {
             for (topic, partition) in &got {
                 tracker.forget(topic, *partition);
             }
-            *self
+            let mut assignment = self
                 .assignment
                 .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()) = got.iter().cloned().collect();
-            self.generation.fetch_add(1, Ordering::AcqRel);
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+            *assignment = (generation, got.iter().cloned().collect());
+            drop(assignment);
             tracing::info!(service = %self.service, partitions = ?got, "partitions assigned");
         }
         let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);

@@ -23,6 +23,7 @@
 //! `aggregator.early_results_every` unless that is zero.
 
 mod functions;
+mod partitions;
 mod payload;
 mod repartition;
 mod state;
@@ -39,6 +40,7 @@ use instream_kafka::{DeadLetters, Record};
 use instream_pipeline::{topics, Catalog};
 use instream_stage::{Stage, Subscription};
 use instream_store::{AggregateStore, Checkpoint, CheckpointKey, WindowAggregate};
+use partitions::{follow_generation, Partitions};
 use rdkafka::producer::DeliveryFuture;
 use tokio_util::sync::CancellationToken;
 
@@ -72,17 +74,6 @@ pub async fn run(ctx: ServiceContext) -> Result<(), AggregatorError> {
 /// "visible"): handled once the flush has made their effect durable.
 type Pending = Vec<(Record, Option<i64>)>;
 
-type Source = (String, i32);
-
-/// The states of the partitions this instance owns, loaded from their checkpoints on first use.
-struct Partitions {
-    group: String,
-    horizon: Duration,
-    states: HashMap<Source, PartitionState>,
-    /// Whether this flush also writes windows still open (an early-results round).
-    early: bool,
-}
-
 /// Runs with a given store (standalone mode and tests share one embedded store).
 pub async fn run_with_store(
     ctx: ServiceContext,
@@ -113,6 +104,7 @@ pub async fn run_with_store(
         group: subscription.group().to_owned(),
         horizon: config.aggregator.dedup_horizon,
         states: HashMap::new(),
+        restored_generation: None,
         early: false,
     };
     let early_every = config.aggregator.early_results_every;
@@ -134,6 +126,12 @@ pub async fn run_with_store(
             received = recv_batch(consumer, config.aggregator.batch_size, wait, &mut batch) => received?,
         }
         follow_generation(consumer, &mut generation, &mut partitions, &mut pending);
+        if !partitions
+            .restore_assigned(consumer, &*store, &config.kafka, &store_ready, &shutdown)
+            .await?
+        {
+            break; // stopping while the store was away: nothing more to count
+        }
         let current = catalog.borrow().clone();
         for record in batch.drain(..) {
             let event = match instream_event::decode(&record.payload) {
@@ -302,135 +300,6 @@ fn count(event: &Event, scope: Scope, outcome: &Outcome) {
             metrics::counter!("instream_aggregator_repartition_events_total", "pipeline" => event.pipeline.clone(), "aggregation" => aggregation.to_owned(), "outcome" => outcome)
                 .increment(1);
         }
-    }
-}
-
-impl Partitions {
-    /// The state of `source`, restored from its checkpoint the first time it is asked for:
-    /// windows and offsets from the store, seen event ids by reading the partition's recent
-    /// records again. `None` when `stop` fired while the store was unreachable.
-    async fn state(
-        &mut self,
-        store: &dyn AggregateStore,
-        kafka: &instream_core::config::KafkaConfig,
-        ready: &Readiness,
-        source: &Source,
-        stop: &CancellationToken,
-    ) -> Result<Option<&mut PartitionState>, AggregatorError> {
-        if !self.states.contains_key(source) {
-            let key = CheckpointKey {
-                group: self.group.clone(),
-                topic: source.0.clone(),
-                partition: source.1,
-            };
-            let started = Instant::now();
-            let mut backoff = Duration::from_millis(50);
-            let state = loop {
-                match restore(store, kafka, &key, self.horizon).await {
-                    Ok(state) => break state,
-                    // A checkpoint this build cannot read: going on would lose or double
-                    // count, so the service stops and says which partition.
-                    Err(error @ AggregatorError::Checkpoint { .. }) => return Err(error),
-                    Err(error) => {
-                        ready.set_not_ready(error.to_string());
-                        tracing::warn!(%error, topic = %key.topic, partition = key.partition, "restoring a checkpoint failed; retrying");
-                        if stop
-                            .run_until_cancelled(tokio::time::sleep(backoff))
-                            .await
-                            .is_none()
-                        {
-                            return Ok(None);
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                }
-            };
-            ready.set_ready();
-            metrics::histogram!("instream_checkpoint_restore_seconds", "service" => SERVICE)
-                .record(started.elapsed().as_secs_f64());
-            tracing::info!(
-                topic = %key.topic,
-                partition = key.partition,
-                next_offset = state.next_offset(),
-                windows = state.window_count(),
-                remembered_ids = state.remembered_ids(),
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "partition state restored"
-            );
-            self.states.insert(source.clone(), state);
-        }
-        Ok(self.states.get_mut(source))
-    }
-}
-
-/// Loads a partition's checkpoint (a fresh state when there is none) and rebuilds its seen
-/// ids from the partition itself.
-async fn restore(
-    store: &dyn AggregateStore,
-    kafka: &instream_core::config::KafkaConfig,
-    key: &CheckpointKey,
-    horizon: Duration,
-) -> Result<PartitionState, AggregatorError> {
-    let Some(checkpoint) = store.load_checkpoint(key).await? else {
-        return Ok(PartitionState::default());
-    };
-    let (state, seen_from) = PartitionState::restore(&checkpoint.state).map_err(|source| {
-        AggregatorError::Checkpoint {
-            topic: key.topic.clone(),
-            partition: key.partition,
-            source,
-        }
-    })?;
-    let next = state.next_offset();
-    let (low, high) = instream_kafka::ops::watermarks(kafka, &key.topic, key.partition).await?;
-    if high < next {
-        return Err(AggregatorError::Checkpoint {
-            topic: key.topic.clone(),
-            partition: key.partition,
-            source: state::SnapshotError(format!(
-                "it reflects offsets up to {next}, but the partition ends at {high}: was the \
-                 topic recreated? Remove the aggregator's checkpoints for it (see the runbook)"
-            )),
-        });
-    }
-    if low > next {
-        // Retention deleted records this group never counted: say so loudly, go on.
-        tracing::error!(topic = %key.topic, partition = key.partition, from = next, to = low, "records were deleted by retention before the aggregator counted them");
-        metrics::counter!("instream_aggregator_records_lost_total", "topic" => key.topic.clone())
-            .increment((low - next) as u64);
-    }
-    if low > seen_from {
-        tracing::warn!(topic = %key.topic, partition = key.partition, from = seen_from, to = low, "records of the de-duplication horizon were deleted by retention; repeats of them cannot be recognized");
-    }
-    let seen_from = seen_from.max(low);
-    let mut state = instream_kafka::ops::scan_partition(
-        kafka,
-        &key.topic,
-        key.partition,
-        seen_from,
-        next,
-        state,
-        |state, offset, payload| state.rebuild_seen(offset, payload),
-    )
-    .await?;
-    state.finish_rebuild(horizon);
-    Ok(state)
-}
-
-/// After a rebalance every partition may have a new owner: states are restored again from
-/// their checkpoints, and records received under the old assignment are read again from the
-/// last commit (the revoke committed exactly what was checkpointed).
-fn follow_generation(
-    consumer: &Consumer,
-    generation: &mut u64,
-    partitions: &mut Partitions,
-    pending: &mut Pending,
-) {
-    let now = client::generation(consumer);
-    if now != *generation {
-        partitions.states.clear();
-        pending.clear();
-        *generation = now;
     }
 }
 

@@ -58,6 +58,7 @@ async fn a_flush_cut_short_by_shutdown_makes_nothing_handled_and_keeps_the_check
         states: [(("p.enriched".to_owned(), 0), state)]
             .into_iter()
             .collect(),
+        restored_generation: None,
         early: true,
     };
     let config = instream_core::config::KafkaConfig::default();

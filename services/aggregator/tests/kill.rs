@@ -188,8 +188,21 @@ async fn window_counts(
     got
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_twice_with_9_every_window_holds_the_count_of_one_clean_pass() {
+/// A broker with the pipeline's topics and the produced input, and an aggregator's config
+/// whose local store outlives its processes.
+struct Scenario {
+    _broker: KafkaBroker,
+    _dir: tempfile::TempDir,
+    pipeline: String,
+    input: Input,
+    store_path: std::path::PathBuf,
+    config: std::path::PathBuf,
+    admin: u16,
+}
+
+/// Windows are written early every `early_results_every` while open (the drain writes them
+/// too unless it is zero).
+async fn scenario(early_results_every: &str) -> Scenario {
     let broker = KafkaBroker::start().unwrap();
     let pipeline = unique("aggkill");
     broker
@@ -236,6 +249,7 @@ backend = "local"
 path = "{store}"
 [aggregator]
 flush_interval = "150ms"
+early_results_every = "{early_results_every}"
 batch_size = 300
 "#,
             process = process_config_toml(
@@ -249,13 +263,72 @@ batch_size = 300
         ),
     )
     .unwrap();
+    Scenario {
+        _broker: broker,
+        _dir: dir,
+        pipeline,
+        input,
+        store_path,
+        config,
+        admin,
+    }
+}
 
+/// Every partition of the enriched topic and of `per_bucket`'s repartition topic.
+const ASSIGNED: usize = 2 * PARTITIONS as usize;
+
+/// Whether every partition's lag is 0: everything is committed, and a commit comes only
+/// after the checkpoint.
+async fn caught_up(admin: u16) -> bool {
+    let (lag, lines) = metric(
+        admin,
+        "instream_consumer_lag",
+        "group=\"instream-aggregator\"",
+    )
+    .await;
+    lines == ASSIGNED && lag == 0.0
+}
+
+/// How many partition states this process restored from their checkpoints.
+async fn restored(admin: u16) -> usize {
+    metric(
+        admin,
+        "instream_checkpoint_restore_seconds_count",
+        "service=\"aggregator\"",
+    )
+    .await
+    .0 as usize
+}
+
+/// Both aggregations' windows in the store hold the counts of one clean pass.
+async fn assert_one_clean_pass(s: &Scenario) {
+    let store = LocalStore::open(&s.store_path).unwrap();
+    let keys: Vec<String> = (0..KEYS).map(|k| format!("k{k}")).collect();
+    let got = window_counts(&store, &s.pipeline, "per_minute", &keys).await;
+    let total: i64 = got.values().sum();
+    assert_eq!(total, EVENTS as i64, "every distinct event counted once");
+    assert_eq!(
+        got, s.input.expected,
+        "per-key, per-window counts of one clean pass"
+    );
+    // Repartitioned by bucket: each bucket's windows hold the events of every partition.
+    let buckets: Vec<String> = (0..BUCKETS).map(|b| format!("b{b}")).collect();
+    let got = window_counts(&store, &s.pipeline, "per_bucket", &buckets).await;
+    assert_eq!(
+        got, s.input.expected_buckets,
+        "per-bucket, per-window counts of one clean pass"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_twice_with_9_every_window_holds_the_count_of_one_clean_pass() {
+    let s = scenario("1s").await;
     // Two kills, each after that run made progress of its own.
-    let target = (input.records / 4) as f64;
+    let target = (s.input.records / 4) as f64;
     for _ in 0..2 {
-        let mut run = spawn(&config);
+        let mut run = spawn(&s.config);
         wait_until("progress before the kill", || async {
-            metric(admin, "instream_events_total", "service=\"aggregator\"")
+            metric(s.admin, "instream_events_total", "service=\"aggregator\"")
                 .await
                 .0
                 >= target
@@ -265,38 +338,58 @@ batch_size = 300
         run.wait_exit(Duration::from_secs(10)).unwrap();
     }
 
-    // The last run catches up: every partition's lag is 0, so everything is committed, and
-    // a commit comes only after the checkpoint.
-    let mut last = spawn(&config);
+    // The last run catches up and restores every partition, also one whose records were all
+    // checkpointed before a kill: its windows live in its checkpoint and the drain writes
+    // them.
+    let mut last = spawn(&s.config);
     wait_until("the last run to catch up", || async {
-        let (lag, lines) = metric(
-            admin,
-            "instream_consumer_lag",
-            "group=\"instream-aggregator\"",
-        )
-        .await;
-        // The enriched topic and `per_bucket`'s repartition topic.
-        lines == 2 * PARTITIONS as usize && lag == 0.0
+        caught_up(s.admin).await && restored(s.admin).await == ASSIGNED
     })
     .await;
     last.terminate().unwrap();
     let status = last.wait_exit(Duration::from_secs(20)).unwrap();
     assert!(status.success(), "{status}");
+    assert_one_clean_pass(&s).await;
+}
 
-    let store = LocalStore::open(&store_path).unwrap();
-    let keys: Vec<String> = (0..KEYS).map(|k| format!("k{k}")).collect();
-    let got = window_counts(&store, &pipeline, "per_minute", &keys).await;
-    let total: i64 = got.values().sum();
-    assert_eq!(total, EVENTS as i64, "every distinct event counted once");
-    assert_eq!(
-        got, input.expected,
-        "per-key, per-window counts of one clean pass"
-    );
-    // Repartitioned by bucket: each bucket's windows hold the events of every partition.
-    let buckets: Vec<String> = (0..BUCKETS).map(|b| format!("b{b}")).collect();
-    let got = window_counts(&store, &pipeline, "per_bucket", &buckets).await;
-    assert_eq!(
-        got, input.expected_buckets,
-        "per-bucket, per-window counts of one clean pass"
-    );
+/// A run counts everything and checkpoints it, then is killed before any window was written
+/// (no early result yet, none closed). The next run has nothing new to read, yet restores
+/// every partition and writes their windows: they are not left in the checkpoints until a
+/// record arrives, which may be never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_only_in_checkpoints_are_written_after_a_kill_with_nothing_new_to_read() {
+    let s = scenario("1h").await;
+    let mut run = spawn(&s.config);
+    wait_until("everything counted and committed", || async {
+        let (events, _) = metric(s.admin, "instream_events_total", "service=\"aggregator\"").await;
+        let (forwarded, _) = metric(
+            s.admin,
+            "instream_aggregator_repartition_events_total",
+            "aggregation=\"per_bucket\"",
+        )
+        .await;
+        events >= s.input.records as f64 && forwarded >= EVENTS as f64 && caught_up(s.admin).await
+    })
+    .await;
+    run.0.kill().unwrap(); // SIGKILL: no drain, so no window written
+    run.wait_exit(Duration::from_secs(10)).unwrap();
+    {
+        let store = LocalStore::open(&s.store_path).unwrap();
+        let keys: Vec<String> = (0..KEYS).map(|k| format!("k{k}")).collect();
+        let written = window_counts(&store, &s.pipeline, "per_minute", &keys).await;
+        assert!(
+            written.is_empty(),
+            "windows written before the kill: {written:?}"
+        );
+    }
+
+    let mut next = spawn(&s.config);
+    wait_until("every partition restored", || async {
+        restored(s.admin).await == ASSIGNED
+    })
+    .await;
+    next.terminate().unwrap();
+    let status = next.wait_exit(Duration::from_secs(20)).unwrap();
+    assert!(status.success(), "{status}");
+    assert_one_clean_pass(&s).await;
 }

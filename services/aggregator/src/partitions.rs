@@ -1,0 +1,194 @@
+//! The partition states an aggregator owns: restored from their checkpoints as partitions
+//! are assigned, dropped when the assignment changes.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use instream_core::Readiness;
+use instream_kafka::client::{self, Consumer};
+use instream_store::{AggregateStore, CheckpointKey};
+use tokio_util::sync::CancellationToken;
+
+use crate::state::{self, PartitionState};
+use crate::{AggregatorError, Pending, SERVICE};
+
+pub(crate) type Source = (String, i32);
+
+/// The states of the partitions this instance owns, loaded from their checkpoints as soon as
+/// they are assigned.
+pub(crate) struct Partitions {
+    pub(crate) group: String,
+    pub(crate) horizon: Duration,
+    pub(crate) states: HashMap<Source, PartitionState>,
+    /// The assignment generation whose partitions are all restored.
+    pub(crate) restored_generation: Option<u64>,
+    /// Whether this flush also writes windows still open (an early-results round).
+    pub(crate) early: bool,
+}
+
+impl Partitions {
+    /// Restores every partition of the assignment in force that is not restored yet. Not
+    /// only on its first record: a partition with nothing new to read (everything up to its
+    /// end checkpointed before a crash) must still write the windows its checkpoint holds —
+    /// when they close, as early results, on drain — instead of keeping them until a record
+    /// arrives, which may be never. `false` when `stop` fired while the store was unreachable.
+    pub(crate) async fn restore_assigned(
+        &mut self,
+        consumer: &Consumer,
+        store: &dyn AggregateStore,
+        kafka: &instream_core::config::KafkaConfig,
+        ready: &Readiness,
+        stop: &CancellationToken,
+    ) -> Result<bool, AggregatorError> {
+        // Between a revoke and the next assignment there is nothing to restore yet.
+        let Some((generation, assigned)) = client::current_assignment(consumer) else {
+            return Ok(true);
+        };
+        if self.restored_generation == Some(generation) {
+            return Ok(true);
+        }
+        let mut missing: Vec<Source> = assigned
+            .into_iter()
+            .filter(|source| !self.states.contains_key(source))
+            .collect();
+        missing.sort();
+        for source in &missing {
+            if self
+                .state(store, kafka, ready, source, stop)
+                .await?
+                .is_none()
+            {
+                return Ok(false);
+            }
+        }
+        self.restored_generation = Some(generation);
+        Ok(true)
+    }
+
+    /// The state of `source`, restored from its checkpoint the first time it is asked for:
+    /// windows and offsets from the store, seen event ids by reading the partition's recent
+    /// records again. `None` when `stop` fired while the store was unreachable.
+    pub(crate) async fn state(
+        &mut self,
+        store: &dyn AggregateStore,
+        kafka: &instream_core::config::KafkaConfig,
+        ready: &Readiness,
+        source: &Source,
+        stop: &CancellationToken,
+    ) -> Result<Option<&mut PartitionState>, AggregatorError> {
+        if !self.states.contains_key(source) {
+            let key = CheckpointKey {
+                group: self.group.clone(),
+                topic: source.0.clone(),
+                partition: source.1,
+            };
+            let started = Instant::now();
+            let mut backoff = Duration::from_millis(50);
+            let state = loop {
+                match restore(store, kafka, &key, self.horizon).await {
+                    Ok(state) => break state,
+                    // A checkpoint this build cannot read: going on would lose or double
+                    // count, so the service stops and says which partition.
+                    Err(error @ AggregatorError::Checkpoint { .. }) => return Err(error),
+                    Err(error) => {
+                        ready.set_not_ready(error.to_string());
+                        tracing::warn!(%error, topic = %key.topic, partition = key.partition, "restoring a checkpoint failed; retrying");
+                        if stop
+                            .run_until_cancelled(tokio::time::sleep(backoff))
+                            .await
+                            .is_none()
+                        {
+                            return Ok(None);
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            };
+            ready.set_ready();
+            metrics::histogram!("instream_checkpoint_restore_seconds", "service" => SERVICE)
+                .record(started.elapsed().as_secs_f64());
+            tracing::info!(
+                topic = %key.topic,
+                partition = key.partition,
+                next_offset = state.next_offset(),
+                windows = state.window_count(),
+                remembered_ids = state.remembered_ids(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "partition state restored"
+            );
+            self.states.insert(source.clone(), state);
+        }
+        Ok(self.states.get_mut(source))
+    }
+}
+
+/// Loads a partition's checkpoint (a fresh state when there is none) and rebuilds its seen
+/// ids from the partition itself.
+async fn restore(
+    store: &dyn AggregateStore,
+    kafka: &instream_core::config::KafkaConfig,
+    key: &CheckpointKey,
+    horizon: Duration,
+) -> Result<PartitionState, AggregatorError> {
+    let Some(checkpoint) = store.load_checkpoint(key).await? else {
+        return Ok(PartitionState::default());
+    };
+    let (state, seen_from) = PartitionState::restore(&checkpoint.state).map_err(|source| {
+        AggregatorError::Checkpoint {
+            topic: key.topic.clone(),
+            partition: key.partition,
+            source,
+        }
+    })?;
+    let next = state.next_offset();
+    let (low, high) = instream_kafka::ops::watermarks(kafka, &key.topic, key.partition).await?;
+    if high < next {
+        return Err(AggregatorError::Checkpoint {
+            topic: key.topic.clone(),
+            partition: key.partition,
+            source: state::SnapshotError(format!(
+                "it reflects offsets up to {next}, but the partition ends at {high}: was the \
+                 topic recreated? Remove the aggregator's checkpoints for it (see the runbook)"
+            )),
+        });
+    }
+    if low > next {
+        // Retention deleted records this group never counted: say so loudly, go on.
+        tracing::error!(topic = %key.topic, partition = key.partition, from = next, to = low, "records were deleted by retention before the aggregator counted them");
+        metrics::counter!("instream_aggregator_records_lost_total", "topic" => key.topic.clone())
+            .increment((low - next) as u64);
+    }
+    if low > seen_from {
+        tracing::warn!(topic = %key.topic, partition = key.partition, from = seen_from, to = low, "records of the de-duplication horizon were deleted by retention; repeats of them cannot be recognized");
+    }
+    let seen_from = seen_from.max(low);
+    let mut state = instream_kafka::ops::scan_partition(
+        kafka,
+        &key.topic,
+        key.partition,
+        seen_from,
+        next,
+        state,
+        |state, offset, payload| state.rebuild_seen(offset, payload),
+    )
+    .await?;
+    state.finish_rebuild(horizon);
+    Ok(state)
+}
+
+/// After a rebalance every partition may have a new owner: states are restored again from
+/// their checkpoints, and records received under the old assignment are read again from the
+/// last commit (the revoke committed exactly what was checkpointed).
+pub(crate) fn follow_generation(
+    consumer: &Consumer,
+    generation: &mut u64,
+    partitions: &mut Partitions,
+    pending: &mut Pending,
+) {
+    let now = client::generation(consumer);
+    if now != *generation {
+        partitions.states.clear();
+        pending.clear();
+        *generation = now;
+    }
+}
