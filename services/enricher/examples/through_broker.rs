@@ -91,8 +91,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         client::delivered(d).await?;
     }
 
-    // The passthrough: the same consumer and producer settings, the same batch loop.
+    // The passthrough: the same consumer and producer settings as the enricher's (its
+    // at-least-once producer is the gapless one), the same batch loop.
     let consumer = client::consumer(&kafka, "bench", "passthrough", &["bench.raw"])?;
+    let copier = instream_kafka::gapless_producer(&kafka, "bench")?;
     let me = std::process::id();
     let mut batch = Vec::with_capacity(BATCH);
     let (mut copied, mut started, mut cpu_at_start) = (0usize, None, 0.0);
@@ -110,7 +112,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let record = FutureRecord::to("bench.copy")
                 .key(r.key.as_deref().unwrap_or_default())
                 .payload(r.payload.as_slice());
-            deliveries.push(client::send(&producer, record).await?);
+            deliveries.push(client::send(&copier, record).await?);
         }
         for d in deliveries {
             client::delivered(d).await?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use instream_core::Readiness;
 use instream_kafka::client::{self, Producer};
 use instream_kafka::{headers, DeadLetters, Record};
-use instream_pipeline::{topics, Catalog};
+use instream_pipeline::{topics, Catalog, PipelineDefinition};
 use instream_refdata::{CachedRefStore, Found};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureRecord};
@@ -187,7 +187,10 @@ impl Enricher {
         }
 
         let mut deliveries: Vec<DeliveryFuture> = Vec::with_capacity(batch.len());
-        let mut enriched: HashMap<Arc<str>, Vec<i64>> = HashMap::new();
+        // Per pipeline of the batch (usually one): its enriched topic and the ingest times of
+        // its records, found by pointer rather than by name on the per-record path.
+        let mut enriched: Vec<(Arc<PipelineDefinition>, String, Vec<i64>)> = Vec::new();
+        let (mut partition_text, mut offset_text) = (itoa::Buffer::new(), itoa::Buffer::new());
         for (record, output) in batch.iter().zip(outputs) {
             match output {
                 Output::Dead { code, reason } => {
@@ -200,16 +203,14 @@ impl Enricher {
                     ingest_time,
                     tags,
                 } => {
-                    let partition = record.partition.to_string();
-                    let offset = record.offset.to_string();
                     let mut hs = OwnedHeaders::new_with_capacity(3)
                         .insert(Header {
                             key: headers::ORIGIN_PARTITION,
-                            value: Some(&partition),
+                            value: Some(partition_text.format(record.partition)),
                         })
                         .insert(Header {
                             key: headers::ORIGIN_OFFSET,
-                            value: Some(&offset),
+                            value: Some(offset_text.format(record.offset)),
                         });
                     if let Some(tags) = &tags {
                         hs = hs.insert(Header {
@@ -217,16 +218,24 @@ impl Enricher {
                             value: Some(tags.as_str()),
                         });
                     }
-                    let topic = topics::enriched(&pipeline.name);
-                    let out = FutureRecord::to(&topic)
+                    let at = match enriched
+                        .iter()
+                        .position(|(def, ..)| Arc::ptr_eq(def, &pipeline))
+                    {
+                        Some(at) => at,
+                        None => {
+                            let topic = topics::enriched(&pipeline.name);
+                            enriched.push((pipeline, topic, Vec::with_capacity(batch.len())));
+                            enriched.len() - 1
+                        }
+                    };
+                    let (_, topic, times) = &mut enriched[at];
+                    let out = FutureRecord::to(topic)
                         .key(&arena[key])
                         .payload(&arena[bytes])
                         .headers(hs);
                     deliveries.push(client::send(&self.producer, out).await?);
-                    enriched
-                        .entry(Arc::from(pipeline.name.as_str()))
-                        .or_default()
-                        .push(ingest_time);
+                    times.push(ingest_time);
                 }
             }
         }
@@ -262,11 +271,11 @@ impl Enricher {
         }
         let now = instream_event::now_millis();
         let latency = metrics::histogram!("instream_stage_latency_seconds", "stage" => SERVICE);
-        for (pipeline, times) in enriched {
+        for (pipeline, _, times) in enriched {
             for ingest_time in &times {
                 latency.record((now - ingest_time).max(0) as f64 / 1000.0);
             }
-            metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => pipeline.to_string(), "outcome" => "enriched")
+            metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => pipeline.name.clone(), "outcome" => "enriched")
                 .increment(times.len() as u64);
         }
         Ok(true)

@@ -238,7 +238,10 @@ pub fn plan<'r>(
         retries: Vec::new(),
         rule_lookups: Vec::with_capacity(batch.len()),
     };
-    let mut index: HashMap<String, usize> = HashMap::with_capacity(batch.len());
+    // foldhash, not SipHash: one lookup per event of the batch, keys from this process's own
+    // rendering of templates.
+    let mut index: HashMap<String, usize, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(batch.len(), Default::default());
     let mut values: Vec<Scalar<'r>> = Vec::new();
     let mut key = String::new();
     let mut full = String::new();
