@@ -2,6 +2,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use crate::error::KafkaError;
 
@@ -16,6 +17,13 @@ enum Command {
     SetBrokerUp {
         broker: i32,
         up: bool,
+        reply: mpsc::Sender<Result<(), String>>,
+    },
+    /// Pushes errors that the next requests of `api` answer, one each (`errors` empty: clears
+    /// the ones not used yet).
+    RequestErrors {
+        api: RDKafkaApiKey,
+        errors: Vec<RDKafkaRespErr>,
         reply: mpsc::Sender<Result<(), String>>,
     },
     Stop,
@@ -68,6 +76,14 @@ impl EmbeddedBroker {
                             };
                             let _ = reply.send(result.map_err(|e| e.to_string()));
                         }
+                        Command::RequestErrors { api, errors, reply } => {
+                            if errors.is_empty() {
+                                cluster.clear_request_errors(api);
+                            } else {
+                                cluster.request_errors(api, &errors);
+                            }
+                            let _ = reply.send(Ok(()));
+                        }
                         Command::Stop => break,
                     }
                 }
@@ -104,6 +120,29 @@ impl EmbeddedBroker {
     /// refused — or brings it back up.
     pub fn set_broker_up(&self, broker: i32, up: bool) -> Result<(), KafkaError> {
         self.ask(|reply| Command::SetBrokerUp { broker, up, reply })
+    }
+
+    /// Makes the next `errors.len()` requests of `api` fail, each with its error (an error
+    /// the client cannot recover from, or one it retries), to test what a client does then.
+    pub fn fail_requests(
+        &self,
+        api: RDKafkaApiKey,
+        errors: &[RDKafkaRespErr],
+    ) -> Result<(), KafkaError> {
+        self.ask(|reply| Command::RequestErrors {
+            api,
+            errors: errors.to_vec(),
+            reply,
+        })
+    }
+
+    /// Forgets the errors [`fail_requests`](Self::fail_requests) pushed that no request used.
+    pub fn clear_request_errors(&self, api: RDKafkaApiKey) -> Result<(), KafkaError> {
+        self.ask(|reply| Command::RequestErrors {
+            api,
+            errors: Vec::new(),
+            reply,
+        })
     }
 
     fn ask(

@@ -288,6 +288,36 @@ impl KafkaBroker {
         }
     }
 
+    /// Makes the next requests of `api` to the embedded broker fail, one per error given;
+    /// an external cluster cannot be made to, and answers an error.
+    pub fn fail_requests(
+        &self,
+        api: rdkafka::types::RDKafkaApiKey,
+        errors: &[rdkafka::types::RDKafkaRespErr],
+    ) -> Result<(), TestkitError> {
+        match self {
+            KafkaBroker::External(_) => Err(TestkitError::Broker(
+                "an external cluster cannot be made to fail requests by the test".into(),
+            )),
+            KafkaBroker::Embedded(b) => b
+                .fail_requests(api, errors)
+                .map_err(|e| TestkitError::Broker(e.to_string())),
+        }
+    }
+
+    /// Forgets the errors [`fail_requests`](Self::fail_requests) pushed that no request used.
+    pub fn clear_request_errors(
+        &self,
+        api: rdkafka::types::RDKafkaApiKey,
+    ) -> Result<(), TestkitError> {
+        match self {
+            KafkaBroker::External(_) => Ok(()),
+            KafkaBroker::Embedded(b) => b
+                .clear_request_errors(api)
+                .map_err(|e| TestkitError::Broker(e.to_string())),
+        }
+    }
+
     pub fn is_embedded(&self) -> bool {
         matches!(self, KafkaBroker::Embedded(_))
     }

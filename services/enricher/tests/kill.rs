@@ -364,3 +364,51 @@ async fn a_broker_outage_mid_stream_holds_deliveries_back_and_loses_none() {
         s.delivery
     );
 }
+
+/// The broker refuses the enricher's writes with an error no retry mends (here: not
+/// authorized) in the middle of the stream. Any record after a refused one could leave a gap
+/// that origin de-duplication downstream would turn into a loss, so the enricher stops with
+/// an error, committing nothing of the batch; restarted once the broker accepts again, it
+/// writes everything, and an aggregator de-duplicating by origin counts every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_refused_for_good_stops_the_enricher_and_a_restart_loses_none() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    if std::env::var("INSTREAM_TEST_KAFKA").is_ok_and(|v| !v.trim().is_empty()) {
+        eprintln!(
+            "skipped: the test makes the broker fail requests, which only the embedded one allows"
+        );
+        return;
+    }
+    let s = scenario("at_least_once", "").await;
+    let mut child = spawn(&s.config);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while enriched_so_far(s.admin).await < EVENTS as f64 / 4.0 {
+        assert!(tokio::time::Instant::now() < deadline, "no progress");
+        assert!(!child.exited(), "the enricher exited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.broker
+        .fail_requests(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 3],
+        )
+        .unwrap();
+    let status = child.wait_exit(Duration::from_secs(60)).unwrap();
+    assert!(
+        !status.success(),
+        "the enricher stops with an error when a write is refused for good: {status}"
+    );
+    let log = std::fs::read_to_string(child.1.as_ref().unwrap()).unwrap();
+    assert!(
+        log.contains("stopped with an error") && log.contains("TopicAuthorizationFailed"),
+        "the enricher says why it stopped: {log}"
+    );
+    s.broker
+        .clear_request_errors(RDKafkaApiKey::Produce)
+        .unwrap();
+    let repeated = check_output(&s, spawn(&s.config)).await;
+    eprintln!(
+        "{}: {repeated} repeated copies after the refusal",
+        s.delivery
+    );
+}
