@@ -256,4 +256,12 @@ impl Link {
             _ => None,
         }
     }
+
+    /// The connection of a cluster link (for `refdata load`).
+    pub fn cluster(&self) -> Option<ClusterConnection> {
+        match self {
+            Link::Cluster(c) => Some(c.clone()),
+            _ => None,
+        }
+    }
 }

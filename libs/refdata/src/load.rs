@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use instream_pipeline::{EnrichmentRule, RecordShape};
 use redis::aio::ConnectionLike;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use serde_json::{Map, Value};
 
 use crate::versions::{counter_key, pointer_key, version_of_key, version_prefix, CHANGES_CHANNEL};
@@ -146,24 +148,66 @@ fn scalar_text(v: &Value) -> Option<String> {
     }
 }
 
+/// How a load's records reach Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writes {
+    /// One server, or the master a Sentinel names: a chunk is one pipelined round trip.
+    Pipelined,
+    /// A Redis Cluster, where a pipeline may not span hash slots: each record's commands
+    /// are a pipeline of their own, a chunk's sent at once (each routed to its slot's node).
+    PerRecord,
+}
+
 /// The records of one version, turned into Redis commands chunk by chunk.
 struct Writer<C> {
     connection: C,
+    writes: Writes,
     timeout: Duration,
     pipe: redis::Pipeline,
+    /// [`Writes::PerRecord`]: the chunk's records, one pipeline each.
+    records: Vec<redis::Pipeline>,
     queued: usize,
     written: u64,
 }
 
-impl<C: ConnectionLike + Send> Writer<C> {
+impl<C: ConnectionLike + Clone + Send> Writer<C> {
+    /// Closes the commands of one record.
+    fn end_record(&mut self) {
+        self.queued += 1;
+        if self.writes == Writes::PerRecord {
+            self.records
+                .push(std::mem::replace(&mut self.pipe, redis::pipe()));
+        }
+    }
+
     async fn flush(&mut self) -> Result<(), LoadError> {
         if self.queued == 0 {
             return Ok(());
         }
-        let pipe = std::mem::replace(&mut self.pipe, redis::pipe());
-        tokio::time::timeout(self.timeout, pipe.query_async::<()>(&mut self.connection))
-            .await
-            .map_err(|_| LoadError::Redis("a write timed out".into()))?
+        let sent = match self.writes {
+            Writes::Pipelined => {
+                let pipe = std::mem::replace(&mut self.pipe, redis::pipe());
+                let mut connection = self.connection.clone();
+                tokio::time::timeout(self.timeout, async move {
+                    pipe.query_async::<()>(&mut connection).await
+                })
+                .await
+            }
+            Writes::PerRecord => {
+                let records = std::mem::take(&mut self.records);
+                let connection = &self.connection;
+                tokio::time::timeout(
+                    self.timeout,
+                    futures::future::try_join_all(records.into_iter().map(|pipe| {
+                        let mut connection = connection.clone();
+                        async move { pipe.query_async::<()>(&mut connection).await }
+                    })),
+                )
+                .await
+                .map(|answers| answers.map(|_| ()))
+            }
+        };
+        sent.map_err(|_| LoadError::Redis("a write timed out".into()))?
             .map_err(|e| LoadError::Redis(e.to_string()))?;
         self.written += self.queued as u64;
         self.queued = 0;
@@ -183,6 +227,75 @@ pub async fn load_file<C: ConnectionLike + Clone + Send>(
     key_fields: &[String],
     path: &Path,
 ) -> Result<LoadReport, LoadError> {
+    let mut connection = connection;
+    let (version, records) = write_version(
+        connection.clone(),
+        Writes::Pipelined,
+        timeout,
+        pipeline,
+        rule,
+        key_fields,
+        path,
+    )
+    .await?;
+    let (previous, switched) = switch(&mut connection, pipeline, &rule.name, version).await?;
+    // Versions before the previous one are retired: they expire after a grace period. The
+    // previous one stays for enrichers that have not seen the switch yet.
+    let keep_from = if switched { previous } else { version };
+    let retired = retire_versions_before(&mut connection, pipeline, &rule.name, keep_from).await?;
+    Ok(LoadReport {
+        version,
+        previous: (previous > 0).then_some(previous),
+        records,
+        retired,
+        switched,
+    })
+}
+
+/// [`load_file`] into a Redis Cluster: the records are written each to its slot's node, the
+/// pointer switched as on one server, and older versions retired on every master.
+pub async fn load_file_to_cluster(
+    connection: ClusterConnection,
+    timeout: Duration,
+    pipeline: &str,
+    rule: &EnrichmentRule,
+    key_fields: &[String],
+    path: &Path,
+) -> Result<LoadReport, LoadError> {
+    let mut connection = connection;
+    let (version, records) = write_version(
+        connection.clone(),
+        Writes::PerRecord,
+        timeout,
+        pipeline,
+        rule,
+        key_fields,
+        path,
+    )
+    .await?;
+    let (previous, switched) = switch(&mut connection, pipeline, &rule.name, version).await?;
+    let keep_from = if switched { previous } else { version };
+    let retired = retire_in_cluster(&mut connection, pipeline, &rule.name, keep_from).await?;
+    Ok(LoadReport {
+        version,
+        previous: (previous > 0).then_some(previous),
+        records,
+        retired,
+        switched,
+    })
+}
+
+/// Takes a new version number and writes every record of `path` under its prefix. Returns
+/// the version and how many records were written.
+async fn write_version<C: ConnectionLike + Clone + Send>(
+    connection: C,
+    writes: Writes,
+    timeout: Duration,
+    pipeline: &str,
+    rule: &EnrichmentRule,
+    key_fields: &[String],
+    path: &Path,
+) -> Result<(u64, u64), LoadError> {
     let template_fields = rule.key_template.fields().count();
     if key_fields.len() != template_fields {
         return Err(LoadError::Spec(format!(
@@ -202,9 +315,11 @@ pub async fn load_file<C: ConnectionLike + Clone + Send>(
     // The file is read on a blocking thread and handed over a chunk at a time through a
     // small channel: memory stays at a few chunks however large the file.
     let mut writer = Writer {
-        connection: connection.clone(),
+        connection,
+        writes,
         timeout,
         pipe: redis::pipe(),
+        records: Vec::new(),
         queued: 0,
         written: 0,
     };
@@ -272,44 +387,77 @@ pub async fn load_file<C: ConnectionLike + Clone + Send>(
                         .ignore();
                 }
             }
-            writer.queued += 1;
+            writer.end_record();
         }
         writer.flush().await?;
     }
     reader
         .await
         .map_err(|e| LoadError::Spec(format!("reading the file: {e}")))??;
-    let records = writer.written;
-    // The switch: one atomic raise of the pointer, then the announcement enrichers follow.
-    let pointer = pointer_key(pipeline, &rule.name);
+    Ok((version, writer.written))
+}
+
+/// The switch: one atomic raise of the pointer, then the announcement enrichers follow.
+/// Returns the version the pointer held before and whether it now names `version` (false:
+/// a later load switched first).
+async fn switch<C: ConnectionLike + Send>(
+    connection: &mut C,
+    pipeline: &str,
+    rule: &str,
+    version: u64,
+) -> Result<(u64, bool), LoadError> {
+    let pointer = pointer_key(pipeline, rule);
     let previous: u64 = redis::cmd("EVAL")
         .arg(RAISE_POINTER)
         .arg(1)
         .arg(&pointer)
         .arg(version)
-        .query_async(&mut connection)
+        .query_async(connection)
         .await
         .map_err(|e| LoadError::Redis(e.to_string()))?;
     let switched = version > previous;
     if switched {
         let _: i64 = redis::cmd("PUBLISH")
             .arg(CHANGES_CHANNEL)
-            .arg(format!("{pipeline}:{}:{version}", rule.name))
-            .query_async(&mut connection)
+            .arg(format!("{pipeline}:{rule}:{version}"))
+            .query_async(connection)
             .await
             .map_err(|e| LoadError::Redis(e.to_string()))?;
     }
-    // Versions before the previous one are retired: they expire after a grace period. The
-    // previous one stays for enrichers that have not seen the switch yet.
-    let keep_from = if switched { previous } else { version };
-    let retired = retire_versions_before(&mut connection, pipeline, &rule.name, keep_from).await?;
-    Ok(LoadReport {
-        version,
-        previous: (previous > 0).then_some(previous),
-        records,
-        retired,
-        switched,
-    })
+    Ok((previous, switched))
+}
+
+/// The keys of `rule`'s versions (one node's, on a cluster), a page at a time.
+fn scan_versions(pipeline: &str, rule: &str, cursor: u64) -> redis::Cmd {
+    let mut scan = redis::cmd("SCAN");
+    scan.arg(cursor)
+        .arg("MATCH")
+        .arg(format!("instream:refdata:{pipeline}:{rule}:v*"))
+        .arg("COUNT")
+        .arg(CHUNK);
+    scan
+}
+
+/// The keys among `keys` of versions before `keep_from`.
+fn older_than<'k>(
+    keys: &'k [String],
+    pipeline: &'k str,
+    rule: &'k str,
+    keep_from: u64,
+) -> impl Iterator<Item = &'k String> {
+    keys.iter()
+        .filter(move |k| version_of_key(pipeline, rule, k).is_some_and(|v| v < keep_from))
+}
+
+/// Gives a retired key [`RETIRED_VERSION_GRACE`] to live; NX: a key already retired keeps its
+/// earlier deadline.
+fn retire(key: &str) -> redis::Cmd {
+    let mut expire = redis::cmd("EXPIRE");
+    expire
+        .arg(key)
+        .arg(RETIRED_VERSION_GRACE.as_secs())
+        .arg("NX");
+    expire
 }
 
 async fn retire_versions_before<C: ConnectionLike + Send>(
@@ -318,30 +466,18 @@ async fn retire_versions_before<C: ConnectionLike + Send>(
     rule: &str,
     keep_from: u64,
 ) -> Result<u64, LoadError> {
-    let pattern = format!("instream:refdata:{pipeline}:{rule}:v*");
     let mut cursor: u64 = 0;
     let mut retired = 0;
-    let grace = RETIRED_VERSION_GRACE.as_secs();
     loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(CHUNK)
+        let (next, keys): (u64, Vec<String>) = scan_versions(pipeline, rule, cursor)
             .query_async(connection)
             .await
             .map_err(|e| LoadError::Redis(e.to_string()))?;
-        let old: Vec<&String> = keys
-            .iter()
-            .filter(|k| version_of_key(pipeline, rule, k).is_some_and(|v| v < keep_from))
-            .collect();
-        if !old.is_empty() {
-            let mut pipe = redis::pipe();
-            for key in &old {
-                // NX: a key already retired keeps its earlier deadline.
-                pipe.cmd("EXPIRE").arg(*key).arg(grace).arg("NX");
-            }
+        let mut pipe = redis::pipe();
+        for key in older_than(&keys, pipeline, rule, keep_from) {
+            pipe.add_command(retire(key));
+        }
+        if !pipe.is_empty() {
             let set: Vec<u64> = pipe
                 .query_async(connection)
                 .await
@@ -353,4 +489,81 @@ async fn retire_versions_before<C: ConnectionLike + Send>(
         }
         cursor = next;
     }
+}
+
+/// [`retire_versions_before`] on a cluster: SCAN walks one node's keys, so every master is
+/// scanned on its own, and each old key's EXPIRE goes to its slot's node.
+async fn retire_in_cluster(
+    connection: &mut ClusterConnection,
+    pipeline: &str,
+    rule: &str,
+    keep_from: u64,
+) -> Result<u64, LoadError> {
+    let redis_err = |e: redis::RedisError| LoadError::Redis(e.to_string());
+    let slots: redis::Value = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(connection)
+        .await
+        .map_err(redis_err)?;
+    let mut retired = 0;
+    for (host, port) in cluster_masters(&slots)? {
+        let mut cursor: u64 = 0;
+        loop {
+            let node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                host: host.clone(),
+                port,
+            });
+            let page = connection
+                .route_command(scan_versions(pipeline, rule, cursor), node)
+                .await
+                .map_err(redis_err)?;
+            let (next, keys): (u64, Vec<String>) = redis::from_redis_value(page)
+                .map_err(|e| LoadError::Redis(format!("SCAN on {host}:{port}: {e}")))?;
+            let set = futures::future::try_join_all(
+                older_than(&keys, pipeline, rule, keep_from).map(|key| {
+                    let mut connection = connection.clone();
+                    let expire = retire(key);
+                    async move { expire.query_async::<u64>(&mut connection).await }
+                }),
+            )
+            .await
+            .map_err(redis_err)?;
+            retired += set.iter().sum::<u64>();
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(retired)
+}
+
+/// The distinct masters (host, port) in a `CLUSTER SLOTS` answer: per slot range, its start,
+/// its end, then its master's node and its replicas' nodes, each `[host, port, id, …]`.
+fn cluster_masters(slots: &redis::Value) -> Result<Vec<(String, u16)>, LoadError> {
+    let malformed = || LoadError::Redis(format!("unexpected CLUSTER SLOTS answer: {slots:?}"));
+    let redis::Value::Array(ranges) = slots else {
+        return Err(malformed());
+    };
+    let mut masters = Vec::new();
+    for range in ranges {
+        let redis::Value::Array(parts) = range else {
+            return Err(malformed());
+        };
+        let Some(redis::Value::Array(node)) = parts.get(2) else {
+            return Err(malformed());
+        };
+        let host: String = node
+            .first()
+            .and_then(|h| redis::from_redis_value_ref(h).ok())
+            .ok_or_else(malformed)?;
+        let port: u16 = node
+            .get(1)
+            .and_then(|p| redis::from_redis_value_ref(p).ok())
+            .ok_or_else(malformed)?;
+        if !masters.contains(&(host.clone(), port)) {
+            masters.push((host, port));
+        }
+    }
+    Ok(masters)
 }

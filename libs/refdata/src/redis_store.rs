@@ -209,9 +209,14 @@ impl RedisRefStore {
     }
 
     /// A connection for other work on the same server (loading reference data); `None` in
-    /// sentinel and cluster modes, which `refdata load` does not support yet.
+    /// sentinel and cluster modes (see [`Self::master_connection`], [`Self::cluster_connection`]).
     pub fn connection(&self) -> Option<ConnectionManager> {
         self.link.single()
+    }
+
+    /// Cluster mode: the cluster's connection (for `refdata load`); `None` in the other modes.
+    pub fn cluster_connection(&self) -> Option<redis::cluster_async::ClusterConnection> {
+        self.link.cluster()
     }
 
     /// Sentinel mode: a connection to the master the sentinels name now (for `refdata load`);

@@ -302,3 +302,87 @@ async fn a_sentinel_failover_is_followed_without_a_restart() {
     );
     store.ping().await.unwrap();
 }
+
+/// `refdata load` into a cluster: each record lands on its slot's node (a pipelined chunk
+/// would span slots, which a cluster refuses), the pointer switches, a cluster-mode store
+/// reads the new version, and the load after next retires the oldest version's keys on every
+/// master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mode_loads_versions_and_retires_old_ones_on_every_master() {
+    const ROWS: usize = 500;
+    let cluster = instream_testkit::RedisCluster::start().unwrap();
+    let nodes = cluster.urls();
+    let cfg = RefDataConfig {
+        redis_mode: instream_core::config::RedisMode::Cluster,
+        redis_nodes: nodes.clone(),
+        ..config("redis://unused:1".into())
+    };
+    let doc = instream_pipeline::parse_document(instream_testkit::BIDS_PIPELINE).unwrap();
+    let rule = doc.pipelines[0].enrichments[0].clone();
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedisRefStore::connect(&cfg).await.unwrap();
+    let connection = store.cluster_connection().expect("a cluster link");
+    for version in 1..=3u64 {
+        let csv = dir.path().join(format!("v{version}.csv"));
+        let mut text = String::from("id,name\n");
+        for i in 0..ROWS {
+            text.push_str(&format!("{i},Bidder {i} v{version}\n"));
+        }
+        std::fs::write(&csv, text).unwrap();
+        let report = instream_refdata::load::load_file_to_cluster(
+            connection.clone(),
+            cfg.timeout,
+            "bids",
+            &rule,
+            &["id".to_owned()],
+            &csv,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (report.version, report.records, report.switched),
+            (version, ROWS as u64, true)
+        );
+        // Version 3 retires version 1 (version 2 stays for enrichers not yet switched).
+        let retired = if version == 3 { ROWS as u64 } else { 0 };
+        assert_eq!(report.retired, retired, "keys retired by version {version}");
+    }
+
+    // Spread over the masters: every node holds some of the records.
+    for url in &nodes {
+        let mut node = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let keys: u64 = redis::cmd("DBSIZE").query_async(&mut node).await.unwrap();
+        assert!(keys > 0, "{url} holds none of the records");
+    }
+    // A cluster-mode store follows the pointer to version 3 and finds every record there.
+    store
+        .track(&[("bids".into(), "bidder".into())])
+        .await
+        .unwrap();
+    assert_eq!(store.version("bids", "bidder"), Some(3));
+    let prefix = |v| instream_refdata::versions::version_prefix("bids", "bidder", v);
+    let lookups: Vec<(String, RecordShape)> = (0..ROWS)
+        .map(|i| (format!("{}person:{i}", prefix(3)), RecordShape::Hash))
+        .collect();
+    let found = store.lookup_many(&lookups).await.unwrap();
+    for (i, f) in found.iter().enumerate() {
+        match f {
+            Found::Record(r) => assert_eq!(r["name"], format!("Bidder {i} v3")),
+            other => panic!("person:{i}: {other:?}"),
+        }
+    }
+    // Version 1's keys expire after the grace; version 2's do not.
+    let mut c = connection.clone();
+    for (version, expiring) in [(1, true), (2, false)] {
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(format!("{}person:7", prefix(version)))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(ttl > 0, expiring, "version {version}: TTL {ttl}");
+    }
+}

@@ -466,8 +466,18 @@ pub async fn refdata(command: RefdataCommand) -> anyhow::Result<()> {
     {
         instream_refdata::load::load_file(master, timeout, &pipeline, rule_def, &key_fields, &file)
             .await?
+    } else if let Some(cluster) = store.cluster_connection() {
+        instream_refdata::load::load_file_to_cluster(
+            cluster,
+            timeout,
+            &pipeline,
+            rule_def,
+            &key_fields,
+            &file,
+        )
+        .await?
     } else {
-        bail!("refdata load writes to one Redis server or a Sentinel-managed master; refdata.redis_mode = \"cluster\" is not supported by it yet");
+        bail!("refdata load: this store's refdata.redis_mode has no connection to write to");
     };
     let took = started.elapsed();
     match output {

@@ -278,3 +278,76 @@ async fn refdata_load_writes_to_the_master_a_sentinel_names() {
         .unwrap();
     assert_eq!(store.version("orders", "customer"), Some(1));
 }
+
+/// With `refdata.redis_mode = "cluster"` the load writes each record to its slot's node, and
+/// a store in cluster mode reads the new version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refdata_load_writes_to_a_cluster() {
+    let zookeeper = ZooKeeperServer::start().unwrap();
+    let cluster = instream_testkit::RedisCluster::start().unwrap();
+    let broker = KafkaBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let env = Env::new(&zookeeper, &broker);
+    let defs = definitions(dir.path(), "orders", 1, "");
+    env.ok(&["pipeline", "apply", defs.to_str().unwrap()]);
+    let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let config = dir.path().join("instream.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[refdata]\nredis_mode = \"cluster\"\nredis_nodes = [{}]\n",
+            nodes.join(", ")
+        ),
+    )
+    .unwrap();
+    let csv = dir.path().join("customers.csv");
+    let mut rows = String::from("id,tier\n");
+    for i in 0..200 {
+        rows.push_str(&format!("c{i},tier{i}\n"));
+    }
+    std::fs::write(&csv, rows).unwrap();
+    let loaded = env.json(&load(
+        csv.to_str().unwrap(),
+        "customer",
+        &["id"],
+        &["--config", config.to_str().unwrap(), "--output", "json"],
+    ));
+    assert_eq!(
+        (
+            loaded["version"].as_u64(),
+            loaded["records"].as_u64(),
+            loaded["switched"].as_bool()
+        ),
+        (Some(1), Some(200), Some(true)),
+        "{loaded}"
+    );
+    let store = instream_refdata::RedisRefStore::connect(&instream_core::config::RefDataConfig {
+        redis_mode: instream_core::config::RedisMode::Cluster,
+        redis_nodes: cluster.urls(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    use instream_refdata::RefStore;
+    store
+        .track(&[("orders".into(), "customer".into())])
+        .await
+        .unwrap();
+    assert_eq!(store.version("orders", "customer"), Some(1));
+    let prefix = instream_refdata::versions::version_prefix("orders", "customer", 1);
+    let lookups: Vec<(String, instream_pipeline::RecordShape)> = (0..200)
+        .map(|i| {
+            (
+                format!("{prefix}customer:c{i}"),
+                instream_pipeline::RecordShape::Hash,
+            )
+        })
+        .collect();
+    let found = store.lookup_many(&lookups).await.unwrap();
+    for (i, f) in found.iter().enumerate() {
+        match f {
+            instream_refdata::Found::Record(r) => assert_eq!(r["tier"], format!("tier{i}")),
+            other => panic!("customer:c{i}: {other:?}"),
+        }
+    }
+}
