@@ -386,3 +386,75 @@ async fn cluster_mode_loads_versions_and_retires_old_ones_on_every_master() {
         assert_eq!(ttl > 0, expiring, "version {version}: TTL {ttl}");
     }
 }
+
+/// A cluster speaking only TLS (clients and cluster bus), trusted through
+/// `refdata.tls_ca_file`: a version is loaded into it and looked up from it; without the
+/// authority the nodes' certificate is not trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mode_over_tls_with_a_private_authority() {
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let cert = certified.cert.pem();
+    let cluster =
+        instream_testkit::RedisCluster::start_tls(&cert, &certified.signing_key.serialize_pem())
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &cert).unwrap();
+    let nodes = cluster.urls();
+    assert!(
+        nodes.iter().all(|u| u.starts_with("rediss://")),
+        "{nodes:?}"
+    );
+    let cfg = RefDataConfig {
+        redis_mode: instream_core::config::RedisMode::Cluster,
+        redis_nodes: nodes,
+        tls_ca_file: Some(ca),
+        ..config("redis://unused:1".into())
+    };
+    let store = RedisRefStore::connect(&cfg).await.unwrap();
+    store.ping().await.unwrap();
+    let doc = instream_pipeline::parse_document(instream_testkit::BIDS_PIPELINE).unwrap();
+    let rule = doc.pipelines[0].enrichments[0].clone();
+    let csv = dir.path().join("bidders.csv");
+    let mut text = String::from("id,name\n");
+    for i in 0..200 {
+        text.push_str(&format!("{i},Bidder {i}\n"));
+    }
+    std::fs::write(&csv, text).unwrap();
+    let report = instream_refdata::load::load_file_to_cluster(
+        store.cluster_connection().expect("a cluster link"),
+        cfg.timeout,
+        "bids",
+        &rule,
+        &["id".to_owned()],
+        &csv,
+    )
+    .await
+    .unwrap();
+    assert_eq!((report.version, report.records), (1, 200));
+    store
+        .track(&[("bids".into(), "bidder".into())])
+        .await
+        .unwrap();
+    let prefix = instream_refdata::versions::version_prefix("bids", "bidder", 1);
+    let lookups: Vec<(String, RecordShape)> = (0..200)
+        .map(|i| (format!("{prefix}person:{i}"), RecordShape::Hash))
+        .collect();
+    let found = store.lookup_many(&lookups).await.unwrap();
+    for (i, f) in found.iter().enumerate() {
+        match f {
+            Found::Record(r) => assert_eq!(r["name"], format!("Bidder {i}")),
+            other => panic!("person:{i}: {other:?}"),
+        }
+    }
+    let untrusted = RedisRefStore::connect(&RefDataConfig {
+        tls_ca_file: None,
+        ..cfg.clone()
+    })
+    .await;
+    assert!(
+        matches!(untrusted, Err(RefDataError::Unavailable(_))),
+        "{:?}",
+        untrusted.err()
+    );
+}

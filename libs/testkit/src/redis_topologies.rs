@@ -11,13 +11,37 @@ use crate::servers::{ask, spawn, wait_ready, RedisServer};
 /// Three `redis-server`s in cluster mode, the slots spread by `redis-cli --cluster create`.
 pub struct RedisCluster {
     ports: Vec<u16>,
+    tls: bool,
     _nodes: Vec<ChildGuard>,
     _dir: TempDir,
 }
 
 impl RedisCluster {
     pub fn start() -> Result<RedisCluster, TestkitError> {
+        Self::start_with(None)
+    }
+
+    /// A cluster whose nodes speak only TLS, to clients and to each other on the cluster bus,
+    /// with the certificate and key given (PEM; the certificate is also the authority they
+    /// trust). Clients are not asked for a certificate. Its [`RedisCluster::urls`] are
+    /// `rediss://`.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Result<RedisCluster, TestkitError> {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Result<RedisCluster, TestkitError> {
         let dir = tempfile::tempdir()?;
+        let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+        if let Some((cert_pem, key_pem)) = tls {
+            std::fs::write(&cert, cert_pem)?;
+            std::fs::write(&key, key_pem)?;
+        }
+        // redis-cli's TLS arguments, for the commands run against the nodes.
+        let cli_tls: Vec<std::ffi::OsString> = if tls.is_some() {
+            vec!["--tls".into(), "--cacert".into(), cert.clone().into()]
+        } else {
+            Vec::new()
+        };
         let mut ports = Vec::new();
         let mut nodes = Vec::new();
         for i in 0..3 {
@@ -25,28 +49,45 @@ impl RedisCluster {
             let node_dir = dir.path().join(format!("node{i}"));
             std::fs::create_dir_all(&node_dir)?;
             let log = node_dir.join("redis.log");
-            let mut guard = spawn(
-                Command::new("redis-server")
-                    .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-                    .args([
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                    ])
-                    .args(["--save", "", "--appendonly", "no"])
-                    .arg("--dir")
-                    .arg(&node_dir),
-                &log,
-            )?;
+            let mut command = Command::new("redis-server");
+            command
+                .args(["--bind", "127.0.0.1"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--logfile")
+                .arg(&log)
+                .arg("--dir")
+                .arg(&node_dir);
+            if tls.is_some() {
+                command
+                    .args(["--port", "0", "--tls-port", &port.to_string()])
+                    .args(["--tls-cluster", "yes"])
+                    .arg("--tls-cert-file")
+                    .arg(&cert)
+                    .arg("--tls-key-file")
+                    .arg(&key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&cert)
+                    .args(["--tls-auth-clients", "no"]);
+            } else {
+                command.args(["--port", &port.to_string()]);
+            }
+            let mut guard = spawn(&mut command, &node_dir.join("redis.out"))?;
             wait_ready("redis-server (cluster node)", &mut guard, &log, || {
-                ask(port, b"PING\r\n", b"+PONG")
+                std::fs::read_to_string(&log)
+                    .is_ok_and(|text| text.contains("Ready to accept connections"))
             })?;
             ports.push(port);
             nodes.push(guard);
         }
         let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let created = Command::new("redis-cli")
+            .args(&cli_tls)
             .args(["--cluster", "create"])
             .args(&addresses)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
@@ -57,29 +98,44 @@ impl RedisCluster {
             })?;
         if !created.status.success() {
             return Err(TestkitError::Broker(format!(
-                "redis-cli --cluster create: {}",
-                String::from_utf8_lossy(&created.stdout)
+                "redis-cli --cluster create: {}{}",
+                String::from_utf8_lossy(&created.stdout),
+                String::from_utf8_lossy(&created.stderr)
             )));
         }
         for &port in &ports {
             wait_until(
                 "the cluster to agree",
                 std::time::Duration::from_secs(30),
-                || ask(port, b"CLUSTER INFO\r\n", b"cluster_state:ok"),
+                || {
+                    if tls.is_none() {
+                        return ask(port, b"CLUSTER INFO\r\n", b"cluster_state:ok");
+                    }
+                    Command::new("redis-cli")
+                        .args(&cli_tls)
+                        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                        .args(["CLUSTER", "INFO"])
+                        .output()
+                        .is_ok_and(|out| {
+                            String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok")
+                        })
+                },
             )?;
         }
         Ok(RedisCluster {
             ports,
+            tls: tls.is_some(),
             _nodes: nodes,
             _dir: dir,
         })
     }
 
-    /// `redis://127.0.0.1:<port>` of every node.
+    /// `redis://127.0.0.1:<port>` (`rediss://` with TLS) of every node.
     pub fn urls(&self) -> Vec<String> {
+        let scheme = if self.tls { "rediss" } else { "redis" };
         self.ports
             .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .map(|p| format!("{scheme}://127.0.0.1:{p}"))
             .collect()
     }
 }
