@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use instream_core::config::{RedisMode, RefDataConfig};
 use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
-use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{IntoConnectionInfo, Value};
 
 use crate::RefDataError;
@@ -81,6 +81,58 @@ fn replies(values: Vec<Value>) -> Vec<Reply> {
         .collect()
 }
 
+/// A Sentinel client for `refdata.redis_nodes` (the sentinels) and `refdata.sentinel_master`.
+/// The data nodes take the user, password, database and protocol of `refdata.redis_url`,
+/// and TLS when it is `rediss://`; the sentinels take the user and password of the first
+/// sentinel URL (one deployment's sentinels share them) and TLS when their URLs are
+/// `rediss://`. `refdata.tls_ca_file` is trusted by both.
+fn sentinel_client(cfg: &RefDataConfig) -> Result<SentinelClient, RefDataError> {
+    let data = url_info(&cfg.redis_url, "refdata.redis_url")?;
+    let mut sentinels = Vec::new();
+    for (i, url) in cfg.redis_nodes.iter().enumerate() {
+        sentinels.push(url_info(url, &format!("refdata.redis_nodes[{i}]"))?);
+    }
+    let settings = |e: redis::RedisError| RefDataError::Settings(format!("sentinel: {e}"));
+    let mut builder = SentinelClientBuilder::new(
+        sentinels.iter().map(|s| s.addr().clone()),
+        &cfg.sentinel_master,
+        SentinelServerType::Master,
+    )
+    .map_err(settings)?;
+    let node = data.redis_settings();
+    builder = builder
+        .set_client_to_redis_db(node.db())
+        .set_client_to_redis_protocol(node.protocol());
+    if let Some(user) = node.username() {
+        builder = builder.set_client_to_redis_username(user);
+    }
+    if let Some(password) = node.password() {
+        builder = builder.set_client_to_redis_password(password);
+    }
+    if let Some(first) = sentinels.first().map(|s| s.redis_settings()) {
+        if let Some(user) = first.username() {
+            builder = builder.set_client_to_sentinel_username(user);
+        }
+        if let Some(password) = first.password() {
+            builder = builder.set_client_to_sentinel_password(password);
+        }
+    }
+    if cfg.redis_url.starts_with("rediss://") {
+        builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+    }
+    if let Some(certs) = tls_certificates(cfg)? {
+        // Certificates are refused for a sentinel reached in plain text.
+        let sentinels_tls = sentinels
+            .iter()
+            .all(|s| matches!(s.addr(), redis::ConnectionAddr::TcpTls { .. }));
+        if sentinels_tls {
+            builder = builder.set_client_to_sentinel_certificates(certs.clone());
+        }
+        builder = builder.set_client_to_redis_certificates(certs);
+    }
+    builder.build().map_err(settings)
+}
+
 impl Link {
     pub async fn open(cfg: &RefDataConfig) -> Result<Link, RefDataError> {
         match cfg.redis_mode {
@@ -93,24 +145,7 @@ impl Link {
                 Ok(Link::Single(manager))
             }
             RedisMode::Sentinel => {
-                // The data nodes take the user, password and database of `redis_url`.
-                let data = url_info(&cfg.redis_url, "refdata.redis_url")?;
-                let mut node = SentinelNodeConnectionInfo::default()
-                    .set_redis_connection_info(data.redis_settings().clone());
-                if cfg.redis_url.starts_with("rediss://") {
-                    node = node.set_tls_mode(redis::TlsMode::Secure);
-                }
-                let mut sentinels = Vec::new();
-                for (i, url) in cfg.redis_nodes.iter().enumerate() {
-                    sentinels.push(url_info(url, &format!("refdata.redis_nodes[{i}]"))?);
-                }
-                let client = SentinelClient::build(
-                    sentinels,
-                    cfg.sentinel_master.clone(),
-                    Some(node),
-                    SentinelServerType::Master,
-                )
-                .map_err(|e| RefDataError::Unavailable(format!("sentinel: {:?}", e.kind())))?;
+                let client = sentinel_client(cfg)?;
                 let link = Link::Sentinel {
                     client: Box::new(tokio::sync::Mutex::new(client)),
                     master: Mutex::new(None),

@@ -458,3 +458,56 @@ async fn cluster_mode_over_tls_with_a_private_authority() {
         untrusted.err()
     );
 }
+
+/// A master and a sentinel speaking only TLS, trusted through `refdata.tls_ca_file`: the
+/// sentinel is asked over TLS, the master it names is reached over TLS (written to through the
+/// connection `refdata load` uses, and read by lookups); without the authority, refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_mode_over_tls_with_a_private_authority() {
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let cert = certified.cert.pem();
+    let sentinel =
+        instream_testkit::RedisSentinel::start_tls(&cert, &certified.signing_key.serialize_pem())
+            .unwrap();
+    assert!(sentinel.sentinel_url().starts_with("rediss://"));
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &cert).unwrap();
+    let cfg = RefDataConfig {
+        tls_ca_file: Some(ca),
+        timeout: std::time::Duration::from_secs(2),
+        ..sentinel.refdata_config()
+    };
+    let store = RedisRefStore::connect(&cfg).await.unwrap();
+    store.ping().await.unwrap();
+    let mut master = store
+        .master_connection()
+        .await
+        .unwrap()
+        .expect("sentinel mode");
+    let _: () = redis::cmd("HSET")
+        .arg("customer:tls")
+        .arg("tier")
+        .arg("gold")
+        .query_async(&mut master)
+        .await
+        .unwrap();
+    let found = store
+        .lookup_many(&[("customer:tls".into(), RecordShape::Hash)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&found[0], Found::Record(r) if r.get("tier") == Some(&serde_json::json!("gold"))),
+        "{found:?}"
+    );
+    let untrusted = RedisRefStore::connect(&RefDataConfig {
+        tls_ca_file: None,
+        ..cfg.clone()
+    })
+    .await;
+    assert!(
+        matches!(untrusted, Err(RefDataError::Unavailable(_))),
+        "{:?}",
+        untrusted.err()
+    );
+}

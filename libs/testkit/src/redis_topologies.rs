@@ -145,23 +145,37 @@ pub struct RedisSentinel {
     master: RedisServer,
     replica: Option<RedisServer>,
     port: u16,
+    tls: bool,
     _guard: ChildGuard,
     _dir: TempDir,
 }
 
 impl RedisSentinel {
     pub fn start() -> Result<RedisSentinel, TestkitError> {
-        Self::start_with(false)
+        Self::start_with(false, None)
+    }
+
+    /// A master and a sentinel that speak only TLS (the sentinel to its clients and to the
+    /// master), with the certificate and key given (PEM; the certificate is also the authority
+    /// they trust). Clients are not asked for a certificate.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Result<RedisSentinel, TestkitError> {
+        Self::start_with(false, Some((cert_pem, key_pem)))
     }
 
     /// With a replica the sentinel knows of before this returns, so that it can promote it
     /// when the master fails ([`RedisSentinel::kill_master`]).
     pub fn start_with_replica() -> Result<RedisSentinel, TestkitError> {
-        Self::start_with(true)
+        Self::start_with(true, None)
     }
 
-    fn start_with(with_replica: bool) -> Result<RedisSentinel, TestkitError> {
-        let master = RedisServer::start()?;
+    fn start_with(
+        with_replica: bool,
+        tls: Option<(&str, &str)>,
+    ) -> Result<RedisSentinel, TestkitError> {
+        let master = match tls {
+            Some((cert, key)) => RedisServer::start_tls(cert, key)?,
+            None => RedisServer::start()?,
+        };
         let replica = if with_replica {
             let replica = RedisServer::start_replica_of(master.port())?;
             wait_until(
@@ -182,10 +196,23 @@ impl RedisSentinel {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let config = dir.path().join("sentinel.conf");
+        let listen = match tls {
+            Some((cert_pem, key_pem)) => {
+                let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+                std::fs::write(&cert, cert_pem)?;
+                std::fs::write(&key, key_pem)?;
+                format!(
+                    "port 0\ntls-port {port}\ntls-cert-file {cert}\ntls-key-file {key}\ntls-ca-cert-file {cert}\ntls-auth-clients no\ntls-replication yes\n",
+                    cert = cert.display(),
+                    key = key.display()
+                )
+            }
+            None => format!("port {port}\n"),
+        };
         std::fs::write(
             &config,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 1\nsentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n",
+                "{listen}bind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 1\nsentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n",
                 dir.path().display(),
                 master.port()
             ),
@@ -196,6 +223,11 @@ impl RedisSentinel {
             &log,
         )?;
         wait_ready("redis-sentinel", &mut guard, &log, || {
+            if tls.is_some() {
+                // Not reachable in plain text: its log says when it watches the master.
+                return std::fs::read_to_string(&log)
+                    .is_ok_and(|text| text.contains("+monitor master mymaster"));
+            }
             ask(
                 port,
                 b"SENTINEL get-master-addr-by-name mymaster\r\n",
@@ -214,14 +246,16 @@ impl RedisSentinel {
             master,
             replica,
             port,
+            tls: tls.is_some(),
             _guard: guard,
             _dir: dir,
         })
     }
 
-    /// `redis://127.0.0.1:<port>` of the sentinel.
+    /// `redis://127.0.0.1:<port>` (`rediss://` with TLS) of the sentinel.
     pub fn sentinel_url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The master, to write test data to directly.
@@ -235,6 +269,8 @@ impl RedisSentinel {
             redis_mode: instream_core::config::RedisMode::Sentinel,
             redis_nodes: vec![self.sentinel_url()],
             sentinel_master: "mymaster".into(),
+            // The master's URL gives its TLS (the address is the sentinel's to say).
+            redis_url: self.master.url(),
             ..Default::default()
         }
     }
