@@ -338,14 +338,15 @@ pub enum RefDataBackend {
 pub struct RefDataConfig {
     /// Where reference records are looked up.
     pub backend: RefDataBackend,
-    /// `redis://[user:password@]host:port[/db]` (an ACL user and password go here). In
-    /// `sentinel` mode only its user, password and database are used, for the master the
-    /// sentinels name. Never logged.
+    /// `redis://[user:password@]host:port[/db]` (an ACL user and password go here;
+    /// `rediss://` for TLS). In `sentinel` mode only its scheme, user, password and database
+    /// are used, for the master the sentinels name. Never logged.
     pub redis_url: String,
     /// How Redis is deployed.
     pub redis_mode: RedisMode,
-    /// `sentinel`: the sentinels, `redis://host:port`; `cluster`: some of the cluster's nodes
-    /// (`redis://[user:password@]host:port`), the rest are discovered.
+    /// `sentinel`: the sentinels, `redis[s]://[user:password@]host:port` (the first one's user
+    /// and password are used for all); `cluster`: some of the cluster's nodes
+    /// (`redis[s]://[user:password@]host:port`), the rest are discovered.
     pub redis_nodes: Vec<String>,
     /// `sentinel`: the name of the monitored master.
     pub sentinel_master: String,
@@ -374,8 +375,8 @@ pub struct RefDataConfig {
     #[schemars(with = "String", extend("format" = "duration"))]
     pub cache_negative_ttl: Duration,
     /// PEM certificate(s) of the authority that signed the Redis servers' certificates, for
-    /// `rediss://` URLs when it is not in the system's trust store (standalone and cluster
-    /// modes; sentinel mode trusts the system store).
+    /// `rediss://` URLs when it is not in the system's trust store (every mode; in sentinel
+    /// mode for the sentinels and the data nodes).
     pub tls_ca_file: Option<PathBuf>,
 }
 
