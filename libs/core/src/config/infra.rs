@@ -415,20 +415,17 @@ impl RefDataConfig {
             }
             if self.tls_ca_file.is_some() {
                 // The URLs the mode connects to with the authority.
+                let nodes_tls = || self.redis_nodes.iter().any(|u| u.starts_with("rediss://"));
+                let url_tls = self.redis_url.starts_with("rediss://");
                 let tls = match self.redis_mode {
-                    RedisMode::Cluster => {
-                        self.redis_nodes.iter().any(|u| u.starts_with("rediss://"))
-                    }
-                    _ => self.redis_url.starts_with("rediss://"),
+                    RedisMode::Standalone => url_tls,
+                    RedisMode::Cluster => nodes_tls(),
+                    // The sentinels, the data nodes, or both.
+                    RedisMode::Sentinel => url_tls || nodes_tls(),
                 };
                 p.check(tls, "refdata.tls_ca_file", || {
                     "is used only with rediss:// URLs".into()
                 });
-                p.check(
-                    self.redis_mode != RedisMode::Sentinel,
-                    "refdata.tls_ca_file",
-                    || "sentinel mode trusts the system's certificate store only".into(),
-                );
             }
         }
         p.non_zero_duration(self.timeout, "refdata.timeout");

@@ -269,3 +269,22 @@ fn store_consistency_must_let_a_restore_read_the_last_checkpoint() {
     let err = with("local_dc = \" \"").unwrap_err().to_string();
     assert!(err.contains("store.local_dc"), "{err}");
 }
+
+#[test]
+fn a_tls_authority_goes_with_rediss_urls_in_every_mode() {
+    let sentinel = "[refdata]\nbackend = \"redis\"\nredis_mode = \"sentinel\"\ntls_ca_file = \"/etc/ca.pem\"\n";
+    for (urls, accepted) in [
+        ("redis_nodes = [\"rediss://s1:26379\"]\n", true),
+        (
+            "redis_url = \"rediss://m\"\nredis_nodes = [\"redis://s1:26379\"]\n",
+            true,
+        ),
+        ("redis_nodes = [\"redis://s1:26379\"]\n", false),
+    ] {
+        let result = Config::from_toml(&format!("{sentinel}{urls}"));
+        assert_eq!(result.is_ok(), accepted, "{urls}: {:?}", result.err());
+        if let Err(err) = result {
+            assert!(err.to_string().contains("refdata.tls_ca_file"), "{err}");
+        }
+    }
+}
