@@ -62,6 +62,8 @@ impl Partitions {
             }
         }
         self.restored_generation = Some(generation);
+        metrics::gauge!("instream_aggregator_partition_states", "service" => SERVICE)
+            .set(self.states.len() as f64);
         Ok(true)
     }
 
@@ -188,6 +190,7 @@ pub(crate) fn follow_generation(
     let now = client::generation(consumer);
     if now != *generation {
         partitions.states.clear();
+        metrics::gauge!("instream_aggregator_partition_states", "service" => SERVICE).set(0.0);
         pending.clear();
         *generation = now;
     }

@@ -289,15 +289,22 @@ async fn caught_up(admin: u16) -> bool {
     lines == ASSIGNED && lag == 0.0
 }
 
-/// How many partition states this process restored from their checkpoints.
-async fn restored(admin: u16) -> usize {
-    metric(
+/// Whether every partition is assigned to this process and its state restored (counted
+/// for the current assignment: a rebalance after the start restores them again).
+async fn all_restored(admin: u16) -> bool {
+    let (assigned, _) = metric(
         admin,
-        "instream_checkpoint_restore_seconds_count",
+        "instream_assigned_partitions",
+        "group=\"instream-aggregator\"",
+    )
+    .await;
+    let (states, _) = metric(
+        admin,
+        "instream_aggregator_partition_states",
         "service=\"aggregator\"",
     )
-    .await
-    .0 as usize
+    .await;
+    assigned == ASSIGNED as f64 && states == ASSIGNED as f64
 }
 
 /// Both aggregations' windows in the store hold the counts of one clean pass.
@@ -343,7 +350,7 @@ async fn killed_twice_with_9_every_window_holds_the_count_of_one_clean_pass() {
     // them.
     let mut last = spawn(&s.config);
     wait_until("the last run to catch up", || async {
-        caught_up(s.admin).await && restored(s.admin).await == ASSIGNED
+        caught_up(s.admin).await && all_restored(s.admin).await
     })
     .await;
     last.terminate().unwrap();
@@ -385,7 +392,7 @@ async fn windows_only_in_checkpoints_are_written_after_a_kill_with_nothing_new_t
 
     let mut next = spawn(&s.config);
     wait_until("every partition restored", || async {
-        restored(s.admin).await == ASSIGNED
+        all_restored(s.admin).await
     })
     .await;
     next.terminate().unwrap();
