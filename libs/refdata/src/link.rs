@@ -110,6 +110,19 @@ fn sentinel_client(cfg: &RefDataConfig) -> Result<SentinelClient, RefDataError> 
         builder = builder.set_client_to_redis_password(password);
     }
     if let Some(first) = sentinels.first().map(|s| s.redis_settings()) {
+        // One set of sentinel settings for all: differing ones would be dropped unseen.
+        let same = sentinels.iter().all(|s| {
+            let other = s.redis_settings();
+            other.username() == first.username()
+                && other.password() == first.password()
+                && other.protocol() == first.protocol()
+        });
+        if !same {
+            return Err(RefDataError::Settings(
+                "refdata.redis_nodes: in sentinel mode every sentinel URL must give the same user, password and protocol".into(),
+            ));
+        }
+        builder = builder.set_client_to_sentinel_protocol(first.protocol());
         if let Some(user) = first.username() {
             builder = builder.set_client_to_sentinel_username(user);
         }
@@ -121,7 +134,8 @@ fn sentinel_client(cfg: &RefDataConfig) -> Result<SentinelClient, RefDataError> 
         builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
     }
     if let Some(certs) = tls_certificates(cfg)? {
-        // Certificates are refused for a sentinel reached in plain text.
+        // Certificates are refused for a sentinel reached in plain text (the configuration
+        // refuses a mix of plain and TLS sentinels).
         let sentinels_tls = sentinels
             .iter()
             .all(|s| matches!(s.addr(), redis::ConnectionAddr::TcpTls { .. }));

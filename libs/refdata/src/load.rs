@@ -242,7 +242,9 @@ pub async fn load_file<C: ConnectionLike + Clone + Send>(
     // Versions before the previous one are retired: they expire after a grace period. The
     // previous one stays for enrichers that have not seen the switch yet.
     let keep_from = if switched { previous } else { version };
-    let retired = retire_versions_before(&mut connection, pipeline, &rule.name, keep_from).await?;
+    let retired = retire_versions_before(&mut connection, pipeline, &rule.name, keep_from)
+        .await
+        .map_err(|e| after_switch(version, switched, e))?;
     Ok(LoadReport {
         version,
         previous: (previous > 0).then_some(previous),
@@ -275,7 +277,9 @@ pub async fn load_file_to_cluster(
     .await?;
     let (previous, switched) = switch(&mut connection, pipeline, &rule.name, version).await?;
     let keep_from = if switched { previous } else { version };
-    let retired = retire_in_cluster(&mut connection, pipeline, &rule.name, keep_from).await?;
+    let retired = retire_in_cluster(&mut connection, pipeline, &rule.name, keep_from)
+        .await
+        .map_err(|e| after_switch(version, switched, e))?;
     Ok(LoadReport {
         version,
         previous: (previous > 0).then_some(previous),
@@ -283,6 +287,19 @@ pub async fn load_file_to_cluster(
         retired,
         switched,
     })
+}
+
+/// An error of the retirement step, which comes after the version is written (and maybe
+/// switched to): says so, so that nobody loads again for nothing.
+fn after_switch(version: u64, switched: bool, error: LoadError) -> LoadError {
+    let state = if switched {
+        "is loaded and switched to"
+    } else {
+        "is loaded (a later load switched first)"
+    };
+    LoadError::Redis(format!(
+        "version {version} {state}, but retiring older versions failed (a later load retires them): {error}"
+    ))
 }
 
 /// Takes a new version number and writes every record of `path` under its prefix. Returns
@@ -557,6 +574,12 @@ fn cluster_masters(slots: &redis::Value) -> Result<Vec<(String, u16)>, LoadError
             .first()
             .and_then(|h| redis::from_redis_value_ref(h).ok())
             .ok_or_else(malformed)?;
+        // "" or "?": the node does not announce an address (cluster-preferred-endpoint-type).
+        if host.is_empty() || host == "?" {
+            return Err(LoadError::Redis(format!(
+                "CLUSTER SLOTS gives a master without an address (`{host}`); set the nodes' cluster-announce settings"
+            )));
+        }
         let port: u16 = node
             .get(1)
             .and_then(|p| redis::from_redis_value_ref(p).ok())

@@ -344,8 +344,8 @@ pub struct RefDataConfig {
     pub redis_url: String,
     /// How Redis is deployed.
     pub redis_mode: RedisMode,
-    /// `sentinel`: the sentinels, `redis[s]://[user:password@]host:port` (the first one's user
-    /// and password are used for all); `cluster`: some of the cluster's nodes
+    /// `sentinel`: the sentinels, `redis[s]://[user:password@]host:port` (all with the same
+    /// scheme, user and password); `cluster`: some of the cluster's nodes
     /// (`redis[s]://[user:password@]host:port`), the rest are discovered.
     pub redis_nodes: Vec<String>,
     /// `sentinel`: the name of the monitored master.
@@ -411,6 +411,18 @@ impl RefDataConfig {
                     !self.redis_nodes.is_empty() && self.redis_nodes.iter().all(|n| scheme_ok(n)),
                     "refdata.redis_nodes",
                     || "sentinel and cluster modes need redis[s]://host:port nodes".into(),
+                );
+            }
+            if self.redis_mode == RedisMode::Sentinel {
+                let tls = self
+                    .redis_nodes
+                    .iter()
+                    .filter(|n| n.starts_with("rediss://"))
+                    .count();
+                p.check(
+                    tls == 0 || tls == self.redis_nodes.len(),
+                    "refdata.redis_nodes",
+                    || "sentinel mode needs the sentinels all redis:// or all rediss://".into(),
                 );
             }
             if self.tls_ca_file.is_some() {
