@@ -227,31 +227,22 @@ pub async fn load_file<C: ConnectionLike + Clone + Send>(
     key_fields: &[String],
     path: &Path,
 ) -> Result<LoadReport, LoadError> {
-    let mut connection = connection;
-    let (version, records) = write_version(
-        connection.clone(),
-        Writes::Pipelined,
+    let spec = Spec {
         timeout,
         pipeline,
         rule,
         key_fields,
         path,
+    };
+    load(
+        connection,
+        Writes::Pipelined,
+        &spec,
+        |mut connection, keep_from| async move {
+            retire_versions_before(&mut connection, pipeline, &rule.name, keep_from).await
+        },
     )
-    .await?;
-    let (previous, switched) = switch(&mut connection, pipeline, &rule.name, version).await?;
-    // Versions before the previous one are retired: they expire after a grace period. The
-    // previous one stays for enrichers that have not seen the switch yet.
-    let keep_from = if switched { previous } else { version };
-    let retired = retire_versions_before(&mut connection, pipeline, &rule.name, keep_from)
-        .await
-        .map_err(|e| after_switch(version, switched, e))?;
-    Ok(LoadReport {
-        version,
-        previous: (previous > 0).then_some(previous),
-        records,
-        retired,
-        switched,
-    })
+    .await
 }
 
 /// [`load_file`] into a Redis Cluster: the records are written each to its slot's node, the
@@ -264,20 +255,54 @@ pub async fn load_file_to_cluster(
     key_fields: &[String],
     path: &Path,
 ) -> Result<LoadReport, LoadError> {
-    let mut connection = connection;
-    let (version, records) = write_version(
-        connection.clone(),
-        Writes::PerRecord,
+    let spec = Spec {
         timeout,
         pipeline,
         rule,
         key_fields,
         path,
+    };
+    load(
+        connection,
+        Writes::PerRecord,
+        &spec,
+        |mut connection, keep_from| async move {
+            retire_in_cluster(&mut connection, pipeline, &rule.name, keep_from).await
+        },
     )
-    .await?;
-    let (previous, switched) = switch(&mut connection, pipeline, &rule.name, version).await?;
+    .await
+}
+
+/// What one load writes: `path`'s records as a version of `rule` of `pipeline`.
+struct Spec<'a> {
+    timeout: Duration,
+    pipeline: &'a str,
+    rule: &'a EnrichmentRule,
+    key_fields: &'a [String],
+    path: &'a Path,
+}
+
+/// Writes the version, switches the pointer to it, then retires older versions with
+/// `retire(connection, keep_from)` (how depends on the deployment).
+async fn load<C, R, F>(
+    connection: C,
+    writes: Writes,
+    spec: &Spec<'_>,
+    retire: R,
+) -> Result<LoadReport, LoadError>
+where
+    C: ConnectionLike + Clone + Send,
+    R: FnOnce(C, u64) -> F,
+    F: std::future::Future<Output = Result<u64, LoadError>>,
+{
+    let mut connection = connection;
+    let (version, records) = write_version(connection.clone(), writes, spec).await?;
+    let (previous, switched) =
+        switch(&mut connection, spec.pipeline, &spec.rule.name, version).await?;
+    // Versions before the previous one are retired: they expire after a grace period. The
+    // previous one stays for enrichers that have not seen the switch yet.
     let keep_from = if switched { previous } else { version };
-    let retired = retire_in_cluster(&mut connection, pipeline, &rule.name, keep_from)
+    let retired = retire(connection, keep_from)
         .await
         .map_err(|e| after_switch(version, switched, e))?;
     Ok(LoadReport {
@@ -307,12 +332,15 @@ fn after_switch(version: u64, switched: bool, error: LoadError) -> LoadError {
 async fn write_version<C: ConnectionLike + Clone + Send>(
     connection: C,
     writes: Writes,
-    timeout: Duration,
-    pipeline: &str,
-    rule: &EnrichmentRule,
-    key_fields: &[String],
-    path: &Path,
+    spec: &Spec<'_>,
 ) -> Result<(u64, u64), LoadError> {
+    let Spec {
+        timeout,
+        pipeline,
+        rule,
+        key_fields,
+        path,
+    } = *spec;
     let template_fields = rule.key_template.fields().count();
     if key_fields.len() != template_fields {
         return Err(LoadError::Spec(format!(

@@ -187,14 +187,21 @@ async fn sentinel_mode_finds_the_master_through_the_sentinel() {
     assert!(matches!(unknown, Err(RefDataError::Unavailable(_))));
 }
 
-#[tokio::test]
-async fn tls_with_a_private_authority_and_plain_text_refused() {
+/// A certificate for 127.0.0.1 signed by itself (the private authority the servers' clients
+/// must be told of), as PEM certificate and key, and the authority written to a file.
+fn private_authority() -> (String, String, tempfile::TempDir, std::path::PathBuf) {
     let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
     let cert = certified.cert.pem();
-    let server = RedisServer::start_tls(&cert, &certified.signing_key.serialize_pem()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, &cert).unwrap();
+    (cert, certified.signing_key.serialize_pem(), dir, ca)
+}
+
+#[tokio::test]
+async fn tls_with_a_private_authority_and_plain_text_refused() {
+    let (cert, key, dir, ca) = private_authority();
+    let server = RedisServer::start_tls(&cert, &key).unwrap();
     let tls = RefDataConfig {
         tls_ca_file: Some(ca.clone()),
         ..config(server.url())
@@ -397,14 +404,8 @@ async fn cluster_mode_loads_versions_and_retires_old_ones_on_every_master() {
 /// authority the nodes' certificate is not trusted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_mode_over_tls_with_a_private_authority() {
-    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
-    let cert = certified.cert.pem();
-    let cluster =
-        instream_testkit::RedisCluster::start_tls(&cert, &certified.signing_key.serialize_pem())
-            .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, &cert).unwrap();
+    let (cert, key, dir, ca) = private_authority();
+    let cluster = instream_testkit::RedisCluster::start_tls(&cert, &key).unwrap();
     let nodes = cluster.urls();
     assert!(
         nodes.iter().all(|u| u.starts_with("rediss://")),
@@ -469,15 +470,9 @@ async fn cluster_mode_over_tls_with_a_private_authority() {
 /// connection `refdata load` uses, and read by lookups); without the authority, refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_mode_over_tls_with_a_private_authority() {
-    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
-    let cert = certified.cert.pem();
-    let sentinel =
-        instream_testkit::RedisSentinel::start_tls(&cert, &certified.signing_key.serialize_pem())
-            .unwrap();
+    let (cert, key, _dir, ca) = private_authority();
+    let sentinel = instream_testkit::RedisSentinel::start_tls(&cert, &key).unwrap();
     assert!(sentinel.sentinel_url().starts_with("rediss://"));
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, &cert).unwrap();
     let cfg = RefDataConfig {
         tls_ca_file: Some(ca),
         timeout: std::time::Duration::from_secs(2),

@@ -6,7 +6,7 @@ use std::process::Command;
 use tempfile::TempDir;
 
 use crate::process::{free_port, wait_until, ChildGuard, TestkitError};
-use crate::servers::{ask, spawn, wait_ready, RedisServer};
+use crate::servers::{ask, spawn, tls_only, wait_ready, RedisServer};
 
 /// Three `redis-server`s in cluster mode, the slots spread by `redis-cli --cluster create`.
 pub struct RedisCluster {
@@ -64,16 +64,7 @@ impl RedisCluster {
                 .arg("--dir")
                 .arg(&node_dir);
             if tls.is_some() {
-                command
-                    .args(["--port", "0", "--tls-port", &port.to_string()])
-                    .args(["--tls-cluster", "yes"])
-                    .arg("--tls-cert-file")
-                    .arg(&cert)
-                    .arg("--tls-key-file")
-                    .arg(&key)
-                    .arg("--tls-ca-cert-file")
-                    .arg(&cert)
-                    .args(["--tls-auth-clients", "no"]);
+                tls_only(&mut command, port, &cert, &key).args(["--tls-cluster", "yes"]);
             } else {
                 command.args(["--port", &port.to_string()]);
             }

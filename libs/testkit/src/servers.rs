@@ -35,6 +35,25 @@ pub(crate) fn ask(port: u16, request: &[u8], expect: &[u8]) -> bool {
     }
 }
 
+/// `redis-server` arguments for TLS only on `port` with `cert` (also the authority trusted)
+/// and `key`; clients are not asked for a certificate.
+pub(crate) fn tls_only<'c>(
+    command: &'c mut Command,
+    port: u16,
+    cert: &Path,
+    key: &Path,
+) -> &'c mut Command {
+    command
+        .args(["--port", "0", "--tls-port", &port.to_string()])
+        .arg("--tls-cert-file")
+        .arg(cert)
+        .arg("--tls-key-file")
+        .arg(key)
+        .arg("--tls-ca-cert-file")
+        .arg(cert)
+        .args(["--tls-auth-clients", "no"])
+}
+
 pub(crate) fn spawn(command: &mut Command, log: &Path) -> Result<ChildGuard, TestkitError> {
     let program = command.get_program().to_string_lossy().into_owned();
     let out = std::fs::File::create(log)?;
@@ -139,21 +158,17 @@ impl RedisServer {
         std::fs::write(&cert, cert_pem)?;
         std::fs::write(&key, key_pem)?;
         let mut guard = spawn(
-            Command::new("redis-server")
-                .args(["--bind", "127.0.0.1", "--port", "0"])
-                .args(["--tls-port", &port.to_string()])
-                .arg("--tls-cert-file")
-                .arg(&cert)
-                .arg("--tls-key-file")
-                .arg(&key)
-                .arg("--tls-ca-cert-file")
-                .arg(&cert)
-                .args(["--tls-auth-clients", "no"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--logfile")
-                .arg(&log)
-                .arg("--dir")
-                .arg(dir.path()),
+            tls_only(
+                Command::new("redis-server").args(["--bind", "127.0.0.1"]),
+                port,
+                &cert,
+                &key,
+            )
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--logfile")
+            .arg(&log)
+            .arg("--dir")
+            .arg(dir.path()),
             &dir.path().join("redis.out"),
         )?;
         wait_ready("redis-server (TLS)", &mut guard, &log, || {

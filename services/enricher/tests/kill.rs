@@ -290,18 +290,23 @@ async fn check_output(s: &Scenario, mut child: ChildGuard) -> usize {
     repeated
 }
 
+/// Waits until the running enricher has enriched `at_least` events.
+async fn wait_for_progress(admin: u16, child: &mut ChildGuard, at_least: f64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while enriched_so_far(admin).await < at_least {
+        assert!(tokio::time::Instant::now() < deadline, "no progress");
+        assert!(!child.exited(), "the enricher exited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn kill_twice_and_check(delivery: &str) {
     let s = scenario(delivery, "").await;
     let (config, admin) = (&s.config, s.admin);
     // Killed twice with -9 while it works, then run to the end.
     for kill_after in [EVENTS as f64 / 4.0, EVENTS as f64 / 4.0] {
         let mut child = spawn(config);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        while enriched_so_far(admin).await < kill_after {
-            assert!(tokio::time::Instant::now() < deadline, "no progress");
-            assert!(!child.exited(), "the enricher exited");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_progress(admin, &mut child, kill_after).await;
         drop(child); // SIGKILL
     }
     let repeated = check_output(&s, spawn(config)).await;
@@ -336,12 +341,7 @@ async fn a_broker_outage_mid_stream_holds_deliveries_back_and_loses_none() {
     )
     .await;
     let mut child = spawn(&s.config);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while enriched_so_far(s.admin).await < EVENTS as f64 / 4.0 {
-        assert!(tokio::time::Instant::now() < deadline, "no progress");
-        assert!(!child.exited(), "the enricher exited");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_progress(s.admin, &mut child, EVENTS as f64 / 4.0).await;
     s.broker.set_up(false).unwrap();
     // Down until the enricher's broker probe notices (5 to 10 s): far past the 1 s timeout.
     let readyz = format!("http://127.0.0.1:{}/readyz", s.admin);
@@ -381,12 +381,7 @@ async fn a_write_refused_for_good_stops_the_enricher_and_a_restart_loses_none() 
     }
     let s = scenario("at_least_once", "").await;
     let mut child = spawn(&s.config);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while enriched_so_far(s.admin).await < EVENTS as f64 / 4.0 {
-        assert!(tokio::time::Instant::now() < deadline, "no progress");
-        assert!(!child.exited(), "the enricher exited");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_progress(s.admin, &mut child, EVENTS as f64 / 4.0).await;
     s.broker
         .fail_requests(
             RDKafkaApiKey::Produce,
