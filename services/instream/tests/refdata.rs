@@ -193,6 +193,24 @@ fn load<'a>(
     args
 }
 
+/// Applies the `orders` pipeline, then loads `rows` (CSV) for its rule `customer` keyed by
+/// `id` with `refdata` as the config's `[refdata]` section: the load's JSON report.
+fn load_customers(env: &Env, refdata: &str, rows: &str) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let defs = definitions(dir.path(), "orders", 1, "");
+    env.ok(&["pipeline", "apply", defs.to_str().unwrap()]);
+    let config = dir.path().join("instream.toml");
+    std::fs::write(&config, format!("[refdata]\n{refdata}")).unwrap();
+    let csv = dir.path().join("customers.csv");
+    std::fs::write(&csv, rows).unwrap();
+    env.json(&load(
+        csv.to_str().unwrap(),
+        "customer",
+        &["id"],
+        &["--config", config.to_str().unwrap(), "--output", "json"],
+    ))
+}
+
 /// The version pointer of `orders`/`customer`, read on `connection`.
 async fn pointer(connection: &mut redis::aio::MultiplexedConnection) -> u64 {
     redis::cmd("GET")
@@ -223,27 +241,15 @@ async fn refdata_load_writes_to_the_master_a_sentinel_names() {
     let zookeeper = ZooKeeperServer::start().unwrap();
     let sentinel = instream_testkit::RedisSentinel::start().unwrap();
     let broker = KafkaBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
     let env = Env::new(&zookeeper, &broker);
-    let defs = definitions(dir.path(), "orders", 1, "");
-    env.ok(&["pipeline", "apply", defs.to_str().unwrap()]);
-    let config = dir.path().join("instream.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[refdata]\nredis_mode = \"sentinel\"\nredis_nodes = [\"{}\"]\nsentinel_master = \"mymaster\"\n",
+    let loaded = load_customers(
+        &env,
+        &format!(
+            "redis_mode = \"sentinel\"\nredis_nodes = [\"{}\"]\nsentinel_master = \"mymaster\"\n",
             sentinel.sentinel_url()
         ),
-    )
-    .unwrap();
-    let csv = dir.path().join("customers.csv");
-    std::fs::write(&csv, "id,tier\nc1,gold\n").unwrap();
-    let loaded = env.json(&load(
-        csv.to_str().unwrap(),
-        "customer",
-        &["id"],
-        &["--config", config.to_str().unwrap(), "--output", "json"],
-    ));
+        "id,tier\nc1,gold\n",
+    );
     assert_eq!(
         (loaded["version"].as_u64(), loaded["switched"].as_bool()),
         (Some(1), Some(true)),
@@ -286,32 +292,20 @@ async fn refdata_load_writes_to_a_cluster() {
     let zookeeper = ZooKeeperServer::start().unwrap();
     let cluster = instream_testkit::RedisCluster::start().unwrap();
     let broker = KafkaBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
     let env = Env::new(&zookeeper, &broker);
-    let defs = definitions(dir.path(), "orders", 1, "");
-    env.ok(&["pipeline", "apply", defs.to_str().unwrap()]);
     let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
-    let config = dir.path().join("instream.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[refdata]\nredis_mode = \"cluster\"\nredis_nodes = [{}]\n",
-            nodes.join(", ")
-        ),
-    )
-    .unwrap();
-    let csv = dir.path().join("customers.csv");
     let mut rows = String::from("id,tier\n");
     for i in 0..200 {
         rows.push_str(&format!("c{i},tier{i}\n"));
     }
-    std::fs::write(&csv, rows).unwrap();
-    let loaded = env.json(&load(
-        csv.to_str().unwrap(),
-        "customer",
-        &["id"],
-        &["--config", config.to_str().unwrap(), "--output", "json"],
-    ));
+    let loaded = load_customers(
+        &env,
+        &format!(
+            "redis_mode = \"cluster\"\nredis_nodes = [{}]\n",
+            nodes.join(", ")
+        ),
+        &rows,
+    );
     assert_eq!(
         (
             loaded["version"].as_u64(),
