@@ -40,13 +40,15 @@ impl Partitions {
         ready: &Readiness,
         stop: &CancellationToken,
     ) -> Result<bool, AggregatorError> {
+        // Called for every batch: nothing to do while the assignment has not changed (an
+        // atomic read, without copying the assignment).
+        if self.restored_generation == Some(client::generation(consumer)) {
+            return Ok(true);
+        }
         // Between a revoke and the next assignment there is nothing to restore yet.
         let Some((generation, assigned)) = client::current_assignment(consumer) else {
             return Ok(true);
         };
-        if self.restored_generation == Some(generation) {
-            return Ok(true);
-        }
         let mut missing: Vec<Source> = assigned
             .into_iter()
             .filter(|source| !self.states.contains_key(source))
