@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{definitions, Env};
+use instream_refdata::RefStore;
 use instream_testkit::{KafkaBroker, RedisServer, ZooKeeperServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,7 +32,6 @@ async fn refdata_load_switches_versions_and_enrichers_follow() {
     let store = instream_refdata::RedisRefStore::connect(&refdata)
         .await
         .unwrap();
-    use instream_refdata::RefStore;
     let rule = ("orders".to_owned(), "customer".to_owned());
     store.track(std::slice::from_ref(&rule)).await.unwrap();
     assert_eq!(store.version("orders", "customer"), None);
@@ -211,6 +211,18 @@ fn load_customers(env: &Env, refdata: &str, rows: &str) -> serde_json::Value {
     ))
 }
 
+/// An enricher's store with `cfg`, following the versions of `orders`/`customer`.
+async fn tracking_customers(
+    cfg: &instream_core::config::RefDataConfig,
+) -> instream_refdata::RedisRefStore {
+    let store = instream_refdata::RedisRefStore::connect(cfg).await.unwrap();
+    store
+        .track(&[("orders".into(), "customer".into())])
+        .await
+        .unwrap();
+    store
+}
+
 /// The version pointer of `orders`/`customer`, read on `connection`.
 async fn pointer(connection: &mut redis::aio::MultiplexedConnection) -> u64 {
     redis::cmd("GET")
@@ -274,14 +286,7 @@ async fn refdata_load_writes_to_the_master_a_sentinel_names() {
         .unwrap();
     assert_eq!(tier, "gold");
     // An enricher's store in sentinel mode reads the pointer from the master.
-    let store = instream_refdata::RedisRefStore::connect(&sentinel.refdata_config())
-        .await
-        .unwrap();
-    use instream_refdata::RefStore;
-    store
-        .track(&[("orders".into(), "customer".into())])
-        .await
-        .unwrap();
+    let store = tracking_customers(&sentinel.refdata_config()).await;
     assert_eq!(store.version("orders", "customer"), Some(1));
 }
 
@@ -315,18 +320,12 @@ async fn refdata_load_writes_to_a_cluster() {
         (Some(1), Some(200), Some(true)),
         "{loaded}"
     );
-    let store = instream_refdata::RedisRefStore::connect(&instream_core::config::RefDataConfig {
+    let store = tracking_customers(&instream_core::config::RefDataConfig {
         redis_mode: instream_core::config::RedisMode::Cluster,
         redis_nodes: cluster.urls(),
         ..Default::default()
     })
-    .await
-    .unwrap();
-    use instream_refdata::RefStore;
-    store
-        .track(&[("orders".into(), "customer".into())])
-        .await
-        .unwrap();
+    .await;
     assert_eq!(store.version("orders", "customer"), Some(1));
     let prefix = instream_refdata::versions::version_prefix("orders", "customer", 1);
     let lookups: Vec<(String, instream_pipeline::RecordShape)> = (0..200)
