@@ -152,6 +152,13 @@ impl Link {
         match cfg.redis_mode {
             RedisMode::Standalone => {
                 let client = single_client(cfg)?;
+                // One plain connection first, dropped: the manager retries a refused login
+                // or handshake until the timeout, so a wrong password would read "connect
+                // timed out".
+                tokio::time::timeout(cfg.timeout, client.get_multiplexed_async_connection())
+                    .await
+                    .map_err(|_| unavailable("connect timed out"))?
+                    .map_err(unavailable)?;
                 let manager = tokio::time::timeout(cfg.timeout, client.get_connection_manager())
                     .await
                     .map_err(|_| unavailable("connect timed out"))?

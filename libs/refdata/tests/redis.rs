@@ -316,9 +316,37 @@ async fn a_sentinel_failover_is_followed_without_a_restart() {
 /// master.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_mode_loads_versions_and_retires_old_ones_on_every_master() {
-    const ROWS: usize = 500;
     let cluster = instream_testkit::RedisCluster::start().unwrap();
+    loads_versions_and_retires_old_ones_on_every_master(cluster.urls()).await;
+}
+
+/// The same with ACL users only (`default` off on every node): the load, the retirement's
+/// scan of every master and the lookups all log in as the user of the node URLs; a wrong
+/// password is refused, and the error does not repeat it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mode_logs_in_as_an_acl_user() {
+    let cluster = instream_testkit::RedisCluster::start_acl("loader", "Cluster-Pass-5").unwrap();
     let nodes = cluster.urls();
+    assert!(nodes.iter().all(|u| u.contains("loader:Cluster-Pass-5@")));
+    loads_versions_and_retires_old_ones_on_every_master(nodes.clone()).await;
+    let error = refused(&RefDataConfig {
+        redis_mode: instream_core::config::RedisMode::Cluster,
+        redis_nodes: nodes
+            .iter()
+            .map(|u| u.replace("Cluster-Pass-5", "Wrong-Pass-1"))
+            .collect(),
+        ..config("redis://unused:1".into())
+    })
+    .await;
+    assert!(
+        error.to_string().contains("authentication failed"),
+        "{error}"
+    );
+    assert!(!error.to_string().contains("Wrong-Pass-1"), "{error}");
+}
+
+async fn loads_versions_and_retires_old_ones_on_every_master(nodes: Vec<String>) {
+    const ROWS: usize = 500;
     let cfg = RefDataConfig {
         redis_mode: instream_core::config::RedisMode::Cluster,
         redis_nodes: nodes.clone(),
@@ -508,4 +536,61 @@ async fn sentinel_mode_over_tls_with_a_private_authority() {
         matches!(untrusted, RefDataError::Unavailable(_)),
         "{untrusted}"
     );
+}
+
+/// A master and a sentinel with ACL users only (`default` off): the sentinel is asked as the
+/// user of the sentinel URL, the master it names is reached as the user of
+/// `refdata.redis_url` (written to through the connection `refdata load` uses, read by
+/// lookups); a wrong password for either is refused, and the error does not repeat it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_mode_logs_in_as_acl_users() {
+    let sentinel =
+        instream_testkit::RedisSentinel::start_acl("enricher", "Sentinel-Pass-9").unwrap();
+    let cfg = RefDataConfig {
+        timeout: std::time::Duration::from_secs(2),
+        ..sentinel.refdata_config()
+    };
+    assert!(cfg.redis_nodes[0].contains("enricher:Sentinel-Pass-9@"));
+    assert!(cfg.redis_url.contains("enricher:Sentinel-Pass-9@"));
+    let store = RedisRefStore::connect(&cfg).await.unwrap();
+    store.ping().await.unwrap();
+    let mut master = store
+        .master_connection()
+        .await
+        .unwrap()
+        .expect("sentinel mode");
+    let _: () = redis::cmd("HSET")
+        .arg("customer:acl")
+        .arg("tier")
+        .arg("gold")
+        .query_async(&mut master)
+        .await
+        .unwrap();
+    let found = store
+        .lookup_many(&[("customer:acl".into(), RecordShape::Hash)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&found[0], Found::Record(r) if r.get("tier") == Some(&serde_json::json!("gold"))),
+        "{found:?}"
+    );
+    let wrong = |url: &str| url.replace("Sentinel-Pass-9", "Wrong-Pass-3");
+    for bad in [
+        RefDataConfig {
+            redis_nodes: cfg.redis_nodes.iter().map(|u| wrong(u)).collect(),
+            ..cfg.clone()
+        },
+        RefDataConfig {
+            redis_url: wrong(&cfg.redis_url),
+            ..cfg.clone()
+        },
+    ] {
+        let error = refused(&bad).await;
+        assert!(matches!(error, RefDataError::Unavailable(_)), "{error}");
+        assert!(
+            error.to_string().contains("authentication failed"),
+            "{error}"
+        );
+        assert!(!error.to_string().contains("Wrong-Pass-3"), "{error}");
+    }
 }

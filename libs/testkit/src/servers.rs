@@ -12,6 +12,12 @@ use crate::process::{free_port, ChildGuard, TestkitError};
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Sends `request` and reads the reply until `expect` appears or the peer closes.
+/// `AUTH user password` as an inline command to put before a request to a server with ACL
+/// users (the test credentials hold no spaces); empty without.
+pub(crate) fn auth_prefix(credentials: Option<(&str, &str)>) -> String {
+    credentials.map_or_else(String::new, |(u, p)| format!("AUTH {u} {p}\r\n"))
+}
+
 pub(crate) fn ask(port: u16, request: &[u8], expect: &[u8]) -> bool {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
@@ -103,21 +109,50 @@ pub(crate) fn wait_ready(
 pub struct RedisServer {
     port: u16,
     tls: bool,
+    /// The ACL user and password of [`RedisServer::start_acl`].
+    credentials: Option<(String, String)>,
     guard: ChildGuard,
     _dir: TempDir,
 }
 
 impl RedisServer {
     pub fn start() -> Result<RedisServer, TestkitError> {
-        Self::start_with(&[])
+        Self::start_with(&[], None)
+    }
+
+    /// A server whose `default` user is off: only `user` with `password` may connect, and
+    /// may run every command. Its [`RedisServer::url`] carries them.
+    pub fn start_acl(user: &str, password: &str) -> Result<RedisServer, TestkitError> {
+        let password_rule = format!(">{password}");
+        Self::start_with(
+            &[
+                "--user",
+                "default",
+                "off",
+                "--user",
+                user,
+                "on",
+                &password_rule,
+                "~*",
+                "&*",
+                "+@all",
+            ],
+            Some((user, password)),
+        )
     }
 
     /// A replica of the server on `master_port` (read-only, following it).
     pub fn start_replica_of(master_port: u16) -> Result<RedisServer, TestkitError> {
-        Self::start_with(&["--replicaof", "127.0.0.1", &master_port.to_string()])
+        Self::start_with(
+            &["--replicaof", "127.0.0.1", &master_port.to_string()],
+            None,
+        )
     }
 
-    fn start_with(extra: &[&str]) -> Result<RedisServer, TestkitError> {
+    fn start_with(
+        extra: &[&str],
+        credentials: Option<(&str, &str)>,
+    ) -> Result<RedisServer, TestkitError> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let log = dir.path().join("redis.log");
@@ -130,12 +165,14 @@ impl RedisServer {
                 .arg(dir.path()),
             &log,
         )?;
+        let ping = format!("{}PING\r\n", auth_prefix(credentials));
         wait_ready("redis-server", &mut guard, &log, || {
-            ask(port, b"PING\r\n", b"+PONG")
+            ask(port, ping.as_bytes(), b"+PONG")
         })?;
         Ok(RedisServer {
             port,
             tls: false,
+            credentials: credentials.map(|(u, p)| (u.to_owned(), p.to_owned())),
             guard,
             _dir: dir,
         })
@@ -178,14 +215,27 @@ impl RedisServer {
         Ok(RedisServer {
             port,
             tls: true,
+            credentials: None,
             guard,
             _dir: dir,
         })
     }
 
+    /// `redis://[user:password@]127.0.0.1:<port>` (`rediss://` with TLS).
     pub fn url(&self) -> String {
         let scheme = if self.tls { "rediss" } else { "redis" };
-        format!("{scheme}://127.0.0.1:{}", self.port)
+        let login = self
+            .credentials
+            .as_ref()
+            .map_or_else(String::new, |(u, p)| format!("{u}:{p}@"));
+        format!("{scheme}://{login}127.0.0.1:{}", self.port)
+    }
+
+    /// The ACL user and password of [`RedisServer::start_acl`].
+    pub fn credentials(&self) -> Option<(&str, &str)> {
+        self.credentials
+            .as_ref()
+            .map(|(u, p)| (u.as_str(), p.as_str()))
     }
 
     pub fn port(&self) -> u16 {

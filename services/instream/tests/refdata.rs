@@ -344,3 +344,53 @@ async fn refdata_load_writes_to_a_cluster() {
         }
     }
 }
+
+/// Redis with ACL users only (`default` off): `refdata load` logs in as the user of
+/// `refdata.redis_url`, and an enricher's store logs in the same way, its subscription to the
+/// announcements included (it follows the switch within 2 s, not by the 60 s check). A wrong
+/// password is refused with an error that does not repeat it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refdata_load_and_enrichers_log_in_as_an_acl_user() {
+    let zookeeper = ZooKeeperServer::start().unwrap();
+    let redis = RedisServer::start_acl("instream-loader", "Acl-Pass-42").unwrap();
+    let broker = KafkaBroker::start().unwrap();
+    let env = Env {
+        redis: Some(redis.url()),
+        ..Env::new(&zookeeper, &broker)
+    };
+    let store = tracking_customers(&instream_core::config::RefDataConfig {
+        redis_url: redis.url(),
+        version_check_interval: Duration::from_secs(60),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(store.version("orders", "customer"), None);
+    let loaded = load_customers(&env, "", "id,tier\nc1,gold\n");
+    assert_eq!(
+        (loaded["version"].as_u64(), loaded["records"].as_u64()),
+        (Some(1), Some(1)),
+        "{loaded}"
+    );
+    wait_for("version 1", || {
+        store.version("orders", "customer") == Some(1)
+    })
+    .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("customers.csv");
+    std::fs::write(&csv, "id,tier\nc2,silver\n").unwrap();
+    let wrong = Env {
+        redis: Some(redis.url().replace("Acl-Pass-42", "Wrong-Pass-7")),
+        ..env
+    };
+    let error = wrong.fails(&load(csv.to_str().unwrap(), "customer", &["id"], &[]));
+    assert!(error.contains("authentication failed"), "{error}");
+    assert!(!error.contains("Wrong-Pass-7"), "{error}");
+    // Nothing switched by the refused load.
+    let mut connection = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    assert_eq!(pointer(&mut connection).await, 1);
+}
