@@ -26,4 +26,49 @@ impl KafkaError {
     pub fn is_retriable(&self) -> bool {
         !matches!(self, KafkaError::Config(_))
     }
+
+    /// A write that failed because the broker could not be reached or did not answer in
+    /// time (a delivery timed out, the leader moved, too few replicas in sync), not because
+    /// it refused the record: writing it again once the broker is back can succeed.
+    pub fn is_unreachable_broker(&self) -> bool {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        matches!(
+            self,
+            KafkaError::Produce(rdkafka::error::KafkaError::MessageProduction(
+                Code::MessageTimedOut
+                    | Code::RequestTimedOut
+                    | Code::OperationTimedOut
+                    | Code::BrokerTransportFailure
+                    | Code::AllBrokersDown
+                    | Code::Resolve
+                    | Code::NetworkException
+                    | Code::LeaderNotAvailable
+                    | Code::NotLeaderForPartition
+                    | Code::NotEnoughReplicas
+                    | Code::NotEnoughReplicasAfterAppend
+            ))
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KafkaError;
+    use rdkafka::error::KafkaError as Rd;
+    use rdkafka::types::RDKafkaErrorCode as Code;
+
+    #[test]
+    fn a_timed_out_write_is_an_unreachable_broker_and_a_refused_one_is_not() {
+        let timed_out = KafkaError::Produce(Rd::MessageProduction(Code::MessageTimedOut));
+        assert!(timed_out.is_unreachable_broker());
+        for refused in [
+            Code::TopicAuthorizationFailed,
+            Code::MessageSizeTooLarge,
+            Code::Fenced,
+        ] {
+            let error = KafkaError::Produce(Rd::MessageProduction(refused));
+            assert!(!error.is_unreachable_broker(), "{refused:?}");
+        }
+        assert!(!KafkaError::QueueFull.is_unreachable_broker());
+    }
 }

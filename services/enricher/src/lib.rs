@@ -119,8 +119,12 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
     };
     let transactions = if transactional {
         Some(
-            transaction::Transactions::start(producer.clone(), config.enricher.transaction_timeout)
-                .await?,
+            transaction::Transactions::start(
+                producer.clone(),
+                config.enricher.transaction_timeout,
+                shutdown.clone(),
+            )
+            .await?,
         )
     } else {
         None
@@ -184,6 +188,18 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
                 Ok(done) => done,
                 Err(error) => {
                     if let Some(tx) = &transactions {
+                        // A broker away longer than the transaction timeout fails the batch's
+                        // writes: the whole batch is aborted, so doing it again leaves no gap.
+                        let fenced = rdkafka::producer::Producer::client(&enricher.producer)
+                            .fatal_error()
+                            .is_some();
+                        if !fenced
+                            && matches!(&error, EnricherError::Kafka(e) if e.is_unreachable_broker())
+                        {
+                            tracing::warn!(%error, "the batch's writes failed; aborting its transaction and doing it again");
+                            tx.redo(consumer, &batch).await?;
+                            continue;
+                        }
                         let _ = tx.abort().await;
                     }
                     return Err(error);
@@ -200,7 +216,9 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
                         client::complete(consumer, &batch);
                     }
                 }
-                (Some(tx), _, _) => tx.abort().await?,
+                (Some(tx), _, _) => {
+                    tx.abort().await?;
+                }
             }
         }
         if transactions.is_none() && last_commit.elapsed() >= config.kafka.commit_interval {

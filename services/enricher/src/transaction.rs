@@ -1,7 +1,9 @@
 //! `enricher.delivery = "transactional"`: each batch is one Kafka transaction holding its
 //! enriched records, its dead letters and its input offsets (sent with the consumer group's
 //! metadata, so a member deposed by a rebalance is fenced, KIP-447). librdkafka's
-//! transactional calls block, so they run on the blocking pool.
+//! transactional calls block, so they run on the blocking pool. A broker that does not answer
+//! is waited for: a timed-out commit or abort is called again (librdkafka goes on with it in
+//! the background), and a batch whose writes timed out is aborted and done again.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -12,12 +14,14 @@ use rdkafka::consumer::{Consumer as _, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::producer::Producer as _;
 use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
 
 use crate::EnricherError;
 
 pub(crate) struct Transactions {
     producer: Producer,
     timeout: Duration,
+    shutdown: CancellationToken,
 }
 
 /// How a batch's transaction ended.
@@ -26,6 +30,10 @@ pub(crate) enum Outcome {
     /// Aborted (a rebalance fenced it, or the broker refused it): nothing of it is visible,
     /// and the consumer was moved back to the batch's first offsets to do it again.
     Aborted,
+    /// Shutdown came while the broker did not answer: the transaction is left to the broker
+    /// (aborted at its timeout, or when this `transactional.id` starts again), the batch to
+    /// be read again.
+    Interrupted,
 }
 
 fn failed(what: &str, e: impl std::fmt::Display) -> EnricherError {
@@ -33,7 +41,11 @@ fn failed(what: &str, e: impl std::fmt::Display) -> EnricherError {
 }
 
 impl Transactions {
-    pub async fn start(producer: Producer, timeout: Duration) -> Result<Self, EnricherError> {
+    pub async fn start(
+        producer: Producer,
+        timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> Result<Self, EnricherError> {
         let p = producer.clone();
         // Also aborts whatever a previous instance with this transactional.id left open (with
         // a stable id; the default one holds the pid, stable only in a container).
@@ -41,7 +53,11 @@ impl Transactions {
             .await
             .map_err(|e| failed("init_transactions", e))?
             .map_err(|e| failed("init_transactions", e))?;
-        Ok(Self { producer, timeout })
+        Ok(Self {
+            producer,
+            timeout,
+            shutdown,
+        })
     }
 
     pub fn begin(&self) -> Result<(), EnricherError> {
@@ -50,13 +66,80 @@ impl Transactions {
             .map_err(|e| failed("begin_transaction", e))
     }
 
-    /// Aborts the open transaction (shutdown in the middle of a batch).
-    pub async fn abort(&self) -> Result<(), EnricherError> {
-        let (p, timeout) = (self.producer.clone(), self.timeout);
-        tokio::task::spawn_blocking(move || p.abort_transaction(timeout))
-            .await
-            .map_err(|e| failed("abort_transaction", e))?
-            .map_err(|e| failed("abort_transaction", e))
+    /// Runs a transactional call on the blocking pool, again after a pause each time it
+    /// fails with an error librdkafka calls retriable (the broker did not answer in time),
+    /// until it succeeds, fails otherwise, or shutdown comes (`Ok(None)`).
+    async fn retrying(
+        &self,
+        what: &str,
+        call: impl Fn(&Producer, Duration) -> Result<(), RdKafkaError> + Clone + Send + 'static,
+    ) -> Result<Option<()>, RdKafkaError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let (p, timeout, call) = (self.producer.clone(), self.timeout, call.clone());
+            let result = tokio::task::spawn_blocking(move || call(&p, timeout))
+                .await
+                .map_err(|_| RdKafkaError::Canceled)?;
+            match result {
+                Err(RdKafkaError::Transaction(e)) if e.is_retriable() => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "{what} did not complete; calling it again");
+                    if self
+                        .shutdown
+                        .run_until_cancelled(tokio::time::sleep(backoff))
+                        .await
+                        .is_none()
+                    {
+                        return Ok(None);
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                other => return other.map(Some),
+            }
+        }
+    }
+
+    /// Aborts the open transaction (shutdown in the middle of a batch, or a batch to do
+    /// again). `false`: shutdown came while the broker did not answer.
+    pub async fn abort(&self) -> Result<bool, EnricherError> {
+        self.retrying("abort_transaction", |p, timeout| {
+            p.abort_transaction(timeout)
+        })
+        .await
+        .map(|done| done.is_some())
+        .map_err(|e| failed("abort_transaction", e))
+    }
+
+    /// The batch's writes failed because the broker could not be reached: aborts its
+    /// transaction and moves the consumer back to the batch's first offsets to do it again.
+    pub async fn redo(
+        &self,
+        consumer: &Consumer,
+        batch: &[Record],
+    ) -> Result<Outcome, EnricherError> {
+        metrics::counter!("instream_enrich_transactions_total", "outcome" => "aborted")
+            .increment(1);
+        if !self.abort().await? {
+            return Ok(Outcome::Interrupted);
+        }
+        self.rewind(consumer, &ranges(batch))?;
+        Ok(Outcome::Aborted)
+    }
+
+    /// Moves the consumer back to the first offset of each range still assigned.
+    fn rewind(&self, consumer: &Consumer, ranges: &Ranges<'_>) -> Result<(), EnricherError> {
+        let assigned = instream_kafka::client::assigned_partitions(consumer);
+        for ((topic, partition), (first, _)) in ranges {
+            // A partition no longer assigned is not ours to rewind: its next owner starts
+            // from the last committed offset anyway.
+            if !assigned.contains(&((*topic).to_owned(), *partition)) {
+                continue;
+            }
+            // Going on past aborted records would lose them: start again from the first.
+            consumer
+                .seek(topic, *partition, Offset::Offset(*first), self.timeout)
+                .map_err(|e| failed(&format!("rewinding {topic}/{partition}"), e))?;
+        }
+        Ok(())
     }
 
     /// Sends the batch's offsets into the transaction and commits it. An abortable failure
@@ -68,55 +151,55 @@ impl Transactions {
         group: ConsumerGroupMetadata,
         batch: &[Record],
     ) -> Result<Outcome, EnricherError> {
-        // Per partition, the first offset (to rewind to) and the next one (to commit).
-        let mut ranges: BTreeMap<(&str, i32), (i64, i64)> = BTreeMap::new();
-        for r in batch {
-            let range = ranges
-                .entry((r.topic.as_str(), r.partition))
-                .or_insert((r.offset, r.offset + 1));
-            range.0 = range.0.min(r.offset);
-            range.1 = range.1.max(r.offset + 1);
-        }
+        let ranges = ranges(batch);
         let mut offsets = TopicPartitionList::new();
         for ((topic, partition), (_, next)) in &ranges {
             offsets
                 .add_partition_offset(topic, *partition, Offset::Offset(*next))
                 .map_err(|e| failed("offsets", e))?;
         }
-        let (p, timeout) = (self.producer.clone(), self.timeout);
-        let result = tokio::task::spawn_blocking(move || {
-            p.send_offsets_to_transaction(&offsets, &group, timeout)?;
-            p.commit_transaction(timeout)
-        })
-        .await
-        .map_err(|e| failed("commit", e))?;
+        let group = std::sync::Arc::new(group);
+        let sent = self
+            .retrying("send_offsets_to_transaction", move |p, timeout| {
+                p.send_offsets_to_transaction(&offsets, &group, timeout)
+            })
+            .await;
+        let result = match sent {
+            Ok(Some(())) => {
+                self.retrying("commit_transaction", |p, timeout| {
+                    p.commit_transaction(timeout)
+                })
+                .await
+            }
+            other => other,
+        };
         match result {
-            Ok(()) => {
+            Ok(None) => Ok(Outcome::Interrupted),
+            Ok(Some(())) => {
                 metrics::counter!("instream_enrich_transactions_total", "outcome" => "committed")
                     .increment(1);
                 Ok(Outcome::Committed)
             }
             Err(RdKafkaError::Transaction(e)) if e.txn_requires_abort() => {
                 tracing::warn!(error = %e, "transaction refused; aborting and doing the batch again");
-                metrics::counter!("instream_enrich_transactions_total", "outcome" => "aborted")
-                    .increment(1);
-                self.abort().await?;
-                let assigned = instream_kafka::client::assigned_partitions(consumer);
-                for ((topic, partition), (first, _)) in &ranges {
-                    // A partition no longer assigned is not ours to rewind: its next owner
-                    // starts from the last committed offset anyway.
-                    if !assigned.contains(&((*topic).to_owned(), *partition)) {
-                        continue;
-                    }
-                    // Going on past aborted records would lose them: stop instead, and start
-                    // again from the committed offsets.
-                    consumer
-                        .seek(topic, *partition, Offset::Offset(*first), self.timeout)
-                        .map_err(|e| failed(&format!("rewinding {topic}/{partition}"), e))?;
-                }
-                Ok(Outcome::Aborted)
+                self.redo(consumer, batch).await
             }
             Err(e) => Err(failed("commit_transaction", e)),
         }
     }
+}
+
+/// Per partition of a batch: the first offset (to rewind to) and the next one (to commit).
+type Ranges<'b> = BTreeMap<(&'b str, i32), (i64, i64)>;
+
+fn ranges(batch: &[Record]) -> Ranges<'_> {
+    let mut ranges = Ranges::new();
+    for r in batch {
+        let range = ranges
+            .entry((r.topic.as_str(), r.partition))
+            .or_insert((r.offset, r.offset + 1));
+        range.0 = range.0.min(r.offset);
+        range.1 = range.1.max(r.offset + 1);
+    }
+    ranges
 }

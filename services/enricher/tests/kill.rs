@@ -407,3 +407,62 @@ async fn a_write_refused_for_good_stops_the_enricher_and_a_restart_loses_none() 
         s.delivery
     );
 }
+
+/// Transactional delivery with the broker failing every write with an error it retries
+/// (too few replicas in sync) for longer than the transaction timeout, from the first batch
+/// on: the batch's writes time out in its transaction, which is aborted and the batch done
+/// again, as often as it takes. The broker also fails the ends of transactions for a while
+/// (coordinator loading): a commit or abort not finished in time is called again. The
+/// enricher stays up, and once the broker takes writes again every event comes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_failing_past_the_transaction_timeout_abort_the_batch_and_do_it_again() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    if std::env::var("INSTREAM_TEST_KAFKA").is_ok_and(|v| !v.trim().is_empty()) {
+        eprintln!(
+            "skipped: the test makes the broker fail requests, which only the embedded one allows"
+        );
+        return;
+    }
+    let s = scenario("transactional", "transaction_timeout = \"2s\"\n").await;
+    // Set before the enricher starts (the raw records are written already), so that its
+    // first batches meet them whatever its speed.
+    s.broker
+        .fail_requests(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 40],
+        )
+        .unwrap();
+    s.broker
+        .fail_requests(
+            RDKafkaApiKey::EndTxn,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 12],
+        )
+        .unwrap();
+    let mut child = spawn(&s.config);
+    let log = child.1.clone().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log)
+        .is_ok_and(|text| text.contains("aborting its transaction and doing it again"))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no batch was aborted to be done again"
+        );
+        assert!(!child.exited(), "the enricher exited while writes failed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let repeated = check_output(&s, child).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let (redone, called_again) = (
+        text.matches("doing it again").count(),
+        text.matches("calling it again").count(),
+    );
+    eprintln!(
+        "{}: {redone} batches done again, {called_again} transactional calls repeated, {repeated} repeated copies",
+        s.delivery
+    );
+    assert!(
+        called_again > 0,
+        "a commit or abort the broker did not finish in time is called again"
+    );
+}
