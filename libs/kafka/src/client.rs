@@ -317,7 +317,7 @@ pub async fn send<'a>(
                 // librdkafka frees queue space as deliveries complete; give it a moment.
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            Err((e, _)) => return Err(KafkaError::Produce(e)),
+            Err((e, _)) => return Err(failed_for_good(producer).unwrap_or(KafkaError::Produce(e))),
         }
     }
 }
@@ -332,7 +332,7 @@ pub fn try_send(
         rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
             KafkaError::QueueFull
         }
-        e => KafkaError::Produce(e),
+        e => failed_for_good(producer).unwrap_or(KafkaError::Produce(e)),
     })
 }
 
@@ -357,17 +357,30 @@ pub async fn all_delivered_unless(
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            done = &mut all => return done.map(|()| true),
+            done = &mut all => {
+                return done
+                    .map(|()| true)
+                    .map_err(|e| failed_for_good(producer).unwrap_or(e));
+            }
             _ = stop.cancelled() => return Ok(false),
             _ = check.tick() => {
-                if let Some((code, reason)) = rdkafka::producer::Producer::client(producer).fatal_error() {
-                    tracing::error!(?code, reason, "the kafka producer failed for good");
-                    let error = rdkafka::error::KafkaError::MessageProduction(code);
-                    return Err(KafkaError::Produce(error));
+                if let Some(error) = failed_for_good(producer) {
+                    return Err(error);
                 }
             }
         }
     }
+}
+
+/// The producer's fatal error, if it has failed for good. Records it fails afterwards say
+/// only "fatal" or "purged": the cause is the client's to tell.
+fn failed_for_good(producer: &Producer) -> Option<KafkaError> {
+    let (code, reason) = rdkafka::producer::Producer::client(producer).fatal_error()?;
+    tracing::error!(?code, reason, "the kafka producer failed for good");
+    Some(KafkaError::ProducerFailed {
+        code: format!("{code:?}"),
+        reason,
+    })
 }
 
 /// Waits for a delivery and turns its outcome into our error type.

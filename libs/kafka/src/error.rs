@@ -7,6 +7,11 @@ pub enum KafkaError {
     /// The broker refused or lost a write, or could not be reached in time: retry later.
     #[error("kafka produce failed: {0}")]
     Produce(rdkafka::error::KafkaError),
+    /// The producer stopped for good (librdkafka's fatal error: fenced by another instance,
+    /// or a gap-less order it could not keep after a refused write): the process must stop;
+    /// `reason` is librdkafka's account of it.
+    #[error("kafka producer failed for good ({code}): {reason}")]
+    ProducerFailed { code: String, reason: String },
     /// A commit failed: the records will be delivered again, which downstream tolerates.
     #[error("kafka commit failed: {0}")]
     Commit(rdkafka::error::KafkaError),

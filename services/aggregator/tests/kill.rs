@@ -191,7 +191,7 @@ async fn window_counts(
 /// A broker with the pipeline's topics and the produced input, and an aggregator's config
 /// whose local store outlives its processes.
 struct Scenario {
-    _broker: KafkaBroker,
+    broker: KafkaBroker,
     _dir: tempfile::TempDir,
     pipeline: String,
     input: Input,
@@ -264,7 +264,7 @@ batch_size = 300
     )
     .unwrap();
     Scenario {
-        _broker: broker,
+        broker,
         _dir: dir,
         pipeline,
         input,
@@ -397,6 +397,61 @@ async fn windows_only_in_checkpoints_are_written_after_a_kill_with_nothing_new_t
     .await;
     next.terminate().unwrap();
     let status = next.wait_exit(Duration::from_secs(20)).unwrap();
+    assert!(status.success(), "{status}");
+    assert_one_clean_pass(&s).await;
+}
+
+/// The broker refuses the aggregator's forwarding to the repartition topic with an error no
+/// retry mends (not authorized). A forward lost behind a later one would be a count lost for
+/// good (repartition partitions drop origin offsets at or below the highest seen), so the
+/// aggregator stops with that error, committing nothing it did not forward; restarted once
+/// the broker accepts again, every window holds the count of one clean pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_refused_for_good_stops_the_aggregator_and_a_restart_counts_every_event() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    if std::env::var("INSTREAM_TEST_KAFKA").is_ok_and(|v| !v.trim().is_empty()) {
+        eprintln!(
+            "skipped: the test makes the broker fail requests, which only the embedded one allows"
+        );
+        return;
+    }
+    let s = scenario("1s").await;
+    // The input is written already: the next writes are the aggregator's forwards.
+    s.broker
+        .fail_requests(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 3],
+        )
+        .unwrap();
+    let mut refused = spawn(&s.config);
+    let status = refused.wait_exit(Duration::from_secs(60)).unwrap();
+    assert!(
+        !status.success(),
+        "the aggregator stops with an error when a forward is refused for good: {status}"
+    );
+    let log = std::fs::read_to_string(refused.1.as_ref().unwrap()).unwrap();
+    // Refused by the broker (its error code), or, when the producer's watcher saw it
+    // first, librdkafka's account of its fatal error (which names the refusal).
+    let stopped = log
+        .lines()
+        .find(|l| l.contains("stopped with an error"))
+        .unwrap_or_else(|| panic!("the aggregator says it stopped: {log}"));
+    assert!(
+        stopped.contains("TopicAuthorizationFailed")
+            || stopped.contains("Topic authorization failed"),
+        "the aggregator says why it stopped: {stopped}"
+    );
+    s.broker
+        .clear_request_errors(RDKafkaApiKey::Produce)
+        .unwrap();
+
+    let mut last = spawn(&s.config);
+    wait_until("the restarted run to catch up", || async {
+        caught_up(s.admin).await && all_restored(s.admin).await
+    })
+    .await;
+    last.terminate().unwrap();
+    let status = last.wait_exit(Duration::from_secs(20)).unwrap();
     assert!(status.success(), "{status}");
     assert_one_clean_pass(&s).await;
 }
