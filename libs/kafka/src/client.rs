@@ -332,7 +332,7 @@ pub fn try_send(
         rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
             KafkaError::QueueFull
         }
-        e => failed_for_good(producer).unwrap_or(KafkaError::Produce(e)),
+        e => KafkaError::Produce(e),
     })
 }
 
@@ -373,10 +373,10 @@ pub async fn all_delivered_unless(
 }
 
 /// The producer's fatal error, if it has failed for good. Records it fails afterwards say
-/// only "fatal" or "purged": the cause is the client's to tell.
+/// only "fatal" or "purged": the cause is the client's to tell. Not logged here: the caller
+/// stops with it, and says so.
 fn failed_for_good(producer: &Producer) -> Option<KafkaError> {
     let (code, reason) = rdkafka::producer::Producer::client(producer).fatal_error()?;
-    tracing::error!(?code, reason, "the kafka producer failed for good");
     Some(KafkaError::ProducerFailed {
         code: format!("{code:?}"),
         reason,

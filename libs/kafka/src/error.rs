@@ -29,30 +29,43 @@ pub enum KafkaError {
 impl KafkaError {
     /// Whether trying again later may succeed.
     pub fn is_retriable(&self) -> bool {
-        !matches!(self, KafkaError::Config(_))
+        !matches!(
+            self,
+            KafkaError::Config(_) | KafkaError::ProducerFailed { .. }
+        )
     }
 
-    /// A write that failed because the broker could not be reached or did not answer in
-    /// time (a delivery timed out, the leader moved, too few replicas in sync), not because
-    /// it refused the record: writing it again once the broker is back can succeed.
-    pub fn is_unreachable_broker(&self) -> bool {
+    /// A write the broker refused for a reason no retry mends (not authorized, a record it
+    /// will never take), or the producer failed for good; any other failed write (timed
+    /// out, the broker or its coordinator away, a transaction already failing) can succeed
+    /// when done again.
+    pub fn is_refused_write(&self) -> bool {
         use rdkafka::types::RDKafkaErrorCode as Code;
-        matches!(
-            self,
-            KafkaError::Produce(rdkafka::error::KafkaError::MessageProduction(
-                Code::MessageTimedOut
-                    | Code::RequestTimedOut
-                    | Code::OperationTimedOut
-                    | Code::BrokerTransportFailure
-                    | Code::AllBrokersDown
-                    | Code::Resolve
-                    | Code::NetworkException
-                    | Code::LeaderNotAvailable
-                    | Code::NotLeaderForPartition
-                    | Code::NotEnoughReplicas
-                    | Code::NotEnoughReplicasAfterAppend
-            ))
-        )
+        match self {
+            KafkaError::ProducerFailed { .. } => true,
+            KafkaError::Produce(e) => matches!(
+                e.rdkafka_error_code(),
+                Some(
+                    Code::Fatal
+                        | Code::Fenced
+                        | Code::TopicAuthorizationFailed
+                        | Code::ClusterAuthorizationFailed
+                        | Code::TransactionalIdAuthorizationFailed
+                        | Code::GroupAuthorizationFailed
+                        | Code::MessageSizeTooLarge
+                        | Code::InvalidMessage
+                        | Code::InvalidRecord
+                        | Code::InvalidTimestamp
+                        | Code::InvalidRequiredAcks
+                        | Code::UnsupportedForMessageFormat
+                        | Code::PolicyViolation
+                        | Code::UnknownTopic
+                        | Code::UnknownPartition
+                        | Code::InvalidArgument
+                )
+            ),
+            _ => false,
+        }
     }
 }
 
@@ -63,17 +76,29 @@ mod tests {
     use rdkafka::types::RDKafkaErrorCode as Code;
 
     #[test]
-    fn a_timed_out_write_is_an_unreachable_broker_and_a_refused_one_is_not() {
-        let timed_out = KafkaError::Produce(Rd::MessageProduction(Code::MessageTimedOut));
-        assert!(timed_out.is_unreachable_broker());
+    fn a_timed_out_or_failing_transaction_write_is_not_a_refusal_and_an_unauthorized_one_is() {
+        for transient in [
+            Code::MessageTimedOut,
+            Code::State,
+            Code::UnknownProducerId,
+            Code::KafkaStorageError,
+        ] {
+            let error = KafkaError::Produce(Rd::MessageProduction(transient));
+            assert!(!error.is_refused_write(), "{transient:?}");
+        }
         for refused in [
             Code::TopicAuthorizationFailed,
             Code::MessageSizeTooLarge,
             Code::Fenced,
         ] {
             let error = KafkaError::Produce(Rd::MessageProduction(refused));
-            assert!(!error.is_unreachable_broker(), "{refused:?}");
+            assert!(error.is_refused_write(), "{refused:?}");
         }
-        assert!(!KafkaError::QueueFull.is_unreachable_broker());
+        let failed = KafkaError::ProducerFailed {
+            code: "GaplessGuarantee".into(),
+            reason: "a record could not be written".into(),
+        };
+        assert!(failed.is_refused_write() && !failed.is_retriable());
+        assert!(!KafkaError::QueueFull.is_refused_write());
     }
 }

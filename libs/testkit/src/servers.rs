@@ -11,13 +11,13 @@ use crate::process::{free_port, ChildGuard, TestkitError};
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Sends `request` and reads the reply until `expect` appears or the peer closes.
 /// `AUTH user password` as an inline command to put before a request to a server with ACL
 /// users (the test credentials hold no spaces); empty without.
 pub(crate) fn auth_prefix(credentials: Option<(&str, &str)>) -> String {
     credentials.map_or_else(String::new, |(u, p)| format!("AUTH {u} {p}\r\n"))
 }
 
+/// Sends `request` and reads the reply until `expect` appears or the peer closes.
 pub(crate) fn ask(port: u16, request: &[u8], expect: &[u8]) -> bool {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;

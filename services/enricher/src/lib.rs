@@ -14,16 +14,20 @@ mod transaction;
 pub mod transform;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use instream_core::ServiceContext;
 use instream_kafka::client::{self, recv_batch};
-use instream_kafka::DeadLetters;
+use instream_kafka::{DeadLetters, KafkaError};
 use instream_pipeline::Catalog;
 use instream_stage::{Stage, Subscription};
 use rdkafka::consumer::Consumer as _;
+use transaction::Outcome;
 
 const SERVICE: &str = "enricher";
+/// The pause before a batch whose transaction was aborted is done again, doubled each time
+/// in a row up to 5 s.
+const FIRST_REDO_PAUSE: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnricherError {
@@ -152,6 +156,9 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
     }
     let mut batch = Vec::with_capacity(config.enricher.batch_size);
     let mut last_commit = Instant::now();
+    let mut redo_pause = FIRST_REDO_PAUSE;
+    // Shutdown came while a transaction's end waited for the broker.
+    let mut left_open = false;
     while !shutdown.is_cancelled() {
         subscription.follow(&mut catalog)?;
         let consumer = subscription.consumer();
@@ -184,41 +191,65 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
             };
             // `false`: shutdown came during a retry; the batch stays uncommitted and is
             // re-read by whoever owns the partitions next.
-            let done = match enricher.process(&current, &batch).await {
-                Ok(done) => done,
-                Err(error) => {
-                    if let Some(tx) = &transactions {
-                        // A broker away longer than the transaction timeout fails the batch's
-                        // writes: the whole batch is aborted, so doing it again leaves no gap.
-                        let fenced = rdkafka::producer::Producer::client(&enricher.producer)
-                            .fatal_error()
-                            .is_some();
-                        if !fenced
-                            && matches!(&error, EnricherError::Kafka(e) if e.is_unreachable_broker())
-                        {
-                            tracing::warn!(%error, "the batch's writes failed; aborting its transaction and doing it again");
-                            tx.redo(consumer, &batch).await?;
-                            continue;
-                        }
-                        let _ = tx.abort().await;
+            let outcome = match enricher.process(&current, &batch).await {
+                Ok(done) => match (&transactions, done, group) {
+                    (None, true, _) => {
+                        client::complete(consumer, &batch);
+                        None
                     }
-                    return Err(error);
+                    (None, false, _) => None,
+                    (Some(tx), true, Some(group)) => {
+                        Some(tx.commit(consumer, group, &batch).await?)
+                    }
+                    (Some(tx), _, _) => Some(if tx.abort().await? {
+                        Outcome::Aborted
+                    } else {
+                        Outcome::Interrupted
+                    }),
+                },
+                Err(error) => {
+                    let Some(tx) = &transactions else {
+                        return Err(error);
+                    };
+                    // A write that timed out (a broker away past the transaction timeout) or
+                    // was refused in a failing transaction: the whole batch is aborted, so
+                    // doing it again leaves no gap. A refusal no retry mends, or a producer
+                    // failed for good (fenced), stops the process.
+                    let failed_for_good = rdkafka::producer::Producer::client(&enricher.producer)
+                        .fatal_error()
+                        .is_some();
+                    if failed_for_good
+                        || !matches!(&error, EnricherError::Kafka(e @ KafkaError::Produce(_)) if !e.is_refused_write())
+                    {
+                        let _ = tx.abort().await;
+                        return Err(error);
+                    }
+                    tracing::warn!(%error, retry_in = ?redo_pause, "the batch's writes failed; aborting its transaction and doing it again");
+                    Some(tx.redo(consumer, &batch).await?)
                 }
             };
-            match (&transactions, done, group) {
-                (None, true, _) => client::complete(consumer, &batch),
-                (None, false, _) => {}
-                (Some(tx), true, Some(group)) => {
-                    if let transaction::Outcome::Committed =
-                        tx.commit(consumer, group, &batch).await?
+            match outcome {
+                Some(Outcome::Committed) => {
+                    // Committed in the transaction; the tracker only forgets them.
+                    client::complete(consumer, &batch);
+                    redo_pause = FIRST_REDO_PAUSE;
+                }
+                Some(Outcome::Aborted) => {
+                    // Not at once: whatever failed the batch may not have passed yet.
+                    if shutdown
+                        .run_until_cancelled(tokio::time::sleep(redo_pause))
+                        .await
+                        .is_none()
                     {
-                        // Committed in the transaction; the tracker only forgets them.
-                        client::complete(consumer, &batch);
+                        break;
                     }
+                    redo_pause = (redo_pause * 2).min(Duration::from_secs(5));
                 }
-                (Some(tx), _, _) => {
-                    tx.abort().await?;
+                Some(Outcome::Interrupted) => {
+                    left_open = true;
+                    break;
                 }
+                None => {}
             }
         }
         if transactions.is_none() && last_commit.elapsed() >= config.kafka.commit_interval {
@@ -229,6 +260,13 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
     if transactions.is_none() {
         client::commit(subscription.consumer(), true)?;
     }
-    tracing::info!("enricher drained and committed");
+    if left_open {
+        tracing::warn!(
+            "stopped with a batch's transaction left to the broker: it aborts it when this \
+             transactional.id starts again or after enricher.transaction_timeout"
+        );
+    } else {
+        tracing::info!("enricher drained and committed");
+    }
     Ok(())
 }

@@ -18,6 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::EnricherError;
 
+/// The longest one transactional call waits before it is called again (see
+/// [`Transactions::retrying`]).
+const CALL_SLICE: Duration = Duration::from_secs(2);
+
 pub(crate) struct Transactions {
     producer: Producer,
     timeout: Duration,
@@ -27,8 +31,9 @@ pub(crate) struct Transactions {
 /// How a batch's transaction ended.
 pub(crate) enum Outcome {
     Committed,
-    /// Aborted (a rebalance fenced it, or the broker refused it): nothing of it is visible,
-    /// and the consumer was moved back to the batch's first offsets to do it again.
+    /// Aborted (a rebalance fenced it, the broker refused it, or its writes timed out):
+    /// nothing of it is visible, and the consumer was moved back to the batch's first
+    /// offsets to do it again.
     Aborted,
     /// Shutdown came while the broker did not answer: the transaction is left to the broker
     /// (aborted at its timeout, or when this `transactional.id` starts again), the batch to
@@ -68,7 +73,9 @@ impl Transactions {
 
     /// Runs a transactional call on the blocking pool, again after a pause each time it
     /// fails with an error librdkafka calls retriable (the broker did not answer in time),
-    /// until it succeeds, fails otherwise, or shutdown comes (`Ok(None)`).
+    /// until it succeeds, fails otherwise, or shutdown comes (`Ok(None)`). Each call waits
+    /// at most [`CALL_SLICE`]: a timed-out commit or abort goes on in the background and the
+    /// next call picks it up, and shutdown is seen between calls, well within a pod's grace.
     async fn retrying(
         &self,
         what: &str,
@@ -76,7 +83,8 @@ impl Transactions {
     ) -> Result<Option<()>, RdKafkaError> {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let (p, timeout, call) = (self.producer.clone(), self.timeout, call.clone());
+            let timeout = self.timeout.min(CALL_SLICE);
+            let (p, call) = (self.producer.clone(), call.clone());
             let result = tokio::task::spawn_blocking(move || call(&p, timeout))
                 .await
                 .map_err(|_| RdKafkaError::Canceled)?;
@@ -116,11 +124,11 @@ impl Transactions {
         consumer: &Consumer,
         batch: &[Record],
     ) -> Result<Outcome, EnricherError> {
-        metrics::counter!("instream_enrich_transactions_total", "outcome" => "aborted")
-            .increment(1);
         if !self.abort().await? {
             return Ok(Outcome::Interrupted);
         }
+        metrics::counter!("instream_enrich_transactions_total", "outcome" => "aborted")
+            .increment(1);
         self.rewind(consumer, &ranges(batch))?;
         Ok(Outcome::Aborted)
     }
@@ -165,13 +173,14 @@ impl Transactions {
             })
             .await;
         let result = match sent {
-            Ok(Some(())) => {
-                self.retrying("commit_transaction", |p, timeout| {
+            Ok(Some(())) => self
+                .retrying("commit_transaction", |p, timeout| {
                     p.commit_transaction(timeout)
                 })
                 .await
-            }
-            other => other,
+                .map_err(|e| ("commit_transaction", e)),
+            Ok(None) => Ok(None),
+            Err(e) => Err(("send_offsets_to_transaction", e)),
         };
         match result {
             Ok(None) => Ok(Outcome::Interrupted),
@@ -180,11 +189,11 @@ impl Transactions {
                     .increment(1);
                 Ok(Outcome::Committed)
             }
-            Err(RdKafkaError::Transaction(e)) if e.txn_requires_abort() => {
+            Err((_, RdKafkaError::Transaction(e))) if e.txn_requires_abort() => {
                 tracing::warn!(error = %e, "transaction refused; aborting and doing the batch again");
                 self.redo(consumer, batch).await
             }
-            Err(e) => Err(failed("commit_transaction", e)),
+            Err((what, e)) => Err(failed(what, e)),
         }
     }
 }

@@ -430,7 +430,13 @@ async fn writes_failing_past_the_transaction_timeout_abort_the_batch_and_do_it_a
         );
         return;
     }
-    let s = scenario("transactional", "transaction_timeout = \"2s\"\n").await;
+    // The error counts below outlast the 2 s timeouts only with librdkafka's retry pauses
+    // (100 ms doubling to 1 s): pinned here rather than left to its defaults.
+    let s = scenario(
+        "transactional",
+        "transaction_timeout = \"2s\"\n[kafka.producer]\n\"retry.backoff.ms\" = \"100\"\n\"retry.backoff.max.ms\" = \"1000\"\n",
+    )
+    .await;
     // Set before the enricher starts (the raw records are written already), so that its
     // first batches meet them whatever its speed.
     s.broker
@@ -472,4 +478,59 @@ async fn writes_failing_past_the_transaction_timeout_abort_the_batch_and_do_it_a
         called_again > 0,
         "a commit or abort the broker did not finish in time is called again"
     );
+}
+
+/// Shutdown while the broker does not finish a transaction's commit (its coordinator keeps
+/// answering "loading"): the enricher stops within seconds, not after the transaction
+/// timeout, saying it left the transaction to the broker; nothing of the batch was counted
+/// as committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_while_a_commit_waits_for_the_broker_leaves_the_transaction_to_it() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    if std::env::var("INSTREAM_TEST_KAFKA").is_ok_and(|v| !v.trim().is_empty()) {
+        eprintln!(
+            "skipped: the test makes the broker fail requests, which only the embedded one allows"
+        );
+        return;
+    }
+    let s = scenario("transactional", "transaction_timeout = \"60s\"\n").await;
+    s.broker
+        .fail_requests(
+            RDKafkaApiKey::EndTxn,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 500],
+        )
+        .unwrap();
+    let mut child = spawn(&s.config);
+    let log = child.1.clone().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log)
+        .is_ok_and(|text| text.contains("commit_transaction did not complete"))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no commit waited for the broker"
+        );
+        assert!(
+            !child.exited(),
+            "the enricher exited while its commit waited"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let asked = std::time::Instant::now();
+    child.terminate().unwrap();
+    let status = child.wait_exit(Duration::from_secs(20)).unwrap();
+    assert!(status.success(), "{status}");
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_secs(15),
+        "stopped {took:?} after being asked, not at the 60 s transaction timeout"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("left to the broker") && !text.contains("drained and committed"),
+        "says the transaction was left open: {text}"
+    );
+    s.broker
+        .clear_request_errors(RDKafkaApiKey::EndTxn)
+        .unwrap();
 }
