@@ -372,6 +372,21 @@ pub async fn all_delivered_unless(
     }
 }
 
+/// Resolves, with its error, once `producer` has failed for good (librdkafka's fatal error:
+/// an idempotent producer raises it when it can no longer keep its order). A service that
+/// writes only through it can do nothing more, and stops so that it is restarted with a
+/// new one.
+pub async fn failed_for_good_watch(producer: &Producer) -> KafkaError {
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        check.tick().await;
+        if let Some(error) = failed_for_good(producer) {
+            return error;
+        }
+    }
+}
+
 /// The producer's fatal error, if it has failed for good. Records it fails afterwards say
 /// only "fatal" or "purged": the cause is the client's to tell. Not logged here: the caller
 /// stops with it, and says so.

@@ -77,6 +77,8 @@ impl AppState {
 
 /// A bound ingest server, ready to serve.
 pub struct Ingest {
+    /// The handlers' producer, watched for a failure for good.
+    producer: Producer,
     listener: TcpListener,
     /// Set with `ingest.tls`: connections are served over TLS.
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -122,7 +124,8 @@ impl Ingest {
                 state.clone(),
                 handler::admit,
             ))
-            .with_state(state);
+            .with_state(state.clone());
+        let producer = state.producer.clone();
         let listener =
             TcpListener::bind(limits.listen)
                 .await
@@ -139,6 +142,7 @@ impl Ingest {
             });
         }
         Ok(Ingest {
+            producer,
             listener,
             tls,
             max_connections: limits.max_connections,
@@ -162,8 +166,20 @@ impl Ingest {
             max_connections: self.max_connections,
             header_read_timeout: self.header_read_timeout,
         };
-        serve::serve(self.listener, self.tls, self.router, limits, shutdown).await;
-        Ok(())
+        // Every answer would be 503 from a producer failed for good: stop (draining the
+        // requests in flight) so that the process is restarted with a new one.
+        let stop = shutdown.child_token();
+        let serving = serve::serve(self.listener, self.tls, self.router, limits, stop.clone());
+        let mut serving = std::pin::pin!(serving);
+        tokio::select! {
+            () = &mut serving => Ok(()),
+            error = instream_kafka::client::failed_for_good_watch(&self.producer) => {
+                tracing::error!(%error, "the kafka producer failed for good; stopping");
+                stop.cancel();
+                serving.await;
+                Err(IngestError::Kafka(error))
+            }
+        }
     }
 }
 

@@ -156,3 +156,64 @@ async fn a_broker_outage_answers_503_turns_readyz_false_and_recovers() {
         );
     }
 }
+
+/// The broker answers a write with a sequence the producer cannot reconcile (out of order at
+/// the head of the line): the idempotent producer fails for good, so every later request
+/// could only be refused. The request in flight is not answered 200; the process stops
+/// with an error naming the cause, to be restarted with a new producer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_failed_for_good_stops_ingest_naming_the_cause() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let broker = KafkaBroker::start().unwrap();
+    if !broker.is_embedded() {
+        eprintln!(
+            "skipped: the test makes the broker fail requests, which only the embedded one allows"
+        );
+        return;
+    }
+    let pipeline = unique("fatal");
+    broker.create_pipeline_topics(&pipeline, 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (config, admin, http) = write_config(
+        dir.path(),
+        &broker.bootstrap_servers(),
+        &pipeline,
+        "produce_timeout = \"5s\"\nallow_anonymous = true",
+    );
+    let mut child = spawn_service(BIN, &config).unwrap();
+    wait_ok(
+        &format!("http://127.0.0.1:{admin}/readyz"),
+        Duration::from_secs(30),
+    )
+    .await;
+    broker
+        .fail_requests(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
+        )
+        .unwrap();
+    // The request may be cut short by the stop; it is never accepted.
+    let answer = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{http}/v1/pipelines/{pipeline}/events"
+        ))
+        .header("content-type", "application/x-ndjson")
+        .timeout(Duration::from_secs(30))
+        .body(batch(0..10))
+        .send()
+        .await;
+    if let Ok(answer) = answer {
+        assert_ne!(answer.status(), 200, "{:?}", answer.text().await);
+    }
+    let status = child.wait_exit(Duration::from_secs(30)).unwrap();
+    assert!(!status.success(), "{status}");
+    let log = std::fs::read_to_string(child.1.as_ref().unwrap()).unwrap();
+    let stopped = log
+        .lines()
+        .find(|l| l.contains("stopped with an error"))
+        .unwrap_or_else(|| panic!("ingest says it stopped: {log}"));
+    assert!(
+        stopped.contains("failed for good") && stopped.contains("sequence desynchronization"),
+        "ingest says why it stopped: {stopped}"
+    );
+}
