@@ -122,14 +122,16 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
         instream_kafka::gapless_producer(&config.kafka, SERVICE)?
     };
     let transactions = if transactional {
-        Some(
-            transaction::Transactions::start(
-                producer.clone(),
-                config.enricher.transaction_timeout,
-                shutdown.clone(),
-            )
-            .await?,
+        let started = transaction::Transactions::start(
+            producer.clone(),
+            config.enricher.transaction_timeout,
+            shutdown.clone(),
         )
+        .await?;
+        let Some(started) = started else {
+            return Ok(());
+        };
+        Some(started)
     } else {
         None
     };

@@ -46,23 +46,27 @@ fn failed(what: &str, e: impl std::fmt::Display) -> EnricherError {
 }
 
 impl Transactions {
+    /// Registers the producer's `transactional.id` with its coordinator, waiting for a
+    /// broker that does not answer yet (as the consumers do). `None`: shutdown came first.
     pub async fn start(
         producer: Producer,
         timeout: Duration,
         shutdown: CancellationToken,
-    ) -> Result<Self, EnricherError> {
-        let p = producer.clone();
-        // Also aborts whatever a previous instance with this transactional.id left open (with
-        // a stable id; the default one holds the pid, stable only in a container).
-        tokio::task::spawn_blocking(move || p.init_transactions(timeout))
-            .await
-            .map_err(|e| failed("init_transactions", e))?
-            .map_err(|e| failed("init_transactions", e))?;
-        Ok(Self {
+    ) -> Result<Option<Self>, EnricherError> {
+        let transactions = Self {
             producer,
             timeout,
             shutdown,
-        })
+        };
+        // Also aborts whatever a previous instance with this transactional.id left open (with
+        // a stable id; the default one holds the pid, stable only in a container).
+        let started = transactions
+            .retrying("init_transactions", |p, timeout| {
+                p.init_transactions(timeout)
+            })
+            .await
+            .map_err(|e| failed("init_transactions", e))?;
+        Ok(started.map(|()| transactions))
     }
 
     pub fn begin(&self) -> Result<(), EnricherError> {

@@ -534,3 +534,39 @@ async fn shutdown_while_a_commit_waits_for_the_broker_leaves_the_transaction_to_
         .clear_request_errors(RDKafkaApiKey::EndTxn)
         .unwrap();
 }
+
+/// Transactional delivery started while the broker is down: the enricher waits for it to
+/// register its transactional id (as its consumer waits to join), rather than exiting; once
+/// the broker is up, every event comes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactional_enricher_started_while_the_broker_is_down_waits_for_it() {
+    if std::env::var("INSTREAM_TEST_KAFKA").is_ok_and(|v| !v.trim().is_empty()) {
+        eprintln!("skipped: the test takes the broker down, which only the embedded one allows");
+        return;
+    }
+    let s = scenario("transactional", "").await;
+    s.broker.set_up(false).unwrap();
+    let mut child = spawn(&s.config);
+    let log = child.1.clone().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log)
+        .is_ok_and(|text| text.contains("init_transactions did not complete"))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the enricher never waited for the broker to register its id"
+        );
+        assert!(
+            !child.exited(),
+            "the enricher exited while the broker was down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !child.exited(),
+        "the enricher exited while the broker was down"
+    );
+    s.broker.set_up(true).unwrap();
+    let repeated = check_output(&s, child).await;
+    eprintln!("{}: {repeated} repeated copies", s.delivery);
+}
