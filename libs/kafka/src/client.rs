@@ -251,6 +251,13 @@ pub fn complete<'a>(consumer: &Consumer, records: impl IntoIterator<Item = &'a R
     }
 }
 
+/// The consumer's offsets are committed only inside producer transactions
+/// (`send_offsets_to_transaction`): it never commits on its own, not even on a revoke or when
+/// it closes, where an older offset could land after a transaction's.
+pub fn commit_only_in_transactions(consumer: &Consumer) {
+    consumer.context().leave_commits_to_transactions();
+}
+
 /// The consumer's assignment generation now (see [`Record::generation`]).
 pub fn generation(consumer: &Consumer) -> u64 {
     consumer.context().generation()

@@ -1,5 +1,5 @@
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rdkafka::client::ClientContext;
@@ -27,6 +27,10 @@ pub struct InstreamContext {
     /// When the oldest unanswered asynchronous commit was sent: its answer (the commit
     /// callback) records the commit latency.
     commit_sent: Mutex<Option<std::time::Instant>>,
+    /// Off when offsets are committed inside producer transactions: a commit of the
+    /// consumer's own on a revoke (or when it closes) could land after a transaction's and
+    /// move the group's offset back.
+    commits_on_revoke: AtomicBool,
 }
 
 impl InstreamContext {
@@ -38,7 +42,14 @@ impl InstreamContext {
             generation: AtomicU64::new(0),
             assignment: Mutex::default(),
             commit_sent: Mutex::default(),
+            commits_on_revoke: AtomicBool::new(true),
         }
+    }
+
+    /// Offsets are committed only inside producer transactions from now on: never by this
+    /// consumer on a revoke.
+    pub fn leave_commits_to_transactions(&self) {
+        self.commits_on_revoke.store(false, Ordering::Release);
     }
 
     /// Notes that a commit was sent now (the first of several outstanding counts).
@@ -133,7 +144,7 @@ impl ConsumerContext for InstreamContext {
                 let lost = Self::partitions(tpl);
                 let mut tracker = self.tracker();
                 let done = tracker.take_committable_of(&lost);
-                if !done.is_empty() {
+                if !done.is_empty() && self.commits_on_revoke.load(Ordering::Acquire) {
                     let mut commit = TopicPartitionList::new();
                     for (topic, partition, next) in &done {
                         if let Err(e) = commit.add_partition_offset(

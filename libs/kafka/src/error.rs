@@ -40,33 +40,37 @@ impl KafkaError {
     /// out, the broker or its coordinator away, a transaction already failing) can succeed
     /// when done again.
     pub fn is_refused_write(&self) -> bool {
-        use rdkafka::types::RDKafkaErrorCode as Code;
         match self {
             KafkaError::ProducerFailed { .. } => true,
-            KafkaError::Produce(e) => matches!(
-                e.rdkafka_error_code(),
-                Some(
-                    Code::Fatal
-                        | Code::Fenced
-                        | Code::TopicAuthorizationFailed
-                        | Code::ClusterAuthorizationFailed
-                        | Code::TransactionalIdAuthorizationFailed
-                        | Code::GroupAuthorizationFailed
-                        | Code::MessageSizeTooLarge
-                        | Code::InvalidMessage
-                        | Code::InvalidRecord
-                        | Code::InvalidTimestamp
-                        | Code::InvalidRequiredAcks
-                        | Code::UnsupportedForMessageFormat
-                        | Code::PolicyViolation
-                        | Code::UnknownTopic
-                        | Code::UnknownPartition
-                        | Code::InvalidArgument
-                )
-            ),
+            KafkaError::Produce(e) => e.rdkafka_error_code().is_some_and(is_refusal),
             _ => false,
         }
     }
+}
+
+/// A broker's answer to a write (or to adding a partition or offsets to a transaction) that
+/// no retry mends: not authorized, a record it will never take, a producer failed for good.
+pub fn is_refusal(code: rdkafka::types::RDKafkaErrorCode) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        code,
+        Code::Fatal
+            | Code::Fenced
+            | Code::TopicAuthorizationFailed
+            | Code::ClusterAuthorizationFailed
+            | Code::TransactionalIdAuthorizationFailed
+            | Code::GroupAuthorizationFailed
+            | Code::MessageSizeTooLarge
+            | Code::InvalidMessage
+            | Code::InvalidRecord
+            | Code::InvalidTimestamp
+            | Code::InvalidRequiredAcks
+            | Code::UnsupportedForMessageFormat
+            | Code::PolicyViolation
+            | Code::UnknownTopic
+            | Code::UnknownPartition
+            | Code::InvalidArgument
+    )
 }
 
 #[cfg(test)]

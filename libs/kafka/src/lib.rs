@@ -22,7 +22,7 @@ pub use client::{consumer, gapless_producer, producer, Consumer, Producer, Recor
 pub use context::InstreamContext;
 pub use dead_letter::{DeadLetter, DeadLetters, Origin};
 pub use embedded::EmbeddedBroker;
-pub use error::KafkaError;
+pub use error::{is_refusal, KafkaError};
 pub use tracker::OffsetTracker;
 
 /// Header names instream sets on records.

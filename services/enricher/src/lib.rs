@@ -26,8 +26,10 @@ use transaction::Outcome;
 
 const SERVICE: &str = "enricher";
 /// The pause before a batch whose transaction was aborted is done again, doubled each time
-/// in a row up to 5 s.
+/// in a row up to [`MAX_REDO_PAUSE`] (reached after six aborts in a row: the enricher is then
+/// not ready until a batch commits).
 const FIRST_REDO_PAUSE: Duration = Duration::from_millis(100);
+const MAX_REDO_PAUSE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnricherError {
@@ -48,8 +50,11 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
         shutdown,
         admin_addr,
     } = ctx;
-    // Registered before the first await, so /readyz cannot pass without it.
+    // Registered before the first await, so /readyz cannot pass without them.
     let refdata_ready = health.register("enricher.refdata");
+    // Transactional delivery: the transactional id registered, and batches not failing
+    // again and again.
+    let delivery_ready = health.register("enricher.delivery");
     let stage = Stage::start(SERVICE, &config, &health, admin_addr, &shutdown).await?;
     let mut catalog = stage.catalog.clone();
     // Redis away at start is waited for (not ready meanwhile), as it is later on.
@@ -122,6 +127,7 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
         instream_kafka::gapless_producer(&config.kafka, SERVICE)?
     };
     let transactions = if transactional {
+        delivery_ready.set_not_ready("registering the transactional id with the broker");
         let started = transaction::Transactions::start(
             producer.clone(),
             config.enricher.transaction_timeout,
@@ -135,10 +141,14 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
     } else {
         None
     };
+    delivery_ready.set_ready();
     // Dead letters go through the same producer: in transactional delivery they are part of
     // the batch's transaction.
     let dead = DeadLetters::new(producer.clone(), SERVICE);
     let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, Catalog::raw_topics)?;
+    if transactions.is_some() {
+        client::commit_only_in_transactions(subscription.consumer());
+    }
     subscription.announce_in(stage.registration.clone());
     let enricher = enrich::Enricher {
         refdata,
@@ -159,6 +169,7 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
     let mut batch = Vec::with_capacity(config.enricher.batch_size);
     let mut last_commit = Instant::now();
     let mut redo_pause = FIRST_REDO_PAUSE;
+    let mut last_failure = String::new();
     // Shutdown came while a transaction's end waited for the broker.
     let mut left_open = false;
     while !shutdown.is_cancelled() {
@@ -214,19 +225,32 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
                         return Err(error);
                     };
                     // A write that timed out (a broker away past the transaction timeout) or
-                    // was refused in a failing transaction: the whole batch is aborted, so
-                    // doing it again leaves no gap. A refusal no retry mends, or a producer
-                    // failed for good (fenced), stops the process.
+                    // was caught up in a failing transaction: the whole batch is aborted, so
+                    // doing it again leaves no gap. A refusal no retry mends — the record's
+                    // own, or the transaction's (a partition it may not write to) — or a
+                    // producer failed for good (fenced) stops the process.
                     let failed_for_good = rdkafka::producer::Producer::client(&enricher.producer)
                         .fatal_error()
                         .is_some();
+                    let cause = tx.failure();
+                    if let Some(cause) = cause
+                        .as_ref()
+                        .filter(|c| instream_kafka::is_refusal(c.code()))
+                    {
+                        let _ = tx.abort().await;
+                        return Err(EnricherError::Transaction(format!(
+                            "the broker refused the batch's transaction: {cause}"
+                        )));
+                    }
                     if failed_for_good
                         || !matches!(&error, EnricherError::Kafka(e @ KafkaError::Produce(_)) if !e.is_refused_write())
                     {
                         let _ = tx.abort().await;
                         return Err(error);
                     }
-                    tracing::warn!(%error, retry_in = ?redo_pause, "the batch's writes failed; aborting its transaction and doing it again");
+                    let why = cause.map_or_else(|| error.to_string(), |c| c.to_string());
+                    tracing::warn!(error = %why, retry_in = ?redo_pause, "the batch's writes failed; aborting its transaction and doing it again");
+                    last_failure = why;
                     Some(tx.redo(consumer, &batch).await?)
                 }
             };
@@ -235,8 +259,15 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
                     // Committed in the transaction; the tracker only forgets them.
                     client::complete(consumer, &batch);
                     redo_pause = FIRST_REDO_PAUSE;
+                    delivery_ready.set_ready();
                 }
                 Some(Outcome::Aborted) => {
+                    if redo_pause >= MAX_REDO_PAUSE {
+                        // Not passing: say so where it is watched, and keep trying.
+                        delivery_ready.set_not_ready(format!(
+                            "batches aborted again and again; last: {last_failure}"
+                        ));
+                    }
                     // Not at once: whatever failed the batch may not have passed yet.
                     if shutdown
                         .run_until_cancelled(tokio::time::sleep(redo_pause))
@@ -245,7 +276,7 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
                     {
                         break;
                     }
-                    redo_pause = (redo_pause * 2).min(Duration::from_secs(5));
+                    redo_pause = (redo_pause * 2).min(MAX_REDO_PAUSE);
                 }
                 Some(Outcome::Interrupted) => {
                     left_open = true;
@@ -264,8 +295,10 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
     }
     if left_open {
         tracing::warn!(
-            "stopped with a batch's transaction left to the broker: it aborts it when this \
-             transactional.id starts again or after enricher.transaction_timeout"
+            "stopped with a batch's transaction left to the broker: committed if its commit \
+             had reached the coordinator, otherwise aborted when this transactional.id starts \
+             again or after enricher.transaction_timeout; the batch's offsets are as the \
+             transaction leaves them (this consumer commits none of its own)"
         );
     } else {
         tracing::info!("enricher drained and committed");

@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::EnricherError;
 
-/// The longest one transactional call waits before it is called again (see
-/// [`Transactions::retrying`]).
+/// The longest a call librdkafka goes on with in the background waits before it is called
+/// again (see `Transactions::slice`).
 const CALL_SLICE: Duration = Duration::from_secs(2);
 
 pub(crate) struct Transactions {
@@ -36,8 +36,8 @@ pub(crate) enum Outcome {
     /// offsets to do it again.
     Aborted,
     /// Shutdown came while the broker did not answer: the transaction is left to the broker
-    /// (aborted at its timeout, or when this `transactional.id` starts again), the batch to
-    /// be read again.
+    /// (committed if its commit had reached the coordinator; otherwise aborted when this
+    /// `transactional.id` starts again or at its timeout, and the batch read again).
     Interrupted,
 }
 
@@ -61,12 +61,31 @@ impl Transactions {
         // Also aborts whatever a previous instance with this transactional.id left open (with
         // a stable id; the default one holds the pid, stable only in a container).
         let started = transactions
-            .retrying("init_transactions", |p, timeout| {
+            .retrying("init_transactions", transactions.slice(), |p, timeout| {
                 p.init_transactions(timeout)
             })
             .await
             .map_err(|e| failed("init_transactions", e))?;
         Ok(started.map(|()| transactions))
+    }
+
+    /// How long a call that librdkafka goes on with in the background (init, commit, abort)
+    /// waits before it is called again: a timed-out call is picked up by the next, and
+    /// shutdown is seen between calls, well within a pod's grace.
+    fn slice(&self) -> Duration {
+        self.timeout.min(CALL_SLICE)
+    }
+
+    /// Why the open transaction failed, when it did (librdkafka's abortable state): its
+    /// writes' own errors say only "timed out" or "purged" for records caught up in it, and
+    /// a partition refused when added to the transaction has no record error at all. Asked
+    /// of `begin_transaction`, which answers with the transaction's error in that state and
+    /// changes nothing in any state but `Ready`, which an open transaction is not in.
+    pub fn failure(&self) -> Option<rdkafka::error::RDKafkaError> {
+        match self.producer.begin_transaction() {
+            Err(RdKafkaError::Transaction(e)) if e.txn_requires_abort() => Some(e),
+            _ => None,
+        }
     }
 
     pub fn begin(&self) -> Result<(), EnricherError> {
@@ -78,16 +97,15 @@ impl Transactions {
     /// Runs a transactional call on the blocking pool, again after a pause each time it
     /// fails with an error librdkafka calls retriable (the broker did not answer in time),
     /// until it succeeds, fails otherwise, or shutdown comes (`Ok(None)`). Each call waits
-    /// at most [`CALL_SLICE`]: a timed-out commit or abort goes on in the background and the
-    /// next call picks it up, and shutdown is seen between calls, well within a pod's grace.
+    /// at most `timeout`.
     async fn retrying(
         &self,
         what: &str,
+        timeout: Duration,
         call: impl Fn(&Producer, Duration) -> Result<(), RdKafkaError> + Clone + Send + 'static,
     ) -> Result<Option<()>, RdKafkaError> {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let timeout = self.timeout.min(CALL_SLICE);
             let (p, call) = (self.producer.clone(), call.clone());
             let result = tokio::task::spawn_blocking(move || call(&p, timeout))
                 .await
@@ -113,7 +131,7 @@ impl Transactions {
     /// Aborts the open transaction (shutdown in the middle of a batch, or a batch to do
     /// again). `false`: shutdown came while the broker did not answer.
     pub async fn abort(&self) -> Result<bool, EnricherError> {
-        self.retrying("abort_transaction", |p, timeout| {
+        self.retrying("abort_transaction", self.slice(), |p, timeout| {
             p.abort_transaction(timeout)
         })
         .await
@@ -172,13 +190,17 @@ impl Transactions {
         }
         let group = std::sync::Arc::new(group);
         let sent = self
-            .retrying("send_offsets_to_transaction", move |p, timeout| {
-                p.send_offsets_to_transaction(&offsets, &group, timeout)
-            })
+            // The whole timeout: a call timed out here fails the transaction rather than
+            // going on in the background.
+            .retrying(
+                "send_offsets_to_transaction",
+                self.timeout,
+                move |p, timeout| p.send_offsets_to_transaction(&offsets, &group, timeout),
+            )
             .await;
         let result = match sent {
             Ok(Some(())) => self
-                .retrying("commit_transaction", |p, timeout| {
+                .retrying("commit_transaction", self.slice(), |p, timeout| {
                     p.commit_transaction(timeout)
                 })
                 .await
@@ -192,6 +214,13 @@ impl Transactions {
                 metrics::counter!("instream_enrich_transactions_total", "outcome" => "committed")
                     .increment(1);
                 Ok(Outcome::Committed)
+            }
+            Err((what, RdKafkaError::Transaction(e)))
+                if e.txn_requires_abort() && instream_kafka::is_refusal(e.code()) =>
+            {
+                // Done again it would be refused again: stop, saying why.
+                self.abort().await?;
+                Err(failed(what, e))
             }
             Err((_, RdKafkaError::Transaction(e))) if e.txn_requires_abort() => {
                 tracing::warn!(error = %e, "transaction refused; aborting and doing the batch again");

@@ -388,6 +388,41 @@ async fn a_write_refused_for_good_stops_the_enricher_and_a_restart_loses_none() 
             &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 3],
         )
         .unwrap();
+    stops_naming_the_refusal_and_restarts(&s, child, RDKafkaApiKey::Produce).await;
+}
+
+/// The same in transactional delivery, the broker refusing (not authorized) to add the
+/// enriched topic's partitions to the transaction, from the first batch on: no record gets
+/// an error of its own (they are purged with the transaction), yet the enricher stops naming
+/// the refusal instead of doing the batch again forever; restarted once the broker accepts,
+/// it writes every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_refused_for_good_stops_the_enricher_and_a_restart_loses_none() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    if std::env::var("INSTREAM_TEST_KAFKA").is_ok_and(|v| !v.trim().is_empty()) {
+        eprintln!(
+            "skipped: the test makes the broker fail requests, which only the embedded one allows"
+        );
+        return;
+    }
+    let s = scenario("transactional", "").await;
+    s.broker
+        .fail_requests(
+            RDKafkaApiKey::AddPartitionsToTxn,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 3],
+        )
+        .unwrap();
+    let child = spawn(&s.config);
+    stops_naming_the_refusal_and_restarts(&s, child, RDKafkaApiKey::AddPartitionsToTxn).await;
+}
+
+/// `child` must stop with an error naming the broker's refusal (not authorized); then the
+/// broker accepts `api` requests again and a restarted enricher writes every event.
+async fn stops_naming_the_refusal_and_restarts(
+    s: &Scenario,
+    mut child: ChildGuard,
+    api: rdkafka::types::RDKafkaApiKey,
+) {
     let status = child.wait_exit(Duration::from_secs(60)).unwrap();
     assert!(
         !status.success(),
@@ -405,10 +440,9 @@ async fn a_write_refused_for_good_stops_the_enricher_and_a_restart_loses_none() 
             || stopped.contains("Topic authorization failed"),
         "the enricher says why it stopped: {stopped}"
     );
-    s.broker
-        .clear_request_errors(RDKafkaApiKey::Produce)
-        .unwrap();
-    let repeated = check_output(&s, spawn(&s.config)).await;
+    eprintln!("{}: {stopped}", s.delivery);
+    s.broker.clear_request_errors(api).unwrap();
+    let repeated = check_output(s, spawn(&s.config)).await;
     eprintln!(
         "{}: {repeated} repeated copies after the refusal",
         s.delivery
@@ -503,9 +537,11 @@ async fn shutdown_while_a_commit_waits_for_the_broker_leaves_the_transaction_to_
     let mut child = spawn(&s.config);
     let log = child.1.clone().unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&log)
-        .is_ok_and(|text| text.contains("commit_transaction did not complete"))
-    {
+    // The first transaction's end: its commit, or an abort (a rebalance at the start).
+    while !std::fs::read_to_string(&log).is_ok_and(|text| {
+        text.contains("commit_transaction did not complete")
+            || text.contains("abort_transaction did not complete")
+    }) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "no commit waited for the broker"
@@ -516,6 +552,18 @@ async fn shutdown_while_a_commit_waits_for_the_broker_leaves_the_transaction_to_
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", s.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (committed, _) = metric_sum(
+        &metrics,
+        "instream_enrich_transactions_total",
+        "outcome=\"committed\"",
+    );
+    assert_eq!(committed, 0.0, "no transaction could end");
     let asked = std::time::Instant::now();
     child.terminate().unwrap();
     let status = child.wait_exit(Duration::from_secs(20)).unwrap();
@@ -565,6 +613,14 @@ async fn a_transactional_enricher_started_while_the_broker_is_down_waits_for_it(
     assert!(
         !child.exited(),
         "the enricher exited while the broker was down"
+    );
+    let readyz = reqwest::get(format!("http://127.0.0.1:{}/readyz", s.admin))
+        .await
+        .unwrap();
+    assert_eq!(
+        readyz.status(),
+        503,
+        "not ready while waiting for the broker"
     );
     s.broker.set_up(true).unwrap();
     let repeated = check_output(&s, child).await;
