@@ -492,6 +492,33 @@ async fn cluster_mode_over_tls_with_a_private_authority() {
     );
 }
 
+/// Through a sentinel-mode store with `cfg`: `key` written (a hash) on the connection to the
+/// master that `refdata load` uses, then found by a lookup.
+async fn written_to_the_master_and_looked_up(cfg: &RefDataConfig, key: &str) {
+    let store = RedisRefStore::connect(cfg).await.unwrap();
+    store.ping().await.unwrap();
+    let mut master = store
+        .master_connection()
+        .await
+        .unwrap()
+        .expect("sentinel mode");
+    let _: () = redis::cmd("HSET")
+        .arg(key)
+        .arg("tier")
+        .arg("gold")
+        .query_async(&mut master)
+        .await
+        .unwrap();
+    let found = store
+        .lookup_many(&[(key.into(), RecordShape::Hash)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&found[0], Found::Record(r) if r.get("tier") == Some(&serde_json::json!("gold"))),
+        "{found:?}"
+    );
+}
+
 /// A master and a sentinel speaking only TLS, trusted through `refdata.tls_ca_file`: the
 /// sentinel is asked over TLS, the master it names is reached over TLS (written to through the
 /// connection `refdata load` uses, and read by lookups); without the authority, refused.
@@ -505,28 +532,7 @@ async fn sentinel_mode_over_tls_with_a_private_authority() {
         timeout: std::time::Duration::from_secs(2),
         ..sentinel.refdata_config()
     };
-    let store = RedisRefStore::connect(&cfg).await.unwrap();
-    store.ping().await.unwrap();
-    let mut master = store
-        .master_connection()
-        .await
-        .unwrap()
-        .expect("sentinel mode");
-    let _: () = redis::cmd("HSET")
-        .arg("customer:tls")
-        .arg("tier")
-        .arg("gold")
-        .query_async(&mut master)
-        .await
-        .unwrap();
-    let found = store
-        .lookup_many(&[("customer:tls".into(), RecordShape::Hash)])
-        .await
-        .unwrap();
-    assert!(
-        matches!(&found[0], Found::Record(r) if r.get("tier") == Some(&serde_json::json!("gold"))),
-        "{found:?}"
-    );
+    written_to_the_master_and_looked_up(&cfg, "customer:tls").await;
     let untrusted = refused(&RefDataConfig {
         tls_ca_file: None,
         ..cfg.clone()
@@ -552,28 +558,7 @@ async fn sentinel_mode_logs_in_as_acl_users() {
     };
     assert!(cfg.redis_nodes[0].contains("enricher:Sentinel-Pass-9@"));
     assert!(cfg.redis_url.contains("enricher:Sentinel-Pass-9@"));
-    let store = RedisRefStore::connect(&cfg).await.unwrap();
-    store.ping().await.unwrap();
-    let mut master = store
-        .master_connection()
-        .await
-        .unwrap()
-        .expect("sentinel mode");
-    let _: () = redis::cmd("HSET")
-        .arg("customer:acl")
-        .arg("tier")
-        .arg("gold")
-        .query_async(&mut master)
-        .await
-        .unwrap();
-    let found = store
-        .lookup_many(&[("customer:acl".into(), RecordShape::Hash)])
-        .await
-        .unwrap();
-    assert!(
-        matches!(&found[0], Found::Record(r) if r.get("tier") == Some(&serde_json::json!("gold"))),
-        "{found:?}"
-    );
+    written_to_the_master_and_looked_up(&cfg, "customer:acl").await;
     let wrong = |url: &str| url.replace("Sentinel-Pass-9", "Wrong-Pass-3");
     for bad in [
         RefDataConfig {

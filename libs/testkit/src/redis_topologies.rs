@@ -6,7 +6,7 @@ use std::process::Command;
 use tempfile::TempDir;
 
 use crate::process::{free_port, wait_until, ChildGuard, TestkitError};
-use crate::servers::{ask, auth_prefix, spawn, tls_only, wait_ready, RedisServer};
+use crate::servers::{ask, auth_prefix, login, spawn, tls_only, wait_ready, RedisServer};
 
 /// Three `redis-server`s in cluster mode, the slots spread by `redis-cli --cluster create`.
 pub struct RedisCluster {
@@ -151,10 +151,7 @@ impl RedisCluster {
     /// `redis://[user:password@]127.0.0.1:<port>` (`rediss://` with TLS) of every node.
     pub fn urls(&self) -> Vec<String> {
         let scheme = if self.tls { "rediss" } else { "redis" };
-        let login = self
-            .credentials
-            .as_ref()
-            .map_or_else(String::new, |(u, p)| format!("{u}:{p}@"));
+        let login = login(&self.credentials);
         self.ports
             .iter()
             .map(|p| format!("{scheme}://{login}127.0.0.1:{p}"))
@@ -300,10 +297,7 @@ impl RedisSentinel {
     /// `redis://[user:password@]127.0.0.1:<port>` (`rediss://` with TLS) of the sentinel.
     pub fn sentinel_url(&self) -> String {
         let scheme = if self.tls { "rediss" } else { "redis" };
-        let login = self
-            .credentials
-            .as_ref()
-            .map_or_else(String::new, |(u, p)| format!("{u}:{p}@"));
+        let login = login(&self.credentials);
         format!("{scheme}://{login}127.0.0.1:{}", self.port)
     }
 

@@ -17,6 +17,13 @@ pub(crate) fn auth_prefix(credentials: Option<(&str, &str)>) -> String {
     credentials.map_or_else(String::new, |(u, p)| format!("AUTH {u} {p}\r\n"))
 }
 
+/// `user:password@` for a URL to a server with ACL users; empty without.
+pub(crate) fn login(credentials: &Option<(String, String)>) -> String {
+    credentials
+        .as_ref()
+        .map_or_else(String::new, |(u, p)| format!("{u}:{p}@"))
+}
+
 /// Sends `request` and reads the reply until `expect` appears or the peer closes.
 pub(crate) fn ask(port: u16, request: &[u8], expect: &[u8]) -> bool {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
@@ -224,10 +231,7 @@ impl RedisServer {
     /// `redis://[user:password@]127.0.0.1:<port>` (`rediss://` with TLS).
     pub fn url(&self) -> String {
         let scheme = if self.tls { "rediss" } else { "redis" };
-        let login = self
-            .credentials
-            .as_ref()
-            .map_or_else(String::new, |(u, p)| format!("{u}:{p}@"));
+        let login = login(&self.credentials);
         format!("{scheme}://{login}127.0.0.1:{}", self.port)
     }
 

@@ -47,8 +47,7 @@ async fn killed_twice_in_at_least_once_delivery_nothing_lost_and_copies_identica
 /// instead of failing, the enricher stays up, and every event comes out once per origin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_mid_stream_holds_deliveries_back_and_loses_none() {
-    if std::env::var("INSTREAM_TEST_KAFKA").is_ok_and(|v| !v.trim().is_empty()) {
-        eprintln!("skipped: the test takes the broker down, which only the embedded one allows");
+    if skipped_without_the_embedded_broker() {
         return;
     }
     let s = scenario(
@@ -89,10 +88,7 @@ async fn a_broker_outage_mid_stream_holds_deliveries_back_and_loses_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_refused_for_good_stops_the_enricher_and_a_restart_loses_none() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    if std::env::var("INSTREAM_TEST_KAFKA").is_ok_and(|v| !v.trim().is_empty()) {
-        eprintln!(
-            "skipped: the test makes the broker fail requests, which only the embedded one allows"
-        );
+    if skipped_without_the_embedded_broker() {
         return;
     }
     let s = scenario("at_least_once", "").await;

@@ -22,10 +22,7 @@ use instream_testkit::metric_sum;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_refused_for_good_stops_the_enricher_and_a_restart_loses_none() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    if std::env::var("INSTREAM_TEST_KAFKA").is_ok_and(|v| !v.trim().is_empty()) {
-        eprintln!(
-            "skipped: the test makes the broker fail requests, which only the embedded one allows"
-        );
+    if skipped_without_the_embedded_broker() {
         return;
     }
     let s = scenario("transactional", "").await;
@@ -48,10 +45,7 @@ async fn a_transaction_refused_for_good_stops_the_enricher_and_a_restart_loses_n
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_failing_past_the_transaction_timeout_abort_the_batch_and_do_it_again() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    if std::env::var("INSTREAM_TEST_KAFKA").is_ok_and(|v| !v.trim().is_empty()) {
-        eprintln!(
-            "skipped: the test makes the broker fail requests, which only the embedded one allows"
-        );
+    if skipped_without_the_embedded_broker() {
         return;
     }
     // The error counts below outlast the 2 s timeouts only with librdkafka's retry pauses
@@ -77,17 +71,12 @@ async fn writes_failing_past_the_transaction_timeout_abort_the_batch_and_do_it_a
         .unwrap();
     let mut child = spawn(&s.config);
     let log = child.1.clone().unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&log)
-        .is_ok_and(|text| text.contains("aborting its transaction and doing it again"))
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no batch was aborted to be done again"
-        );
-        assert!(!child.exited(), "the enricher exited while writes failed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_log(
+        &mut child,
+        &["aborting its transaction and doing it again"],
+        "a batch aborted to be done again",
+    )
+    .await;
     let repeated = check_output(&s, child).await;
     let text = std::fs::read_to_string(&log).unwrap();
     let (redone, called_again) = (
@@ -111,10 +100,7 @@ async fn writes_failing_past_the_transaction_timeout_abort_the_batch_and_do_it_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_while_a_commit_waits_for_the_broker_leaves_the_transaction_to_it() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    if std::env::var("INSTREAM_TEST_KAFKA").is_ok_and(|v| !v.trim().is_empty()) {
-        eprintln!(
-            "skipped: the test makes the broker fail requests, which only the embedded one allows"
-        );
+    if skipped_without_the_embedded_broker() {
         return;
     }
     let s = scenario("transactional", "transaction_timeout = \"60s\"\n").await;
@@ -126,22 +112,16 @@ async fn shutdown_while_a_commit_waits_for_the_broker_leaves_the_transaction_to_
         .unwrap();
     let mut child = spawn(&s.config);
     let log = child.1.clone().unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     // The first transaction's end: its commit, or an abort (a rebalance at the start).
-    while !std::fs::read_to_string(&log).is_ok_and(|text| {
-        text.contains("commit_transaction did not complete")
-            || text.contains("abort_transaction did not complete")
-    }) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no commit waited for the broker"
-        );
-        assert!(
-            !child.exited(),
-            "the enricher exited while its commit waited"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_log(
+        &mut child,
+        &[
+            "commit_transaction did not complete",
+            "abort_transaction did not complete",
+        ],
+        "a transaction's end waiting for the broker",
+    )
+    .await;
     let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", s.admin))
         .await
         .unwrap()
@@ -178,28 +158,18 @@ async fn shutdown_while_a_commit_waits_for_the_broker_leaves_the_transaction_to_
 /// the broker is up, every event comes out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transactional_enricher_started_while_the_broker_is_down_waits_for_it() {
-    if std::env::var("INSTREAM_TEST_KAFKA").is_ok_and(|v| !v.trim().is_empty()) {
-        eprintln!("skipped: the test takes the broker down, which only the embedded one allows");
+    if skipped_without_the_embedded_broker() {
         return;
     }
     let s = scenario("transactional", "").await;
     s.broker.set_up(false).unwrap();
     let mut child = spawn(&s.config);
-    let log = child.1.clone().unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&log)
-        .is_ok_and(|text| text.contains("init_transactions did not complete"))
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the enricher never waited for the broker to register its id"
-        );
-        assert!(
-            !child.exited(),
-            "the enricher exited while the broker was down"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_log(
+        &mut child,
+        &["init_transactions did not complete"],
+        "the enricher waiting for the broker to register its id",
+    )
+    .await;
     assert!(
         !child.exited(),
         "the enricher exited while the broker was down"

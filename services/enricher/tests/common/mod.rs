@@ -326,3 +326,28 @@ pub async fn stops_naming_the_refusal_and_restarts(
         s.delivery
     );
 }
+
+/// Whether the test must be skipped: it makes the broker fail requests or go down, which only
+/// the embedded one allows (not a real Kafka named by `INSTREAM_TEST_KAFKA`). Says so.
+pub fn skipped_without_the_embedded_broker() -> bool {
+    let real = std::env::var("INSTREAM_TEST_KAFKA").is_ok_and(|v| !v.trim().is_empty());
+    if real {
+        eprintln!("skipped: the test makes the broker fail or go down, which only the embedded one allows");
+    }
+    real
+}
+
+/// Waits (up to a minute) until `child`'s log holds one of `texts`, asserting meanwhile that
+/// it is still running; `what` names the awaited step in a failure.
+pub async fn wait_for_log(child: &mut ChildGuard, texts: &[&str], what: &str) {
+    let log = child.1.clone().expect("a service's log");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log).is_ok_and(|text| texts.iter().any(|t| text.contains(t))) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        assert!(!child.exited(), "the enricher exited waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
