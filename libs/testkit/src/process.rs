@@ -117,6 +117,17 @@ impl ChildGuard {
     pub fn exited(&mut self) -> bool {
         matches!(self.0.try_wait(), Ok(Some(_)))
     }
+
+    /// The line of an instream service's log saying it stopped with an error (with the
+    /// error); panics, showing the log, when there is none.
+    pub fn stopped_with_an_error(&self) -> String {
+        let path = self.1.as_ref().expect("a service started with a log");
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        log.lines()
+            .find(|l| l.contains("stopped with an error"))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("the service does not say it stopped with an error: {log}"))
+    }
 }
 
 impl Drop for ChildGuard {

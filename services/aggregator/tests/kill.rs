@@ -429,13 +429,9 @@ async fn a_forward_refused_for_good_stops_the_aggregator_and_a_restart_counts_ev
         !status.success(),
         "the aggregator stops with an error when a forward is refused for good: {status}"
     );
-    let log = std::fs::read_to_string(refused.1.as_ref().unwrap()).unwrap();
     // Refused by the broker (its error code), or, when the producer's watcher saw it
     // first, librdkafka's account of its fatal error (which names the refusal).
-    let stopped = log
-        .lines()
-        .find(|l| l.contains("stopped with an error"))
-        .unwrap_or_else(|| panic!("the aggregator says it stopped: {log}"));
+    let stopped = refused.stopped_with_an_error();
     assert!(
         stopped.contains("TopicAuthorizationFailed")
             || stopped.contains("Topic authorization failed"),

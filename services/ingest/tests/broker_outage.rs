@@ -207,11 +207,7 @@ async fn a_producer_failed_for_good_stops_ingest_naming_the_cause() {
     }
     let status = child.wait_exit(Duration::from_secs(30)).unwrap();
     assert!(!status.success(), "{status}");
-    let log = std::fs::read_to_string(child.1.as_ref().unwrap()).unwrap();
-    let stopped = log
-        .lines()
-        .find(|l| l.contains("stopped with an error"))
-        .unwrap_or_else(|| panic!("ingest says it stopped: {log}"));
+    let stopped = child.stopped_with_an_error();
     assert!(
         stopped.contains("failed for good") && stopped.contains("sequence desynchronization"),
         "ingest says why it stopped: {stopped}"

@@ -306,13 +306,9 @@ pub async fn stops_naming_the_refusal_and_restarts(
         !status.success(),
         "the enricher stops with an error when a write is refused for good: {status}"
     );
-    let log = std::fs::read_to_string(child.1.as_ref().unwrap()).unwrap();
     // Refused by the broker (its error code), or, when the producer's watcher saw it
     // first, librdkafka's account of its fatal error (which names the refusal).
-    let stopped = log
-        .lines()
-        .find(|l| l.contains("stopped with an error"))
-        .unwrap_or_else(|| panic!("the enricher says it stopped: {log}"));
+    let stopped = child.stopped_with_an_error();
     assert!(
         stopped.contains("TopicAuthorizationFailed")
             || stopped.contains("Topic authorization failed"),
