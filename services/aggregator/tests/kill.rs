@@ -307,6 +307,20 @@ async fn all_restored(admin: u16) -> bool {
     assigned == ASSIGNED as f64 && states == ASSIGNED as f64
 }
 
+/// A run started now catches up and restores every partition; stopped, it exits 0 and
+/// both aggregations' windows hold the counts of one clean pass.
+async fn last_run_catches_up_and_counts_one_clean_pass(s: &Scenario) {
+    let mut last = spawn(&s.config);
+    wait_until("the last run to catch up", || async {
+        caught_up(s.admin).await && all_restored(s.admin).await
+    })
+    .await;
+    last.terminate().unwrap();
+    let status = last.wait_exit(Duration::from_secs(20)).unwrap();
+    assert!(status.success(), "{status}");
+    assert_one_clean_pass(s).await;
+}
+
 /// Both aggregations' windows in the store hold the counts of one clean pass.
 async fn assert_one_clean_pass(s: &Scenario) {
     let store = LocalStore::open(&s.store_path).unwrap();
@@ -348,15 +362,7 @@ async fn killed_twice_with_9_every_window_holds_the_count_of_one_clean_pass() {
     // The last run catches up and restores every partition, also one whose records were all
     // checkpointed before a kill: its windows live in its checkpoint and the drain writes
     // them.
-    let mut last = spawn(&s.config);
-    wait_until("the last run to catch up", || async {
-        caught_up(s.admin).await && all_restored(s.admin).await
-    })
-    .await;
-    last.terminate().unwrap();
-    let status = last.wait_exit(Duration::from_secs(20)).unwrap();
-    assert!(status.success(), "{status}");
-    assert_one_clean_pass(&s).await;
+    last_run_catches_up_and_counts_one_clean_pass(&s).await;
 }
 
 /// A run counts everything and checkpoints it, then is killed before any window was written
@@ -441,13 +447,5 @@ async fn a_forward_refused_for_good_stops_the_aggregator_and_a_restart_counts_ev
         .clear_request_errors(RDKafkaApiKey::Produce)
         .unwrap();
 
-    let mut last = spawn(&s.config);
-    wait_until("the restarted run to catch up", || async {
-        caught_up(s.admin).await && all_restored(s.admin).await
-    })
-    .await;
-    last.terminate().unwrap();
-    let status = last.wait_exit(Duration::from_secs(20)).unwrap();
-    assert!(status.success(), "{status}");
-    assert_one_clean_pass(&s).await;
+    last_run_catches_up_and_counts_one_clean_pass(&s).await;
 }
