@@ -5,10 +5,10 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use instream_testkit::{metric_sum, spawn_service, unique, KafkaBroker};
+use instream_testkit::{metric_sum, KafkaBroker};
 
 mod common;
-use common::{wait_ok, write_config, BIN};
+use common::{start_ready, wait_ok};
 
 /// NDJSON of events numbered `range`, one key per ten.
 fn batch(range: std::ops::Range<u32>) -> String {
@@ -83,18 +83,15 @@ async fn a_broker_outage_answers_503_turns_readyz_false_and_recovers() {
         eprintln!("skipped: the test takes the broker down, which only the embedded one allows");
         return;
     }
-    let pipeline = unique("outage");
-    broker.create_pipeline_topics(&pipeline, 2).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (config, admin, http) = write_config(
-        dir.path(),
-        &broker.bootstrap_servers(),
-        &pipeline,
+    let ingest = start_ready(
+        &broker,
+        "outage",
+        2,
         "produce_timeout = \"2s\"\nretry_after = \"3s\"\nallow_anonymous = true",
-    );
-    let _child = spawn_service(BIN, &config).unwrap();
+    )
+    .await;
+    let (admin, http, pipeline) = (ingest.admin, ingest.http, ingest.pipeline.clone());
     let readyz = format!("http://127.0.0.1:{admin}/readyz");
-    wait_ok(&readyz, Duration::from_secs(30)).await;
 
     let before = post(http, &pipeline, batch(0..100)).await;
     assert_eq!(before.status(), 200);
@@ -171,19 +168,12 @@ async fn a_producer_failed_for_good_stops_ingest_naming_the_cause() {
         );
         return;
     }
-    let pipeline = unique("fatal");
-    broker.create_pipeline_topics(&pipeline, 1).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (config, admin, http) = write_config(
-        dir.path(),
-        &broker.bootstrap_servers(),
-        &pipeline,
+    // Bound whole: its directory (the config, the log) must outlive the process.
+    let mut ingest = start_ready(
+        &broker,
+        "fatal",
+        1,
         "produce_timeout = \"5s\"\nallow_anonymous = true",
-    );
-    let mut child = spawn_service(BIN, &config).unwrap();
-    wait_ok(
-        &format!("http://127.0.0.1:{admin}/readyz"),
-        Duration::from_secs(30),
     )
     .await;
     broker
@@ -195,7 +185,8 @@ async fn a_producer_failed_for_good_stops_ingest_naming_the_cause() {
     // The request may be cut short by the stop; it is never accepted.
     let answer = reqwest::Client::new()
         .post(format!(
-            "http://127.0.0.1:{http}/v1/pipelines/{pipeline}/events"
+            "http://127.0.0.1:{}/v1/pipelines/{}/events",
+            ingest.http, ingest.pipeline
         ))
         .header("content-type", "application/x-ndjson")
         .timeout(Duration::from_secs(30))
@@ -205,9 +196,9 @@ async fn a_producer_failed_for_good_stops_ingest_naming_the_cause() {
     if let Ok(answer) = answer {
         assert_ne!(answer.status(), 200, "{:?}", answer.text().await);
     }
-    let status = child.wait_exit(Duration::from_secs(30)).unwrap();
+    let status = ingest.child.wait_exit(Duration::from_secs(30)).unwrap();
     assert!(!status.success(), "{status}");
-    let stopped = child.stopped_with_an_error();
+    let stopped = ingest.child.stopped_with_an_error();
     assert!(
         stopped.contains("failed for good") && stopped.contains("sequence desynchronization"),
         "ingest says why it stopped: {stopped}"

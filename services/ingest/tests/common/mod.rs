@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use instream_testkit::{free_port, process_config_toml};
+use instream_testkit::{
+    free_port, process_config_toml, spawn_service, unique, ChildGuard, KafkaBroker,
+};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_instream-ingest");
 
@@ -66,5 +68,44 @@ pub async fn wait_ok(url: &str, timeout: Duration) {
             "{url} did not answer 200 within {timeout:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An `instream-ingest` process, ready, for a pipeline of its own.
+pub struct ReadyIngest {
+    pub child: ChildGuard,
+    pub admin: u16,
+    pub http: u16,
+    pub pipeline: String,
+    _dir: tempfile::TempDir,
+}
+
+/// Creates a pipeline named after `prefix` (`partitions` partitions) on `broker` and starts
+/// ingest for it with `ingest` settings; returns once `/readyz` answers 200.
+pub async fn start_ready(
+    broker: &KafkaBroker,
+    prefix: &str,
+    partitions: i32,
+    ingest: &str,
+) -> ReadyIngest {
+    let pipeline = unique(prefix);
+    broker
+        .create_pipeline_topics(&pipeline, partitions)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (config, admin, http) =
+        write_config(dir.path(), &broker.bootstrap_servers(), &pipeline, ingest);
+    let child = spawn_service(BIN, &config).unwrap();
+    wait_ok(
+        &format!("http://127.0.0.1:{admin}/readyz"),
+        Duration::from_secs(30),
+    )
+    .await;
+    ReadyIngest {
+        child,
+        admin,
+        http,
+        pipeline,
+        _dir: dir,
     }
 }
