@@ -359,23 +359,12 @@ pub async fn all_delivered_unless(
         }
         Ok::<(), KafkaError>(())
     };
-    let mut all = std::pin::pin!(all);
-    let mut check = tokio::time::interval(std::time::Duration::from_secs(1));
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            done = &mut all => {
-                return done
-                    .map(|()| true)
-                    .map_err(|e| failed_for_good(producer).unwrap_or(e));
-            }
-            _ = stop.cancelled() => return Ok(false),
-            _ = check.tick() => {
-                if let Some(error) = failed_for_good(producer) {
-                    return Err(error);
-                }
-            }
-        }
+    tokio::select! {
+        done = all => done
+            .map(|()| true)
+            .map_err(|e| failed_for_good(producer).unwrap_or(e)),
+        _ = stop.cancelled() => Ok(false),
+        error = failed_for_good_watch(producer) => Err(error),
     }
 }
 
