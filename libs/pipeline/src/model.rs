@@ -249,8 +249,13 @@ impl Window {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "fn", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Function {
-    /// Events in the window (always computed; listing it changes nothing).
-    Count,
+    /// Without `field`: events in the window (always computed; listing it changes nothing).
+    /// With `field`: events in which that field is present and not null, as SQL's
+    /// `COUNT(field)`, output as `count_<field>`.
+    Count {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        field: Option<FieldPath>,
+    },
     /// Sum of a numeric field (numbers, or strings holding one; others are skipped).
     Sum {
         field: FieldPath,
@@ -306,7 +311,7 @@ impl Function {
     /// The field the function reads, if any.
     pub fn field(&self) -> Option<&FieldPath> {
         match self {
-            Function::Count => None,
+            Function::Count { field } => field.as_ref(),
             Function::Sum { field }
             | Function::Min { field }
             | Function::Max { field }
@@ -327,7 +332,8 @@ impl Function {
             .map(String::as_str)
             .unwrap_or_default();
         let kind = match self {
-            Function::Count => return "count".into(),
+            Function::Count { field: None } => return "count".into(),
+            Function::Count { field: Some(_) } => "count",
             Function::Sum { .. } => "sum",
             Function::Min { .. } => "min",
             Function::Max { .. } => "max",

@@ -40,29 +40,81 @@ pub trait DefinitionSource: Send + Sync {
 }
 
 /// Parses a definitions document (TOML, or JSON when it starts with `{`) and validates every
-/// pipeline in it.
+/// pipeline in it. A key no table uses is refused, naming the pipeline and the key's path.
 pub fn parse_document(text: &str) -> Result<DefinitionsDocument, DefinitionError> {
-    let doc: DefinitionsDocument = if text.trim_start().starts_with('{') {
-        serde_json::from_str(text).map_err(|e| DefinitionError::Parse(e.to_string()))?
+    let pipelines: Vec<PipelineDefinition> = if text.trim_start().starts_with('{') {
+        let doc: RawDocument<serde_json::Value> =
+            serde_json::from_str(text).map_err(|e| DefinitionError::Parse(e.to_string()))?;
+        doc.pipelines
+            .into_iter()
+            .enumerate()
+            .map(|(i, value)| {
+                let name = name_of(value.get("name").and_then(|n| n.as_str()), i);
+                typed(name, value)
+            })
+            .collect::<Result<_, _>>()?
     } else {
-        toml::from_str(text).map_err(|e| DefinitionError::Parse(e.to_string()))?
+        let doc: RawDocument<toml::Value> =
+            toml::from_str(text).map_err(|e| DefinitionError::Parse(e.to_string()))?;
+        doc.pipelines
+            .into_iter()
+            .enumerate()
+            .map(|(i, value)| {
+                let name = name_of(value.get("name").and_then(|n| n.as_str()), i);
+                typed(name, value)
+            })
+            .collect::<Result<_, _>>()?
     };
     let mut seen = std::collections::BTreeSet::new();
-    for p in &doc.pipelines {
+    for p in &pipelines {
         p.validate()?;
         if !seen.insert(p.name.as_str()) {
             return Err(DefinitionError::Duplicate(p.name.clone()));
         }
     }
-    Ok(doc)
+    Ok(DefinitionsDocument { pipelines })
 }
 
 /// Parses and validates one pipeline given as JSON (how ZooKeeper stores it).
 pub fn parse_definition(text: &[u8]) -> Result<PipelineDefinition, DefinitionError> {
-    let p: PipelineDefinition =
+    let value: serde_json::Value =
         serde_json::from_slice(text).map_err(|e| DefinitionError::Parse(e.to_string()))?;
+    let name = name_of(value.get("name").and_then(|n| n.as_str()), 0);
+    let p = typed(name, value)?;
     p.validate()?;
     Ok(p)
+}
+
+/// A definitions document before its pipelines are typed one by one, so that an error can
+/// name the pipeline it is in.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDocument<V> {
+    #[serde(default = "Vec::new")]
+    pipelines: Vec<V>,
+}
+
+fn name_of(name: Option<&str>, index: usize) -> String {
+    name.map_or_else(|| format!("pipelines[{index}]"), str::to_owned)
+}
+
+/// Types one pipeline, naming the path of the key that failed (`aggregations[0].functions[1]`).
+fn typed<'de, D: serde::Deserializer<'de>>(
+    pipeline: String,
+    value: D,
+) -> Result<PipelineDefinition, DefinitionError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let reason = e.into_inner().to_string();
+        DefinitionError::Invalid {
+            pipeline,
+            problems: vec![if path == "." {
+                reason
+            } else {
+                format!("{path}: {reason}")
+            }],
+        }
+    })
 }
 
 /// Definitions from a file, read once at start (change it with a restart, or use ZooKeeper).

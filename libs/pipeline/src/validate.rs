@@ -334,6 +334,118 @@ window = { kind = "tumbling", size = "1m" }
     }
 
     #[test]
+    fn every_table_refuses_a_key_it_does_not_use_naming_the_pipeline_and_the_path() {
+        let functions = [
+            r#"{ fn = "count" }"#,
+            r#"{ fn = "count", field = "payload.x" }"#,
+            r#"{ fn = "sum", field = "payload.x" }"#,
+            r#"{ fn = "min", field = "payload.x" }"#,
+            r#"{ fn = "max", field = "payload.x" }"#,
+            r#"{ fn = "avg", field = "payload.x" }"#,
+            r#"{ fn = "first", field = "payload.x" }"#,
+            r#"{ fn = "last", field = "payload.x" }"#,
+            r#"{ fn = "count_distinct", field = "payload.x" }"#,
+            r#"{ fn = "quantiles", field = "payload.x" }"#,
+        ];
+        for function in functions {
+            let good = GOOD.replace(
+                "window = { kind",
+                &format!("functions = [{function}]\nwindow = {{ kind"),
+            );
+            parse_document(&good).unwrap_or_else(|e| panic!("{function}: {e}"));
+            let extra = function.replace(" }", ", colour = 1 }");
+            let bad = GOOD.replace(
+                "window = { kind",
+                &format!("functions = [{extra}]\nwindow = {{ kind"),
+            );
+            let err = parse_document(&bad).unwrap_err().to_string();
+            assert!(
+                err.contains("pipeline `orders`")
+                    && err.contains("aggregations[0].functions[0]")
+                    && err.contains("unknown field `colour`"),
+                "{extra}: {err}"
+            );
+        }
+        // Every other table, and each kind of the tagged ones.
+        let tables = [
+            ("name = \"orders\"", "name = \"orders\"\ncolour = 1"),
+            ("fields = { tier", "colour = 1\nfields = { tier"),
+            ("size = \"1m\" }", "size = \"1m\", colour = 1 }"),
+            (
+                "kind = \"tumbling\", size = \"1m\" }",
+                "kind = \"hopping\", size = \"1m\", slide = \"30s\", colour = 1 }",
+            ),
+            (
+                "kind = \"tumbling\", size = \"1m\" }",
+                "kind = \"session\", gap = \"1m\", colour = 1 }",
+            ),
+            (
+                "window = { kind",
+                "filter = { field = \"payload.x\", op = \"eq\", value = 1, colour = 1 }\nwindow = { kind",
+            ),
+        ];
+        for (from, to) in tables {
+            let err = parse_document(&GOOD.replace(from, to))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("pipeline `orders`") && err.contains("unknown field `colour`"),
+                "{to}: {err}"
+            );
+        }
+        let archive = format!("{GOOD}\n[pipelines.archive]\nformat = \"parquet\"\ncolour = 1\n");
+        let err = parse_document(&archive).unwrap_err().to_string();
+        assert!(
+            err.contains("archive.colour: unknown field `colour`"),
+            "{err}"
+        );
+        let quality = format!(
+            "{GOOD}\n[[pipelines.quality]]\nname = \"q\"\ncheck = {{ kind = \"reference\", enrichment = \"customer\", colour = 1 }}\n"
+        );
+        let err = parse_document(&quality).unwrap_err().to_string();
+        assert!(
+            err.contains("quality[0].check") && err.contains("unknown field `colour`"),
+            "{err}"
+        );
+        let json = r#"{"pipelines":[{"name":"p","key_field":"k","time_field":"t","colour":1}]}"#;
+        let err = parse_document(json).unwrap_err().to_string();
+        assert!(
+            err.contains("pipeline `p`") && err.contains("unknown field `colour`"),
+            "{err}"
+        );
+        let err = crate::source::parse_definition(
+            br#"{"name":"p","key_field":"k","time_field":"t","colour":1}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("pipeline `p`"), "{err}");
+    }
+
+    #[test]
+    fn count_with_a_field_is_named_after_it_and_without_one_is_the_window_count() {
+        use crate::model::Function;
+        let doc = parse_document(&GOOD.replace(
+            "window = { kind",
+            "functions = [{ fn = \"count\" }, { fn = \"count\", field = \"payload.dep_delay\" }]\nwindow = { kind",
+        ))
+        .unwrap();
+        let functions = &doc.pipelines[0].aggregations[0].functions;
+        assert_eq!(functions[0], Function::Count { field: None });
+        assert_eq!(functions[0].output_name(), "count");
+        assert_eq!(functions[1].output_name(), "count_dep_delay");
+        assert_eq!(
+            functions[1].field().map(|f| f.as_str()),
+            Some("payload.dep_delay")
+        );
+        let twice = GOOD.replace(
+            "window = { kind",
+            "functions = [{ fn = \"count\", field = \"payload.a.x\" }, { fn = \"count\", field = \"payload.b.x\" }]\nwindow = { kind",
+        );
+        let err = parse_document(&twice).unwrap_err().to_string();
+        assert!(err.contains("`count_x` is computed twice"), "{err}");
+    }
+
+    #[test]
     fn problems_name_their_fields() {
         let bad = GOOD
             .replace("name = \"orders\"", "name = \"Orders!\"")

@@ -131,6 +131,9 @@ pub enum Acc {
     Last(Option<(i64, String)>),
     Distinct(Hll),
     Quantiles(Box<DDSketch>),
+    /// `count` with a field: events in which the field is present and not null. Last, so
+    /// that checkpoints written before it keep their variant numbers.
+    Present(u64),
 }
 
 // By hand: the sketch type has no Debug.
@@ -140,6 +143,7 @@ impl std::fmt::Debug for Acc {
             Acc::Quantiles(sketch) => write!(f, "Quantiles({} values)", sketch.count()),
             Acc::Distinct(hll) => write!(f, "Distinct(~{:.0})", hll.estimate()),
             Acc::Count => write!(f, "Count"),
+            Acc::Present(n) => write!(f, "Present({n})"),
             Acc::Sum(x) => write!(f, "Sum({x})"),
             Acc::Min(x) => write!(f, "Min({x:?})"),
             Acc::Max(x) => write!(f, "Max({x:?})"),
@@ -153,7 +157,8 @@ impl std::fmt::Debug for Acc {
 impl Acc {
     pub fn new(function: &Function) -> Acc {
         match function {
-            Function::Count => Acc::Count,
+            Function::Count { field: None } => Acc::Count,
+            Function::Count { field: Some(_) } => Acc::Present(0),
             Function::Sum { .. } => Acc::Sum(0.0),
             Function::Min { .. } => Acc::Min(None),
             Function::Max { .. } => Acc::Max(None),
@@ -177,6 +182,11 @@ impl Acc {
         let Some(value) = value else { return };
         match self {
             Acc::Count => {}
+            Acc::Present(n) => {
+                if !value.is_null() {
+                    *n += 1;
+                }
+            }
             Acc::Sum(sum) => {
                 if let Some(x) = number(value) {
                     *sum += x;
@@ -226,6 +236,7 @@ impl Acc {
         };
         match (self, other) {
             (Acc::Sum(a), Acc::Sum(b)) => *a += b,
+            (Acc::Present(a), Acc::Present(b)) => *a += b,
             (Acc::Min(a), Acc::Min(b)) => *a = keep(*a, b, f64::min),
             (Acc::Max(a), Acc::Max(b)) => *a = keep(*a, b, f64::max),
             (Acc::Avg { sum, n }, Acc::Avg { sum: s2, n: n2 }) => {
@@ -258,6 +269,7 @@ impl Acc {
         let float = |x: f64| serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number);
         match self {
             Acc::Count => Value::Null,
+            Acc::Present(n) => Value::from(*n),
             Acc::Sum(sum) => float(*sum),
             Acc::Min(x) | Acc::Max(x) => x.map_or(Value::Null, float),
             Acc::Avg { sum, n } => {
@@ -357,6 +369,37 @@ mod tests {
         let bytes = postcard::to_allocvec(&qs).unwrap();
         let back: Acc = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(back.output(&q), out);
+    }
+
+    #[test]
+    fn count_of_a_field_counts_the_events_where_it_is_present_and_not_null() {
+        let count: Function =
+            serde_json::from_value(json!({"fn": "count", "field": "payload.dep_delay"})).unwrap();
+        let mut acc = Acc::new(&count);
+        for value in [
+            Some(json!(3)),
+            None,
+            Some(Value::Null),
+            Some(json!("x")),
+            Some(json!(0)),
+        ] {
+            acc.add(value.as_ref(), 0);
+        }
+        assert_eq!(acc.output(&count), json!(3));
+        let mut other = Acc::new(&count);
+        other.add(Some(&json!(false)), 1);
+        acc.merge(other);
+        assert_eq!(
+            acc.output(&count),
+            json!(4),
+            "sessions that merge add their counts"
+        );
+        let bytes = postcard::to_allocvec(&acc).unwrap();
+        let back: Acc = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back.output(&count), json!(4));
+        // Checkpoints written before the variant existed keep their numbering.
+        let plain = postcard::to_allocvec(&Acc::Sum(2.5)).unwrap();
+        assert_eq!(plain[0], 1, "Sum is still variant 1");
     }
 
     #[test]
