@@ -338,9 +338,11 @@ retry_backoff = "250ms"
             &topics::dead_letter(&pipeline),
             Default::default(),
             None,
+            false,
         )
         .await
-        .unwrap();
+        .unwrap()
+        .0;
         if !letters.is_empty() {
             break letters;
         }
@@ -477,9 +479,11 @@ async fn an_outage_of_redis_holds_events_back_and_loses_none() {
         &topics::dead_letter(&pipeline),
         Default::default(),
         None,
+        false,
     )
     .await
-    .unwrap();
+    .unwrap()
+    .0;
     assert!(
         letters.is_empty(),
         "nothing dead-lettered: {}",

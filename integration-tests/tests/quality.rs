@@ -364,11 +364,13 @@ async fn each_rule_kind_and_action_and_the_report_counts_exactly_what_was_inject
             &config.kafka,
             &quality_topic,
             0,
+            false,
             Vec::new(),
             |all: &mut Vec<Vec<u8>>, _, payload| all.push(payload.to_vec()),
         )
         .await
-        .unwrap();
+        .unwrap()
+        .0;
         if payloads.len() as u64 >= total {
             break payloads
                 .iter()

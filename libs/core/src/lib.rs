@@ -21,5 +21,5 @@ pub mod telemetry;
 
 pub use admin::{AdminServer, Health, Readiness};
 pub use config::{Config, ConfigError};
-pub use service::{service_main, ServiceContext};
+pub use service::{run_service, service_main, ServiceContext};
 pub use shutdown::{shutdown_on_signal, Supervisor, SupervisorError};

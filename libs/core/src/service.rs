@@ -39,7 +39,22 @@ where
     E: std::fmt::Display + 'static,
 {
     let args = Args::parse();
-    let config = match Config::load(args.config.as_deref()) {
+    run_service(service, args.config.as_deref(), run)
+}
+
+/// [`service_main`] with the config file already known (`instream run <service>` runs any
+/// service from the one `instream` binary this way).
+pub fn run_service<F, Fut, E>(
+    service: &'static str,
+    config: Option<&std::path::Path>,
+    run: F,
+) -> ExitCode
+where
+    F: FnOnce(ServiceContext) -> Fut,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display + 'static,
+{
+    let config = match Config::load(config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("instream-{service}: {e}");

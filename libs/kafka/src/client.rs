@@ -343,6 +343,39 @@ pub fn try_send(
     })
 }
 
+/// The side outputs of a batch — dead letters, forwarded records, quality records — sent as
+/// they are made and awaited together, once, before anything that covers the batch (its
+/// offsets' commit, a checkpoint, a transaction's commit): one wait per batch, not one per
+/// record.
+#[derive(Default)]
+pub struct BatchOutputs {
+    deliveries: Vec<DeliveryFuture>,
+}
+
+impl BatchOutputs {
+    pub fn push(&mut self, delivery: DeliveryFuture) {
+        self.deliveries.push(delivery);
+    }
+
+    pub fn len(&self) -> usize {
+        self.deliveries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.deliveries.is_empty()
+    }
+
+    /// Waits until the broker has every output sent so far (see [`all_delivered_unless`]):
+    /// `Ok(false)` when `stop` came first, and nothing may count as delivered.
+    pub async fn delivered_unless(
+        &mut self,
+        producer: &Producer,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<bool, KafkaError> {
+        all_delivered_unless(producer, self.deliveries.drain(..), stop).await
+    }
+}
+
 /// Waits for every one of `deliveries`, in order, while watching `producer` and `stop`:
 /// `Ok(false)` when `stop` came first (some may be on the broker, none may count as
 /// delivered). A producer failed for good is an error even if a delivery is never answered,

@@ -31,6 +31,9 @@ pub struct InstreamContext {
     /// consumer's own on a revoke (or when it closes) could land after a transaction's and
     /// move the group's offset back.
     commits_on_revoke: AtomicBool,
+    /// The group's committed offset of each partition of the last assignment, read when it
+    /// was assigned: where the consumer resumes (see [`crate::Continuity`]).
+    starts: Mutex<Vec<((String, i32), i64)>>,
 }
 
 impl InstreamContext {
@@ -43,6 +46,7 @@ impl InstreamContext {
             assignment: Mutex::default(),
             commit_sent: Mutex::default(),
             commits_on_revoke: AtomicBool::new(true),
+            starts: Mutex::default(),
         }
     }
 
@@ -87,6 +91,14 @@ impl InstreamContext {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         (assignment.0 == self.generation()).then(|| assignment.clone())
+    }
+
+    /// The committed offsets read at the last assignment (partitions without one left out).
+    pub fn starts(&self) -> Vec<((String, i32), i64)> {
+        self.starts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -185,6 +197,30 @@ impl ConsumerContext for InstreamContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let got = Self::partitions(tpl);
+            // Where the consumer resumes: a record received past it means records skipped.
+            let starts = match consumer
+                .committed_offsets((*tpl).clone(), crate::continuity::COMMITTED_TIMEOUT)
+            {
+                Ok(committed) => committed
+                    .elements()
+                    .iter()
+                    .filter_map(|e| match e.offset() {
+                        rdkafka::Offset::Offset(o) => {
+                            Some(((e.topic().to_owned(), e.partition()), o))
+                        }
+                        _ => None,
+                    })
+                    .collect(),
+                Err(error) => {
+                    // Loss is then detected from the first record on only.
+                    tracing::warn!(service = %self.service, %error, "committed offsets unreadable at assignment");
+                    Vec::new()
+                }
+            };
+            *self
+                .starts
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = starts;
             let mut tracker = self.tracker();
             for (topic, partition) in &got {
                 tracker.forget(topic, *partition);

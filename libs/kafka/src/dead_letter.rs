@@ -46,6 +46,11 @@ impl DeadLetters {
         Ok(Self::new(crate::client::producer(cfg, service)?, service))
     }
 
+    /// The producer dead letters go through (to wait for their deliveries).
+    pub fn producer(&self) -> &Producer {
+        &self.producer
+    }
+
     /// Enqueues the dead letter; the future resolves when the broker has it. The origin's
     /// offset may be committed only after that.
     pub async fn publish(&self, dl: &DeadLetter<'_>) -> Result<DeliveryFuture, KafkaError> {

@@ -24,6 +24,14 @@ pub enum KafkaError {
     Consume(rdkafka::error::KafkaError),
     #[error("embedded broker: {0}")]
     Embedded(String),
+    /// Records the consumer can no longer read were found and `kafka.on_records_lost` says
+    /// stop: nothing after them is handled.
+    #[error("records lost: {0} (kafka.on_records_lost = \"stop\")")]
+    RecordsLost(crate::Lost),
+    /// A read meant to see every record of a range did not: the partition no longer holds
+    /// them, or the broker skipped them.
+    #[error("reading {0} skipped records the partition does not hold any more (or the broker skipped them)")]
+    Skipped(crate::Lost),
 }
 
 impl KafkaError {

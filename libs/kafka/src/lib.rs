@@ -12,14 +12,16 @@
 pub mod admin;
 pub mod client;
 mod context;
+mod continuity;
 mod dead_letter;
 mod embedded;
 mod error;
 pub mod ops;
 mod tracker;
 
-pub use client::{consumer, gapless_producer, producer, Consumer, Producer, Record};
+pub use client::{consumer, gapless_producer, producer, BatchOutputs, Consumer, Producer, Record};
 pub use context::InstreamContext;
+pub use continuity::{report_lost, Continuity, Lost};
 pub use dead_letter::{DeadLetter, DeadLetters, Origin};
 pub use embedded::EmbeddedBroker;
 pub use error::{is_refusal, KafkaError};

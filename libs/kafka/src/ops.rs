@@ -13,6 +13,7 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::client::{delivered, send};
+use crate::continuity::Lost;
 use crate::error::KafkaError;
 use crate::headers;
 
@@ -149,7 +150,8 @@ fn first_at_or_after(
     end: i64,
 ) -> Result<i64, KafkaError> {
     let mut found = end;
-    scan(c, topic, partition, start, end, |m| {
+    // Looking for a time: what the partition no longer holds cannot be the answer anyway.
+    scan(c, topic, partition, start, end, true, |m| {
         if m.timestamp().to_millis().unwrap_or(i64::MIN) >= at_millis {
             found = m.offset();
             false
@@ -161,19 +163,33 @@ fn first_at_or_after(
 }
 
 /// Hands the records of one partition in `[start, end)` to `visit`, in offset order, until
-/// `visit` returns false or `end` is reached. Transaction markers and aborted records take
-/// offsets but are never handed over.
+/// `visit` returns false or `end` is reached. Returns the ranges the read skipped: offsets
+/// past `start` that were never handed over because the partition no longer held them (or the
+/// broker skipped them). Where `markers` (a topic written in transactions), offsets no record
+/// took (markers, aborted records) are not counted: only what the log start passed.
 fn scan(
     c: &ClientConfig,
     topic: &str,
     partition: i32,
     start: i64,
     end: i64,
+    markers: bool,
     mut visit: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> bool,
-) -> Result<(), KafkaError> {
+) -> Result<Vec<Lost>, KafkaError> {
+    let mut skipped = Skipped {
+        topic,
+        partition,
+        end,
+        markers,
+        expected: start,
+        lost: Vec::new(),
+    };
     if start >= end {
-        return Ok(());
+        return Ok(skipped.lost);
     }
+    let mut c = c.clone();
+    // A start deleted meanwhile is read from the log start, and the jump counted below.
+    c.set("auto.offset.reset", "earliest");
     let consumer: BaseConsumer = c.create().map_err(KafkaError::Config)?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(start))
@@ -190,19 +206,21 @@ fn scan(
             Some(message) => {
                 let m = message.map_err(KafkaError::Consume)?;
                 deadline = std::time::Instant::now() + TIMEOUT;
+                skipped.reached(&consumer, m.offset())?;
                 if m.offset() >= end || !visit(&m) || m.offset() + 1 >= end {
-                    return Ok(());
+                    return Ok(skipped.lost);
                 }
             }
             None => {
-                // Only transaction markers left before `end`.
+                // Only transaction markers left before `end` — or the log start moved past it.
                 let position = consumer.position().map_err(KafkaError::Consume)?;
                 if let Some(Offset::Offset(o)) = position
                     .find_partition(topic, partition)
                     .map(|e| e.offset())
                 {
                     if o >= end {
-                        return Ok(());
+                        skipped.reached(&consumer, end)?;
+                        return Ok(skipped.lost);
                     }
                 }
             }
@@ -210,9 +228,45 @@ fn scan(
     }
 }
 
-/// Reads one partition of `topic` from `start` up to (not including) `end`, handing each
-/// record's offset and payload to `visit` with `state`; returns the state. For a stage that
-/// rebuilds what it knew from its input after a restart.
+/// The ranges a [`scan`] skipped.
+struct Skipped<'a> {
+    topic: &'a str,
+    partition: i32,
+    end: i64,
+    markers: bool,
+    /// The offset the next record should have.
+    expected: i64,
+    lost: Vec<Lost>,
+}
+
+impl Skipped<'_> {
+    /// The read reached `offset` (a record's, or the end).
+    fn reached(&mut self, consumer: &BaseConsumer, offset: i64) -> Result<(), KafkaError> {
+        let (from, to) = (self.expected, offset.min(self.end));
+        self.expected = self.expected.max(offset + 1);
+        if to <= from {
+            return Ok(());
+        }
+        let to = if self.markers {
+            let (low, _) = consumer
+                .fetch_watermarks(self.topic, self.partition, TIMEOUT)
+                .map_err(KafkaError::Consume)?;
+            low.min(to)
+        } else {
+            to
+        };
+        if to > from {
+            self.lost.push(Lost {
+                topic: self.topic.to_owned(),
+                partition: self.partition,
+                from,
+                to,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// The low and high watermarks (first offset still held, offset after the last) of one
 /// partition.
 pub async fn watermarks(
@@ -231,54 +285,62 @@ pub async fn watermarks(
     .await
 }
 
+/// Reads one partition of `topic` from `start` up to (not including) `end`, handing each
+/// record's offset and payload to `visit` with `state`; returns the state and the ranges the
+/// read skipped (see [`scan`]). For a stage that rebuilds what it knew from its input after a
+/// restart.
+#[allow(clippy::too_many_arguments)]
 pub async fn scan_partition<S: Send + 'static>(
     cfg: &KafkaConfig,
     topic: &str,
     partition: i32,
     start: i64,
     end: i64,
+    markers: bool,
     mut state: S,
     visit: fn(&mut S, i64, &[u8]),
-) -> Result<S, KafkaError> {
-    let mut c = client_config(cfg, "instream-scan");
-    // A start the partition no longer holds is an error, not a silent jump to its end.
-    c.set("auto.offset.reset", "error");
+) -> Result<(S, Vec<Lost>), KafkaError> {
+    let c = client_config(cfg, "instream-scan");
     let topic = topic.to_owned();
     blocking(move || {
-        scan(&c, &topic, partition, start, end, |m| {
+        let lost = scan(&c, &topic, partition, start, end, markers, |m| {
             visit(&mut state, m.offset(), m.payload().unwrap_or_default());
             true
         })?;
-        Ok(state)
+        Ok((state, lost))
     })
     .await
 }
 
 /// Hands every committed record of `topic` written at or after `since_millis` (its broker
 /// timestamp) up to the end now to `visit`, with its partition, one partition after the other
-/// (for operator reports over a time range, without holding the topic in memory).
+/// (for operator reports over a time range, without holding the topic in memory). Returns the
+/// state and the ranges the read skipped (`markers`: the topic may be written in
+/// transactions; see [`scan`]).
 pub async fn scan_topic_since<S: Send + 'static>(
     cfg: &KafkaConfig,
     topic: &str,
     since_millis: i64,
+    markers: bool,
     mut state: S,
     visit: fn(&mut S, i32, &[u8]),
-) -> Result<S, KafkaError> {
+) -> Result<(S, Vec<Lost>), KafkaError> {
     let c = client_config(cfg, "instream-scan");
     let topic = topic.to_owned();
     blocking(move || {
         let consumer: BaseConsumer = c.create().map_err(KafkaError::Config)?;
         let partitions = partitions_of(&consumer, &topic)?;
+        let mut lost = Vec::new();
         for (p, start) in offsets_at(&consumer, &c, &topic, &partitions, since_millis)? {
             let (_, high) = consumer
                 .fetch_watermarks(&topic, p, TIMEOUT)
                 .map_err(KafkaError::Consume)?;
-            scan(&c, &topic, p, start, high, |m| {
+            lost.extend(scan(&c, &topic, p, start, high, markers, |m| {
                 visit(&mut state, p, m.payload().unwrap_or_default());
                 true
-            })?;
+            })?);
         }
-        Ok(state)
+        Ok((state, lost))
     })
     .await
 }
@@ -324,19 +386,22 @@ pub struct StoredDeadLetter {
 
 /// Reads `topic` (a dead-letter topic) up to its end as it was when the call started: from
 /// `from` (per partition; the beginning when absent), or only the newest `newest` records of
-/// each partition when given.
+/// each partition when given. Returns them with the ranges the read skipped (`markers`: the
+/// topic may be written in transactions; see [`scan`]).
 pub async fn read_dead_letters(
     cfg: &KafkaConfig,
     topic: &str,
     from: HashMap<i32, i64>,
     newest: Option<i64>,
-) -> Result<Vec<StoredDeadLetter>, KafkaError> {
+    markers: bool,
+) -> Result<(Vec<StoredDeadLetter>, Vec<Lost>), KafkaError> {
     // A group id librdkafka needs but never uses: nothing is committed.
     let c = client_config(cfg, "instream-dlq-reader");
     let topic = topic.to_owned();
     blocking(move || {
         let consumer: BaseConsumer = c.create().map_err(KafkaError::Config)?;
         let mut out = Vec::new();
+        let mut lost = Vec::new();
         for p in partitions_of(&consumer, &topic)? {
             let (low, high) = consumer
                 .fetch_watermarks(&topic, p, TIMEOUT)
@@ -345,13 +410,13 @@ pub async fn read_dead_letters(
             if let Some(n) = newest {
                 start = start.max(high - n);
             }
-            scan(&c, &topic, p, start, high, |m| {
+            lost.extend(scan(&c, &topic, p, start, high, markers, |m| {
                 out.push(stored(m));
                 true
-            })?;
+            })?);
         }
         out.sort_by_key(|d| (d.partition, d.offset));
-        Ok(out)
+        Ok((out, lost))
     })
     .await
 }

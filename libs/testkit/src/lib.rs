@@ -30,7 +30,9 @@ pub use bench::{
 pub use config::process_config_toml;
 pub use metrics::metric_sum;
 pub use postgres::PostgresServer;
-pub use process::{free_port, spawn_service, wait_until, ChildGuard, TestkitError};
+pub use process::{
+    free_port, spawn_service, spawn_service_with, wait_until, ChildGuard, TestkitError,
+};
 pub use proxy::TcpProxy;
 pub use redis_topologies::{RedisCluster, RedisSentinel};
 pub use servers::{KafkaBroker, RedisServer, ZooKeeperServer};

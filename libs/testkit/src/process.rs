@@ -54,11 +54,21 @@ pub fn wait_until(
 /// config (`<config>.<n>.log`), whose last lines are printed if the test fails while the
 /// process is still held: a CI failure then shows what the service itself said.
 pub fn spawn_service(binary: &str, config: &std::path::Path) -> std::io::Result<ChildGuard> {
+    spawn_service_with(binary, &[], config)
+}
+
+/// [`spawn_service`] with arguments before `--config` (`instream run enricher`).
+pub fn spawn_service_with(
+    binary: &str,
+    args: &[&str],
+    config: &std::path::Path,
+) -> std::io::Result<ChildGuard> {
     static SPAWNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let log = config.with_extension(format!("{n}.log"));
     let file = std::fs::File::create(&log)?;
     let child = std::process::Command::new(binary)
+        .args(args)
         .arg("--config")
         .arg(config)
         .stdout(std::process::Stdio::null())

@@ -6,6 +6,8 @@
 //! ```sh
 //! cargo build --release -p instream-aggregator
 //! TANSU=/path/to/tansu cargo run --release -p instream-aggregator --example through_broker -- 1000000
+//! # half of the events 30 minutes behind the stream (dead-lettered as too late):
+//! TANSU=/path/to/tansu cargo run --release -p instream-aggregator --example through_broker -- 1000000 50
 //! ```
 //! `TANSU` is a tansu 0.6 binary (started here with memory storage); or give a running broker
 //! with `INSTREAM_BENCH_KAFKA=host:port`.
@@ -33,6 +35,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|n| n.parse())
         .transpose()?
         .unwrap_or(1_000_000);
+    // Percent of events placed 30 minutes behind the others: too late for their windows.
+    let late_percent: usize = std::env::args()
+        .nth(2)
+        .map(|n| n.parse())
+        .transpose()?
+        .unwrap_or(0);
     let dir = tempfile::tempdir()?;
 
     let (bootstrap, _broker) = instream_testkit::bench_broker()?;
@@ -52,7 +60,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let key = format!("auction-{}", (i * 7_919) % KEYS);
         let envelope = format!(
             r#"{{"event_id":"e{i}","pipeline":"bench","key":"{key}","event_time":{},"ingest_time":{},"payload":{{"auction":"{key}","bidder":"person-{}","price":{},"channel":"Google","url":"https://www.nexmark.com/google/item.htm?query={}"}},"enrichment":{{"category":"books","seller":"person-{}","bidder_city":"Seattle"}}}}"#,
-            t0 + (i as i64 * 600_000) / events as i64,
+            t0 + (i as i64 * 600_000) / events as i64
+                - if (i * 7) % 100 < late_percent {
+                    1_800_000
+                } else {
+                    0
+                },
             t0 + i as i64,
             i % 5_000,
             i % 10_000,
@@ -121,6 +134,7 @@ functions = [{{ fn = "sum", field = "payload.price" }}]
         "{}",
         serde_json::json!({
             "events": events,
+            "late_percent": late_percent,
             "produce_events_per_s": (events as f64 / produce_secs).round(),
             "aggregator_events_per_s": (measured / wall).round(),
             "aggregator_events_per_cpu_s": (measured / cpu.max(0.001)).round(),

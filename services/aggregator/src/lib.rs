@@ -36,12 +36,11 @@ use std::time::{Duration, Instant};
 use instream_core::{Readiness, ServiceContext};
 use instream_event::Event;
 use instream_kafka::client::{self, recv_batch, Consumer};
-use instream_kafka::{DeadLetters, Record};
+use instream_kafka::{BatchOutputs, DeadLetters, Record};
 use instream_pipeline::{topics, Catalog};
 use instream_stage::{Stage, Subscription};
 use instream_store::{AggregateStore, Checkpoint, CheckpointKey, WindowAggregate};
 use partitions::{follow_generation, Partitions};
-use rdkafka::producer::DeliveryFuture;
 use tokio_util::sync::CancellationToken;
 
 pub use state::{Outcome, PartitionState, Scope};
@@ -95,7 +94,7 @@ pub async fn run_with_store(
     // may be lost behind a later one.
     let producer = instream_kafka::gapless_producer(&config.kafka, SERVICE)?;
     let dead = DeadLetters::new(producer.clone(), SERVICE);
-    let mut forwarded: Vec<DeliveryFuture> = Vec::new();
+    let mut outputs = BatchOutputs::default();
     let mut subscription =
         Subscription::new(&config, SERVICE, &mut catalog, repartition::input_topics)?;
     subscription.announce_in(stage.registration.clone());
@@ -106,7 +105,14 @@ pub async fn run_with_store(
         states: HashMap::new(),
         restored_generation: None,
         early: false,
+        resumed: Vec::new(),
+        enriched_in_transactions: config.enricher_transactional(),
     };
+    // Enriched records written in transactions leave marker offsets no reader receives.
+    let transactional = config.enricher_transactional();
+    let mut continuity = instream_kafka::Continuity::new(SERVICE, &config.kafka, move |topic| {
+        transactional && topics::repartitioned_aggregation(topic).is_none()
+    });
     let early_every = config.aggregator.early_results_every;
     let mut last_early = Instant::now();
     let mut pending = Pending::new();
@@ -132,41 +138,29 @@ pub async fn run_with_store(
         {
             break; // stopping while the store was away: nothing more to count
         }
+        for ((topic, partition), next) in partitions.resumed.drain(..) {
+            continuity.expect(consumer, &topic, partition, next);
+        }
+        continuity.check(consumer, &batch).await?;
         let current = catalog.borrow().clone();
         for record in batch.drain(..) {
             let event = match instream_event::decode(&record.payload) {
                 Ok(event) => event,
                 Err(e) => {
-                    if !dead_letter(
-                        &dead,
-                        &producer,
-                        &record,
-                        "decode_error",
-                        &e.to_string(),
-                        &shutdown,
-                    )
-                    .await?
-                    {
-                        return Ok(()); // stopping while the broker did not answer: nothing committed
-                    }
+                    outputs.push(
+                        dead.publish_record(&record, "decode_error", &e.to_string())
+                            .await?,
+                    );
                     pending.push((record, None));
                     continue;
                 }
             };
             let Some(def) = current.get(&event.pipeline) else {
                 let reason = format!("no definition for pipeline `{}`", event.pipeline);
-                if !dead_letter(
-                    &dead,
-                    &producer,
-                    &record,
-                    "unknown_pipeline",
-                    &reason,
-                    &shutdown,
-                )
-                .await?
-                {
-                    return Ok(()); // stopping while the broker did not answer: nothing committed
-                }
+                outputs.push(
+                    dead.publish_record(&record, "unknown_pipeline", &reason)
+                        .await?,
+                );
                 pending.push((record, None));
                 continue;
             };
@@ -192,41 +186,20 @@ pub async fn run_with_store(
             let outcome = state.apply_in(scope, record.offset, &event, origin, def, horizon);
             count(&event, scope, &outcome);
             if scope == Scope::Keyed && matches!(outcome, Outcome::Counted | Outcome::TooLate(_)) {
-                repartition::forward(&producer, &record, &event, def, &mut forwarded).await?;
+                repartition::forward(&producer, &record, &event, def, &mut outputs).await?;
             }
-            if let Outcome::TooLate(aggregations) = &outcome {
-                let reason = format!(
-                    "event time {} is beyond the allowed lateness of {} (watermark {})",
-                    instream_event::format_rfc3339_millis(event.event_time),
-                    aggregations.join(", "),
-                    instream_event::format_rfc3339_millis(state.watermark_for(def)),
-                );
-                if !dead_letter(&dead, &producer, &record, "too_late", &reason, &shutdown).await? {
-                    return Ok(()); // stopping while the broker did not answer: nothing committed
-                }
-            }
-            if outcome == Outcome::TooFarAhead {
-                let reason = format!(
-                    "event time {} is more than {:?} after its ingest time {}",
-                    instream_event::format_rfc3339_millis(event.event_time),
-                    def.max_time_ahead,
-                    instream_event::format_rfc3339_millis(event.ingest_time),
-                );
-                if !dead_letter(&dead, &producer, &record, "future_time", &reason, &shutdown)
-                    .await?
-                {
-                    return Ok(()); // stopping while the broker did not answer: nothing committed
-                }
+            if let Some((code, reason)) = refusal(&outcome, &event, def, state) {
+                outputs.push(dead.publish_record(&record, code, &reason).await?);
             }
             pending.push((record, Some(event.ingest_time)));
         }
-        // Forwarded events are on the broker before their enriched records can be
-        // checkpointed and committed as handled.
-        if !client::all_delivered_unless(&producer, forwarded.drain(..), &shutdown).await? {
+        // The batch's dead letters and forwarded events are on the broker before its records
+        // can be checkpointed and committed as handled: one wait for all of them.
+        if !outputs.delivered_unless(&producer, &shutdown).await? {
             // Stopping while the broker does not answer: what was counted since the last
             // checkpoint may not have been forwarded, so it is neither flushed nor committed;
             // a restart reads it again.
-            tracing::info!("stopped while forwarding; nothing more committed");
+            tracing::info!("stopped while sending the batch's outputs; nothing more committed");
             return Ok(());
         }
         if last_flush.elapsed() >= config.aggregator.flush_interval {
@@ -303,17 +276,35 @@ fn count(event: &Event, scope: Scope, outcome: &Outcome) {
     }
 }
 
-/// Dead-letters `record`; `false` when `stop` came before the broker's answer.
-async fn dead_letter(
-    dead: &DeadLetters,
-    producer: &client::Producer,
-    record: &Record,
-    code: &'static str,
-    reason: &str,
-    stop: &CancellationToken,
-) -> Result<bool, AggregatorError> {
-    let delivery = dead.publish_record(record, code, reason).await?;
-    Ok(client::all_delivered_unless(producer, [delivery], stop).await?)
+/// Why an event that was read is dead-lettered instead of counted, if it is: its dead-letter
+/// code and reason.
+fn refusal(
+    outcome: &Outcome,
+    event: &Event,
+    def: &instream_pipeline::PipelineDefinition,
+    state: &PartitionState,
+) -> Option<(&'static str, String)> {
+    match outcome {
+        Outcome::TooLate(aggregations) => Some((
+            "too_late",
+            format!(
+                "event time {} is beyond the allowed lateness of {} (watermark {})",
+                instream_event::format_rfc3339_millis(event.event_time),
+                aggregations.join(", "),
+                instream_event::format_rfc3339_millis(state.watermark_for(def)),
+            ),
+        )),
+        Outcome::TooFarAhead => Some((
+            "future_time",
+            format!(
+                "event time {} is more than {:?} after its ingest time {}",
+                instream_event::format_rfc3339_millis(event.event_time),
+                def.max_time_ahead,
+                instream_event::format_rfc3339_millis(event.ingest_time),
+            ),
+        )),
+        _ => None,
+    }
 }
 
 /// Retries `write` with back-off until it succeeds; false when `stop` fired first.

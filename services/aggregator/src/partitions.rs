@@ -24,6 +24,11 @@ pub(crate) struct Partitions {
     pub(crate) restored_generation: Option<u64>,
     /// Whether this flush also writes windows still open (an early-results round).
     pub(crate) early: bool,
+    /// Partitions restored from a checkpoint since last asked, with the offset they resume
+    /// at (the loss check expects their next record there).
+    pub(crate) resumed: Vec<(Source, i64)>,
+    /// Whether the enricher writes the enriched topics in transactions.
+    pub(crate) enriched_in_transactions: bool,
 }
 
 impl Partitions {
@@ -88,9 +93,12 @@ impl Partitions {
             };
             let started = Instant::now();
             let mut backoff = Duration::from_millis(50);
-            let state = loop {
-                match restore(store, kafka, &key, self.horizon).await {
-                    Ok(state) => break state,
+            let (state, from_checkpoint) = loop {
+                // Enriched records written in transactions leave offsets no reader receives.
+                let markers = self.enriched_in_transactions
+                    && instream_pipeline::topics::repartitioned_aggregation(&key.topic).is_none();
+                match restore(store, kafka, &key, self.horizon, markers).await {
+                    Ok(restored) => break restored,
                     // A checkpoint this build cannot read: going on would lose or double
                     // count, so the service stops and says which partition.
                     Err(error @ AggregatorError::Checkpoint { .. }) => return Err(error),
@@ -108,6 +116,9 @@ impl Partitions {
                     }
                 }
             };
+            if from_checkpoint {
+                self.resumed.push((source.clone(), state.next_offset()));
+            }
             ready.set_ready();
             metrics::histogram!("instream_checkpoint_restore_seconds", "service" => SERVICE)
                 .record(started.elapsed().as_secs_f64());
@@ -126,16 +137,17 @@ impl Partitions {
     }
 }
 
-/// Loads a partition's checkpoint (a fresh state when there is none) and rebuilds its seen
-/// ids from the partition itself.
+/// Loads a partition's checkpoint (a fresh state when there is none: `false`) and rebuilds
+/// its seen ids from the partition itself.
 async fn restore(
     store: &dyn AggregateStore,
     kafka: &instream_core::config::KafkaConfig,
     key: &CheckpointKey,
     horizon: Duration,
-) -> Result<PartitionState, AggregatorError> {
+    markers: bool,
+) -> Result<(PartitionState, bool), AggregatorError> {
     let Some(checkpoint) = store.load_checkpoint(key).await? else {
-        return Ok(PartitionState::default());
+        return Ok((PartitionState::default(), false));
     };
     let (state, seen_from) = PartitionState::restore(&checkpoint.state).map_err(|source| {
         AggregatorError::Checkpoint {
@@ -156,28 +168,31 @@ async fn restore(
             )),
         });
     }
-    if low > next {
-        // Retention deleted records this group never counted: say so loudly, go on.
-        tracing::error!(topic = %key.topic, partition = key.partition, from = next, to = low, "records were deleted by retention before the aggregator counted them");
-        metrics::counter!("instream_aggregator_records_lost_total", "topic" => key.topic.clone())
-            .increment((low - next) as u64);
-    }
+    // Records deleted past `next` before they were counted are found (and counted as lost)
+    // by the loss check when the partition's first record arrives.
     if low > seen_from {
-        tracing::warn!(topic = %key.topic, partition = key.partition, from = seen_from, to = low, "records of the de-duplication horizon were deleted by retention; repeats of them cannot be recognized");
+        tracing::warn!(topic = %key.topic, partition = key.partition, from = seen_from, to = low.min(next), "records of the de-duplication horizon were deleted by retention; repeats of them cannot be recognized");
     }
     let seen_from = seen_from.max(low);
-    let mut state = instream_kafka::ops::scan_partition(
+    let (mut state, skipped) = instream_kafka::ops::scan_partition(
         kafka,
         &key.topic,
         key.partition,
         seen_from,
         next,
+        markers,
         state,
         |state, offset, payload| state.rebuild_seen(offset, payload),
     )
     .await?;
+    if let Some(lost) = skipped.into_iter().next() {
+        // Ids of counted records that were not read again: their repeats would be counted
+        // twice. Failing the restore (it is retried, the aggregator not ready meanwhile) is
+        // the loud way.
+        return Err(instream_kafka::KafkaError::Skipped(lost).into());
+    }
     state.finish_rebuild(horizon);
-    Ok(state)
+    Ok((state, true))
 }
 
 /// After a rebalance every partition may have a new owner: states are restored again from

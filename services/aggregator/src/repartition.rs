@@ -4,10 +4,10 @@
 
 use instream_event::Event;
 use instream_kafka::client::{self, Producer};
-use instream_kafka::{headers, Record};
+use instream_kafka::{headers, BatchOutputs, Record};
 use instream_pipeline::{topics, Catalog, PipelineDefinition};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureRecord};
+use rdkafka::producer::FutureRecord;
 
 use crate::{functions, payload, windows, AggregatorError};
 
@@ -37,7 +37,7 @@ pub(crate) async fn forward(
     record: &Record,
     event: &Event,
     def: &PipelineDefinition,
-    deliveries: &mut Vec<DeliveryFuture>,
+    outputs: &mut BatchOutputs,
 ) -> Result<(), AggregatorError> {
     let mut payload = payload::Payload::new(event.payload.get());
     for aggregation in def.aggregations.iter().filter(|a| a.repartitioned()) {
@@ -62,7 +62,7 @@ pub(crate) async fn forward(
             .key(group.as_bytes())
             .payload(record.payload.as_slice())
             .headers(hs);
-        deliveries.push(client::send(producer, out).await?);
+        outputs.push(client::send(producer, out).await?);
         metrics::counter!("instream_aggregator_repartitioned_total", "pipeline" => def.name.clone(), "aggregation" => aggregation.name.clone())
             .increment(1);
     }

@@ -59,6 +59,8 @@ async fn a_flush_cut_short_by_shutdown_makes_nothing_handled_and_keeps_the_check
             .into_iter()
             .collect(),
         restored_generation: None,
+        resumed: Vec::new(),
+        enriched_in_transactions: false,
         early: true,
     };
     let config = instream_core::config::KafkaConfig::default();

@@ -25,7 +25,7 @@ use instream_archive::Archive;
 use instream_core::config::ArchiverConfig;
 use instream_core::{Readiness, ServiceContext};
 use instream_kafka::client::{self, recv_batch, Consumer};
-use instream_kafka::{DeadLetters, Record};
+use instream_kafka::{BatchOutputs, DeadLetters, Record};
 use instream_pipeline::{topics, ArchiveFormat, ArchiveTime, Catalog};
 use instream_stage::{Stage, Subscription};
 use tokio_util::sync::CancellationToken;
@@ -94,6 +94,13 @@ struct Archiver {
     /// Partitions whose file could not be written before shutdown: nothing more is written
     /// for them by this process.
     abandoned: std::collections::HashSet<PartitionKey>,
+    dead: DeadLetters,
+    /// Dead letters sent since the last file was written: on the broker before any file
+    /// (whose offsets include theirs) is, in one wait.
+    outputs: BatchOutputs,
+    /// Shutdown came while dead letters were unanswered: which files hold their offsets is
+    /// not known any more, so no file is written by this process from then on.
+    outputs_unconfirmed: bool,
 }
 
 /// Runs with the archive `config.archive` names.
@@ -144,9 +151,14 @@ pub async fn run_with_archive(
         polled_at: Instant::now(),
         generation: 0,
         abandoned: Default::default(),
+        dead,
+        outputs: BatchOutputs::default(),
+        outputs_unconfirmed: false,
     };
     let tick = config.archiver.roll_max_age.min(Duration::from_secs(1));
     let mut batch = Vec::new();
+    // Raw topics are never written in transactions: every gap is records skipped.
+    let mut continuity = instream_kafka::Continuity::new(SERVICE, &config.kafka, |_| false);
     let mut last_commit = Instant::now();
     while !shutdown.is_cancelled() {
         subscription.follow(&mut catalog)?;
@@ -156,11 +168,24 @@ pub async fn run_with_archive(
             received = recv_batch(consumer, 10_000, tick, &mut batch) => received?,
         }
         archiver.polled_at = Instant::now();
+        archiver.follow_generation(client::generation(consumer));
+        // A partition resumes after its highest archived offset, even where the commit that
+        // followed the file was lost.
+        let mut seen: Vec<(&str, i32)> = Vec::new();
+        for record in &batch {
+            if !seen.contains(&(record.topic.as_str(), record.partition)) {
+                seen.push((&record.topic, record.partition));
+                let key = (record.topic.clone(), record.partition);
+                let highest = archiver.highest_archived(&key).await?;
+                if highest >= 0 {
+                    continuity.expect_at_least(consumer, &key.0, key.1, highest + 1);
+                }
+            }
+        }
+        continuity.check(consumer, &batch).await?;
         let current = catalog.borrow().clone();
         for record in batch.drain(..) {
-            archiver
-                .add(&current, consumer, &dead, record, &shutdown)
-                .await?;
+            archiver.add(&current, consumer, record, &shutdown).await?;
         }
         archiver.follow_generation(client::generation(consumer));
         archiver.roll_aged(consumer, &shutdown).await?;
@@ -267,7 +292,6 @@ impl Archiver {
         &mut self,
         catalog: &Catalog,
         consumer: &Consumer,
-        dead: &DeadLetters,
         record: Record,
         stop: &CancellationToken,
     ) -> Result<(), ArchiverError> {
@@ -290,10 +314,11 @@ impl Archiver {
         let event = match instream_event::decode(&record.payload) {
             Ok(e) => e,
             Err(e) => {
-                let delivery = dead
+                let delivery = self
+                    .dead
                     .publish_record(&record, "decode_error", &e.to_string())
                     .await?;
-                client::delivered(delivery).await?;
+                self.outputs.push(delivery);
                 // The offset joins the open file (completed when it is written), or a file of
                 // its own in the current hour, so the files' offsets stay end to end. Until
                 // then a crash or rebalance reads the record again and dead-letters it again:
@@ -362,6 +387,22 @@ impl Archiver {
         consumer: &Consumer,
         stop: &CancellationToken,
     ) -> Result<(), ArchiverError> {
+        // The file answers for its dead letters' offsets too: they are on the broker first.
+        if !self.outputs_unconfirmed
+            && !self.outputs.is_empty()
+            && !self
+                .outputs
+                .delivered_unless(self.dead.producer(), stop)
+                .await?
+        {
+            self.outputs_unconfirmed = true;
+        }
+        if self.outputs_unconfirmed {
+            // Not written, not committed: read again after the restart.
+            self.files.remove(key);
+            self.abandoned.insert(key.clone());
+            return Ok(());
+        }
         let Some(file) = self.files.remove(key) else {
             return Ok(());
         };

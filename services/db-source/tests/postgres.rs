@@ -98,11 +98,13 @@ async fn raw_events(kafka: &KafkaConfig, pipeline: &str) -> Vec<Event> {
             p,
             low,
             high,
+            false,
             Vec::new(),
             |out: &mut Vec<Vec<u8>>, _, payload| out.push(payload.to_vec()),
         )
         .await
-        .unwrap();
+        .unwrap()
+        .0;
         events.extend(payloads.iter().map(|b| instream_event::decode(b).unwrap()));
     }
     events
@@ -234,9 +236,11 @@ async fn each_mode_reads_every_row_once_and_waits_out_the_delay() {
         &format!("{orders}.dlq"),
         HashMap::new(),
         None,
+        false,
     )
     .await
-    .unwrap();
+    .unwrap()
+    .0;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].code, "missing_key");
     assert!(

@@ -167,6 +167,8 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
         return Ok(());
     }
     let mut batch = Vec::with_capacity(config.enricher.batch_size);
+    // Raw topics are never written in transactions: every gap is records skipped.
+    let mut continuity = instream_kafka::Continuity::new(SERVICE, &config.kafka, |_| false);
     let mut last_commit = Instant::now();
     let mut redo_pause = FIRST_REDO_PAUSE;
     let mut last_failure = String::new();
@@ -179,6 +181,7 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
             _ = shutdown.cancelled() => break,
             received = recv_batch(consumer, config.enricher.batch_size, config.enricher.batch_timeout, &mut batch) => received?,
         }
+        continuity.check(consumer, &batch).await?;
         if !batch.is_empty() {
             let current: Arc<Catalog> = catalog.borrow().clone();
             if !Arc::ptr_eq(&current, &tracked) {

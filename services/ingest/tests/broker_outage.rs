@@ -61,11 +61,13 @@ async fn numbers_on_topic(bootstrap: &str, pipeline: &str) -> BTreeSet<u64> {
         &cfg,
         &instream_pipeline::topics::raw(pipeline),
         0,
+        false,
         Vec::new(),
         |all: &mut Vec<Vec<u8>>, _, payload| all.push(payload.to_vec()),
     )
     .await
-    .unwrap();
+    .unwrap()
+    .0;
     payloads
         .iter()
         .map(|bytes| {

@@ -18,6 +18,11 @@ use clap::{Parser, Subcommand};
 use instream_core::config::Config;
 use tokio_util::sync::CancellationToken;
 
+// mimalloc, as in the enricher's and the aggregator's own binaries: standalone and
+// `instream run` carry their hot paths.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "instream", version, about = "In-stream processing platform")]
 struct Cli {
@@ -27,6 +32,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Runs one service as this process, exactly as its own binary (`instream-<service>`)
+    /// does: one image can hold every service.
+    Run {
+        #[arg(value_enum)]
+        service: Service,
+        /// Config file (TOML); INSTREAM__SECTION__KEY variables override it.
+        #[arg(long, short, env = "INSTREAM_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Runs every service in one process (embedded broker, store and archive by config).
     Standalone {
         /// Config file (TOML); INSTREAM__SECTION__KEY variables override it.
@@ -111,6 +125,16 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Service {
+    Ingest,
+    Enricher,
+    Aggregator,
+    Archiver,
+    QueryApi,
+    DbSource,
+}
+
 #[derive(Subcommand)]
 enum SchemaCommand {
     /// Creates the keyspace and tables of `store` (ScyllaDB/Cassandra, or the local file) if
@@ -145,6 +169,29 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Run { service, config } => {
+            let config = config.as_deref();
+            return match service {
+                Service::Ingest => {
+                    instream_core::run_service("ingest", config, instream_ingest::run)
+                }
+                Service::Enricher => {
+                    instream_core::run_service("enricher", config, instream_enricher::run)
+                }
+                Service::Aggregator => {
+                    instream_core::run_service("aggregator", config, instream_aggregator::run)
+                }
+                Service::Archiver => {
+                    instream_core::run_service("archiver", config, instream_archiver::run)
+                }
+                Service::QueryApi => {
+                    instream_core::run_service("query-api", config, instream_query_api::run)
+                }
+                Service::DbSource => {
+                    instream_core::run_service("db-source", config, instream_db_source::run)
+                }
+            };
+        }
         Command::CheckConfig { config } => check_config(config),
         Command::Schema(SchemaCommand::Apply { config, output }) => {
             runtime().and_then(|rt| rt.block_on(schema_apply(config, output)))

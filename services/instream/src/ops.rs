@@ -195,15 +195,22 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             let config = Config::load(config.as_deref())?;
             let topic = topics::dead_letter(&pipeline);
             let newest = limit.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
-            let mut letters = ops::read_dead_letters(&config.kafka, &topic, HashMap::new(), newest)
-                .await
-                .with_context(|| format!("reading `{topic}`"))?;
+            let (mut letters, skipped) = ops::read_dead_letters(
+                &config.kafka,
+                &topic,
+                HashMap::new(),
+                newest,
+                config.enricher_transactional(),
+            )
+            .await
+            .with_context(|| format!("reading `{topic}`"))?;
             letters.sort_by_key(|d| (d.timestamp_millis, d.partition, d.offset));
             if let Some(n) = limit {
                 let skip = letters.len().saturating_sub(n);
                 letters.drain(..skip);
             }
-            emit(&format_letters(&letters, output))
+            emit(&format_letters(&letters, output))?;
+            crate::output::fail_on_skipped(&topic, &skipped)
         }
         DlqCommand::Redrive {
             config,
@@ -217,9 +224,15 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             let dlq_topic = topics::dead_letter(&pipeline);
             let raw = topics::raw(&pipeline);
             let from: HashMap<i32, i64> = from.into_iter().collect();
-            let letters = ops::read_dead_letters(&config.kafka, &dlq_topic, from.clone(), None)
-                .await
-                .with_context(|| format!("reading `{dlq_topic}`"))?;
+            let (letters, skipped) = ops::read_dead_letters(
+                &config.kafka,
+                &dlq_topic,
+                from.clone(),
+                None,
+                config.enricher_transactional(),
+            )
+            .await
+            .with_context(|| format!("reading `{dlq_topic}`"))?;
             // Where the next redrive continues: after everything read now, and never before
             // where this one started.
             let mut next = from;
@@ -236,13 +249,14 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
                         .await
                         .with_context(|| format!("writing to `{raw}`"))?;
                 }
-                return crate::output::emit_json(&serde_json::json!({
+                crate::output::emit_json(&serde_json::json!({
                     "executed": execute, "to": raw, "sent": if execute { plan.send.len() } else { 0 },
                     "would_send": plan.send.len(), "left_alone": plan.left.len(),
                     "continue_from": continue_from.iter()
                         .map(|(p, o)| serde_json::json!({"partition": p, "offset": o}))
                         .collect::<Vec<_>>(),
-                }));
+                }))?;
+                return crate::output::fail_on_skipped(&dlq_topic, &skipped);
             }
             let mut text = String::new();
             use std::fmt::Write as _;
@@ -260,7 +274,8 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
                     "dry run: {} dead letters would go back to `{raw}`; add --execute",
                     plan.send.len()
                 );
-                return emit(&text);
+                emit(&text)?;
+                return crate::output::fail_on_skipped(&dlq_topic, &skipped);
             }
             ops::redrive(&config.kafka, &dlq_topic, &raw, &plan.send)
                 .await
@@ -273,7 +288,8 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
                     .collect();
                 let _ = writeln!(text, "to continue after these later: {}", flags.join(" "));
             }
-            emit(&text)
+            emit(&text)?;
+            crate::output::fail_on_skipped(&dlq_topic, &skipped)
         }
     }
 }

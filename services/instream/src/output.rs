@@ -19,6 +19,23 @@ pub fn emit(text: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Fails (after everything read was printed) when a read of `topic` skipped records: each
+/// skipped range on stderr, and a non-zero exit.
+pub fn fail_on_skipped(topic: &str, skipped: &[instream_kafka::Lost]) -> anyhow::Result<()> {
+    if skipped.is_empty() {
+        return Ok(());
+    }
+    for lost in skipped {
+        eprintln!("skipped: {lost}");
+    }
+    let records: u64 = skipped.iter().map(instream_kafka::Lost::count).sum();
+    anyhow::bail!(
+        "reading `{topic}` skipped {records} records in {} ranges (deleted while being read, or \
+         skipped by the broker); what was read is above",
+        skipped.len()
+    )
+}
+
 /// Prints `value` as one line of JSON.
 pub fn emit_json(value: &serde_json::Value) -> anyhow::Result<()> {
     emit(&format!("{value}\n"))

@@ -50,10 +50,11 @@ pub async fn quality(command: QualityCommand) -> anyhow::Result<()> {
     // A record is produced after its event was ingested; an hour's slack covers clocks that
     // disagree between hosts.
     let since = from.saturating_sub(3_600_000);
-    let (builder, _, unreadable) = instream_kafka::ops::scan_topic_since(
+    let ((builder, _, unreadable), skipped) = instream_kafka::ops::scan_topic_since(
         &config.kafka,
         &topic,
         since,
+        config.enricher_transactional(),
         (
             ReportBuilder::new(&pipeline, from, to, samples),
             None::<i32>,
@@ -77,9 +78,10 @@ pub async fn quality(command: QualityCommand) -> anyhow::Result<()> {
         eprintln!("warning: {unreadable} records of `{topic}` are not violation records; skipped");
     }
     match output {
-        Output::Json => emit_json(&serde_json::to_value(&report)?),
-        Output::Table => emit(&format_table(&report)),
+        Output::Json => emit_json(&serde_json::to_value(&report)?)?,
+        Output::Table => emit(&format_table(&report))?,
     }
+    crate::output::fail_on_skipped(&topic, &skipped)
 }
 
 fn format_table(report: &Report) -> String {

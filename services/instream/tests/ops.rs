@@ -186,9 +186,10 @@ async fn dlq_tail_shows_dead_letters_and_redrive_sends_raw_ones_back_once() {
     let newest = String::from_utf8_lossy(&newest.stdout);
     assert_eq!(newest.lines().count(), 1, "{newest}");
     assert!(newest.contains("unknown_pipeline"), "{newest}");
-    let nothing = ops::read_dead_letters(&cfg, &raw, Default::default(), None)
+    let nothing = ops::read_dead_letters(&cfg, &raw, Default::default(), None, false)
         .await
-        .unwrap();
+        .unwrap()
+        .0;
     assert!(nothing.is_empty(), "{nothing:?}");
 
     // All codes: the two that came from the raw topic go back; the aggregator's does not.
@@ -199,9 +200,10 @@ async fn dlq_tail_shows_dead_letters_and_redrive_sends_raw_ones_back_once() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("redrove 2 dead letters"), "{text}");
     assert!(text.contains("--from-offset 0:3"), "{text}");
-    let back = ops::read_dead_letters(&cfg, &raw, Default::default(), None)
+    let back = ops::read_dead_letters(&cfg, &raw, Default::default(), None, false)
         .await
-        .unwrap();
+        .unwrap()
+        .0;
     let payloads: Vec<&[u8]> = back.iter().map(|d| d.payload.as_slice()).collect();
     assert_eq!(payloads, vec![&br#"{"n":1}"#[..], &br#"{"n":2}"#[..]]);
     assert!(back.iter().all(|d| d.key.as_deref() == Some(&b"c1"[..])));
@@ -225,9 +227,10 @@ async fn dlq_tail_shows_dead_letters_and_redrive_sends_raw_ones_back_once() {
         text.contains("--from-offset 0:3"),
         "still continues after 0:3: {text}"
     );
-    let again = ops::read_dead_letters(&cfg, &raw, Default::default(), None)
+    let again = ops::read_dead_letters(&cfg, &raw, Default::default(), None, false)
         .await
-        .unwrap();
+        .unwrap()
+        .0;
     assert_eq!(again.len(), 2);
 }
 

@@ -109,6 +109,21 @@ pub enum BrokerMode {
     Embedded,
 }
 
+/// What a consuming stage does once it found records it can no longer read (below the log
+/// start after retention or a broker's cap, or skipped by the broker): they are counted in
+/// `instream_records_lost_total` and logged as an ERROR with the range either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRecordsLost {
+    /// Go on with the next record: the rest of the stream stays current (the lost range
+    /// cannot be read again whatever the stage does; repair from the archive).
+    #[default]
+    Continue,
+    /// Stop the stage before it handles (or commits) anything after the gap; it stops again
+    /// after each restart until an operator moves the group's offsets past the gap.
+    Stop,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
@@ -144,6 +159,9 @@ pub struct KafkaConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     pub retention: Duration,
+    /// What a consuming stage does after it counted records it can no longer read
+    /// (`instream_records_lost_total`): `continue` or `stop` (see docs/guarantees.md).
+    pub on_records_lost: OnRecordsLost,
 }
 
 impl Default for KafkaConfig {
@@ -160,6 +178,7 @@ impl Default for KafkaConfig {
             statistics_interval: Duration::from_secs(5),
             replication_factor: 3,
             retention: 30 * DAY,
+            on_records_lost: OnRecordsLost::Continue,
         }
     }
 }

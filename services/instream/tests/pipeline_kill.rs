@@ -1,0 +1,510 @@
+//! The whole pipeline under kill -9: ingest, enricher, aggregator (with an aggregation
+//! repartitioned by an enriched field) and archiver, each its own process (`instream run
+//! <service>`, the code of `instream-<service>`), on the test broker, fed over HTTP by a
+//! producer that resends a batch with the same `Idempotency-Key` whenever it got no answer
+//! (and now and then although it got one, as after a lost answer). Every service is killed
+//! with -9 several times at moments a seeded generator picks (the seed is printed;
+//! `INSTREAM_TEST_SEED=<seed>` replays a run) and restarted at once. At the end every window
+//! equals one clean pass over the accepted events, the archive holds every raw offset in
+//! exactly one file and every accepted event, and no run of any process counted a lost record.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use instream_store::{AggregateQuery, AggregateStore, LocalStore};
+use instream_testkit::{free_port, process_config_toml, unique, ChildGuard, KafkaBroker};
+
+const BIN: &str = env!("CARGO_BIN_EXE_instream");
+const EVENTS: usize = 16_000;
+const BATCH: usize = 50;
+const CUSTOMERS: usize = 40;
+const PARTITIONS: i32 = 4;
+/// 2024-05-01T12:00:00Z; event times rise 15 ms an event, over four minutes.
+const T0: i64 = 1_714_564_800_000;
+const SERVICES: [&str; 4] = ["ingest", "enricher", "aggregator", "archiver"];
+
+fn tier(customer: usize) -> &'static str {
+    ["gold", "silver", "bronze"][customer % 3]
+}
+
+/// xorshift64*: the kill schedule, replayable from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+struct Pipeline {
+    dir: tempfile::TempDir,
+    name: String,
+    store: PathBuf,
+    archive: PathBuf,
+    http: u16,
+    /// Each service's config (its own admin port) and admin port.
+    configs: BTreeMap<&'static str, (PathBuf, u16)>,
+}
+
+fn write_pipeline(broker: &KafkaBroker) -> Pipeline {
+    let dir = tempfile::tempdir().unwrap();
+    let name = unique("wholekill");
+    broker.create_pipeline_topics(&name, PARTITIONS).unwrap();
+    broker
+        .create_topic(&format!("{name}.by-per_tier"), PARTITIONS)
+        .unwrap();
+    let definitions = dir.path().join("definitions.toml");
+    std::fs::write(
+        &definitions,
+        format!(
+            r#"
+[[pipelines]]
+name = "{name}"
+key_field = "customer"
+time_field = "ts"
+partitions = {PARTITIONS}
+max_out_of_orderness = "10m"
+[[pipelines.enrichments]]
+name = "customer"
+key_template = "customer:{{customer}}"
+fields = {{ tier = "tier" }}
+[[pipelines.aggregations]]
+name = "per_minute"
+window = {{ kind = "tumbling", size = "1m" }}
+functions = [{{ fn = "sum", field = "payload.amount" }}]
+[[pipelines.aggregations]]
+name = "per_tier"
+group_by = ["enrichment.tier"]
+window = {{ kind = "tumbling", size = "1m" }}
+"#
+        ),
+    )
+    .unwrap();
+    let seed = dir.path().join("refdata.jsonl");
+    let lines: Vec<String> = (0..CUSTOMERS)
+        .map(|c| {
+            serde_json::json!({"key": format!("customer:c{c}"), "fields": {"tier": tier(c)}})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&seed, lines.join("\n")).unwrap();
+    let store = dir.path().join("aggregates.redb");
+    let archive = dir.path().join("archive");
+    let http = free_port().unwrap();
+    let mut configs = BTreeMap::new();
+    for service in SERVICES {
+        let admin = free_port().unwrap();
+        let path = dir.path().join(format!("{service}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                r#"{process}
+[telemetry]
+log_format = "json"
+log_level = "info"
+[refdata]
+backend = "memory"
+seed_file = "{seed}"
+[store]
+backend = "local"
+path = "{store}"
+[archive]
+backend = "local"
+root = "{archive}"
+[archiver]
+roll_max_age = "1s"
+[aggregator]
+flush_interval = "200ms"
+early_results_every = "1s"
+batch_size = 500
+[enricher]
+batch_size = 500
+delivery = "{delivery}"
+[ingest]
+listen = "127.0.0.1:{http}"
+allow_anonymous = true
+"#,
+                process = process_config_toml(
+                    admin,
+                    &broker.bootstrap_servers(),
+                    &definitions,
+                    "500ms",
+                    32_768
+                ),
+                seed = seed.display(),
+                store = store.display(),
+                archive = archive.display(),
+                // The embedded broker neither keeps transactional offsets nor hides aborted
+                // batches: transactions only on a real Kafka.
+                delivery = if broker.is_embedded() {
+                    "at_least_once"
+                } else {
+                    "auto"
+                },
+            ),
+        )
+        .unwrap();
+        configs.insert(service, (path, admin));
+    }
+    Pipeline {
+        dir,
+        name,
+        store,
+        archive,
+        http,
+        configs,
+    }
+}
+
+fn spawn(pipeline: &Pipeline, service: &str) -> ChildGuard {
+    let (config, _) = &pipeline.configs[service];
+    instream_testkit::spawn_service_with(BIN, &["run", service], config).unwrap()
+}
+
+/// The event `i` as the producer sends it.
+fn event(i: usize) -> serde_json::Value {
+    serde_json::json!({
+        "customer": format!("c{}", i % CUSTOMERS),
+        "ts": T0 + 15 * i as i64,
+        "amount": i % 100,
+    })
+}
+
+/// Sends every event in batches, each until it is answered 200 with every event accepted
+/// (the same `Idempotency-Key` each time, so a retry carries the same ids); every seventh
+/// batch once more after its 200, as a client that lost the answer does. Paced so that the
+/// stream lasts while the services are killed.
+async fn produce(http: u16, pipeline: String, sent: Arc<AtomicUsize>, retries: Arc<AtomicUsize>) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{http}/v1/pipelines/{pipeline}/events");
+    for (n, start) in (0..EVENTS).step_by(BATCH).enumerate() {
+        let body: String = (start..start + BATCH)
+            .map(|i| format!("{}\n", event(i)))
+            .collect();
+        let times = if n % 7 == 3 { 2 } else { 1 };
+        for _ in 0..times {
+            loop {
+                let answer = client
+                    .post(&url)
+                    .header("Idempotency-Key", format!("batch-{n}"))
+                    .header("Content-Type", "application/x-ndjson")
+                    .body(body.clone())
+                    .send()
+                    .await;
+                match answer {
+                    Ok(r) if r.status() == 200 => {
+                        let json: serde_json::Value = r.json().await.unwrap();
+                        assert_eq!(json["accepted"], BATCH, "every event valid: {json}");
+                        break;
+                    }
+                    _ => {
+                        retries.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+        sent.store(start + BATCH, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn metrics(admin: u16) -> String {
+    match reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Whether every consumer group has committed up to the end of its topics.
+async fn caught_up(broker: &KafkaBroker, pipeline: &str) -> bool {
+    let kafka = instream_core::config::KafkaConfig {
+        bootstrap_servers: broker.bootstrap_servers(),
+        ..Default::default()
+    };
+    let raw = format!("{pipeline}.raw");
+    let enriched = format!("{pipeline}.enriched");
+    let by_tier = format!("{pipeline}.by-per_tier");
+    for (group, topic) in [
+        ("instream-enricher", &raw),
+        ("instream-archiver", &raw),
+        ("instream-aggregator", &enriched),
+        ("instream-aggregator", &by_tier),
+    ] {
+        match instream_kafka::ops::group_lag(&kafka, group, topic).await {
+            // A partition that never had a record has nothing to commit.
+            Ok(lags)
+                if lags
+                    .iter()
+                    .all(|l| l.lag == 0 && (l.committed.is_some() || l.end == 0)) => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// (customer, window start) -> (count, sum of amount).
+type PerMinute = BTreeMap<(String, i64), (i64, f64)>;
+/// (tier, window start) -> count.
+type PerTier = BTreeMap<(String, i64), i64>;
+
+/// Both aggregations' windows after one clean pass over the events.
+fn one_clean_pass() -> (PerMinute, PerTier) {
+    let mut per_minute = BTreeMap::new();
+    let mut per_tier = BTreeMap::new();
+    for i in 0..EVENTS {
+        let ts = T0 + 15 * i as i64;
+        let minute = ts - ts.rem_euclid(60_000);
+        let entry = per_minute
+            .entry((format!("c{}", i % CUSTOMERS), minute))
+            .or_insert((0, 0.0));
+        entry.0 += 1;
+        entry.1 += (i % 100) as f64;
+        *per_tier
+            .entry((tier(i % CUSTOMERS).to_owned(), minute))
+            .or_insert(0) += 1;
+    }
+    (per_minute, per_tier)
+}
+
+async fn windows(
+    store: &LocalStore,
+    pipeline: &str,
+    aggregation: &str,
+    groups: impl Iterator<Item = String>,
+) -> Vec<instream_store::WindowAggregate> {
+    let mut all = Vec::new();
+    for group in groups {
+        all.extend(
+            store
+                .query(&AggregateQuery {
+                    pipeline: pipeline.to_owned(),
+                    aggregation: aggregation.to_owned(),
+                    group_key: group,
+                    from: T0 - 3_600_000,
+                    to: T0 + 3_600_000,
+                    limit: 1000,
+                })
+                .await
+                .unwrap(),
+        );
+    }
+    all
+}
+
+/// Every event id in the archive's JSON-lines files, with how often it is there.
+fn archived_ids(root: &Path) -> BTreeMap<String, usize> {
+    let mut ids = BTreeMap::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.to_string_lossy().ends_with(".jsonl.zst") {
+                let text = zstd::decode_all(std::fs::File::open(&path).unwrap()).unwrap();
+                for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                    let event: serde_json::Value = serde_json::from_slice(line).unwrap();
+                    let id = event["event_id"].as_str().unwrap().to_owned();
+                    *ids.entry(id).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_killed_with_9_again_and_again_under_load_loses_and_doubles_nothing() {
+    let started = Instant::now();
+    let seed: u64 = std::env::var("INSTREAM_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("whole-pipeline kill test: seed {seed} (replay with INSTREAM_TEST_SEED={seed})");
+    let mut rng = Rng(seed | 1);
+
+    let broker = KafkaBroker::start().unwrap();
+    let p = write_pipeline(&broker);
+    let mut running: BTreeMap<&str, ChildGuard> =
+        SERVICES.iter().map(|s| (*s, spawn(&p, s))).collect();
+
+    let sent = Arc::new(AtomicUsize::new(0));
+    let retries = Arc::new(AtomicUsize::new(0));
+    let producer = tokio::spawn(produce(
+        p.http,
+        p.name.clone(),
+        sent.clone(),
+        retries.clone(),
+    ));
+
+    // Three rounds of kills, each service once a round in an order the seed picks, every
+    // 1.5 to 4 s while the stream flows.
+    let mut schedule = Vec::new();
+    for _ in 0..3 {
+        let mut round = SERVICES.to_vec();
+        for i in (1..round.len()).rev() {
+            round.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        schedule.extend(round);
+    }
+    for service in &schedule {
+        let pause = Duration::from_millis(1_500 + rng.below(2_500));
+        tokio::time::sleep(pause).await;
+        let child = running.get_mut(service).unwrap();
+        child.0.kill().unwrap(); // SIGKILL: no drain, no flush, no commit
+        child.wait_exit(Duration::from_secs(10)).unwrap();
+        eprintln!(
+            "{:>5.1}s killed {service} ({} of {EVENTS} events sent)",
+            started.elapsed().as_secs_f64(),
+            sent.load(Ordering::Relaxed)
+        );
+        // The dead process's guard goes with its log kept on disk for the loss check below.
+        let dead = running.insert(service, spawn(&p, service)).unwrap();
+        drop(dead);
+    }
+    tokio::time::timeout(Duration::from_secs(120), producer)
+        .await
+        .expect("the producer finished")
+        .unwrap();
+    eprintln!(
+        "{:>5.1}s every event accepted ({} requests sent again)",
+        started.elapsed().as_secs_f64(),
+        retries.load(Ordering::Relaxed)
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !caught_up(&broker, &p.name).await {
+        assert!(Instant::now() < deadline, "the stages did not catch up");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The last runs: nothing lost in their counters either.
+    for (service, (_, admin)) in &p.configs {
+        let text = metrics(*admin).await;
+        let (lost, _) = instream_testkit::metric_sum(&text, "instream_records_lost_total", "");
+        assert_eq!(lost, 0.0, "{service} counted lost records");
+    }
+    for child in running.values() {
+        child.terminate().unwrap();
+    }
+    for (service, child) in running.iter_mut() {
+        let status = child.wait_exit(Duration::from_secs(30)).unwrap();
+        assert!(status.success(), "{service} stopped cleanly: {status}");
+    }
+    eprintln!("{:>5.1}s all stopped", started.elapsed().as_secs_f64());
+
+    // No run of any process, killed or not, counted a lost record (a killed process's
+    // counters died with it; its log did not).
+    for entry in std::fs::read_dir(p.dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let log = std::fs::read_to_string(&path).unwrap();
+            assert!(
+                !log.contains("records lost"),
+                "{}: {}",
+                path.display(),
+                log.lines().find(|l| l.contains("records lost")).unwrap()
+            );
+        }
+    }
+
+    let (per_minute, per_tier) = one_clean_pass();
+    let store = LocalStore::open(&p.store).unwrap();
+    let got: PerMinute = windows(
+        &store,
+        &p.name,
+        "per_minute",
+        (0..CUSTOMERS).map(|c| format!("c{c}")),
+    )
+    .await
+    .into_iter()
+    .map(|w| {
+        let sum = w.values["sum_amount"].as_f64().unwrap();
+        ((w.group_key, w.window_start), (w.count, sum))
+    })
+    .collect();
+    assert_eq!(got, per_minute, "per customer and minute: one clean pass");
+    let got: PerTier = windows(
+        &store,
+        &p.name,
+        "per_tier",
+        ["gold", "silver", "bronze"].into_iter().map(String::from),
+    )
+    .await
+    .into_iter()
+    .map(|w| ((w.group_key, w.window_start), w.count))
+    .collect();
+    assert_eq!(
+        got, per_tier,
+        "per tier (repartitioned) and minute: one clean pass"
+    );
+
+    // Every raw offset in exactly one file, and every accepted event there (a batch sent
+    // again may be there twice, with the same ids).
+    let verify = std::process::Command::new(BIN)
+        .args([
+            "archive",
+            "verify",
+            "--pipeline",
+            &p.name,
+            "--output",
+            "json",
+        ])
+        .arg("--config")
+        .arg(&p.configs["archiver"].0)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&verify.stdout),
+            String::from_utf8_lossy(&verify.stderr)
+        )
+    });
+    assert!(verify.status.success(), "archive verify: {report}");
+    let kafka = instream_core::config::KafkaConfig {
+        bootstrap_servers: broker.bootstrap_servers(),
+        ..Default::default()
+    };
+    let mut raw_records = 0;
+    for partition in 0..PARTITIONS {
+        let (low, high) =
+            instream_kafka::ops::watermarks(&kafka, &format!("{}.raw", p.name), partition)
+                .await
+                .unwrap();
+        assert_eq!(low, 0, "the broker kept every raw record");
+        raw_records += high;
+    }
+    assert_eq!(report["records"], raw_records, "{report}");
+    let ids = archived_ids(&p.archive);
+    assert_eq!(
+        ids.values().sum::<usize>() as i64,
+        raw_records,
+        "one archived line per raw record"
+    );
+    let distinct: BTreeSet<&String> = ids.keys().collect();
+    assert_eq!(distinct.len(), EVENTS, "every accepted event archived");
+    eprintln!(
+        "{:>5.1}s done: {raw_records} raw records for {EVENTS} events, {} kills",
+        started.elapsed().as_secs_f64(),
+        schedule.len()
+    );
+}
