@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod backlog;
 pub mod config;
 pub mod service;
 pub mod shutdown;

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use instream_core::backlog::Backlog;
 use instream_core::config::KafkaConfig;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
@@ -14,8 +15,56 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::context::InstreamContext;
 use crate::error::KafkaError;
 
-pub type Producer = FutureProducer<InstreamContext>;
 pub type Consumer = StreamConsumer<InstreamContext>;
+
+/// A producer of instream's (see [`producer`]): librdkafka's, with what instream counts
+/// around it. Dereferences to rdkafka's producer for what is not wrapped (transactions).
+#[derive(Clone)]
+pub struct Producer {
+    inner: FutureProducer<InstreamContext>,
+    service: std::sync::Arc<str>,
+    /// Standalone mode: the account of unread bytes per topic (see
+    /// [`instream_core::backlog`]).
+    backlog: Option<Backlog>,
+}
+
+impl std::ops::Deref for Producer {
+    type Target = FutureProducer<InstreamContext>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.inner
+    }
+}
+
+impl Producer {
+    /// The producer's fatal error, if it has failed for good (see [`failed_for_good_watch`]).
+    pub fn fatal_error(&self) -> Option<(rdkafka::types::RDKafkaErrorCode, String)> {
+        rdkafka::producer::Producer::client(&self.inner).fatal_error()
+    }
+
+    /// Counts `record` in the standalone account, first waiting while its topic is full
+    /// (unless this service reads that topic itself).
+    async fn account(&self, record: &FutureRecord<'_, [u8], [u8]>) {
+        if let Some(backlog) = &self.backlog {
+            backlog.room_for(&self.service, record.topic).await;
+            backlog.written(record.topic, bytes_of(record));
+        }
+    }
+}
+
+/// What a record is counted for in the standalone account.
+fn bytes_of(record: &FutureRecord<'_, [u8], [u8]>) -> u64 {
+    let headers = record.headers.as_ref().map_or(0, |hs| {
+        hs.iter()
+            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+            .sum()
+    });
+    instream_core::backlog::record_bytes(
+        record.key.map_or(0, <[u8]>::len),
+        record.payload.map_or(0, <[u8]>::len),
+        headers,
+    )
+}
 
 /// A consumed record, copied out of librdkafka's buffer.
 #[derive(Debug, Clone)]
@@ -72,14 +121,20 @@ fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
-fn create(c: &ClientConfig, service: &str) -> Result<Producer, KafkaError> {
-    c.create_with_context(InstreamContext::new(service, ""))
-        .map_err(KafkaError::Config)
+fn create(c: &ClientConfig, cfg: &KafkaConfig, service: &str) -> Result<Producer, KafkaError> {
+    let inner = c
+        .create_with_context(InstreamContext::new(service, ""))
+        .map_err(KafkaError::Config)?;
+    Ok(Producer {
+        inner,
+        service: service.into(),
+        backlog: cfg.backlog.clone(),
+    })
 }
 
 /// A producer with the guarantees of [`producer_config`].
 pub fn producer(cfg: &KafkaConfig, service: &str) -> Result<Producer, KafkaError> {
-    create(&producer_config(cfg), service)
+    create(&producer_config(cfg), cfg, service)
 }
 
 /// A [`producer`] whose records of one partition reach the broker without gaps: for stages
@@ -101,7 +156,7 @@ pub fn gapless_producer(cfg: &KafkaConfig, service: &str) -> Result<Producer, Ka
     }
     c.set("message.timeout.ms", "0");
     c.set("enable.gapless.guarantee", "true");
-    create(&c, service)
+    create(&c, cfg, service)
 }
 
 /// A transactional producer (`transactional.id` = `id`): what it writes between
@@ -121,7 +176,7 @@ pub fn transactional_producer(
         "transaction.timeout.ms",
         transaction_timeout.as_millis().to_string(),
     );
-    create(&c, service)
+    create(&c, cfg, service)
 }
 
 /// A group member that never commits on its own: offsets are committed by the service through
@@ -150,7 +205,7 @@ pub fn consumer(
     c.set("enable.auto.commit", "false");
     c.set("enable.auto.offset.store", "false");
     let consumer: Consumer = c
-        .create_with_context(InstreamContext::new(service, group))
+        .create_with_context(InstreamContext::new(service, group).with_backlog(cfg.backlog.clone()))
         .map_err(KafkaError::Config)?;
     let names: Vec<&str> = topics.iter().map(AsRef::as_ref).collect();
     consumer.subscribe(&names).map_err(KafkaError::Consume)?;
@@ -236,6 +291,17 @@ pub async fn recv_batch(
     // last commit by whoever owns the partition now.
     let generation = consumer.context().generation();
     out.retain(|r| r.generation == generation);
+    if let Some(backlog) = consumer.context().backlog() {
+        for r in out.iter() {
+            let headers = r.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+            let bytes = instream_core::backlog::record_bytes(
+                r.key.as_ref().map_or(0, Vec::len),
+                r.payload.len(),
+                headers,
+            );
+            backlog.received(consumer.context().service(), &r.topic, bytes);
+        }
+    }
     let mut tracker = consumer.context().tracker();
     for r in out.iter() {
         tracker.track(&r.topic, r.partition, r.offset);
@@ -313,8 +379,9 @@ pub async fn send<'a>(
     producer: &Producer,
     mut record: FutureRecord<'a, [u8], [u8]>,
 ) -> Result<DeliveryFuture, KafkaError> {
+    producer.account(&record).await;
     loop {
-        match producer.send_result(record) {
+        match producer.inner.send_result(record) {
             Ok(delivery) => return Ok(delivery),
             Err((
                 rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
@@ -335,12 +402,20 @@ pub fn try_send(
     producer: &Producer,
     record: FutureRecord<'_, [u8], [u8]>,
 ) -> Result<DeliveryFuture, KafkaError> {
-    producer.send_result(record).map_err(|(e, _)| match e {
-        rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
-            KafkaError::QueueFull
-        }
-        e => KafkaError::Produce(e),
-    })
+    // Ingest's writes: admitted against the standalone account before (a reservation), so
+    // only counted here.
+    if let Some(backlog) = &producer.backlog {
+        backlog.written(record.topic, bytes_of(&record));
+    }
+    producer
+        .inner
+        .send_result(record)
+        .map_err(|(e, _)| match e {
+            rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
+                KafkaError::QueueFull
+            }
+            e => KafkaError::Produce(e),
+        })
 }
 
 /// The side outputs of a batch — dead letters, forwarded records, quality records — sent as
@@ -420,7 +495,7 @@ pub async fn failed_for_good_watch(producer: &Producer) -> KafkaError {
 /// only "fatal" or "purged": the cause is the client's to tell. Not logged here: the caller
 /// stops with it, and says so.
 fn failed_for_good(producer: &Producer) -> Option<KafkaError> {
-    let (code, reason) = rdkafka::producer::Producer::client(producer).fatal_error()?;
+    let (code, reason) = producer.fatal_error()?;
     Some(KafkaError::ProducerFailed {
         code: format!("{code:?}"),
         reason,

@@ -34,6 +34,8 @@ pub struct InstreamContext {
     /// The group's committed offset of each partition of the last assignment, read when it
     /// was assigned: where the consumer resumes (see [`crate::Continuity`]).
     starts: Mutex<Vec<((String, i32), i64)>>,
+    /// Standalone mode: what this consumer receives is counted there.
+    backlog: Option<instream_core::backlog::Backlog>,
 }
 
 impl InstreamContext {
@@ -47,7 +49,23 @@ impl InstreamContext {
             commit_sent: Mutex::default(),
             commits_on_revoke: AtomicBool::new(true),
             starts: Mutex::default(),
+            backlog: None,
         }
+    }
+
+    /// Counts what this consumer receives in `backlog` (standalone mode).
+    pub fn with_backlog(mut self, backlog: Option<instream_core::backlog::Backlog>) -> Self {
+        self.backlog = backlog;
+        self
+    }
+
+    pub fn backlog(&self) -> Option<&instream_core::backlog::Backlog> {
+        self.backlog.as_ref()
+    }
+
+    /// The service this client belongs to.
+    pub fn service(&self) -> &str {
+        &self.service
     }
 
     /// Offsets are committed only inside producer transactions from now on: never by this

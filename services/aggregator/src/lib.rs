@@ -131,6 +131,7 @@ pub async fn run_with_store(
             _ = shutdown.cancelled() => break,
             received = recv_batch(consumer, config.aggregator.batch_size, wait, &mut batch) => received?,
         }
+        slowed_down_by_a_test().await;
         follow_generation(consumer, &mut generation, &mut partitions, &mut pending);
         if !partitions
             .restore_assigned(consumer, &*store, &config.kafka, &store_ready, &shutdown)
@@ -249,6 +250,66 @@ pub async fn run_with_store(
         "aggregator drained and committed"
     );
     Ok(())
+}
+
+/// A test's pause per batch (`FAILPOINTS=aggregator-batch=return(<ms>)`), to make the
+/// aggregator the slow stage; inert unless built with the `failpoints` feature of `fail`.
+async fn slowed_down_by_a_test() {
+    let pause = (|| -> Option<u64> {
+        fail::fail_point!("aggregator-batch", |ms: Option<String>| ms
+            .and_then(|ms| ms.parse().ok()));
+        None
+    })();
+    if let Some(ms) = pause {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+}
+
+/// For a broker replaced by an empty one (a restarted standalone's embedded broker keeps
+/// nothing): moves every checkpoint of `group` for the input partitions of `catalog` to offset 0
+/// of the new topics, keeping the windows and watermarks they hold (what was counted before
+/// the restart goes on counting), forgetting origin offsets and seen ids (they refer to the
+/// old topics). Returns how many checkpoints moved.
+pub async fn rebase_checkpoints(
+    store: &dyn AggregateStore,
+    group: &str,
+    catalog: &Catalog,
+) -> Result<usize, AggregatorError> {
+    let mut moved = Vec::new();
+    for def in catalog.iter() {
+        for topic in repartition::input_topics_of(def) {
+            for partition in 0..def.partitions {
+                let key = CheckpointKey {
+                    group: group.to_owned(),
+                    topic: topic.clone(),
+                    partition,
+                };
+                let Some(checkpoint) = store.load_checkpoint(&key).await? else {
+                    continue;
+                };
+                let (mut state, _) =
+                    PartitionState::restore(&checkpoint.state).map_err(|source| {
+                        AggregatorError::Checkpoint {
+                            topic: topic.clone(),
+                            partition,
+                            source,
+                        }
+                    })?;
+                state.rebase();
+                if let Some((next_offset, bytes)) = state.snapshot() {
+                    moved.push(Checkpoint {
+                        key,
+                        next_offset,
+                        state: bytes,
+                    });
+                }
+            }
+        }
+    }
+    if !moved.is_empty() {
+        store.save_checkpoints(&moved).await?;
+    }
+    Ok(moved.len())
 }
 
 /// Counts an event's outcome once per enriched record in `instream_events_total` (the

@@ -14,17 +14,21 @@ use crate::{functions, payload, windows, AggregatorError};
 /// The enriched topic of every pipeline with aggregations, and the repartition topic of each
 /// aggregation not grouped by the key.
 pub(crate) fn input_topics(catalog: &Catalog) -> Vec<String> {
-    catalog
-        .iter()
-        .filter(|p| !p.aggregations.is_empty())
-        .flat_map(|p| {
-            std::iter::once(topics::enriched(&p.name)).chain(
-                p.aggregations
-                    .iter()
-                    .filter(|a| a.repartitioned())
-                    .map(|a| topics::repartition(&p.name, &a.name)),
-            )
-        })
+    catalog.iter().flat_map(|p| input_topics_of(p)).collect()
+}
+
+/// The topics [`input_topics`] holds for one pipeline.
+pub(crate) fn input_topics_of(p: &PipelineDefinition) -> Vec<String> {
+    if p.aggregations.is_empty() {
+        return Vec::new();
+    }
+    std::iter::once(topics::enriched(&p.name))
+        .chain(
+            p.aggregations
+                .iter()
+                .filter(|a| a.repartitioned())
+                .map(|a| topics::repartition(&p.name, &a.name)),
+        )
         .collect()
 }
 

@@ -232,9 +232,7 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
                     // doing it again leaves no gap. A refusal no retry mends — the record's
                     // own, or the transaction's (a partition it may not write to) — or a
                     // producer failed for good (fenced) stops the process.
-                    let failed_for_good = rdkafka::producer::Producer::client(&enricher.producer)
-                        .fatal_error()
-                        .is_some();
+                    let failed_for_good = enricher.producer.fatal_error().is_some();
                     let cause = tx.failure();
                     if let Some(cause) = cause
                         .as_ref()

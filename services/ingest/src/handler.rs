@@ -20,6 +20,10 @@ use instream_pipeline::{envelope, IdSource};
 
 const SERVICE: &str = "ingest";
 
+/// What the envelope adds to an event's payload (id, key, times, pipeline, field names), at
+/// most, for the standalone account.
+const ENVELOPE_BYTES: usize = 256;
+
 #[derive(Serialize)]
 struct Refused {
     index: usize,
@@ -275,8 +279,52 @@ pub async fn post_events(
                 .into_response();
         }
     }
-    let started = Instant::now();
     let topic = topics::raw(&pipeline);
+    // Standalone: the embedded broker deletes what no stage read yet beyond 5 MB a
+    // partition, so the events are admitted only while every topic has room for them.
+    let _room = match &state.backlog {
+        None => None,
+        Some(backlog) => {
+            let bytes = events
+                .iter()
+                .map(|e| {
+                    instream_core::backlog::record_bytes(
+                        e.key.len(),
+                        e.payload.get().len() + ENVELOPE_BYTES,
+                        0,
+                    )
+                })
+                .sum();
+            if bytes > backlog.budget() {
+                return failure(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large_for_standalone",
+                    format!(
+                        "the request's events take about {bytes} bytes; standalone takes at \
+                         most {} at once (standalone.max_unread_bytes): send smaller requests",
+                        backlog.budget()
+                    ),
+                );
+            }
+            match backlog.try_reserve(&topic, bytes) {
+                Ok(room) => Some(room),
+                Err(full) => {
+                    metrics::counter!("instream_ingest_refused_total", "error" => "backlog_full")
+                        .increment(1);
+                    return retry_later(
+                        &state,
+                        "backlog_full",
+                        format!(
+                            "`{}` holds {} bytes a stage has not read (at most {}): send the same \
+                             request again later",
+                            full.topic, full.unread, full.budget
+                        ),
+                    );
+                }
+            }
+        }
+    };
+    let started = Instant::now();
     let mut deliveries = Vec::with_capacity(events.len());
     let mut buf = Vec::with_capacity(512);
     for event in &events {

@@ -58,6 +58,9 @@ pub(crate) struct AppState {
     /// Requests being handled.
     pub in_flight_requests: Semaphore,
     pub keys: keys::ApiKeys,
+    /// Standalone mode: what the topics hold unread; a request is admitted only if its
+    /// pipeline's raw topic (and every other) has room (see `instream_core::backlog`).
+    pub backlog: Option<instream_core::backlog::Backlog>,
     /// Each pipeline's compiled JSON Schema, per definition version.
     schemas: std::sync::Mutex<instream_pipeline::SchemaCache>,
 }
@@ -106,6 +109,7 @@ impl Ingest {
         let limits = &config.ingest;
         let state = Arc::new(AppState {
             config: limits.clone(),
+            backlog: config.kafka.backlog.clone(),
             producer,
             catalog: stage.catalog.clone(),
             in_flight_events: Semaphore::new(limits.max_in_flight_events),

@@ -32,12 +32,21 @@ pub async fn archive(command: ArchiveCommand) -> anyhow::Result<()> {
         pipeline,
         output,
     } = command;
-    let config = Config::load(config.as_deref())?;
+    // The archive of a standalone's last run, whether it runs or not.
+    let config = crate::standalone::state::cli_config(config.as_deref(), false)?;
     let archive = instream_archive::build(&config.archive)?;
     let mut report = instream_archiver::verify(archive.as_ref(), &pipeline)
         .await
         .with_context(|| format!("reading the archive of `{pipeline}`"))?;
-    let compared = compare_with_commits(&config, &pipeline, &mut report).await;
+    let compared = if config.kafka.broker == instream_core::config::BrokerMode::Embedded
+        && !crate::standalone::state::running(&config)
+    {
+        Err(anyhow::anyhow!(
+            "the standalone that wrote this archive is not running (its broker went with it)"
+        ))
+    } else {
+        compare_with_commits(&config, &pipeline, &mut report).await
+    };
     match output {
         Output::Json => {
             let mut value = serde_json::to_value(&report)?;

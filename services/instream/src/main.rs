@@ -148,6 +148,8 @@ enum SchemaCommand {
 }
 
 fn main() -> ExitCode {
+    // Fail points (tests) come from FAILPOINTS; inert unless built with `fail/failpoints`.
+    let _failpoints = fail::FailScenario::setup();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -289,18 +291,29 @@ async fn standalone(path: Option<PathBuf>) -> anyhow::Result<()> {
     instream_core::telemetry::init_tracing(&config.telemetry);
     let drain = config.shutdown.drain_timeout;
     let token = CancellationToken::new();
-    instream_core::shutdown_on_signal(token.clone());
+    // The first signal starts a clean stop (intake closed, topics read to their end, stages
+    // drained); a second one exits at once.
+    let stop = CancellationToken::new();
+    instream_core::shutdown_on_signal(stop.clone());
     let started = std::time::Instant::now();
     let platform =
-        standalone::Standalone::start_ready(config, token, Duration::from_secs(60)).await?;
+        standalone::Standalone::start_ready(config, token.clone(), Duration::from_secs(60)).await?;
+    let broker = platform
+        .run_state()
+        .map(|run| format!("; embedded broker {} (run {})", run.broker, run.run))
+        .unwrap_or_default();
     eprintln!(
-        "instream standalone: ready in {:.2}s; ingest on http://{}, admin on http://{}; Ctrl-C stops",
+        "instream standalone: ready in {:.2}s; ingest on http://{}, admin on http://{}{broker}; Ctrl-C stops",
         started.elapsed().as_secs_f64(),
         platform.ingest_addr,
         platform.admin_addr
     );
-    platform.supervisor.wait(drain).await?;
-    Ok(())
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        // A service failed: stop the rest.
+        _ = token.cancelled() => {}
+    }
+    platform.stop(drain, drain + Duration::from_secs(2)).await
 }
 
 async fn schema_apply(path: Option<PathBuf>, output: output::Output) -> anyhow::Result<()> {

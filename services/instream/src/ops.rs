@@ -6,7 +6,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
-use instream_core::config::Config;
 use instream_kafka::ops::{self, StoredDeadLetter};
 use instream_pipeline::topics;
 
@@ -107,7 +106,7 @@ pub async fn offsets(command: OffsetsCommand) -> anyhow::Result<()> {
         allow_skip,
         output,
     } = command;
-    let config = Config::load(config.as_deref())?;
+    let config = crate::standalone::state::cli_config(config.as_deref(), true)?;
     let plan = ops::plan_offset_reset(&config.kafka, &group, &topic, to_datetime)
         .await
         .with_context(|| format!("planning the reset of `{group}` on `{topic}`"))?;
@@ -192,7 +191,7 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             limit,
             output,
         } => {
-            let config = Config::load(config.as_deref())?;
+            let config = crate::standalone::state::cli_config(config.as_deref(), true)?;
             let topic = topics::dead_letter(&pipeline);
             let newest = limit.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
             let (mut letters, skipped) = ops::read_dead_letters(
@@ -220,7 +219,7 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             execute,
             output,
         } => {
-            let config = Config::load(config.as_deref())?;
+            let config = crate::standalone::state::cli_config(config.as_deref(), true)?;
             let dlq_topic = topics::dead_letter(&pipeline);
             let raw = topics::raw(&pipeline);
             let from: HashMap<i32, i64> = from.into_iter().collect();

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
-use instream_core::Config;
 use instream_pipeline::topics;
 use instream_quality::{Report, ReportBuilder, ViolationRecord};
 
@@ -45,7 +44,7 @@ pub async fn quality(command: QualityCommand) -> anyhow::Result<()> {
         output,
     } = command;
     anyhow::ensure!(from < to, "--from must be before --to");
-    let config = Config::load(config.as_deref())?;
+    let config = crate::standalone::state::cli_config(config.as_deref(), true)?;
     let topic = topics::quality(&pipeline);
     // A record is produced after its event was ingested; an hour's slack covers clocks that
     // disagree between hosts.

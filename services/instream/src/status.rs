@@ -10,6 +10,22 @@ use serde_json::json;
 use crate::control::current_catalog;
 use crate::output::{emit, emit_json, table, Output};
 
+/// A running standalone, as the one instance of every service (its state file says where).
+fn standalone_instance(config: &Config) -> anyhow::Result<Vec<instream_coord::Instance>> {
+    let state = crate::standalone::state::RunState::read(&config.standalone.state_file())?
+        .context("no standalone state file")?;
+    Ok(vec![instream_coord::Instance {
+        service: "standalone".into(),
+        instance: format!("pid-{}", state.pid),
+        info: json!({
+            "admin": state.admin,
+            "ingest": state.ingest,
+            "broker": state.broker,
+            "run": state.run,
+        }),
+    }])
+}
+
 /// The consumer groups of the services, with the topics each reads.
 fn groups(config: &Config, catalog: &Catalog) -> Vec<(String, String)> {
     let prefix = &config.kafka.group_prefix;
@@ -24,18 +40,22 @@ fn groups(config: &Config, catalog: &Catalog) -> Vec<(String, String)> {
 }
 
 pub async fn status(config: Option<PathBuf>, output: Output) -> anyhow::Result<()> {
-    let config = Config::load(config.as_deref())?;
-    if config.definitions.source != instream_core::config::DefinitionSourceKind::Zookeeper {
-        bail!(
-            "the registry lives in ZooKeeper; this config reads definitions from a file, so its \
-             services keep their registry inside their own process (standalone): use the \
-             deployment's config, or that process's /metrics"
-        );
-    }
-    let instances = instream_coord::coordinator(&config)
-        .instances()
-        .await
-        .context("reading the service registry")?;
+    let config = crate::standalone::state::cli_config(config.as_deref(), true)?;
+    let instances = if config.kafka.broker == instream_core::config::BrokerMode::Embedded {
+        standalone_instance(&config)?
+    } else {
+        if config.definitions.source != instream_core::config::DefinitionSourceKind::Zookeeper {
+            bail!(
+                "the registry lives in ZooKeeper; this config reads definitions from a file, so \
+                 its services keep their registry inside their own process: use the \
+                 deployment's config, or that process's /metrics"
+            );
+        }
+        instream_coord::coordinator(&config)
+            .instances()
+            .await
+            .context("reading the service registry")?
+    };
     let catalog = current_catalog(&config).await?;
     let mut lags = Vec::new();
     for (group, topic) in groups(&config, &catalog) {

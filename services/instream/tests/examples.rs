@@ -65,6 +65,7 @@ fn standalone_with_the_example_config_accepts_events() {
             .env("INSTREAM__INGEST__LISTEN", format!("127.0.0.1:{port}"))
             .env("INSTREAM__ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
             .env("INSTREAM__ARCHIVE__ROOT", data.path().join("archive"))
+            .env("INSTREAM__STANDALONE__DATA_DIR", data.path())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -162,6 +162,11 @@ pub struct KafkaConfig {
     /// What a consuming stage does after it counted records it can no longer read
     /// (`instream_records_lost_total`): `continue` or `stop` (see docs/guarantees.md).
     pub on_records_lost: OnRecordsLost,
+    /// Standalone mode only, set by `instream standalone` (never from a file): the account of
+    /// unread bytes per topic that keeps every topic within what the embedded broker keeps.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub backlog: Option<crate::backlog::Backlog>,
 }
 
 impl Default for KafkaConfig {
@@ -179,6 +184,7 @@ impl Default for KafkaConfig {
             replication_factor: 3,
             retention: 30 * DAY,
             on_records_lost: OnRecordsLost::Continue,
+            backlog: None,
         }
     }
 }

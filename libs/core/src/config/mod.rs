@@ -14,6 +14,7 @@ mod db_source;
 mod infra;
 mod reference;
 mod services;
+mod standalone;
 mod store;
 
 use std::path::Path;
@@ -29,6 +30,7 @@ pub use db_source::*;
 pub use infra::*;
 pub use reference::reference_markdown;
 pub use services::*;
+pub use standalone::*;
 pub use store::*;
 
 /// The prefix of environment overrides. `INSTREAM_TEST_*` (one underscore) are test-harness
@@ -68,6 +70,8 @@ pub struct Config {
     pub query_api: QueryApiConfig,
     /// The db-source service: polls SQL tables into pipelines.
     pub db_source: DbSourceConfig,
+    /// `instream standalone` (every service in one process on the embedded broker).
+    pub standalone: StandaloneConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -294,6 +298,8 @@ impl Config {
         self.archiver.validate(&mut p);
         self.query_api.validate(&mut p);
         self.db_source.validate(&mut p);
+        self.standalone.validate(&mut p);
+
         p.check(
             self.shutdown.drain_timeout < self.kafka.session_timeout,
             "shutdown.drain_timeout",

@@ -65,6 +65,16 @@ impl PartitionState {
         Some((self.next_offset, bytes))
     }
 
+    /// Moves the state to the start of a new, empty partition (the broker it was counted on
+    /// was replaced, as a restarted standalone's is): its windows and watermark stay, and
+    /// what refers to the old partition's offsets (origin offsets, seen ids) is forgotten.
+    pub fn rebase(&mut self) {
+        self.next_offset = 0;
+        self.origin_max.clear();
+        self.seen = SeenIds::default();
+        self.changed = true;
+    }
+
     /// The snapshot from [`Self::snapshot`] is durable: the state is unchanged since.
     pub fn mark_saved(&mut self) {
         self.changed = false;

@@ -95,6 +95,9 @@ fn demo_config(data: &Path) -> anyhow::Result<Config> {
     config.store.backend = StoreBackend::Embedded;
     config.archive.backend = ArchiveBackend::Local;
     config.archive.root = archive.to_string_lossy().into_owned();
+    config.standalone.data_dir = data.to_path_buf();
+    // Each demo starts from an empty archive (see `fresh_archive`).
+    config.standalone.archive_per_run = false;
     config.aggregator.flush_interval = Duration::from_millis(500);
     config.archiver.roll_max_age = Duration::from_secs(2);
     config.query_api.listen = local;
@@ -142,8 +145,9 @@ pub async fn run(duration: Duration, rate: u32, data: &Path) -> anyhow::Result<(
     let startup = started_at.elapsed();
     let result = drive(&platform, duration, rate, data, startup).await;
     // Whatever happened, the services stop cleanly before the process ends.
-    token.cancel();
-    let stopped = platform.supervisor.wait(Duration::from_secs(15)).await;
+    let stopped = platform
+        .stop(Duration::from_secs(15), Duration::from_secs(15))
+        .await;
     let summary = result?;
     stopped?;
     print!("{summary}");

@@ -1,0 +1,400 @@
+//! Every service in one process: `instream standalone` and the demo.
+//!
+//! On the embedded broker (`kafka.broker = "embedded"`), which keeps at most 5 MB a partition
+//! and nothing across a restart: every topic's unread bytes are accounted for in the process
+//! (`instream_core::backlog`), so ingest answers 503 and the stages wait before any topic holds
+//! more than `standalone.max_unread_bytes` unread; the topics no stage reads (dead letters,
+//! quality records) are copied to disk by the [`keeper`]; a stop drains every topic before the
+//! stages stop; each run archives into a folder of its own and takes over the aggregator's
+//! checkpoints at offset 0 of the new broker's topics; and `standalone.json` in the data
+//! directory tells the CLI where the running broker is ([`state`]).
+
+pub mod keeper;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use instream_core::backlog::Backlog;
+use instream_core::config::{
+    ArchiveBackend, BrokerMode, Config, DefinitionSourceKind, StoreBackend,
+};
+use instream_core::{AdminServer, Health, ServiceContext, Supervisor};
+use instream_kafka::EmbeddedBroker;
+use instream_pipeline::{topics, Catalog, FileSource};
+use instream_store::{AggregateStore, EmbeddedStore};
+use tokio_util::sync::CancellationToken;
+
+/// The services one standalone process runs.
+const SERVICES: [&str; 4] = ["ingest", "enricher", "aggregator", "archiver"];
+
+/// Which service reads each topic of `catalog` in standalone mode: what the account of unread
+/// bytes waits for, and what a stop waits to see committed (the archiver excepted: it writes
+/// what it read when it stops). An enriched topic of a pipeline without aggregations has no
+/// reader here.
+fn readers(catalog: &Catalog) -> Vec<(String, &'static str)> {
+    let mut readers = Vec::new();
+    for def in catalog.iter() {
+        readers.push((topics::raw(&def.name), "enricher"));
+        readers.push((topics::raw(&def.name), "archiver"));
+        for topic in topics::of_pipeline(def) {
+            if topic.ends_with(".dlq") || topic.ends_with(".quality") {
+                readers.push((topic, keeper::SERVICE));
+            } else if !def.aggregations.is_empty()
+                && (topic.ends_with(".enriched") || topic.contains(".by-"))
+            {
+                readers.push((topic, "aggregator"));
+            }
+        }
+    }
+    readers
+}
+
+/// A running standalone platform.
+pub struct Standalone {
+    pub ingest_addr: SocketAddr,
+    /// Where query-api serves, when the config lets it run (API keys, or anonymous access).
+    pub query_addr: Option<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    /// The embedded store, when the config selects it (the demo reads its summary from it).
+    pub embedded_store: Option<Arc<EmbeddedStore>>,
+    pub archive: Arc<dyn instream_archive::Archive>,
+    pub supervisor: Supervisor,
+    /// Readiness of every component: the platform is up when this says so.
+    pub health: Health,
+    /// Closes ingest (first step of a stop).
+    intake: CancellationToken,
+    /// Stops everything else.
+    token: CancellationToken,
+    /// On the embedded broker: the unread bytes of every topic, and this run's state file.
+    backlog: Option<Backlog>,
+    run: Option<(state::RunState, std::path::PathBuf)>,
+    /// The consumer groups that must have committed every topic to its end before a stop
+    /// lets the stages go (the embedded broker keeps nothing once the process is gone).
+    drained_when: Vec<(String, String)>,
+    kafka: instream_core::config::KafkaConfig,
+    // Dropped last: the services talk to it until they stop.
+    _broker: Option<EmbeddedBroker>,
+}
+
+impl Standalone {
+    /// Starts the platform and waits until every service has registered its components and
+    /// all of them report ready. A service that fails during start-up (a bad seed file, an
+    /// unreachable store) stops the wait at once, and its own error is returned.
+    pub async fn start_ready(
+        config: Config,
+        token: CancellationToken,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<Self> {
+        let drain = config.shutdown.drain_timeout;
+        let platform = Self::start(config, token.clone()).await?;
+        match platform.ready(timeout).await {
+            Ok(()) => Ok(platform),
+            Err(waiting) => {
+                token.cancel();
+                match platform.supervisor.wait(drain).await {
+                    Err(failed) => {
+                        Err(anyhow::Error::new(failed)
+                            .context("instream standalone could not start"))
+                    }
+                    Ok(()) => Err(waiting),
+                }
+            }
+        }
+    }
+
+    async fn ready(&self, timeout: std::time::Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let stopped = self.supervisor.token();
+        loop {
+            let report = self.health.report();
+            let registered = SERVICES
+                .iter()
+                .all(|s| report.iter().any(|c| c.name.starts_with(&format!("{s}."))));
+            if registered && report.iter().all(|c| c.ready) {
+                return Ok(());
+            }
+            if stopped.is_cancelled() {
+                anyhow::bail!("instream standalone stopped while starting");
+            }
+            if tokio::time::Instant::now() > deadline {
+                let waiting: Vec<String> = report
+                    .iter()
+                    .filter(|c| !c.ready)
+                    .map(|c| format!("{} ({})", c.name, c.reason))
+                    .collect();
+                anyhow::bail!(
+                    "instream standalone not ready after {timeout:?}; waiting for: {}",
+                    waiting.join(", ")
+                );
+            }
+            tokio::select! {
+                _ = stopped.cancelled() => {}
+                _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+            }
+        }
+    }
+
+    /// Starts the embedded broker (if selected), creates the pipelines' topics on it, and
+    /// starts every service under one supervisor with one admin server.
+    pub async fn start(mut config: Config, token: CancellationToken) -> anyhow::Result<Self> {
+        let mut run = None;
+        let broker = match config.kafka.broker {
+            BrokerMode::External => None,
+            BrokerMode::Embedded => {
+                let number = state::next_run(&config)?;
+                std::fs::create_dir_all(&config.standalone.data_dir).with_context(|| {
+                    format!(
+                        "creating standalone.data_dir {}",
+                        config.standalone.data_dir.display()
+                    )
+                })?;
+                let broker = EmbeddedBroker::start(1).context("starting the embedded broker")?;
+                config.kafka.bootstrap_servers = broker.bootstrap_servers().to_owned();
+                config.kafka.replication_factor = 1;
+                // Each run's broker numbers offsets from 0: its files go to a folder of its own.
+                if config.standalone.archive_per_run {
+                    let root = state::run_archive_root(&config, number);
+                    config.archive.root = root.display().to_string();
+                }
+                run = Some(number);
+                Some(broker)
+            }
+        };
+        let catalog = match (config.definitions.source, &config.definitions.path) {
+            (DefinitionSourceKind::File, Some(path)) => Some(FileSource::new(path).load()?),
+            _ => None,
+        };
+        if broker.is_some() && catalog.is_none() {
+            anyhow::bail!(
+                "the embedded broker (kafka.broker = \"embedded\") takes its topics from a \
+                 definitions file (definitions.source = \"file\" with a path): it has no API to \
+                 create topics when ZooKeeper's definitions change"
+            );
+        }
+        if let (Some(_), Some(catalog)) = (&broker, &catalog) {
+            config.kafka.backlog = Some(Backlog::new(
+                config.standalone.max_unread_bytes,
+                readers(catalog),
+            ));
+        }
+        if let (Some(broker), Some(catalog)) = (&broker, &catalog) {
+            // The embedded broker has no CreateTopics API: create the topics here, before the
+            // services look for them.
+            for p in catalog.iter() {
+                for t in topics::of_pipeline(p) {
+                    broker.create_topic(&t, p.partitions)?;
+                }
+            }
+        }
+
+        let health = Health::default();
+        let admin = AdminServer::bind(config.admin.listen, health.clone())
+            .await
+            .with_context(|| format!("admin server on {}", config.admin.listen))?;
+        let admin_addr = admin.local_addr()?;
+        let (store, embedded_store): (Arc<dyn AggregateStore>, _) = match config.store.backend {
+            StoreBackend::Embedded => {
+                let s = Arc::new(EmbeddedStore::default());
+                (s.clone(), Some(s))
+            }
+            StoreBackend::Scylla | StoreBackend::Local => {
+                (instream_store::build(&config.store).await?, None)
+            }
+        };
+        if let (Some(number), Some(catalog)) = (run, &catalog) {
+            if number > 1 {
+                take_over_checkpoints(&config, &*store, catalog).await?;
+            }
+        }
+        if config.archive.backend == ArchiveBackend::Local {
+            std::fs::create_dir_all(&config.archive.root)
+                .with_context(|| format!("creating archive.root {}", config.archive.root))?;
+        }
+        let archive = instream_archive::build(&config.archive)?;
+        let ingest =
+            instream_ingest::Ingest::start(&config, &health, admin_addr, token.clone()).await?;
+        let ingest_addr = ingest.local_addr()?;
+        let query =
+            if config.query_api.api_key_sha256.is_empty() && !config.query_api.allow_anonymous {
+                tracing::info!("query-api off: no query_api.api_key_sha256 and no allow_anonymous");
+                None
+            } else {
+                Some(
+                    instream_query_api::QueryApi::start(&config, store.clone(), &health, &token)
+                        .await?,
+                )
+            };
+        let query_addr = query.as_ref().map(|q| q.local_addr()).transpose()?;
+
+        let context = || ServiceContext {
+            config: config.clone(),
+            health: health.clone(),
+            shutdown: token.clone(),
+            admin_addr,
+        };
+        let intake = token.child_token();
+        let mut supervisor = Supervisor::new(token.clone());
+        supervisor.spawn("admin", admin.serve(token.clone()));
+        // Ingest closes first on a stop (see `stop`), and its task then waits for the rest.
+        supervisor.spawn("ingest", {
+            let (intake, token) = (intake.clone(), token.clone());
+            async move {
+                ingest.serve(intake).await?;
+                token.cancelled().await;
+                Ok::<(), instream_ingest::IngestError>(())
+            }
+        });
+        if let Some(query) = query {
+            supervisor.spawn("query-api", query.serve(token.clone()));
+        }
+        supervisor.spawn("enricher", instream_enricher::run(context()));
+        supervisor.spawn(
+            "aggregator",
+            instream_aggregator::run_with_store(context(), store),
+        );
+        supervisor.spawn(
+            "archiver",
+            instream_archiver::run_with_archive(context(), archive.clone()),
+        );
+        if broker.is_some() {
+            let definitions = instream_coord::definition_source(&config)
+                .subscribe(token.clone())
+                .await?;
+            supervisor.spawn(
+                "keeper",
+                keeper::run(config.clone(), definitions, token.clone()),
+            );
+        }
+        let run = match (run, &broker) {
+            (Some(number), Some(broker)) => {
+                let state = state::RunState {
+                    run: number,
+                    pid: std::process::id(),
+                    broker: broker.bootstrap_servers().to_owned(),
+                    ingest: ingest_addr.to_string(),
+                    admin: admin_addr.to_string(),
+                    query: query_addr.map(|a| a.to_string()),
+                    archive_root: Some(config.archive.root.clone().into()),
+                    started_at_ms: instream_event::now_millis(),
+                    stopped_at_ms: None,
+                };
+                let path = config.standalone.state_file();
+                state.write(&path)?;
+                Some((state, path))
+            }
+            _ => None,
+        };
+        tracing::info!(%ingest_addr, %admin_addr, "standalone instream running");
+        Ok(Standalone {
+            ingest_addr,
+            query_addr,
+            admin_addr,
+            embedded_store,
+            archive,
+            supervisor,
+            health,
+            intake,
+            token,
+            backlog: config.kafka.backlog.clone(),
+            run,
+            drained_when: catalog
+                .as_ref()
+                .map(|c| committing_groups(&config, c))
+                .unwrap_or_default(),
+            kafka: config.kafka.clone(),
+            _broker: broker,
+        })
+    }
+
+    /// A topic some group has not committed to its end yet, with how many records are left.
+    async fn uncommitted(&self) -> Option<(String, u64)> {
+        for (group, topic) in &self.drained_when {
+            match instream_kafka::ops::group_lag(&self.kafka, group, topic).await {
+                Ok(lags) => {
+                    let left: i64 = lags
+                        .iter()
+                        .filter(|l| l.committed.is_some() || l.end > 0)
+                        .map(|l| l.lag)
+                        .sum();
+                    if left > 0 {
+                        return Some((format!("{topic} ({group})"), left as u64));
+                    }
+                }
+                Err(error) => return Some((format!("{topic} ({group}): {error}"), 0)),
+            }
+        }
+        None
+    }
+
+    /// The embedded broker's address and this run's number, on the embedded broker.
+    pub fn run_state(&self) -> Option<&state::RunState> {
+        self.run.as_ref().map(|(state, _)| state)
+    }
+
+    /// Stops cleanly: ingest takes no more events; on the embedded broker (which keeps nothing
+    /// once the process is gone) the stages then go on until every topic is read to its end
+    /// and what they wrote of it committed (the archiver writes what it read when it stops),
+    /// for at most `timeout`; then every stage drains and commits, and the supervisor's result
+    /// is returned.
+    pub async fn stop(self, timeout: Duration, drain: Duration) -> anyhow::Result<()> {
+        self.intake.cancel();
+        if let Some(backlog) = &self.backlog {
+            let deadline = tokio::time::Instant::now() + timeout;
+            while !self.token.is_cancelled() {
+                let unread = backlog.fullest();
+                let uncommitted = match unread {
+                    Some(_) => None,
+                    None => self.uncommitted().await,
+                };
+                let Some(left) = unread.or(uncommitted) else {
+                    break;
+                };
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::error!(topic = %left.0, records_or_bytes = left.1, "stopping with records no stage finished: they are lost with the embedded broker");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        self.token.cancel();
+        let result = self.supervisor.wait(drain).await;
+        if let Some((mut state, path)) = self.run {
+            state.stopped_at_ms = Some(instream_event::now_millis());
+            state.write(&path)?;
+        }
+        Ok(result?)
+    }
+}
+
+/// The groups whose stages hand records on (so they must have committed their input before
+/// the stages stop), with each topic they read: every reader but the archiver.
+fn committing_groups(config: &Config, catalog: &Catalog) -> Vec<(String, String)> {
+    readers(catalog)
+        .into_iter()
+        .filter(|(_, service)| *service != "archiver")
+        .map(|(topic, service)| (format!("{}-{service}", config.kafka.group_prefix), topic))
+        .collect()
+}
+
+/// A restarted standalone's broker is new and empty: the aggregator's checkpoints (in a store
+/// that outlived the last run) move to offset 0 of its topics, keeping their windows.
+async fn take_over_checkpoints(
+    config: &Config,
+    store: &dyn AggregateStore,
+    catalog: &Catalog,
+) -> anyhow::Result<()> {
+    let group = format!("{}-aggregator", config.kafka.group_prefix);
+    let moved = instream_aggregator::rebase_checkpoints(store, &group, catalog)
+        .await
+        .context("taking over the last run's aggregator checkpoints")?;
+    if moved > 0 {
+        tracing::info!(
+            checkpoints = moved,
+            "the last run's open windows go on counting on this run's broker"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,541 @@
+//! `instream standalone` on its embedded broker, which deletes the oldest records of a
+//! partition beyond 5 MB whether a stage read them or not and keeps nothing across a restart:
+//! with far more events than that going through while the aggregator is slowed down, no
+//! accepted event is lost (ingest answers 503 until the stages catch up), the CLI finds the
+//! running process from the same `--config`, a stop drains every topic first; and a restarted
+//! standalone goes on enriching, aggregating (open windows keep their counts) and archiving.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use instream_store::{AggregateQuery, AggregateStore, LocalStore};
+use instream_testkit::ChildGuard;
+
+const BIN: &str = env!("CARGO_BIN_EXE_instream");
+const PIPELINE: &str = "flights";
+const CARRIERS: usize = 20;
+/// 2024-05-01T12:00:00Z.
+const T0: i64 = 1_714_564_800_000;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+    data: PathBuf,
+    store: PathBuf,
+}
+
+/// A standalone config in a directory of its own: one partition (so that the test's ~20 MB
+/// of events pass the partition's 5 MB four times), carriers enriched from a seed file in which
+/// every 50th flight's carrier is missing (dead-lettered), counted per carrier and minute and
+/// per region (repartitioned), with the local store (it outlives a run).
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let definitions = dir.path().join("definitions.toml");
+    std::fs::write(
+        &definitions,
+        format!(
+            r#"
+[[pipelines]]
+name = "{PIPELINE}"
+key_field = "carrier"
+time_field = "ts"
+partitions = 1
+max_out_of_orderness = "10m"
+[[pipelines.enrichments]]
+name = "carrier"
+key_template = "carrier:{{carrier}}"
+fields = {{ region = "region" }}
+on_miss = "dead_letter"
+[[pipelines.aggregations]]
+name = "per_minute"
+window = {{ kind = "tumbling", size = "1m" }}
+functions = [{{ fn = "sum", field = "payload.delay" }}, {{ fn = "count", field = "payload.gate" }}]
+[[pipelines.aggregations]]
+name = "per_region"
+group_by = ["enrichment.region"]
+window = {{ kind = "tumbling", size = "1h" }}
+"#
+        ),
+    )
+    .unwrap();
+    let seed = dir.path().join("carriers.jsonl");
+    let lines: Vec<String> = (0..CARRIERS)
+        .map(|c| {
+            serde_json::json!({"key": format!("carrier:c{c}"), "fields": {"region": format!("r{}", c % 3)}})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&seed, lines.join("\n")).unwrap();
+    let data = dir.path().join("data");
+    let store = dir.path().join("aggregates.redb");
+    let config = dir.path().join("standalone.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[telemetry]
+log_format = "json"
+log_level = "info"
+[admin]
+listen = "127.0.0.1:0"
+[shutdown]
+drain_timeout = "8s"
+[kafka]
+broker = "embedded"
+session_timeout = "10s"
+commit_interval = "200ms"
+[kafka.consumer]
+"fetch.wait.max.ms" = "10"
+"fetch.queue.backoff.ms" = "10"
+[definitions]
+source = "file"
+path = "{definitions}"
+[refdata]
+backend = "memory"
+seed_file = "{seed}"
+[store]
+backend = "local"
+path = "{store}"
+[archive]
+backend = "local"
+root = "{archive}"
+[archiver]
+roll_max_age = "1s"
+[aggregator]
+flush_interval = "300ms"
+batch_size = 500
+[ingest]
+listen = "127.0.0.1:0"
+allow_anonymous = true
+[standalone]
+data_dir = "{data}"
+"#,
+            definitions = definitions.display(),
+            seed = seed.display(),
+            store = store.display(),
+            archive = dir.path().join("archive").display(),
+            data = data.display(),
+        ),
+    )
+    .unwrap();
+    Setup {
+        _dir: dir,
+        config,
+        data,
+        store,
+    }
+}
+
+/// A standalone process and where it serves, from the state file it writes.
+struct Running {
+    child: ChildGuard,
+    ingest: String,
+    admin: String,
+    run: u64,
+}
+
+fn start(setup: &Setup, failpoints: &str) -> Running {
+    let log = setup.data.with_extension(format!(
+        "{}.log",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let child = Command::new(BIN)
+        .args(["standalone", "--config"])
+        .arg(&setup.config)
+        .env("FAILPOINTS", failpoints)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = ChildGuard(child, Some(log));
+    let state_file = setup.data.join("standalone.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(!child.exited(), "standalone exited while starting");
+        assert!(Instant::now() < deadline, "standalone did not start");
+        if let Some(state) = std::fs::read(&state_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .filter(|s| s["pid"] == child.0.id() && s["stopped_at_ms"].is_null())
+        {
+            let admin = state["admin"].as_str().unwrap().to_owned();
+            if answers_200(&admin, "/readyz") {
+                return Running {
+                    child,
+                    ingest: state["ingest"].as_str().unwrap().to_owned(),
+                    admin,
+                    run: state["run"].as_u64().unwrap(),
+                };
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether `GET http://<addr><path>` answers 200 (one request over a plain socket: the
+/// test's HTTP client is async).
+fn answers_200(addr: &str, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer.starts_with("HTTP/1.1 200")
+}
+
+/// Flight `i`: carrier `c<i mod 20>`, one a second from T0 + `offset_s`, a delay, a gate on
+/// every third; about 130 bytes of padding so that events weigh what real ones do.
+fn flight(i: usize, offset_s: i64) -> String {
+    let gate = if i.is_multiple_of(3) {
+        serde_json::json!(format!("G{}", i % 40))
+    } else {
+        serde_json::Value::Null
+    };
+    // Every 50th flight's carrier has no reference record.
+    let carrier = if i % 50 == 7 {
+        "unknown".to_owned()
+    } else {
+        format!("c{}", i % CARRIERS)
+    };
+    serde_json::json!({
+        "carrier": carrier, "ts": T0 + (offset_s + (i / 50) as i64) * 1000,
+        "delay": i % 60, "gate": gate, "n": i,
+        "route": "JFK-LAX-via-the-long-way-round-with-a-stop-at-ORD-and-another-at-DEN",
+    })
+    .to_string()
+}
+
+/// Sends `range` in batches of 500 from four tasks, each batch again (same Idempotency-Key)
+/// after a 503 until it is taken; returns how many answers were 503.
+async fn send(ingest: &str, range: std::ops::Range<usize>, offset_s: i64) -> u64 {
+    let refused = Arc::new(AtomicU64::new(0));
+    let client = reqwest::Client::new();
+    let batches: Vec<usize> = range.clone().step_by(500).collect();
+    let mut tasks = Vec::new();
+    for lane in 0..4 {
+        let (client, refused) = (client.clone(), refused.clone());
+        let url = format!("http://{ingest}/v1/pipelines/{PIPELINE}/events");
+        let mine: Vec<usize> = batches.iter().copied().skip(lane).step_by(4).collect();
+        let end = range.end;
+        tasks.push(tokio::spawn(async move {
+            for start in mine {
+                let body: String = (start..(start + 500).min(end))
+                    .map(|i| flight(i, offset_s) + "\n")
+                    .collect();
+                loop {
+                    let answer = client
+                        .post(&url)
+                        .header("Idempotency-Key", format!("{offset_s}-{start}"))
+                        .header("Content-Type", "application/x-ndjson")
+                        .body(body.clone())
+                        .send()
+                        .await
+                        .unwrap();
+                    if answer.status() == 200 {
+                        break;
+                    }
+                    assert_eq!(answer.status(), 503, "{}", answer.text().await.unwrap());
+                    assert!(answer.headers().contains_key("retry-after"));
+                    refused.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    refused.load(Ordering::Relaxed)
+}
+
+fn cli(setup: &Setup, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(&setup.config)
+        .env("INSTREAM__TELEMETRY__LOG_LEVEL", "error")
+        .output()
+        .unwrap()
+}
+
+fn stop(running: &mut Running) {
+    running.child.terminate().unwrap();
+    let status = running.child.wait_exit(Duration::from_secs(60)).unwrap();
+    assert!(status.success(), "standalone stopped cleanly: {status}");
+    let log = std::fs::read_to_string(running.child.1.as_ref().unwrap()).unwrap();
+    assert!(
+        !log.contains("records lost") && !log.contains("no stage read"),
+        "{}",
+        log.lines()
+            .find(|l| l.contains("records lost") || l.contains("no stage read"))
+            .unwrap()
+    );
+}
+
+/// Every event id in the JSON-lines files under `root`.
+fn archived_ids(root: &Path) -> BTreeMap<String, usize> {
+    let mut ids = BTreeMap::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.to_string_lossy().ends_with(".jsonl.zst") {
+                let text = zstd::decode_all(std::fs::File::open(&path).unwrap()).unwrap();
+                for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                    let event: serde_json::Value = serde_json::from_slice(line).unwrap();
+                    *ids.entry(event["payload"]["n"].to_string()).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+    ids
+}
+
+/// A dead letter kept by standalone on disk: its code, the flight's number and its
+/// `per_minute` window.
+struct Letter {
+    code: String,
+    n: i64,
+    window: (String, i64),
+}
+
+fn dead_letters(data: &Path) -> Vec<Letter> {
+    let kept = std::fs::read_to_string(data.join(format!("topics/{PIPELINE}.dlq.jsonl"))).unwrap();
+    let mut seen = BTreeSet::new();
+    let mut letters = Vec::new();
+    for line in kept.lines() {
+        let line: serde_json::Value = serde_json::from_str(line).unwrap();
+        let event: serde_json::Value =
+            serde_json::from_str(line["payload"].as_str().unwrap()).unwrap();
+        let code = line["headers"]["instream.dlq.code"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let n = event["payload"]["n"].as_i64().unwrap();
+        let ts = event["payload"]["ts"].as_i64().unwrap();
+        let carrier = event["payload"]["carrier"].as_str().unwrap().to_owned();
+        assert!(
+            seen.insert((code.clone(), n)),
+            "dead-lettered once: {code} {n}"
+        );
+        letters.push(Letter {
+            code,
+            n,
+            window: (carrier, ts - ts.rem_euclid(60_000)),
+        });
+    }
+    letters
+}
+
+/// (carrier, minute) -> count, over every window of `per_minute`.
+async fn per_minute(store: &Path) -> BTreeMap<(String, i64), i64> {
+    let store = LocalStore::open(store).unwrap();
+    let mut got = BTreeMap::new();
+    for c in 0..CARRIERS {
+        for w in store
+            .query(&AggregateQuery {
+                pipeline: PIPELINE.into(),
+                aggregation: "per_minute".into(),
+                group_key: format!("c{c}"),
+                from: T0 - 3_600_000,
+                to: T0 + 24 * 3_600_000,
+                limit: 10_000,
+            })
+            .await
+            .unwrap()
+        {
+            got.insert((w.group_key, w.window_start), w.count);
+        }
+    }
+    got
+}
+
+/// What one clean pass over flights `range` (times from `offset_s`) counts per carrier and
+/// minute, and how many it dead-letters.
+fn expected(range: std::ops::Range<usize>, offset_s: i64) -> (BTreeMap<(String, i64), i64>, usize) {
+    let mut windows = BTreeMap::new();
+    let mut dead = 0;
+    for i in range {
+        if i % 50 == 7 {
+            dead += 1;
+            continue;
+        }
+        let ts = T0 + (offset_s + (i / 50) as i64) * 1000;
+        *windows
+            .entry((format!("c{}", i % CARRIERS), ts - ts.rem_euclid(60_000)))
+            .or_insert(0) += 1;
+    }
+    (windows, dead)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_loses_no_accepted_event_while_a_slow_stage_lags_far_behind() {
+    const EVENTS: usize = 60_000;
+    let started = Instant::now();
+    let s = setup();
+    // The aggregator pauses 25 ms a batch of 500: at most 20,000 events/s, well below what
+    // ingest takes, so its input backs up while ~20 MB of raw events (and more enriched ones)
+    // pass a partition that keeps 5 MB.
+    let mut running = start(&s, "aggregator-batch=return(25)");
+    let refused = send(&running.ingest, 0..EVENTS, 0).await;
+    eprintln!(
+        "{:.1}s: {EVENTS} events accepted, {refused} answers 503",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        refused > 0,
+        "ingest held producers back while the aggregator lagged"
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", running.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (backlog_full, _) =
+        instream_testkit::metric_sum(&metrics, "instream_ingest_refused_total", "backlog_full");
+    assert_eq!(backlog_full, refused as f64, "every 503 counted");
+
+    // The CLI finds the running standalone through the same config.
+    let status = cli(&s, &["status", "--output", "json"]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["instances"][0]["service"], "standalone", "{status}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let tail = cli(
+            &s,
+            &[
+                "dlq",
+                "tail",
+                "--pipeline",
+                PIPELINE,
+                "--limit",
+                "3",
+                "--output",
+                "json",
+            ],
+        );
+        assert!(
+            tail.status.success(),
+            "{}",
+            String::from_utf8_lossy(&tail.stderr)
+        );
+        if String::from_utf8_lossy(&tail.stdout).contains("enrich_miss") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no dead letter shown");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A stop reads every topic to its end before the stages stop.
+    stop(&mut running);
+    eprintln!("{:.1}s: stopped", started.elapsed().as_secs_f64());
+
+    // Four producers at uneven speeds interleave event times: the aggregator dead-letters
+    // what comes later than its window's lateness allows. Every accepted event is counted
+    // once or dead-lettered, per window.
+    let (windows, dead) = expected(0..EVENTS, 0);
+    let letters = dead_letters(&s.data);
+    let misses: BTreeSet<i64> = letters
+        .iter()
+        .filter(|l| l.code == "enrich_miss")
+        .map(|l| l.n)
+        .collect();
+    assert_eq!(
+        misses.len(),
+        dead,
+        "every reference-data miss dead-lettered, kept on disk"
+    );
+    assert!(misses.iter().all(|n| n % 50 == 7));
+    let mut late: BTreeMap<(String, i64), i64> = BTreeMap::new();
+    for l in letters.iter().filter(|l| l.code != "enrich_miss") {
+        assert_eq!(l.code, "too_late", "no other dead letters");
+        *late.entry(l.window.clone()).or_insert(0) += 1;
+    }
+    let got = per_minute(&s.store).await;
+    let late_total: i64 = late.values().sum();
+    assert_eq!(
+        got.values().sum::<i64>() + late_total,
+        (EVENTS - dead) as i64,
+        "every accepted event counted or dead-lettered ({late_total} too late)"
+    );
+    for (window, want) in &windows {
+        let counted = got.get(window).copied().unwrap_or(0);
+        let dropped = late.get(window).copied().unwrap_or(0);
+        assert_eq!(counted + dropped, *want, "window {window:?}");
+    }
+    eprintln!("{:.1}s: windows checked", started.elapsed().as_secs_f64());
+    let archived = archived_ids(&s.data.parent().unwrap().join("archive/run-1"));
+    assert_eq!(archived.len(), EVENTS, "every accepted event archived");
+    eprintln!("{:.1}s: archive read", started.elapsed().as_secs_f64());
+    let verify = cli(&s, &["archive", "verify", "--pipeline", PIPELINE]);
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    eprintln!("{:.1}s: checked", started.elapsed().as_secs_f64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_standalone_goes_on_counting_enriching_and_archiving() {
+    let s = setup();
+    let mut first = start(&s, "");
+    assert_eq!(first.run, 1);
+    // 4,000 flights from T0 (80 s of event time): the last minute's windows are open at the
+    // stop, and the next run's flights fall in them too.
+    send(&first.ingest, 0..4_000, 0).await;
+    stop(&mut first);
+    let mut second = start(&s, "");
+    assert_eq!(second.run, 2, "the state file counts the runs");
+    send(&second.ingest, 4_000..6_000, 0).await;
+    stop(&mut second);
+
+    let (windows, _) = expected(0..6_000, 0);
+    assert_eq!(
+        per_minute(&s.store).await,
+        windows,
+        "windows open across the restart hold both runs' events"
+    );
+    let root = s.data.parent().unwrap().join("archive");
+    let first_run = archived_ids(&root.join("run-1"));
+    let second_run = archived_ids(&root.join("run-2"));
+    assert_eq!(first_run.len(), 4_000);
+    assert_eq!(
+        second_run.len(),
+        2_000,
+        "the second run archives its own events"
+    );
+    assert!(first_run.keys().all(|n| !second_run.contains_key(n)));
+    let verify = cli(&s, &["archive", "verify", "--pipeline", PIPELINE]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
