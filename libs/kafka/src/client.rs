@@ -42,12 +42,18 @@ impl Producer {
         rdkafka::producer::Producer::client(&self.inner).fatal_error()
     }
 
-    /// Counts `record` in the standalone account, first waiting while its topic is full
-    /// (unless this service reads that topic itself).
-    async fn account(&self, record: &FutureRecord<'_, [u8], [u8]>) {
-        if let Some(backlog) = &self.backlog {
-            backlog.room_for(&self.service, record.topic).await;
-            backlog.written(record.topic, bytes_of(record));
+    /// Standalone: waits while `record`'s topic is full (unless this service reads that
+    /// topic itself), then returns what the record will count for once enqueued.
+    async fn room_for(&self, record: &FutureRecord<'_, [u8], [u8]>) -> Option<u64> {
+        let backlog = self.backlog.as_ref()?;
+        backlog.room_for(&self.service, record.topic).await;
+        Some(bytes_of(record))
+    }
+
+    /// Standalone: counts an enqueued record in the account.
+    fn written(&self, topic: &str, bytes: Option<u64>) {
+        if let (Some(backlog), Some(bytes)) = (&self.backlog, bytes) {
+            backlog.written(topic, bytes);
         }
     }
 }
@@ -291,17 +297,7 @@ pub async fn recv_batch(
     // last commit by whoever owns the partition now.
     let generation = consumer.context().generation();
     out.retain(|r| r.generation == generation);
-    if let Some(backlog) = consumer.context().backlog() {
-        for r in out.iter() {
-            let headers = r.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
-            let bytes = instream_core::backlog::record_bytes(
-                r.key.as_ref().map_or(0, Vec::len),
-                r.payload.len(),
-                headers,
-            );
-            backlog.received(consumer.context().service(), &r.topic, bytes);
-        }
-    }
+    consumer.context().count_received(out);
     let mut tracker = consumer.context().tracker();
     for r in out.iter() {
         tracker.track(&r.topic, r.partition, r.offset);
@@ -379,10 +375,14 @@ pub async fn send<'a>(
     producer: &Producer,
     mut record: FutureRecord<'a, [u8], [u8]>,
 ) -> Result<DeliveryFuture, KafkaError> {
-    producer.account(&record).await;
+    let bytes = producer.room_for(&record).await;
+    let topic = record.topic;
     loop {
         match producer.inner.send_result(record) {
-            Ok(delivery) => return Ok(delivery),
+            Ok(delivery) => {
+                producer.written(topic, bytes);
+                return Ok(delivery);
+            }
             Err((
                 rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
                 r,
@@ -403,11 +403,10 @@ pub fn try_send(
     record: FutureRecord<'_, [u8], [u8]>,
 ) -> Result<DeliveryFuture, KafkaError> {
     // Ingest's writes: admitted against the standalone account before (a reservation), so
-    // only counted here.
-    if let Some(backlog) = &producer.backlog {
-        backlog.written(record.topic, bytes_of(&record));
-    }
-    producer
+    // only counted here, once enqueued.
+    let bytes = producer.backlog.as_ref().map(|_| bytes_of(&record));
+    let topic = record.topic;
+    let delivery = producer
         .inner
         .send_result(record)
         .map_err(|(e, _)| match e {
@@ -415,7 +414,9 @@ pub fn try_send(
                 KafkaError::QueueFull
             }
             e => KafkaError::Produce(e),
-        })
+        })?;
+    producer.written(topic, bytes);
+    Ok(delivery)
 }
 
 /// The side outputs of a batch — dead letters, forwarded records, quality records — sent as
@@ -468,6 +469,8 @@ pub async fn all_delivered_unless(
         Ok::<(), KafkaError>(())
     };
     tokio::select! {
+        // Deliveries first: all of them answered counts as delivered even if `stop` came too.
+        biased;
         done = all => done
             .map(|()| true)
             .map_err(|e| failed_for_good(producer).unwrap_or(e)),

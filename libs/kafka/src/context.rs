@@ -34,8 +34,10 @@ pub struct InstreamContext {
     /// The group's committed offset of each partition of the last assignment, read when it
     /// was assigned: where the consumer resumes (see [`crate::Continuity`]).
     starts: Mutex<Vec<((String, i32), i64)>>,
-    /// Standalone mode: what this consumer receives is counted there.
+    /// Standalone mode: what this consumer receives is counted there, each offset once
+    /// (the highest counted per partition kept, so a record read again is not counted again).
     backlog: Option<instream_core::backlog::Backlog>,
+    counted: Mutex<std::collections::HashMap<(String, i32), i64>>,
 }
 
 impl InstreamContext {
@@ -50,6 +52,7 @@ impl InstreamContext {
             commits_on_revoke: AtomicBool::new(true),
             starts: Mutex::default(),
             backlog: None,
+            counted: Mutex::default(),
         }
     }
 
@@ -59,8 +62,26 @@ impl InstreamContext {
         self
     }
 
-    pub fn backlog(&self) -> Option<&instream_core::backlog::Backlog> {
-        self.backlog.as_ref()
+    /// Standalone: counts received records in the account, each offset once.
+    pub fn count_received(&self, records: &[crate::Record]) {
+        let Some(backlog) = &self.backlog else {
+            return;
+        };
+        let mut counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());
+        for r in records {
+            let highest = counted.get(&(r.topic.clone(), r.partition)).copied();
+            if highest.is_some_and(|h| r.offset <= h) {
+                continue;
+            }
+            counted.insert((r.topic.clone(), r.partition), r.offset);
+            let headers = r.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+            let bytes = instream_core::backlog::record_bytes(
+                r.key.as_ref().map_or(0, Vec::len),
+                r.payload.len(),
+                headers,
+            );
+            backlog.received(&self.service, &r.topic, bytes);
+        }
     }
 
     /// The service this client belongs to.

@@ -247,6 +247,10 @@ impl Skipped<'_> {
         if to <= from {
             return Ok(());
         }
+        if self.markers && to - from < 2 {
+            // A transaction's marker.
+            return Ok(());
+        }
         let to = if self.markers {
             let (low, _) = consumer
                 .fetch_watermarks(self.topic, self.partition, TIMEOUT)
@@ -406,7 +410,8 @@ pub async fn read_dead_letters(
             let (low, high) = consumer
                 .fetch_watermarks(&topic, p, TIMEOUT)
                 .map_err(KafkaError::Consume)?;
-            let mut start = from.get(&p).copied().unwrap_or(low).max(low);
+            // A start given below the log start is read from there, the gap reported.
+            let mut start = from.get(&p).copied().unwrap_or(low);
             if let Some(n) = newest {
                 start = start.max(high - n);
             }

@@ -399,14 +399,36 @@ window = { kind = "tumbling", size = "1m" }
             err.contains("archive.colour: unknown field `colour`"),
             "{err}"
         );
-        let quality = format!(
-            "{GOOD}\n[[pipelines.quality]]\nname = \"q\"\ncheck = {{ kind = \"reference\", enrichment = \"customer\", colour = 1 }}\n"
+        let checks = [
+            r#"kind = "required", field = "payload.x""#,
+            r#"kind = "type", field = "payload.x", type = "string""#,
+            r#"kind = "range", field = "payload.x", min = 1"#,
+            r#"kind = "pattern", field = "payload.x", regex = "^a""#,
+            r#"kind = "allowed", field = "payload.x", values = [1, 2]"#,
+            r#"kind = "compare", left = "payload.x", op = "lt", right = "payload.y""#,
+            r#"kind = "reference", enrichment = "customer""#,
+            r#"kind = "freshness", max_age = "1h""#,
+        ];
+        for check in checks {
+            let rule = |check: &str| {
+                format!("{GOOD}\n[[pipelines.quality]]\nname = \"q\"\ncheck = {{ {check} }}\n")
+            };
+            parse_document(&rule(check)).unwrap_or_else(|e| panic!("{check}: {e}"));
+            let err = parse_document(&rule(&format!("{check}, colour = 1")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("quality[0].check") && err.contains("unknown field `colour`"),
+                "{check}: {err}"
+            );
+        }
+        let rule = format!(
+            "{GOOD}\n[[pipelines.quality]]\nname = \"q\"\ncolour = 1\ncheck = {{ kind = \"reference\", enrichment = \"customer\" }}\n"
         );
-        let err = parse_document(&quality).unwrap_err().to_string();
-        assert!(
-            err.contains("quality[0].check") && err.contains("unknown field `colour`"),
-            "{err}"
-        );
+        assert!(parse_document(&rule)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown field `colour`"));
         let json = r#"{"pipelines":[{"name":"p","key_field":"k","time_field":"t","colour":1}]}"#;
         let err = parse_document(json).unwrap_err().to_string();
         assert!(

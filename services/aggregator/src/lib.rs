@@ -113,6 +113,7 @@ pub async fn run_with_store(
     let mut continuity = instream_kafka::Continuity::new(SERVICE, &config.kafka, move |topic| {
         transactional && topics::repartitioned_aggregation(topic).is_none()
     });
+    let mut hold_back = repartition::HoldBack::default();
     let early_every = config.aggregator.early_results_every;
     let mut last_early = Instant::now();
     let mut pending = Pending::new();
@@ -122,6 +123,7 @@ pub async fn run_with_store(
     while !shutdown.is_cancelled() {
         subscription.follow(&mut catalog)?;
         let consumer = subscription.consumer();
+        hold_back.follow(consumer, config.kafka.backlog.as_ref())?;
         let wait = config
             .aggregator
             .flush_interval
@@ -140,7 +142,7 @@ pub async fn run_with_store(
             break; // stopping while the store was away: nothing more to count
         }
         for ((topic, partition), next) in partitions.resumed.drain(..) {
-            continuity.expect(consumer, &topic, partition, next);
+            continuity.expect_at_least(consumer, &topic, partition, next);
         }
         continuity.check(consumer, &batch).await?;
         let current = catalog.borrow().clone();

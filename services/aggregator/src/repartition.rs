@@ -3,9 +3,10 @@
 //! enriched position as origin.
 
 use instream_event::Event;
-use instream_kafka::client::{self, Producer};
+use instream_kafka::client::{self, Consumer, Producer};
 use instream_kafka::{headers, BatchOutputs, Record};
 use instream_pipeline::{topics, Catalog, PipelineDefinition};
+use rdkafka::consumer::Consumer as _;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 
@@ -83,4 +84,56 @@ pub(crate) fn origin_of(record: &Record) -> Option<(i32, i64)> {
     };
     let partition = i32::try_from(number(headers::ORIGIN_PARTITION)?).ok()?;
     Some((partition, number(headers::ORIGIN_OFFSET)?))
+}
+
+/// Standalone: the aggregator reads its repartition topics itself, so it cannot wait for room
+/// in them before forwarding (it would wait for its own reading). Instead, while one of them
+/// holds half of what the account allows unread, it pauses its enriched partitions (no new
+/// forwards) and goes on reading the repartition topics until they have room. Half, because
+/// the batch being handled when that is seen still forwards all of its records (at most what
+/// the enriched topic held unread).
+#[derive(Default)]
+pub(crate) struct HoldBack {
+    /// The assignment generation whose enriched partitions are paused.
+    paused: Option<u64>,
+}
+
+impl HoldBack {
+    pub(crate) fn follow(
+        &mut self,
+        consumer: &Consumer,
+        backlog: Option<&instream_core::backlog::Backlog>,
+    ) -> Result<(), AggregatorError> {
+        let Some(backlog) = backlog else {
+            return Ok(());
+        };
+        let Some((generation, assigned)) = client::current_assignment(consumer) else {
+            return Ok(());
+        };
+        if self.paused.is_some_and(|g| g != generation) {
+            // A new assignment starts unpaused.
+            self.paused = None;
+        }
+        let full = assigned.iter().any(|(topic, _)| {
+            topics::repartitioned_aggregation(topic).is_some()
+                && backlog.unread(topic) >= backlog.budget() / 2
+        });
+        if full == self.paused.is_some() {
+            return Ok(());
+        }
+        let mut enriched = rdkafka::TopicPartitionList::new();
+        for (topic, partition) in &assigned {
+            if topics::repartitioned_aggregation(topic).is_none() {
+                enriched.add_partition(topic, *partition);
+            }
+        }
+        let outcome = if full {
+            self.paused = Some(generation);
+            consumer.pause(&enriched)
+        } else {
+            self.paused = None;
+            consumer.resume(&enriched)
+        };
+        outcome.map_err(|e| AggregatorError::Kafka(instream_kafka::KafkaError::Consume(e)))
+    }
 }

@@ -290,6 +290,7 @@ async fn standalone(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(path.as_deref())?;
     instream_core::telemetry::init_tracing(&config.telemetry);
     let drain = config.shutdown.drain_timeout;
+    let stop_timeout = config.standalone.stop_timeout;
     let token = CancellationToken::new();
     // The first signal starts a clean stop (intake closed, topics read to their end, stages
     // drained); a second one exits at once.
@@ -313,7 +314,9 @@ async fn standalone(path: Option<PathBuf>) -> anyhow::Result<()> {
         // A service failed: stop the rest.
         _ = token.cancelled() => {}
     }
-    platform.stop(drain, drain + Duration::from_secs(2)).await
+    platform
+        .stop(stop_timeout, drain + Duration::from_secs(2))
+        .await
 }
 
 async fn schema_apply(path: Option<PathBuf>, output: output::Output) -> anyhow::Result<()> {

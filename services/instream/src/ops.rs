@@ -220,6 +220,12 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             output,
         } => {
             let config = crate::standalone::state::cli_config(config.as_deref(), true)?;
+            anyhow::ensure!(
+                !(execute && config.kafka.broker == instream_core::config::BrokerMode::Embedded),
+                "dlq redrive --execute cannot write into a running standalone: it bounds what its \
+                 topics hold by counting what its own services write (see the README); send the \
+                 events to its ingest instead (`dlq tail --output json` shows them)"
+            );
             let dlq_topic = topics::dead_letter(&pipeline);
             let raw = topics::raw(&pipeline);
             let from: HashMap<i32, i64> = from.into_iter().collect();

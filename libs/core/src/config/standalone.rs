@@ -26,6 +26,12 @@ pub struct StandaloneConfig {
     /// from 0 again, so one run's files must not be taken for another's). `false` only when
     /// every run starts from an empty archive root (as `instream demo` does).
     pub archive_per_run: bool,
+    /// On SIGTERM or Ctrl-C ingest closes and the stages go on until every topic is read and
+    /// committed to its end, for at most this long (what is left then is lost with the
+    /// embedded broker, and said so); then they stop within `shutdown.drain_timeout`.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub stop_timeout: std::time::Duration,
 }
 
 impl Default for StandaloneConfig {
@@ -34,12 +40,14 @@ impl Default for StandaloneConfig {
             data_dir: PathBuf::from("instream-data"),
             max_unread_bytes: 2 * MIB,
             archive_per_run: true,
+            stop_timeout: std::time::Duration::from_secs(60),
         }
     }
 }
 
 impl StandaloneConfig {
     pub(super) fn validate(&self, p: &mut Problems) {
+        p.non_zero_duration(self.stop_timeout, "standalone.stop_timeout");
         p.check(
             !self.data_dir.as_os_str().is_empty(),
             "standalone.data_dir",

@@ -1,5 +1,6 @@
 //! Standalone's reader of the topics no stage reads — `<pipeline>.dlq` and `<pipeline>.quality`
-//! — which copies every record to `<standalone.data_dir>/topics/<topic>.jsonl` as it comes and
+//! — which copies every record to `<standalone.data_dir>/topics/run-<n>/<topic>.jsonl` as it
+//! comes (the run's number: each run's broker numbers offsets from 0) and
 //! only then commits it. The embedded broker deletes the oldest records of a partition beyond
 //! 5 MB, read or not; these files keep what it deletes, and the standalone account counts this
 //! reader like any stage, so nothing reaches the cap unread.
@@ -14,7 +15,7 @@ use anyhow::Context;
 use instream_core::config::Config;
 use instream_kafka::client::{self, recv_batch};
 use instream_kafka::{Continuity, Record};
-use instream_pipeline::{topics, Catalog};
+use instream_pipeline::{topics, Catalog, PipelineDefinition};
 use instream_stage::Subscription;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -22,11 +23,27 @@ use tokio_util::sync::CancellationToken;
 /// The keeper's service name (its group is `<kafka.group_prefix>-keeper`).
 pub const SERVICE: &str = "keeper";
 
-/// The topics the keeper copies: every pipeline's dead letters and quality records.
+/// How long the keeper goes on reading once everything else stopped.
+const FINAL_READ: Duration = Duration::from_secs(10);
+
+/// Whether the keeper copies `topic` of `def`: its dead letters and quality records, and its
+/// enriched records when no aggregation reads them.
+pub fn keeps(def: &PipelineDefinition, topic: &str) -> bool {
+    *topic == topics::dead_letter(&def.name)
+        || *topic == topics::quality(&def.name)
+        || (def.aggregations.is_empty() && *topic == topics::enriched(&def.name))
+}
+
+/// The topics the keeper copies.
 fn side_topics(catalog: &Catalog) -> Vec<String> {
     catalog
         .iter()
-        .flat_map(|p| [topics::dead_letter(&p.name), topics::quality(&p.name)])
+        .flat_map(|p| {
+            topics::of_pipeline(p)
+                .into_iter()
+                .filter(|t| keeps(p, t))
+                .collect::<Vec<_>>()
+        })
         .collect()
 }
 
@@ -40,12 +57,15 @@ struct Line<'a> {
     payload: std::borrow::Cow<'a, str>,
 }
 
+/// Copies until `last` is cancelled — which comes once every other task stopped — and then
+/// on until it received everything written to its topics (the standalone account says what
+/// was), for at most [`FINAL_READ`].
 pub async fn run(
     config: Config,
+    dir: PathBuf,
     mut catalog: watch::Receiver<Arc<Catalog>>,
-    shutdown: CancellationToken,
+    last: CancellationToken,
 ) -> anyhow::Result<()> {
-    let dir = config.standalone.data_dir.join("topics");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, side_topics)?;
     // Written in the enricher's transactions when it uses them.
@@ -53,12 +73,25 @@ pub async fn run(
     let mut continuity = Continuity::new(SERVICE, &config.kafka, move |_| transactional);
     let mut files: HashMap<String, std::io::BufWriter<std::fs::File>> = HashMap::new();
     let mut batch = Vec::new();
+    let mut final_read: Option<tokio::time::Instant> = None;
     loop {
         let consumer = subscription.consumer();
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            received = recv_batch(consumer, 5_000, Duration::from_millis(200), &mut batch) => received?,
+        if last.is_cancelled() {
+            let deadline =
+                *final_read.get_or_insert_with(|| tokio::time::Instant::now() + FINAL_READ);
+            let unread = side_topics(&catalog.borrow())
+                .into_iter()
+                .map(|t| config.kafka.backlog.as_ref().map_or(0, |b| b.unread(&t)))
+                .sum::<u64>();
+            if unread == 0 {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::error!(unread_bytes = unread, "stopping before every dead letter and quality record was copied: the rest is lost with the embedded broker");
+                break;
+            }
         }
+        recv_batch(consumer, 5_000, Duration::from_millis(200), &mut batch).await?;
         continuity.check(consumer, &batch).await?;
         for record in &batch {
             let file = match files.get_mut(&record.topic) {

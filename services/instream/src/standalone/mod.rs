@@ -32,19 +32,16 @@ const SERVICES: [&str; 4] = ["ingest", "enricher", "aggregator", "archiver"];
 
 /// Which service reads each topic of `catalog` in standalone mode: what the account of unread
 /// bytes waits for, and what a stop waits to see committed (the archiver excepted: it writes
-/// what it read when it stops). An enriched topic of a pipeline without aggregations has no
-/// reader here.
+/// what it read when it stops). What no stage reads, the keeper does.
 fn readers(catalog: &Catalog) -> Vec<(String, &'static str)> {
     let mut readers = Vec::new();
     for def in catalog.iter() {
         readers.push((topics::raw(&def.name), "enricher"));
         readers.push((topics::raw(&def.name), "archiver"));
         for topic in topics::of_pipeline(def) {
-            if topic.ends_with(".dlq") || topic.ends_with(".quality") {
+            if keeper::keeps(def, &topic) {
                 readers.push((topic, keeper::SERVICE));
-            } else if !def.aggregations.is_empty()
-                && (topic.ends_with(".enriched") || topic.contains(".by-"))
-            {
+            } else if topic.ends_with(".enriched") || topic.contains(".by-") {
                 readers.push((topic, "aggregator"));
             }
         }
@@ -66,11 +63,16 @@ pub struct Standalone {
     pub health: Health,
     /// Closes ingest (first step of a stop).
     intake: CancellationToken,
+    /// The keeper, on the embedded broker: stopped last, once every other task has, so that
+    /// it copies every dead letter they wrote.
+    keeper: Option<(Supervisor, CancellationToken)>,
     /// Stops everything else.
     token: CancellationToken,
     /// On the embedded broker: the unread bytes of every topic, and this run's state file.
     backlog: Option<Backlog>,
     run: Option<(state::RunState, std::path::PathBuf)>,
+    /// Held while this standalone runs (the CLI tells a live one by it).
+    _run_lock: Option<state::RunLock>,
     /// The consumer groups that must have committed every topic to its end before a stop
     /// lets the stages go (the embedded broker keeps nothing once the process is gone).
     drained_when: Vec<(String, String)>,
@@ -94,6 +96,9 @@ impl Standalone {
             Ok(()) => Ok(platform),
             Err(waiting) => {
                 token.cancel();
+                if let Some((_, last)) = &platform.keeper {
+                    last.cancel();
+                }
                 match platform.supervisor.wait(drain).await {
                     Err(failed) => {
                         Err(anyhow::Error::new(failed)
@@ -141,16 +146,12 @@ impl Standalone {
     /// starts every service under one supervisor with one admin server.
     pub async fn start(mut config: Config, token: CancellationToken) -> anyhow::Result<Self> {
         let mut run = None;
+        let mut run_lock = None;
         let broker = match config.kafka.broker {
             BrokerMode::External => None,
             BrokerMode::Embedded => {
-                let number = state::next_run(&config)?;
-                std::fs::create_dir_all(&config.standalone.data_dir).with_context(|| {
-                    format!(
-                        "creating standalone.data_dir {}",
-                        config.standalone.data_dir.display()
-                    )
-                })?;
+                let (lock, number) = state::claim(&config)?;
+                run_lock = Some(lock);
                 let broker = EmbeddedBroker::start(1).context("starting the embedded broker")?;
                 config.kafka.bootstrap_servers = broker.bootstrap_servers().to_owned();
                 config.kafka.replication_factor = 1;
@@ -259,15 +260,30 @@ impl Standalone {
             "archiver",
             instream_archiver::run_with_archive(context(), archive.clone()),
         );
-        if broker.is_some() {
-            let definitions = instream_coord::definition_source(&config)
-                .subscribe(token.clone())
-                .await?;
-            supervisor.spawn(
-                "keeper",
-                keeper::run(config.clone(), definitions, token.clone()),
-            );
-        }
+        let keeper = match &broker {
+            None => None,
+            Some(_) => {
+                let definitions = instream_coord::definition_source(&config)
+                    .subscribe(token.clone())
+                    .await?;
+                let last = CancellationToken::new();
+                let mut keeping = Supervisor::new(last.clone());
+                let failed = token.clone();
+                let copies = config
+                    .standalone
+                    .data_dir
+                    .join("topics")
+                    .join(format!("run-{}", run.unwrap_or(1)));
+                let run = keeper::run(config.clone(), copies, definitions, last.clone());
+                keeping.spawn("keeper", async move {
+                    let result = run.await;
+                    // A failing keeper stops the platform like any task.
+                    failed.cancel();
+                    result
+                });
+                Some((keeping, last))
+            }
+        };
         let run = match (run, &broker) {
             (Some(number), Some(broker)) => {
                 let state = state::RunState {
@@ -297,9 +313,11 @@ impl Standalone {
             supervisor,
             health,
             intake,
+            keeper,
             token,
             backlog: config.kafka.backlog.clone(),
             run,
+            _run_lock: run_lock,
             drained_when: catalog
                 .as_ref()
                 .map(|c| committing_groups(&config, c))
@@ -343,15 +361,19 @@ impl Standalone {
         self.intake.cancel();
         if let Some(backlog) = &self.backlog {
             let deadline = tokio::time::Instant::now() + timeout;
-            while !self.token.is_cancelled() {
+            // Twice in a row: a topic found done may get a record from one checked after it.
+            let mut clean = 0;
+            while !self.token.is_cancelled() && clean < 2 {
                 let unread = backlog.fullest();
                 let uncommitted = match unread {
                     Some(_) => None,
                     None => self.uncommitted().await,
                 };
                 let Some(left) = unread.or(uncommitted) else {
-                    break;
+                    clean += 1;
+                    continue;
                 };
+                clean = 0;
                 if tokio::time::Instant::now() >= deadline {
                     tracing::error!(topic = %left.0, records_or_bytes = left.1, "stopping with records no stage finished: they are lost with the embedded broker");
                     break;
@@ -361,6 +383,10 @@ impl Standalone {
         }
         self.token.cancel();
         let result = self.supervisor.wait(drain).await;
+        if let Some((keeping, last)) = self.keeper {
+            last.cancel();
+            keeping.wait(drain).await?;
+        }
         if let Some((mut state, path)) = self.run {
             state.stopped_at_ms = Some(instream_event::now_millis());
             state.write(&path)?;

@@ -46,40 +46,71 @@ impl RunState {
             .and_then(|()| std::fs::rename(&partial, path))
             .with_context(|| format!("writing {}", path.display()))
     }
+}
 
-    /// Whether the process that wrote this still runs.
-    pub fn running(&self) -> bool {
-        self.stopped_at_ms.is_none() && Path::new(&format!("/proc/{}", self.pid)).exists()
+/// The lock a running standalone holds on `<data_dir>/standalone.lock` for as long as it runs
+/// (the operating system releases it when the process ends, also on kill -9).
+pub struct RunLock(#[allow(dead_code)] std::fs::File);
+
+fn lock_file(config: &Config) -> PathBuf {
+    config.standalone.data_dir.join("standalone.lock")
+}
+
+/// Whether a standalone runs with `config`'s data directory (it holds the lock).
+pub fn running(config: &Config) -> bool {
+    match std::fs::File::open(lock_file(config)) {
+        Ok(file) => matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+        Err(_) => false,
     }
 }
 
-/// The number of the run starting now in `config`'s data directory; refuses when another
-/// standalone runs there.
-pub fn next_run(config: &Config) -> anyhow::Result<u64> {
-    let path = config.standalone.state_file();
-    match RunState::read(&path)? {
-        Some(last) if last.running() && last.pid != std::process::id() => bail!(
-            "another instream standalone (pid {}) runs with standalone.data_dir {}; stop it \
+/// Takes the data directory for a run starting now, and its number: one more than any run
+/// before it (the state file's, or an archive folder `run-<n>` left by one). Refuses when
+/// another standalone runs there.
+pub fn claim(config: &Config) -> anyhow::Result<(RunLock, u64)> {
+    let dir = &config.standalone.data_dir;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating standalone.data_dir {}", dir.display()))?;
+    let path = lock_file(config);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if let Err(std::fs::TryLockError::WouldBlock) = file.try_lock() {
+        let pid = RunState::read(&config.standalone.state_file())
+            .ok()
+            .flatten()
+            .map_or_else(|| "?".to_owned(), |s| s.pid.to_string());
+        bail!(
+            "another instream standalone (pid {pid}) runs with standalone.data_dir {}; stop it \
              first, or give this one another data directory",
-            last.pid,
-            config.standalone.data_dir.display()
-        ),
-        Some(last) => Ok(last.run + 1),
-        None => Ok(1),
+            dir.display()
+        );
     }
+    let last = RunState::read(&config.standalone.state_file())?.map_or(0, |s| s.run);
+    let archived = std::fs::read_dir(&config.archive.root)
+        .map(|entries| {
+            entries
+                .filter_map(|e| {
+                    e.ok()?
+                        .file_name()
+                        .to_str()?
+                        .strip_prefix("run-")?
+                        .parse()
+                        .ok()
+                })
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
+    Ok((RunLock(file), last.max(archived) + 1))
 }
 
 /// This run's archive folder: `<archive.root>/run-<n>`.
 pub fn run_archive_root(config: &Config, run: u64) -> PathBuf {
     Path::new(&config.archive.root).join(format!("run-{run}"))
-}
-
-/// Whether a standalone runs for `config` (its state file names a live process).
-pub fn running(config: &Config) -> bool {
-    RunState::read(&config.standalone.state_file())
-        .ok()
-        .flatten()
-        .is_some_and(|state| state.running())
 }
 
 /// `config` as the CLI needs it: with `kafka.broker = "embedded"` the broker lives inside a
@@ -93,7 +124,7 @@ pub fn cli_config(path: Option<&Path>, need_running: bool) -> anyhow::Result<Con
     }
     let file = config.standalone.state_file();
     let state = RunState::read(&file)?;
-    let running = state.as_ref().filter(|s| s.running());
+    let running = state.as_ref().filter(|_| running(&config));
     match (running, &state) {
         (Some(run), _) => config.kafka.bootstrap_servers = run.broker.clone(),
         (None, _) if need_running => bail!(
