@@ -243,7 +243,8 @@ root = "{archive}"
             .entry((key.clone(), ts - ts % 60_000))
             .or_default() += 1;
         *per_tier
-            .entry(format!("{key}|{}", tier(i % CUSTOMERS)))
+            // Several group fields make a JSON array: no separator two groups could share.
+            .entry(serde_json::json!([key, tier(i % CUSTOMERS)]).to_string())
             .or_default() += 1;
     }
     assert_eq!(

@@ -130,16 +130,34 @@ impl Readiness {
 pub struct AdminServer {
     listener: TcpListener,
     health: Health,
+    limits: instream_http::Limits,
 }
 
 impl AdminServer {
+    /// Binds `addr` with the default limits.
     pub async fn bind(addr: SocketAddr, health: Health) -> std::io::Result<AdminServer> {
+        let config = crate::config::AdminConfig {
+            listen: addr,
+            ..Default::default()
+        };
+        Self::from_config(&config, health).await
+    }
+
+    /// Binds `admin.listen` with `admin`'s limits.
+    pub async fn from_config(
+        config: &crate::config::AdminConfig,
+        health: Health,
+    ) -> std::io::Result<AdminServer> {
         // The recorder must exist before any service task starts: a metric handle taken
         // before it (`let gauge = gauge!(…)` kept for the task's life) is a no-op forever.
         // Installing it when `serve` first runs raced with the service task spawned next.
         metrics_handle();
-        let listener = TcpListener::bind(addr).await?;
-        Ok(AdminServer { listener, health })
+        let listener = TcpListener::bind(config.listen).await?;
+        Ok(AdminServer {
+            listener,
+            health,
+            limits: config.limits(),
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -152,9 +170,16 @@ impl AdminServer {
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
             .with_state(self.health);
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
+        instream_http::serve(
+            instream_http::Server("admin"),
+            self.listener,
+            None,
+            app,
+            self.limits,
+            shutdown,
+        )
+        .await;
+        Ok(())
     }
 }
 

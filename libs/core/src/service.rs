@@ -76,7 +76,7 @@ where
         let token = CancellationToken::new();
         shutdown_on_signal(token.clone());
         let health = Health::default();
-        let admin = AdminServer::bind(config.admin.listen, health.clone())
+        let admin = AdminServer::from_config(&config.admin, health.clone())
             .await
             .map_err(|e| format!("admin server on {}: {e}", config.admin.listen))?;
         let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;

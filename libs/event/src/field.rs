@@ -2,6 +2,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// A dotted path into a JSON object: `account_id`, `user.address.city`.
@@ -26,6 +27,16 @@ impl FieldPath {
 
     pub fn as_str(&self) -> &str {
         &self.text
+    }
+
+    /// The raw JSON text at this path in `raw` (a JSON object), read without parsing what is
+    /// not on the way: numbers keep their exact text.
+    pub fn lookup_raw<'v>(&self, raw: &'v RawValue) -> Option<&'v RawValue> {
+        self.segments.iter().try_fold(raw, |v, segment| {
+            let fields: std::collections::BTreeMap<String, &'v RawValue> =
+                serde_json::from_str(v.get()).ok()?;
+            fields.get(segment).copied()
+        })
     }
 
     /// The value at this path, if every step is an object holding the next name.

@@ -9,12 +9,14 @@
 mod codec;
 mod field;
 mod id;
+mod key;
 mod time;
 mod view;
 
 pub use codec::{decode, encode, encode_into, DecodeError};
 pub use field::{FieldPath, FieldPathError};
-pub use id::{content_event_id, idempotent_event_id};
+pub use id::{canonical_json, content_event_id, idempotent_event_id, scoped_id_hash};
+pub use key::{canonical_number, key_text};
 pub use time::{format_rfc3339_millis, now_millis, parse_event_time, EventTimeError};
 pub use view::{pick, scalars, view, with_enrichment, Envelope, EventView, Paths, Scalar};
 

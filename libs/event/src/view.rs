@@ -393,58 +393,23 @@ impl<'de: 'a, 'a> Visitor<'de> for Picker<'_, '_, 'a> {
     }
 }
 
-/// A scalar's key text, or `None` for anything else.
+/// A scalar's key text, or `None` for anything else: read as the raw JSON text, so that a
+/// number's text is canonical from its digits (see [`crate::key_text`]), not from a float.
 struct ScalarText<'a>(Scalar<'a>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for ScalarText<'a> {
     fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = ScalarText<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON value")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(ScalarText(Some(Cow::Borrowed(v))))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(ScalarText(Some(Cow::Owned(v.to_owned()))))
-            }
-            fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
-                Ok(ScalarText(Some(Cow::Borrowed(if v {
-                    "true"
-                } else {
-                    "false"
-                }))))
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-                Ok(ScalarText(Some(Cow::Owned(v.to_string()))))
-            }
-            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
-                Ok(ScalarText(Some(Cow::Owned(v.to_string()))))
-            }
-            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
-                Ok(ScalarText(Some(Cow::Owned(
-                    serde_json::Number::from_f64(v)
-                        .map_or_else(|| v.to_string(), |n| n.to_string()),
-                ))))
-            }
-            fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(ScalarText(None))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut s: A,
-            ) -> Result<Self::Value, A::Error> {
-                while s.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(ScalarText(None))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
-                while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(ScalarText(None))
-            }
-        }
-        de.deserialize_any(V)
+        let raw = <&'de RawValue>::deserialize(de)?;
+        let text = raw.get();
+        Ok(ScalarText(match text.as_bytes().first() {
+            // A string without escapes is borrowed as it is.
+            Some(b'"') if !text.contains('\\') => Some(Cow::Borrowed(&text[1..text.len() - 1])),
+            Some(b'"') => serde_json::from_str::<String>(text).ok().map(Cow::Owned),
+            Some(b't') => Some(Cow::Borrowed("true")),
+            Some(b'f') => Some(Cow::Borrowed("false")),
+            Some(b'-' | b'0'..=b'9') => crate::canonical_number(text).map(Cow::Owned),
+            _ => None,
+        }))
     }
 }
 
@@ -496,11 +461,19 @@ mod tests {
         let tree: serde_json::Value = serde_json::from_str(text).unwrap();
         for (p, got) in ps.iter().zip(&out) {
             let want = match p.lookup(&tree).unwrap() {
-                serde_json::Value::Number(n) => n.to_string(),
+                serde_json::Value::Number(n) => crate::canonical_number(&n.to_string()).unwrap(),
                 other => panic!("{other}"),
             };
             assert_eq!(got.as_deref(), Some(want.as_str()), "{}", p.as_str());
         }
+        // Canonical from the digits, as keys are: `1.0` is `1`, big numbers exact.
+        let text = r#"{"a":1.0,"b":123456789012345678901234567890}"#;
+        let payload = RawValue::from_string(text.into()).unwrap();
+        let ps = paths(&["a", "b"]);
+        let refs: Vec<&FieldPath> = ps.iter().collect();
+        scalars(&payload, &refs, &mut out).unwrap();
+        assert_eq!(out[0].as_deref(), Some("1"));
+        assert_eq!(out[1].as_deref(), Some("123456789012345678901234567890"));
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct Producer {
     /// Standalone mode: the account of unread bytes per topic (see
     /// [`instream_core::backlog`]).
     backlog: Option<Backlog>,
+    /// `kafka.max_record_bytes`: the largest record the brokers take.
+    max_record_bytes: usize,
 }
 
 impl std::ops::Deref for Producer {
@@ -37,6 +39,11 @@ impl std::ops::Deref for Producer {
 }
 
 impl Producer {
+    /// The largest record the brokers take (`kafka.max_record_bytes`).
+    pub fn max_record_bytes(&self) -> usize {
+        self.max_record_bytes
+    }
+
     /// The producer's fatal error, if it has failed for good (see [`failed_for_good_watch`]).
     pub fn fatal_error(&self) -> Option<(rdkafka::types::RDKafkaErrorCode, String)> {
         rdkafka::producer::Producer::client(&self.inner).fatal_error()
@@ -122,6 +129,8 @@ fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
     for (k, v) in base_config(cfg, &cfg.producer).config_map() {
         c.set(k, v);
     }
+    // The size every stage checks records against: one setting, not two that could differ.
+    c.set("message.max.bytes", cfg.max_record_bytes.to_string());
     c.set("acks", "all");
     c.set("enable.idempotence", "true");
     c
@@ -135,6 +144,7 @@ fn create(c: &ClientConfig, cfg: &KafkaConfig, service: &str) -> Result<Producer
         inner,
         service: service.into(),
         backlog: cfg.backlog.clone(),
+        max_record_bytes: usize::try_from(cfg.max_record_bytes).unwrap_or(usize::MAX),
     })
 }
 

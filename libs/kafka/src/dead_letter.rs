@@ -6,6 +6,20 @@ use crate::client::{send, Producer};
 use crate::error::KafkaError;
 use crate::headers;
 
+/// Longest reason a dead letter carries (a longer one is cut at a character boundary).
+const MAX_REASON_BYTES: usize = 4096;
+
+fn cut(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// Where a dead record came from, when it came from a topic.
 #[derive(Debug, Clone)]
 pub struct Origin<'a> {
@@ -54,6 +68,11 @@ impl DeadLetters {
     /// Enqueues the dead letter; the future resolves when the broker has it. The origin's
     /// offset may be committed only after that.
     pub async fn publish(&self, dl: &DeadLetter<'_>) -> Result<DeliveryFuture, KafkaError> {
+        // A dead letter must fit where its record did not: the payload is cut short (the
+        // header says from how many bytes), the reason too.
+        let room = self.producer.max_record_bytes() / 2;
+        let payload = &dl.payload[..dl.payload.len().min(room)];
+        let reason = cut(dl.reason, MAX_REASON_BYTES);
         let mut hs = OwnedHeaders::new()
             .insert(Header {
                 key: headers::DLQ_CODE,
@@ -61,7 +80,7 @@ impl DeadLetters {
             })
             .insert(Header {
                 key: headers::DLQ_REASON,
-                value: Some(dl.reason),
+                value: Some(reason),
             })
             .insert(Header {
                 key: headers::DLQ_SERVICE,
@@ -82,8 +101,15 @@ impl DeadLetters {
                     value: Some(&origin.offset.to_string()),
                 });
         }
+        let original = dl.payload.len().to_string();
+        if payload.len() < dl.payload.len() {
+            hs = hs.insert(Header {
+                key: headers::DLQ_CUT_FROM,
+                value: Some(&original),
+            });
+        }
         let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(dl.topic).payload(dl.payload).headers(hs);
+            FutureRecord::to(dl.topic).payload(payload).headers(hs);
         if let Some(key) = dl.key {
             record = record.key(key);
         }

@@ -43,6 +43,20 @@ impl KafkaError {
         )
     }
 
+    /// A record the broker will never take as it is (too large, malformed): that record is
+    /// refused, and the client must change it. Not a failure of the producer or the topic
+    /// (see [`Self::is_refused_write`]), which a later attempt may get past.
+    pub fn is_record_refused(&self) -> bool {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        matches!(
+            self,
+            KafkaError::Produce(e) if matches!(
+                e.rdkafka_error_code(),
+                Some(Code::MessageSizeTooLarge | Code::InvalidMessage | Code::InvalidRecord | Code::InvalidTimestamp)
+            )
+        )
+    }
+
     /// A write the broker refused for a reason no retry mends (not authorized, a record it
     /// will never take), or the producer failed for good; any other failed write (timed
     /// out, the broker or its coordinator away, a transaction already failing) can succeed

@@ -32,6 +32,8 @@ pub mod headers {
     pub const DLQ_REASON: &str = "instream.dlq.reason";
     pub const DLQ_CODE: &str = "instream.dlq.code";
     pub const DLQ_SERVICE: &str = "instream.dlq.service";
+    /// On a dead letter whose payload was cut short to fit: the payload's original length.
+    pub const DLQ_CUT_FROM: &str = "instream.dlq.cut_from";
     pub const ORIGIN_TOPIC: &str = "instream.origin.topic";
     pub const ORIGIN_PARTITION: &str = "instream.origin.partition";
     pub const ORIGIN_OFFSET: &str = "instream.origin.offset";

@@ -15,16 +15,29 @@ const MAX_ID_LEN: usize = 128;
 const MAX_KEY_LEN: usize = 1024;
 
 /// Where events get their ids from when they carry none: a request's Idempotency-Key (or a
-/// source row's position) and index, else the content.
+/// source row's position), index and content, else the content; and whose they are.
 pub struct IdSource<'a> {
     pub pipeline: &'a str,
+    /// The producer's name (the API key's `producer`); empty when anonymous. Ids are scoped
+    /// by it: a given `event_id` is the producer's own (kept in the envelope's `producer`
+    /// header), derived ids hash it.
+    pub producer: &'a str,
     pub idempotency_key: Option<&'a str>,
+    /// Whether an id from the `idempotency_key` also hashes the event: an HTTP request's key
+    /// reused with another body must not repeat ids. A SQL source's position names one row
+    /// version by itself (its content re-read after an update must keep the id).
+    pub key_binds_content: bool,
 }
 
-fn scalar_key(v: &Value) -> Option<String> {
+/// The envelope header naming the producer of an event that came with its own `event_id`.
+pub const PRODUCER_HEADER: &str = "producer";
+
+/// A key from a field: a non-empty string as it is; a number canonical, from its text in the
+/// payload (see [`instream_event::key_text`]).
+fn scalar_key(v: &Value, path: &instream_event::FieldPath, raw: &RawValue) -> Option<String> {
     match v {
         Value::String(s) if !s.is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
+        Value::Number(_) => path.lookup_raw(raw).and_then(instream_event::key_text),
         _ => None,
     }
 }
@@ -53,7 +66,7 @@ pub fn envelope(
                 format!("the partition key field `{}` is missing", def.key_field),
             ))
         }
-        Some(v) => scalar_key(v).ok_or_else(|| {
+        Some(v) => scalar_key(v, &def.key_field, raw).ok_or_else(|| {
             Rejection::new(
                 "bad_key",
                 format!(
@@ -88,8 +101,14 @@ pub fn envelope(
             return Err(Rejection::new("schema", format!("at `{at}`: {e}")));
         }
     }
+    let mut headers = std::collections::BTreeMap::new();
     let event_id = match payload.get("event_id") {
-        Some(Value::String(id)) if !id.is_empty() && id.len() <= MAX_ID_LEN => id.clone(),
+        Some(Value::String(id)) if !id.is_empty() && id.len() <= MAX_ID_LEN => {
+            if !ids.producer.is_empty() {
+                headers.insert(PRODUCER_HEADER.to_owned(), ids.producer.to_owned());
+            }
+            id.clone()
+        }
         Some(_) => {
             return Err(Rejection::new(
                 "bad_event_id",
@@ -97,8 +116,11 @@ pub fn envelope(
             ))
         }
         None => match ids.idempotency_key {
-            Some(k) => idempotent_event_id(ids.pipeline, k, index),
-            None => content_event_id(ids.pipeline, &key, event_time, raw.get().as_bytes()),
+            Some(k) => {
+                let content = if ids.key_binds_content { raw.get() } else { "" };
+                idempotent_event_id(ids.pipeline, ids.producer, k, index, content)
+            }
+            None => content_event_id(ids.pipeline, ids.producer, &key, event_time, raw.get()),
         },
     };
     Ok(Event {
@@ -107,7 +129,7 @@ pub fn envelope(
         key,
         event_time,
         ingest_time,
-        headers: Default::default(),
+        headers,
         payload: raw.to_owned(),
         enrichment: None,
     })
@@ -165,7 +187,9 @@ mod tests {
 
     const NO_KEY: IdSource<'static> = IdSource {
         pipeline: "orders",
+        producer: "",
         idempotency_key: None,
+        key_binds_content: true,
     };
 
     #[test]
@@ -186,7 +210,9 @@ mod tests {
         let body = r#"{"account":{"id":"a"},"ts":1,"amount":3}"#;
         let with = IdSource {
             pipeline: "orders",
+            producer: "shop",
             idempotency_key: Some("req-1"),
+            key_binds_content: true,
         };
         assert_eq!(
             one(body, &with).unwrap().event_id,
@@ -197,7 +223,42 @@ mod tests {
             one(body, &NO_KEY).unwrap().event_id
         );
         let given = r#"{"account":{"id":"a"},"ts":1,"amount":3,"event_id":"mine"}"#;
-        assert_eq!(one(given, &with).unwrap().event_id, "mine");
+        let mine = one(given, &with).unwrap();
+        assert_eq!(mine.event_id, "mine");
+        assert_eq!(
+            mine.headers[PRODUCER_HEADER], "shop",
+            "a given id is the producer's"
+        );
+        assert!(one(given, &NO_KEY).unwrap().headers.is_empty());
+        // The Idempotency-Key reused with another body: other ids.
+        let other = r#"{"account":{"id":"a"},"ts":1,"amount":4}"#;
+        assert_ne!(
+            one(body, &with).unwrap().event_id,
+            one(other, &with).unwrap().event_id
+        );
+    }
+
+    #[test]
+    fn numeric_keys_are_canonical_from_their_text() {
+        let key = |json: &str| one(json, &NO_KEY).unwrap().key;
+        assert_eq!(
+            key(r#"{"account":{"id":123456789012345678901234567890},"ts":1,"amount":1}"#),
+            "123456789012345678901234567890"
+        );
+        assert_ne!(
+            key(r#"{"account":{"id":123456789012345678901234567890},"ts":1,"amount":1}"#),
+            key(r#"{"account":{"id":123456789012345678901234567891},"ts":1,"amount":1}"#)
+        );
+        for same in ["1", "1.0", "1e0", "\"1\""] {
+            assert_eq!(
+                key(&format!(
+                    r#"{{"account":{{"id":{same}}},"ts":1,"amount":1}}"#
+                )),
+                "1",
+                "{same}"
+            );
+        }
+        assert_eq!(key(r#"{"account":{"id":-0},"ts":1,"amount":1}"#), "0");
     }
 
     #[test]

@@ -12,11 +12,11 @@ mod source;
 mod template;
 mod validate;
 
-pub use envelope::{envelope, IdSource, SchemaCache};
+pub use envelope::{envelope, IdSource, SchemaCache, PRODUCER_HEADER};
 pub use model::*;
 pub use source::{parse_definition, parse_document, DefinitionError, DefinitionSource, FileSource};
 pub use template::{KeyTemplate, TemplateError};
-pub use validate::RAW_COLUMNS;
+pub use validate::{valid_name, RAW_COLUMNS};
 
 /// Topic names of a pipeline. One place, so no stage spells them differently.
 pub mod topics {

@@ -85,7 +85,10 @@ impl KeyTemplate {
                 Part::Literal(s) => out.push_str(s),
                 Part::Field(path) => match path.lookup(payload) {
                     Some(Value::String(s)) => out.push_str(s),
-                    Some(Value::Number(n)) => out.push_str(&n.to_string()),
+                    Some(Value::Number(n)) => {
+                        let text = n.to_string();
+                        out.push_str(&instream_event::canonical_number(&text).unwrap_or(text));
+                    }
                     Some(Value::Bool(b)) => out.push_str(if *b { "true" } else { "false" }),
                     _ => return Err(path),
                 },

@@ -22,6 +22,16 @@ pub const RAW_COLUMNS: [&str; 7] = [
 /// Largest partition count instream creates topics with.
 const MAX_PARTITIONS: i32 = 1024;
 
+/// Whether `name` can name a pipeline: 1-64 of `[a-z0-9_-]` (so it is safe in topic names,
+/// paths and URLs as it is).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
 /// `key`, or `payload.<path>` / `enrichment.<path>`: what an aggregation can read.
 fn field_root_ok(path: &FieldPath) -> bool {
     match path.segments()[0].as_str() {
@@ -38,13 +48,7 @@ impl PipelineDefinition {
         let mut problem =
             |field: String, reason: String| problems.push(format!("{field}: {reason}"));
 
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= 64
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
-        if !name_ok {
+        if !valid_name(&self.name) {
             problem("name".into(), "must be 1-64 of [a-z0-9_-]".into());
         }
         if self.version == 0 {

@@ -19,6 +19,9 @@ use rdkafka::consumer::Consumer as _;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+/// How long a stopping stage waits for its consumer to leave the group.
+const GROUP_LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often the broker's reachability is checked for `/readyz`.
 const BROKER_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -144,6 +147,23 @@ impl Subscription {
     /// The consumer group id.
     pub fn group(&self) -> &str {
         &self.group
+    }
+
+    /// Leaves the group on a blocking thread, waiting at most `timeout`: librdkafka's close
+    /// revokes the assignment and waits for the broker, which must neither block the runtime
+    /// nor keep a stopping process alive when the broker is slow (the group's session timeout
+    /// then hands the partitions on).
+    pub async fn close(self) {
+        let timeout = GROUP_LEAVE_TIMEOUT;
+        let group = self.group.clone();
+        let closing = tokio::task::spawn_blocking(move || drop(self));
+        if tokio::time::timeout(timeout, closing).await.is_err() {
+            tracing::warn!(
+                %group,
+                timeout_ms = timeout.as_millis() as u64,
+                "the consumer did not leave its group in time; the broker's session timeout will"
+            );
+        }
     }
 
     /// Re-subscribes when the definitions changed the set of topics (a rebalance follows).

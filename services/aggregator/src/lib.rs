@@ -43,7 +43,7 @@ use instream_store::{AggregateStore, Checkpoint, CheckpointKey, WindowAggregate}
 use partitions::{follow_generation, Partitions};
 use tokio_util::sync::CancellationToken;
 
-pub use state::{Outcome, PartitionState, Scope};
+pub use state::{Outcome, PartitionState, Scope, WATERMARK_AHEAD_OF_INGEST_MILLIS};
 
 const SERVICE: &str = "aggregator";
 
@@ -247,10 +247,12 @@ pub async fn run_with_store(
     if durable {
         client::commit(consumer, true)?;
     }
+    hold_back.release(consumer);
     tracing::info!(
         partitions = partitions.states.len(),
         "aggregator drained and committed"
     );
+    subscription.close().await;
     Ok(())
 }
 
@@ -297,6 +299,9 @@ pub async fn rebase_checkpoints(
                             source,
                         }
                     })?;
+                if state.has_legacy_group_keys() {
+                    state.upgrade_group_keys(|p| catalog.get(p).map(|d| &**d));
+                }
                 state.rebase();
                 if let Some((next_offset, bytes)) = state.snapshot() {
                     moved.push(Checkpoint {

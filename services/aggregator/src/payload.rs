@@ -48,6 +48,34 @@ impl<'e> Payload<'e> {
         Payload { text, read: None }
     }
 
+    /// The text of the value at `path` as a group's part: a string as it is, a number
+    /// canonical from its text in the payload (never through a float: the way keys are
+    /// made), anything else as JSON text. `None` when it is absent or null.
+    pub fn text(&mut self, path: &[String]) -> Option<String> {
+        self.read();
+        let (first, rest) = path.split_first()?;
+        if let Some(Read::Fields(fields)) = &self.read {
+            let (_, raw) = fields.iter().rev().find(|(name, _)| name == first)?;
+            let raw: &RawValue = rest.iter().try_fold(*raw, |v, segment| {
+                let fields: std::collections::BTreeMap<String, &RawValue> =
+                    serde_json::from_str(v.get()).ok()?;
+                fields.get(segment).copied()
+            })?;
+            return raw_text(raw);
+        }
+        value_text(&self.get(path)?)
+    }
+
+    fn read(&mut self) {
+        let text = self.text;
+        self.read.get_or_insert_with(|| {
+            match serde_json::Deserializer::from_str(text).deserialize_map(TopLevel) {
+                Ok(fields) => Read::Fields(fields),
+                Err(_) => Read::Whole(serde_json::from_str(text).unwrap_or(Value::Null)),
+            }
+        });
+    }
+
     /// The value at `path` below the payload (`["price"]` for `payload.price`); `None` when
     /// it is absent, or the payload is not an object.
     pub fn get(&mut self, path: &[String]) -> Option<Value> {
@@ -76,6 +104,27 @@ impl<'e> Payload<'e> {
                 .try_fold(&*doc, |v, s| v.as_object()?.get(s))
                 .cloned(),
         }
+    }
+}
+
+/// A group part from raw JSON text (see [`Payload::text`]).
+pub fn raw_text(raw: &RawValue) -> Option<String> {
+    let text = raw.get();
+    match text.as_bytes().first()? {
+        b'"' => serde_json::from_str(text).ok(),
+        b'n' => None,
+        b'-' | b'0'..=b'9' => instream_event::canonical_number(text),
+        _ => Some(text.to_owned()),
+    }
+}
+
+/// A group part from a parsed value (see [`Payload::text`]).
+pub fn value_text(value: &Value) -> Option<String> {
+    match value {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => instream_event::canonical_number(&n.to_string()),
+        other => Some(other.to_string()),
     }
 }
 

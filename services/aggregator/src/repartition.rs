@@ -128,12 +128,31 @@ impl HoldBack {
             }
         }
         let outcome = if full {
+            tracing::info!("a repartition topic is half full: holding the enriched input back");
             self.paused = Some(generation);
             consumer.pause(&enriched)
         } else {
+            tracing::info!("the repartition topics have room: reading the enriched input again");
             self.paused = None;
             consumer.resume(&enriched)
         };
         outcome.map_err(|e| AggregatorError::Kafka(instream_kafka::KafkaError::Consume(e)))
+    }
+
+    /// Resumes what is paused (before the consumer closes: a close with paused partitions
+    /// has been seen to wait for ever).
+    pub(crate) fn release(&mut self, consumer: &Consumer) {
+        if self.paused.take().is_none() {
+            return;
+        }
+        if let Some((_, assigned)) = client::current_assignment(consumer) {
+            let mut all = rdkafka::TopicPartitionList::new();
+            for (topic, partition) in &assigned {
+                all.add_partition(topic, *partition);
+            }
+            if let Err(error) = consumer.resume(&all) {
+                tracing::warn!(%error, "resuming the enriched input before closing failed");
+            }
+        }
     }
 }

@@ -2,41 +2,37 @@
 
 use instream_event::{Event, FieldPath};
 use instream_pipeline::Aggregation;
-use serde_json::Value;
 
 use crate::payload::Payload;
 
-fn scalar_text(v: Option<&Value>) -> String {
-    match v {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => "null".into(),
-        Some(other) => other.to_string(),
-    }
-}
-
-/// The group of `event` under `aggregation`: its group-by values joined with `|`. Grouping by
-/// the key alone (the default) borrows it: no allocation per event.
+/// The group of `event` under `aggregation`. Grouping by the key alone (the default) borrows
+/// it: no allocation per event. One other field: its text (`null` when absent). Several: a
+/// JSON array of their texts (`["c1","gold",null]`), so that no two groups share an encoding
+/// (values joined by a separator did: (`a|b`, `c`) and (`a`, `b|c`)). Numbers are written
+/// canonical from their text, as keys are.
 pub fn group_key<'e>(
     aggregation: &Aggregation,
     event: &'e Event,
     payload: &mut Payload,
 ) -> std::borrow::Cow<'e, str> {
-    if let [only] = aggregation.group_by.as_slice() {
-        if only.as_str() == "key" {
-            return std::borrow::Cow::Borrowed(&event.key);
+    match aggregation.group_by.as_slice() {
+        [only] if only.as_str() == "key" => std::borrow::Cow::Borrowed(&event.key),
+        [only] => {
+            std::borrow::Cow::Owned(resolve(only, event, payload).unwrap_or_else(|| "null".into()))
+        }
+        paths => {
+            let parts: Vec<Option<String>> =
+                paths.iter().map(|p| resolve(p, event, payload)).collect();
+            // Strings and nulls always serialise.
+            std::borrow::Cow::Owned(serde_json::to_string(&parts).unwrap_or_default())
         }
     }
-    let mut parts = Vec::with_capacity(aggregation.group_by.len());
-    for path in &aggregation.group_by {
-        parts.push(resolve(path, event, payload));
-    }
-    std::borrow::Cow::Owned(parts.join("|"))
 }
 
-fn resolve(path: &FieldPath, event: &Event, payload: &mut Payload) -> String {
+fn resolve(path: &FieldPath, event: &Event, payload: &mut Payload) -> Option<String> {
     let segments = path.segments();
     match segments[0].as_str() {
-        "key" => event.key.clone(),
+        "key" => Some(event.key.clone()),
         "enrichment" => {
             let found = event
                 .enrichment
@@ -46,11 +42,11 @@ fn resolve(path: &FieldPath, event: &Event, payload: &mut Payload) -> String {
                     segments[2..]
                         .iter()
                         .try_fold(v, |v, s| v.as_object()?.get(s))
-                });
-            scalar_text(found)
+                })?;
+            crate::payload::value_text(found)
         }
         // `payload.…`: read once per event, only when some aggregation needs it.
-        _ => scalar_text(payload.get(&segments[1..]).as_ref()),
+        _ => payload.text(&segments[1..]),
     }
 }
 
@@ -59,6 +55,7 @@ mod tests {
     use super::*;
     use instream_pipeline::parse_document;
     use serde_json::value::RawValue;
+    use serde_json::Value;
 
     #[test]
     fn groups_join_key_enrichment_and_payload_values() {
@@ -92,7 +89,58 @@ window = { kind = "tumbling", size = "1h" }
         let mut payload = Payload::new(event.payload.get());
         assert_eq!(
             group_key(&def.aggregations[0], &event, &mut payload),
-            "a|gold|bid|null"
+            r#"["a","gold","bid",null]"#
+        );
+    }
+
+    #[test]
+    fn groups_are_encoded_without_ambiguity_and_numbers_canonical() {
+        let def = parse_document(
+            r#"
+[[pipelines]]
+name = "p"
+key_field = "k"
+time_field = "t"
+[[pipelines.aggregations]]
+name = "pair"
+group_by = ["payload.a", "payload.b"]
+window = { kind = "tumbling", size = "1h" }
+[[pipelines.aggregations]]
+name = "one"
+group_by = ["payload.n"]
+window = { kind = "tumbling", size = "1h" }
+"#,
+        )
+        .unwrap()
+        .pipelines
+        .remove(0);
+        let key = |aggregation: usize, payload: &str| {
+            let event = Event {
+                event_id: "e".into(),
+                pipeline: "p".into(),
+                key: "k".into(),
+                event_time: 0,
+                ingest_time: 0,
+                headers: Default::default(),
+                payload: RawValue::from_string(payload.into()).unwrap(),
+                enrichment: None,
+            };
+            let mut p = Payload::new(event.payload.get());
+            group_key(&def.aggregations[aggregation], &event, &mut p).into_owned()
+        };
+        assert_ne!(
+            key(0, r#"{"a":"x|y","b":"z"}"#),
+            key(0, r#"{"a":"x","b":"y|z"}"#)
+        );
+        assert_eq!(key(0, r#"{"a":"x|y","b":"z"}"#), r#"["x|y","z"]"#);
+        assert_eq!(key(1, r#"{"n":1.0}"#), key(1, r#"{"n":"1"}"#));
+        assert_eq!(
+            key(1, r#"{"n":123456789012345678901234567890}"#),
+            "123456789012345678901234567890"
+        );
+        assert_ne!(
+            key(1, r#"{"n":123456789012345678901234567890}"#),
+            key(1, r#"{"n":123456789012345678901234567891}"#)
         );
     }
 }

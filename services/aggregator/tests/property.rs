@@ -258,11 +258,8 @@ fn reference(records: &[Record], def: &PipelineDefinition) -> Store {
                 continue;
             }
             let group = if agg.name == "hopping_big" {
-                format!(
-                    "{}|{}",
-                    r.event.key,
-                    payload["kind"].as_str().unwrap_or("null")
-                )
+                // Several group-by fields: a JSON array of their texts.
+                serde_json::json!([r.event.key, payload["kind"].as_str()]).to_string()
             } else {
                 r.event.key.clone()
             };
@@ -282,7 +279,12 @@ fn reference(records: &[Record], def: &PipelineDefinition) -> Store {
                 }
             }
         }
-        max_event = max_event.max(r.event.event_time);
+        // An event moves the watermark no further than its ingest time plus a second.
+        max_event = max_event.max(
+            r.event
+                .event_time
+                .min(r.event.ingest_time + instream_aggregator::WATERMARK_AHEAD_OF_INGEST_MILLIS),
+        );
     }
     // Sessions: sort each group's events by time; a gap of at least `gap` starts a new one.
     let gap = 4_000;

@@ -206,6 +206,7 @@ pub async fn run_with_archive(
     }
     client::commit(consumer, true)?;
     tracing::info!("archiver drained and committed");
+    subscription.close().await;
     Ok(())
 }
 

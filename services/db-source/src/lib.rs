@@ -445,6 +445,8 @@ fn event_of(
         )
     };
     let ids = IdSource {
+        producer: "",
+        key_binds_content: false,
         pipeline: &def.name,
         idempotency_key: Some(&idempotency),
     };

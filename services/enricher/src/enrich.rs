@@ -17,6 +17,9 @@ use tokio_util::sync::CancellationToken;
 use crate::transform::{self, Lookup, Outcomes, Output, Quality};
 use crate::{EnricherError, SERVICE};
 
+/// What the enriched record's headers (origin, quality tags) and framing may take, at most.
+const HEADER_ROOM: usize = 4096;
+
 pub(crate) struct Enricher {
     pub refdata: Arc<CachedRefStore>,
     pub readiness: Readiness,
@@ -195,6 +198,23 @@ impl Enricher {
             match output {
                 Output::Dead { code, reason } => {
                     deliveries.push(self.dead.publish_record(record, code, &reason).await?);
+                }
+                // Enrichment made it larger than the brokers take: kept as a dead letter (the
+                // record as it came), never a write that would stop the enricher.
+                Output::Enriched { key, bytes, .. }
+                    if key.len() + bytes.len() + HEADER_ROOM > self.producer.max_record_bytes() =>
+                {
+                    let reason = format!(
+                        "enriched, the event takes {} bytes; the brokers take at most {} \
+                         (kafka.max_record_bytes)",
+                        key.len() + bytes.len(),
+                        self.producer.max_record_bytes()
+                    );
+                    deliveries.push(
+                        self.dead
+                            .publish_record(record, "too_large", &reason)
+                            .await?,
+                    );
                 }
                 Output::Enriched {
                     pipeline,

@@ -304,5 +304,6 @@ pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
     } else {
         tracing::info!("enricher drained and committed");
     }
+    subscription.close().await;
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! costs a pass over its bytes, not a recursion.
 
 use std::io::Read;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::http::{header, HeaderMap};
@@ -25,6 +26,10 @@ pub enum BodyError {
     },
     /// The body could not be read whole (the client went away, or sent a broken chunk).
     Unreadable(String),
+    /// The body came slower than `ingest.min_body_bytes_per_second`.
+    TooSlow {
+        min_bytes_per_second: u64,
+    },
 }
 
 impl BodyError {
@@ -36,6 +41,7 @@ impl BodyError {
             BodyError::Malformed(_) => "malformed_body",
             BodyError::TooManyEvents { .. } => "too_many_events",
             BodyError::Unreadable(_) => "unreadable_body",
+            BodyError::TooSlow { .. } => "body_too_slow",
         }
     }
 
@@ -55,19 +61,62 @@ impl BodyError {
                 format!("more than {limit} events in one request")
             }
             BodyError::Unreadable(m) => format!("the body could not be read: {m}"),
+            BodyError::TooSlow {
+                min_bytes_per_second,
+            } => format!(
+                "the body came slower than {min_bytes_per_second} bytes a second; send it again"
+            ),
         }
     }
 }
 
 /// Reads the body as sent, refusing it as soon as it passes `limit` bytes.
-pub async fn read(body: axum::body::Body, limit: usize) -> Result<Bytes, BodyError> {
+pub async fn read(
+    body: axum::body::Body,
+    limit: usize,
+    min_bytes_per_second: u64,
+) -> Result<Bytes, BodyError> {
     use http_body_util::BodyExt;
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge { limit }),
-        Err(e) => Err(BodyError::Unreadable(e.to_string())),
+    let mut body = http_body_util::Limited::new(body, limit);
+    let started = tokio::time::Instant::now();
+    let mut out = bytes::BytesMut::new();
+    loop {
+        // The next bytes must come before the body falls below its minimum rate (after a
+        // grace of two seconds): a client trickling one byte now and then is cut off early.
+        let frame = if min_bytes_per_second == 0 {
+            body.frame().await
+        } else {
+            // One more TLS record's worth (16 KiB, handed over whole) than arrived.
+            let due = Duration::from_secs_f64(
+                (out.len() as f64 + 16_384.0) / min_bytes_per_second as f64,
+            )
+            .max(BODY_RATE_GRACE);
+            match tokio::time::timeout_at(started + due, body.frame()).await {
+                Ok(frame) => frame,
+                Err(_) => {
+                    return Err(BodyError::TooSlow {
+                        min_bytes_per_second,
+                    })
+                }
+            }
+        };
+        match frame {
+            None => return Ok(out.freeze()),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    out.extend_from_slice(&data);
+                }
+            }
+            Some(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(BodyError::TooLarge { limit })
+            }
+            Some(Err(e)) => return Err(BodyError::Unreadable(e.to_string())),
+        }
     }
 }
+
+/// How long a body may take before its rate is judged.
+const BODY_RATE_GRACE: Duration = Duration::from_secs(2);
 
 /// The body as the client meant it: decompressed per `Content-Encoding`, at most `limit`
 /// bytes after decompression (a compression bomb stops at the limit).

@@ -1,3 +1,7 @@
+// The handler's steps return the response that refuses the request as their error: once per
+// request, where boxing it would only move the allocation.
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -6,7 +10,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
-use instream_event::Rejection;
+use instream_event::{Event, Rejection};
 use instream_kafka::{client, KafkaError};
 use instream_pipeline::topics;
 use rdkafka::producer::FutureRecord;
@@ -20,10 +24,6 @@ use instream_pipeline::{envelope, IdSource};
 
 const SERVICE: &str = "ingest";
 
-/// What the envelope adds to an event's payload (id, key, times, pipeline, field names), at
-/// most, for the standalone account.
-const ENVELOPE_BYTES: usize = 256;
-
 #[derive(Serialize)]
 struct Refused {
     index: usize,
@@ -33,7 +33,11 @@ struct Refused {
 
 #[derive(Serialize)]
 struct Answer {
+    /// Events taken, repeats included.
     accepted: usize,
+    /// Of them, how many repeat another event of the same request (the same id: identical
+    /// events sent without `event_id` or `Idempotency-Key`): each is counted once.
+    repeats: usize,
     rejected: Vec<Refused>,
 }
 
@@ -87,9 +91,10 @@ pub async fn admit(
         .unwrap_or("")
         .to_owned();
     // Before the pipeline is looked up, so a client without a key learns nothing of them.
-    match state.keys.authorize(request.headers(), &pipeline) {
+    let caller = match state.keys.authorize(request.headers(), &pipeline) {
         Ok(key) => {
             request.extensions_mut().insert(Caller(key));
+            key
         }
         Err(Denied::Unauthenticated(why)) => {
             let mut response = failure(StatusCode::UNAUTHORIZED, "unauthorized", why.into());
@@ -100,7 +105,53 @@ pub async fn admit(
             return response;
         }
         Err(Denied::Forbidden(why)) => return failure(StatusCode::FORBIDDEN, "forbidden", why),
+    };
+    // A name is `[a-z0-9_-]`: anything else (an escape such as `%6f`, which the route would
+    // decode past the key's scope check) names no pipeline.
+    if !instream_pipeline::valid_name(&pipeline) {
+        return unknown_pipeline(&pipeline);
     }
+    // Larger than allowed by its own account: refused before a byte of it is read (and
+    // before `100 Continue`, which is sent only once the body is read).
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > state.config.max_body_bytes) {
+        let e = BodyError::TooLarge {
+            limit: usize::try_from(state.config.max_body_bytes).unwrap_or(usize::MAX),
+        };
+        // The body was not read: the connection closes after the answer, not reused with the
+        // body still coming.
+        let mut refused = failure(StatusCode::PAYLOAD_TOO_LARGE, e.code(), e.message());
+        refused.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        return refused;
+    }
+    let client = match caller {
+        Some(key) => ClientId::Key(key),
+        None => ClientId::Address(
+            request
+                .extensions()
+                .get::<instream_http::Peer>()
+                .map(|peer| client_network(peer.0.ip())),
+        ),
+    };
+    let Some(_per_client) = state
+        .clients
+        .enter(client, state.config.max_in_flight_requests_per_client)
+    else {
+        return retry_later(
+            &state,
+            "client_overloaded",
+            format!(
+                "this client has {} requests in flight already (ingest.max_in_flight_requests_per_client)",
+                state.config.max_in_flight_requests_per_client
+            ),
+        );
+    };
     let Ok(_slot) = state.in_flight_requests.try_acquire() else {
         return retry_later(&state, "overloaded", "too many requests in flight".into());
     };
@@ -116,6 +167,58 @@ pub async fn admit(
                 state.config.request_timeout
             ),
         ),
+    }
+}
+
+/// Who a request counts against for `ingest.max_in_flight_requests_per_client`: its API key,
+/// or its address when anonymous.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientId {
+    Key(usize),
+    Address(Option<std::net::IpAddr>),
+}
+
+/// An anonymous client: its IPv4 address, or its IPv6 /64 (one host picks among many
+/// addresses of its network).
+fn client_network(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
+/// Requests in flight per client.
+#[derive(Default)]
+pub struct Clients(std::sync::Mutex<std::collections::HashMap<ClientId, usize>>);
+
+/// A request counted for its client while it lives.
+pub struct ClientSlot<'a>(&'a Clients, ClientId);
+
+impl Clients {
+    /// Counts a request of `client`, unless it has `max` in flight already.
+    pub fn enter(&self, client: ClientId, max: usize) -> Option<ClientSlot<'_>> {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(client).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot(self, client))
+    }
+}
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        let mut counts = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.1);
+            }
+        }
     }
 }
 
@@ -150,30 +253,11 @@ pub async fn post_events(
 ) -> Response {
     let key = caller.map(|i| state.keys.get(i));
     let Some(def) = state.catalog.borrow().get(&pipeline).cloned() else {
-        return failure(
-            StatusCode::NOT_FOUND,
-            "unknown_pipeline",
-            format!("no pipeline named `{pipeline}`"),
-        );
+        return unknown_pipeline(&pipeline);
     };
-    let limit = usize::try_from(state.config.max_body_bytes).unwrap_or(usize::MAX);
-    let body = match body::read(body, limit).await {
-        Ok(b) => b,
-        Err(e @ BodyError::TooLarge { .. }) => {
-            return failure(StatusCode::PAYLOAD_TOO_LARGE, e.code(), e.message())
-        }
-        Err(e) => return failure(StatusCode::BAD_REQUEST, e.code(), e.message()),
-    };
-    let body = match body::decode(&headers, body, limit) {
-        Ok(b) => b,
-        Err(e) => {
-            let status = match e {
-                BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-                BodyError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                _ => StatusCode::BAD_REQUEST,
-            };
-            return failure(status, e.code(), e.message());
-        }
+    let body = match read_body(&state, &headers, body).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
     };
     // What this request holds in memory (decompressed, when it came compressed).
     let _bytes = InFlight::add(
@@ -191,65 +275,41 @@ pub async fn post_events(
         }
         Err(e) => return failure(StatusCode::BAD_REQUEST, e.code(), e.message()),
     };
-    let idempotency_key = match headers.get("idempotency-key").map(|v| v.to_str()) {
-        None => None,
-        Some(Ok(k)) if !k.is_empty() && k.len() <= 256 => Some(k),
-        Some(_) => {
-            return failure(
-                StatusCode::BAD_REQUEST,
-                "bad_idempotency_key",
-                "Idempotency-Key must be 1-256 visible ASCII characters".into(),
-            )
-        }
+    let idempotency_key = match idempotency_key(&headers) {
+        Ok(k) => k,
+        Err(refused) => return refused,
     };
-    let scoped =
-        idempotency_key.map(|idem| scoped_idempotency_key(key.map(|k| k.name.as_str()), idem));
     let ids = IdSource {
         pipeline: &pipeline,
-        idempotency_key: scoped.as_deref(),
+        producer: key.map_or("", |k| k.producer.as_str()),
+        idempotency_key,
+        key_binds_content: true,
     };
-    let ingest_time = instream_event::now_millis();
-    let mut events = Vec::with_capacity(raws.len());
-    let mut rejected = Vec::new();
-    let schema = state.schema_of(&def);
-    let shape = ShapeLimits {
-        max_depth: state.config.max_depth,
-        max_string_bytes: state.config.max_string_bytes,
-    };
-    for (index, raw) in raws.iter().enumerate() {
-        let checked = body::check_shape(raw, shape).and_then(|()| {
-            serde_json::from_slice::<&RawValue>(raw)
-                .map_err(|e| Rejection::new("malformed_json", e.to_string()))
-        });
-        match checked
-            .and_then(|raw| envelope(&def, schema.as_deref(), raw, index, &ids, ingest_time))
-        {
-            Ok(e) => events.push(e),
-            Err(r) => {
-                metrics::counter!("instream_events_rejected_total", "service" => SERVICE, "pipeline" => pipeline.clone(), "code" => r.code)
-                    .increment(1);
-                rejected.push(Refused {
-                    index,
-                    code: r.code,
-                    reason: r.message,
-                });
-            }
+    let mut batch = build_events(&state, &def, &raws, &ids);
+    if batch.events.is_empty() {
+        // Refused events cost work too: charged to the key like taken ones (the answer stays
+        // 422 even past the rate: sent again, they would be refused again).
+        if let Some(key) = key {
+            let _ = key.take(raws.len());
         }
-    }
-    if events.is_empty() {
         count_request(StatusCode::UNPROCESSABLE_ENTITY);
         return (
             StatusCode::UNPROCESSABLE_ENTITY,
             Json(Answer {
                 accepted: 0,
-                rejected,
+                repeats: 0,
+                rejected: batch.rejected,
             }),
         )
             .into_response();
     }
-
+    let topic = topics::raw(&pipeline);
+    let _room = match reserve_room(&state, &topic, &batch.events) {
+        Ok(room) => room,
+        Err(refused) => return refused,
+    };
     // Back-pressure: admit the events only if the in-flight bound has room for all of them.
-    let permits = u32::try_from(events.len()).unwrap_or(u32::MAX);
+    let permits = u32::try_from(batch.events.len()).unwrap_or(u32::MAX);
     let Ok(_event_slots) = state.in_flight_events.try_acquire_many(permits) else {
         return retry_later(
             &state,
@@ -257,159 +317,340 @@ pub async fn post_events(
             "too many events waiting for the broker".into(),
         );
     };
-    // Charged once admitted, so a request refused for overload costs its key nothing.
-    if let Some(key) = key {
-        if let Err(wait) = key.take(events.len()) {
-            metrics::counter!("instream_ingest_rate_limited_total", "key" => key.name.clone())
-                .increment(1);
-            let status = StatusCode::TOO_MANY_REQUESTS;
-            count_request(status);
-            let retry_after = wait.as_secs_f64().ceil().max(1.0).to_string();
-            return (
-                status,
-                [(header::RETRY_AFTER, retry_after)],
-                Json(Failure {
-                    error: "rate_limited",
-                    message: format!(
-                        "the key `{}` is over its events per second; send it again later",
-                        key.name
-                    ),
-                }),
-            )
-                .into_response();
+    // Charged once admitted, so that a request refused for overload costs its key nothing;
+    // every event of it, valid or not.
+    if let Some(refused) = key.and_then(|k| charge(k, raws.len())) {
+        return refused;
+    }
+    let started = Instant::now();
+    let delivered = match produce(&state, &topic, &batch.events).await {
+        Ok(outcomes) => outcomes,
+        Err(refused) => return refused,
+    };
+    let mut accepted = 0;
+    let mut transient = None;
+    let mut refusals: Vec<Option<Refused>> = Vec::with_capacity(batch.events.len());
+    for ((index, _, _), outcome) in batch.events.iter().zip(delivered) {
+        refusals.push(match outcome {
+            Ok(()) => {
+                accepted += 1;
+                None
+            }
+            // A record the broker will never take as it is: refused by its index.
+            Err(e) if e.is_record_refused() => Some(refused_by_broker(*index, &pipeline, &e)),
+            // Anything else (the producer failed, a topic missing, the broker away) may pass
+            // when sent again: the whole request is answered 503 below.
+            Err(e) => {
+                transient = Some(e);
+                None
+            }
+        });
+    }
+    // A repeat shares its first copy's fate.
+    let mut repeats = 0;
+    for (index, first) in &batch.repeats {
+        match &refusals[*first] {
+            None => repeats += 1,
+            Some(refused) => batch.rejected.push(Refused {
+                index: *index,
+                code: refused.code,
+                reason: refused.reason.clone(),
+            }),
         }
     }
-    let topic = topics::raw(&pipeline);
-    // Standalone: the embedded broker deletes what no stage read yet beyond 5 MB a
-    // partition, so the events are admitted only while every topic has room for them.
-    let _room = match &state.backlog {
-        None => None,
-        Some(backlog) => {
-            let bytes = events
-                .iter()
-                .map(|e| {
-                    instream_core::backlog::record_bytes(
-                        e.key.len(),
-                        e.payload.get().len() + ENVELOPE_BYTES,
-                        0,
-                    )
-                })
-                .sum();
-            if bytes > backlog.budget() {
-                return failure(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "too_large_for_standalone",
-                    format!(
-                        "the request's events take about {bytes} bytes; standalone takes at \
-                         most {} at once (standalone.max_unread_bytes): send smaller requests",
-                        backlog.budget()
-                    ),
-                );
+    batch.rejected.extend(refusals.into_iter().flatten());
+    if let Some(e) = transient {
+        tracing::warn!(error = %e, pipeline, "broker did not acknowledge");
+        // Written, but answered 503: the client sends them again (same ids).
+        metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => pipeline.clone(), "outcome" => "written_then_retried")
+            .increment(accepted as u64);
+        return retry_later(
+            &state,
+            "broker_unavailable",
+            format!("not acknowledged by the broker ({e}); send the same request again"),
+        );
+    }
+    let latency = started.elapsed().as_secs_f64();
+    metrics::histogram!("instream_produce_latency_seconds", "service" => SERVICE).record(latency);
+    metrics::histogram!("instream_stage_latency_seconds", "stage" => SERVICE).record(latency);
+    metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => pipeline.clone(), "outcome" => "accepted")
+        .increment(accepted as u64);
+    metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => pipeline.clone(), "outcome" => "repeated")
+        .increment(repeats as u64);
+    batch.rejected.sort_by_key(|r| r.index);
+    let status = if accepted == 0 {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    count_request(status);
+    (
+        status,
+        Json(Answer {
+            accepted: accepted + repeats,
+            repeats,
+            rejected: batch.rejected,
+        }),
+    )
+        .into_response()
+}
+
+/// A 404 for a pipeline name that is not defined, echoing at most 64 characters of it.
+fn unknown_pipeline(pipeline: &str) -> Response {
+    let shown: String = pipeline.chars().take(64).collect();
+    let more = if shown.len() < pipeline.len() {
+        "…"
+    } else {
+        ""
+    };
+    failure(
+        StatusCode::NOT_FOUND,
+        "unknown_pipeline",
+        format!("no pipeline named `{shown}{more}`"),
+    )
+}
+
+/// The body, read within the limits (size, rate) and decompressed.
+async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Result<axum::body::Bytes, Response> {
+    let limit = usize::try_from(state.config.max_body_bytes).unwrap_or(usize::MAX);
+    let body = match body::read(body, limit, state.config.min_body_bytes_per_second).await {
+        Ok(b) => b,
+        Err(e @ BodyError::TooLarge { .. }) => {
+            return Err(failure(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                e.code(),
+                e.message(),
+            ))
+        }
+        Err(e @ BodyError::TooSlow { .. }) => {
+            return Err(failure(StatusCode::REQUEST_TIMEOUT, e.code(), e.message()))
+        }
+        Err(e) => return Err(failure(StatusCode::BAD_REQUEST, e.code(), e.message())),
+    };
+    body::decode(headers, body, limit).map_err(|e| {
+        let status = match e {
+            BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        failure(status, e.code(), e.message())
+    })
+}
+
+/// The request's `Idempotency-Key`: 1-256 visible ASCII characters (no space, no tab).
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, Response> {
+    match headers.get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => match std::str::from_utf8(v.as_bytes()) {
+            Ok(k) if (1..=256).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()) => {
+                Ok(Some(k))
             }
-            match backlog.try_reserve(&topic, bytes) {
-                Ok(room) => Some(room),
-                Err(full) => {
-                    metrics::counter!("instream_ingest_refused_total", "error" => "backlog_full")
-                        .increment(1);
-                    return retry_later(
-                        &state,
-                        "backlog_full",
+            _ => Err(failure(
+                StatusCode::BAD_REQUEST,
+                "bad_idempotency_key",
+                "Idempotency-Key must be 1-256 visible ASCII characters".into(),
+            )),
+        },
+    }
+}
+
+/// A request's events: those taken (with their index and encoded envelope), how many of them
+/// repeat another of the same request (same id: identical events without an id), and those
+/// refused.
+struct Batch {
+    events: Vec<(usize, Event, Vec<u8>)>,
+    /// Each repeat's index, and the position in `events` of the event it repeats.
+    repeats: Vec<(usize, usize)>,
+    rejected: Vec<Refused>,
+}
+
+fn build_events(
+    state: &AppState,
+    def: &instream_pipeline::PipelineDefinition,
+    raws: &[&[u8]],
+    ids: &IdSource<'_>,
+) -> Batch {
+    let mut batch = Batch {
+        events: Vec::with_capacity(raws.len()),
+        repeats: Vec::new(),
+        rejected: Vec::new(),
+    };
+    let ingest_time = instream_event::now_millis();
+    let schema = state.schema_of(def);
+    let shape = ShapeLimits {
+        max_depth: state.config.max_depth,
+        max_string_bytes: state.config.max_string_bytes,
+    };
+    let mut seen = std::collections::HashMap::with_capacity(raws.len());
+    for (index, raw) in raws.iter().enumerate() {
+        let built = body::check_shape(raw, shape)
+            .and_then(|()| {
+                serde_json::from_slice::<&RawValue>(raw)
+                    .map_err(|e| Rejection::new("malformed_json", e.to_string()))
+            })
+            .and_then(|raw| envelope(def, schema.as_deref(), raw, index, ids, ingest_time))
+            .and_then(|event| {
+                let bytes = instream_event::encode(&event);
+                if bytes.len() as u64 > state.config.max_event_bytes {
+                    return Err(Rejection::new(
+                        "event_too_large",
                         format!(
-                            "`{}` holds {} bytes a stage has not read (at most {}): send the same \
-                             request again later",
-                            full.topic, full.unread, full.budget
+                            "the event takes {} bytes with its envelope; at most {} \
+                             (ingest.max_event_bytes)",
+                            bytes.len(),
+                            state.config.max_event_bytes
                         ),
-                    );
+                    ));
                 }
+                Ok((event, bytes))
+            });
+        match built {
+            Ok((event, bytes)) => match seen.get(&event.event_id) {
+                Some(&first) => batch.repeats.push((index, first)),
+                None => {
+                    seen.insert(event.event_id.clone(), batch.events.len());
+                    batch.events.push((index, event, bytes));
+                }
+            },
+            Err(r) => {
+                metrics::counter!("instream_events_rejected_total", "service" => SERVICE, "pipeline" => def.name.clone(), "code" => r.code)
+                    .increment(1);
+                batch.rejected.push(Refused {
+                    index,
+                    code: r.code,
+                    reason: r.message,
+                });
             }
         }
+    }
+    batch
+}
+
+/// Takes `events` from the key's rate; the 429 when it must wait.
+fn charge(key: &crate::keys::ApiKey, events: usize) -> Option<Response> {
+    let wait = key.take(events).err()?;
+    metrics::counter!("instream_ingest_rate_limited_total", "key" => key.name.clone()).increment(1);
+    let status = StatusCode::TOO_MANY_REQUESTS;
+    count_request(status);
+    let retry_after = wait.as_secs_f64().ceil().max(1.0).to_string();
+    Some(
+        (
+            status,
+            [(header::RETRY_AFTER, retry_after)],
+            Json(Failure {
+                error: "rate_limited",
+                message: format!(
+                    "the key `{}` is over its events per second; send it again later",
+                    key.name
+                ),
+            }),
+        )
+            .into_response(),
+    )
+}
+
+/// Standalone: the embedded broker deletes what no stage read yet beyond 5 MB a partition,
+/// so the events are admitted only while every topic has room for them.
+fn reserve_room(
+    state: &AppState,
+    topic: &str,
+    events: &[(usize, Event, Vec<u8>)],
+) -> Result<Option<instream_core::backlog::Reservation>, Response> {
+    let Some(backlog) = &state.backlog else {
+        return Ok(None);
     };
-    let started = Instant::now();
+    let bytes = events
+        .iter()
+        .map(|(_, e, encoded)| instream_core::backlog::record_bytes(e.key.len(), encoded.len(), 0))
+        .sum();
+    if bytes > backlog.budget() {
+        return Err(failure(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large_for_standalone",
+            format!(
+                "the request's events take about {bytes} bytes; standalone takes at most {} at \
+                 once (standalone.max_unread_bytes): send smaller requests",
+                backlog.budget()
+            ),
+        ));
+    }
+    backlog.try_reserve(topic, bytes).map(Some).map_err(|full| {
+        metrics::counter!("instream_ingest_refused_total", "error" => "backlog_full").increment(1);
+        retry_later(
+            state,
+            "backlog_full",
+            format!(
+                "`{}` holds {} bytes a stage has not read (at most {}): send the same request \
+                 again later",
+                full.topic, full.unread, full.budget
+            ),
+        )
+    })
+}
+
+/// Writes the events and waits for the broker's answer to each (within
+/// `ingest.produce_timeout`). `Err`: the 503 when the producer's queue is full or the broker
+/// did not answer in time.
+async fn produce(
+    state: &AppState,
+    topic: &str,
+    events: &[(usize, Event, Vec<u8>)],
+) -> Result<Vec<Result<(), KafkaError>>, Response> {
     let mut deliveries = Vec::with_capacity(events.len());
-    let mut buf = Vec::with_capacity(512);
-    for event in &events {
-        instream_event::encode_into(event, &mut buf);
-        let record = FutureRecord::to(&topic)
+    for (_, event, encoded) in events {
+        let record = FutureRecord::to(topic)
             .key(event.key.as_bytes())
-            .payload(buf.as_slice());
+            .payload(encoded.as_slice());
         match client::try_send(&state.producer, record) {
             Ok(d) => deliveries.push(d),
             Err(KafkaError::QueueFull) => {
-                return retry_later(
-                    &state,
+                return Err(retry_later(
+                    state,
                     "overloaded",
                     "the broker is not keeping up; send the same request again".into(),
-                )
+                ))
             }
             Err(e) => {
-                tracing::warn!(error = %e, pipeline, "produce failed");
-                return retry_later(&state, "broker_unavailable", e.to_string());
+                tracing::warn!(error = %e, topic, "produce failed");
+                return Err(retry_later(state, "broker_unavailable", e.to_string()));
             }
         }
     }
-    let acknowledged = tokio::time::timeout(
-        state.config.produce_timeout,
-        futures::future::try_join_all(deliveries.into_iter().map(client::delivered)),
-    )
-    .await;
-    match acknowledged {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, pipeline, "broker did not acknowledge");
-            return retry_later(
-                &state,
-                "broker_unavailable",
-                format!("not acknowledged by the broker ({e}); send the same request again"),
-            );
-        }
-        Err(_) => {
-            return retry_later(
-                &state,
+    let answers = futures::future::join_all(deliveries.into_iter().map(client::delivered));
+    tokio::time::timeout(state.config.produce_timeout, answers)
+        .await
+        .map_err(|_| {
+            retry_later(
+                state,
                 "broker_timeout",
                 format!(
                     "no acknowledgement within {:?}; send the same request again",
                     state.config.produce_timeout
                 ),
             )
-        }
-    }
-    let latency = started.elapsed().as_secs_f64();
-    metrics::histogram!("instream_produce_latency_seconds", "service" => SERVICE).record(latency);
-    metrics::histogram!("instream_stage_latency_seconds", "stage" => SERVICE).record(latency);
-    metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => pipeline.clone(), "outcome" => "accepted")
-        .increment(events.len() as u64);
-    count_request(StatusCode::OK);
-    (
-        StatusCode::OK,
-        Json(Answer {
-            accepted: events.len(),
-            rejected,
-        }),
-    )
-        .into_response()
+        })
 }
 
-/// An Idempotency-Key as seen by the id derivation: prefixed by the API key's name, so two
-/// producers that happen to send the same Idempotency-Key get different event ids (else the
-/// second one's events would be dropped downstream as repeats of the first's).
-fn scoped_idempotency_key(caller: Option<&str>, key: &str) -> String {
-    match caller {
-        // A header value holds no NUL, so a name's end is never mistaken for a key's start.
-        Some(name) => format!("{name}\0{key}"),
-        None => key.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::scoped_idempotency_key;
-
-    #[test]
-    fn idempotency_keys_are_scoped_by_the_caller() {
-        let a = scoped_idempotency_key(Some("shop"), "req-1");
-        let b = scoped_idempotency_key(Some("crm"), "req-1");
-        assert_ne!(a, b);
-        assert_eq!(a, scoped_idempotency_key(Some("shop"), "req-1"));
-        assert_eq!(scoped_idempotency_key(None, "req-1"), "req-1");
+/// An event the broker refused for good (not to be sent again as it is).
+fn refused_by_broker(index: usize, pipeline: &str, error: &KafkaError) -> Refused {
+    let too_large = matches!(
+        error,
+        KafkaError::Produce(e) if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge)
+    );
+    let code = if too_large {
+        "event_too_large"
+    } else {
+        "refused_by_broker"
+    };
+    metrics::counter!("instream_events_rejected_total", "service" => SERVICE, "pipeline" => pipeline.to_owned(), "code" => code)
+        .increment(1);
+    Refused {
+        index,
+        code,
+        reason: format!("the broker refused the event: {error}"),
     }
 }

@@ -9,6 +9,8 @@ use instream_core::config::IngestConfig;
 
 pub struct ApiKey {
     pub name: String,
+    /// Whose events: the scope of the ids its events carry or get.
+    pub producer: String,
     /// `None`: every pipeline.
     pipelines: Option<Vec<String>>,
     limiter: Option<DefaultDirectRateLimiter>,
@@ -51,6 +53,7 @@ impl ApiKeys {
             digests.push(digest);
             keys.push(ApiKey {
                 name: k.name.clone(),
+                producer: k.producer.clone().unwrap_or_else(|| k.name.clone()),
                 pipelines: (!k.pipelines.is_empty()).then(|| k.pipelines.clone()),
                 limiter,
             });

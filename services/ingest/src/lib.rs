@@ -12,7 +12,6 @@
 mod body;
 mod handler;
 mod keys;
-mod serve;
 mod tls;
 
 use std::net::SocketAddr;
@@ -57,6 +56,8 @@ pub(crate) struct AppState {
     pub in_flight_events: Semaphore,
     /// Requests being handled.
     pub in_flight_requests: Semaphore,
+    /// Requests being handled, per client.
+    pub clients: handler::Clients,
     pub keys: keys::ApiKeys,
     /// Standalone mode: what the topics hold unread; a request is admitted only if its
     /// pipeline's raw topic (and every other) has room (see `instream_core::backlog`).
@@ -114,6 +115,7 @@ impl Ingest {
             catalog: stage.catalog.clone(),
             in_flight_events: Semaphore::new(limits.max_in_flight_events),
             in_flight_requests: Semaphore::new(limits.max_in_flight_requests),
+            clients: Default::default(),
             keys,
             schemas: Default::default(),
         });
@@ -166,14 +168,21 @@ impl Ingest {
         let addr = self.local_addr().map_err(IngestError::Serve)?;
         let scheme = if self.tls.is_some() { "HTTPS" } else { "HTTP" };
         tracing::info!(%addr, scheme, "ingest listening");
-        let limits = serve::Limits {
+        let limits = instream_http::Limits {
             max_connections: self.max_connections,
             header_read_timeout: self.header_read_timeout,
         };
         // Every answer would be 503 from a producer failed for good: stop (draining the
         // requests in flight) so that the process is restarted with a new one.
         let stop = shutdown.child_token();
-        let serving = serve::serve(self.listener, self.tls, self.router, limits, stop.clone());
+        let serving = instream_http::serve(
+            instream_http::Server("ingest"),
+            self.listener,
+            self.tls,
+            self.router,
+            limits,
+            stop.clone(),
+        );
         let mut serving = std::pin::pin!(serving);
         tokio::select! {
             () = &mut serving => Ok(()),

@@ -85,7 +85,8 @@ enum Command {
         pipeline: String,
         #[arg(long)]
         aggregation: String,
-        /// The group key (the event key, or the group-by values joined by `|`).
+        /// The group key: the event key; for several group-by fields their values as a JSON
+        /// array (`'["c1","gold"]'`).
         #[arg(long)]
         key: String,
         /// Windows starting at or after this RFC 3339 time.
@@ -196,22 +197,20 @@ fn main() -> ExitCode {
         }
         Command::CheckConfig { config } => check_config(config),
         Command::Schema(SchemaCommand::Apply { config, output }) => {
-            runtime().and_then(|rt| rt.block_on(schema_apply(config, output)))
+            block_on(schema_apply(config, output))
         }
-        Command::Offsets(c) => runtime().and_then(|rt| rt.block_on(ops::offsets(c))),
-        Command::Dlq(c) => runtime().and_then(|rt| rt.block_on(ops::dlq(c))),
-        Command::Quality(c) => runtime().and_then(|rt| rt.block_on(quality::quality(c))),
-        Command::Archive(c) => runtime().and_then(|rt| rt.block_on(archive::archive(c))),
+        Command::Offsets(c) => block_on(ops::offsets(c)),
+        Command::Dlq(c) => block_on(ops::dlq(c)),
+        Command::Quality(c) => block_on(quality::quality(c)),
+        Command::Archive(c) => block_on(archive::archive(c)),
         Command::ConfigReference => {
             print!("{}", instream_core::config::reference_markdown());
             Ok(())
         }
-        Command::Pipeline(c) => runtime().and_then(|rt| rt.block_on(control::pipeline(c))),
-        Command::Topics(c) => runtime().and_then(|rt| rt.block_on(control::topics_create(c))),
-        Command::Refdata(c) => runtime().and_then(|rt| rt.block_on(control::refdata(c))),
-        Command::Status { config, output } => {
-            runtime().and_then(|rt| rt.block_on(status::status(config, output)))
-        }
+        Command::Pipeline(c) => block_on(control::pipeline(c)),
+        Command::Topics(c) => block_on(control::topics_create(c)),
+        Command::Refdata(c) => block_on(control::refdata(c)),
+        Command::Status { config, output } => block_on(status::status(config, output)),
         Command::Query {
             config,
             pipeline,
@@ -221,19 +220,17 @@ fn main() -> ExitCode {
             to,
             limit,
             output,
-        } => runtime().and_then(|rt| {
-            rt.block_on(control::query(
-                config,
-                pipeline,
-                aggregation,
-                key,
-                from,
-                to,
-                limit,
-                output,
-            ))
-        }),
-        Command::Standalone { config } => runtime().and_then(|rt| rt.block_on(standalone(config))),
+        } => block_on(control::query(
+            config,
+            pipeline,
+            aggregation,
+            key,
+            from,
+            to,
+            limit,
+            output,
+        )),
+        Command::Standalone { config } => block_on(standalone(config)),
         Command::Demo {
             duration,
             rate,
@@ -245,7 +242,7 @@ fn main() -> ExitCode {
                 log_format: instream_core::config::LogFormat::Pretty,
                 log_level: if live { "error" } else { "warn" }.into(),
             });
-            runtime().and_then(|rt| rt.block_on(demo::run(duration, rate, &data_dir)))
+            block_on(demo::run(duration, rate, &data_dir))
         }
     };
     match result {
@@ -270,11 +267,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// Runs `work` on a multi-threaded runtime. The runtime is then given five seconds to wind
+/// down (librdkafka clients flush and close on drop) instead of as long as a client stuck on a
+/// broker that is gone would hold the process.
+fn block_on(work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(work);
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    result
 }
 
 fn check_config(path: Option<PathBuf>) -> anyhow::Result<()> {

@@ -396,16 +396,25 @@ async fn every_service_killed_with_9_again_and_again_under_load_loses_and_double
         assert!(Instant::now() < deadline, "the stages did not catch up");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    // The last runs: nothing lost in their counters either.
+    // The last runs: nothing lost in their counters either (read once each holds its
+    // partitions again, so that its counters exist: a killed run's successor may still be
+    // waiting for its group to hand them over).
     for (service, (_, admin)) in &p.configs {
-        let text = metrics(*admin).await;
-        let (lost, lines) = instream_testkit::metric_sum(&text, "instream_records_lost_total", "");
+        if *service == "ingest" {
+            continue;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let (lost, lines) = loop {
+            let text = metrics(*admin).await;
+            let (lost, lines) =
+                instream_testkit::metric_sum(&text, "instream_records_lost_total", "");
+            if lines > 0 || Instant::now() > deadline {
+                break (lost, lines);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(lines > 0, "{service} reported no loss counter");
         assert_eq!(lost, 0.0, "{service} counted lost records");
-        // The consumers' counters exist from their assignment on: read, not missing.
-        assert!(
-            *service == "ingest" || lines > 0,
-            "{service}: no loss counter in {text}"
-        );
     }
     for child in running.values() {
         child.terminate().unwrap();

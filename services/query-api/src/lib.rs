@@ -11,15 +11,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use instream_core::config::{Config, QueryApiConfig};
 use instream_core::{Health, Readiness, ServiceContext};
+use instream_pipeline::Catalog;
 use instream_store::{AggregateQuery, AggregateStore, WindowAggregate};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 const SERVICE: &str = "query-api";
@@ -38,10 +40,14 @@ pub enum QueryApiError {
     Serve(std::io::Error),
     #[error(transparent)]
     Store(#[from] instream_store::StoreError),
+    #[error(transparent)]
+    Definitions(#[from] instream_pipeline::DefinitionError),
 }
 
 struct AppState {
     store: Arc<dyn AggregateStore>,
+    /// The pipelines and aggregations that exist (an unknown one is a 404, not an empty page).
+    catalog: watch::Receiver<Arc<Catalog>>,
     config: QueryApiConfig,
     /// Decoded digests of the accepted keys.
     keys: Vec<[u8; 32]>,
@@ -51,6 +57,7 @@ struct AppState {
 pub struct QueryApi {
     listener: tokio::net::TcpListener,
     router: Router,
+    limits: instream_http::Limits,
 }
 
 impl QueryApi {
@@ -58,6 +65,7 @@ impl QueryApi {
     pub async fn start(
         config: &Config,
         store: Arc<dyn AggregateStore>,
+        catalog: watch::Receiver<Arc<Catalog>>,
         health: &Health,
         shutdown: &CancellationToken,
     ) -> Result<QueryApi, QueryApiError> {
@@ -74,6 +82,7 @@ impl QueryApi {
         tokio::spawn(watch_store(store.clone(), ready, shutdown.clone()));
         let state = Arc::new(AppState {
             store,
+            catalog,
             config: cfg.clone(),
             keys,
         });
@@ -89,7 +98,14 @@ impl QueryApi {
                 addr: cfg.listen,
                 source,
             })?;
-        Ok(QueryApi { listener, router })
+        Ok(QueryApi {
+            listener,
+            router,
+            limits: instream_http::Limits {
+                max_connections: cfg.max_connections,
+                header_read_timeout: cfg.header_read_timeout,
+            },
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -98,10 +114,16 @@ impl QueryApi {
 
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), QueryApiError> {
         tracing::info!(addr = %self.local_addr().map_err(QueryApiError::Serve)?, "query-api listening");
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-            .map_err(QueryApiError::Serve)
+        instream_http::serve(
+            instream_http::Server("query_api"),
+            self.listener,
+            None,
+            self.router,
+            self.limits,
+            shutdown,
+        )
+        .await;
+        Ok(())
     }
 }
 
@@ -116,7 +138,10 @@ pub async fn run_with_store(
     ctx: ServiceContext,
     store: Arc<dyn AggregateStore>,
 ) -> Result<(), QueryApiError> {
-    QueryApi::start(&ctx.config, store, &ctx.health, &ctx.shutdown)
+    let catalog = instream_coord::definition_source(&ctx.config)
+        .subscribe(ctx.shutdown.clone())
+        .await?;
+    QueryApi::start(&ctx.config, store, catalog, &ctx.health, &ctx.shutdown)
         .await?
         .serve(ctx.shutdown)
         .await
@@ -143,13 +168,58 @@ async fn watch_store(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Default)]
 struct Params {
     key: Option<String>,
     from: Option<String>,
     to: Option<String>,
     limit: Option<usize>,
     page_token: Option<String>,
+}
+
+impl Params {
+    /// Parses a query string strictly: every name known, every value valid UTF-8 once
+    /// percent-decoded (a `%FF` is refused, not turned into U+FFFD), no name twice.
+    fn parse(query: Option<&str>) -> Result<Params, Refusal> {
+        let bad = |message: String| failure(StatusCode::BAD_REQUEST, "bad_query", message);
+        let mut params = Params::default();
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode = |text: &str| {
+                let spaced = text.replace('+', " ");
+                percent_encoding::percent_decode_str(&spaced)
+                    .decode_utf8()
+                    .map(|v| v.into_owned())
+                    .map_err(|_| bad(format!("`{}` is not UTF-8 once decoded", shown(pair))))
+            };
+            let (name, value) = (decode(name)?, decode(value)?);
+            let slot = match name.as_str() {
+                "key" => &mut params.key,
+                "from" => &mut params.from,
+                "to" => &mut params.to,
+                "page_token" => &mut params.page_token,
+                "limit" => {
+                    if params.limit.is_some() {
+                        return Err(bad("`limit` is given twice".into()));
+                    }
+                    params.limit = Some(value.parse().map_err(|_| {
+                        bad(format!(
+                            "`limit` must be a whole number, got `{}`",
+                            shown(&value)
+                        ))
+                    })?);
+                    continue;
+                }
+                // Anything else (a cache-buster) is not ours to judge.
+                _ => continue,
+            };
+            if slot.is_some() {
+                return Err(bad(format!("`{name}` is given twice")));
+            }
+            *slot = Some(value);
+        }
+        Ok(params)
+    }
 }
 
 #[derive(Serialize)]
@@ -246,19 +316,30 @@ fn parse_time(name: &str, value: &str) -> Result<i64, Refusal> {
         failure(
             StatusCode::BAD_REQUEST,
             "bad_time",
-            format!("`{name}` must be RFC 3339 or epoch milliseconds, got `{value}`"),
+            format!(
+                "`{name}` must be RFC 3339 or epoch milliseconds, got `{}`",
+                shown(value)
+            ),
         )
     })
 }
 
 async fn aggregates(
     State(state): State<Arc<AppState>>,
-    Path((pipeline, aggregation)): Path<(String, String)>,
-    Query(params): Query<Params>,
+    // Raw: a name is `[a-z0-9_-]`, so an escape (even one that does not decode, `%FF`) names
+    // nothing, and is answered after the key is checked, like any unknown name.
+    uri: axum::http::Uri,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
+    // `/v1/pipelines/{pipeline}/aggregates/{aggregation}`, as sent.
+    let mut segments = uri.path().split('/').skip(3).step_by(2);
+    let (pipeline, aggregation) = (
+        segments.next().unwrap_or_default().to_owned(),
+        segments.next().unwrap_or_default().to_owned(),
+    );
     let started = Instant::now();
-    let response = match answer(&state, pipeline, aggregation, params, &headers).await {
+    let response = match answer(&state, pipeline, aggregation, query, &headers).await {
         Ok(page) => Json(page).into_response(),
         Err(refusal) => refusal.into_response(),
     };
@@ -269,19 +350,57 @@ async fn aggregates(
     response
 }
 
+/// `name` as a message may quote it: at most 64 characters.
+fn shown(name: &str) -> String {
+    let cut: String = name.chars().take(64).collect();
+    if cut.len() < name.len() {
+        format!("{cut}…")
+    } else {
+        cut
+    }
+}
+
 async fn answer(
     state: &AppState,
     pipeline: String,
     aggregation: String,
-    params: Params,
+    query: Option<String>,
     headers: &HeaderMap,
 ) -> Result<Page, Refusal> {
+    // The key first: a client without one learns nothing, not even what it got wrong.
     authorized(state, headers)?;
+    let known = {
+        let catalog = state.catalog.borrow();
+        catalog
+            .get(&pipeline)
+            .map(|def| def.aggregations.iter().any(|a| a.name == aggregation))
+    };
+    match known {
+        None => {
+            return Err(failure(
+                StatusCode::NOT_FOUND,
+                "unknown_pipeline",
+                format!("no pipeline named `{}`", shown(&pipeline)),
+            ))
+        }
+        Some(false) => {
+            return Err(failure(
+                StatusCode::NOT_FOUND,
+                "unknown_aggregation",
+                format!(
+                    "pipeline `{pipeline}` has no aggregation named `{}`",
+                    shown(&aggregation)
+                ),
+            ))
+        }
+        Some(true) => {}
+    }
+    let params = Params::parse(query.as_deref())?;
     let Some(key) = params.key.filter(|k| !k.is_empty()) else {
         return Err(failure(
             StatusCode::BAD_REQUEST,
             "missing_key",
-            "`key` (the group: the partition key, then any other group-by values joined by `|`) is required",
+            "`key` (the group: the partition key, or for several group-by fields their values as a JSON array, e.g. `[\"c1\",\"gold\"]`) is required",
         ));
     };
     let now = instream_event::now_millis();

@@ -38,7 +38,16 @@ async fn start(keys: Vec<String>, anonymous: bool) -> Result<(String, Cancellati
     config.query_api.api_key_sha256 = keys;
     config.query_api.allow_anonymous = anonymous;
     let token = CancellationToken::new();
-    let api = QueryApi::start(&config, store, &Health::default(), &token)
+    let definitions = instream_pipeline::parse_document(
+        "[[pipelines]]\nname = \"orders\"\nkey_field = \"c\"\ntime_field = \"t\"\n\
+         [[pipelines.aggregations]]\nname = \"per_minute\"\nwindow = { kind = \"tumbling\", size = \"1m\" }\n",
+    )
+    .map_err(|e| e.to_string())?;
+    // A receiver keeps the last value after its sender is gone.
+    let (_, catalog) = tokio::sync::watch::channel(std::sync::Arc::new(
+        instream_pipeline::Catalog::new(definitions.pipelines),
+    ));
+    let api = QueryApi::start(&config, store, catalog, &Health::default(), &token)
         .await
         .map_err(|e| e.to_string())?;
     let base = format!("http://{}", api.local_addr().map_err(|e| e.to_string())?);
@@ -141,6 +150,98 @@ async fn without_keys_it_refuses_to_start_unless_anonymous_is_allowed() {
     .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["windows"].as_array().unwrap().len(), 5);
+    token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_names_bad_queries_and_idle_clients_get_precise_answers() {
+    let (base, token) = start(vec![KEY_SHA256.into()], false).await.unwrap();
+    let url = |path: &str| format!("{base}/v1/pipelines/{path}");
+    // Unknown pipeline or aggregation: 404, not an empty page; a long name is not echoed.
+    for (path, error) in [
+        ("nope/aggregates/per_minute?key=c1", "unknown_pipeline"),
+        ("orders/aggregates/nope?key=c1", "unknown_aggregation"),
+    ] {
+        let (status, body, _) = get(&url(path), Some(KEY)).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (404, Some(error)),
+            "{body}"
+        );
+    }
+    // A cache-buster is ignored; an escape in a name names nothing (after the key check).
+    let (status, _, _) = get(&url("orders/aggregates/per_minute?key=c1&_=123"), Some(KEY)).await;
+    assert_eq!(status, 200);
+    let (status, body, _) = get(&url("%FFrders/aggregates/per_minute?key=c1"), None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("missing_api_key"))
+    );
+    let (status, body, _) = get(&url("%FFrders/aggregates/per_minute?key=c1"), Some(KEY)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (404, Some("unknown_pipeline"))
+    );
+    let long = "x".repeat(4_000);
+    let (status, body, _) = get(&url(&format!("{long}/aggregates/a?key=c1")), Some(KEY)).await;
+    assert_eq!(status, 404);
+    assert!(body["message"].as_str().unwrap().len() < 200, "{body}");
+    // The key is checked before the query string; query errors are JSON.
+    let (status, body, _) = get(&url("orders/aggregates/per_minute?limit=abc"), None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("missing_api_key"))
+    );
+    for query in ["limit=abc&key=c1", "key=%FF", "key=a&key=b"] {
+        let (status, body, _) = get(
+            &url(&format!("orders/aggregates/per_minute?{query}")),
+            Some(KEY),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("bad_query")),
+            "{query}: {body}"
+        );
+    }
+    token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_do_not_lock_out_a_query() {
+    let store = Arc::new(EmbeddedStore::default());
+    let mut config = Config::default();
+    config.query_api.listen = "127.0.0.1:0".parse().unwrap();
+    config.query_api.allow_anonymous = true;
+    config.query_api.max_connections = 50;
+    config.query_api.header_read_timeout = std::time::Duration::from_secs(30);
+    let token = CancellationToken::new();
+    let (_, catalog) = tokio::sync::watch::channel(Arc::new(instream_pipeline::Catalog::default()));
+    let api = QueryApi::start(&config, store, catalog, &Health::default(), &token)
+        .await
+        .unwrap();
+    let addr = api.local_addr().unwrap();
+    tokio::spawn(api.serve(token.clone()));
+    let idle: Vec<std::net::TcpStream> = (0..500)
+        .filter_map(|_| std::net::TcpStream::connect(addr).ok())
+        .collect();
+    assert!(idle.len() > 50);
+    let asked = std::time::Instant::now();
+    let (status, _, _) = get(
+        &format!("http://{addr}/v1/pipelines/orders/aggregates/a?key=c1"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        status, 404,
+        "answered although 500 idle connections were open"
+    );
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+    drop(idle);
     token.cancel();
 }
 

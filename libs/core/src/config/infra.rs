@@ -61,18 +61,39 @@ pub struct AdminConfig {
     /// Where `/metrics`, `/healthz` and `/readyz` are served. Each service process has its own;
     /// port 0 picks a free port (tests).
     pub listen: SocketAddr,
+    /// Connections held at once (scrapers and probes need few); idle ones are closed first
+    /// when the limit nears.
+    pub max_connections: usize,
+    /// Longest a client may take to send a request's headers; also how long an idle
+    /// keep-alive connection stays open.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub header_read_timeout: Duration,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 9464)),
+            max_connections: 128,
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
 
 impl AdminConfig {
-    pub(super) fn validate(&self, _p: &mut Problems) {}
+    pub(super) fn validate(&self, p: &mut Problems) {
+        p.positive(self.max_connections as u64, "admin.max_connections");
+        p.non_zero_duration(self.header_read_timeout, "admin.header_read_timeout");
+    }
+
+    /// What the admin server allows its clients.
+    pub fn limits(&self) -> instream_http::Limits {
+        instream_http::Limits {
+            max_connections: self.max_connections,
+            header_read_timeout: self.header_read_timeout,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -159,6 +180,10 @@ pub struct KafkaConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     pub retention: Duration,
+    /// Largest record instream writes (the brokers' `message.max.bytes` must allow it; set as
+    /// the producers' `message.max.bytes`). A stage whose output would be larger
+    /// dead-letters the event instead (its payload cut short in the dead letter).
+    pub max_record_bytes: u64,
     /// What a consuming stage does after it counted records it can no longer read
     /// (`instream_records_lost_total`): `continue` or `stop` (see docs/guarantees.md).
     pub on_records_lost: OnRecordsLost,
@@ -183,6 +208,7 @@ impl Default for KafkaConfig {
             statistics_interval: Duration::from_secs(5),
             replication_factor: 3,
             retention: 30 * DAY,
+            max_record_bytes: 1_000_000,
             on_records_lost: OnRecordsLost::Continue,
             backlog: None,
         }
@@ -207,6 +233,11 @@ impl KafkaConfig {
             || "must be at least 1".into(),
         );
         p.non_zero_duration(self.retention, "kafka.retention");
+        p.check(
+            (64 * 1024..=100_000_000).contains(&self.max_record_bytes),
+            "kafka.max_record_bytes",
+            || "must be between 65536 and 100000000".into(),
+        );
         for (section, props) in [
             ("properties", &self.properties),
             ("producer", &self.producer),
@@ -227,6 +258,14 @@ impl KafkaConfig {
                     || "is set by instream to keep its delivery guarantees".into(),
                 );
             }
+            p.check(
+                !props.contains_key("message.max.bytes"),
+                &format!("kafka.{section}.message.max.bytes"),
+                || {
+                    "set kafka.max_record_bytes instead: every stage checks records against it"
+                        .into()
+                },
+            );
             // Stages drop what they received before a rebalance and rely on every partition
             // being re-fetched from its commit afterwards: true of eager assignment only.
             for (name, value) in props {

@@ -299,6 +299,17 @@ impl Config {
         self.query_api.validate(&mut p);
         self.db_source.validate(&mut p);
         self.standalone.validate(&mut p);
+        p.check(
+            self.ingest.max_event_bytes * 2 <= self.kafka.max_record_bytes,
+            "ingest.max_event_bytes",
+            || {
+                format!(
+                    "must be at most half of kafka.max_record_bytes ({}): enrichment and \
+                     headers add to an event on its way",
+                    self.kafka.max_record_bytes
+                )
+            },
+        );
 
         p.check(
             self.shutdown.drain_timeout < self.kafka.session_timeout,

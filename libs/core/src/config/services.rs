@@ -22,6 +22,17 @@ pub struct IngestConfig {
     pub max_depth: usize,
     /// Longest string (key or value) in one event, in bytes as sent.
     pub max_string_bytes: usize,
+    /// Largest event, its envelope included (id, key, times): a larger one is refused by its
+    /// index (`event_too_large`) and the rest of its request goes on. Well below
+    /// `kafka.max_record_bytes`, so that what enrichment and headers add still fits.
+    pub max_event_bytes: u64,
+    /// Slowest a request body may arrive once it has had two seconds: a client trickling its
+    /// body (holding a request slot while it does) is answered 408. 0: no minimum.
+    pub min_body_bytes_per_second: u64,
+    /// Requests one client (an API key, or an address when anonymous) may have in flight at
+    /// once; more are answered 503 with Retry-After, so that one client cannot take every
+    /// slot of `max_in_flight_requests`.
+    pub max_in_flight_requests_per_client: usize,
     /// Most events in one request.
     pub max_events_per_request: usize,
     /// Requests handled at once; more are answered 503 before their body is read. With
@@ -93,6 +104,12 @@ pub struct IngestApiKey {
     /// request); past it the answer is 429 with Retry-After. 0: no limit.
     #[serde(default)]
     pub events_per_second: u32,
+    /// Whose events these are: the scope of the event ids this key's producer gives (two
+    /// producers' `event_id`s never make each other's events repeats) and of its
+    /// `Idempotency-Key`s. Defaults to `name`; give the old key's producer to a new key when
+    /// rotating keys, so that retries across the rotation are still recognised.
+    #[serde(default)]
+    pub producer: Option<String>,
 }
 
 impl Default for IngestConfig {
@@ -102,6 +119,9 @@ impl Default for IngestConfig {
             max_body_bytes: 10 * MIB,
             max_depth: 32,
             max_string_bytes: 64 * 1024,
+            max_event_bytes: 256 * 1024,
+            min_body_bytes_per_second: 1024,
+            max_in_flight_requests_per_client: 16,
             max_events_per_request: 10_000,
             max_in_flight_requests: 64,
             max_in_flight_events: 200_000,
@@ -129,6 +149,11 @@ impl IngestConfig {
             || "must be between 1 and 100".into(),
         );
         p.positive(self.max_string_bytes as u64, "ingest.max_string_bytes");
+        p.positive(self.max_event_bytes, "ingest.max_event_bytes");
+        p.positive(
+            self.max_in_flight_requests_per_client as u64,
+            "ingest.max_in_flight_requests_per_client",
+        );
         let mut names = std::collections::BTreeSet::new();
         let mut digests = std::collections::BTreeSet::new();
         for (i, key) in self.api_keys.iter().enumerate() {
@@ -147,6 +172,13 @@ impl IngestConfig {
                 !key.name.is_empty() && names.insert(key.name.as_str()),
                 &format!("ingest.api_keys[{i}].name"),
                 || format!("`{}` is empty or used twice", key.name),
+            );
+            p.check(
+                key.producer
+                    .as_ref()
+                    .is_none_or(|name| !name.trim().is_empty()),
+                &format!("ingest.api_keys[{i}].producer"),
+                || "must not be empty (leave it out: the key's name)".into(),
             );
         }
         p.positive(
@@ -398,6 +430,13 @@ pub struct QueryApiConfig {
     pub default_page_size: usize,
     /// Most windows per page a request may ask for.
     pub max_page_size: usize,
+    /// Connections held at once; idle ones are closed first when the limit nears.
+    pub max_connections: usize,
+    /// Longest a client may take to send a request's headers; also how long an idle
+    /// keep-alive connection stays open.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub header_read_timeout: Duration,
 }
 
 impl Default for QueryApiConfig {
@@ -408,6 +447,8 @@ impl Default for QueryApiConfig {
             allow_anonymous: false,
             default_page_size: 100,
             max_page_size: 1_000,
+            max_connections: 1024,
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -422,6 +463,8 @@ impl QueryApiConfig {
             );
         }
         p.positive(self.default_page_size as u64, "query_api.default_page_size");
+        p.positive(self.max_connections as u64, "query_api.max_connections");
+        p.non_zero_duration(self.header_read_timeout, "query_api.header_read_timeout");
         p.check(
             self.default_page_size <= self.max_page_size,
             "query_api.default_page_size",

@@ -25,7 +25,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::functions::{accepts, field_value, Acc};
 use crate::windows::group_key;
-use seen::{id_hash, Prehashed, SeenIds};
+use seen::{Prehashed, SeenIds};
+
+/// How far past its ingest time an event's time may move the watermark: clocks of producers
+/// and of ingest's hosts disagree a little.
+pub const WATERMARK_AHEAD_OF_INGEST_MILLIS: i64 = 1_000;
+
+/// What identifies an event to the de-duplication: its id in its producer's scope.
+fn event_identity(event: &Event) -> u128 {
+    instream_event::scoped_id_hash(
+        event
+            .headers
+            .get(instream_pipeline::PRODUCER_HEADER)
+            .map(String::as_str),
+        &event.event_id,
+    )
+}
 
 mod close_clock;
 mod seen;
@@ -145,6 +160,10 @@ pub struct PartitionState {
     changed: bool,
     /// When windows closed, for the close-to-store delay (not checkpointed).
     clock: close_clock::CloseClock,
+    /// Restored from a checkpoint older than format 5: its windows' group keys of several
+    /// fields are still joined with `|`, to be written as JSON arrays once the definition is
+    /// at hand (see [`PartitionState::upgrade_group_keys`]).
+    legacy_group_keys: bool,
 }
 
 /// A checkpoint's state could not be read.
@@ -166,6 +185,7 @@ impl Default for PartitionState {
             deletes: Vec::new(),
             changed: false,
             clock: Default::default(),
+            legacy_group_keys: false,
         }
     }
 }
@@ -245,9 +265,12 @@ impl PartitionState {
         if offset < self.next_offset {
             return Outcome::AlreadyApplied;
         }
+        if self.legacy_group_keys {
+            self.upgrade_group_keys(|_| Some(def));
+        }
         self.next_offset = offset + 1;
         self.changed = true;
-        let id = id_hash(&event.event_id);
+        let id = event_identity(event);
         let cutoff = self
             .max_ingest_time
             .saturating_sub(horizon.as_millis() as i64);
@@ -341,11 +364,18 @@ impl PartitionState {
                 late.push(aggregation.name.clone());
             }
         }
+        // An event moves the watermark no further than its own ingest time (and a little):
+        // one producer's clock running ahead must not make the others' current events late.
+        let time = event.event_time.min(
+            event
+                .ingest_time
+                .saturating_add(WATERMARK_AHEAD_OF_INGEST_MILLIS),
+        );
         let progress = match (scope, origin) {
             (Scope::Repartitioned { idle_timeout, .. }, Some((partition, _))) => {
-                self.origin_progress(partition, event.event_time, idle_timeout)
+                self.origin_progress(partition, time, idle_timeout)
             }
-            _ => event.event_time,
+            _ => time,
         };
         if progress > self.max_event_time {
             self.max_event_time = progress;
@@ -398,6 +428,9 @@ impl PartitionState {
         early: bool,
         out: &mut Vec<WindowAggregate>,
     ) {
+        if self.legacy_group_keys {
+            self.upgrade_group_keys(&def_of);
+        }
         let max_event_time = self.max_event_time;
         let clock = &mut self.clock;
         for (hash, (id, v)) in self.windows.iter_mut() {
@@ -443,6 +476,65 @@ impl PartitionState {
                 values,
             });
         }
+    }
+
+    /// Rewrites the group keys of windows restored from a format-4 checkpoint (several fields
+    /// joined with `|`, a missing one as `null`) as JSON arrays, so that the events that
+    /// follow find their windows. A value that held a `|` itself is split at the wrong place
+    /// (the old encoding could not tell), and such a window goes on under a key of its own.
+    pub fn upgrade_group_keys<'d>(
+        &mut self,
+        def_of: impl Fn(&str) -> Option<&'d PipelineDefinition>,
+    ) {
+        self.legacy_group_keys = false;
+        let windows = std::mem::take(&mut self.windows);
+        for (_, (mut id, mut value)) in windows {
+            let aggregation = def_of(&id.pipeline)
+                .and_then(|d| d.aggregations.iter().find(|a| a.name == id.aggregation));
+            // A repartitioned aggregation's window is owned by the partition its old name
+            // hashed to: renamed, events routed by the new name would open a second one
+            // elsewhere. It finishes under its old name.
+            let renamed = aggregation
+                .filter(|a| a.group_by.len() > 1 && !a.repartitioned())
+                .map(|a| a.group_by.len());
+            if let (Some(fields), false) = (renamed, id.group_key.starts_with('[')) {
+                let parts: Vec<Option<&str>> = id
+                    .group_key
+                    .splitn(fields, '|')
+                    .map(|p| (p != "null").then_some(p))
+                    .collect();
+                let new_key = serde_json::to_string(&parts).unwrap_or_default();
+                // The row under the old name goes; the window is written under the new one.
+                self.deletes.push(WindowAggregate {
+                    pipeline: id.pipeline.clone(),
+                    aggregation: id.aggregation.clone(),
+                    group_key: std::mem::replace(&mut id.group_key, new_key),
+                    window_start: id.start,
+                    window_end: value.end,
+                    definition_version: value.version as i64,
+                    count: value.count,
+                    values: Default::default(),
+                });
+                value.dirty = true;
+                self.changed = true;
+            }
+            self.windows.insert(id.hash(), (id, value));
+        }
+        self.sessions.clear();
+        for (hash, (id, value)) in &self.windows {
+            if value.gap.is_some() {
+                let group = window_hash(&id.pipeline, &id.aggregation, &id.group_key, i64::MIN);
+                self.sessions.entry(group).or_default().push(*hash);
+            }
+        }
+        self.clock = Default::default();
+        self.clock.untimed(self.windows.keys().copied());
+    }
+
+    /// Whether the state came from a checkpoint older than format 5 and its group keys are
+    /// not rewritten yet (see [`Self::upgrade_group_keys`]).
+    pub fn has_legacy_group_keys(&self) -> bool {
+        self.legacy_group_keys
     }
 
     /// Wall-clock close times of the closed windows taken by [`Self::take_dirty`] since the
@@ -507,7 +599,7 @@ impl PartitionState {
         }
         if let Ok(event) = instream_event::decode(payload) {
             self.seen
-                .push(id_hash(&event.event_id), event.ingest_time, offset);
+                .push(event_identity(&event), event.ingest_time, offset);
         }
     }
 

@@ -79,7 +79,3 @@ impl std::hash::Hasher for PrehashedKey {
 }
 
 pub(super) type Prehashed = std::hash::BuildHasherDefault<PrehashedKey>;
-
-pub(super) fn id_hash(event_id: &str) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(event_id.as_bytes())
-}

@@ -8,22 +8,24 @@ use serde::{Deserialize, Serialize};
 use super::seen::{Prehashed, SeenIds};
 use super::{window_hash, PartitionState, SnapshotError, WindowId, WindowValue};
 
-/// Increments when the snapshot layout changes; older snapshots are refused, not misread.
-const SNAPSHOT_FORMAT: u8 = 4;
+/// Increments when the snapshot layout (or what its fields mean) changes; older snapshots are
+/// read and upgraded where listed in [`PartitionState::restore`], newer ones refused, never
+/// misread. 5: group keys of several fields are JSON arrays (4 joined them with `|`).
+const SNAPSHOT_FORMAT: u8 = 5;
 
 /// The checkpointed part of a [`PartitionState`].
 #[derive(Serialize, Deserialize)]
-struct Snapshot {
-    next_offset: i64,
-    max_event_time: i64,
-    max_ingest_time: i64,
+pub(super) struct Snapshot {
+    pub(super) next_offset: i64,
+    pub(super) max_event_time: i64,
+    pub(super) max_ingest_time: i64,
     /// Where the seen ids start: a restore reads `[seen_from, next_offset)` again.
-    seen_from: i64,
-    origin_max: Vec<(i32, i64)>,
-    windows: Vec<(WindowId, WindowValue)>,
+    pub(super) seen_from: i64,
+    pub(super) origin_max: Vec<(i32, i64)>,
+    pub(super) windows: Vec<(WindowId, WindowValue)>,
     /// Repartition partitions: each origin's highest event time and the wall-clock time it
     /// was last heard from (format 4 on), so an origin silent before a restart stays silent.
-    origin_times: Vec<(i32, i64, i64)>,
+    pub(super) origin_times: Vec<(i32, i64, i64)>,
 }
 
 /// [`Snapshot`] as format 3 wrote it (before per-origin event times), still read.
@@ -58,8 +60,14 @@ impl PartitionState {
                 .collect(),
         };
         // The format byte comes first, outside the encoded body, so that a build reading
-        // another layout says so instead of misreading the body.
-        let mut bytes = vec![SNAPSHOT_FORMAT];
+        // another layout says so instead of misreading the body. Group keys not rewritten
+        // yet are still format 4's.
+        let format = if self.legacy_group_keys {
+            4
+        } else {
+            SNAPSHOT_FORMAT
+        };
+        let mut bytes = vec![format];
         // Encoding plain structs into a Vec cannot fail.
         bytes.extend(postcard::to_allocvec(&snapshot).unwrap_or_default());
         Some((self.next_offset, bytes))
@@ -88,7 +96,7 @@ impl PartitionState {
             return Err(SnapshotError("empty".into()));
         };
         let decoded = match format {
-            SNAPSHOT_FORMAT => postcard::from_bytes::<Snapshot>(body),
+            SNAPSHOT_FORMAT | 4 => postcard::from_bytes::<Snapshot>(body),
             3 => postcard::from_bytes::<SnapshotV3>(body).map(|v3| Snapshot {
                 next_offset: v3.next_offset,
                 max_event_time: v3.max_event_time,
@@ -100,7 +108,7 @@ impl PartitionState {
             }),
             _ => {
                 return Err(SnapshotError(format!(
-                    "format {format} (this build reads 3 and {SNAPSHOT_FORMAT})"
+                    "format {format} (this build reads 3 to {SNAPSHOT_FORMAT})"
                 )))
             }
         };
@@ -135,6 +143,7 @@ impl PartitionState {
             deletes: Vec::new(),
             changed: false,
             clock: Default::default(),
+            legacy_group_keys: format < 5,
         };
         let mut state = state;
         // Windows restored are not timed: when they closed (or close) is not known here.

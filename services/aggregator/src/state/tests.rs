@@ -90,16 +90,16 @@ fn ids_older_than_the_horizon_are_forgotten() {
 fn late_events_within_lateness_count_and_beyond_it_do_not() {
     let def = def();
     let mut s = PartitionState::default();
-    s.apply(0, &event("a", 10_000, 0), None, &def, HORIZON);
+    s.apply(0, &event("a", 10_000, 1_000_000), None, &def, HORIZON);
     // The watermark is 85 s: window [0, 60 s) closes at 90 s, so it still takes events.
-    s.apply(1, &event("b", 85_000, 0), None, &def, HORIZON);
+    s.apply(1, &event("b", 85_000, 1_000_000), None, &def, HORIZON);
     assert_eq!(
-        s.apply(2, &event("c", 5_000, 0), None, &def, HORIZON),
+        s.apply(2, &event("c", 5_000, 1_000_000), None, &def, HORIZON),
         Outcome::Counted
     );
-    s.apply(3, &event("d", 90_000, 0), None, &def, HORIZON);
+    s.apply(3, &event("d", 90_000, 1_000_000), None, &def, HORIZON);
     assert_eq!(
-        s.apply(4, &event("e", 5_000, 0), None, &def, HORIZON),
+        s.apply(4, &event("e", 5_000, 1_000_000), None, &def, HORIZON),
         Outcome::TooLate(vec!["per_minute".into()])
     );
     assert_eq!(counts(&mut s), vec![(0, 2), (60_000, 2)]);
@@ -149,12 +149,12 @@ fn a_restored_checkpoint_plus_the_reread_range_equals_the_live_state() {
 fn without_early_results_only_windows_the_watermark_passed_are_taken() {
     let def = def();
     let mut s = PartitionState::default();
-    s.apply(0, &event("a", 10_000, 0), None, &def, HORIZON);
+    s.apply(0, &event("a", 10_000, 1_000_000), None, &def, HORIZON);
     let mut rows = Vec::new();
     s.take_dirty(|_| Some(&def), false, &mut rows);
     assert!(rows.is_empty(), "[0, 60 s) is still open");
     // The watermark passes 60 s: the window is due, the new one [60 s, 120 s) is not.
-    s.apply(1, &event("b", 61_000, 0), None, &def, HORIZON);
+    s.apply(1, &event("b", 61_000, 1_000_000), None, &def, HORIZON);
     s.take_dirty(|_| Some(&def), false, &mut rows);
     let starts: Vec<i64> = rows.iter().map(|r| r.window_start).collect();
     assert_eq!(starts, vec![0]);
@@ -201,7 +201,7 @@ fn a_repartition_partition_waits_for_its_slowest_origin() {
             s.apply_in(
                 scope(idle_secs),
                 0,
-                &event("a", 0, 0),
+                &event("a", 0, 1_000_000),
                 Some((1, 0)),
                 &def,
                 HORIZON,
@@ -209,7 +209,7 @@ fn a_repartition_partition_waits_for_its_slowest_origin() {
             s.apply_in(
                 scope(idle_secs),
                 1,
-                &event("b", 600_000, 1),
+                &event("b", 600_000, 1_000_000 + 1),
                 Some((0, 0)),
                 &def,
                 HORIZON,
@@ -217,7 +217,7 @@ fn a_repartition_partition_waits_for_its_slowest_origin() {
             s.apply_in(
                 scope(idle_secs),
                 2,
-                &event("c", 1_000, 2),
+                &event("c", 1_000, 1_000_000 + 2),
                 Some((1, 1)),
                 &def,
                 HORIZON,
@@ -244,7 +244,7 @@ fn a_repartition_partition_waits_for_its_slowest_origin() {
         state.apply_in(
             scope(3600),
             offset,
-            &event(id, t, offset),
+            &event(id, t, 1_000_000 + offset),
             Some(origin),
             &def,
             HORIZON,
@@ -266,16 +266,28 @@ fn a_repartition_partition_waits_for_its_slowest_origin() {
     // The keyed behaviour, one watermark for all origins, would have refused it.
     let keyed_def = self::def();
     let mut keyed = PartitionState::default();
-    keyed.apply(0, &event("a", 0, 0), Some((1, 0)), &keyed_def, HORIZON);
+    keyed.apply(
+        0,
+        &event("a", 0, 1_000_000),
+        Some((1, 0)),
+        &keyed_def,
+        HORIZON,
+    );
     keyed.apply(
         1,
-        &event("b", 600_000, 1),
+        &event("b", 600_000, 1_000_000 + 1),
         Some((0, 0)),
         &keyed_def,
         HORIZON,
     );
     assert!(matches!(
-        keyed.apply(2, &event("c", 1_000, 2), Some((1, 1)), &keyed_def, HORIZON),
+        keyed.apply(
+            2,
+            &event("c", 1_000, 1_000_000 + 2),
+            Some((1, 1)),
+            &keyed_def,
+            HORIZON
+        ),
         Outcome::TooLate(_)
     ));
 }
@@ -314,4 +326,167 @@ fn a_window_id_hashes_the_same_in_one_piece_and_streamed() {
         window_hash("bids", "per_minute", "k1", 0),
         window_hash("bids", "per_minutek", "1", 0)
     );
+}
+
+#[test]
+fn one_producers_clock_ahead_does_not_make_the_others_events_late() {
+    let def = def();
+    let now = 100 * 60_000;
+    let mut s = PartitionState::default();
+    s.apply(0, &event("a", now, now), None, &def, HORIZON);
+    // Another producer's clock is 50 minutes ahead (inside max_time_ahead): its event counts
+    // in its own window, but the watermark goes no further than its ingest time.
+    let ahead = event("b", now + 50 * 60_000, now + 10);
+    assert_eq!(s.apply(1, &ahead, None, &def, HORIZON), Outcome::Counted);
+    // The others' current events are not late.
+    for (i, t) in [now - 20_000, now + 20, now + 500].into_iter().enumerate() {
+        assert_eq!(
+            s.apply(
+                2 + i as i64,
+                &event(&format!("c{i}"), t, now + 20),
+                None,
+                &def,
+                HORIZON
+            ),
+            Outcome::Counted,
+            "event time {t}"
+        );
+    }
+    assert!(s.watermark_for(&def) <= now + 20 + WATERMARK_AHEAD_OF_INGEST_MILLIS);
+}
+
+#[test]
+fn the_same_event_id_from_two_producers_is_two_events() {
+    let def = def();
+    let with_producer = |id: &str, producer: &str, t: i64| {
+        let mut e = event(id, t, t);
+        e.headers
+            .insert(instream_pipeline::PRODUCER_HEADER.into(), producer.into());
+        e
+    };
+    let mut s = PartitionState::default();
+    assert_eq!(
+        s.apply(
+            0,
+            &with_producer("order-1", "shop", 1_000),
+            None,
+            &def,
+            HORIZON
+        ),
+        Outcome::Counted
+    );
+    assert_eq!(
+        s.apply(
+            1,
+            &with_producer("order-1", "crm", 1_000),
+            None,
+            &def,
+            HORIZON
+        ),
+        Outcome::Counted,
+        "another producer's id of the same text"
+    );
+    assert_eq!(
+        s.apply(
+            2,
+            &with_producer("order-1", "shop", 1_000),
+            None,
+            &def,
+            HORIZON
+        ),
+        Outcome::RepeatedEvent,
+        "the same producer's retry"
+    );
+    // Rebuilt after a restore, the ids keep their scope.
+    let events = [
+        with_producer("order-1", "shop", 1_000),
+        with_producer("order-1", "crm", 1_000),
+    ];
+    let mut restored = PartitionState::default();
+    for (offset, e) in events.iter().enumerate() {
+        restored.next_offset = 2;
+        restored.rebuild_seen(offset as i64, &instream_event::encode(e));
+    }
+    assert!(restored.seen.contains(event_identity(&events[1]), i64::MIN));
+    assert!(!restored.seen.contains(
+        event_identity(&with_producer("order-1", "erp", 1_000)),
+        i64::MIN
+    ));
+}
+
+#[test]
+fn format_4_checkpoints_have_their_group_keys_rewritten_as_json_arrays() {
+    let mut def = def();
+    def.aggregations[0].group_by = vec!["key".parse().unwrap(), "payload.tier".parse().unwrap()];
+    let window = |group: &str| {
+        (
+            WindowId {
+                pipeline: "p".into(),
+                aggregation: "per_minute".into(),
+                group_key: group.into(),
+                start: 0,
+            },
+            WindowValue {
+                end: 60_000,
+                closes_at: 90_000,
+                version: 1,
+                count: 3,
+                accs: Vec::new(),
+                gap: None,
+                dirty: true,
+            },
+        )
+    };
+    let v4 = super::snapshot::Snapshot {
+        next_offset: 3,
+        max_event_time: 1_000,
+        max_ingest_time: 1_000,
+        seen_from: 3,
+        origin_max: Vec::new(),
+        windows: vec![window("k1|gold"), window("k2|null")],
+        origin_times: Vec::new(),
+    };
+    let mut bytes = vec![4u8];
+    bytes.extend(postcard::to_allocvec(&v4).unwrap());
+    let (mut s, _) = PartitionState::restore(&bytes).unwrap();
+    // The next event of group (k1, gold) finds the window opened before the upgrade.
+    let mut e = event("new", 2_000, 2_000);
+    e.payload = RawValue::from_string(r#"{"tier":"gold"}"#.into()).unwrap();
+    assert_eq!(s.apply(3, &e, None, &def, HORIZON), Outcome::Counted);
+    let mut rows = Vec::new();
+    s.take_dirty(|_| Some(&def), true, &mut rows);
+    let mut got: Vec<(String, i64)> = rows.into_iter().map(|r| (r.group_key, r.count)).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (r#"["k1","gold"]"#.to_owned(), 4),
+            (r#"["k2",null]"#.to_owned(), 3)
+        ]
+    );
+    let mut old_rows: Vec<&str> = s.deletes().iter().map(|r| r.group_key.as_str()).collect();
+    old_rows.sort();
+    assert_eq!(
+        old_rows,
+        ["k1|gold", "k2|null"],
+        "the rows under the old names go"
+    );
+    let (_, saved) = s.snapshot().unwrap();
+    assert_eq!(saved[0], 5, "saved in the new format");
+    // A repartitioned aggregation's windows keep their old names (their owner is the
+    // partition the old name hashed to).
+    def.aggregations[0].group_by = vec![
+        "payload.tier".parse().unwrap(),
+        "payload.x".parse().unwrap(),
+    ];
+    let (mut r, _) = PartitionState::restore(&bytes).unwrap();
+    r.upgrade_group_keys(|_| Some(&def));
+    let mut keys: Vec<String> = r
+        .windows
+        .values()
+        .map(|(id, _)| id.group_key.clone())
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["k1|gold", "k2|null"]);
+    assert!(r.deletes().is_empty());
 }

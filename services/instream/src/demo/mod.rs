@@ -295,7 +295,11 @@ async fn drive(
     let mut categories: BTreeMap<String, i64> = BTreeMap::new();
     store.for_each(|w| {
         if w.aggregation == CATEGORY_AGGREGATION {
-            let category = w.group_key.rsplit('|').next().unwrap_or("?").to_owned();
+            // The group of (key, category): a JSON array of the two.
+            let category = serde_json::from_str::<Vec<Option<String>>>(&w.group_key)
+                .ok()
+                .and_then(|parts| parts.last().cloned().flatten())
+                .unwrap_or_else(|| "?".into());
             *categories.entry(category).or_default() += w.count;
         }
     });

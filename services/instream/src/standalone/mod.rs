@@ -192,7 +192,7 @@ impl Standalone {
         }
 
         let health = Health::default();
-        let admin = AdminServer::bind(config.admin.listen, health.clone())
+        let admin = AdminServer::from_config(&config.admin, health.clone())
             .await
             .with_context(|| format!("admin server on {}", config.admin.listen))?;
         let admin_addr = admin.local_addr()?;
@@ -223,9 +223,18 @@ impl Standalone {
                 tracing::info!("query-api off: no query_api.api_key_sha256 and no allow_anonymous");
                 None
             } else {
+                let definitions = instream_coord::definition_source(&config)
+                    .subscribe(token.clone())
+                    .await?;
                 Some(
-                    instream_query_api::QueryApi::start(&config, store.clone(), &health, &token)
-                        .await?,
+                    instream_query_api::QueryApi::start(
+                        &config,
+                        store.clone(),
+                        definitions,
+                        &health,
+                        &token,
+                    )
+                    .await?,
                 )
             };
         let query_addr = query.as_ref().map(|q| q.local_addr()).transpose()?;
