@@ -85,6 +85,36 @@ pub fn key_text(raw: &RawValue) -> Option<String> {
     canonical_number(text)
 }
 
+/// A part of an aggregation's group from the raw JSON value of a field: a string as it is, a
+/// number canonical, `null` nothing, anything else its JSON text.
+pub fn group_part(raw: &RawValue) -> Option<String> {
+    let text = raw.get();
+    match text.as_bytes().first()? {
+        b'"' => serde_json::from_str(text).ok(),
+        b'n' => None,
+        b'-' | b'0'..=b'9' => canonical_number(text),
+        _ => Some(text.to_owned()),
+    }
+}
+
+/// The key of a group of several parts: a JSON array of their texts (`["c1","gold",null]`),
+/// which no two groups share (values joined by a separator did).
+pub fn group_key_of(parts: &[Option<String>]) -> String {
+    // Strings and nulls always serialise.
+    serde_json::to_string(parts).unwrap_or_default()
+}
+
+/// A key of a group of `parts` parts as a client wrote it (`[ "c1", 1.0 ]`), in the form the
+/// store holds it (`["c1","1"]`); `None` when it is not a JSON array of that many values.
+pub fn normalize_group_key(text: &str, parts: usize) -> Option<String> {
+    let values: Vec<&RawValue> = serde_json::from_str(text).ok()?;
+    if values.len() != parts {
+        return None;
+    }
+    let parts: Vec<Option<String>> = values.into_iter().map(group_part).collect();
+    Some(group_key_of(&parts))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,5 +173,15 @@ mod tests {
         for none in ["\"\"", "null", "true", "[1]", "{}"] {
             assert_eq!(key_text(&raw(none)), None, "{none}");
         }
+    }
+
+    #[test]
+    fn a_group_key_as_written_is_the_one_stored() {
+        assert_eq!(
+            normalize_group_key(r#"[ "c1", 1.0, null ]"#, 3).as_deref(),
+            Some(r#"["c1","1",null]"#)
+        );
+        assert_eq!(normalize_group_key(r#"["c1"]"#, 2), None);
+        assert_eq!(normalize_group_key("c1|gold", 2), None);
     }
 }

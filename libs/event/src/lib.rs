@@ -16,7 +16,7 @@ mod view;
 pub use codec::{decode, encode, encode_into, DecodeError};
 pub use field::{FieldPath, FieldPathError};
 pub use id::{canonical_json, content_event_id, idempotent_event_id, scoped_id_hash};
-pub use key::{canonical_number, key_text};
+pub use key::{canonical_number, group_key_of, group_part, key_text, normalize_group_key};
 pub use time::{format_rfc3339_millis, now_millis, parse_event_time, EventTimeError};
 pub use view::{pick, scalars, view, with_enrichment, Envelope, EventView, Paths, Scalar};
 

@@ -3,8 +3,9 @@
 //!
 //! - At most `max_connections` connections at once. When that is nearly reached, connections
 //!   idle between requests are closed, oldest idle first, so that thousands of idle
-//!   keep-alive connections cannot lock out a client with a request to make; at the limit, new
-//!   ones wait in the kernel's backlog until one closes.
+//!   keep-alive connections cannot lock out a client with a request to make (a connection that
+//!   has sent no request is closed sooner than one between requests); at the limit, new ones
+//!   wait in the kernel's backlog until one closes.
 //! - A request's headers must arrive within `header_read_timeout` (slow-loris); a keep-alive
 //!   connection idle that long is closed too. A TLS handshake must end within
 //!   [`HANDSHAKE_TIMEOUT`].
@@ -50,14 +51,21 @@ struct Connection {
     busy: AtomicUsize,
     /// When it last finished a request (or opened), in ms since the server started.
     idle_since: AtomicU64,
+    /// Whether a request has come on it yet.
+    used: std::sync::atomic::AtomicBool,
     /// Picked to be closed (never picked, or counted, twice).
     closing: std::sync::atomic::AtomicBool,
     close: Notify,
 }
 
 /// A connection is idle enough to be closed for another once it has had nothing to do this
-/// long: one that just opened, or just answered, is about to send its request.
+/// long: one that just answered may be about to send its next request.
 const IDLE_BEFORE_CLOSED: u64 = 1_000;
+
+/// The same for a connection that has not sent a request since it opened: a client sends its
+/// first request as soon as it has connected, so one silent this long is only holding a slot
+/// (thousands of them in the backlog must not take a second each to get through).
+const SILENT_BEFORE_CLOSED: u64 = 200;
 
 /// The open connections, to find idle ones when the limit nears.
 #[derive(Default)]
@@ -72,6 +80,7 @@ impl Connections {
         let connection = Arc::new(Connection {
             busy: AtomicUsize::new(0),
             idle_since: AtomicU64::new(now),
+            used: Default::default(),
             closing: Default::default(),
             close: Notify::new(),
         });
@@ -94,10 +103,14 @@ impl Connections {
         let mut idle: Vec<&Arc<Connection>> = open
             .values()
             .filter(|c| {
+                let enough = if c.used.load(Ordering::Relaxed) {
+                    IDLE_BEFORE_CLOSED
+                } else {
+                    SILENT_BEFORE_CLOSED
+                };
                 c.busy.load(Ordering::Acquire) == 0
                     && !c.closing.load(Ordering::Acquire)
-                    && now.saturating_sub(c.idle_since.load(Ordering::Relaxed))
-                        >= IDLE_BEFORE_CLOSED
+                    && now.saturating_sub(c.idle_since.load(Ordering::Relaxed)) >= enough
             })
             .collect();
         idle.sort_by_key(|c| c.idle_since.load(Ordering::Relaxed));
@@ -170,6 +183,7 @@ pub async fn serve(
                     let connection = counted.clone();
                     async move {
                         connection.busy.fetch_add(1, Ordering::AcqRel);
+                        connection.used.store(true, Ordering::Relaxed);
                         let response = next.run(request).await;
                         connection.idle_since.store(now(), Ordering::Relaxed);
                         connection.busy.fetch_sub(1, Ordering::AcqRel);

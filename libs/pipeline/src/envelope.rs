@@ -102,13 +102,13 @@ pub fn envelope(
         }
     }
     let mut headers = std::collections::BTreeMap::new();
+    // Every id of a named producer is in its scope, derived ones too: an anonymous client
+    // giving an `event_id` equal to a keyed producer's derived id does not make it a repeat.
+    if !ids.producer.is_empty() {
+        headers.insert(PRODUCER_HEADER.to_owned(), ids.producer.to_owned());
+    }
     let event_id = match payload.get("event_id") {
-        Some(Value::String(id)) if !id.is_empty() && id.len() <= MAX_ID_LEN => {
-            if !ids.producer.is_empty() {
-                headers.insert(PRODUCER_HEADER.to_owned(), ids.producer.to_owned());
-            }
-            id.clone()
-        }
+        Some(Value::String(id)) if !id.is_empty() && id.len() <= MAX_ID_LEN => id.clone(),
         Some(_) => {
             return Err(Rejection::new(
                 "bad_event_id",

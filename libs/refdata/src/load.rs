@@ -7,14 +7,14 @@ use std::time::Duration;
 use instream_pipeline::{EnrichmentRule, RecordShape};
 use redis::aio::ConnectionLike;
 use redis::cluster_async::ClusterConnection;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::versions::{counter_key, pointer_key, version_prefix, CHANGES_CHANNEL};
 
 mod records;
 mod retire;
 
-use records::{read_records, scalar_text};
+use records::{read_records, scalar_text, Loaded};
 use retire::{retire_in_cluster, retire_versions_before};
 
 /// Records written per pipelined round trip: small enough that Redis answers enrichers
@@ -282,11 +282,12 @@ async fn write_version<C: ConnectionLike + Clone + Send>(
         queued: 0,
         written: 0,
     };
-    let (tx, mut pending) = tokio::sync::mpsc::channel::<Vec<(usize, Map<String, Value>)>>(4);
+    let (tx, mut pending) = tokio::sync::mpsc::channel::<Vec<(usize, Loaded)>>(4);
     let owned_path = path.to_owned();
+    let owned_key_fields = key_fields.to_vec();
     let reader = tokio::task::spawn_blocking(move || {
         let mut chunk = Vec::with_capacity(CHUNK);
-        read_records(&owned_path, |line, record| {
+        read_records(&owned_path, &owned_key_fields, |line, record| {
             chunk.push((line, record));
             if chunk.len() == CHUNK {
                 let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
@@ -302,12 +303,19 @@ async fn write_version<C: ConnectionLike + Clone + Send>(
     let shown = path.display().to_string();
     let mut key = String::new();
     while let Some(records) = pending.recv().await {
-        for (line, record) in records {
+        for (
+            line,
+            Loaded {
+                fields: record,
+                keys,
+            },
+        ) in records
+        {
             let mut values = Vec::with_capacity(key_fields.len());
-            for field in key_fields {
-                match record.get(field).and_then(scalar_text) {
-                    Some(v) if !v.is_empty() => values.push(v),
-                    _ => {
+            for (field, key) in key_fields.iter().zip(keys) {
+                match key {
+                    Some(v) => values.push(v),
+                    None => {
                         return Err(LoadError::Record {
                             path: shown,
                             line,

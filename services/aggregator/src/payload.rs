@@ -109,13 +109,7 @@ impl<'e> Payload<'e> {
 
 /// A group part from raw JSON text (see [`Payload::text`]).
 pub fn raw_text(raw: &RawValue) -> Option<String> {
-    let text = raw.get();
-    match text.as_bytes().first()? {
-        b'"' => serde_json::from_str(text).ok(),
-        b'n' => None,
-        b'-' | b'0'..=b'9' => instream_event::canonical_number(text),
-        _ => Some(text.to_owned()),
-    }
+    instream_event::group_part(raw)
 }
 
 /// A group part from a parsed value (see [`Payload::text`]).

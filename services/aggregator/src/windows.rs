@@ -23,8 +23,7 @@ pub fn group_key<'e>(
         paths => {
             let parts: Vec<Option<String>> =
                 paths.iter().map(|p| resolve(p, event, payload)).collect();
-            // Strings and nulls always serialise.
-            std::borrow::Cow::Owned(serde_json::to_string(&parts).unwrap_or_default())
+            std::borrow::Cow::Owned(instream_event::group_key_of(&parts))
         }
     }
 }

@@ -86,11 +86,11 @@ pub async fn read(
         let frame = if min_bytes_per_second == 0 {
             body.frame().await
         } else {
-            // One more TLS record's worth (16 KiB, handed over whole) than arrived.
-            let due = Duration::from_secs_f64(
-                (out.len() as f64 + 16_384.0) / min_bytes_per_second as f64,
-            )
-            .max(BODY_RATE_GRACE);
+            // The grace, then the time what arrived so far would take at the minimum rate: a
+            // client that sent nothing is cut off after the grace, not after the time a TLS
+            // record or any other allowance would take at that rate.
+            let due = BODY_RATE_GRACE
+                + Duration::from_secs_f64(out.len() as f64 / min_bytes_per_second as f64);
             match tokio::time::timeout_at(started + due, body.frame()).await {
                 Ok(frame) => frame,
                 Err(_) => {

@@ -61,6 +61,7 @@ fn failure(status: StatusCode, error: &'static str, message: String) -> Response
 fn retry_later(state: &AppState, error: &'static str, message: String) -> Response {
     let status = StatusCode::SERVICE_UNAVAILABLE;
     count_request(status);
+    metrics::counter!("instream_ingest_refused_total", "error" => error).increment(1);
     let retry_after = state.config.retry_after.as_secs().max(1).to_string();
     (
         status,
@@ -181,12 +182,34 @@ pub enum ClientId {
 /// An anonymous client: its IPv4 address, or its IPv6 /64 (one host picks among many
 /// addresses of its network).
 fn client_network(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv6Addr};
     match ip {
-        std::net::IpAddr::V6(v6) => {
-            let s = v6.segments();
-            std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-        }
+        // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d; a /64 of
+        // those would put every IPv4 client in one group.
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
         v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod client_network_tests {
+    use super::client_network;
+
+    #[test]
+    fn ipv4_clients_of_a_dual_stack_listener_stay_apart() {
+        let a = client_network("::ffff:10.0.0.1".parse().unwrap());
+        let b = client_network("::ffff:10.0.0.2".parse().unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a, "10.0.0.1".parse::<std::net::IpAddr>().unwrap());
+        let c = client_network("2001:db8::1".parse().unwrap());
+        let d = client_network("2001:db8::2".parse().unwrap());
+        assert_eq!(c, d, "one /64 is one client");
     }
 }
 
@@ -351,11 +374,15 @@ pub async fn post_events(
     for (index, first) in &batch.repeats {
         match &refusals[*first] {
             None => repeats += 1,
-            Some(refused) => batch.rejected.push(Refused {
-                index: *index,
-                code: refused.code,
-                reason: refused.reason.clone(),
-            }),
+            Some(refused) => {
+                metrics::counter!("instream_events_rejected_total", "service" => SERVICE, "pipeline" => pipeline.clone(), "code" => refused.code)
+                    .increment(1);
+                batch.rejected.push(Refused {
+                    index: *index,
+                    code: refused.code,
+                    reason: refused.reason.clone(),
+                })
+            }
         }
     }
     batch.rejected.extend(refusals.into_iter().flatten());
@@ -579,7 +606,6 @@ fn reserve_room(
         ));
     }
     backlog.try_reserve(topic, bytes).map(Some).map_err(|full| {
-        metrics::counter!("instream_ingest_refused_total", "error" => "backlog_full").increment(1);
         retry_later(
             state,
             "backlog_full",

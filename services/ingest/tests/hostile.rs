@@ -202,6 +202,14 @@ async fn producers_ids_and_idempotency_keys_are_their_own() {
     );
     assert_eq!(ids[0], ids[2], "a true retry: the same event");
     assert_ne!(ids[0], ids[3], "another producer's key of the same text");
+    // Derived ids are in their producer's scope too: a client giving one of them as its own
+    // `event_id` (anonymous, or another producer) cannot make it a repeat downstream.
+    assert!(
+        events[2..]
+            .iter()
+            .all(|e| e.headers.contains_key("producer")),
+        "derived ids carry their producer"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,7 +396,9 @@ async fn slow_and_idle_clients_do_not_stall_the_others() {
         .map(|_| {
             let path = path.clone();
             std::thread::spawn(move || {
-                trickle(http, &path, "shop-key", 1_000, Duration::from_millis(500))
+                let began = Instant::now();
+                let status = trickle(http, &path, "shop-key", 1_000, Duration::from_millis(500));
+                (status, began.elapsed())
             })
         })
         .collect();
@@ -412,11 +422,14 @@ async fn slow_and_idle_clients_do_not_stall_the_others() {
     // The trickling bodies were cut off early (408 once under the minimum rate; 503 past
     // the producer's share of request slots), not held for the request timeout.
     for t in trickling {
-        let status = t.join().unwrap();
+        let (status, took) = t.join().unwrap();
         assert!(
             status.starts_with("HTTP/1.1 408") || status.starts_with("HTTP/1.1 503"),
             "{status}"
         );
+        // Two bytes a second is under the minimum from the start: cut off once the grace
+        // of two seconds has passed, not after what a larger allowance would give.
+        assert!(took < Duration::from_secs(5), "{status} after {took:?}");
     }
     assert!(
         started.elapsed() < Duration::from_secs(20),

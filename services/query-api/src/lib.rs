@@ -341,7 +341,11 @@ async fn aggregates(
     let started = Instant::now();
     let response = match answer(&state, pipeline, aggregation, query, &headers).await {
         Ok(page) => Json(page).into_response(),
-        Err(refusal) => refusal.into_response(),
+        Err(refusal) => {
+            metrics::counter!("instream_query_refused_total", "error" => refusal.error)
+                .increment(1);
+            refusal.into_response()
+        }
     };
     metrics::counter!("instream_http_requests_total", "service" => SERVICE, "status" => response.status().as_u16().to_string())
         .increment(1);
@@ -371,11 +375,14 @@ async fn answer(
     authorized(state, headers)?;
     let known = {
         let catalog = state.catalog.borrow();
-        catalog
-            .get(&pipeline)
-            .map(|def| def.aggregations.iter().any(|a| a.name == aggregation))
+        catalog.get(&pipeline).map(|def| {
+            def.aggregations
+                .iter()
+                .find(|a| a.name == aggregation)
+                .map(|a| a.group_by.len())
+        })
     };
-    match known {
+    let group_parts = match known {
         None => {
             return Err(failure(
                 StatusCode::NOT_FOUND,
@@ -383,7 +390,7 @@ async fn answer(
                 format!("no pipeline named `{}`", shown(&pipeline)),
             ))
         }
-        Some(false) => {
+        Some(None) => {
             return Err(failure(
                 StatusCode::NOT_FOUND,
                 "unknown_aggregation",
@@ -393,16 +400,30 @@ async fn answer(
                 ),
             ))
         }
-        Some(true) => {}
-    }
+        Some(Some(parts)) => parts,
+    };
     let params = Params::parse(query.as_deref())?;
-    let Some(key) = params.key.filter(|k| !k.is_empty()) else {
+    let Some(mut key) = params.key.filter(|k| !k.is_empty()) else {
         return Err(failure(
             StatusCode::BAD_REQUEST,
             "missing_key",
             "`key` (the group: the partition key, or for several group-by fields their values as a JSON array, e.g. `[\"c1\",\"gold\"]`) is required",
         ));
     };
+    if group_parts > 1 {
+        // Written as the client likes (spaces, `1.0`), looked up as stored.
+        key = instream_event::normalize_group_key(&key, group_parts).ok_or_else(|| {
+            failure(
+                StatusCode::BAD_REQUEST,
+                "bad_key",
+                format!(
+                    "`{aggregation}` groups by {group_parts} fields: `key` must be a JSON array of \
+                     {group_parts} values (e.g. `[\"c1\",\"gold\"]`), got `{}`",
+                    shown(&key)
+                ),
+            )
+        })?;
+    }
     let now = instream_event::now_millis();
     let to = match &params.to {
         Some(v) => parse_time("to", v)?,

@@ -31,6 +31,16 @@ async fn start(keys: Vec<String>, anonymous: bool) -> Result<(String, Cancellati
                 .cloned()
                 .unwrap_or_default(),
         })
+        .chain(std::iter::once(WindowAggregate {
+            pipeline: "orders".into(),
+            aggregation: "per_level".into(),
+            group_key: r#"["c1","1"]"#.into(),
+            window_start: T0,
+            window_end: T0 + 60_000,
+            definition_version: 1,
+            count: 7,
+            values: Default::default(),
+        }))
         .collect();
     store.upsert(&rows).await.map_err(|e| e.to_string())?;
     let mut config = Config::default();
@@ -40,7 +50,9 @@ async fn start(keys: Vec<String>, anonymous: bool) -> Result<(String, Cancellati
     let token = CancellationToken::new();
     let definitions = instream_pipeline::parse_document(
         "[[pipelines]]\nname = \"orders\"\nkey_field = \"c\"\ntime_field = \"t\"\n\
-         [[pipelines.aggregations]]\nname = \"per_minute\"\nwindow = { kind = \"tumbling\", size = \"1m\" }\n",
+         [[pipelines.aggregations]]\nname = \"per_minute\"\nwindow = { kind = \"tumbling\", size = \"1m\" }\n\
+         [[pipelines.aggregations]]\nname = \"per_level\"\ngroup_by = [\"key\", \"payload.level\"]\n\
+         window = { kind = \"tumbling\", size = \"1m\" }\n",
     )
     .map_err(|e| e.to_string())?;
     // A receiver keeps the last value after its sender is gone.
@@ -133,6 +145,36 @@ async fn keys_are_checked_and_pages_walk_the_range() {
             (status, body["error"].as_str()),
             (400, Some(error)),
             "{query}: {body}"
+        );
+    }
+    token.cancel();
+}
+
+#[tokio::test]
+async fn a_key_of_several_fields_is_read_as_the_json_array_it_is() {
+    let (base, token) = start(vec![KEY_SHA256.into()], false).await.unwrap();
+    let url = |key: &str| {
+        format!(
+            "{base}/v1/pipelines/orders/aggregates/per_level?from={T0}&to={}&key={}",
+            T0 + 60_000,
+            percent_encoding::utf8_percent_encode(key, percent_encoding::NON_ALPHANUMERIC)
+        )
+    };
+    // Spaces and a number's other spelling find the window stored as `["c1","1"]`.
+    let (status, body, _) = get(&url(r#"[ "c1", 1.0 ]"#), Some(KEY)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["windows"][0]["count"], 7, "{body}");
+    // Not an array of two values: refused, saying what is expected.
+    for wrong in ["c1|1", r#"["c1"]"#, r#"["c1","1","x"]"#] {
+        let (status, body, _) = get(&url(wrong), Some(KEY)).await;
+        assert_eq!(status, 400, "{wrong}: {body}");
+        assert_eq!(body["error"], "bad_key", "{body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("JSON array of 2 values"),
+            "{body}"
         );
     }
     token.cancel();

@@ -3,6 +3,9 @@
 use std::io::BufRead;
 use std::path::Path;
 
+use std::collections::HashMap;
+
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::LoadError;
@@ -25,10 +28,21 @@ fn format_of(path: &Path) -> Result<Format, LoadError> {
     }
 }
 
-/// Reads every record of `path`, calling `each` with (line number, record).
+/// One record of the file: its fields, and the key text of each of the key fields asked for
+/// (`None` when missing or not a key: see [`instream_event::key_text`]).
+pub(super) struct Loaded {
+    pub fields: Map<String, Value>,
+    pub keys: Vec<Option<String>>,
+}
+
+/// Reads every record of `path`, calling `each` with (line number, record). Keys are the
+/// text an event's field gives its lookup: a JSON number canonical from its text (so `1.0`
+/// finds the event whose field is `1`, and no digit of a long number is lost); in CSV, whose
+/// values have no type, a value written as a JSON number is taken as one.
 pub(super) fn read_records(
     path: &Path,
-    mut each: impl FnMut(usize, Map<String, Value>) -> Result<(), LoadError>,
+    key_fields: &[String],
+    mut each: impl FnMut(usize, Loaded) -> Result<(), LoadError>,
 ) -> Result<(), LoadError> {
     let shown = path.display().to_string();
     let file_err = |reason: String| LoadError::File {
@@ -50,12 +64,21 @@ pub(super) fn read_records(
                     line,
                     reason: e.to_string(),
                 })?;
-                let record = headers
+                let fields: Map<String, Value> = headers
                     .iter()
                     .zip(row.iter())
                     .map(|(h, v)| (h.to_owned(), Value::String(v.to_owned())))
                     .collect();
-                each(line, record)?;
+                let keys = key_fields
+                    .iter()
+                    .map(|field| {
+                        let text = fields.get(field)?.as_str()?;
+                        let key = instream_event::canonical_number(text)
+                            .unwrap_or_else(|| text.to_owned());
+                        (!key.is_empty()).then_some(key)
+                    })
+                    .collect();
+                each(line, Loaded { fields, keys })?;
             }
         }
         Format::JsonLines => {
@@ -66,7 +89,17 @@ pub(super) fn read_records(
                     continue;
                 }
                 match serde_json::from_str::<Value>(&text) {
-                    Ok(Value::Object(record)) => each(line, record)?,
+                    Ok(Value::Object(fields)) => {
+                        // Read raw again for the keys: a number's key is made from its text,
+                        // before a float sees it.
+                        let raw: HashMap<String, &RawValue> =
+                            serde_json::from_str(&text).unwrap_or_default();
+                        let keys = key_fields
+                            .iter()
+                            .map(|field| raw.get(field).and_then(|v| instream_event::key_text(v)))
+                            .collect();
+                        each(line, Loaded { fields, keys })?
+                    }
                     Ok(_) => {
                         return Err(LoadError::Record {
                             path: shown.clone(),
@@ -94,5 +127,58 @@ pub(super) fn scalar_text(v: &Value) -> Option<String> {
         Value::Number(n) => Some(n.to_string()),
         Value::Bool(b) => Some(b.to_string()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys_of(name: &str, text: &str) -> Vec<Vec<Option<String>>> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let mut keys = Vec::new();
+        read_records(&path, &["id".to_owned()], |_, loaded| {
+            keys.push(loaded.keys);
+            Ok(())
+        })
+        .unwrap();
+        keys
+    }
+
+    /// The key a record is stored under is the one an event's field looks up: the
+    /// enricher renders `{id}` from the event with `instream_event::key_text`.
+    #[test]
+    fn numeric_keys_are_the_text_events_look_up() {
+        let event_key = |raw: &str| {
+            let raw: Box<RawValue> = serde_json::from_str(raw).unwrap();
+            instream_event::key_text(&raw)
+        };
+        let lines = "{\"id\":1.0}\n{\"id\":123456789012345678901234567891}\n{\"id\":\"c1\"}\n{\"id\":true}\n";
+        let stored = keys_of("records.jsonl", lines);
+        assert_eq!(
+            stored,
+            [
+                vec![event_key("1")],
+                vec![event_key("123456789012345678901234567891")],
+                vec![event_key("\"c1\"")],
+                vec![None],
+            ]
+        );
+        assert_eq!(
+            stored[1][0].as_deref(),
+            Some("123456789012345678901234567891")
+        );
+        // CSV values have no type: one written as a JSON number is one.
+        let csv = keys_of("records.csv", "id,tier\n1.0,gold\n007,silver\n,none\n");
+        assert_eq!(
+            csv,
+            [
+                vec![Some("1".to_owned())],
+                vec![Some("007".to_owned())],
+                vec![None]
+            ]
+        );
     }
 }
