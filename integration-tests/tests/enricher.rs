@@ -143,12 +143,12 @@ fields = {{ tier = "tier" }}
     assert_eq!(load("gold").await.version, 1);
 
     let shutdown = CancellationToken::new();
-    let enricher = tokio::spawn(instream_enricher::run(ServiceContext {
-        config: config.clone(),
-        health: Health::default(),
-        shutdown: shutdown.clone(),
-        admin_addr: "127.0.0.1:0".parse().unwrap(),
-    }));
+    let enricher = tokio::spawn(instream_enricher::run(ServiceContext::new(
+        config.clone(),
+        Health::default(),
+        shutdown.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+    )));
     let producer = client::producer(&config.kafka, "test").unwrap();
     let send = |from: usize, to: usize| {
         let (producer, topic, pipeline) =
@@ -283,12 +283,12 @@ retry_backoff = "250ms"
         .await
         .unwrap();
     let shutdown = CancellationToken::new();
-    let enricher = tokio::spawn(instream_enricher::run(ServiceContext {
-        config: config.clone(),
-        health: Health::default(),
-        shutdown: shutdown.clone(),
-        admin_addr: "127.0.0.1:0".parse().unwrap(),
-    }));
+    let enricher = tokio::spawn(instream_enricher::run(ServiceContext::new(
+        config.clone(),
+        Health::default(),
+        shutdown.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+    )));
     let producer = client::producer(&config.kafka, "test").unwrap();
     let raw_topic = topics::raw(&pipeline);
     let before = hgetall_calls(&mut conn).await;
@@ -408,12 +408,12 @@ async fn an_outage_of_redis_holds_events_back_and_loses_none() {
     );
     let health = Health::default();
     let shutdown = CancellationToken::new();
-    let enricher = tokio::spawn(instream_enricher::run(ServiceContext {
-        config: config.clone(),
-        health: health.clone(),
-        shutdown: shutdown.clone(),
-        admin_addr: "127.0.0.1:0".parse().unwrap(),
-    }));
+    let enricher = tokio::spawn(instream_enricher::run(ServiceContext::new(
+        config.clone(),
+        health.clone(),
+        shutdown.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+    )));
     let producer = client::producer(&config.kafka, "test").unwrap();
     let raw_topic = topics::raw(&pipeline);
     let send = |from: usize, to: usize| {

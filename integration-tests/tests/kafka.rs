@@ -107,14 +107,14 @@ async fn dead_letters_carry_reason_and_origin() {
     let pipeline = unique("p");
     let dlq = format!("{pipeline}.dlq");
     broker.create_topic(&dlq, 1).unwrap();
-    let dead = DeadLetters::from_config(&cfg.kafka, "test").unwrap();
+    let dead = DeadLetters::from_config(&cfg.kafka, instream_core::Service::Enricher).unwrap();
     let delivery = dead
         .publish(&DeadLetter {
             topic: &dlq,
             pipeline: &pipeline,
             key: Some(b"k1"),
             payload: b"{not json",
-            code: "decode_error",
+            code: instream_kafka::DeadLetterCode::DecodeError,
             reason: "expected value at line 1 column 2",
             origin: Some(Origin {
                 topic: "x.raw",

@@ -61,12 +61,12 @@ impl Servers {
     /// Starts an enricher in this process; cancel the token to stop it.
     fn enricher(&self) -> (CancellationToken, tokio::task::JoinHandle<()>) {
         let shutdown = CancellationToken::new();
-        let ctx = ServiceContext {
-            config: self.config(),
-            health: Health::default(),
-            shutdown: shutdown.clone(),
-            admin_addr: "127.0.0.1:0".parse().unwrap(),
-        };
+        let ctx = ServiceContext::new(
+            self.config(),
+            Health::default(),
+            shutdown.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+        );
         let task = tokio::spawn(async move { instream_enricher::run(ctx).await.unwrap() });
         (shutdown, task)
     }

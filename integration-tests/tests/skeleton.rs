@@ -170,22 +170,17 @@ root = "{archive}"
 
     let shutdown = CancellationToken::new();
     let health = Health::default();
-    let context = || ServiceContext {
-        config: config.clone(),
-        health: health.clone(),
-        shutdown: shutdown.clone(),
-        admin_addr: "127.0.0.1:0".parse().unwrap(),
+    let context = || {
+        ServiceContext::new(
+            config.clone(),
+            health.clone(),
+            shutdown.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
     };
     let store = Arc::new(EmbeddedStore::default());
     let archive = Arc::new(LocalArchive::new(archive_dir.path()));
-    let ingest = instream_ingest::Ingest::start(
-        &config,
-        &health,
-        "127.0.0.1:0".parse().unwrap(),
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
+    let ingest = instream_ingest::Ingest::start(&context()).await.unwrap();
     let ingest_addr = ingest.local_addr().unwrap();
     let tasks = vec![
         tokio::spawn({

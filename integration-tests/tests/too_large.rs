@@ -116,12 +116,12 @@ async fn an_event_enrichment_makes_too_large_is_dead_lettered_and_the_enricher_g
     }
 
     let shutdown = CancellationToken::new();
-    let enricher = tokio::spawn(instream_enricher::run(ServiceContext {
-        config: config.clone(),
-        health: Health::default(),
-        shutdown: shutdown.clone(),
-        admin_addr: "127.0.0.1:0".parse().unwrap(),
-    }));
+    let enricher = tokio::spawn(instream_enricher::run(ServiceContext::new(
+        config.clone(),
+        Health::default(),
+        shutdown.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+    )));
     let enriched = client::consumer(
         &config.kafka,
         "test",

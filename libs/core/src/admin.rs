@@ -120,6 +120,35 @@ impl Readiness {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = reason;
     }
 
+    /// Keeps this component saying whether a backend answers: `check` now and then every
+    /// `every`, until `stop` (an idle stage still reports a backend going away). Spawned
+    /// through the service's [`Tasks`](crate::Tasks).
+    pub async fn probe<F, Fut, E>(
+        self,
+        every: std::time::Duration,
+        stop: CancellationToken,
+        mut check: F,
+    ) -> Result<(), std::convert::Infallible>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        loop {
+            match check().await {
+                Ok(()) => self.set_ready(),
+                Err(error) => self.set_not_ready(error.to_string()),
+            }
+            if stop
+                .run_until_cancelled(tokio::time::sleep(every))
+                .await
+                .is_none()
+            {
+                return Ok(());
+            }
+        }
+    }
+
     fn publish(&self, ready: bool) {
         metrics::gauge!("instream_component_ready", "component" => self.name.to_string())
             .set(if ready { 1.0 } else { 0.0 });

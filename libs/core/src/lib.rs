@@ -16,11 +16,13 @@ pub mod admin;
 pub mod auth;
 pub mod backlog;
 pub mod config;
+pub mod retry;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 
 pub use admin::{AdminServer, Health, Readiness};
 pub use config::{Config, ConfigError};
-pub use service::{run_service, service_main, ServiceContext};
-pub use shutdown::{shutdown_on_signal, Supervisor, SupervisorError};
+pub use retry::{Backoff, GaveUp, Pauses, Retry};
+pub use service::{run_service, service_main, Service, ServiceContext};
+pub use shutdown::{shutdown_on_signal, Supervisor, SupervisorError, Tasks};

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{AdminServer, Health};
 use crate::config::Config;
-use crate::shutdown::{shutdown_on_signal, Supervisor};
+use crate::shutdown::{shutdown_on_signal, Supervisor, Tasks};
 use crate::telemetry;
 
 #[derive(Debug, Parser)]
@@ -21,18 +21,85 @@ struct Args {
     config: Option<PathBuf>,
 }
 
-/// What a service gets to run: its config, the readiness registry, and the shutdown token.
+/// The services of instream: the names their binaries, metrics, consumer groups and
+/// registry entries carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Service {
+    Ingest,
+    Enricher,
+    Aggregator,
+    Archiver,
+    DbSource,
+    QueryApi,
+}
+
+impl Service {
+    pub const ALL: [Service; 6] = [
+        Service::Ingest,
+        Service::Enricher,
+        Service::Aggregator,
+        Service::Archiver,
+        Service::DbSource,
+        Service::QueryApi,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Service::Ingest => "ingest",
+            Service::Enricher => "enricher",
+            Service::Aggregator => "aggregator",
+            Service::Archiver => "archiver",
+            Service::DbSource => "db-source",
+            Service::QueryApi => "query-api",
+        }
+    }
+}
+
+impl std::fmt::Display for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<Service> for &'static str {
+    fn from(service: Service) -> Self {
+        service.as_str()
+    }
+}
+
+/// What a service gets to run: its config, the readiness registry, the shutdown token, and
+/// the handle its tasks are spawned through.
 pub struct ServiceContext {
     pub config: Config,
     pub health: Health,
     pub shutdown: CancellationToken,
     /// Where this process's admin server listens (for the service registry).
     pub admin_addr: std::net::SocketAddr,
+    /// Every task of the service is spawned through this: one that fails stops the service.
+    pub tasks: Tasks,
+}
+
+impl ServiceContext {
+    /// A context whose tasks no supervisor waits on (a service run inside a test).
+    pub fn new(
+        config: Config,
+        health: Health,
+        shutdown: CancellationToken,
+        admin_addr: std::net::SocketAddr,
+    ) -> Self {
+        Self {
+            tasks: Tasks::detached(shutdown.clone()),
+            config,
+            health,
+            shutdown,
+            admin_addr,
+        }
+    }
 }
 
 /// Runs one service as a process. Exit codes: 0 after a clean shutdown, 1 when the service
 /// failed, 2 when the config is invalid (the message names the key).
-pub fn service_main<F, Fut, E>(service: &'static str, run: F) -> ExitCode
+pub fn service_main<F, Fut, E>(service: Service, run: F) -> ExitCode
 where
     F: FnOnce(ServiceContext) -> Fut,
     Fut: Future<Output = Result<(), E>> + Send + 'static,
@@ -45,7 +112,7 @@ where
 /// [`service_main`] with the config file already known (`instream run <service>` runs any
 /// service from the one `instream` binary this way).
 pub fn run_service<F, Fut, E>(
-    service: &'static str,
+    service: Service,
     config: Option<&std::path::Path>,
     run: F,
 ) -> ExitCode
@@ -80,17 +147,19 @@ where
             .await
             .map_err(|e| format!("admin server on {}: {e}", config.admin.listen))?;
         let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
-        tracing::info!(service, admin = %admin_addr, "starting");
+        tracing::info!(%service, admin = %admin_addr, "starting");
         let drain = config.shutdown.drain_timeout;
         let mut supervisor = Supervisor::new(token.clone());
         supervisor.spawn("admin", admin.serve(token.clone()));
+        let tasks = supervisor.tasks();
         supervisor.spawn(
-            service,
+            service.as_str(),
             run(ServiceContext {
                 config,
                 health,
                 shutdown: token,
                 admin_addr,
+                tasks,
             }),
         );
         // The admin server stops at once; the service gets the drain time, plus a margin for
@@ -104,11 +173,11 @@ where
     runtime.shutdown_timeout(Duration::from_secs(5));
     match result {
         Ok(()) => {
-            tracing::info!(service, "stopped cleanly");
+            tracing::info!(%service, "stopped cleanly");
             ExitCode::SUCCESS
         }
         Err(e) => {
-            tracing::error!(service, error = %e, "stopped with an error");
+            tracing::error!(%service, error = %e, "stopped with an error");
             eprintln!("instream-{service}: {e}");
             ExitCode::FAILURE
         }

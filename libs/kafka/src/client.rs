@@ -79,6 +79,52 @@ fn bytes_of(record: &FutureRecord<'_, [u8], [u8]>) -> u64 {
     )
 }
 
+/// A record to produce, as services build it (librdkafka's own type stays in this crate).
+pub struct Outgoing<'a> {
+    inner: FutureRecord<'a, [u8], [u8]>,
+}
+
+/// Resolves when the broker has acknowledged (or refused) a record sent with [`send`].
+pub type Delivery = DeliveryFuture;
+
+impl<'a> Outgoing<'a> {
+    pub fn to(topic: &'a str) -> Self {
+        Self {
+            inner: FutureRecord::to(topic),
+        }
+    }
+
+    pub fn key(mut self, key: &'a [u8]) -> Self {
+        self.inner = self.inner.key(key);
+        self
+    }
+
+    pub fn payload(mut self, payload: &'a [u8]) -> Self {
+        self.inner = self.inner.payload(payload);
+        self
+    }
+
+    /// Adds a header (the value is copied).
+    pub fn header(mut self, name: &str, value: impl AsRef<[u8]>) -> Self {
+        let headers = self
+            .inner
+            .headers
+            .take()
+            .unwrap_or_else(|| rdkafka::message::OwnedHeaders::new_with_capacity(4));
+        self.inner.headers = Some(headers.insert(rdkafka::message::Header {
+            key: name,
+            value: Some(value.as_ref()),
+        }));
+        self
+    }
+}
+
+impl<'a> From<FutureRecord<'a, [u8], [u8]>> for Outgoing<'a> {
+    fn from(inner: FutureRecord<'a, [u8], [u8]>) -> Self {
+        Self { inner }
+    }
+}
+
 /// A consumed record, copied out of librdkafka's buffer.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -383,8 +429,9 @@ pub fn commit(consumer: &Consumer, sync: bool) -> Result<(), KafkaError> {
 /// unbounded memory). The returned future resolves when the broker acknowledged the write.
 pub async fn send<'a>(
     producer: &Producer,
-    mut record: FutureRecord<'a, [u8], [u8]>,
+    record: impl Into<Outgoing<'a>>,
 ) -> Result<DeliveryFuture, KafkaError> {
+    let mut record = record.into().inner;
     let bytes = producer.room_for(&record).await;
     let topic = record.topic;
     loop {
@@ -408,10 +455,11 @@ pub async fn send<'a>(
 
 /// Enqueues a record, or fails at once with [`KafkaError::QueueFull`] when the producer's queue
 /// is full (ingest answers 503 then, instead of holding the request).
-pub fn try_send(
+pub fn try_send<'a>(
     producer: &Producer,
-    record: FutureRecord<'_, [u8], [u8]>,
+    record: impl Into<Outgoing<'a>>,
 ) -> Result<DeliveryFuture, KafkaError> {
+    let record = record.into().inner;
     // Ingest's writes: admitted against the standalone account before (a reservation), so
     // only counted here, once enqueued.
     let bytes = producer.backlog.as_ref().map(|_| bytes_of(&record));

@@ -1,4 +1,5 @@
 use instream_core::config::KafkaConfig;
+use instream_core::Service;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureRecord};
 
@@ -20,6 +21,52 @@ fn cut(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
+/// Why a record was dead-lettered: the bounded label of `instream.dlq.code` and of the
+/// `code` label of `instream_dead_letters_total` (`instream dlq tail --code` filters on it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeadLetterCode {
+    /// Not an instream event (not the envelope ingest writes).
+    DecodeError,
+    /// Its pipeline has no definition.
+    UnknownPipeline,
+    /// A reference-data miss under a `dead_letter` enrichment rule.
+    EnrichMiss,
+    /// The reference record found holds no usable JSON.
+    RefdataMalformed,
+    /// A data-quality rule with `action = "dead_letter"` failed.
+    Quality,
+    /// Larger than the brokers take (`kafka.max_record_bytes`) once processed.
+    TooLarge,
+    /// Event time beyond an aggregation's allowed lateness.
+    TooLate,
+    /// Event time too far ahead of its ingest time.
+    FutureTime,
+    /// Refused by the event validation at a source (db-source rows): the validation's code.
+    Invalid(&'static str),
+}
+
+impl DeadLetterCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterCode::DecodeError => "decode_error",
+            DeadLetterCode::UnknownPipeline => "unknown_pipeline",
+            DeadLetterCode::EnrichMiss => "enrich_miss",
+            DeadLetterCode::RefdataMalformed => "refdata_malformed",
+            DeadLetterCode::Quality => "quality",
+            DeadLetterCode::TooLarge => "too_large",
+            DeadLetterCode::TooLate => "too_late",
+            DeadLetterCode::FutureTime => "future_time",
+            DeadLetterCode::Invalid(code) => code,
+        }
+    }
+}
+
+impl std::fmt::Display for DeadLetterCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Where a dead record came from, when it came from a topic.
 #[derive(Debug, Clone)]
 pub struct Origin<'a> {
@@ -36,8 +83,7 @@ pub struct DeadLetter<'a> {
     pub pipeline: &'a str,
     pub key: Option<&'a [u8]>,
     pub payload: &'a [u8],
-    /// A bounded label (`decode_error`, `enrich_miss`, …) for metrics and filtering.
-    pub code: &'static str,
+    pub code: DeadLetterCode,
     /// The precise, human-readable reason.
     pub reason: &'a str,
     pub origin: Option<Origin<'a>>,
@@ -48,16 +94,19 @@ pub struct DeadLetter<'a> {
 #[derive(Clone)]
 pub struct DeadLetters {
     producer: Producer,
-    service: &'static str,
+    service: Service,
 }
 
 impl DeadLetters {
-    pub fn new(producer: Producer, service: &'static str) -> Self {
+    pub fn new(producer: Producer, service: Service) -> Self {
         Self { producer, service }
     }
 
-    pub fn from_config(cfg: &KafkaConfig, service: &'static str) -> Result<Self, KafkaError> {
-        Ok(Self::new(crate::client::producer(cfg, service)?, service))
+    pub fn from_config(cfg: &KafkaConfig, service: Service) -> Result<Self, KafkaError> {
+        Ok(Self::new(
+            crate::client::producer(cfg, service.as_str())?,
+            service,
+        ))
     }
 
     /// The producer dead letters go through (to wait for their deliveries).
@@ -76,7 +125,7 @@ impl DeadLetters {
         let mut hs = OwnedHeaders::new()
             .insert(Header {
                 key: headers::DLQ_CODE,
-                value: Some(dl.code),
+                value: Some(dl.code.as_str()),
             })
             .insert(Header {
                 key: headers::DLQ_REASON,
@@ -84,7 +133,7 @@ impl DeadLetters {
             })
             .insert(Header {
                 key: headers::DLQ_SERVICE,
-                value: Some(self.service),
+                value: Some(self.service.as_str()),
             });
         if let Some(origin) = &dl.origin {
             hs = hs
@@ -116,15 +165,15 @@ impl DeadLetters {
         let delivery = send(&self.producer, record).await?;
         metrics::counter!(
             "instream_dead_letters_total",
-            "service" => self.service,
+            "service" => self.service.as_str(),
             "pipeline" => dl.pipeline.to_owned(),
-            "code" => dl.code
+            "code" => dl.code.as_str()
         )
         .increment(1);
         tracing::debug!(
-            service = self.service,
+            service = %self.service,
             pipeline = dl.pipeline,
-            code = dl.code,
+            code = %dl.code,
             reason = dl.reason,
             "dead-lettered"
         );
@@ -136,7 +185,7 @@ impl DeadLetters {
     pub async fn publish_record(
         &self,
         record: &crate::Record,
-        code: &'static str,
+        code: DeadLetterCode,
         reason: &str,
     ) -> Result<DeliveryFuture, KafkaError> {
         let pipeline = instream_pipeline::topics::pipeline_of(&record.topic);

@@ -22,6 +22,9 @@ pub enum KafkaError {
     Admin(String),
     #[error("kafka consume failed: {0}")]
     Consume(rdkafka::error::KafkaError),
+    /// A producer transaction failed in a way doing the batch again does not mend.
+    #[error("transaction: {0}")]
+    Transaction(String),
     #[error("embedded broker: {0}")]
     Embedded(String),
     /// Records the consumer can no longer read were found and `kafka.on_records_lost` says
@@ -67,6 +70,17 @@ impl KafkaError {
             KafkaError::Produce(e) => e.rdkafka_error_code().is_some_and(is_refusal),
             _ => false,
         }
+    }
+}
+
+impl KafkaError {
+    /// A write the broker refused because the record is larger than it takes.
+    pub fn is_record_too_large(&self) -> bool {
+        matches!(
+            self,
+            KafkaError::Produce(e)
+                if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge)
+        )
     }
 }
 

@@ -16,16 +16,23 @@ mod continuity;
 mod dead_letter;
 mod embedded;
 mod error;
+mod input;
 pub mod ops;
 mod tracker;
+pub mod transactions;
 
-pub use client::{consumer, gapless_producer, producer, BatchOutputs, Consumer, Producer, Record};
+pub use client::{
+    consumer, gapless_producer, producer, BatchOutputs, Consumer, Delivery, Outgoing, Producer,
+    Record,
+};
 pub use context::InstreamContext;
 pub use continuity::{report_lost, Continuity, Lost};
-pub use dead_letter::{DeadLetter, DeadLetters, Origin};
+pub use dead_letter::{DeadLetter, DeadLetterCode, DeadLetters, Origin};
 pub use embedded::EmbeddedBroker;
 pub use error::{is_refusal, KafkaError};
+pub use input::Input;
 pub use tracker::OffsetTracker;
+pub use transactions::Transactions;
 
 /// Header names instream sets on records.
 pub mod headers {

@@ -6,18 +6,21 @@
 //! consumer whose topics follow the definitions, so a pipeline added at run time is picked up
 //! without a restart.
 
-use std::net::SocketAddr;
+mod driver;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use instream_core::config::Config;
-use instream_core::Health;
+use instream_core::{Service, ServiceContext, Tasks};
 use instream_kafka::client::{self, Consumer};
 use instream_kafka::KafkaError;
 use instream_pipeline::Catalog;
 use rdkafka::consumer::Consumer as _;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+pub use driver::{Commit, Flow, Hooks, Processed, ResumeAt, Spec, Tick};
 
 /// How long a stopping stage waits for its consumer to leave the group.
 const GROUP_LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,44 +38,53 @@ pub enum StageError {
 
 /// A started stage: the live definitions, and the registration that lasts as long as this.
 pub struct Stage {
+    pub service: Service,
     pub catalog: watch::Receiver<Arc<Catalog>>,
     pub registration: Arc<instream_coord::Registration>,
+    pub config: Config,
+    pub shutdown: CancellationToken,
+    pub tasks: Tasks,
 }
 
 impl Stage {
-    pub async fn start(
-        service: &'static str,
-        config: &Config,
-        health: &Health,
-        admin_addr: SocketAddr,
-        shutdown: &CancellationToken,
-    ) -> Result<Stage, StageError> {
-        let definitions = health.register(&format!("{service}.definitions"));
+    pub async fn start(service: Service, ctx: &ServiceContext) -> Result<Stage, StageError> {
+        let (config, shutdown, tasks) = (&ctx.config, &ctx.shutdown, &ctx.tasks);
+        let definitions = ctx.health.register(&format!("{service}.definitions"));
         let catalog = instream_coord::definition_source(config)
             .subscribe(shutdown.clone())
             .await?;
         definitions.set_ready();
-        tokio::spawn(instream_kafka::admin::keep_pipeline_topics(
-            config.kafka.clone(),
-            catalog.clone(),
-            shutdown.clone(),
-        ));
-        tokio::spawn(instream_kafka::admin::watch_broker(
-            config.kafka.clone(),
-            health.register(&format!("{service}.kafka")),
-            BROKER_CHECK_INTERVAL,
-            shutdown.clone(),
-        ));
-        let registration =
-            Arc::new(instream_coord::register_service(config, service, admin_addr).await?);
-        tokio::spawn(announce_definitions(
-            catalog.clone(),
-            registration.clone(),
-            shutdown.clone(),
-        ));
+        tasks.spawn_infallible(
+            "pipeline topics",
+            instream_kafka::admin::keep_pipeline_topics(
+                config.kafka.clone(),
+                catalog.clone(),
+                shutdown.clone(),
+            ),
+        );
+        tasks.spawn_infallible(
+            "broker probe",
+            instream_kafka::admin::watch_broker(
+                config.kafka.clone(),
+                ctx.health.register(&format!("{service}.kafka")),
+                BROKER_CHECK_INTERVAL,
+                shutdown.clone(),
+            ),
+        );
+        let registration = Arc::new(
+            instream_coord::register_service(config, service.as_str(), ctx.admin_addr).await?,
+        );
+        tasks.spawn_infallible(
+            "definition announcer",
+            announce_definitions(catalog.clone(), registration.clone(), shutdown.clone()),
+        );
         Ok(Stage {
+            service,
             catalog,
             registration,
+            config: config.clone(),
+            shutdown: shutdown.clone(),
+            tasks: tasks.clone(),
         })
     }
 }
@@ -97,7 +109,11 @@ async fn announce_definitions(
         registration.update(|info| info["definitions"] = versions.into());
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            changed = catalog.changed() => if changed.is_err() { return },
+            changed = catalog.changed() => if changed.is_err() {
+                // The source stopped sending (a file): nothing will change any more.
+                shutdown.cancelled().await;
+                return;
+            },
         }
     }
 }

@@ -33,19 +33,19 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use instream_core::{Readiness, ServiceContext};
+use instream_core::config::{AggregatorConfig, KafkaConfig};
+use instream_core::{Readiness, Retry, Service, ServiceContext};
 use instream_event::Event;
-use instream_kafka::client::{self, recv_batch, Consumer};
-use instream_kafka::{BatchOutputs, DeadLetters, Record};
+use instream_kafka::{BatchOutputs, DeadLetterCode, DeadLetters, Input, Producer, Record};
 use instream_pipeline::{topics, Catalog};
-use instream_stage::{Stage, Subscription};
+use instream_stage::{Commit, Flow, Hooks, Processed, ResumeAt, Spec, Stage, Tick};
 use instream_store::{AggregateStore, Checkpoint, CheckpointKey, WindowAggregate};
-use partitions::{follow_generation, Partitions};
+use partitions::Partitions;
 use tokio_util::sync::CancellationToken;
 
 pub use state::{Outcome, PartitionState, Scope, WATERMARK_AHEAD_OF_INGEST_MILLIS};
 
-const SERVICE: &str = "aggregator";
+const SERVICE: Service = Service::Aggregator;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AggregatorError {
@@ -73,187 +73,299 @@ pub async fn run(ctx: ServiceContext) -> Result<(), AggregatorError> {
 /// "visible"): handled once the flush has made their effect durable.
 type Pending = Vec<(Record, Option<i64>)>;
 
+/// The aggregator's part of the stage loop: what it keeps between batches.
+struct Aggregator {
+    store: Arc<dyn AggregateStore>,
+    store_ready: Readiness,
+    config: AggregatorConfig,
+    kafka: KafkaConfig,
+    producer: Producer,
+    dead: DeadLetters,
+    /// The batch's dead letters and forwarded events.
+    outputs: BatchOutputs,
+    partitions: Partitions,
+    hold_back: repartition::HoldBack,
+    pending: Pending,
+    last_flush: Instant,
+    last_early: Instant,
+    shutdown: CancellationToken,
+}
+
 /// Runs with a given store (standalone mode and tests share one embedded store).
 pub async fn run_with_store(
     ctx: ServiceContext,
     store: Arc<dyn AggregateStore>,
 ) -> Result<(), AggregatorError> {
-    let ServiceContext {
-        config,
-        health,
-        shutdown,
-        admin_addr,
-    } = ctx;
     // Registered before the first await, so /readyz cannot pass without it.
-    let store_ready = health.register("aggregator.store");
-    let stage = Stage::start(SERVICE, &config, &health, admin_addr, &shutdown).await?;
-    let mut catalog = stage.catalog.clone();
+    let store_ready = ctx.health.register("aggregator.store");
+    let stage = Stage::start(SERVICE, &ctx).await?;
+    let config = &ctx.config;
     store.ping().await?;
     store_ready.set_ready();
     // Forwarded events are de-duplicated by origin offset in the repartition partitions: none
     // may be lost behind a later one.
-    let producer = instream_kafka::gapless_producer(&config.kafka, SERVICE)?;
-    let dead = DeadLetters::new(producer.clone(), SERVICE);
-    let mut outputs = BatchOutputs::default();
-    let mut subscription =
-        Subscription::new(&config, SERVICE, &mut catalog, repartition::input_topics)?;
-    subscription.announce_in(stage.registration.clone());
-
-    let mut partitions = Partitions {
-        group: subscription.group().to_owned(),
-        horizon: config.aggregator.dedup_horizon,
-        states: HashMap::new(),
-        restored_generation: None,
-        early: false,
-        resumed: Vec::new(),
-        enriched_in_transactions: config.enricher_transactional(),
+    let producer = instream_kafka::gapless_producer(&config.kafka, SERVICE.as_str())?;
+    let mut aggregator = Aggregator {
+        store,
+        store_ready,
+        config: config.aggregator.clone(),
+        kafka: config.kafka.clone(),
+        dead: DeadLetters::new(producer.clone(), SERVICE),
+        producer,
+        outputs: BatchOutputs::default(),
+        partitions: Partitions {
+            group: format!("{}-{SERVICE}", config.kafka.group_prefix),
+            horizon: config.aggregator.dedup_horizon,
+            states: HashMap::new(),
+            restored_generation: None,
+            early: false,
+            resumed: Vec::new(),
+            enriched_in_transactions: config.enricher_transactional(),
+        },
+        hold_back: repartition::HoldBack::default(),
+        pending: Pending::new(),
+        last_flush: Instant::now(),
+        last_early: Instant::now(),
+        shutdown: ctx.shutdown.clone(),
     };
     // Enriched records written in transactions leave marker offsets no reader receives.
     let transactional = config.enricher_transactional();
-    let mut continuity = instream_kafka::Continuity::new(SERVICE, &config.kafka, move |topic| {
-        transactional && topics::repartitioned_aggregation(topic).is_none()
-    });
-    let mut hold_back = repartition::HoldBack::default();
-    let early_every = config.aggregator.early_results_every;
-    let mut last_early = Instant::now();
-    let mut pending = Pending::new();
-    let mut batch = Vec::with_capacity(config.aggregator.batch_size);
-    let mut last_flush = Instant::now();
-    let mut generation = 0;
-    while !shutdown.is_cancelled() {
-        subscription.follow(&mut catalog)?;
-        let consumer = subscription.consumer();
-        hold_back.follow(consumer, config.kafka.backlog.as_ref())?;
-        let wait = config
-            .aggregator
-            .flush_interval
-            .saturating_sub(last_flush.elapsed())
-            .max(Duration::from_millis(1));
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            received = recv_batch(consumer, config.aggregator.batch_size, wait, &mut batch) => received?,
-        }
+    let spec = Spec {
+        topics_of: repartition::input_topics,
+        batch_size: config.aggregator.batch_size,
+        commit: Commit::Offsets {
+            interval: config.kafka.commit_interval,
+        },
+        in_transactions: Box::new(move |topic| {
+            transactional && topics::repartitioned_aggregation(topic).is_none()
+        }),
+    };
+    stage.drive(spec, &mut aggregator).await
+}
+
+#[async_trait::async_trait]
+impl Hooks for Aggregator {
+    type Error = AggregatorError;
+
+    fn receive_wait(&self) -> Duration {
+        let flush_interval = self.config.flush_interval;
+        flush_interval
+            .saturating_sub(self.last_flush.elapsed())
+            .max(Duration::from_millis(1))
+    }
+
+    fn before_receive(&mut self, input: Input<'_>) -> Result<(), AggregatorError> {
+        self.hold_back.follow(input, self.kafka.backlog.as_ref())
+    }
+
+    fn rebalanced(&mut self, _input: Input<'_>) {
+        partitions::forget_assignment(&mut self.partitions, &mut self.pending);
+    }
+
+    async fn received(
+        &mut self,
+        input: Input<'_>,
+        _batch: &[Record],
+        resume: &mut Vec<ResumeAt>,
+    ) -> Result<Flow, AggregatorError> {
         slowed_down_by_a_test().await;
-        follow_generation(consumer, &mut generation, &mut partitions, &mut pending);
-        if !partitions
-            .restore_assigned(consumer, &*store, &config.kafka, &store_ready, &shutdown)
-            .await?
-        {
-            break; // stopping while the store was away: nothing more to count
+        let restored = self
+            .partitions
+            .restore_assigned(
+                input,
+                &*self.store,
+                &self.kafka,
+                &self.store_ready,
+                &self.shutdown,
+            )
+            .await?;
+        if !restored {
+            return Ok(Flow::Stop); // stopping while the store was away: nothing more to count
         }
-        for ((topic, partition), next) in partitions.resumed.drain(..) {
-            continuity.expect_at_least(consumer, &topic, partition, next);
-        }
-        continuity.check(consumer, &batch).await?;
-        let current = catalog.borrow().clone();
+        resume.extend(
+            self.partitions
+                .resumed
+                .drain(..)
+                .map(|((topic, partition), next)| ResumeAt {
+                    topic,
+                    partition,
+                    next,
+                }),
+        );
+        Ok(Flow::Continue)
+    }
+
+    async fn process(
+        &mut self,
+        _input: Input<'_>,
+        catalog: &Arc<Catalog>,
+        batch: &mut Vec<Record>,
+    ) -> Result<Processed, AggregatorError> {
+        let mut processed = Processed::Kept;
         for record in batch.drain(..) {
-            let event = match instream_event::decode(&record.payload) {
-                Ok(event) => event,
-                Err(e) => {
-                    outputs.push(
-                        dead.publish_record(&record, "decode_error", &e.to_string())
-                            .await?,
-                    );
-                    pending.push((record, None));
-                    continue;
-                }
-            };
-            let Some(def) = current.get(&event.pipeline) else {
-                let reason = format!("no definition for pipeline `{}`", event.pipeline);
-                outputs.push(
-                    dead.publish_record(&record, "unknown_pipeline", &reason)
-                        .await?,
-                );
-                pending.push((record, None));
-                continue;
-            };
-            let source = (record.topic.clone(), record.partition);
-            let horizon = partitions.horizon;
-            let state = partitions
-                .state(&*store, &config.kafka, &store_ready, &source, &shutdown)
-                .await?;
-            // Stopping while the store was away: the rest is read again after a restart.
-            let Some(state) = state else { break };
-            let origin = repartition::origin_of(&record);
-            let scope = match topics::repartitioned_aggregation(&record.topic) {
-                Some(name) => Scope::Repartitioned {
-                    aggregation: name,
-                    group: record
-                        .key
-                        .as_deref()
-                        .and_then(|k| std::str::from_utf8(k).ok()),
-                    idle_timeout: config.aggregator.repartition_idle_timeout,
-                },
-                None => Scope::Keyed,
-            };
-            let outcome = state.apply_in(scope, record.offset, &event, origin, def, horizon);
-            count(&event, scope, &outcome);
-            if scope == Scope::Keyed && matches!(outcome, Outcome::Counted | Outcome::TooLate(_)) {
-                repartition::forward(&producer, &record, &event, def, &mut outputs).await?;
+            if let Flow::Stop = self.aggregate(catalog, record).await? {
+                // Stopping while the store was away: the rest is read again after a restart.
+                processed = Processed::Interrupted;
+                break;
             }
-            if let Some((code, reason)) = refusal(&outcome, &event, def, state) {
-                outputs.push(dead.publish_record(&record, code, &reason).await?);
-            }
-            pending.push((record, Some(event.ingest_time)));
         }
         // The batch's dead letters and forwarded events are on the broker before its records
         // can be checkpointed and committed as handled: one wait for all of them.
-        if !outputs.delivered_unless(&producer, &shutdown).await? {
+        if !self
+            .outputs
+            .delivered_unless(&self.producer, &self.shutdown)
+            .await?
+        {
             // Stopping while the broker does not answer: what was counted since the last
             // checkpoint may not have been forwarded, so it is neither flushed nor committed;
             // a restart reads it again.
-            tracing::info!("stopped while sending the batch's outputs; nothing more committed");
-            return Ok(());
+            return Ok(Processed::Unconfirmed);
         }
-        if last_flush.elapsed() >= config.aggregator.flush_interval {
-            partitions.early = !early_every.is_zero() && last_early.elapsed() >= early_every;
-            if partitions.early {
-                last_early = Instant::now();
+        Ok(processed)
+    }
+
+    async fn tick(
+        &mut self,
+        input: Input<'_>,
+        catalog: &Arc<Catalog>,
+    ) -> Result<Tick, AggregatorError> {
+        if self.last_flush.elapsed() < self.config.flush_interval {
+            return Ok(Tick::Nothing);
+        }
+        let early_every = self.config.early_results_every;
+        self.partitions.early = !early_every.is_zero() && self.last_early.elapsed() >= early_every;
+        if self.partitions.early {
+            self.last_early = Instant::now();
+        }
+        let stop = self.shutdown.clone();
+        let durable = self.flush(input, catalog, &stop).await?;
+        self.last_flush = Instant::now();
+        Ok(if durable {
+            Tick::CommitNow
+        } else {
+            Tick::Nothing
+        })
+    }
+
+    /// What was counted is written and checkpointed, then committed. With early results on,
+    /// the last values of open windows are written too. Retries until the store takes
+    /// everything; the supervisor's drain timeout bounds it (then nothing is committed and a
+    /// restart reads the rest again).
+    async fn drain(
+        &mut self,
+        input: Input<'_>,
+        catalog: &Arc<Catalog>,
+    ) -> Result<bool, AggregatorError> {
+        self.partitions.early = !self.config.early_results_every.is_zero();
+        let durable = self
+            .flush(input, catalog, &CancellationToken::new())
+            .await?;
+        tracing::info!(
+            partitions = self.partitions.states.len(),
+            "aggregator drained"
+        );
+        Ok(durable)
+    }
+
+    fn release(&mut self, input: Input<'_>) {
+        self.hold_back.release(input);
+    }
+}
+
+impl Aggregator {
+    /// Counts one record into its partition's state (forwarding it first where its
+    /// aggregations repartition), or dead-letters it. `Stop` when shutdown came while the
+    /// store was unreachable.
+    async fn aggregate(
+        &mut self,
+        catalog: &Catalog,
+        record: Record,
+    ) -> Result<Flow, AggregatorError> {
+        let event = match instream_event::decode(&record.payload) {
+            Ok(event) => event,
+            Err(e) => {
+                self.dead_letter(record, DeadLetterCode::DecodeError, &e.to_string())
+                    .await?;
+                return Ok(Flow::Continue);
             }
-            let durable = flush(
-                &*store,
-                &store_ready,
-                consumer,
-                &mut partitions,
-                &current,
-                &mut pending,
-                &shutdown,
+        };
+        let Some(def) = catalog.get(&event.pipeline) else {
+            let reason = format!("no definition for pipeline `{}`", event.pipeline);
+            self.dead_letter(record, DeadLetterCode::UnknownPipeline, &reason)
+                .await?;
+            return Ok(Flow::Continue);
+        };
+        let source = (record.topic.clone(), record.partition);
+        let horizon = self.partitions.horizon;
+        let state = self
+            .partitions
+            .state(
+                &*self.store,
+                &self.kafka,
+                &self.store_ready,
+                &source,
+                &self.shutdown,
             )
             .await?;
-            if durable {
-                client::commit(consumer, false)?;
-            }
-            last_flush = Instant::now();
+        let Some(state) = state else {
+            return Ok(Flow::Stop);
+        };
+        let origin = repartition::origin_of(&record);
+        let scope = match topics::repartitioned_aggregation(&record.topic) {
+            Some(name) => Scope::Repartitioned {
+                aggregation: name,
+                group: record
+                    .key
+                    .as_deref()
+                    .and_then(|k| std::str::from_utf8(k).ok()),
+                idle_timeout: self.config.repartition_idle_timeout,
+            },
+            None => Scope::Keyed,
+        };
+        let outcome = state.apply_in(scope, record.offset, &event, origin, def, horizon);
+        count(&event, scope, &outcome);
+        let refused = refusal(&outcome, &event, def, state);
+        if scope == Scope::Keyed && matches!(outcome, Outcome::Counted | Outcome::TooLate(_)) {
+            repartition::forward(&self.producer, &record, &event, def, &mut self.outputs).await?;
         }
+        if let Some((code, reason)) = refused {
+            self.outputs
+                .push(self.dead.publish_record(&record, code, &reason).await?);
+        }
+        self.pending.push((record, Some(event.ingest_time)));
+        Ok(Flow::Continue)
     }
-    // Drain: what was counted is written and checkpointed, then committed.
-    let consumer = subscription.consumer();
-    follow_generation(consumer, &mut generation, &mut partitions, &mut pending);
-    let current = catalog.borrow().clone();
-    partitions.early = !early_every.is_zero();
-    // With early results on, the last values of open windows are written too. Retries until
-    // the store takes everything; the supervisor's drain timeout bounds it (then nothing is
-    // committed and a restart reads the rest again).
-    let durable = flush(
-        &*store,
-        &store_ready,
-        consumer,
-        &mut partitions,
-        &current,
-        &mut pending,
-        &CancellationToken::new(),
-    )
-    .await?;
-    if durable {
-        client::commit(consumer, true)?;
+
+    /// Dead-letters a record; its offset is handled with the batch.
+    async fn dead_letter(
+        &mut self,
+        record: Record,
+        code: DeadLetterCode,
+        reason: &str,
+    ) -> Result<(), AggregatorError> {
+        self.outputs
+            .push(self.dead.publish_record(&record, code, reason).await?);
+        self.pending.push((record, None));
+        Ok(())
     }
-    hold_back.release(consumer);
-    tracing::info!(
-        partitions = partitions.states.len(),
-        "aggregator drained and committed"
-    );
-    subscription.close().await;
-    Ok(())
+
+    async fn flush(
+        &mut self,
+        input: Input<'_>,
+        catalog: &Catalog,
+        stop: &CancellationToken,
+    ) -> Result<bool, AggregatorError> {
+        flush(
+            &*self.store,
+            &self.store_ready,
+            input,
+            &mut self.partitions,
+            catalog,
+            &mut self.pending,
+            stop,
+        )
+        .await
+    }
 }
 
 /// A test's pause per batch (`FAILPOINTS=aggregator-batch=return(<ms>)`), to make the
@@ -334,7 +446,7 @@ fn count(event: &Event, scope: Scope, outcome: &Outcome) {
     };
     match scope {
         Scope::Keyed => {
-            metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => event.pipeline.clone(), "outcome" => outcome)
+            metrics::counter!("instream_events_total", "service" => SERVICE.as_str(), "pipeline" => event.pipeline.clone(), "outcome" => outcome)
                 .increment(1);
         }
         Scope::Repartitioned { aggregation, .. } => {
@@ -351,10 +463,10 @@ fn refusal(
     event: &Event,
     def: &instream_pipeline::PipelineDefinition,
     state: &PartitionState,
-) -> Option<(&'static str, String)> {
+) -> Option<(DeadLetterCode, String)> {
     match outcome {
         Outcome::TooLate(aggregations) => Some((
-            "too_late",
+            DeadLetterCode::TooLate,
             format!(
                 "event time {} is beyond the allowed lateness of {} (watermark {})",
                 instream_event::format_rfc3339_millis(event.event_time),
@@ -363,7 +475,7 @@ fn refusal(
             ),
         )),
         Outcome::TooFarAhead => Some((
-            "future_time",
+            DeadLetterCode::FutureTime,
             format!(
                 "event time {} is more than {:?} after its ingest time {}",
                 instream_event::format_rfc3339_millis(event.event_time),
@@ -380,33 +492,17 @@ async fn until_written<F, Fut>(
     ready: &Readiness,
     stop: &CancellationToken,
     what: &str,
-    mut write: F,
+    write: F,
 ) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(), instream_store::StoreError>>,
 {
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        match write().await {
-            Ok(()) => {
-                ready.set_ready();
-                return true;
-            }
-            Err(error) => {
-                ready.set_not_ready(error.to_string());
-                tracing::warn!(%error, what, "store write failed; retrying");
-                if stop
-                    .run_until_cancelled(tokio::time::sleep(backoff))
-                    .await
-                    .is_none()
-                {
-                    return false;
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
+    Retry::new(what, stop)
+        .reporting_to(ready)
+        .run(write)
+        .await
+        .is_some()
 }
 
 /// Writes every changed window, the deletions of merged sessions, then every changed
@@ -416,7 +512,7 @@ where
 async fn flush(
     store: &dyn AggregateStore,
     ready: &Readiness,
-    consumer: &Consumer,
+    input: Input<'_>,
     partitions: &mut Partitions,
     catalog: &Catalog,
     pending: &mut Pending,
@@ -437,11 +533,10 @@ async fn flush(
             }
             return Ok(false);
         }
-        metrics::counter!("instream_window_writes_total", "service" => SERVICE)
+        metrics::counter!("instream_window_writes_total", "service" => SERVICE.as_str())
             .increment(rows.len() as u64);
         let now = instream_event::now_millis();
-        let delay =
-            metrics::histogram!("instream_window_close_delay_seconds", "service" => SERVICE);
+        let delay = metrics::histogram!("instream_window_close_delay_seconds", "service" => SERVICE.as_str());
         for state in partitions.states.values_mut() {
             for closed_at in state.take_written_closes() {
                 let ms = closed_at.map_or(0, |t| (now - t).max(0));
@@ -496,9 +591,9 @@ async fn flush(
         metrics::histogram!("instream_stage_latency_seconds", "stage" => "aggregator_visible")
             .record((visible - ingest_time).max(0) as f64 / 1000.0);
     }
-    client::complete(consumer, pending.iter().map(|(record, _)| record));
+    input.complete(pending.iter().map(|(record, _)| record));
     pending.clear();
-    metrics::gauge!("instream_open_windows", "service" => SERVICE).set(open as f64);
+    metrics::gauge!("instream_open_windows", "service" => SERVICE.as_str()).set(open as f64);
     Ok(true)
 }
 

@@ -4,5 +4,5 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    instream_core::service_main("aggregator", instream_aggregator::run)
+    instream_core::service_main(instream_core::Service::Aggregator, instream_aggregator::run)
 }

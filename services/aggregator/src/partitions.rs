@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use instream_core::Readiness;
-use instream_kafka::client::{self, Consumer};
+use instream_kafka::Input;
 use instream_store::{AggregateStore, CheckpointKey};
 use tokio_util::sync::CancellationToken;
 
@@ -39,7 +39,7 @@ impl Partitions {
     /// arrives, which may be never. `false` when `stop` fired while the store was unreachable.
     pub(crate) async fn restore_assigned(
         &mut self,
-        consumer: &Consumer,
+        input: Input<'_>,
         store: &dyn AggregateStore,
         kafka: &instream_core::config::KafkaConfig,
         ready: &Readiness,
@@ -47,11 +47,11 @@ impl Partitions {
     ) -> Result<bool, AggregatorError> {
         // Called for every batch: nothing to do while the assignment has not changed (an
         // atomic read, without copying the assignment).
-        if self.restored_generation == Some(client::generation(consumer)) {
+        if self.restored_generation == Some(input.generation()) {
             return Ok(true);
         }
         // Between a revoke and the next assignment there is nothing to restore yet.
-        let Some((generation, assigned)) = client::current_assignment(consumer) else {
+        let Some((generation, assigned)) = input.current_assignment() else {
             return Ok(true);
         };
         let mut missing: Vec<Source> = assigned
@@ -69,7 +69,7 @@ impl Partitions {
             }
         }
         self.restored_generation = Some(generation);
-        metrics::gauge!("instream_aggregator_partition_states", "service" => SERVICE)
+        metrics::gauge!("instream_aggregator_partition_states", "service" => SERVICE.as_str())
             .set(self.states.len() as f64);
         Ok(true)
     }
@@ -120,7 +120,7 @@ impl Partitions {
                 self.resumed.push((source.clone(), state.next_offset()));
             }
             ready.set_ready();
-            metrics::histogram!("instream_checkpoint_restore_seconds", "service" => SERVICE)
+            metrics::histogram!("instream_checkpoint_restore_seconds", "service" => SERVICE.as_str())
                 .record(started.elapsed().as_secs_f64());
             tracing::info!(
                 topic = %key.topic,
@@ -198,17 +198,9 @@ async fn restore(
 /// After a rebalance every partition may have a new owner: states are restored again from
 /// their checkpoints, and records received under the old assignment are read again from the
 /// last commit (the revoke committed exactly what was checkpointed).
-pub(crate) fn follow_generation(
-    consumer: &Consumer,
-    generation: &mut u64,
-    partitions: &mut Partitions,
-    pending: &mut Pending,
-) {
-    let now = client::generation(consumer);
-    if now != *generation {
-        partitions.states.clear();
-        metrics::gauge!("instream_aggregator_partition_states", "service" => SERVICE).set(0.0);
-        pending.clear();
-        *generation = now;
-    }
+pub(crate) fn forget_assignment(partitions: &mut Partitions, pending: &mut Pending) {
+    partitions.states.clear();
+    partitions.restored_generation = None;
+    metrics::gauge!("instream_aggregator_partition_states", "service" => SERVICE.as_str()).set(0.0);
+    pending.clear();
 }

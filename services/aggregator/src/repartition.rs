@@ -3,12 +3,9 @@
 //! enriched position as origin.
 
 use instream_event::Event;
-use instream_kafka::client::{self, Consumer, Producer};
-use instream_kafka::{headers, BatchOutputs, Record};
+use instream_kafka::client::{self, Producer};
+use instream_kafka::{headers, BatchOutputs, Input, Outgoing, Record};
 use instream_pipeline::{topics, Catalog, PipelineDefinition};
-use rdkafka::consumer::Consumer as _;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::FutureRecord;
 
 use crate::{functions, payload, windows, AggregatorError};
 
@@ -54,19 +51,11 @@ pub(crate) async fn forward(
         let group = windows::group_key(aggregation, event, &mut payload);
         let topic = topics::repartition(&def.name, &aggregation.name);
         let (partition, offset) = (record.partition.to_string(), record.offset.to_string());
-        let hs = OwnedHeaders::new_with_capacity(2)
-            .insert(Header {
-                key: headers::ORIGIN_PARTITION,
-                value: Some(&partition),
-            })
-            .insert(Header {
-                key: headers::ORIGIN_OFFSET,
-                value: Some(&offset),
-            });
-        let out = FutureRecord::to(&topic)
+        let out = Outgoing::to(&topic)
             .key(group.as_bytes())
             .payload(record.payload.as_slice())
-            .headers(hs);
+            .header(headers::ORIGIN_PARTITION, partition)
+            .header(headers::ORIGIN_OFFSET, offset);
         outputs.push(client::send(producer, out).await?);
         metrics::counter!("instream_aggregator_repartitioned_total", "pipeline" => def.name.clone(), "aggregation" => aggregation.name.clone())
             .increment(1);
@@ -101,13 +90,13 @@ pub(crate) struct HoldBack {
 impl HoldBack {
     pub(crate) fn follow(
         &mut self,
-        consumer: &Consumer,
+        input: Input<'_>,
         backlog: Option<&instream_core::backlog::Backlog>,
     ) -> Result<(), AggregatorError> {
         let Some(backlog) = backlog else {
             return Ok(());
         };
-        let Some((generation, assigned)) = client::current_assignment(consumer) else {
+        let Some((generation, assigned)) = input.current_assignment() else {
             return Ok(());
         };
         if self.paused.is_some_and(|g| g != generation) {
@@ -121,36 +110,31 @@ impl HoldBack {
         if full == self.paused.is_some() {
             return Ok(());
         }
-        let mut enriched = rdkafka::TopicPartitionList::new();
-        for (topic, partition) in &assigned {
-            if topics::repartitioned_aggregation(topic).is_none() {
-                enriched.add_partition(topic, *partition);
-            }
-        }
+        let enriched: Vec<(String, i32)> = assigned
+            .into_iter()
+            .filter(|(topic, _)| topics::repartitioned_aggregation(topic).is_none())
+            .collect();
         let outcome = if full {
             tracing::info!("a repartition topic is half full: holding the enriched input back");
             self.paused = Some(generation);
-            consumer.pause(&enriched)
+            input.pause(&enriched)
         } else {
             tracing::info!("the repartition topics have room: reading the enriched input again");
             self.paused = None;
-            consumer.resume(&enriched)
+            input.resume(&enriched)
         };
-        outcome.map_err(|e| AggregatorError::Kafka(instream_kafka::KafkaError::Consume(e)))
+        Ok(outcome?)
     }
 
     /// Resumes what is paused (before the consumer closes: a close with paused partitions
     /// has been seen to wait for ever).
-    pub(crate) fn release(&mut self, consumer: &Consumer) {
+    pub(crate) fn release(&mut self, input: Input<'_>) {
         if self.paused.take().is_none() {
             return;
         }
-        if let Some((_, assigned)) = client::current_assignment(consumer) {
-            let mut all = rdkafka::TopicPartitionList::new();
-            for (topic, partition) in &assigned {
-                all.add_partition(topic, *partition);
-            }
-            if let Err(error) = consumer.resume(&all) {
+        if let Some((_, assigned)) = input.current_assignment() {
+            let all: Vec<(String, i32)> = assigned.into_iter().collect();
+            if let Err(error) = input.resume(&all) {
                 tracing::warn!(%error, "resuming the enriched input before closing failed");
             }
         }

@@ -64,7 +64,8 @@ async fn a_flush_cut_short_by_shutdown_makes_nothing_handled_and_keeps_the_check
         early: true,
     };
     let config = instream_core::config::KafkaConfig::default();
-    let consumer = instream_kafka::consumer(&config, SERVICE, "g", &["p.enriched"]).unwrap();
+    let consumer =
+        instream_kafka::consumer(&config, SERVICE.as_str(), "g", &["p.enriched"]).unwrap();
     let ready = instream_core::Health::default().register("aggregator.store");
     let record = Record {
         topic: "p.enriched".into(),
@@ -81,7 +82,7 @@ async fn a_flush_cut_short_by_shutdown_makes_nothing_handled_and_keeps_the_check
     let durable = flush(
         &CheckpointsDown,
         &ready,
-        &consumer,
+        instream_kafka::Input::new(&consumer),
         &mut partitions,
         &catalog,
         &mut pending,

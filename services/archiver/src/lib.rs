@@ -23,11 +23,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use instream_archive::Archive;
 use instream_core::config::ArchiverConfig;
-use instream_core::{Readiness, ServiceContext};
-use instream_kafka::client::{self, recv_batch, Consumer};
-use instream_kafka::{BatchOutputs, DeadLetters, Record};
+use instream_core::{GaveUp, Readiness, Retry, Service, ServiceContext};
+use instream_kafka::{BatchOutputs, DeadLetterCode, DeadLetters, Input, Record};
 use instream_pipeline::{topics, ArchiveFormat, ArchiveTime, Catalog};
-use instream_stage::{Stage, Subscription};
+use instream_stage::{Commit, Flow, Hooks, Processed, ResumeAt, Spec, Stage, Tick};
 use tokio_util::sync::CancellationToken;
 
 pub use format::{FileWriter, FormatError, OffsetRange, Runs};
@@ -35,7 +34,7 @@ pub use layout::{file_name, folder, hour_of, parse_file_name};
 pub use retention::{retention_pass, run_retention, RETENTION_DUTY};
 pub use verify::{verify, FileProblem, PartitionReport, VerifyReport};
 
-const SERVICE: &str = "archiver";
+const SERVICE: Service = Service::Archiver;
 
 /// How long after the consumer's last poll file writes may go on (each write, and its
 /// retries). The consumer is not polled meanwhile, so this stays well inside librdkafka's
@@ -101,6 +100,7 @@ struct Archiver {
     /// Shutdown came while dead letters were unanswered: which files hold their offsets is
     /// not known any more, so no file is written by this process from then on.
     outputs_unconfirmed: bool,
+    shutdown: CancellationToken,
 }
 
 /// Runs with the archive `config.archive` names.
@@ -113,34 +113,28 @@ pub async fn run_with_archive(
     ctx: ServiceContext,
     archive: Arc<dyn Archive>,
 ) -> Result<(), ArchiverError> {
-    let ServiceContext {
-        config,
-        health,
-        shutdown,
-        admin_addr,
-    } = ctx;
     // Registered before the first await, so /readyz cannot pass without it.
-    let ready = health.register("archiver.archive");
-    let stage = Stage::start(SERVICE, &config, &health, admin_addr, &shutdown).await?;
-    let mut catalog = stage.catalog.clone();
+    let ready = ctx.health.register("archiver.archive");
+    let stage = Stage::start(SERVICE, &ctx).await?;
+    let config = &ctx.config;
     archive.ping().await?;
     if !config.archiver.retention.is_zero() {
-        let leadership = instream_coord::coordinator(&config)
+        let leadership = instream_coord::coordinator(config)
             .campaign(RETENTION_DUTY, &instream_coord::instance_name())
             .await?;
-        tokio::spawn(run_retention(
-            archive.clone(),
-            catalog.clone(),
-            leadership,
-            config.archiver.retention,
-            config.archiver.retention_check_interval,
-            shutdown.clone(),
-        ));
+        ctx.tasks.spawn(
+            "archive retention",
+            run_retention(
+                archive.clone(),
+                stage.catalog.clone(),
+                leadership,
+                config.archiver.retention,
+                config.archiver.retention_check_interval,
+                ctx.shutdown.clone(),
+            ),
+        );
     }
     ready.set_ready();
-    let dead = DeadLetters::from_config(&config.kafka, SERVICE)?;
-    let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, Catalog::raw_topics)?;
-    subscription.announce_in(stage.registration.clone());
     let mut archiver = Archiver {
         archive,
         config: config.archiver.clone(),
@@ -151,63 +145,90 @@ pub async fn run_with_archive(
         polled_at: Instant::now(),
         generation: 0,
         abandoned: Default::default(),
-        dead,
+        dead: DeadLetters::from_config(&config.kafka, SERVICE)?,
         outputs: BatchOutputs::default(),
         outputs_unconfirmed: false,
+        shutdown: ctx.shutdown.clone(),
     };
-    let tick = config.archiver.roll_max_age.min(Duration::from_secs(1));
-    let mut batch = Vec::new();
-    // Raw topics are never written in transactions: every gap is records skipped.
-    let mut continuity = instream_kafka::Continuity::new(SERVICE, &config.kafka, |_| false);
-    let mut last_commit = Instant::now();
-    while !shutdown.is_cancelled() {
-        subscription.follow(&mut catalog)?;
-        let consumer = subscription.consumer();
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            received = recv_batch(consumer, 10_000, tick, &mut batch) => received?,
-        }
-        archiver.polled_at = Instant::now();
-        archiver.follow_generation(client::generation(consumer));
-        // A partition resumes after its highest archived offset, even where the commit that
-        // followed the file was lost.
+    let spec = Spec {
+        topics_of: Catalog::raw_topics,
+        batch_size: 10_000,
+        commit: Commit::Offsets {
+            interval: config.kafka.commit_interval,
+        },
+        // Raw topics are never written in transactions: every gap is records skipped.
+        in_transactions: Box::new(|_| false),
+    };
+    stage.drive(spec, &mut archiver).await
+}
+
+#[async_trait::async_trait]
+impl Hooks for Archiver {
+    type Error = ArchiverError;
+
+    fn receive_wait(&self) -> Duration {
+        self.config.roll_max_age.min(Duration::from_secs(1))
+    }
+
+    fn rebalanced(&mut self, input: Input<'_>) {
+        self.follow_generation(input.generation());
+    }
+
+    /// A partition resumes after its highest archived offset, even where the commit that
+    /// followed the file was lost.
+    async fn received(
+        &mut self,
+        _input: Input<'_>,
+        batch: &[Record],
+        resume: &mut Vec<ResumeAt>,
+    ) -> Result<Flow, ArchiverError> {
+        self.polled_at = Instant::now();
         let mut seen: Vec<(&str, i32)> = Vec::new();
-        for record in &batch {
+        for record in batch {
             if !seen.contains(&(record.topic.as_str(), record.partition)) {
                 seen.push((&record.topic, record.partition));
                 let key = (record.topic.clone(), record.partition);
-                let highest = archiver.highest_archived(&key).await?;
+                let highest = self.highest_archived(&key).await?;
                 if highest >= 0 {
-                    continuity.expect_at_least(consumer, &key.0, key.1, highest + 1);
+                    resume.push(ResumeAt {
+                        topic: key.0,
+                        partition: key.1,
+                        next: highest + 1,
+                    });
                 }
             }
         }
-        continuity.check(consumer, &batch).await?;
-        let current = catalog.borrow().clone();
+        Ok(Flow::Continue)
+    }
+
+    async fn process(
+        &mut self,
+        input: Input<'_>,
+        catalog: &Arc<Catalog>,
+        batch: &mut Vec<Record>,
+    ) -> Result<Processed, ArchiverError> {
+        let stop = self.shutdown.clone();
         for record in batch.drain(..) {
-            archiver.add(&current, consumer, record, &shutdown).await?;
+            self.add(catalog, input, record, &stop).await?;
         }
-        archiver.follow_generation(client::generation(consumer));
-        archiver.roll_aged(consumer, &shutdown).await?;
-        if last_commit.elapsed() >= config.kafka.commit_interval {
-            // Its latency, request to broker answer: instream_offset_commit_seconds.
-            client::commit(consumer, false)?;
-            last_commit = Instant::now();
+        Ok(Processed::Kept)
+    }
+
+    async fn tick(&mut self, input: Input<'_>, _: &Arc<Catalog>) -> Result<Tick, ArchiverError> {
+        let stop = self.shutdown.clone();
+        self.roll_aged(input, &stop).await?;
+        Ok(Tick::Durable)
+    }
+
+    /// Closes every open file, so that the last commit covers what they hold.
+    async fn drain(&mut self, input: Input<'_>, _: &Arc<Catalog>) -> Result<bool, ArchiverError> {
+        let keys: Vec<PartitionKey> = self.files.keys().cloned().collect();
+        for key in keys {
+            self.roll(&key, "shutdown", input, &CancellationToken::new())
+                .await?;
         }
+        Ok(true)
     }
-    // Drain: close every open file, then commit what the files hold.
-    let consumer = subscription.consumer();
-    archiver.follow_generation(client::generation(consumer));
-    let keys: Vec<PartitionKey> = archiver.files.keys().cloned().collect();
-    for key in keys {
-        archiver
-            .roll(&key, "shutdown", consumer, &CancellationToken::new())
-            .await?;
-    }
-    client::commit(consumer, true)?;
-    tracing::info!("archiver drained and committed");
-    subscription.close().await;
-    Ok(())
 }
 
 impl Archiver {
@@ -292,7 +313,7 @@ impl Archiver {
     async fn add(
         &mut self,
         catalog: &Catalog,
-        consumer: &Consumer,
+        input: Input<'_>,
         record: Record,
         stop: &CancellationToken,
     ) -> Result<(), ArchiverError> {
@@ -309,7 +330,7 @@ impl Archiver {
         if record.offset <= self.highest_archived(&key).await? {
             metrics::counter!("instream_archive_skipped_total", "pipeline" => pipeline)
                 .increment(1);
-            client::complete(consumer, [&record]);
+            input.complete([&record]);
             return Ok(());
         }
         let event = match instream_event::decode(&record.payload) {
@@ -317,7 +338,7 @@ impl Archiver {
             Err(e) => {
                 let delivery = self
                     .dead
-                    .publish_record(&record, "decode_error", &e.to_string())
+                    .publish_record(&record, DeadLetterCode::DecodeError, &e.to_string())
                     .await?;
                 self.outputs.push(delivery);
                 // The offset joins the open file (completed when it is written), or a file of
@@ -345,7 +366,7 @@ impl Archiver {
             .get(&key)
             .is_some_and(|f| f.hour_start != hour_start)
         {
-            self.roll(&key, "hour", consumer, stop).await?;
+            self.roll(&key, "hour", input, stop).await?;
             if self.abandoned.contains(&key) {
                 return Ok(());
             }
@@ -356,16 +377,16 @@ impl Archiver {
         file.offsets.push(record.offset);
         file.records += 1;
         if file.records >= max_records {
-            self.roll(&key, "records", consumer, stop).await?;
+            self.roll(&key, "records", input, stop).await?;
         } else if file.writer.size() >= max_bytes {
-            self.roll(&key, "size", consumer, stop).await?;
+            self.roll(&key, "size", input, stop).await?;
         }
         Ok(())
     }
 
     async fn roll_aged(
         &mut self,
-        consumer: &Consumer,
+        input: Input<'_>,
         stop: &CancellationToken,
     ) -> Result<(), ArchiverError> {
         let aged: Vec<PartitionKey> = self
@@ -375,7 +396,7 @@ impl Archiver {
             .map(|(k, _)| k.clone())
             .collect();
         for key in aged {
-            self.roll(&key, "age", consumer, stop).await?;
+            self.roll(&key, "age", input, stop).await?;
         }
         Ok(())
     }
@@ -385,7 +406,7 @@ impl Archiver {
         &mut self,
         key: &PartitionKey,
         reason: &'static str,
-        consumer: &Consumer,
+        input: Input<'_>,
         stop: &CancellationToken,
     ) -> Result<(), ArchiverError> {
         // The file answers for its dead letters' offsets too: they are on the broker first.
@@ -421,50 +442,48 @@ impl Archiver {
         let size = data.len();
         let started = Instant::now();
         let deadline = self.polled_at + WRITE_RETRY_LIMIT;
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let put = match tokio::time::timeout(left, self.archive.put(&path, data.clone())).await
-            {
-                Ok(result) => result,
-                Err(_) => Err(instream_archive::ArchiveError::Io {
-                    path: path.clone(),
-                    message: format!("no answer within {left:?}"),
-                }),
-            };
-            match put {
-                Ok(()) => {
-                    self.ready.set_ready();
-                    break;
-                }
-                Err(error) if Instant::now() >= deadline => {
-                    // The consumer is not polled while we retry; before the group takes the
-                    // partition away and a second writer starts on the same offsets, stop.
-                    // Nothing of this file was committed: the restart reads it again.
-                    return Err(ArchiverError::Unwritable {
-                        path,
-                        waited: started.elapsed(),
-                        error,
-                    });
-                }
-                Err(error) => {
-                    self.ready.set_not_ready(error.to_string());
-                    tracing::warn!(%error, %path, "archive write failed; retrying");
-                    if stop
-                        .run_until_cancelled(tokio::time::sleep(backoff))
-                        .await
-                        .is_none()
-                    {
-                        // Not written, not committed: read again after the restart.
-                        self.abandoned.insert(key.clone());
-                        return Ok(());
+        let archive = self.archive.clone();
+        // The consumer is not polled while we retry; before the group takes the partition
+        // away and a second writer starts on the same offsets, stop. Nothing of this file was
+        // committed: the restart reads it again.
+        let written = Retry::new("archive write", stop)
+            .reporting_to(&self.ready)
+            .give_up_after(deadline.saturating_duration_since(started))
+            .run_while(
+                |_| true,
+                || {
+                    let (archive, path, data) = (archive.clone(), path.clone(), data.clone());
+                    async move {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        match tokio::time::timeout(left, archive.put(&path, data)).await {
+                            Ok(result) => result,
+                            Err(_) => Err(instream_archive::ArchiveError::Io {
+                                path,
+                                message: format!("no answer within {left:?}"),
+                            }),
+                        }
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
+                },
+            )
+            .await;
+        match written {
+            Ok(()) => {}
+            Err(GaveUp::TimedOut { error, waited }) => {
+                return Err(ArchiverError::Unwritable {
+                    path,
+                    waited,
+                    error,
+                })
+            }
+            Err(GaveUp::Failed(error)) => return Err(error.into()),
+            Err(GaveUp::Stopped) => {
+                // Not written, not committed: read again after the restart.
+                self.abandoned.insert(key.clone());
+                return Ok(());
             }
         }
         self.archived.insert(key.clone(), last);
-        client::complete_offsets(consumer, &key.0, key.1, &file.offsets);
+        input.complete_offsets(&key.0, key.1, &file.offsets);
         let pipeline = topics::pipeline_of(&key.0).to_owned();
         metrics::histogram!("instream_archive_write_seconds", "pipeline" => pipeline.clone())
             .record(started.elapsed().as_secs_f64());

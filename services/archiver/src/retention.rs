@@ -55,10 +55,10 @@ pub async fn run_retention(
     retention: Duration,
     interval: Duration,
     shutdown: CancellationToken,
-) {
+) -> Result<(), std::convert::Infallible> {
     loop {
         let term = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             term = leadership.acquired() => term,
         };
         tracing::info!(term, "leading archive retention");
@@ -72,7 +72,7 @@ pub async fn run_retention(
                 Err(error) => tracing::warn!(%error, "archive retention pass failed"),
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return Ok(()),
                 _ = leadership.lost() => {}
                 _ = tokio::time::sleep(interval) => {}
             }

@@ -23,20 +23,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use instream_core::config::{Config, DbSourceConfig, SqlTableConfig};
-use instream_core::{Readiness, ServiceContext};
+use instream_core::{Readiness, Service, ServiceContext};
 use instream_event::Event;
 use instream_kafka::client::{self, Producer};
-use instream_kafka::{DeadLetter, DeadLetters};
+use instream_kafka::{DeadLetter, DeadLetterCode, DeadLetters, Outgoing};
 use instream_pipeline::{envelope, topics, Catalog, IdSource, PipelineDefinition, SchemaCache};
 use instream_stage::Stage;
-use rdkafka::producer::FutureRecord;
 use serde_json::value::RawValue;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use table::{Position, Row, Table, TableError};
 
-const SERVICE: &str = "db-source";
+const SERVICE: Service = Service::DbSource;
 /// Longest wait between two attempts after an error (database or broker away).
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Longest the broker may take to acknowledge a batch before the batch is tried again.
@@ -75,39 +74,31 @@ struct Shared {
 
 /// The service: one poller per configured table, each leading or standing by, until shutdown.
 pub async fn run(ctx: ServiceContext) -> Result<(), DbSourceError> {
-    let ServiceContext {
-        config,
-        health,
-        shutdown,
-        admin_addr,
-    } = ctx;
+    let config = &ctx.config;
     if config.db_source.tables.is_empty() {
         tracing::warn!("db_source.tables is empty: nothing to poll");
     }
-    let stage = Stage::start(SERVICE, &config, &health, admin_addr, &shutdown).await?;
-    let producer = instream_kafka::producer(&config.kafka, SERVICE)?;
+    let stage = Stage::start(SERVICE, &ctx).await?;
+    let producer = instream_kafka::producer(&config.kafka, SERVICE.as_str())?;
     let shared = Arc::new(Shared {
         dead_letters: DeadLetters::new(producer.clone(), SERVICE),
         producer,
         catalog: stage.catalog.clone(),
-        database: health.register("db-source.postgres"),
-        health: health.clone(),
-        shutdown: shutdown.clone(),
-        config,
+        database: ctx.health.register("db-source.postgres"),
+        health: ctx.health.clone(),
+        shutdown: ctx.shutdown.clone(),
+        config: config.clone(),
     });
-    tokio::spawn(watch_database(shared.clone()));
-    let pollers: Vec<_> = shared
-        .config
-        .db_source
-        .tables
-        .iter()
-        .map(|t| tokio::spawn(poll_table(shared.clone(), t.clone())))
-        .collect();
-    for poller in pollers {
-        if let Err(e) = poller.await {
-            tracing::error!(error = %e, "a table poller ended abnormally");
-        }
+    ctx.tasks
+        .spawn_infallible("database probe", watch_database(shared.clone()));
+    for table in &config.db_source.tables {
+        ctx.tasks.spawn_infallible(
+            format!("table poller {}", table.name),
+            poll_table(shared.clone(), table.clone()),
+        );
     }
+    // The pollers stop at shutdown; the registration lasts until then.
+    ctx.shutdown.cancelled().await;
     drop(stage);
     Ok(())
 }
@@ -333,9 +324,9 @@ async fn lead(
             .await?;
         rows_total("produced").increment(produced);
         rows_total("dead_lettered").increment(refused);
-        metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => cfg.pipeline.clone(), "outcome" => "accepted")
+        metrics::counter!("instream_events_total", "service" => SERVICE.as_str(), "pipeline" => cfg.pipeline.clone(), "outcome" => "accepted")
             .increment(produced);
-        metrics::histogram!("instream_stage_latency_seconds", "stage" => SERVICE)
+        metrics::histogram!("instream_stage_latency_seconds", "stage" => SERVICE.as_str())
             .record(started.elapsed().as_secs_f64());
         tracing::debug!(source = %cfg.name, rows = rows.len(), to = %last.label(), "batch handed over");
         position = last;
@@ -365,7 +356,7 @@ async fn hand_over(
         match event_of(cfg, def, schema, row, occurrence, ingest_time) {
             Ok(event) => {
                 instream_event::encode_into(&event, &mut buf);
-                let record = FutureRecord::to(&topic)
+                let record = Outgoing::to(&topic)
                     .key(event.key.as_bytes())
                     .payload(buf.as_slice());
                 deliveries.push(client::send(&shared.producer, record).await?);
@@ -386,7 +377,7 @@ async fn hand_over(
                             pipeline: &def.name,
                             key: None,
                             payload: row.json.as_bytes(),
-                            code: rejection.code,
+                            code: DeadLetterCode::Invalid(rejection.code),
                             reason: &reason,
                             origin: None,
                         })

@@ -5,13 +5,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use instream_core::Readiness;
+use instream_core::{Readiness, Retry};
 use instream_kafka::client::{self, Producer};
-use instream_kafka::{headers, DeadLetters, Record};
+use instream_kafka::{headers, DeadLetterCode, DeadLetters, Delivery, Outgoing, Record};
 use instream_pipeline::{topics, Catalog, PipelineDefinition};
 use instream_refdata::{CachedRefStore, Found};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
 use crate::transform::{self, Lookup, Outcomes, Output, Quality};
@@ -31,6 +29,10 @@ pub(crate) struct Enricher {
     pub arena: std::sync::Mutex<Vec<u8>>,
     /// Compiled quality rules and the sampler, from batch to batch.
     pub quality: std::sync::Mutex<Quality>,
+    /// How long a batch waits for records.
+    pub batch_timeout: Duration,
+    /// The definitions whose reference-data versions are followed.
+    pub tracked: Arc<Catalog>,
 }
 
 impl Enricher {
@@ -47,25 +49,11 @@ impl Enricher {
                     .map(|rule| (def.name.clone(), rule.name.clone()))
             })
             .collect();
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match self.refdata.store().track(&rules).await {
-                Ok(()) => return true,
-                Err(error) => {
-                    self.readiness.set_not_ready(error.to_string());
-                    tracing::warn!(%error, retry_in = ?backoff, "reading reference data versions failed; retrying");
-                    if self
-                        .shutdown
-                        .run_until_cancelled(tokio::time::sleep(backoff))
-                        .await
-                        .is_none()
-                    {
-                        return false;
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
+        Retry::new("reading reference data versions", &self.shutdown)
+            .reporting_to(&self.readiness)
+            .run(|| self.refdata.store().track(&rules))
+            .await
+            .is_some()
     }
 
     /// Looks up until it works; `None` when shutdown comes first.
@@ -141,11 +129,7 @@ impl Enricher {
 
     /// Processes a batch. `Ok(true)`: every record's output is acknowledged. `Ok(false)`:
     /// shutdown interrupted it; nothing may be committed.
-    pub async fn process(
-        &self,
-        catalog: &Catalog,
-        batch: &[Record],
-    ) -> Result<bool, EnricherError> {
+    pub async fn enrich(&self, catalog: &Catalog, batch: &[Record]) -> Result<bool, EnricherError> {
         let store = self.refdata.store().clone();
         let plans = transform::plan(catalog, &|p, r| store.version(p, r), batch);
         let mut answers = if plans.lookups.is_empty() {
@@ -162,7 +146,8 @@ impl Enricher {
         {
             return Ok(false);
         }
-        metrics::histogram!("instream_batch_size", "service" => SERVICE).record(batch.len() as f64);
+        metrics::histogram!("instream_batch_size", "service" => SERVICE.as_str())
+            .record(batch.len() as f64);
         let mut outcomes = Outcomes::default();
         let mut arena = std::mem::take(&mut *self.arena.lock().unwrap_or_else(|p| p.into_inner()));
         // A block, so the guard is gone before the first await below.
@@ -189,7 +174,7 @@ impl Enricher {
                 .increment(n);
         }
 
-        let mut deliveries: Vec<DeliveryFuture> = Vec::with_capacity(batch.len());
+        let mut deliveries: Vec<Delivery> = Vec::with_capacity(batch.len());
         // Per pipeline of the batch (usually one): its enriched topic and the ingest times of
         // its records, found by pointer rather than by name on the per-record path.
         let mut enriched: Vec<(Arc<PipelineDefinition>, String, Vec<i64>)> = Vec::new();
@@ -212,7 +197,7 @@ impl Enricher {
                     );
                     deliveries.push(
                         self.dead
-                            .publish_record(record, "too_large", &reason)
+                            .publish_record(record, DeadLetterCode::TooLarge, &reason)
                             .await?,
                     );
                 }
@@ -223,21 +208,6 @@ impl Enricher {
                     ingest_time,
                     tags,
                 } => {
-                    let mut hs = OwnedHeaders::new_with_capacity(3)
-                        .insert(Header {
-                            key: headers::ORIGIN_PARTITION,
-                            value: Some(partition_text.format(record.partition)),
-                        })
-                        .insert(Header {
-                            key: headers::ORIGIN_OFFSET,
-                            value: Some(offset_text.format(record.offset)),
-                        });
-                    if let Some(tags) = &tags {
-                        hs = hs.insert(Header {
-                            key: instream_quality::TAG_HEADER,
-                            value: Some(tags.as_str()),
-                        });
-                    }
                     let at = match enriched
                         .iter()
                         .position(|(def, ..)| Arc::ptr_eq(def, &pipeline))
@@ -250,10 +220,17 @@ impl Enricher {
                         }
                     };
                     let (_, topic, times) = &mut enriched[at];
-                    let out = FutureRecord::to(topic)
+                    let mut out = Outgoing::to(topic)
                         .key(&arena[key])
                         .payload(&arena[bytes])
-                        .headers(hs);
+                        .header(
+                            headers::ORIGIN_PARTITION,
+                            partition_text.format(record.partition),
+                        )
+                        .header(headers::ORIGIN_OFFSET, offset_text.format(record.offset));
+                    if let Some(tags) = &tags {
+                        out = out.header(instream_quality::TAG_HEADER, tags);
+                    }
                     deliveries.push(client::send(&self.producer, out).await?);
                     times.push(ingest_time);
                 }
@@ -265,7 +242,7 @@ impl Enricher {
         for violation in &quality_records {
             let topic = topics::quality(&violation.pipeline);
             let value = serde_json::to_vec(violation).unwrap_or_default();
-            let out = FutureRecord::to(&topic)
+            let out = Outgoing::to(&topic)
                 .key(violation.event_id.as_bytes())
                 .payload(value.as_slice());
             deliveries.push(client::send(&self.producer, out).await?);
@@ -290,12 +267,13 @@ impl Enricher {
                 .increment(n);
         }
         let now = instream_event::now_millis();
-        let latency = metrics::histogram!("instream_stage_latency_seconds", "stage" => SERVICE);
+        let latency =
+            metrics::histogram!("instream_stage_latency_seconds", "stage" => SERVICE.as_str());
         for (pipeline, _, times) in enriched {
             for ingest_time in &times {
                 latency.record((now - ingest_time).max(0) as f64 / 1000.0);
             }
-            metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => pipeline.name.clone(), "outcome" => "enriched")
+            metrics::counter!("instream_events_total", "service" => SERVICE.as_str(), "pipeline" => pipeline.name.clone(), "outcome" => "enriched")
                 .increment(times.len() as u64);
         }
         Ok(true)

@@ -10,26 +10,22 @@
 //! drop re-emits after a crash (at-least-once here; transactions are a later step).
 
 mod enrich;
-mod transaction;
 pub mod transform;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use instream_core::ServiceContext;
-use instream_kafka::client::{self, recv_batch};
-use instream_kafka::{DeadLetters, KafkaError};
+use instream_core::config::Config;
+use instream_core::{GaveUp, Readiness, Retry, Service, ServiceContext};
+use instream_kafka::{DeadLetters, Input, KafkaError, Producer, Record, Transactions};
 use instream_pipeline::Catalog;
-use instream_stage::{Stage, Subscription};
-use rdkafka::consumer::Consumer as _;
-use transaction::Outcome;
+use instream_refdata::{CachedRefStore, RefDataError};
+use instream_stage::{Commit, Hooks, Processed, Spec, Stage};
 
-const SERVICE: &str = "enricher";
-/// The pause before a batch whose transaction was aborted is done again, doubled each time
-/// in a row up to [`MAX_REDO_PAUSE`] (reached after six aborts in a row: the enricher is then
-/// not ready until a batch commits).
-const FIRST_REDO_PAUSE: Duration = Duration::from_millis(100);
-const MAX_REDO_PAUSE: Duration = Duration::from_secs(5);
+const SERVICE: Service = Service::Enricher;
+
+/// How often an idle enricher checks that reference data answers.
+const REFDATA_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnricherError {
@@ -39,271 +35,181 @@ pub enum EnricherError {
     RefData(#[from] instream_refdata::RefDataError),
     #[error(transparent)]
     Stage(#[from] instream_stage::StageError),
-    #[error("transaction: {0}")]
-    Transaction(String),
 }
 
 pub async fn run(ctx: ServiceContext) -> Result<(), EnricherError> {
-    let ServiceContext {
-        config,
-        health,
-        shutdown,
-        admin_addr,
-    } = ctx;
     // Registered before the first await, so /readyz cannot pass without them.
-    let refdata_ready = health.register("enricher.refdata");
+    let refdata_ready = ctx.health.register("enricher.refdata");
     // Transactional delivery: the transactional id registered, and batches not failing
     // again and again.
-    let delivery_ready = health.register("enricher.delivery");
-    let stage = Stage::start(SERVICE, &config, &health, admin_addr, &shutdown).await?;
-    let mut catalog = stage.catalog.clone();
-    // Redis away at start is waited for (not ready meanwhile), as it is later on.
-    let mut backoff = std::time::Duration::from_millis(100);
-    let refstore = loop {
-        match instream_refdata::build(&config.refdata).await {
-            Ok(store) => break store,
-            Err(error @ instream_refdata::RefDataError::Unavailable(_)) => {
-                refdata_ready.set_not_ready(error.to_string());
-                tracing::warn!(%error, retry_in = ?backoff, "reference data unreachable at start; retrying");
-                if shutdown
-                    .run_until_cancelled(tokio::time::sleep(backoff))
-                    .await
-                    .is_none()
-                {
-                    return Ok(());
-                }
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
-            }
-            Err(error) => return Err(error.into()),
-        }
+    let delivery_ready = ctx.health.register("enricher.delivery");
+    let stage = Stage::start(SERVICE, &ctx).await?;
+    let config = &ctx.config;
+    let Some(refdata) = connect_refdata(&ctx, &refdata_ready).await? else {
+        return Ok(());
     };
-    let refdata = Arc::new(instream_refdata::CachedRefStore::new(
-        refstore,
-        &instream_refdata::CacheSettings {
-            max_bytes: config.refdata.cache_max_bytes,
-            ttl: config.refdata.cache_ttl,
-            negative_ttl: config.refdata.cache_negative_ttl,
-        },
-    ));
-    refdata_ready.set_ready();
-    // An idle enricher still reports whether Redis answers.
-    tokio::spawn({
-        let (refdata, readiness, shutdown) =
-            (refdata.clone(), refdata_ready.clone(), shutdown.clone());
-        async move {
-            let mut ticks = tokio::time::interval(std::time::Duration::from_secs(5));
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = ticks.tick() => match refdata.store().ping().await {
-                        Ok(()) => readiness.set_ready(),
-                        Err(error) => readiness.set_not_ready(error.to_string()),
-                    },
-                }
-            }
-        }
-    });
-    let transactional = config.enricher_transactional();
-    let producer = if transactional {
-        let id = config.enricher.transactional_id.clone().unwrap_or_else(|| {
-            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
-            // The pid is 1 in a container, so a pod keeps its id; two processes on one
-            // machine do not fence each other.
-            format!(
-                "{}-enricher-{host}-{}",
-                config.kafka.group_prefix,
-                std::process::id()
-            )
-        });
-        instream_kafka::client::transactional_producer(
-            &config.kafka,
-            SERVICE,
-            &id,
-            config.enricher.transaction_timeout,
-        )?
-    } else {
-        // At-least-once outputs are de-duplicated by origin offset downstream: none may be
-        // lost behind a later one.
-        instream_kafka::gapless_producer(&config.kafka, SERVICE)?
+    let producer = output_producer(config)?;
+    let Some(commit) = delivery(&ctx, &producer, delivery_ready).await? else {
+        return Ok(());
     };
-    let transactions = if transactional {
-        delivery_ready.set_not_ready("registering the transactional id with the broker");
-        let started = transaction::Transactions::start(
-            producer.clone(),
-            config.enricher.transaction_timeout,
-            shutdown.clone(),
-        )
-        .await?;
-        let Some(started) = started else {
-            return Ok(());
-        };
-        Some(started)
-    } else {
-        None
-    };
-    delivery_ready.set_ready();
-    // Dead letters go through the same producer: in transactional delivery they are part of
-    // the batch's transaction.
-    let dead = DeadLetters::new(producer.clone(), SERVICE);
-    let mut subscription = Subscription::new(&config, SERVICE, &mut catalog, Catalog::raw_topics)?;
-    if transactions.is_some() {
-        client::commit_only_in_transactions(subscription.consumer());
-    }
-    subscription.announce_in(stage.registration.clone());
-    let enricher = enrich::Enricher {
+    let mut enricher = enrich::Enricher {
         refdata,
         readiness: refdata_ready,
+        // Dead letters go through the same producer: in transactional delivery they are part
+        // of the batch's transaction.
+        dead: DeadLetters::new(producer.clone(), SERVICE),
         producer,
-        dead,
-        shutdown: shutdown.clone(),
+        shutdown: ctx.shutdown.clone(),
         arena: Default::default(),
         quality: std::sync::Mutex::new(transform::Quality::new(
             config.enricher.quality_samples_per_minute,
         )),
+        batch_timeout: config.enricher.batch_timeout,
+        tracked: stage.catalog.borrow().clone(),
     };
-
-    let mut tracked: Arc<Catalog> = catalog.borrow().clone();
-    if !enricher.track_rules(&tracked).await {
+    if !enricher.track_rules(&enricher.tracked.clone()).await {
         return Ok(());
     }
-    let mut batch = Vec::with_capacity(config.enricher.batch_size);
-    // Raw topics are never written in transactions: every gap is records skipped.
-    let mut continuity = instream_kafka::Continuity::new(SERVICE, &config.kafka, |_| false);
-    let mut last_commit = Instant::now();
-    let mut redo_pause = FIRST_REDO_PAUSE;
-    let mut last_failure = String::new();
-    // Shutdown came while a transaction's end waited for the broker.
-    let mut left_open = false;
-    while !shutdown.is_cancelled() {
-        subscription.follow(&mut catalog)?;
-        let consumer = subscription.consumer();
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            received = recv_batch(consumer, config.enricher.batch_size, config.enricher.batch_timeout, &mut batch) => received?,
+    let spec = Spec {
+        topics_of: Catalog::raw_topics,
+        batch_size: config.enricher.batch_size,
+        commit,
+        // Raw topics are never written in transactions: every gap is records skipped.
+        in_transactions: Box::new(|_| false),
+    };
+    stage.drive(spec, &mut enricher).await
+}
+
+/// Reference data behind its local cache, waited for while unreachable at start (not ready
+/// meanwhile, as later on), and probed from then on so that an idle enricher still reports
+/// whether Redis answers. `None`: shutdown came first.
+async fn connect_refdata(
+    ctx: &ServiceContext,
+    readiness: &Readiness,
+) -> Result<Option<Arc<CachedRefStore>>, EnricherError> {
+    let config = &ctx.config.refdata;
+    let connected = Retry::new("connecting to reference data", &ctx.shutdown)
+        .reporting_to(readiness)
+        .run_while(
+            |error| matches!(error, RefDataError::Unavailable(_)),
+            || instream_refdata::build(config),
+        )
+        .await;
+    let store = match connected {
+        Ok(store) => store,
+        Err(GaveUp::Stopped) => return Ok(None),
+        Err(GaveUp::Failed(error) | GaveUp::TimedOut { error, .. }) => return Err(error.into()),
+    };
+    let refdata = Arc::new(CachedRefStore::new(
+        store,
+        &instream_refdata::CacheSettings {
+            max_bytes: config.cache_max_bytes,
+            ttl: config.cache_ttl,
+            negative_ttl: config.cache_negative_ttl,
+        },
+    ));
+    let probed = refdata.clone();
+    ctx.tasks.spawn(
+        "reference data probe",
+        readiness
+            .clone()
+            .probe(REFDATA_PROBE_INTERVAL, ctx.shutdown.clone(), move || {
+                let refdata = probed.clone();
+                async move { refdata.store().ping().await }
+            }),
+    );
+    Ok(Some(refdata))
+}
+
+/// How batches are committed: in transactions once the producer's transactional id is
+/// registered (`None`: shutdown came first), or by the consumer.
+async fn delivery(
+    ctx: &ServiceContext,
+    producer: &Producer,
+    readiness: Readiness,
+) -> Result<Option<Commit>, EnricherError> {
+    let config = &ctx.config;
+    if !config.enricher_transactional() {
+        readiness.set_ready();
+        return Ok(Some(Commit::Offsets {
+            interval: config.kafka.commit_interval,
+        }));
+    }
+    readiness.set_not_ready("registering the transactional id with the broker");
+    let started = Transactions::start(
+        producer.clone(),
+        config.enricher.transaction_timeout,
+        ctx.shutdown.clone(),
+    )
+    .await?;
+    Ok(started.map(|transactions| {
+        readiness.set_ready();
+        Commit::Transactions {
+            transactions,
+            readiness,
         }
-        continuity.check(consumer, &batch).await?;
-        if !batch.is_empty() {
-            let current: Arc<Catalog> = catalog.borrow().clone();
-            if !Arc::ptr_eq(&current, &tracked) {
-                if !enricher.track_rules(&current).await {
-                    break;
-                }
-                tracked = current.clone();
+    }))
+}
+
+/// The producer of enriched records: transactional, or one whose records are never lost
+/// behind a later one (at-least-once outputs are de-duplicated by origin offset downstream).
+fn output_producer(config: &Config) -> Result<Producer, KafkaError> {
+    if !config.enricher_transactional() {
+        return instream_kafka::gapless_producer(&config.kafka, SERVICE.as_str());
+    }
+    let id = config.enricher.transactional_id.clone().unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+        // The pid is 1 in a container, so a pod keeps its id; two processes on one machine
+        // do not fence each other.
+        format!(
+            "{}-enricher-{host}-{}",
+            config.kafka.group_prefix,
+            std::process::id()
+        )
+    });
+    instream_kafka::client::transactional_producer(
+        &config.kafka,
+        SERVICE.as_str(),
+        &id,
+        config.enricher.transaction_timeout,
+    )
+}
+
+#[async_trait::async_trait]
+impl Hooks for enrich::Enricher {
+    type Error = EnricherError;
+
+    fn receive_wait(&self) -> Duration {
+        self.batch_timeout
+    }
+
+    async fn process(
+        &mut self,
+        _input: Input<'_>,
+        catalog: &Arc<Catalog>,
+        batch: &mut Vec<Record>,
+    ) -> Result<Processed, EnricherError> {
+        if batch.is_empty() {
+            return Ok(Processed::Handled);
+        }
+        if !Arc::ptr_eq(catalog, &self.tracked) {
+            if !self.track_rules(catalog).await {
+                return Ok(Processed::Interrupted);
             }
-            // The group generation the batch was consumed under: a member deposed since (a
-            // rebalance, or a poll interval missed while Redis was down) is then fenced by the
-            // broker instead of committing over the partitions' new owner.
-            let group = match &transactions {
-                Some(tx) => {
-                    let Some(group) = consumer.group_metadata() else {
-                        return Err(EnricherError::Transaction(
-                            "the consumer has no group metadata".into(),
-                        ));
-                    };
-                    tx.begin()?;
-                    Some(group)
-                }
-                None => None,
-            };
-            // `false`: shutdown came during a retry; the batch stays uncommitted and is
-            // re-read by whoever owns the partitions next.
-            let outcome = match enricher.process(&current, &batch).await {
-                Ok(done) => match (&transactions, done, group) {
-                    (None, true, _) => {
-                        client::complete(consumer, &batch);
-                        None
-                    }
-                    (None, false, _) => None,
-                    (Some(tx), true, Some(group)) => {
-                        Some(tx.commit(consumer, group, &batch).await?)
-                    }
-                    (Some(tx), _, _) => Some(if tx.abort().await? {
-                        Outcome::Aborted
-                    } else {
-                        Outcome::Interrupted
-                    }),
-                },
-                Err(error) => {
-                    let Some(tx) = &transactions else {
-                        return Err(error);
-                    };
-                    // A write that timed out (a broker away past the transaction timeout) or
-                    // was caught up in a failing transaction: the whole batch is aborted, so
-                    // doing it again leaves no gap. A refusal no retry mends — the record's
-                    // own, or the transaction's (a partition it may not write to) — or a
-                    // producer failed for good (fenced) stops the process.
-                    let failed_for_good = enricher.producer.fatal_error().is_some();
-                    let cause = tx.failure();
-                    if let Some(cause) = cause
-                        .as_ref()
-                        .filter(|c| instream_kafka::is_refusal(c.code()))
-                    {
-                        let _ = tx.abort().await;
-                        return Err(EnricherError::Transaction(format!(
-                            "the broker refused the batch's transaction: {cause}"
-                        )));
-                    }
-                    if failed_for_good
-                        || !matches!(&error, EnricherError::Kafka(e @ KafkaError::Produce(_)) if !e.is_refused_write())
-                    {
-                        let _ = tx.abort().await;
-                        return Err(error);
-                    }
-                    let why = cause.map_or_else(|| error.to_string(), |c| c.to_string());
-                    tracing::warn!(error = %why, retry_in = ?redo_pause, "the batch's writes failed; aborting its transaction and doing it again");
-                    last_failure = why;
-                    Some(tx.redo(consumer, &batch).await?)
-                }
-            };
-            match outcome {
-                Some(Outcome::Committed) => {
-                    // Committed in the transaction; the tracker only forgets them.
-                    client::complete(consumer, &batch);
-                    redo_pause = FIRST_REDO_PAUSE;
-                    delivery_ready.set_ready();
-                }
-                Some(Outcome::Aborted) => {
-                    if redo_pause >= MAX_REDO_PAUSE {
-                        // Not passing: say so where it is watched, and keep trying.
-                        delivery_ready.set_not_ready(format!(
-                            "batches aborted again and again; last: {last_failure}"
-                        ));
-                    }
-                    // Not at once: whatever failed the batch may not have passed yet.
-                    if shutdown
-                        .run_until_cancelled(tokio::time::sleep(redo_pause))
-                        .await
-                        .is_none()
-                    {
-                        break;
-                    }
-                    redo_pause = (redo_pause * 2).min(MAX_REDO_PAUSE);
-                }
-                Some(Outcome::Interrupted) => {
-                    left_open = true;
-                    break;
-                }
-                None => {}
-            }
+            self.tracked = catalog.clone();
         }
-        if transactions.is_none() && last_commit.elapsed() >= config.kafka.commit_interval {
-            client::commit(consumer, false)?;
-            last_commit = Instant::now();
-        }
+        // `false`: shutdown came during a retry; the batch stays uncommitted and is re-read
+        // by whoever owns the partitions next.
+        Ok(if self.enrich(catalog, batch).await? {
+            Processed::Handled
+        } else {
+            Processed::Interrupted
+        })
     }
-    if transactions.is_none() {
-        client::commit(subscription.consumer(), true)?;
+
+    /// A write that timed out (a broker away past the transaction timeout) or was caught up
+    /// in a failing transaction: the whole batch is aborted, so doing it again leaves no gap.
+    fn may_redo(&self, error: &EnricherError) -> bool {
+        matches!(error, EnricherError::Kafka(e @ KafkaError::Produce(_)) if !e.is_refused_write())
     }
-    if left_open {
-        tracing::warn!(
-            "stopped with a batch's transaction left to the broker: committed if its commit \
-             had reached the coordinator, otherwise aborted when this transactional.id starts \
-             again or after enricher.transaction_timeout; the batch's offsets are as the \
-             transaction leaves them (this consumer commits none of its own)"
-        );
-    } else {
-        tracing::info!("enricher drained and committed");
-    }
-    subscription.close().await;
-    Ok(())
 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use instream_event::{Envelope, FieldPath, Paths, Scalar};
-use instream_kafka::Record;
+use instream_kafka::{DeadLetterCode, Record};
 use instream_pipeline::quality::QualityAction;
 use instream_pipeline::{Catalog, EnrichmentRule, MissPolicy, PipelineDefinition, RecordShape};
 use instream_quality::{EventFacts, RuleSetCache, Sampler, Violation, ViolationRecord};
@@ -31,7 +31,7 @@ pub struct Plans<'r> {
 
 pub enum Plan<'r> {
     Dead {
-        code: &'static str,
+        code: DeadLetterCode,
         reason: String,
     },
     Enrich {
@@ -57,7 +57,7 @@ pub enum Output {
         tags: Option<String>,
     },
     Dead {
-        code: &'static str,
+        code: DeadLetterCode,
         reason: String,
     },
 }
@@ -274,7 +274,7 @@ pub fn plan<'r>(
             Ok(v) => v,
             Err(e) => {
                 out.plans.push(Plan::Dead {
-                    code: "decode_error",
+                    code: DeadLetterCode::DecodeError,
                     reason: e.to_string(),
                 });
                 continue;
@@ -282,7 +282,7 @@ pub fn plan<'r>(
         };
         let Some(def) = catalog.get(&envelope.pipeline).cloned() else {
             out.plans.push(Plan::Dead {
-                code: "unknown_pipeline",
+                code: DeadLetterCode::UnknownPipeline,
                 reason: format!("no definition for pipeline `{}`", envelope.pipeline),
             });
             continue;
@@ -438,7 +438,7 @@ pub fn render(
             empty: true,
         };
         let mut missed: Vec<Value> = Vec::new();
-        let mut dead: Option<(&'static str, String)> = None;
+        let mut dead: Option<(DeadLetterCode, String)> = None;
         found_flags.clear();
         for (rule_index, (rule, lookup)) in def
             .enrichments
@@ -459,7 +459,7 @@ pub fn render(
                 (Some(Found::Malformed(why)), _) => {
                     dead.get_or_insert_with(|| {
                         (
-                            "refdata_malformed",
+                            DeadLetterCode::RefdataMalformed,
                             format!("rule `{}`: the reference record {why}", rule.name),
                         )
                     });
@@ -477,7 +477,10 @@ pub fn render(
                             }
                             Some(_) => "no reference record".to_owned(),
                         };
-                        ("enrich_miss", format!("rule `{}`: {why}", rule.name))
+                        (
+                            DeadLetterCode::EnrichMiss,
+                            format!("rule `{}`: {why}", rule.name),
+                        )
                     });
                 }
             }
@@ -498,7 +501,7 @@ pub fn render(
             Ok(v) => v,
             Err(e) => {
                 outputs.push(Output::Dead {
-                    code: "decode_error",
+                    code: DeadLetterCode::DecodeError,
                     reason: e.to_string(),
                 });
                 continue;
@@ -506,7 +509,7 @@ pub fn render(
         };
         if let Some(reason) = verdict.dead {
             outputs.push(Output::Dead {
-                code: "quality",
+                code: DeadLetterCode::Quality,
                 reason,
             });
             continue;
@@ -545,7 +548,7 @@ pub fn render(
                     // Not the event the rules judged after all: no violation of it stands.
                     quality.records.truncate(recorded);
                     outputs.push(Output::Dead {
-                        code: "decode_error",
+                        code: DeadLetterCode::DecodeError,
                         reason: e.to_string(),
                     });
                     continue;

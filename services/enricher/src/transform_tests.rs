@@ -85,7 +85,7 @@ fn enrichment(output: &Output, arena: &[u8]) -> serde_json::Value {
 
 fn dead(output: &Output) -> (&'static str, &str) {
     match output {
-        Output::Dead { code, reason } => (code, reason.as_str()),
+        Output::Dead { code, reason } => (code.as_str(), reason.as_str()),
         Output::Enriched { .. } => panic!("enriched"),
     }
 }

@@ -11,9 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
 use instream_event::{Event, Rejection};
-use instream_kafka::{client, KafkaError};
+use instream_kafka::{client, KafkaError, Outgoing};
 use instream_pipeline::topics;
-use rdkafka::producer::FutureRecord;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -628,7 +627,7 @@ async fn produce(
 ) -> Result<Vec<Result<(), KafkaError>>, Response> {
     let mut deliveries = Vec::with_capacity(events.len());
     for (_, event, encoded) in events {
-        let record = FutureRecord::to(topic)
+        let record = Outgoing::to(topic)
             .key(event.key.as_bytes())
             .payload(encoded.as_slice());
         match client::try_send(&state.producer, record) {
@@ -663,11 +662,7 @@ async fn produce(
 
 /// An event the broker refused for good (not to be sent again as it is).
 fn refused_by_broker(index: usize, pipeline: &str, error: &KafkaError) -> Refused {
-    let too_large = matches!(
-        error,
-        KafkaError::Produce(e) if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge)
-    );
-    let code = if too_large {
+    let code = if error.is_record_too_large() {
         "event_too_large"
     } else {
         "refused_by_broker"

@@ -20,8 +20,7 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::post;
 use axum::Router;
-use instream_core::config::Config;
-use instream_core::{Health, ServiceContext};
+use instream_core::{Service, ServiceContext};
 use instream_kafka::Producer;
 use instream_pipeline::Catalog;
 use instream_stage::Stage;
@@ -94,19 +93,15 @@ pub struct Ingest {
 
 impl Ingest {
     /// Loads definitions, creates topics and the producer, and binds the HTTP listener.
-    pub async fn start(
-        config: &Config,
-        health: &Health,
-        admin_addr: SocketAddr,
-        shutdown: CancellationToken,
-    ) -> Result<Ingest, IngestError> {
+    pub async fn start(ctx: &ServiceContext) -> Result<Ingest, IngestError> {
+        let config = &ctx.config;
         let keys = keys::ApiKeys::from_config(&config.ingest).ok_or(IngestError::NoKeys)?;
         let tls = config.ingest.tls.as_ref().map(tls::acceptor).transpose()?;
         if config.ingest.allow_anonymous {
             tracing::warn!("ingest accepts events without an API key (ingest.allow_anonymous)");
         }
-        let stage = Stage::start("ingest", config, health, admin_addr, &shutdown).await?;
-        let producer = instream_kafka::producer(&config.kafka, "ingest")?;
+        let stage = Stage::start(Service::Ingest, ctx).await?;
+        let producer = instream_kafka::producer(&config.kafka, Service::Ingest.as_str())?;
         let limits = &config.ingest;
         let state = Arc::new(AppState {
             config: limits.clone(),
@@ -198,13 +193,5 @@ impl Ingest {
 
 /// The service: start, then serve until shutdown.
 pub async fn run(ctx: ServiceContext) -> Result<(), IngestError> {
-    Ingest::start(
-        &ctx.config,
-        &ctx.health,
-        ctx.admin_addr,
-        ctx.shutdown.clone(),
-    )
-    .await?
-    .serve(ctx.shutdown)
-    .await
+    Ingest::start(&ctx).await?.serve(ctx.shutdown).await
 }

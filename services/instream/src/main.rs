@@ -136,6 +136,19 @@ enum Service {
     DbSource,
 }
 
+/// Runs one service as this process (`instream run <service>`).
+fn run_one(service: Service, config: Option<&std::path::Path>) -> ExitCode {
+    use instream_core::{run_service, Service as Named};
+    match service {
+        Service::Ingest => run_service(Named::Ingest, config, instream_ingest::run),
+        Service::Enricher => run_service(Named::Enricher, config, instream_enricher::run),
+        Service::Aggregator => run_service(Named::Aggregator, config, instream_aggregator::run),
+        Service::Archiver => run_service(Named::Archiver, config, instream_archiver::run),
+        Service::QueryApi => run_service(Named::QueryApi, config, instream_query_api::run),
+        Service::DbSource => run_service(Named::DbSource, config, instream_db_source::run),
+    }
+}
+
 #[derive(Subcommand)]
 enum SchemaCommand {
     /// Creates the keyspace and tables of `store` (ScyllaDB/Cassandra, or the local file) if
@@ -174,26 +187,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { service, config } => {
             let config = config.as_deref();
-            return match service {
-                Service::Ingest => {
-                    instream_core::run_service("ingest", config, instream_ingest::run)
-                }
-                Service::Enricher => {
-                    instream_core::run_service("enricher", config, instream_enricher::run)
-                }
-                Service::Aggregator => {
-                    instream_core::run_service("aggregator", config, instream_aggregator::run)
-                }
-                Service::Archiver => {
-                    instream_core::run_service("archiver", config, instream_archiver::run)
-                }
-                Service::QueryApi => {
-                    instream_core::run_service("query-api", config, instream_query_api::run)
-                }
-                Service::DbSource => {
-                    instream_core::run_service("db-source", config, instream_db_source::run)
-                }
-            };
+            return run_one(service, config);
         }
         Command::CheckConfig { config } => check_config(config),
         Command::Schema(SchemaCommand::Apply { config, output }) => {

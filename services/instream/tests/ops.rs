@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use instream_core::config::KafkaConfig;
-use instream_kafka::{ops, DeadLetter, DeadLetters, Origin};
+use instream_kafka::{ops, DeadLetter, DeadLetterCode, DeadLetters, Origin};
 use instream_testkit::{unique, KafkaBroker};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -126,11 +126,11 @@ async fn dlq_tail_shows_dead_letters_and_redrive_sends_raw_ones_back_once() {
         broker.create_topic(t, 1).unwrap();
     }
     let cfg = kafka_config(&broker);
-    let letters = DeadLetters::from_config(&cfg, "enricher").unwrap();
-    let cases: [(&str, &str, &str); 3] = [
-        (&raw, "enrich_miss", r#"{"n":1}"#),
-        (&raw, "refdata_malformed", r#"{"n":2}"#),
-        (&enriched, "unknown_pipeline", r#"{"n":3}"#),
+    let letters = DeadLetters::from_config(&cfg, instream_core::Service::Enricher).unwrap();
+    let cases: [(&str, DeadLetterCode, &str); 3] = [
+        (&raw, DeadLetterCode::EnrichMiss, r#"{"n":1}"#),
+        (&raw, DeadLetterCode::RefdataMalformed, r#"{"n":2}"#),
+        (&enriched, DeadLetterCode::UnknownPipeline, r#"{"n":3}"#),
     ];
     for (i, (origin, code, payload)) in cases.iter().enumerate() {
         let delivery = letters
@@ -139,7 +139,7 @@ async fn dlq_tail_shows_dead_letters_and_redrive_sends_raw_ones_back_once() {
                 pipeline: &pipeline,
                 key: Some(b"c1"),
                 payload: payload.as_bytes(),
-                code,
+                code: *code,
                 reason: "because",
                 origin: Some(Origin {
                     topic: origin,

@@ -215,8 +215,16 @@ impl Standalone {
                 .with_context(|| format!("creating archive.root {}", config.archive.root))?;
         }
         let archive = instream_archive::build(&config.archive)?;
-        let ingest =
-            instream_ingest::Ingest::start(&config, &health, admin_addr, token.clone()).await?;
+        let mut supervisor = Supervisor::new(token.clone());
+        let tasks = supervisor.tasks();
+        let context = || ServiceContext {
+            config: config.clone(),
+            health: health.clone(),
+            shutdown: token.clone(),
+            admin_addr,
+            tasks: tasks.clone(),
+        };
+        let ingest = instream_ingest::Ingest::start(&context()).await?;
         let ingest_addr = ingest.local_addr()?;
         let query =
             if config.query_api.api_key_sha256.is_empty() && !config.query_api.allow_anonymous {
@@ -239,14 +247,7 @@ impl Standalone {
             };
         let query_addr = query.as_ref().map(|q| q.local_addr()).transpose()?;
 
-        let context = || ServiceContext {
-            config: config.clone(),
-            health: health.clone(),
-            shutdown: token.clone(),
-            admin_addr,
-        };
         let intake = token.child_token();
-        let mut supervisor = Supervisor::new(token.clone());
         supervisor.spawn("admin", admin.serve(token.clone()));
         // Ingest closes first on a stop (see `stop`), and its task then waits for the rest.
         supervisor.spawn("ingest", {

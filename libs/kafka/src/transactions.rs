@@ -1,5 +1,5 @@
-//! `enricher.delivery = "transactional"`: each batch is one Kafka transaction holding its
-//! enriched records, its dead letters and its input offsets (sent with the consumer group's
+//! Transactional delivery (`enricher.delivery = "transactional"`): each batch is one Kafka
+//! transaction holding its outputs, its dead letters and its input offsets (sent with the consumer group's
 //! metadata, so a member deposed by a rebalance is fenced, KIP-447). librdkafka's
 //! transactional calls block, so they run on the blocking pool. A broker that does not answer
 //! is waited for: a timed-out commit or abort is called again (librdkafka goes on with it in
@@ -8,28 +8,26 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use instream_kafka::client::{Consumer, Producer};
-use instream_kafka::Record;
-use rdkafka::consumer::{Consumer as _, ConsumerGroupMetadata};
+use crate::client::{Consumer, Producer};
+use crate::{KafkaError, Record};
+use rdkafka::consumer::Consumer as _;
 use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::producer::Producer as _;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::EnricherError;
-
 /// The longest a call librdkafka goes on with in the background waits before it is called
 /// again (see `Transactions::slice`).
 const CALL_SLICE: Duration = Duration::from_secs(2);
 
-pub(crate) struct Transactions {
+pub struct Transactions {
     producer: Producer,
     timeout: Duration,
     shutdown: CancellationToken,
 }
 
 /// How a batch's transaction ended.
-pub(crate) enum Outcome {
+pub enum Outcome {
     Committed,
     /// Aborted (a rebalance fenced it, the broker refused it, or its writes timed out):
     /// nothing of it is visible, and the consumer was moved back to the batch's first
@@ -41,8 +39,8 @@ pub(crate) enum Outcome {
     Interrupted,
 }
 
-fn failed(what: &str, e: impl std::fmt::Display) -> EnricherError {
-    EnricherError::Transaction(format!("{what}: {e}"))
+fn failed(what: &str, e: impl std::fmt::Display) -> KafkaError {
+    KafkaError::Transaction(format!("{what}: {e}"))
 }
 
 impl Transactions {
@@ -52,7 +50,7 @@ impl Transactions {
         producer: Producer,
         timeout: Duration,
         shutdown: CancellationToken,
-    ) -> Result<Option<Self>, EnricherError> {
+    ) -> Result<Option<Self>, KafkaError> {
         let transactions = Self {
             producer,
             timeout,
@@ -88,10 +86,24 @@ impl Transactions {
         }
     }
 
-    pub fn begin(&self) -> Result<(), EnricherError> {
+    /// Whether the producer failed for good (another instance with its `transactional.id`
+    /// fenced it): nothing it sends can succeed any more.
+    pub fn failed_for_good(&self) -> bool {
+        self.producer.fatal_error().is_some()
+    }
+
+    /// Begins a batch's transaction, under the consumer group generation the batch was
+    /// consumed in: a member deposed since (a rebalance, or a poll interval missed while a
+    /// backend was down) is then fenced by the broker instead of committing over the
+    /// partitions' new owner.
+    pub fn begin(&self, consumer: &Consumer) -> Result<Batch, KafkaError> {
+        let group = consumer
+            .group_metadata()
+            .ok_or_else(|| failed("begin_transaction", "the consumer has no group metadata"))?;
         self.producer
             .begin_transaction()
-            .map_err(|e| failed("begin_transaction", e))
+            .map_err(|e| failed("begin_transaction", e))?;
+        Ok(Batch { group })
     }
 
     /// Runs a transactional call on the blocking pool, again after a pause each time it
@@ -104,7 +116,9 @@ impl Transactions {
         timeout: Duration,
         call: impl Fn(&Producer, Duration) -> Result<(), RdKafkaError> + Clone + Send + 'static,
     ) -> Result<Option<()>, RdKafkaError> {
-        let mut backoff = Duration::from_millis(100);
+        let mut pauses =
+            instream_core::Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
+                .pauses();
         loop {
             let (p, call) = (self.producer.clone(), call.clone());
             let result = tokio::task::spawn_blocking(move || call(&p, timeout))
@@ -112,16 +126,10 @@ impl Transactions {
                 .map_err(|_| RdKafkaError::Canceled)?;
             match result {
                 Err(RdKafkaError::Transaction(e)) if e.is_retriable() => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "{what} did not complete; calling it again");
-                    if self
-                        .shutdown
-                        .run_until_cancelled(tokio::time::sleep(backoff))
-                        .await
-                        .is_none()
-                    {
+                    tracing::warn!(error = %e, "{what} did not complete; calling it again");
+                    if !pauses.sleep(&self.shutdown).await {
                         return Ok(None);
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
                 other => return other.map(Some),
             }
@@ -130,7 +138,7 @@ impl Transactions {
 
     /// Aborts the open transaction (shutdown in the middle of a batch, or a batch to do
     /// again). `false`: shutdown came while the broker did not answer.
-    pub async fn abort(&self) -> Result<bool, EnricherError> {
+    pub async fn abort(&self) -> Result<bool, KafkaError> {
         self.retrying("abort_transaction", self.slice(), |p, timeout| {
             p.abort_transaction(timeout)
         })
@@ -141,27 +149,23 @@ impl Transactions {
 
     /// The batch's writes failed because the broker could not be reached: aborts its
     /// transaction and moves the consumer back to the batch's first offsets to do it again.
-    pub async fn redo(
-        &self,
-        consumer: &Consumer,
-        batch: &[Record],
-    ) -> Result<Outcome, EnricherError> {
+    pub async fn redo(&self, consumer: &Consumer, ranges: &Ranges) -> Result<Outcome, KafkaError> {
         if !self.abort().await? {
             return Ok(Outcome::Interrupted);
         }
         metrics::counter!("instream_enrich_transactions_total", "outcome" => "aborted")
             .increment(1);
-        self.rewind(consumer, &ranges(batch))?;
+        self.rewind(consumer, ranges)?;
         Ok(Outcome::Aborted)
     }
 
     /// Moves the consumer back to the first offset of each range still assigned.
-    fn rewind(&self, consumer: &Consumer, ranges: &Ranges<'_>) -> Result<(), EnricherError> {
-        let assigned = instream_kafka::client::assigned_partitions(consumer);
+    fn rewind(&self, consumer: &Consumer, ranges: &Ranges) -> Result<(), KafkaError> {
+        let assigned = crate::client::assigned_partitions(consumer);
         for ((topic, partition), (first, _)) in ranges {
             // A partition no longer assigned is not ours to rewind: its next owner starts
             // from the last committed offset anyway.
-            if !assigned.contains(&((*topic).to_owned(), *partition)) {
+            if !assigned.contains(&(topic.clone(), *partition)) {
                 continue;
             }
             // Going on past aborted records would lose them: start again from the first.
@@ -178,12 +182,12 @@ impl Transactions {
     pub async fn commit(
         &self,
         consumer: &Consumer,
-        group: ConsumerGroupMetadata,
-        batch: &[Record],
-    ) -> Result<Outcome, EnricherError> {
-        let ranges = ranges(batch);
+        batch: Batch,
+        ranges: &Ranges,
+    ) -> Result<Outcome, KafkaError> {
+        let group = batch.group;
         let mut offsets = TopicPartitionList::new();
-        for ((topic, partition), (_, next)) in &ranges {
+        for ((topic, partition), (_, next)) in ranges {
             offsets
                 .add_partition_offset(topic, *partition, Offset::Offset(*next))
                 .map_err(|e| failed("offsets", e))?;
@@ -216,7 +220,7 @@ impl Transactions {
                 Ok(Outcome::Committed)
             }
             Err((what, RdKafkaError::Transaction(e)))
-                if e.txn_requires_abort() && instream_kafka::is_refusal(e.code()) =>
+                if e.txn_requires_abort() && crate::is_refusal(e.code()) =>
             {
                 // Done again it would be refused again: stop, saying why.
                 self.abort().await?;
@@ -224,21 +228,27 @@ impl Transactions {
             }
             Err((_, RdKafkaError::Transaction(e))) if e.txn_requires_abort() => {
                 tracing::warn!(error = %e, "transaction refused; aborting and doing the batch again");
-                self.redo(consumer, batch).await
+                self.redo(consumer, ranges).await
             }
             Err((what, e)) => Err(failed(what, e)),
         }
     }
 }
 
-/// Per partition of a batch: the first offset (to rewind to) and the next one (to commit).
-type Ranges<'b> = BTreeMap<(&'b str, i32), (i64, i64)>;
+/// An open batch transaction (see [`Transactions::begin`]).
+pub struct Batch {
+    group: rdkafka::consumer::ConsumerGroupMetadata,
+}
 
-fn ranges(batch: &[Record]) -> Ranges<'_> {
+/// Per partition of a batch: the first offset (to rewind to) and the next one (to commit).
+pub type Ranges = BTreeMap<(String, i32), (i64, i64)>;
+
+/// The [`Ranges`] of a batch's records.
+pub fn ranges(batch: &[Record]) -> Ranges {
     let mut ranges = Ranges::new();
     for r in batch {
         let range = ranges
-            .entry((r.topic.as_str(), r.partition))
+            .entry((r.topic.clone(), r.partition))
             .or_insert((r.offset, r.offset + 1));
         range.0 = range.0.min(r.offset);
         range.1 = range.1.max(r.offset + 1);
