@@ -5,6 +5,7 @@
 //! (re-registered, re-watched, re-elected), and a leader cut off from ZooKeeper gives up its
 //! duty before a standby takes it.
 
+use instream_testkit::wait_for;
 use std::time::Duration;
 
 use instream_coord::{campaign, publish_definition, register_instance, ZkDefinitionSource};
@@ -28,24 +29,6 @@ fn config(zk: &ZooKeeperServer) -> ZooKeeperConfig {
         root: format!("/{}", unique("instream")),
         session_timeout: Duration::from_secs(4),
         auth: None,
-    }
-}
-
-async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -175,8 +158,11 @@ async fn definition_changes_reach_subscribers_and_bad_ones_are_ignored() {
 async fn registry_nodes_live_as_long_as_their_session() {
     let server = ZooKeeperServer::start().unwrap();
     let cfg = config(&server);
-    let info = serde_json::json!({"admin": "127.0.0.1:9464"});
-    let registration = register_instance(&cfg, "enricher", "host-1", &info)
+    let info = instream_coord::InstanceInfo {
+        admin: "127.0.0.1:9464".into(),
+        ..Default::default()
+    };
+    let registration = register_instance(&cfg, "enricher", "host-1", info.clone())
         .await
         .unwrap();
     let client = zk::Client::connect(&cfg.connect).await.unwrap();
@@ -185,11 +171,11 @@ async fn registry_nodes_live_as_long_as_their_session() {
     let path = format!("{}{}", cfg.root, registration.path());
     let (data, _) = client.get_data(&path).await.unwrap();
     assert_eq!(
-        serde_json::from_slice::<serde_json::Value>(&data).unwrap(),
+        serde_json::from_slice::<instream_coord::InstanceInfo>(&data).unwrap(),
         info
     );
     // An update (a new assignment, say) reaches the node.
-    registration.update(|info| info["partitions"] = serde_json::json!(["orders.raw/0"]));
+    registration.update(|info| info.partitions = vec!["orders.raw/0".into()]);
     wait_for(
         "the updated registry node",
         Duration::from_secs(5),
@@ -280,7 +266,7 @@ async fn an_expired_session_recovers_everything_it_held() {
         .subscribe(shutdown.clone())
         .await
         .unwrap();
-    let registration = register_instance(&cut_off, "aggregator", "agg-1", &serde_json::json!({}))
+    let registration = register_instance(&cut_off, "aggregator", "agg-1", Default::default())
         .await
         .unwrap();
     let mut leadership = campaign(&cut_off, "retention", "agg-1").await.unwrap();

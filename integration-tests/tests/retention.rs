@@ -3,6 +3,7 @@
 //! whatever hour folder they are in), and when the leader withdraws the standby takes the
 //! duty over.
 
+use instream_testkit::wait_for;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -83,21 +84,6 @@ async fn paths(archive: &LocalArchive) -> Vec<String> {
         .collect()
 }
 
-async fn wait_for<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_elected_archiver_deletes_expired_files_and_a_standby_takes_over() {
     let server = ZooKeeperServer::start().unwrap();
@@ -155,10 +141,14 @@ async fn only_the_elected_archiver_deletes_expired_files_and_a_standby_takes_ove
         Duration::from_millis(100),
         first_stop.clone(),
     ));
-    wait_for("the first archiver to lead", || {
-        let leading = first_watch.borrow().is_some();
-        async move { leading }
-    })
+    wait_for(
+        "the first archiver to lead",
+        Duration::from_secs(20),
+        || {
+            let leading = first_watch.borrow().is_some();
+            async move { leading }
+        },
+    )
     .await;
     let second = instream_coord::campaign(&zk, instream_archiver::RETENTION_DUTY, "b")
         .await
@@ -174,9 +164,11 @@ async fn only_the_elected_archiver_deletes_expired_files_and_a_standby_takes_ove
         second_stop.clone(),
     ));
 
-    wait_for("the expired files to go", || async {
-        paths(&archive).await.len() == 2
-    })
+    wait_for(
+        "the expired files to go",
+        Duration::from_secs(20),
+        || async { paths(&archive).await.len() == 2 },
+    )
     .await;
     assert_eq!(
         paths(&archive).await,
@@ -193,7 +185,7 @@ async fn only_the_elected_archiver_deletes_expired_files_and_a_standby_takes_ove
     // deletes what expires from then on.
     first_stop.cancel();
     first_task.await.unwrap();
-    wait_for("the standby to lead", || {
+    wait_for("the standby to lead", Duration::from_secs(20), || {
         let leading = second_watch.borrow().is_some();
         async move { leading }
     })
@@ -204,9 +196,11 @@ async fn only_the_elected_archiver_deletes_expired_files_and_a_standby_takes_ove
         31 * DAY,
     )
     .await;
-    wait_for("the standby to delete the newly expired file", || async {
-        paths(&archive).await.len() == 2
-    })
+    wait_for(
+        "the standby to delete the newly expired file",
+        Duration::from_secs(20),
+        || async { paths(&archive).await.len() == 2 },
+    )
     .await;
     assert_eq!(deleted(&second_archive), 1, "the new leader deleted it");
     assert_eq!(deleted(&first_archive), 2, "the old one did nothing more");

@@ -3,6 +3,7 @@
 //! in a real ZooKeeper and a real Kafka-protocol broker between the stages. Every stage runs
 //! as its own service task with its own config, exactly as its binary would run it.
 
+use instream_testkit::wait_for;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,24 +64,6 @@ fn event(i: usize) -> serde_json::Value {
         "ts": T0 + ((i * 7_919) % 300_000) as i64,
         "amount": i,
     })
-}
-
-async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Every record in the archive, decompressed, with the file it is in.

@@ -15,6 +15,7 @@
 
 mod definitions;
 mod election;
+mod instance;
 mod local;
 mod progress;
 mod registry;
@@ -23,12 +24,12 @@ mod session;
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
-use serde_json::Value;
 
 pub use definitions::{
     publish_definition, stored_definitions, StoredDefinition, ZkDefinitionSource,
 };
 pub use election::{campaign, Leadership};
+pub use instance::InstanceInfo;
 pub use local::LocalCoordinator;
 pub use progress::{stored_position, Progress};
 pub use registry::{instances, register_instance, Instance, Registration};
@@ -45,7 +46,7 @@ pub trait Coordinator: Send + Sync {
         &self,
         service: &str,
         instance: &str,
-        info: Value,
+        info: InstanceInfo,
     ) -> Result<Registration, CoordError>;
     /// Joins the election for `duty`.
     async fn campaign(&self, duty: &str, instance: &str) -> Result<Leadership, CoordError>;
@@ -70,9 +71,9 @@ impl Coordinator for ZkCoordinator {
         &self,
         service: &str,
         instance: &str,
-        info: Value,
+        info: InstanceInfo,
     ) -> Result<Registration, CoordError> {
-        register_instance(&self.cfg, service, instance, &info).await
+        register_instance(&self.cfg, service, instance, info).await
     }
 
     async fn campaign(&self, duty: &str, instance: &str) -> Result<Leadership, CoordError> {
@@ -123,17 +124,7 @@ pub async fn register_service(
     service: &str,
     admin: std::net::SocketAddr,
 ) -> Result<Registration, CoordError> {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
-    let info = serde_json::json!({
-        "service": service,
-        "role": service,
-        "host": host,
-        "pid": std::process::id(),
-        "admin": admin.to_string(),
-        "ports": {"admin": admin.port()},
-        "version": env!("CARGO_PKG_VERSION"),
-        "partitions": [],
-    });
+    let info = InstanceInfo::of_this_process(service, admin);
     coordinator(config)
         .register(service, &instance_name(), info)
         .await

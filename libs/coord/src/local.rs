@@ -2,11 +2,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::{CoordError, Coordinator, Instance, Leadership, Registration};
+use crate::{CoordError, Coordinator, Instance, InstanceInfo, Leadership, Registration};
 
 /// Registry and elections inside one process, for standalone mode: the same behaviour as
 /// ZooKeeper's (a dropped registration disappears, a dropped leader hands over to the next
@@ -21,7 +20,7 @@ type Contender = (u64, watch::Sender<Option<u64>>);
 
 #[derive(Default)]
 struct LocalState {
-    instances: BTreeMap<(String, String), watch::Receiver<Value>>,
+    instances: BTreeMap<(String, String), watch::Receiver<InstanceInfo>>,
     /// Per duty, the contenders in arrival order; the first leads.
     elections: HashMap<String, Vec<Contender>>,
     next_id: u64,
@@ -39,7 +38,7 @@ impl Coordinator for LocalCoordinator {
         &self,
         service: &str,
         instance: &str,
-        info: Value,
+        info: InstanceInfo,
     ) -> Result<Registration, CoordError> {
         let (tx, rx) = watch::channel(info);
         let key = (service.to_owned(), instance.to_owned());
@@ -98,7 +97,7 @@ impl Coordinator for LocalCoordinator {
             .map(|((service, instance), info)| Instance {
                 service: service.clone(),
                 instance: instance.clone(),
-                info: info.borrow().clone(),
+                info: serde_json::to_value(&*info.borrow()).unwrap_or_default(),
             })
             .collect())
     }
@@ -113,14 +112,14 @@ mod tests {
     async fn registrations_go_with_their_owner_and_updates_show() {
         let local = LocalCoordinator::default();
         let a = local
-            .register("enricher", "a", serde_json::json!({"partitions": []}))
+            .register("enricher", "a", InstanceInfo::default())
             .await
             .unwrap();
         let _b = local
-            .register("archiver", "b", serde_json::json!({}))
+            .register("archiver", "b", InstanceInfo::default())
             .await
             .unwrap();
-        a.update(|info| info["partitions"] = serde_json::json!(["x.raw/0"]));
+        a.update(|info| info.partitions = vec!["x.raw/0".into()]);
         let listed = local.instances().await.unwrap();
         assert_eq!(listed.len(), 2);
         let enricher = listed.iter().find(|i| i.service == "enricher").unwrap();

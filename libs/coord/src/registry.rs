@@ -2,6 +2,8 @@ use std::time::Duration;
 
 use instream_core::config::ZooKeeperConfig;
 use serde_json::Value;
+
+use crate::InstanceInfo;
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use zookeeper_client as zk;
@@ -11,13 +13,17 @@ use crate::session::{connect, session_ended, CoordError, SERVICES};
 /// A live registration. The node is ephemeral: it goes when this is dropped, when the process
 /// dies (after the session timeout), and it comes back by itself after a session expiry.
 pub struct Registration {
-    info: watch::Sender<Value>,
+    info: watch::Sender<InstanceInfo>,
     path: String,
     _stop: DropGuard,
 }
 
 impl Registration {
-    pub(crate) fn new(info: watch::Sender<Value>, path: String, stop: CancellationToken) -> Self {
+    pub(crate) fn new(
+        info: watch::Sender<InstanceInfo>,
+        path: String,
+        stop: CancellationToken,
+    ) -> Self {
         Self {
             info,
             path,
@@ -31,12 +37,12 @@ impl Registration {
     }
 
     /// Changes what the registry says about this instance (its assigned partitions, say).
-    pub fn update(&self, change: impl FnOnce(&mut Value)) {
+    pub fn update(&self, change: impl FnOnce(&mut InstanceInfo)) {
         self.info.send_modify(change);
     }
 
     /// What the registry says about this instance now.
-    pub fn info(&self) -> Value {
+    pub fn info(&self) -> InstanceInfo {
         self.info.borrow().clone()
     }
 }
@@ -79,12 +85,12 @@ pub async fn register_instance(
     cfg: &ZooKeeperConfig,
     service: &str,
     instance: &str,
-    info: &Value,
+    info: InstanceInfo,
 ) -> Result<Registration, CoordError> {
     let client = connect(cfg).await?;
     let path = format!("{SERVICES}/{service}/{instance}");
-    create_node(&client, cfg, &path, info.to_string().as_bytes()).await?;
-    let (tx, rx) = watch::channel(info.clone());
+    create_node(&client, cfg, &path, info.to_json().as_bytes()).await?;
+    let (tx, rx) = watch::channel(info);
     let stop = CancellationToken::new();
     tokio::spawn(keep_registered(
         cfg.clone(),
@@ -100,7 +106,7 @@ async fn keep_registered(
     cfg: ZooKeeperConfig,
     mut client: zk::Client,
     path: String,
-    mut info: watch::Receiver<Value>,
+    mut info: watch::Receiver<InstanceInfo>,
     stop: CancellationToken,
 ) {
     // An update that failed (a connection lost for a moment) is written again until it lands.
@@ -126,7 +132,7 @@ async fn keep_registered(
                 loop {
                     let attempt = async {
                         let fresh = connect(&cfg).await?;
-                        let data = info.borrow_and_update().to_string();
+                        let data = info.borrow_and_update().to_json();
                         create_node(&fresh, &cfg, &path, data.as_bytes()).await?;
                         Ok::<_, CoordError>(fresh)
                     };
@@ -151,7 +157,7 @@ async fn keep_registered(
             }
         }
         if dirty {
-            let data = info.borrow_and_update().to_string();
+            let data = info.borrow_and_update().to_json();
             match client.set_data(&path, data.as_bytes(), None).await {
                 Ok(_) => dirty = false,
                 Err(error) => {
@@ -167,7 +173,16 @@ async fn keep_registered(
 pub struct Instance {
     pub service: String,
     pub instance: String,
+    /// As stored: read as JSON, so that instances of another version are listed too.
     pub info: Value,
+}
+
+impl Instance {
+    /// The stored info as this version knows it (fields it does not know are left out,
+    /// missing ones empty).
+    pub fn typed(&self) -> InstanceInfo {
+        serde_json::from_value(self.info.clone()).unwrap_or_default()
+    }
 }
 
 /// Every registered instance.

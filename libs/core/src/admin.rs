@@ -3,7 +3,7 @@
 //! `/healthz` answers 200 while the process serves HTTP at all (liveness). `/readyz` answers
 //! 200 only while every registered component says it can do its work — its dependencies are
 //! reachable — and 503 with the reasons otherwise. Partition assignment is deliberately not
-//! part of readiness: an instance without partitions after a rebalance is healthy (DESIGN §7).
+//! part of readiness: an instance without partitions after a rebalance is healthy (docs/guarantees.md).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

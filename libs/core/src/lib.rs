@@ -16,6 +16,7 @@ pub mod admin;
 pub mod auth;
 pub mod backlog;
 pub mod config;
+mod metric_help;
 pub mod retry;
 pub mod service;
 pub mod shutdown;

@@ -47,6 +47,7 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
             // Only a host program embedding instream could have got there first.
             tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
         }
+        crate::metric_help::describe_all();
         handle
     })
 }

@@ -1,5 +1,5 @@
 //! Deterministic event ids, so that a retried request yields the same ids and the
-//! aggregator's de-duplication can recognise the repeats (DESIGN §3). Every id is scoped by
+//! aggregator's de-duplication can recognise the repeats (docs/guarantees.md). Every id is scoped by
 //! the producer (the API key's `producer` name; empty for anonymous access and SQL sources),
 //! so that two producers never make each other's events repeats.
 

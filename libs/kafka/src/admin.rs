@@ -155,20 +155,17 @@ pub async fn watch_broker(
     readiness: instream_core::Readiness,
     interval: Duration,
     shutdown: tokio_util::sync::CancellationToken,
-) {
+) -> Result<(), KafkaError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.bootstrap_servers);
     for (k, v) in &cfg.properties {
         c.set(k, v);
     }
     c.set("allow.auto.create.topics", "false");
-    let consumer: BaseConsumer = match c.create() {
-        Ok(c) => c,
-        Err(e) => {
-            readiness.set_not_ready(format!("kafka client: {e}"));
-            return;
-        }
-    };
+    let consumer: BaseConsumer = c.create().map_err(|e| {
+        readiness.set_not_ready(format!("kafka client: {e}"));
+        KafkaError::Admin(format!("the broker probe's client: {e}"))
+    })?;
     let consumer = std::sync::Arc::new(consumer);
     loop {
         let probe = consumer.clone();
@@ -188,7 +185,7 @@ pub async fn watch_broker(
             .await
             .is_none()
         {
-            return;
+            return Ok(());
         }
     }
 }

@@ -159,7 +159,7 @@ pub struct Aggregation {
 impl Aggregation {
     /// Whether the aggregation's groups cut across the partition key, so its events go
     /// through `<pipeline>.by-<name>`, keyed by the group, to give each window one owner
-    /// (DESIGN §7).
+    /// (docs/guarantees.md).
     pub fn repartitioned(&self) -> bool {
         self.group_by.first().is_none_or(|f| f.as_str() != "key")
     }

@@ -145,7 +145,7 @@ pub trait Hooks: Send {
         Ok(true)
     }
 
-    /// Before the consumer leaves its group.
+    /// Before the consumer leaves its group, whatever ended the loop.
     fn release(&mut self, _input: Input<'_>) {}
 
     /// In [`Commit::Transactions`]: whether a batch that failed with `error` may be aborted and
@@ -210,6 +210,9 @@ impl Stage {
             }
             Err(error) => Err(error),
         };
+        // On every path: a consumer closing with paused partitions has been seen to wait
+        // for ever.
+        hooks.release(Input::new(subscription.consumer()));
         subscription.close().await;
         result
     }
@@ -323,15 +326,21 @@ impl Run<'_> {
         let ranges = ranges(&self.batch);
         let open = transactions.begin(input.consumer())?;
         let outcome = match hooks.process(input, catalog, &mut self.batch).await {
-            Ok(Processed::Handled | Processed::Kept) => {
-                transactions.commit(input.consumer(), open, &ranges).await?
+            Ok(Processed::Handled) => transactions.commit(input.consumer(), open, &ranges).await?,
+            Ok(Processed::Kept) => {
+                let _ = transactions.abort().await;
+                return Err(KafkaError::Transaction(
+                    "a stage whose batches are transactions must handle each batch whole".into(),
+                )
+                .into());
             }
             Ok(Processed::Interrupted | Processed::Unconfirmed) => {
-                if transactions.abort().await? {
-                    Outcome::Aborted
-                } else {
-                    Outcome::Interrupted
+                // Stopping: nothing of the batch becomes visible, and it is read again after
+                // a restart (the consumer is not moved past it: the loop ends here).
+                if !transactions.abort().await? {
+                    self.left_open = true;
                 }
+                return Ok(Some(End::Drain));
             }
             Err(error) => {
                 let why = failed_batch(transactions, hooks, error).await?;
@@ -380,7 +389,6 @@ impl Run<'_> {
         if durable && matches!(self.spec.commit, Commit::Offsets { .. }) {
             client::commit(input.consumer(), true)?;
         }
-        hooks.release(input);
         let service = self.stage.service;
         if self.left_open {
             tracing::warn!(

@@ -55,15 +55,15 @@ impl Stage {
             .await?;
         definitions.set_ready();
         tasks.spawn_infallible(
-            "pipeline topics",
+            format!("{service} pipeline topics"),
             instream_kafka::admin::keep_pipeline_topics(
                 config.kafka.clone(),
                 catalog.clone(),
                 shutdown.clone(),
             ),
         );
-        tasks.spawn_infallible(
-            "broker probe",
+        tasks.spawn(
+            format!("{service} broker probe"),
             instream_kafka::admin::watch_broker(
                 config.kafka.clone(),
                 ctx.health.register(&format!("{service}.kafka")),
@@ -75,7 +75,7 @@ impl Stage {
             instream_coord::register_service(config, service.as_str(), ctx.admin_addr).await?,
         );
         tasks.spawn_infallible(
-            "definition announcer",
+            format!("{service} definition announcer"),
             announce_definitions(catalog.clone(), registration.clone(), shutdown.clone()),
         );
         Ok(Stage {
@@ -97,16 +97,16 @@ async fn announce_definitions(
     shutdown: CancellationToken,
 ) {
     loop {
-        let versions: serde_json::Map<String, serde_json::Value> = catalog
+        let versions: std::collections::BTreeMap<String, u64> = catalog
             .borrow_and_update()
             .iter()
             .map(|def| {
                 metrics::gauge!("instream_definition_version", "pipeline" => def.name.clone())
                     .set(def.version as f64);
-                (def.name.clone(), def.version.into())
+                (def.name.clone(), def.version)
             })
             .collect();
-        registration.update(|info| info["definitions"] = versions.into());
+        registration.update(|info| info.definitions = versions);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = catalog.changed() => if changed.is_err() {
@@ -116,6 +116,12 @@ async fn announce_definitions(
             },
         }
     }
+}
+
+/// The consumer group of a service's stage: `<kafka.group_prefix>-<service>` (what its
+/// commits, and the aggregator's checkpoints, are keyed by).
+pub fn group_of(config: &Config, service: &str) -> String {
+    format!("{}-{service}", config.kafka.group_prefix)
 }
 
 /// A group consumer (`<kafka.group_prefix>-<service>`) subscribed to the topics that
@@ -136,7 +142,7 @@ impl Subscription {
         catalog: &mut watch::Receiver<Arc<Catalog>>,
         topics_of: fn(&Catalog) -> Vec<String>,
     ) -> Result<Subscription, KafkaError> {
-        let group = format!("{}-{service}", config.kafka.group_prefix);
+        let group = group_of(config, service);
         let topics = topics_of(&catalog.borrow_and_update());
         let consumer = client::consumer(&config.kafka, service, &group, &topics)?;
         Ok(Subscription {
@@ -152,7 +158,7 @@ impl Subscription {
     /// (`instream status` shows them).
     pub fn announce_in(&mut self, registration: Arc<instream_coord::Registration>) {
         let group = self.group.clone();
-        registration.update(|info| info["group"] = group.into());
+        registration.update(|info| info.group = Some(group));
         self.registration = Some((registration, u64::MAX));
     }
 
@@ -198,7 +204,7 @@ impl Subscription {
                     .map(|(topic, partition)| format!("{topic}/{partition}"))
                     .collect();
                 partitions.sort();
-                registration.update(|info| info["partitions"] = partitions.into());
+                registration.update(|info| info.partitions = partitions);
             }
         }
         if !catalog.has_changed().unwrap_or(false) {

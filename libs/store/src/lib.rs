@@ -1,10 +1,11 @@
 //! instream-store: where windowed aggregates live.
 //!
 //! The aggregator writes whole-window values with [`AggregateStore::upsert`] (idempotent: the
-//! same window written twice holds the last value, never a sum), and query-api reads them. Two
-//! implementations behind one trait, chosen by `store.backend`: [`ScyllaStore`] (ScyllaDB or
-//! Cassandra, on the `scylla` crate) and [`EmbeddedStore`] (in-process, for standalone mode
-//! and tests). [`conformance`] is the one suite both must pass.
+//! same window written twice holds the last value, never a sum), and query-api reads them; the
+//! aggregator's checkpoints live beside them. Three implementations behind one trait, chosen
+//! by `store.backend`: [`ScyllaStore`] (ScyllaDB or Cassandra, on the `scylla` crate),
+//! [`LocalStore`] (a file, for a single machine) and [`EmbeddedStore`] (in-process, for
+//! standalone mode and tests). [`conformance`] is the one suite all of them pass.
 
 pub mod conformance;
 mod embedded;

@@ -22,6 +22,7 @@ mod process;
 mod proxy;
 mod redis_topologies;
 mod servers;
+mod wait;
 
 pub use bench::{
     bench_broker, bench_topics, cpu_seconds, spawn_bench_aggregator, spawn_bench_service,
@@ -36,6 +37,7 @@ pub use process::{
 pub use proxy::TcpProxy;
 pub use redis_topologies::{RedisCluster, RedisSentinel};
 pub use servers::{KafkaBroker, RedisServer, ZooKeeperServer};
+pub use wait::wait_for;
 
 /// A unique suffix for names a test creates (topics, pipelines, znodes), so tests sharing a
 /// broker never see each other's data.

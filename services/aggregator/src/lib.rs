@@ -8,9 +8,8 @@
 //! together with the offset it reflects, and only then marks the records handled and commits.
 //! After a crash, restart or rebalance, the new owner of a partition restores its checkpoint
 //! and skips the records the checkpoint already reflects, so every window ends with the value
-//! one clean pass gives: nothing lost, nothing counted twice (DESIGN §3). Aggregations group by
-//! the partition key, or are repartitioned so that each window has exactly one owner (DESIGN
-//! §7): for an aggregation whose group-by is not led by `key`, the owner of an enriched
+//! one clean pass gives: nothing lost, nothing counted twice (docs/guarantees.md). Aggregations group by
+//! the partition key, or are repartitioned so that each window has exactly one owner (docs/guarantees.md): for an aggregation whose group-by is not led by `key`, the owner of an enriched
 //! partition forwards each new event (repeats dropped first) to `<pipeline>.by-<name>`, keyed
 //! by the group and carrying its enriched partition and offset as origin, and waits for the
 //! broker's acknowledgement before the enriched records count as handled; the partitions of
@@ -114,7 +113,7 @@ pub async fn run_with_store(
         producer,
         outputs: BatchOutputs::default(),
         partitions: Partitions {
-            group: format!("{}-{SERVICE}", config.kafka.group_prefix),
+            group: instream_stage::group_of(config, SERVICE.as_str()),
             horizon: config.aggregator.dedup_horizon,
             states: HashMap::new(),
             restored_generation: None,

@@ -1,4 +1,4 @@
-//! Repartitioning (DESIGN §7): which topics the aggregator reads, and how an event of an
+//! Repartitioning (docs/guarantees.md): which topics the aggregator reads, and how an event of an
 //! aggregation not grouped by the key leaves for `<pipeline>.by-<aggregation>` carrying its
 //! enriched position as origin.
 

@@ -7,6 +7,7 @@
 //! against a real Kafka-protocol broker (the embedded one, or `INSTREAM_TEST_KAFKA`), with the
 //! local store, which outlives the process.
 
+use instream_testkit::wait_for;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -40,20 +41,6 @@ async fn metric(admin: u16, metric: &str, filter: &str) -> (f64, usize) {
         return (0.0, 0);
     };
     metric_sum(&response.text().await.unwrap_or_default(), metric, filter)
-}
-
-async fn wait_until<F: std::future::Future<Output = bool>>(
-    what: &str,
-    mut done: impl FnMut() -> F,
-) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while !done().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 struct Input {
@@ -311,9 +298,11 @@ async fn all_restored(admin: u16) -> bool {
 /// both aggregations' windows hold the counts of one clean pass.
 async fn last_run_catches_up_and_counts_one_clean_pass(s: &Scenario) {
     let mut last = spawn(&s.config);
-    wait_until("the last run to catch up", || async {
-        caught_up(s.admin).await && all_restored(s.admin).await
-    })
+    wait_for(
+        "the last run to catch up",
+        Duration::from_secs(120),
+        || async { caught_up(s.admin).await && all_restored(s.admin).await },
+    )
     .await;
     last.terminate().unwrap();
     let status = last.wait_exit(Duration::from_secs(20)).unwrap();
@@ -348,12 +337,16 @@ async fn killed_twice_with_9_every_window_holds_the_count_of_one_clean_pass() {
     let target = (s.input.records / 4) as f64;
     for _ in 0..2 {
         let mut run = spawn(&s.config);
-        wait_until("progress before the kill", || async {
-            metric(s.admin, "instream_events_total", "service=\"aggregator\"")
-                .await
-                .0
-                >= target
-        })
+        wait_for(
+            "progress before the kill",
+            Duration::from_secs(120),
+            || async {
+                metric(s.admin, "instream_events_total", "service=\"aggregator\"")
+                    .await
+                    .0
+                    >= target
+            },
+        )
         .await;
         run.0.kill().unwrap(); // SIGKILL: no drain, no final flush or commit
         run.wait_exit(Duration::from_secs(10)).unwrap();
@@ -373,16 +366,23 @@ async fn killed_twice_with_9_every_window_holds_the_count_of_one_clean_pass() {
 async fn windows_only_in_checkpoints_are_written_after_a_kill_with_nothing_new_to_read() {
     let s = scenario("1h").await;
     let mut run = spawn(&s.config);
-    wait_until("everything counted and committed", || async {
-        let (events, _) = metric(s.admin, "instream_events_total", "service=\"aggregator\"").await;
-        let (forwarded, _) = metric(
-            s.admin,
-            "instream_aggregator_repartition_events_total",
-            "aggregation=\"per_bucket\"",
-        )
-        .await;
-        events >= s.input.records as f64 && forwarded >= EVENTS as f64 && caught_up(s.admin).await
-    })
+    wait_for(
+        "everything counted and committed",
+        Duration::from_secs(120),
+        || async {
+            let (events, _) =
+                metric(s.admin, "instream_events_total", "service=\"aggregator\"").await;
+            let (forwarded, _) = metric(
+                s.admin,
+                "instream_aggregator_repartition_events_total",
+                "aggregation=\"per_bucket\"",
+            )
+            .await;
+            events >= s.input.records as f64
+                && forwarded >= EVENTS as f64
+                && caught_up(s.admin).await
+        },
+    )
     .await;
     run.0.kill().unwrap(); // SIGKILL: no drain, so no window written
     run.wait_exit(Duration::from_secs(10)).unwrap();
@@ -397,9 +397,11 @@ async fn windows_only_in_checkpoints_are_written_after_a_kill_with_nothing_new_t
     }
 
     let mut next = spawn(&s.config);
-    wait_until("every partition restored", || async {
-        all_restored(s.admin).await
-    })
+    wait_for(
+        "every partition restored",
+        Duration::from_secs(120),
+        || async { all_restored(s.admin).await },
+    )
     .await;
     next.terminate().unwrap();
     let status = next.wait_exit(Duration::from_secs(20)).unwrap();

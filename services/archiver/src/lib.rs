@@ -178,11 +178,14 @@ impl Hooks for Archiver {
     /// followed the file was lost.
     async fn received(
         &mut self,
-        _input: Input<'_>,
+        input: Input<'_>,
         batch: &[Record],
         resume: &mut Vec<ResumeAt>,
     ) -> Result<Flow, ArchiverError> {
         self.polled_at = Instant::now();
+        // The first generation too (the driver tells only changes): what is listed below
+        // belongs to it.
+        self.follow_generation(input.generation());
         let mut seen: Vec<(&str, i32)> = Vec::new();
         for record in batch {
             if !seen.contains(&(record.topic.as_str(), record.partition)) {

@@ -3,6 +3,7 @@
 //! afterwards exits 0. Runs against a real Kafka-protocol broker (the embedded one, or
 //! `INSTREAM_TEST_KAFKA`).
 
+use instream_testkit::wait_for;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -197,23 +198,12 @@ fn is_whole_parquet(path: &Path) -> bool {
     std::fs::read(path).is_ok_and(|b| b.len() > 8 && b.ends_with(b"PAR1"))
 }
 
-async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while !done().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_and_restart_archives_every_offset_exactly_once() {
     let broker = KafkaBroker::start().unwrap();
     let setup = Setup::new(&broker, "json_lines", "ingest_time", 1).await;
     let mut first = setup.spawn(None);
-    wait_until("the first files", async || {
+    wait_for("the first files", Duration::from_secs(120), async || {
         setup.completed_files().await >= 4
     })
     .await;
@@ -274,18 +264,22 @@ async fn kill_9_inside_a_roll_leaves_no_gap_and_no_overlap() {
         // Three files pass, the fourth stops at the fail point until the kill.
         let mut first = setup.spawn(Some(&format!("{point}=3*off->pause")));
         let root = setup.root.clone();
-        wait_until(&format!("the archiver to stop at {point}"), async || {
-            let files = setup.completed_files().await;
-            let partial = in_progress(&root);
-            match point {
-                "archive-put-after-rename" => files >= 4,
-                // Paused before the rename: the temporary file is complete.
-                "archive-put-before-rename" => {
-                    files >= 3 && partial.iter().any(|p| is_whole_parquet(p))
+        wait_for(
+            &format!("the archiver to stop at {point}"),
+            Duration::from_secs(120),
+            async || {
+                let files = setup.completed_files().await;
+                let partial = in_progress(&root);
+                match point {
+                    "archive-put-after-rename" => files >= 4,
+                    // Paused before the rename: the temporary file is complete.
+                    "archive-put-before-rename" => {
+                        files >= 3 && partial.iter().any(|p| is_whole_parquet(p))
+                    }
+                    _ => files >= 3 && !partial.is_empty(),
                 }
-                _ => files >= 3 && !partial.is_empty(),
-            }
-        })
+            },
+        )
         .await;
         first.0.kill().unwrap();
         first.wait_exit(Duration::from_secs(10)).unwrap();

@@ -5,9 +5,10 @@
 //! A batch's lookups are one pipelined round trip. Reference data down means retry with
 //! back-off and `/readyz` false — an event is never skipped. Records that cannot be processed
 //! (undecodable, unknown pipeline, a miss under a `dead_letter` rule) go to `<pipeline>.dlq`.
-//! Offsets are committed only once a record's output (or dead letter) is acknowledged;
-//! outputs carry their origin partition and offset in headers so that a downstream stage can
-//! drop re-emits after a crash (at-least-once here; transactions are a later step).
+//! Offsets are committed only once a record's output (or dead letter) is acknowledged — by the
+//! consumer, or with `enricher.delivery = "transactional"` inside the batch's transaction
+//! (the stage driver's [`Commit`] modes). Outputs carry their origin partition and offset in
+//! headers so that the aggregator drops re-emits after a crash.
 
 mod enrich;
 pub mod transform;

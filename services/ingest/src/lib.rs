@@ -137,9 +137,9 @@ impl Ingest {
         if let Ok(bound) = listener.local_addr() {
             let scheme = if tls.is_some() { "https" } else { "http" };
             stage.registration.update(|info| {
-                info["ports"]["http"] = bound.port().into();
-                info["http"] = bound.to_string().into();
-                info["scheme"] = scheme.into();
+                info.ports.insert("http".into(), bound.port());
+                info.http = Some(bound.to_string());
+                info.scheme = Some(scheme.into());
             });
         }
         Ok(Ingest {

@@ -322,7 +322,7 @@ fn select_for_redrive(
     for d in letters {
         let wanted = match code {
             Some(c) => d.code == c,
-            None => d.code != "decode_error",
+            None => d.code != instream_kafka::DeadLetterCode::DecodeError.as_str(),
         };
         let from_raw = d.origin_topic.as_deref() == Some(raw);
         let first = seen.insert((d.origin_partition, d.origin_offset));

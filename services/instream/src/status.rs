@@ -78,34 +78,23 @@ pub async fn status(config: Option<PathBuf>, output: Output) -> anyhow::Result<(
             }).collect::<Vec<_>>(),
         })),
         Output::Table => {
-            let text_of = |v: &serde_json::Value| match v {
-                serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Null => String::new(),
-                other => other.to_string(),
-            };
             let rows: Vec<Vec<String>> = instances
                 .iter()
                 .map(|i| {
-                    let partitions = i.info["partitions"]
-                        .as_array()
-                        .map(|a| a.iter().map(text_of).collect::<Vec<_>>().join(","))
-                        .unwrap_or_default();
-                    let definitions = i.info["definitions"]
-                        .as_object()
-                        .map(|m| {
-                            m.iter()
-                                .map(|(p, v)| format!("{p}@{v}"))
-                                .collect::<Vec<_>>()
-                                .join(",")
-                        })
-                        .unwrap_or_default();
+                    let info = i.typed();
+                    let definitions = info
+                        .definitions
+                        .iter()
+                        .map(|(p, v)| format!("{p}@{v}"))
+                        .collect::<Vec<_>>()
+                        .join(",");
                     vec![
                         i.service.clone(),
                         i.instance.clone(),
-                        text_of(&i.info["admin"]),
-                        text_of(&i.info["version"]),
+                        info.admin,
+                        info.version,
                         definitions,
-                        partitions,
+                        info.partitions.join(","),
                     ]
                 })
                 .collect();

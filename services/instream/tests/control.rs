@@ -198,8 +198,11 @@ async fn status_topics_and_query_show_the_running_platform() {
         &zk,
         "enricher",
         "host-1",
-        &serde_json::json!({"admin": "10.0.0.1:9464", "version": "0.1.0",
+        serde_json::from_value(
+            serde_json::json!({"admin": "10.0.0.1:9464", "version": "0.1.0",
             "partitions": ["orders.raw/0"], "definitions": {"orders": 1}}),
+        )
+        .unwrap(),
     )
     .await
     .unwrap();

@@ -4,6 +4,7 @@
 
 mod common;
 
+use instream_testkit::wait_for;
 use std::time::Duration;
 
 use common::{definitions, Env};
@@ -49,8 +50,8 @@ async fn refdata_load_switches_versions_and_enrichers_follow() {
         (Some(1), Some(2))
     );
     // The announcement reaches the enricher's store within 2 s (the periodic check is 60 s).
-    wait_for("version 1", || {
-        store.version("orders", "customer") == Some(1)
+    wait_for("version 1", Duration::from_secs(2), || {
+        std::future::ready(store.version("orders", "customer") == Some(1))
     })
     .await;
     let key = |v: u64, k: &str| {
@@ -80,8 +81,8 @@ async fn refdata_load_switches_versions_and_enrichers_follow() {
             &["--output", "json"],
         ));
         assert_eq!(loaded["version"].as_u64(), Some(expected));
-        wait_for("the new version", || {
-            store.version("orders", "customer") == Some(expected)
+        wait_for("the new version", Duration::from_secs(2), || {
+            std::future::ready(store.version("orders", "customer") == Some(expected))
         })
         .await;
     }
@@ -234,17 +235,6 @@ async fn pointer(connection: &mut redis::aio::MultiplexedConnection) -> u64 {
         .unwrap()
 }
 
-async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    while !done() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// With `refdata.redis_mode = "sentinel"` the load goes to the master the sentinel names, and
 /// a store in sentinel mode reads the new version there (enrichers in that mode follow
 /// switches by the pointer check: pub/sub is standalone only).
@@ -371,8 +361,8 @@ async fn refdata_load_and_enrichers_log_in_as_an_acl_user() {
         (Some(1), Some(1)),
         "{loaded}"
     );
-    wait_for("version 1", || {
-        store.version("orders", "customer") == Some(1)
+    wait_for("version 1", Duration::from_secs(2), || {
+        std::future::ready(store.version("orders", "customer") == Some(1))
     })
     .await;
 

@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use instream_core::config::{Config, QueryApiConfig};
-use instream_core::{Health, Readiness, ServiceContext};
+use instream_core::{Health, ServiceContext, Tasks};
 use instream_pipeline::Catalog;
 use instream_store::{AggregateQuery, AggregateStore, WindowAggregate};
 use serde::Serialize;
@@ -25,6 +25,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 const SERVICE: &str = "query-api";
+/// How often the store is pinged for `/readyz`.
+const STORE_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 const DAY_MILLIS: i64 = 24 * 3600 * 1000;
 
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +69,7 @@ impl QueryApi {
         store: Arc<dyn AggregateStore>,
         catalog: watch::Receiver<Arc<Catalog>>,
         health: &Health,
-        shutdown: &CancellationToken,
+        tasks: &Tasks,
     ) -> Result<QueryApi, QueryApiError> {
         let cfg = &config.query_api;
         let keys: Vec<[u8; 32]> = cfg
@@ -78,8 +80,19 @@ impl QueryApi {
         if keys.is_empty() && !cfg.allow_anonymous {
             return Err(QueryApiError::NoKeys);
         }
-        let ready = health.register("query-api.store");
-        tokio::spawn(watch_store(store.clone(), ready, shutdown.clone()));
+        // `/readyz` says whether queries can be answered.
+        let probed = store.clone();
+        tasks.spawn(
+            "query-api store probe",
+            health.register("query-api.store").probe(
+                STORE_PROBE_INTERVAL,
+                tasks.token(),
+                move || {
+                    let store = probed.clone();
+                    async move { store.ping().await }
+                },
+            ),
+        );
         let state = Arc::new(AppState {
             store,
             catalog,
@@ -141,31 +154,10 @@ pub async fn run_with_store(
     let catalog = instream_coord::definition_source(&ctx.config)
         .subscribe(ctx.shutdown.clone())
         .await?;
-    QueryApi::start(&ctx.config, store, catalog, &ctx.health, &ctx.shutdown)
+    QueryApi::start(&ctx.config, store, catalog, &ctx.health, &ctx.tasks)
         .await?
         .serve(ctx.shutdown)
         .await
-}
-
-/// Pings the store every few seconds: `/readyz` says whether queries can be answered.
-async fn watch_store(
-    store: Arc<dyn AggregateStore>,
-    ready: Readiness,
-    shutdown: CancellationToken,
-) {
-    loop {
-        match store.ping().await {
-            Ok(()) => ready.set_ready(),
-            Err(e) => ready.set_not_ready(e.to_string()),
-        }
-        if shutdown
-            .run_until_cancelled(tokio::time::sleep(Duration::from_secs(5)))
-            .await
-            .is_none()
-        {
-            return;
-        }
-    }
 }
 
 #[derive(Default)]

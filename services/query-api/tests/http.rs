@@ -59,9 +59,15 @@ async fn start(keys: Vec<String>, anonymous: bool) -> Result<(String, Cancellati
     let (_, catalog) = tokio::sync::watch::channel(std::sync::Arc::new(
         instream_pipeline::Catalog::new(definitions.pipelines),
     ));
-    let api = QueryApi::start(&config, store, catalog, &Health::default(), &token)
-        .await
-        .map_err(|e| e.to_string())?;
+    let api = QueryApi::start(
+        &config,
+        store,
+        catalog,
+        &Health::default(),
+        &instream_core::Tasks::detached(token.clone()),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let base = format!("http://{}", api.local_addr().map_err(|e| e.to_string())?);
     tokio::spawn(api.serve(token.clone()));
     Ok((base, token))
@@ -259,9 +265,15 @@ async fn idle_connections_do_not_lock_out_a_query() {
     config.query_api.header_read_timeout = std::time::Duration::from_secs(30);
     let token = CancellationToken::new();
     let (_, catalog) = tokio::sync::watch::channel(Arc::new(instream_pipeline::Catalog::default()));
-    let api = QueryApi::start(&config, store, catalog, &Health::default(), &token)
-        .await
-        .unwrap();
+    let api = QueryApi::start(
+        &config,
+        store,
+        catalog,
+        &Health::default(),
+        &instream_core::Tasks::detached(token.clone()),
+    )
+    .await
+    .unwrap();
     let addr = api.local_addr().unwrap();
     tokio::spawn(api.serve(token.clone()));
     let idle: Vec<std::net::TcpStream> = (0..500)

@@ -2,7 +2,7 @@
 //! what it needs to drop repeats — all as of one offset, so that a checkpoint of it and that
 //! offset are restored together.
 //!
-//! Repeats come in two kinds (DESIGN §3). A client retry puts an event into the raw topic twice
+//! Repeats come in two kinds (docs/guarantees.md). A client retry puts an event into the raw topic twice
 //! with the same `event_id`; ids seen within a horizon of ingest time are remembered and a
 //! repeat is dropped. An enricher that re-runs after a crash emits records again; they carry
 //! their origin partition and offset, and anything at or below the highest origin offset
@@ -60,7 +60,7 @@ struct WindowValue {
     end: i64,
     /// Watermark time at which the window closes (end plus allowed lateness).
     closes_at: i64,
-    /// The definition version the window opened under; it finishes under it (DESIGN §7).
+    /// The definition version the window opened under; it finishes under it (docs/guarantees.md).
     version: u64,
     count: i64,
     /// One accumulator per function of the aggregation, in its order.

@@ -46,7 +46,7 @@ impl PartitionState {
         });
         absorbed.sort_by_key(|(id, _)| id.start);
         if let Some((_, oldest)) = absorbed.first() {
-            // The window opened under the version of its oldest part (DESIGN §7).
+            // The window opened under the version of its oldest part (docs/guarantees.md).
             version = oldest.version;
         }
         let mut merged = WindowValue {
