@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use instream_core::Readiness;
+use instream_core::{GaveUp, Readiness, Retry};
 use instream_kafka::Input;
 use instream_store::{AggregateStore, CheckpointKey};
 use tokio_util::sync::CancellationToken;
@@ -92,29 +92,26 @@ impl Partitions {
                 partition: source.1,
             };
             let started = Instant::now();
-            let mut backoff = Duration::from_millis(50);
-            let (state, from_checkpoint) = loop {
-                // Enriched records written in transactions leave offsets no reader receives.
-                let markers = self.enriched_in_transactions
-                    && instream_pipeline::topics::repartitioned_aggregation(&key.topic).is_none();
-                match restore(store, kafka, &key, self.horizon, markers).await {
-                    Ok(restored) => break restored,
+            // Enriched records written in transactions leave offsets no reader receives.
+            let markers = self.enriched_in_transactions
+                && instream_pipeline::topics::repartitioned_aggregation(&key.topic).is_none();
+            let what = format!(
+                "restoring the checkpoint of {}/{}",
+                key.topic, key.partition
+            );
+            let restored = Retry::new(&what, stop)
+                .reporting_to(ready)
+                .run_while(
                     // A checkpoint this build cannot read: going on would lose or double
                     // count, so the service stops and says which partition.
-                    Err(error @ AggregatorError::Checkpoint { .. }) => return Err(error),
-                    Err(error) => {
-                        ready.set_not_ready(error.to_string());
-                        tracing::warn!(%error, topic = %key.topic, partition = key.partition, "restoring a checkpoint failed; retrying");
-                        if stop
-                            .run_until_cancelled(tokio::time::sleep(backoff))
-                            .await
-                            .is_none()
-                        {
-                            return Ok(None);
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                }
+                    |error| !matches!(error, AggregatorError::Checkpoint { .. }),
+                    || restore(store, kafka, &key, self.horizon, markers),
+                )
+                .await;
+            let (state, from_checkpoint) = match restored {
+                Ok(restored) => restored,
+                Err(GaveUp::Stopped) => return Ok(None),
+                Err(GaveUp::Failed(error) | GaveUp::TimedOut { error, .. }) => return Err(error),
             };
             if from_checkpoint {
                 self.resumed.push((source.clone(), state.next_offset()));

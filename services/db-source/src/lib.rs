@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use instream_core::config::{Config, DbSourceConfig, SqlTableConfig};
-use instream_core::{Readiness, Service, ServiceContext};
+use instream_core::{Backoff, Readiness, Service, ServiceContext};
 use instream_event::Event;
 use instream_kafka::client::{self, Producer};
 use instream_kafka::{DeadLetter, DeadLetterCode, DeadLetters, Outgoing};
@@ -36,8 +36,8 @@ use tokio_util::sync::CancellationToken;
 pub use table::{Position, Row, Table, TableError};
 
 const SERVICE: Service = Service::DbSource;
-/// Longest wait between two attempts after an error (database or broker away).
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// The waits between two attempts after an error (database or broker away).
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 /// Longest the broker may take to acknowledge a batch before the batch is tried again.
 const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a leader reads the table's columns again, so added columns are picked up.
@@ -166,7 +166,7 @@ async fn poll_table(shared: Arc<Shared>, table: SqlTableConfig) {
     // nothing to do and must not block a rollout).
     let polling = shared.health.register(&format!("db-source.table.{name}"));
     polling.set_ready();
-    let mut backoff = Duration::from_millis(100);
+    let mut pauses = BACKOFF.pauses();
     let duty = format!("db-source-{name}");
     let instance = instream_coord::instance_name();
     loop {
@@ -177,7 +177,7 @@ async fn poll_table(shared: Arc<Shared>, table: SqlTableConfig) {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::warn!(source = %name, error = %e, "cannot join the election; retrying");
-                    if pause(&shared.shutdown, &mut backoff).await { return; }
+                    if !pauses.sleep(&shared.shutdown).await { return; }
                     continue;
                 }
             },
@@ -201,7 +201,7 @@ async fn poll_table(shared: Arc<Shared>, table: SqlTableConfig) {
             };
             leader_gauge.set(0.0);
             if led_since.elapsed() > Duration::from_secs(60) {
-                backoff = Duration::from_millis(100);
+                pauses.reset();
             }
             match &outcome {
                 Err(e)
@@ -230,7 +230,7 @@ async fn poll_table(shared: Arc<Shared>, table: SqlTableConfig) {
                 }
                 Err(e) => {
                     tracing::warn!(source = %name, term, error = %e, "polling failed; retrying");
-                    if pause(&shared.shutdown, &mut backoff).await {
+                    if !pauses.sleep(&shared.shutdown).await {
                         return;
                     }
                 }
@@ -238,19 +238,9 @@ async fn poll_table(shared: Arc<Shared>, table: SqlTableConfig) {
         };
         // Withdraw before waiting, so the candidacy is not held through the pause.
         drop(leadership);
-        if fenced_while_leading && pause(&shared.shutdown, &mut backoff).await {
+        if fenced_while_leading && !pauses.sleep(&shared.shutdown).await {
             return;
         }
-    }
-}
-
-/// Sleeps the back-off (doubling it up to [`MAX_BACKOFF`]); true when shutting down.
-async fn pause(shutdown: &CancellationToken, backoff: &mut Duration) -> bool {
-    let wait = *backoff;
-    *backoff = (*backoff * 2).min(MAX_BACKOFF);
-    tokio::select! {
-        _ = shutdown.cancelled() => true,
-        _ = tokio::time::sleep(wait) => false,
     }
 }
 

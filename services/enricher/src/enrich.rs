@@ -58,25 +58,16 @@ impl Enricher {
 
     /// Looks up until it works; `None` when shutdown comes first.
     async fn lookup(&self, lookups: &[Lookup]) -> Option<Vec<Arc<Found>>> {
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match self.refdata.lookup_many(lookups).await {
-                Ok(answers) => {
-                    self.readiness.set_ready();
-                    return Some(answers);
-                }
-                Err(error) => {
-                    self.readiness.set_not_ready(error.to_string());
+        Retry::new("reference data lookup", &self.shutdown)
+            .reporting_to(&self.readiness)
+            .run(|| async {
+                let answers = self.refdata.lookup_many(lookups).await;
+                if answers.is_err() {
                     metrics::counter!("instream_enrich_lookup_failures_total").increment(1);
-                    tracing::warn!(%error, retry_in = ?backoff, "reference data lookup failed; retrying");
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => return None,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
-            }
-        }
+                answers
+            })
+            .await
     }
 
     /// Asks again for the keys still missing under `retry` rules, with a doubling pause,

@@ -1,7 +1,5 @@
 //! `instream archive verify`: the archive read back, checked for gaps and overlaps of offsets.
 
-use std::path::PathBuf;
-
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use instream_core::config::Config;
@@ -17,12 +15,12 @@ pub enum ArchiveCommand {
     /// an overlap, offsets committed but not archived, or a file that is not what its name
     /// says.
     Verify {
-        #[arg(long, short, env = "INSTREAM_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: crate::ConfigArg,
         #[arg(long)]
         pipeline: String,
-        #[arg(long, value_enum, default_value = "table")]
-        output: Output,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
     },
 }
 
@@ -47,7 +45,7 @@ pub async fn archive(command: ArchiveCommand) -> anyhow::Result<()> {
     } else {
         compare_with_commits(&config, &pipeline, &mut report).await
     };
-    match output {
+    match output.output {
         Output::Json => {
             let mut value = serde_json::to_value(&report)?;
             value["committed_offsets_compared"] = match &compared {

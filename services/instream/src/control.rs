@@ -20,36 +20,36 @@ pub enum PipelineCommand {
     /// Validates pipeline definitions (a TOML or JSON file) and stores them in ZooKeeper,
     /// where every running service picks them up without a restart.
     Apply {
-        #[arg(long, short, env = "INSTREAM_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: crate::ConfigArg,
         /// The definitions file: `[[pipelines]]` tables.
         file: PathBuf,
-        #[arg(long, value_enum, default_value = "table")]
-        output: Output,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
     },
     /// Prints one stored definition (TOML that `pipeline apply` takes back, or JSON).
     Get {
-        #[arg(long, short, env = "INSTREAM_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: crate::ConfigArg,
         name: String,
-        #[arg(long, value_enum, default_value = "table")]
-        output: Output,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
     },
     /// Lists the stored definitions.
     List {
-        #[arg(long, short, env = "INSTREAM_CONFIG")]
-        config: Option<PathBuf>,
-        #[arg(long, value_enum, default_value = "table")]
-        output: Output,
+        #[command(flatten)]
+        config: crate::ConfigArg,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
     },
     /// Shows what `pipeline apply FILE` would change: per pipeline new, changed or unchanged,
     /// with a line diff of each change. Stores nothing.
     Diff {
-        #[arg(long, short, env = "INSTREAM_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: crate::ConfigArg,
         file: PathBuf,
-        #[arg(long, value_enum, default_value = "table")]
-        output: Output,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
     },
 }
 
@@ -58,8 +58,8 @@ pub enum TopicsCommand {
     /// Creates a pipeline's raw, enriched and dead-letter topics if they are missing (existing
     /// topics are left as they are). Services do this at start too, with the config's defaults.
     Create {
-        #[arg(long, short, env = "INSTREAM_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: crate::ConfigArg,
         #[arg(long)]
         pipeline: String,
         /// Partitions (default: the definition's `partitions`).
@@ -71,8 +71,8 @@ pub enum TopicsCommand {
         /// Retention, e.g. `7d` (default: `kafka.retention`).
         #[arg(long, value_parser = humantime::parse_duration)]
         retention: Option<Duration>,
-        #[arg(long, value_enum, default_value = "table")]
-        output: Output,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
     },
 }
 
@@ -83,8 +83,8 @@ pub enum RefdataCommand {
     /// follow within moments. The previous version is kept for enrichers still on it; older
     /// ones expire ten minutes later.
     Load {
-        #[arg(long, short, env = "INSTREAM_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: crate::ConfigArg,
         /// The records: `.csv` or `.jsonl`.
         file: PathBuf,
         #[arg(long)]
@@ -96,8 +96,8 @@ pub enum RefdataCommand {
         /// order (`--key-field code` for `airport:{origin}`).
         #[arg(long = "key-field", required = true)]
         key_fields: Vec<String>,
-        #[arg(long, value_enum, default_value = "table")]
-        output: Output,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
     },
 }
 
@@ -197,7 +197,7 @@ pub async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
                     json!({"pipeline": def.name, "version": def.version, "outcome": outcome}),
                 );
             }
-            match output {
+            match output.output {
                 Output::Table => emit(&text),
                 Output::Json => emit_json(&json!(report)),
             }
@@ -215,7 +215,7 @@ pub async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
             let def = found
                 .definition
                 .map_err(|e| anyhow::anyhow!("the stored `{name}` is invalid: {e}"))?;
-            match output {
+            match output.output {
                 Output::Table => emit(&as_toml(&def)?),
                 Output::Json => emit_json(&serde_json::to_value(&def)?),
             }
@@ -223,7 +223,7 @@ pub async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
         PipelineCommand::List { config, output } => {
             let config = Config::load(config.as_deref())?;
             let stored = instream_coord::stored_definitions(&config.zookeeper).await?;
-            match output {
+            match output.output {
                 Output::Json => emit_json(&json!(stored
                     .iter()
                     .map(|s| match &s.definition {
@@ -304,7 +304,7 @@ pub async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
                 }
                 report.push(json!({"pipeline": def.name, "state": state, "diff": diff}));
             }
-            match output {
+            match output.output {
                 Output::Table => emit(&text),
                 Output::Json => emit_json(&json!(report)),
             }
@@ -345,7 +345,7 @@ pub async fn topics_create(command: TopicsCommand) -> anyhow::Result<()> {
         instream_kafka::admin::create_topics(&config.kafka, &specs, replication, retention)
             .await
             .with_context(|| format!("creating the topics of `{pipeline}`"))?;
-    match output {
+    match output.output {
         Output::Json => emit_json(&json!(outcomes
             .iter()
             .map(
@@ -480,7 +480,7 @@ pub async fn refdata(command: RefdataCommand) -> anyhow::Result<()> {
         bail!("refdata load: this store's refdata.redis_mode has no connection to write to");
     };
     let took = started.elapsed();
-    match output {
+    match output.output {
         Output::Json => emit_json(&json!({
             "pipeline": pipeline, "rule": rule, "version": report.version,
             "previous": report.previous, "records": report.records, "switched": report.switched,

@@ -37,15 +37,13 @@ enum Command {
     Run {
         #[arg(value_enum)]
         service: Service,
-        /// Config file (TOML); INSTREAM__SECTION__KEY variables override it.
-        #[arg(long, short, env = "INSTREAM_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: crate::ConfigArg,
     },
     /// Runs every service in one process (embedded broker, store and archive by config).
     Standalone {
-        /// Config file (TOML); INSTREAM__SECTION__KEY variables override it.
-        #[arg(long, short, env = "INSTREAM_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: crate::ConfigArg,
     },
     /// Starts the standalone platform, drives it with a generated auction stream for a while,
     /// and prints a summary; exits non-zero if any accepted event is missing downstream.
@@ -72,15 +70,15 @@ enum Command {
     /// The live topology: every registered instance (service, admin address, definition
     /// versions, assigned partitions) and each consumer group's lag.
     Status {
-        #[arg(long, short, env = "INSTREAM_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: crate::ConfigArg,
         #[arg(long, value_enum, default_value = "table")]
         output: output::Output,
     },
     /// Reads one group's windows of an aggregation from the aggregate store.
     Query {
-        #[arg(long, short, env = "INSTREAM_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: crate::ConfigArg,
         #[arg(long)]
         pipeline: String,
         #[arg(long)]
@@ -121,9 +119,23 @@ enum Command {
     /// Validates a config file and prints the effective config (defaults filled in, secrets
     /// masked).
     CheckConfig {
-        #[arg(long, short, env = "INSTREAM_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: crate::ConfigArg,
     },
+}
+
+/// The config file every command reads, declared once.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub(crate) struct ConfigArg {
+    /// Config file (TOML); INSTREAM__SECTION__KEY variables override it.
+    #[arg(long, short, env = "INSTREAM_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    pub(crate) fn as_deref(&self) -> Option<&std::path::Path> {
+        self.config.as_deref()
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -154,8 +166,8 @@ enum SchemaCommand {
     /// Creates the keyspace and tables of `store` (ScyllaDB/Cassandra, or the local file) if
     /// they are missing; changes nothing that exists. Services apply it at start too.
     Apply {
-        #[arg(long, short, env = "INSTREAM_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: crate::ConfigArg,
         #[arg(long, value_enum, default_value = "table")]
         output: output::Output,
     },
@@ -189,9 +201,9 @@ fn main() -> ExitCode {
             let config = config.as_deref();
             return run_one(service, config);
         }
-        Command::CheckConfig { config } => check_config(config),
+        Command::CheckConfig { config } => check_config(config.config),
         Command::Schema(SchemaCommand::Apply { config, output }) => {
-            block_on(schema_apply(config, output))
+            block_on(schema_apply(config.config, output))
         }
         Command::Offsets(c) => block_on(ops::offsets(c)),
         Command::Dlq(c) => block_on(ops::dlq(c)),
@@ -204,7 +216,7 @@ fn main() -> ExitCode {
         Command::Pipeline(c) => block_on(control::pipeline(c)),
         Command::Topics(c) => block_on(control::topics_create(c)),
         Command::Refdata(c) => block_on(control::refdata(c)),
-        Command::Status { config, output } => block_on(status::status(config, output)),
+        Command::Status { config, output } => block_on(status::status(config.config, output)),
         Command::Query {
             config,
             pipeline,
@@ -215,7 +227,7 @@ fn main() -> ExitCode {
             limit,
             output,
         } => block_on(control::query(
-            config,
+            config.config,
             pipeline,
             aggregation,
             key,
@@ -224,7 +236,7 @@ fn main() -> ExitCode {
             limit,
             output,
         )),
-        Command::Standalone { config } => block_on(standalone(config)),
+        Command::Standalone { config } => block_on(standalone(config.config)),
         Command::Demo {
             duration,
             rate,

@@ -2,7 +2,6 @@
 //! `dlq redrive`.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
@@ -18,8 +17,8 @@ pub enum OffsetsCommand {
     /// to zero): a live member would overwrite the new offsets. Prints the plan; commits it
     /// only with --execute.
     Reset {
-        #[arg(long, short, env = "INSTREAM_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: crate::ConfigArg,
         /// The consumer group: `<kafka.group_prefix>-<service>`, e.g. `instream-aggregator`.
         #[arg(long)]
         group: String,
@@ -38,8 +37,8 @@ pub enum OffsetsCommand {
         /// would never be processed).
         #[arg(long)]
         allow_skip: bool,
-        #[arg(long, value_enum, default_value = "table")]
-        output: Output,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
     },
 }
 
@@ -47,22 +46,22 @@ pub enum OffsetsCommand {
 pub enum DlqCommand {
     /// Prints a pipeline's dead letters: where they came from, the reason, the record.
     Tail {
-        #[arg(long, short, env = "INSTREAM_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: crate::ConfigArg,
         #[arg(long)]
         pipeline: String,
         /// Only the newest N (all when absent).
         #[arg(long)]
         limit: Option<usize>,
-        #[arg(long, value_enum, default_value = "table")]
-        output: Output,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
     },
     /// Writes dead letters back to the pipeline's raw topic (same key, so the same partition),
     /// marked `instream.redriven.from`, once the cause is fixed (e.g. the missing reference
     /// data is loaded). Prints what it would send; sends only with --execute.
     Redrive {
-        #[arg(long, short, env = "INSTREAM_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: crate::ConfigArg,
         #[arg(long)]
         pipeline: String,
         /// Only dead letters with this code (e.g. `enrich_miss`). `decode_error` records are
@@ -75,8 +74,8 @@ pub enum DlqCommand {
         from: Vec<(i32, i64)>,
         #[arg(long)]
         execute: bool,
-        #[arg(long, value_enum, default_value = "table")]
-        output: Output,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
     },
 }
 
@@ -126,7 +125,7 @@ pub async fn offsets(command: OffsetsCommand) -> anyhow::Result<()> {
     }
     let executed = execute && !refused;
     let mut text = String::new();
-    match output {
+    match output.output {
         Output::Json => {
             let rows: Vec<_> = plan
                 .iter()
@@ -208,7 +207,7 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
                 let skip = letters.len().saturating_sub(n);
                 letters.drain(..skip);
             }
-            emit(&format_letters(&letters, output))?;
+            emit(&format_letters(&letters, output.output))?;
             crate::output::fail_on_skipped(&topic, &skipped)
         }
         DlqCommand::Redrive {
@@ -248,7 +247,7 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             let plan = select_for_redrive(letters, code.as_deref(), &raw);
             let mut continue_from: Vec<(i32, i64)> = next.into_iter().collect();
             continue_from.sort();
-            if let Output::Json = output {
+            if let Output::Json = output.output {
                 if execute {
                     ops::redrive(&config.kafka, &dlq_topic, &raw, &plan.send)
                         .await

@@ -8,6 +8,13 @@ pub enum Output {
     Json,
 }
 
+/// `--output table|json`, declared once for every command that prints.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct OutputArg {
+    #[arg(long, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
 /// Writes command output; a reader that went away (`instream dlq tail | head`) is not an
 /// error.
 pub fn emit(text: &str) -> anyhow::Result<()> {

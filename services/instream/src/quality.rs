@@ -1,8 +1,6 @@
 //! `instream quality report`: a pipeline's data-quality violations per rule per hour, read
 //! from `<pipeline>.quality` (one record per violation, written by the enricher).
 
-use std::path::PathBuf;
-
 use anyhow::Context;
 use clap::Subcommand;
 use instream_pipeline::topics;
@@ -16,8 +14,8 @@ pub enum QualityCommand {
     /// counted once (repeats after a crash are not counted again), with sampled offending
     /// events.
     Report {
-        #[arg(long, short, env = "INSTREAM_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: crate::ConfigArg,
         #[arg(long)]
         pipeline: String,
         /// Start (RFC 3339), inclusive.
@@ -29,8 +27,8 @@ pub enum QualityCommand {
         /// Sampled offending events shown per rule.
         #[arg(long, default_value_t = 3)]
         samples: usize,
-        #[arg(long, value_enum, default_value = "table")]
-        output: Output,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
     },
 }
 
@@ -76,7 +74,7 @@ pub async fn quality(command: QualityCommand) -> anyhow::Result<()> {
     if unreadable > 0 {
         eprintln!("warning: {unreadable} records of `{topic}` are not violation records; skipped");
     }
-    match output {
+    match output.output {
         Output::Json => emit_json(&serde_json::to_value(&report)?)?,
         Output::Table => emit(&format_table(&report))?,
     }
