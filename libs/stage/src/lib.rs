@@ -178,8 +178,20 @@ impl Subscription {
     pub async fn close(self) {
         let timeout = GROUP_LEAVE_TIMEOUT;
         let group = self.group.clone();
-        let closing = tokio::task::spawn_blocking(move || drop(self));
-        if tokio::time::timeout(timeout, closing).await.is_err() {
+        // A thread of its own, not the blocking pool: a close librdkafka never finishes must
+        // not keep the runtime (a test's, or a process's at exit) waiting for it.
+        let (closed, done) = tokio::sync::oneshot::channel();
+        let closing = std::thread::Builder::new()
+            .name("consumer-close".into())
+            .spawn(move || {
+                drop(self);
+                let _ = closed.send(());
+            });
+        if let Err(error) = closing {
+            tracing::warn!(%group, %error, "no thread to leave the group on; the broker's session timeout will");
+            return;
+        }
+        if tokio::time::timeout(timeout, done).await.is_err() {
             tracing::warn!(
                 %group,
                 timeout_ms = timeout.as_millis() as u64,
