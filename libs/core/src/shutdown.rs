@@ -106,15 +106,6 @@ impl Tasks {
         }
     }
 
-    /// A handle for tasks that stop on `token` (a child of this handle's token: a source
-    /// that stops before the rest), reporting to the same supervisor.
-    pub fn stopping_on(&self, token: CancellationToken) -> Self {
-        Self {
-            token,
-            ..self.clone()
-        }
-    }
-
     /// The token the tasks watch to know when to stop.
     pub fn token(&self) -> CancellationToken {
         self.token.clone()

@@ -261,18 +261,6 @@ impl Standalone {
         if let Some(query) = query {
             supervisor.spawn("query-api", query.serve(token.clone()));
         }
-        if !config.db_source.tables.is_empty() {
-            // A source, like ingest: it stops taking rows when intake closes.
-            let mut source = context();
-            source.shutdown = intake.clone();
-            source.tasks = source.tasks.stopping_on(intake.clone());
-            let token = token.clone();
-            supervisor.spawn("db-source", async move {
-                instream_db_source::run(source).await?;
-                token.cancelled().await;
-                Ok::<(), instream_db_source::DbSourceError>(())
-            });
-        }
         supervisor.spawn("enricher", instream_enricher::run(context()));
         supervisor.spawn(
             "aggregator",
