@@ -251,6 +251,9 @@ pub fn consumer(
     topics: &[impl AsRef<str>],
 ) -> Result<Consumer, KafkaError> {
     let mut c = ClientConfig::new();
+    // Where a new group starts, and where librdkafka moves a position the broker no longer
+    // holds: never in silence, as every stage checks each batch against the expected offsets
+    // (`Continuity`) and counts any jump in instream_records_lost_total.
     c.set("auto.offset.reset", "earliest");
     c.set("isolation.level", "read_committed");
     c.set(

@@ -56,35 +56,44 @@ mod tests {
     use serde_json::value::RawValue;
     use serde_json::Value;
 
+    /// The one pipeline of a definitions document (aggregations on keys `k`, time `t`).
+    fn pipeline(aggregations: &str) -> instream_pipeline::PipelineDefinition {
+        let document = format!(
+            "[[pipelines]]\nname = \"p\"\nkey_field = \"k\"\ntime_field = \"t\"\n{aggregations}"
+        );
+        parse_document(&document).unwrap().pipelines.remove(0)
+    }
+
+    fn event(
+        key: &str,
+        payload: &str,
+        enrichment: Option<serde_json::Map<String, Value>>,
+    ) -> Event {
+        Event {
+            event_id: "e".into(),
+            pipeline: "p".into(),
+            key: key.into(),
+            event_time: 0,
+            ingest_time: 0,
+            headers: Default::default(),
+            payload: RawValue::from_string(payload.into()).unwrap(),
+            enrichment,
+        }
+    }
+
     #[test]
     fn groups_join_key_enrichment_and_payload_values() {
-        let def = parse_document(
+        let def = pipeline(
             r#"
-[[pipelines]]
-name = "p"
-key_field = "k"
-time_field = "t"
 [[pipelines.aggregations]]
 name = "per_tier"
 group_by = ["key", "enrichment.tier", "payload.kind", "payload.missing"]
 window = { kind = "tumbling", size = "1h" }
 "#,
-        )
-        .unwrap()
-        .pipelines
-        .remove(0);
+        );
         let mut enrichment = serde_json::Map::new();
         enrichment.insert("tier".into(), Value::String("gold".into()));
-        let event = Event {
-            event_id: "e".into(),
-            pipeline: "p".into(),
-            key: "a".into(),
-            event_time: 0,
-            ingest_time: 0,
-            headers: Default::default(),
-            payload: RawValue::from_string(r#"{"kind":"bid"}"#.into()).unwrap(),
-            enrichment: Some(enrichment),
-        };
+        let event = event("a", r#"{"kind":"bid"}"#, Some(enrichment));
         let mut payload = Payload::new(event.payload.get());
         assert_eq!(
             group_key(&def.aggregations[0], &event, &mut payload),
@@ -94,12 +103,8 @@ window = { kind = "tumbling", size = "1h" }
 
     #[test]
     fn groups_are_encoded_without_ambiguity_and_numbers_canonical() {
-        let def = parse_document(
+        let def = pipeline(
             r#"
-[[pipelines]]
-name = "p"
-key_field = "k"
-time_field = "t"
 [[pipelines.aggregations]]
 name = "pair"
 group_by = ["payload.a", "payload.b"]
@@ -109,21 +114,9 @@ name = "one"
 group_by = ["payload.n"]
 window = { kind = "tumbling", size = "1h" }
 "#,
-        )
-        .unwrap()
-        .pipelines
-        .remove(0);
+        );
         let key = |aggregation: usize, payload: &str| {
-            let event = Event {
-                event_id: "e".into(),
-                pipeline: "p".into(),
-                key: "k".into(),
-                event_time: 0,
-                ingest_time: 0,
-                headers: Default::default(),
-                payload: RawValue::from_string(payload.into()).unwrap(),
-                enrichment: None,
-            };
+            let event = event("k", payload, None);
             let mut p = Payload::new(event.payload.get());
             group_key(&def.aggregations[aggregation], &event, &mut p).into_owned()
         };

@@ -320,7 +320,6 @@ impl Archiver {
         record: Record,
         stop: &CancellationToken,
     ) -> Result<(), ArchiverError> {
-        self.follow_generation(record.generation);
         let key: PartitionKey = (record.topic.clone(), record.partition);
         if self.abandoned.contains(&key) {
             // A file of this partition could not be written before shutdown; writing later

@@ -158,38 +158,14 @@ async fn producers_ids_and_idempotency_keys_are_their_own() {
     );
     // One Idempotency-Key, reused by shop with another body, and by crm with the same one.
     let idem = [("Idempotency-Key", "req-1")];
-    post(
-        ingest.http,
-        p,
-        Some("shop-key"),
-        &idem,
-        event("a2", r#","n":1"#),
-    )
-    .await;
-    post(
-        ingest.http,
-        p,
-        Some("shop-key"),
-        &idem,
-        event("a2", r#","n":2"#),
-    )
-    .await;
-    post(
-        ingest.http,
-        p,
-        Some("shop-key"),
-        &idem,
-        event("a2", r#","n":1"#),
-    )
-    .await;
-    post(
-        ingest.http,
-        p,
-        Some("crm-key"),
-        &idem,
-        event("a2", r#","n":1"#),
-    )
-    .await;
+    for (key, body) in [
+        ("shop-key", r#","n":1"#),
+        ("shop-key", r#","n":2"#),
+        ("shop-key", r#","n":1"#),
+        ("crm-key", r#","n":1"#),
+    ] {
+        post(ingest.http, p, Some(key), &idem, event("a2", body)).await;
+    }
     let events = on_topic(&broker, p).await;
     assert_eq!(events.len(), 6);
     assert_eq!(events[0].event_id, "order-1");
