@@ -1,128 +1,397 @@
-"""Checks of the Helm chart, offline: lint, schema, rendered manifests, and that the config the
-chart ships is one instream itself accepts. Run by scripts/test.sh (needs helm-python-sdk and
-a built `instream` binary). Prints one "N passed, N failed" line."""
+"""Checks of the Helm chart, offline, with real Helm v4 (helm-python-sdk): lint, the values
+schema, and three renders (default, values-production.yaml, every option on), each checked
+against the Kubernetes 1.30 schemas (kubernetes-validate), its custom resources against their
+CRDs (helm/tests/crd-validate.mjs, when Node is there), and its config against the start-up
+checks of every service it runs (`instream check-config --service …`). checkov runs over the
+rendered manifests. Run by scripts/test.sh; prints one "N passed, N failed" line."""
 
+import copy
+import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import helm_python
+import kubernetes_validate
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "instream"
+TESTS = ROOT / "helm" / "tests"
 INSTREAM = Path(os.environ.get("INSTREAM_BIN", ROOT / "target" / "debug" / "instream"))
-SERVICES = ["aggregator", "archiver", "enricher", "ingest"]
+KUBERNETES = "1.30.0"
+DEFAULT_SERVICES = ["aggregator", "archiver", "enricher", "ingest"]
+CUSTOM_KINDS = {"PrometheusRule", "PodMonitor", "ScaledObject"}
 
 
-def render(values=None):
+def production_values():
+    return yaml.safe_load((CHART / "values-production.yaml").read_text())
+
+
+def everything_on():
+    """Every option of the chart switched on at once."""
+    values = production_values()
+    values["fullnameOverride"] = "analytics"
+    values["imagePullSecrets"] = [{"name": "registry"}]
+    values["serviceAccount"] = {"create": True, "name": "instream-sa",
+                                "annotations": {"team": "data"}}
+    values["commonLabels"] = {"cost-center": "data"}
+    values["image"]["digest"] = "sha256:" + "a" * 64
+    for name in ["enricher", "aggregator", "archiver"]:
+        values["services"].setdefault(name, {})["keda"] = {
+            "enabled": True, "minReplicas": 1, "maxReplicas": 6, "lagThreshold": 5000,
+            "authenticationRef": "kafka-keda-auth"}
+    values["services"]["db-source"] = {"enabled": True, "replicas": 2,
+                                       "pdb": {"enabled": True, "minAvailable": 1}}
+    values["services"]["query-api"]["tlsSecret"] = "query-tls"
+    values["services"]["query-api"]["ingress"] = {
+        "enabled": True, "className": "nginx", "hosts": [{"host": "query.example.com"}]}
+    values["services"]["ingest"]["nodeSelector"] = {"pool": "edge"}
+    values["services"]["ingest"]["tolerations"] = [
+        {"key": "edge", "operator": "Exists", "effect": "NoSchedule"}]
+    values["services"]["ingest"]["affinity"] = {"podAntiAffinity": {
+        "preferredDuringSchedulingIgnoredDuringExecution": [{
+            "weight": 100, "podAffinityTerm": {
+                "topologyKey": "kubernetes.io/hostname",
+                "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "ingest"}}}}]}}
+    values["services"]["ingest"]["podLabels"] = {"tier": "edge"}
+    values["services"]["ingest"]["podAnnotations"] = {"example.com/owner": "data"}
+    values["services"]["ingest"]["extraEnv"] = [
+        {"name": "INSTREAM__KAFKA__SSL_KEY_PASSWORD",
+         "valueFrom": {"secretKeyRef": {"name": "instream-kafka", "key": "key-password"}}}]
+    values["services"]["ingest"]["extraEnvFrom"] = [{"secretRef": {"name": "ingest-extra"}}]
+    values["config"]["db_source"] = {
+        "url": "postgres://reader@db:5432/shop",
+        "password_file": "/var/run/secrets/instream/instream-stores/scylla-password",
+        "tables": [{"name": "orders", "table": "orders", "pipeline": "orders",
+                    "mode": "incrementing", "incrementing_column": "id"}]}
+    values["networkPolicy"]["httpFrom"] = [{"namespaceSelector": {}}]
+    values["prometheusRule"]["runbookBaseUrl"] = "https://git.example.com/instream/blob/v1/"
+    return values
+
+
+def render(values=None, name="rel"):
     chart = helm_python.Chart.load(str(CHART))
-    out = chart.render(values or {}, name="rel", namespace="data")
-    docs = []
-    for text in out.values():
+    out = chart.render(values or {}, name=name, namespace="data", is_install=True)
+    docs, notes = [], ""
+    for template, text in out.items():
+        if template.endswith("NOTES.txt"):
+            notes = text
+            continue
         docs += [d for d in yaml.safe_load_all(text) if d]
-    return docs
+    return docs, notes
 
 
-def test_lint_has_no_errors():
-    report = helm_python.lint(str(CHART))
-    assert report["errors"] == [], report
-    assert all(m["severity"] < 3 for m in report["messages"]), report["messages"]
+def of_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
 
 
-def test_one_deployment_per_service_with_probes():
-    docs = render()
-    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
-    assert sorted(deployments) == [f"rel-{s}" for s in SERVICES]
-    for service in SERVICES:
-        container = deployments[f"rel-{service}"]["spec"]["template"]["spec"]["containers"][0]
-        assert container["command"][0] == f"instream-{service}"
-        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+def named(docs, kind, name):
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
 
 
-def test_services_scale_independently_and_can_be_disabled():
-    docs = render({"services": {"enricher": {"enabled": True, "replicas": 7},
-                                "archiver": {"enabled": False, "replicas": 1}}})
-    names = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
-    assert names["rel-enricher"]["spec"]["replicas"] == 7
-    assert "rel-archiver" not in names
+def pod_spec(docs, name):
+    return named(docs, "Deployment", name)["spec"]["template"]["spec"]
 
 
-def test_query_api_gets_a_deployment_and_a_service_when_enabled():
-    docs = render({"services": {"query-api": {"enabled": True, "replicas": 3, "httpPort": 8081}}})
-    deployment = next(d for d in docs if d["kind"] == "Deployment"
-                      and d["metadata"]["name"] == "rel-query-api")
-    assert deployment["spec"]["replicas"] == 3
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"][0] == "instream-query-api"
-    env = {e["name"]: e["value"] for e in container["env"]}
-    assert env["INSTREAM__QUERY_API__LISTEN"] == "0.0.0.0:8081"
-    services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
-    assert services == {"rel-ingest", "rel-query-api"}
+def config_of(docs):
+    data = next(d for d in docs if d["kind"] == "ConfigMap"
+                and d["metadata"]["name"].endswith("-config"))["data"]
+    return data
 
 
-def test_db_source_runs_a_standby_and_no_service_when_enabled():
-    docs = render({"services": {"db-source": {"enabled": True, "replicas": 2}}})
-    deployment = next(d for d in docs if d["kind"] == "Deployment"
-                      and d["metadata"]["name"] == "rel-db-source")
-    assert deployment["spec"]["replicas"] == 2
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"][0] == "instream-db-source"
-    assert "http" not in {p["name"] for p in container["ports"]}
-    services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
-    assert "rel-db-source" not in services
+def check_config(docs, services, secret_dir):
+    """Runs `instream check-config --service …` on the rendered config, with every file under
+    /var/run/secrets/instream (mounted Secrets) made in `secret_dir`."""
+    data = config_of(docs)
+    if "instream.json" in data:
+        config = json.loads(data["instream.json"])
+
+        def local(value):
+            if isinstance(value, dict):
+                return {k: local(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [local(v) for v in value]
+            if isinstance(value, str) and value.startswith("/var/run/secrets/instream/"):
+                path = Path(secret_dir) / value.removeprefix("/var/run/secrets/instream/")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("instream:s3cret\n")
+                return str(path)
+            return value
+
+        text, suffix = json.dumps(local(config)), ".json"
+    else:
+        text, suffix = data["instream.toml"], ".toml"
+    path = Path(secret_dir) / f"instream{suffix}"
+    path.write_text(text)
+    return subprocess.run([str(INSTREAM), "check-config", "--config", str(path),
+                           "--service", ",".join(services)],
+                          capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
 
 
-def test_ingest_serves_https_from_a_tls_secret():
-    docs = render({"services": {"ingest": {"enabled": True, "replicas": 1, "httpPort": 8443,
-                                           "tlsSecret": "ingest-cert"}}})
-    pod = next(d for d in docs if d["kind"] == "Deployment"
-               and d["metadata"]["name"] == "rel-ingest")["spec"]["template"]["spec"]
-    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
-    assert env["INSTREAM__INGEST__TLS__CERT_FILE"] == "/etc/instream-tls/tls.crt"
-    assert env["INSTREAM__INGEST__TLS__KEY_FILE"] == "/etc/instream-tls/tls.key"
-    secrets = [v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v]
-    assert secrets == ["ingest-cert"]
-    plain = render()
-    pod = next(d for d in plain if d["kind"] == "Deployment"
-               and d["metadata"]["name"] == "rel-ingest")["spec"]["template"]["spec"]
-    assert all("secret" not in v for v in pod["volumes"])
+def enabled_services(docs):
+    return sorted(d["metadata"]["labels"]["app.kubernetes.io/component"]
+                  for d in of_kind(docs, "Deployment"))
 
 
-def test_schema_refuses_bad_values():
-    chart = helm_python.Chart.load(str(CHART))
+# ---------------------------------------------------------------------------------------
+
+def test_lint_has_no_errors_for_default_and_production_values():
+    for values in [None, production_values()]:
+        report = helm_python.lint(str(CHART), values, strict=True, kube_version=KUBERNETES)
+        assert report["errors"] == [], report
+        assert all(m["severity"] < 3 for m in report["messages"]), report["messages"]
+
+
+def test_default_install_starts_every_service_with_the_config_it_renders():
+    docs, notes = render()
+    assert enabled_services(docs) == DEFAULT_SERVICES
+    with tempfile.TemporaryDirectory() as secrets:
+        result = check_config(docs, DEFAULT_SERVICES, secrets)
+    assert result.returncode == 0, result.stderr
+    # The generated producer key: kept in a Secret, its digest in ingest's config, its use in
+    # the notes.
+    secret = named(docs, "Secret", "rel-instream-ingest-key")
+    key = secret["data"]["api-key"]
+    import base64
+    digest = hashlib.sha256(base64.b64decode(key)).hexdigest()
+    config = json.loads(config_of(docs)["instream.json"])
+    assert config["ingest"]["api_keys"] == [{"name": "generated", "sha256": digest}]
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert "rel-instream-ingest-key" in notes and "base64 -d" in notes
+    # No custom resource (no CRD needed) by default.
+    assert not [d for d in docs if d["kind"] in CUSTOM_KINDS]
+
+
+def test_the_same_checks_refuse_a_config_a_service_would_refuse():
+    values = {"ingestApiKey": {"generate": False},
+              "config": {"ingest": {"allow_anonymous": True}}}
+    docs, _ = render(values)
+    with tempfile.TemporaryDirectory() as secrets:
+        assert check_config(docs, ["ingest"], secrets).returncode == 0
+        # query-api without a key (rendered as raw TOML, which the chart does not inspect).
+        toml = "[kafka]\nbootstrap_servers = \"kafka:9092\"\n"
+        docs, _ = render({"configToml": toml})
+        result = check_config(docs, ["query-api"], secrets)
+    assert result.returncode == 2, result
+    assert "query_api.api_key_sha256" in result.stderr, result.stderr
+
+
+def test_without_a_key_and_without_generation_the_render_is_refused():
     try:
-        chart.render({"services": {"ingest": {"enabled": True, "replicas": -1}}},
-                     name="rel", namespace="data")
-    except helm_python.HelmError:
+        render({"ingestApiKey": {"generate": False}})
+    except helm_python.HelmError as e:
+        assert "ingest needs a producer key" in str(e), e
         return
-    raise AssertionError("replicas -1 must be refused by values.schema.json")
+    raise AssertionError("a render without any ingest key must be refused")
 
 
-def test_alert_rules_ship_as_a_prometheus_rule_only_when_enabled():
-    assert not [d for d in render() if d["kind"] == "PrometheusRule"]
-    docs = render({"prometheusRule": {"enabled": True, "labels": {"release": "kube-prom"}}})
-    rule = next(d for d in docs if d["kind"] == "PrometheusRule")
-    assert rule["metadata"]["labels"]["release"] == "kube-prom"
+def test_every_render_passes_the_kubernetes_schemas_and_the_services_checks():
+    for label, values in [("default", None), ("production", production_values()),
+                          ("everything", everything_on())]:
+        docs, _ = render(values)
+        for doc in docs:
+            if doc["kind"] in CUSTOM_KINDS:
+                continue
+            try:
+                kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                raise AssertionError(f"{label}: {doc['kind']} {doc['metadata']['name']}: {e}")
+        with tempfile.TemporaryDirectory() as secrets:
+            result = check_config(docs, enabled_services(docs), secrets)
+        assert result.returncode == 0, f"{label}: {result.stderr}"
+
+
+def test_custom_resources_pass_their_crd_schemas():
+    node = shutil.which("node")
+    assert node and (TESTS / "node_modules").exists(), \
+        "Node and helm/tests/node_modules are needed (scripts/test.sh installs them: npm ci)"
+    docs, _ = render(everything_on())
+    custom = [d for d in docs if d["kind"] in CUSTOM_KINDS]
+    assert {d["kind"] for d in custom} == CUSTOM_KINDS
+    result = subprocess.run([node, str(TESTS / "crd-validate.mjs")], input=json.dumps(custom),
+                            capture_output=True, text=True, cwd=TESTS)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_standard_names_labels_service_account_and_pull_secrets():
+    docs, _ = render(everything_on())
+    for doc in docs:
+        labels = doc["metadata"]["labels"]
+        for key in ["app.kubernetes.io/name", "app.kubernetes.io/instance",
+                    "app.kubernetes.io/version", "app.kubernetes.io/managed-by"]:
+            assert key in labels, f"{doc['kind']} {doc['metadata']['name']} lacks {key}"
+        assert labels["cost-center"] == "data"
+        if doc["kind"] != "ServiceAccount":  # named explicitly below
+            assert doc["metadata"]["name"].startswith("analytics"), doc["metadata"]["name"]
+    deployment = named(docs, "Deployment", "analytics-ingest")
+    assert deployment["metadata"]["labels"]["app.kubernetes.io/component"] == "ingest"
+    spec = deployment["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "instream-sa"
+    assert spec["imagePullSecrets"] == [{"name": "registry"}]
+    assert spec["containers"][0]["image"] == "registry.example.com/data/instream@sha256:" + "a" * 64
+    assert named(docs, "ServiceAccount", "instream-sa")["automountServiceAccountToken"] is False
+
+
+def test_pods_run_restricted_with_a_pause_before_stopping():
+    docs, _ = render()
+    for name in DEFAULT_SERVICES:
+        spec = pod_spec(docs, f"rel-instream-{name}")
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        container = spec["containers"][0]
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"]["drop"] == ["ALL"]
+        assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+        assert spec["terminationGracePeriodSeconds"] > 5 + 20
+        assert container["command"] == [f"instream-{name}", "--config",
+                                        "/etc/instream/instream.json"]
+    strategies = {d["metadata"]["name"]: d["spec"]["strategy"]["type"]
+                  for d in of_kind(docs, "Deployment")}
+    assert strategies["rel-instream-aggregator"] == "Recreate"
+    assert strategies["rel-instream-enricher"] == "RollingUpdate"
+
+
+def test_per_service_scheduling_env_and_volumes():
+    docs, _ = render(everything_on())
+    spec = pod_spec(docs, "analytics-ingest")
+    assert spec["nodeSelector"] == {"pool": "edge"}
+    assert spec["tolerations"][0]["key"] == "edge"
+    assert "podAntiAffinity" in spec["affinity"]
+    # The defaults' zone spreading reaches every service; ingest's own keys add to it.
+    assert spec["topologySpreadConstraints"][0]["topologyKey"] == "topology.kubernetes.io/zone"
+    assert pod_spec(docs, "analytics-enricher")["topologySpreadConstraints"]
+    container = spec["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["INSTREAM__INGEST__TLS__CERT_FILE"]["value"] == "/etc/instream-tls/tls.crt"
+    assert env["INSTREAM__KAFKA__SSL_KEY_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "instream-kafka"
+    assert container["envFrom"] == [{"secretRef": {"name": "ingest-extra"}}]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/etc/hadoop/conf", "/etc/instream-ca", "/var/run/secrets/instream/instream-kafka",
+            "/etc/instream-tls"} <= mounts
+    template = named(docs, "Deployment", "analytics-ingest")["spec"]["template"]["metadata"]
+    assert template["labels"]["tier"] == "edge"
+    assert template["annotations"]["example.com/owner"] == "data"
+    query = pod_spec(docs, "analytics-query-api")["containers"][0]
+    query_env = {e["name"]: e.get("value") for e in query["env"]}
+    assert query_env["INSTREAM__QUERY_API__TLS__KEY_FILE"] == "/etc/instream-tls/tls.key"
+
+
+def test_scaling_disruption_monitoring_and_network_objects():
+    docs, _ = render(everything_on())
+    hpas = {d["metadata"]["name"] for d in of_kind(docs, "HorizontalPodAutoscaler")}
+    assert hpas == {"analytics-ingest", "analytics-query-api"}
+    scaled = {d["metadata"]["name"]: d for d in of_kind(docs, "ScaledObject")}
+    assert set(scaled) == {"analytics-enricher", "analytics-aggregator", "analytics-archiver"}
+    trigger = scaled["analytics-aggregator"]["spec"]["triggers"][0]
+    assert trigger["metadata"]["consumerGroup"] == "instream-aggregator"
+    assert trigger["authenticationRef"] == {"name": "kafka-keda-auth"}
+    # An autoscaled Deployment leaves its replica count to the autoscaler.
+    assert "replicas" not in named(docs, "Deployment", "analytics-enricher")["spec"]
+    pdbs = {d["metadata"]["name"]: d["spec"] for d in of_kind(docs, "PodDisruptionBudget")}
+    assert pdbs["analytics-db-source"] == {"minAvailable": 1, "selector": pdbs["analytics-db-source"]["selector"]}
+    assert pdbs["analytics-ingest"]["maxUnavailable"] == 1
+    assert of_kind(docs, "PodMonitor")[0]["spec"]["podMetricsEndpoints"][0]["port"] == "admin"
+    policies = {d["metadata"]["name"]: d["spec"] for d in of_kind(docs, "NetworkPolicy")}
+    assert len(policies) == len(of_kind(docs, "Deployment"))
+    egress_ports = {p["port"] for rule in policies["analytics-enricher"]["egress"]
+                    for p in rule.get("ports", [])}
+    assert {53, 9093, 6379} <= egress_ports
+    ingresses = {d["metadata"]["name"] for d in of_kind(docs, "Ingress")}
+    assert ingresses == {"analytics-ingest", "analytics-query-api"}
+    dashboard = named(docs, "ConfigMap", "analytics-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    panels = json.loads(dashboard["data"]["instream.json"])["panels"]
+    titles = " ".join(p["title"] for p in panels).lower()
+    for topic in ["throughput", "lag", "dead letters", "records lost", "window close",
+                  "hit ratio", "latency"]:
+        assert topic in titles, f"the dashboard has no {topic} panel"
+
+
+def test_hook_job_applies_schema_and_definitions_and_helm_test_checks_status():
+    docs, _ = render(production_values())
+    job = named(docs, "Job", "rel-instream-setup")
+    assert "post-install" in job["metadata"]["annotations"]["helm.sh/hook"]
+    spec = job["spec"]["template"]["spec"]
+    assert spec["initContainers"][0]["command"][:3] == ["instream", "schema", "apply"]
+    assert spec["containers"][0]["command"][:3] == ["instream", "pipeline", "apply"]
+    definitions = named(docs, "ConfigMap", "rel-instream-pipelines")["data"]["pipelines.toml"]
+    with tempfile.TemporaryDirectory() as out:
+        path = Path(out, "pipelines.toml")
+        path.write_text(definitions)
+        # The shipped definitions are ones instream accepts.
+        result = subprocess.run([str(INSTREAM), "pipeline", "validate", str(path)],
+                                capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    test_pod = next(d for d in docs if d["kind"] == "Pod")
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert test_pod["spec"]["containers"][0]["command"][:2] == ["instream", "status"]
+
+
+def test_yaml_config_keeps_integers_and_one_key_overrides_one_key():
+    docs, _ = render({"config": {"kafka": {"replication_factor": 2,
+                                           "max_record_bytes": 2000000}}})
+    config = json.loads(config_of(docs)["instream.json"])
+    assert config["kafka"]["replication_factor"] == 2
+    assert config["kafka"]["max_record_bytes"] == 2000000
+    # The other keys of the section stay as the chart's defaults give them.
+    assert config["kafka"]["bootstrap_servers"] == "kafka:9092"
+    docs, _ = render({"configToml": "[kafka]\nbootstrap_servers = \"k:9092\"\n"
+                                    "[ingest]\nallow_anonymous = true\n"})
+    assert config_of(docs) == {"instream.toml": "[kafka]\nbootstrap_servers = \"k:9092\"\n"
+                                                "[ingest]\nallow_anonymous = true\n"}
+    assert pod_spec(docs, "rel-instream-ingest")["containers"][0]["command"][-1] == \
+        "/etc/instream/instream.toml"
+
+
+def test_schema_refuses_unknown_keys_and_bad_values():
+    chart = helm_python.Chart.load(str(CHART))
+    for bad in [{"services": {"ingest": {"enabled": True, "replicas": -1}}},
+                {"servces": {}},
+                {"services": {"ingest": {"enabled": True, "replicas": 1, "replica": 2}}},
+                {"image": {"repository": "x", "digest": "latest"}}]:
+        try:
+            chart.render(bad, name="rel", namespace="data")
+        except helm_python.HelmError:
+            continue
+        raise AssertionError(f"{bad} must be refused by values.schema.json")
+
+
+def test_alert_rules_ship_as_a_prometheus_rule_with_runbook_urls():
+    docs, _ = render()
+    assert not of_kind(docs, "PrometheusRule")
+    docs, _ = render(everything_on())
+    rule = of_kind(docs, "PrometheusRule")[0]
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     shipped = yaml.safe_load((CHART / "alerts" / "instream-rules.yaml").read_text())
-    assert rule["spec"] == shipped
-    alerts = [r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert len(alerts) == sum(len(g["rules"]) for g in shipped["groups"])
     runbook = (ROOT / "docs" / "runbook.md").read_text()
     for alert in alerts:
-        # Every alert links to its runbook section, and the section exists.
-        assert f"### {alert}" in runbook, f"docs/runbook.md has no section for {alert}"
+        url = alert["annotations"]["runbook_url"]
+        assert url == ("https://git.example.com/instream/blob/v1/docs/runbook.md#"
+                       + alert["alert"].lower()), url
+        assert f"### {alert['alert']}" in runbook, f"docs/runbook.md has no {alert['alert']}"
 
 
-def test_shipped_config_is_valid_for_instream():
-    config = next(d for d in render() if d["kind"] == "ConfigMap")["data"]["instream.toml"]
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(config)
-    result = subprocess.run([str(INSTREAM), "check-config", "--config", f.name],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+def test_checkov_finds_nothing_unwaived():
+    checkov = shutil.which("checkov", path=str(Path(sys.executable).parent))
+    if checkov is None:
+        raise AssertionError("checkov is not installed next to this Python")
+    with tempfile.TemporaryDirectory() as out:
+        for label, values in [("default", None), ("production", production_values())]:
+            docs, _ = render(values)
+            Path(out, f"{label}.yaml").write_text(yaml.safe_dump_all(docs))
+        result = subprocess.run([checkov, "-d", out, "--framework", "kubernetes",
+                                 "--skip-download", "--config-file", str(TESTS / "checkov.yaml")],
+                                capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
 if __name__ == "__main__":

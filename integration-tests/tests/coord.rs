@@ -29,6 +29,7 @@ fn config(zk: &ZooKeeperServer) -> ZooKeeperConfig {
         root: format!("/{}", unique("instream")),
         session_timeout: Duration::from_secs(4),
         auth: None,
+        auth_file: None,
     }
 }
 
@@ -432,6 +433,7 @@ async fn contender_process() {
         root: root.into(),
         session_timeout: Duration::from_secs(3),
         auth: None,
+        auth_file: None,
     };
     let mut leadership = campaign(&cfg, "retention", name).await.unwrap();
     let term = leadership.acquired().await;

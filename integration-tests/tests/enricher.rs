@@ -135,6 +135,7 @@ fields = {{ tier = "tier" }}
                 &def.enrichments[0],
                 &["id".to_owned()],
                 &file,
+                &instream_core::Progress::silent(),
             )
             .await
             .unwrap()

@@ -43,6 +43,7 @@ impl Servers {
             root: self.root.clone(),
             session_timeout: Duration::from_secs(4),
             auth: None,
+            auth_file: None,
         }
     }
 

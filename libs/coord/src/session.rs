@@ -52,7 +52,7 @@ pub(crate) fn persistent(cfg: &ZooKeeperConfig) -> zk::CreateOptions<'static> {
 pub async fn connect(cfg: &ZooKeeperConfig) -> Result<zk::Client, CoordError> {
     let mut connector = zk::Client::connector().with_session_timeout(cfg.session_timeout);
     if let Some(auth) = &cfg.auth {
-        connector = connector.with_auth("digest", auth.as_bytes());
+        connector = connector.with_auth("digest", auth.expose().as_bytes());
     }
     let client = connector
         .connect(&cfg.connect)

@@ -17,6 +17,7 @@ pub mod auth;
 pub mod backlog;
 pub mod config;
 mod metric_help;
+pub mod progress;
 pub mod retry;
 pub mod service;
 pub mod shutdown;
@@ -24,6 +25,7 @@ pub mod telemetry;
 
 pub use admin::{AdminServer, Health, Readiness};
 pub use config::{Config, ConfigError};
+pub use progress::Progress;
 pub use retry::{Backoff, GaveUp, Pauses, Retry};
 pub use service::{run_service, service_main, Service, ServiceContext};
 pub use shutdown::{shutdown_on_signal, Supervisor, SupervisorError, Tasks};

@@ -76,6 +76,20 @@ const METRICS: &[(&str, Kind, &str)] = &[
     ("instream_db_source_leader", Gauge, "1 while this instance polls the table (leads its election)."),
 ];
 
+/// The histograms that count things (records per batch) rather than time them: they get
+/// [`COUNT_BUCKETS`], not the latency buckets every other histogram has.
+pub(crate) fn count_histograms() -> impl Iterator<Item = &'static str> {
+    METRICS
+        .iter()
+        .filter(|(_, kind, _)| matches!(kind, Histogram(Unit::Count)))
+        .map(|(name, ..)| *name)
+}
+
+/// Buckets of a count (a batch holds 1 to `batch_size` records, 5,000 by default).
+pub(crate) const COUNT_BUCKETS: &[f64] = &[
+    1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 20000.0, 50000.0,
+];
+
 /// Gives every metric its help text, and sets `instream_build_info`.
 pub(crate) fn describe_all() {
     for (name, kind, help) in METRICS {

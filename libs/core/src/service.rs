@@ -15,6 +15,7 @@ use crate::shutdown::{shutdown_on_signal, Supervisor, Tasks};
 use crate::telemetry;
 
 #[derive(Debug, Parser)]
+#[command(version)]
 struct Args {
     /// The config file (TOML). Environment variables INSTREAM__SECTION__KEY override it.
     #[arg(long, short, env = "INSTREAM_CONFIG")]
@@ -121,7 +122,7 @@ where
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: std::fmt::Display + 'static,
 {
-    let config = match Config::load(config) {
+    let config = match Config::load(config).and_then(|c| c.check_for(service).map(|()| c)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("instream-{service}: {e}");

@@ -38,10 +38,18 @@ pub fn init_tracing(config: &TelemetryConfig) {
 pub fn metrics_handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
+        let mut builder = PrometheusBuilder::new()
             .set_buckets(LATENCY_BUCKETS)
-            .expect("latency buckets are a non-empty constant")
-            .build_recorder();
+            .expect("latency buckets are a non-empty constant");
+        for name in crate::metric_help::count_histograms() {
+            builder = builder
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(name.to_owned()),
+                    crate::metric_help::COUNT_BUCKETS,
+                )
+                .expect("count buckets are a non-empty constant");
+        }
+        let recorder = builder.build_recorder();
         let handle = recorder.handle();
         if metrics::set_global_recorder(recorder).is_err() {
             // Only a host program embedding instream could have got there first.
@@ -50,4 +58,23 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
         crate::metric_help::describe_all();
         handle
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn batch_sizes_land_in_count_buckets_not_past_the_latency_ones() {
+        let handle = super::metrics_handle();
+        metrics::histogram!("instream_batch_size", "service" => "bucket-test").record(700.0);
+        let text = handle.render();
+        let line = text
+            .lines()
+            .find(|l| {
+                l.starts_with("instream_batch_size_bucket")
+                    && l.contains("bucket-test")
+                    && l.contains("le=\"1000\"")
+            })
+            .unwrap_or_else(|| panic!("no le=1000 bucket: {text}"));
+        assert!(line.ends_with(" 1"), "{line}");
+    }
 }

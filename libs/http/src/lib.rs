@@ -12,6 +12,8 @@
 //! - Every request carries the [`Peer`] address of its connection (for per-client limits).
 //! - On shutdown: no new connection; idle ones close, requests in flight finish.
 
+pub mod tls;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use instream_core::config::KafkaConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext};
 use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::metadata::Metadata;
 
 use crate::error::KafkaError;
 
@@ -55,11 +56,7 @@ pub async fn create_topics(
     if topics.is_empty() {
         return Ok(Vec::new());
     }
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.bootstrap_servers);
-    for (k, v) in &cfg.properties {
-        c.set(k, v);
-    }
+    let c = crate::client::connection_config(cfg, &Default::default());
     let existing = existing_topics(c.clone()).await?;
     let mut outcomes: Vec<(String, TopicOutcome)> = topics
         .iter()
@@ -111,13 +108,17 @@ pub async fn create_topics(
 /// The names of all topics, from a metadata request that never auto-creates one. Asking
 /// first also spares brokers without a CreateTopics API (the embedded one) a request they
 /// would not answer.
-async fn existing_topics(mut c: ClientConfig) -> Result<HashSet<String>, KafkaError> {
-    c.set("allow.auto.create.topics", "false");
-    let consumer: BaseConsumer = c.create().map_err(KafkaError::Config)?;
+async fn existing_topics(c: ClientConfig) -> Result<HashSet<String>, KafkaError> {
+    let probe = Probe::new(c)?;
     tokio::task::spawn_blocking(move || {
-        let metadata = consumer
-            .fetch_metadata(None, Duration::from_secs(30))
-            .map_err(|e| KafkaError::Admin(format!("listing topics: {e}")))?;
+        let metadata = probe
+            .metadata(Duration::from_secs(30))
+            .map_err(|e| match e {
+                ProbeError::Refused(cause) => KafkaError::Refused(cause),
+                ProbeError::Unanswered(cause) => {
+                    KafkaError::Admin(format!("listing topics: {cause}"))
+                }
+            })?;
         Ok(metadata
             .topics()
             .iter()
@@ -126,6 +127,78 @@ async fn existing_topics(mut c: ClientConfig) -> Result<HashSet<String>, KafkaEr
     })
     .await
     .map_err(|e| KafkaError::Admin(format!("listing topics: {e}")))?
+}
+
+/// Remembers the last error librdkafka reported that trying again with the same settings
+/// cannot mend: a failed TLS handshake or SASL authentication. Such errors arrive as client
+/// events, apart from the request that failed on them (which only times out).
+#[derive(Default)]
+struct RefusalWatch {
+    refused: std::sync::Mutex<Option<String>>,
+}
+
+impl ClientContext for RefusalWatch {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        let refusal = match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::SSL | RDKafkaErrorCode::Authentication) => true,
+            // The server ended TLS with an alert (a certificate it requires or refuses): in
+            // TLS 1.3 that comes after the client's side of the handshake, as a transport
+            // error. Alert 0 is an orderly close, not a refusal.
+            Some(RDKafkaErrorCode::BrokerTransportFailure) => {
+                reason.contains("SSL alert number") && !reason.contains("SSL alert number 0")
+            }
+            _ => false,
+        };
+        if refusal {
+            if let Ok(mut refused) = self.refused.lock() {
+                *refused = Some(reason.to_owned());
+            }
+        }
+    }
+}
+
+impl ConsumerContext for RefusalWatch {}
+
+enum ProbeError {
+    /// The cluster refused this client (TLS or authentication): the cause, as librdkafka
+    /// gave it.
+    Refused(String),
+    /// No answer in time (or an error answer).
+    Unanswered(String),
+}
+
+/// A client that only asks for metadata, telling a refusal from an unreachable cluster.
+struct Probe {
+    consumer: BaseConsumer<RefusalWatch>,
+}
+
+impl Probe {
+    fn new(mut c: ClientConfig) -> Result<Probe, KafkaError> {
+        c.set("allow.auto.create.topics", "false");
+        let consumer = c
+            .create_with_context(RefusalWatch::default())
+            .map_err(KafkaError::Config)?;
+        Ok(Probe { consumer })
+    }
+
+    /// Blocks up to `timeout`.
+    fn metadata(&self, timeout: Duration) -> Result<Metadata, ProbeError> {
+        let answer = self.consumer.fetch_metadata(None, timeout);
+        // Serves the client's pending events: the refusal, if there was one.
+        let _ = self.consumer.poll(Duration::from_millis(100));
+        let refused = self
+            .consumer
+            .context()
+            .refused
+            .lock()
+            .ok()
+            .and_then(|mut r| r.take());
+        match (answer, refused) {
+            (Ok(metadata), _) => Ok(metadata),
+            (Err(_), Some(cause)) => Err(ProbeError::Refused(cause)),
+            (Err(e), None) => Err(ProbeError::Unanswered(e.to_string())),
+        }
+    }
 }
 
 /// The raw, enriched, dead-letter and quality-record topics of every pipeline, and the
@@ -156,28 +229,37 @@ pub async fn watch_broker(
     interval: Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), KafkaError> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.bootstrap_servers);
-    for (k, v) in &cfg.properties {
-        c.set(k, v);
-    }
-    c.set("allow.auto.create.topics", "false");
-    let consumer: BaseConsumer = c.create().map_err(|e| {
-        readiness.set_not_ready(format!("kafka client: {e}"));
-        KafkaError::Admin(format!("the broker probe's client: {e}"))
-    })?;
-    let consumer = std::sync::Arc::new(consumer);
+    let probe =
+        Probe::new(crate::client::connection_config(&cfg, &Default::default())).map_err(|e| {
+            readiness.set_not_ready(format!("kafka client: {e}"));
+            KafkaError::Admin(format!("the broker probe's client: {e}"))
+        })?;
+    let probe = std::sync::Arc::new(probe);
+    let mut answered_once = false;
     loop {
-        let probe = consumer.clone();
+        let asking = probe.clone();
         let answer = tokio::task::spawn_blocking(move || {
-            probe
-                .fetch_metadata(None, Duration::from_secs(5))
-                .map(|_| ())
+            asking.metadata(Duration::from_secs(5)).map(|_| ())
         })
         .await;
         match answer {
-            Ok(Ok(())) => readiness.set_ready(),
-            Ok(Err(e)) => readiness.set_not_ready(format!("kafka unreachable: {e}")),
+            Ok(Ok(())) => {
+                answered_once = true;
+                readiness.set_ready();
+            }
+            // Refused before it ever answered: the settings are wrong (a wrong password, an
+            // authority the cluster's certificate is not from), and waiting mends nothing.
+            Ok(Err(ProbeError::Refused(cause))) if !answered_once => {
+                readiness.set_not_ready(format!("kafka refused the connection: {cause}"));
+                return Err(KafkaError::Refused(cause));
+            }
+            Ok(Err(ProbeError::Refused(cause))) => {
+                tracing::error!(%cause, "kafka refused the connection");
+                readiness.set_not_ready(format!("kafka refused the connection: {cause}"));
+            }
+            Ok(Err(ProbeError::Unanswered(cause))) => {
+                readiness.set_not_ready(format!("kafka unreachable: {cause}"))
+            }
             Err(e) => readiness.set_not_ready(format!("kafka probe failed: {e}")),
         }
         if shutdown

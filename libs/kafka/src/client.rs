@@ -147,19 +147,41 @@ impl Record {
     }
 }
 
-fn base_config(
+/// How every client of instream reaches the cluster: `bootstrap.servers`, `kafka.properties`
+/// then `extra` (a client kind's own), and the named secrets (`kafka.sasl_password`, …; see
+/// the config's `secret` module), which validation keeps out of the property maps.
+pub(crate) fn connection_config(
     cfg: &KafkaConfig,
     extra: &std::collections::BTreeMap<String, String>,
 ) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.bootstrap_servers);
+    for (k, v) in cfg.properties.iter().chain(extra) {
+        c.set(k, v);
+    }
+    for (property, secret) in cfg.secret_properties() {
+        c.set(property, secret.expose());
+    }
+    c
+}
+
+/// Sets `key` unless the user's properties did. (Settings are never copied out of another
+/// `ClientConfig` through `config_map`: it masks secrets, which librdkafka would then get.)
+fn set_default(c: &mut ClientConfig, key: &str, value: &str) {
+    if c.get(key).is_none() {
+        c.set(key, value);
+    }
+}
+
+fn base_config(
+    cfg: &KafkaConfig,
+    extra: &std::collections::BTreeMap<String, String>,
+) -> ClientConfig {
+    let mut c = connection_config(cfg, extra);
     c.set(
         "statistics.interval.ms",
         cfg.statistics_interval.as_millis().to_string(),
     );
-    for (k, v) in cfg.properties.iter().chain(extra) {
-        c.set(k, v);
-    }
     c
 }
 
@@ -168,13 +190,10 @@ fn base_config(
 /// (validation refuses overrides of these keys): success only once every in-sync replica has
 /// the record (`acks=all`), and a retried record never written twice (idempotence).
 fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("linger.ms", "5");
-    c.set("compression.type", "lz4");
-    c.set("queue.buffering.max.messages", "500000");
-    for (k, v) in base_config(cfg, &cfg.producer).config_map() {
-        c.set(k, v);
-    }
+    let mut c = base_config(cfg, &cfg.producer);
+    set_default(&mut c, "linger.ms", "5");
+    set_default(&mut c, "compression.type", "lz4");
+    set_default(&mut c, "queue.buffering.max.messages", "500000");
     // The size every stage checks records against: one setting, not two that could differ.
     c.set("message.max.bytes", cfg.max_record_bytes.to_string());
     c.set("acks", "all");
@@ -250,22 +269,17 @@ pub fn consumer(
     group: &str,
     topics: &[impl AsRef<str>],
 ) -> Result<Consumer, KafkaError> {
-    let mut c = ClientConfig::new();
+    let mut c = base_config(cfg, &cfg.consumer);
     // Where a new group starts, and where librdkafka moves a position the broker no longer
     // holds: never in silence, as every stage checks each batch against the expected offsets
     // (`Continuity`) and counts any jump in instream_records_lost_total.
-    c.set("auto.offset.reset", "earliest");
-    c.set("isolation.level", "read_committed");
-    c.set(
-        "session.timeout.ms",
-        cfg.session_timeout.as_millis().to_string(),
-    );
+    set_default(&mut c, "auto.offset.reset", "earliest");
+    set_default(&mut c, "isolation.level", "read_committed");
+    let session_timeout = cfg.session_timeout.as_millis().to_string();
+    set_default(&mut c, "session.timeout.ms", &session_timeout);
     // A subscribed topic created after the subscription (a definition adding a repartitioned
     // aggregation) is seen at the next metadata refresh: 10 s, not librdkafka's 5 minutes.
-    c.set("topic.metadata.refresh.interval.ms", "10000");
-    for (k, v) in base_config(cfg, &cfg.consumer).config_map() {
-        c.set(k, v);
-    }
+    set_default(&mut c, "topic.metadata.refresh.interval.ms", "10000");
     c.set("group.id", group);
     c.set("enable.auto.commit", "false");
     c.set("enable.auto.offset.store", "false");

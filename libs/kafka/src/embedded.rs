@@ -1,7 +1,8 @@
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use rdkafka::mocking::MockCluster;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseProducer, Producer as _};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use crate::error::KafkaError;
@@ -26,6 +27,14 @@ enum Command {
         errors: Vec<RDKafkaRespErr>,
         reply: mpsc::Sender<Result<(), String>>,
     },
+    /// Makes the broker name another address in metadata than the one it listens on: a
+    /// proxy's (TLS in front of the broker) that clients then reach it through.
+    Advertise {
+        broker: i32,
+        host: String,
+        port: u16,
+        reply: mpsc::Sender<Result<(), String>>,
+    },
     Stop,
 }
 
@@ -48,12 +57,21 @@ impl EmbeddedBroker {
         let thread = std::thread::Builder::new()
             .name("embedded-kafka".into())
             .spawn(move || {
-                let cluster = match MockCluster::new(brokers) {
-                    Ok(c) => c,
+                // A client holding the cluster, rather than rdkafka's `MockCluster::new`: the
+                // advertised address can only be changed through the client's raw handle.
+                let owner: BaseProducer = match ClientConfig::new()
+                    .set("test.mock.num.brokers", brokers.to_string())
+                    .create()
+                {
+                    Ok(o) => o,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e.to_string()));
                         return;
                     }
+                };
+                let Some(cluster) = owner.client().mock_cluster() else {
+                    let _ = ready_tx.send(Err("the client holds no mock cluster".into()));
+                    return;
                 };
                 let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
                 while let Ok(command) = inbox.recv() {
@@ -83,6 +101,14 @@ impl EmbeddedBroker {
                                 cluster.request_errors(api, &errors);
                             }
                             let _ = reply.send(Ok(()));
+                        }
+                        Command::Advertise {
+                            broker,
+                            host,
+                            port,
+                            reply,
+                        } => {
+                            let _ = reply.send(advertise(&owner, broker, &host, port));
                         }
                         Command::Stop => break,
                     }
@@ -145,6 +171,18 @@ impl EmbeddedBroker {
         })
     }
 
+    /// Makes broker `broker` (numbered from 1) name `host:port` in metadata instead of its
+    /// own listener, so that clients reach it through a proxy there (TLS in front of it).
+    /// [`bootstrap_servers`](Self::bootstrap_servers) stays the broker's own address.
+    pub fn advertise(&self, broker: i32, host: &str, port: u16) -> Result<(), KafkaError> {
+        self.ask(|reply| Command::Advertise {
+            broker,
+            host: host.to_owned(),
+            port,
+            reply,
+        })
+    }
+
     fn ask(
         &self,
         command: impl FnOnce(mpsc::Sender<Result<(), String>>) -> Command,
@@ -167,4 +205,23 @@ impl Drop for EmbeddedBroker {
             let _ = thread.join();
         }
     }
+}
+
+fn advertise(owner: &BaseProducer, broker: i32, host: &str, port: u16) -> Result<(), String> {
+    let host = std::ffi::CString::new(host).map_err(|e| e.to_string())?;
+    // SAFETY: `owner` holds the mock cluster (created with `test.mock.num.brokers`) and outlives
+    // this call; the cluster copies `host`, which is a valid C string for the call's duration.
+    unsafe {
+        let cluster = rdkafka::bindings::rd_kafka_handle_mock_cluster(owner.client().native_ptr());
+        if cluster.is_null() {
+            return Err("the client holds no mock cluster".into());
+        }
+        rdkafka::bindings::rd_kafka_mock_broker_set_host_port(
+            cluster,
+            broker,
+            host.as_ptr(),
+            i32::from(port),
+        );
+    }
+    Ok(())
 }

@@ -20,6 +20,11 @@ pub enum KafkaError {
     QueueFull,
     #[error("kafka admin: {0}")]
     Admin(String),
+    /// The cluster refused this client: a TLS handshake failed (an unknown authority, a
+    /// missing client certificate) or SASL authentication failed (a wrong password). Retrying
+    /// with the same settings cannot succeed.
+    #[error("kafka refused the connection: {0}")]
+    Refused(String),
     #[error("kafka consume failed: {0}")]
     Consume(rdkafka::error::KafkaError),
     /// A producer transaction failed in a way doing the batch again does not mend.
@@ -42,7 +47,7 @@ impl KafkaError {
     pub fn is_retriable(&self) -> bool {
         !matches!(
             self,
-            KafkaError::Config(_) | KafkaError::ProducerFailed { .. }
+            KafkaError::Config(_) | KafkaError::ProducerFailed { .. } | KafkaError::Refused(_)
         )
     }
 

@@ -31,11 +31,7 @@ pub struct PartitionReset {
 }
 
 fn client_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.bootstrap_servers);
-    for (k, v) in cfg.properties.iter().chain(&cfg.consumer) {
-        c.set(k, v);
-    }
+    let mut c = crate::client::connection_config(cfg, &cfg.consumer);
     c.set("group.id", group);
     c.set("enable.auto.commit", "false");
     c.set("isolation.level", "read_committed");
@@ -458,6 +454,7 @@ pub async fn redrive(
     dead_letter_topic: &str,
     topic: &str,
     letters: &[StoredDeadLetter],
+    progress: &instream_core::Progress,
 ) -> Result<(), KafkaError> {
     let producer = crate::client::producer(cfg, "instream-cli")?;
     let mut pending = Vec::with_capacity(letters.len());
@@ -477,6 +474,7 @@ pub async fn redrive(
     }
     for delivery in pending {
         delivered(delivery).await?;
+        progress.add(1);
     }
     Ok(())
 }

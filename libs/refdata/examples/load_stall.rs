@@ -88,6 +88,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         &rule,
         &key_fields,
         &small,
+        &instream_core::Progress::silent(),
     )
     .await?;
     let big = dir.path().join("v2.csv");
@@ -159,6 +160,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 &rule,
                 &key_fields,
                 &big,
+                &instream_core::Progress::silent(),
             )
             .await;
             (report, started.elapsed())

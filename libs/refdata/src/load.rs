@@ -82,6 +82,7 @@ struct Writer<C> {
     records: Vec<redis::Pipeline>,
     queued: usize,
     written: u64,
+    progress: instream_core::Progress,
 }
 
 impl<C: ConnectionLike + Clone + Send> Writer<C> {
@@ -124,6 +125,7 @@ impl<C: ConnectionLike + Clone + Send> Writer<C> {
         sent.map_err(|_| LoadError::Redis("a write timed out".into()))?
             .map_err(|e| LoadError::Redis(e.to_string()))?;
         self.written += self.queued as u64;
+        self.progress.add(self.queued as u64);
         self.queued = 0;
         Ok(())
     }
@@ -133,6 +135,7 @@ impl<C: ConnectionLike + Clone + Send> Writer<C> {
 /// rule's key template in order, the record field that fills it (`--key-field code` for
 /// `airport:{origin}`). The key fields stay in the stored record.
 /// `connection` goes to the server that takes writes: the one server, or the master.
+/// `progress` counts the records as they are written.
 pub async fn load_file<C: ConnectionLike + Clone + Send>(
     connection: C,
     timeout: Duration,
@@ -140,8 +143,10 @@ pub async fn load_file<C: ConnectionLike + Clone + Send>(
     rule: &EnrichmentRule,
     key_fields: &[String],
     path: &Path,
+    progress: &instream_core::Progress,
 ) -> Result<LoadReport, LoadError> {
     let spec = Spec {
+        progress,
         timeout,
         pipeline,
         rule,
@@ -168,8 +173,10 @@ pub async fn load_file_to_cluster(
     rule: &EnrichmentRule,
     key_fields: &[String],
     path: &Path,
+    progress: &instream_core::Progress,
 ) -> Result<LoadReport, LoadError> {
     let spec = Spec {
+        progress,
         timeout,
         pipeline,
         rule,
@@ -189,6 +196,7 @@ pub async fn load_file_to_cluster(
 
 /// What one load writes: `path`'s records as a version of `rule` of `pipeline`.
 struct Spec<'a> {
+    progress: &'a instream_core::Progress,
     timeout: Duration,
     pipeline: &'a str,
     rule: &'a EnrichmentRule,
@@ -254,6 +262,7 @@ async fn write_version<C: ConnectionLike + Clone + Send>(
         rule,
         key_fields,
         path,
+        ..
     } = *spec;
     let template_fields = rule.key_template.fields().count();
     if key_fields.len() != template_fields {
@@ -281,6 +290,7 @@ async fn write_version<C: ConnectionLike + Clone + Send>(
         records: Vec::new(),
         queued: 0,
         written: 0,
+        progress: spec.progress.clone(),
     };
     let (tx, mut pending) = tokio::sync::mpsc::channel::<Vec<(usize, Loaded)>>(4);
     let owned_path = path.to_owned();

@@ -371,6 +371,7 @@ async fn loads_versions_and_retires_old_ones_on_every_master(nodes: Vec<String>)
             &rule,
             &["id".to_owned()],
             &csv,
+            &instream_core::Progress::silent(),
         )
         .await
         .unwrap();
@@ -462,6 +463,7 @@ async fn cluster_mode_over_tls_with_a_private_authority() {
         &rule,
         &["id".to_owned()],
         &csv,
+        &instream_core::Progress::silent(),
     )
     .await
     .unwrap();

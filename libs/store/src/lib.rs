@@ -11,6 +11,7 @@ pub mod conformance;
 mod embedded;
 mod local;
 mod scylla_store;
+mod tls;
 
 use std::sync::Arc;
 

@@ -155,7 +155,10 @@ impl ScyllaStore {
     pub async fn connect(cfg: &StoreConfig) -> Result<ScyllaStore, StoreError> {
         let mut builder = SessionBuilder::new().known_nodes(&cfg.scylla_nodes);
         if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
-            builder = builder.user(user, password);
+            builder = builder.user(user, password.expose());
+        }
+        if let Some(tls) = &cfg.tls {
+            builder = builder.tls_context(Some(crate::tls::context(tls)?));
         }
         if let Some(dc) = &cfg.local_dc {
             // Local nodes only: LOCAL_QUORUM then means this data centre's replicas, and a

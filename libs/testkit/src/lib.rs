@@ -17,11 +17,14 @@
 mod bench;
 mod config;
 mod metrics;
+pub mod openapi;
+mod pki;
 mod postgres;
 mod process;
 mod proxy;
 mod redis_topologies;
 mod servers;
+mod tls_proxy;
 mod wait;
 
 pub use bench::{
@@ -30,6 +33,7 @@ pub use bench::{
 };
 pub use config::process_config_toml;
 pub use metrics::metric_sum;
+pub use pki::TestPki;
 pub use postgres::PostgresServer;
 pub use process::{
     free_port, spawn_service, spawn_service_with, wait_until, ChildGuard, TestkitError,
@@ -37,6 +41,7 @@ pub use process::{
 pub use proxy::TcpProxy;
 pub use redis_topologies::{RedisCluster, RedisSentinel};
 pub use servers::{KafkaBroker, RedisServer, ZooKeeperServer};
+pub use tls_proxy::{TlsBroker, TlsProxy, TlsProxySettings};
 pub use wait::wait_for;
 
 /// A unique suffix for names a test creates (topics, pipelines, znodes), so tests sharing a

@@ -20,6 +20,8 @@ pub enum TestkitError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Broker(String),
+    #[error("test certificates: {0}")]
+    Pki(String),
 }
 
 /// A port free on 127.0.0.1 right now. The listener is dropped before the server binds, so a

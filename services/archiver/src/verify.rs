@@ -70,7 +70,11 @@ struct PartitionFiles {
 }
 
 /// Reads every completed file of `pipeline` and reports per partition.
-pub async fn verify(archive: &dyn Archive, pipeline: &str) -> Result<VerifyReport, ArchiverError> {
+pub async fn verify(
+    archive: &dyn Archive,
+    pipeline: &str,
+    progress: &instream_core::Progress,
+) -> Result<VerifyReport, ArchiverError> {
     let mut per_partition: BTreeMap<i32, PartitionFiles> = BTreeMap::new();
     let mut report = VerifyReport {
         pipeline: pipeline.to_owned(),
@@ -85,6 +89,7 @@ pub async fn verify(archive: &dyn Archive, pipeline: &str) -> Result<VerifyRepor
         problem,
     };
     for file in archive.list(pipeline).await? {
+        progress.add(1);
         let Some((partition, first, last)) = parse_file_name(&file.path) else {
             report
                 .problems
@@ -239,7 +244,9 @@ mod tests {
         put(&archive, "10", 0, &[0, 1, 2], &[]).await;
         put(&archive, "11", 0, &[3, 5], &[4]).await;
         put(&archive, "11", 1, &[7, 8], &[]).await;
-        let report = verify(&archive, "p").await.unwrap();
+        let report = verify(&archive, "p", &instream_core::Progress::silent())
+            .await
+            .unwrap();
         assert!(report.is_clean(), "{report:#?}");
         assert_eq!(report.files, 3);
         assert_eq!(report.records, 7);
@@ -275,7 +282,9 @@ mod tests {
             )
             .await
             .unwrap();
-        let report = verify(&archive, "p").await.unwrap();
+        let report = verify(&archive, "p", &instream_core::Progress::silent())
+            .await
+            .unwrap();
         assert!(report.is_clean(), "{report:#?}");
         let p0 = &report.partitions[0];
         assert_eq!((p0.first_offset, p0.last_offset, p0.records), (0, 7, 7));
@@ -296,7 +305,9 @@ mod tests {
             )
             .await
             .unwrap();
-        let report = verify(&archive, "p").await.unwrap();
+        let report = verify(&archive, "p", &instream_core::Progress::silent())
+            .await
+            .unwrap();
         assert!(!report.is_clean());
         assert!(
             report.problems[0]
@@ -321,7 +332,9 @@ mod tests {
             )
             .await
             .unwrap();
-        let report = verify(&archive, "p").await.unwrap();
+        let report = verify(&archive, "p", &instream_core::Progress::silent())
+            .await
+            .unwrap();
         assert!(!report.is_clean());
         let p0 = &report.partitions[0];
         assert_eq!(p0.overlaps, [OffsetRange { first: 2, last: 2 }]);

@@ -139,9 +139,13 @@ roll_max_age = "1s"
         let expected = RECORDS as u64 - self.garbage;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         loop {
-            let report = instream_archiver::verify(&self.archive(), &self.pipeline)
-                .await
-                .unwrap();
+            let report = instream_archiver::verify(
+                &self.archive(),
+                &self.pipeline,
+                &instream_core::Progress::silent(),
+            )
+            .await
+            .unwrap();
             let covered: i64 = report.partitions.iter().map(|p| p.last_offset + 1).sum();
             if report.records >= expected && covered >= RECORDS as i64 {
                 return report;

@@ -105,12 +105,14 @@ pub async fn run(ctx: ServiceContext) -> Result<(), DbSourceError> {
 
 /// Connects with the session settings the queries rely on: UTC, and a statement timeout.
 pub async fn connect(cfg: &DbSourceConfig) -> Result<tokio_postgres::Client, TableError> {
-    let (client, connection) = tokio::time::timeout(
-        cfg.query_timeout,
-        tokio_postgres::connect(&cfg.url, tokio_postgres::NoTls),
-    )
-    .await
-    .map_err(|_| TableError::Timeout(cfg.query_timeout))??;
+    let mut settings: tokio_postgres::Config = cfg.url.parse()?;
+    if let Some(password) = &cfg.password {
+        settings.password(password.expose());
+    }
+    let (client, connection) =
+        tokio::time::timeout(cfg.query_timeout, settings.connect(tokio_postgres::NoTls))
+            .await
+            .map_err(|_| TableError::Timeout(cfg.query_timeout))??;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "postgres connection ended");

@@ -12,7 +12,6 @@
 mod body;
 mod handler;
 mod keys;
-mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,7 +41,7 @@ pub enum IngestError {
     #[error("serving HTTP: {0}")]
     Serve(std::io::Error),
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
+    Tls(#[from] instream_http::tls::TlsError),
     #[error("ingest: no API key is configured (ingest.api_keys) and anonymous access is off (ingest.allow_anonymous)")]
     NoKeys,
 }
@@ -96,7 +95,12 @@ impl Ingest {
     pub async fn start(ctx: &ServiceContext) -> Result<Ingest, IngestError> {
         let config = &ctx.config;
         let keys = keys::ApiKeys::from_config(&config.ingest).ok_or(IngestError::NoKeys)?;
-        let tls = config.ingest.tls.as_ref().map(tls::acceptor).transpose()?;
+        let tls = config
+            .ingest
+            .tls
+            .as_ref()
+            .map(|files| instream_http::tls::acceptor("ingest", &files.cert_file, &files.key_file))
+            .transpose()?;
         if config.ingest.allow_anonymous {
             tracing::warn!("ingest accepts events without an API key (ingest.allow_anonymous)");
         }
@@ -125,6 +129,8 @@ impl Ingest {
                 state.clone(),
                 handler::admit,
             ))
+            // Outside `admit`: the API's description needs no key.
+            .route("/openapi.json", axum::routing::get(openapi))
             .with_state(state.clone());
         let producer = state.producer.clone();
         let listener =
@@ -194,4 +200,15 @@ impl Ingest {
 /// The service: start, then serve until shutdown.
 pub async fn run(ctx: ServiceContext) -> Result<(), IngestError> {
     Ingest::start(&ctx).await?.serve(ctx.shutdown).await
+}
+
+/// This API's OpenAPI document (docs/openapi/ingest.json; a test checks it against the
+/// handlers).
+pub const OPENAPI: &str = include_str!("../../../docs/openapi/ingest.json");
+
+async fn openapi() -> impl axum::response::IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
 }

@@ -33,9 +33,11 @@ pub async fn archive(command: ArchiveCommand) -> anyhow::Result<()> {
     // The archive of a standalone's last run, whether it runs or not.
     let config = crate::standalone::state::cli_config(config.as_deref(), false)?;
     let archive = instream_archive::build(&config.archive)?;
-    let mut report = instream_archiver::verify(archive.as_ref(), &pipeline)
+    let progress = instream_core::Progress::on_stderr("archive verify", "files", None);
+    let mut report = instream_archiver::verify(archive.as_ref(), &pipeline, &progress)
         .await
         .with_context(|| format!("reading the archive of `{pipeline}`"))?;
+    progress.finish();
     let compared = if config.kafka.broker == instream_core::config::BrokerMode::Embedded
         && !crate::standalone::state::running(&config)
     {

@@ -42,6 +42,14 @@ pub enum PipelineCommand {
         #[command(flatten)]
         output: crate::output::OutputArg,
     },
+    /// Checks a definitions file as `apply` would, without ZooKeeper: for CI on definitions
+    /// kept in Git. Exits non-zero naming the first invalid pipeline and key.
+    Validate {
+        /// The definitions file: `[[pipelines]]` tables.
+        file: PathBuf,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
+    },
     /// Shows what `pipeline apply FILE` would change: per pipeline new, changed or unchanged,
     /// with a line diff of each change. Stores nothing.
     Diff {
@@ -137,6 +145,12 @@ fn pretty(def: &PipelineDefinition) -> String {
 }
 
 /// The definitions in `file`, and what ZooKeeper holds now by name (or why it does not parse).
+fn read_document(file: &std::path::Path) -> anyhow::Result<instream_pipeline::DefinitionsDocument> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    instream_pipeline::parse_document(&text).with_context(|| format!("{}", file.display()))
+}
+
 async fn file_and_stored(
     config: &Config,
     file: &std::path::Path,
@@ -144,10 +158,7 @@ async fn file_and_stored(
     instream_pipeline::DefinitionsDocument,
     BTreeMap<String, Result<PipelineDefinition, String>>,
 )> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let document =
-        instream_pipeline::parse_document(&text).with_context(|| format!("{}", file.display()))?;
+    let document = read_document(file)?;
     let stored = instream_coord::stored_definitions(&config.zookeeper)
         .await?
         .into_iter()
@@ -200,6 +211,24 @@ pub async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
             match output.output {
                 Output::Table => emit(&text),
                 Output::Json => emit_json(&json!(report)),
+            }
+        }
+        PipelineCommand::Validate { file, output } => {
+            let document = read_document(&file)?;
+            let mut text = String::new();
+            for def in &document.pipelines {
+                text.push_str(&format!(
+                    "pipeline `{}` version {} valid\n",
+                    def.name, def.version
+                ));
+            }
+            match output.output {
+                Output::Table => emit(&text),
+                Output::Json => emit_json(&json!(document
+                    .pipelines
+                    .iter()
+                    .map(|d| json!({"pipeline": d.name, "version": d.version, "valid": true}))
+                    .collect::<Vec<_>>())),
             }
         }
         PipelineCommand::Get {
@@ -456,16 +485,33 @@ pub async fn refdata(command: RefdataCommand) -> anyhow::Result<()> {
         .context("connecting to Redis")?;
     let started = std::time::Instant::now();
     let timeout = config.refdata.timeout;
+    let progress = instream_core::Progress::on_stderr("refdata load", "records", None);
     let report = if let Some(server) = store.connection() {
-        instream_refdata::load::load_file(server, timeout, &pipeline, rule_def, &key_fields, &file)
-            .await?
+        instream_refdata::load::load_file(
+            server,
+            timeout,
+            &pipeline,
+            rule_def,
+            &key_fields,
+            &file,
+            &progress,
+        )
+        .await?
     } else if let Some(master) = store
         .master_connection()
         .await
         .context("finding the master through the sentinels")?
     {
-        instream_refdata::load::load_file(master, timeout, &pipeline, rule_def, &key_fields, &file)
-            .await?
+        instream_refdata::load::load_file(
+            master,
+            timeout,
+            &pipeline,
+            rule_def,
+            &key_fields,
+            &file,
+            &progress,
+        )
+        .await?
     } else if let Some(cluster) = store.cluster_connection() {
         instream_refdata::load::load_file_to_cluster(
             cluster,
@@ -474,11 +520,13 @@ pub async fn refdata(command: RefdataCommand) -> anyhow::Result<()> {
             rule_def,
             &key_fields,
             &file,
+            &progress,
         )
         .await?
     } else {
         bail!("refdata load: this store's refdata.redis_mode has no connection to write to");
     };
+    progress.finish();
     let took = started.elapsed();
     match output.output {
         Output::Json => emit_json(&json!({

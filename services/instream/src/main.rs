@@ -113,6 +113,12 @@ enum Command {
     /// The archive of raw events: check it.
     #[command(subcommand)]
     Archive(archive::ArchiveCommand),
+    /// Prints a completion script for `shell`, e.g.
+    /// `instream completions bash > /etc/bash_completion.d/instream`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Prints the configuration reference (Markdown): every key, its type, default and
     /// meaning, generated from the config types (docs/configuration.md is this output).
     ConfigReference,
@@ -121,6 +127,10 @@ enum Command {
     CheckConfig {
         #[command(flatten)]
         config: crate::ConfigArg,
+        /// Also make the checks these services make at start (an API key for ingest, …);
+        /// repeat or separate with commas.
+        #[arg(long, value_delimiter = ',')]
+        service: Vec<Service>,
     },
 }
 
@@ -146,6 +156,20 @@ enum Service {
     Archiver,
     QueryApi,
     DbSource,
+}
+
+impl Service {
+    fn named(self) -> instream_core::Service {
+        use instream_core::Service as Named;
+        match self {
+            Service::Ingest => Named::Ingest,
+            Service::Enricher => Named::Enricher,
+            Service::Aggregator => Named::Aggregator,
+            Service::Archiver => Named::Archiver,
+            Service::QueryApi => Named::QueryApi,
+            Service::DbSource => Named::DbSource,
+        }
+    }
 }
 
 /// Runs one service as this process (`instream run <service>`).
@@ -201,7 +225,7 @@ fn main() -> ExitCode {
             let config = config.as_deref();
             return run_one(service, config);
         }
-        Command::CheckConfig { config } => check_config(config.config),
+        Command::CheckConfig { config, service } => check_config(config.config, &service),
         Command::Schema(SchemaCommand::Apply { config, output }) => {
             block_on(schema_apply(config.config, output))
         }
@@ -209,6 +233,16 @@ fn main() -> ExitCode {
         Command::Dlq(c) => block_on(ops::dlq(c)),
         Command::Quality(c) => block_on(quality::quality(c)),
         Command::Archive(c) => block_on(archive::archive(c)),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "instream",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::ConfigReference => {
             print!("{}", instream_core::config::reference_markdown());
             Ok(())
@@ -286,8 +320,11 @@ fn block_on(work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyh
     result
 }
 
-fn check_config(path: Option<PathBuf>) -> anyhow::Result<()> {
+fn check_config(path: Option<PathBuf>, services: &[Service]) -> anyhow::Result<()> {
     let config = Config::load(path.as_deref())?;
+    for service in services {
+        config.check_for(service.named())?;
+    }
     print!(
         "{}",
         toml::to_string(&config.redacted()).context("printing the config")?

@@ -249,9 +249,7 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             continue_from.sort();
             if let Output::Json = output.output {
                 if execute {
-                    ops::redrive(&config.kafka, &dlq_topic, &raw, &plan.send)
-                        .await
-                        .with_context(|| format!("writing to `{raw}`"))?;
+                    redrive(&config, &dlq_topic, &raw, &plan.send).await?;
                 }
                 crate::output::emit_json(&serde_json::json!({
                     "executed": execute, "to": raw, "sent": if execute { plan.send.len() } else { 0 },
@@ -281,9 +279,7 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
                 emit(&text)?;
                 return crate::output::fail_on_skipped(&dlq_topic, &skipped);
             }
-            ops::redrive(&config.kafka, &dlq_topic, &raw, &plan.send)
-                .await
-                .with_context(|| format!("writing to `{raw}`"))?;
+            redrive(&config, &dlq_topic, &raw, &plan.send).await?;
             let _ = writeln!(text, "redrove {} dead letters to `{raw}`", plan.send.len());
             if !continue_from.is_empty() {
                 let flags: Vec<String> = continue_from
@@ -439,4 +435,23 @@ mod redrive_tests {
         let sent: Vec<i64> = plan.send.iter().map(|d| d.offset).collect();
         assert_eq!(sent, vec![1], "one copy of the poison record, on request");
     }
+}
+
+/// Sends the dead letters back, reporting progress on stderr.
+async fn redrive(
+    config: &instream_core::Config,
+    dlq_topic: &str,
+    raw: &str,
+    letters: &[ops::StoredDeadLetter],
+) -> anyhow::Result<()> {
+    let progress = instream_core::Progress::on_stderr(
+        "dlq redrive",
+        "dead letters",
+        Some(letters.len() as u64),
+    );
+    ops::redrive(&config.kafka, dlq_topic, raw, letters, &progress)
+        .await
+        .with_context(|| format!("writing to `{raw}`"))?;
+    progress.finish();
+    Ok(())
 }

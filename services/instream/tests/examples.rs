@@ -12,20 +12,32 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// A minimal HTTP/1.1 POST over a plain socket (no HTTP client needed for one request).
-fn post(port: u16, path: &str, body: &str) -> std::io::Result<String> {
+/// A minimal HTTP/1.1 request over a plain socket (no HTTP client needed for a few).
+fn request(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
     let mut answer = String::new();
     s.read_to_string(&mut answer)?;
     Ok(answer)
+}
+
+fn post(port: u16, path: &str, body: &str) -> std::io::Result<String> {
+    request(port, "POST", path, body)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
@@ -57,12 +69,17 @@ fn standalone_with_the_example_config_accepts_events() {
         .local_addr()
         .unwrap()
         .port();
+    let query_port = free_port();
     let spawned = Instant::now();
     let mut child = ChildGuard::new(
         Command::new(env!("CARGO_BIN_EXE_instream"))
             .current_dir(repo())
             .args(["standalone", "--config", "examples/standalone.toml"])
             .env("INSTREAM__INGEST__LISTEN", format!("127.0.0.1:{port}"))
+            .env(
+                "INSTREAM__QUERY_API__LISTEN",
+                format!("127.0.0.1:{query_port}"),
+            )
             .env("INSTREAM__ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
             .env("INSTREAM__ARCHIVE__ROOT", data.path().join("archive"))
             .env("INSTREAM__STANDALONE__DATA_DIR", data.path())
@@ -96,6 +113,31 @@ fn standalone_with_the_example_config_accepts_events() {
     let body = r#"{"customer_id":"c1","ts":"2024-05-01T12:00:00Z","amount":5}"#;
     let accepted = post(port, "/v1/pipelines/orders/events", body).unwrap();
     assert!(accepted.contains(r#""accepted":1"#), "{accepted}");
+    // The README's query, as written there (standalone serves query-api without a key).
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let query = "/v1/pipelines/orders/aggregates/per_minute?key=c1&from=2024-05-01T12:00:00Z&to=2024-05-01T13:00:00Z&limit=100";
+    assert!(
+        readme.contains(&format!("localhost:8081{query}")),
+        "the README's query example changed: update this test"
+    );
+    let mut window = String::new();
+    instream_testkit::wait_until("the README's window", Duration::from_secs(30), || {
+        window = request(query_port, "GET", query, "").unwrap_or_default();
+        window.contains(r#""count":1"#)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {window}"));
+    assert!(window.contains(r#""sum_amount":5"#), "{window}");
+    // Both APIs serve the OpenAPI documents of docs/openapi.
+    for (api_port, file) in [(port, "ingest.json"), (query_port, "query-api.json")] {
+        let answer = request(api_port, "GET", "/openapi.json", "").unwrap();
+        let served: serde_json::Value =
+            serde_json::from_str(answer.split("\r\n\r\n").nth(1).expect("a body")).unwrap();
+        let committed: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(repo().join("docs/openapi").join(file)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(served, committed, "{file}");
+    }
     child.terminate().unwrap();
     let status = child
         .wait_exit(Duration::from_secs(20))

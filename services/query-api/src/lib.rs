@@ -38,6 +38,8 @@ pub enum QueryApiError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] instream_http::tls::TlsError),
     #[error("query-api server: {0}")]
     Serve(std::io::Error),
     #[error(transparent)]
@@ -58,6 +60,8 @@ struct AppState {
 /// A bound query-api, not yet serving.
 pub struct QueryApi {
     listener: tokio::net::TcpListener,
+    /// Set with `query_api.tls`: connections are served over TLS.
+    tls: Option<instream_http::tls::TlsAcceptor>,
     router: Router,
     limits: instream_http::Limits,
 }
@@ -104,6 +108,7 @@ impl QueryApi {
                 "/v1/pipelines/{pipeline}/aggregates/{aggregation}",
                 get(aggregates),
             )
+            .route("/openapi.json", get(openapi))
             .with_state(state);
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
@@ -111,8 +116,16 @@ impl QueryApi {
                 addr: cfg.listen,
                 source,
             })?;
+        let tls = cfg
+            .tls
+            .as_ref()
+            .map(|files| {
+                instream_http::tls::acceptor("query_api", &files.cert_file, &files.key_file)
+            })
+            .transpose()?;
         Ok(QueryApi {
             listener,
+            tls,
             router,
             limits: instream_http::Limits {
                 max_connections: cfg.max_connections,
@@ -130,7 +143,7 @@ impl QueryApi {
         instream_http::serve(
             instream_http::Server("query_api"),
             self.listener,
-            None,
+            self.tls,
             self.router,
             self.limits,
             shutdown,
@@ -495,4 +508,15 @@ async fn answer(
         windows,
         next_page_token,
     })
+}
+
+/// This API's OpenAPI document (docs/openapi/query-api.json; a test checks it against the
+/// handlers).
+pub const OPENAPI: &str = include_str!("../../../docs/openapi/query-api.json");
+
+async fn openapi() -> impl axum::response::IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
 }

@@ -16,6 +16,14 @@ const KEY_SHA256: &str = "817b823905cc7853f381992575a9041fcdb17fc70e776707abfb4d
 const T0: i64 = 1_714_564_800_000; // 2024-05-01T12:00:00Z
 
 async fn start(keys: Vec<String>, anonymous: bool) -> Result<(String, CancellationToken), String> {
+    start_with(keys, anonymous, None).await
+}
+
+async fn start_with(
+    keys: Vec<String>,
+    anonymous: bool,
+    tls: Option<instream_core::config::TlsFiles>,
+) -> Result<(String, CancellationToken), String> {
     let store = Arc::new(EmbeddedStore::default());
     let rows: Vec<WindowAggregate> = (0..5)
         .map(|i| WindowAggregate {
@@ -47,6 +55,7 @@ async fn start(keys: Vec<String>, anonymous: bool) -> Result<(String, Cancellati
     config.query_api.listen = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
     config.query_api.api_key_sha256 = keys;
     config.query_api.allow_anonymous = anonymous;
+    config.query_api.tls = tls;
     let token = CancellationToken::new();
     let definitions = instream_pipeline::parse_document(
         "[[pipelines]]\nname = \"orders\"\nkey_field = \"c\"\ntime_field = \"t\"\n\
@@ -322,4 +331,60 @@ mod sha2_check {
             .unwrap_or_default()
             .to_owned()
     }
+}
+
+#[tokio::test]
+async fn query_api_tls_serves_https_with_its_certificate_and_names_an_unreadable_key() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), certified.cert.pem()).unwrap();
+    std::fs::write(
+        dir.path().join("key.pem"),
+        certified.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    let files = |key: &str| instream_core::config::TlsFiles {
+        cert_file: dir.path().join("cert.pem"),
+        key_file: dir.path().join(key),
+    };
+    let err = start_with(vec![KEY_SHA256.into()], false, Some(files("missing.pem")))
+        .await
+        .unwrap_err();
+    assert!(err.contains("query_api.tls.key_file"), "{err}");
+
+    let (base, token) = start_with(vec![KEY_SHA256.into()], false, Some(files("key.pem")))
+        .await
+        .unwrap();
+    let addr = base.trim_start_matches("http://").to_owned();
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(certified.cert.pem().as_bytes()).unwrap())
+        .unwrap();
+    let client =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .expect("handshake with the configured certificate");
+    let request = format!(
+        "GET /v1/pipelines/orders/aggregates/per_minute?key=c1 HTTP/1.1\r\nHost: {addr}\r\n\
+         Authorization: Bearer {KEY}\r\nConnection: close\r\n\r\n"
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tls.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"windows\""), "{answer}");
+    token.cancel();
 }

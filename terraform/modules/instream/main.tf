@@ -1,68 +1,125 @@
-# The instream services on an existing Kubernetes cluster, wired to the Kafka, ZooKeeper,
-# Redis, ScyllaDB and HDFS given as variables. Secrets travel as INSTREAM__… environment
-# variables from a Secret, never in the ConfigMap.
-
-resource "kubernetes_namespace" "instream" {
-  metadata {
-    name = var.namespace
-  }
-}
-
-resource "kubernetes_secret" "env" {
-  metadata {
-    name      = "${var.release_name}-env"
-    namespace = kubernetes_namespace.instream.metadata[0].name
-  }
-  data = merge(
-    { INSTREAM__REFDATA__REDIS_URL = var.redis_url },
-    var.scylla_username == "" ? {} : {
-      INSTREAM__STORE__USERNAME = var.scylla_username
-      INSTREAM__STORE__PASSWORD = var.scylla_password
-    },
-  )
-}
+# The six instream services on an existing Kubernetes cluster, through the repository's Helm
+# chart, wired to the Kafka, ZooKeeper, Redis, ScyllaDB and HDFS given as variables. Secrets
+# travel in a Kubernetes Secret mounted as files (the config names the files); none is in the
+# ConfigMap or the Helm values.
 
 locals {
-  config = <<-TOML
-    [telemetry]
-    log_format = "json"
+  chart_path  = coalesce(var.chart_path, "${path.module}/../../../helm/instream")
+  namespace   = var.create_namespace ? kubernetes_namespace_v1.instream[0].metadata[0].name : var.namespace
+  secret_name = "${var.release_name}-credentials"
+  secret_dir  = "/var/run/secrets/instream/${local.secret_name}"
+  sasl        = startswith(var.kafka.protocol, "sasl_")
+  tls         = endswith(var.kafka.protocol, "ssl")
 
-    [kafka]
-    bootstrap_servers = "${var.kafka_bootstrap_servers}"
+  secret_files = merge(
+    var.kafka_sasl_password == "" ? {} : { "kafka-sasl-password" = var.kafka_sasl_password },
+    var.kafka.ca_pem == "" ? {} : { "kafka-ca.pem" = var.kafka.ca_pem },
+    var.redis_password == "" ? {} : { "redis-password" = var.redis_password },
+    var.scylla_password == "" ? {} : { "scylla-password" = var.scylla_password },
+  )
 
-    [zookeeper]
-    connect = "${var.zookeeper_connect}"
+  kafka_properties = merge(
+    { "security.protocol" = var.kafka.protocol },
+    local.sasl ? { "sasl.mechanism" = var.kafka.sasl_mechanism, "sasl.username" = var.kafka.sasl_username } : {},
+    local.tls && var.kafka.ca_pem != "" ? { "ssl.ca.location" = "${local.secret_dir}/kafka-ca.pem" } : {},
+  )
 
-    [definitions]
-    source = "zookeeper"
+  base_config = {
+    telemetry = { log_format = "json" }
+    kafka = merge(
+      {
+        bootstrap_servers  = var.kafka.bootstrap_servers
+        replication_factor = var.kafka.replication_factor
+        properties         = local.kafka_properties
+      },
+      var.kafka_sasl_password == "" ? {} : { sasl_password_file = "${local.secret_dir}/kafka-sasl-password" },
+    )
+    zookeeper   = { connect = var.zookeeper_connect, root = var.zookeeper_root }
+    definitions = { source = "zookeeper" }
+    refdata = merge(
+      {
+        backend         = "redis"
+        redis_url       = var.redis.url
+        redis_mode      = var.redis.mode
+        redis_nodes     = var.redis.nodes
+        sentinel_master = var.redis.sentinel_name
+      },
+      var.redis_password == "" ? {} : { redis_password_file = "${local.secret_dir}/redis-password" },
+    )
+    store = merge(
+      {
+        backend            = "scylla"
+        scylla_nodes       = var.scylla.nodes
+        replication_factor = var.scylla.replication_factor
+      },
+      var.scylla.local_dc == "" ? {} : { local_dc = var.scylla.local_dc },
+      var.scylla.username == "" ? {} : {
+        username      = var.scylla.username
+        password_file = "${local.secret_dir}/scylla-password"
+      },
+    )
+    archive = { backend = "hdfs", hdfs_url = var.hdfs_url }
+    ingest = length(var.ingest_api_key_sha256) == 0 ? {} : {
+      api_keys = [for name, digest in var.ingest_api_key_sha256 : { name = name, sha256 = digest }]
+    }
+    query_api = { api_key_sha256 = var.query_api_key_sha256 }
+  }
 
-    [refdata]
-    backend = "redis"
+  # Section by section: a section given in var.config replaces keys of the module's one.
+  config = merge(local.base_config, {
+    for section, keys in var.config : section => merge(lookup(local.base_config, section, {}), keys)
+  })
 
-    [store]
-    backend = "scylla"
-    scylla_nodes = ${jsonencode(var.scylla_nodes)}
+  services = {
+    ingest     = { enabled = var.replicas.ingest > 0, replicas = var.replicas.ingest }
+    enricher   = { enabled = var.replicas.enricher > 0, replicas = var.replicas.enricher }
+    aggregator = { enabled = var.replicas.aggregator > 0, replicas = var.replicas.aggregator }
+    archiver   = { enabled = var.replicas.archiver > 0, replicas = var.replicas.archiver }
+    query-api = {
+      enabled  = var.replicas.query_api > 0 && length(var.query_api_key_sha256) > 0
+      replicas = var.replicas.query_api
+    }
+    db-source = { enabled = var.replicas.db_source > 0, replicas = var.replicas.db_source }
+  }
+}
 
-    [archive]
-    backend = "hdfs"
-    hdfs_url = "${var.hdfs_url}"
-  TOML
+resource "kubernetes_namespace_v1" "instream" {
+  count = var.create_namespace ? 1 : 0
+  metadata {
+    name = var.namespace
+    labels = {
+      "pod-security.kubernetes.io/enforce" = "restricted"
+    }
+  }
+}
+
+resource "kubernetes_secret_v1" "credentials" {
+  metadata {
+    name      = local.secret_name
+    namespace = local.namespace
+  }
+  data = local.secret_files
 }
 
 resource "helm_release" "instream" {
   name      = var.release_name
-  namespace = kubernetes_namespace.instream.metadata[0].name
-  chart     = var.chart_path
+  namespace = local.namespace
+  chart     = local.chart_path
+  # The hook Job (schema, definitions) must finish for the release to succeed.
+  wait    = true
+  timeout = 900
 
-  values = [yamlencode({
-    image     = { repository = var.image.repository, tag = var.image.tag }
-    config    = local.config
-    secretEnv = kubernetes_secret.env.metadata[0].name
-    services = {
-      ingest     = { enabled = var.replicas.ingest > 0, replicas = var.replicas.ingest, httpPort = 8080 }
-      enricher   = { enabled = var.replicas.enricher > 0, replicas = var.replicas.enricher }
-      aggregator = { enabled = var.replicas.aggregator > 0, replicas = var.replicas.aggregator }
-      archiver   = { enabled = var.replicas.archiver > 0, replicas = var.replicas.archiver }
+  values = concat([yamlencode({
+    fullnameOverride = var.release_name
+    image = {
+      repository = var.image.repository
+      tag        = var.image.tag
+      digest     = var.image.digest
     }
-  })]
+    config      = local.config
+    secretFiles = [{ secret = kubernetes_secret_v1.credentials.metadata[0].name }]
+    pipelines   = var.pipelines
+    schemaJob   = { enabled = true }
+    services    = local.services
+  })], var.extra_values)
 }

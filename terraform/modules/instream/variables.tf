@@ -1,7 +1,13 @@
 variable "namespace" {
-  description = "Kubernetes namespace instream runs in (created by this module)."
+  description = "Kubernetes namespace instream runs in."
   type        = string
   default     = "instream"
+}
+
+variable "create_namespace" {
+  description = "Create the namespace (false: it exists already, as most platform teams manage namespaces themselves)."
+  type        = bool
+  default     = false
 }
 
 variable "release_name" {
@@ -11,22 +17,42 @@ variable "release_name" {
 }
 
 variable "chart_path" {
-  description = "Path to the instream Helm chart."
+  description = "Path of the instream Helm chart; default: the chart in this repository."
   type        = string
-  default     = "../../helm/instream"
+  default     = null
 }
 
 variable "image" {
-  description = "Image holding the instream binaries."
+  description = "Image holding the instream binaries (the repository's Dockerfile). A digest (sha256:…) pins it."
   type = object({
     repository = string
     tag        = string
+    digest     = optional(string, "")
   })
 }
 
-variable "kafka_bootstrap_servers" {
-  description = "host:port list of the Kafka cluster."
+variable "kafka" {
+  description = "The Kafka cluster and how to reach it. protocol: plaintext, ssl, sasl_plaintext or sasl_ssl; sasl_mechanism: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 (with sasl_username and the sasl_password variable); ca_pem: the brokers' CA when it is not a public one."
+  type = object({
+    bootstrap_servers  = string
+    protocol           = optional(string, "plaintext")
+    sasl_mechanism     = optional(string, "SCRAM-SHA-512")
+    sasl_username      = optional(string, "")
+    ca_pem             = optional(string, "")
+    replication_factor = optional(number, 3)
+  })
+
+  validation {
+    condition     = contains(["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"], var.kafka.protocol)
+    error_message = "kafka.protocol must be plaintext, ssl, sasl_plaintext or sasl_ssl."
+  }
+}
+
+variable "kafka_sasl_password" {
+  description = "SASL password of kafka.sasl_username; mounted as a file (kafka.sasl_password_file), never in the config."
   type        = string
+  default     = ""
+  sensitive   = true
 }
 
 variable "zookeeper_connect" {
@@ -34,9 +60,44 @@ variable "zookeeper_connect" {
   type        = string
 }
 
-variable "scylla_nodes" {
-  description = "ScyllaDB/Cassandra contact points, host:port."
-  type        = list(string)
+variable "zookeeper_root" {
+  description = "Root znode of this deployment (several deployments can share an ensemble)."
+  type        = string
+  default     = "/instream"
+}
+
+variable "redis" {
+  description = "Reference data in Redis: the URL without a password (rediss:// for TLS), and the mode (standalone, sentinel with sentinel_urls and master, or cluster with node_urls)."
+  type = object({
+    url           = string
+    mode          = optional(string, "standalone")
+    nodes         = optional(list(string), [])
+    sentinel_name = optional(string, "mymaster")
+  })
+}
+
+variable "redis_password" {
+  description = "Redis password (refdata.redis_password); empty for none."
+  type        = string
+  default     = ""
+  sensitive   = true
+}
+
+variable "scylla" {
+  description = "ScyllaDB/Cassandra: contact points (host:port), keyspace replication, the local data centre, and the user (with scylla_password)."
+  type = object({
+    nodes              = list(string)
+    replication_factor = optional(number, 3)
+    local_dc           = optional(string, "")
+    username           = optional(string, "")
+  })
+}
+
+variable "scylla_password" {
+  description = "Password of scylla.username; empty for none."
+  type        = string
+  default     = ""
+  sensitive   = true
 }
 
 variable "hdfs_url" {
@@ -44,42 +105,55 @@ variable "hdfs_url" {
   type        = string
 }
 
-variable "redis_url" {
-  description = "Redis URL of the reference data, possibly with a password; kept in a Secret."
-  type        = string
-  sensitive   = true
+variable "ingest_api_key_sha256" {
+  description = "Producers' API keys as SHA-256 digests (printf %s \"$KEY\" | sha256sum), by producer name. Empty: the chart generates one key (kept in the Secret <release_name>-ingest-key)."
+  type        = map(string)
+  default     = {}
+
+  validation {
+    condition     = alltrue([for d in values(var.ingest_api_key_sha256) : can(regex("^[0-9a-f]{64}$", d))])
+    error_message = "Each ingest key digest is 64 lowercase hex digits."
+  }
 }
 
-variable "scylla_password" {
-  description = "Password for the store (with scylla_username); empty for none. Kept in a Secret."
-  type        = string
-  default     = ""
-  sensitive   = true
+variable "query_api_key_sha256" {
+  description = "Digests of the keys query-api accepts; query-api runs only when this is not empty."
+  type        = list(string)
+  default     = []
 }
 
-variable "scylla_username" {
-  description = "User for the store; empty for none."
+variable "pipelines" {
+  description = "Pipeline definitions (TOML, [[pipelines]] tables) the chart's hook Job applies after each install and upgrade; empty: none."
   type        = string
   default     = ""
 }
 
 variable "replicas" {
-  description = "Replicas per service; each scales on its own."
+  description = "Replicas per service; each scales on its own. 0 turns a service off."
   type = object({
-    ingest     = number
-    enricher   = number
-    aggregator = number
-    archiver   = number
+    ingest     = optional(number, 2)
+    enricher   = optional(number, 2)
+    aggregator = optional(number, 2)
+    archiver   = optional(number, 1)
+    query_api  = optional(number, 2)
+    db_source  = optional(number, 0)
   })
-  default = {
-    ingest     = 2
-    enricher   = 2
-    aggregator = 2
-    archiver   = 1
-  }
+  default = {}
 
   validation {
     condition     = alltrue([for n in values(var.replicas) : n >= 0])
     error_message = "Replica counts must not be negative."
   }
+}
+
+variable "config" {
+  description = "More of instream's config (docs/configuration.md), merged over what the module sets, section by section."
+  type        = any
+  default     = {}
+}
+
+variable "extra_values" {
+  description = "More chart values (YAML documents), applied last."
+  type        = list(string)
+  default     = []
 }

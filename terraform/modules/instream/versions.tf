@@ -1,13 +1,13 @@
 terraform {
-  required_version = ">= 1.5"
+  required_version = ">= 1.6"
   required_providers {
     kubernetes = {
       source  = "hashicorp/kubernetes"
-      version = ">= 2.25"
+      version = "~> 2.36"
     }
     helm = {
       source  = "hashicorp/helm"
-      version = ">= 2.12, < 3.0"
+      version = "~> 3.0"
     }
   }
 }

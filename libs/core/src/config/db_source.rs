@@ -5,6 +5,7 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::secret::{Secret, SecretSlot};
 use super::Problems;
 
 /// How a table's new rows are found (the Kafka Connect JDBC source's modes).
@@ -39,10 +40,15 @@ impl PollMode {
 #[derive(Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct DbSourceConfig {
-    /// `postgres://user:password@host:port/database` (the password is never logged; give it
-    /// through `INSTREAM__DB_SOURCE__URL` from a secret). TLS to the database is not built in:
-    /// reach it over a trusted network or a sidecar.
+    /// `postgres://user@host:port/database` (a password given in it is never logged, but
+    /// belongs in `password`). TLS to the database is not built in: reach it over a trusted
+    /// network or a sidecar.
     pub url: String,
+    /// The database password, over any in `url`: `INSTREAM__DB_SOURCE__PASSWORD` or
+    /// `password_file`. Never logged.
+    pub password: Option<Secret>,
+    /// A file holding `password`, read at start.
+    pub password_file: Option<std::path::PathBuf>,
     /// How long to wait between polls of a table that had no new rows.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
@@ -65,6 +71,8 @@ impl std::fmt::Debug for DbSourceConfig {
             .field("poll_interval", &self.poll_interval)
             .field("batch_rows", &self.batch_rows)
             .field("query_timeout", &self.query_timeout)
+            .field("password", &self.password)
+            .field("password_file", &self.password_file)
             .field("tables", &self.tables)
             .finish()
     }
@@ -77,6 +85,8 @@ impl Default for DbSourceConfig {
             poll_interval: Duration::from_secs(1),
             batch_rows: 1000,
             query_timeout: Duration::from_secs(30),
+            password: None,
+            password_file: None,
             tables: Vec::new(),
         }
     }
@@ -131,6 +141,14 @@ pub fn is_sql_identifier(name: &str) -> bool {
 }
 
 impl DbSourceConfig {
+    pub(super) fn secret_slots(&mut self) -> [SecretSlot<'_>; 1] {
+        [SecretSlot {
+            key: "db_source.password",
+            value: &mut self.password,
+            file: &self.password_file,
+        }]
+    }
+
     pub(super) fn validate(&self, p: &mut Problems) {
         p.check(
             self.url.starts_with("postgres://") || self.url.starts_with("postgresql://"),

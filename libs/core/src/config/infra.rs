@@ -8,6 +8,7 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::secret::{Secret, SecretSlot};
 use super::Problems;
 
 pub(super) const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -161,6 +162,22 @@ pub struct KafkaConfig {
     pub producer: BTreeMap<String, String>,
     /// librdkafka properties for consumers only (over `properties`).
     pub consumer: BTreeMap<String, String>,
+    /// The SASL password (librdkafka's `sasl.password`, for PLAIN and SCRAM; the user is
+    /// `properties."sasl.username"`). Give it as `INSTREAM__KAFKA__SASL_PASSWORD` or through
+    /// `sasl_password_file`; never logged, masked by `check-config`.
+    pub sasl_password: Option<Secret>,
+    /// A file holding `sasl_password` (a mounted Secret), read at start.
+    pub sasl_password_file: Option<PathBuf>,
+    /// The password of the client's private key (`ssl.key.password`, for mutual TLS with an
+    /// encrypted `ssl.key.location`).
+    pub ssl_key_password: Option<Secret>,
+    /// A file holding `ssl_key_password`, read at start.
+    pub ssl_key_password_file: Option<PathBuf>,
+    /// The OAUTHBEARER OIDC client secret (`sasl.oauthbearer.client.secret`, with
+    /// `sasl.oauthbearer.method = "oidc"`).
+    pub sasl_oauthbearer_client_secret: Option<Secret>,
+    /// A file holding `sasl_oauthbearer_client_secret`, read at start.
+    pub sasl_oauthbearer_client_secret_file: Option<PathBuf>,
     /// Consumer group session timeout: a member silent this long loses its partitions.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
@@ -203,6 +220,12 @@ impl Default for KafkaConfig {
             properties: BTreeMap::new(),
             producer: BTreeMap::new(),
             consumer: BTreeMap::new(),
+            sasl_password: None,
+            sasl_password_file: None,
+            ssl_key_password: None,
+            ssl_key_password_file: None,
+            sasl_oauthbearer_client_secret: None,
+            sasl_oauthbearer_client_secret_file: None,
             session_timeout: Duration::from_secs(45),
             commit_interval: Duration::from_secs(1),
             statistics_interval: Duration::from_secs(5),
@@ -215,7 +238,50 @@ impl Default for KafkaConfig {
     }
 }
 
+/// The librdkafka properties instream's named secret keys set (see [`super::secret`]).
+const KAFKA_SECRET_PROPERTIES: [(&str, &str); 3] = [
+    ("sasl.password", "kafka.sasl_password"),
+    ("ssl.key.password", "kafka.ssl_key_password"),
+    (
+        "sasl.oauthbearer.client.secret",
+        "kafka.sasl_oauthbearer_client_secret",
+    ),
+];
+
 impl KafkaConfig {
+    /// The secrets to hand librdkafka, by property name: every client sets them over
+    /// `properties`.
+    pub fn secret_properties(&self) -> impl Iterator<Item = (&'static str, &Secret)> {
+        [
+            &self.sasl_password,
+            &self.ssl_key_password,
+            &self.sasl_oauthbearer_client_secret,
+        ]
+        .into_iter()
+        .zip(KAFKA_SECRET_PROPERTIES)
+        .filter_map(|(secret, (property, _))| secret.as_ref().map(|s| (property, s)))
+    }
+
+    pub(super) fn secret_slots(&mut self) -> [SecretSlot<'_>; 3] {
+        [
+            SecretSlot {
+                key: "kafka.sasl_password",
+                value: &mut self.sasl_password,
+                file: &self.sasl_password_file,
+            },
+            SecretSlot {
+                key: "kafka.ssl_key_password",
+                value: &mut self.ssl_key_password,
+                file: &self.ssl_key_password_file,
+            },
+            SecretSlot {
+                key: "kafka.sasl_oauthbearer_client_secret",
+                value: &mut self.sasl_oauthbearer_client_secret,
+                file: &self.sasl_oauthbearer_client_secret_file,
+            },
+        ]
+    }
+
     pub(super) fn validate(&self, p: &mut Problems) {
         if self.broker == BrokerMode::External {
             p.non_empty(&self.bootstrap_servers, "kafka.bootstrap_servers");
@@ -258,6 +324,19 @@ impl KafkaConfig {
                     || "is set by instream to keep its delivery guarantees".into(),
                 );
             }
+            for (property, key) in KAFKA_SECRET_PROPERTIES {
+                p.check(
+                    !props.contains_key(property),
+                    &format!("kafka.{section}.{property}"),
+                    || {
+                        format!(
+                            "give it as {key} (or {key}_file, or the environment variable \
+                             INSTREAM__{}): secrets are never needed in the config file",
+                            key.to_uppercase().replace('.', "__")
+                        )
+                    },
+                );
+            }
             p.check(
                 !props.contains_key("message.max.bytes"),
                 &format!("kafka.{section}.message.max.bytes"),
@@ -282,7 +361,7 @@ impl KafkaConfig {
     }
 }
 
-#[derive(Clone, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ZooKeeperConfig {
     /// `host:port[,host:port…]` of the ensemble.
@@ -296,20 +375,11 @@ pub struct ZooKeeperConfig {
     pub session_timeout: Duration,
     /// `user:password` for ZooKeeper's `digest` scheme. When set, every znode instream creates
     /// is readable and writable by that identity only (`creator_all`); when unset, znodes are
-    /// open to anyone who can reach the ensemble. Never logged.
-    pub auth: Option<String>,
-}
-
-/// By hand, so that `auth` never reaches a log through `{:?}`.
-impl std::fmt::Debug for ZooKeeperConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ZooKeeperConfig")
-            .field("connect", &self.connect)
-            .field("root", &self.root)
-            .field("session_timeout", &self.session_timeout)
-            .field("auth", &self.auth.as_ref().map(|_| "***"))
-            .finish()
-    }
+    /// open to anyone who can reach the ensemble. Give it as `INSTREAM__ZOOKEEPER__AUTH` or
+    /// through `auth_file`; never logged.
+    pub auth: Option<Secret>,
+    /// A file holding `auth`, read at start.
+    pub auth_file: Option<PathBuf>,
 }
 
 impl Default for ZooKeeperConfig {
@@ -319,11 +389,20 @@ impl Default for ZooKeeperConfig {
             root: "/instream".into(),
             session_timeout: Duration::from_secs(10),
             auth: None,
+            auth_file: None,
         }
     }
 }
 
 impl ZooKeeperConfig {
+    pub(super) fn secret_slots(&mut self) -> [SecretSlot<'_>; 1] {
+        [SecretSlot {
+            key: "zookeeper.auth",
+            value: &mut self.auth,
+            file: &self.auth_file,
+        }]
+    }
+
     pub(super) fn validate(&self, p: &mut Problems) {
         p.non_empty(&self.connect, "zookeeper.connect");
         p.check(
@@ -342,7 +421,8 @@ impl ZooKeeperConfig {
         });
         if let Some(auth) = &self.auth {
             p.check(
-                auth.split_once(':')
+                auth.expose()
+                    .split_once(':')
                     .is_some_and(|(user, password)| !user.is_empty() && !password.is_empty()),
                 "zookeeper.auth",
                 || "must be `user:password`".into(),
@@ -442,6 +522,12 @@ pub struct RefDataConfig {
     /// `rediss://` URLs when it is not in the system's trust store (every mode; in sentinel
     /// mode for the sentinels and the data nodes).
     pub tls_ca_file: Option<PathBuf>,
+    /// The Redis password for every URL above that gives none of its own (the user, if any,
+    /// stays in the URL): `INSTREAM__REFDATA__REDIS_PASSWORD` or `redis_password_file`, so the
+    /// URLs hold no secret. Never logged.
+    pub redis_password: Option<Secret>,
+    /// A file holding `redis_password`, read at start.
+    pub redis_password_file: Option<PathBuf>,
 }
 
 impl Default for RefDataConfig {
@@ -459,11 +545,21 @@ impl Default for RefDataConfig {
             cache_ttl: Duration::from_secs(60),
             cache_negative_ttl: Duration::from_secs(5),
             tls_ca_file: None,
+            redis_password: None,
+            redis_password_file: None,
         }
     }
 }
 
 impl RefDataConfig {
+    pub(super) fn secret_slots(&mut self) -> [SecretSlot<'_>; 1] {
+        [SecretSlot {
+            key: "refdata.redis_password",
+            value: &mut self.redis_password,
+            file: &self.redis_password_file,
+        }]
+    }
+
     pub(super) fn validate(&self, p: &mut Problems) {
         if self.backend == RefDataBackend::Redis {
             let scheme_ok = |url: &str| url.starts_with("redis://") || url.starts_with("rediss://");

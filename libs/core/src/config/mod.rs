@@ -1,7 +1,7 @@
 //! The one configuration of an instream deployment.
 //!
 //! Layering, lowest first: the defaults written on each field below, then the TOML file given
-//! with `--config`, then environment variables `INSTREAM__<SECTION>__<KEY>` (double
+//! with `--config` (or JSON, by its `.json` extension), then environment variables `INSTREAM__<SECTION>__<KEY>` (double
 //! underscores; `INSTREAM__KAFKA__BOOTSTRAP_SERVERS=host:9092`). Unknown keys are errors, so a
 //! typo never silently falls back to a default. After parsing, [`Config::validate`] checks
 //! every section without I/O and reports every problem at once, each naming its key path.
@@ -13,6 +13,7 @@ mod archive;
 mod db_source;
 mod infra;
 mod reference;
+mod secret;
 mod services;
 mod standalone;
 mod store;
@@ -20,7 +21,7 @@ mod store;
 use std::path::Path;
 use std::time::Duration;
 
-use figment::providers::{Format, Serialized, Toml};
+use figment::providers::{Format, Json, Serialized, Toml};
 use figment::Figment;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,7 @@ pub use archive::*;
 pub use db_source::*;
 pub use infra::*;
 pub use reference::reference_markdown;
+pub use secret::{Secret, SecretFileError};
 pub use services::*;
 pub use standalone::*;
 pub use store::*;
@@ -82,6 +84,9 @@ pub enum ConfigError {
     /// Values parsed but break a rule; every broken rule is listed.
     #[error("invalid config:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<Invalid>),
+    /// A secret's `<key>_file` could not be read.
+    #[error("invalid config: {0}")]
+    SecretFile(#[from] SecretFileError),
 }
 
 /// One broken rule: the dotted key path and why its value is refused.
@@ -165,7 +170,13 @@ impl Config {
         loop {
             let mut figment = Figment::from(Serialized::defaults(Config::default()));
             if let Some(path) = file {
-                figment = figment.merge(Toml::file_exact(path));
+                // JSON by its extension: what a Helm chart renders from YAML values keeps
+                // integers integers, which its TOML rendering does not.
+                figment = if path.extension().is_some_and(|e| e == "json") {
+                    figment.merge(Json::file_exact(path))
+                } else {
+                    figment.merge(Toml::file_exact(path))
+                };
             }
             for (key, raw, as_string) in &overrides {
                 let value: figment::value::Value = if *as_string {
@@ -179,7 +190,9 @@ impl Config {
                 figment = figment.merge(Serialized::default(key, value));
             }
             match figment.extract::<Config>() {
-                Ok(config) => {
+                Ok(mut config) => {
+                    // Files first, so the rules see what they hold.
+                    config.read_secret_files()?;
                     config.validate()?;
                     return Ok(config);
                 }
@@ -207,12 +220,38 @@ impl Config {
 
     /// Parses a TOML document over the defaults and validates it (no environment).
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+        let mut config: Config = Figment::from(Serialized::defaults(Config::default()))
             .merge(Toml::string(text))
             .extract()
             .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.read_secret_files()?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Fills each secret given as `<key>_file` from its file (see [`secret`]).
+    pub fn read_secret_files(&mut self) -> Result<(), SecretFileError> {
+        self.each_secret(|slot| slot.read_file())
+    }
+
+    fn each_secret(
+        &mut self,
+        mut f: impl FnMut(secret::SecretSlot<'_>) -> Result<(), SecretFileError>,
+    ) -> Result<(), SecretFileError> {
+        for slot in self.kafka.secret_slots() {
+            f(slot)?;
+        }
+        for slot in self
+            .zookeeper
+            .secret_slots()
+            .into_iter()
+            .chain(self.refdata.secret_slots())
+            .chain(self.store.secret_slots())
+            .chain(self.db_source.secret_slots())
+        {
+            f(slot)?;
+        }
+        Ok(())
     }
 
     /// Whether the enricher writes each batch as one Kafka transaction (`enricher.delivery`,
@@ -233,13 +272,8 @@ impl Config {
         for node in &mut c.refdata.redis_nodes {
             *node = redact_url(node);
         }
-        if c.zookeeper.auth.is_some() {
-            c.zookeeper.auth = Some("***".into());
-        }
+        // Named secrets (`Secret`) print as `***` by themselves.
         c.db_source.url = redact_url(&c.db_source.url);
-        if c.store.password.is_some() {
-            c.store.password = Some("***".into());
-        }
         for props in [
             &mut c.kafka.properties,
             &mut c.kafka.producer,
@@ -247,9 +281,16 @@ impl Config {
         ] {
             for (name, value) in props.iter_mut() {
                 let n = name.to_lowercase();
-                if ["password", "secret", "jaas", "key.pem", "token"]
-                    .iter()
-                    .any(|s| n.contains(s))
+                if [
+                    "password",
+                    "secret",
+                    "jaas",
+                    "key.pem",
+                    "token",
+                    "oauthbearer.config",
+                ]
+                .iter()
+                .any(|s| n.contains(s))
                 {
                     *value = "***".into();
                 }
@@ -258,9 +299,58 @@ impl Config {
         c
     }
 
+    /// What `service` needs of the config beyond [`validate`](Self::validate) before it
+    /// starts: checked by every service process at start (exit code 2) and by `instream
+    /// check-config --service`, so a deployment can check a rendered config before it runs.
+    pub fn check_for(&self, service: crate::Service) -> Result<(), ConfigError> {
+        let mut p = Problems::default();
+        match service {
+            crate::Service::Ingest => p.check(
+                !self.ingest.api_keys.is_empty() || self.ingest.allow_anonymous,
+                "ingest.api_keys",
+                || {
+                    "ingest refuses to start without an API key (give at least one, or set \
+                     ingest.allow_anonymous = true)"
+                        .into()
+                },
+            ),
+            crate::Service::QueryApi => p.check(
+                !self.query_api.api_key_sha256.is_empty() || self.query_api.allow_anonymous,
+                "query_api.api_key_sha256",
+                || {
+                    "query-api refuses to start without an API key (give at least one digest, \
+                     or set query_api.allow_anonymous = true)"
+                        .into()
+                },
+            ),
+            crate::Service::Enricher
+            | crate::Service::Aggregator
+            | crate::Service::Archiver
+            | crate::Service::DbSource => {}
+        }
+        if service != crate::Service::QueryApi {
+            p.check(
+                self.kafka.broker == BrokerMode::External,
+                "kafka.broker",
+                || {
+                    format!(
+                        "`embedded` runs only inside `instream standalone`; {service} needs a \
+                         Kafka cluster (`external`)"
+                    )
+                },
+            );
+        }
+        p.into_result()
+    }
+
     /// Checks every rule of every section, without I/O.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::default();
+        // The slots borrow mutably (to fill them from files); a copy keeps this `&self`.
+        let _ = self.clone().each_secret(|slot| {
+            slot.validate(&mut p);
+            Ok(())
+        });
         self.telemetry.validate(&mut p);
         self.admin.validate(&mut p);
         self.shutdown.validate(&mut p);

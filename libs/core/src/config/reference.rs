@@ -71,7 +71,8 @@ const HEADER: &str = "# Configuration reference
      do not edit by hand: a test fails when this file and the types differ. -->
 
 Every instream process reads one config: the defaults below, then a TOML file
-(`--config FILE` or `INSTREAM_CONFIG`), then environment variables named
+(`--config FILE` or `INSTREAM_CONFIG`; a file named `*.json` is read as JSON, as the Helm
+chart renders it), then environment variables named
 `INSTREAM__<SECTION>__<KEY>` (double underscores). Unknown keys are refused, and every broken
 rule is reported at start with its key; the process then exits with code 2. `instream
 check-config --config FILE` prints the effective config with secrets masked.
@@ -81,6 +82,15 @@ properties) are set in the file: environment variable names cannot carry the dot
 librdkafka property names. Each service uses only its own sections and the shared ones
 (`telemetry`, `admin`, `shutdown`, `kafka`, `zookeeper`, `definitions`), so one file (one
 ConfigMap) configures a whole deployment.
+
+Secrets are never needed in the file. Each one is a named key with a `_file` twin:
+`kafka.sasl_password`, `kafka.ssl_key_password`, `kafka.sasl_oauthbearer_client_secret`,
+`zookeeper.auth`, `refdata.redis_password`, `store.password` and `db_source.password`. Give
+the value in the environment (`INSTREAM__KAFKA__SASL_PASSWORD`) or name a file holding it
+(`kafka.sasl_password_file = \"/var/run/secrets/kafka/sasl-password\"`, read at start, one
+trailing newline dropped); giving both is refused. Secrets print as `***` everywhere,
+`check-config` included, and librdkafka gets them as `sasl.password`, `ssl.key.password` and
+`sasl.oauthbearer.client.secret` (those three are refused in the property maps).
 ";
 
 /// A `$ref` replaced by the definition it points at.

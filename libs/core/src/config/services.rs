@@ -437,6 +437,9 @@ pub struct QueryApiConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     pub header_read_timeout: Duration,
+    /// Serve HTTPS (TLS 1.2 and 1.3, rustls) with this certificate and key, as
+    /// `ingest.tls`. Unset: plain HTTP, for TLS terminated in front. Read at start.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for QueryApiConfig {
@@ -449,6 +452,7 @@ impl Default for QueryApiConfig {
             max_page_size: 1_000,
             max_connections: 1024,
             header_read_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }

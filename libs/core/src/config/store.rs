@@ -7,6 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::infra::DAY;
+use super::secret::{Secret, SecretSlot};
 use super::Problems;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -40,8 +41,13 @@ pub struct StoreConfig {
     pub path: Option<PathBuf>,
     /// User name for password authentication (with `store.password`).
     pub username: Option<String>,
-    /// Password for `store.username`; never logged, masked by `check-config`.
-    pub password: Option<String>,
+    /// Password for `store.username`: `INSTREAM__STORE__PASSWORD` or `password_file`; never
+    /// logged, masked by `check-config`.
+    pub password: Option<Secret>,
+    /// A file holding `password`, read at start.
+    pub password_file: Option<PathBuf>,
+    /// TLS to ScyllaDB/Cassandra (their client-encryption port). Unset: plain CQL.
+    pub tls: Option<StoreTls>,
     /// Consistency of window and checkpoint writes (ScyllaDB/Cassandra).
     pub write_consistency: StoreConsistency,
     /// Consistency of reads: a restored checkpoint must see the last one written, so
@@ -97,6 +103,8 @@ impl Default for StoreConfig {
             path: None,
             username: None,
             password: None,
+            password_file: None,
+            tls: None,
             write_consistency: StoreConsistency::LocalQuorum,
             read_consistency: StoreConsistency::LocalQuorum,
             upsert_batch_rows: 16,
@@ -105,8 +113,38 @@ impl Default for StoreConfig {
     }
 }
 
+/// TLS to the store's nodes (OpenSSL): the nodes' certificates are checked against
+/// `ca_file` (or the system's trust store), and a client certificate is sent when the cluster
+/// asks for one (`require_client_auth`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreTls {
+    /// PEM certificate(s) of the authority that signed the nodes' certificates; unset: the
+    /// system's trust store.
+    pub ca_file: Option<PathBuf>,
+    /// The client certificate (PEM), with `key_file`, for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM, unencrypted).
+    pub key_file: Option<PathBuf>,
+}
+
 impl StoreConfig {
+    pub(super) fn secret_slots(&mut self) -> [SecretSlot<'_>; 1] {
+        [SecretSlot {
+            key: "store.password",
+            value: &mut self.password,
+            file: &self.password_file,
+        }]
+    }
+
     pub(super) fn validate(&self, p: &mut Problems) {
+        if let Some(tls) = &self.tls {
+            p.check(
+                tls.cert_file.is_some() == tls.key_file.is_some(),
+                "store.tls.cert_file",
+                || "store.tls.cert_file and store.tls.key_file go together".into(),
+            );
+        }
         if self.backend == StoreBackend::Scylla {
             p.check(!self.scylla_nodes.is_empty(), "store.scylla_nodes", || {
                 "needs at least one host:port".into()
@@ -133,7 +171,7 @@ impl StoreConfig {
             || "must be between 1m and 68 years".into(),
         );
         p.check(
-            self.username.is_some() == self.password.is_some(),
+            self.username.is_some() == (self.password.is_some() || self.password_file.is_some()),
             "store.password",
             || "store.username and store.password go together".into(),
         );

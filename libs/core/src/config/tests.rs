@@ -100,7 +100,10 @@ fn digits_given_to_a_string_field_stay_a_string() {
         ]),
     )
     .unwrap();
-    assert_eq!(config.store.password.as_deref(), Some("123456"));
+    assert_eq!(
+        config.store.password.as_ref().map(Secret::expose),
+        Some("123456")
+    );
     assert_eq!(config.store.username.as_deref(), Some("42"));
     assert_eq!(config.kafka.replication_factor, 2);
 }
@@ -187,7 +190,9 @@ fn redaction_hides_secrets() {
     config
         .kafka
         .properties
-        .insert("sasl.password".into(), "kpass".into());
+        .insert("sasl.oauthbearer.config".into(), "token=kpass".into());
+    config.kafka.sasl_password = Some("kafkapw".into());
+    config.refdata.redis_password = Some("redispw".into());
     assert!(
         !format!("{:?}", config.zookeeper).contains("zkpass"),
         "Debug of the ZooKeeper section hides auth"
@@ -209,8 +214,12 @@ fn redaction_hides_secrets() {
     ] {
         assert_eq!(super::redact_url(url), shown);
     }
-    for secret in ["hun@ter2", "ter2", "s3cret", "kpass", "zkpass", "pgpass"] {
+    let printed = serde_json::to_string(&config.redacted()).unwrap();
+    for secret in [
+        "hun@ter2", "ter2", "s3cret", "kpass", "zkpass", "pgpass", "kafkapw", "redispw",
+    ] {
         assert!(!text.contains(secret), "{secret} leaked: {text}");
+        assert!(!printed.contains(secret), "{secret} leaked: {printed}");
     }
     assert!(text.contains("redis://user:***@redis:6379/0"), "{text}");
 }
@@ -292,4 +301,120 @@ fn a_tls_authority_goes_with_rediss_urls_in_every_mode() {
             assert!(err.to_string().contains("refdata."), "{err}");
         }
     }
+}
+
+#[test]
+fn secrets_come_from_the_environment_or_a_file_never_needing_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("sasl");
+    std::fs::write(&password_file, "from-a-file\n").unwrap();
+    let digest_file = dir.path().join("zk");
+    std::fs::write(&digest_file, "instream:zk-pw").unwrap();
+    let config = Config::load_from(
+        None,
+        env(&[
+            (
+                "INSTREAM__KAFKA__SASL_PASSWORD_FILE",
+                password_file.to_str().unwrap(),
+            ),
+            ("INSTREAM__KAFKA__SSL_KEY_PASSWORD", "from-the-env"),
+            ("INSTREAM__REFDATA__REDIS_PASSWORD", "redis-pw"),
+            (
+                "INSTREAM__ZOOKEEPER__AUTH_FILE",
+                digest_file.to_str().unwrap(),
+            ),
+        ]),
+    )
+    .unwrap();
+    let properties: Vec<(&str, &str)> = config
+        .kafka
+        .secret_properties()
+        .map(|(p, s)| (p, s.expose()))
+        .collect();
+    assert_eq!(
+        properties,
+        [
+            ("sasl.password", "from-a-file"),
+            ("ssl.key.password", "from-the-env")
+        ]
+    );
+    assert_eq!(
+        config.refdata.redis_password.as_ref().map(Secret::expose),
+        Some("redis-pw")
+    );
+    let err = Config::load_from(
+        None,
+        env(&[(
+            "INSTREAM__ZOOKEEPER__AUTH_FILE",
+            password_file.to_str().unwrap(),
+        )]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("zookeeper.auth: must be `user:password`"),
+        "{err}"
+    );
+    let err = Config::load_from(
+        None,
+        env(&[
+            ("INSTREAM__KAFKA__SASL_PASSWORD", "a"),
+            ("INSTREAM__KAFKA__SASL_PASSWORD_FILE", "/nonexistent"),
+        ]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains(
+            "kafka.sasl_password: give kafka.sasl_password or kafka.sasl_password_file, not both"
+        ),
+        "{err}"
+    );
+    let err = Config::load_from(
+        None,
+        env(&[("INSTREAM__DB_SOURCE__PASSWORD_FILE", "/nonexistent/pw")]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("db_source.password_file /nonexistent/pw"),
+        "{err}"
+    );
+    let err = Config::from_toml("[kafka.properties]\n\"sasl.password\" = \"x\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("kafka.properties.sasl.password: give it as kafka.sasl_password"),
+        "{err}"
+    );
+    assert!(err.contains("INSTREAM__KAFKA__SASL_PASSWORD"), "{err}");
+}
+
+#[test]
+fn a_json_file_is_read_as_json_and_the_checks_of_a_service_name_their_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("instream.json");
+    std::fs::write(
+        &path,
+        r#"{"kafka": {"bootstrap_servers": "kafka:9092", "replication_factor": 2}}"#,
+    )
+    .unwrap();
+    let config = Config::load_from(Some(&path), env(&[])).unwrap();
+    assert_eq!(config.kafka.replication_factor, 2);
+    let err = config
+        .check_for(crate::Service::Ingest)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("ingest.api_keys: ingest refuses to start"),
+        "{err}"
+    );
+    assert!(config.check_for(crate::Service::Enricher).is_ok());
+    let mut embedded = config.clone();
+    embedded.kafka.broker = BrokerMode::Embedded;
+    let err = embedded
+        .check_for(crate::Service::Enricher)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("kafka.broker"), "{err}");
 }
