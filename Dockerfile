@@ -29,9 +29,13 @@ LABEL org.opencontainers.image.title="instream" \
       org.opencontainers.image.licenses="Apache-2.0"
 # Run-time libraries of librdkafka (TLS, SASL, OIDC through libcurl) and CA certificates;
 # security updates of Debian stable are wanted, so versions are not pinned.
-# hadolint ignore=DL3008
+ARG CARGO_FEATURES=""
+# The Kerberos plug-in of libsasl2 only for a GSSAPI build (word splitting of the optional
+# package name is meant).
+# hadolint ignore=DL3008,SC2046
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates libcurl4 libsasl2-2 libssl3 \
+       $(case "$CARGO_FEATURES" in *gssapi*) echo libsasl2-modules-gssapi-mit;; esac) \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin instream
 COPY --from=build /src/target/dist/instream /src/target/dist/instream-ingest \

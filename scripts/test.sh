@@ -7,7 +7,8 @@
 #   INSTREAM_TEST_SCYLLA=host:9042   ScyllaDB/Cassandra store suite
 #   INSTREAM_TEST_HDFS=hdfs://host:port   HDFS archive suite
 #   INSTREAM_TEST_KAFKA=host:port    run the Kafka tests against that broker instead
-#   INSTREAM_TEST_TANSU=/path/tansu  SASL/SCRAM against tansu 0.6 with SQLite storage
+#   INSTREAM_TEST_TANSU=/path/tansu  SASL/SCRAM (also over TLS) against tansu 0.6 with SQLite
+#                                    storage (/opt/tansu-mem/bin/tansu when it is there)
 # Without them, those tests are listed as "ignored" by name (skipped, never counted as passed).
 #
 # Then the Helm chart is linted, schema-checked and rendered offline (helm-python-sdk: Helm v4,
@@ -63,6 +64,10 @@ promtool test rules helm/tests/instream-rules.test.yaml
 if [ -n "${INSTREAM_TEST_SCYLLA:-}" ]; then
   echo "== ScyllaDB store suite against $INSTREAM_TEST_SCYLLA"
   cargo test -p instream-store --test scylla -- --ignored
+fi
+# This project's machine has tansu 0.6 at /opt/tansu-mem (a 10-minute build elsewhere).
+if [ -z "${INSTREAM_TEST_TANSU:-}" ] && [ -x /opt/tansu-mem/bin/tansu ]; then
+  export INSTREAM_TEST_TANSU=/opt/tansu-mem/bin/tansu
 fi
 if [ -n "${INSTREAM_TEST_TANSU:-}" ]; then
   echo "== Kafka SASL/SCRAM suite against tansu ($INSTREAM_TEST_TANSU)"

@@ -104,8 +104,18 @@ def config_of(docs):
     return data
 
 
+def container_env(docs, service):
+    """The plain environment variables the chart gives `service`'s container."""
+    for d in of_kind(docs, "Deployment"):
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == service:
+            env = d["spec"]["template"]["spec"]["containers"][0].get("env", [])
+            return {e["name"]: e["value"] for e in env if "value" in e}
+    return {}
+
+
 def check_config(docs, services, secret_dir):
-    """Runs `instream check-config --service …` on the rendered config, with every file under
+    """Runs `instream check-config --service S` for each service on the rendered config, with
+    the environment the chart gives that service's container, and every file under
     /var/run/secrets/instream (mounted Secrets) made in `secret_dir`."""
     data = config_of(docs)
     if "instream.json" in data:
@@ -128,9 +138,15 @@ def check_config(docs, services, secret_dir):
         text, suffix = data["instream.toml"], ".toml"
     path = Path(secret_dir) / f"instream{suffix}"
     path.write_text(text)
-    return subprocess.run([str(INSTREAM), "check-config", "--config", str(path),
-                           "--service", ",".join(services)],
-                          capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+    result = None
+    for service in services:
+        env = {"PATH": os.environ["PATH"], **container_env(docs, service)}
+        result = subprocess.run([str(INSTREAM), "check-config", "--config", str(path),
+                                 "--service", service],
+                                capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            return result
+    return result
 
 
 def enabled_services(docs):
@@ -271,6 +287,7 @@ def test_per_service_scheduling_env_and_volumes():
     env = {e["name"]: e for e in container["env"]}
     assert env["INSTREAM__INGEST__TLS__CERT_FILE"]["value"] == "/etc/instream-tls/tls.crt"
     assert env["INSTREAM__KAFKA__SSL_KEY_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "instream-kafka"
+    # A service's own extras add to the defaults' (its extraEnv above; the defaults' volumes).
     assert container["envFrom"] == [{"secretRef": {"name": "ingest-extra"}}]
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {"/etc/hadoop/conf", "/etc/instream-ca", "/var/run/secrets/instream/instream-kafka",
@@ -334,6 +351,36 @@ def test_hook_job_applies_schema_and_definitions_and_helm_test_checks_status():
     assert test_pod["spec"]["containers"][0]["command"][:2] == ["instream", "status"]
 
 
+def config_paths(value):
+    """The file and directory paths a config names (CA files, secret files, Hadoop conf)."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in config_paths(v)]
+    if isinstance(value, list):
+        return [p for v in value for p in config_paths(v)]
+    if isinstance(value, str) and value.startswith(("/etc/", "/var/run/")):
+        return [value]
+    return []
+
+
+def test_every_path_the_config_names_is_mounted_in_every_pod_that_reads_it():
+    for values in [production_values(), everything_on()]:
+        docs, _ = render(values)
+        paths = config_paths(json.loads(config_of(docs)["instream.json"]))
+        assert paths, "the production config names CA, secret and Hadoop files"
+        pods = [(d["kind"], d["metadata"]["name"], d["spec"]["template"]["spec"])
+                for d in docs if d["kind"] in ("Deployment", "Job")]
+        pods += [("Pod", d["metadata"]["name"], d["spec"]) for d in of_kind(docs, "Pod")]
+        for kind, name, spec in pods:
+            volumes = {v["name"] for v in spec.get("volumes", [])}
+            for container in spec.get("initContainers", []) + spec["containers"]:
+                mounts = container.get("volumeMounts", [])
+                for mount in mounts:
+                    assert mount["name"] in volumes, f"{kind} {name}: no volume {mount['name']}"
+                for path in paths:
+                    assert any(path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+                               for m in mounts), f"{kind} {name}/{container['name']}: {path} not mounted"
+
+
 def test_yaml_config_keeps_integers_and_one_key_overrides_one_key():
     docs, _ = render({"config": {"kafka": {"replication_factor": 2,
                                            "max_record_bytes": 2000000}}})
@@ -385,7 +432,8 @@ def test_checkov_finds_nothing_unwaived():
     if checkov is None:
         raise AssertionError("checkov is not installed next to this Python")
     with tempfile.TemporaryDirectory() as out:
-        for label, values in [("default", None), ("production", production_values())]:
+        for label, values in [("default", None), ("production", production_values()),
+                              ("everything", everything_on())]:
             docs, _ = render(values)
             Path(out, f"{label}.yaml").write_text(yaml.safe_dump_all(docs))
         result = subprocess.run([checkov, "-d", out, "--framework", "kubernetes",

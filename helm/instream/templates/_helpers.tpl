@@ -18,6 +18,11 @@
 {{- end -}}
 {{- end -}}
 
+{{/* The full name with a suffix, kept within Kubernetes' 63 characters: (list $ "suffix"). */}}
+{{- define "instream.nameWith" -}}
+{{- printf "%s-%s" (include "instream.fullname" (index . 0)) (index . 1) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{/* Labels of every object (the recommended app.kubernetes.io set). */}}
 {{- define "instream.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
@@ -71,7 +76,7 @@ true
 {{- end -}}
 
 {{- define "instream.ingestKeySecretName" -}}
-{{- printf "%s-ingest-key" (include "instream.fullname" .) -}}
+{{- include "instream.nameWith" (list . "ingest-key") -}}
 {{- end -}}
 
 {{/* The generated ingest key: the one already in the cluster (kept across upgrades), or a new
@@ -135,4 +140,39 @@ volumeMounts:
     mountPath: /var/run/secrets/instream/{{ .secret }}
     readOnly: true
   {{- end }}
+  {{- with .Values.defaults.extraVolumeMounts }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end -}}
+
+{{/* The pod-level settings a hook or test pod shares with the services' pods: scheduling,
+     and the volumes the config's paths (CA files, Hadoop configuration) come from. */}}
+{{- define "instream.hookPodScheduling" -}}
+{{- with .Values.defaults.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.defaults.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{- define "instream.hookVolumes" -}}
+- name: config
+  configMap:
+    name: {{ include "instream.nameWith" (list . "config") }}
+{{- if .Values.pipelines }}
+- name: pipelines
+  configMap:
+    name: {{ include "instream.nameWith" (list . "pipelines") }}
+{{- end }}
+{{- range .Values.secretFiles }}
+- name: secret-{{ .secret }}
+  secret:
+    secretName: {{ .secret }}
+{{- end }}
+{{- with .Values.defaults.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}

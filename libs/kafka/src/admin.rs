@@ -129,12 +129,13 @@ async fn existing_topics(c: ClientConfig) -> Result<HashSet<String>, KafkaError>
     .map_err(|e| KafkaError::Admin(format!("listing topics: {e}")))?
 }
 
-/// Remembers the last error librdkafka reported that trying again with the same settings
-/// cannot mend: a failed TLS handshake or SASL authentication. Such errors arrive as client
-/// events, apart from the request that failed on them (which only times out).
+/// Remembers the last error librdkafka reported, and whether it was one that trying again
+/// with the same settings is not expected to mend: a failed TLS handshake or SASL
+/// authentication. Such errors arrive as client events, apart from the request that failed on
+/// them (which only times out).
 #[derive(Default)]
 struct RefusalWatch {
-    refused: std::sync::Mutex<Option<String>>,
+    last: std::sync::Mutex<Option<(bool, String)>>,
 }
 
 impl ClientContext for RefusalWatch {
@@ -149,9 +150,11 @@ impl ClientContext for RefusalWatch {
             }
             _ => false,
         };
-        if refusal {
-            if let Ok(mut refused) = self.refused.lock() {
-                *refused = Some(reason.to_owned());
+        tracing::debug!(%error, reason, refusal, "kafka broker probe");
+        if let Ok(mut last) = self.last.lock() {
+            // A refusal is not overwritten by the transport noise that follows it.
+            if refusal || !last.as_ref().is_some_and(|(r, _)| *r) {
+                *last = Some((refusal, reason.to_owned()));
             }
         }
     }
@@ -163,7 +166,7 @@ enum ProbeError {
     /// The cluster refused this client (TLS or authentication): the cause, as librdkafka
     /// gave it.
     Refused(String),
-    /// No answer in time (or an error answer).
+    /// No answer in time (or an error answer), with the last error librdkafka reported.
     Unanswered(String),
 }
 
@@ -184,22 +187,37 @@ impl Probe {
     /// Blocks up to `timeout`.
     fn metadata(&self, timeout: Duration) -> Result<Metadata, ProbeError> {
         let answer = self.consumer.fetch_metadata(None, timeout);
-        // Serves the client's pending events: the refusal, if there was one.
-        let _ = self.consumer.poll(Duration::from_millis(100));
-        let refused = self
+        // Serves the client's pending events (one per poll): the refusal, if there was one.
+        for _ in 0..16 {
+            if self.consumer.poll(Duration::from_millis(10)).is_none() {
+                break;
+            }
+        }
+        let last = self
             .consumer
             .context()
-            .refused
+            .last
             .lock()
             .ok()
             .and_then(|mut r| r.take());
-        match (answer, refused) {
+        match (answer, last) {
             (Ok(metadata), _) => Ok(metadata),
-            (Err(_), Some(cause)) => Err(ProbeError::Refused(cause)),
+            (Err(_), Some((true, cause))) => Err(ProbeError::Refused(cause)),
+            (Err(e), Some((false, cause))) => Err(ProbeError::Unanswered(format!("{e} ({cause})"))),
             (Err(e), None) => Err(ProbeError::Unanswered(e.to_string())),
         }
     }
 }
+
+/// How long refusals must last, with no successful answer between them, before the probe
+/// gives up: a
+/// wrong password or authority stays refused, while an identity provider's blip (OAUTHBEARER
+/// token fetches fail as authentication errors) or a user still being created does not.
+/// Before the first answer this is short, so a misconfigured deployment fails at once; after
+/// it, long, so that only lasting refusals (a rotated secret, which the process reads at
+/// start) restart the process.
+const REFUSED_FOR_BEFORE_FIRST_ANSWER: Duration = Duration::from_secs(15);
+const REFUSED_FOR_AFTER_AN_ANSWER: Duration = Duration::from_secs(300);
 
 /// The raw, enriched, dead-letter and quality-record topics of every pipeline, and the
 /// repartition topics of its aggregations not grouped by the key, with the pipeline's
@@ -236,6 +254,8 @@ pub async fn watch_broker(
         })?;
     let probe = std::sync::Arc::new(probe);
     let mut answered_once = false;
+    // Since when, and why, the cluster has refused this client (no answer since).
+    let mut refused: Option<(std::time::Instant, String)> = None;
     loop {
         let asking = probe.clone();
         let answer = tokio::task::spawn_blocking(move || {
@@ -245,22 +265,36 @@ pub async fn watch_broker(
         match answer {
             Ok(Ok(())) => {
                 answered_once = true;
+                refused = None;
                 readiness.set_ready();
-            }
-            // Refused before it ever answered: the settings are wrong (a wrong password, an
-            // authority the cluster's certificate is not from), and waiting mends nothing.
-            Ok(Err(ProbeError::Refused(cause))) if !answered_once => {
-                readiness.set_not_ready(format!("kafka refused the connection: {cause}"));
-                return Err(KafkaError::Refused(cause));
             }
             Ok(Err(ProbeError::Refused(cause))) => {
                 tracing::error!(%cause, "kafka refused the connection");
                 readiness.set_not_ready(format!("kafka refused the connection: {cause}"));
+                let since = refused
+                    .as_ref()
+                    .map_or_else(std::time::Instant::now, |r| r.0);
+                refused = Some((since, cause));
             }
-            Ok(Err(ProbeError::Unanswered(cause))) => {
-                readiness.set_not_ready(format!("kafka unreachable: {cause}"))
-            }
+            // librdkafka reports a repeated error once, and backs off: after a refusal the
+            // next rounds are often just unanswered. The refusal stands until an answer.
+            Ok(Err(ProbeError::Unanswered(cause))) => match &refused {
+                Some((_, refusal)) => {
+                    readiness.set_not_ready(format!("kafka refused the connection: {refusal}"))
+                }
+                None => readiness.set_not_ready(format!("kafka unreachable: {cause}")),
+            },
             Err(e) => readiness.set_not_ready(format!("kafka probe failed: {e}")),
+        }
+        let patience = if answered_once {
+            REFUSED_FOR_AFTER_AN_ANSWER
+        } else {
+            REFUSED_FOR_BEFORE_FIRST_ANSWER
+        };
+        if let Some((since, cause)) = &refused {
+            if since.elapsed() >= patience {
+                return Err(KafkaError::Refused(cause.clone()));
+            }
         }
         if shutdown
             .run_until_cancelled(tokio::time::sleep(interval))

@@ -178,10 +178,8 @@ fn base_config(
     extra: &std::collections::BTreeMap<String, String>,
 ) -> ClientConfig {
     let mut c = connection_config(cfg, extra);
-    c.set(
-        "statistics.interval.ms",
-        cfg.statistics_interval.as_millis().to_string(),
-    );
+    let statistics = cfg.statistics_interval.as_millis().to_string();
+    set_default(&mut c, "statistics.interval.ms", &statistics);
     c
 }
 
@@ -586,5 +584,32 @@ pub async fn delivered(delivery: DeliveryFuture) -> Result<(), KafkaError> {
         Ok(Ok(_)) => Ok(()),
         Ok(Err((e, _))) => Err(KafkaError::Produce(e)),
         Err(_canceled) => Err(KafkaError::Produce(rdkafka::error::KafkaError::Canceled)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// What librdkafka was built with: TLS, the SASL mechanisms, OIDC (through libcurl) and
+    /// zstd, which secured clusters and the docs rely on.
+    #[test]
+    fn librdkafka_is_built_with_tls_sasl_oidc_and_zstd() {
+        let native = rdkafka::ClientConfig::new()
+            .create_native_config()
+            .expect("a native config");
+        let features = native.get("builtin.features").expect("builtin.features");
+        for feature in [
+            "ssl",
+            "sasl_plain",
+            "sasl_scram",
+            "sasl_oauthbearer",
+            "http",
+            "oidc",
+            "zstd",
+        ] {
+            assert!(
+                features.split(',').any(|f| f == feature),
+                "librdkafka lacks {feature}: {features}"
+            );
+        }
     }
 }

@@ -15,9 +15,10 @@ use instream_kafka::KafkaError;
 use instream_testkit::{TestPki, TlsBroker};
 use tokio_util::sync::CancellationToken;
 
-/// Longest a refusal may take to be reported: well under a metadata timeout's repeats, so a
-/// refusal that surfaced only as "timed out" would still have to name its cause.
-const REFUSED_WITHIN: Duration = Duration::from_secs(30);
+/// Longest a refusal may take to be reported: the probe's patience before a first answer
+/// (15 s of refusals) and a probe round; a refusal that surfaced only as "timed out" would
+/// still have to name its cause.
+const REFUSED_WITHIN: Duration = Duration::from_secs(45);
 
 const KEY_PASSWORD: &str = "key pass phrase";
 
@@ -121,6 +122,13 @@ async fn tls_and_mutual_tls_connect_and_an_unknown_authority_or_missing_certific
         "the refusal names the cause: {err}"
     );
 
+    // TLS without client certificates (the broker asks for none).
+    let server_only = TlsBroker::start_with(&pki, false).unwrap();
+    server_only.broker.create_topic("tls-only", 1).unwrap();
+    let plain_tls = tls_config(&server_only.bootstrap_servers(), &pki.ca_file);
+    probe("TLS", plain_tls.clone()).await.expect("TLS connects");
+    produce_one(&plain_tls, "tls-only").await;
+
     // No client certificate where the cluster asks for one.
     let err = probe(
         "no client certificate",
@@ -154,9 +162,16 @@ struct Tansu {
 impl Tansu {
     /// Starts tansu open to make the `users` (`tansu user create` talks to the broker, which
     /// must not ask it to log in yet), then again on the same storage with authentication.
-    fn start_with_users(binary: &str, users: &[(&str, &str, &str)]) -> Tansu {
+    /// `advertised`: the port clients are told to use (a TLS proxy's); default its own.
+    fn start_with_users(
+        binary: &str,
+        users: &[(&str, &str, &str)],
+        port: u16,
+        advertised: u16,
+    ) -> Tansu {
         let dir = tempfile::tempdir().unwrap();
-        let mut open = Tansu::spawn(binary, dir, &[]);
+        let own = instream_testkit::free_port().unwrap();
+        let mut open = Tansu::spawn(binary, dir, &[], own, own);
         for (mechanism, name, password) in users {
             let status = std::process::Command::new(binary)
                 .args(["user", "create", "--broker"])
@@ -169,12 +184,18 @@ impl Tansu {
         let _ = open.child.kill();
         let _ = open.child.wait();
         let dir = std::mem::replace(&mut open._dir, tempfile::tempdir().unwrap());
-        Tansu::spawn(binary, dir, &["--authentication"])
+        Tansu::spawn(binary, dir, &["--authentication"], port, advertised)
     }
 
-    fn spawn(binary: &str, dir: tempfile::TempDir, extra: &[&str]) -> Tansu {
-        let port = instream_testkit::free_port().unwrap();
+    fn spawn(
+        binary: &str,
+        dir: tempfile::TempDir,
+        extra: &[&str],
+        port: u16,
+        advertised: u16,
+    ) -> Tansu {
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{advertised}");
         let log = std::fs::File::create(dir.path().join("tansu.log")).unwrap();
         let child = std::process::Command::new(binary)
             .current_dir(dir.path())
@@ -183,7 +204,7 @@ impl Tansu {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             // Relative: tansu puts the path below its working directory.
             .args(["--storage-engine", "sqlite://tansu.db"])
@@ -238,7 +259,13 @@ async fn scram_logs_in_and_a_wrong_password_is_refused_by_name() {
         [("SCRAM-SHA-512", "scram512"), ("SCRAM-SHA-256", "scram256")]
     {
         let user = format!("instream-{tansu_mechanism}");
-        let tansu = Tansu::start_with_users(&binary, &[(tansu_mechanism, &user, "s3cret pass")]);
+        let port = instream_testkit::free_port().unwrap();
+        let tansu = Tansu::start_with_users(
+            &binary,
+            &[(tansu_mechanism, &user, "s3cret pass")],
+            port,
+            port,
+        );
         let good = scram_config(tansu.port, mechanism, &user, "s3cret pass");
         probe(mechanism, good.clone()).await.expect("SCRAM logs in");
         instream_kafka::admin::ensure_topics(
@@ -260,4 +287,61 @@ async fn scram_logs_in_and_a_wrong_password_is_refused_by_name() {
             "the refusal names the cause: {err}"
         );
     }
+}
+
+#[tokio::test]
+#[ignore = "needs INSTREAM_TEST_TANSU=<path of a tansu 0.6 binary> (SCRAM users need its SQLite storage)"]
+async fn sasl_ssl_scram_over_tls_to_tansu_logs_in_and_an_unknown_authority_is_refused() {
+    let binary =
+        std::env::var("INSTREAM_TEST_TANSU").expect("INSTREAM_TEST_TANSU names the tansu binary");
+    let pki = TestPki::new(KEY_PASSWORD).unwrap();
+    // TLS in front of tansu (which does not speak it), tansu advertising the proxy's port.
+    let port = instream_testkit::free_port().unwrap();
+    let proxy = instream_testkit::TlsProxy::start(
+        port,
+        &instream_testkit::TlsProxySettings {
+            cert_pem: &pki.server_cert_pem,
+            key_pem: &pki.server_key_pem,
+            client_ca_pem: None,
+        },
+    )
+    .unwrap();
+    let _tansu = Tansu::start_with_users(
+        &binary,
+        &[("scram512", "instream", "s3cret pass")],
+        port,
+        proxy.port(),
+    );
+    let secured = |ca: &Path| {
+        let mut kafka = scram_config(proxy.port(), "SCRAM-SHA-512", "instream", "s3cret pass");
+        kafka
+            .properties
+            .insert("security.protocol".into(), "sasl_ssl".into());
+        kafka
+            .properties
+            .insert("ssl.ca.location".into(), ca.to_str().unwrap().into());
+        kafka
+    };
+    let good = secured(&pki.ca_file);
+    probe("SASL_SSL", good.clone())
+        .await
+        .expect("SASL_SSL logs in");
+    instream_kafka::admin::ensure_topics(
+        &good,
+        &[instream_kafka::admin::TopicSpec {
+            name: "sasl-ssl".into(),
+            partitions: 1,
+        }],
+    )
+    .await
+    .unwrap();
+    produce_one(&good, "sasl-ssl").await;
+    let other = TestPki::new(KEY_PASSWORD).unwrap();
+    let err = probe("unknown authority", secured(&other.ca_file))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("certificate verify failed"),
+        "{err}"
+    );
 }

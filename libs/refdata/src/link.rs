@@ -30,18 +30,17 @@ fn unavailable(e: impl std::fmt::Display) -> RefDataError {
     RefDataError::Unavailable(e.to_string())
 }
 
-/// A Redis URL of `cfg` as connection settings, with `refdata.redis_password` when the URL
-/// gives no password of its own; the error names the key, never the URL (it may hold a
-/// password).
+/// A Redis URL of `cfg` as connection settings, with `password` when the URL gives no
+/// password of its own; the error names the key, never the URL (it may hold a password).
 fn url_info(
-    cfg: &RefDataConfig,
     url: &str,
     key: &str,
+    password: Option<&instream_core::config::Secret>,
 ) -> Result<redis::ConnectionInfo, RefDataError> {
     let info = url
         .into_connection_info()
         .map_err(|e| RefDataError::Unavailable(format!("{key}: {:?}", e.kind())))?;
-    Ok(match &cfg.redis_password {
+    Ok(match password {
         Some(password) if info.redis_settings().password().is_none() => {
             let settings = info
                 .redis_settings()
@@ -79,7 +78,11 @@ fn tls_certificates(cfg: &RefDataConfig) -> Result<Option<redis::TlsCertificates
 /// A one-server client for `refdata.redis_url` (`rediss://`: TLS, trusting the configured CA
 /// or the system store).
 fn single_client(cfg: &RefDataConfig) -> Result<redis::Client, RefDataError> {
-    let info = url_info(cfg, &cfg.redis_url, "refdata.redis_url")?;
+    let info = url_info(
+        &cfg.redis_url,
+        "refdata.redis_url",
+        cfg.redis_password.as_ref(),
+    )?;
     let client = match tls_certificates(cfg)? {
         Some(certs) => redis::Client::build_with_tls(info, certs),
         None => redis::Client::open(info),
@@ -103,10 +106,18 @@ fn replies(values: Vec<Value>) -> Vec<Reply> {
 /// sentinel URL (one deployment's sentinels share them) and TLS when their URLs are
 /// `rediss://`. `refdata.tls_ca_file` is trusted by both.
 fn sentinel_client(cfg: &RefDataConfig) -> Result<SentinelClient, RefDataError> {
-    let data = url_info(cfg, &cfg.redis_url, "refdata.redis_url")?;
+    let data = url_info(
+        &cfg.redis_url,
+        "refdata.redis_url",
+        cfg.redis_password.as_ref(),
+    )?;
     let mut sentinels = Vec::new();
     for (i, url) in cfg.redis_nodes.iter().enumerate() {
-        sentinels.push(url_info(cfg, url, &format!("refdata.redis_nodes[{i}]"))?);
+        sentinels.push(url_info(
+            url,
+            &format!("refdata.redis_nodes[{i}]"),
+            cfg.sentinel_password.as_ref(),
+        )?);
     }
     let settings = |e: redis::RedisError| RefDataError::Settings(format!("sentinel: {e}"));
     let mut builder = SentinelClientBuilder::new(
@@ -195,7 +206,11 @@ impl Link {
             RedisMode::Cluster => {
                 let mut nodes = Vec::new();
                 for (i, url) in cfg.redis_nodes.iter().enumerate() {
-                    nodes.push(url_info(cfg, url, &format!("refdata.redis_nodes[{i}]"))?);
+                    nodes.push(url_info(
+                        url,
+                        &format!("refdata.redis_nodes[{i}]"),
+                        cfg.redis_password.as_ref(),
+                    )?);
                 }
                 let mut builder = redis::cluster::ClusterClientBuilder::new(nodes);
                 if let Some(certs) = tls_certificates(cfg)? {

@@ -74,7 +74,8 @@ impl TlsProxy {
 
 /// librdkafka's embedded broker reached only through TLS: stunnel in front of it, and the
 /// broker advertising stunnel's port, so every connection a client makes (bootstrap and
-/// partition leader) is TLS. Clients must present a certificate of `pki` (mutual TLS).
+/// partition leader) is TLS. With [`TlsBroker::start`] clients must present a certificate of
+/// `pki` (mutual TLS).
 pub struct TlsBroker {
     pub broker: instream_kafka::EmbeddedBroker,
     proxy: TlsProxy,
@@ -82,6 +83,11 @@ pub struct TlsBroker {
 
 impl TlsBroker {
     pub fn start(pki: &TestPki) -> Result<TlsBroker, TestkitError> {
+        Self::start_with(pki, true)
+    }
+
+    /// `mutual`: whether clients must present a certificate.
+    pub fn start_with(pki: &TestPki, mutual: bool) -> Result<TlsBroker, TestkitError> {
         let broker = instream_kafka::EmbeddedBroker::start(1)
             .map_err(|e| TestkitError::Broker(e.to_string()))?;
         let port = broker
@@ -95,7 +101,7 @@ impl TlsBroker {
             &TlsProxySettings {
                 cert_pem: &pki.server_cert_pem,
                 key_pem: &pki.server_key_pem,
-                client_ca_pem: Some(&pki.ca_pem),
+                client_ca_pem: mutual.then_some(pki.ca_pem.as_str()),
             },
         )?;
         broker

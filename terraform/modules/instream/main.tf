@@ -11,17 +11,32 @@ locals {
   sasl        = startswith(var.kafka.protocol, "sasl_")
   tls         = endswith(var.kafka.protocol, "ssl")
 
+  client_cert = var.kafka_client_certificate
+
   secret_files = merge(
     var.kafka_sasl_password == "" ? {} : { "kafka-sasl-password" = var.kafka_sasl_password },
     var.kafka.ca_pem == "" ? {} : { "kafka-ca.pem" = var.kafka.ca_pem },
+    local.client_cert == null ? {} : {
+      "kafka-client.pem" = local.client_cert.cert_pem
+      "kafka-client.key" = local.client_cert.key_pem
+    },
+    try(local.client_cert.key_password, "") == "" ? {} : { "kafka-key-password" = local.client_cert.key_password },
+    var.kafka_oauthbearer_client_secret == "" ? {} : { "kafka-oauthbearer-secret" = var.kafka_oauthbearer_client_secret },
+    var.zookeeper_auth == "" ? {} : { "zookeeper-auth" = var.zookeeper_auth },
     var.redis_password == "" ? {} : { "redis-password" = var.redis_password },
     var.scylla_password == "" ? {} : { "scylla-password" = var.scylla_password },
+    var.scylla_ca_pem == "" ? {} : { "scylla-ca.pem" = var.scylla_ca_pem },
   )
 
   kafka_properties = merge(
     { "security.protocol" = var.kafka.protocol },
     local.sasl ? { "sasl.mechanism" = var.kafka.sasl_mechanism, "sasl.username" = var.kafka.sasl_username } : {},
     local.tls && var.kafka.ca_pem != "" ? { "ssl.ca.location" = "${local.secret_dir}/kafka-ca.pem" } : {},
+    local.client_cert == null ? {} : {
+      "ssl.certificate.location" = "${local.secret_dir}/kafka-client.pem"
+      "ssl.key.location"         = "${local.secret_dir}/kafka-client.key"
+    },
+    try(var.config.kafka.properties, {}),
   )
 
   base_config = {
@@ -33,8 +48,13 @@ locals {
         properties         = local.kafka_properties
       },
       var.kafka_sasl_password == "" ? {} : { sasl_password_file = "${local.secret_dir}/kafka-sasl-password" },
+      try(local.client_cert.key_password, "") == "" ? {} : { ssl_key_password_file = "${local.secret_dir}/kafka-key-password" },
+      var.kafka_oauthbearer_client_secret == "" ? {} : { sasl_oauthbearer_client_secret_file = "${local.secret_dir}/kafka-oauthbearer-secret" },
     )
-    zookeeper   = { connect = var.zookeeper_connect, root = var.zookeeper_root }
+    zookeeper = merge(
+      { connect = var.zookeeper_connect, root = var.zookeeper_root },
+      var.zookeeper_auth == "" ? {} : { auth_file = "${local.secret_dir}/zookeeper-auth" },
+    )
     definitions = { source = "zookeeper" }
     refdata = merge(
       {
@@ -57,6 +77,7 @@ locals {
         username      = var.scylla.username
         password_file = "${local.secret_dir}/scylla-password"
       },
+      var.scylla_ca_pem == "" ? {} : { tls = { ca_file = "${local.secret_dir}/scylla-ca.pem" } },
     )
     archive = { backend = "hdfs", hdfs_url = var.hdfs_url }
     ingest = length(var.ingest_api_key_sha256) == 0 ? {} : {
@@ -65,9 +86,14 @@ locals {
     query_api = { api_key_sha256 = var.query_api_key_sha256 }
   }
 
-  # Section by section: a section given in var.config replaces keys of the module's one.
+  # Section by section: a section given in var.config replaces keys of the module's one
+  # (kafka.properties were merged key by key above).
   config = merge(local.base_config, {
-    for section, keys in var.config : section => merge(lookup(local.base_config, section, {}), keys)
+    for section, keys in var.config : section => merge(
+      lookup(local.base_config, section, {}),
+      keys,
+      section == "kafka" ? { properties = local.kafka_properties } : {},
+    )
   })
 
   services = {
@@ -108,6 +134,13 @@ resource "helm_release" "instream" {
   # The hook Job (schema, definitions) must finish for the release to succeed.
   wait    = true
   timeout = 900
+
+  lifecycle {
+    precondition {
+      condition     = var.scylla.username == "" || var.scylla_password != ""
+      error_message = "scylla.username needs scylla_password."
+    }
+  }
 
   values = concat([yamlencode({
     fullnameOverride = var.release_name

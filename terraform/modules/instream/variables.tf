@@ -55,6 +55,24 @@ variable "kafka_sasl_password" {
   sensitive   = true
 }
 
+variable "kafka_client_certificate" {
+  description = "Mutual TLS to Kafka: the client certificate and its private key (PEM), and the key's password when it is encrypted. Empty: no client certificate."
+  type = object({
+    cert_pem     = string
+    key_pem      = string
+    key_password = optional(string, "")
+  })
+  default   = null
+  sensitive = true
+}
+
+variable "kafka_oauthbearer_client_secret" {
+  description = "OAUTHBEARER OIDC client secret (with sasl.oauthbearer.* settings in var.config.kafka.properties); empty for none."
+  type        = string
+  default     = ""
+  sensitive   = true
+}
+
 variable "zookeeper_connect" {
   description = "host:port list of the ZooKeeper ensemble."
   type        = string
@@ -64,6 +82,13 @@ variable "zookeeper_root" {
   description = "Root znode of this deployment (several deployments can share an ensemble)."
   type        = string
   default     = "/instream"
+}
+
+variable "zookeeper_auth" {
+  description = "user:password for ZooKeeper's digest scheme (every znode instream creates is then that identity's only); empty for none."
+  type        = string
+  default     = ""
+  sensitive   = true
 }
 
 variable "redis" {
@@ -91,6 +116,12 @@ variable "scylla" {
     local_dc           = optional(string, "")
     username           = optional(string, "")
   })
+}
+
+variable "scylla_ca_pem" {
+  description = "TLS to ScyllaDB: the authority of the nodes' certificates (PEM); empty: plain CQL."
+  type        = string
+  default     = ""
 }
 
 variable "scylla_password" {
@@ -147,7 +178,7 @@ variable "replicas" {
 }
 
 variable "config" {
-  description = "More of instream's config (docs/configuration.md), merged over what the module sets, section by section."
+  description = "More of instream's config (docs/configuration.md), merged over what the module sets, section by section (kafka.properties key by key). Never secrets: those have variables of their own and reach the services as files."
   type        = any
   default     = {}
 }

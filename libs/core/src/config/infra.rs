@@ -157,11 +157,11 @@ pub struct KafkaConfig {
     pub group_prefix: String,
     /// librdkafka properties for every client (producers, consumers, admin), passed through
     /// unchanged: TLS, SASL, `client.id`, tuning.
-    pub properties: BTreeMap<String, String>,
+    pub properties: Properties,
     /// librdkafka properties for producers only (over `properties`).
-    pub producer: BTreeMap<String, String>,
+    pub producer: Properties,
     /// librdkafka properties for consumers only (over `properties`).
-    pub consumer: BTreeMap<String, String>,
+    pub consumer: Properties,
     /// The SASL password (librdkafka's `sasl.password`, for PLAIN and SCRAM; the user is
     /// `properties."sasl.username"`). Give it as `INSTREAM__KAFKA__SASL_PASSWORD` or through
     /// `sasl_password_file`; never logged, masked by `check-config`.
@@ -217,9 +217,9 @@ impl Default for KafkaConfig {
             broker: BrokerMode::External,
             bootstrap_servers: "127.0.0.1:9092".into(),
             group_prefix: "instream".into(),
-            properties: BTreeMap::new(),
-            producer: BTreeMap::new(),
-            consumer: BTreeMap::new(),
+            properties: Properties::default(),
+            producer: Properties::default(),
+            consumer: Properties::default(),
             sasl_password: None,
             sasl_password_file: None,
             ssl_key_password: None,
@@ -235,6 +235,75 @@ impl Default for KafkaConfig {
             on_records_lost: OnRecordsLost::Continue,
             backlog: None,
         }
+    }
+}
+
+/// librdkafka properties by name. `{:?}` masks the values of secret-looking names (passwords,
+/// keys, tokens), as `check-config` does.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct Properties(pub BTreeMap<String, String>);
+
+impl std::ops::Deref for Properties {
+    type Target = BTreeMap<String, String>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Properties {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a Properties {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, String>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl Properties {
+    /// Whether a property's value is a secret: masked in `{:?}` and by `check-config`.
+    pub fn is_secret(name: &str) -> bool {
+        let n = name.to_lowercase();
+        [
+            "password",
+            "secret",
+            "jaas",
+            "key.pem",
+            "token",
+            "oauthbearer.config",
+        ]
+        .iter()
+        .any(|s| n.contains(s))
+    }
+
+    /// A copy with secret values replaced by `***`.
+    pub fn masked(&self) -> Properties {
+        Properties(
+            self.0
+                .iter()
+                .map(|(k, v)| {
+                    let v = if Self::is_secret(k) {
+                        "***".to_owned()
+                    } else {
+                        v.clone()
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        )
+    }
+}
+
+impl std::fmt::Debug for Properties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.masked().0.iter()).finish()
     }
 }
 
@@ -477,7 +546,7 @@ pub enum RefDataBackend {
     Memory,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RefDataConfig {
     /// Where reference records are looked up.
@@ -522,12 +591,49 @@ pub struct RefDataConfig {
     /// `rediss://` URLs when it is not in the system's trust store (every mode; in sentinel
     /// mode for the sentinels and the data nodes).
     pub tls_ca_file: Option<PathBuf>,
-    /// The Redis password for every URL above that gives none of its own (the user, if any,
-    /// stays in the URL): `INSTREAM__REFDATA__REDIS_PASSWORD` or `redis_password_file`, so the
-    /// URLs hold no secret. Never logged.
+    /// The Redis password for the data nodes' URLs that give none of their own (the user, if
+    /// any, stays in the URL; in sentinel mode `redis_url`, in cluster mode every node):
+    /// `INSTREAM__REFDATA__REDIS_PASSWORD` or `redis_password_file`, so the URLs hold no
+    /// secret. Never logged.
     pub redis_password: Option<Secret>,
     /// A file holding `redis_password`, read at start.
     pub redis_password_file: Option<PathBuf>,
+    /// `sentinel` mode: the sentinels' password when they ask for one (`requirepass` on the
+    /// sentinels), for sentinel URLs that give none; `redis_password` is the data nodes'.
+    pub sentinel_password: Option<Secret>,
+    /// A file holding `sentinel_password`, read at start.
+    pub sentinel_password_file: Option<PathBuf>,
+}
+
+/// By hand: the URLs may hold a password.
+impl std::fmt::Debug for RefDataConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefDataConfig")
+            .field("backend", &self.backend)
+            .field("redis_url", &super::redact_url(&self.redis_url))
+            .field("redis_mode", &self.redis_mode)
+            .field(
+                "redis_nodes",
+                &self
+                    .redis_nodes
+                    .iter()
+                    .map(|u| super::redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("sentinel_master", &self.sentinel_master)
+            .field("timeout", &self.timeout)
+            .field("seed_file", &self.seed_file)
+            .field("version_check_interval", &self.version_check_interval)
+            .field("cache_max_bytes", &self.cache_max_bytes)
+            .field("cache_ttl", &self.cache_ttl)
+            .field("cache_negative_ttl", &self.cache_negative_ttl)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("redis_password", &self.redis_password)
+            .field("redis_password_file", &self.redis_password_file)
+            .field("sentinel_password", &self.sentinel_password)
+            .field("sentinel_password_file", &self.sentinel_password_file)
+            .finish()
+    }
 }
 
 impl Default for RefDataConfig {
@@ -547,17 +653,26 @@ impl Default for RefDataConfig {
             tls_ca_file: None,
             redis_password: None,
             redis_password_file: None,
+            sentinel_password: None,
+            sentinel_password_file: None,
         }
     }
 }
 
 impl RefDataConfig {
-    pub(super) fn secret_slots(&mut self) -> [SecretSlot<'_>; 1] {
-        [SecretSlot {
-            key: "refdata.redis_password",
-            value: &mut self.redis_password,
-            file: &self.redis_password_file,
-        }]
+    pub(super) fn secret_slots(&mut self) -> [SecretSlot<'_>; 2] {
+        [
+            SecretSlot {
+                key: "refdata.redis_password",
+                value: &mut self.redis_password,
+                file: &self.redis_password_file,
+            },
+            SecretSlot {
+                key: "refdata.sentinel_password",
+                value: &mut self.sentinel_password,
+                file: &self.sentinel_password_file,
+            },
+        ]
     }
 
     pub(super) fn validate(&self, p: &mut Problems) {

@@ -84,9 +84,6 @@ pub enum ConfigError {
     /// Values parsed but break a rule; every broken rule is listed.
     #[error("invalid config:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<Invalid>),
-    /// A secret's `<key>_file` could not be read.
-    #[error("invalid config: {0}")]
-    SecretFile(#[from] SecretFileError),
 }
 
 /// One broken rule: the dotted key path and why its value is refused.
@@ -159,7 +156,11 @@ impl Config {
             .filter_map(|(name, raw)| {
                 // INSTREAM__KAFKA__BOOTSTRAP_SERVERS -> kafka.bootstrap_servers
                 let rest = name.strip_prefix(ENV_PREFIX)?;
-                Some((rest.to_lowercase().replace("__", "."), raw, false))
+                let key = rest.to_lowercase().replace("__", ".");
+                // A secret is its text exactly: figment's value parsing would trim it, strip
+                // quotes and read escapes.
+                let raw_text = secret::SECRET_KEYS.contains(&key.as_str());
+                Some((key, raw, raw_text))
             })
             .collect();
         // Values are typed the way figment types environment values ("4" an integer, "10s" a
@@ -191,9 +192,10 @@ impl Config {
             }
             match figment.extract::<Config>() {
                 Ok(mut config) => {
-                    // Files first, so the rules see what they hold.
-                    config.read_secret_files()?;
-                    config.validate()?;
+                    // Files first, so the rules see what they hold; a file that cannot be
+                    // read is reported with every other problem.
+                    let unreadable = config.read_secret_files();
+                    config.validate_with(unreadable)?;
                     return Ok(config);
                 }
                 Err(error) => {
@@ -224,14 +226,22 @@ impl Config {
             .merge(Toml::string(text))
             .extract()
             .map_err(|e| ConfigError::Parse(Box::new(e)))?;
-        config.read_secret_files()?;
-        config.validate()?;
+        let unreadable = config.read_secret_files();
+        config.validate_with(unreadable)?;
         Ok(config)
     }
 
-    /// Fills each secret given as `<key>_file` from its file (see [`secret`]).
-    pub fn read_secret_files(&mut self) -> Result<(), SecretFileError> {
-        self.each_secret(|slot| slot.read_file())
+    /// Fills each secret given as `<key>_file` from its file (see [`secret`]); returns what
+    /// could not be read.
+    pub fn read_secret_files(&mut self) -> Vec<SecretFileError> {
+        let mut unreadable = Vec::new();
+        let _ = self.each_secret(|slot| {
+            if let Err(e) = slot.read_file() {
+                unreadable.push(e);
+            }
+            Ok(())
+        });
+        unreadable
     }
 
     fn each_secret(
@@ -279,22 +289,7 @@ impl Config {
             &mut c.kafka.producer,
             &mut c.kafka.consumer,
         ] {
-            for (name, value) in props.iter_mut() {
-                let n = name.to_lowercase();
-                if [
-                    "password",
-                    "secret",
-                    "jaas",
-                    "key.pem",
-                    "token",
-                    "oauthbearer.config",
-                ]
-                .iter()
-                .any(|s| n.contains(s))
-                {
-                    *value = "***".into();
-                }
-            }
+            *props = props.masked();
         }
         c
     }
@@ -345,7 +340,25 @@ impl Config {
 
     /// Checks every rule of every section, without I/O.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_with(Vec::new())
+    }
+
+    /// [`validate`](Self::validate), reporting `unreadable` secret files with the rest.
+    fn validate_with(&self, unreadable: Vec<SecretFileError>) -> Result<(), ConfigError> {
         let mut p = Problems::default();
+        for e in unreadable {
+            let key = match &e {
+                SecretFileError::Unreadable { key, .. } => format!("{key}_file"),
+                SecretFileError::Both(key) => (*key).to_owned(),
+            };
+            let text = e.to_string();
+            let reason = text
+                .strip_prefix(&format!("{key}: "))
+                .or_else(|| text.strip_prefix(&format!("{key} ")))
+                .unwrap_or(&text)
+                .to_owned();
+            p.add(&key, reason);
+        }
         // The slots borrow mutably (to fill them from files); a copy keeps this `&self`.
         let _ = self.clone().each_secret(|slot| {
             slot.validate(&mut p);

@@ -85,10 +85,12 @@ ConfigMap) configures a whole deployment.
 
 Secrets are never needed in the file. Each one is a named key with a `_file` twin:
 `kafka.sasl_password`, `kafka.ssl_key_password`, `kafka.sasl_oauthbearer_client_secret`,
-`zookeeper.auth`, `refdata.redis_password`, `store.password` and `db_source.password`. Give
-the value in the environment (`INSTREAM__KAFKA__SASL_PASSWORD`) or name a file holding it
+`zookeeper.auth`, `refdata.redis_password`, `refdata.sentinel_password`, `store.password` and
+`db_source.password`. Give the value in the environment (`INSTREAM__KAFKA__SASL_PASSWORD`) or name a file holding it
 (`kafka.sasl_password_file = \"/var/run/secrets/kafka/sasl-password\"`, read at start, one
-trailing newline dropped); giving both is refused. Secrets print as `***` everywhere,
+trailing newline dropped; an empty path is no file, so an environment variable can unset a
+file the config names); giving both is refused. A secret's environment variable is taken as
+it is (no quotes stripped, no escapes read). Secrets print as `***` everywhere,
 `check-config` included, and librdkafka gets them as `sasl.password`, `ssl.key.password` and
 `sasl.oauthbearer.client.secret` (those three are refused in the property maps).
 ";

@@ -48,6 +48,19 @@ impl Serialize for Secret {
     }
 }
 
+/// Every named secret's key. Their environment variables are taken as they are (no quotes
+/// stripped, no escapes read), and a test checks the list against the sections' slots.
+pub const SECRET_KEYS: [&str; 8] = [
+    "kafka.sasl_password",
+    "kafka.ssl_key_password",
+    "kafka.sasl_oauthbearer_client_secret",
+    "zookeeper.auth",
+    "refdata.redis_password",
+    "refdata.sentinel_password",
+    "store.password",
+    "db_source.password",
+];
+
 /// Why a `<key>_file` gave no secret.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretFileError {
@@ -69,9 +82,10 @@ pub(super) struct SecretSlot<'a> {
 }
 
 impl SecretSlot<'_> {
-    /// Reads the file into the value; both given is refused.
+    /// Reads the file into the value; both given is refused. An empty path is no file (so
+    /// `INSTREAM__KAFKA__SASL_PASSWORD_FILE=` unsets one a config file gives).
     pub(super) fn read_file(self) -> Result<(), SecretFileError> {
-        let Some(path) = self.file else {
+        let Some(path) = self.file.as_ref().filter(|p| !p.as_os_str().is_empty()) else {
             return Ok(());
         };
         if self.value.is_some() {

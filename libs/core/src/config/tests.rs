@@ -377,7 +377,7 @@ fn secrets_come_from_the_environment_or_a_file_never_needing_the_config_file() {
     .unwrap_err()
     .to_string();
     assert!(
-        err.contains("db_source.password_file /nonexistent/pw"),
+        err.contains("db_source.password_file: /nonexistent/pw"),
         "{err}"
     );
     let err = Config::from_toml("[kafka.properties]\n\"sasl.password\" = \"x\"\n")
@@ -417,4 +417,15 @@ fn a_json_file_is_read_as_json_and_the_checks_of_a_service_name_their_key() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("kafka.broker"), "{err}");
+}
+
+#[test]
+fn the_secret_keys_list_names_every_secret_slot() {
+    let mut config = Config::default();
+    let mut keys = Vec::new();
+    let _ = config.each_secret(|slot| {
+        keys.push(slot.key);
+        Ok(())
+    });
+    assert_eq!(keys, super::secret::SECRET_KEYS);
 }
