@@ -20,7 +20,9 @@
 
 {{/* The full name with a suffix, kept within Kubernetes' 63 characters: (list $ "suffix"). */}}
 {{- define "instream.nameWith" -}}
-{{- printf "%s-%s" (include "instream.fullname" (index . 0)) (index . 1) | trunc 63 | trimSuffix "-" -}}
+{{- $suffix := index . 1 -}}
+{{- $prefix := include "instream.fullname" (index . 0) | trunc (int (sub 62 (len $suffix))) | trimSuffix "-" -}}
+{{- printf "%s-%s" $prefix $suffix -}}
 {{- end -}}
 
 {{/* Labels of every object (the recommended app.kubernetes.io set). */}}

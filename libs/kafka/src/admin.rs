@@ -218,6 +218,53 @@ impl Probe {
 /// start) restart the process.
 const REFUSED_FOR_BEFORE_FIRST_ANSWER: Duration = Duration::from_secs(15);
 const REFUSED_FOR_AFTER_AN_ANSWER: Duration = Duration::from_secs(300);
+/// librdkafka reports a repeated error once and then at most every 30 s (backing off between
+/// attempts), so rounds with no event after a refusal are the same refusal; a refusal not seen
+/// again for this long has ended (an outage that follows a blip is an outage).
+const REFUSAL_FORGOTTEN_AFTER: Duration = Duration::from_secs(45);
+
+/// Since when, and why, the cluster has refused this client, with no answer since.
+#[derive(Default)]
+struct Refusal {
+    /// (first seen, last seen, cause)
+    current: Option<(std::time::Instant, std::time::Instant, String)>,
+}
+
+impl Refusal {
+    fn answered(&mut self) {
+        self.current = None;
+    }
+
+    fn refused(&mut self, now: std::time::Instant, cause: String) {
+        let since = self.current.as_ref().map_or(now, |c| c.0);
+        self.current = Some((since, now, cause));
+    }
+
+    /// A round with no answer and no refusal: the refusal that still stands, if any.
+    fn unanswered(&mut self, now: std::time::Instant) -> Option<&str> {
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|c| now.duration_since(c.1) >= REFUSAL_FORGOTTEN_AFTER)
+        {
+            self.current = None;
+        }
+        self.current.as_ref().map(|c| c.2.as_str())
+    }
+
+    /// The cause, once refusals have lasted past the patience that applies.
+    fn lasted(&self, now: std::time::Instant, answered_once: bool) -> Option<&str> {
+        let patience = if answered_once {
+            REFUSED_FOR_AFTER_AN_ANSWER
+        } else {
+            REFUSED_FOR_BEFORE_FIRST_ANSWER
+        };
+        self.current
+            .as_ref()
+            .filter(|c| now.duration_since(c.0) >= patience)
+            .map(|c| c.2.as_str())
+    }
+}
 
 /// The raw, enriched, dead-letter and quality-record topics of every pipeline, and the
 /// repartition topics of its aggregations not grouped by the key, with the pipeline's
@@ -254,47 +301,35 @@ pub async fn watch_broker(
         })?;
     let probe = std::sync::Arc::new(probe);
     let mut answered_once = false;
-    // Since when, and why, the cluster has refused this client (no answer since).
-    let mut refused: Option<(std::time::Instant, String)> = None;
+    let mut refused = Refusal::default();
     loop {
         let asking = probe.clone();
         let answer = tokio::task::spawn_blocking(move || {
             asking.metadata(Duration::from_secs(5)).map(|_| ())
         })
         .await;
+        let now = std::time::Instant::now();
         match answer {
             Ok(Ok(())) => {
                 answered_once = true;
-                refused = None;
+                refused.answered();
                 readiness.set_ready();
             }
             Ok(Err(ProbeError::Refused(cause))) => {
                 tracing::error!(%cause, "kafka refused the connection");
                 readiness.set_not_ready(format!("kafka refused the connection: {cause}"));
-                let since = refused
-                    .as_ref()
-                    .map_or_else(std::time::Instant::now, |r| r.0);
-                refused = Some((since, cause));
+                refused.refused(now, cause);
             }
-            // librdkafka reports a repeated error once, and backs off: after a refusal the
-            // next rounds are often just unanswered. The refusal stands until an answer.
-            Ok(Err(ProbeError::Unanswered(cause))) => match &refused {
-                Some((_, refusal)) => {
+            Ok(Err(ProbeError::Unanswered(cause))) => match refused.unanswered(now) {
+                Some(refusal) => {
                     readiness.set_not_ready(format!("kafka refused the connection: {refusal}"))
                 }
                 None => readiness.set_not_ready(format!("kafka unreachable: {cause}")),
             },
             Err(e) => readiness.set_not_ready(format!("kafka probe failed: {e}")),
         }
-        let patience = if answered_once {
-            REFUSED_FOR_AFTER_AN_ANSWER
-        } else {
-            REFUSED_FOR_BEFORE_FIRST_ANSWER
-        };
-        if let Some((since, cause)) = &refused {
-            if since.elapsed() >= patience {
-                return Err(KafkaError::Refused(cause.clone()));
-            }
+        if let Some(cause) = refused.lasted(now, answered_once) {
+            return Err(KafkaError::Refused(cause.to_owned()));
         }
         if shutdown
             .run_until_cancelled(tokio::time::sleep(interval))
@@ -327,5 +362,45 @@ pub async fn keep_pipeline_topics(
             },
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_refusal_stands_through_silent_rounds_but_an_outage_after_a_blip_is_an_outage() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // A wrong password before any answer: refused, then silent rounds, then it lasted.
+        let mut refusal = Refusal::default();
+        refusal.refused(t0, "SASL authentication error".into());
+        assert_eq!(
+            refusal.unanswered(at(10)),
+            Some("SASL authentication error")
+        );
+        assert_eq!(refusal.lasted(at(10), false), None);
+        assert_eq!(
+            refusal.lasted(at(16), false),
+            Some("SASL authentication error")
+        );
+        // After an answer, a blip then a long outage: forgotten, never lasting.
+        let mut blip = Refusal::default();
+        blip.refused(t0, "token fetch failed".into());
+        assert_eq!(blip.unanswered(at(46)), None);
+        assert_eq!(blip.lasted(at(400), true), None);
+        // A refusal seen again and again after an answer stops the process after 5 minutes.
+        let mut rotated = Refusal::default();
+        for s in (0..=300).step_by(30) {
+            rotated.refused(at(s), "SASL authentication error".into());
+        }
+        assert_eq!(
+            rotated.lasted(at(300), true),
+            Some("SASL authentication error")
+        );
+        rotated.answered();
+        assert_eq!(rotated.lasted(at(301), true), None);
     }
 }

@@ -1,4 +1,5 @@
-//! Checks an OpenAPI document against the handlers' sources: every HTTP status the sources
+//! Checks an OpenAPI document against the handlers' sources: every route the router declares
+//! is a documented path (and every documented path a route), every HTTP status the sources
 //! answer with is a documented response, and every error code they give is in the document's
 //! `Failure.error` enum. Reading the sources (not a running server) catches a status or code
 //! that only a rare path returns.
@@ -29,9 +30,30 @@ pub fn undocumented(doc: &str, src: &Path) -> Vec<String> {
         .as_array()
         .map(|codes| codes.iter().filter_map(|c| c.as_str()).collect())
         .unwrap_or_default();
+    let documented_paths: Vec<&str> = doc["paths"]
+        .as_object()
+        .map(|paths| paths.keys().map(String::as_str).collect())
+        .unwrap_or_default();
     let mut missing = Vec::new();
-    for file in std::fs::read_dir(src).into_iter().flatten().flatten() {
-        let text = std::fs::read_to_string(file.path()).unwrap_or_default();
+    let mut routes = Vec::new();
+    for path in rust_files(src) {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        for (at, _) in text.match_indices(".route(") {
+            // `.route("/path", post(handler))`: the path, then the method's function.
+            let Some(rest) = text[at + 7..].trim_start().strip_prefix('"') else {
+                continue;
+            };
+            let Some((route, after)) = rest.split_once('"') else {
+                continue;
+            };
+            let method: String = after
+                .trim_start_matches(|c: char| c == ',' || c.is_whitespace())
+                .trim_start_matches("axum::routing::")
+                .chars()
+                .take_while(|c| c.is_ascii_alphabetic())
+                .collect();
+            routes.push((route.to_owned(), method));
+        }
         let lines: Vec<&str> = text.lines().collect();
         for (at, line) in lines.iter().enumerate() {
             for (start, _) in line.match_indices("StatusCode::") {
@@ -66,9 +88,38 @@ pub fn undocumented(doc: &str, src: &Path) -> Vec<String> {
             }
         }
     }
+    for (route, method) in &routes {
+        if !documented_paths.contains(&route.as_str()) {
+            missing.push(format!("path {route}"));
+        } else if doc["paths"][route.as_str()][method.as_str()].is_null() {
+            missing.push(format!("method {method} of {route}"));
+        }
+    }
+    for path in documented_paths {
+        if !routes.iter().any(|(r, _)| r == path) {
+            missing.push(format!("no route for the documented path {path}"));
+        }
+    }
     missing.sort();
     missing.dedup();
     missing
+}
+
+/// The `.rs` files under `dir`, its subdirectories included.
+fn rust_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    files
 }
 
 /// The snake_case string literals of a line that look like error codes.
@@ -109,18 +160,22 @@ mod tests {
     #[test]
     fn a_status_or_code_the_document_lacks_is_named() {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("api")).unwrap();
         std::fs::write(
-            dir.path().join("handler.rs"),
+            dir.path().join("api/handler.rs"),
             "fn f() { failure(StatusCode::TOO_MANY_REQUESTS, \"rate_limited\", m);\n\
-             refuse(StatusCode::NOT_FOUND,\n    \"unknown_pipeline\", m) }\n",
+             refuse(StatusCode::NOT_FOUND,\n    \"unknown_pipeline\", m) }\n\
+             fn r() { Router::new().route(\"/x\", post(h)).route(\n  \"/y\", get(h)) }\n",
         )
         .unwrap();
-        let doc = r#"{"paths": {"/x": {"post": {"responses": {"404": {}}}}},
+        let doc = r#"{"paths": {"/x": {"get": {"responses": {"404": {}}}}},
             "components": {"schemas": {"Failure": {"properties": {"error": {"enum": ["unknown_pipeline"]}}}}}}"#;
         assert_eq!(
             super::undocumented(doc, dir.path()),
             [
                 "error code `rate_limited`",
+                "method post of /x",
+                "path /y",
                 "status 429 (TOO_MANY_REQUESTS)"
             ]
         );

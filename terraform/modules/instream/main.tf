@@ -6,7 +6,7 @@
 locals {
   chart_path  = coalesce(var.chart_path, "${path.module}/../../../helm/instream")
   namespace   = var.create_namespace ? kubernetes_namespace_v1.instream[0].metadata[0].name : var.namespace
-  secret_name = "${var.release_name}-credentials"
+  secret_name = var.existing_credentials_secret != "" ? var.existing_credentials_secret : "${var.release_name}-credentials"
   secret_dir  = "/var/run/secrets/instream/${local.secret_name}"
   sasl        = startswith(var.kafka.protocol, "sasl_")
   tls         = endswith(var.kafka.protocol, "ssl")
@@ -14,17 +14,18 @@ locals {
   client_cert = var.kafka_client_certificate
 
   secret_files = merge(
-    var.kafka_sasl_password == "" ? {} : { "kafka-sasl-password" = var.kafka_sasl_password },
+    nonsensitive(var.kafka_sasl_password == "") ? {} : { "kafka-sasl-password" = var.kafka_sasl_password },
     var.kafka.ca_pem == "" ? {} : { "kafka-ca.pem" = var.kafka.ca_pem },
-    local.client_cert == null ? {} : {
+    nonsensitive(local.client_cert == null) ? {} : {
       "kafka-client.pem" = local.client_cert.cert_pem
       "kafka-client.key" = local.client_cert.key_pem
     },
-    try(local.client_cert.key_password, "") == "" ? {} : { "kafka-key-password" = local.client_cert.key_password },
-    var.kafka_oauthbearer_client_secret == "" ? {} : { "kafka-oauthbearer-secret" = var.kafka_oauthbearer_client_secret },
-    var.zookeeper_auth == "" ? {} : { "zookeeper-auth" = var.zookeeper_auth },
-    var.redis_password == "" ? {} : { "redis-password" = var.redis_password },
-    var.scylla_password == "" ? {} : { "scylla-password" = var.scylla_password },
+    nonsensitive(try(local.client_cert.key_password, "") == "") ? {} : { "kafka-key-password" = local.client_cert.key_password },
+    nonsensitive(var.kafka_oauthbearer_client_secret == "") ? {} : { "kafka-oauthbearer-secret" = var.kafka_oauthbearer_client_secret },
+    nonsensitive(var.zookeeper_auth == "") ? {} : { "zookeeper-auth" = var.zookeeper_auth },
+    nonsensitive(var.redis_password == "") ? {} : { "redis-password" = var.redis_password },
+    nonsensitive(var.redis_sentinel_password == "") ? {} : { "redis-sentinel-password" = var.redis_sentinel_password },
+    nonsensitive(var.scylla_password == "") ? {} : { "scylla-password" = var.scylla_password },
     var.scylla_ca_pem == "" ? {} : { "scylla-ca.pem" = var.scylla_ca_pem },
   )
 
@@ -32,7 +33,7 @@ locals {
     { "security.protocol" = var.kafka.protocol },
     local.sasl ? { "sasl.mechanism" = var.kafka.sasl_mechanism, "sasl.username" = var.kafka.sasl_username } : {},
     local.tls && var.kafka.ca_pem != "" ? { "ssl.ca.location" = "${local.secret_dir}/kafka-ca.pem" } : {},
-    local.client_cert == null ? {} : {
+    nonsensitive(local.client_cert == null) ? {} : {
       "ssl.certificate.location" = "${local.secret_dir}/kafka-client.pem"
       "ssl.key.location"         = "${local.secret_dir}/kafka-client.key"
     },
@@ -47,13 +48,13 @@ locals {
         replication_factor = var.kafka.replication_factor
         properties         = local.kafka_properties
       },
-      var.kafka_sasl_password == "" ? {} : { sasl_password_file = "${local.secret_dir}/kafka-sasl-password" },
-      try(local.client_cert.key_password, "") == "" ? {} : { ssl_key_password_file = "${local.secret_dir}/kafka-key-password" },
-      var.kafka_oauthbearer_client_secret == "" ? {} : { sasl_oauthbearer_client_secret_file = "${local.secret_dir}/kafka-oauthbearer-secret" },
+      nonsensitive(var.kafka_sasl_password == "") ? {} : { sasl_password_file = "${local.secret_dir}/kafka-sasl-password" },
+      nonsensitive(try(local.client_cert.key_password, "") == "") ? {} : { ssl_key_password_file = "${local.secret_dir}/kafka-key-password" },
+      nonsensitive(var.kafka_oauthbearer_client_secret == "") ? {} : { sasl_oauthbearer_client_secret_file = "${local.secret_dir}/kafka-oauthbearer-secret" },
     )
     zookeeper = merge(
       { connect = var.zookeeper_connect, root = var.zookeeper_root },
-      var.zookeeper_auth == "" ? {} : { auth_file = "${local.secret_dir}/zookeeper-auth" },
+      nonsensitive(var.zookeeper_auth == "") ? {} : { auth_file = "${local.secret_dir}/zookeeper-auth" },
     )
     definitions = { source = "zookeeper" }
     refdata = merge(
@@ -64,7 +65,8 @@ locals {
         redis_nodes     = var.redis.nodes
         sentinel_master = var.redis.sentinel_name
       },
-      var.redis_password == "" ? {} : { redis_password_file = "${local.secret_dir}/redis-password" },
+      nonsensitive(var.redis_password == "") ? {} : { redis_password_file = "${local.secret_dir}/redis-password" },
+      nonsensitive(var.redis_sentinel_password == "") ? {} : { sentinel_password_file = "${local.secret_dir}/redis-sentinel-password" },
     )
     store = merge(
       {
@@ -120,6 +122,7 @@ resource "kubernetes_namespace_v1" "instream" {
 }
 
 resource "kubernetes_secret_v1" "credentials" {
+  count = var.existing_credentials_secret == "" ? 1 : 0
   metadata {
     name      = local.secret_name
     namespace = local.namespace
@@ -128,17 +131,23 @@ resource "kubernetes_secret_v1" "credentials" {
 }
 
 resource "helm_release" "instream" {
-  name      = var.release_name
-  namespace = local.namespace
-  chart     = local.chart_path
+  name       = var.release_name
+  namespace  = local.namespace
+  chart      = local.chart_path
+  depends_on = [kubernetes_secret_v1.credentials]
+
   # The hook Job (schema, definitions) must finish for the release to succeed.
   wait    = true
   timeout = 900
 
   lifecycle {
     precondition {
-      condition     = var.scylla.username == "" || var.scylla_password != ""
+      condition     = var.scylla.username == "" || nonsensitive(var.scylla_password != "")
       error_message = "scylla.username needs scylla_password."
+    }
+    precondition {
+      condition     = !(var.create_namespace && var.existing_credentials_secret != "")
+      error_message = "existing_credentials_secret must already be in the namespace, which create_namespace would make."
     }
   }
 
@@ -150,7 +159,7 @@ resource "helm_release" "instream" {
       digest     = var.image.digest
     }
     config      = local.config
-    secretFiles = [{ secret = kubernetes_secret_v1.credentials.metadata[0].name }]
+    secretFiles = [{ secret = local.secret_name }]
     pipelines   = var.pipelines
     schemaJob   = { enabled = true }
     services    = local.services

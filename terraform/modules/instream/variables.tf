@@ -31,6 +31,12 @@ variable "image" {
   })
 }
 
+variable "existing_credentials_secret" {
+  description = "A Secret made outside Terraform holding the credentials as files (keys: kafka-sasl-password, kafka-ca.pem, kafka-client.pem, kafka-client.key, kafka-key-password, kafka-oauthbearer-secret, zookeeper-auth, redis-password, scylla-password, scylla-ca.pem — those the other variables say are used); the password variables then only say which are used (any non-empty value). Empty: the module makes the Secret from the variables, and their values are in the Terraform state."
+  type        = string
+  default     = ""
+}
+
 variable "kafka" {
   description = "The Kafka cluster and how to reach it. protocol: plaintext, ssl, sasl_plaintext or sasl_ssl; sasl_mechanism: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 (with sasl_username and the sasl_password variable); ca_pem: the brokers' CA when it is not a public one."
   type = object({
@@ -103,6 +109,13 @@ variable "redis" {
 
 variable "redis_password" {
   description = "Redis password (refdata.redis_password); empty for none."
+  type        = string
+  default     = ""
+  sensitive   = true
+}
+
+variable "redis_sentinel_password" {
+  description = "Sentinel mode: the sentinels' password when it differs from redis_password (refdata.sentinel_password); empty: redis_password."
   type        = string
   default     = ""
   sensitive   = true

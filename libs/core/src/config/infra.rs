@@ -240,9 +240,38 @@ impl Default for KafkaConfig {
 
 /// librdkafka properties by name. `{:?}` masks the values of secret-looking names (passwords,
 /// keys, tokens), as `check-config` does.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, JsonSchema)]
 #[serde(transparent)]
 pub struct Properties(pub BTreeMap<String, String>);
+
+/// Values may be written as numbers or booleans (`"linger.ms" = 5`, as YAML and Terraform
+/// write them): librdkafka takes every value as text.
+impl<'de> Deserialize<'de> for Properties {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Scalar {
+            Text(String),
+            Integer(i64),
+            Number(f64),
+            Flag(bool),
+        }
+        let map = BTreeMap::<String, Scalar>::deserialize(deserializer)?;
+        Ok(Properties(
+            map.into_iter()
+                .map(|(k, v)| {
+                    let text = match v {
+                        Scalar::Text(t) => t,
+                        Scalar::Integer(i) => i.to_string(),
+                        Scalar::Number(n) => n.to_string(),
+                        Scalar::Flag(b) => b.to_string(),
+                    };
+                    (k, text)
+                })
+                .collect(),
+        ))
+    }
+}
 
 impl std::ops::Deref for Properties {
     type Target = BTreeMap<String, String>;
@@ -273,6 +302,7 @@ impl Properties {
         let n = name.to_lowercase();
         [
             "password",
+            "passphrase",
             "secret",
             "jaas",
             "key.pem",
@@ -598,8 +628,8 @@ pub struct RefDataConfig {
     pub redis_password: Option<Secret>,
     /// A file holding `redis_password`, read at start.
     pub redis_password_file: Option<PathBuf>,
-    /// `sentinel` mode: the sentinels' password when they ask for one (`requirepass` on the
-    /// sentinels), for sentinel URLs that give none; `redis_password` is the data nodes'.
+    /// `sentinel` mode: the sentinels' password (`requirepass` on the sentinels), for
+    /// sentinel URLs that give none. Unset: `redis_password`, as most deployments share one.
     pub sentinel_password: Option<Secret>,
     /// A file holding `sentinel_password`, read at start.
     pub sentinel_password_file: Option<PathBuf>,

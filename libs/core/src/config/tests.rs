@@ -429,3 +429,25 @@ fn the_secret_keys_list_names_every_secret_slot() {
     });
     assert_eq!(keys, super::secret::SECRET_KEYS);
 }
+
+#[test]
+fn kafka_property_values_may_be_numbers_or_booleans() {
+    let config = Config::from_toml(
+        "[kafka.producer]\n\"linger.ms\" = 5\n\"enable.ssl.certificate.verification\" = true\n\
+         \"sasl.oauthbearer.assertion.private.key.passphrase\" = \"hush\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        config.kafka.producer.get("linger.ms").map(String::as_str),
+        Some("5")
+    );
+    assert_eq!(
+        config
+            .kafka
+            .producer
+            .get("enable.ssl.certificate.verification")
+            .map(String::as_str),
+        Some("true")
+    );
+    assert!(!format!("{:?}", config.kafka).contains("hush"));
+}
