@@ -226,6 +226,38 @@ impl RedisRefStore {
     ) -> Result<Option<redis::aio::MultiplexedConnection>, RefDataError> {
         self.link.master().await
     }
+    /// Loads `path` as a new version of `rule` of `pipeline` (see [`crate::load::load_file`])
+    /// through the connection this deployment takes writes on: the one server, the master the
+    /// sentinels name now, or the cluster (each record to its slot's node).
+    pub async fn load_file(
+        &self,
+        pipeline: &str,
+        rule: &instream_pipeline::EnrichmentRule,
+        key_fields: &[String],
+        path: &std::path::Path,
+        progress: &instream_core::Progress,
+    ) -> Result<crate::load::LoadReport, crate::load::LoadError> {
+        use crate::load::{load_file, load_file_to_cluster, LoadError};
+        let timeout = self.timeout;
+        if let Some(server) = self.connection() {
+            return load_file(server, timeout, pipeline, rule, key_fields, path, progress).await;
+        }
+        let master = self.master_connection().await.map_err(|e| {
+            LoadError::Redis(format!("finding the master through the sentinels: {e}"))
+        })?;
+        if let Some(master) = master {
+            return load_file(master, timeout, pipeline, rule, key_fields, path, progress).await;
+        }
+        match self.cluster_connection() {
+            Some(cluster) => {
+                load_file_to_cluster(cluster, timeout, pipeline, rule, key_fields, path, progress)
+                    .await
+            }
+            None => Err(LoadError::Spec(
+                "this store's refdata.redis_mode has no connection to write to".into(),
+            )),
+        }
+    }
 }
 
 fn text(v: &Value) -> Option<String> {

@@ -484,48 +484,10 @@ pub async fn refdata(command: RefdataCommand) -> anyhow::Result<()> {
         .await
         .context("connecting to Redis")?;
     let started = std::time::Instant::now();
-    let timeout = config.refdata.timeout;
     let progress = instream_core::Progress::on_stderr("refdata load", "records", None);
-    let report = if let Some(server) = store.connection() {
-        instream_refdata::load::load_file(
-            server,
-            timeout,
-            &pipeline,
-            rule_def,
-            &key_fields,
-            &file,
-            &progress,
-        )
-        .await?
-    } else if let Some(master) = store
-        .master_connection()
-        .await
-        .context("finding the master through the sentinels")?
-    {
-        instream_refdata::load::load_file(
-            master,
-            timeout,
-            &pipeline,
-            rule_def,
-            &key_fields,
-            &file,
-            &progress,
-        )
-        .await?
-    } else if let Some(cluster) = store.cluster_connection() {
-        instream_refdata::load::load_file_to_cluster(
-            cluster,
-            timeout,
-            &pipeline,
-            rule_def,
-            &key_fields,
-            &file,
-            &progress,
-        )
-        .await?
-    } else {
-        bail!("refdata load: this store's refdata.redis_mode has no connection to write to");
-    };
+    let report = store
+        .load_file(&pipeline, rule_def, &key_fields, &file, &progress)
+        .await?;
     progress.finish();
     let took = started.elapsed();
     match output.output {
