@@ -327,7 +327,7 @@ def test_scaling_disruption_monitoring_and_network_objects():
     panels = json.loads(dashboard["data"]["instream.json"])["panels"]
     titles = " ".join(p["title"] for p in panels).lower()
     for topic in ["throughput", "lag", "dead letters", "records lost", "window close",
-                  "hit ratio", "latency"]:
+                  "hit ratio", "latency", "idle partitions"]:
         assert topic in titles, f"the dashboard has no {topic} panel"
 
 

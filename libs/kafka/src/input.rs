@@ -60,6 +60,48 @@ impl<'a> Input<'a> {
             .resume(&list(partitions))
             .map_err(KafkaError::Consume)
     }
+
+    /// The assigned partitions this consumer has received every record of, as far as the
+    /// broker's last fetch answers tell (no request is made): the position (past any
+    /// transaction markers) has reached the partition's end. A partition nothing was
+    /// received from since its assignment has no position and is not listed.
+    pub fn read_to_end(&self) -> HashSet<(String, i32)> {
+        let Ok(positions) = self.consumer.position() else {
+            return HashSet::new();
+        };
+        positions
+            .elements()
+            .into_iter()
+            .filter_map(|e| {
+                let rdkafka::Offset::Offset(position) = e.offset() else {
+                    return None;
+                };
+                let high = self.known_end(e.topic(), e.partition())?;
+                (position >= high).then(|| (e.topic().to_owned(), e.partition()))
+            })
+            .collect()
+    }
+
+    /// The end of a partition as the broker's last fetch answer gave it (`None`: no answer
+    /// yet); no request is made.
+    pub fn known_end(&self, topic: &str, partition: i32) -> Option<i64> {
+        let topic = std::ffi::CString::new(topic).ok()?;
+        let (mut low, mut high) = (-1i64, -1i64);
+        // SAFETY: the consumer's handle is alive for the call; librdkafka reads `topic` (a
+        // valid C string) and writes the two offsets from its cache without keeping either
+        // pointer. rust-rdkafka does not wrap this cached read.
+        let error = unsafe {
+            rdkafka::bindings::rd_kafka_get_watermark_offsets(
+                self.consumer.client().native_ptr(),
+                topic.as_ptr(),
+                partition,
+                &mut low,
+                &mut high,
+            )
+        };
+        (error == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+            .then_some(high)
+    }
 }
 
 fn list(partitions: &[(String, i32)]) -> TopicPartitionList {

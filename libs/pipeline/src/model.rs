@@ -33,6 +33,17 @@ pub struct PipelineDefinition {
     /// `future_time` instead.
     #[serde(default = "default_time_ahead", with = "humantime_serde")]
     pub max_time_ahead: Duration,
+    /// A partition the aggregator has read to its end and that brought nothing new for this
+    /// long is idle: its watermark moves on from its newest event time by the time that
+    /// passed since (never past the wall clock), so the windows of a stream that went quiet
+    /// close and their final values are written. Absent: a quiet partition's windows wait
+    /// for its next event.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    pub idle_timeout: Option<Duration>,
     /// Fields every event must have (besides the key and time fields).
     #[serde(default)]
     pub required_fields: Vec<FieldPath>,
@@ -154,6 +165,23 @@ pub struct Aggregation {
     /// Only events this filter accepts are aggregated (all when absent).
     #[serde(default)]
     pub filter: Option<Filter>,
+    /// Which values of a window are written: `early` (values while it is open, then the
+    /// final one) or `final` (only the final one, once the watermark passed its end plus the
+    /// allowed lateness).
+    #[serde(default)]
+    pub emit: Emit,
+}
+
+/// When an aggregation's windows are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Emit {
+    /// While open (every `aggregator.early_results_every`), when the watermark passes the
+    /// window's end, for each late event, and once more when it is final.
+    #[default]
+    Early,
+    /// Once, when final: the watermark passed its end plus the allowed lateness.
+    Final,
 }
 
 impl Aggregation {

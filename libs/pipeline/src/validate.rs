@@ -75,6 +75,16 @@ impl PipelineDefinition {
                 "must be between 1s and 7 days".into(),
             );
         }
+        if let Some(idle) = self.idle_timeout {
+            if idle < Duration::from_secs(1) || idle > Duration::from_secs(7 * 24 * 3600) {
+                problem(
+                    "idle_timeout".into(),
+                    "must be between 1s and 7 days (leave it out for windows that wait for \
+                     the next event)"
+                        .into(),
+                );
+            }
+        }
         let mut names = BTreeSet::new();
         for (i, rule) in self.enrichments.iter().enumerate() {
             if rule.name.is_empty() || !names.insert(rule.name.as_str()) {
@@ -445,6 +455,45 @@ window = { kind = "tumbling", size = "1m" }
         .unwrap_err()
         .to_string();
         assert!(err.contains("pipeline `p`"), "{err}");
+    }
+
+    #[test]
+    fn idle_timeout_and_emit_are_read_and_checked() {
+        use crate::model::Emit;
+        let doc =
+            parse_document(&GOOD.replace("window = { kind", "emit = \"final\"\nwindow = { kind"))
+                .unwrap();
+        assert_eq!(doc.pipelines[0].aggregations[0].emit, Emit::Final);
+        assert_eq!(doc.pipelines[0].idle_timeout, None);
+        let with_idle = |idle: &str| {
+            GOOD.replacen(
+                "name = \"orders\"",
+                &format!("name = \"orders\"\nidle_timeout = \"{idle}\""),
+                1,
+            )
+        };
+        let doc = parse_document(&with_idle("30s")).unwrap();
+        assert_eq!(
+            doc.pipelines[0].idle_timeout,
+            Some(std::time::Duration::from_secs(30))
+        );
+        assert_eq!(doc.pipelines[0].aggregations[0].emit, Emit::Early);
+        for idle in ["10ms", "8d"] {
+            let err = parse_document(&with_idle(idle)).unwrap_err().to_string();
+            assert!(
+                err.contains("idle_timeout: must be between"),
+                "{idle}: {err}"
+            );
+        }
+        let err = parse_document(
+            &GOOD.replace("window = { kind", "emit = \"sometimes\"\nwindow = { kind"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("pipeline `orders`") && err.contains("unknown variant `sometimes`"),
+            "{err}"
+        );
     }
 
     #[test]

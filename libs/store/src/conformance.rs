@@ -16,6 +16,7 @@ fn window(pipeline: &str, key: &str, start: i64, count: i64) -> WindowAggregate 
             .as_object()
             .cloned()
             .unwrap_or_default(),
+        is_final: false,
     }
 }
 
@@ -67,7 +68,23 @@ pub async fn run(store: &dyn AggregateStore, pipeline: &str) {
         .query(&query(pipeline, "a", t0, t0 + 1, 10))
         .await
         .unwrap();
-    assert_eq!(got, vec![again]);
+    assert_eq!(got, vec![again.clone()]);
+
+    // A window written once more as final says so; one written open again does not.
+    let mut fin = again.clone();
+    fin.is_final = true;
+    store.upsert(&[fin.clone()]).await.unwrap();
+    let got = store
+        .query(&query(pipeline, "a", t0, t0 + 1, 10))
+        .await
+        .unwrap();
+    assert_eq!(got, vec![fin], "the final flag is kept");
+    store.upsert(&[again.clone()]).await.unwrap();
+    let got = store
+        .query(&query(pipeline, "a", t0, t0 + 1, 10))
+        .await
+        .unwrap();
+    assert_eq!(got, vec![again], "and replaced like every value");
 
     let got = store
         .query(&query(pipeline, "b", t0, t0 + 5 * 60_000, 10))

@@ -38,6 +38,10 @@ pub struct WindowAggregate {
     pub count: i64,
     /// The aggregation's other functions, by output name (`sum_price`, `quantiles_price`, …).
     pub values: serde_json::Map<String, serde_json::Value>,
+    /// The watermark has passed the window's end plus its allowed lateness: this value will
+    /// not change again. Rows written before windows carried it read as `false`.
+    #[serde(rename = "final")]
+    pub is_final: bool,
 }
 
 /// Windows of one group whose start lies in `[from, to)`, oldest first, at most `limit`.

@@ -13,6 +13,9 @@ type WindowKey<'a> = (&'a str, &'a str, &'a str, i64);
 /// (window end, definition version, count, other values as a JSON object).
 type WindowRow<'a> = (i64, i64, i64, &'a str);
 const WINDOWS: TableDefinition<WindowKey, WindowRow> = TableDefinition::new("window_aggregates");
+/// The final windows of `WINDOWS` (a table of its own, so that files written before windows
+/// carried the flag open unchanged).
+const FINAL: TableDefinition<WindowKey, ()> = TableDefinition::new("final_windows");
 /// (consumer group, topic, partition) -> (next offset, state).
 const CHECKPOINTS: TableDefinition<(&str, &str, i32), (i64, &[u8])> =
     TableDefinition::new("aggregator_checkpoints");
@@ -40,6 +43,7 @@ impl LocalStore {
         // Create both tables up front, so that reads of an empty store find them.
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(WINDOWS).map_err(unavailable)?;
+        txn.open_table(FINAL).map_err(unavailable)?;
         txn.open_table(CHECKPOINTS).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
         Ok(LocalStore { db: Arc::new(db) })
@@ -64,19 +68,26 @@ impl AggregateStore for LocalStore {
             let txn = db.begin_write().map_err(unavailable)?;
             {
                 let mut table = txn.open_table(WINDOWS).map_err(unavailable)?;
+                let mut finals = txn.open_table(FINAL).map_err(unavailable)?;
                 for r in &rows {
                     let values = serde_json::Value::Object(r.values.clone()).to_string();
+                    let key = (
+                        r.pipeline.as_str(),
+                        r.aggregation.as_str(),
+                        r.group_key.as_str(),
+                        r.window_start,
+                    );
                     table
                         .insert(
-                            (
-                                r.pipeline.as_str(),
-                                r.aggregation.as_str(),
-                                r.group_key.as_str(),
-                                r.window_start,
-                            ),
+                            key,
                             (r.window_end, r.definition_version, r.count, values.as_str()),
                         )
                         .map_err(unavailable)?;
+                    if r.is_final {
+                        finals.insert(key, ()).map_err(unavailable)?;
+                    } else {
+                        finals.remove(key).map_err(unavailable)?;
+                    }
                 }
             }
             txn.commit().map_err(unavailable)
@@ -90,15 +101,16 @@ impl AggregateStore for LocalStore {
             let txn = db.begin_write().map_err(unavailable)?;
             {
                 let mut table = txn.open_table(WINDOWS).map_err(unavailable)?;
+                let mut finals = txn.open_table(FINAL).map_err(unavailable)?;
                 for r in &rows {
-                    table
-                        .remove((
-                            r.pipeline.as_str(),
-                            r.aggregation.as_str(),
-                            r.group_key.as_str(),
-                            r.window_start,
-                        ))
-                        .map_err(unavailable)?;
+                    let key = (
+                        r.pipeline.as_str(),
+                        r.aggregation.as_str(),
+                        r.group_key.as_str(),
+                        r.window_start,
+                    );
+                    table.remove(key).map_err(unavailable)?;
+                    finals.remove(key).map_err(unavailable)?;
                 }
             }
             txn.commit().map_err(unavailable)
@@ -114,6 +126,7 @@ impl AggregateStore for LocalStore {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let table = txn.open_table(WINDOWS).map_err(unavailable)?;
+            let finals = txn.open_table(FINAL).map_err(unavailable)?;
             let lo = (
                 q.pipeline.as_str(),
                 q.aggregation.as_str(),
@@ -132,6 +145,15 @@ impl AggregateStore for LocalStore {
                 let (_, _, _, window_start) = k.value();
                 let (window_end, definition_version, count, values) = v.value();
                 let values = serde_json::from_str(values).unwrap_or_default();
+                let is_final = finals
+                    .get((
+                        q.pipeline.as_str(),
+                        q.aggregation.as_str(),
+                        q.group_key.as_str(),
+                        window_start,
+                    ))
+                    .map_err(unavailable)?
+                    .is_some();
                 out.push(WindowAggregate {
                     pipeline: q.pipeline.clone(),
                     aggregation: q.aggregation.clone(),
@@ -141,6 +163,7 @@ impl AggregateStore for LocalStore {
                     definition_version,
                     count,
                     values,
+                    is_final,
                 });
             }
             Ok(out)

@@ -57,6 +57,7 @@ type UpsertRow<'a> = (
     i64,
     i64,
     String,
+    bool,
 );
 
 fn upsert_row(r: &WindowAggregate) -> UpsertRow<'_> {
@@ -69,6 +70,7 @@ fn upsert_row(r: &WindowAggregate) -> UpsertRow<'_> {
         r.definition_version,
         r.count,
         serde_json::Value::Object(r.values.clone()).to_string(),
+        r.is_final,
     )
 }
 
@@ -181,16 +183,18 @@ impl ScyllaStore {
                 .await
                 .map_err(|e| StoreError::Rejected(e.to_string()))?;
         }
-        // Tables made before windows carried `values_json` lack it; adding a column that
-        // exists fails, which is the usual case and fine.
-        if let Err(e) = session
-            .query_unpaged(
-                format!("ALTER TABLE {ks}.window_aggregates ADD values_json text"),
-                &[],
-            )
-            .await
-        {
-            tracing::debug!(error = %e, "values_json column already there");
+        // Tables made before windows carried `values_json` (or `is_final`) lack it; adding
+        // a column that exists fails, which is the usual case and fine.
+        for column in ["values_json text", "is_final boolean"] {
+            if let Err(e) = session
+                .query_unpaged(
+                    format!("ALTER TABLE {ks}.window_aggregates ADD {column}"),
+                    &[],
+                )
+                .await
+            {
+                tracing::debug!(error = %e, column, "column already there");
+            }
         }
         session
             .await_schema_agreement()
@@ -199,8 +203,8 @@ impl ScyllaStore {
         let mut upsert = session
             .prepare(format!(
                 "INSERT INTO {ks}.window_aggregates (pipeline, aggregation, group_key, \
-                 window_start, window_end, definition_version, count, values_json) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                 window_start, window_end, definition_version, count, values_json, is_final) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
             ))
             .await
             .map_err(|e| StoreError::Rejected(e.to_string()))?;
@@ -212,7 +216,7 @@ impl ScyllaStore {
         let mut select = session
             .prepare(format!(
                 "SELECT pipeline, aggregation, group_key, window_start, window_end, \
-                 definition_version, count, values_json FROM {ks}.window_aggregates WHERE pipeline = ? AND \
+                 definition_version, count, values_json, is_final FROM {ks}.window_aggregates WHERE pipeline = ? AND \
                  aggregation = ? AND group_key = ? AND window_start >= ? AND window_start < ? \
                  LIMIT ?"
             ))
@@ -269,6 +273,7 @@ pub fn schema(cfg: &StoreConfig) -> Vec<String> {
             "CREATE TABLE IF NOT EXISTS {ks}.window_aggregates (\
              pipeline text, aggregation text, group_key text, window_start timestamp, \
              window_end timestamp, definition_version bigint, count bigint, values_json text, \
+             is_final boolean, \
              PRIMARY KEY ((pipeline, aggregation, group_key), window_start)) \
              WITH CLUSTERING ORDER BY (window_start ASC) AND default_time_to_live = {}",
             cfg.ttl.as_secs()
@@ -344,11 +349,12 @@ impl AggregateStore for ScyllaStore {
                 i64,
                 i64,
                 Option<String>,
+                Option<bool>,
             )>()
             .map_err(unavailable)?;
         typed
             .map(|row| {
-                let (pipeline, aggregation, group_key, start, end, version, count, values) =
+                let (pipeline, aggregation, group_key, start, end, version, count, values, fin) =
                     row.map_err(unavailable)?;
                 let values = values
                     .and_then(|v| serde_json::from_str(&v).ok())
@@ -362,6 +368,7 @@ impl AggregateStore for ScyllaStore {
                     definition_version: version,
                     count,
                     values,
+                    is_final: fin.unwrap_or(false),
                 })
             })
             .collect()
@@ -428,6 +435,7 @@ mod tests {
             definition_version: 1,
             count: 1,
             values: Default::default(),
+            is_final: false,
         }
     }
 

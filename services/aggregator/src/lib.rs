@@ -22,6 +22,7 @@
 //! `aggregator.early_results_every` unless that is zero.
 
 mod functions;
+mod idle;
 mod partitions;
 mod payload;
 mod repartition;
@@ -85,6 +86,7 @@ struct Aggregator {
     partitions: Partitions,
     hold_back: repartition::HoldBack,
     pending: Pending,
+    upstream: idle::Upstream,
     last_flush: Instant,
     last_early: Instant,
     shutdown: CancellationToken,
@@ -123,6 +125,7 @@ pub async fn run_with_store(
         },
         hold_back: repartition::HoldBack::default(),
         pending: Pending::new(),
+        upstream: idle::Upstream::default(),
         last_flush: Instant::now(),
         last_early: Instant::now(),
         shutdown: ctx.shutdown.clone(),
@@ -201,11 +204,26 @@ impl Hooks for Aggregator {
         batch: &mut Vec<Record>,
     ) -> Result<Processed, AggregatorError> {
         let mut processed = Processed::Kept;
+        let mut heard: Vec<(String, i32)> = Vec::new();
+        for record in batch.iter() {
+            if !heard
+                .iter()
+                .any(|(t, p)| *p == record.partition && *t == record.topic)
+            {
+                heard.push((record.topic.clone(), record.partition));
+            }
+        }
         for record in batch.drain(..) {
             if let Flow::Stop = self.aggregate(catalog, record).await? {
                 // Stopping while the store was away: the rest is read again after a restart.
                 processed = Processed::Interrupted;
                 break;
+            }
+        }
+        let now = instream_event::now_millis();
+        for source in &heard {
+            if let Some(state) = self.partitions.states.get_mut(source) {
+                state.heard_from(now);
             }
         }
         // The batch's dead letters and forwarded events are on the broker before its records
@@ -236,6 +254,14 @@ impl Hooks for Aggregator {
         if self.partitions.early {
             self.last_early = Instant::now();
         }
+        idle::advance(
+            &mut self.partitions,
+            input,
+            catalog,
+            &self.kafka,
+            &mut self.upstream,
+        )
+        .await?;
         let stop = self.shutdown.clone();
         let durable = self.flush(input, catalog, &stop).await?;
         self.last_flush = Instant::now();

@@ -378,6 +378,7 @@ fn reference(records: &[Record], def: &PipelineDefinition) -> Store {
                 definition_version: 1,
                 count: events.len() as i64,
                 values,
+                is_final: false,
             },
         );
     }

@@ -441,6 +441,7 @@ pub async fn query(
                         w.count.to_string(),
                         serde_json::Value::Object(w.values.clone()).to_string(),
                         w.definition_version.to_string(),
+                        if w.is_final { "yes" } else { "no" }.to_owned(),
                     ]
                 })
                 .collect();
@@ -451,6 +452,7 @@ pub async fn query(
                     "COUNT",
                     "VALUES",
                     "DEFINITION",
+                    "FINAL",
                 ],
                 &rows,
             ))

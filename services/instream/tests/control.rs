@@ -255,6 +255,7 @@ async fn status_topics_and_query_show_the_running_platform() {
             definition_version: 1,
             count,
             values: Default::default(),
+            is_final: false,
         };
         store
             .upsert(&[window(1_714_564_800_000, 3), window(1_714_564_860_000, 5)])

@@ -234,6 +234,9 @@ struct Window {
     count: i64,
     values: serde_json::Map<String, serde_json::Value>,
     definition_version: i64,
+    /// The watermark passed the window's end plus its allowed lateness: it will not change.
+    #[serde(rename = "final")]
+    is_final: bool,
 }
 
 #[derive(Serialize)]
@@ -499,6 +502,7 @@ async fn answer(
             count: w.count,
             values: w.values,
             definition_version: w.definition_version,
+            is_final: w.is_final,
         })
         .collect();
     Ok(Page {

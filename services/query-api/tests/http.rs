@@ -38,6 +38,7 @@ async fn start_with(
                 .as_object()
                 .cloned()
                 .unwrap_or_default(),
+            is_final: false,
         })
         .chain(std::iter::once(WindowAggregate {
             pipeline: "orders".into(),
@@ -48,6 +49,7 @@ async fn start_with(
             definition_version: 1,
             count: 7,
             values: Default::default(),
+            is_final: false,
         }))
         .collect();
     store.upsert(&rows).await.map_err(|e| e.to_string())?;

@@ -324,7 +324,9 @@ pub struct AggregatorConfig {
     /// slowest enriched partition still sending, so one restarting instance does not make
     /// its partitions' events late; a partition silent for this long stops holding it back.
     /// Exact through a restart shorter than this; windows fed by a partition that went quiet
-    /// close this much later.
+    /// close this much later. An enriched partition that has not sent anything yet holds it
+    /// back this long from the first event. Not the pipeline's `idle_timeout`, which lets
+    /// the windows of a partition that is read to its end and quiet close.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     pub repartition_idle_timeout: Duration,

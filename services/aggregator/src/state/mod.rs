@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use instream_event::Event;
-use instream_pipeline::PipelineDefinition;
+use instream_pipeline::{Emit, PipelineDefinition};
 use instream_store::WindowAggregate;
 use serde::{Deserialize, Serialize};
 
@@ -160,6 +160,12 @@ pub struct PartitionState {
     changed: bool,
     /// When windows closed, for the close-to-store delay (not checkpointed).
     clock: close_clock::CloseClock,
+    /// Since when (wall-clock ms) the partition brought nothing new, and its event-time
+    /// progress then: what an idle watermark moves on from. Not checkpointed: after a restart
+    /// the quiet time counts from the restore, so nothing closes earlier than it would have.
+    quiet: Option<(i64, i64)>,
+    /// The watermark moved on because the partition is idle (not checkpointed).
+    idle: bool,
     /// Restored from a checkpoint older than format 5: its windows' group keys of several
     /// fields are still joined with `|`, to be written as JSON arrays once the definition is
     /// at hand (see [`PartitionState::upgrade_group_keys`]).
@@ -185,6 +191,8 @@ impl Default for PartitionState {
             deletes: Vec::new(),
             changed: false,
             clock: Default::default(),
+            quiet: None,
+            idle: false,
             legacy_group_keys: false,
         }
     }
@@ -373,7 +381,7 @@ impl PartitionState {
         );
         let progress = match (scope, origin) {
             (Scope::Repartitioned { idle_timeout, .. }, Some((partition, _))) => {
-                self.origin_progress(partition, time, idle_timeout)
+                self.origin_progress(partition, time, idle_timeout, def.partitions)
             }
             _ => time,
         };
@@ -389,13 +397,82 @@ impl PartitionState {
         }
     }
 
+    /// Records of this partition arrived at wall-clock `now`: it is not quiet.
+    pub fn heard_from(&mut self, now: i64) {
+        self.quiet = Some((now, self.newest_event_time()));
+        self.idle = false;
+    }
+
+    /// Whether the watermark moved on because the partition is idle, and nothing came since.
+    pub fn is_idle(&self) -> bool {
+        self.idle
+    }
+
+    /// The newest event time read: a repartition partition's watermark may be held back
+    /// below it by a slower origin.
+    fn newest_event_time(&self) -> i64 {
+        self.origin_times
+            .values()
+            .map(|(t, _)| *t)
+            .fold(self.max_event_time, i64::max)
+    }
+
+    /// Whether the partition has been quiet for `idle` (read to its end or not).
+    pub fn idle_due(&self, now: i64, idle: Duration) -> bool {
+        self.quiet.is_some_and(|(since, from)| {
+            from != i64::MIN && now.saturating_sub(since) >= idle.as_millis() as i64
+        })
+    }
+
+    /// A partition that is read to its end (`read_to_end`) and brought nothing for `idle` is
+    /// idle: its event-time progress moves on from where it was when it went quiet by the
+    /// time that passed since — never past `now`, the ingest time any new event would get,
+    /// and never to the wall clock from a replay of old events. Then its windows close as if
+    /// the stream had gone on. Returns whether the watermark moved.
+    pub fn advance_idle(&mut self, now: i64, idle: Duration, read_to_end: bool) -> bool {
+        let Some((since, from)) = self.quiet.filter(|_| read_to_end) else {
+            // Not read to its end (a backlog, a paused fetch): not quiet, whatever the time
+            // since its last record says.
+            self.quiet = Some((now, self.newest_event_time()));
+            return false;
+        };
+        let quiet_ms = now.saturating_sub(since);
+        if from == i64::MIN || quiet_ms < idle.as_millis() as i64 {
+            return false;
+        }
+        let target = from.saturating_add(quiet_ms).min(now);
+        if target <= self.max_event_time {
+            return false;
+        }
+        self.max_event_time = target;
+        self.changed = true;
+        self.idle = true;
+        self.clock.advanced(target, now);
+        true
+    }
+
     /// A repartition partition merges the events of every enriched partition, which do not
     /// progress together (one may be restarting while the others race on): its watermark
     /// follows the slowest origin still sending, so that an origin's events are late only
     /// against its own progress, as in one clean pass. An origin silent for `idle_timeout`
     /// stops holding it back. Returns the time the watermark may follow.
-    fn origin_progress(&mut self, origin: i32, event_time: i64, idle_timeout: Duration) -> i64 {
+    ///
+    /// Every enriched partition is an origin from the first event on, heard from or not: one
+    /// whose backlog has not come through yet (the forwarding instance reads another
+    /// partition first, or is restarting) must hold the watermark back, or its events would
+    /// all be late.
+    fn origin_progress(
+        &mut self,
+        origin: i32,
+        event_time: i64,
+        idle_timeout: Duration,
+        origins: i32,
+    ) -> i64 {
         let now = instream_event::now_millis();
+        if self.origin_times.is_empty() {
+            self.origin_times
+                .extend((0..origins).map(|p| (p, (i64::MIN, now))));
+        }
         let entry = self.origin_times.entry(origin).or_insert((event_time, now));
         entry.0 = entry.0.max(event_time);
         entry.1 = now;
@@ -417,11 +494,13 @@ impl PartitionState {
         );
     }
 
-    /// The windows changed since the last call, as whole values to upsert. `def_of` gives
-    /// the pipeline definitions, for the names and settings of the functions.
-    /// With `early` false, only windows the watermark has passed (their end, not counting
-    /// lateness) are taken: results on close; open windows stay due until then or until the
-    /// next early round.
+    /// The windows changed since the last call, as whole values to upsert, and the windows
+    /// that became final (the watermark passed their end plus the allowed lateness) once
+    /// more, marked final. `def_of` gives the pipeline definitions, for the names and
+    /// settings of the functions. With `early` false, only windows the watermark has passed
+    /// (their end, not counting lateness) are taken: results on close; open windows stay due
+    /// until then or until the next early round. An aggregation with `emit = "final"` has its
+    /// windows taken only when final.
     pub fn take_dirty<'d>(
         &mut self,
         def_of: impl Fn(&str) -> Option<&'d PipelineDefinition>,
@@ -433,30 +512,45 @@ impl PartitionState {
         }
         let max_event_time = self.max_event_time;
         let clock = &mut self.clock;
+        // A partition's windows are nearly always of one pipeline: one lookup, not one each.
+        let mut last: Option<&'d PipelineDefinition> = None;
         for (hash, (id, v)) in self.windows.iter_mut() {
-            if !v.dirty && clock.is_timed(hash) {
+            let def = match last {
+                Some(d) if d.name == id.pipeline => Some(d),
+                _ => {
+                    let d = def_of(&id.pipeline);
+                    last = d.or(last);
+                    d
+                }
+            };
+            let watermark = def
+                .map(|d| max_event_time.saturating_sub(d.max_out_of_orderness.as_millis() as i64));
+            let is_final = watermark.is_some_and(|w| v.closes_at <= w);
+            if !v.dirty && !is_final && clock.is_timed(hash) {
                 continue;
             }
-            let def = def_of(&id.pipeline);
-            let out_of_orderness = def.map(|d| d.max_out_of_orderness.as_millis() as i64);
             // No definition any more: written as it is (nothing will change it).
-            let closed =
-                out_of_orderness.is_none_or(|ooo| v.end <= max_event_time.saturating_sub(ooo));
-            if !v.dirty {
-                if closed {
+            let closed = watermark.is_none_or(|w| v.end <= w);
+            let aggregation =
+                def.and_then(|d| d.aggregations.iter().find(|a| a.name == id.aggregation));
+            let final_only = aggregation.is_some_and(|a| a.emit == Emit::Final);
+            if !v.dirty && !is_final {
+                if closed && !final_only {
                     clock.closed_already_written(*hash);
                 }
                 continue;
             }
-            if !early && !closed {
+            if (final_only && !is_final) || (!early && !closed) {
                 continue;
             }
-            if let (true, Some(ooo)) = (closed, out_of_orderness) {
-                clock.closed(*hash, v.end, ooo);
+            if let (true, Some(d)) = (closed, def) {
+                let ooo = d.max_out_of_orderness.as_millis() as i64;
+                // Written once final: its close is when the lateness ran out.
+                let end = if final_only { v.closes_at } else { v.end };
+                clock.closed(*hash, end, ooo);
             }
             v.dirty = false;
-            let functions = def
-                .and_then(|d| d.aggregations.iter().find(|a| a.name == id.aggregation))
+            let functions = aggregation
                 .map(|a| a.functions.as_slice())
                 .unwrap_or_default();
             let mut values = serde_json::Map::new();
@@ -474,6 +568,7 @@ impl PartitionState {
                 definition_version: v.version as i64,
                 count: v.count,
                 values,
+                is_final,
             });
         }
     }
@@ -514,6 +609,7 @@ impl PartitionState {
                     definition_version: value.version as i64,
                     count: value.count,
                     values: Default::default(),
+                    is_final: false,
                 });
                 value.dirty = true;
                 self.changed = true;

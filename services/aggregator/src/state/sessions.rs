@@ -76,6 +76,7 @@ impl PartitionState {
                     definition_version: part.version as i64,
                     count: 0,
                     values: Default::default(),
+                    is_final: false,
                 });
             }
         }

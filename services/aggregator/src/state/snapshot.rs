@@ -143,6 +143,8 @@ impl PartitionState {
             deletes: Vec::new(),
             changed: false,
             clock: Default::default(),
+            quiet: None,
+            idle: false,
             legacy_group_keys: format < 5,
         };
         let mut state = state;

@@ -183,6 +183,8 @@ fn an_event_far_ahead_of_its_ingest_time_moves_nothing() {
 fn repartitioned_def() -> PipelineDefinition {
     let mut def = def();
     def.aggregations[0].group_by = vec!["payload.region".parse().unwrap()];
+    // Origins 0 and 1: an enriched partition that never sent holds a watermark back too.
+    def.partitions = 2;
     def
 }
 
@@ -489,4 +491,145 @@ fn format_4_checkpoints_have_their_group_keys_rewritten_as_json_arrays() {
     keys.sort();
     assert_eq!(keys, ["k1|gold", "k2|null"]);
     assert!(r.deletes().is_empty());
+}
+
+/// (window start, count, final) of what `take_dirty` takes now, then the closed windows
+/// dropped as a flush does.
+fn flushed(s: &mut PartitionState, def: &PipelineDefinition, early: bool) -> Vec<(i64, i64, bool)> {
+    let mut rows = Vec::new();
+    s.take_dirty(|_| Some(def), early, &mut rows);
+    s.close_windows(|_| Some(def.max_out_of_orderness));
+    let mut out: Vec<_> = rows
+        .iter()
+        .map(|r| (r.window_start, r.count, r.is_final))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_window_is_written_final_once_its_lateness_has_run_out() {
+    let def = def(); // 1-minute windows, 30 s of allowed lateness
+    let mut s = PartitionState::default();
+    s.apply(0, &event("a", 10_000, 1_000_000), None, &def, HORIZON);
+    assert_eq!(flushed(&mut s, &def, true), vec![(0, 1, false)], "open");
+    // The watermark passes the end: closed, still open to late events.
+    s.apply(1, &event("b", 61_000, 1_000_000), None, &def, HORIZON);
+    assert_eq!(
+        flushed(&mut s, &def, false),
+        vec![],
+        "[0, 60 s) has nothing new and is not final before 90 s; [60 s, 120 s) is open"
+    );
+    s.apply(2, &event("c", 20_000, 1_000_000), None, &def, HORIZON);
+    assert_eq!(
+        flushed(&mut s, &def, false),
+        vec![(0, 2, false)],
+        "a late event"
+    );
+    // Past 90 s: [0, 60 s) is written once more, final, although nothing changed in it.
+    s.apply(3, &event("d", 95_000, 1_000_000), None, &def, HORIZON);
+    assert_eq!(flushed(&mut s, &def, false), vec![(0, 2, true)]);
+    assert_eq!(flushed(&mut s, &def, false), vec![], "and then dropped");
+}
+
+#[test]
+fn emit_final_writes_each_window_once_with_its_final_value() {
+    let mut def = def();
+    def.aggregations[0].emit = instream_pipeline::Emit::Final;
+    let mut s = PartitionState::default();
+    s.apply(0, &event("a", 10_000, 1_000_000), None, &def, HORIZON);
+    assert_eq!(flushed(&mut s, &def, true), vec![], "no early value");
+    s.apply(1, &event("b", 61_000, 1_000_000), None, &def, HORIZON);
+    s.apply(2, &event("c", 20_000, 1_000_000), None, &def, HORIZON);
+    assert_eq!(flushed(&mut s, &def, true), vec![], "closed but not final");
+    s.apply(3, &event("d", 95_000, 1_000_000), None, &def, HORIZON);
+    assert_eq!(flushed(&mut s, &def, true), vec![(0, 2, true)]);
+    assert_eq!(flushed(&mut s, &def, true), vec![]);
+}
+
+#[test]
+fn an_idle_partition_moves_on_from_its_last_event_by_the_quiet_time_only_when_read_to_end() {
+    let def = def();
+    let idle = Duration::from_secs(5);
+    let now = 1_000_000_000; // wall clock, ms
+    let mut s = PartitionState::default();
+    s.apply(0, &event("a", 10_000, now), None, &def, HORIZON);
+    s.heard_from(now);
+    assert!(
+        !s.advance_idle(now + 4_000, idle, true),
+        "not quiet long enough"
+    );
+    assert!(
+        !s.advance_idle(now + 60_000, idle, false),
+        "a partition with records still to read is not idle"
+    );
+    // Read to its end now: the quiet time counts from here.
+    assert!(!s.advance_idle(now + 64_000, idle, true));
+    assert!(s.advance_idle(now + 66_000, idle, true));
+    assert_eq!(
+        s.max_event_time,
+        10_000 + 6_000,
+        "from the last event time by the time that passed, not to the wall clock"
+    );
+    // Quiet on: [0, 60 s) closes once 60 s of event time plus its 30 s lateness have passed.
+    assert!(s.advance_idle(now + 60_000 + 90_000, idle, true));
+    assert_eq!(flushed(&mut s, &def, false), vec![(0, 1, true)]);
+    // An event resets the quiet time.
+    s.apply(1, &event("b", 200_000, now + 151_000), None, &def, HORIZON);
+    s.heard_from(now + 151_000);
+    assert!(!s.advance_idle(now + 152_000, idle, true));
+}
+
+#[test]
+fn an_idle_watermark_never_passes_the_wall_clock() {
+    let def = def();
+    let now = 1_000_000_000;
+    let mut s = PartitionState::default();
+    // Events a little ahead of their ingest time, within the tolerance.
+    s.apply(0, &event("a", now - 500, now - 1_000), None, &def, HORIZON);
+    s.heard_from(now - 1_000);
+    assert!(s.advance_idle(now + 10_000, Duration::from_secs(1), true));
+    assert_eq!(s.max_event_time, now + 10_000, "capped at now");
+    let mut fresh = PartitionState::default();
+    fresh.heard_from(now);
+    assert!(
+        !fresh.advance_idle(now + 10_000, Duration::from_secs(1), true),
+        "a partition that never had an event has nothing to move on from"
+    );
+}
+
+#[test]
+fn an_origin_not_heard_from_yet_holds_a_repartition_watermark_back() {
+    let def = repartitioned_def(); // two enriched partitions
+    let scope = Scope::Repartitioned {
+        aggregation: "per_minute",
+        group: Some("eu"),
+        idle_timeout: Duration::from_secs(3600),
+    };
+    let mut s = PartitionState::default();
+    // Origin 0's backlog comes through first, ten minutes of it.
+    for (offset, t) in [0, 300_000, 600_000].into_iter().enumerate() {
+        let id = format!("a{offset}");
+        let e = event(&id, t, 1_000_000 + offset as i64);
+        s.apply_in(
+            scope,
+            offset as i64,
+            &e,
+            Some((0, offset as i64)),
+            &def,
+            HORIZON,
+        );
+    }
+    // Origin 1's first event, from the start of those ten minutes, is not late.
+    assert_eq!(
+        s.apply_in(
+            scope,
+            3,
+            &event("b", 1_000, 1_000_010),
+            Some((1, 0)),
+            &def,
+            HORIZON
+        ),
+        Outcome::Counted
+    );
 }

@@ -1,0 +1,329 @@
+//! Event time through the `instream-aggregator` binary: a stream that stops has its last
+//! windows closed and written final once its partitions are idle (the pipeline's
+//! `idle_timeout`), for aggregations grouped by the key, written only when final
+//! (`emit = "final"`), and repartitioned by a payload field; and an aggregator restarted
+//! behind a backlog after a downtime longer than the idle time closes nothing early. Runs
+//! against a real Kafka-protocol broker (the embedded one, or `INSTREAM_TEST_KAFKA`), with the
+//! local store, read once the process has exited (one process opens it at a time).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use instream_store::{AggregateQuery, AggregateStore, LocalStore};
+use instream_testkit::{
+    free_port, metric_sum, process_config_toml, unique, wait_for, ChildGuard, KafkaBroker,
+};
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+const BIN: &str = env!("CARGO_BIN_EXE_instream-aggregator");
+const KEYS: usize = 8;
+const BUCKETS: usize = 3;
+const PARTITIONS: i32 = 4;
+/// 2024-05-01T12:00:00Z: event times are history (ingest times are now), so an idle
+/// watermark must move on from the last event, not jump to the wall clock.
+const T0: i64 = 1_714_564_800_000;
+const WINDOW: i64 = 10_000;
+
+/// Aggregations: by key with early values, by key final only, and by a payload field
+/// (repartitioned); 10-second windows without lateness; idle after `idle`.
+fn definitions(pipeline: &str, idle: &str) -> String {
+    format!(
+        r#"
+[[pipelines]]
+name = "{pipeline}"
+key_field = "k"
+time_field = "t"
+partitions = {PARTITIONS}
+max_out_of_orderness = "1s"
+idle_timeout = "{idle}"
+[[pipelines.aggregations]]
+name = "per_key"
+window = {{ kind = "tumbling", size = "10s" }}
+allowed_lateness = "0s"
+[[pipelines.aggregations]]
+name = "per_key_final"
+emit = "final"
+window = {{ kind = "tumbling", size = "10s" }}
+allowed_lateness = "0s"
+[[pipelines.aggregations]]
+name = "per_bucket"
+group_by = ["payload.bucket"]
+window = {{ kind = "tumbling", size = "10s" }}
+allowed_lateness = "0s"
+"#
+    )
+}
+
+struct Scenario {
+    broker: KafkaBroker,
+    _dir: tempfile::TempDir,
+    pipeline: String,
+    store_path: std::path::PathBuf,
+    config: std::path::PathBuf,
+    admin: u16,
+    /// (aggregation, group, window start) -> distinct events sent.
+    expected: BTreeMap<(String, String, i64), i64>,
+    sent: usize,
+}
+
+fn scenario(idle: &str) -> Scenario {
+    let broker = KafkaBroker::start().unwrap();
+    let pipeline = unique("idle");
+    broker
+        .create_pipeline_topics(&pipeline, PARTITIONS)
+        .unwrap();
+    // Services create it on a Kafka cluster; the embedded broker has no CreateTopics API.
+    broker
+        .create_topic(&format!("{pipeline}.by-per_bucket"), PARTITIONS)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("aggregates.redb");
+    let defs = dir.path().join("definitions.toml");
+    std::fs::write(&defs, definitions(&pipeline, idle)).unwrap();
+    let admin = free_port().unwrap();
+    let config = dir.path().join("instream.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{process}
+[store]
+backend = "local"
+path = "{store}"
+[aggregator]
+flush_interval = "100ms"
+early_results_every = "200ms"
+batch_size = 100
+"#,
+            process =
+                process_config_toml(admin, &broker.bootstrap_servers(), &defs, "500ms", 16_384),
+            store = store_path.display(),
+        ),
+    )
+    .unwrap();
+    Scenario {
+        broker,
+        _dir: dir,
+        pipeline,
+        store_path,
+        config,
+        admin,
+        expected: BTreeMap::new(),
+        sent: 0,
+    }
+}
+
+impl Scenario {
+    /// Sends `n` events with event times spread evenly over `[from, to)` (ms after T0), each
+    /// key's in order, ingest time now.
+    async fn send(&mut self, n: usize, from: i64, to: i64) {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", self.broker.bootstrap_servers())
+            .set("linger.ms", "5")
+            .create()
+            .unwrap();
+        let topic = format!("{}.enriched", self.pipeline);
+        let now = instream_event::now_millis();
+        let mut deliveries = Vec::new();
+        for i in 0..n {
+            let id = self.sent + i;
+            let key = format!("k{}", id % KEYS);
+            let bucket = format!("b{}", id % BUCKETS);
+            let event_time = T0 + from + (to - from) * i as i64 / n as i64;
+            let start = event_time - event_time % WINDOW;
+            for (aggregation, group) in [
+                ("per_key", &key),
+                ("per_key_final", &key),
+                ("per_bucket", &bucket),
+            ] {
+                *self
+                    .expected
+                    .entry((aggregation.into(), group.clone(), start))
+                    .or_insert(0) += 1;
+            }
+            let envelope = serde_json::json!({
+                "event_id": format!("e{id}"), "pipeline": self.pipeline, "key": key,
+                "event_time": event_time, "ingest_time": now,
+                "payload": {"bucket": bucket},
+            })
+            .to_string();
+            let partition = (id % KEYS) as i32 % PARTITIONS;
+            deliveries.push(
+                producer
+                    .send_result(
+                        FutureRecord::to(&topic)
+                            .partition(partition)
+                            .key(&key)
+                            .payload(&envelope),
+                    )
+                    .map_err(|(e, _)| e)
+                    .unwrap(),
+            );
+        }
+        for d in deliveries {
+            d.await.unwrap().unwrap();
+        }
+        self.sent += n;
+    }
+
+    async fn metric(&self, metric: &str, filter: &str) -> (f64, usize) {
+        let Ok(response) = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.admin)).await
+        else {
+            return (0.0, 0);
+        };
+        metric_sum(&response.text().await.unwrap_or_default(), metric, filter)
+    }
+
+    /// Whether this process counted `n` enriched records and their forwarded copies.
+    async fn counted(&self, n: usize) -> bool {
+        let (keyed, _) = self
+            .metric("instream_events_total", "outcome=\"aggregated\"")
+            .await;
+        let (forwarded, _) = self
+            .metric(
+                "instream_aggregator_repartition_events_total",
+                "outcome=\"aggregated\"",
+            )
+            .await;
+        keyed >= n as f64 && forwarded >= n as f64
+    }
+
+    /// Whether every window is closed (final and written) after idle partitions moved on.
+    async fn all_closed_by_idleness(&self) -> bool {
+        let (idle, _) = self
+            .metric(
+                "instream_aggregator_idle_partitions",
+                "service=\"aggregator\"",
+            )
+            .await;
+        let (open, lines) = self
+            .metric("instream_open_windows", "service=\"aggregator\"")
+            .await;
+        idle >= 1.0 && lines > 0 && open == 0.0
+    }
+
+    /// Events this process dead-lettered as too late, in either kind of partition.
+    async fn too_late(&self) -> f64 {
+        let (keyed, _) = self
+            .metric("instream_events_total", "outcome=\"too_late\"")
+            .await;
+        let (forwarded, _) = self
+            .metric(
+                "instream_aggregator_repartition_events_total",
+                "outcome=\"too_late\"",
+            )
+            .await;
+        keyed + forwarded
+    }
+
+    async fn stop(&self, mut run: ChildGuard) {
+        run.terminate().unwrap();
+        let status = run.wait_exit(Duration::from_secs(20)).unwrap();
+        assert!(status.success(), "{status}");
+    }
+
+    /// Every window in the store: (aggregation, group, start) -> (count, final).
+    async fn stored(&self) -> BTreeMap<(String, String, i64), (i64, bool)> {
+        let store = LocalStore::open(&self.store_path).unwrap();
+        let mut got = BTreeMap::new();
+        let groups = |aggregation: &str| -> Vec<String> {
+            if aggregation == "per_bucket" {
+                (0..BUCKETS).map(|b| format!("b{b}")).collect()
+            } else {
+                (0..KEYS).map(|k| format!("k{k}")).collect()
+            }
+        };
+        for aggregation in ["per_key", "per_key_final", "per_bucket"] {
+            for group in groups(aggregation) {
+                let rows = store
+                    .query(&AggregateQuery {
+                        pipeline: self.pipeline.clone(),
+                        aggregation: aggregation.into(),
+                        group_key: group,
+                        from: T0 - 60_000,
+                        to: T0 + 60_000,
+                        limit: 100,
+                    })
+                    .await
+                    .unwrap();
+                for r in rows {
+                    got.insert(
+                        (r.aggregation, r.group_key, r.window_start),
+                        (r.count, r.is_final),
+                    );
+                }
+            }
+        }
+        got
+    }
+
+    /// The store holds every window sent, final, with the count of the events sent.
+    async fn assert_every_window_final_and_exact(&self) {
+        let expected: BTreeMap<_, _> = self
+            .expected
+            .iter()
+            .map(|(k, n)| (k.clone(), (*n, true)))
+            .collect();
+        assert_eq!(self.stored().await, expected);
+    }
+}
+
+/// Events stop while the last window of every group is open (its end is 5 s of event time
+/// past the newest event). Nothing more ever comes, yet once the partitions have been quiet
+/// for the idle time their watermarks move on and every window is written final — the
+/// repartitioned ones too — and the final-only aggregation has no other value in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_stops_has_its_last_windows_closed_and_written_final() {
+    let mut s = scenario("2s");
+    s.send(400, 0, 15_000).await;
+    let run = instream_testkit::spawn_service(BIN, &s.config).unwrap();
+    wait_for("every event counted", Duration::from_secs(60), || {
+        s.counted(400)
+    })
+    .await;
+    wait_for(
+        "the quiet partitions' windows closed",
+        Duration::from_secs(60),
+        || s.all_closed_by_idleness(),
+    )
+    .await;
+    assert_eq!(s.too_late().await, 0.0);
+    s.stop(run).await;
+    s.assert_every_window_final_and_exact().await;
+}
+
+/// The aggregator counts the first events and stops; while it is away for longer than the
+/// idle time, a backlog arrives for the same windows. Restarted, it reads the backlog first:
+/// the time it was away does not count as quiet, so no backlog event is too late and every
+/// window ends final with all of its events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregator_restarted_behind_a_backlog_closes_nothing_early() {
+    let mut s = scenario("3s");
+    s.send(200, 1_000, 2_000).await;
+    let first = instream_testkit::spawn_service(BIN, &s.config).unwrap();
+    wait_for("the first events counted", Duration::from_secs(60), || {
+        s.counted(200)
+    })
+    .await;
+    s.stop(first).await;
+    // Away for longer than the idle time (the scenario, not a synchronization): the backlog
+    // is sent meanwhile, with event times a quiet watermark moved on by this downtime would
+    // have passed.
+    let away = tokio::time::Instant::now();
+    s.send(4_000, 6_000, 9_900).await;
+    tokio::time::sleep_until(away + Duration::from_secs(4)).await;
+    let second = instream_testkit::spawn_service(BIN, &s.config).unwrap();
+    wait_for("the backlog counted", Duration::from_secs(60), || {
+        s.counted(4_000)
+    })
+    .await;
+    wait_for(
+        "the quiet partitions' windows closed",
+        Duration::from_secs(60),
+        || s.all_closed_by_idleness(),
+    )
+    .await;
+    assert_eq!(s.too_late().await, 0.0, "nothing closed early");
+    s.stop(second).await;
+    s.assert_every_window_final_and_exact().await;
+}
