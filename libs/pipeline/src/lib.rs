@@ -46,14 +46,19 @@ pub mod topics {
         format!("{pipeline}.by-{aggregation}")
     }
 
+    /// An aggregation's results, for consumers outside instream (a `kafka` output).
+    pub fn results(pipeline: &str, aggregation: &str) -> String {
+        format!("{pipeline}.results.{aggregation}")
+    }
+
     /// The aggregation a repartition topic belongs to: `orders.by-region` -> `region`.
     pub fn repartitioned_aggregation(topic: &str) -> Option<&str> {
         topic.rsplit_once('.')?.1.strip_prefix("by-")
     }
 
     /// Every topic of a pipeline: raw, enriched, dead letters, quality records (always, so a
-    /// hot reload adding the first rule meets no missing topic) and the repartition topic of
-    /// each aggregation not grouped by the key.
+    /// hot reload adding the first rule meets no missing topic), the repartition topic of
+    /// each aggregation not grouped by the key, and the results topic of each Kafka output.
     pub fn of_pipeline(def: &crate::PipelineDefinition) -> Vec<String> {
         [
             raw(&def.name),
@@ -68,6 +73,9 @@ pub mod topics {
                 .filter(|a| a.repartitioned())
                 .map(|a| repartition(&def.name, &a.name)),
         )
+        .chain(def.outputs.iter().map(|o| match o {
+            crate::Output::Kafka { aggregation } => results(&def.name, aggregation),
+        }))
         .collect()
     }
 

@@ -61,6 +61,30 @@ pub struct PipelineDefinition {
     /// Data-quality rules, checked by the enricher after enrichment and before produce.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub quality: Vec<crate::quality::QualityRule>,
+    /// Where aggregations' results go besides the store.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<Output>,
+}
+
+/// A destination for an aggregation's results.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Output {
+    /// Every value written for a window, as a JSON record on
+    /// `<pipeline>.results.<aggregation>`, keyed by the group.
+    Kafka {
+        /// The aggregation whose results go there.
+        aggregation: String,
+    },
+}
+
+impl PipelineDefinition {
+    /// Whether `aggregation`'s results also go to its Kafka results topic.
+    pub fn kafka_output(&self, aggregation: &str) -> bool {
+        self.outputs
+            .iter()
+            .any(|o| matches!(o, Output::Kafka { aggregation: a } if a == aggregation))
+    }
 }
 
 fn one() -> u64 {

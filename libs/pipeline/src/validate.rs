@@ -268,6 +268,30 @@ impl PipelineDefinition {
                 }
             }
         }
+        let mut outputs = BTreeSet::new();
+        for (i, output) in self.outputs.iter().enumerate() {
+            let crate::Output::Kafka { aggregation } = output;
+            if !self.aggregations.iter().any(|a| a.name == *aggregation) {
+                problem(
+                    format!("outputs[{i}].aggregation"),
+                    format!("`{aggregation}` is not an aggregation of this pipeline"),
+                );
+            } else if !valid_name(aggregation) {
+                problem(
+                    format!("outputs[{i}].aggregation"),
+                    format!(
+                        "`{aggregation}` must be 1-64 of [a-z0-9_-] to name the topic `{}.results.<name>`",
+                        self.name
+                    ),
+                );
+            }
+            if !outputs.insert(aggregation.as_str()) {
+                problem(
+                    format!("outputs[{i}]"),
+                    format!("a Kafka output for `{aggregation}` is there twice"),
+                );
+            }
+        }
         if let Some(schema) = &self.schema {
             if let Err(e) = jsonschema::validator_for(schema) {
                 problem("schema".into(), format!("does not compile: {e}"));
@@ -494,6 +518,38 @@ window = { kind = "tumbling", size = "1m" }
             err.contains("pipeline `orders`") && err.contains("unknown variant `sometimes`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn kafka_outputs_name_an_aggregation_of_the_pipeline_once() {
+        let with = |outputs: &str| format!("{GOOD}{outputs}");
+        let good = "\n[[pipelines.outputs]]\nkind = \"kafka\"\naggregation = \"per_minute\"\n";
+        let doc = parse_document(&with(good)).unwrap();
+        assert!(doc.pipelines[0].kafka_output("per_minute"));
+        assert_eq!(
+            crate::topics::of_pipeline(&doc.pipelines[0])
+                .last()
+                .map(String::as_str),
+            Some("orders.results.per_minute")
+        );
+        for (outputs, named) in [
+            (
+                "\n[[pipelines.outputs]]\nkind = \"kafka\"\naggregation = \"nope\"\n",
+                "outputs[0].aggregation: `nope` is not an aggregation",
+            ),
+            (&format!("{good}{good}")[..], "outputs[1]: a Kafka output for `per_minute` is there twice"),
+            (
+                "\n[[pipelines.outputs]]\nkind = \"email\"\naggregation = \"per_minute\"\n",
+                "unknown variant `email`",
+            ),
+            (
+                "\n[[pipelines.outputs]]\nkind = \"kafka\"\naggregation = \"per_minute\"\ntopic = \"x\"\n",
+                "unknown field `topic`",
+            ),
+        ] {
+            let err = parse_document(&with(outputs)).unwrap_err().to_string();
+            assert!(err.contains(named), "{outputs}: {err}");
+        }
     }
 
     #[test]

@@ -344,6 +344,31 @@ impl KafkaBroker {
         Ok(())
     }
 
+    /// Every record of `topic` now (`(partition, payload)`, each partition in order), read
+    /// with the same scan the services use; a range the read skipped fails it.
+    pub async fn read_topic(&self, topic: &str) -> Result<Vec<(i32, Vec<u8>)>, TestkitError> {
+        let kafka = instream_core::config::KafkaConfig {
+            bootstrap_servers: self.bootstrap_servers(),
+            ..Default::default()
+        };
+        let (records, lost) = instream_kafka::ops::scan_topic_since(
+            &kafka,
+            topic,
+            0,
+            false,
+            Vec::new(),
+            |records: &mut Vec<(i32, Vec<u8>)>, partition, payload| {
+                records.push((partition, payload.to_vec()));
+            },
+        )
+        .await
+        .map_err(|e| TestkitError::Broker(e.to_string()))?;
+        match lost.first() {
+            Some(lost) => Err(TestkitError::Broker(format!("{topic}: skipped {lost:?}"))),
+            None => Ok(records),
+        }
+    }
+
     /// Takes the embedded broker down (connections closed, new ones refused) or back up; an
     /// external cluster cannot be, and answers an error.
     pub fn set_up(&self, up: bool) -> Result<(), TestkitError> {

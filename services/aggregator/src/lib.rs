@@ -26,6 +26,7 @@ mod idle;
 mod partitions;
 mod payload;
 mod repartition;
+mod results;
 mod state;
 mod windows;
 
@@ -383,6 +384,7 @@ impl Aggregator {
         flush(
             &*self.store,
             &self.store_ready,
+            &self.producer,
             input,
             &mut self.partitions,
             catalog,
@@ -530,13 +532,16 @@ where
         .is_some()
 }
 
-/// Writes every changed window, the deletions of merged sessions, then every changed
-/// partition's checkpoint, retrying until the store takes them, then marks the records they
-/// cover as handled. Returns false when `stop` fired first: nothing new is durable then, so
-/// nothing may be committed (what was taken is put back for the next attempt).
+/// Writes every changed window (to the store, and to the results topics of aggregations with
+/// a Kafka output), the deletions of merged sessions, then every changed partition's
+/// checkpoint, retrying until the store takes them, then marks the records they cover as
+/// handled. Returns false when `stop` fired first: nothing new is durable then, so nothing
+/// may be committed (what was taken is put back for the next attempt).
+#[allow(clippy::too_many_arguments)]
 async fn flush(
     store: &dyn AggregateStore,
     ready: &Readiness,
+    producer: &Producer,
     input: Input<'_>,
     partitions: &mut Partitions,
     catalog: &Catalog,
@@ -552,7 +557,10 @@ async fn flush(
         );
     }
     if !rows.is_empty() {
-        if !until_written(ready, stop, "windows", || store.upsert(&rows)).await {
+        // Results on the broker before the checkpoint that may drop their windows.
+        let written = until_written(ready, stop, "windows", || store.upsert(&rows)).await
+            && results::publish(producer, catalog, &rows, stop).await?;
+        if !written {
             for state in partitions.states.values_mut() {
                 state.mark_dirty(&rows);
             }

@@ -79,9 +79,11 @@ async fn a_flush_cut_short_by_shutdown_makes_nothing_handled_and_keeps_the_check
     let mut pending: Pending = vec![(record, Some(0))];
     let stop = CancellationToken::new();
     stop.cancel();
+    let producer = instream_kafka::producer(&config, SERVICE.as_str()).unwrap();
     let durable = flush(
         &CheckpointsDown,
         &ready,
+        &producer,
         instream_kafka::Input::new(&consumer),
         &mut partitions,
         &catalog,

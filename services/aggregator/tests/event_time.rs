@@ -51,6 +51,12 @@ name = "per_bucket"
 group_by = ["payload.bucket"]
 window = {{ kind = "tumbling", size = "10s" }}
 allowed_lateness = "0s"
+[[pipelines.outputs]]
+kind = "kafka"
+aggregation = "per_key"
+[[pipelines.outputs]]
+kind = "kafka"
+aggregation = "per_key_final"
 "#
     )
 }
@@ -74,9 +80,11 @@ fn scenario(idle: &str) -> Scenario {
         .create_pipeline_topics(&pipeline, PARTITIONS)
         .unwrap();
     // Services create it on a Kafka cluster; the embedded broker has no CreateTopics API.
-    broker
-        .create_topic(&format!("{pipeline}.by-per_bucket"), PARTITIONS)
-        .unwrap();
+    for topic in ["by-per_bucket", "results.per_key", "results.per_key_final"] {
+        broker
+            .create_topic(&format!("{pipeline}.{topic}"), PARTITIONS)
+            .unwrap();
+    }
     let dir = tempfile::tempdir().unwrap();
     let store_path = dir.path().join("aggregates.redb");
     let defs = dir.path().join("definitions.toml");
@@ -257,6 +265,54 @@ impl Scenario {
         got
     }
 
+    /// The records of an aggregation's results topic, in the order of each partition.
+    async fn results(&self, aggregation: &str) -> Vec<serde_json::Value> {
+        let topic = format!("{}.results.{aggregation}", self.pipeline);
+        let records = self.broker.read_topic(&topic).await.unwrap();
+        records
+            .iter()
+            .map(|(_, payload)| serde_json::from_slice(payload).expect("a JSON result"))
+            .collect()
+    }
+
+    /// The results topics say what the store says: for each window of `per_key`, its last
+    /// record (values while open, then final); for `per_key_final`, one record, final.
+    async fn assert_results_equal_the_store(&self) {
+        let stored = self.stored().await;
+        for (aggregation, once) in [("per_key", false), ("per_key_final", true)] {
+            let mut last: BTreeMap<(String, String, i64), (i64, bool)> = BTreeMap::new();
+            let mut records = 0;
+            for r in self.results(aggregation).await {
+                assert_eq!(r["pipeline"], self.pipeline.as_str());
+                assert_eq!(r["aggregation"], aggregation);
+                assert_eq!(r["definition_version"], 1);
+                let start = instream_event::parse_event_time(&r["window_start"]).expect("RFC 3339");
+                let group = r["group"].as_str().expect("a group").to_owned();
+                let value = (
+                    r["count"].as_i64().expect("a count"),
+                    r["final"].as_bool().expect("final"),
+                );
+                last.insert((aggregation.to_owned(), group, start), value);
+                records += 1;
+            }
+            let expected: BTreeMap<_, _> = stored
+                .iter()
+                .filter(|((a, ..), _)| a == aggregation)
+                .map(|(k, v)| (k.clone(), *v))
+                .collect();
+            assert_eq!(last, expected, "{aggregation}");
+            if once {
+                assert_eq!(
+                    records,
+                    expected.len(),
+                    "{aggregation}: one record per window"
+                );
+            } else {
+                assert!(records > expected.len(), "{aggregation}: early values too");
+            }
+        }
+    }
+
     /// The store holds every window sent, final, with the count of the events sent.
     async fn assert_every_window_final_and_exact(&self) {
         let expected: BTreeMap<_, _> = self
@@ -290,6 +346,7 @@ async fn a_stream_that_stops_has_its_last_windows_closed_and_written_final() {
     assert_eq!(s.too_late().await, 0.0);
     s.stop(run).await;
     s.assert_every_window_final_and_exact().await;
+    s.assert_results_equal_the_store().await;
 }
 
 /// The aggregator counts the first events and stops; while it is away for longer than the

@@ -196,9 +196,11 @@ async fn scenario(early_results_every: &str) -> Scenario {
         .create_pipeline_topics(&pipeline, PARTITIONS)
         .unwrap();
     // Services create it on a Kafka cluster; the embedded broker has no CreateTopics API.
-    broker
-        .create_topic(&format!("{pipeline}.by-per_bucket"), PARTITIONS)
-        .unwrap();
+    for topic in ["by-per_bucket", "results.per_minute", "results.per_bucket"] {
+        broker
+            .create_topic(&format!("{pipeline}.{topic}"), PARTITIONS)
+            .unwrap();
+    }
     let input = produce(&broker, &pipeline).await;
 
     let dir = tempfile::tempdir().unwrap();
@@ -221,6 +223,12 @@ window = {{ kind = "tumbling", size = "1m" }}
 name = "per_bucket"
 group_by = ["payload.bucket"]
 window = {{ kind = "tumbling", size = "1m" }}
+[[pipelines.outputs]]
+kind = "kafka"
+aggregation = "per_minute"
+[[pipelines.outputs]]
+kind = "kafka"
+aggregation = "per_bucket"
 "#
         ),
     )
@@ -328,6 +336,25 @@ async fn assert_one_clean_pass(s: &Scenario) {
         got, s.input.expected_buckets,
         "per-bucket, per-window counts of one clean pass"
     );
+    // Every value written went to the results topics before the checkpoint that could drop
+    // its window: the last record of each window says what the store says, kills or not.
+    for (aggregation, expected) in [
+        ("per_minute", &s.input.expected),
+        ("per_bucket", &s.input.expected_buckets),
+    ] {
+        let topic = format!("{}.results.{aggregation}", s.pipeline);
+        let mut last = BTreeMap::new();
+        for (_, payload) in s.broker.read_topic(&topic).await.unwrap() {
+            let r: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+            let start = instream_event::parse_event_time(&r["window_start"]).unwrap();
+            let group = r["group"].as_str().unwrap().to_owned();
+            last.insert((group, start), r["count"].as_i64().unwrap());
+        }
+        assert_eq!(
+            &last, expected,
+            "{aggregation}: the last result of each window"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
