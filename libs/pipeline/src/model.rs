@@ -64,6 +64,156 @@ pub struct PipelineDefinition {
     /// Where aggregations' results go besides the store.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<Output>,
+    /// The event time (RFC 3339, or epoch milliseconds) from which this version's
+    /// aggregations make the windows: a window starting before it is made whole by the
+    /// version before (in `previous`), one starting at or after it by this one — in every
+    /// partition and every replay, whenever the new version reached them. `pipeline apply`
+    /// stamps it (by default the next window boundary after the apply). Absent: from the start.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "event_time_text"
+    )]
+    pub effective_from: Option<i64>,
+    /// The versions before this one, newest first, for the windows that started before
+    /// `effective_from` (`pipeline apply` keeps the last three).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous: Vec<PipelineDefinition>,
+}
+
+/// Previous versions `pipeline apply` keeps under a new one.
+pub const KEPT_VERSIONS: usize = 3;
+
+impl PipelineDefinition {
+    /// This definition and the versions before it, newest first, each with the window starts
+    /// it makes: `[from, until)`. The oldest makes every window before the others'.
+    pub fn versions(&self) -> impl Iterator<Item = (&PipelineDefinition, i64, i64)> {
+        let count = 1 + self.previous.len();
+        let mut until = i64::MAX;
+        std::iter::once(self)
+            .chain(self.previous.iter())
+            .enumerate()
+            .map(move |(i, v)| {
+                let from = if i + 1 == count {
+                    i64::MIN
+                } else {
+                    v.effective_from.unwrap_or(i64::MIN)
+                };
+                let range = (v, from, until);
+                until = from;
+                range
+            })
+    }
+
+    /// The definition of `version`, if this one is it or keeps it.
+    pub fn version_def(&self, version: u64) -> Option<&PipelineDefinition> {
+        std::iter::once(self)
+            .chain(self.previous.iter())
+            .find(|v| v.version == version)
+    }
+
+    /// Whether two definitions say the same, apart from what `pipeline apply` stamps
+    /// (`effective_from`, `previous`).
+    pub fn same_content(&self, other: &PipelineDefinition) -> bool {
+        self.unstamped() == other.unstamped()
+    }
+
+    /// This definition without what `pipeline apply` stamps.
+    pub fn unstamped(&self) -> PipelineDefinition {
+        PipelineDefinition {
+            effective_from: None,
+            previous: Vec::new(),
+            ..self.clone()
+        }
+    }
+
+    /// This definition as the successor of `stored`: stamped with the event time from which
+    /// it makes windows (its own `effective_from`, or the next window boundary after `now`)
+    /// and keeping `stored` (and the versions it kept) for the windows before.
+    pub fn succeeding(&self, stored: &PipelineDefinition, now: i64) -> PipelineDefinition {
+        let mut next = self.clone();
+        // Not before the stored version takes over: applied again before then, the stored
+        // version makes no window at all.
+        let boundary =
+            next_boundary(stored, self, now).max(stored.effective_from.unwrap_or(i64::MIN));
+        next.effective_from = Some(self.effective_from.unwrap_or(boundary));
+        let mut kept = stored.clone();
+        kept.previous = Vec::new();
+        next.previous = std::iter::once(kept)
+            .chain(stored.previous.iter().cloned())
+            .take(KEPT_VERSIONS)
+            .collect();
+        next
+    }
+}
+
+/// The first time after `now` that is a window boundary of every aggregation of both
+/// versions (at least the next minute).
+fn next_boundary(old: &PipelineDefinition, new: &PipelineDefinition, now: i64) -> i64 {
+    // The new version's boundaries are required (validated); the old one's are kept too
+    // where both share one within 30 days.
+    let new_step = new.boundary_step().unwrap_or(MAX_BOUNDARY_STEP);
+    let step = old
+        .boundary_step()
+        .map(|old_step| lcm(old_step, new_step))
+        .filter(|step| *step <= MAX_BOUNDARY_STEP)
+        .unwrap_or(new_step);
+    // At least a minute apart: a multiple of the step.
+    let step = step.saturating_mul((60_000 + step - 1) / step);
+    now.div_euclid(step).saturating_add(1).saturating_mul(step)
+}
+
+/// Longest time between two boundaries every aggregation shares that a new version's
+/// `effective_from` is put on by default (30 days).
+const MAX_BOUNDARY_STEP: i64 = 30 * 24 * 3600 * 1000;
+
+impl PipelineDefinition {
+    /// The time between two event times at which a window of every tumbling or hopping
+    /// aggregation starts (`None`: beyond 30 days).
+    pub fn boundary_step(&self) -> Option<i64> {
+        self.aggregations
+            .iter()
+            .filter_map(|a| match a.window {
+                Window::Tumbling { size } => Some(size),
+                Window::Hopping { slide, .. } => Some(slide),
+                Window::Session { .. } => None,
+            })
+            .map(|d| d.as_millis().max(1) as i64)
+            .try_fold(1i64, |acc, step| {
+                Some(lcm(acc, step)).filter(|l| *l <= MAX_BOUNDARY_STEP)
+            })
+    }
+}
+
+fn lcm(a: i64, b: i64) -> i64 {
+    fn gcd(a: i64, b: i64) -> i64 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    (a / gcd(a, b)).saturating_mul(b)
+}
+
+/// An event time as RFC 3339 text (milliseconds, UTC); read from that or epoch milliseconds.
+mod event_time_text {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(t) => s.serialize_str(&instream_event::format_rfc3339_millis(*t)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+        let value = Option::<serde_json::Value>::deserialize(d)?;
+        value
+            .map(|v| instream_event::parse_event_time(&v).map_err(D::Error::custom))
+            .transpose()
+    }
 }
 
 /// A destination for an aggregation's results.

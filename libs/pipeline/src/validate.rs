@@ -329,6 +329,7 @@ impl PipelineDefinition {
             }
         }
         crate::quality::validate_rules(self, &mut problem);
+        self.validate_versions(&mut problem);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -336,6 +337,92 @@ impl PipelineDefinition {
                 pipeline: self.name.clone(),
                 problems,
             })
+        }
+    }
+}
+
+impl PipelineDefinition {
+    /// The versions kept in `previous`: older, each before the next in event time, and each
+    /// repartitioned aggregation grouped as in every version (its windows have one owner, the
+    /// partition its group hashes to).
+    fn validate_versions(&self, problem: &mut impl FnMut(String, String)) {
+        if !self.previous.is_empty() && self.effective_from.is_none() {
+            problem(
+                "effective_from".into(),
+                "is required with previous versions: it is where they hand over".into(),
+            );
+        }
+        if let (Some(from), false) = (self.effective_from, self.previous.is_empty()) {
+            // Events from it to this version's first window would be in no window.
+            for (i, agg) in self.aggregations.iter().enumerate() {
+                let step = match agg.window {
+                    crate::Window::Tumbling { size } => size,
+                    crate::Window::Hopping { slide, .. } => slide,
+                    crate::Window::Session { .. } => continue,
+                };
+                let step = step.as_millis().max(1) as i64;
+                if from.rem_euclid(step) != 0 {
+                    problem(
+                        "effective_from".into(),
+                        format!(
+                            "{} is not a window boundary of aggregations[{i}] (`{}`, every \
+                             {step} ms): events between it and that aggregation's next window \
+                             would be in no window",
+                            instream_event::format_rfc3339_millis(from),
+                            agg.name
+                        ),
+                    );
+                }
+            }
+        }
+        let mut newer = self;
+        for (i, old) in self.previous.iter().enumerate() {
+            let field = |key: &str| format!("previous[{i}].{key}");
+            if let Err(e) = old.validate() {
+                problem(format!("previous[{i}]"), e.to_string());
+            }
+            if old.name != self.name {
+                problem(field("name"), format!("`{}` is another pipeline", old.name));
+            }
+            if old.version >= newer.version {
+                problem(
+                    field("version"),
+                    format!("{} is not below {}", old.version, newer.version),
+                );
+            }
+            if !old.previous.is_empty() {
+                problem(
+                    field("previous"),
+                    "versions are listed flat, newest first".into(),
+                );
+            }
+            if let (Some(from), Some(until)) = (old.effective_from, newer.effective_from) {
+                if from > until {
+                    problem(
+                        field("effective_from"),
+                        "is after the effective_from of the version that follows it".into(),
+                    );
+                }
+            }
+            for agg in old.aggregations.iter().filter(|a| a.repartitioned()) {
+                let changed = self
+                    .aggregations
+                    .iter()
+                    .find(|a| a.name == agg.name)
+                    .is_some_and(|a| a.group_by != agg.group_by);
+                if changed {
+                    problem(
+                        format!("aggregations.{}.group_by", agg.name),
+                        format!(
+                            "changed from version {}: a repartitioned aggregation keeps its \
+                             group_by (its windows are owned by the partition their group hashes \
+                             to); give the new grouping a new aggregation name",
+                            old.version
+                        ),
+                    );
+                }
+            }
+            newer = old;
         }
     }
 }
@@ -550,6 +637,106 @@ window = { kind = "tumbling", size = "1m" }
             let err = parse_document(&with(outputs)).unwrap_err().to_string();
             assert!(err.contains(named), "{outputs}: {err}");
         }
+    }
+
+    #[test]
+    fn a_new_version_hands_over_at_an_event_time_boundary_and_keeps_the_old_ones() {
+        let v = |version: u64, size: &str| {
+            let doc = GOOD
+                .replacen(
+                    "name = \"orders\"",
+                    &format!("name = \"orders\"\nversion = {version}"),
+                    1,
+                )
+                .replace("size = \"1m\"", &format!("size = \"{size}\""));
+            parse_document(&doc).unwrap().pipelines.remove(0)
+        };
+        let now = 1_714_564_800_000 + 90_000; // 12:01:30
+        let two = v(2, "5m").succeeding(&v(1, "1m"), now);
+        assert_eq!(
+            two.effective_from,
+            Some(1_714_564_800_000 + 300_000),
+            "the next boundary of the longest window, 12:05"
+        );
+        assert_eq!(two.previous.len(), 1);
+        assert_eq!(two.previous[0].version, 1);
+        two.validate().unwrap();
+        let ranges: Vec<(u64, i64, i64)> = two
+            .versions()
+            .map(|(d, from, until)| (d.version, from, until))
+            .collect();
+        let b = 1_714_565_100_000;
+        assert_eq!(ranges, vec![(2, b, i64::MAX), (1, i64::MIN, b)]);
+        assert_eq!(two.version_def(1).map(|d| d.version), Some(1));
+        assert!(
+            two.same_content(&v(2, "5m")),
+            "stamps aside, as in the file"
+        );
+        assert!(!two.same_content(&v(2, "1m")));
+        // Stored and read back: the stamps survive, as text.
+        let text = toml::to_string(&crate::DefinitionsDocument {
+            pipelines: vec![two.clone()],
+        })
+        .unwrap();
+        assert!(
+            text.contains("effective_from = \"2024-05-01T12:05:00Z\""),
+            "{text}"
+        );
+        assert_eq!(parse_document(&text).unwrap().pipelines[0], two);
+        // A given effective_from is kept; at most three versions are kept.
+        let mut five = v(5, "1m");
+        five.effective_from = Some(b + 600_000);
+        let three = v(3, "1m").succeeding(&two, b + 1);
+        let four = v(4, "1m").succeeding(&three, b + 2);
+        let five = five.succeeding(&four, b + 3);
+        assert_eq!(five.effective_from, Some(b + 600_000));
+        let kept: Vec<u64> = five.previous.iter().map(|d| d.version).collect();
+        assert_eq!(kept, vec![4, 3, 2]);
+        five.validate().unwrap();
+    }
+
+    #[test]
+    fn kept_versions_are_checked() {
+        let one = parse_document(GOOD).unwrap().pipelines.remove(0);
+        let mut two = one.clone();
+        two.version = 2;
+        let two = two.succeeding(&one, 0);
+        let err = |d: &crate::PipelineDefinition| d.validate().unwrap_err().to_string();
+        let mut unstamped = two.clone();
+        unstamped.effective_from = None;
+        assert!(
+            err(&unstamped).contains("effective_from: is required"),
+            "{}",
+            err(&unstamped)
+        );
+        let mut newer = two.clone();
+        newer.previous[0].version = 2;
+        assert!(err(&newer).contains("previous[0].version: 2 is not below 2"));
+        let mut off = two.clone();
+        off.effective_from = Some(90_000);
+        assert!(
+            err(&off).contains("is not a window boundary of aggregations[0] (`per_minute`"),
+            "{}",
+            err(&off)
+        );
+        let mut later = two.clone();
+        later.previous[0].effective_from = Some(i64::MAX);
+        assert!(err(&later).contains("previous[0].effective_from"));
+        // A repartitioned aggregation cannot change its grouping between versions.
+        let regroup = |d: &mut crate::PipelineDefinition, field: &str| {
+            d.aggregations[0].group_by = vec![field.parse().unwrap()];
+        };
+        let mut old = one.clone();
+        regroup(&mut old, "payload.region");
+        let mut new = old.clone();
+        new.version = 2;
+        regroup(&mut new, "payload.city");
+        let new = new.succeeding(&old, 0);
+        assert!(
+            err(&new).contains("aggregations.per_minute.group_by: changed from version 1"),
+            "{}",
+            err(&new)
+        );
     }
 
     #[test]

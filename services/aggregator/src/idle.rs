@@ -1,8 +1,13 @@
 //! Windows of a stream that went quiet. A partition the aggregator has read to its end and
 //! that brought nothing for its pipeline's `idle_timeout` moves its watermark on from its
-//! newest event time by the time that passed (docs/guarantees.md), so the windows of a key
+//! newest event time by the time that passed (docs/pipelines.md), so the windows of a key
 //! that stopped sending close and their final values are written, instead of waiting for an
 //! event that may never come.
+//!
+//! "Read to its end" is judged for the whole way there: the partition itself (not paused,
+//! its position at its end), and the stages before it — the enricher on the raw topic, and
+//! for a repartition partition the aggregators forwarding from the enriched topic — so that
+//! an upstream stage that is behind or restarting does not make its backlog late.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -14,83 +19,108 @@ use instream_pipeline::{topics, Catalog};
 use crate::partitions::Partitions;
 use crate::AggregatorError;
 
-/// How long an answer about the enriched topic's lag is trusted.
+/// How long an answer about an upstream topic's lag is trusted.
 const UPSTREAM_FRESH: Duration = Duration::from_secs(5);
 
-/// What is known of the enriched topics the repartition topics are fed from: a repartition
-/// partition is quiet also when the aggregators forwarding into it are behind (restarting,
-/// or with a backlog), and its windows must then wait for what they will forward.
-#[derive(Default)]
+/// What is known of how far the stages before the aggregator have read.
 pub(crate) struct Upstream {
-    /// Pipeline -> when its enriched topic was last looked at, and whether it was read to its
-    /// end then.
-    checked: HashMap<String, (Instant, bool)>,
+    /// The enricher's consumer group, which reads the raw topics.
+    enricher_group: String,
+    /// (group, topic) -> when it was last looked at, and whether the group had handled every
+    /// record of the topic then.
+    checked: HashMap<(String, String), (Instant, bool)>,
 }
 
 impl Upstream {
-    /// Whether `group` has handled every record of the pipeline's enriched topic. A topic
-    /// written in transactions ends with a commit marker no reader receives, so one offset
-    /// short of its end counts as read there.
+    pub(crate) fn new(enricher_group: String) -> Self {
+        Self {
+            enricher_group,
+            checked: HashMap::new(),
+        }
+    }
+
+    /// Whether `group` has handled every record of `topic`. A topic written in transactions
+    /// ends with a commit marker no reader receives, so one offset short of its end counts
+    /// as read there (`markers`).
     async fn read_to_end(
         &mut self,
         kafka: &KafkaConfig,
         group: &str,
-        pipeline: &str,
+        topic: String,
         markers: bool,
     ) -> bool {
-        if let Some((at, read)) = self.checked.get(pipeline) {
+        let key = (group.to_owned(), topic);
+        if let Some((at, read)) = self.checked.get(&key) {
             if at.elapsed() < UPSTREAM_FRESH {
                 return *read;
             }
         }
         let allowance = i64::from(markers);
-        let read = match instream_kafka::ops::group_lag(kafka, group, &topics::enriched(pipeline))
-            .await
-        {
+        let read = match instream_kafka::ops::group_lag(kafka, group, &key.1).await {
             Ok(lags) => lags.iter().all(|p| p.lag <= allowance),
             Err(error) => {
-                tracing::debug!(pipeline, %error, "the enriched topic's lag is unknown: not idle");
+                tracing::debug!(group, topic = %key.1, %error, "upstream lag unknown: not idle");
                 false
             }
         };
-        self.checked
-            .insert(pipeline.to_owned(), (Instant::now(), read));
+        self.checked.insert(key, (Instant::now(), read));
         read
     }
+}
+
+/// What [`advance`] needs of the aggregator besides its partitions.
+pub(crate) struct Inputs<'a> {
+    pub(crate) input: Input<'a>,
+    pub(crate) catalog: &'a Catalog,
+    pub(crate) kafka: &'a KafkaConfig,
+    /// The enriched partitions are paused (back-pressure): their fetched end is stale.
+    pub(crate) enriched_paused: bool,
 }
 
 /// Moves on the watermark of every owned partition that is idle under its pipeline's
 /// `idle_timeout` (pipelines without one wait for the next event).
 pub(crate) async fn advance(
     partitions: &mut Partitions,
-    input: Input<'_>,
-    catalog: &Catalog,
-    kafka: &KafkaConfig,
     upstream: &mut Upstream,
+    inputs: Inputs<'_>,
 ) -> Result<(), AggregatorError> {
-    let read = input.read_to_end();
+    let read = inputs.input.read_to_end();
     let now = instream_event::now_millis();
     let group = partitions.group.clone();
     let markers = partitions.enriched_in_transactions;
     for (source, state) in partitions.states.iter_mut() {
         let pipeline = topics::pipeline_of(&source.0);
-        let Some(idle) = catalog.get(pipeline).and_then(|d| d.idle_timeout) else {
+        let Some(def) = inputs.catalog.get(pipeline) else {
             continue;
         };
+        let Some(idle) = def.idle_timeout else {
+            continue;
+        };
+        let repartition = topics::repartitioned_aggregation(&source.0).is_some();
         // A partition nothing was received from since it was assigned (restored at its end)
         // has no position: its state then says how far it was read.
-        let mut read_to_end = read.contains(source)
-            || input
-                .known_end(&source.0, source.1)
-                .is_some_and(|end| state.next_offset() >= end);
-        if read_to_end
-            && state.idle_due(now, idle)
-            && topics::repartitioned_aggregation(&source.0).is_some()
-        {
-            read_to_end = upstream.read_to_end(kafka, &group, pipeline, markers).await;
+        let allowance = i64::from(markers && !repartition);
+        let mut read_to_end = (repartition || !inputs.enriched_paused)
+            && (read.contains(source)
+                || inputs
+                    .input
+                    .known_end(&source.0, source.1)
+                    .is_some_and(|end| state.next_offset() + allowance >= end));
+        if read_to_end && state.idle_due(now, idle) {
+            let raw = topics::raw(pipeline);
+            let enricher = upstream.enricher_group.clone();
+            read_to_end = upstream
+                .read_to_end(inputs.kafka, &enricher, raw, false)
+                .await;
+            if read_to_end && repartition {
+                let enriched = topics::enriched(pipeline);
+                read_to_end = upstream
+                    .read_to_end(inputs.kafka, &group, enriched, markers)
+                    .await;
+            }
         }
         let was_idle = state.is_idle();
-        if state.advance_idle(now, idle, read_to_end) && !was_idle {
+        if state.advance_idle(now, idle, read_to_end, def.max_out_of_orderness) && !was_idle {
             tracing::debug!(topic = %source.0, partition = source.1, "idle partition: its watermark moves on");
         }
     }

@@ -126,7 +126,7 @@ pub async fn run_with_store(
         },
         hold_back: repartition::HoldBack::default(),
         pending: Pending::new(),
-        upstream: idle::Upstream::default(),
+        upstream: idle::Upstream::new(instream_stage::group_of(config, Service::Enricher.as_str())),
         last_flush: Instant::now(),
         last_early: Instant::now(),
         shutdown: ctx.shutdown.clone(),
@@ -257,10 +257,13 @@ impl Hooks for Aggregator {
         }
         idle::advance(
             &mut self.partitions,
-            input,
-            catalog,
-            &self.kafka,
             &mut self.upstream,
+            idle::Inputs {
+                input,
+                catalog,
+                kafka: &self.kafka,
+                enriched_paused: self.hold_back.enriched_paused(),
+            },
         )
         .await?;
         let stop = self.shutdown.clone();
@@ -559,7 +562,7 @@ async fn flush(
     if !rows.is_empty() {
         // Results on the broker before the checkpoint that may drop their windows.
         let written = until_written(ready, stop, "windows", || store.upsert(&rows)).await
-            && results::publish(producer, catalog, &rows, stop).await?;
+            && results::publish(producer, catalog, &rows, results::Kind::Value, stop).await?;
         if !written {
             for state in partitions.states.values_mut() {
                 state.mark_dirty(&rows);
@@ -583,7 +586,10 @@ async fn flush(
         .flat_map(|state| state.deletes().iter().cloned())
         .collect();
     if !deletes.is_empty() {
-        if !until_written(ready, stop, "merged sessions", || store.delete(&deletes)).await {
+        let deleted = until_written(ready, stop, "merged sessions", || store.delete(&deletes))
+            .await
+            && results::publish(producer, catalog, &deletes, results::Kind::Deleted, stop).await?;
+        if !deleted {
             return Ok(false);
         }
         for state in partitions.states.values_mut() {

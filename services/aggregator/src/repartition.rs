@@ -15,19 +15,26 @@ pub(crate) fn input_topics(catalog: &Catalog) -> Vec<String> {
     catalog.iter().flat_map(|p| input_topics_of(p)).collect()
 }
 
-/// The topics [`input_topics`] holds for one pipeline.
+/// The topics [`input_topics`] holds for one pipeline: those of the versions it keeps too,
+/// whose windows may still be open.
 pub(crate) fn input_topics_of(p: &PipelineDefinition) -> Vec<String> {
-    if p.aggregations.is_empty() {
+    let versions = || p.versions().map(|(v, ..)| v);
+    if versions().all(|v| v.aggregations.is_empty()) {
         return Vec::new();
     }
-    std::iter::once(topics::enriched(&p.name))
-        .chain(
-            p.aggregations
+    let mut names: Vec<String> = std::iter::once(topics::enriched(&p.name))
+        .chain(versions().flat_map(|v| {
+            v.aggregations
                 .iter()
                 .filter(|a| a.repartitioned())
-                .map(|a| topics::repartition(&p.name, &a.name)),
-        )
-        .collect()
+                .map(|a| topics::repartition(&p.name, &a.name))
+        }))
+        .collect();
+    let enriched = names.remove(0);
+    names.sort();
+    names.dedup();
+    names.insert(0, enriched);
+    names
 }
 
 /// Sends `event` (the enriched `record` as it came) to the repartition topic of each of its
@@ -42,12 +49,33 @@ pub(crate) async fn forward(
     outputs: &mut BatchOutputs,
 ) -> Result<(), AggregatorError> {
     let mut payload = payload::Payload::new(event.payload.get());
-    for aggregation in def.aggregations.iter().filter(|a| a.repartitioned()) {
+    // Once per aggregation, under the versions whose windows the event is in: a repartitioned
+    // aggregation keeps its group_by across versions (checked at apply), so one copy serves
+    // them all, and the repartition partition picks each window's version again.
+    let mut forwarded: Vec<&str> = Vec::new();
+    let t = event.event_time;
+    let mut candidates: Vec<&instream_pipeline::Aggregation> = Vec::new();
+    for (version, from, until) in def.versions() {
+        for a in version.aggregations.iter().filter(|a| a.repartitioned()) {
+            let mine = match a.window.session_gap_millis() {
+                Some(_) => (from..until).contains(&t),
+                None => a.window.starts_of(t).any(|s| (from..until).contains(&s)),
+            };
+            if mine {
+                candidates.push(a);
+            }
+        }
+    }
+    for aggregation in candidates {
+        if forwarded.contains(&aggregation.name.as_str()) {
+            continue;
+        }
         if let Some(filter) = &aggregation.filter {
             if !functions::accepts(filter, event, &mut payload) {
                 continue;
             }
         }
+        forwarded.push(&aggregation.name);
         let group = windows::group_key(aggregation, event, &mut payload);
         let topic = topics::repartition(&def.name, &aggregation.name);
         let (partition, offset) = (record.partition.to_string(), record.offset.to_string());
@@ -124,6 +152,11 @@ impl HoldBack {
             input.resume(&enriched)
         };
         Ok(outcome?)
+    }
+
+    /// Whether the enriched partitions are held back now.
+    pub(crate) fn enriched_paused(&self) -> bool {
+        self.paused.is_some()
     }
 
     /// Resumes what is paused (before the consumer closes: a close with paused partitions

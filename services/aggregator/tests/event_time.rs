@@ -23,11 +23,10 @@ const PARTITIONS: i32 = 4;
 /// 2024-05-01T12:00:00Z: event times are history (ingest times are now), so an idle
 /// watermark must move on from the last event, not jump to the wall clock.
 const T0: i64 = 1_714_564_800_000;
-const WINDOW: i64 = 10_000;
 
 /// Aggregations: by key with early values, by key final only, and by a payload field
-/// (repartitioned); 10-second windows without lateness; idle after `idle`.
-fn definitions(pipeline: &str, idle: &str) -> String {
+/// (repartitioned); windows of `window` seconds without lateness; idle after `idle`.
+fn definitions(pipeline: &str, idle: &str, window: i64) -> String {
     format!(
         r#"
 [[pipelines]]
@@ -39,17 +38,17 @@ max_out_of_orderness = "1s"
 idle_timeout = "{idle}"
 [[pipelines.aggregations]]
 name = "per_key"
-window = {{ kind = "tumbling", size = "10s" }}
+window = {{ kind = "tumbling", size = "{window}s" }}
 allowed_lateness = "0s"
 [[pipelines.aggregations]]
 name = "per_key_final"
 emit = "final"
-window = {{ kind = "tumbling", size = "10s" }}
+window = {{ kind = "tumbling", size = "{window}s" }}
 allowed_lateness = "0s"
 [[pipelines.aggregations]]
 name = "per_bucket"
 group_by = ["payload.bucket"]
-window = {{ kind = "tumbling", size = "10s" }}
+window = {{ kind = "tumbling", size = "{window}s" }}
 allowed_lateness = "0s"
 [[pipelines.outputs]]
 kind = "kafka"
@@ -67,13 +66,18 @@ struct Scenario {
     pipeline: String,
     store_path: std::path::PathBuf,
     config: std::path::PathBuf,
+    definitions: std::path::PathBuf,
     admin: u16,
+    /// Window size, ms.
+    window: i64,
     /// (aggregation, group, window start) -> distinct events sent.
     expected: BTreeMap<(String, String, i64), i64>,
+    /// (key, event time) of every event sent.
+    times: Vec<(String, i64)>,
     sent: usize,
 }
 
-fn scenario(idle: &str) -> Scenario {
+fn scenario(idle: &str, window_secs: i64) -> Scenario {
     let broker = KafkaBroker::start().unwrap();
     let pipeline = unique("idle");
     broker
@@ -88,7 +92,7 @@ fn scenario(idle: &str) -> Scenario {
     let dir = tempfile::tempdir().unwrap();
     let store_path = dir.path().join("aggregates.redb");
     let defs = dir.path().join("definitions.toml");
-    std::fs::write(&defs, definitions(&pipeline, idle)).unwrap();
+    std::fs::write(&defs, definitions(&pipeline, idle, window_secs)).unwrap();
     let admin = free_port().unwrap();
     let config = dir.path().join("instream.toml");
     std::fs::write(
@@ -115,13 +119,22 @@ batch_size = 100
         pipeline,
         store_path,
         config,
+        definitions: defs,
         admin,
+        window: window_secs * 1_000,
         expected: BTreeMap::new(),
+        times: Vec::new(),
         sent: 0,
     }
 }
 
 impl Scenario {
+    /// The idle time the next aggregator started reads.
+    fn set_idle(&self, idle: &str) {
+        let text = definitions(&self.pipeline, idle, self.window / 1_000);
+        std::fs::write(&self.definitions, text).unwrap();
+    }
+
     /// Sends `n` events with event times spread evenly over `[from, to)` (ms after T0), each
     /// key's in order, ingest time now.
     async fn send(&mut self, n: usize, from: i64, to: i64) {
@@ -138,7 +151,8 @@ impl Scenario {
             let key = format!("k{}", id % KEYS);
             let bucket = format!("b{}", id % BUCKETS);
             let event_time = T0 + from + (to - from) * i as i64 / n as i64;
-            let start = event_time - event_time % WINDOW;
+            let start = event_time - event_time % self.window;
+            self.times.push((key.clone(), event_time));
             for (aggregation, group) in [
                 ("per_key", &key),
                 ("per_key_final", &key),
@@ -152,7 +166,7 @@ impl Scenario {
             let envelope = serde_json::json!({
                 "event_id": format!("e{id}"), "pipeline": self.pipeline, "key": key,
                 "event_time": event_time, "ingest_time": now,
-                "payload": {"bucket": bucket},
+                "payload": {"bucket": bucket, "n": 1},
             })
             .to_string();
             let partition = (id % KEYS) as i32 % PARTITIONS;
@@ -180,6 +194,74 @@ impl Scenario {
             return (0.0, 0);
         };
         metric_sum(&response.text().await.unwrap_or_default(), metric, filter)
+    }
+
+    /// Writes the definitions of version 2, taking over at `effective_from` (ms after T0):
+    /// `per_key` has 5-second windows, and it and `per_bucket` also sum `n`; version 1 is
+    /// kept for the windows before.
+    fn apply_version_2(&self, effective_from: i64) {
+        let text = std::fs::read_to_string(&self.definitions).unwrap();
+        let one = instream_pipeline::parse_document(&text)
+            .unwrap()
+            .pipelines
+            .remove(0);
+        let mut two = one.clone();
+        two.version = 2;
+        for aggregation in two.aggregations.iter_mut() {
+            if aggregation.name == "per_key" {
+                aggregation.window =
+                    serde_json::from_value(serde_json::json!({"kind": "tumbling", "size": "5s"}))
+                        .unwrap();
+            }
+            if aggregation.name != "per_key_final" {
+                aggregation.functions = vec![serde_json::from_value(
+                    serde_json::json!({"fn": "sum", "field": "payload.n"}),
+                )
+                .unwrap()];
+            }
+        }
+        two.effective_from = Some(T0 + effective_from);
+        let two = two.succeeding(&one, instream_event::now_millis());
+        two.validate().unwrap();
+        let document = instream_pipeline::DefinitionsDocument {
+            pipelines: vec![two],
+        };
+        std::fs::write(&self.definitions, toml::to_string(&document).unwrap()).unwrap();
+    }
+
+    /// Every window of `aggregation` in the store: start -> (version, count, sum of `n`).
+    async fn versions_stored(
+        &self,
+        aggregation: &str,
+    ) -> BTreeMap<(String, i64), (i64, i64, Option<f64>)> {
+        let store = LocalStore::open(&self.store_path).unwrap();
+        let groups: Vec<String> = if aggregation == "per_bucket" {
+            (0..BUCKETS).map(|b| format!("b{b}")).collect()
+        } else {
+            (0..KEYS).map(|k| format!("k{k}")).collect()
+        };
+        let mut got = BTreeMap::new();
+        for group in groups {
+            let rows = store
+                .query(&AggregateQuery {
+                    pipeline: self.pipeline.clone(),
+                    aggregation: aggregation.into(),
+                    group_key: group,
+                    from: T0 - 60_000,
+                    to: T0 + 60_000,
+                    limit: 100,
+                })
+                .await
+                .unwrap();
+            for r in rows {
+                let sum = r.values.get("sum_n").and_then(|v| v.as_f64());
+                got.insert(
+                    (r.group_key, r.window_start),
+                    (r.definition_version, r.count, sum),
+                );
+            }
+        }
+        got
     }
 
     /// Whether this process counted `n` enriched records and their forwarded copies.
@@ -330,7 +412,7 @@ impl Scenario {
 /// repartitioned ones too — and the final-only aggregation has no other value in the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_stops_has_its_last_windows_closed_and_written_final() {
-    let mut s = scenario("2s");
+    let mut s = scenario("2s", 10);
     s.send(400, 0, 15_000).await;
     let run = instream_testkit::spawn_service(BIN, &s.config).unwrap();
     wait_for("every event counted", Duration::from_secs(60), || {
@@ -352,10 +434,12 @@ async fn a_stream_that_stops_has_its_last_windows_closed_and_written_final() {
 /// The aggregator counts the first events and stops; while it is away for longer than the
 /// idle time, a backlog arrives for the same windows. Restarted, it reads the backlog first:
 /// the time it was away does not count as quiet, so no backlog event is too late and every
-/// window ends final with all of its events.
+/// window ends final with all of its events. (Counted as quiet, the 4 s away would have moved
+/// the watermark from 2 s to 5 s and closed the window [0, 4 s) before its backlog; the first
+/// run waits a minute before idling, so that how long it takes to stop cannot matter.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aggregator_restarted_behind_a_backlog_closes_nothing_early() {
-    let mut s = scenario("3s");
+    let mut s = scenario("1m", 4);
     s.send(200, 1_000, 2_000).await;
     let first = instream_testkit::spawn_service(BIN, &s.config).unwrap();
     wait_for("the first events counted", Duration::from_secs(60), || {
@@ -363,11 +447,12 @@ async fn an_aggregator_restarted_behind_a_backlog_closes_nothing_early() {
     })
     .await;
     s.stop(first).await;
+    s.set_idle("3s");
     // Away for longer than the idle time (the scenario, not a synchronization): the backlog
     // is sent meanwhile, with event times a quiet watermark moved on by this downtime would
     // have passed.
     let away = tokio::time::Instant::now();
-    s.send(4_000, 6_000, 9_900).await;
+    s.send(4_000, 2_000, 3_900).await;
     tokio::time::sleep_until(away + Duration::from_secs(4)).await;
     let second = instream_testkit::spawn_service(BIN, &s.config).unwrap();
     wait_for("the backlog counted", Duration::from_secs(60), || {
@@ -383,4 +468,66 @@ async fn an_aggregator_restarted_behind_a_backlog_closes_nothing_early() {
     assert_eq!(s.too_late().await, 0.0, "nothing closed early");
     s.stop(second).await;
     s.assert_every_window_final_and_exact().await;
+}
+
+/// Version 1 counts in 10-second windows; version 2 also sums, and `per_key` in 5-second
+/// windows, from 10 s of event time on. The aggregator counts
+/// the first events under version 1 and is killed with -9; it restarts under version 2 (with
+/// version 1 kept), reads again what was not checkpointed and the rest: every window starting
+/// before 10 s is version 1's, whole (its late events included), every one from 10 s on is
+/// version 2's — for the aggregation grouped by the key and the repartitioned one alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_definition_change_takes_over_at_its_boundary_through_a_kill() {
+    let mut s = scenario("1h", 10);
+    s.send(300, 0, 9_000).await;
+    let mut first = instream_testkit::spawn_service(BIN, &s.config).unwrap();
+    wait_for("the first events counted", Duration::from_secs(60), || {
+        s.counted(300)
+    })
+    .await;
+    first.0.kill().unwrap(); // SIGKILL: what was not checkpointed is read again
+    first.wait_exit(Duration::from_secs(10)).unwrap();
+    s.apply_version_2(10_000);
+    // Some for version 1's windows (within the out-of-orderness), most after the boundary.
+    s.send(400, 9_000, 19_000).await;
+    let second = instream_testkit::spawn_service(BIN, &s.config).unwrap();
+    wait_for("every event counted", Duration::from_secs(60), || {
+        s.counted(400)
+    })
+    .await;
+    assert_eq!(s.too_late().await, 0.0);
+    s.stop(second).await;
+    // Repartitioned, same windows in both versions: the sum from the boundary on.
+    let got = s.versions_stored("per_bucket").await;
+    let expected: BTreeMap<_, _> = s
+        .expected
+        .iter()
+        .filter(|((a, ..), _)| a == "per_bucket")
+        .map(|((_, group, start), n)| {
+            let shape = if *start < T0 + 10_000 {
+                (1, *n, None)
+            } else {
+                (2, *n, Some(*n as f64))
+            };
+            ((group.clone(), *start), shape)
+        })
+        .collect();
+    assert_eq!(got, expected, "per_bucket");
+    // By key: 10-second windows before the boundary, 5-second ones from it on.
+    let mut expected: BTreeMap<(String, i64), (i64, i64, Option<f64>)> = BTreeMap::new();
+    for (key, t) in &s.times {
+        let (start, version) = if *t < T0 + 10_000 {
+            (t - t % 10_000, 1)
+        } else {
+            (t - t % 5_000, 2)
+        };
+        let entry = expected
+            .entry((key.clone(), start))
+            .or_insert((version, 0, None));
+        entry.1 += 1;
+        if version == 2 {
+            entry.2 = Some(entry.1 as f64);
+        }
+    }
+    assert_eq!(s.versions_stored("per_key").await, expected, "per_key");
 }

@@ -167,6 +167,10 @@ async fn file_and_stored(
     Ok((document, stored))
 }
 
+/// How long after an apply a new version takes over at the earliest by default: ZooKeeper
+/// watches reach every service well within it.
+const TAKE_OVER_MARGIN_MS: i64 = 10_000;
+
 pub async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
     match command {
         PipelineCommand::Apply {
@@ -178,16 +182,35 @@ pub async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
             let (document, stored) = file_and_stored(&config, &file).await?;
             // All or nothing: every definition is checked against what is stored before any
             // is written. One stored exactly as in the file is left alone.
+            // A new version of a stored one is stamped with the event time it takes over at
+            // and keeps the versions before it (docs/pipelines.md).
             let mut plan = Vec::new();
             let mut refused = Vec::new();
+            let now = instream_event::now_millis();
             for def in &document.pipelines {
                 match stored.get(&def.name) {
-                    Some(Ok(old)) if old == def => plan.push((def, false)),
+                    Some(Ok(old)) if old.same_content(def) => plan.push((old.clone(), false)),
                     Some(Ok(old)) if old.version >= def.version => refused.push(format!(
                         "`{}`: version {} is not above the stored version {}",
                         def.name, def.version, old.version
                     )),
-                    _ => plan.push((def, true)),
+                    Some(Ok(_)) if def.effective_from.is_some_and(|t| t < now) => {
+                        refused.push(format!(
+                            "`{}`: effective_from is in the past: windows after it may be \
+                             counted under the stored version already",
+                            def.name
+                        ))
+                    }
+                    Some(Ok(old)) => {
+                        // Every aggregator must have the new version before events of its
+                        // first windows arrive.
+                        let next = def.succeeding(old, now + TAKE_OVER_MARGIN_MS);
+                        match next.validate() {
+                            Ok(()) => plan.push((next, true)),
+                            Err(e) => refused.push(e.to_string()),
+                        }
+                    }
+                    _ => plan.push((def.clone(), true)),
                 }
             }
             if !refused.is_empty() {
@@ -197,16 +220,22 @@ pub async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
             let mut text = String::new();
             for (def, write) in plan {
                 if write {
-                    instream_coord::publish_definition(&config.zookeeper, def).await?;
+                    instream_coord::publish_definition(&config.zookeeper, &def).await?;
                 }
                 let outcome = if write { "stored" } else { "unchanged" };
+                let from = def
+                    .effective_from
+                    .map(instream_event::format_rfc3339_millis);
+                let takes_over = from
+                    .as_ref()
+                    .map(|t| format!(", its windows from {t}"))
+                    .unwrap_or_default();
                 text.push_str(&format!(
-                    "pipeline `{}` version {} {outcome}\n",
+                    "pipeline `{}` version {} {outcome}{takes_over}\n",
                     def.name, def.version
                 ));
-                report.push(
-                    json!({"pipeline": def.name, "version": def.version, "outcome": outcome}),
-                );
+                report.push(json!({"pipeline": def.name, "version": def.version,
+                    "outcome": outcome, "effective_from": from}));
             }
             match output.output {
                 Output::Table => emit(&text),
@@ -245,7 +274,9 @@ pub async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
                 .definition
                 .map_err(|e| anyhow::anyhow!("the stored `{name}` is invalid: {e}"))?;
             match output.output {
-                Output::Table => emit(&as_toml(&def)?),
+                // What `apply` takes back: the stamps (`effective_from`, the versions kept)
+                // are the stored version's, not the next one's.
+                Output::Table => emit(&as_toml(&def.unstamped())?),
                 Output::Json => emit_json(&serde_json::to_value(&def)?),
             }
         }
@@ -315,8 +346,8 @@ pub async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
                 let new = pretty(def);
                 let (state, old) = match stored.get(&def.name) {
                     None => ("new", String::new()),
-                    Some(Ok(old)) if old == def => ("unchanged", pretty(old)),
-                    Some(Ok(old)) => ("changed", pretty(old)),
+                    Some(Ok(old)) if old.same_content(def) => ("unchanged", pretty(old)),
+                    Some(Ok(old)) => ("changed", pretty(&old.unstamped())),
                     Some(Err(_)) => ("replaces an invalid stored definition", String::new()),
                 };
                 let diff = similar::TextDiff::from_lines(&old, &new)

@@ -48,6 +48,18 @@ async fn pipeline_commands_apply_get_list_and_diff_definitions() {
     );
     let applied = env.json(&["pipeline", "apply", again, "--output", "json"]);
     assert_eq!(applied[0]["outcome"], "stored");
+    // Version 2 takes over at a window boundary after the apply, keeping version 1 for the
+    // windows before it.
+    let from = applied[0]["effective_from"].as_str().expect("stamped");
+    let from = instream_event::parse_event_time(&serde_json::json!(from)).unwrap();
+    assert!(from > instream_event::now_millis(), "{from}");
+    assert_eq!(from % 60_000, 0, "on a window boundary");
+    let stored = env.json(&["pipeline", "get", "orders", "--output", "json"]);
+    assert_eq!(stored["previous"][0]["version"], 1);
+    assert!(
+        !env.ok(&["pipeline", "get", "orders"]).contains("previous"),
+        "the TOML is what apply takes back"
+    );
     // Applying the same file again changes nothing and is not an error.
     let applied = env.json(&["pipeline", "apply", again, "--output", "json"]);
     assert_eq!(applied[0]["outcome"], "unchanged");

@@ -72,6 +72,20 @@ struct WindowValue {
     dirty: bool,
 }
 
+/// Where [`PartitionState::count_in`] counts an event: one definition version, the window
+/// starts it makes, and what the event's aggregations share.
+struct Into<'d, 'p, 'e> {
+    def: &'d PipelineDefinition,
+    starts: std::ops::Range<i64>,
+    watermark: i64,
+    payload: &'p mut crate::payload::Payload<'e>,
+    values: &'p mut Vec<Option<serde_json::Value>>,
+    late: &'p mut Vec<String>,
+    /// Aggregations counted in some window, when several versions are kept (a hopping
+    /// aggregation late under one may count under another).
+    counted: Option<&'p mut Vec<&'d str>>,
+}
+
 /// What happened to one record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -110,6 +124,18 @@ fn window_hash(pipeline: &str, aggregation: &str, group_key: &str, start: i64) -
         return xxhash_rust::xxh3::xxh3_128(&buf[..len]);
     }
     window_hash_streaming(pipeline, aggregation, group_key, start)
+}
+
+/// The sessions of one group of one aggregation made by one definition version: sessions of
+/// different versions never merge (docs/pipelines.md), so a session is made whole by one.
+fn session_group(pipeline: &str, aggregation: &str, group_key: &str, version: u64) -> u128 {
+    let version = i64::try_from(version).unwrap_or(i64::MAX);
+    window_hash(
+        pipeline,
+        aggregation,
+        group_key,
+        i64::MIN.saturating_add(version),
+    )
 }
 
 fn window_hash_streaming(pipeline: &str, aggregation: &str, group_key: &str, start: i64) -> u128 {
@@ -166,6 +192,10 @@ pub struct PartitionState {
     quiet: Option<(i64, i64)>,
     /// The watermark moved on because the partition is idle (not checkpointed).
     idle: bool,
+    /// An idle advance not in a saved checkpoint yet: the windows it closes are written only
+    /// once it is, so that a crash cannot undo the advance after their final values were
+    /// written (a replay would count events the advance had made late).
+    idle_unsaved: bool,
     /// Restored from a checkpoint older than format 5: its windows' group keys of several
     /// fields are still joined with `|`, to be written as JSON arrays once the definition is
     /// at hand (see [`PartitionState::upgrade_group_keys`]).
@@ -193,6 +223,7 @@ impl Default for PartitionState {
             clock: Default::default(),
             quiet: None,
             idle: false,
+            idle_unsaved: false,
             legacy_group_keys: false,
         }
     }
@@ -303,75 +334,32 @@ impl PartitionState {
         let mut payload = crate::payload::Payload::new(event.payload.get());
         // The functions' input values, one aggregation at a time: one allocation per event.
         let mut values: Vec<Option<serde_json::Value>> = Vec::new();
-        for aggregation in def.aggregations.iter().filter(|a| scope.takes(a)) {
-            if let Some(filter) = &aggregation.filter {
-                if !accepts(filter, event, &mut payload) {
-                    continue;
-                }
-            }
-            let group = match scope {
-                Scope::Repartitioned {
-                    group: Some(group), ..
-                } => std::borrow::Cow::Borrowed(group),
-                _ => group_key(aggregation, event, &mut payload),
-            };
-            values.clear();
-            values.extend(aggregation.functions.iter().map(|f| {
-                f.field()
-                    .and_then(|path| field_value(path, event, &mut payload))
-            }));
-            if let Some(gap) = aggregation.window.session_gap_millis() {
-                // Late when more than the allowed lateness behind the watermark: such an
-                // event could otherwise overlap a session already closed and dropped.
-                let lateness = aggregation.allowed_lateness.as_millis() as i64;
-                if event.event_time.saturating_add(lateness) < watermark {
-                    late.push(aggregation.name.clone());
-                } else {
-                    self.add_to_session(def, aggregation, &group, gap, event, &values);
-                }
+        // A window is made by the version its start falls under (docs/pipelines.md), so
+        // that every partition and every replay switches at the same event time.
+        let mut counted: Vec<&str> = Vec::new();
+        for (version, from, until) in def.versions() {
+            // The windows an event is in start at or before its time.
+            if event.event_time < from {
                 continue;
             }
-            // A hopping window's event is in several windows; it is late for the aggregation
-            // only when it is late for all of them.
-            let mut all_late = true;
-            for start in aggregation.window.starts_of(event.event_time) {
-                let closes_at = aggregation
-                    .window
-                    .closes_at(start, aggregation.allowed_lateness);
-                if closes_at <= watermark {
-                    continue;
-                }
-                all_late = false;
-                let hash = window_hash(&def.name, &aggregation.name, &group, start);
-                let (_, value) = self.windows.entry(hash).or_insert_with(|| {
-                    (
-                        WindowId {
-                            pipeline: def.name.clone(),
-                            aggregation: aggregation.name.clone(),
-                            group_key: group.clone().into_owned(),
-                            start,
-                        },
-                        WindowValue {
-                            end: start.saturating_add(aggregation.window.size_millis()),
-                            closes_at,
-                            version: def.version,
-                            count: 0,
-                            accs: aggregation.functions.iter().map(Acc::new).collect(),
-                            gap: None,
-                            dirty: false,
-                        },
-                    )
-                });
-                value.count += 1;
-                for (acc, v) in value.accs.iter_mut().zip(&values) {
-                    acc.add(v.as_ref(), event.event_time);
-                }
-                value.dirty = true;
-            }
-            if all_late {
-                late.push(aggregation.name.clone());
+            let mut into = Into {
+                def: version,
+                starts: from..until,
+                watermark,
+                payload: &mut payload,
+                values: &mut values,
+                late: &mut late,
+                counted: (!def.previous.is_empty()).then_some(&mut counted),
+            };
+            for aggregation in version.aggregations.iter().filter(|a| scope.takes(a)) {
+                self.count_in(scope, aggregation, event, &mut into);
             }
         }
+        // A hopping aggregation counted under one version is not late for having windows
+        // under another that closed.
+        late.retain(|name| !counted.contains(&name.as_str()));
+        late.sort();
+        late.dedup();
         // An event moves the watermark no further than its own ingest time (and a little):
         // one producer's clock running ahead must not make the others' current events late.
         let time = event.event_time.min(
@@ -394,6 +382,103 @@ impl PartitionState {
             Outcome::Counted
         } else {
             Outcome::TooLate(late)
+        }
+    }
+
+    /// Counts an event into the windows of one aggregation of one definition version that
+    /// start within that version's range.
+    fn count_in<'d>(
+        &mut self,
+        scope: Scope<'_>,
+        aggregation: &'d instream_pipeline::Aggregation,
+        event: &Event,
+        into: &mut Into<'d, '_, '_>,
+    ) {
+        let t = event.event_time;
+        let in_range = |start: &i64| into.starts.contains(start);
+        let mine = match aggregation.window.session_gap_millis() {
+            // A session is made by the version its event's own time falls under.
+            Some(_) => in_range(&t),
+            None => aggregation.window.starts_of(t).any(|s| in_range(&s)),
+        };
+        if !mine {
+            return;
+        }
+        if let Some(filter) = &aggregation.filter {
+            if !accepts(filter, event, into.payload) {
+                return;
+            }
+        }
+        let group = match scope {
+            Scope::Repartitioned {
+                group: Some(group), ..
+            } => std::borrow::Cow::Borrowed(group),
+            _ => group_key(aggregation, event, into.payload),
+        };
+        into.values.clear();
+        let payload = &mut *into.payload;
+        into.values.extend(
+            aggregation
+                .functions
+                .iter()
+                .map(|f| f.field().and_then(|path| field_value(path, event, payload))),
+        );
+        let def = into.def;
+        if let Some(gap) = aggregation.window.session_gap_millis() {
+            // Late when more than the allowed lateness behind the watermark: such an
+            // event could otherwise overlap a session already closed and dropped.
+            let lateness = aggregation.allowed_lateness.as_millis() as i64;
+            if t.saturating_add(lateness) < into.watermark {
+                into.late.push(aggregation.name.clone());
+            } else {
+                self.add_to_session(def, aggregation, &group, gap, event, into.values);
+                if let Some(counted) = into.counted.as_mut() {
+                    counted.push(&aggregation.name);
+                }
+            }
+            return;
+        }
+        // A hopping window's event is in several windows; it is late for the aggregation
+        // only when it is late for all of them.
+        let mut all_late = true;
+        for start in aggregation.window.starts_of(t).filter(|s| in_range(s)) {
+            let closes_at = aggregation
+                .window
+                .closes_at(start, aggregation.allowed_lateness);
+            if closes_at <= into.watermark {
+                continue;
+            }
+            all_late = false;
+            let hash = window_hash(&def.name, &aggregation.name, &group, start);
+            let (_, value) = self.windows.entry(hash).or_insert_with(|| {
+                (
+                    WindowId {
+                        pipeline: def.name.clone(),
+                        aggregation: aggregation.name.clone(),
+                        group_key: group.clone().into_owned(),
+                        start,
+                    },
+                    WindowValue {
+                        end: start.saturating_add(aggregation.window.size_millis()),
+                        closes_at,
+                        version: def.version,
+                        count: 0,
+                        accs: aggregation.functions.iter().map(Acc::new).collect(),
+                        gap: None,
+                        dirty: false,
+                    },
+                )
+            });
+            value.count += 1;
+            for (acc, v) in value.accs.iter_mut().zip(into.values.iter()) {
+                acc.add(v.as_ref(), t);
+            }
+            value.dirty = true;
+        }
+        if all_late {
+            into.late.push(aggregation.name.clone());
+        } else if let Some(counted) = into.counted.as_mut() {
+            counted.push(&aggregation.name);
         }
     }
 
@@ -428,8 +513,16 @@ impl PartitionState {
     /// idle: its event-time progress moves on from where it was when it went quiet by the
     /// time that passed since — never past `now`, the ingest time any new event would get,
     /// and never to the wall clock from a replay of old events. Then its windows close as if
-    /// the stream had gone on. Returns whether the watermark moved.
-    pub fn advance_idle(&mut self, now: i64, idle: Duration, read_to_end: bool) -> bool {
+    /// the stream had gone on. The move is made only when it closes a window (the watermark
+    /// being `out_of_orderness` behind): a quiet partition's checkpoint is not rewritten on
+    /// every tick for nothing. Returns whether the watermark moved.
+    pub fn advance_idle(
+        &mut self,
+        now: i64,
+        idle: Duration,
+        read_to_end: bool,
+        out_of_orderness: Duration,
+    ) -> bool {
         let Some((since, from)) = self.quiet.filter(|_| read_to_end) else {
             // Not read to its end (a backlog, a paused fetch): not quiet, whatever the time
             // since its last record says.
@@ -444,9 +537,22 @@ impl PartitionState {
         if target <= self.max_event_time {
             return false;
         }
+        // Only to close a window not closed yet: once moved, the partition waits until the
+        // windows that closed are written, or until the next one would close.
+        let ooo = out_of_orderness.as_millis() as i64;
+        let (now_at, moved_to) = (
+            self.max_event_time.saturating_sub(ooo),
+            target.saturating_sub(ooo),
+        );
+        let closes = |v: &WindowValue| now_at < v.closes_at && v.closes_at <= moved_to;
+        if !self.windows.values().any(|(_, v)| closes(v)) {
+            self.idle = true;
+            return false;
+        }
         self.max_event_time = target;
         self.changed = true;
         self.idle = true;
+        self.idle_unsaved = true;
         self.clock.advanced(target, now);
         true
     }
@@ -510,6 +616,9 @@ impl PartitionState {
         if self.legacy_group_keys {
             self.upgrade_group_keys(&def_of);
         }
+        if self.idle_unsaved {
+            return;
+        }
         let max_event_time = self.max_event_time;
         let clock = &mut self.clock;
         // A partition's windows are nearly always of one pipeline: one lookup, not one each.
@@ -531,8 +640,11 @@ impl PartitionState {
             }
             // No definition any more: written as it is (nothing will change it).
             let closed = watermark.is_none_or(|w| v.end <= w);
+            // The version the window was made by names and settles its functions (the
+            // current one when that version is no longer kept).
+            let made_by = def.map(|d| d.version_def(v.version).unwrap_or(d));
             let aggregation =
-                def.and_then(|d| d.aggregations.iter().find(|a| a.name == id.aggregation));
+                made_by.and_then(|d| d.aggregations.iter().find(|a| a.name == id.aggregation));
             let final_only = aggregation.is_some_and(|a| a.emit == Emit::Final);
             if !v.dirty && !is_final {
                 if closed && !final_only {
@@ -619,7 +731,8 @@ impl PartitionState {
         self.sessions.clear();
         for (hash, (id, value)) in &self.windows {
             if value.gap.is_some() {
-                let group = window_hash(&id.pipeline, &id.aggregation, &id.group_key, i64::MIN);
+                let group =
+                    session_group(&id.pipeline, &id.aggregation, &id.group_key, value.version);
                 self.sessions.entry(group).or_default().push(*hash);
             }
         }
@@ -660,6 +773,10 @@ impl PartitionState {
     /// `max_out_of_orderness` (None: no definition any more, so nothing can close safely).
     /// Returns how many closed.
     pub fn close_windows(&mut self, out_of_orderness: impl Fn(&str) -> Option<Duration>) -> usize {
+        if self.idle_unsaved {
+            // Their final values are not written yet (see `take_dirty`).
+            return 0;
+        }
         let before = self.windows.len();
         let max_event_time = self.max_event_time;
         self.windows.retain(|_, (id, v)| {

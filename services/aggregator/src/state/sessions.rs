@@ -6,7 +6,7 @@ use instream_event::Event;
 use instream_pipeline::PipelineDefinition;
 use instream_store::WindowAggregate;
 
-use super::{window_hash, PartitionState, WindowId, WindowValue};
+use super::{session_group, PartitionState, WindowId, WindowValue};
 use crate::functions::Acc;
 
 impl PartitionState {
@@ -22,7 +22,7 @@ impl PartitionState {
         values: &[Option<serde_json::Value>],
     ) {
         let t = event.event_time;
-        let group_hash = window_hash(&def.name, &aggregation.name, group, i64::MIN);
+        let group_hash = session_group(&def.name, &aggregation.name, group, def.version);
         let lateness = aggregation.allowed_lateness.as_millis() as i64;
         let mut start = t;
         let mut end = t.saturating_add(gap);

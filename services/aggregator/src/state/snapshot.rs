@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use super::seen::{Prehashed, SeenIds};
-use super::{window_hash, PartitionState, SnapshotError, WindowId, WindowValue};
+use super::{session_group, PartitionState, SnapshotError, WindowId, WindowValue};
 
 /// Increments when the snapshot layout (or what its fields mean) changes; older snapshots are
 /// read and upgraded where listed in [`PartitionState::restore`], newer ones refused, never
@@ -86,6 +86,7 @@ impl PartitionState {
     /// The snapshot from [`Self::snapshot`] is durable: the state is unchanged since.
     pub fn mark_saved(&mut self) {
         self.changed = false;
+        self.idle_unsaved = false;
     }
 
     /// The state a checkpoint holds, without its seen ids: read `[seen_from, next_offset)` of
@@ -119,7 +120,7 @@ impl PartitionState {
         let mut sessions: HashMap<u128, Vec<u128>, Prehashed> = HashMap::default();
         for (id, v) in &s.windows {
             if v.gap.is_some() {
-                let group = window_hash(&id.pipeline, &id.aggregation, &id.group_key, i64::MIN);
+                let group = session_group(&id.pipeline, &id.aggregation, &id.group_key, v.version);
                 sessions.entry(group).or_default().push(id.hash());
             }
         }
@@ -145,6 +146,7 @@ impl PartitionState {
             clock: Default::default(),
             quiet: None,
             idle: false,
+            idle_unsaved: false,
             legacy_group_keys: format < 5,
         };
         let mut state = state;

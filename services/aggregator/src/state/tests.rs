@@ -549,53 +549,187 @@ fn emit_final_writes_each_window_once_with_its_final_value() {
 
 #[test]
 fn an_idle_partition_moves_on_from_its_last_event_by_the_quiet_time_only_when_read_to_end() {
-    let def = def();
+    let def = def(); // 1-minute windows, 30 s of lateness, no out-of-orderness
+    let ooo = def.max_out_of_orderness;
     let idle = Duration::from_secs(5);
     let now = 1_000_000_000; // wall clock, ms
     let mut s = PartitionState::default();
     s.apply(0, &event("a", 10_000, now), None, &def, HORIZON);
     s.heard_from(now);
     assert!(
-        !s.advance_idle(now + 4_000, idle, true),
+        !s.advance_idle(now + 4_000, idle, true, ooo),
         "not quiet long enough"
     );
+    assert!(!s.is_idle());
     assert!(
-        !s.advance_idle(now + 60_000, idle, false),
+        !s.advance_idle(now + 60_000, idle, false, ooo),
         "a partition with records still to read is not idle"
     );
     // Read to its end now: the quiet time counts from here.
-    assert!(!s.advance_idle(now + 64_000, idle, true));
-    assert!(s.advance_idle(now + 66_000, idle, true));
+    assert!(!s.advance_idle(now + 64_000, idle, true, ooo));
+    assert!(!s.is_idle());
+    assert!(
+        !s.advance_idle(now + 66_000, idle, true, ooo),
+        "idle, but nothing would close: nothing moves (nor is checkpointed)"
+    );
+    assert!(s.is_idle());
+    assert_eq!(s.max_event_time, 10_000);
+    // Quiet on: [0, 60 s) closes once 60 s of event time plus its 30 s lateness have passed.
+    assert!(s.advance_idle(now + 60_000 + 90_000, idle, true, ooo));
     assert_eq!(
         s.max_event_time,
-        10_000 + 6_000,
+        10_000 + 90_000,
         "from the last event time by the time that passed, not to the wall clock"
     );
-    // Quiet on: [0, 60 s) closes once 60 s of event time plus its 30 s lateness have passed.
-    assert!(s.advance_idle(now + 60_000 + 90_000, idle, true));
+    assert_eq!(
+        flushed(&mut s, &def, false),
+        vec![],
+        "the final value waits until the advance is in a checkpoint"
+    );
+    assert_eq!(s.window_count(), 1, "and the window with it");
+    s.mark_saved();
     assert_eq!(flushed(&mut s, &def, false), vec![(0, 1, true)]);
     // An event resets the quiet time.
     s.apply(1, &event("b", 200_000, now + 151_000), None, &def, HORIZON);
     s.heard_from(now + 151_000);
-    assert!(!s.advance_idle(now + 152_000, idle, true));
+    assert!(!s.is_idle());
+    assert!(!s.advance_idle(now + 152_000, idle, true, ooo));
 }
 
 #[test]
 fn an_idle_watermark_never_passes_the_wall_clock() {
     let def = def();
+    let ooo = def.max_out_of_orderness;
     let now = 1_000_000_000;
     let mut s = PartitionState::default();
     // Events a little ahead of their ingest time, within the tolerance.
     s.apply(0, &event("a", now - 500, now - 1_000), None, &def, HORIZON);
     s.heard_from(now - 1_000);
-    assert!(s.advance_idle(now + 10_000, Duration::from_secs(1), true));
-    assert_eq!(s.max_event_time, now + 10_000, "capped at now");
+    assert!(s.advance_idle(now + 100_000, Duration::from_secs(1), true, ooo));
+    assert_eq!(s.max_event_time, now + 100_000, "capped at now");
     let mut fresh = PartitionState::default();
     fresh.heard_from(now);
     assert!(
-        !fresh.advance_idle(now + 10_000, Duration::from_secs(1), true),
+        !fresh.advance_idle(now + 10_000, Duration::from_secs(1), true, ooo),
         "a partition that never had an event has nothing to move on from"
     );
+}
+
+/// Version 1 counts; version 2, from 120 s of event time on, also sums `x` and has hopping
+/// windows of 2 minutes every minute instead of tumbling minutes for `per_slide`.
+fn versions() -> (PipelineDefinition, PipelineDefinition) {
+    let doc = |version: u64, functions: &str, window: &str| {
+        parse_document(&format!(
+            r#"
+[[pipelines]]
+name = "p"
+version = {version}
+key_field = "k"
+time_field = "t"
+max_out_of_orderness = "1m"
+[[pipelines.aggregations]]
+name = "per_minute"
+window = {{ kind = "tumbling", size = "1m" }}
+allowed_lateness = "0s"
+functions = [{functions}]
+[[pipelines.aggregations]]
+name = "per_slide"
+window = {window}
+allowed_lateness = "0s"
+"#
+        ))
+        .unwrap()
+        .pipelines
+        .remove(0)
+    };
+    let one = doc(1, "", r#"{ kind = "tumbling", size = "1m" }"#);
+    let mut two = doc(
+        2,
+        r#"{ fn = "sum", field = "payload.x" }"#,
+        r#"{ kind = "hopping", size = "2m", slide = "1m" }"#,
+    );
+    two.effective_from = Some(120_000);
+    let two = two.succeeding(&one, 0);
+    (one, two)
+}
+
+fn with_x(id: &str, t: i64) -> Event {
+    Event {
+        payload: RawValue::from_string(r#"{"x": 2}"#.into()).unwrap(),
+        ..event(id, t, 1_000_000)
+    }
+}
+
+#[test]
+fn a_definition_change_switches_at_its_event_time_boundary_whenever_a_partition_sees_it() {
+    let (one, two) = versions();
+    assert_eq!(two.effective_from, Some(120_000));
+    // Event times in arrival order: before the boundary, across it, and late ones from
+    // before it arriving after events from after it.
+    let times = [
+        10_000, 70_000, 110_000, 125_000, 100_000, 170_000, 119_000, 200_000,
+    ];
+    let first_after = times.iter().position(|t| *t >= 120_000).unwrap();
+    let run = |switch_at: usize| {
+        let mut s = PartitionState::default();
+        for (offset, t) in times.iter().enumerate() {
+            let def = if offset < switch_at { &one } else { &two };
+            let outcome = s.apply(
+                offset as i64,
+                &with_x(&format!("e{offset}"), *t),
+                None,
+                def,
+                HORIZON,
+            );
+            assert_eq!(outcome, Outcome::Counted, "event at {t}");
+        }
+        let mut rows = Vec::new();
+        s.take_dirty(|_| Some(&two), true, &mut rows);
+        let mut rows: Vec<_> = rows
+            .into_iter()
+            .map(|r| {
+                (
+                    r.aggregation,
+                    r.window_start,
+                    r.definition_version,
+                    r.count,
+                    r.values,
+                )
+            })
+            .collect();
+        rows.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        rows
+    };
+    let expected = run(0);
+    let sum = |n: i64| {
+        serde_json::json!({ "sum_x": n as f64 })
+            .as_object()
+            .cloned()
+            .unwrap()
+    };
+    let none = serde_json::Map::new();
+    assert_eq!(
+        expected,
+        vec![
+            // Windows starting before 120 s: version 1, no sum; from it on: version 2.
+            ("per_minute".into(), 0, 1, 1, none.clone()),
+            ("per_minute".into(), 60_000, 1, 4, none.clone()),
+            ("per_minute".into(), 120_000, 2, 2, sum(4)),
+            ("per_minute".into(), 180_000, 2, 1, sum(2)),
+            ("per_slide".into(), 0, 1, 1, none.clone()),
+            ("per_slide".into(), 60_000, 1, 4, none.clone()),
+            // Hopping under version 2: [120 s, 240 s) and [180 s, 300 s); the one starting at
+            // 60 s would hold events after 120 s but is version 1's tumbling minute.
+            ("per_slide".into(), 120_000, 2, 3, none.clone()),
+            ("per_slide".into(), 180_000, 2, 1, none.clone()),
+        ]
+        .into_iter()
+        .map(|(a, s, v, c, values): (String, i64, i64, i64, _)| (a, s, v, c, values))
+        .collect::<Vec<_>>()
+    );
+    for switch_at in 1..=first_after {
+        assert_eq!(run(switch_at), expected, "seen at record {switch_at}");
+    }
 }
 
 #[test]
