@@ -193,7 +193,14 @@ impl ScyllaStore {
                 )
                 .await
             {
-                tracing::debug!(error = %e, column, "column already there");
+                // Usually the column is there already; anything else (no ALTER permission)
+                // must be visible, or the statements that name it fail without saying why.
+                let message = e.to_string();
+                if message.contains("already exist") || message.contains("conflicts with") {
+                    tracing::debug!(error = %message, column, "column already there");
+                } else {
+                    tracing::warn!(error = %message, column, "could not add the column");
+                }
             }
         }
         session

@@ -38,7 +38,8 @@ async fn start_with(
                 .as_object()
                 .cloned()
                 .unwrap_or_default(),
-            is_final: false,
+            // The oldest windows are final, the newest still open.
+            is_final: i < 3,
         })
         .chain(std::iter::once(WindowAggregate {
             pipeline: "orders".into(),
@@ -126,6 +127,8 @@ async fn keys_are_checked_and_pages_walk_the_range() {
     assert_eq!(windows[0]["window_start"], "2024-05-01T12:00:00Z");
     assert_eq!(windows[4]["count"], 5);
     assert_eq!(windows[4]["values"]["sum_amount"], 50);
+    assert_eq!(windows[0]["final"], true);
+    assert_eq!(windows[4]["final"], false);
     assert!(body.get("next_page_token").is_none());
 
     // Two per page: 2 + 2 + 1, each page continuing where the last ended.
