@@ -76,13 +76,14 @@ pub struct PipelineDefinition {
     )]
     pub effective_from: Option<i64>,
     /// The versions before this one, newest first, for the windows that started before
-    /// `effective_from` (`pipeline apply` keeps the last three).
+    /// `effective_from` (`pipeline apply` keeps the last five).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub previous: Vec<PipelineDefinition>,
 }
 
-/// Previous versions `pipeline apply` keeps under a new one.
-pub const KEPT_VERSIONS: usize = 3;
+/// Previous versions `pipeline apply` keeps under a new one: a window of a version no longer
+/// kept is finished under the oldest one kept.
+pub const KEPT_VERSIONS: usize = 5;
 
 impl PipelineDefinition {
     /// This definition and the versions before it, newest first, each with the window starts
@@ -114,8 +115,12 @@ impl PipelineDefinition {
 
     /// Whether two definitions say the same, apart from what `pipeline apply` stamps
     /// (`effective_from`, `previous`).
+    /// An `effective_from` `other` gives itself must be the same too.
     pub fn same_content(&self, other: &PipelineDefinition) -> bool {
         self.unstamped() == other.unstamped()
+            && other
+                .effective_from
+                .is_none_or(|t| Some(t) == self.effective_from)
     }
 
     /// This definition without what `pipeline apply` stamps.
@@ -134,8 +139,8 @@ impl PipelineDefinition {
         let mut next = self.clone();
         // Not before the stored version takes over: applied again before then, the stored
         // version makes no window at all.
-        let boundary =
-            next_boundary(stored, self, now).max(stored.effective_from.unwrap_or(i64::MIN));
+        let after = now.max(stored.effective_from.unwrap_or(i64::MIN).saturating_sub(1));
+        let boundary = next_boundary(self, after);
         next.effective_from = Some(self.effective_from.unwrap_or(boundary));
         let mut kept = stored.clone();
         kept.previous = Vec::new();
@@ -147,17 +152,10 @@ impl PipelineDefinition {
     }
 }
 
-/// The first time after `now` that is a window boundary of every aggregation of both
-/// versions (at least the next minute).
-fn next_boundary(old: &PipelineDefinition, new: &PipelineDefinition, now: i64) -> i64 {
-    // The new version's boundaries are required (validated); the old one's are kept too
-    // where both share one within 30 days.
-    let new_step = new.boundary_step().unwrap_or(MAX_BOUNDARY_STEP);
-    let step = old
-        .boundary_step()
-        .map(|old_step| lcm(old_step, new_step))
-        .filter(|step| *step <= MAX_BOUNDARY_STEP)
-        .unwrap_or(new_step);
+/// The first time after `now` that is a window boundary of every aggregation of `new` (on
+/// the minute at least).
+fn next_boundary(new: &PipelineDefinition, now: i64) -> i64 {
+    let step = new.boundary_step().unwrap_or(MAX_BOUNDARY_STEP);
     // At least a minute apart: a multiple of the step.
     let step = step.saturating_mul((60_000 + step - 1) / step);
     now.div_euclid(step).saturating_add(1).saturating_mul(step)

@@ -378,8 +378,13 @@ impl PipelineDefinition {
         let mut newer = self;
         for (i, old) in self.previous.iter().enumerate() {
             let field = |key: &str| format!("previous[{i}].{key}");
-            if let Err(e) = old.validate() {
-                problem(format!("previous[{i}]"), e.to_string());
+            // Structure only: a kept version was valid when applied, and a rule tightened
+            // since must not make the definition that keeps it invalid for good.
+            if old.effective_from.is_none() && i + 1 < self.previous.len() {
+                problem(
+                    field("effective_from"),
+                    "is required on every kept version but the oldest".into(),
+                );
             }
             if old.name != self.name {
                 problem(field("name"), format!("`{}` is another pipeline", old.name));
@@ -683,7 +688,7 @@ window = { kind = "tumbling", size = "1m" }
             "{text}"
         );
         assert_eq!(parse_document(&text).unwrap().pipelines[0], two);
-        // A given effective_from is kept; at most three versions are kept.
+        // A given effective_from is kept; at most five versions are kept.
         let mut five = v(5, "1m");
         five.effective_from = Some(b + 600_000);
         let three = v(3, "1m").succeeding(&two, b + 1);
@@ -691,8 +696,15 @@ window = { kind = "tumbling", size = "1m" }
         let five = five.succeeding(&four, b + 3);
         assert_eq!(five.effective_from, Some(b + 600_000));
         let kept: Vec<u64> = five.previous.iter().map(|d| d.version).collect();
-        assert_eq!(kept, vec![4, 3, 2]);
+        assert_eq!(kept, vec![4, 3, 2, 1]);
         five.validate().unwrap();
+        let six = v(6, "1m").succeeding(&five, b + 4);
+        let seven = v(7, "1m").succeeding(&six, b + 5);
+        let kept: Vec<u64> = seven.previous.iter().map(|d| d.version).collect();
+        assert_eq!(kept, vec![6, 5, 4, 3, 2], "five kept");
+        // Applied again before the stored version took over: not before it.
+        assert!(seven.effective_from >= six.effective_from);
+        seven.validate().unwrap();
     }
 
     #[test]

@@ -22,13 +22,16 @@ use crate::AggregatorError;
 /// How long an answer about an upstream topic's lag is trusted.
 const UPSTREAM_FRESH: Duration = Duration::from_secs(5);
 
+/// Per partition of a topic, whether a group had handled every record of it.
+type PartitionsRead = Vec<(i32, bool)>;
+
 /// What is known of how far the stages before the aggregator have read.
 pub(crate) struct Upstream {
     /// The enricher's consumer group, which reads the raw topics.
     enricher_group: String,
-    /// (group, topic) -> when it was last looked at, and whether the group had handled every
-    /// record of the topic then.
-    checked: HashMap<(String, String), (Instant, bool)>,
+    /// (group, topic) -> when it was last looked at, and per partition whether the group
+    /// had handled every record of it then (empty: unknown).
+    checked: HashMap<(String, String), (Instant, PartitionsRead)>,
 }
 
 impl Upstream {
@@ -39,32 +42,46 @@ impl Upstream {
         }
     }
 
-    /// Whether `group` has handled every record of `topic`. A topic written in transactions
-    /// ends with a commit marker no reader receives, so one offset short of its end counts
-    /// as read there (`markers`).
+    /// Whether `group` has handled every record of `topic` (of its partition `only`, when
+    /// given: a quiet partition of a busy pipeline waits for its own upstream only). A topic
+    /// written in transactions ends with a commit marker no reader receives, so one offset
+    /// short of its end counts as read there (`markers`).
     async fn read_to_end(
         &mut self,
         kafka: &KafkaConfig,
         group: &str,
         topic: String,
+        only: Option<i32>,
         markers: bool,
     ) -> bool {
         let key = (group.to_owned(), topic);
-        if let Some((at, read)) = self.checked.get(&key) {
-            if at.elapsed() < UPSTREAM_FRESH {
-                return *read;
-            }
+        let stale = self
+            .checked
+            .get(&key)
+            .is_none_or(|(at, _)| at.elapsed() >= UPSTREAM_FRESH);
+        if stale {
+            let allowance = i64::from(markers);
+            let read = match instream_kafka::ops::group_lag(kafka, group, &key.1).await {
+                Ok(lags) => lags
+                    .iter()
+                    .map(|p| (p.partition, p.lag <= allowance))
+                    .collect(),
+                Err(error) => {
+                    tracing::debug!(group, topic = %key.1, %error, "upstream lag unknown: not idle");
+                    Vec::new()
+                }
+            };
+            self.checked.insert(key.clone(), (Instant::now(), read));
         }
-        let allowance = i64::from(markers);
-        let read = match instream_kafka::ops::group_lag(kafka, group, &key.1).await {
-            Ok(lags) => lags.iter().all(|p| p.lag <= allowance),
-            Err(error) => {
-                tracing::debug!(group, topic = %key.1, %error, "upstream lag unknown: not idle");
-                false
-            }
-        };
-        self.checked.insert(key, (Instant::now(), read));
-        read
+        let read = self
+            .checked
+            .get(&key)
+            .map(|(_, r)| r.as_slice())
+            .unwrap_or_default();
+        match only {
+            Some(partition) => read.iter().any(|(p, done)| *p == partition && *done),
+            None => !read.is_empty() && read.iter().all(|(_, done)| *done),
+        }
     }
 }
 
@@ -100,27 +117,40 @@ pub(crate) async fn advance(
         // A partition nothing was received from since it was assigned (restored at its end)
         // has no position: its state then says how far it was read.
         let allowance = i64::from(markers && !repartition);
-        let mut read_to_end = (repartition || !inputs.enriched_paused)
+        let read_to_end = (repartition || !inputs.enriched_paused)
             && (read.contains(source)
                 || inputs
                     .input
                     .known_end(&source.0, source.1)
                     .is_some_and(|end| state.next_offset() + allowance >= end));
+        // The stages before: the enricher on the raw partition this one is fed from (the
+        // same number: both are partitioned by the key), or on every raw partition and the
+        // forwarding aggregators on every enriched one for a repartition partition. Asked
+        // only once the partition itself is quiet; an upstream that is behind holds the
+        // advance back without restarting the quiet time.
+        let mut upstream_read = true;
         if read_to_end && state.idle_due(now, idle) {
-            let raw = topics::raw(pipeline);
+            let only = (!repartition).then_some(source.1);
             let enricher = upstream.enricher_group.clone();
-            read_to_end = upstream
-                .read_to_end(inputs.kafka, &enricher, raw, false)
+            upstream_read = upstream
+                .read_to_end(inputs.kafka, &enricher, topics::raw(pipeline), only, false)
                 .await;
-            if read_to_end && repartition {
-                let enriched = topics::enriched(pipeline);
-                read_to_end = upstream
-                    .read_to_end(inputs.kafka, &group, enriched, markers)
+            if upstream_read && repartition {
+                upstream_read = upstream
+                    .read_to_end(
+                        inputs.kafka,
+                        &group,
+                        topics::enriched(pipeline),
+                        None,
+                        markers,
+                    )
                     .await;
             }
         }
         let was_idle = state.is_idle();
-        if state.advance_idle(now, idle, read_to_end, def.max_out_of_orderness) && !was_idle {
+        let advanced =
+            upstream_read && state.advance_idle(now, idle, read_to_end, def.max_out_of_orderness);
+        if advanced && !was_idle {
             tracing::debug!(topic = %source.0, partition = source.1, "idle partition: its watermark moves on");
         }
     }

@@ -57,9 +57,15 @@ pub(crate) async fn publish(
     }
     let mut outputs = BatchOutputs::default();
     for row in rows {
-        let wanted = catalog
-            .get(&row.pipeline)
-            .is_some_and(|def| def.kafka_output(&row.aggregation));
+        // Under the current version or the one that made the window (an output removed by
+        // a change still gets the windows made before it).
+        let wanted = catalog.get(&row.pipeline).is_some_and(|def| {
+            def.kafka_output(&row.aggregation)
+                || u64::try_from(row.definition_version)
+                    .ok()
+                    .and_then(|v| def.version_def(v))
+                    .is_some_and(|made_by| made_by.kafka_output(&row.aggregation))
+        });
         if !wanted {
             continue;
         }

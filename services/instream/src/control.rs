@@ -170,6 +170,8 @@ async fn file_and_stored(
 /// How long after an apply a new version takes over at the earliest by default: ZooKeeper
 /// watches reach every service well within it.
 const TAKE_OVER_MARGIN_MS: i64 = 10_000;
+/// The latest a new version may take over: a year after the apply.
+const MAX_TAKE_OVER_MS: i64 = 366 * 24 * 3600 * 1000;
 
 pub async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
     match command {
@@ -194,20 +196,33 @@ pub async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
                         "`{}`: version {} is not above the stored version {}",
                         def.name, def.version, old.version
                     )),
-                    Some(Ok(_)) if def.effective_from.is_some_and(|t| t < now) => {
-                        refused.push(format!(
-                            "`{}`: effective_from is in the past: windows after it may be \
-                             counted under the stored version already",
-                            def.name
-                        ))
-                    }
                     Some(Ok(old)) => {
-                        // Every aggregator must have the new version before events of its
-                        // first windows arrive.
-                        let next = def.succeeding(old, now + TAKE_OVER_MARGIN_MS);
-                        match next.validate() {
-                            Ok(()) => plan.push((next, true)),
-                            Err(e) => refused.push(e.to_string()),
+                        // Every aggregator must have the new version before it reads an event
+                        // of the new windows: events may run `max_time_ahead` ahead of
+                        // their ingest time, and the watches take a moment.
+                        let ahead = old.max_time_ahead.max(def.max_time_ahead).as_millis() as i64;
+                        let earliest = now + ahead + TAKE_OVER_MARGIN_MS;
+                        match def.effective_from {
+                            Some(t) if t < earliest => refused.push(format!(
+                                "`{}`: effective_from {} is too soon: events up to \
+                                 max_time_ahead ({ahead} ms) ahead of now may be counted \
+                                 under the stored version already; use {} or later",
+                                def.name,
+                                instream_event::format_rfc3339_millis(t),
+                                instream_event::format_rfc3339_millis(earliest),
+                            )),
+                            Some(t) if t > now + MAX_TAKE_OVER_MS => refused.push(format!(
+                                "`{}`: effective_from {} is more than a year away",
+                                def.name,
+                                instream_event::format_rfc3339_millis(t),
+                            )),
+                            _ => {
+                                let next = def.succeeding(old, earliest);
+                                match next.validate() {
+                                    Ok(()) => plan.push((next, true)),
+                                    Err(e) => refused.push(e.to_string()),
+                                }
+                            }
                         }
                     }
                     _ => plan.push((def.clone(), true)),

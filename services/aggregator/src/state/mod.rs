@@ -194,8 +194,10 @@ pub struct PartitionState {
     idle: bool,
     /// An idle advance not in a saved checkpoint yet: the windows it closes are written only
     /// once it is, so that a crash cannot undo the advance after their final values were
-    /// written (a replay would count events the advance had made late).
+    /// written (a replay would count events the advance had made late). Until then windows
+    /// are judged by `saved_max_event_time`, the progress the last saved checkpoint holds.
     idle_unsaved: bool,
+    saved_max_event_time: i64,
     /// Restored from a checkpoint older than format 5: its windows' group keys of several
     /// fields are still joined with `|`, to be written as JSON arrays once the definition is
     /// at hand (see [`PartitionState::upgrade_group_keys`]).
@@ -224,6 +226,7 @@ impl Default for PartitionState {
             quiet: None,
             idle: false,
             idle_unsaved: false,
+            saved_max_event_time: i64::MIN,
             legacy_group_keys: false,
         }
     }
@@ -502,6 +505,15 @@ impl PartitionState {
             .fold(self.max_event_time, i64::max)
     }
 
+    /// The progress windows are judged final by: an idle advance counts once it is saved.
+    fn finality_time(&self) -> i64 {
+        if self.idle_unsaved {
+            self.saved_max_event_time
+        } else {
+            self.max_event_time
+        }
+    }
+
     /// Whether the partition has been quiet for `idle` (read to its end or not).
     pub fn idle_due(&self, now: i64, idle: Duration) -> bool {
         self.quiet.is_some_and(|(since, from)| {
@@ -616,10 +628,7 @@ impl PartitionState {
         if self.legacy_group_keys {
             self.upgrade_group_keys(&def_of);
         }
-        if self.idle_unsaved {
-            return;
-        }
-        let max_event_time = self.max_event_time;
+        let max_event_time = self.finality_time();
         let clock = &mut self.clock;
         // A partition's windows are nearly always of one pipeline: one lookup, not one each.
         let mut last: Option<&'d PipelineDefinition> = None;
@@ -773,12 +782,8 @@ impl PartitionState {
     /// `max_out_of_orderness` (None: no definition any more, so nothing can close safely).
     /// Returns how many closed.
     pub fn close_windows(&mut self, out_of_orderness: impl Fn(&str) -> Option<Duration>) -> usize {
-        if self.idle_unsaved {
-            // Their final values are not written yet (see `take_dirty`).
-            return 0;
-        }
         let before = self.windows.len();
-        let max_event_time = self.max_event_time;
+        let max_event_time = self.finality_time();
         self.windows.retain(|_, (id, v)| {
             let Some(delay) = out_of_orderness(&id.pipeline) else {
                 return true;

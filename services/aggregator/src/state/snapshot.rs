@@ -87,6 +87,7 @@ impl PartitionState {
     pub fn mark_saved(&mut self) {
         self.changed = false;
         self.idle_unsaved = false;
+        self.saved_max_event_time = self.max_event_time;
     }
 
     /// The state a checkpoint holds, without its seen ids: read `[seen_from, next_offset)` of
@@ -147,6 +148,7 @@ impl PartitionState {
             quiet: None,
             idle: false,
             idle_unsaved: false,
+            saved_max_event_time: s.max_event_time,
             legacy_group_keys: format < 5,
         };
         let mut state = state;
