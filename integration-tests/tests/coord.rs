@@ -273,7 +273,8 @@ async fn an_expired_session_recovers_everything_it_held() {
     let mut leadership = campaign(&cut_off, "retention", "agg-1").await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), leadership.acquired())
         .await
-        .expect("the only contender leads");
+        .expect("the only contender leads")
+        .expect("the election goes on");
 
     let observer = zk::Client::connect(&direct.connect).await.unwrap();
     let node = format!("{}{}", direct.root, registration.path());
@@ -301,7 +302,8 @@ async fn an_expired_session_recovers_everything_it_held() {
     .await;
     tokio::time::timeout(Duration::from_secs(15), leadership.acquired())
         .await
-        .expect("the election is joined again and won");
+        .expect("the election is joined again and won")
+        .expect("the election goes on");
     tokio::time::timeout(
         Duration::from_secs(15),
         definitions.wait_for(|c| c.get("orders").is_some_and(|d| d.version == 2)),
@@ -352,7 +354,8 @@ async fn cut_off_leader_hands_over(partition: impl Fn(&TcpProxy)) {
     let mut first = campaign(&cut_off, "db-poll", "a").await.unwrap();
     let first_term = tokio::time::timeout(Duration::from_secs(10), first.acquired())
         .await
-        .expect("the first contender leads");
+        .expect("the first contender leads")
+        .unwrap();
     let mut second = campaign(&direct, "db-poll", "b").await.unwrap();
 
     // Both leaderships, sampled every millisecond from here on.
@@ -377,7 +380,8 @@ async fn cut_off_leader_hands_over(partition: impl Fn(&TcpProxy)) {
         .expect("the cut-off leader gives up");
     let second_term = tokio::time::timeout(Duration::from_secs(20), second.acquired())
         .await
-        .expect("the standby takes over");
+        .expect("the standby takes over")
+        .unwrap();
     let took = cut_at.elapsed();
     eprintln!("the standby led {took:?} after the cut");
     assert!(
@@ -409,7 +413,8 @@ async fn cut_off_leader_hands_over(partition: impl Fn(&TcpProxy)) {
     drop(second);
     tokio::time::timeout(Duration::from_secs(10), first.acquired())
         .await
-        .expect("a withdrawn leader hands over at once");
+        .expect("a withdrawn leader hands over at once")
+        .expect("the election goes on");
     sampling.cancel();
     assert_eq!(overlap.await.unwrap(), 0, "two leaders at once");
 }
@@ -436,7 +441,7 @@ async fn contender_process() {
         auth_file: None,
     };
     let mut leadership = campaign(&cfg, "retention", name).await.unwrap();
-    let term = leadership.acquired().await;
+    let term = leadership.acquired().await.unwrap();
     println!("leading {term}");
     leadership.lost().await;
     println!("lost");

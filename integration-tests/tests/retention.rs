@@ -185,7 +185,7 @@ async fn only_the_elected_archiver_deletes_expired_files_and_a_standby_takes_ove
     // The leader stops (its election node goes with it): the standby takes the duty and
     // deletes what expires from then on.
     first_stop.cancel();
-    first_task.await.unwrap();
+    first_task.await.unwrap().unwrap();
     wait_for("the standby to lead", Duration::from_secs(20), || {
         let leading = second_watch.borrow().is_some();
         async move { leading }
@@ -206,5 +206,5 @@ async fn only_the_elected_archiver_deletes_expired_files_and_a_standby_takes_ove
     assert_eq!(deleted(&second_archive), 1, "the new leader deleted it");
     assert_eq!(deleted(&first_archive), 2, "the old one did nothing more");
     second_stop.cancel();
-    second_task.await.unwrap();
+    second_task.await.unwrap().unwrap();
 }

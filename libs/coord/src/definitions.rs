@@ -143,7 +143,7 @@ impl DefinitionSource for ZkDefinitionSource {
             .map_err(backend)?;
         let (tx, rx) = watch::channel(Arc::new(catalog));
         let cfg = self.cfg.clone();
-        tokio::spawn(async move {
+        instream_core::spawn_watched("definition watch", async move {
             let mut client = client;
             loop {
                 tokio::select! {

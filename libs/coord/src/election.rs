@@ -33,14 +33,16 @@ impl Leadership {
         self.term().is_some()
     }
 
-    /// Waits until this instance leads; returns the term.
-    pub async fn acquired(&mut self) -> u64 {
+    /// Waits until this instance leads; returns the term. An error when the election ended
+    /// under it (its task is gone: a panic, logged where it happened): waiting on would be
+    /// waiting for ever.
+    pub async fn acquired(&mut self) -> Result<u64, CoordError> {
         loop {
             if let Some(term) = *self.term.borrow_and_update() {
-                return term;
+                return Ok(term);
             }
             if self.term.changed().await.is_err() {
-                return std::future::pending().await;
+                return Err(CoordError::ElectionEnded);
             }
         }
     }
@@ -81,14 +83,17 @@ pub async fn campaign(
     let client = connect(cfg).await?;
     let (tx, rx) = watch::channel(None);
     let stop = CancellationToken::new();
-    tokio::spawn(contend(
-        cfg.clone(),
-        client,
-        duty.to_owned(),
-        instance.to_owned(),
-        tx,
-        stop.clone(),
-    ));
+    instream_core::spawn_watched(
+        "election",
+        contend(
+            cfg.clone(),
+            client,
+            duty.to_owned(),
+            instance.to_owned(),
+            tx,
+            stop.clone(),
+        ),
+    );
     Ok(Leadership::new(rx, stop))
 }
 
@@ -245,5 +250,22 @@ async fn contend(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_waiter_is_told_when_the_election_task_is_gone() {
+        let (tx, rx) = watch::channel(None);
+        let mut leadership = Leadership::new(rx, CancellationToken::new());
+        drop(tx); // the contending task ended (a panic)
+        let waited = tokio::time::timeout(Duration::from_secs(5), leadership.acquired()).await;
+        assert!(
+            matches!(waited, Ok(Err(CoordError::ElectionEnded))),
+            "{waited:?}"
+        );
     }
 }

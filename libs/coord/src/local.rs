@@ -46,7 +46,7 @@ impl Coordinator for LocalCoordinator {
         let stop = CancellationToken::new();
         let this = self.clone();
         let stopped = stop.clone();
-        tokio::spawn(async move {
+        instream_core::spawn_watched("local coordinator", async move {
             stopped.cancelled().await;
             this.state().instances.remove(&key);
         });
@@ -74,7 +74,7 @@ impl Coordinator for LocalCoordinator {
         let this = self.clone();
         let stopped = stop.clone();
         let duty = duty.to_owned();
-        tokio::spawn(async move {
+        instream_core::spawn_watched("local coordinator", async move {
             stopped.cancelled().await;
             let mut state = this.state();
             let contenders = state.elections.entry(duty).or_default();
@@ -141,13 +141,14 @@ mod tests {
         let mut second = local.campaign("retention", "b").await.unwrap();
         let third = local.campaign("retention", "c").await.unwrap();
         let other_duty = local.campaign("db-poll", "c").await.unwrap();
-        let t1 = first.acquired().await;
+        let t1 = first.acquired().await.unwrap();
         assert!(!second.is_leader() && !third.is_leader());
         assert!(other_duty.is_leader());
         drop(first);
         let t2 = tokio::time::timeout(Duration::from_secs(5), second.acquired())
             .await
-            .expect("the next contender leads");
+            .expect("the next contender leads")
+            .unwrap();
         assert!(t2 > t1);
         assert!(!third.is_leader());
     }

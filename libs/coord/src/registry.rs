@@ -92,13 +92,10 @@ pub async fn register_instance(
     create_node(&client, cfg, &path, info.to_json().as_bytes()).await?;
     let (tx, rx) = watch::channel(info);
     let stop = CancellationToken::new();
-    tokio::spawn(keep_registered(
-        cfg.clone(),
-        client,
-        path.clone(),
-        rx,
-        stop.clone(),
-    ));
+    instream_core::spawn_watched(
+        "registry",
+        keep_registered(cfg.clone(), client, path.clone(), rx, stop.clone()),
+    );
     Ok(Registration::new(tx, path, stop))
 }
 

@@ -18,6 +18,9 @@ pub enum CoordError {
     Corrupt { path: String, reason: String },
     #[error(transparent)]
     Definition(#[from] instream_pipeline::DefinitionError),
+    /// The task that took part in an election for this instance ended (it panicked).
+    #[error("the election ended: its task is gone (see the `task panicked` line)")]
+    ElectionEnded,
 }
 
 impl CoordError {

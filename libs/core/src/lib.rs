@@ -28,4 +28,4 @@ pub use config::{Config, ConfigError};
 pub use progress::Progress;
 pub use retry::{Backoff, GaveUp, Pauses, Retry};
 pub use service::{run_service, service_main, Service, ServiceContext};
-pub use shutdown::{shutdown_on_signal, Supervisor, SupervisorError, Tasks};
+pub use shutdown::{shutdown_on_signal, spawn_watched, Supervisor, SupervisorError, Tasks};

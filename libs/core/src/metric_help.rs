@@ -62,6 +62,7 @@ const METRICS: &[(&str, Kind, &str)] = &[
     ("instream_aggregator_partition_states", Gauge, "Partition states the aggregator holds."),
     ("instream_aggregator_repartitioned_total", Counter, "Events forwarded to a repartition topic, per aggregation."),
     ("instream_aggregator_repartition_events_total", Counter, "Forwarded events handled in repartition partitions, per aggregation and outcome."),
+    ("instream_task_panics_total", Counter, "Background tasks of libraries (ZooKeeper sessions, elections, definition watches, reference-data version followers) that panicked, per task."),
     ("instream_results_published_total", Counter, "Window values sent to a results topic (a kafka output), per pipeline and aggregation."),
     ("instream_aggregator_idle_partitions", Gauge, "Owned input partitions read to their end and quiet for their pipeline's idle_timeout, whose watermark moves on with the time that passes."),
     ("instream_archive_files_total", Counter, "Archive files written, per pipeline and roll reason."),

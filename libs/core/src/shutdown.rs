@@ -20,6 +20,31 @@ pub fn shutdown_on_signal(token: CancellationToken) {
     });
 }
 
+/// Spawns a background task of a library that has no [`Tasks`] handle (a ZooKeeper session
+/// keeper, a version follower): its owner learns of its end through the channel it drops, and
+/// a panic is not silent — an ERROR line naming the task and
+/// `instream_task_panics_total{task}`, which the chart alerts on.
+pub fn spawn_watched<F>(name: &'static str, task: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let inner = tokio::spawn(task);
+    tokio::spawn(async move {
+        if let Err(join) = inner.await {
+            if join.is_panic() {
+                let panic = join.into_panic();
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(task = name, panic = %message, "task panicked");
+                metrics::counter!("instream_task_panics_total", "task" => name).increment(1);
+            }
+        }
+    });
+}
+
 #[cfg(unix)]
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -343,5 +368,38 @@ mod tests {
         token.cancel();
         let err = sup.wait(Duration::from_millis(50)).await.unwrap_err();
         assert!(matches!(err, SupervisorError::Stragglers(ref n) if n == &["stuck"]));
+    }
+
+    /// A panic in a library's background task is counted (and logged), and its owner learns
+    /// of the end through the channel the task held.
+    #[test]
+    fn a_panicking_watched_task_is_counted_and_its_owner_told() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+            spawn_watched("test task", async move {
+                let _held = tx;
+                panic!("boom");
+            });
+            assert!(rx.recv().await.is_none(), "the owner sees the end");
+            let counted = || {
+                handle
+                    .render()
+                    .contains("instream_task_panics_total{task=\"test task\"} 1")
+            };
+            for _ in 0..100 {
+                if counted() {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            assert!(counted(), "{}", handle.render());
+        });
     }
 }

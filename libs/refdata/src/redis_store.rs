@@ -192,14 +192,17 @@ impl RedisRefStore {
         let link = Arc::new(Link::open(cfg).await?);
         let versions = Arc::new(Versions::default());
         let stop = CancellationToken::new();
-        tokio::spawn(follow_versions(
-            Link::pubsub_client(cfg),
-            link.clone(),
-            cfg.timeout,
-            cfg.version_check_interval,
-            versions.clone(),
-            stop.clone(),
-        ));
+        instream_core::spawn_watched(
+            "refdata version follower",
+            follow_versions(
+                Link::pubsub_client(cfg),
+                link.clone(),
+                cfg.timeout,
+                cfg.version_check_interval,
+                versions.clone(),
+                stop.clone(),
+            ),
+        );
         Ok(Self {
             link,
             timeout: cfg.timeout,

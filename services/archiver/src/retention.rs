@@ -55,11 +55,12 @@ pub async fn run_retention(
     retention: Duration,
     interval: Duration,
     shutdown: CancellationToken,
-) -> Result<(), std::convert::Infallible> {
+) -> Result<(), instream_coord::CoordError> {
     loop {
+        // An election that ended under it stops the service, naming this task.
         let term = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            term = leadership.acquired() => term,
+            term = leadership.acquired() => term?,
         };
         tracing::info!(term, "leading archive retention");
         while leadership.is_leader() {

@@ -191,7 +191,14 @@ async fn poll_table(shared: Arc<Shared>, table: SqlTableConfig) {
             }
             let term = tokio::select! {
                 _ = shared.shutdown.cancelled() => return,
-                t = leadership.acquired() => t,
+                t = leadership.acquired() => match t {
+                    Ok(term) => term,
+                    // Its task is gone: join a new election after a pause.
+                    Err(e) => {
+                        tracing::error!(source = %name, error = %e, "joining the election again");
+                        break true;
+                    }
+                },
             };
             tracing::info!(source = %name, term, "leading: polling the table");
             leader_gauge.set(1.0);
