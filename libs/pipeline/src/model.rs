@@ -443,6 +443,15 @@ impl Window {
             .take_while(move |start| event_time < start.saturating_add(size))
             .take(100)
     }
+
+    /// Whether a definition version whose windows start within `starts` makes a window
+    /// holding `event_time`: a fixed window by its start, a session by the event's own time.
+    pub fn makes_window_of(&self, event_time: i64, starts: &std::ops::Range<i64>) -> bool {
+        match self.session_gap_millis() {
+            Some(_) => starts.contains(&event_time),
+            None => self.starts_of(event_time).any(|s| starts.contains(&s)),
+        }
+    }
 }
 
 /// A value computed per window besides the count (which every window has).

@@ -22,19 +22,14 @@ pub(crate) fn input_topics_of(p: &PipelineDefinition) -> Vec<String> {
     if versions().all(|v| v.aggregations.is_empty()) {
         return Vec::new();
     }
-    let mut names: Vec<String> = std::iter::once(topics::enriched(&p.name))
-        .chain(versions().flat_map(|v| {
-            v.aggregations
-                .iter()
-                .filter(|a| a.repartitioned())
-                .map(|a| topics::repartition(&p.name, &a.name))
-        }))
+    // An aggregation in several versions has one repartition topic.
+    let repartitioned: std::collections::BTreeSet<String> = versions()
+        .flat_map(|v| v.aggregations.iter().filter(|a| a.repartitioned()))
+        .map(|a| topics::repartition(&p.name, &a.name))
         .collect();
-    let enriched = names.remove(0);
-    names.sort();
-    names.dedup();
-    names.insert(0, enriched);
-    names
+    std::iter::once(topics::enriched(&p.name))
+        .chain(repartitioned)
+        .collect()
 }
 
 /// Sends `event` (the enriched `record` as it came) to the repartition topic of each of its
@@ -56,15 +51,12 @@ pub(crate) async fn forward(
     let t = event.event_time;
     let mut candidates: Vec<&instream_pipeline::Aggregation> = Vec::new();
     for (version, from, until) in def.versions() {
-        for a in version.aggregations.iter().filter(|a| a.repartitioned()) {
-            let mine = match a.window.session_gap_millis() {
-                Some(_) => (from..until).contains(&t),
-                None => a.window.starts_of(t).any(|s| (from..until).contains(&s)),
-            };
-            if mine {
-                candidates.push(a);
-            }
-        }
+        candidates.extend(
+            version
+                .aggregations
+                .iter()
+                .filter(|a| a.repartitioned() && a.window.makes_window_of(t, &(from..until))),
+        );
     }
     for aggregation in candidates {
         if forwarded.contains(&aggregation.name.as_str()) {

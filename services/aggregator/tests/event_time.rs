@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use instream_store::{AggregateQuery, AggregateStore, LocalStore};
+use instream_store::{AggregateQuery, AggregateStore, LocalStore, WindowAggregate};
 use instream_testkit::{
     free_port, metric_sum, process_config_toml, unique, wait_for, ChildGuard, KafkaBroker,
 };
@@ -229,39 +229,45 @@ impl Scenario {
         std::fs::write(&self.definitions, toml::to_string(&document).unwrap()).unwrap();
     }
 
-    /// Every window of `aggregation` in the store: start -> (version, count, sum of `n`).
+    /// Every window of `aggregation` in the store: (group, start) -> (version, count, sum of `n`).
     async fn versions_stored(
         &self,
         aggregation: &str,
     ) -> BTreeMap<(String, i64), (i64, i64, Option<f64>)> {
         let store = LocalStore::open(&self.store_path).unwrap();
+        self.rows(&store, aggregation)
+            .await
+            .into_iter()
+            .map(|r| {
+                let sum = r.values.get("sum_n").and_then(|v| v.as_f64());
+                (
+                    (r.group_key, r.window_start),
+                    (r.definition_version, r.count, sum),
+                )
+            })
+            .collect()
+    }
+
+    /// The rows of `aggregation` for every group sent, around T0.
+    async fn rows(&self, store: &LocalStore, aggregation: &str) -> Vec<WindowAggregate> {
         let groups: Vec<String> = if aggregation == "per_bucket" {
             (0..BUCKETS).map(|b| format!("b{b}")).collect()
         } else {
             (0..KEYS).map(|k| format!("k{k}")).collect()
         };
-        let mut got = BTreeMap::new();
+        let mut rows = Vec::new();
         for group in groups {
-            let rows = store
-                .query(&AggregateQuery {
-                    pipeline: self.pipeline.clone(),
-                    aggregation: aggregation.into(),
-                    group_key: group,
-                    from: T0 - 60_000,
-                    to: T0 + 60_000,
-                    limit: 100,
-                })
-                .await
-                .unwrap();
-            for r in rows {
-                let sum = r.values.get("sum_n").and_then(|v| v.as_f64());
-                got.insert(
-                    (r.group_key, r.window_start),
-                    (r.definition_version, r.count, sum),
-                );
-            }
+            let query = AggregateQuery {
+                pipeline: self.pipeline.clone(),
+                aggregation: aggregation.into(),
+                group_key: group,
+                from: T0 - 60_000,
+                to: T0 + 60_000,
+                limit: 100,
+            };
+            rows.extend(store.query(&query).await.unwrap());
         }
-        got
+        rows
     }
 
     /// Whether this process counted `n` enriched records and their forwarded copies.
@@ -316,32 +322,12 @@ impl Scenario {
     async fn stored(&self) -> BTreeMap<(String, String, i64), (i64, bool)> {
         let store = LocalStore::open(&self.store_path).unwrap();
         let mut got = BTreeMap::new();
-        let groups = |aggregation: &str| -> Vec<String> {
-            if aggregation == "per_bucket" {
-                (0..BUCKETS).map(|b| format!("b{b}")).collect()
-            } else {
-                (0..KEYS).map(|k| format!("k{k}")).collect()
-            }
-        };
         for aggregation in ["per_key", "per_key_final", "per_bucket"] {
-            for group in groups(aggregation) {
-                let rows = store
-                    .query(&AggregateQuery {
-                        pipeline: self.pipeline.clone(),
-                        aggregation: aggregation.into(),
-                        group_key: group,
-                        from: T0 - 60_000,
-                        to: T0 + 60_000,
-                        limit: 100,
-                    })
-                    .await
-                    .unwrap();
-                for r in rows {
-                    got.insert(
-                        (r.aggregation, r.group_key, r.window_start),
-                        (r.count, r.is_final),
-                    );
-                }
+            for r in self.rows(&store, aggregation).await {
+                got.insert(
+                    (r.aggregation, r.group_key, r.window_start),
+                    (r.count, r.is_final),
+                );
             }
         }
         got
