@@ -70,6 +70,9 @@ def everything_on():
         "tables": [{"name": "orders", "table": "orders", "pipeline": "orders",
                     "mode": "incrementing", "incrementing_column": "id"}]}
     values["networkPolicy"]["httpFrom"] = [{"namespaceSelector": {}}]
+    values["services"]["aggregator"]["webhookSecret"] = "instream-webhooks"
+    values["services"]["aggregator"]["webhookEgress"] = [
+        {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"port": 443, "protocol": "TCP"}]}]
     values["prometheusRule"]["runbookBaseUrl"] = "https://git.example.com/instream/blob/v1/"
     return values
 
@@ -118,21 +121,21 @@ def check_config(docs, services, secret_dir):
     the environment the chart gives that service's container, and every file under
     /var/run/secrets/instream (mounted Secrets) made in `secret_dir`."""
     data = config_of(docs)
+
+    def local(value):
+        if isinstance(value, dict):
+            return {k: local(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [local(v) for v in value]
+        if isinstance(value, str) and value.startswith("/var/run/secrets/instream/"):
+            path = Path(secret_dir) / value.removeprefix("/var/run/secrets/instream/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("instream:s3cret\n")
+            return str(path)
+        return value
+
     if "instream.json" in data:
         config = json.loads(data["instream.json"])
-
-        def local(value):
-            if isinstance(value, dict):
-                return {k: local(v) for k, v in value.items()}
-            if isinstance(value, list):
-                return [local(v) for v in value]
-            if isinstance(value, str) and value.startswith("/var/run/secrets/instream/"):
-                path = Path(secret_dir) / value.removeprefix("/var/run/secrets/instream/")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text("instream:s3cret\n")
-                return str(path)
-            return value
-
         text, suffix = json.dumps(local(config)), ".json"
     else:
         text, suffix = data["instream.toml"], ".toml"
@@ -140,7 +143,7 @@ def check_config(docs, services, secret_dir):
     path.write_text(text)
     result = None
     for service in services:
-        env = {"PATH": os.environ["PATH"], **container_env(docs, service)}
+        env = {"PATH": os.environ["PATH"], **local(container_env(docs, service))}
         result = subprocess.run([str(INSTREAM), "check-config", "--config", str(path),
                                  "--service", service],
                                 capture_output=True, text=True, env=env)
@@ -295,6 +298,11 @@ def test_per_service_scheduling_env_and_volumes():
     template = named(docs, "Deployment", "analytics-ingest")["spec"]["template"]["metadata"]
     assert template["labels"]["tier"] == "edge"
     assert template["annotations"]["example.com/owner"] == "data"
+    # The webhook signing secret, mounted where its _file variable says.
+    aggregator = pod_spec(docs, "analytics-aggregator")["containers"][0]
+    secret_file = {e["name"]: e.get("value") for e in aggregator["env"]}[
+        "INSTREAM__AGGREGATOR__WEBHOOK_SECRET_FILE"]
+    assert any(secret_file == m["mountPath"] + "/secret" for m in aggregator["volumeMounts"])
     query = pod_spec(docs, "analytics-query-api")["containers"][0]
     query_env = {e["name"]: e.get("value") for e in query["env"]}
     assert query_env["INSTREAM__QUERY_API__TLS__KEY_FILE"] == "/etc/instream-tls/tls.key"
@@ -320,6 +328,10 @@ def test_scaling_disruption_monitoring_and_network_objects():
     egress_ports = {p["port"] for rule in policies["analytics-enricher"]["egress"]
                     for p in rule.get("ports", [])}
     assert {53, 9093, 6379} <= egress_ports
+    # Webhook receivers are reachable from the aggregator only.
+    assert 443 not in egress_ports
+    assert 443 in {p["port"] for rule in policies["analytics-aggregator"]["egress"]
+                   for p in rule.get("ports", [])}
     ingresses = {d["metadata"]["name"] for d in of_kind(docs, "Ingress")}
     assert ingresses == {"analytics-ingest", "analytics-query-api"}
     dashboard = named(docs, "ConfigMap", "analytics-dashboard")
@@ -327,7 +339,7 @@ def test_scaling_disruption_monitoring_and_network_objects():
     panels = json.loads(dashboard["data"]["instream.json"])["panels"]
     titles = " ".join(p["title"] for p in panels).lower()
     for topic in ["throughput", "lag", "dead letters", "records lost", "window close",
-                  "hit ratio", "latency", "idle partitions"]:
+                  "hit ratio", "latency", "idle partitions", "webhook"]:
         assert topic in titles, f"the dashboard has no {topic} panel"
 
 

@@ -43,6 +43,9 @@ pub enum DeadLetterCode {
     FutureTime,
     /// Refused by the event validation at a source (db-source rows): the validation's code.
     Invalid(&'static str),
+    /// A webhook notification its receiver did not take after every retry (or one that
+    /// could not be sent): the notification's body, the last HTTP status in the reason.
+    WebhookFailed,
 }
 
 impl DeadLetterCode {
@@ -57,6 +60,7 @@ impl DeadLetterCode {
             DeadLetterCode::TooLate => "too_late",
             DeadLetterCode::FutureTime => "future_time",
             DeadLetterCode::Invalid(code) => code,
+            DeadLetterCode::WebhookFailed => "webhook_failed",
         }
     }
 }

@@ -7,6 +7,7 @@
 
 mod envelope;
 mod model;
+mod outputs;
 pub mod quality;
 mod source;
 mod template;
@@ -14,6 +15,7 @@ mod validate;
 
 pub use envelope::{envelope, IdSource, SchemaCache, PRODUCER_HEADER};
 pub use model::*;
+pub use outputs::{Condition, NotifyOn, Output, WebhookOutput};
 pub use source::{parse_definition, parse_document, DefinitionError, DefinitionSource, FileSource};
 pub use template::{KeyTemplate, TemplateError};
 pub use validate::{valid_name, RAW_COLUMNS};
@@ -73,8 +75,9 @@ pub mod topics {
                 .filter(|a| a.repartitioned())
                 .map(|a| repartition(&def.name, &a.name)),
         )
-        .chain(def.outputs.iter().map(|o| match o {
-            crate::Output::Kafka { aggregation } => results(&def.name, aggregation),
+        .chain(def.outputs.iter().filter_map(|o| match o {
+            crate::Output::Kafka { aggregation } => Some(results(&def.name, aggregation)),
+            crate::Output::Webhook(_) => None,
         }))
         .collect()
     }

@@ -2,6 +2,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::outputs::Output;
 use instream_event::FieldPath;
 use serde::{Deserialize, Serialize};
 
@@ -211,27 +212,6 @@ mod event_time_text {
         value
             .map(|v| instream_event::parse_event_time(&v).map_err(D::Error::custom))
             .transpose()
-    }
-}
-
-/// A destination for an aggregation's results.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Output {
-    /// Every value written for a window, as a JSON record on
-    /// `<pipeline>.results.<aggregation>`, keyed by the group.
-    Kafka {
-        /// The aggregation whose results go there.
-        aggregation: String,
-    },
-}
-
-impl PipelineDefinition {
-    /// Whether `aggregation`'s results also go to its Kafka results topic.
-    pub fn kafka_output(&self, aggregation: &str) -> bool {
-        self.outputs
-            .iter()
-            .any(|o| matches!(o, Output::Kafka { aggregation: a } if a == aggregation))
     }
 }
 
@@ -574,6 +554,32 @@ pub enum FilterOp {
     Gte,
     Lt,
     Lte,
+}
+
+impl FilterOp {
+    /// Whether a value ordered so against the operand passes.
+    pub fn holds(self, ordering: std::cmp::Ordering) -> bool {
+        match self {
+            FilterOp::Eq => ordering.is_eq(),
+            FilterOp::Ne => ordering.is_ne(),
+            FilterOp::Gt => ordering.is_gt(),
+            FilterOp::Gte => ordering.is_ge(),
+            FilterOp::Lt => ordering.is_lt(),
+            FilterOp::Lte => ordering.is_le(),
+        }
+    }
+
+    /// `>=` and the like, for messages.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            FilterOp::Eq => "==",
+            FilterOp::Ne => "!=",
+            FilterOp::Gt => ">",
+            FilterOp::Gte => ">=",
+            FilterOp::Lt => "<",
+            FilterOp::Lte => "<=",
+        }
+    }
 }
 
 /// How the archiver lays out a pipeline's files.

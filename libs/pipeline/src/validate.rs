@@ -268,30 +268,7 @@ impl PipelineDefinition {
                 }
             }
         }
-        let mut outputs = BTreeSet::new();
-        for (i, output) in self.outputs.iter().enumerate() {
-            let crate::Output::Kafka { aggregation } = output;
-            if !self.aggregations.iter().any(|a| a.name == *aggregation) {
-                problem(
-                    format!("outputs[{i}].aggregation"),
-                    format!("`{aggregation}` is not an aggregation of this pipeline"),
-                );
-            } else if !valid_name(aggregation) {
-                problem(
-                    format!("outputs[{i}].aggregation"),
-                    format!(
-                        "`{aggregation}` must be 1-64 of [a-z0-9_-] to name the topic `{}.results.<name>`",
-                        self.name
-                    ),
-                );
-            }
-            if !outputs.insert(aggregation.as_str()) {
-                problem(
-                    format!("outputs[{i}]"),
-                    format!("a Kafka output for `{aggregation}` is there twice"),
-                );
-            }
-        }
+        self.output_problems(&mut problem);
         if let Some(schema) = &self.schema {
             if let Err(e) = jsonschema::validator_for(schema) {
                 problem("schema".into(), format!("does not compile: {e}"));

@@ -369,7 +369,7 @@ fn judge(test: &Test, event: &EventFacts<'_>) -> Option<(Option<Value>, String)>
                     format!(
                         "{} {} {} does not hold",
                         l.to_value(),
-                        op_text(*op),
+                        op.symbol(),
                         r.to_value()
                     ),
                 )
@@ -417,17 +417,6 @@ fn compare(l: Lookup<'_>, r: Lookup<'_>) -> Option<Ordering> {
     match (l, r) {
         (Lookup::Value(a), Lookup::Value(b)) if a == b => Some(Ordering::Equal),
         _ => None,
-    }
-}
-
-fn op_text(op: FilterOp) -> &'static str {
-    match op {
-        FilterOp::Eq => "==",
-        FilterOp::Ne => "!=",
-        FilterOp::Gt => ">",
-        FilterOp::Gte => ">=",
-        FilterOp::Lt => "<",
-        FilterOp::Lte => "<=",
     }
 }
 

@@ -49,13 +49,11 @@ pub fn accepts(filter: &Filter, event: &Event, payload: &mut Payload) -> bool {
         (Some(a), Some(b)) => a.partial_cmp(&b),
         _ => None,
     };
-    match filter.op {
-        FilterOp::Eq => ordering.map_or(found == filter.value, |o| o.is_eq()),
-        FilterOp::Ne => ordering.map_or(found != filter.value, |o| o.is_ne()),
-        FilterOp::Gt => ordering.is_some_and(|o| o.is_gt()),
-        FilterOp::Gte => ordering.is_some_and(|o| o.is_ge()),
-        FilterOp::Lt => ordering.is_some_and(|o| o.is_lt()),
-        FilterOp::Lte => ordering.is_some_and(|o| o.is_le()),
+    match (filter.op, ordering) {
+        (op, Some(ordering)) => op.holds(ordering),
+        (FilterOp::Eq, None) => found == filter.value,
+        (FilterOp::Ne, None) => found != filter.value,
+        (_, None) => false,
     }
 }
 

@@ -23,6 +23,7 @@
 
 mod functions;
 mod idle;
+mod notify;
 mod partitions;
 mod payload;
 mod repartition;
@@ -56,6 +57,8 @@ pub enum AggregatorError {
     Store(#[from] instream_store::StoreError),
     #[error(transparent)]
     Stage(#[from] instream_stage::StageError),
+    #[error(transparent)]
+    Notify(#[from] notify::NotifyError),
     #[error("partition {topic}/{partition}: {source}")]
     Checkpoint {
         topic: String,
@@ -86,6 +89,7 @@ struct Aggregator {
     outputs: BatchOutputs,
     partitions: Partitions,
     hold_back: repartition::HoldBack,
+    notifier: notify::Notifier,
     pending: Pending,
     upstream: idle::Upstream,
     last_flush: Instant,
@@ -107,12 +111,14 @@ pub async fn run_with_store(
     // Forwarded events are de-duplicated by origin offset in the repartition partitions: none
     // may be lost behind a later one.
     let producer = instream_kafka::gapless_producer(&config.kafka, SERVICE.as_str())?;
+    let dead = DeadLetters::new(producer.clone(), SERVICE);
+    let notifier = notify::Notifier::start(&ctx, dead.clone())?;
     let mut aggregator = Aggregator {
         store,
         store_ready,
         config: config.aggregator.clone(),
         kafka: config.kafka.clone(),
-        dead: DeadLetters::new(producer.clone(), SERVICE),
+        dead,
         producer,
         outputs: BatchOutputs::default(),
         partitions: Partitions {
@@ -125,6 +131,7 @@ pub async fn run_with_store(
             enriched_in_transactions: config.enricher_transactional(),
         },
         hold_back: repartition::HoldBack::default(),
+        notifier,
         pending: Pending::new(),
         upstream: idle::Upstream::new(instream_stage::group_of(config, Service::Enricher.as_str())),
         last_flush: Instant::now(),
@@ -390,6 +397,7 @@ impl Aggregator {
             &self.producer,
             input,
             &mut self.partitions,
+            &mut self.notifier,
             catalog,
             &mut self.pending,
             stop,
@@ -547,17 +555,27 @@ async fn flush(
     producer: &Producer,
     input: Input<'_>,
     partitions: &mut Partitions,
+    notifier: &mut notify::Notifier,
     catalog: &Catalog,
     pending: &mut Pending,
     stop: &CancellationToken,
 ) -> Result<bool, AggregatorError> {
+    // Notifications of partitions restored since the last flush are sent again before new
+    // ones are made (a restored one is owed by the checkpoint; the receiver drops a repeat).
+    notifier.keep_only(partitions.states.keys());
+    for (source, state) in partitions.states.iter_mut() {
+        notifier.send(source, state.owed_notifications());
+    }
+    let def_of = |pipeline: &str| catalog.get(pipeline).map(|d| &**d);
     let mut rows: Vec<WindowAggregate> = Vec::new();
-    for state in partitions.states.values_mut() {
-        state.take_dirty(
-            |pipeline| catalog.get(pipeline).map(|d| &**d),
-            partitions.early,
-            &mut rows,
-        );
+    // Which partition wrote which rows: its notifications are its own to keep.
+    let mut written_by = Vec::new();
+    for (source, state) in partitions.states.iter_mut() {
+        let from = rows.len();
+        state.take_dirty(def_of, partitions.early, &mut rows);
+        if rows.len() > from {
+            written_by.push((source.clone(), from..rows.len()));
+        }
     }
     if !rows.is_empty() {
         // Results on the broker before the checkpoint that may drop their windows.
@@ -571,6 +589,11 @@ async fn flush(
         }
         metrics::counter!("instream_window_writes_total", "service" => SERVICE.as_str())
             .increment(rows.len() as u64);
+        for (source, range) in written_by {
+            if let Some(state) = partitions.states.get_mut(&source) {
+                notifier.send(&source, state.notify(&rows[range], def_of));
+            }
+        }
         let now = instream_event::now_millis();
         let delay = metrics::histogram!("instream_window_close_delay_seconds", "service" => SERVICE.as_str());
         for state in partitions.states.values_mut() {
@@ -594,6 +617,12 @@ async fn flush(
         }
         for state in partitions.states.values_mut() {
             state.deletes_done();
+        }
+    }
+    let done = notifier.take_done();
+    if !done.is_empty() {
+        for state in partitions.states.values_mut() {
+            state.notifications_done(&done);
         }
     }
     let visible = instream_event::now_millis();

@@ -86,6 +86,7 @@ async fn a_flush_cut_short_by_shutdown_makes_nothing_handled_and_keeps_the_check
         &producer,
         instream_kafka::Input::new(&consumer),
         &mut partitions,
+        &mut notify::Notifier::detached(),
         &catalog,
         &mut pending,
         &stop,

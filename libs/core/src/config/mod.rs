@@ -258,6 +258,7 @@ impl Config {
             .chain(self.refdata.secret_slots())
             .chain(self.store.secret_slots())
             .chain(self.db_source.secret_slots())
+            .chain(self.aggregator.secret_slots())
         {
             f(slot)?;
         }

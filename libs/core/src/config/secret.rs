@@ -50,7 +50,7 @@ impl Serialize for Secret {
 
 /// Every named secret's key. Their environment variables are taken as they are (no quotes
 /// stripped, no escapes read), and a test checks the list against the sections' slots.
-pub const SECRET_KEYS: [&str; 8] = [
+pub const SECRET_KEYS: [&str; 9] = [
     "kafka.sasl_password",
     "kafka.ssl_key_password",
     "kafka.sasl_oauthbearer_client_secret",
@@ -59,6 +59,7 @@ pub const SECRET_KEYS: [&str; 8] = [
     "refdata.sentinel_password",
     "store.password",
     "db_source.password",
+    "aggregator.webhook_secret",
 ];
 
 /// Why a `<key>_file` gave no secret.

@@ -6,6 +6,9 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use std::path::PathBuf;
+
+use super::secret::{Secret, SecretSlot};
 use super::Problems;
 
 const MIB: u64 = 1024 * 1024;
@@ -330,6 +333,23 @@ pub struct AggregatorConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     pub repartition_idle_timeout: Duration,
+    /// The key webhook notifications are signed with (HMAC-SHA256 of the body, in
+    /// `X-Instream-Signature`). From `INSTREAM__AGGREGATOR__WEBHOOK_SECRET` or
+    /// `webhook_secret_file`; never logged. Without it a pipeline's webhooks are not sent:
+    /// their notifications are dead-lettered, saying so.
+    #[schemars(with = "Option<String>")]
+    pub webhook_secret: Option<Secret>,
+    /// A file holding `webhook_secret` (a mounted Secret), read at start.
+    pub webhook_secret_file: Option<PathBuf>,
+    /// PEM certificates of private CAs webhook receivers' certificates are trusted from, on
+    /// top of the system's roots.
+    pub webhook_tls_ca_file: Option<PathBuf>,
+    /// Most notifications one aggregator keeps waiting for their receivers (in memory and in
+    /// checkpoints); one more is dead-lettered at once ("more than N waiting"), so a receiver
+    /// that is down for long costs bounded memory and never slows aggregation.
+    pub webhook_max_pending: usize,
+    /// Notifications in flight at once, over all webhooks.
+    pub webhook_concurrency: usize,
 }
 
 impl Default for AggregatorConfig {
@@ -340,12 +360,35 @@ impl Default for AggregatorConfig {
             dedup_horizon: Duration::from_secs(600),
             early_results_every: Duration::from_secs(1),
             repartition_idle_timeout: Duration::from_secs(300),
+            webhook_secret: None,
+            webhook_secret_file: None,
+            webhook_tls_ca_file: None,
+            webhook_max_pending: 10_000,
+            webhook_concurrency: 8,
         }
     }
 }
 
 impl AggregatorConfig {
+    pub(super) fn secret_slots(&mut self) -> [SecretSlot<'_>; 1] {
+        [SecretSlot {
+            key: "aggregator.webhook_secret",
+            value: &mut self.webhook_secret,
+            file: &self.webhook_secret_file,
+        }]
+    }
+
     pub(super) fn validate(&self, p: &mut Problems) {
+        p.positive(
+            self.webhook_max_pending as u64,
+            "aggregator.webhook_max_pending",
+        );
+        p.check(
+            (1..=256).contains(&self.webhook_concurrency),
+            "aggregator.webhook_concurrency",
+            || "must be 1 to 256".into(),
+        );
+
         p.non_zero_duration(self.flush_interval, "aggregator.flush_interval");
         p.positive(self.batch_size as u64, "aggregator.batch_size");
         p.check(

@@ -43,6 +43,7 @@ fn event_identity(event: &Event) -> u128 {
 }
 
 mod close_clock;
+mod outbox;
 mod quiet;
 mod seen;
 mod sessions;
@@ -203,6 +204,8 @@ pub struct PartitionState {
     /// fields are still joined with `|`, to be written as JSON arrays once the definition is
     /// at hand (see [`PartitionState::upgrade_group_keys`]).
     legacy_group_keys: bool,
+    /// Webhook notifications owed (checkpointed).
+    outbox: outbox::Outbox,
 }
 
 /// A checkpoint's state could not be read.
@@ -229,6 +232,7 @@ impl Default for PartitionState {
             idle_unsaved: false,
             saved_max_event_time: i64::MIN,
             legacy_group_keys: false,
+            outbox: Default::default(),
         }
     }
 }
@@ -708,6 +712,8 @@ impl PartitionState {
             self.changed = true;
             let windows = &self.windows;
             self.clock.retain(|hash| windows.contains_key(hash));
+            self.outbox
+                .retain_windows(|hash| windows.contains_key(hash));
             self.sessions.retain(|_, open| {
                 open.retain(|hash| windows.contains_key(hash));
                 !open.is_empty()

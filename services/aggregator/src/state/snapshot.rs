@@ -5,13 +5,15 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::outbox::{Outbox, OutboxSnapshot};
 use super::seen::{Prehashed, SeenIds};
 use super::{session_group, PartitionState, SnapshotError, WindowId, WindowValue};
 
 /// Increments when the snapshot layout (or what its fields mean) changes; older snapshots are
 /// read and upgraded where listed in [`PartitionState::restore`], newer ones refused, never
-/// misread. 5: group keys of several fields are JSON arrays (4 joined them with `|`).
-const SNAPSHOT_FORMAT: u8 = 5;
+/// misread. 5: group keys of several fields are JSON arrays (4 joined them with `|`). 6: the
+/// [`Snapshot`] is followed by the webhook notifications owed ([`OutboxSnapshot`]).
+const SNAPSHOT_FORMAT: u8 = 6;
 
 /// The checkpointed part of a [`PartitionState`].
 #[derive(Serialize, Deserialize)]
@@ -70,6 +72,9 @@ impl PartitionState {
         let mut bytes = vec![format];
         // Encoding plain structs into a Vec cannot fail.
         bytes.extend(postcard::to_allocvec(&snapshot).unwrap_or_default());
+        if format == SNAPSHOT_FORMAT {
+            bytes.extend(postcard::to_allocvec(&self.outbox.snapshot()).unwrap_or_default());
+        }
         Some((self.next_offset, bytes))
     }
 
@@ -97,8 +102,13 @@ impl PartitionState {
         let Some((&format, body)) = bytes.split_first() else {
             return Err(SnapshotError("empty".into()));
         };
+        let mut outbox = OutboxSnapshot::default();
         let decoded = match format {
-            SNAPSHOT_FORMAT | 4 => postcard::from_bytes::<Snapshot>(body),
+            SNAPSHOT_FORMAT => postcard::take_from_bytes::<Snapshot>(body).and_then(|(s, rest)| {
+                outbox = postcard::from_bytes(rest)?;
+                Ok(s)
+            }),
+            5 | 4 => postcard::from_bytes::<Snapshot>(body),
             3 => postcard::from_bytes::<SnapshotV3>(body).map(|v3| Snapshot {
                 next_offset: v3.next_offset,
                 max_event_time: v3.max_event_time,
@@ -150,6 +160,7 @@ impl PartitionState {
             idle_unsaved: false,
             saved_max_event_time: s.max_event_time,
             legacy_group_keys: format < 5,
+            outbox: Outbox::restore(outbox),
         };
         let mut state = state;
         // Windows restored are not timed: when they closed (or close) is not known here.

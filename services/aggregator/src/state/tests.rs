@@ -474,7 +474,7 @@ fn format_4_checkpoints_have_their_group_keys_rewritten_as_json_arrays() {
         "the rows under the old names go"
     );
     let (_, saved) = s.snapshot().unwrap();
-    assert_eq!(saved[0], 5, "saved in the new format");
+    assert_eq!(saved[0], 6, "saved in the newest format");
     // A repartitioned aggregation's windows keep their old names (their owner is the
     // partition the old name hashed to).
     def.aggregations[0].group_by = vec![
@@ -766,4 +766,95 @@ fn an_origin_not_heard_from_yet_holds_a_repartition_watermark_back() {
         ),
         Outcome::Counted
     );
+}
+
+fn with_webhooks() -> PipelineDefinition {
+    let mut def = def();
+    for hook in [
+        r#"kind = "webhook"
+name = "busy"
+aggregation = "per_minute"
+url = "https://hooks.example.com/busy"
+on = "early"
+when = { field = "count", op = "gte", value = 2 }"#,
+        r#"kind = "webhook"
+name = "closed"
+aggregation = "per_minute"
+url = "https://hooks.example.com/closed""#,
+    ] {
+        def.outputs.push(toml::from_str(hook).unwrap());
+    }
+    def
+}
+
+/// Writes what is due (as a flush does) and returns the notifications made, by webhook name.
+fn notified(s: &mut PartitionState, def: &PipelineDefinition, early: bool) -> Vec<String> {
+    let mut rows = Vec::new();
+    s.take_dirty(|_| Some(def), early, &mut rows);
+    let made = s.notify(&rows, |_| Some(def));
+    s.close_windows(|_| Some(def.max_out_of_orderness));
+    made.into_iter().map(|n| n.output).collect()
+}
+
+#[test]
+fn each_webhook_notifies_a_window_once_and_its_notifications_stay_owed_until_done() {
+    let def = with_webhooks(); // 1-minute windows, 30 s of allowed lateness
+    let mut s = PartitionState::default();
+    s.apply(0, &event("a", 10_000, 1_000_000), None, &def, HORIZON);
+    assert!(
+        notified(&mut s, &def, true).is_empty(),
+        "count 1 < 2, not final"
+    );
+    s.apply(1, &event("b", 11_000, 1_000_000), None, &def, HORIZON);
+    assert_eq!(
+        notified(&mut s, &def, true),
+        vec!["busy"],
+        "the first value meeting it"
+    );
+    s.apply(2, &event("c", 12_000, 1_000_000), None, &def, HORIZON);
+    assert!(notified(&mut s, &def, true).is_empty(), "once per window");
+    assert_eq!(s.pending_notifications(), 1);
+
+    // Checkpointed: a restore owes the same notification and remembers what fired.
+    let (_, bytes) = s.snapshot().unwrap();
+    let (mut restored, _) = PartitionState::restore(&bytes).unwrap();
+    let owed = restored.owed_notifications();
+    assert_eq!(owed.len(), 1);
+    assert!(restored.owed_notifications().is_empty(), "handed over once");
+    restored.apply(3, &event("d", 13_000, 1_000_000), None, &def, HORIZON);
+    assert!(notified(&mut restored, &def, true).is_empty());
+
+    // Final: the webhook without a condition fires once; the window then closes.
+    restored.apply(4, &event("e", 95_000, 1_000_000), None, &def, HORIZON);
+    assert_eq!(notified(&mut restored, &def, false), vec!["closed"]);
+    assert_eq!(restored.pending_notifications(), 2);
+    let done: std::collections::HashSet<String> = [owed[0].id.clone()].into();
+    restored.mark_saved();
+    restored.notifications_done(&done);
+    assert_eq!(restored.pending_notifications(), 1);
+    assert!(
+        restored.snapshot().is_some(),
+        "a done notification changes the checkpoint"
+    );
+    assert!(
+        restored.outbox.snapshot().notified.is_empty(),
+        "what fired for a closed window is forgotten with it"
+    );
+}
+
+#[test]
+fn format_5_checkpoints_are_still_read_with_nothing_owed() {
+    let def = def();
+    let mut s = PartitionState::default();
+    s.apply(0, &event("a", 10_000, 1_000_000), None, &def, HORIZON);
+    let (_, bytes) = s.snapshot().unwrap();
+    assert_eq!(bytes[0], 6);
+    // Format 5 is format 6 without the outbox after the state.
+    let (snapshot, _) =
+        postcard::take_from_bytes::<super::snapshot::Snapshot>(&bytes[1..]).unwrap();
+    let mut v5 = vec![5u8];
+    v5.extend(postcard::to_allocvec(&snapshot).unwrap());
+    let (mut restored, _) = PartitionState::restore(&v5).unwrap();
+    assert_eq!(restored.window_count(), 1);
+    assert!(restored.owed_notifications().is_empty());
 }
