@@ -535,19 +535,32 @@ pub async fn all_delivered_unless(
     deliveries: impl IntoIterator<Item = DeliveryFuture>,
     stop: &tokio_util::sync::CancellationToken,
 ) -> Result<bool, KafkaError> {
+    Ok(all_delivered_at(producer, deliveries, stop)
+        .await?
+        .is_some())
+}
+
+/// [`all_delivered_unless`] that also says where each record landed, (partition, offset) in
+/// the order given; `None` when `stop` came first.
+pub async fn all_delivered_at(
+    producer: &Producer,
+    deliveries: impl IntoIterator<Item = DeliveryFuture>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Result<Option<Vec<(i32, i64)>>, KafkaError> {
     let all = async {
+        let mut positions = Vec::new();
         for delivery in deliveries {
-            delivered(delivery).await?;
+            positions.push(delivered(delivery).await?);
         }
-        Ok::<(), KafkaError>(())
+        Ok::<_, KafkaError>(positions)
     };
     tokio::select! {
         // Deliveries first: all of them answered counts as delivered even if `stop` came too.
         biased;
         done = all => done
-            .map(|()| true)
+            .map(Some)
             .map_err(|e| failed_for_good(producer).unwrap_or(e)),
-        _ = stop.cancelled() => Ok(false),
+        _ = stop.cancelled() => Ok(None),
         error = failed_for_good_watch(producer) => Err(error),
     }
 }
@@ -578,10 +591,11 @@ fn failed_for_good(producer: &Producer) -> Option<KafkaError> {
     })
 }
 
-/// Waits for a delivery and turns its outcome into our error type.
-pub async fn delivered(delivery: DeliveryFuture) -> Result<(), KafkaError> {
+/// Waits for a delivery and turns its outcome into our error type: where it landed,
+/// (partition, offset).
+pub async fn delivered(delivery: DeliveryFuture) -> Result<(i32, i64), KafkaError> {
     match delivery.await {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(at)) => Ok((at.partition, at.offset)),
         Ok(Err((e, _))) => Err(KafkaError::Produce(e)),
         Err(_canceled) => Err(KafkaError::Produce(rdkafka::error::KafkaError::Canceled)),
     }

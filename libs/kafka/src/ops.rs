@@ -312,6 +312,34 @@ pub async fn scan_partition<S: Send + 'static>(
     .await
 }
 
+/// [`scan_partition`] handing `visit` the value of one header (if the record has it) with
+/// each payload.
+#[allow(clippy::too_many_arguments)]
+pub async fn scan_partition_with_header<S: Send + 'static>(
+    cfg: &KafkaConfig,
+    topic: &str,
+    partition: i32,
+    start: i64,
+    end: i64,
+    header: &'static str,
+    mut state: S,
+    visit: fn(&mut S, Option<&[u8]>, &[u8]),
+) -> Result<(S, Vec<Lost>), KafkaError> {
+    let c = client_config(cfg, "instream-scan");
+    let topic = topic.to_owned();
+    blocking(move || {
+        let lost = scan(&c, &topic, partition, start, end, false, |m| {
+            let value = m
+                .headers()
+                .and_then(|hs| hs.iter().find(|h| h.key == header).and_then(|h| h.value));
+            visit(&mut state, value, m.payload().unwrap_or_default());
+            true
+        })?;
+        Ok((state, lost))
+    })
+    .await
+}
+
 /// Hands every committed record of `topic` written at or after `since_millis` (its broker
 /// timestamp) up to the end now to `visit`, with its partition, one partition after the other
 /// (for operator reports over a time range, without holding the topic in memory). Returns the

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Emit, FilterOp, Function, PipelineDefinition};
+use crate::model::{Emit, FilterOp, Function, PipelineDefinition, Window};
 use crate::validate::valid_name;
 
 /// A destination for an aggregation's results.
@@ -93,7 +93,14 @@ impl Condition {
 
 impl std::fmt::Display for Condition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {} {}", self.field, self.op.symbol(), self.value)
+        // `100` and `100.0` are one condition (it is part of a notification's id).
+        match self.value.as_f64() {
+            Some(v) if v.fract() == 0.0 && v.abs() < 9e15 => {
+                write!(f, "{} {} {}", self.field, self.op.symbol(), v as i64)
+            }
+            Some(v) => write!(f, "{} {} {v}", self.field, self.op.symbol()),
+            None => write!(f, "{} {} {}", self.field, self.op.symbol(), self.value),
+        }
     }
 }
 
@@ -126,6 +133,24 @@ impl PipelineDefinition {
             Output::Webhook(w) if w.aggregation == aggregation => Some(&**w),
             _ => None,
         })
+    }
+
+    /// The webhook named `name` as it is now, or, removed since, as the version that made a
+    /// window had it (its notifications are still sent, as a removed Kafka output's results
+    /// are).
+    pub fn webhook(&self, name: &str, made_by: u64) -> Option<&WebhookOutput> {
+        self.outputs
+            .iter()
+            .chain(
+                self.version_def(made_by)
+                    .map(|d| d.outputs.iter())
+                    .into_iter()
+                    .flatten(),
+            )
+            .find_map(|o| match o {
+                Output::Webhook(w) if w.name == name => Some(&**w),
+                _ => None,
+            })
     }
 
     /// Every problem of the outputs, each with its field.
@@ -197,6 +222,16 @@ impl PipelineDefinition {
                             ),
                         );
                     }
+                    if w.on == NotifyOn::Early && matches!(agg.window, Window::Session { .. }) {
+                        // A session's start moves when an earlier event joins it: the window
+                        // notified early would be another window once final.
+                        problem(
+                            format!("outputs[{i}].on"),
+                            format!(
+                                "`early` is not for session windows (`{aggregation}`): a session's start, part of its identity, can still move; use `final`"
+                            ),
+                        );
+                    }
                     if let Some(when) = &w.when {
                         let numeric = when.field == "count"
                             || agg.functions.iter().any(|f| {
@@ -221,12 +256,6 @@ impl PipelineDefinition {
                                 ),
                             );
                         }
-                        if when.value.as_f64().is_none_or(|v| !v.is_finite()) {
-                            problem(
-                                format!("outputs[{i}].when.value"),
-                                "must be a finite number".into(),
-                            );
-                        }
                     }
                 }
             }
@@ -234,9 +263,10 @@ impl PipelineDefinition {
     }
 }
 
-/// An absolute http(s) URL with a host and no credentials.
+/// An absolute http(s) URL with a host, no credentials, no fragment, and not a link-local
+/// address (a cloud's instance metadata service). The text is not echoed: it may hold a token.
 fn check_url(text: &str) -> Result<(), String> {
-    let url = url::Url::parse(text).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+    let url = url::Url::parse(text).map_err(|e| format!("is not an absolute URL ({e})"))?;
     if !matches!(url.scheme(), "https" | "http") {
         return Err(format!("scheme `{}` is not https or http", url.scheme()));
     }
@@ -247,6 +277,20 @@ fn check_url(text: &str) -> Result<(), String> {
         // The definition is stored in ZooKeeper and printed by `pipeline get`.
         return Err(
             "holds credentials: receivers check the signature header instead (docs/pipelines.md)"
+                .into(),
+        );
+    }
+    if url.fragment().is_some() {
+        return Err("has a #fragment, which is never sent".into());
+    }
+    let forbidden = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_link_local() || ip.is_unspecified() || ip.is_broadcast(),
+        Some(url::Host::Ipv6(ip)) => ip.is_unspecified() || (ip.segments()[0] & 0xffc0) == 0xfe80,
+        _ => false,
+    };
+    if forbidden {
+        return Err(
+            "names a link-local or unspecified address (a cloud metadata service is one): not a webhook receiver"
                 .into(),
         );
     }
@@ -316,7 +360,9 @@ when = { field = "sum_amount", op = "gt", value = 100 }
             (hook("\"big\"", "\"Big One\""), "outputs[0].name: must be 1-64"),
             (format!("{HOOK}{HOOK}"), "outputs[1].name: a webhook named `big` is there twice"),
             (hook("https://hooks.example.com/instream", "ftp://x/y"), "outputs[0].url: scheme `ftp`"),
-            (hook("https://hooks.example.com/instream", "hooks/instream"), "outputs[0].url: `hooks/instream` is not a URL"),
+            (hook("https://hooks.example.com/instream", "hooks/instream"), "outputs[0].url: is not an absolute URL"),
+            (hook("https://hooks.example.com/instream", "http://169.254.169.254/latest"), "outputs[0].url: names a link-local"),
+            (hook("https://hooks.example.com/instream", "https://h.example.com/#x"), "outputs[0].url: has a #fragment"),
             (
                 hook("https://hooks.example.com", "https://me:pw@hooks.example.com"),
                 "outputs[0].url: holds credentials",

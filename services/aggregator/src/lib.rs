@@ -45,7 +45,7 @@ use instream_store::{AggregateStore, Checkpoint, CheckpointKey, WindowAggregate}
 use partitions::Partitions;
 use tokio_util::sync::CancellationToken;
 
-pub use state::{Outcome, PartitionState, Scope, WATERMARK_AHEAD_OF_INGEST_MILLIS};
+pub use state::{Outcome, PartitionState, ResultMark, Scope, WATERMARK_AHEAD_OF_INGEST_MILLIS};
 
 const SERVICE: Service = Service::Aggregator;
 
@@ -129,6 +129,7 @@ pub async fn run_with_store(
             early: false,
             resumed: Vec::new(),
             enriched_in_transactions: config.enricher_transactional(),
+            result_marks: Default::default(),
         },
         hold_back: repartition::HoldBack::default(),
         notifier,
@@ -274,6 +275,7 @@ impl Hooks for Aggregator {
         )
         .await?;
         let stop = self.shutdown.clone();
+        self.notifier.follow(catalog);
         let durable = self.flush(input, catalog, &stop).await?;
         self.last_flush = Instant::now();
         Ok(if durable {
@@ -293,6 +295,7 @@ impl Hooks for Aggregator {
         catalog: &Arc<Catalog>,
     ) -> Result<bool, AggregatorError> {
         self.partitions.early = !self.config.early_results_every.is_zero();
+        self.notifier.follow(catalog);
         let durable = self
             .flush(input, catalog, &CancellationToken::new())
             .await?;
@@ -396,6 +399,7 @@ impl Aggregator {
             &self.store_ready,
             &self.producer,
             input,
+            &self.kafka,
             &mut self.partitions,
             &mut self.notifier,
             catalog,
@@ -525,6 +529,21 @@ fn refusal(
     }
 }
 
+/// The `instream.result.source` header of each row: the partition that wrote it.
+fn sources_of(
+    rows: &[WindowAggregate],
+    written_by: &[(partitions::Source, std::ops::Range<usize>)],
+) -> Vec<Option<String>> {
+    let mut sources = vec![None; rows.len()];
+    for ((topic, partition), range) in written_by {
+        let header = state::source_header(topic, *partition);
+        for source in &mut sources[range.clone()] {
+            *source = Some(header.clone());
+        }
+    }
+    sources
+}
+
 /// Retries `write` with back-off until it succeeds; false when `stop` fired first.
 async fn until_written<F, Fut>(
     ready: &Readiness,
@@ -554,6 +573,7 @@ async fn flush(
     ready: &Readiness,
     producer: &Producer,
     input: Input<'_>,
+    kafka: &KafkaConfig,
     partitions: &mut Partitions,
     notifier: &mut notify::Notifier,
     catalog: &Catalog,
@@ -567,6 +587,19 @@ async fn flush(
         notifier.send(source, state.owed_notifications());
     }
     let def_of = |pipeline: &str| catalog.get(pipeline).map(|d| &**d);
+    let owned_pipelines = || {
+        let mut defs: Vec<&instream_pipeline::PipelineDefinition> = partitions
+            .states
+            .keys()
+            .filter_map(|(topic, _)| def_of(topics::pipeline_of(topic)))
+            .collect();
+        defs.sort_by(|a, b| a.name.cmp(&b.name));
+        defs.dedup_by(|a, b| a.name == b.name);
+        defs
+    };
+    // Before any final result is published: where a restore would read them back from.
+    let defs = owned_pipelines();
+    partitions.result_marks.start(kafka, defs.into_iter()).await;
     let mut rows: Vec<WindowAggregate> = Vec::new();
     // Which partition wrote which rows: its notifications are its own to keep.
     let mut written_by = Vec::new();
@@ -578,20 +611,75 @@ async fn flush(
         }
     }
     if !rows.is_empty() {
+        // Final results a restore found on their topic are not published again; those of a
+        // partition whose saved checkpoint has no marks for their topic yet wait one flush
+        // (their windows stay), so that a restore knows where to read them back from.
+        let mut on_topic = vec![false; rows.len()];
+        let mut waiting = Vec::new();
+        for (source, range) in &written_by {
+            if let Some(state) = partitions.states.get_mut(source) {
+                for i in range.clone() {
+                    let row = &rows[i];
+                    let topic = topics::results(&row.pipeline, &row.aggregation);
+                    on_topic[i] = state.published_already(row);
+                    if row.is_final
+                        && !on_topic[i]
+                        && results::final_only(catalog, row)
+                        && partitions.result_marks.started(&topic)
+                        && state.result_waits_for_marks(&topic)
+                    {
+                        on_topic[i] = true;
+                        waiting.push((source.clone(), i));
+                    }
+                }
+            }
+        }
         // Results on the broker before the checkpoint that may drop their windows.
+        let sources = sources_of(&rows, &written_by);
         let written = until_written(ready, stop, "windows", || store.upsert(&rows)).await
-            && results::publish(producer, catalog, &rows, results::Kind::Value, stop).await?;
+            && results::publish(
+                producer,
+                catalog,
+                &rows,
+                results::Kind::Value,
+                |i| (on_topic[i], sources[i].as_deref()),
+                &mut partitions.result_marks,
+                stop,
+            )
+            .await?;
+        // A crash here (a test's `FAILPOINTS=aggregator-results-published=return`): results
+        // on the topic, their windows not checkpointed.
+        fail::fail_point!(
+            "aggregator-results-published",
+            rows.iter().any(|r| r.is_final),
+            |_| std::process::abort()
+        );
         if !written {
             for state in partitions.states.values_mut() {
                 state.mark_dirty(&rows);
             }
             return Ok(false);
         }
+        for (source, i) in waiting {
+            if let Some(state) = partitions.states.get_mut(&source) {
+                state.mark_dirty(std::slice::from_ref(&rows[i]));
+            }
+        }
         metrics::counter!("instream_window_writes_total", "service" => SERVICE.as_str())
             .increment(rows.len() as u64);
+        let mut refused = Vec::new();
         for (source, range) in written_by {
             if let Some(state) = partitions.states.get_mut(&source) {
-                notifier.send(&source, state.notify(&rows[range], def_of));
+                let (made, no_room) = state.notify(&rows[range], def_of, notifier.max_pending());
+                notifier.send(&source, made);
+                refused.extend(no_room);
+            }
+        }
+        // Dead-lettered before the checkpoint that holds them as notified.
+        if !refused.is_empty() {
+            let deliveries = notifier.refuse(refused).await?;
+            if !instream_kafka::client::all_delivered_unless(producer, deliveries, stop).await? {
+                return Ok(false);
             }
         }
         let now = instream_event::now_millis();
@@ -611,7 +699,16 @@ async fn flush(
     if !deletes.is_empty() {
         let deleted = until_written(ready, stop, "merged sessions", || store.delete(&deletes))
             .await
-            && results::publish(producer, catalog, &deletes, results::Kind::Deleted, stop).await?;
+            && results::publish(
+                producer,
+                catalog,
+                &deletes,
+                results::Kind::Deleted,
+                |_| (false, None),
+                &mut partitions.result_marks,
+                stop,
+            )
+            .await?;
         if !deleted {
             return Ok(false);
         }
@@ -627,11 +724,16 @@ async fn flush(
     }
     let visible = instream_event::now_millis();
     let mut checkpoints = Vec::new();
+    let mut snapshotted = Vec::new();
     let mut open = 0;
     for (source, state) in partitions.states.iter_mut() {
+        if let Some(def) = def_of(topics::pipeline_of(&source.0)) {
+            state.set_result_marks(partitions.result_marks.of(def));
+        }
         state.close_windows(|pipeline| catalog.get(pipeline).map(|d| d.max_out_of_orderness));
         open += state.window_count();
         if let Some((next_offset, bytes)) = state.snapshot() {
+            snapshotted.push(source.clone());
             checkpoints.push(Checkpoint {
                 key: CheckpointKey {
                     group: partitions.group.clone(),
@@ -654,6 +756,11 @@ async fn flush(
     }
     for state in partitions.states.values_mut() {
         state.mark_saved();
+    }
+    for source in snapshotted {
+        if let Some(state) = partitions.states.get_mut(&source) {
+            state.result_marks_saved();
+        }
     }
     for ingest_time in pending.iter().filter_map(|(_, t)| *t) {
         metrics::histogram!("instream_stage_latency_seconds", "stage" => "aggregator_visible")

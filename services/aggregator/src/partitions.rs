@@ -29,6 +29,8 @@ pub(crate) struct Partitions {
     pub(crate) resumed: Vec<(Source, i64)>,
     /// Whether the enricher writes the enriched topics in transactions.
     pub(crate) enriched_in_transactions: bool,
+    /// Where restores read final results back from (see `results.rs`).
+    pub(crate) result_marks: crate::results::Marks,
 }
 
 impl Partitions {
@@ -60,14 +62,11 @@ impl Partitions {
             .collect();
         missing.sort();
         for source in &missing {
-            if self
-                .state(store, kafka, ready, source, stop)
-                .await?
-                .is_none()
-            {
+            if !self.restore_one(store, kafka, ready, source, stop).await? {
                 return Ok(false);
             }
         }
+        crate::results::read_back(kafka, &mut self.states, &missing).await;
         self.restored_generation = Some(generation);
         metrics::gauge!("instream_aggregator_partition_states", "service" => SERVICE.as_str())
             .set(self.states.len() as f64);
@@ -86,6 +85,25 @@ impl Partitions {
         stop: &CancellationToken,
     ) -> Result<Option<&mut PartitionState>, AggregatorError> {
         if !self.states.contains_key(source) {
+            if !self.restore_one(store, kafka, ready, source, stop).await? {
+                return Ok(None);
+            }
+            crate::results::read_back(kafka, &mut self.states, std::slice::from_ref(source)).await;
+        }
+        Ok(self.states.get_mut(source))
+    }
+
+    /// Restores `source` from its checkpoint (without reading results back); `false` when
+    /// `stop` fired while the store was unreachable.
+    async fn restore_one(
+        &mut self,
+        store: &dyn AggregateStore,
+        kafka: &instream_core::config::KafkaConfig,
+        ready: &Readiness,
+        source: &Source,
+        stop: &CancellationToken,
+    ) -> Result<bool, AggregatorError> {
+        {
             let key = CheckpointKey {
                 group: self.group.clone(),
                 topic: source.0.clone(),
@@ -110,7 +128,7 @@ impl Partitions {
                 .await;
             let (state, from_checkpoint) = match restored {
                 Ok(restored) => restored,
-                Err(GaveUp::Stopped) => return Ok(None),
+                Err(GaveUp::Stopped) => return Ok(false),
                 Err(GaveUp::Failed(error) | GaveUp::TimedOut { error, .. }) => return Err(error),
             };
             if from_checkpoint {
@@ -130,7 +148,7 @@ impl Partitions {
             );
             self.states.insert(source.clone(), state);
         }
-        Ok(self.states.get_mut(source))
+        Ok(true)
     }
 }
 

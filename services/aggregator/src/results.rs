@@ -5,15 +5,22 @@
 //! They are on the broker before the checkpoint that could drop their window is saved (the
 //! flush waits for them as it waits for the store), so a crash loses none; a crash before
 //! that checkpoint makes the restarted aggregator write the same windows again, so a value
-//! may repeat, with the same key, window and content (docs/guarantees.md).
+//! may repeat, with the same key, window and content (docs/guarantees.md) — except the final
+//! results of `emit = "final"` aggregations: a restore reads back what was published after
+//! its checkpoint ([`Marks`], `state/published.rs`) and does not publish those again.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use instream_core::config::KafkaConfig;
 use instream_kafka::client::{self, Producer};
-use instream_kafka::{BatchOutputs, Outgoing};
-use instream_pipeline::{topics, Catalog};
+use instream_kafka::Outgoing;
+use instream_pipeline::{topics, Catalog, Emit, Output, PipelineDefinition};
 use instream_store::WindowAggregate;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::partitions::Source;
+use crate::state::ReadBack;
 use crate::AggregatorError;
 
 /// One result record, as downstream services read it.
@@ -43,20 +50,31 @@ pub(crate) enum Kind {
     Deleted,
 }
 
-/// Sends the rows of aggregations with a Kafka output and waits until the broker has all of
-/// them. `Ok(false)` when `stop` came first: none may count as delivered.
-pub(crate) async fn publish(
+/// Sends the rows of aggregations with a Kafka output (but those `skip` says are on their
+/// topic already; it also gives the partition that wrote each) and waits until the broker has all of them; then moves `marks` past the
+/// final-only results among them. `Ok(false)` when `stop` came first: none may count as
+/// delivered.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn publish<'s>(
     producer: &Producer,
     catalog: &Catalog,
     rows: &[WindowAggregate],
     kind: Kind,
+    skip: impl Fn(usize) -> (bool, Option<&'s str>),
+    marks: &mut Marks,
     stop: &CancellationToken,
 ) -> Result<bool, AggregatorError> {
     if catalog.iter().all(|def| def.outputs.is_empty()) {
         return Ok(true);
     }
-    let mut outputs = BatchOutputs::default();
-    for row in rows {
+    let mut deliveries = Vec::new();
+    // The results topic of each delivery that a restore reads back.
+    let mut marked: Vec<Option<String>> = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        let (on_topic, source) = skip(i);
+        if on_topic {
+            continue;
+        }
         // Under the current version or the one that made the window (an output removed by
         // a change still gets the windows made before it).
         let wanted = catalog.get(&row.pipeline).is_some_and(|def| {
@@ -84,15 +102,197 @@ pub(crate) async fn publish(
         // A struct of strings, numbers and a JSON map: serializing it cannot fail.
         let payload = serde_json::to_vec(&record).unwrap_or_default();
         let topic = topics::results(&row.pipeline, &row.aggregation);
-        let out = Outgoing::to(&topic)
+        let mut out = Outgoing::to(&topic)
             .key(row.group_key.as_bytes())
             .payload(&payload);
-        outputs.push(client::send(producer, out).await?);
+        let read_back = kind == Kind::Value && row.is_final && final_only(catalog, row);
+        if let (true, Some(source)) = (read_back, source) {
+            out = out.header(instream_kafka::headers::RESULT_SOURCE, source);
+        }
+        deliveries.push(client::send(producer, out).await?);
+        marked.push(read_back.then_some(topic));
         metrics::counter!("instream_results_published_total", "pipeline" => row.pipeline.clone(), "aggregation" => row.aggregation.clone())
             .increment(1);
     }
-    if outputs.is_empty() {
+    if deliveries.is_empty() {
         return Ok(true);
     }
-    Ok(outputs.delivered_unless(producer, stop).await?)
+    let Some(positions) = client::all_delivered_at(producer, deliveries, stop).await? else {
+        return Ok(false);
+    };
+    for (topic, (partition, offset)) in marked.into_iter().zip(positions) {
+        if let Some(topic) = topic {
+            marks.passed(topic, partition, offset);
+        }
+    }
+    Ok(true)
+}
+
+/// Whether `row` is of an aggregation whose results topic holds final values only (under the
+/// version that made its window).
+pub(crate) fn final_only(catalog: &Catalog, row: &WindowAggregate) -> bool {
+    catalog
+        .get(&row.pipeline)
+        .map(|def| {
+            u64::try_from(row.definition_version)
+                .ok()
+                .and_then(|v| def.version_def(v))
+                .unwrap_or(def)
+        })
+        .and_then(|def| def.aggregations.iter().find(|a| a.name == row.aggregation))
+        .is_some_and(|a| a.emit == Emit::Final)
+}
+
+/// The results topics a restore of one of `def`'s partitions reads back: those of its
+/// aggregations with a Kafka output and `emit = "final"`.
+fn final_only_topics(def: &PipelineDefinition) -> impl Iterator<Item = String> + '_ {
+    def.outputs.iter().filter_map(move |output| match output {
+        Output::Kafka { aggregation }
+            if def
+                .aggregations
+                .iter()
+                .any(|a| a.name == *aggregation && a.emit == Emit::Final) =>
+        {
+            Some(topics::results(&def.name, aggregation))
+        }
+        _ => None,
+    })
+}
+
+/// For each partition of the final-only results topics, the offset after the last result
+/// this process has seen delivered there — at first, the partition's end when the process
+/// first needed it. Every checkpoint carries its pipeline's marks: whatever is published
+/// after it lands at or after them.
+#[derive(Default)]
+pub(crate) struct Marks {
+    next: BTreeMap<(String, i32), i64>,
+    /// Topics whose partitions' ends were read.
+    started: BTreeSet<String>,
+}
+
+impl Marks {
+    /// Whether the ends of `topic` were read (its results can be read back).
+    pub(crate) fn started(&self, topic: &str) -> bool {
+        self.started.contains(topic)
+    }
+
+    fn passed(&mut self, topic: String, partition: i32, offset: i64) {
+        let next = self.next.entry((topic, partition)).or_insert(offset + 1);
+        *next = (*next).max(offset + 1);
+    }
+
+    /// Reads the ends of the final-only results topics of `pipelines` not read yet. A topic
+    /// whose ends cannot be read gets no marks (its results may repeat after a crash) and is
+    /// tried again at the next flush.
+    pub(crate) async fn start<'a>(
+        &mut self,
+        kafka: &KafkaConfig,
+        defs: impl Iterator<Item = &'a PipelineDefinition>,
+    ) {
+        for def in defs {
+            for topic in final_only_topics(def) {
+                if self.started.contains(&topic) {
+                    continue;
+                }
+                let mut ends = Vec::new();
+                for partition in 0..def.partitions {
+                    match instream_kafka::ops::watermarks(kafka, &topic, partition).await {
+                        Ok((_, high)) => ends.push((partition, high)),
+                        Err(e) => {
+                            tracing::warn!(%topic, partition, error = %e, "could not read the end of a results partition; trying again at the next flush");
+                            ends.clear();
+                            break;
+                        }
+                    }
+                }
+                if ends.is_empty() {
+                    continue;
+                }
+                for (partition, high) in ends {
+                    let next = self.next.entry((topic.clone(), partition)).or_insert(high);
+                    *next = (*next).max(high);
+                }
+                self.started.insert(topic);
+            }
+        }
+    }
+
+    /// The marks of `def`'s final-only results topics.
+    pub(crate) fn of(&self, def: &PipelineDefinition) -> Vec<crate::ResultMark> {
+        final_only_topics(def)
+            .flat_map(|topic| {
+                self.next
+                    .range((topic.clone(), i32::MIN)..=(topic.clone(), i32::MAX))
+                    .map(|((t, p), next)| (t.clone(), *p, *next))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+/// Reads back, from the marks of the `restored` states' checkpoints to the ends of those
+/// partitions, the final results published after those checkpoints, so that a replay does
+/// not publish them again. Each results partition is read once for all of them, from the
+/// lowest mark. A partition that cannot be read is skipped with a warning (those results
+/// may repeat).
+pub(crate) async fn read_back(
+    kafka: &KafkaConfig,
+    states: &mut HashMap<Source, crate::PartitionState>,
+    restored: &[Source],
+) {
+    let mut from: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for source in restored {
+        let Some(state) = states.get(source) else {
+            continue;
+        };
+        for (topic, partition, mark) in state.result_marks() {
+            let lowest = from.entry((topic.clone(), *partition)).or_insert(*mark);
+            *lowest = (*lowest).min(*mark);
+        }
+    }
+    if from.is_empty() {
+        return;
+    }
+    let sources = || restored.iter().map(|(t, p)| (t.as_str(), *p));
+    let mut read = ReadBack::new(sources());
+    for ((topic, partition), start) in from {
+        let high = match instream_kafka::ops::watermarks(kafka, &topic, partition).await {
+            Ok((_, high)) => high,
+            Err(e) => {
+                tracing::warn!(%topic, partition, error = %e, "results not read back: final results published after the checkpoint may repeat");
+                continue;
+            }
+        };
+        if high <= start {
+            continue;
+        }
+        let scanned = instream_kafka::ops::scan_partition_with_header(
+            kafka,
+            &topic,
+            partition,
+            start,
+            high,
+            instream_kafka::headers::RESULT_SOURCE,
+            read,
+            |read, source, payload| read.note(source, payload),
+        )
+        .await;
+        read = match scanned {
+            Ok((read, _)) => read,
+            Err(e) => {
+                tracing::warn!(%topic, partition, error = %e, "results not read back: final results published after the checkpoint may repeat");
+                ReadBack::new(sources())
+            }
+        };
+    }
+    for (topic, partition) in restored {
+        let found = read.take(topic, *partition);
+        if found.is_empty() {
+            continue;
+        }
+        tracing::info!(%topic, partition, found = found.len(), "final results published after the checkpoint read back: not published again");
+        if let Some(state) = states.get_mut(&(topic.clone(), *partition)) {
+            state.read_back_done(found);
+        }
+    }
 }

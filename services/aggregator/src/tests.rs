@@ -62,6 +62,7 @@ async fn a_flush_cut_short_by_shutdown_makes_nothing_handled_and_keeps_the_check
         resumed: Vec::new(),
         enriched_in_transactions: false,
         early: true,
+        result_marks: Default::default(),
     };
     let config = instream_core::config::KafkaConfig::default();
     let consumer =
@@ -85,6 +86,7 @@ async fn a_flush_cut_short_by_shutdown_makes_nothing_handled_and_keeps_the_check
         &ready,
         &producer,
         instream_kafka::Input::new(&consumer),
+        &config,
         &mut partitions,
         &mut notify::Notifier::detached(),
         &catalog,

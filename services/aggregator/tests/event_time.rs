@@ -434,6 +434,47 @@ async fn a_stream_that_stops_has_its_last_windows_closed_and_written_final() {
     s.assert_results_equal_the_store().await;
 }
 
+/// The aggregator crashes (an abort, like kill -9) right after the first final results are
+/// on their topics, before the checkpoint that drops their windows. Restarted from the older
+/// checkpoint it makes the same windows final again; it reads back what was published after
+/// that checkpoint, so the final-only aggregation's topic holds each window once — and every
+/// window is in the store, final and exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_result_published_just_before_a_crash_is_not_published_again() {
+    let mut s = scenario("2s", 10);
+    s.send(400, 0, 15_000).await;
+    let mut crashing = ChildGuard::new(
+        std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(&s.config)
+            .env("FAILPOINTS", "aggregator-results-published=return")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let status = crashing.wait_exit(Duration::from_secs(60)).unwrap();
+    assert!(!status.success(), "it stopped at the fail point: {status}");
+    assert!(
+        !s.results("per_key_final").await.is_empty(),
+        "final results were on the topic before the crash"
+    );
+    let run = instream_testkit::spawn_service(BIN, &s.config).unwrap();
+    wait_for("every event counted", Duration::from_secs(60), || {
+        s.counted(400)
+    })
+    .await;
+    wait_for(
+        "the quiet partitions' windows closed",
+        Duration::from_secs(60),
+        || s.all_closed_by_idleness(),
+    )
+    .await;
+    s.stop(run).await;
+    s.assert_every_window_final_and_exact().await;
+    s.assert_results_equal_the_store().await;
+}
+
 /// The aggregator counts the first events and stops; while it is away for longer than the
 /// idle time, a backlog arrives for the same windows. Restarted, it reads the backlog first:
 /// the time it was away does not count as quiet, so no backlog event is too late and every

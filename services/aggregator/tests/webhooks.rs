@@ -36,6 +36,7 @@ enum Answer {
 struct Got {
     hook: String,
     id: String,
+    timestamp: String,
     signature: String,
     body: serde_json::Value,
     raw: Vec<u8>,
@@ -115,6 +116,7 @@ async fn receive(
         script.got.push(Got {
             hook,
             id: header("x-instream-notification-id"),
+            timestamp: header("x-instream-timestamp"),
             signature: header("x-instream-signature"),
             body: serde_json::from_slice(&body).unwrap_or_default(),
             raw: body.to_vec(),
@@ -131,8 +133,11 @@ async fn receive(
     }
 }
 
-fn hmac_hex(body: &[u8]) -> String {
+/// What the receiver checks: HMAC-SHA256 of `<timestamp>.<raw body>` under the secret.
+fn hmac_hex(timestamp: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
     mac.update(body);
     let hex: String = mac
         .finalize()
@@ -151,7 +156,7 @@ struct Scenario {
     admin: u16,
 }
 
-/// A pipeline with 2-second windows closed by idleness after 1 s, one partition, and the
+/// A pipeline with 2-second windows closed by idleness after 2 s, one partition, and the
 /// webhooks given (TOML tables), all under `url`.
 fn scenario(hooks: &str) -> Scenario {
     let broker = KafkaBroker::start().unwrap();
@@ -169,7 +174,7 @@ key_field = "k"
 time_field = "t"
 partitions = 1
 max_out_of_orderness = "0s"
-idle_timeout = "1s"
+idle_timeout = "2s"
 [[pipelines.aggregations]]
 name = "per_key"
 window = {{ kind = "tumbling", size = "2s" }}
@@ -237,12 +242,12 @@ impl Scenario {
         }
     }
 
-    async fn metric(&self, metric: &str, filter: &str) -> f64 {
-        let Ok(response) = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.admin)).await
-        else {
-            return 0.0;
-        };
-        metric_sum(&response.text().await.unwrap_or_default(), metric, filter).0
+    /// The sum of a metric's series; `None` when the aggregator does not answer (so that a
+    /// scrape that failed never reads as a zero).
+    async fn metric(&self, metric: &str, filter: &str) -> Option<f64> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.admin);
+        let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+        Some(metric_sum(&text, metric, filter).0)
     }
 
     async fn dead_letters(&self) -> Vec<instream_kafka::ops::StoredDeadLetter> {
@@ -317,8 +322,8 @@ async fn notifications_are_signed_retried_with_one_id_and_dead_lettered_when_ref
     )
     .await;
     wait_for("nothing waiting", Duration::from_secs(30), || async {
-        s.metric("instream_notifications_pending", "").await == 0.0
-            && s.metric("instream_notifications_sent_total", "").await == 2.0
+        s.metric("instream_notifications_pending", "").await == Some(0.0)
+            && s.metric("instream_notifications_sent_total", "").await == Some(2.0)
     })
     .await;
 
@@ -334,7 +339,9 @@ async fn notifications_are_signed_retried_with_one_id_and_dead_lettered_when_ref
         .chain(&receiver.got("early"))
         .chain(&receiver.got("refused"))
     {
-        assert_eq!(got.signature, hmac_hex(&got.raw), "{got:?}");
+        assert_eq!(got.signature, hmac_hex(&got.timestamp, &got.raw), "{got:?}");
+        let signed_at: i64 = got.timestamp.parse().expect("a Unix time");
+        assert!((signed_at - instream_event::now_millis() / 1_000).abs() < 120);
         assert_eq!(
             got.body["id"],
             got.id.as_str(),
@@ -389,17 +396,17 @@ async fn notifications_are_signed_retried_with_one_id_and_dead_lettered_when_ref
     assert_eq!(
         s.metric("instream_notifications_sent_total", &output("flaky"))
             .await,
-        1.0
+        Some(1.0)
     );
     assert_eq!(
         s.metric("instream_notifications_sent_total", &output("early"))
             .await,
-        1.0
+        Some(1.0)
     );
     assert_eq!(
         s.metric("instream_notifications_failed_total", &output("refused"))
             .await,
-        2.0
+        Some(2.0)
     );
     assert_eq!(
         s.metric(
@@ -407,7 +414,7 @@ async fn notifications_are_signed_retried_with_one_id_and_dead_lettered_when_ref
             "reason=\"timeout\""
         )
         .await,
-        1.0
+        Some(1.0)
     );
     assert_eq!(
         s.metric(
@@ -415,7 +422,7 @@ async fn notifications_are_signed_retried_with_one_id_and_dead_lettered_when_ref
             "reason=\"status\""
         )
         .await,
-        4.0,
+        Some(4.0),
         "two 503s and two 400s"
     );
     drop(run);
@@ -440,8 +447,10 @@ async fn a_notification_owed_at_a_kill_is_sent_after_the_restart_with_the_same_i
             !receiver.got("down").is_empty()
                 && s.metric("instream_open_windows", "service=\"aggregator\"")
                     .await
-                    == 0.0
-                && s.metric("instream_window_writes_total", "").await >= 1.0
+                    == Some(0.0)
+                && s.metric("instream_window_writes_total", "")
+                    .await
+                    .is_some_and(|n| n >= 1.0)
         },
     )
     .await;
@@ -466,13 +475,13 @@ async fn a_notification_owed_at_a_kill_is_sent_after_the_restart_with_the_same_i
         || async {
             s.metric("instream_notifications_sent_total", "output=\"down\"")
                 .await
-                == 1.0
+                == Some(1.0)
         },
     )
     .await;
     assert_eq!(
         s.metric("instream_window_writes_total", "").await,
-        0.0,
+        Some(0.0),
         "the restarted aggregator wrote nothing again: the notification came from the checkpoint"
     );
     drop(restarted);

@@ -645,7 +645,11 @@ async fn produce(
             }
         }
     }
-    let answers = futures::future::join_all(deliveries.into_iter().map(client::delivered));
+    let answers = futures::future::join_all(
+        deliveries
+            .into_iter()
+            .map(|d| async { client::delivered(d).await.map(|_| ()) }),
+    );
     tokio::time::timeout(state.config.produce_timeout, answers)
         .await
         .map_err(|_| {

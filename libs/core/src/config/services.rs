@@ -344,11 +344,13 @@ pub struct AggregatorConfig {
     /// PEM certificates of private CAs webhook receivers' certificates are trusted from, on
     /// top of the system's roots.
     pub webhook_tls_ca_file: Option<PathBuf>,
-    /// Most notifications one aggregator keeps waiting for their receivers (in memory and in
-    /// checkpoints); one more is dead-lettered at once ("more than N waiting"), so a receiver
-    /// that is down for long costs bounded memory and never slows aggregation.
+    /// Most notifications one input partition keeps waiting for their receivers (they are
+    /// in its checkpoint until taken); one more is dead-lettered at once ("more than N were
+    /// waiting"), so a receiver that is down for long costs bounded memory and checkpoint
+    /// size (about 1 KB each) and never stops aggregation.
     pub webhook_max_pending: usize,
-    /// Notifications in flight at once, over all webhooks.
+    /// Attempts in flight at once, over all webhooks; one webhook gets at most half of them
+    /// (rounded up), so a slow receiver does not hold up the others.
     pub webhook_concurrency: usize,
 }
 
@@ -363,7 +365,7 @@ impl Default for AggregatorConfig {
             webhook_secret: None,
             webhook_secret_file: None,
             webhook_tls_ca_file: None,
-            webhook_max_pending: 10_000,
+            webhook_max_pending: 2_000,
             webhook_concurrency: 8,
         }
     }
@@ -379,9 +381,10 @@ impl AggregatorConfig {
     }
 
     pub(super) fn validate(&self, p: &mut Problems) {
-        p.positive(
-            self.webhook_max_pending as u64,
+        p.check(
+            (1..=10_000).contains(&self.webhook_max_pending),
             "aggregator.webhook_max_pending",
+            || "must be 1 to 10000: they are kept in the partition's checkpoint".into(),
         );
         p.check(
             (1..=256).contains(&self.webhook_concurrency),

@@ -1,32 +1,34 @@
-//! Sending notifications: one task owns the queue and keeps at most
-//! `aggregator.webhook_concurrency` in flight, so a slow or unreachable receiver costs
-//! bounded memory and never holds up aggregation. Each notification is retried with back-off
-//! (5xx, 408, 429, timeouts, connection errors), then dead-lettered with the last failure
-//! in the reason; either end counts as done and leaves the partition's checkpoint.
+//! Sending notifications: one task owns the queue. At most `aggregator.webhook_concurrency`
+//! attempts are in flight, at most half of them (rounded up) for one webhook, taken from the
+//! webhooks in turn, so one slow or unreachable receiver never holds up the others; an attempt
+//! to retry waits for its time outside the slots. A notification is retried with back-off
+//! (5xx, 408, 429, timeouts, connection errors; `Retry-After` honoured up to 5 minutes), then
+//! dead-lettered with the last failure in the reason; either end counts as done and leaves the
+//! partition's checkpoint. A repeat of a notification already queued (a partition restored
+//! again after a rebalance hands over what it owes) is dropped by its id.
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use instream_core::config::{AggregatorConfig, Secret};
 use instream_core::retry::Backoff;
 use instream_core::ServiceContext;
+use instream_kafka::Delivery;
 use instream_kafka::{DeadLetter, DeadLetterCode, DeadLetters};
+use instream_pipeline::Catalog;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use super::Notification;
+use super::{Notification, ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use crate::partitions::Source;
 
-/// Header carrying the notification's deterministic id: a receiver drops a repeat by it.
-pub const ID_HEADER: &str = "x-instream-notification-id";
-/// Header carrying `sha256=<hex HMAC-SHA256 of the body under aggregator.webhook_secret>`.
-pub const SIGNATURE_HEADER: &str = "x-instream-signature";
-
-/// Pauses between attempts at one notification.
+/// Pauses between attempts at one notification (before jitter).
 const RETRY: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+/// The longest a receiver's `Retry-After` is honoured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// Why webhooks cannot be sent at all.
 #[derive(Debug, thiserror::Error)]
@@ -35,12 +37,18 @@ pub enum NotifyError {
     CaFile { path: String, reason: String },
     #[error("webhook HTTP client: {0}")]
     Client(String),
+    #[error(transparent)]
+    Kafka(#[from] instream_kafka::KafkaError),
 }
 
 /// The aggregator's handle on the sending task.
 pub(crate) struct Notifier {
     commands: mpsc::UnboundedSender<Command>,
     done: Arc<Mutex<HashSet<String>>>,
+    catalog: Arc<RwLock<Arc<Catalog>>>,
+    dead: Option<DeadLetters>,
+    /// Most notifications one partition keeps waiting.
+    max_pending: usize,
     /// The partitions last told to the task (their notifications are sent, others dropped).
     owned: Vec<Source>,
 }
@@ -57,15 +65,18 @@ impl Notifier {
         let config = &ctx.config.aggregator;
         let (commands, receiver) = mpsc::unbounded_channel();
         let done: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let catalog: Arc<RwLock<Arc<Catalog>>> = Arc::default();
         let sender = Sender {
             client: http_client(config)?,
             secret: config.webhook_secret.clone(),
-            dead,
+            dead: dead.clone(),
+            catalog: catalog.clone(),
             stop: ctx.shutdown.clone(),
         };
+        let concurrency = config.webhook_concurrency.max(1);
         let queue = Queue {
-            max_pending: config.webhook_max_pending,
-            concurrency: config.webhook_concurrency,
+            concurrency,
+            per_webhook: concurrency.div_ceil(2),
             done: done.clone(),
         };
         ctx.tasks.spawn_infallible(
@@ -75,6 +86,9 @@ impl Notifier {
         Ok(Self {
             commands,
             done,
+            catalog,
+            dead: Some(dead),
+            max_pending: config.webhook_max_pending,
             owned: Vec::new(),
         })
     }
@@ -86,7 +100,23 @@ impl Notifier {
         Self {
             commands,
             done: Arc::default(),
+            catalog: Arc::default(),
+            dead: None,
+            max_pending: usize::MAX,
             owned: Vec::new(),
+        }
+    }
+
+    /// Most notifications one partition keeps waiting (`aggregator.webhook_max_pending`).
+    pub(crate) fn max_pending(&self) -> usize {
+        self.max_pending
+    }
+
+    /// The definitions notifications are sent by (URL, timeout and retries of each webhook).
+    pub(crate) fn follow(&self, catalog: &Arc<Catalog>) {
+        let mut current = self.catalog.write().unwrap_or_else(|p| p.into_inner());
+        if !Arc::ptr_eq(&current, catalog) {
+            *current = catalog.clone();
         }
     }
 
@@ -98,6 +128,27 @@ impl Notifier {
                 .commands
                 .send(Command::Send(source.clone(), notification));
         }
+    }
+
+    /// Dead-letters notifications a partition had no room for; the flush waits for the
+    /// deliveries before the checkpoint that holds them as notified.
+    pub(crate) async fn refuse(
+        &self,
+        notifications: Vec<Notification>,
+    ) -> Result<Vec<Delivery>, NotifyError> {
+        let Some(dead) = &self.dead else {
+            return Ok(Vec::new());
+        };
+        let reason = format!(
+            "not sent: more than aggregator.webhook_max_pending ({}) notifications of its partition were waiting for their receivers",
+            self.max_pending
+        );
+        let mut deliveries = Vec::new();
+        for n in &notifications {
+            deliveries.push(dead.publish(&dead_letter(n, &reason, &topic_of(n))).await?);
+            count_failed(n, &reason);
+        }
+        Ok(deliveries)
     }
 
     /// Tells the task which partitions this instance owns, when that changed.
@@ -143,79 +194,221 @@ fn http_client(config: &AggregatorConfig) -> Result<reqwest::Client, NotifyError
         .map_err(|e| NotifyError::Client(describe(&e)))
 }
 
+/// One notification in the queue.
+struct Item {
+    source: Source,
+    n: Notification,
+    /// Attempts made so far.
+    attempts: u32,
+    not_before: Instant,
+}
+
+impl Item {
+    /// The webhook it goes to: its turn and its share of the slots.
+    fn webhook(&self) -> (String, String) {
+        (self.n.pipeline.clone(), self.n.output.clone())
+    }
+}
+
+/// How one task at a notification ended.
+enum Ended {
+    /// Taken by its receiver, or dead-lettered.
+    Done(String),
+    /// To be tried again at `not_before`.
+    Again(Item),
+    /// Stopping: it stays owed.
+    Stopped,
+}
+
 /// The queue of notifications to send and those in flight.
 struct Queue {
-    max_pending: usize,
     concurrency: usize,
+    per_webhook: usize,
     done: Arc<Mutex<HashSet<String>>>,
+}
+
+/// The queue's state while it runs.
+#[derive(Default)]
+struct Lanes {
+    /// Ready to be tried, per webhook.
+    ready: BTreeMap<(String, String), VecDeque<Item>>,
+    /// Waiting for their next attempt's time.
+    later: Vec<Item>,
+    /// Every id ready, later or in flight: a repeat is dropped.
+    ids: HashSet<String>,
+    /// In flight per webhook.
+    busy: HashMap<(String, String), usize>,
+    /// The task at each notification in flight.
+    flying: HashMap<tokio::task::Id, (Source, Notification, AbortHandle)>,
+    /// The webhook served last (turns go round).
+    last: Option<(String, String)>,
 }
 
 impl Queue {
     async fn run(self, sender: Arc<Sender>, mut commands: mpsc::UnboundedReceiver<Command>) {
-        let mut waiting: VecDeque<(Source, Notification)> = VecDeque::new();
-        let mut flight: JoinSet<Option<String>> = JoinSet::new();
-        let mut flying: Vec<(Source, AbortHandle)> = Vec::new();
+        let mut lanes = Lanes::default();
+        let mut flight: JoinSet<Ended> = JoinSet::new();
         let pending = metrics::gauge!("instream_notifications_pending");
         loop {
-            while flight.len() < self.concurrency {
-                let Some((source, notification)) = waiting.pop_front() else {
-                    break;
-                };
-                let handle = flight.spawn(sender.clone().deliver(notification));
-                flying.push((source, handle));
+            let now = Instant::now();
+            let (due, later): (Vec<Item>, Vec<Item>) = std::mem::take(&mut lanes.later)
+                .into_iter()
+                .partition(|item| item.not_before <= now);
+            lanes.later = later;
+            for item in due {
+                lanes
+                    .ready
+                    .entry(item.webhook())
+                    .or_default()
+                    .push_back(item);
             }
-            pending.set((waiting.len() + flight.len()) as f64);
+            self.start_ready(&mut lanes, &mut flight, &sender);
+            pending.set(lanes.ids.len() as f64);
+            let next_due = lanes.later.iter().map(|item| item.not_before).min();
             tokio::select! {
                 _ = sender.stop.cancelled() => break,
                 command = commands.recv() => match command {
                     None => break,
-                    Some(Command::Send(source, notification)) => {
-                        if waiting.len() + flight.len() >= self.max_pending {
-                            let reason = format!(
-                                "not sent: more than aggregator.webhook_max_pending ({}) notifications are waiting for their receivers",
-                                self.max_pending
-                            );
-                            let handle = flight.spawn(sender.clone().give_up(notification, reason));
-                            flying.push((source, handle));
-                        } else {
-                            waiting.push_back((source, notification));
+                    Some(Command::Send(source, n)) => {
+                        if lanes.ids.insert(n.id.clone()) {
+                            let item = Item { source, n, attempts: 0, not_before: now };
+                            lanes.ready.entry(item.webhook()).or_default().push_back(item);
                         }
                     }
-                    Some(Command::Keep(owned)) => {
-                        waiting.retain(|(source, _)| owned.contains(source));
-                        for (source, handle) in &flying {
-                            if !owned.contains(source) {
-                                handle.abort();
-                            }
-                        }
-                    }
+                    Some(Command::Keep(owned)) => lanes.keep_only(&owned),
                 },
-                Some(joined) = flight.join_next(), if !flight.is_empty() => {
-                    match joined {
-                        Ok(Some(id)) => {
-                            self.done.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
-                        }
-                        Ok(None) => {} // stopping: it stays owed
-                        Err(e) if e.is_panic() => {
-                            // It stays owed: the next owner of its partition sends it again.
-                            tracing::error!(task = "webhook delivery", "task panicked");
-                            metrics::counter!("instream_task_panics_total", "task" => "webhook delivery").increment(1);
-                        }
-                        Err(_) => {} // aborted: its partition went to another instance
+                Some(joined) = flight.join_next_with_id(), if !flight.is_empty() => {
+                    let id = match &joined {
+                        Ok((id, _)) => *id,
+                        Err(e) => e.id(),
+                    };
+                    let Some((source, n, _)) = lanes.flying.remove(&id) else {
+                        continue;
+                    };
+                    let webhook = (n.pipeline.clone(), n.output.clone());
+                    if let Some(busy) = lanes.busy.get_mut(&webhook) {
+                        *busy = busy.saturating_sub(1);
                     }
-                    flying.retain(|(_, handle)| !handle.is_finished());
+                    match joined {
+                        Ok((_, Ended::Done(done))) => {
+                            lanes.ids.remove(&done);
+                            self.done.lock().unwrap_or_else(|p| p.into_inner()).insert(done);
+                        }
+                        Ok((_, Ended::Again(item))) => lanes.later.push(item),
+                        Ok((_, Ended::Stopped)) => {}
+                        Err(e) if e.is_panic() => {
+                            tracing::error!(task = "webhook delivery", id = %n.id, "task panicked; dead-lettering its notification");
+                            metrics::counter!("instream_task_panics_total", "task" => "webhook delivery").increment(1);
+                            let reason = "not sent: its delivery task panicked (a bug: see the aggregator's log)".to_owned();
+                            let (giving_up, letter) = (sender.clone(), n.clone());
+                            let item = Item { source, n, attempts: 0, not_before: Instant::now() };
+                            lanes.spawn(&mut flight, item, async move { giving_up.give_up(letter, reason).await });
+                        }
+                        // Aborted: its partition went to another instance.
+                        Err(_) => {
+                            lanes.ids.remove(&n.id);
+                        }
+                    }
                 }
+                _ = tokio::time::sleep_until(next_due.unwrap_or(now).into()), if next_due.is_some() => {}
             }
         }
         flight.abort_all();
     }
+
+    /// Starts attempts while slots are free, one webhook after the other.
+    fn start_ready(&self, lanes: &mut Lanes, flight: &mut JoinSet<Ended>, sender: &Arc<Sender>) {
+        while flight.len() < self.concurrency {
+            let mut order: Vec<(String, String)> = lanes
+                .ready
+                .iter()
+                .filter(|(webhook, items)| {
+                    !items.is_empty()
+                        && lanes.busy.get(*webhook).copied().unwrap_or(0) < self.per_webhook
+                })
+                .map(|(webhook, _)| webhook.clone())
+                .collect();
+            if order.is_empty() {
+                return;
+            }
+            // The first webhook after the one served last, in name order.
+            let at = lanes
+                .last
+                .as_ref()
+                .and_then(|last| order.iter().position(|w| w > last))
+                .unwrap_or(0);
+            let webhook = order.swap_remove(at);
+            let Some(item) = lanes.ready.get_mut(&webhook).and_then(VecDeque::pop_front) else {
+                return;
+            };
+            lanes.last = Some(webhook);
+            let attempt = sender.clone().attempt(item.n.clone(), item.attempts);
+            lanes.spawn(flight, item, attempt);
+        }
+    }
 }
 
-/// What sends one notification.
+impl Lanes {
+    fn spawn(
+        &mut self,
+        flight: &mut JoinSet<Ended>,
+        item: Item,
+        task: impl std::future::Future<Output = Attempted> + Send + 'static,
+    ) {
+        *self.busy.entry(item.webhook()).or_default() += 1;
+        let Item {
+            source,
+            n,
+            attempts,
+            ..
+        } = item;
+        let again_source = source.clone();
+        let again_n = n.clone();
+        let handle = flight.spawn(async move {
+            match task.await {
+                Attempted::Done(id) => Ended::Done(id),
+                Attempted::Stopped => Ended::Stopped,
+                Attempted::Again(pause) => Ended::Again(Item {
+                    source: again_source,
+                    n: again_n,
+                    attempts: attempts + 1,
+                    not_before: Instant::now() + pause,
+                }),
+            }
+        });
+        self.flying.insert(handle.id(), (source, n, handle));
+    }
+
+    /// Drops what the partitions no longer owned owe: their new owner sends it.
+    fn keep_only(&mut self, owned: &[Source]) {
+        let ids = &mut self.ids;
+        for items in self.ready.values_mut() {
+            items.retain(|item| owned.contains(&item.source) || !ids.remove(&item.n.id));
+        }
+        self.later
+            .retain(|item| owned.contains(&item.source) || !ids.remove(&item.n.id));
+        for (source, _, handle) in self.flying.values() {
+            if !owned.contains(source) {
+                handle.abort();
+            }
+        }
+    }
+}
+
+/// How one attempt ended.
+enum Attempted {
+    Done(String),
+    /// Try again after this pause.
+    Again(Duration),
+    Stopped,
+}
+
+/// What sends notifications.
 struct Sender {
     client: reqwest::Client,
     secret: Option<Secret>,
     dead: DeadLetters,
+    catalog: Arc<RwLock<Arc<Catalog>>>,
     stop: CancellationToken,
 }
 
@@ -225,103 +418,122 @@ struct Failure {
     kind: &'static str,
     text: String,
     retry: bool,
+    retry_after: Option<Duration>,
 }
 
 impl Sender {
-    /// Sends until the receiver answers 2xx or the retries are spent (then dead-letters):
-    /// the id once done, `None` when stopping first.
-    async fn deliver(self: Arc<Self>, n: Notification) -> Option<String> {
+    /// One attempt at a notification (`attempts` made before): done when its receiver takes
+    /// it or it is dead-lettered, again after a pause when a retry may mend the failure.
+    async fn attempt(self: Arc<Self>, n: Notification, attempts: u32) -> Attempted {
+        let hook = {
+            let catalog = self.catalog.read().unwrap_or_else(|p| p.into_inner());
+            catalog
+                .get(&n.pipeline)
+                .and_then(|def| def.webhook(&n.output, n.version))
+                .map(|w| (w.url.clone(), w.timeout, w.retries))
+        };
+        let Some((url, timeout, retries)) = hook else {
+            let reason = format!(
+                "not sent: webhook `{}` is no longer in the definition of `{}`",
+                n.output, n.pipeline
+            );
+            return self.give_up(n, reason).await;
+        };
         let Some(secret) = &self.secret else {
             let reason = "not sent: aggregator.webhook_secret is not set (give \
                 INSTREAM__AGGREGATOR__WEBHOOK_SECRET or aggregator.webhook_secret_file)";
             return self.give_up(n, reason.into()).await;
         };
-        let signature = sign(secret, &n.body);
-        let timeout = Duration::from_millis(n.timeout_ms);
-        let mut pauses = RETRY.pauses();
-        let mut attempts = 0;
-        let why = loop {
-            attempts += 1;
-            let started = Instant::now();
-            let answer = self
-                .client
-                .post(&n.url)
-                .timeout(timeout)
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .header(ID_HEADER, &n.id)
-                .header(SIGNATURE_HEADER, &signature)
-                .body(n.body.clone())
-                .send()
-                .await;
-            let failure = match answer {
-                Ok(response) if response.status().is_success() => {
-                    metrics::histogram!("instream_notification_latency_seconds", "pipeline" => n.pipeline.clone(), "output" => n.output.clone())
-                        .record(started.elapsed().as_secs_f64());
-                    metrics::counter!("instream_notifications_sent_total", "pipeline" => n.pipeline.clone(), "output" => n.output.clone())
-                        .increment(1);
-                    return Some(n.id);
-                }
-                Ok(response) => {
-                    let status = response.status();
-                    Failure {
-                        kind: "status",
-                        text: format!("HTTP {status}"),
-                        // The receiver refused this notification itself: sending it again
-                        // changes nothing.
-                        retry: status.is_server_error()
-                            || status == reqwest::StatusCode::REQUEST_TIMEOUT
-                            || status == reqwest::StatusCode::TOO_MANY_REQUESTS,
-                    }
-                }
-                Err(e) if e.is_timeout() => Failure {
-                    kind: "timeout",
-                    text: format!("no answer within {timeout:?}"),
-                    retry: true,
-                },
-                Err(e) => Failure {
-                    kind: "connect",
-                    // Its text would carry the URL, query and all.
-                    text: describe(&e.without_url()),
-                    retry: true,
-                },
-            };
-            metrics::counter!("instream_notification_attempt_failures_total", "pipeline" => n.pipeline.clone(), "output" => n.output.clone(), "reason" => failure.kind)
-                .increment(1);
-            tracing::warn!(
-                pipeline = %n.pipeline,
-                output = %n.output,
-                id = %n.id,
-                attempt = attempts,
-                failure = %failure.text,
-                "webhook attempt failed"
-            );
-            if !failure.retry || attempts > n.retries {
-                break failure.text;
+        let timestamp = (instream_event::now_millis() / 1_000).to_string();
+        let signature = sign(secret, &timestamp, &n.body);
+        let started = Instant::now();
+        let answer = self
+            .client
+            .post(&url)
+            .timeout(timeout)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(ID_HEADER, &n.id)
+            .header(TIMESTAMP_HEADER, &timestamp)
+            .header(SIGNATURE_HEADER, &signature)
+            .body(n.body.clone())
+            .send()
+            .await;
+        let failure = match answer {
+            Ok(response) if response.status().is_success() => {
+                metrics::histogram!("instream_notification_latency_seconds", "pipeline" => n.pipeline.clone(), "output" => n.output.clone())
+                    .record(started.elapsed().as_secs_f64());
+                metrics::counter!("instream_notifications_sent_total", "pipeline" => n.pipeline.clone(), "output" => n.output.clone())
+                    .increment(1);
+                return Attempted::Done(n.id);
             }
-            if !pauses.sleep(&self.stop).await {
-                return None;
+            Ok(response) => {
+                let status = response.status();
+                let retry_after = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER));
+                Failure {
+                    kind: "status",
+                    text: format!("HTTP {status}"),
+                    // The receiver refused this notification itself: sending it again
+                    // changes nothing.
+                    retry: status.is_server_error()
+                        || status == reqwest::StatusCode::REQUEST_TIMEOUT
+                        || status == reqwest::StatusCode::TOO_MANY_REQUESTS,
+                    retry_after,
+                }
             }
+            Err(e) if e.is_timeout() => Failure {
+                kind: "timeout",
+                text: format!("no answer within {timeout:?}"),
+                retry: true,
+                retry_after: None,
+            },
+            Err(e) => Failure {
+                kind: "connect",
+                // Its text would carry the URL, query and all.
+                text: describe(&e.without_url()),
+                retry: true,
+                retry_after: None,
+            },
         };
+        let attempts = attempts + 1;
+        metrics::counter!("instream_notification_attempt_failures_total", "pipeline" => n.pipeline.clone(), "output" => n.output.clone(), "reason" => failure.kind)
+            .increment(1);
+        tracing::warn!(
+            pipeline = %n.pipeline,
+            output = %n.output,
+            id = %n.id,
+            attempt = attempts,
+            failure = %failure.text,
+            "webhook attempt failed"
+        );
+        if failure.retry && attempts <= retries {
+            let mut pause = RETRY.pauses();
+            let mut wait = pause.next_pause();
+            for _ in 1..attempts {
+                wait = pause.next_pause();
+            }
+            // Up to a quarter more, so that retries to a recovering receiver spread out.
+            let spread = xxhash_rust::xxh3::xxh3_64(format!("{}{attempts}", n.id).as_bytes()) % 250;
+            wait += wait * spread as u32 / 1_000;
+            return Attempted::Again(wait.max(failure.retry_after.unwrap_or_default()));
+        }
         let reason = format!(
-            "webhook `{}` POST {} failed after {attempts} attempt(s): {why}",
+            "webhook `{}` POST {} failed after {attempts} attempt(s): {}",
             n.output,
-            without_query(&n.url)
+            host_of(&url),
+            failure.text
         );
         self.give_up(n, reason).await
     }
 
-    /// Dead-letters a notification, retrying until the broker has it: the id once it does.
-    async fn give_up(self: Arc<Self>, n: Notification, reason: String) -> Option<String> {
-        let topic = instream_pipeline::topics::dead_letter(&n.pipeline);
-        let letter = DeadLetter {
-            topic: &topic,
-            pipeline: &n.pipeline,
-            key: Some(n.id.as_bytes()),
-            payload: &n.body,
-            code: DeadLetterCode::WebhookFailed,
-            reason: &reason,
-            origin: None,
-        };
+    /// Dead-letters a notification, retrying until the broker has it: done once it does.
+    async fn give_up(&self, n: Notification, reason: String) -> Attempted {
+        let topic = topic_of(&n);
+        let letter = dead_letter(&n, &reason, &topic);
         let mut pauses = Backoff::BACKEND.pauses();
         loop {
             let delivered = match self.dead.publish(&letter).await {
@@ -336,27 +548,50 @@ impl Sender {
             };
             match delivered {
                 Ok(true) => break,
-                Ok(false) => return None,
+                Ok(false) => return Attempted::Stopped,
                 Err(e) => {
                     tracing::warn!(pipeline = %n.pipeline, output = %n.output, error = %e, "webhook dead letter not taken; retrying");
                     if !pauses.sleep(&self.stop).await {
-                        return None;
+                        return Attempted::Stopped;
                     }
                 }
             }
         }
         tracing::error!(pipeline = %n.pipeline, output = %n.output, id = %n.id, reason = %reason, "webhook notification dead-lettered");
-        metrics::counter!("instream_notifications_failed_total", "pipeline" => n.pipeline.clone(), "output" => n.output.clone())
-            .increment(1);
-        Some(n.id)
+        count_failed(&n, &reason);
+        Attempted::Done(n.id)
     }
 }
 
-/// `sha256=<hex>` of the body under the secret.
-fn sign(secret: &Secret, body: &[u8]) -> String {
+fn topic_of(n: &Notification) -> String {
+    instream_pipeline::topics::dead_letter(&n.pipeline)
+}
+
+/// A notification's dead letter: its body, keyed by its id.
+fn dead_letter<'a>(n: &'a Notification, reason: &'a str, topic: &'a str) -> DeadLetter<'a> {
+    DeadLetter {
+        topic,
+        pipeline: &n.pipeline,
+        key: Some(n.id.as_bytes()),
+        payload: &n.body,
+        code: DeadLetterCode::WebhookFailed,
+        reason,
+        origin: None,
+    }
+}
+
+fn count_failed(n: &Notification, _reason: &str) {
+    metrics::counter!("instream_notifications_failed_total", "pipeline" => n.pipeline.clone(), "output" => n.output.clone())
+        .increment(1);
+}
+
+/// `sha256=<hex>` of `<timestamp>.<body>` under the secret.
+fn sign(secret: &Secret, timestamp: &str, body: &[u8]) -> String {
     // HMAC takes a key of any length: this cannot fail.
     let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(secret.expose().as_bytes())
         .unwrap_or_else(|_| unreachable!("HMAC keys have no length limit"));
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
     mac.update(body);
     let digest = mac.finalize().into_bytes();
     let mut text = String::with_capacity(7 + 64);
@@ -367,15 +602,16 @@ fn sign(secret: &Secret, body: &[u8]) -> String {
     text
 }
 
-/// A URL for a log or a dead letter: its query (where a token may hide) left out.
-fn without_query(url: &str) -> String {
+/// A URL for a log or a dead letter: its scheme and host only (tokens hide in paths and
+/// queries, e.g. a chat service's incoming-webhook URL).
+fn host_of(url: &str) -> String {
     match reqwest::Url::parse(url) {
-        Ok(mut parsed) => {
-            parsed.set_query(None);
-            parsed.set_fragment(None);
-            parsed.to_string()
-        }
-        Err(_) => "(unparsable URL)".into(),
+        Ok(parsed) => match (parsed.host_str(), parsed.port()) {
+            (Some(host), Some(port)) => format!("{}://{host}:{port}/…", parsed.scheme()),
+            (Some(host), None) => format!("{}://{host}/…", parsed.scheme()),
+            _ => "(a URL without a host)".into(),
+        },
+        Err(_) => "(an unparsable URL)".into(),
     }
 }
 
@@ -400,20 +636,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_signature_is_the_hmac_sha256_of_the_body_in_hex() {
-        // RFC 4231, test case 2.
+    fn the_signature_is_the_hmac_sha256_of_the_timestamp_and_the_body_in_hex() {
+        // As Python's `hmac.new(b"Jefe", b'1700000000.{"id":1}', hashlib.sha256).hexdigest()`.
         let secret = Secret::new("Jefe");
         assert_eq!(
-            sign(&secret, b"what do ya want for nothing?"),
-            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+            sign(&secret, "1700000000", br#"{"id":1}"#),
+            "sha256=05b728475104591e6ba9301ccd86c0f18c79ea7330ef9b9869435607a745d2bf"
         );
     }
 
     #[test]
-    fn a_url_in_a_reason_loses_its_query() {
+    fn a_url_in_a_reason_keeps_its_host_only() {
         assert_eq!(
-            without_query("https://hooks.example.com/in?token=s3cret#x"),
-            "https://hooks.example.com/in"
+            host_of("https://hooks.example.com/services/T0/B0/s3cret?token=x#y"),
+            "https://hooks.example.com/…"
+        );
+        assert_eq!(
+            host_of("http://127.0.0.1:8080/in"),
+            "http://127.0.0.1:8080/…"
         );
     }
 }

@@ -16,7 +16,17 @@ use serde::{Deserialize, Serialize};
 
 pub(crate) use deliver::{Notifier, NotifyError};
 
-/// One notification owed: where it goes and what it says.
+/// Header carrying the notification's deterministic id: a receiver drops a repeat by it.
+pub const ID_HEADER: &str = "x-instream-notification-id";
+/// Header carrying the Unix time (seconds) the attempt was signed at.
+pub const TIMESTAMP_HEADER: &str = "x-instream-timestamp";
+/// Header carrying `sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">` under
+/// `aggregator.webhook_secret`.
+pub const SIGNATURE_HEADER: &str = "x-instream-signature";
+
+/// One notification owed: which webhook it is for and what it says. Where it goes (URL,
+/// timeout, retries) is read from the definition when it is sent, so a fixed URL reaches
+/// notifications already waiting.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Notification {
     /// Deterministic (see the module documentation), a UUID.
@@ -24,9 +34,8 @@ pub struct Notification {
     pub pipeline: String,
     /// The webhook output's name.
     pub output: String,
-    pub url: String,
-    pub timeout_ms: u64,
-    pub retries: u32,
+    /// The definition version that made the window (where a removed webhook is found).
+    pub version: u64,
     /// The JSON body, as signed and sent.
     pub body: Vec<u8>,
 }
@@ -111,9 +120,7 @@ pub(crate) fn make(row: &WindowAggregate, hook: &WebhookOutput) -> Notification 
         id,
         pipeline: row.pipeline.clone(),
         output: hook.name.clone(),
-        url: hook.url.clone(),
-        timeout_ms: u64::try_from(hook.timeout.as_millis()).unwrap_or(u64::MAX),
-        retries: hook.retries,
+        version: u64::try_from(row.definition_version).unwrap_or_default(),
     }
 }
 

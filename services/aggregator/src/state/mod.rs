@@ -44,6 +44,9 @@ fn event_identity(event: &Event) -> u128 {
 
 mod close_clock;
 mod outbox;
+mod published;
+
+pub use published::{source_header, ReadBack, ResultMark};
 mod quiet;
 mod seen;
 mod sessions;
@@ -206,6 +209,8 @@ pub struct PartitionState {
     legacy_group_keys: bool,
     /// Webhook notifications owed (checkpointed).
     outbox: outbox::Outbox,
+    /// Final results already on their topic (marks checkpointed, windows read back).
+    published: published::PublishedFinal,
 }
 
 /// A checkpoint's state could not be read.
@@ -233,6 +238,7 @@ impl Default for PartitionState {
             saved_max_event_time: i64::MIN,
             legacy_group_keys: false,
             outbox: Default::default(),
+            published: Default::default(),
         }
     }
 }

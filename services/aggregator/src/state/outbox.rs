@@ -54,20 +54,28 @@ impl Outbox {
 
 impl PartitionState {
     /// The notifications the webhooks of `rows`' aggregations owe for them (rows this
-    /// partition wrote): each (window, webhook) once, when the value it judges (final, or
-    /// any with `on = "early"`) meets its condition. They are kept until
-    /// [`Self::notifications_done`] and returned to be sent.
+    /// partition wrote), under the definition version that made each window: each (window,
+    /// webhook) once, when the value it judges (final, or any with `on = "early"`) meets its
+    /// condition. They are kept until [`Self::notifications_done`] and returned to be sent;
+    /// those beyond `max_pending` kept are returned apart, to be dead-lettered before the
+    /// next checkpoint (which holds them as notified).
     pub fn notify<'d>(
         &mut self,
         rows: &[WindowAggregate],
         def_of: impl Fn(&str) -> Option<&'d PipelineDefinition>,
-    ) -> Vec<Notification> {
+        max_pending: usize,
+    ) -> (Vec<Notification>, Vec<Notification>) {
         let mut made = Vec::new();
+        let mut refused = Vec::new();
         for row in rows {
             let Some(def) = def_of(&row.pipeline) else {
                 continue;
             };
-            for hook in def.webhooks_of(&row.aggregation) {
+            let made_by = u64::try_from(row.definition_version)
+                .ok()
+                .and_then(|v| def.version_def(v))
+                .unwrap_or(def);
+            for hook in made_by.webhooks_of(&row.aggregation) {
                 if hook.on == NotifyOn::Final && !row.is_final {
                     continue;
                 }
@@ -92,12 +100,16 @@ impl PartitionState {
                     continue;
                 }
                 let notification = notify::make(row, hook);
+                self.changed = true;
+                if self.outbox.pending.len() >= max_pending {
+                    refused.push(notification);
+                    continue;
+                }
                 self.outbox.pending.push(notification.clone());
                 made.push(notification);
-                self.changed = true;
             }
         }
-        made
+        (made, refused)
     }
 
     /// Notifications restored from the checkpoint and not handed to the sender yet (once).

@@ -6,13 +6,14 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use super::outbox::{Outbox, OutboxSnapshot};
+use super::published::{PublishedFinal, ResultMark};
 use super::seen::{Prehashed, SeenIds};
 use super::{session_group, PartitionState, SnapshotError, WindowId, WindowValue};
 
 /// Increments when the snapshot layout (or what its fields mean) changes; older snapshots are
 /// read and upgraded where listed in [`PartitionState::restore`], newer ones refused, never
 /// misread. 5: group keys of several fields are JSON arrays (4 joined them with `|`). 6: the
-/// [`Snapshot`] is followed by the webhook notifications owed ([`OutboxSnapshot`]).
+/// [`Snapshot`] is followed by a [`Trailer`]: webhook notifications owed and result marks.
 const SNAPSHOT_FORMAT: u8 = 6;
 
 /// The checkpointed part of a [`PartitionState`].
@@ -28,6 +29,22 @@ pub(super) struct Snapshot {
     /// Repartition partitions: each origin's highest event time and the wall-clock time it
     /// was last heard from (format 4 on), so an origin silent before a restart stays silent.
     pub(super) origin_times: Vec<(i32, i64, i64)>,
+}
+
+/// What format 6 adds after the [`Snapshot`].
+#[derive(Serialize, Deserialize, Default)]
+pub(super) struct Trailer {
+    pub(super) outbox: OutboxSnapshot,
+    /// Where a restore reads the results topics back from (see `published.rs`).
+    pub(super) result_marks: Vec<ResultMark>,
+}
+
+impl Trailer {
+    fn is_empty(&self) -> bool {
+        self.outbox.pending.is_empty()
+            && self.outbox.notified.is_empty()
+            && self.result_marks.is_empty()
+    }
 }
 
 /// [`Snapshot`] as format 3 wrote it (before per-origin event times), still read.
@@ -64,8 +81,20 @@ impl PartitionState {
         // The format byte comes first, outside the encoded body, so that a build reading
         // another layout says so instead of misreading the body. Group keys not rewritten
         // yet are still format 4's.
+        // Without a trailer to save, format 5: a rollback to a build before format 6 still
+        // reads the checkpoints of pipelines without webhooks or final-only Kafka outputs.
+        let trailer = Trailer {
+            outbox: self.outbox.snapshot(),
+            result_marks: self.published.marks.clone(),
+        };
+        debug_assert!(
+            !self.legacy_group_keys || trailer.is_empty(),
+            "notifications and marks come after the group keys are rewritten"
+        );
         let format = if self.legacy_group_keys {
             4
+        } else if trailer.is_empty() {
+            5
         } else {
             SNAPSHOT_FORMAT
         };
@@ -73,7 +102,7 @@ impl PartitionState {
         // Encoding plain structs into a Vec cannot fail.
         bytes.extend(postcard::to_allocvec(&snapshot).unwrap_or_default());
         if format == SNAPSHOT_FORMAT {
-            bytes.extend(postcard::to_allocvec(&self.outbox.snapshot()).unwrap_or_default());
+            bytes.extend(postcard::to_allocvec(&trailer).unwrap_or_default());
         }
         Some((self.next_offset, bytes))
     }
@@ -85,6 +114,8 @@ impl PartitionState {
         self.next_offset = 0;
         self.origin_max.clear();
         self.seen = SeenIds::default();
+        // Results marks point into the old broker's topics.
+        self.published = PublishedFinal::default();
         self.changed = true;
     }
 
@@ -102,10 +133,10 @@ impl PartitionState {
         let Some((&format, body)) = bytes.split_first() else {
             return Err(SnapshotError("empty".into()));
         };
-        let mut outbox = OutboxSnapshot::default();
+        let mut trailer = Trailer::default();
         let decoded = match format {
             SNAPSHOT_FORMAT => postcard::take_from_bytes::<Snapshot>(body).and_then(|(s, rest)| {
-                outbox = postcard::from_bytes(rest)?;
+                trailer = postcard::from_bytes(rest)?;
                 Ok(s)
             }),
             5 | 4 => postcard::from_bytes::<Snapshot>(body),
@@ -160,7 +191,16 @@ impl PartitionState {
             idle_unsaved: false,
             saved_max_event_time: s.max_event_time,
             legacy_group_keys: format < 5,
-            outbox: Outbox::restore(outbox),
+            outbox: Outbox::restore(trailer.outbox),
+            published: PublishedFinal {
+                saved_topics: trailer
+                    .result_marks
+                    .iter()
+                    .map(|(topic, ..)| topic.clone())
+                    .collect(),
+                marks: trailer.result_marks,
+                ..Default::default()
+            },
         };
         let mut state = state;
         // Windows restored are not timed: when they closed (or close) is not known here.

@@ -474,7 +474,10 @@ fn format_4_checkpoints_have_their_group_keys_rewritten_as_json_arrays() {
         "the rows under the old names go"
     );
     let (_, saved) = s.snapshot().unwrap();
-    assert_eq!(saved[0], 6, "saved in the newest format");
+    assert_eq!(
+        saved[0], 5,
+        "saved in the new format (nothing to add after it)"
+    );
     // A repartitioned aggregation's windows keep their old names (their owner is the
     // partition the old name hashed to).
     def.aggregations[0].group_by = vec![
@@ -791,7 +794,8 @@ url = "https://hooks.example.com/closed""#,
 fn notified(s: &mut PartitionState, def: &PipelineDefinition, early: bool) -> Vec<String> {
     let mut rows = Vec::new();
     s.take_dirty(|_| Some(def), early, &mut rows);
-    let made = s.notify(&rows, |_| Some(def));
+    let (made, refused) = s.notify(&rows, |_| Some(def), 10);
+    assert!(refused.is_empty());
     s.close_windows(|_| Some(def.max_out_of_orderness));
     made.into_iter().map(|n| n.output).collect()
 }
@@ -843,18 +847,20 @@ fn each_webhook_notifies_a_window_once_and_its_notifications_stay_owed_until_don
 }
 
 #[test]
-fn format_5_checkpoints_are_still_read_with_nothing_owed() {
+fn a_state_without_notifications_or_marks_is_saved_in_format_5_and_with_them_in_6() {
     let def = def();
     let mut s = PartitionState::default();
     s.apply(0, &event("a", 10_000, 1_000_000), None, &def, HORIZON);
-    let (_, bytes) = s.snapshot().unwrap();
-    assert_eq!(bytes[0], 6);
-    // Format 5 is format 6 without the outbox after the state.
-    let (snapshot, _) =
-        postcard::take_from_bytes::<super::snapshot::Snapshot>(&bytes[1..]).unwrap();
-    let mut v5 = vec![5u8];
-    v5.extend(postcard::to_allocvec(&snapshot).unwrap());
+    let (_, v5) = s.snapshot().unwrap();
+    assert_eq!(v5[0], 5, "a build before format 6 still reads it");
     let (mut restored, _) = PartitionState::restore(&v5).unwrap();
     assert_eq!(restored.window_count(), 1);
     assert!(restored.owed_notifications().is_empty());
+    s.set_result_marks(vec![("p.results.m".into(), 0, 7)]);
+    let (_, v6) = s.snapshot().unwrap();
+    assert_eq!(v6[0], 6);
+    let (restored, _) = PartitionState::restore(&v6).unwrap();
+    assert_eq!(restored.result_marks(), [("p.results.m".to_owned(), 0, 7)]);
+    assert!(!restored.result_waits_for_marks("p.results.m"));
+    assert!(restored.result_waits_for_marks("p.results.other"));
 }
