@@ -312,8 +312,8 @@ pub async fn scan_partition<S: Send + 'static>(
     .await
 }
 
-/// [`scan_partition`] handing `visit` the value of one header (if the record has it) with
-/// each payload.
+/// [`scan_partition`] handing `visit` each record's offset, the value of one header (if the
+/// record has it) and its payload.
 #[allow(clippy::too_many_arguments)]
 pub async fn scan_partition_with_header<S: Send + 'static>(
     cfg: &KafkaConfig,
@@ -323,7 +323,7 @@ pub async fn scan_partition_with_header<S: Send + 'static>(
     end: i64,
     header: &'static str,
     mut state: S,
-    visit: fn(&mut S, Option<&[u8]>, &[u8]),
+    visit: fn(&mut S, i64, Option<&[u8]>, &[u8]),
 ) -> Result<(S, Vec<Lost>), KafkaError> {
     let c = client_config(cfg, "instream-scan");
     let topic = topic.to_owned();
@@ -332,7 +332,12 @@ pub async fn scan_partition_with_header<S: Send + 'static>(
             let value = m
                 .headers()
                 .and_then(|hs| hs.iter().find(|h| h.key == header).and_then(|h| h.value));
-            visit(&mut state, value, m.payload().unwrap_or_default());
+            visit(
+                &mut state,
+                m.offset(),
+                value,
+                m.payload().unwrap_or_default(),
+            );
             true
         })?;
         Ok((state, lost))

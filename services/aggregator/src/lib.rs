@@ -529,21 +529,6 @@ fn refusal(
     }
 }
 
-/// The `instream.result.source` header of each row: the partition that wrote it.
-fn sources_of(
-    rows: &[WindowAggregate],
-    written_by: &[(partitions::Source, std::ops::Range<usize>)],
-) -> Vec<Option<String>> {
-    let mut sources = vec![None; rows.len()];
-    for ((topic, partition), range) in written_by {
-        let header = state::source_header(topic, *partition);
-        for source in &mut sources[range.clone()] {
-            *source = Some(header.clone());
-        }
-    }
-    sources
-}
-
 /// Retries `write` with back-off until it succeeds; false when `stop` fired first.
 async fn until_written<F, Fut>(
     ready: &Readiness,
@@ -580,12 +565,7 @@ async fn flush(
     pending: &mut Pending,
     stop: &CancellationToken,
 ) -> Result<bool, AggregatorError> {
-    // Notifications of partitions restored since the last flush are sent again before new
-    // ones are made (a restored one is owed by the checkpoint; the receiver drops a repeat).
-    notifier.keep_only(partitions.states.keys());
-    for (source, state) in partitions.states.iter_mut() {
-        notifier.send(source, state.owed_notifications());
-    }
+    notify::before_flush(notifier, partitions);
     let def_of = |pipeline: &str| catalog.get(pipeline).map(|d| &**d);
     let owned_pipelines = || {
         let mut defs: Vec<&instream_pipeline::PipelineDefinition> = partitions
@@ -611,38 +591,15 @@ async fn flush(
         }
     }
     if !rows.is_empty() {
-        // Final results a restore found on their topic are not published again; those of a
-        // partition whose saved checkpoint has no marks for their topic yet wait one flush
-        // (their windows stay), so that a restore knows where to read them back from.
-        let mut on_topic = vec![false; rows.len()];
-        let mut waiting = Vec::new();
-        for (source, range) in &written_by {
-            if let Some(state) = partitions.states.get_mut(source) {
-                for i in range.clone() {
-                    let row = &rows[i];
-                    let topic = topics::results(&row.pipeline, &row.aggregation);
-                    on_topic[i] = state.published_already(row);
-                    if row.is_final
-                        && !on_topic[i]
-                        && results::final_only(catalog, row)
-                        && partitions.result_marks.started(&topic)
-                        && state.result_waits_for_marks(&topic)
-                    {
-                        on_topic[i] = true;
-                        waiting.push((source.clone(), i));
-                    }
-                }
-            }
-        }
+        let plan = results::Plan::of(&rows, &written_by, partitions, catalog);
         // Results on the broker before the checkpoint that may drop their windows.
-        let sources = sources_of(&rows, &written_by);
         let written = until_written(ready, stop, "windows", || store.upsert(&rows)).await
             && results::publish(
                 producer,
                 catalog,
                 &rows,
                 results::Kind::Value,
-                |i| (on_topic[i], sources[i].as_deref()),
+                |i| plan.skip(i),
                 &mut partitions.result_marks,
                 stop,
             )
@@ -651,7 +608,7 @@ async fn flush(
         // on the topic, their windows not checkpointed.
         fail::fail_point!(
             "aggregator-results-published",
-            rows.iter().any(|r| r.is_final),
+            written && plan.sends_final_only(),
             |_| std::process::abort()
         );
         if !written {
@@ -660,27 +617,14 @@ async fn flush(
             }
             return Ok(false);
         }
-        for (source, i) in waiting {
-            if let Some(state) = partitions.states.get_mut(&source) {
-                state.mark_dirty(std::slice::from_ref(&rows[i]));
-            }
-        }
+        plan.hold_waiting(partitions, &rows);
         metrics::counter!("instream_window_writes_total", "service" => SERVICE.as_str())
             .increment(rows.len() as u64);
-        let mut refused = Vec::new();
-        for (source, range) in written_by {
-            if let Some(state) = partitions.states.get_mut(&source) {
-                let (made, no_room) = state.notify(&rows[range], def_of, notifier.max_pending());
-                notifier.send(&source, made);
-                refused.extend(no_room);
-            }
-        }
-        // Dead-lettered before the checkpoint that holds them as notified.
-        if !refused.is_empty() {
-            let deliveries = notifier.refuse(refused).await?;
-            if !instream_kafka::client::all_delivered_unless(producer, deliveries, stop).await? {
-                return Ok(false);
-            }
+        // Notifications without room are dead-lettered before the checkpoint that holds them
+        // as notified.
+        let refused = notify::after_write(notifier, partitions, &rows, written_by, def_of).await?;
+        if !instream_kafka::client::all_delivered_unless(producer, refused, stop).await? {
+            return Ok(false);
         }
         let now = instream_event::now_millis();
         let delay = metrics::histogram!("instream_window_close_delay_seconds", "service" => SERVICE.as_str());
@@ -716,12 +660,6 @@ async fn flush(
             state.deletes_done();
         }
     }
-    let done = notifier.take_done();
-    if !done.is_empty() {
-        for state in partitions.states.values_mut() {
-            state.notifications_done(&done);
-        }
-    }
     let visible = instream_event::now_millis();
     let mut checkpoints = Vec::new();
     let mut snapshotted = Vec::new();
@@ -730,6 +668,7 @@ async fn flush(
         if let Some(def) = def_of(topics::pipeline_of(&source.0)) {
             state.set_result_marks(partitions.result_marks.of(def));
         }
+        state.prune_published();
         state.close_windows(|pipeline| catalog.get(pipeline).map(|d| d.max_out_of_orderness));
         open += state.window_count();
         if let Some((next_offset, bytes)) = state.snapshot() {

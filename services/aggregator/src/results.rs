@@ -128,6 +128,92 @@ pub(crate) async fn publish<'s>(
     Ok(true)
 }
 
+/// What a flush publishes of its rows' results: final results a restore found on their topic
+/// (with the same value) are not published again; those of a partition whose saved
+/// checkpoint has no marks for their topic yet wait one flush (their windows stay), so that a
+/// restore knows where to read them back from; each carries the partition that wrote it.
+pub(crate) struct Plan {
+    skip: Vec<bool>,
+    /// Rows whose windows stay for the next flush, with their partition.
+    waiting: Vec<(Source, usize)>,
+    /// The `instream.result.source` header of each partition that wrote rows, and each row's.
+    headers: Vec<String>,
+    owner: Vec<usize>,
+    final_only_sent: bool,
+}
+
+impl Plan {
+    pub(crate) fn of(
+        rows: &[WindowAggregate],
+        written_by: &[(Source, std::ops::Range<usize>)],
+        partitions: &mut crate::partitions::Partitions,
+        catalog: &Catalog,
+    ) -> Self {
+        let mut plan = Plan {
+            skip: vec![false; rows.len()],
+            waiting: Vec::new(),
+            headers: Vec::with_capacity(written_by.len()),
+            owner: vec![0; rows.len()],
+            final_only_sent: false,
+        };
+        let marks = &partitions.result_marks;
+        for (k, (source, range)) in written_by.iter().enumerate() {
+            plan.headers
+                .push(crate::state::source_header(&source.0, source.1));
+            let Some(state) = partitions.states.get_mut(source) else {
+                continue;
+            };
+            let current = catalog.get(topics::pipeline_of(&source.0));
+            for i in range.clone() {
+                plan.owner[i] = k;
+                let row = &rows[i];
+                if !row.is_final || !final_only(catalog, row) {
+                    continue;
+                }
+                if state.published_already(row) {
+                    plan.skip[i] = true;
+                    continue;
+                }
+                let topic = topics::results(&row.pipeline, &row.aggregation);
+                if current.is_some_and(|def| marks.kept_for(def, &topic))
+                    && state.result_waits_for_marks(&topic)
+                {
+                    plan.skip[i] = true;
+                    plan.waiting.push((source.clone(), i));
+                    continue;
+                }
+                plan.final_only_sent |=
+                    current.is_some_and(|def| def.kafka_output(&row.aggregation));
+            }
+        }
+        plan
+    }
+
+    /// Whether row `i` is left out, and the partition that wrote it.
+    pub(crate) fn skip(&self, i: usize) -> (bool, Option<&str>) {
+        let source = self.headers.get(self.owner[i]).map(String::as_str);
+        (self.skip[i], source)
+    }
+
+    /// Whether final results of final-only aggregations are published.
+    pub(crate) fn sends_final_only(&self) -> bool {
+        self.final_only_sent
+    }
+
+    /// Keeps the windows of the rows that wait for marks until the next flush.
+    pub(crate) fn hold_waiting(
+        &self,
+        partitions: &mut crate::partitions::Partitions,
+        rows: &[WindowAggregate],
+    ) {
+        for (source, i) in &self.waiting {
+            if let Some(state) = partitions.states.get_mut(source) {
+                state.mark_dirty(std::slice::from_ref(&rows[*i]));
+            }
+        }
+    }
+}
+
 /// Whether `row` is of an aggregation whose results topic holds final values only (under the
 /// version that made its window).
 pub(crate) fn final_only(catalog: &Catalog, row: &WindowAggregate) -> bool {
@@ -176,9 +262,21 @@ impl Marks {
         self.started.contains(topic)
     }
 
+    /// A final result landed at `offset`. Marks of a topic whose ends were never read stay
+    /// unset: partial marks would pass for complete ones.
     fn passed(&mut self, topic: String, partition: i32, offset: i64) {
+        if !self.started.contains(&topic) {
+            return;
+        }
         let next = self.next.entry((topic, partition)).or_insert(offset + 1);
         *next = (*next).max(offset + 1);
+    }
+
+    /// Whether `def`'s final results on `topic` are read back by a restore (its ends were
+    /// read and the current version has it as a final-only results topic): then they wait
+    /// until a saved checkpoint carries its marks.
+    pub(crate) fn kept_for(&self, def: &PipelineDefinition, topic: &str) -> bool {
+        self.started(topic) && final_only_topics(def).any(|t| t == topic)
     }
 
     /// Reads the ends of the final-only results topics of `pipelines` not read yet. A topic
@@ -254,7 +352,7 @@ pub(crate) async fn read_back(
         return;
     }
     let sources = || restored.iter().map(|(t, p)| (t.as_str(), *p));
-    let mut read = ReadBack::new(sources());
+    let mut found: HashMap<Source, Vec<_>> = HashMap::new();
     for ((topic, partition), start) in from {
         let high = match instream_kafka::ops::watermarks(kafka, &topic, partition).await {
             Ok((_, high)) => high,
@@ -273,25 +371,35 @@ pub(crate) async fn read_back(
             start,
             high,
             instream_kafka::headers::RESULT_SOURCE,
-            read,
-            |read, source, payload| read.note(source, payload),
+            ReadBack::new(&topic, partition, sources()),
+            |read, offset, source, payload| read.note(offset, source, payload),
         )
         .await;
-        read = match scanned {
-            Ok((read, _)) => read,
+        let mut read = match scanned {
+            Ok((read, lost)) => {
+                if let Some(lost) = lost.first() {
+                    tracing::warn!(%topic, partition, ?lost, "results deleted before they were read back: those final results may repeat");
+                }
+                read
+            }
             Err(e) => {
                 tracing::warn!(%topic, partition, error = %e, "results not read back: final results published after the checkpoint may repeat");
-                ReadBack::new(sources())
+                continue;
             }
         };
+        for source in restored {
+            found
+                .entry(source.clone())
+                .or_default()
+                .extend(read.take(&source.0, source.1));
+        }
     }
-    for (topic, partition) in restored {
-        let found = read.take(topic, *partition);
+    for (source, found) in found {
         if found.is_empty() {
             continue;
         }
-        tracing::info!(%topic, partition, found = found.len(), "final results published after the checkpoint read back: not published again");
-        if let Some(state) = states.get_mut(&(topic.clone(), *partition)) {
+        tracing::info!(topic = %source.0, partition = source.1, found = found.len(), "final results published after the checkpoint read back");
+        if let Some(state) = states.get_mut(&source) {
             state.read_back_done(found);
         }
     }

@@ -242,6 +242,8 @@ struct Lanes {
     flying: HashMap<tokio::task::Id, (Source, Notification, AbortHandle)>,
     /// The webhook served last (turns go round).
     last: Option<(String, String)>,
+    /// The partitions owned, as last told (`None`: not told yet).
+    owned: Option<Vec<Source>>,
 }
 
 impl Queue {
@@ -294,7 +296,7 @@ impl Queue {
                             lanes.ids.remove(&done);
                             self.done.lock().unwrap_or_else(|p| p.into_inner()).insert(done);
                         }
-                        Ok((_, Ended::Again(item))) => lanes.later.push(item),
+                        Ok((_, Ended::Again(item))) => lanes.again(item),
                         Ok((_, Ended::Stopped)) => {}
                         Err(e) if e.is_panic() => {
                             tracing::error!(task = "webhook delivery", id = %n.id, "task panicked; dead-lettering its notification");
@@ -304,10 +306,10 @@ impl Queue {
                             let item = Item { source, n, attempts: 0, not_before: Instant::now() };
                             lanes.spawn(&mut flight, item, async move { giving_up.give_up(letter, reason).await });
                         }
-                        // Aborted: its partition went to another instance.
-                        Err(_) => {
-                            lanes.ids.remove(&n.id);
-                        }
+                        // Aborted: its partition went to another instance (its id was let go
+                        // then, so that a restore handing it over again is not taken for a
+                        // repeat).
+                        Err(_) => {}
                     }
                 }
                 _ = tokio::time::sleep_until(next_due.unwrap_or(now).into()), if next_due.is_some() => {}
@@ -387,10 +389,24 @@ impl Lanes {
         }
         self.later
             .retain(|item| owned.contains(&item.source) || !ids.remove(&item.n.id));
-        for (source, _, handle) in self.flying.values() {
+        for (source, n, handle) in self.flying.values() {
             if !owned.contains(source) {
                 handle.abort();
+                ids.remove(&n.id);
             }
+        }
+        self.owned = Some(owned.to_vec());
+    }
+
+    /// A notification to try again later, if its partition is still owned here (an attempt
+    /// that ended before its abort took effect).
+    fn again(&mut self, item: Item) {
+        let owned = self
+            .owned
+            .as_ref()
+            .is_none_or(|owned| owned.contains(&item.source));
+        if owned {
+            self.later.push(item);
         }
     }
 }
@@ -643,6 +659,58 @@ mod tests {
             sign(&secret, "1700000000", br#"{"id":1}"#),
             "sha256=05b728475104591e6ba9301ccd86c0f18c79ea7330ef9b9869435607a745d2bf"
         );
+    }
+
+    fn item(partition: i32, id: &str) -> Item {
+        Item {
+            source: ("p.enriched".into(), partition),
+            n: Notification {
+                id: id.into(),
+                pipeline: "p".into(),
+                output: "hook".into(),
+                version: 1,
+                body: Vec::new(),
+            },
+            attempts: 0,
+            not_before: Instant::now(),
+        }
+    }
+
+    /// A partition revoked lets go of what it owed — queued, waiting to retry or in flight —
+    /// so that its next owner's hand-over (here, or elsewhere) is not taken for a repeat; an
+    /// attempt that ended just before the revoke is not retried here.
+    #[tokio::test]
+    async fn a_revoked_partition_lets_go_of_its_notifications() {
+        let mut lanes = Lanes::default();
+        let mut flight = JoinSet::new();
+        for (partition, id) in [(0, "a"), (1, "b")] {
+            let queued = item(partition, id);
+            lanes.ids.insert(queued.n.id.clone());
+            lanes
+                .ready
+                .entry(queued.webhook())
+                .or_default()
+                .push_back(queued);
+        }
+        let later = item(1, "c");
+        lanes.ids.insert("c".into());
+        lanes.later.push(later);
+        let flying = item(1, "d");
+        lanes.ids.insert("d".into());
+        lanes.spawn(&mut flight, flying, std::future::pending());
+        lanes.keep_only(&[("p.enriched".into(), 0)]);
+        let mut ids: Vec<_> = lanes.ids.iter().cloned().collect();
+        ids.sort();
+        assert_eq!(ids, ["a"]);
+        assert!(lanes.later.is_empty());
+        assert!(flight
+            .join_next()
+            .await
+            .is_some_and(|joined| joined.is_err_and(|e| e.is_cancelled())));
+        lanes.again(item(1, "e"));
+        assert!(lanes.later.is_empty(), "not owned here any more");
+        lanes.again(item(0, "f"));
+        assert_eq!(lanes.later.len(), 1);
     }
 
     #[test]

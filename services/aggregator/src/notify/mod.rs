@@ -16,6 +16,51 @@ use serde::{Deserialize, Serialize};
 
 pub(crate) use deliver::{Notifier, NotifyError};
 
+use crate::partitions::{Partitions, Source};
+
+/// At the start of a flush: notifications done leave their partitions' checkpoints, and
+/// those of partitions restored since the last flush are handed to the sender (a restored one
+/// is owed by the checkpoint; the receiver drops a repeat). Only with the assignment restored:
+/// between a revoke and the restore the states are gone, and telling the sender would abort
+/// every delivery.
+pub(crate) fn before_flush(notifier: &mut Notifier, partitions: &mut Partitions) {
+    let done = notifier.take_done();
+    if !done.is_empty() {
+        for state in partitions.states.values_mut() {
+            state.notifications_done(&done);
+        }
+    }
+    if partitions.restored_generation.is_some() {
+        notifier.keep_only(partitions.states.keys());
+        for (source, state) in partitions.states.iter_mut() {
+            notifier.send(source, state.owed_notifications());
+        }
+    }
+}
+
+/// After the windows are written: the notifications their values owe, handed to the sender;
+/// the deliveries of those a partition had no room for, dead-lettered.
+pub(crate) async fn after_write<'d>(
+    notifier: &Notifier,
+    partitions: &mut Partitions,
+    rows: &[WindowAggregate],
+    written_by: Vec<(Source, std::ops::Range<usize>)>,
+    def_of: impl Fn(&str) -> Option<&'d instream_pipeline::PipelineDefinition> + Copy,
+) -> Result<Vec<instream_kafka::Delivery>, NotifyError> {
+    let mut refused = Vec::new();
+    for (source, range) in written_by {
+        if let Some(state) = partitions.states.get_mut(&source) {
+            let (made, no_room) = state.notify(&rows[range], def_of, notifier.max_pending());
+            notifier.send(&source, made);
+            refused.extend(no_room);
+        }
+    }
+    if refused.is_empty() {
+        return Ok(Vec::new());
+    }
+    notifier.refuse(refused).await
+}
+
 /// Header carrying the notification's deterministic id: a receiver drops a repeat by it.
 pub const ID_HEADER: &str = "x-instream-notification-id";
 /// Header carrying the Unix time (seconds) the attempt was signed at.
