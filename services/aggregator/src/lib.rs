@@ -21,6 +21,7 @@
 //! end (and again for late events within the lateness), and while open every
 //! `aggregator.early_results_every` unless that is zero.
 
+mod flush;
 mod functions;
 mod idle;
 mod notify;
@@ -36,12 +37,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use instream_core::config::{AggregatorConfig, KafkaConfig};
-use instream_core::{Readiness, Retry, Service, ServiceContext};
+use instream_core::{Readiness, Service, ServiceContext};
 use instream_event::Event;
 use instream_kafka::{BatchOutputs, DeadLetterCode, DeadLetters, Input, Producer, Record};
 use instream_pipeline::{topics, Catalog};
 use instream_stage::{Commit, Flow, Hooks, Processed, ResumeAt, Spec, Stage, Tick};
-use instream_store::{AggregateStore, Checkpoint, CheckpointKey, WindowAggregate};
+use instream_store::{AggregateStore, Checkpoint, CheckpointKey};
 use partitions::Partitions;
 use tokio_util::sync::CancellationToken;
 
@@ -394,17 +395,20 @@ impl Aggregator {
         catalog: &Catalog,
         stop: &CancellationToken,
     ) -> Result<bool, AggregatorError> {
-        flush(
-            &*self.store,
-            &self.store_ready,
-            &self.producer,
+        let sinks = flush::Sinks {
+            store: &*self.store,
+            ready: &self.store_ready,
+            producer: &self.producer,
+            kafka: &self.kafka,
+            catalog,
+            stop,
+        };
+        flush::flush(
+            &sinks,
             input,
-            &self.kafka,
             &mut self.partitions,
             &mut self.notifier,
-            catalog,
             &mut self.pending,
-            stop,
         )
         .await
     }
@@ -527,188 +531,6 @@ fn refusal(
         )),
         _ => None,
     }
-}
-
-/// Retries `write` with back-off until it succeeds; false when `stop` fired first.
-async fn until_written<F, Fut>(
-    ready: &Readiness,
-    stop: &CancellationToken,
-    what: &str,
-    write: F,
-) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), instream_store::StoreError>>,
-{
-    Retry::new(what, stop)
-        .reporting_to(ready)
-        .run(write)
-        .await
-        .is_some()
-}
-
-/// Writes every changed window (to the store, and to the results topics of aggregations with
-/// a Kafka output), the deletions of merged sessions, then every changed partition's
-/// checkpoint, retrying until the store takes them, then marks the records they cover as
-/// handled. Returns false when `stop` fired first: nothing new is durable then, so nothing
-/// may be committed (what was taken is put back for the next attempt).
-#[allow(clippy::too_many_arguments)]
-async fn flush(
-    store: &dyn AggregateStore,
-    ready: &Readiness,
-    producer: &Producer,
-    input: Input<'_>,
-    kafka: &KafkaConfig,
-    partitions: &mut Partitions,
-    notifier: &mut notify::Notifier,
-    catalog: &Catalog,
-    pending: &mut Pending,
-    stop: &CancellationToken,
-) -> Result<bool, AggregatorError> {
-    notify::before_flush(notifier, partitions);
-    let def_of = |pipeline: &str| catalog.get(pipeline).map(|d| &**d);
-    let owned_pipelines = || {
-        let mut defs: Vec<&instream_pipeline::PipelineDefinition> = partitions
-            .states
-            .keys()
-            .filter_map(|(topic, _)| def_of(topics::pipeline_of(topic)))
-            .collect();
-        defs.sort_by(|a, b| a.name.cmp(&b.name));
-        defs.dedup_by(|a, b| a.name == b.name);
-        defs
-    };
-    // Before any final result is published: where a restore would read them back from.
-    let defs = owned_pipelines();
-    partitions.result_marks.start(kafka, defs.into_iter()).await;
-    let mut rows: Vec<WindowAggregate> = Vec::new();
-    // Which partition wrote which rows: its notifications are its own to keep.
-    let mut written_by = Vec::new();
-    for (source, state) in partitions.states.iter_mut() {
-        let from = rows.len();
-        state.take_dirty(def_of, partitions.early, &mut rows);
-        if rows.len() > from {
-            written_by.push((source.clone(), from..rows.len()));
-        }
-    }
-    if !rows.is_empty() {
-        let plan = results::Plan::of(&rows, &written_by, partitions, catalog);
-        // Results on the broker before the checkpoint that may drop their windows.
-        let written = until_written(ready, stop, "windows", || store.upsert(&rows)).await
-            && results::publish(
-                producer,
-                catalog,
-                &rows,
-                results::Kind::Value,
-                |i| plan.skip(i),
-                &mut partitions.result_marks,
-                stop,
-            )
-            .await?;
-        // A crash here (a test's `FAILPOINTS=aggregator-results-published=return`): results
-        // on the topic, their windows not checkpointed.
-        fail::fail_point!(
-            "aggregator-results-published",
-            written && plan.sends_final_only(),
-            |_| std::process::abort()
-        );
-        if !written {
-            for state in partitions.states.values_mut() {
-                state.mark_dirty(&rows);
-            }
-            return Ok(false);
-        }
-        plan.hold_waiting(partitions, &rows);
-        metrics::counter!("instream_window_writes_total", "service" => SERVICE.as_str())
-            .increment(rows.len() as u64);
-        // Notifications without room are dead-lettered before the checkpoint that holds them
-        // as notified.
-        let refused = notify::after_write(notifier, partitions, &rows, written_by, def_of).await?;
-        if !instream_kafka::client::all_delivered_unless(producer, refused, stop).await? {
-            return Ok(false);
-        }
-        let now = instream_event::now_millis();
-        let delay = metrics::histogram!("instream_window_close_delay_seconds", "service" => SERVICE.as_str());
-        for state in partitions.states.values_mut() {
-            for closed_at in state.take_written_closes() {
-                let ms = closed_at.map_or(0, |t| (now - t).max(0));
-                delay.record(ms as f64 / 1000.0);
-            }
-        }
-    }
-    let deletes: Vec<WindowAggregate> = partitions
-        .states
-        .values()
-        .flat_map(|state| state.deletes().iter().cloned())
-        .collect();
-    if !deletes.is_empty() {
-        let deleted = until_written(ready, stop, "merged sessions", || store.delete(&deletes))
-            .await
-            && results::publish(
-                producer,
-                catalog,
-                &deletes,
-                results::Kind::Deleted,
-                |_| (false, None),
-                &mut partitions.result_marks,
-                stop,
-            )
-            .await?;
-        if !deleted {
-            return Ok(false);
-        }
-        for state in partitions.states.values_mut() {
-            state.deletes_done();
-        }
-    }
-    let visible = instream_event::now_millis();
-    let mut checkpoints = Vec::new();
-    let mut snapshotted = Vec::new();
-    let mut open = 0;
-    for (source, state) in partitions.states.iter_mut() {
-        if let Some(def) = def_of(topics::pipeline_of(&source.0)) {
-            state.set_result_marks(partitions.result_marks.of(def));
-        }
-        state.prune_published();
-        state.close_windows(|pipeline| catalog.get(pipeline).map(|d| d.max_out_of_orderness));
-        open += state.window_count();
-        if let Some((next_offset, bytes)) = state.snapshot() {
-            snapshotted.push(source.clone());
-            checkpoints.push(Checkpoint {
-                key: CheckpointKey {
-                    group: partitions.group.clone(),
-                    topic: source.0.clone(),
-                    partition: source.1,
-                },
-                next_offset,
-                state: bytes,
-            });
-        }
-    }
-    if !checkpoints.is_empty()
-        && !until_written(ready, stop, "checkpoints", || {
-            store.save_checkpoints(&checkpoints)
-        })
-        .await
-    {
-        // Not durable: the records stay unhandled and are read again after a restart.
-        return Ok(false);
-    }
-    for state in partitions.states.values_mut() {
-        state.mark_saved();
-    }
-    for source in snapshotted {
-        if let Some(state) = partitions.states.get_mut(&source) {
-            state.result_marks_saved();
-        }
-    }
-    for ingest_time in pending.iter().filter_map(|(_, t)| *t) {
-        metrics::histogram!("instream_stage_latency_seconds", "stage" => "aggregator_visible")
-            .record((visible - ingest_time).max(0) as f64 / 1000.0);
-    }
-    input.complete(pending.iter().map(|(record, _)| record));
-    pending.clear();
-    metrics::gauge!("instream_open_windows", "service" => SERVICE.as_str()).set(open as f64);
-    Ok(true)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 use super::*;
 use async_trait::async_trait;
-use instream_store::{AggregateQuery, StoreError};
+use instream_store::{AggregateQuery, StoreError, WindowAggregate};
 
 /// A store whose checkpoint writes fail, as during an outage that begins mid-flush (a
 /// fault no real server can be made to show on cue).
@@ -81,17 +81,20 @@ async fn a_flush_cut_short_by_shutdown_makes_nothing_handled_and_keeps_the_check
     let stop = CancellationToken::new();
     stop.cancel();
     let producer = instream_kafka::producer(&config, SERVICE.as_str()).unwrap();
-    let durable = flush(
-        &CheckpointsDown,
-        &ready,
-        &producer,
+    let sinks = flush::Sinks {
+        store: &CheckpointsDown,
+        ready: &ready,
+        producer: &producer,
+        kafka: &config,
+        catalog: &catalog,
+        stop: &stop,
+    };
+    let durable = flush::flush(
+        &sinks,
         instream_kafka::Input::new(&consumer),
-        &config,
         &mut partitions,
         &mut notify::Notifier::detached(),
-        &catalog,
         &mut pending,
-        &stop,
     )
     .await
     .unwrap();

@@ -437,6 +437,63 @@ struct Failure {
     retry_after: Option<Duration>,
 }
 
+impl Failure {
+    /// What an answer says: `Ok` when the receiver took the notification.
+    fn of(answer: reqwest::Result<reqwest::Response>, timeout: Duration) -> Result<(), Failure> {
+        let response = match answer {
+            Ok(response) if response.status().is_success() => return Ok(()),
+            Ok(response) => response,
+            Err(e) if e.is_timeout() => {
+                return Err(Failure {
+                    kind: "timeout",
+                    text: format!("no answer within {timeout:?}"),
+                    retry: true,
+                    retry_after: None,
+                })
+            }
+            Err(e) => {
+                return Err(Failure {
+                    kind: "connect",
+                    // Its text would carry the URL, query and all.
+                    text: describe(&e.without_url()),
+                    retry: true,
+                    retry_after: None,
+                });
+            }
+        };
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER));
+        Err(Failure {
+            kind: "status",
+            text: format!("HTTP {status}"),
+            // Any other answer is the receiver refusing this notification itself: sending it
+            // again changes nothing.
+            retry: status.is_server_error()
+                || status == reqwest::StatusCode::REQUEST_TIMEOUT
+                || status == reqwest::StatusCode::TOO_MANY_REQUESTS,
+            retry_after,
+        })
+    }
+
+    /// The pause before attempt `attempts + 1`: the back-off's, up to a quarter more (so that
+    /// retries to a recovering receiver spread out), or the receiver's `Retry-After`.
+    fn pause(&self, id: &str, attempts: u32) -> Duration {
+        let mut pauses = RETRY.pauses();
+        let mut wait = pauses.next_pause();
+        for _ in 1..attempts {
+            wait = pauses.next_pause();
+        }
+        let spread = xxhash_rust::xxh3::xxh3_64(format!("{id}{attempts}").as_bytes()) % 250;
+        wait += wait * spread as u32 / 1_000;
+        wait.max(self.retry_after.unwrap_or_default())
+    }
+}
+
 impl Sender {
     /// One attempt at a notification (`attempts` made before): done when its receiver takes
     /// it or it is dead-lettered, again after a pause when a retry may mend the failure.
@@ -474,46 +531,12 @@ impl Sender {
             .body(n.body.clone())
             .send()
             .await;
-        let failure = match answer {
-            Ok(response) if response.status().is_success() => {
-                metrics::histogram!("instream_notification_latency_seconds", "pipeline" => n.pipeline.clone(), "output" => n.output.clone())
-                    .record(started.elapsed().as_secs_f64());
-                metrics::counter!("instream_notifications_sent_total", "pipeline" => n.pipeline.clone(), "output" => n.output.clone())
-                    .increment(1);
-                return Attempted::Done(n.id);
-            }
-            Ok(response) => {
-                let status = response.status();
-                let retry_after = response
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER));
-                Failure {
-                    kind: "status",
-                    text: format!("HTTP {status}"),
-                    // The receiver refused this notification itself: sending it again
-                    // changes nothing.
-                    retry: status.is_server_error()
-                        || status == reqwest::StatusCode::REQUEST_TIMEOUT
-                        || status == reqwest::StatusCode::TOO_MANY_REQUESTS,
-                    retry_after,
-                }
-            }
-            Err(e) if e.is_timeout() => Failure {
-                kind: "timeout",
-                text: format!("no answer within {timeout:?}"),
-                retry: true,
-                retry_after: None,
-            },
-            Err(e) => Failure {
-                kind: "connect",
-                // Its text would carry the URL, query and all.
-                text: describe(&e.without_url()),
-                retry: true,
-                retry_after: None,
-            },
+        let Err(failure) = Failure::of(answer, timeout) else {
+            metrics::histogram!("instream_notification_latency_seconds", "pipeline" => n.pipeline.clone(), "output" => n.output.clone())
+                .record(started.elapsed().as_secs_f64());
+            metrics::counter!("instream_notifications_sent_total", "pipeline" => n.pipeline.clone(), "output" => n.output.clone())
+                .increment(1);
+            return Attempted::Done(n.id);
         };
         let attempts = attempts + 1;
         metrics::counter!("instream_notification_attempt_failures_total", "pipeline" => n.pipeline.clone(), "output" => n.output.clone(), "reason" => failure.kind)
@@ -527,15 +550,7 @@ impl Sender {
             "webhook attempt failed"
         );
         if failure.retry && attempts <= retries {
-            let mut pause = RETRY.pauses();
-            let mut wait = pause.next_pause();
-            for _ in 1..attempts {
-                wait = pause.next_pause();
-            }
-            // Up to a quarter more, so that retries to a recovering receiver spread out.
-            let spread = xxhash_rust::xxh3::xxh3_64(format!("{}{attempts}", n.id).as_bytes()) % 250;
-            wait += wait * spread as u32 / 1_000;
-            return Attempted::Again(wait.max(failure.retry_after.unwrap_or_default()));
+            return Attempted::Again(failure.pause(&n.id, attempts));
         }
         let reason = format!(
             "webhook `{}` POST {} failed after {attempts} attempt(s): {}",
