@@ -31,7 +31,7 @@ pub use definitions::{
 pub use election::{campaign, Leadership};
 pub use instance::InstanceInfo;
 pub use local::LocalCoordinator;
-pub use progress::{stored_position, Progress};
+pub use progress::{stored_position, Progress, SourceProgress};
 pub use registry::{instances, register_instance, Instance, Registration};
 pub use session::{connect, CoordError};
 
@@ -52,6 +52,13 @@ pub trait Coordinator: Send + Sync {
     async fn campaign(&self, duty: &str, instance: &str) -> Result<Leadership, CoordError>;
     /// Every registered instance.
     async fn instances(&self) -> Result<Vec<Instance>, CoordError>;
+    /// Claims source `name`'s progress for leadership `term`, with the position stored;
+    /// [`CoordError::Fenced`] when a later term claimed it.
+    async fn claim_progress(
+        &self,
+        name: &str,
+        term: u64,
+    ) -> Result<Box<dyn SourceProgress>, CoordError>;
 }
 
 /// [`Coordinator`] on ZooKeeper.
@@ -83,17 +90,32 @@ impl Coordinator for ZkCoordinator {
     async fn instances(&self) -> Result<Vec<Instance>, CoordError> {
         instances(&self.cfg).await
     }
+
+    async fn claim_progress(
+        &self,
+        name: &str,
+        term: u64,
+    ) -> Result<Box<dyn SourceProgress>, CoordError> {
+        Ok(Box::new(Progress::claim(&self.cfg, name, term).await?))
+    }
 }
 
 /// The coordinator the config implies: ZooKeeper when definitions come from ZooKeeper; the
-/// process's one in-process coordinator otherwise (standalone), shared by every service in it.
+/// process's one in-process coordinator otherwise (standalone), shared by every service in it,
+/// which keeps sources' progress under `standalone.data_dir`/sources.
 pub fn coordinator(config: &Config) -> Arc<dyn Coordinator> {
     static LOCAL: OnceLock<LocalCoordinator> = OnceLock::new();
     match config.definitions.source {
         DefinitionSourceKind::Zookeeper => Arc::new(ZkCoordinator::new(config.zookeeper.clone())),
-        DefinitionSourceKind::File => {
-            Arc::new(LOCAL.get_or_init(LocalCoordinator::default).clone())
-        }
+        DefinitionSourceKind::File => Arc::new(
+            LOCAL
+                .get_or_init(|| {
+                    LocalCoordinator::keeping_progress_in(
+                        config.standalone.data_dir.join("sources"),
+                    )
+                })
+                .clone(),
+        ),
     }
 }
 

@@ -1,18 +1,25 @@
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::{CoordError, Coordinator, Instance, InstanceInfo, Leadership, Registration};
+use crate::progress::{encode, Stored};
+use crate::{
+    CoordError, Coordinator, Instance, InstanceInfo, Leadership, Registration, SourceProgress,
+};
 
-/// Registry and elections inside one process, for standalone mode: the same behaviour as
-/// ZooKeeper's (a dropped registration disappears, a dropped leader hands over to the next
-/// contender in arrival order) with nothing to run.
+/// Registry, elections and sources' progress inside one process, for standalone mode: the
+/// same behaviour as ZooKeeper's (a dropped registration disappears, a dropped leader hands
+/// over to the next contender in arrival order, a deposed leader's save is fenced) with
+/// nothing to run. Progress lives in memory, or in files under a directory so that it
+/// outlives the process.
 #[derive(Clone, Default)]
 pub struct LocalCoordinator {
     state: Arc<Mutex<LocalState>>,
+    progress_dir: Option<Arc<PathBuf>>,
 }
 
 /// A contender: its id (also its term once it leads) and where its standing is told.
@@ -24,11 +31,106 @@ struct LocalState {
     /// Per duty, the contenders in arrival order; the first leads.
     elections: HashMap<String, Vec<Contender>>,
     next_id: u64,
+    /// Sources' progress, when no directory keeps it.
+    progress: HashMap<String, Stored>,
 }
 
 impl LocalCoordinator {
+    /// One whose sources' progress is kept in `<dir>/<name>.json` (across restarts).
+    pub fn keeping_progress_in(dir: PathBuf) -> Self {
+        Self {
+            state: Default::default(),
+            progress_dir: Some(Arc::new(dir)),
+        }
+    }
+
     fn state(&self) -> MutexGuard<'_, LocalState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn progress_file(&self, name: &str) -> Option<PathBuf> {
+        self.progress_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{name}.json")))
+    }
+
+    /// The progress stored for `name`.
+    fn stored(&self, state: &LocalState, name: &str) -> Result<Option<Stored>, CoordError> {
+        let Some(path) = self.progress_file(name) else {
+            return Ok(state.progress.get(name).cloned());
+        };
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| CoordError::Corrupt {
+                        path: path.display().to_string(),
+                        reason: e.to_string(),
+                    })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(local_error(&path, e)),
+        }
+    }
+
+    /// Stores `stored` for `name` unless a later term holds it: the compare and the write
+    /// happen under the state's lock, as ZooKeeper's versioned write does.
+    fn store(&self, name: &str, stored: Stored) -> Result<(), CoordError> {
+        let mut state = self.state();
+        if let Some(held) = self.stored(&state, name)? {
+            if held.term > stored.term {
+                let path = self
+                    .progress_file(name)
+                    .map_or_else(|| format!("sources/{name}"), |p| p.display().to_string());
+                return Err(CoordError::Fenced {
+                    path,
+                    term: stored.term,
+                });
+            }
+        }
+        let Some(path) = self.progress_file(name) else {
+            state.progress.insert(name.to_owned(), stored);
+            return Ok(());
+        };
+        // Written whole, then renamed over the old file: a crash leaves one or the other.
+        let temporary = path.with_extension("json.tmp");
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| local_error(dir, e))?;
+        }
+        std::fs::write(&temporary, encode(&stored)).map_err(|e| local_error(&temporary, e))?;
+        std::fs::rename(&temporary, &path).map_err(|e| local_error(&path, e))
+    }
+}
+
+fn local_error(path: &std::path::Path, e: std::io::Error) -> CoordError {
+    CoordError::Local {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// A source's progress claimed from a [`LocalCoordinator`].
+struct LocalProgress {
+    coordinator: LocalCoordinator,
+    name: String,
+    term: u64,
+    position: serde_json::Value,
+}
+
+#[async_trait]
+impl SourceProgress for LocalProgress {
+    fn position(&self) -> &serde_json::Value {
+        &self.position
+    }
+
+    async fn save(&mut self, position: serde_json::Value) -> Result<(), CoordError> {
+        let stored = Stored {
+            term: self.term,
+            position,
+        };
+        self.coordinator.store(&self.name, stored.clone())?;
+        self.position = stored.position;
+        Ok(())
     }
 }
 
@@ -101,6 +203,33 @@ impl Coordinator for LocalCoordinator {
             })
             .collect())
     }
+
+    async fn claim_progress(
+        &self,
+        name: &str,
+        term: u64,
+    ) -> Result<Box<dyn SourceProgress>, CoordError> {
+        let position = {
+            let state = self.state();
+            self.stored(&state, name)?
+                .map(|held| held.position)
+                .unwrap_or_default()
+        };
+        // The claim writes this term, fencing any earlier leader's later save.
+        self.store(
+            name,
+            Stored {
+                term,
+                position: position.clone(),
+            },
+        )?;
+        Ok(Box::new(LocalProgress {
+            coordinator: self.clone(),
+            name: name.to_owned(),
+            term,
+            position,
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -132,6 +261,37 @@ mod tests {
         })
         .await
         .expect("a dropped registration disappears");
+    }
+
+    /// Progress outlives the process in its directory; a claim by a later term fences the
+    /// earlier leader's saves, and an earlier term cannot claim it back.
+    #[tokio::test]
+    async fn a_sources_progress_is_kept_in_files_and_fenced_by_term() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = LocalCoordinator::keeping_progress_in(dir.path().join("sources"));
+        let mut one = first.claim_progress("orders", 1).await.unwrap();
+        assert!(one.position().is_null());
+        one.save(serde_json::json!({"id": 7})).await.unwrap();
+        // A new process (a restart) reads it back.
+        let second = LocalCoordinator::keeping_progress_in(dir.path().join("sources"));
+        let mut two = second.claim_progress("orders", 2).await.unwrap();
+        assert_eq!(two.position()["id"], 7);
+        let fenced = one.save(serde_json::json!({"id": 9})).await.unwrap_err();
+        assert!(
+            matches!(fenced, CoordError::Fenced { term: 1, .. }),
+            "{fenced}"
+        );
+        assert!(second.claim_progress("orders", 1).await.is_err());
+        two.save(serde_json::json!({"id": 8})).await.unwrap();
+        let in_memory = LocalCoordinator::default();
+        let mut three = in_memory.claim_progress("orders", 1).await.unwrap();
+        assert!(
+            three.position().is_null(),
+            "a coordinator without a directory starts empty"
+        );
+        three.save(serde_json::json!({"id": 1})).await.unwrap();
+        let again = in_memory.claim_progress("orders", 2).await.unwrap();
+        assert_eq!(again.position()["id"], 1);
     }
 
     #[tokio::test]

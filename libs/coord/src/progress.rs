@@ -5,6 +5,7 @@
 //! version, so a deposed leader's late save fails ([`CoordError::Fenced`]) instead of moving
 //! the progress back or forward under the new leader.
 
+use async_trait::async_trait;
 use instream_core::config::ZooKeeperConfig;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -14,10 +15,10 @@ use crate::session::{connect, persistent, CoordError};
 
 pub(crate) const SOURCES: &str = "/sources";
 
-#[derive(Serialize, Deserialize)]
-struct Stored {
-    term: u64,
-    position: Value,
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct Stored {
+    pub(crate) term: u64,
+    pub(crate) position: Value,
 }
 
 /// The claimed progress node of one duty; saves succeed only while no later leader claimed it.
@@ -126,7 +127,29 @@ impl Progress {
     }
 }
 
-fn encode(stored: &Stored) -> Vec<u8> {
+/// How far a singleton source has read, kept where its coordinator keeps its state
+/// (ZooKeeper, or files in standalone mode) and fenced by the leadership term it was claimed
+/// for.
+#[async_trait]
+pub trait SourceProgress: Send {
+    /// The position stored when claimed, or last saved (`null`: none yet).
+    fn position(&self) -> &Value;
+    /// Stores `position`, unless a later leader claimed it since ([`CoordError::Fenced`]).
+    async fn save(&mut self, position: Value) -> Result<(), CoordError>;
+}
+
+#[async_trait]
+impl SourceProgress for Progress {
+    fn position(&self) -> &Value {
+        Progress::position(self)
+    }
+
+    async fn save(&mut self, position: Value) -> Result<(), CoordError> {
+        Progress::save(self, position).await
+    }
+}
+
+pub(crate) fn encode(stored: &Stored) -> Vec<u8> {
     // A struct of a number and a JSON value always serialises.
     serde_json::to_vec(stored).unwrap_or_default()
 }

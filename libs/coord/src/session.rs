@@ -21,6 +21,9 @@ pub enum CoordError {
     /// The task that took part in an election for this instance ended (it panicked).
     #[error("the election ended: its task is gone (see the `task panicked` line)")]
     ElectionEnded,
+    /// The in-process coordinator's files (standalone mode).
+    #[error("{path}: {reason}")]
+    Local { path: String, reason: String },
 }
 
 impl CoordError {

@@ -3,11 +3,12 @@
 //! `timestamp+incrementing`) and writes each new or changed row as an event of a pipeline to
 //! `<pipeline>.raw`, keyed by the pipeline's key field like any ingested event.
 //!
-//! One instance at a time polls a table: each table has a ZooKeeper election
-//! (`elections/db-source-<name>`), and the others stand by to take over when the leader's
-//! session ends. The last row handed over is stored in ZooKeeper (`sources/<name>`) only after
-//! the broker acknowledged every row up to it, with the leader's term, so a deposed leader can
-//! no longer move it ([`instream_coord::Progress`]).
+//! One instance at a time polls a table: each table has an election of the coordinator
+//! (ZooKeeper's `elections/db-source-<name>`; in standalone mode the in-process one), and the
+//! others stand by to take over when the leader's session ends. The last row handed over is
+//! stored (ZooKeeper's `sources/<name>`; standalone: `<standalone.data_dir>/sources/<name>.json`)
+//! only after the broker acknowledged every row up to it, with the leader's term, so a deposed
+//! leader can no longer move it ([`instream_coord::SourceProgress`]).
 //!
 //! Guarantee: a restart or a takeover skips no row. The rows of the batch in flight when a
 //! leader died are read again and produced again *with the same event ids* (derived from the
@@ -22,7 +23,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use instream_core::config::{Config, DbSourceConfig, SqlTableConfig};
+use instream_core::config::{BrokerMode, Config, DbSourceConfig, SqlTableConfig};
 use instream_core::{Backoff, Readiness, Service, ServiceContext};
 use instream_event::Event;
 use instream_kafka::client::{self, Producer};
@@ -70,6 +71,18 @@ struct Shared {
     database: Readiness,
     health: instream_core::Health,
     shutdown: CancellationToken,
+}
+
+/// Elections and progress: ZooKeeper's, which span processes (whatever the definitions come
+/// from) — or, in standalone mode (the embedded broker: every service in one process), the
+/// in-process coordinator's.
+fn coordinator(config: &Config) -> Arc<dyn instream_coord::Coordinator> {
+    match config.kafka.broker {
+        BrokerMode::Embedded => instream_coord::coordinator(config),
+        BrokerMode::External => {
+            Arc::new(instream_coord::ZkCoordinator::new(config.zookeeper.clone()))
+        }
+    }
 }
 
 /// The service: one poller per configured table, each leading or standing by, until shutdown.
@@ -172,7 +185,8 @@ async fn poll_table(shared: Arc<Shared>, table: SqlTableConfig) {
     let duty = format!("db-source-{name}");
     let instance = instream_coord::instance_name();
     loop {
-        let campaign = instream_coord::campaign(&shared.config.zookeeper, &duty, &instance);
+        let coordinator = coordinator(&shared.config);
+        let campaign = coordinator.campaign(&duty, &instance);
         let mut leadership = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             l = campaign => match l {
@@ -261,8 +275,9 @@ async fn lead(
     polling: &Readiness,
 ) -> Result<(), DbSourceError> {
     let db = &shared.config.db_source;
-    let mut progress =
-        instream_coord::Progress::claim(&shared.config.zookeeper, &cfg.name, term).await?;
+    let mut progress = coordinator(&shared.config)
+        .claim_progress(&cfg.name, term)
+        .await?;
     let mut position: Position = if progress.position().is_null() {
         Position::default()
     } else {

@@ -270,6 +270,11 @@ impl Standalone {
             "archiver",
             instream_archiver::run_with_archive(context(), archive.clone()),
         );
+        // Tables to poll: db-source too, its elections and progress with the in-process
+        // coordinator (progress in `standalone.data_dir`/sources, across restarts).
+        if !config.db_source.tables.is_empty() {
+            supervisor.spawn("db-source", instream_db_source::run(context()));
+        }
         let keeper = match &broker {
             None => None,
             Some(_) => {
