@@ -36,12 +36,26 @@ struct LocalState {
 }
 
 impl LocalCoordinator {
-    /// One whose sources' progress is kept in `<dir>/<name>.json` (across restarts).
+    /// One whose sources' progress is kept in `<dir>/<name>.json` (across restarts). Its
+    /// election terms go on from the highest term stored there, so that a restarted process's
+    /// leader is never fenced by its own predecessor.
     pub fn keeping_progress_in(dir: PathBuf) -> Self {
-        Self {
+        let highest = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| entry.path().extension().is_some_and(|e| e == "json"))
+            .filter_map(|entry| std::fs::read(entry.path()).ok())
+            .filter_map(|bytes| serde_json::from_slice::<Stored>(&bytes).ok())
+            .map(|stored| stored.term)
+            .max()
+            .unwrap_or(0);
+        let coordinator = Self {
             state: Default::default(),
             progress_dir: Some(Arc::new(dir)),
-        }
+        };
+        coordinator.state().next_id = highest;
+        coordinator
     }
 
     fn state(&self) -> MutexGuard<'_, LocalState> {
@@ -54,52 +68,73 @@ impl LocalCoordinator {
             .map(|dir| dir.join(format!("{name}.json")))
     }
 
-    /// The progress stored for `name`.
-    fn stored(&self, state: &LocalState, name: &str) -> Result<Option<Stored>, CoordError> {
-        let Some(path) = self.progress_file(name) else {
-            return Ok(state.progress.get(name).cloned());
-        };
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|e| CoordError::Corrupt {
-                        path: path.display().to_string(),
-                        reason: e.to_string(),
-                    })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(local_error(&path, e)),
-        }
-    }
-
-    /// Stores `stored` for `name` unless a later term holds it: the compare and the write
-    /// happen under the state's lock, as ZooKeeper's versioned write does.
-    fn store(&self, name: &str, stored: Stored) -> Result<(), CoordError> {
+    /// Claims `name` for `term` (keeping its position) or saves `position` under it, unless a
+    /// later term holds it: the compare and the write under one hold of the state's lock, as
+    /// ZooKeeper's versioned write. Returns the position now stored.
+    fn write_progress(
+        &self,
+        name: &str,
+        term: u64,
+        position: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, CoordError> {
         let mut state = self.state();
-        if let Some(held) = self.stored(&state, name)? {
-            if held.term > stored.term {
+        let held = match self.progress_file(name) {
+            None => state.progress.get(name).cloned(),
+            Some(path) => read_progress(&path)?,
+        };
+        if let Some(held) = &held {
+            if held.term > term {
                 let path = self
                     .progress_file(name)
                     .map_or_else(|| format!("sources/{name}"), |p| p.display().to_string());
-                return Err(CoordError::Fenced {
-                    path,
-                    term: stored.term,
-                });
+                return Err(CoordError::Fenced { path, term });
             }
         }
-        let Some(path) = self.progress_file(name) else {
-            state.progress.insert(name.to_owned(), stored);
-            return Ok(());
+        let stored = Stored {
+            term,
+            position: position
+                .or_else(|| held.map(|h| h.position))
+                .unwrap_or_default(),
         };
-        // Written whole, then renamed over the old file: a crash leaves one or the other.
-        let temporary = path.with_extension("json.tmp");
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| local_error(dir, e))?;
+        match self.progress_file(name) {
+            None => {
+                state.progress.insert(name.to_owned(), stored.clone());
+            }
+            Some(path) => write_durably(&path, &encode(&stored))?,
         }
-        std::fs::write(&temporary, encode(&stored)).map_err(|e| local_error(&temporary, e))?;
-        std::fs::rename(&temporary, &path).map_err(|e| local_error(&path, e))
+        Ok(stored.position)
     }
+}
+
+fn read_progress(path: &std::path::Path) -> Result<Option<Stored>, CoordError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| CoordError::Corrupt {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(local_error(path, e)),
+    }
+}
+
+/// Writes the file whole and on disk, then renames it over the old one (and syncs the
+/// directory): a crash or a power loss leaves the old progress or the new, never a torn or
+/// empty file.
+fn write_durably(path: &std::path::Path, bytes: &[u8]) -> Result<(), CoordError> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or_else(|| std::path::Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| local_error(dir, e))?;
+    let temporary = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&temporary).map_err(|e| local_error(&temporary, e))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| local_error(&temporary, e))?;
+    std::fs::rename(&temporary, path).map_err(|e| local_error(path, e))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| local_error(dir, e))
 }
 
 fn local_error(path: &std::path::Path, e: std::io::Error) -> CoordError {
@@ -124,12 +159,16 @@ impl SourceProgress for LocalProgress {
     }
 
     async fn save(&mut self, position: serde_json::Value) -> Result<(), CoordError> {
-        let stored = Stored {
-            term: self.term,
-            position,
-        };
-        self.coordinator.store(&self.name, stored.clone())?;
-        self.position = stored.position;
+        let (coordinator, name, term) = (self.coordinator.clone(), self.name.clone(), self.term);
+        // File writes (with their syncs) off the async threads.
+        self.position = tokio::task::spawn_blocking(move || {
+            coordinator.write_progress(&name, term, Some(position))
+        })
+        .await
+        .map_err(|e| CoordError::Local {
+            path: format!("sources/{}", self.name),
+            reason: e.to_string(),
+        })??;
         Ok(())
     }
 }
@@ -209,20 +248,15 @@ impl Coordinator for LocalCoordinator {
         name: &str,
         term: u64,
     ) -> Result<Box<dyn SourceProgress>, CoordError> {
-        let position = {
-            let state = self.state();
-            self.stored(&state, name)?
-                .map(|held| held.position)
-                .unwrap_or_default()
-        };
         // The claim writes this term, fencing any earlier leader's later save.
-        self.store(
-            name,
-            Stored {
-                term,
-                position: position.clone(),
-            },
-        )?;
+        let (coordinator, owned) = (self.clone(), name.to_owned());
+        let position =
+            tokio::task::spawn_blocking(move || coordinator.write_progress(&owned, term, None))
+                .await
+                .map_err(|e| CoordError::Local {
+                    path: format!("sources/{name}"),
+                    reason: e.to_string(),
+                })??;
         Ok(Box::new(LocalProgress {
             coordinator: self.clone(),
             name: name.to_owned(),
@@ -283,6 +317,19 @@ mod tests {
         );
         assert!(second.claim_progress("orders", 1).await.is_err());
         two.save(serde_json::json!({"id": 8})).await.unwrap();
+        // A third process's terms go on after the highest stored: its leader is not fenced.
+        let third = LocalCoordinator::keeping_progress_in(dir.path().join("sources"));
+        let mut leading = third.campaign("db-source-orders", "c").await.unwrap();
+        let term = leading.acquired().await.unwrap();
+        assert!(term > 2, "{term}");
+        assert_eq!(
+            third
+                .claim_progress("orders", term)
+                .await
+                .unwrap()
+                .position()["id"],
+            8
+        );
         let in_memory = LocalCoordinator::default();
         let mut three = in_memory.claim_progress("orders", 1).await.unwrap();
         assert!(

@@ -245,7 +245,7 @@ async fn poll_table(shared: Arc<Shared>, table: SqlTableConfig) {
                         // Leading the election, yet a higher term is stored: the election's
                         // node was recreated (terms restarted). Re-joining raises the term by
                         // one per round; an operator should delete or fix the progress node.
-                        tracing::error!(source = %name, term, "sources/{name} holds a higher term than this leader's; re-joining the election (delete the node's stale term to resume at once)");
+                        tracing::error!(source = %name, term, "the stored progress of {name} (ZooKeeper's sources/{name}, or standalone's <data_dir>/sources/{name}.json) holds a higher term than this leader's; re-joining the election (delete the stale term to resume at once)");
                     } else {
                         tracing::warn!(source = %name, term, "a later leader took the table: standing by");
                     }

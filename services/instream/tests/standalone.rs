@@ -714,6 +714,7 @@ async fn standalone_polls_a_table_and_a_restart_goes_on_after_the_last_row() {
         serde_json::from_slice(&std::fs::read(setup.data.join("sources/orders.json")).unwrap())
             .unwrap();
     assert!(progress["term"].as_u64().is_some(), "{progress}");
+    assert_eq!(progress["position"]["id"], 30, "{progress}");
 
     insert_orders(&sql, 30..45).await;
     let mut second = start(&setup, "");

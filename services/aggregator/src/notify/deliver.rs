@@ -729,6 +729,30 @@ mod tests {
     }
 
     #[test]
+    fn retries_back_off_doubling_to_30_s_spread_by_up_to_a_quarter_or_as_the_receiver_asks() {
+        let failure = |retry_after: Option<u64>| Failure {
+            kind: "status",
+            text: String::new(),
+            retry: true,
+            retry_after: retry_after.map(Duration::from_secs),
+        };
+        for (attempts, base_ms) in [(1, 500), (2, 1_000), (3, 2_000), (8, 30_000), (20, 30_000)] {
+            let pause = failure(None).pause("id", attempts);
+            let base = Duration::from_millis(base_ms);
+            assert!(
+                pause >= base && pause <= base + base / 4,
+                "{attempts}: {pause:?}"
+            );
+            assert_eq!(
+                pause,
+                failure(None).pause("id", attempts),
+                "the same for one id"
+            );
+        }
+        assert_eq!(failure(Some(120)).pause("id", 1), Duration::from_secs(120));
+    }
+
+    #[test]
     fn a_url_in_a_reason_keeps_its_host_only() {
         assert_eq!(
             host_of("https://hooks.example.com/services/T0/B0/s3cret?token=x#y"),

@@ -271,9 +271,26 @@ impl Standalone {
             instream_archiver::run_with_archive(context(), archive.clone()),
         );
         // Tables to poll: db-source too, its elections and progress with the in-process
-        // coordinator (progress in `standalone.data_dir`/sources, across restarts).
+        // coordinator (progress in `standalone.data_dir`/sources, across restarts). It stops
+        // with ingest, before the drain: a row handed over later would be acknowledged by the
+        // broker, its progress saved, and never processed.
         if !config.db_source.tables.is_empty() {
-            supervisor.spawn("db-source", instream_db_source::run(context()));
+            // Its own supervisor, on ingest's token: its tasks end with intake, not before.
+            let mut polling = Supervisor::new(intake.clone());
+            polling.spawn(
+                "db-source",
+                instream_db_source::run(ServiceContext {
+                    shutdown: intake.clone(),
+                    tasks: polling.tasks(),
+                    ..context()
+                }),
+            );
+            let (token, drain) = (token.clone(), config.shutdown.drain_timeout);
+            supervisor.spawn("db-source", async move {
+                polling.wait(drain).await?;
+                token.cancelled().await;
+                Ok::<(), instream_core::SupervisorError>(())
+            });
         }
         let keeper = match &broker {
             None => None,
