@@ -188,49 +188,47 @@ impl PipelineDefinition {
                     }
                 }
                 Output::Webhook(w) => {
+                    // The webhook's name in every reason: a definition may have several.
+                    let named = |reason: String| format!("webhook `{}`: {reason}", w.name);
                     if !valid_name(&w.name) {
                         problem(
                             format!("outputs[{i}].name"),
-                            "must be 1-64 of [a-z0-9_-]".into(),
+                            named("must be 1-64 of [a-z0-9_-]".into()),
                         );
                     } else if !webhooks.insert(w.name.as_str()) {
                         problem(
                             format!("outputs[{i}].name"),
-                            format!("a webhook named `{}` is there twice", w.name),
+                            named(format!("a webhook named `{}` is there twice", w.name)),
                         );
                     }
                     if let Err(reason) = check_url(&w.url) {
-                        problem(format!("outputs[{i}].url"), reason);
+                        problem(format!("outputs[{i}].url"), named(reason));
                     }
                     if w.timeout.is_zero() || w.timeout > MAX_WEBHOOK_TIMEOUT {
                         problem(
                             format!("outputs[{i}].timeout"),
-                            format!("must be more than 0s and at most {MAX_WEBHOOK_TIMEOUT:?}"),
+                            named(format!(
+                                "must be more than 0s and at most {MAX_WEBHOOK_TIMEOUT:?}"
+                            )),
                         );
                     }
                     if w.retries > MAX_WEBHOOK_RETRIES {
                         problem(
                             format!("outputs[{i}].retries"),
-                            format!("must be at most {MAX_WEBHOOK_RETRIES}"),
+                            named(format!("must be at most {MAX_WEBHOOK_RETRIES}")),
                         );
                     }
                     if w.on == NotifyOn::Early && agg.emit == Emit::Final {
-                        problem(
-                            format!("outputs[{i}].on"),
-                            format!(
+                        problem(format!("outputs[{i}].on"), named(format!(
                                 "`early` never sees an early value: `{aggregation}` has emit = \"final\""
-                            ),
-                        );
+                            )));
                     }
                     if w.on == NotifyOn::Early && matches!(agg.window, Window::Session { .. }) {
                         // A session's start moves when an earlier event joins it: the window
                         // notified early would be another window once final.
-                        problem(
-                            format!("outputs[{i}].on"),
-                            format!(
+                        problem(format!("outputs[{i}].on"), named(format!(
                                 "`early` is not for session windows (`{aggregation}`): a session's start, part of its identity, can still move; use `final`"
-                            ),
-                        );
+                            )));
                     }
                     if let Some(when) = &w.when {
                         let numeric = when.field == "count"
@@ -249,11 +247,11 @@ impl PipelineDefinition {
                                 .collect();
                             problem(
                                 format!("outputs[{i}].when.field"),
-                                format!(
+                                named(format!(
                                     "`{}` is not a number `{aggregation}` writes (one of: {})",
                                     when.field,
                                     names.join(", ")
-                                ),
+                                )),
                             );
                         }
                     }
@@ -357,20 +355,20 @@ when = { field = "sum_amount", op = "gt", value = 100 }
                 hook("per_minute", "nope"),
                 "outputs[0].aggregation: `nope` is not an aggregation",
             ),
-            (hook("\"big\"", "\"Big One\""), "outputs[0].name: must be 1-64"),
-            (format!("{HOOK}{HOOK}"), "outputs[1].name: a webhook named `big` is there twice"),
-            (hook("https://hooks.example.com/instream", "ftp://x/y"), "outputs[0].url: scheme `ftp`"),
-            (hook("https://hooks.example.com/instream", "hooks/instream"), "outputs[0].url: is not an absolute URL"),
-            (hook("https://hooks.example.com/instream", "http://169.254.169.254/latest"), "outputs[0].url: names a link-local"),
-            (hook("https://hooks.example.com/instream", "https://h.example.com/#x"), "outputs[0].url: has a #fragment"),
+            (hook("\"big\"", "\"Big One\""), "outputs[0].name: webhook `Big One`: must be 1-64"),
+            (format!("{HOOK}{HOOK}"), "outputs[1].name: webhook `big`: a webhook named `big` is there twice"),
+            (hook("https://hooks.example.com/instream", "ftp://x/y"), "outputs[0].url: webhook `big`: scheme `ftp`"),
+            (hook("https://hooks.example.com/instream", "hooks/instream"), "outputs[0].url: webhook `big`: is not an absolute URL"),
+            (hook("https://hooks.example.com/instream", "http://169.254.169.254/latest"), "outputs[0].url: webhook `big`: names a link-local"),
+            (hook("https://hooks.example.com/instream", "https://h.example.com/#x"), "outputs[0].url: webhook `big`: has a #fragment"),
             (
                 hook("https://hooks.example.com", "https://me:pw@hooks.example.com"),
-                "outputs[0].url: holds credentials",
+                "outputs[0].url: webhook `big`: holds credentials",
             ),
-            (hook("sum_amount", "quantiles_amount"), "outputs[0].when.field: `quantiles_amount` is not a number `per_minute` writes (one of: count, sum_amount)"),
+            (hook("sum_amount", "quantiles_amount"), "outputs[0].when.field: webhook `big`: `quantiles_amount` is not a number `per_minute` writes (one of: count, sum_amount)"),
             (hook("op = \"gt\"", "op = \"ge\""), "unknown variant `ge`"),
-            (format!("{HOOK}timeout = \"0s\"\n"), "outputs[0].timeout: must be more than 0s"),
-            (format!("{HOOK}retries = 99\n"), "outputs[0].retries: must be at most 20"),
+            (format!("{HOOK}timeout = \"0s\"\n"), "outputs[0].timeout: webhook `big`: must be more than 0s"),
+            (format!("{HOOK}retries = 99\n"), "outputs[0].retries: webhook `big`: must be at most 20"),
             (format!("{HOOK}secret = \"x\"\n"), "unknown field `secret`"),
         ] {
             let err = parse_document(&format!("{PIPELINE}{outputs}"))
@@ -385,7 +383,7 @@ when = { field = "sum_amount", op = "gt", value = 100 }
         let err = parse_document(&format!("{PIPELINE}{early_on_final}")).unwrap_err();
         assert!(
             err.to_string()
-                .contains("outputs[0].on: `early` never sees an early value"),
+                .contains("outputs[0].on: webhook `big`: `early` never sees an early value"),
             "{err}"
         );
     }

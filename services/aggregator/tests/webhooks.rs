@@ -293,6 +293,7 @@ async fn notifications_are_signed_retried_with_one_id_and_dead_lettered_when_ref
         Answer::Status(200),
     );
     receiver.script("refused", &[], Answer::Status(400));
+    receiver.script("exhausted", &[], Answer::Status(503));
     let hooks = [
         hook(
             &url,
@@ -305,6 +306,13 @@ async fn notifications_are_signed_retried_with_one_id_and_dead_lettered_when_ref
             "on = \"early\"\nwhen = { field = \"count\", op = \"gte\", value = 2 }",
         ),
         hook(&url, "refused", "retries = 3"),
+        hook(
+            &url,
+            "exhausted",
+            "when = { field = \"count\", op = \"gte\", value = 3 }\nretries = 1",
+        ),
+        // Nothing listens on port 9 here: connections are refused.
+        "[[pipelines.outputs]]\nkind = \"webhook\"\nname = \"gone\"\naggregation = \"per_key\"\nurl = \"http://127.0.0.1:9/hooks\"\nwhen = { field = \"count\", op = \"gte\", value = 3 }\nretries = 1\n".to_owned(),
     ]
     .concat();
     let s = scenario(&hooks);
@@ -316,9 +324,9 @@ async fn notifications_are_signed_retried_with_one_id_and_dead_lettered_when_ref
     })
     .await;
     wait_for(
-        "both refusals dead-lettered",
+        "four notifications dead-lettered",
         Duration::from_secs(60),
-        || async { s.dead_letters().await.len() >= 2 },
+        || async { s.dead_letters().await.len() >= 4 },
     )
     .await;
     wait_for("nothing waiting", Duration::from_secs(30), || async {
@@ -373,18 +381,36 @@ async fn notifications_are_signed_retried_with_one_id_and_dead_lettered_when_ref
     let refused = receiver.got("refused");
     assert_eq!(refused.len(), 2, "a 400 is not retried: {refused:?}");
     let letters = s.dead_letters().await;
-    assert_eq!(letters.len(), 2);
+    assert_eq!(letters.len(), 4);
+    let mut reasons: Vec<&str> = letters.iter().map(|l| l.reason.as_str()).collect();
+    reasons.sort();
+    assert!(
+        reasons[0].starts_with("webhook `exhausted` POST http://127.0.0.1:"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[0].ends_with("/… failed after 2 attempt(s): HTTP 503 Service Unavailable"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1]
+            .starts_with("webhook `gone` POST http://127.0.0.1:9/… failed after 2 attempt(s): "),
+        "{reasons:?}"
+    );
+    assert!(
+        !reasons[1].contains("/hooks"),
+        "no path in a reason: {reasons:?}"
+    );
+    for refused in &reasons[2..] {
+        assert!(
+            refused.starts_with("webhook `refused` POST")
+                && refused.ends_with("after 1 attempt(s): HTTP 400 Bad Request"),
+            "{refused}"
+        );
+    }
     for letter in &letters {
         assert_eq!(letter.code, "webhook_failed");
         assert_eq!(letter.service, "aggregator");
-        assert!(
-            letter.reason.contains("webhook `refused` POST")
-                && letter
-                    .reason
-                    .contains("after 1 attempt(s): HTTP 400 Bad Request"),
-            "{}",
-            letter.reason
-        );
         let body: serde_json::Value = serde_json::from_slice(&letter.payload).unwrap();
         assert_eq!(
             letter.key.as_deref(),
@@ -411,6 +437,14 @@ async fn notifications_are_signed_retried_with_one_id_and_dead_lettered_when_ref
     assert_eq!(
         s.metric(
             "instream_notification_attempt_failures_total",
+            "output=\"gone\",reason=\"connect\""
+        )
+        .await,
+        Some(2.0)
+    );
+    assert_eq!(
+        s.metric(
+            "instream_notification_attempt_failures_total",
             "reason=\"timeout\""
         )
         .await,
@@ -422,8 +456,8 @@ async fn notifications_are_signed_retried_with_one_id_and_dead_lettered_when_ref
             "reason=\"status\""
         )
         .await,
-        Some(4.0),
-        "two 503s and two 400s"
+        Some(6.0),
+        "two 503s and two 400s to flaky and refused, two 503s to exhausted"
     );
     drop(run);
 }

@@ -53,6 +53,9 @@ pub enum DlqCommand {
         /// Only the newest N (all when absent).
         #[arg(long)]
         limit: Option<usize>,
+        /// Only dead letters with this code (e.g. `too_late`, `webhook_failed`).
+        #[arg(long)]
+        code: Option<String>,
         #[command(flatten)]
         output: crate::output::OutputArg,
     },
@@ -188,11 +191,15 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             config,
             pipeline,
             limit,
+            code,
             output,
         } => {
             let config = crate::standalone::state::cli_config(config.as_deref(), true)?;
             let topic = topics::dead_letter(&pipeline);
-            let newest = limit.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+            // With a code, the newest N of that code: everything is read, then filtered.
+            let newest = limit
+                .filter(|_| code.is_none())
+                .map(|n| i64::try_from(n).unwrap_or(i64::MAX));
             let (mut letters, skipped) = ops::read_dead_letters(
                 &config.kafka,
                 &topic,
@@ -202,6 +209,9 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             )
             .await
             .with_context(|| format!("reading `{topic}`"))?;
+            if let Some(code) = &code {
+                letters.retain(|d| d.code == *code);
+            }
             letters.sort_by_key(|d| (d.timestamp_millis, d.partition, d.offset));
             if let Some(n) = limit {
                 let skip = letters.len().saturating_sub(n);

@@ -91,7 +91,10 @@ fn standalone_with_the_example_config_accepts_events() {
     // The process says when every component is ready: "instream standalone: ready in 0.12s".
     let stderr = child.0.stderr.take().expect("piped stderr");
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    // Its log, shown if it does not stop cleanly.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = log.clone();
+    let reader = std::thread::spawn(move || {
         for line in std::io::BufReader::new(stderr)
             .lines()
             .map_while(Result::ok)
@@ -99,6 +102,7 @@ fn standalone_with_the_example_config_accepts_events() {
             if line.contains("ready in ") {
                 let _ = ready_tx.send(());
             }
+            kept.lock().unwrap().push(line);
         }
     });
     ready_rx
@@ -142,7 +146,12 @@ fn standalone_with_the_example_config_accepts_events() {
     let status = child
         .wait_exit(Duration::from_secs(20))
         .expect("exit within 20 s of SIGTERM");
-    assert!(status.success(), "{status}");
+    let _ = reader.join();
+    assert!(
+        status.success(),
+        "{status}; its log:\n{}",
+        log.lock().unwrap().join("\n")
+    );
 }
 
 #[test]

@@ -186,6 +186,25 @@ async fn dlq_tail_shows_dead_letters_and_redrive_sends_raw_ones_back_once() {
     let newest = String::from_utf8_lossy(&newest.stdout);
     assert_eq!(newest.lines().count(), 1, "{newest}");
     assert!(newest.contains("unknown_pipeline"), "{newest}");
+    // The newest of one code, though newer letters of other codes follow it.
+    let of_code = instream(
+        &broker,
+        &[
+            "dlq",
+            "tail",
+            "--pipeline",
+            &pipeline,
+            "--code",
+            "enrich_miss",
+            "--limit",
+            "1",
+            "--output",
+            "json",
+        ],
+    );
+    let of_code = String::from_utf8_lossy(&of_code.stdout);
+    assert_eq!(of_code.lines().count(), 1, "{of_code}");
+    assert!(of_code.contains("enrich_miss"), "{of_code}");
     let nothing = ops::read_dead_letters(&cfg, &raw, Default::default(), None, false)
         .await
         .unwrap()

@@ -333,8 +333,8 @@ pub struct AggregatorConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     pub repartition_idle_timeout: Duration,
-    /// The key webhook notifications are signed with (HMAC-SHA256 of the body, in
-    /// `X-Instream-Signature`). From `INSTREAM__AGGREGATOR__WEBHOOK_SECRET` or
+    /// The key webhook notifications are signed with (HMAC-SHA256 of
+    /// `<X-Instream-Timestamp>.<body>`, in `X-Instream-Signature`). From `INSTREAM__AGGREGATOR__WEBHOOK_SECRET` or
     /// `webhook_secret_file`; never logged. Without it a pipeline's webhooks are not sent:
     /// their notifications are dead-lettered, saying so.
     #[schemars(with = "Option<String>")]

@@ -49,6 +49,8 @@ pub(crate) struct Notifier {
     dead: Option<DeadLetters>,
     /// Most notifications one partition keeps waiting.
     max_pending: usize,
+    /// Whether notifications can be signed (and so sent).
+    has_secret: bool,
     /// The partitions last told to the task (their notifications are sent, others dropped).
     owned: Vec<Source>,
 }
@@ -89,6 +91,7 @@ impl Notifier {
             catalog,
             dead: Some(dead),
             max_pending: config.webhook_max_pending,
+            has_secret: config.webhook_secret.is_some(),
             owned: Vec::new(),
         })
     }
@@ -103,6 +106,7 @@ impl Notifier {
             catalog: Arc::default(),
             dead: None,
             max_pending: usize::MAX,
+            has_secret: false,
             owned: Vec::new(),
         }
     }
@@ -115,8 +119,23 @@ impl Notifier {
     /// The definitions notifications are sent by (URL, timeout and retries of each webhook).
     pub(crate) fn follow(&self, catalog: &Arc<Catalog>) {
         let mut current = self.catalog.write().unwrap_or_else(|p| p.into_inner());
-        if !Arc::ptr_eq(&current, catalog) {
-            *current = catalog.clone();
+        if Arc::ptr_eq(&current, catalog) {
+            return;
+        }
+        *current = catalog.clone();
+        if self.has_secret {
+            return;
+        }
+        // Said once per definition change, not per notification (each is dead-lettered too).
+        for def in catalog.iter() {
+            let webhooks = def
+                .outputs
+                .iter()
+                .filter(|o| matches!(o, instream_pipeline::Output::Webhook(_)))
+                .count();
+            if webhooks > 0 {
+                tracing::error!(pipeline = %def.name, webhooks, "the pipeline has webhook outputs but aggregator.webhook_secret is not set: their notifications are dead-lettered unsent");
+            }
         }
     }
 
