@@ -2,13 +2,17 @@
 //! windows closed and written final once its partitions are idle (the pipeline's
 //! `idle_timeout`), for aggregations grouped by the key, written only when final
 //! (`emit = "final"`), and repartitioned by a payload field; and an aggregator restarted
-//! behind a backlog after a downtime longer than the idle time closes nothing early. Runs
-//! against a real Kafka-protocol broker (the embedded one, or `INSTREAM_TEST_KAFKA`), with the
-//! local store, read once the process has exited (one process opens it at a time).
+//! behind a backlog after a downtime longer than the idle time closes nothing early; a
+//! definition change switches at its event-time boundary through kills (one taken up from
+//! ZooKeeper while the aggregator runs); final-only results are published once through a
+//! crash. Runs against a real Kafka-protocol broker (the embedded one, or
+//! `INSTREAM_TEST_KAFKA`) and a real ZooKeeper, with the local store, read once the process has
+//! exited (one process opens it at a time).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use instream_core::config::ZooKeeperConfig;
 use instream_store::{AggregateQuery, AggregateStore, LocalStore, WindowAggregate};
 use instream_testkit::{
     free_port, metric_sum, process_config_toml, unique, wait_for, ChildGuard, KafkaBroker,
@@ -196,6 +200,44 @@ impl Scenario {
         metric_sum(&response.text().await.unwrap_or_default(), metric, filter)
     }
 
+    /// Moves the definitions to ZooKeeper (the aggregator then follows changes while it
+    /// runs): version 1 published there, the config reading it from there.
+    async fn definitions_in(
+        &self,
+        zookeeper: &instream_testkit::ZooKeeperServer,
+    ) -> ZooKeeperConfig {
+        let zk = ZooKeeperConfig {
+            connect: zookeeper.connect_string(),
+            root: format!("/{}", self.pipeline),
+            ..Default::default()
+        };
+        let text = std::fs::read_to_string(&self.definitions).unwrap();
+        for def in instream_pipeline::parse_document(&text).unwrap().pipelines {
+            instream_coord::publish_definition(&zk, &def).await.unwrap();
+        }
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        let file_source = format!(
+            "[definitions]\nsource = \"file\"\npath = \"{}\"\n",
+            self.definitions.display()
+        );
+        assert!(config.contains(&file_source));
+        let config = config.replace(
+            &file_source,
+            &format!(
+                "[definitions]\nsource = \"zookeeper\"\n[zookeeper]\nconnect = \"{}\"\nroot = \"{}\"\n",
+                zk.connect, zk.root
+            ),
+        );
+        std::fs::write(&self.config, config).unwrap();
+        zk
+    }
+
+    /// Whether the running aggregator runs `version` of the pipeline.
+    async fn runs_version(&self, version: f64) -> bool {
+        let filter = format!("pipeline=\"{}\"", self.pipeline);
+        self.metric("instream_definition_version", &filter).await.0 == version
+    }
+
     /// Writes the definitions of version 2, taking over at `effective_from` (ms after T0):
     /// `per_key` has 5-second windows, and it and `per_bucket` also sum `n`; version 1 is
     /// kept for the windows before.
@@ -227,6 +269,53 @@ impl Scenario {
             pipelines: vec![two],
         };
         std::fs::write(&self.definitions, toml::to_string(&document).unwrap()).unwrap();
+    }
+
+    /// Version 2 (see [`Self::apply_version_2`]) published to ZooKeeper, as `pipeline apply`
+    /// stores it: running aggregators take it up from their watch.
+    async fn publish_version_2(&self, zk: &ZooKeeperConfig, effective_from: i64) {
+        self.apply_version_2(effective_from);
+        let text = std::fs::read_to_string(&self.definitions).unwrap();
+        for def in instream_pipeline::parse_document(&text).unwrap().pipelines {
+            instream_coord::publish_definition(zk, &def).await.unwrap();
+        }
+    }
+
+    /// The windows of the definition-change runs: (per_bucket, per_key) as stored, against
+    /// what versions 1 and 2 make of every event sent, the boundary at 10 s.
+    async fn assert_versions_switched_at_10_s(&self) {
+        let got = self.versions_stored("per_bucket").await;
+        let expected: BTreeMap<_, _> = self
+            .expected
+            .iter()
+            .filter(|((a, ..), _)| a == "per_bucket")
+            .map(|((_, group, start), n)| {
+                let shape = if *start < T0 + 10_000 {
+                    (1, *n, None)
+                } else {
+                    (2, *n, Some(*n as f64))
+                };
+                ((group.clone(), *start), shape)
+            })
+            .collect();
+        assert_eq!(got, expected, "per_bucket");
+        // By key: 10-second windows before the boundary, 5-second ones from it on.
+        let mut expected: BTreeMap<(String, i64), (i64, i64, Option<f64>)> = BTreeMap::new();
+        for (key, t) in &self.times {
+            let (start, version) = if *t < T0 + 10_000 {
+                (t - t % 10_000, 1)
+            } else {
+                (t - t % 5_000, 2)
+            };
+            let entry = expected
+                .entry((key.clone(), start))
+                .or_insert((version, 0, None));
+            entry.1 += 1;
+            if version == 2 {
+                entry.2 = Some(entry.1 as f64);
+            }
+        }
+        assert_eq!(self.versions_stored("per_key").await, expected, "per_key");
     }
 
     /// Every window of `aggregation` in the store: (group, start) -> (version, count, sum of `n`).
@@ -543,37 +632,42 @@ async fn a_definition_change_takes_over_at_its_boundary_through_a_kill() {
     .await;
     assert_eq!(s.too_late().await, 0.0);
     s.stop(second).await;
-    // Repartitioned, same windows in both versions: the sum from the boundary on.
-    let got = s.versions_stored("per_bucket").await;
-    let expected: BTreeMap<_, _> = s
-        .expected
-        .iter()
-        .filter(|((a, ..), _)| a == "per_bucket")
-        .map(|((_, group, start), n)| {
-            let shape = if *start < T0 + 10_000 {
-                (1, *n, None)
-            } else {
-                (2, *n, Some(*n as f64))
-            };
-            ((group.clone(), *start), shape)
-        })
-        .collect();
-    assert_eq!(got, expected, "per_bucket");
-    // By key: 10-second windows before the boundary, 5-second ones from it on.
-    let mut expected: BTreeMap<(String, i64), (i64, i64, Option<f64>)> = BTreeMap::new();
-    for (key, t) in &s.times {
-        let (start, version) = if *t < T0 + 10_000 {
-            (t - t % 10_000, 1)
-        } else {
-            (t - t % 5_000, 2)
-        };
-        let entry = expected
-            .entry((key.clone(), start))
-            .or_insert((version, 0, None));
-        entry.1 += 1;
-        if version == 2 {
-            entry.2 = Some(entry.1 as f64);
-        }
-    }
-    assert_eq!(s.versions_stored("per_key").await, expected, "per_key");
+    s.assert_versions_switched_at_10_s().await;
+}
+
+/// The same change made while the aggregator runs mid-stream: version 2 is published to
+/// ZooKeeper and taken up from the watch while events of both versions' windows are being
+/// counted; the aggregator is killed (-9) as soon as it runs version 2, with more events
+/// still to come; restarted, it reads again what it had not checkpointed. Every window is
+/// still the version's its start says, whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_definition_change_taken_up_mid_stream_and_killed_right_after_switches_at_its_boundary() {
+    let zookeeper = instream_testkit::ZooKeeperServer::start().unwrap();
+    let mut s = scenario("1h", 10);
+    let zk = s.definitions_in(&zookeeper).await;
+    s.send(300, 0, 9_000).await;
+    let mut first = instream_testkit::spawn_service(BIN, &s.config).unwrap();
+    wait_for("the first events counted", Duration::from_secs(60), || {
+        s.counted(300)
+    })
+    .await;
+    s.publish_version_2(&zk, 10_000).await;
+    s.send(200, 9_000, 14_000).await;
+    wait_for("version 2 taken up", Duration::from_secs(60), || {
+        s.runs_version(2.0)
+    })
+    .await;
+    first.0.kill().unwrap(); // right after it saw the change
+    first.wait_exit(Duration::from_secs(10)).unwrap();
+    s.send(200, 14_000, 19_000).await;
+    let second = instream_testkit::spawn_service(BIN, &s.config).unwrap();
+    // It counts the 200 new events and whatever the first run had not checkpointed: done
+    // when the broker says every partition is committed to its end.
+    wait_for("every event counted", Duration::from_secs(60), || async {
+        s.counted(200).await && s.caught_up().await
+    })
+    .await;
+    assert_eq!(s.too_late().await, 0.0);
+    s.stop(second).await;
+    s.assert_versions_switched_at_10_s().await;
 }
