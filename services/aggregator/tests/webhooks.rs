@@ -56,13 +56,40 @@ struct Receiver(Arc<Mutex<Script>>);
 
 impl Receiver {
     async fn start(&self) -> String {
-        let app = axum::Router::new()
-            .route("/hooks/{hook}", axum::routing::post(receive))
-            .with_state(self.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let app = self.router();
         tokio::spawn(async move { axum::serve(listener, app).await });
         format!("http://{addr}/hooks")
+    }
+
+    /// The receiver over HTTPS, with a certificate of `pki`'s private authority.
+    async fn start_tls(&self, pki: &instream_testkit::TestPki) -> String {
+        let (cert, key) = (pki.path("server.pem"), pki.path("server.key"));
+        std::fs::write(&cert, &pki.server_cert_pem).unwrap();
+        std::fs::write(&key, &pki.server_key_pem).unwrap();
+        let acceptor = instream_http::tls::acceptor("test", &cert, &key).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = instream_http::Limits {
+            max_connections: 16,
+            header_read_timeout: Duration::from_secs(5),
+        };
+        tokio::spawn(instream_http::serve(
+            instream_http::Server("test_receiver"),
+            listener,
+            Some(acceptor),
+            self.router(),
+            limits,
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        format!("https://{addr}/hooks")
+    }
+
+    fn router(&self) -> axum::Router {
+        axum::Router::new()
+            .route("/hooks/{hook}", axum::routing::post(receive))
+            .with_state(self.clone())
     }
 
     fn script(&self, hook: &str, queued: &[Answer], otherwise: Answer) {
@@ -159,6 +186,11 @@ struct Scenario {
 /// A pipeline with 2-second windows closed by idleness after 2 s, one partition, and the
 /// webhooks given (TOML tables), all under `url`.
 fn scenario(hooks: &str) -> Scenario {
+    scenario_with(hooks, "")
+}
+
+/// [`scenario`] with more `[aggregator]` settings.
+fn scenario_with(hooks: &str, aggregator: &str) -> Scenario {
     let broker = KafkaBroker::start().unwrap();
     let pipeline = unique("hooks");
     broker.create_pipeline_topics(&pipeline, 1).unwrap();
@@ -199,6 +231,7 @@ path = "{store}"
 flush_interval = "100ms"
 early_results_every = "200ms"
 webhook_secret_file = "{secret}"
+{aggregator}
 "#,
             process =
                 process_config_toml(admin, &broker.bootstrap_servers(), &defs, "500ms", 16_384),
@@ -519,4 +552,43 @@ async fn a_notification_owed_at_a_kill_is_sent_after_the_restart_with_the_same_i
         "the restarted aggregator wrote nothing again: the notification came from the checkpoint"
     );
     drop(restarted);
+}
+
+/// Over HTTPS to a receiver whose certificate comes from a private authority: taken once the
+/// aggregator trusts that authority (`aggregator.webhook_tls_ca_file`); without it the
+/// certificate is refused, and the dead letter says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_go_over_https_to_a_receiver_of_a_private_authority() {
+    let pki = instream_testkit::TestPki::new("unused").unwrap();
+    let receiver = Receiver::default();
+    let url = receiver.start_tls(&pki).await;
+    let trusted = format!("webhook_tls_ca_file = \"{}\"", pki.ca_file.display());
+    for (trust, expect_taken) in [(trusted.as_str(), true), ("", false)] {
+        let s = scenario_with(&hook(&url, "secure", "retries = 0"), trust);
+        let run = s.start();
+        s.send(&[("k0", 100)]).await;
+        if expect_taken {
+            wait_for("taken over HTTPS", Duration::from_secs(60), || async {
+                !receiver.taken("secure").is_empty()
+            })
+            .await;
+            let got = &receiver.taken("secure")[0];
+            assert_eq!(got.signature, hmac_hex(&got.timestamp, &got.raw));
+        } else {
+            wait_for(
+                "refused and dead-lettered",
+                Duration::from_secs(60),
+                || async { !s.dead_letters().await.is_empty() },
+            )
+            .await;
+            let reason = s.dead_letters().await[0].reason.clone();
+            assert!(
+                reason.contains("webhook `secure` POST https://127.0.0.1:")
+                    && reason.contains("certificate"),
+                "{reason}"
+            );
+            assert_eq!(receiver.taken("secure").len(), 1, "nothing more reached it");
+        }
+        drop(run);
+    }
 }
