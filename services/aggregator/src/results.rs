@@ -26,6 +26,9 @@ use crate::AggregatorError;
 /// One result record, as downstream services read it.
 #[derive(Serialize)]
 struct ResultRecord<'a> {
+    /// Deterministic: the same value of the same window (after a crash, a replay writes it
+    /// again) has the same id, for a consumer that drops repeats.
+    id: String,
     pipeline: &'a str,
     aggregation: &'a str,
     group: &'a str,
@@ -87,7 +90,10 @@ pub(crate) async fn publish<'s>(
         if !wanted {
             continue;
         }
+        let is_final = row.is_final && kind == Kind::Value;
+        let deleted = kind == Kind::Deleted;
         let record = ResultRecord {
+            id: result_id(row, is_final, deleted),
             pipeline: &row.pipeline,
             aggregation: &row.aggregation,
             group: &row.group_key,
@@ -95,9 +101,9 @@ pub(crate) async fn publish<'s>(
             window_end: instream_event::format_rfc3339_millis(row.window_end),
             count: row.count,
             values: &row.values,
-            is_final: row.is_final && kind == Kind::Value,
+            is_final,
             definition_version: row.definition_version,
-            deleted: kind == Kind::Deleted,
+            deleted,
         };
         // A struct of strings, numbers and a JSON map: serializing it cannot fail.
         let payload = serde_json::to_vec(&record).unwrap_or_default();
@@ -212,6 +218,26 @@ impl Plan {
             }
         }
     }
+}
+
+/// A result's id: a UUID of its window, version, value and kind.
+fn result_id(row: &WindowAggregate, is_final: bool, deleted: bool) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for part in [
+        row.pipeline.as_str(),
+        row.aggregation.as_str(),
+        row.group_key.as_str(),
+    ] {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.update(&row.window_start.to_le_bytes());
+    h.update(&row.definition_version.to_le_bytes());
+    h.update(&row.count.to_le_bytes());
+    // A JSON map serializes in key order: equal values, equal bytes.
+    h.update(&serde_json::to_vec(&row.values).unwrap_or_default());
+    h.update(&[u8::from(is_final), u8::from(deleted)]);
+    uuid::Uuid::new_v8(h.digest128().to_be_bytes()).to_string()
 }
 
 /// Whether `row` is of an aggregation whose results topic holds final values only (under the

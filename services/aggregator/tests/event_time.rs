@@ -458,6 +458,7 @@ impl Scenario {
             let mut records = 0;
             for r in self.results(aggregation).await {
                 assert_eq!(r["pipeline"], self.pipeline.as_str());
+                assert_eq!(r["id"].as_str().map(str::len), Some(36), "a UUID id: {r}");
                 assert_eq!(r["aggregation"], aggregation);
                 assert_eq!(r["definition_version"], 1);
                 let start = instream_event::parse_event_time(&r["window_start"]).expect("RFC 3339");

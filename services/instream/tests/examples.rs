@@ -32,14 +32,6 @@ fn post(port: u16, path: &str, body: &str) -> std::io::Result<String> {
     request(port, "POST", path, body)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn example_configs_and_definitions_validate() {
     for name in ["standalone.toml", "production.toml"] {
@@ -59,28 +51,16 @@ fn example_configs_and_definitions_validate() {
 #[test]
 fn standalone_with_the_example_config_accepts_events() {
     let data = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let query_port = free_port();
     let spawned = Instant::now();
     let mut child = ChildGuard::new(
         Command::new(env!("CARGO_BIN_EXE_instream"))
             .current_dir(repo())
             .args(["standalone", "--config", "examples/standalone.toml"])
-            .env("INSTREAM__INGEST__LISTEN", format!("127.0.0.1:{port}"))
-            .env(
-                "INSTREAM__QUERY_API__LISTEN",
-                format!("127.0.0.1:{query_port}"),
-            )
-            .env("INSTREAM__ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
+            // Ports of its own choosing (the other tests here start servers too), read back
+            // from the state file it writes.
+            .env("INSTREAM__INGEST__LISTEN", "127.0.0.1:0")
+            .env("INSTREAM__QUERY_API__LISTEN", "127.0.0.1:0")
+            .env("INSTREAM__ADMIN__LISTEN", "127.0.0.1:0")
             .env("INSTREAM__ARCHIVE__ROOT", data.path().join("archive"))
             .env("INSTREAM__STANDALONE__DATA_DIR", data.path())
             .stdout(Stdio::null())
@@ -114,6 +94,14 @@ fn standalone_with_the_example_config_accepts_events() {
         ready_in < Duration::from_secs(2),
         "standalone must be ready within 2 s of starting, took {ready_in:?}"
     );
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.path().join("standalone.json")).unwrap())
+            .unwrap();
+    let port_of = |key: &str| -> u16 {
+        let addr: std::net::SocketAddr = state[key].as_str().expect(key).parse().unwrap();
+        addr.port()
+    };
+    let (port, query_port) = (port_of("ingest"), port_of("query"));
     let body = r#"{"customer_id":"c1","ts":"2024-05-01T12:00:00Z","amount":5}"#;
     let accepted = post(port, "/v1/pipelines/orders/events", body).unwrap();
     assert!(accepted.contains(r#""accepted":1"#), "{accepted}");
