@@ -54,9 +54,9 @@ pub(crate) enum Kind {
 }
 
 /// Sends the rows of aggregations with a Kafka output (but those `skip` says are on their
-/// topic already; it also gives the partition that wrote each) and waits until the broker has all of them; then moves `marks` past the
-/// final-only results among them. `Ok(false)` when `stop` came first: none may count as
-/// delivered.
+/// topic already; it also gives the partition that wrote each) and waits until the broker
+/// has all of them; then moves `marks` past the final-only results among them. `Ok(false)`
+/// when `stop` came first: none may count as delivered.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn publish<'s>(
     producer: &Producer,
