@@ -213,7 +213,11 @@ impl Stage {
         // On every path: a consumer closing with paused partitions has been seen to wait
         // for ever.
         hooks.release(Input::new(subscription.consumer()));
-        subscription.close().await;
+        // Within half the drain timeout, so that a consumer librdkafka never closes does not
+        // outlast the supervisor's patience and fail a stop whose work is done.
+        subscription
+            .close(self.config.shutdown.drain_timeout / 2)
+            .await;
         result
     }
 }

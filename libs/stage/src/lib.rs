@@ -171,12 +171,12 @@ impl Subscription {
         &self.group
     }
 
-    /// Leaves the group on a blocking thread, waiting at most `timeout`: librdkafka's close
-    /// revokes the assignment and waits for the broker, which must neither block the runtime
-    /// nor keep a stopping process alive when the broker is slow (the group's session timeout
-    /// then hands the partitions on).
-    pub async fn close(self) {
-        let timeout = GROUP_LEAVE_TIMEOUT;
+    /// Leaves the group on a blocking thread, waiting at most `within` (and never more than
+    /// 10 s): librdkafka's close revokes the assignment and waits for the broker, which must
+    /// neither block the runtime nor keep a stopping process alive when the broker is slow
+    /// (the group's session timeout then hands the partitions on).
+    pub async fn close(self, within: Duration) {
+        let timeout = within.min(GROUP_LEAVE_TIMEOUT);
         let group = self.group.clone();
         // A thread of its own, not the blocking pool: a close librdkafka never finishes must
         // not keep the runtime (a test's, or a process's at exit) waiting for it.
