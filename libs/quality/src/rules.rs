@@ -351,14 +351,7 @@ fn judge(test: &Test, event: &EventFacts<'_>) -> Option<(Option<Value>, String)>
         Test::Compare(left, op, right) => {
             let (l, r) = (left.value(event)?, right.value(event)?);
             let holds = match compare(l, r) {
-                Some(ordering) => match op {
-                    FilterOp::Eq => ordering.is_eq(),
-                    FilterOp::Ne => ordering.is_ne(),
-                    FilterOp::Gt => ordering.is_gt(),
-                    FilterOp::Gte => ordering.is_ge(),
-                    FilterOp::Lt => ordering.is_lt(),
-                    FilterOp::Lte => ordering.is_le(),
-                },
+                Some(ordering) => op.holds(ordering),
                 // Values that do not compare (an object and a number) break the rule, except
                 // under `ne`.
                 None => *op == FilterOp::Ne,
