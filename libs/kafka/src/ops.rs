@@ -355,8 +355,48 @@ pub async fn scan_topic_since<S: Send + 'static>(
     topic: &str,
     since_millis: i64,
     markers: bool,
-    mut state: S,
+    state: S,
     visit: fn(&mut S, i32, &[u8]),
+) -> Result<(S, Vec<Lost>), KafkaError> {
+    let ((state, _), lost) = scan_records_since(
+        cfg,
+        topic,
+        since_millis,
+        markers,
+        (state, visit),
+        |(state, visit), record| visit(state, record.partition, record.payload),
+    )
+    .await?;
+    Ok((state, lost))
+}
+
+/// One record of a scan: where it is, its payload, and its headers by name.
+pub struct ScannedRecord<'a> {
+    pub partition: i32,
+    pub offset: i64,
+    /// The broker timestamp (the producer's create time unless the topic says otherwise).
+    pub timestamp_millis: Option<i64>,
+    pub payload: &'a [u8],
+    headers: Option<&'a rdkafka::message::BorrowedHeaders>,
+}
+
+impl<'a> ScannedRecord<'a> {
+    /// The value of the first header called `name`.
+    pub fn header(&self, name: &str) -> Option<&'a [u8]> {
+        self.headers
+            .and_then(|hs| hs.iter().find(|h| h.key == name).and_then(|h| h.value))
+    }
+}
+
+/// [`scan_topic_since`] handing `visit` each record whole: partition, offset, payload and
+/// headers.
+pub async fn scan_records_since<S: Send + 'static>(
+    cfg: &KafkaConfig,
+    topic: &str,
+    since_millis: i64,
+    markers: bool,
+    mut state: S,
+    visit: fn(&mut S, &ScannedRecord<'_>),
 ) -> Result<(S, Vec<Lost>), KafkaError> {
     let c = client_config(cfg, "instream-scan");
     let topic = topic.to_owned();
@@ -369,7 +409,14 @@ pub async fn scan_topic_since<S: Send + 'static>(
                 .fetch_watermarks(&topic, p, TIMEOUT)
                 .map_err(KafkaError::Consume)?;
             lost.extend(scan(&c, &topic, p, start, high, markers, |m| {
-                visit(&mut state, p, m.payload().unwrap_or_default());
+                let record = ScannedRecord {
+                    partition: p,
+                    offset: m.offset(),
+                    timestamp_millis: m.timestamp().to_millis(),
+                    payload: m.payload().unwrap_or_default(),
+                    headers: m.headers(),
+                };
+                visit(&mut state, &record);
                 true
             })?);
         }

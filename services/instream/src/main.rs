@@ -1,6 +1,7 @@
 //! `instream`: the operator CLI, and every service in one process.
 
 mod archive;
+mod audit;
 mod control;
 mod demo;
 mod ops;
@@ -113,6 +114,10 @@ enum Command {
     /// The archive of raw events: check it.
     #[command(subcommand)]
     Archive(archive::ArchiveCommand),
+    /// Per hour of ingest time, what each stage made of every raw record (enriched,
+    /// dead-lettered by code, archived) and whether it balances; every difference named with
+    /// its hour, stage and size. Exits 1 when something does not balance after `--settle`.
+    Audit(audit::AuditArgs),
     /// Prints a completion script for `shell`, e.g.
     /// `instream completions bash > /etc/bash_completion.d/instream`.
     Completions {
@@ -233,6 +238,7 @@ fn main() -> ExitCode {
         Command::Dlq(c) => block_on(ops::dlq(c)),
         Command::Quality(c) => block_on(quality::quality(c)),
         Command::Archive(c) => block_on(archive::archive(c)),
+        Command::Audit(args) => block_on(audit::audit(args)),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(

@@ -327,6 +327,95 @@ fn archived_ids(root: &Path) -> BTreeMap<String, usize> {
     ids
 }
 
+/// `instream audit` over the hours of the run: `raw_records` in, every one enriched and
+/// archived, re-emits and resends told apart; then, with one archive file deleted, exactly
+/// that file's records named as not archived, in their hours, and exit 1.
+fn audit_balances_then_names_a_deleted_file(p: &Pipeline, raw_records: i64) {
+    let hour = 3_600_000;
+    let now = instream_event::now_millis();
+    let (from, to) = (
+        instream_event::format_rfc3339_millis(now - 2 * hour),
+        instream_event::format_rfc3339_millis(now + hour),
+    );
+    let audit = || {
+        let out = std::process::Command::new(BIN)
+            .args(["audit", "--pipeline", &p.name, "--from", &from, "--to", &to])
+            .args(["--output", "json", "--config"])
+            .arg(&p.configs["archiver"].0)
+            .env("INSTREAM__TELEMETRY__LOG_LEVEL", "error")
+            .output()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code(), report)
+    };
+    let (code, report) = audit();
+    assert_eq!(code, Some(0), "the audit balances: {report}");
+    let total = |path: &[&str]| -> i64 {
+        report["hours"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| path.iter().fold(h, |v, k| &v[*k]).as_i64().unwrap())
+            .sum()
+    };
+    assert_eq!(total(&["ingest", "raw_records"]), raw_records, "{report}");
+    assert_eq!(total(&["ingest", "events"]), EVENTS as i64, "{report}");
+    assert_eq!(
+        total(&["ingest", "resent_copies"]),
+        raw_records - EVENTS as i64
+    );
+    assert_eq!(total(&["enricher", "enriched"]), raw_records, "{report}");
+    assert_eq!(total(&["archiver", "archived"]), raw_records, "{report}");
+
+    // One archive file gone: its records, per hour of their ingest time, are what is missing.
+    let mut files = Vec::new();
+    let mut dirs = vec![p.archive.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.to_string_lossy().ends_with(".jsonl.zst") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    let victim = &files[files.len() / 2];
+    let mut lost_per_hour: BTreeMap<String, i64> = BTreeMap::new();
+    let text = zstd::decode_all(std::fs::File::open(victim).unwrap()).unwrap();
+    for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let event: serde_json::Value = serde_json::from_slice(line).unwrap();
+        let ingest = event["ingest_time"].as_i64().unwrap();
+        let start = instream_event::format_rfc3339_millis(ingest / hour * hour);
+        *lost_per_hour
+            .entry(format!("{}:00:00Z", &start[..13]))
+            .or_default() += 1;
+    }
+    std::fs::remove_file(victim).unwrap();
+    let (code, report) = audit();
+    assert_eq!(code, Some(1), "a deleted file does not balance: {report}");
+    let named: BTreeMap<String, i64> = report["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            assert_eq!(d["stage"], "archiver", "{d}");
+            (
+                d["hour"].as_str().unwrap().to_owned(),
+                d["size"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(named, lost_per_hour, "{report}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_killed_with_9_again_and_again_under_load_loses_and_doubles_nothing() {
     let started = Instant::now();
@@ -516,6 +605,8 @@ async fn every_service_killed_with_9_again_and_again_under_load_loses_and_double
     );
     let distinct: BTreeSet<&String> = ids.keys().collect();
     assert_eq!(distinct.len(), EVENTS, "every accepted event archived");
+
+    audit_balances_then_names_a_deleted_file(&p, raw_records);
     eprintln!(
         "{:>5.1}s done: {raw_records} raw records for {EVENTS} events, {} kills",
         started.elapsed().as_secs_f64(),

@@ -1,0 +1,285 @@
+//! `instream audit`: per hour of ingest time, what each stage made of every raw record, and
+//! whether it balances. The counts come from the data itself, not from metrics: the raw topic
+//! read over the range, each record then looked for among the enricher's outputs and dead
+//! letters (by the origin they carry) and among the archive's offsets. See
+//! docs/guarantees.md, "Auditing what happened".
+
+mod ledger;
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use instream_core::config::{BrokerMode, Config};
+use instream_kafka::headers;
+use instream_kafka::ops::{scan_records_since, ScannedRecord};
+use instream_pipeline::topics;
+use serde::Serialize;
+
+use crate::output::{emit, emit_json, table, Output};
+use ledger::{origin, Difference, HourReport, Ledger};
+
+/// How long before the range the topics are read from: ingest times and broker timestamps
+/// come from different clocks, and the enricher writes after ingest.
+const SCAN_MARGIN: Duration = Duration::from_secs(10 * 60);
+
+/// How often an unbalanced audit is made again while `--settle` lasts.
+const SETTLE_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(clap::Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    config: crate::ConfigArg,
+    #[arg(long)]
+    pipeline: String,
+    /// The first hour of ingest time (RFC 3339; widened to its hour).
+    #[arg(long, value_parser = crate::ops::parse_time)]
+    from: i64,
+    /// The end of the range of ingest time (RFC 3339; widened to a whole hour).
+    #[arg(long, value_parser = crate::ops::parse_time)]
+    to: i64,
+    /// How long to keep auditing again while something does not balance: time for records
+    /// still in flight (`2m`). The exit code is non-zero if it still does not balance.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    settle: Duration,
+    /// Leave the archive out (a deployment that does not archive this pipeline).
+    #[arg(long)]
+    no_archive: bool,
+    #[command(flatten)]
+    output: crate::output::OutputArg,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AuditReport {
+    pub pipeline: String,
+    pub from: String,
+    pub to: String,
+    pub balanced: bool,
+    pub hours: Vec<HourReport>,
+    pub differences: Vec<Difference>,
+    /// What the audit could not see (a read that skipped records, an unreadable archive
+    /// file), and what it does not cover.
+    pub notes: Vec<String>,
+}
+
+pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
+    if args.to <= args.from {
+        anyhow::bail!("--to must be after --from");
+    }
+    let config = crate::standalone::state::cli_config(
+        args.config.as_deref(),
+        // The embedded broker lives inside a running standalone.
+        true,
+    )?;
+    let deadline = Instant::now() + args.settle;
+    let report = loop {
+        let report = collect(&config, &args).await?;
+        let now = Instant::now();
+        if report.balanced || now >= deadline {
+            break report;
+        }
+        eprintln!(
+            "{} differences; auditing again in {:?} (settling for {:?} more)",
+            report.differences.len(),
+            SETTLE_EVERY,
+            deadline - now
+        );
+        tokio::time::sleep(SETTLE_EVERY.min(deadline - now)).await;
+    };
+    match args.output.output {
+        Output::Json => emit_json(&serde_json::to_value(&report)?)?,
+        Output::Table => emit(&as_table(&report))?,
+    }
+    if !report.balanced {
+        anyhow::bail!(
+            "the audit of `{}` does not balance: {} differences (above)",
+            report.pipeline,
+            report.differences.len()
+        );
+    }
+    Ok(())
+}
+
+async fn collect(config: &Config, args: &AuditArgs) -> anyhow::Result<AuditReport> {
+    let pipeline = &args.pipeline;
+    let kafka = &config.kafka;
+    let since = args.from - SCAN_MARGIN.as_millis() as i64;
+    let raw = topics::raw(pipeline);
+    let mut notes = Vec::new();
+    let mut skipped = |topic: &str, lost: Vec<instream_kafka::Lost>| {
+        for l in lost {
+            notes.push(format!(
+                "{topic}: offsets {}..{} of partition {} could not be read (deleted meanwhile, \
+                 or skipped by the broker)",
+                l.from, l.to, l.partition
+            ));
+        }
+    };
+    let (ledger, lost) = scan_records_since(
+        kafka,
+        &raw,
+        since,
+        false,
+        Ledger::new(args.from, args.to),
+        |l, r| l.raw(r.partition, r.offset, r.timestamp_millis, r.payload),
+    )
+    .await
+    .with_context(|| format!("reading `{raw}`"))?;
+    skipped(&raw, lost);
+    let enriched = topics::enriched(pipeline);
+    let (ledger, lost) = scan_records_since(kafka, &enriched, since, true, ledger, |l, r| {
+        l.enriched(origin_of(r))
+    })
+    .await
+    .with_context(|| format!("reading `{enriched}`"))?;
+    skipped(&enriched, lost);
+    let dlq = topics::dead_letter(pipeline);
+    let ((mut ledger, _), lost) = scan_records_since(
+        kafka,
+        &dlq,
+        since,
+        true,
+        (ledger, raw.clone()),
+        |(l, raw), r| {
+            let enricher = instream_core::Service::Enricher.as_str().as_bytes();
+            if r.header(headers::DLQ_SERVICE) == Some(enricher)
+                && r.header(headers::ORIGIN_TOPIC) == Some(raw.as_bytes())
+            {
+                let code = r.header(headers::DLQ_CODE).unwrap_or_default();
+                l.dead_lettered(origin_of(r), &String::from_utf8_lossy(code));
+            }
+        },
+    )
+    .await
+    .with_context(|| format!("reading `{dlq}`"))?;
+    skipped(&dlq, lost);
+    if !args.no_archive {
+        read_archive(config, pipeline, &mut ledger, &mut notes).await?;
+    }
+    notes.push(
+        "aggregations are not audited yet: what each aggregation counted, dropped as a \
+         repeat, found too late or filtered out needs the aggregator's ledger"
+            .into(),
+    );
+    if config.kafka.broker == BrokerMode::Embedded {
+        notes.push(
+            "standalone: the embedded broker holds this run's records only (it starts empty)"
+                .into(),
+        );
+    }
+    let (hours, differences) = ledger.report(!args.no_archive);
+    let (from, to) = ledger.range();
+    Ok(AuditReport {
+        pipeline: pipeline.clone(),
+        from: instream_event::format_rfc3339_millis(from),
+        to: instream_event::format_rfc3339_millis(to),
+        balanced: differences.is_empty(),
+        hours,
+        differences,
+        notes,
+    })
+}
+
+fn origin_of(r: &ScannedRecord<'_>) -> Option<(i32, i64)> {
+    origin(
+        r.header(headers::ORIGIN_PARTITION),
+        r.header(headers::ORIGIN_OFFSET),
+    )
+}
+
+/// Marks the raw offsets the archive answers for: each partition's offsets from its first to
+/// its last file, less the gaps `archive verify` finds.
+async fn read_archive(
+    config: &Config,
+    pipeline: &str,
+    ledger: &mut Ledger,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let archive = instream_archive::build(&config.archive)?;
+    let progress = instream_core::Progress::on_stderr("audit: reading the archive", "files", None);
+    let report = instream_archiver::verify(archive.as_ref(), pipeline, &progress)
+        .await
+        .with_context(|| format!("reading the archive of `{pipeline}`"))?;
+    progress.finish();
+    for problem in &report.problems {
+        notes.push(format!("archive: {}: {}", problem.path, problem.problem));
+    }
+    let partitions: Vec<i32> = ledger.raw_partitions().map(|(p, ..)| p).collect();
+    for p in partitions {
+        match report.partitions.iter().find(|r| r.partition == p) {
+            Some(files) => ledger.archived(p, |o| {
+                o >= files.first_offset
+                    && o <= files.last_offset
+                    && !files.gaps.iter().any(|g| o >= g.first && o <= g.last)
+            }),
+            None => ledger.archived(p, |_| false),
+        }
+    }
+    Ok(())
+}
+
+fn as_table(report: &AuditReport) -> String {
+    let rows: Vec<Vec<String>> = report
+        .hours
+        .iter()
+        .map(|h| {
+            let dead: Vec<String> = h
+                .enricher
+                .dead_lettered
+                .iter()
+                .map(|(code, n)| format!("{code}:{n}"))
+                .collect();
+            let (archived, unarchived) = match &h.archiver {
+                Some(a) => (a.archived.to_string(), a.missing.to_string()),
+                None => ("-".into(), "-".into()),
+            };
+            vec![
+                h.hour.clone(),
+                h.ingest.raw_records.to_string(),
+                h.ingest.events.to_string(),
+                h.ingest.resent_copies.to_string(),
+                h.enricher.enriched.to_string(),
+                if dead.is_empty() {
+                    "0".into()
+                } else {
+                    dead.join(" ")
+                },
+                h.enricher.missing.to_string(),
+                archived,
+                unarchived,
+            ]
+        })
+        .collect();
+    let mut text = format!(
+        "audit of `{}`, ingest time {} to {}\n",
+        report.pipeline, report.from, report.to
+    );
+    text.push_str(&table(
+        &[
+            "HOUR",
+            "RAW",
+            "EVENTS",
+            "RESENT",
+            "ENRICHED",
+            "DEAD-LETTERED",
+            "NOT ENRICHED",
+            "ARCHIVED",
+            "NOT ARCHIVED",
+        ],
+        &rows,
+    ));
+    for d in &report.differences {
+        text.push_str(&format!(
+            "DIFFERENCE {} {}: {} {}\n",
+            d.hour, d.stage, d.size, d.what
+        ));
+    }
+    for note in &report.notes {
+        text.push_str(&format!("note: {note}\n"));
+    }
+    text.push_str(if report.balanced {
+        "balanced\n"
+    } else {
+        "NOT BALANCED\n"
+    });
+    text
+}
