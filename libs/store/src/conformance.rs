@@ -1,7 +1,9 @@
 //! The behaviour every [`AggregateStore`] must have. Run on the embedded store in CI and on a
 //! real ScyllaDB when `INSTREAM_TEST_SCYLLA` is set.
 
-use crate::{AggregateQuery, AggregateStore, Checkpoint, CheckpointKey, WindowAggregate};
+use crate::{
+    AggregateQuery, AggregateStore, Checkpoint, CheckpointKey, LedgerRow, WindowAggregate,
+};
 
 fn window(pipeline: &str, key: &str, start: i64, count: i64) -> WindowAggregate {
     WindowAggregate {
@@ -99,6 +101,56 @@ pub async fn run(store: &dyn AggregateStore, pipeline: &str) {
     assert!(got.is_empty());
 
     checkpoints(store, pipeline).await;
+    ledger(store, pipeline).await;
+}
+
+fn ledger_row(pipeline: &str, hour: i64, since: i64, aggregation: &str, n: i64) -> LedgerRow {
+    LedgerRow {
+        pipeline: pipeline.into(),
+        hour,
+        source: format!("{pipeline}.enriched:0"),
+        since,
+        aggregation: aggregation.into(),
+        counts: [("counted".to_owned(), n), ("too_late".to_owned(), 1)].into(),
+    }
+}
+
+async fn ledger(store: &dyn AggregateStore, pipeline: &str) {
+    let h = 1_700_002_800_000; // an hour's start
+    let hour = 3_600_000;
+    assert_eq!(
+        store.load_ledger(pipeline, h, h + hour).await.unwrap(),
+        vec![]
+    );
+    let rows = vec![
+        ledger_row(pipeline, h, 0, "", 5),
+        ledger_row(pipeline, h, 0, "per_minute", 4),
+        ledger_row(pipeline, h, 90, "per_minute", 2),
+        ledger_row(pipeline, h + hour, 50, "per_minute", 7),
+        ledger_row(pipeline, h + 2 * hour, 80, "per_minute", 9),
+    ];
+    store.save_ledger(&rows).await.unwrap();
+    // Written again with a new count: replaced, not added.
+    let again = ledger_row(pipeline, h, 0, "per_minute", 6);
+    store
+        .save_ledger(std::slice::from_ref(&again))
+        .await
+        .unwrap();
+    let mut got = store.load_ledger(pipeline, h, h + 2 * hour).await.unwrap();
+    got.sort_by(|a, b| (a.hour, a.since, &a.aggregation).cmp(&(b.hour, b.since, &b.aggregation)));
+    assert_eq!(
+        got,
+        vec![rows[0].clone(), again, rows[2].clone(), rows[3].clone()],
+        "the hours of the range, rows of one hour apart by since and aggregation"
+    );
+    assert_eq!(
+        store
+            .load_ledger(&format!("{pipeline}-other"), h, h + 3 * hour)
+            .await
+            .unwrap(),
+        vec![],
+        "pipelines are separate"
+    );
 }
 
 fn checkpoint_key(pipeline: &str, partition: i32) -> CheckpointKey {

@@ -4,8 +4,12 @@ use std::sync::RwLock;
 use async_trait::async_trait;
 
 use crate::{
-    AggregateQuery, AggregateStore, Checkpoint, CheckpointKey, StoreError, WindowAggregate,
+    AggregateQuery, AggregateStore, Checkpoint, CheckpointKey, LedgerRow, StoreError,
+    WindowAggregate,
 };
+
+/// (pipeline, hour, source, since, aggregation).
+type LedgerKey = (String, i64, String, i64, String);
 
 type Key = (String, String, String, i64);
 
@@ -15,6 +19,7 @@ type Key = (String, String, String, i64);
 pub struct EmbeddedStore {
     rows: RwLock<BTreeMap<Key, WindowAggregate>>,
     checkpoints: RwLock<BTreeMap<CheckpointKey, Checkpoint>>,
+    ledger: RwLock<BTreeMap<LedgerKey, LedgerRow>>,
 }
 
 impl EmbeddedStore {
@@ -104,6 +109,48 @@ impl AggregateStore for EmbeddedStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn save_ledger(&self, rows: &[LedgerRow]) -> Result<(), StoreError> {
+        let mut map = self.ledger.write().unwrap_or_else(|p| p.into_inner());
+        for r in rows {
+            let key = (
+                r.pipeline.clone(),
+                r.hour,
+                r.source.clone(),
+                r.since,
+                r.aggregation.clone(),
+            );
+            map.insert(key, r.clone());
+        }
+        Ok(())
+    }
+
+    async fn load_ledger(
+        &self,
+        pipeline: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<LedgerRow>, StoreError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let map = self.ledger.read().unwrap_or_else(|p| p.into_inner());
+        let lo = (
+            pipeline.to_owned(),
+            from,
+            String::new(),
+            i64::MIN,
+            String::new(),
+        );
+        let hi = (
+            pipeline.to_owned(),
+            to,
+            String::new(),
+            i64::MIN,
+            String::new(),
+        );
+        Ok(map.range(lo..hi).map(|(_, r)| r.clone()).collect())
     }
 }
 

@@ -74,6 +74,26 @@ pub struct Checkpoint {
     pub state: Vec<u8>,
 }
 
+/// One line of the aggregator's audit ledger (docs/guarantees.md, "Auditing what happened"):
+/// what one input partition made of the records of one hour of ingest time, counted with the
+/// state it checkpoints and written whole (a row written again replaces, never adds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct LedgerRow {
+    pub pipeline: String,
+    /// The hour's start, epoch milliseconds.
+    pub hour: i64,
+    /// `<topic>:<partition>`: the input partition counting.
+    pub source: String,
+    /// The offset from which this row counts: the same hour counted again after its line was
+    /// let go (a record far behind the others) is another row, added to this one.
+    pub since: i64,
+    /// The aggregation; empty for the partition's own line (`records`: every record
+    /// applied).
+    pub aggregation: String,
+    /// Records by outcome (`counted`, `too_late`, `repeated_event`, …).
+    pub counts: std::collections::BTreeMap<String, i64>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The store could not be reached or timed out: retry.
@@ -99,6 +119,25 @@ pub trait AggregateStore: Send + Sync {
     async fn save_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<(), StoreError>;
     /// The last checkpoint saved for a partition, if any.
     async fn load_checkpoint(&self, key: &CheckpointKey) -> Result<Option<Checkpoint>, StoreError>;
+    /// Writes ledger rows; a row (pipeline, hour, source, since, aggregation) written again is
+    /// replaced.
+    async fn save_ledger(&self, rows: &[LedgerRow]) -> Result<(), StoreError>;
+    /// The ledger rows of `pipeline` whose hour starts in `[from, to)`.
+    async fn load_ledger(
+        &self,
+        pipeline: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<LedgerRow>, StoreError>;
+}
+
+/// The hours (epoch milliseconds of their start) in `[from, to)`.
+pub fn hours_in(from: i64, to: i64) -> impl Iterator<Item = i64> {
+    const HOUR: i64 = 3_600_000;
+    let first = from.div_euclid(HOUR) * HOUR + if from.rem_euclid(HOUR) == 0 { 0 } else { HOUR };
+    (0..)
+        .map(move |i| first + i * HOUR)
+        .take_while(move |h| *h < to)
 }
 
 /// Builds the store `config` names. Scylla: connects and applies the schema.

@@ -5,7 +5,8 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, TableDefinition};
 
 use crate::{
-    AggregateQuery, AggregateStore, Checkpoint, CheckpointKey, StoreError, WindowAggregate,
+    AggregateQuery, AggregateStore, Checkpoint, CheckpointKey, LedgerRow, StoreError,
+    WindowAggregate,
 };
 
 /// (pipeline, aggregation, group, window start).
@@ -19,6 +20,9 @@ const FINAL: TableDefinition<WindowKey, ()> = TableDefinition::new("final_window
 /// (consumer group, topic, partition) -> (next offset, state).
 const CHECKPOINTS: TableDefinition<(&str, &str, i32), (i64, &[u8])> =
     TableDefinition::new("aggregator_checkpoints");
+/// (pipeline, hour, source, since, aggregation) -> counts as a JSON object.
+const LEDGER: TableDefinition<(&str, i64, &str, i64, &str), &str> =
+    TableDefinition::new("audit_ledger");
 
 /// A store in one file on the local disk (redb: copy-on-write B-trees, every commit durable
 /// before it returns). For a single-node deployment and for tests that kill the aggregator
@@ -45,6 +49,7 @@ impl LocalStore {
         txn.open_table(WINDOWS).map_err(unavailable)?;
         txn.open_table(FINAL).map_err(unavailable)?;
         txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+        txn.open_table(LEDGER).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
         Ok(LocalStore { db: Arc::new(db) })
     }
@@ -211,6 +216,62 @@ impl AggregateStore for LocalStore {
                     state: state.to_vec(),
                 }
             }))
+        })
+        .await
+    }
+
+    async fn save_ledger(&self, rows: &[LedgerRow]) -> Result<(), StoreError> {
+        let rows = rows.to_vec();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(LEDGER).map_err(unavailable)?;
+                for r in &rows {
+                    let counts = serde_json::to_string(&r.counts).map_err(unavailable)?;
+                    let key = (
+                        r.pipeline.as_str(),
+                        r.hour,
+                        r.source.as_str(),
+                        r.since,
+                        r.aggregation.as_str(),
+                    );
+                    table.insert(key, counts.as_str()).map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn load_ledger(
+        &self,
+        pipeline: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<LedgerRow>, StoreError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let pipeline = pipeline.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(LEDGER).map_err(unavailable)?;
+            let lo = (pipeline.as_str(), from, "", i64::MIN, "");
+            let hi = (pipeline.as_str(), to, "", i64::MIN, "");
+            let mut out = Vec::new();
+            for entry in table.range(lo..hi).map_err(unavailable)? {
+                let (k, v) = entry.map_err(unavailable)?;
+                let (_, hour, source, since, aggregation) = k.value();
+                out.push(LedgerRow {
+                    pipeline: pipeline.clone(),
+                    hour,
+                    source: source.to_owned(),
+                    since,
+                    aggregation: aggregation.to_owned(),
+                    counts: serde_json::from_str(v.value()).map_err(unavailable)?,
+                });
+            }
+            Ok(out)
         })
         .await
     }

@@ -8,8 +8,11 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
 use scylla::value::CqlTimestamp;
 
+use std::collections::BTreeMap;
+
 use crate::{
-    AggregateQuery, AggregateStore, Checkpoint, CheckpointKey, StoreError, WindowAggregate,
+    AggregateQuery, AggregateStore, Checkpoint, CheckpointKey, LedgerRow, StoreError,
+    WindowAggregate,
 };
 
 /// Writes in flight at once per upsert call: enough to keep every shard busy without
@@ -30,6 +33,8 @@ pub struct ScyllaStore {
     delete: PreparedStatement,
     save_checkpoint: PreparedStatement,
     load_checkpoint: PreparedStatement,
+    save_ledger: PreparedStatement,
+    load_ledger: PreparedStatement,
 }
 
 fn consistency(c: StoreConsistency) -> Consistency {
@@ -254,6 +259,22 @@ impl ScyllaStore {
             .await
             .map_err(|e| StoreError::Rejected(e.to_string()))?;
         load_checkpoint.set_consistency(read);
+        let mut save_ledger = session
+            .prepare(format!(
+                "INSERT INTO {ks}.audit_ledger (pipeline, hour, source, since, aggregation, \
+                 counts) VALUES (?, ?, ?, ?, ?, ?)"
+            ))
+            .await
+            .map_err(|e| StoreError::Rejected(e.to_string()))?;
+        save_ledger.set_consistency(write);
+        let mut load_ledger = session
+            .prepare(format!(
+                "SELECT source, since, aggregation, counts FROM {ks}.audit_ledger \
+                 WHERE pipeline = ? AND hour = ?"
+            ))
+            .await
+            .map_err(|e| StoreError::Rejected(e.to_string()))?;
+        load_ledger.set_consistency(read);
         Ok(ScyllaStore {
             session,
             upsert,
@@ -263,6 +284,8 @@ impl ScyllaStore {
             delete,
             save_checkpoint,
             load_checkpoint,
+            save_ledger,
+            load_ledger,
         })
     }
 }
@@ -292,6 +315,15 @@ pub fn schema(cfg: &StoreConfig) -> Vec<String> {
              consumer_group text, topic text, partition int, next_offset bigint, state blob, \
              PRIMARY KEY ((consumer_group, topic, partition))) \
              WITH default_time_to_live = 0"
+        ),
+        // The audit ledger: one partition per pipeline and hour, kept as long as windows.
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.audit_ledger (\
+             pipeline text, hour bigint, source text, since bigint, aggregation text, \
+             counts map<text, bigint>, \
+             PRIMARY KEY ((pipeline, hour), source, since, aggregation)) \
+             WITH default_time_to_live = {}",
+            cfg.ttl.as_secs()
         ),
     ]
 }
@@ -417,6 +449,59 @@ impl AggregateStore for ScyllaStore {
             next_offset,
             state,
         }))
+    }
+
+    async fn save_ledger(&self, rows: &[LedgerRow]) -> Result<(), StoreError> {
+        for chunk in rows.chunks(UPSERT_CONCURRENCY) {
+            try_join_all(chunk.iter().map(|r| {
+                self.session.execute_unpaged(
+                    &self.save_ledger,
+                    (
+                        &r.pipeline,
+                        r.hour,
+                        &r.source,
+                        r.since,
+                        &r.aggregation,
+                        &r.counts,
+                    ),
+                )
+            }))
+            .await
+            .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn load_ledger(
+        &self,
+        pipeline: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<LedgerRow>, StoreError> {
+        let mut out = Vec::new();
+        for hour in crate::hours_in(from, to) {
+            let result = self
+                .session
+                .execute_unpaged(&self.load_ledger, (pipeline, hour))
+                .await
+                .map_err(unavailable)?;
+            let rows = result.into_rows_result().map_err(unavailable)?;
+            for row in rows
+                .rows::<(String, i64, String, BTreeMap<String, i64>)>()
+                .map_err(unavailable)?
+            {
+                let (source, since, aggregation, counts) = row.map_err(unavailable)?;
+                out.push(LedgerRow {
+                    pipeline: pipeline.to_owned(),
+                    hour,
+                    source,
+                    since,
+                    aggregation,
+                    counts,
+                });
+            }
+        }
+        Ok(out)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -67,6 +67,7 @@ pub(crate) async fn flush(
         .await;
     if !write_windows(sinks, partitions, notifier).await?
         || !delete_merged(sinks, partitions).await?
+        || !write_ledger(sinks, partitions).await
     {
         return Ok(false);
     }
@@ -186,6 +187,29 @@ async fn delete_merged(
         }
     }
     Ok(deleted)
+}
+
+/// Writes the audit ledger's changed rows: before the checkpoints that hold their counts, so
+/// that a line a checkpoint lets go of is in the store.
+async fn write_ledger(sinks: &Sinks<'_>, partitions: &mut Partitions) -> bool {
+    let mut rows = Vec::new();
+    for ((topic, partition), state) in partitions.states.iter() {
+        let source = format!("{topic}:{partition}");
+        rows.extend(state.ledger_rows(topics::pipeline_of(topic), &source));
+    }
+    if rows.is_empty() {
+        return true;
+    }
+    if !sinks
+        .until_written("audit ledger", || sinks.store.save_ledger(&rows))
+        .await
+    {
+        return false;
+    }
+    for state in partitions.states.values_mut() {
+        state.ledger_written();
+    }
+    true
 }
 
 /// Drops the windows now final and saves every changed partition's checkpoint: the windows

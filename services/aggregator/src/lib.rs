@@ -366,7 +366,12 @@ impl Aggregator {
         count(&event, scope, &outcome);
         let refused = refusal(&outcome, &event, def, state);
         if scope == Scope::Keyed && matches!(outcome, Outcome::Counted | Outcome::TooLate(_)) {
-            repartition::forward(&self.producer, &record, &event, def, &mut self.outputs).await?;
+            let verdicts =
+                repartition::forward(&self.producer, &record, &event, def, &mut self.outputs)
+                    .await?;
+            for (aggregation, verdict) in verdicts {
+                state.tally(event.ingest_time, record.offset, aggregation, verdict);
+            }
         }
         if let Some((code, reason)) = refused {
             self.outputs

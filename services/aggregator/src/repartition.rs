@@ -7,6 +7,7 @@ use instream_kafka::client::{self, Producer};
 use instream_kafka::{headers, BatchOutputs, Input, Outgoing, Record};
 use instream_pipeline::{topics, Catalog, PipelineDefinition};
 
+use crate::state::Tally;
 use crate::{functions, payload, windows, AggregatorError};
 
 /// The enriched topic of every pipeline with aggregations, and the repartition topic of each
@@ -36,13 +37,29 @@ pub(crate) fn input_topics_of(p: &PipelineDefinition) -> Vec<String> {
 /// pipeline's aggregations not grouped by the key that takes it, keyed by its group there.
 /// Its origin becomes the enriched partition and offset: one forwarder per enriched
 /// partition writes them in order, so a copy written again after a crash is recognised.
-pub(crate) async fn forward(
+/// Returns, for the audit ledger, what became of the event for each such aggregation.
+pub(crate) async fn forward<'d>(
     producer: &Producer,
     record: &Record,
     event: &Event,
-    def: &PipelineDefinition,
+    def: &'d PipelineDefinition,
     outputs: &mut BatchOutputs,
-) -> Result<(), AggregatorError> {
+) -> Result<Vec<(&'d str, Tally)>, AggregatorError> {
+    let mut verdicts: Vec<(&'d str, Tally)> = Vec::new();
+    for (version, ..) in def.versions() {
+        for a in version.aggregations.iter().filter(|a| a.repartitioned()) {
+            if !verdicts.iter().any(|(name, _)| *name == a.name) {
+                verdicts.push((&a.name, Tally::OutsideWindows));
+            }
+        }
+    }
+    let mut verdict = |name: &str, tally: Tally| {
+        if let Some((_, kept)) = verdicts.iter_mut().find(|(n, _)| *n == name) {
+            if tally == Tally::Forwarded || *kept == Tally::OutsideWindows {
+                *kept = tally;
+            }
+        }
+    };
     let mut payload = payload::Payload::new(event.payload.get());
     // Once per aggregation, under the versions whose windows the event is in: a repartitioned
     // aggregation keeps its group_by across versions (checked at apply), so one copy serves
@@ -64,9 +81,11 @@ pub(crate) async fn forward(
         }
         if let Some(filter) = &aggregation.filter {
             if !functions::accepts(filter, event, &mut payload) {
+                verdict(&aggregation.name, Tally::FilteredOut);
                 continue;
             }
         }
+        verdict(&aggregation.name, Tally::Forwarded);
         forwarded.push(&aggregation.name);
         let group = windows::group_key(aggregation, event, &mut payload);
         let topic = topics::repartition(&def.name, &aggregation.name);
@@ -80,7 +99,7 @@ pub(crate) async fn forward(
         metrics::counter!("instream_aggregator_repartitioned_total", "pipeline" => def.name.clone(), "aggregation" => aggregation.name.clone())
             .increment(1);
     }
-    Ok(())
+    Ok(verdicts)
 }
 
 /// The origin partition and offset a record carries (the enricher's input position).

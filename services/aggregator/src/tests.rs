@@ -2,7 +2,7 @@
 
 use super::*;
 use async_trait::async_trait;
-use instream_store::{AggregateQuery, StoreError, WindowAggregate};
+use instream_store::{AggregateQuery, LedgerRow, StoreError, WindowAggregate};
 
 /// A store whose checkpoint writes fail, as during an outage that begins mid-flush (a
 /// fault no real server can be made to show on cue).
@@ -27,6 +27,12 @@ impl AggregateStore for CheckpointsDown {
     }
     async fn load_checkpoint(&self, _: &CheckpointKey) -> Result<Option<Checkpoint>, StoreError> {
         Ok(None)
+    }
+    async fn save_ledger(&self, _: &[LedgerRow]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn load_ledger(&self, _: &str, _: i64, _: i64) -> Result<Vec<LedgerRow>, StoreError> {
+        Ok(Vec::new())
     }
 }
 

@@ -372,6 +372,36 @@ fn audit_balances_then_names_a_deleted_file(p: &Pipeline, raw_records: i64) {
     );
     assert_eq!(total(&["enricher", "enriched"]), raw_records, "{report}");
     assert_eq!(total(&["archiver", "archived"]), raw_records, "{report}");
+    // The aggregator applied every enriched copy once; each aggregation counted each event
+    // once and dropped the rest as repeats (the per-tier one on its repartition topic).
+    let applied = total(&["aggregator", "applied"]);
+    assert_eq!(
+        applied,
+        total(&["aggregator", "enriched_records"]),
+        "{report}"
+    );
+    assert!(applied >= raw_records, "{report}");
+    let outcome = |aggregation: &str, outcome: &str| -> i64 {
+        report["hours"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                h["aggregator"]["aggregations"][aggregation][outcome]
+                    .as_i64()
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    for aggregation in ["per_minute", "per_tier"] {
+        assert_eq!(outcome(aggregation, "counted"), EVENTS as i64, "{report}");
+        assert_eq!(
+            outcome(aggregation, "repeated_event") + outcome(aggregation, "repeated_origin"),
+            applied - EVENTS as i64,
+            "{report}"
+        );
+    }
+    assert_eq!(outcome("per_tier", "forwarded"), EVENTS as i64, "{report}");
 
     // One archive file gone: its records, per hour of their ingest time, are what is missing.
     let mut files = Vec::new();
@@ -606,6 +636,8 @@ async fn every_service_killed_with_9_again_and_again_under_load_loses_and_double
     let distinct: BTreeSet<&String> = ids.keys().collect();
     assert_eq!(distinct.len(), EVENTS, "every accepted event archived");
 
+    // The audit opens the store file itself.
+    drop(store);
     audit_balances_then_names_a_deleted_file(&p, raw_records);
     eprintln!(
         "{:>5.1}s done: {raw_records} raw records for {EVENTS} events, {} kills",

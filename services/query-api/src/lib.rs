@@ -24,6 +24,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+mod ledger;
+
 const SERVICE: &str = "query-api";
 /// How often the store is pinged for `/readyz`.
 const STORE_PROBE_INTERVAL: Duration = Duration::from_secs(5);
@@ -108,6 +110,7 @@ impl QueryApi {
                 "/v1/pipelines/{pipeline}/aggregates/{aggregation}",
                 get(aggregates),
             )
+            .route("/v1/pipelines/{pipeline}/ledger", get(ledger::ledger))
             .route("/openapi.json", get(openapi))
             .with_state(state);
         let listener = tokio::net::TcpListener::bind(cfg.listen)

@@ -43,9 +43,11 @@ fn event_identity(event: &Event) -> u128 {
 }
 
 mod close_clock;
+mod ledger;
 mod outbox;
 mod published;
 
+pub use ledger::Tally;
 pub use published::{source_header, ReadBack, ResultMark};
 mod quiet;
 mod seen;
@@ -107,6 +109,14 @@ pub enum Outcome {
     /// Its event time is further after its ingest time than the pipeline allows; it moved
     /// nothing (not the watermark either).
     TooFarAhead,
+}
+
+/// Keeps the best verdict for `aggregation` (the lowest: counted, late, filtered, outside).
+fn best<'d>(verdicts: &mut Vec<(&'d str, Tally)>, aggregation: &'d str, verdict: Tally) {
+    match verdicts.iter_mut().find(|(a, _)| *a == aggregation) {
+        Some((_, kept)) => *kept = (*kept).min(verdict),
+        None => verdicts.push((aggregation, verdict)),
+    }
 }
 
 fn window_hash(pipeline: &str, aggregation: &str, group_key: &str, start: i64) -> u128 {
@@ -211,6 +221,8 @@ pub struct PartitionState {
     outbox: outbox::Outbox,
     /// Final results already on their topic (marks checkpointed, windows read back).
     published: published::PublishedFinal,
+    /// What became of the records, per hour of ingest time (checkpointed).
+    ledger: ledger::Ledger,
 }
 
 /// A checkpoint's state could not be read.
@@ -239,6 +251,7 @@ impl Default for PartitionState {
             legacy_group_keys: false,
             outbox: Default::default(),
             published: Default::default(),
+            ledger: Default::default(),
         }
     }
 }
@@ -323,6 +336,10 @@ impl PartitionState {
         }
         self.next_offset = offset + 1;
         self.changed = true;
+        let line = self.ledger.line(event.ingest_time, offset);
+        if scope == Scope::Keyed {
+            self.ledger.applied(line);
+        }
         let id = event_identity(event);
         let cutoff = self
             .max_ingest_time
@@ -332,15 +349,22 @@ impl PartitionState {
         if let Some((partition, origin_offset)) = origin {
             let highest = self.origin_max.entry(partition).or_insert(-1);
             if origin_offset <= *highest {
+                // On a repartition topic, a copy forwarded again: not a record of the
+                // enriched topic, so not in the ledger.
+                if scope == Scope::Keyed {
+                    self.tally_all(line, scope, def, Tally::RepeatedOrigin);
+                }
                 return Outcome::RepeatedOrigin;
             }
             *highest = origin_offset;
         }
         if repeated {
+            self.tally_all(line, scope, def, Tally::RepeatedEvent);
             return Outcome::RepeatedEvent;
         }
         let ahead = def.max_time_ahead.as_millis() as i64;
         if event.event_time > event.ingest_time.saturating_add(ahead) {
+            self.tally_all(line, scope, def, Tally::FutureTime);
             return Outcome::TooFarAhead;
         }
         let watermark = self.watermark(def);
@@ -351,9 +375,18 @@ impl PartitionState {
         // A window is made by the version its start falls under (docs/pipelines.md), so
         // that every partition and every replay switches at the same event time.
         let mut counted: Vec<&str> = Vec::new();
+        // Each aggregation's verdict, the best over the versions (counted under one beats
+        // late under another); collected only when there are several versions.
+        let several = !def.previous.is_empty();
+        let mut verdicts: Vec<(&str, Tally)> = Vec::new();
         for (version, from, until) in def.versions() {
             // The windows an event is in start at or before its time.
             if event.event_time < from {
+                if several {
+                    for aggregation in version.aggregations.iter().filter(|a| scope.takes(a)) {
+                        best(&mut verdicts, &aggregation.name, Tally::OutsideWindows);
+                    }
+                }
                 continue;
             }
             let mut into = Into {
@@ -366,8 +399,16 @@ impl PartitionState {
                 counted: (!def.previous.is_empty()).then_some(&mut counted),
             };
             for aggregation in version.aggregations.iter().filter(|a| scope.takes(a)) {
-                self.count_in(scope, aggregation, event, &mut into);
+                let verdict = self.count_in(scope, aggregation, event, &mut into);
+                if several {
+                    best(&mut verdicts, &aggregation.name, verdict);
+                } else {
+                    self.ledger.tally(line, &aggregation.name, verdict);
+                }
             }
+        }
+        for (aggregation, verdict) in verdicts {
+            self.ledger.tally(line, aggregation, verdict);
         }
         // A hopping aggregation counted under one version is not late for having windows
         // under another that closed.
@@ -399,23 +440,55 @@ impl PartitionState {
         }
     }
 
+    /// Puts `tally` in the ledger for every aggregation of `scope` the definition keeps (on
+    /// the enriched topic, the repartitioned ones too: the record is not forwarded).
+    fn tally_all(&mut self, line: usize, scope: Scope<'_>, def: &PipelineDefinition, tally: Tally) {
+        let mut named: Vec<&str> = Vec::new();
+        for (version, ..) in def.versions() {
+            for aggregation in &version.aggregations {
+                let ours = scope == Scope::Keyed || scope.takes(aggregation);
+                if ours && !named.contains(&aggregation.name.as_str()) {
+                    named.push(&aggregation.name);
+                    self.ledger.tally(line, &aggregation.name, tally);
+                }
+            }
+        }
+    }
+
+    /// Puts `tally` in the ledger for one aggregation of the record applied last at or below
+    /// `offset` (what the forwarding to a repartition topic decided).
+    pub fn tally(&mut self, ingest_time: i64, offset: i64, aggregation: &str, tally: Tally) {
+        let line = self.ledger.line(ingest_time, offset);
+        self.ledger.tally(line, aggregation, tally);
+    }
+
+    /// The ledger rows changed since they were last written, for the store.
+    pub fn ledger_rows(&self, pipeline: &str, source: &str) -> Vec<instream_store::LedgerRow> {
+        self.ledger.rows(pipeline, source)
+    }
+
+    /// The rows from [`Self::ledger_rows`] are in the store.
+    pub fn ledger_written(&mut self) {
+        self.ledger.written();
+    }
+
     /// Counts an event into the windows of one aggregation of one definition version that
-    /// start within that version's range.
+    /// start within that version's range; says what became of it there.
     fn count_in<'d>(
         &mut self,
         scope: Scope<'_>,
         aggregation: &'d instream_pipeline::Aggregation,
         event: &Event,
         into: &mut Into<'d, '_, '_>,
-    ) {
+    ) -> Tally {
         let t = event.event_time;
         let in_range = |start: &i64| into.starts.contains(start);
         if !aggregation.window.makes_window_of(t, &into.starts) {
-            return;
+            return Tally::OutsideWindows;
         }
         if let Some(filter) = &aggregation.filter {
             if !accepts(filter, event, into.payload) {
-                return;
+                return Tally::FilteredOut;
             }
         }
         let group = match scope {
@@ -439,13 +512,13 @@ impl PartitionState {
             let lateness = aggregation.allowed_lateness.as_millis() as i64;
             if t.saturating_add(lateness) < into.watermark {
                 into.late.push(aggregation.name.clone());
-            } else {
-                self.add_to_session(def, aggregation, &group, gap, event, into.values);
-                if let Some(counted) = into.counted.as_mut() {
-                    counted.push(&aggregation.name);
-                }
+                return Tally::TooLate;
             }
-            return;
+            self.add_to_session(def, aggregation, &group, gap, event, into.values);
+            if let Some(counted) = into.counted.as_mut() {
+                counted.push(&aggregation.name);
+            }
+            return Tally::Counted;
         }
         // A hopping window's event is in several windows; it is late for the aggregation
         // only when it is late for all of them.
@@ -486,9 +559,12 @@ impl PartitionState {
         }
         if all_late {
             into.late.push(aggregation.name.clone());
-        } else if let Some(counted) = into.counted.as_mut() {
+            return Tally::TooLate;
+        }
+        if let Some(counted) = into.counted.as_mut() {
             counted.push(&aggregation.name);
         }
+        Tally::Counted
     }
 
     /// A repartition partition merges the events of every enriched partition, which do not

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::ledger::Ledger;
 use super::outbox::{Outbox, OutboxSnapshot};
 use super::published::{PublishedFinal, ResultMark};
 use super::seen::{Prehashed, SeenIds};
@@ -14,7 +15,8 @@ use super::{session_group, PartitionState, SnapshotError, WindowId, WindowValue}
 /// read and upgraded where listed in [`PartitionState::restore`], newer ones refused, never
 /// misread. 5: group keys of several fields are JSON arrays (4 joined them with `|`). 6: the
 /// [`Snapshot`] is followed by a [`Trailer`]: webhook notifications owed and result marks.
-const SNAPSHOT_FORMAT: u8 = 6;
+/// 7: the trailer is followed by the audit [`Ledger`].
+const SNAPSHOT_FORMAT: u8 = 7;
 
 /// The checkpointed part of a [`PartitionState`].
 #[derive(Serialize, Deserialize)]
@@ -81,8 +83,8 @@ impl PartitionState {
         // The format byte comes first, outside the encoded body, so that a build reading
         // another layout says so instead of misreading the body. Group keys not rewritten
         // yet are still format 4's.
-        // Without a trailer to save, format 5: a rollback to a build before format 6 still
-        // reads the checkpoints of pipelines without webhooks or final-only Kafka outputs.
+        // Without a ledger (no record applied yet), format 6 or — without a trailer either —
+        // 5, which builds before them still read.
         let trailer = Trailer {
             outbox: self.outbox.snapshot(),
             result_marks: self.published.marks.clone(),
@@ -93,16 +95,21 @@ impl PartitionState {
         );
         let format = if self.legacy_group_keys {
             4
+        } else if !self.ledger.is_empty() {
+            SNAPSHOT_FORMAT
         } else if trailer.is_empty() {
             5
         } else {
-            SNAPSHOT_FORMAT
+            6
         };
         let mut bytes = vec![format];
         // Encoding plain structs into a Vec cannot fail.
         bytes.extend(postcard::to_allocvec(&snapshot).unwrap_or_default());
-        if format == SNAPSHOT_FORMAT {
+        if format >= 6 {
             bytes.extend(postcard::to_allocvec(&trailer).unwrap_or_default());
+        }
+        if format >= 7 {
+            bytes.extend(postcard::to_allocvec(&self.ledger).unwrap_or_default());
         }
         Some((self.next_offset, bytes))
     }
@@ -124,6 +131,7 @@ impl PartitionState {
         self.changed = false;
         self.idle_unsaved = false;
         self.saved_max_event_time = self.max_event_time;
+        self.ledger.let_go_before(self.max_ingest_time);
     }
 
     /// The state a checkpoint holds, without its seen ids: read `[seen_from, next_offset)` of
@@ -134,8 +142,15 @@ impl PartitionState {
             return Err(SnapshotError("empty".into()));
         };
         let mut trailer = Trailer::default();
+        let mut ledger = Ledger::default();
         let decoded = match format {
             SNAPSHOT_FORMAT => postcard::take_from_bytes::<Snapshot>(body).and_then(|(s, rest)| {
+                let (t, rest) = postcard::take_from_bytes(rest)?;
+                trailer = t;
+                ledger = postcard::from_bytes(rest)?;
+                Ok(s)
+            }),
+            6 => postcard::take_from_bytes::<Snapshot>(body).and_then(|(s, rest)| {
                 trailer = postcard::from_bytes(rest)?;
                 Ok(s)
             }),
@@ -201,8 +216,10 @@ impl PartitionState {
                 marks: trailer.result_marks,
                 ..Default::default()
             },
+            ledger,
         };
         let mut state = state;
+        state.ledger.restored(state.max_ingest_time);
         // Windows restored are not timed: when they closed (or close) is not known here.
         state.clock.untimed(state.windows.keys().copied());
         Ok((state, s.seen_from))

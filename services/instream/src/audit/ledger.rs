@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use instream_store::LedgerRow;
 use serde::Serialize;
 
 pub const HOUR_MS: i64 = 3_600_000;
@@ -82,6 +83,20 @@ pub struct ArchiverCounts {
     pub missing: u64,
 }
 
+/// What the aggregator made of the enriched records of one hour (from its ledger).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AggregatorCounts {
+    /// Records of the hour on the enriched topic, every copy.
+    pub enriched_records: u64,
+    /// Records the aggregator applied (each copy once).
+    pub applied: u64,
+    /// Per aggregation, records by outcome (`counted`, `repeated_event`, `repeated_origin`,
+    /// `too_late`, `future_time`, `filtered_out`, `outside_windows`, `forwarded` to its
+    /// repartition topic; `not_defined`: applied while the aggregation was not in the
+    /// definition).
+    pub aggregations: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HourReport {
     /// The hour's start, RFC 3339.
@@ -90,6 +105,8 @@ pub struct HourReport {
     pub enricher: EnricherCounts,
     /// `None` when the archive was not checked.
     pub archiver: Option<ArchiverCounts>,
+    /// `None` when the pipeline has no aggregation.
+    pub aggregator: Option<AggregatorCounts>,
 }
 
 /// A count that does not balance.
@@ -109,6 +126,23 @@ pub struct Ledger {
     raw: BTreeMap<i32, RawPartition>,
     ingest: BTreeMap<i32, IngestCounts>,
     codes: Vec<String>,
+    /// Enriched records by (hour, enriched partition), every copy.
+    enriched: BTreeMap<(i32, i32), u64>,
+    aggregator: Option<AggregatorLedger>,
+}
+
+/// The aggregator's ledger rows, summed.
+#[derive(Default)]
+struct AggregatorLedger {
+    /// Records applied by (hour, enriched partition).
+    applied: BTreeMap<(i32, i32), u64>,
+    /// By (hour, aggregation): outcomes, every input partition's.
+    outcomes: BTreeMap<(i32, String), BTreeMap<String, u64>>,
+    /// By (hour, aggregation): what the enriched partitions decided (the rest was decided
+    /// on a repartition topic).
+    on_enriched: BTreeMap<(i32, String), u64>,
+    /// The aggregations the definition keeps.
+    defined: Vec<String>,
 }
 
 fn hour_of(millis: i64) -> i32 {
@@ -189,11 +223,58 @@ impl Ledger {
         }
     }
 
-    /// An enriched record, by the raw record it came from.
-    pub fn enriched(&mut self, origin: Option<(i32, i64)>) {
+    /// A record of enriched partition `partition`, by the raw record it came from.
+    pub fn enriched(&mut self, partition: i32, origin: Option<(i32, i64)>, payload: &[u8]) {
         if let Some(fate) = origin.and_then(|(p, o)| self.raw.get_mut(&p)?.fate(o)) {
             fate.enriched = fate.enriched.saturating_add(1);
         }
+        if let Ok(event) = instream_event::decode(payload) {
+            let hour = hour_of(event.ingest_time);
+            if self.in_range(hour) {
+                *self.enriched.entry((hour, partition)).or_default() += 1;
+            }
+        }
+    }
+
+    /// The aggregator's ledger rows for the range; `aggregations`: those the definition
+    /// keeps; `enriched_topic`: the rows of its partitions count the records applied.
+    pub fn aggregator(
+        &mut self,
+        rows: &[LedgerRow],
+        aggregations: Vec<String>,
+        enriched_topic: &str,
+    ) {
+        let mut ledger = AggregatorLedger {
+            defined: aggregations,
+            ..Default::default()
+        };
+        for r in rows {
+            let hour = hour_of(r.hour);
+            let Some((topic, partition)) = r.source.rsplit_once(':') else {
+                continue;
+            };
+            let (Ok(partition), true) = (partition.parse::<i32>(), self.in_range(hour)) else {
+                continue;
+            };
+            let on_enriched = topic == enriched_topic;
+            if r.aggregation.is_empty() {
+                if on_enriched {
+                    let records = r.counts.get("records").copied().unwrap_or(0);
+                    *ledger.applied.entry((hour, partition)).or_default() += records.max(0) as u64;
+                }
+                continue;
+            }
+            let key = (hour, r.aggregation.clone());
+            let outcomes = ledger.outcomes.entry(key.clone()).or_default();
+            for (outcome, n) in &r.counts {
+                let n = (*n).max(0) as u64;
+                *outcomes.entry(outcome.clone()).or_default() += n;
+                if on_enriched {
+                    *ledger.on_enriched.entry(key.clone()).or_default() += n;
+                }
+            }
+        }
+        self.aggregator = Some(ledger);
     }
 
     /// A dead letter the enricher wrote of a raw record.
@@ -236,6 +317,7 @@ impl Ledger {
                     ingest: self.ingest.get(&fate.hour).cloned().unwrap_or_default(),
                     enricher: EnricherCounts::default(),
                     archiver: archive.then(ArchiverCounts::default),
+                    aggregator: None,
                 });
                 let e = &mut hour.enricher;
                 e.raw_records += 1;
@@ -267,8 +349,24 @@ impl Ledger {
                 }
             }
         }
+        if let Some(agg) = &self.aggregator {
+            let mut hours_seen: Vec<i32> = self.enriched.keys().map(|(h, _)| *h).collect();
+            hours_seen.extend(agg.applied.keys().map(|(h, _)| *h));
+            for hour in hours_seen {
+                let report = hours.entry(hour).or_insert_with(|| HourReport {
+                    hour: hour_label(hour),
+                    ingest: self.ingest.get(&hour).cloned().unwrap_or_default(),
+                    enricher: EnricherCounts::default(),
+                    archiver: archive.then(ArchiverCounts::default),
+                    aggregator: None,
+                });
+                report
+                    .aggregator
+                    .get_or_insert_with(|| self.aggregator_counts(agg, hour));
+            }
+        }
         let mut differences = Vec::new();
-        for h in hours.values() {
+        for (hour, h) in &hours {
             let mut differ = |stage, size, what: &str| {
                 if size > 0 {
                     differences.push(Difference {
@@ -296,8 +394,99 @@ impl Ledger {
                     "raw records in no archive file (not rolled yet, or lost)",
                 );
             }
+            if let Some(agg) = &self.aggregator {
+                let (behind, beyond) = self.applied_differences(agg, *hour);
+                differ(
+                    "aggregator",
+                    behind,
+                    "enriched records the aggregator has not applied (in flight, or lost)",
+                );
+                differ(
+                    "aggregator",
+                    beyond,
+                    "records the aggregator applied beyond what the enriched topic holds",
+                );
+                for (name, outcomes) in agg.outcomes.range((*hour, String::new())..) {
+                    if name.0 != *hour {
+                        break;
+                    }
+                    let forwarded = outcomes.get("forwarded").copied().unwrap_or(0);
+                    let decided = outcomes.values().sum::<u64>()
+                        - agg.on_enriched.get(name).copied().unwrap_or(0);
+                    let what = |text: &str| format!("`{}`: {text}", name.1);
+                    differ(
+                        "aggregator",
+                        forwarded.saturating_sub(decided),
+                        &what("forwarded to its repartition topic, not counted there yet (in flight, or lost)"),
+                    );
+                    differ(
+                        "aggregator",
+                        decided.saturating_sub(forwarded),
+                        &what("counted on its repartition topic beyond what was forwarded"),
+                    );
+                }
+            }
         }
         (hours.into_values().collect(), differences)
+    }
+
+    /// Per enriched partition, the enriched records of `hour` not applied, and the records
+    /// applied beyond those on the topic; summed.
+    fn applied_differences(&self, agg: &AggregatorLedger, hour: i32) -> (u64, u64) {
+        let mut partitions: Vec<i32> = self
+            .enriched
+            .range((hour, i32::MIN)..=(hour, i32::MAX))
+            .map(|((_, p), _)| *p)
+            .collect();
+        partitions.extend(
+            agg.applied
+                .range((hour, i32::MIN)..=(hour, i32::MAX))
+                .map(|((_, p), _)| *p),
+        );
+        partitions.sort_unstable();
+        partitions.dedup();
+        let (mut behind, mut beyond) = (0, 0);
+        for p in partitions {
+            let on_topic = self.enriched.get(&(hour, p)).copied().unwrap_or(0);
+            let applied = agg.applied.get(&(hour, p)).copied().unwrap_or(0);
+            behind += on_topic.saturating_sub(applied);
+            beyond += applied.saturating_sub(on_topic);
+        }
+        (behind, beyond)
+    }
+
+    fn aggregator_counts(&self, agg: &AggregatorLedger, hour: i32) -> AggregatorCounts {
+        let sum = |m: &BTreeMap<(i32, i32), u64>| {
+            m.range((hour, i32::MIN)..=(hour, i32::MAX))
+                .map(|(_, n)| n)
+                .sum::<u64>()
+        };
+        let applied = sum(&agg.applied);
+        let mut aggregations = BTreeMap::new();
+        let mut names = agg.defined.clone();
+        names.extend(
+            agg.outcomes
+                .keys()
+                .filter(|(h, _)| *h == hour)
+                .map(|(_, a)| a.clone()),
+        );
+        names.sort();
+        names.dedup();
+        for name in names {
+            let key = (hour, name.clone());
+            let mut outcomes = agg.outcomes.get(&key).cloned().unwrap_or_default();
+            let decided = agg.on_enriched.get(&key).copied().unwrap_or(0);
+            let not_defined = applied.saturating_sub(decided);
+            if not_defined > 0 {
+                outcomes.insert("not_defined".into(), not_defined);
+            }
+            aggregations.insert(name, outcomes);
+        }
+        AggregatorCounts {
+            enriched_records: sum(&self.enriched),
+            applied,
+            aggregations,
+        }
     }
 
     /// The range, widened to whole hours: its first hour's start and its end.
@@ -347,13 +536,13 @@ mod tests {
     fn counts_balance_when_every_raw_record_has_one_fate() {
         let mut l = ledger();
         for o in [101, 102, 103, 104, 107] {
-            l.enriched(Some((0, o)));
+            l.enriched(0, Some((0, o)), b"");
         }
-        l.enriched(Some((0, 104))); // re-emitted after a kill: one fate
+        l.enriched(0, Some((0, 104)), b""); // re-emitted after a kill: one fate
         l.dead_lettered(Some((0, 105)), "quality");
         l.dead_lettered(Some((0, 108)), "decode_error");
-        l.enriched(Some((0, 100))); // before the range: not reported
-        l.enriched(Some((7, 1))); // no such raw record: ignored
+        l.enriched(0, Some((0, 100)), b""); // before the range: not reported
+        l.enriched(0, Some((7, 1)), b""); // no such raw record: ignored
         l.archived(0, |o| o != 106);
         let (hours, differences) = l.report(true);
         assert_eq!(differences, vec![], "{hours:#?}");
@@ -380,7 +569,7 @@ mod tests {
     fn a_record_without_a_fate_is_a_difference_of_its_hour_and_stage() {
         let mut l = ledger();
         for o in [101, 102, 103, 105, 107, 108] {
-            l.enriched(Some((0, o)));
+            l.enriched(0, Some((0, o)), b"");
         }
         l.dead_lettered(Some((0, 102)), "enrich_miss");
         l.archived(0, |o| !(102..=103).contains(&o));
@@ -399,6 +588,79 @@ mod tests {
         );
         assert!(differences[0].what.contains("neither"));
         assert!(differences[1].what.contains("both"));
+    }
+
+    fn row(source: &str, hour: i64, aggregation: &str, counts: &[(&str, i64)]) -> LedgerRow {
+        LedgerRow {
+            pipeline: "p".into(),
+            hour,
+            source: source.into(),
+            since: 0,
+            aggregation: aggregation.into(),
+            counts: counts.iter().map(|(k, n)| (k.to_string(), *n)).collect(),
+        }
+    }
+
+    #[test]
+    fn the_aggregator_balances_when_it_applied_every_enriched_record_and_its_forwards_arrived() {
+        let mut l = ledger();
+        for o in [101, 102, 103, 104, 105] {
+            l.enriched(1, Some((0, o)), &envelope("x", H9 + o));
+        }
+        l.enriched(1, Some((0, 104)), &envelope("x", H9 + 104)); // a re-emit: applied too
+        let rows = vec![
+            row("p.enriched:1", H9, "", &[("records", 6)]),
+            row(
+                "p.enriched:1",
+                H9,
+                "per_minute",
+                &[("counted", 4), ("repeated_origin", 1), ("too_late", 1)],
+            ),
+            row(
+                "p.enriched:1",
+                H9,
+                "per_tier",
+                &[
+                    ("forwarded", 4),
+                    ("repeated_origin", 1),
+                    ("filtered_out", 1),
+                ],
+            ),
+            row("p.by-per_tier:0", H9, "per_tier", &[("counted", 3)]),
+            row("p.by-per_tier:1", H9, "per_tier", &[("too_late", 1)]),
+        ];
+        let defined = vec![
+            "per_minute".to_owned(),
+            "per_tier".to_owned(),
+            "new".to_owned(),
+        ];
+        l.aggregator(&rows, defined.clone(), "p.enriched");
+        let (hours, differences) = l.report(false);
+        let names: Vec<_> = differences
+            .iter()
+            .filter(|d| d.stage == "aggregator")
+            .collect();
+        assert_eq!(names, Vec::<&Difference>::new(), "{hours:#?}");
+        let agg = hours[0].aggregator.as_ref().unwrap();
+        assert_eq!((agg.enriched_records, agg.applied), (6, 6));
+        assert_eq!(agg.aggregations["per_tier"]["counted"], 3);
+        assert_eq!(agg.aggregations["new"]["not_defined"], 6, "added later");
+
+        // One record not applied, one forward not arrived.
+        let mut short = rows.clone();
+        short[0] = row("p.enriched:1", H9, "", &[("records", 5)]);
+        short.pop();
+        l.aggregator(&short, defined, "p.enriched");
+        let (_, differences) = l.report(false);
+        let named: Vec<_> = differences
+            .iter()
+            .filter(|d| d.stage == "aggregator")
+            .map(|d| (d.size, d.what.as_str()))
+            .collect();
+        assert_eq!(named.len(), 2, "{named:?}");
+        assert_eq!(named[0].0, 1);
+        assert!(named[0].1.contains("not applied"));
+        assert!(named[1].1.starts_with("`per_tier`: forwarded"), "{named:?}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use instream_core::config::{BrokerMode, Config};
 use instream_kafka::headers;
 use instream_kafka::ops::{scan_records_since, ScannedRecord};
 use instream_pipeline::topics;
+use instream_store::LedgerRow;
 use serde::Serialize;
 
 use crate::output::{emit, emit_json, table, Output};
@@ -127,7 +128,7 @@ async fn collect(config: &Config, args: &AuditArgs) -> anyhow::Result<AuditRepor
     skipped(&raw, lost);
     let enriched = topics::enriched(pipeline);
     let (ledger, lost) = scan_records_since(kafka, &enriched, since, true, ledger, |l, r| {
-        l.enriched(origin_of(r))
+        l.enriched(r.partition, origin_of(r), r.payload)
     })
     .await
     .with_context(|| format!("reading `{enriched}`"))?;
@@ -155,11 +156,24 @@ async fn collect(config: &Config, args: &AuditArgs) -> anyhow::Result<AuditRepor
     if !args.no_archive {
         read_archive(config, pipeline, &mut ledger, &mut notes).await?;
     }
-    notes.push(
-        "aggregations are not audited yet: what each aggregation counted, dropped as a \
-         repeat, found too late or filtered out needs the aggregator's ledger"
-            .into(),
-    );
+    let def = crate::control::current_catalog(config)
+        .await?
+        .get(pipeline)
+        .cloned()
+        .with_context(|| format!("no pipeline `{pipeline}` is defined"))?;
+    let mut aggregations: Vec<String> = def
+        .versions()
+        .flat_map(|(v, ..)| v.aggregations.iter().map(|a| a.name.clone()))
+        .collect();
+    aggregations.sort();
+    aggregations.dedup();
+    if aggregations.is_empty() {
+        notes.push("the pipeline has no aggregation: the aggregator is not audited".into());
+    } else {
+        let (from, to) = ledger.range();
+        let rows = aggregator_ledger(config, pipeline, from, to).await?;
+        ledger.aggregator(&rows, aggregations, &enriched);
+    }
     if config.kafka.broker == BrokerMode::Embedded {
         notes.push(
             "standalone: the embedded broker holds this run's records only (it starts empty)"
@@ -177,6 +191,67 @@ async fn collect(config: &Config, args: &AuditArgs) -> anyhow::Result<AuditRepor
         differences,
         notes,
     })
+}
+
+/// The aggregator's ledger rows of the hours in `[from, to)`: from the store, or — when a
+/// standalone runs with this config (its store is in its process, or a file it holds open) —
+/// from its query API.
+async fn aggregator_ledger(
+    config: &Config,
+    pipeline: &str,
+    from: i64,
+    to: i64,
+) -> anyhow::Result<Vec<LedgerRow>> {
+    let standalone = crate::standalone::state::RunState::read(&config.standalone.state_file())?
+        .filter(|_| crate::standalone::state::running(config));
+    let Some(run) = standalone else {
+        if config.store.backend == instream_core::config::StoreBackend::Embedded {
+            anyhow::bail!(
+                "store.backend is `embedded`: the aggregator's ledger lives inside `instream \
+                 standalone`, and none runs for this config"
+            );
+        }
+        let store = instream_store::build(&config.store)
+            .await
+            .context("opening the aggregate store")?;
+        return store
+            .load_ledger(pipeline, from, to)
+            .await
+            .context("reading the aggregator's ledger");
+    };
+    let Some(query) = run.query else {
+        anyhow::bail!(
+            "the running standalone serves no query API ([query_api]): the aggregator's ledger \
+             is read through it"
+        );
+    };
+    let client = reqwest::Client::new();
+    let mut rows = Vec::new();
+    // The API answers at most a month of hours at a time.
+    let month = 31 * 24 * ledger::HOUR_MS;
+    let mut start = from;
+    while start < to {
+        let end = (start + month).min(to);
+        let url = format!("http://{query}/v1/pipelines/{pipeline}/ledger?from={start}&to={end}");
+        let mut request = client.get(&url);
+        if let Ok(key) = std::env::var("INSTREAM_QUERY_API_KEY") {
+            request = request.bearer_auth(key);
+        }
+        let answer = request
+            .send()
+            .await
+            .with_context(|| format!("asking the standalone's query API ({query})"))?;
+        let status = answer.status();
+        let body: serde_json::Value = answer.json().await.context("reading the ledger")?;
+        if !status.is_success() {
+            anyhow::bail!("the query API answered {status}: {body}");
+        }
+        rows.extend(serde_json::from_value::<Vec<LedgerRow>>(
+            body["rows"].clone(),
+        )?);
+        start = end;
+    }
+    Ok(rows)
 }
 
 fn origin_of(r: &ScannedRecord<'_>) -> Option<(i32, i64)> {
@@ -267,6 +342,23 @@ fn as_table(report: &AuditReport) -> String {
         ],
         &rows,
     ));
+    let mut aggregations = Vec::new();
+    for h in &report.hours {
+        let Some(agg) = &h.aggregator else { continue };
+        aggregations.push(vec![
+            h.hour.clone(),
+            "(applied)".into(),
+            format!("{} of {} enriched", agg.applied, agg.enriched_records),
+        ]);
+        for (name, outcomes) in &agg.aggregations {
+            let said: Vec<String> = outcomes.iter().map(|(o, n)| format!("{o}:{n}")).collect();
+            aggregations.push(vec![h.hour.clone(), name.clone(), said.join(" ")]);
+        }
+    }
+    if !aggregations.is_empty() {
+        text.push('\n');
+        text.push_str(&table(&["HOUR", "AGGREGATION", "RECORDS"], &aggregations));
+    }
     for d in &report.differences {
         text.push_str(&format!(
             "DIFFERENCE {} {}: {} {}\n",
