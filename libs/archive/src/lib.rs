@@ -22,6 +22,19 @@ pub use local::LocalArchive;
 /// Files whose name starts with this are being written (or were, before a crash).
 pub const IN_PROGRESS_PREFIX: &str = "_inprogress.";
 
+/// `(partition, first offset, last offset)` from an archive file's name,
+/// `part-<partition>-<first>-<last>.<extension>` (any extension; the archiver checks its own).
+pub fn file_offsets(path: &str) -> Option<(i32, i64, i64)> {
+    let name = path.rsplit('/').next()?;
+    let (stem, _extension) = name.strip_prefix("part-")?.split_once('.')?;
+    let mut parts = stem.splitn(3, '-');
+    Some((
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    ))
+}
+
 /// A completed file, by its path relative to the archive root.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArchivedFile {
@@ -115,4 +128,25 @@ pub(crate) fn is_in_progress(path: &str) -> bool {
     path.rsplit('/')
         .next()
         .is_some_and(|name| name.starts_with(IN_PROGRESS_PREFIX))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn file_names_give_partition_and_offsets() {
+        assert_eq!(
+            super::file_offsets("p/dt=2024-05-01/hour=10/part-3-100-199.jsonl.zst"),
+            Some((3, 100, 199))
+        );
+        assert_eq!(
+            super::file_offsets("part-3-100-199.parquet"),
+            Some((3, 100, 199))
+        );
+        assert_eq!(
+            super::file_offsets("_inprogress.part-3-100-199.parquet"),
+            None
+        );
+        assert_eq!(super::file_offsets("part-3-100.parquet"), None);
+        assert_eq!(super::file_offsets("notes.txt"), None);
+    }
 }

@@ -34,20 +34,13 @@ pub fn partition_prefix(partition: i32) -> String {
     format!("part-{partition}-")
 }
 
-/// `(partition, first, last)` of a file name made by [`file_name`].
+/// `(partition, first, last)` of a file name made by [`file_name`] (with one of our formats'
+/// extensions).
 pub fn parse_file_name(path: &str) -> Option<(i32, i64, i64)> {
     let name = path.rsplit('/').next()?;
     let format = format_of(name)?;
-    let stem = name
-        .strip_prefix("part-")?
-        .strip_suffix(extension(format))?
-        .strip_suffix('.')?;
-    let mut parts = stem.splitn(3, '-');
-    Some((
-        parts.next()?.parse().ok()?,
-        parts.next()?.parse().ok()?,
-        parts.next()?.parse().ok()?,
-    ))
+    let offsets = instream_archive::file_offsets(name)?;
+    (name == file_name(format, offsets.0, offsets.1, offsets.2)).then_some(offsets)
 }
 
 /// `dt=YYYY-MM-DD/hour=HH` of a file's path, for counts per hour.

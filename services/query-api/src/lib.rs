@@ -24,6 +24,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+mod audit_check;
 mod ledger;
 
 const SERVICE: &str = "query-api";
@@ -99,6 +100,17 @@ impl QueryApi {
                 },
             ),
         );
+        if !cfg.audit_every.is_zero() {
+            tasks.spawn(
+                "periodic audit",
+                audit_check::run(
+                    config.clone(),
+                    store.clone(),
+                    catalog.clone(),
+                    tasks.token(),
+                ),
+            );
+        }
         let state = Arc::new(AppState {
             store,
             catalog,

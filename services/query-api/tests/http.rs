@@ -59,6 +59,8 @@ async fn start_with(
     config.query_api.api_key_sha256 = keys;
     config.query_api.allow_anonymous = anonymous;
     config.query_api.tls = tls;
+    // No broker here to audit (tests/audit.rs runs the periodic audit).
+    config.query_api.audit_every = std::time::Duration::ZERO;
     let token = CancellationToken::new();
     let definitions = instream_pipeline::parse_document(
         "[[pipelines]]\nname = \"orders\"\nkey_field = \"c\"\ntime_field = \"t\"\n\

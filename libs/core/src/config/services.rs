@@ -488,6 +488,26 @@ pub struct QueryApiConfig {
     /// Serve HTTPS (TLS 1.2 and 1.3, rustls) with this certificate and key, as
     /// `ingest.tls`. Unset: plain HTTP, for TLS terminated in front. Read at start.
     pub tls: Option<TlsFiles>,
+    /// How often the periodic audit runs (one query-api replica at a time, elected in
+    /// ZooKeeper): it audits every pipeline's hours of ingest time that ended at least
+    /// `audit_settle` ago, `audit_lookback` back, and sets
+    /// `instream_audit_unbalanced_records{pipeline,stage}` (alert `InstreamAuditUnbalanced`;
+    /// docs/guarantees.md, "Auditing what happened"). `0s` turns it off.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub audit_every: Duration,
+    /// How far back the periodic audit's hours go (whole hours; each check reads them again).
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub audit_lookback: Duration,
+    /// How long after an hour ends the periodic audit checks it: time for its records to go
+    /// through every stage (more than `archiver.roll_max_age` and the stages' usual lag).
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub audit_settle: Duration,
+    /// The periodic audit checks the archive too, by its file names (query-api then needs
+    /// the archive's access).
+    pub audit_archive: bool,
 }
 
 impl Default for QueryApiConfig {
@@ -501,6 +521,10 @@ impl Default for QueryApiConfig {
             max_connections: 1024,
             header_read_timeout: Duration::from_secs(10),
             tls: None,
+            audit_every: Duration::from_secs(5 * 60),
+            audit_lookback: Duration::from_secs(3 * 3600),
+            audit_settle: Duration::from_secs(15 * 60),
+            audit_archive: true,
         }
     }
 }
@@ -517,6 +541,23 @@ impl QueryApiConfig {
         p.positive(self.default_page_size as u64, "query_api.default_page_size");
         p.positive(self.max_connections as u64, "query_api.max_connections");
         p.non_zero_duration(self.header_read_timeout, "query_api.header_read_timeout");
+        if !self.audit_every.is_zero() {
+            p.check(
+                self.audit_lookback >= Duration::from_secs(3600),
+                "query_api.audit_lookback",
+                || "must be at least 1h (whole hours are checked)".into(),
+            );
+            p.check(
+                self.audit_lookback <= Duration::from_secs(7 * 24 * 3600),
+                "query_api.audit_lookback",
+                || "must be at most 7d (each check reads the hours again)".into(),
+            );
+            p.check(
+                self.audit_every >= Duration::from_secs(10),
+                "query_api.audit_every",
+                || "must be at least 10s (or 0s for no check)".into(),
+            );
+        }
         p.check(
             self.default_page_size <= self.max_page_size,
             "query_api.default_page_size",

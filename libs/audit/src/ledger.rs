@@ -489,6 +489,11 @@ impl Ledger {
         }
     }
 
+    /// Whether the aggregator's ledger was given.
+    pub fn has_aggregator(&self) -> bool {
+        self.aggregator.is_some()
+    }
+
     /// The range, widened to whole hours: its first hour's start and its end.
     pub fn range(&self) -> (i64, i64) {
         (self.from, self.to)

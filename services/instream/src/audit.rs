@@ -4,24 +4,15 @@
 //! letters (by the origin they carry) and among the archive's offsets. See
 //! docs/guarantees.md, "Auditing what happened".
 
-mod ledger;
-
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use instream_audit::{AuditReport, Ledger};
 use instream_core::config::{BrokerMode, Config};
-use instream_kafka::headers;
-use instream_kafka::ops::{scan_records_since, ScannedRecord};
 use instream_pipeline::topics;
 use instream_store::LedgerRow;
-use serde::Serialize;
 
 use crate::output::{emit, emit_json, table, Output};
-use ledger::{origin, Difference, HourReport, Ledger};
-
-/// How long before the range the topics are read from: ingest times and broker timestamps
-/// come from different clocks, and the enricher writes after ingest.
-const SCAN_MARGIN: Duration = Duration::from_secs(10 * 60);
 
 /// How often an unbalanced audit is made again while `--settle` lasts.
 const SETTLE_EVERY: Duration = Duration::from_secs(5);
@@ -47,19 +38,6 @@ pub struct AuditArgs {
     no_archive: bool,
     #[command(flatten)]
     output: crate::output::OutputArg,
-}
-
-#[derive(Debug, Serialize)]
-pub struct AuditReport {
-    pub pipeline: String,
-    pub from: String,
-    pub to: String,
-    pub balanced: bool,
-    pub hours: Vec<HourReport>,
-    pub differences: Vec<Difference>,
-    /// What the audit could not see (a read that skipped records, an unreadable archive
-    /// file), and what it does not cover.
-    pub notes: Vec<String>,
 }
 
 pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
@@ -102,57 +80,8 @@ pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
 
 async fn collect(config: &Config, args: &AuditArgs) -> anyhow::Result<AuditReport> {
     let pipeline = &args.pipeline;
-    let kafka = &config.kafka;
-    let since = args.from - SCAN_MARGIN.as_millis() as i64;
-    let raw = topics::raw(pipeline);
-    let mut notes = Vec::new();
-    let mut skipped = |topic: &str, lost: Vec<instream_kafka::Lost>| {
-        for l in lost {
-            notes.push(format!(
-                "{topic}: offsets {}..{} of partition {} could not be read (deleted meanwhile, \
-                 or skipped by the broker)",
-                l.from, l.to, l.partition
-            ));
-        }
-    };
-    let (ledger, lost) = scan_records_since(
-        kafka,
-        &raw,
-        since,
-        false,
-        Ledger::new(args.from, args.to),
-        |l, r| l.raw(r.partition, r.offset, r.timestamp_millis, r.payload),
-    )
-    .await
-    .with_context(|| format!("reading `{raw}`"))?;
-    skipped(&raw, lost);
-    let enriched = topics::enriched(pipeline);
-    let (ledger, lost) = scan_records_since(kafka, &enriched, since, true, ledger, |l, r| {
-        l.enriched(r.partition, origin_of(r), r.payload)
-    })
-    .await
-    .with_context(|| format!("reading `{enriched}`"))?;
-    skipped(&enriched, lost);
-    let dlq = topics::dead_letter(pipeline);
-    let ((mut ledger, _), lost) = scan_records_since(
-        kafka,
-        &dlq,
-        since,
-        true,
-        (ledger, raw.clone()),
-        |(l, raw), r| {
-            let enricher = instream_core::Service::Enricher.as_str().as_bytes();
-            if r.header(headers::DLQ_SERVICE) == Some(enricher)
-                && r.header(headers::ORIGIN_TOPIC) == Some(raw.as_bytes())
-            {
-                let code = r.header(headers::DLQ_CODE).unwrap_or_default();
-                l.dead_lettered(origin_of(r), &String::from_utf8_lossy(code));
-            }
-        },
-    )
-    .await
-    .with_context(|| format!("reading `{dlq}`"))?;
-    skipped(&dlq, lost);
+    let (mut ledger, mut notes) =
+        instream_audit::read_topics(&config.kafka, pipeline, args.from, args.to).await?;
     if !args.no_archive {
         read_archive(config, pipeline, &mut ledger, &mut notes).await?;
     }
@@ -161,18 +90,13 @@ async fn collect(config: &Config, args: &AuditArgs) -> anyhow::Result<AuditRepor
         .get(pipeline)
         .cloned()
         .with_context(|| format!("no pipeline `{pipeline}` is defined"))?;
-    let mut aggregations: Vec<String> = def
-        .versions()
-        .flat_map(|(v, ..)| v.aggregations.iter().map(|a| a.name.clone()))
-        .collect();
-    aggregations.sort();
-    aggregations.dedup();
+    let aggregations = instream_audit::aggregations_of(&def);
     if aggregations.is_empty() {
         notes.push("the pipeline has no aggregation: the aggregator is not audited".into());
     } else {
         let (from, to) = ledger.range();
         let rows = aggregator_ledger(config, pipeline, from, to).await?;
-        ledger.aggregator(&rows, aggregations, &enriched);
+        ledger.aggregator(&rows, aggregations, &topics::enriched(pipeline));
     }
     if config.kafka.broker == BrokerMode::Embedded {
         notes.push(
@@ -180,17 +104,12 @@ async fn collect(config: &Config, args: &AuditArgs) -> anyhow::Result<AuditRepor
                 .into(),
         );
     }
-    let (hours, differences) = ledger.report(!args.no_archive);
-    let (from, to) = ledger.range();
-    Ok(AuditReport {
-        pipeline: pipeline.clone(),
-        from: instream_event::format_rfc3339_millis(from),
-        to: instream_event::format_rfc3339_millis(to),
-        balanced: differences.is_empty(),
-        hours,
-        differences,
+    Ok(instream_audit::report(
+        pipeline,
+        &ledger,
+        !args.no_archive,
         notes,
-    })
+    ))
 }
 
 /// The aggregator's ledger rows of the hours in `[from, to)`: from the store, or — when a
@@ -228,7 +147,7 @@ async fn aggregator_ledger(
     let client = reqwest::Client::new();
     let mut rows = Vec::new();
     // The API answers at most a month of hours at a time.
-    let month = 31 * 24 * ledger::HOUR_MS;
+    let month = 31 * 24 * instream_audit::HOUR_MS;
     let mut start = from;
     while start < to {
         let end = (start + month).min(to);
@@ -252,13 +171,6 @@ async fn aggregator_ledger(
         start = end;
     }
     Ok(rows)
-}
-
-fn origin_of(r: &ScannedRecord<'_>) -> Option<(i32, i64)> {
-    origin(
-        r.header(headers::ORIGIN_PARTITION),
-        r.header(headers::ORIGIN_OFFSET),
-    )
 }
 
 /// Marks the raw offsets the archive answers for: each partition's offsets from its first to

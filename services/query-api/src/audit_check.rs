@@ -1,0 +1,171 @@
+//! The periodic audit (`query_api.audit_every`): the replica elected for it (the coordinator's
+//! election `audit`: ZooKeeper's, or standalone's in-process one) audits every pipeline's hours
+//! of ingest time that have settled, and sets `instream_audit_unbalanced_records{pipeline,
+//! stage}` (docs/guarantees.md, "Auditing what happened"; alert `InstreamAuditUnbalanced`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use instream_audit::{AuditReport, HOUR_MS};
+use instream_core::config::Config;
+use instream_pipeline::{topics, Catalog, PipelineDefinition};
+use instream_store::AggregateStore;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub(crate) const DUTY: &str = "audit";
+
+/// Until `shutdown`: joins the election, and while leading audits every `every`.
+pub(crate) async fn run(
+    config: Config,
+    store: Arc<dyn AggregateStore>,
+    catalog: watch::Receiver<Arc<Catalog>>,
+    shutdown: CancellationToken,
+) -> Result<(), instream_coord::CoordError> {
+    let every = config.query_api.audit_every;
+    let coordinator = instream_coord::coordinator(&config);
+    let instance = instream_coord::instance_name();
+    let Some(mut leadership) = instream_core::Retry::new("joining the audit election", &shutdown)
+        .run(|| coordinator.campaign(DUTY, &instance))
+        .await
+    else {
+        return Ok(());
+    };
+    loop {
+        // An election that ended under it stops the service, naming this task.
+        let term = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            term = leadership.acquired() => term?,
+        };
+        tracing::info!(term, "leading the periodic audit");
+        while leadership.is_leader() {
+            // A check waits on reads of every topic: a stop must not wait for it.
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = check_all(&config, &*store, &catalog) => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = leadership.lost() => {}
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+        tracing::info!(term, "no longer leading the periodic audit");
+    }
+}
+
+/// The hours checked now: whole hours that ended `settle` ago or earlier, `lookback` back.
+fn hours_due(now: i64, settle: Duration, lookback: Duration) -> (i64, i64) {
+    let to = (now - settle.as_millis() as i64).div_euclid(HOUR_MS) * HOUR_MS;
+    let hours = (lookback.as_millis() as i64 + HOUR_MS - 1) / HOUR_MS;
+    (to - hours * HOUR_MS, to)
+}
+
+async fn check_all(
+    config: &Config,
+    store: &dyn AggregateStore,
+    catalog: &watch::Receiver<Arc<Catalog>>,
+) {
+    let cfg = &config.query_api;
+    let (from, to) = hours_due(
+        instream_event::now_millis(),
+        cfg.audit_settle,
+        cfg.audit_lookback,
+    );
+    let archive = match cfg
+        .audit_archive
+        .then(|| instream_archive::build(&config.archive))
+    {
+        Some(Ok(archive)) => Some(archive),
+        Some(Err(error)) => {
+            tracing::warn!(%error, "the periodic audit cannot open the archive; it checks without");
+            None
+        }
+        None => None,
+    };
+    let pipelines: Vec<Arc<PipelineDefinition>> = catalog.borrow().iter().cloned().collect();
+    for def in pipelines {
+        let name = def.name.clone();
+        match check(config, store, archive.as_deref(), &def, from, to).await {
+            Ok(report) => {
+                for (stage, records) in report.unbalanced_by_stage() {
+                    metrics::gauge!("instream_audit_unbalanced_records", "pipeline" => name.clone(), "stage" => stage)
+                        .set(records as f64);
+                }
+                metrics::gauge!("instream_audit_checked_timestamp_seconds", "pipeline" => name.clone())
+                    .set(instream_event::now_millis() as f64 / 1000.0);
+                for d in &report.differences {
+                    tracing::warn!(pipeline = %name, hour = %d.hour, stage = d.stage, records = d.size, what = %d.what, "the audit does not balance");
+                }
+            }
+            Err(error) => {
+                metrics::counter!("instream_audit_check_failures_total", "pipeline" => name.clone())
+                    .increment(1);
+                tracing::warn!(pipeline = %name, %error, "the periodic audit could not check");
+            }
+        }
+    }
+}
+
+async fn check(
+    config: &Config,
+    store: &dyn AggregateStore,
+    archive: Option<&dyn instream_archive::Archive>,
+    def: &PipelineDefinition,
+    from: i64,
+    to: i64,
+) -> Result<AuditReport, String> {
+    let (mut ledger, notes) = instream_audit::read_topics(&config.kafka, &def.name, from, to)
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(archive) = archive {
+        instream_audit::archive_by_file_names(archive, &def.name, &mut ledger)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let aggregations = instream_audit::aggregations_of(def);
+    if !aggregations.is_empty() {
+        let (from, to) = ledger.range();
+        let rows = store
+            .load_ledger(&def.name, from, to)
+            .await
+            .map_err(|e| format!("reading the aggregator's ledger: {e}"))?;
+        ledger.aggregator(&rows, aggregations, &topics::enriched(&def.name));
+    }
+    Ok(instream_audit::report(
+        &def.name,
+        &ledger,
+        archive.is_some(),
+        notes,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hours_due_have_settled_and_reach_back_whole() {
+        let h = 1_700_002_800_000;
+        let (from, to) = hours_due(
+            h + 10 * 60_000,
+            Duration::from_secs(900),
+            Duration::from_secs(3 * 3600),
+        );
+        assert_eq!(
+            (from, to),
+            (h - 4 * HOUR_MS, h - HOUR_MS),
+            "the hour before ended 10 minutes ago: not settled"
+        );
+        let (from, to) = hours_due(
+            h + 20 * 60_000,
+            Duration::from_secs(900),
+            Duration::from_secs(5400),
+        );
+        assert_eq!(
+            (from, to),
+            (h - 2 * HOUR_MS, h),
+            "a lookback of 1.5h checks two hours"
+        );
+    }
+}
