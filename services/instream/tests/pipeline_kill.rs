@@ -2,11 +2,15 @@
 //! repartitioned by an enriched field) and archiver, each its own process (`instream run
 //! <service>`, the code of `instream-<service>`), on the test broker, fed over HTTP by a
 //! producer that resends a batch with the same `Idempotency-Key` whenever it got no answer
-//! (and now and then although it got one, as after a lost answer). Every service is killed
+//! (and now and then although it got one, as after a lost answer); among the events, customers
+//! without reference data and negative amounts (both dead-lettered by the enricher) and a
+//! burst of events a day late (too late for the aggregator). Every service is killed
 //! with -9 several times at moments a seeded generator picks (the seed is printed;
 //! `INSTREAM_TEST_SEED=<seed>` replays a run) and restarted at once. At the end every window
 //! equals one clean pass over the accepted events, the archive holds every raw offset in
-//! exactly one file and every accepted event, and no run of any process counted a lost record.
+//! exactly one file and every accepted event, no run of any process counted a lost record, and
+//! `instream audit` reconciles every record of every stage exactly (and names a deleted
+//! archive file's records).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -78,6 +82,11 @@ max_out_of_orderness = "10m"
 name = "customer"
 key_template = "customer:{{customer}}"
 fields = {{ tier = "tier" }}
+on_miss = "dead_letter"
+[[pipelines.quality]]
+name = "amount-positive"
+action = "dead_letter"
+check = {{ kind = "range", field = "payload.amount", min = 0 }}
 [[pipelines.aggregations]]
 name = "per_minute"
 window = {{ kind = "tumbling", size = "1m" }}
@@ -171,13 +180,49 @@ fn spawn(pipeline: &Pipeline, service: &str) -> ChildGuard {
     instream_testkit::spawn_service_with(BIN, &["run", service], config).unwrap()
 }
 
+/// What an event is for: most are counted; some have a customer without reference data
+/// (dead-lettered by the enricher, `enrich_miss`), a negative amount (`quality`), or a time a
+/// day behind the others (a late burst: too late for the per-minute windows, dead-lettered by
+/// the aggregator; they come after every partition has seen newer events).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Counted,
+    RefdataMiss,
+    Quality,
+    Late,
+}
+
+fn kind(i: usize) -> Kind {
+    if i % 97 == 5 {
+        Kind::RefdataMiss
+    } else if i % 89 == 7 {
+        Kind::Quality
+    } else if i >= 4_000 && i % 101 == 50 {
+        Kind::Late
+    } else {
+        Kind::Counted
+    }
+}
+
+fn count_of(k: Kind) -> i64 {
+    (0..EVENTS).filter(|i| kind(*i) == k).count() as i64
+}
+
 /// The event `i` as the producer sends it.
 fn event(i: usize) -> serde_json::Value {
-    serde_json::json!({
-        "customer": format!("c{}", i % CUSTOMERS),
-        "ts": T0 + 15 * i as i64,
-        "amount": i % 100,
-    })
+    let customer = match kind(i) {
+        Kind::RefdataMiss => format!("ghost{}", i % 3),
+        _ => format!("c{}", i % CUSTOMERS),
+    };
+    let ts = match kind(i) {
+        Kind::Late => T0 - 86_400_000 + 15 * i as i64,
+        _ => T0 + 15 * i as i64,
+    };
+    let amount = match kind(i) {
+        Kind::Quality => -1,
+        _ => (i % 100) as i64,
+    };
+    serde_json::json!({ "customer": customer, "ts": ts, "amount": amount })
 }
 
 /// Sends every event in batches, each until it is answered 200 with every event accepted
@@ -261,11 +306,12 @@ type PerMinute = BTreeMap<(String, i64), (i64, f64)>;
 /// (tier, window start) -> count.
 type PerTier = BTreeMap<(String, i64), i64>;
 
-/// Both aggregations' windows after one clean pass over the events.
+/// Both aggregations' windows around T0 after one clean pass over the events (the late
+/// burst's windows are a day earlier, whether counted or not).
 fn one_clean_pass() -> (PerMinute, PerTier) {
     let mut per_minute = BTreeMap::new();
     let mut per_tier = BTreeMap::new();
-    for i in 0..EVENTS {
+    for i in (0..EVENTS).filter(|i| kind(*i) == Kind::Counted) {
         let ts = T0 + 15 * i as i64;
         let minute = ts - ts.rem_euclid(60_000);
         let entry = per_minute
@@ -370,17 +416,43 @@ fn audit_balances_then_names_a_deleted_file(p: &Pipeline, raw_records: i64) {
         total(&["ingest", "resent_copies"]),
         raw_records - EVENTS as i64
     );
-    assert_eq!(total(&["enricher", "enriched"]), raw_records, "{report}");
+    let dead = |code: &str| -> i64 {
+        report["hours"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["enricher"]["dead_lettered"][code].as_i64().unwrap_or(0))
+            .sum()
+    };
+    let (misses, bad, late) = (
+        count_of(Kind::RefdataMiss),
+        count_of(Kind::Quality),
+        count_of(Kind::Late),
+    );
+    assert!(misses > 100 && bad > 100 && late > 100);
+    let enriched = total(&["enricher", "enriched"]);
+    assert_eq!(
+        enriched + dead("enrich_miss") + dead("quality"),
+        raw_records,
+        "{report}"
+    );
+    // Resent batches make copies: at least one raw record of each event.
+    assert!(
+        dead("enrich_miss") >= misses && dead("quality") >= bad,
+        "{report}"
+    );
     assert_eq!(total(&["archiver", "archived"]), raw_records, "{report}");
     // The aggregator applied every enriched copy once; each aggregation counted each event
-    // once and dropped the rest as repeats (the per-tier one on its repartition topic).
+    // once (or found it too late) and dropped the rest as repeats (the per-tier one on its
+    // repartition topic).
     let applied = total(&["aggregator", "applied"]);
     assert_eq!(
         applied,
         total(&["aggregator", "enriched_records"]),
         "{report}"
     );
-    assert!(applied >= raw_records, "{report}");
+    assert!(applied >= enriched, "{report}");
+    let aggregated = EVENTS as i64 - misses - bad;
     let outcome = |aggregation: &str, outcome: &str| -> i64 {
         report["hours"]
             .as_array()
@@ -393,15 +465,25 @@ fn audit_balances_then_names_a_deleted_file(p: &Pipeline, raw_records: i64) {
             })
             .sum()
     };
+    assert_eq!(
+        outcome("per_minute", "counted"),
+        aggregated - late,
+        "{report}"
+    );
+    assert_eq!(outcome("per_minute", "too_late"), late, "{report}");
     for aggregation in ["per_minute", "per_tier"] {
-        assert_eq!(outcome(aggregation, "counted"), EVENTS as i64, "{report}");
+        assert_eq!(
+            outcome(aggregation, "counted") + outcome(aggregation, "too_late"),
+            aggregated,
+            "{report}"
+        );
         assert_eq!(
             outcome(aggregation, "repeated_event") + outcome(aggregation, "repeated_origin"),
-            applied - EVENTS as i64,
+            applied - aggregated,
             "{report}"
         );
     }
-    assert_eq!(outcome("per_tier", "forwarded"), EVENTS as i64, "{report}");
+    assert_eq!(outcome("per_tier", "forwarded"), aggregated, "{report}");
 
     // One archive file gone: its records, per hour of their ingest time, are what is missing.
     let mut files = Vec::new();
