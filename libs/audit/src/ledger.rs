@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use instream_kafka::ops::ScannedPartition;
 use instream_store::LedgerRow;
 use serde::Serialize;
 
@@ -90,6 +91,8 @@ pub struct AggregatorCounts {
     pub enriched_records: u64,
     /// Records the aggregator applied (each copy once).
     pub applied: u64,
+    /// Records it dead-lettered without applying them (no definition of their pipeline yet).
+    pub dead_lettered: u64,
     /// Per aggregation, records by outcome (`counted`, `repeated_event`, `repeated_origin`,
     /// `too_late`, `future_time`, `filtered_out`, `outside_windows`, `forwarded` to its
     /// repartition topic; `not_defined`: applied while the aggregation was not in the
@@ -119,15 +122,33 @@ pub struct Difference {
     pub what: String,
 }
 
+/// The topics an audit reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Topic {
+    Raw,
+    Enriched,
+    DeadLetters,
+}
+
 #[derive(Default)]
 pub struct Ledger {
     from: i64,
     to: i64,
+    /// Per topic and partition, the first hour (hours since the epoch) the topic still holds
+    /// whole; the hours before are not auditable there (retention deleted their start).
+    whole_from: BTreeMap<(Topic, i32), i32>,
+    /// No hour before this one is auditable (a standalone's broker starts empty).
+    not_before: i32,
+    /// The broker timestamp of the first record read, per topic and partition.
+    first_read: BTreeMap<(Topic, i32), i64>,
     raw: BTreeMap<i32, RawPartition>,
     ingest: BTreeMap<i32, IngestCounts>,
     codes: Vec<String>,
     /// Enriched records by (hour, enriched partition), every copy.
     enriched: BTreeMap<(i32, i32), u64>,
+    /// Enriched records the aggregator dead-lettered instead of applying them (their pipeline
+    /// had no definition there yet), by (hour, enriched partition).
+    aggregator_dead: BTreeMap<(i32, i32), u64>,
     aggregator: Option<AggregatorLedger>,
 }
 
@@ -166,8 +187,45 @@ impl Ledger {
         Self {
             from: from.div_euclid(HOUR_MS) * HOUR_MS,
             to: to.div_euclid(HOUR_MS) * HOUR_MS + if to % HOUR_MS == 0 { 0 } else { HOUR_MS },
+            not_before: i32::MIN,
             ..Default::default()
         }
+    }
+
+    /// A record of `topic` was read (the first of its partition says where reading began).
+    pub fn read(&mut self, topic: Topic, partition: i32, timestamp: Option<i64>) {
+        if let Some(t) = timestamp {
+            self.first_read.entry((topic, partition)).or_insert(t);
+        }
+    }
+
+    /// What the read of `topic` covered: a partition read from its log start past 0 may have
+    /// lost the beginning of the range to retention, so its hours before the first whole hour
+    /// after the first record read are not audited (nor any of a partition emptied since).
+    pub fn scanned(&mut self, topic: Topic, partitions: &[ScannedPartition]) {
+        for p in partitions.iter().filter(|p| p.low > 0 && p.start == p.low) {
+            let whole_from = match self.first_read.get(&(topic, p.partition)) {
+                Some(t) => hour_of(t.saturating_add(HOUR_MS - 1)),
+                None => i32::MAX,
+            };
+            self.whole_from.insert((topic, p.partition), whole_from);
+        }
+    }
+
+    /// No hour that began before `millis` is audited.
+    pub fn not_before(&mut self, millis: i64) {
+        self.not_before = hour_of(millis.saturating_add(HOUR_MS - 1));
+    }
+
+    fn whole(&self, topics: &[Topic], partition: i32, hour: i32) -> bool {
+        hour >= self.not_before
+            && topics.iter().all(|t| {
+                hour >= self
+                    .whole_from
+                    .get(&(*t, partition))
+                    .copied()
+                    .unwrap_or(i32::MIN)
+            })
     }
 
     fn in_range(&self, hour: i32) -> bool {
@@ -232,6 +290,17 @@ impl Ledger {
             let hour = hour_of(event.ingest_time);
             if self.in_range(hour) {
                 *self.enriched.entry((hour, partition)).or_default() += 1;
+            }
+        }
+    }
+
+    /// A dead letter the aggregator wrote of an enriched record of `partition` it did not
+    /// apply (`payload`: the record).
+    pub fn aggregator_dead_lettered(&mut self, partition: i32, payload: &[u8]) {
+        if let Ok(event) = instream_event::decode(payload) {
+            let hour = hour_of(event.ingest_time);
+            if self.in_range(hour) {
+                *self.aggregator_dead.entry((hour, partition)).or_default() += 1;
             }
         }
     }
@@ -303,13 +372,19 @@ impl Ledger {
         }
     }
 
-    /// Per hour of the range that holds raw records, and every difference; `archive`: whether
-    /// the archive was read.
-    pub fn report(&self, archive: bool) -> (Vec<HourReport>, Vec<Difference>) {
+    /// Per hour of the range that holds raw records, every difference, and notes on what could
+    /// not be audited; `archive`: whether the archive was read.
+    pub fn report(&self, archive: bool) -> (Vec<HourReport>, Vec<Difference>, Vec<String>) {
         let mut hours: BTreeMap<i32, HourReport> = BTreeMap::new();
-        for part in self.raw.values() {
+        let mut unauditable: BTreeMap<i32, u64> = BTreeMap::new();
+        let all = [Topic::Raw, Topic::Enriched, Topic::DeadLetters];
+        for (&partition, part) in &self.raw {
             for fate in part.fates.iter().filter(|f| f.hour != NO_RECORD) {
                 if !self.in_range(fate.hour) {
+                    continue;
+                }
+                if !self.whole(&all, partition, fate.hour) {
+                    *unauditable.entry(partition).or_default() += 1;
                     continue;
                 }
                 let hour = hours.entry(fate.hour).or_insert_with(|| HourReport {
@@ -350,8 +425,15 @@ impl Ledger {
             }
         }
         if let Some(agg) = &self.aggregator {
-            let mut hours_seen: Vec<i32> = self.enriched.keys().map(|(h, _)| *h).collect();
-            hours_seen.extend(agg.applied.keys().map(|(h, _)| *h));
+            let mut hours_seen: Vec<i32> = self
+                .enriched
+                .keys()
+                .chain(agg.applied.keys())
+                .filter(|(h, p)| self.whole(&[Topic::Enriched], *p, *h))
+                .map(|(h, _)| *h)
+                .collect();
+            hours_seen.sort_unstable();
+            hours_seen.dedup();
             for hour in hours_seen {
                 let report = hours.entry(hour).or_insert_with(|| HourReport {
                     hour: hour_label(hour),
@@ -427,7 +509,32 @@ impl Ledger {
                 }
             }
         }
-        (hours.into_values().collect(), differences)
+        let mut notes: Vec<String> = unauditable
+            .iter()
+            .map(|(p, n)| {
+                format!(
+                    "{n} raw records of partition {p} not audited: their hours are not whole on \
+                     every topic (retention deleted the beginning, or the broker started after)"
+                )
+            })
+            .collect();
+        let skipped_partitions: Vec<String> = self
+            .whole_from
+            .iter()
+            .filter(|((t, _), h)| *t == Topic::Enriched && **h > hour_of(self.from))
+            .map(|((_, p), h)| match *h {
+                i32::MAX => format!("{p} (emptied)"),
+                h => format!("{p} (from {})", hour_label(h)),
+            })
+            .collect();
+        if self.aggregator.is_some() && !skipped_partitions.is_empty() {
+            notes.push(format!(
+                "aggregator not audited for enriched partitions {} before the hours given: the \
+                 topic no longer holds them whole",
+                skipped_partitions.join(", ")
+            ));
+        }
+        (hours.into_values().collect(), differences, notes)
     }
 
     /// Per enriched partition, the enriched records of `hour` not applied, and the records
@@ -447,7 +554,16 @@ impl Ledger {
         partitions.dedup();
         let (mut behind, mut beyond) = (0, 0);
         for p in partitions {
-            let on_topic = self.enriched.get(&(hour, p)).copied().unwrap_or(0);
+            if !self.whole(&[Topic::Enriched], p, hour) {
+                continue;
+            }
+            // What the aggregator dead-lettered unread (no definition yet) it could not apply.
+            let on_topic = self
+                .enriched
+                .get(&(hour, p))
+                .copied()
+                .unwrap_or(0)
+                .saturating_sub(self.aggregator_dead.get(&(hour, p)).copied().unwrap_or(0));
             let applied = agg.applied.get(&(hour, p)).copied().unwrap_or(0);
             behind += on_topic.saturating_sub(applied);
             beyond += applied.saturating_sub(on_topic);
@@ -485,6 +601,7 @@ impl Ledger {
         AggregatorCounts {
             enriched_records: sum(&self.enriched),
             applied,
+            dead_lettered: sum(&self.aggregator_dead),
             aggregations,
         }
     }
@@ -549,7 +666,7 @@ mod tests {
         l.enriched(0, Some((0, 100)), b""); // before the range: not reported
         l.enriched(0, Some((7, 1)), b""); // no such raw record: ignored
         l.archived(0, |o| o != 106);
-        let (hours, differences) = l.report(true);
+        let (hours, differences, _) = l.report(true);
         assert_eq!(differences, vec![], "{hours:#?}");
         assert_eq!(hours.len(), 2);
         assert_eq!(hours[0].hour, "2025-12-07T09:00:00Z");
@@ -578,7 +695,7 @@ mod tests {
         }
         l.dead_lettered(Some((0, 102)), "enrich_miss");
         l.archived(0, |o| !(102..=103).contains(&o));
-        let (_, differences) = l.report(true);
+        let (_, differences, _) = l.report(true);
         let named: Vec<_> = differences
             .iter()
             .map(|d| (d.hour.as_str(), d.stage, d.size))
@@ -640,7 +757,7 @@ mod tests {
             "new".to_owned(),
         ];
         l.aggregator(&rows, defined.clone(), "p.enriched");
-        let (hours, differences) = l.report(false);
+        let (hours, differences, _) = l.report(false);
         let names: Vec<_> = differences
             .iter()
             .filter(|d| d.stage == "aggregator")
@@ -656,7 +773,7 @@ mod tests {
         short[0] = row("p.enriched:1", H9, "", &[("records", 5)]);
         short.pop();
         l.aggregator(&short, defined, "p.enriched");
-        let (_, differences) = l.report(false);
+        let (_, differences, _) = l.report(false);
         let named: Vec<_> = differences
             .iter()
             .filter(|d| d.stage == "aggregator")
@@ -666,6 +783,64 @@ mod tests {
         assert_eq!(named[0].0, 1);
         assert!(named[0].1.contains("not applied"));
         assert!(named[1].1.starts_with("`per_tier`: forwarded"), "{named:?}");
+    }
+
+    #[test]
+    fn hours_a_topic_no_longer_holds_whole_are_left_out_not_reported() {
+        let mut l = ledger();
+        // The enriched topic's partition 0 was read from its log start (12 > 0), its first
+        // record written at 09:30: hour 09 is not whole there; hour 10 is.
+        l.read(Topic::Enriched, 0, Some(H9 + 1_800_000));
+        l.enriched(0, Some((0, 107)), &envelope("e", H9 + HOUR_MS));
+        l.dead_lettered(Some((0, 108)), "decode_error");
+        l.scanned(
+            Topic::Enriched,
+            &[ScannedPartition {
+                partition: 0,
+                low: 12,
+                start: 12,
+                end: 13,
+            }],
+        );
+        l.aggregator(
+            &[
+                row("p.enriched:0", H9, "", &[("records", 5)]),
+                row("p.enriched:0", H9 + HOUR_MS, "", &[("records", 1)]),
+            ],
+            vec![],
+            "p.enriched",
+        );
+        let (hours, differences, notes) = l.report(false);
+        assert_eq!(differences, vec![], "{hours:#?}");
+        assert_eq!(hours.len(), 1, "only hour 10: {hours:#?}");
+        assert!(
+            notes[0].starts_with("5 raw records of partition 0 not audited"),
+            "{notes:?}"
+        );
+        // A standalone started at 10:20: hour 10 is not whole either.
+        l.not_before(H9 + HOUR_MS + 1_200_000);
+        let (hours, _, _) = l.report(false);
+        assert!(hours.is_empty());
+    }
+
+    #[test]
+    fn what_the_aggregator_dead_lettered_unread_balances_its_partition() {
+        let mut l = ledger();
+        for o in [101, 102] {
+            l.enriched(3, Some((0, o)), &envelope("x", H9 + o));
+        }
+        l.aggregator_dead_lettered(3, &envelope("x", H9 + 102));
+        l.aggregator(
+            &[row("p.enriched:3", H9, "", &[("records", 1)])],
+            vec![],
+            "p.enriched",
+        );
+        let (hours, differences, _) = l.report(false);
+        assert!(
+            differences.iter().all(|d| d.stage != "aggregator"),
+            "{differences:?}"
+        );
+        assert_eq!(hours[0].aggregator.as_ref().unwrap().dead_lettered, 1);
     }
 
     #[test]

@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use instream_core::config::KafkaConfig;
 use instream_kafka::headers;
-use instream_kafka::ops::{scan_records_since, ScannedRecord};
+use instream_kafka::ops::{scan_records_between, ScannedRecord};
 use instream_pipeline::{topics, PipelineDefinition};
 use serde::Serialize;
 
 pub use ledger::{
     hour_label, AggregatorCounts, ArchiverCounts, Difference, EnricherCounts, HourReport,
-    IngestCounts, Ledger, HOUR_MS,
+    IngestCounts, Ledger, Topic, HOUR_MS,
 };
 
 /// How long before the range the topics are read from: ingest times and broker timestamps
@@ -53,6 +53,21 @@ pub struct AuditReport {
     /// What the audit could not see (a read that skipped records, an unreadable archive
     /// file), and what it does not cover.
     pub notes: Vec<String>,
+    /// Events ingest refused (they never reach a topic), when its processes were asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ingest_refusals: Option<IngestRefusals>,
+}
+
+/// Events ingest refused for the pipeline, by code, from the `/metrics` of the ingest
+/// processes running now: counted since each started (a restarted one forgot its own), not
+/// per hour — approximate, never part of the balance.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IngestRefusals {
+    pub approximate: bool,
+    /// The processes asked, and how many answered.
+    pub processes: usize,
+    pub answered: usize,
+    pub by_code: BTreeMap<String, u64>,
 }
 
 impl AuditReport {
@@ -69,14 +84,18 @@ impl AuditReport {
 
 /// Reads `pipeline`'s raw, enriched and dead-letter topics for the hours of ingest time in
 /// `[from, to)` (widened to whole hours) into a ledger; returns it with notes on what could
-/// not be read.
+/// not be read. The raw topic is read up to `SCAN_MARGIN` past the range (the ledger holds a
+/// line per raw record); the enriched and dead-letter topics to their end, since a stage that
+/// lags writes a range's outputs later (of those only counts are kept).
 pub async fn read_topics(
     kafka: &KafkaConfig,
     pipeline: &str,
     from: i64,
     to: i64,
 ) -> Result<(Ledger, Vec<String>), AuditError> {
-    let since = from - SCAN_MARGIN.as_millis() as i64;
+    let margin = SCAN_MARGIN.as_millis() as i64;
+    let since = from.div_euclid(HOUR_MS) * HOUR_MS - margin;
+    let until = to.saturating_add(HOUR_MS).saturating_add(margin);
     let raw = topics::raw(pipeline);
     let mut notes = Vec::new();
     let mut skipped = |topic: &str, lost: Vec<instream_kafka::Lost>| {
@@ -92,39 +111,65 @@ pub async fn read_topics(
         let topic = topic.to_owned();
         move |source| AuditError::Read { topic, source }
     };
-    let (ledger, lost) =
-        scan_records_since(kafka, &raw, since, false, Ledger::new(from, to), |l, r| {
+    let (mut ledger, lost, read_raw) = scan_records_between(
+        kafka,
+        &raw,
+        since,
+        Some(until),
+        false,
+        Ledger::new(from, to),
+        |l, r| {
+            l.read(Topic::Raw, r.partition, r.timestamp_millis);
             l.raw(r.partition, r.offset, r.timestamp_millis, r.payload)
-        })
-        .await
-        .map_err(read(&raw))?;
+        },
+    )
+    .await
+    .map_err(read(&raw))?;
+    ledger.scanned(Topic::Raw, &read_raw);
     skipped(&raw, lost);
     let enriched = topics::enriched(pipeline);
-    let (ledger, lost) = scan_records_since(kafka, &enriched, since, true, ledger, |l, r| {
-        l.enriched(r.partition, origin_of(r), r.payload)
-    })
-    .await
-    .map_err(read(&enriched))?;
+    let (mut ledger, lost, read_enriched) =
+        scan_records_between(kafka, &enriched, since, None, true, ledger, |l, r| {
+            l.read(Topic::Enriched, r.partition, r.timestamp_millis);
+            l.enriched(r.partition, origin_of(r), r.payload)
+        })
+        .await
+        .map_err(read(&enriched))?;
+    ledger.scanned(Topic::Enriched, &read_enriched);
     skipped(&enriched, lost);
     let dlq = topics::dead_letter(pipeline);
-    let ((ledger, _), lost) = scan_records_since(
+    let ((mut ledger, _), lost, read_dlq) = scan_records_between(
         kafka,
         &dlq,
         since,
+        None,
         true,
-        (ledger, raw.clone()),
-        |(l, raw), r| {
-            let enricher = instream_core::Service::Enricher.as_str().as_bytes();
-            if r.header(headers::DLQ_SERVICE) == Some(enricher)
-                && r.header(headers::ORIGIN_TOPIC) == Some(raw.as_bytes())
+        (ledger, (raw.clone(), enriched.clone())),
+        |(l, (raw, enriched)), r| {
+            l.read(Topic::DeadLetters, r.partition, r.timestamp_millis);
+            let service = r.header(headers::DLQ_SERVICE).unwrap_or_default();
+            let origin_topic = r.header(headers::ORIGIN_TOPIC).unwrap_or_default();
+            let code = r.header(headers::DLQ_CODE).unwrap_or_default();
+            if service == instream_core::Service::Enricher.as_str().as_bytes()
+                && origin_topic == raw.as_bytes()
             {
-                let code = r.header(headers::DLQ_CODE).unwrap_or_default();
                 l.dead_lettered(origin_of(r), &String::from_utf8_lossy(code));
+            } else if service == instream_core::Service::Aggregator.as_str().as_bytes()
+                && origin_topic == enriched.as_bytes()
+                && code != b"too_late"
+                && code != b"future_time"
+            {
+                // Dead-lettered instead of applied (no definition of its pipeline yet); too
+                // late and future time are in the aggregator's ledger.
+                if let Some((partition, _)) = origin_of(r) {
+                    l.aggregator_dead_lettered(partition, r.payload);
+                }
             }
         },
     )
     .await
     .map_err(read(&dlq))?;
+    ledger.scanned(Topic::DeadLetters, &read_dlq);
     skipped(&dlq, lost);
     Ok((ledger, notes))
 }
@@ -161,10 +206,27 @@ pub async fn archive_by_file_names(
     }
     let partitions: Vec<i32> = ledger.raw_partitions().map(|(p, ..)| p).collect();
     for p in partitions {
-        let covered = ranges.remove(&p).unwrap_or_default();
-        ledger.archived(p, |o| covered.iter().any(|(f, l)| o >= *f && o <= *l));
+        let covered = merged(ranges.remove(&p).unwrap_or_default());
+        ledger.archived(p, |o| {
+            // The last run starting at or before `o`.
+            let at = covered.partition_point(|(first, _)| *first <= o);
+            at > 0 && o <= covered[at - 1].1
+        });
     }
     Ok(())
+}
+
+/// Offset ranges sorted and merged where they overlap or touch.
+fn merged(mut ranges: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(i64, i64)> = Vec::with_capacity(ranges.len());
+    for (first, last) in ranges {
+        match out.last_mut() {
+            Some(run) if first <= run.1.saturating_add(1) => run.1 = run.1.max(last),
+            _ => out.push((first, last)),
+        }
+    }
+    out
 }
 
 /// Every aggregation `def` keeps (its versions' too), by name.
@@ -179,8 +241,14 @@ pub fn aggregations_of(def: &PipelineDefinition) -> Vec<String> {
 }
 
 /// The report of a ledger read (and given the archive's and the aggregator's parts).
-pub fn report(pipeline: &str, ledger: &Ledger, archive: bool, notes: Vec<String>) -> AuditReport {
-    let (hours, differences) = ledger.report(archive);
+pub fn report(
+    pipeline: &str,
+    ledger: &Ledger,
+    archive: bool,
+    mut notes: Vec<String>,
+) -> AuditReport {
+    let (hours, differences, unaudited) = ledger.report(archive);
+    notes.extend(unaudited);
     let (from, to) = ledger.range();
     let mut stages = vec!["enricher"];
     if archive {
@@ -198,6 +266,7 @@ pub fn report(pipeline: &str, ledger: &Ledger, archive: bool, notes: Vec<String>
         hours,
         differences,
         notes,
+        ingest_refusals: None,
     }
 }
 
@@ -232,7 +301,7 @@ mod tests {
         archive_by_file_names(&archive, "p", &mut ledger)
             .await
             .unwrap();
-        let (hours, differences) = ledger.report(true);
+        let (hours, differences, _) = ledger.report(true);
         let archived = hours[0].archiver.as_ref().unwrap();
         assert_eq!(
             (archived.archived, archived.missing),

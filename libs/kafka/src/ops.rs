@@ -395,20 +395,61 @@ pub async fn scan_records_since<S: Send + 'static>(
     topic: &str,
     since_millis: i64,
     markers: bool,
-    mut state: S,
+    state: S,
     visit: fn(&mut S, &ScannedRecord<'_>),
 ) -> Result<(S, Vec<Lost>), KafkaError> {
+    let (state, lost, _) =
+        scan_records_between(cfg, topic, since_millis, None, markers, state, visit).await?;
+    Ok((state, lost))
+}
+
+/// What a scan read of one partition: from `start` (the first offset at or after the time
+/// asked) to `end`, and the partition's log start (`low`) then: when `start == low > 0`,
+/// records older than the first one read may have been deleted (retention).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScannedPartition {
+    pub partition: i32,
+    pub low: i64,
+    pub start: i64,
+    pub end: i64,
+}
+
+/// [`scan_records_since`] up to the first record written at or after `until_millis` (the
+/// end now when `None`), saying what it read of each partition.
+pub async fn scan_records_between<S: Send + 'static>(
+    cfg: &KafkaConfig,
+    topic: &str,
+    since_millis: i64,
+    until_millis: Option<i64>,
+    markers: bool,
+    mut state: S,
+    visit: fn(&mut S, &ScannedRecord<'_>),
+) -> Result<(S, Vec<Lost>, Vec<ScannedPartition>), KafkaError> {
     let c = client_config(cfg, "instream-scan");
     let topic = topic.to_owned();
     blocking(move || {
         let consumer: BaseConsumer = c.create().map_err(KafkaError::Config)?;
         let partitions = partitions_of(&consumer, &topic)?;
+        let ends: HashMap<i32, i64> = match until_millis {
+            Some(until) => offsets_at(&consumer, &c, &topic, &partitions, until)?
+                .into_iter()
+                .collect(),
+            None => HashMap::new(),
+        };
         let mut lost = Vec::new();
+        let mut read = Vec::new();
         for (p, start) in offsets_at(&consumer, &c, &topic, &partitions, since_millis)? {
-            let (_, high) = consumer
+            let (low, high) = consumer
                 .fetch_watermarks(&topic, p, TIMEOUT)
                 .map_err(KafkaError::Consume)?;
-            lost.extend(scan(&c, &topic, p, start, high, markers, |m| {
+            let end = ends.get(&p).copied().unwrap_or(high).min(high);
+            read.push(ScannedPartition {
+                partition: p,
+                low,
+                start,
+                end,
+            });
+            lost.extend(scan(&c, &topic, p, start, end, markers, |m| {
                 let record = ScannedRecord {
                     partition: p,
                     offset: m.offset(),
@@ -420,7 +461,7 @@ pub async fn scan_records_since<S: Send + 'static>(
                 true
             })?);
         }
-        Ok((state, lost))
+        Ok((state, lost, read))
     })
     .await
 }

@@ -320,7 +320,7 @@ pub fn schema(cfg: &StoreConfig) -> Vec<String> {
         format!(
             "CREATE TABLE IF NOT EXISTS {ks}.audit_ledger (\
              pipeline text, hour bigint, source text, since bigint, aggregation text, \
-             counts map<text, bigint>, \
+             counts frozen<map<text, bigint>>, \
              PRIMARY KEY ((pipeline, hour), source, since, aggregation)) \
              WITH default_time_to_live = {}",
             cfg.ttl.as_secs()

@@ -82,6 +82,14 @@ async fn collect(config: &Config, args: &AuditArgs) -> anyhow::Result<AuditRepor
     let pipeline = &args.pipeline;
     let (mut ledger, mut notes) =
         instream_audit::read_topics(&config.kafka, pipeline, args.from, args.to).await?;
+    if config.kafka.broker == BrokerMode::Embedded {
+        // The embedded broker starts empty with each run: earlier hours are not auditable.
+        if let Some(run) =
+            crate::standalone::state::RunState::read(&config.standalone.state_file())?
+        {
+            ledger.not_before(run.started_at_ms);
+        }
+    }
     if !args.no_archive {
         read_archive(config, pipeline, &mut ledger, &mut notes).await?;
     }
@@ -104,12 +112,81 @@ async fn collect(config: &Config, args: &AuditArgs) -> anyhow::Result<AuditRepor
                 .into(),
         );
     }
-    Ok(instream_audit::report(
-        pipeline,
-        &ledger,
-        !args.no_archive,
-        notes,
-    ))
+    let refusals = match ingest_refusals(config, pipeline).await {
+        Ok(refusals) => Some(refusals),
+        Err(why) => {
+            notes.push(format!("ingest's refusals not shown: {why}"));
+            None
+        }
+    };
+    let mut report = instream_audit::report(pipeline, &ledger, !args.no_archive, notes);
+    report.ingest_refusals = refusals;
+    Ok(report)
+}
+
+/// The `/metrics` addresses of the ingest processes running now: the registry's (ZooKeeper),
+/// or the running standalone's.
+async fn ingest_admins(config: &Config) -> anyhow::Result<Vec<String>> {
+    if config.kafka.broker == BrokerMode::Embedded {
+        let run = crate::standalone::state::RunState::read(&config.standalone.state_file())?
+            .filter(|_| crate::standalone::state::running(config))
+            .context("no standalone runs")?;
+        return Ok(vec![run.admin]);
+    }
+    if config.definitions.source != instream_core::config::DefinitionSourceKind::Zookeeper {
+        anyhow::bail!("the registry lives in ZooKeeper, and this config does not use it");
+    }
+    let instances = instream_coord::coordinator(config)
+        .instances()
+        .await
+        .context("reading the service registry")?;
+    Ok(instances
+        .iter()
+        .filter(|i| i.service == instream_core::Service::Ingest.as_str())
+        .map(|i| i.typed().admin)
+        .filter(|a| !a.is_empty())
+        .collect())
+}
+
+/// Ingest's refusals of `pipeline`'s events by code (`instream_events_rejected_total`), summed
+/// over the ingest processes that answer.
+async fn ingest_refusals(
+    config: &Config,
+    pipeline: &str,
+) -> anyhow::Result<instream_audit::IngestRefusals> {
+    let admins = ingest_admins(config).await?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let mut refusals = instream_audit::IngestRefusals {
+        approximate: true,
+        processes: admins.len(),
+        ..Default::default()
+    };
+    for admin in admins {
+        let Ok(answer) = client.get(format!("http://{admin}/metrics")).send().await else {
+            continue;
+        };
+        let Ok(text) = answer.text().await else {
+            continue;
+        };
+        let Ok(scrape) = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        else {
+            continue;
+        };
+        refusals.answered += 1;
+        for s in scrape.samples.iter().filter(|s| {
+            s.metric == "instream_events_rejected_total"
+                && s.labels.get("service") == Some("ingest")
+                && s.labels.get("pipeline") == Some(pipeline)
+        }) {
+            if let prometheus_parse::Value::Counter(n) = s.value {
+                let code = s.labels.get("code").unwrap_or("?").to_owned();
+                *refusals.by_code.entry(code).or_default() += n as u64;
+            }
+        }
+    }
+    Ok(refusals)
 }
 
 /// The aggregator's ledger rows of the hours in `[from, to)`: from the store, or — when a
@@ -275,6 +352,20 @@ fn as_table(report: &AuditReport) -> String {
         text.push_str(&format!(
             "DIFFERENCE {} {}: {} {}\n",
             d.hour, d.stage, d.size, d.what
+        ));
+    }
+    if let Some(r) = &report.ingest_refusals {
+        let codes: Vec<String> = r.by_code.iter().map(|(c, n)| format!("{c}:{n}")).collect();
+        text.push_str(&format!(
+            "ingest refused (approximate: since each of {} of {} ingest processes started, not \
+             per hour): {}\n",
+            r.answered,
+            r.processes,
+            if codes.is_empty() {
+                "none".to_owned()
+            } else {
+                codes.join(" ")
+            }
         ));
     }
     for note in &report.notes {

@@ -3,11 +3,12 @@
 //! of ingest time that have settled, and sets `instream_audit_unbalanced_records{pipeline,
 //! stage}` (docs/guarantees.md, "Auditing what happened"; alert `InstreamAuditUnbalanced`).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use instream_audit::{AuditReport, HOUR_MS};
-use instream_core::config::Config;
+use instream_core::config::{BrokerMode, Config};
 use instream_pipeline::{topics, Catalog, PipelineDefinition};
 use instream_store::AggregateStore;
 use tokio::sync::watch;
@@ -15,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 pub(crate) const DUTY: &str = "audit";
 
-/// Until `shutdown`: joins the election, and while leading audits every `every`.
+/// Until `shutdown`: joins the election, and while leading audits every `audit_every`.
 pub(crate) async fn run(
     config: Config,
     store: Arc<dyn AggregateStore>,
@@ -23,6 +24,9 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), instream_coord::CoordError> {
     let every = config.query_api.audit_every;
+    // The embedded broker starts empty with the process: earlier hours are not auditable.
+    let not_before = (config.kafka.broker == BrokerMode::Embedded).then(instream_event::now_millis);
+    let mut exported = Exported::default();
     let coordinator = instream_coord::coordinator(&config);
     let instance = instream_coord::instance_name();
     let Some(mut leadership) = instream_core::Retry::new("joining the audit election", &shutdown)
@@ -39,10 +43,12 @@ pub(crate) async fn run(
         };
         tracing::info!(term, "leading the periodic audit");
         while leadership.is_leader() {
-            // A check waits on reads of every topic: a stop must not wait for it.
+            // A check waits on reads of every topic: neither a stop nor the end of the
+            // leadership waits for it.
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                _ = check_all(&config, &*store, &catalog) => {}
+                _ = leadership.lost() => break,
+                _ = check_all(&config, &*store, &catalog, not_before, &mut exported) => {}
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -50,7 +56,40 @@ pub(crate) async fn run(
                 _ = tokio::time::sleep(every) => {}
             }
         }
+        if leadership.is_leader() {
+            // `lost` returned while the term stands: the election's task is gone.
+            return Err(instream_coord::CoordError::ElectionEnded);
+        }
+        // The new leader's verdicts count now: this replica's would stay on /metrics and,
+        // taken with `max by`, keep an alert firing.
+        exported.retire_all();
         tracing::info!(term, "no longer leading the periodic audit");
+    }
+}
+
+/// The `(pipeline, stage)` series this replica set, so that it can put them back to 0 when
+/// it stops leading, or a pipeline or stage is no longer audited.
+#[derive(Default)]
+struct Exported(BTreeSet<(String, &'static str)>);
+
+impl Exported {
+    fn set(&mut self, pipeline: &str, stage: &'static str, records: u64) {
+        metrics::gauge!("instream_audit_unbalanced_records", "pipeline" => pipeline.to_owned(), "stage" => stage)
+            .set(records as f64);
+        self.0.insert((pipeline.to_owned(), stage));
+    }
+
+    /// Puts every series not in `current` back to 0.
+    fn retire_others(&mut self, current: &BTreeSet<(String, &'static str)>) {
+        for (pipeline, stage) in self.0.difference(current) {
+            metrics::gauge!("instream_audit_unbalanced_records", "pipeline" => pipeline.clone(), "stage" => *stage)
+                .set(0.0);
+        }
+        self.0.retain(|s| current.contains(s));
+    }
+
+    fn retire_all(&mut self) {
+        self.retire_others(&BTreeSet::new());
     }
 }
 
@@ -65,6 +104,8 @@ async fn check_all(
     config: &Config,
     store: &dyn AggregateStore,
     catalog: &watch::Receiver<Arc<Catalog>>,
+    not_before: Option<i64>,
+    exported: &mut Exported,
 ) {
     let cfg = &config.query_api;
     let (from, to) = hours_due(
@@ -84,13 +125,24 @@ async fn check_all(
         None => None,
     };
     let pipelines: Vec<Arc<PipelineDefinition>> = catalog.borrow().iter().cloned().collect();
+    let mut current = BTreeSet::new();
     for def in pipelines {
         let name = def.name.clone();
-        match check(config, store, archive.as_deref(), &def, from, to).await {
+        let checked = check(
+            config,
+            store,
+            archive.as_deref(),
+            &def,
+            from,
+            to,
+            not_before,
+        )
+        .await;
+        match checked {
             Ok(report) => {
                 for (stage, records) in report.unbalanced_by_stage() {
-                    metrics::gauge!("instream_audit_unbalanced_records", "pipeline" => name.clone(), "stage" => stage)
-                        .set(records as f64);
+                    exported.set(&name, stage, records);
+                    current.insert((name.clone(), stage));
                 }
                 metrics::gauge!("instream_audit_checked_timestamp_seconds", "pipeline" => name.clone())
                     .set(instream_event::now_millis() as f64 / 1000.0);
@@ -99,12 +151,15 @@ async fn check_all(
                 }
             }
             Err(error) => {
+                // Its last verdict stands (InstreamAuditNotChecking says it is getting old).
+                current.extend(exported.0.iter().filter(|(p, _)| *p == name).cloned());
                 metrics::counter!("instream_audit_check_failures_total", "pipeline" => name.clone())
                     .increment(1);
                 tracing::warn!(pipeline = %name, %error, "the periodic audit could not check");
             }
         }
     }
+    exported.retire_others(&current);
 }
 
 async fn check(
@@ -114,10 +169,14 @@ async fn check(
     def: &PipelineDefinition,
     from: i64,
     to: i64,
+    not_before: Option<i64>,
 ) -> Result<AuditReport, String> {
     let (mut ledger, notes) = instream_audit::read_topics(&config.kafka, &def.name, from, to)
         .await
         .map_err(|e| e.to_string())?;
+    if let Some(start) = not_before {
+        ledger.not_before(start);
+    }
     if let Some(archive) = archive {
         instream_audit::archive_by_file_names(archive, &def.name, &mut ledger)
             .await

@@ -370,6 +370,20 @@ impl Config {
         self.shutdown.validate(&mut p);
         self.kafka.validate(&mut p);
         p.check(
+            self.query_api.audit_every.is_zero()
+                || !self.query_api.audit_archive
+                || self.query_api.audit_settle > self.archiver.roll_max_age,
+            "query_api.audit_settle",
+            || {
+                format!(
+                    "must be longer than archiver.roll_max_age ({:?}): the periodic audit would \
+                     find the archiver's open files missing (or set query_api.audit_archive = \
+                     false)",
+                    self.archiver.roll_max_age
+                )
+            },
+        );
+        p.check(
             !(self.enricher.delivery == EnricherDelivery::Transactional
                 && self.kafka.broker == BrokerMode::Embedded),
             "enricher.delivery",

@@ -127,6 +127,21 @@ fn cooperative_assignment_is_refused() {
 }
 
 #[test]
+fn the_periodic_audit_waits_longer_than_the_archiver_keeps_a_file_open() {
+    let err = Config::from_toml("[archiver]\nroll_max_age = \"1h\"\n").unwrap_err();
+    assert!(err.to_string().contains("query_api.audit_settle"), "{err}");
+    for fine in [
+        "[archiver]\nroll_max_age = \"1h\"\n[query_api]\naudit_settle = \"90m\"\n",
+        "[archiver]\nroll_max_age = \"1h\"\n[query_api]\naudit_archive = false\n",
+        "[archiver]\nroll_max_age = \"1h\"\n[query_api]\naudit_every = \"0s\"\n",
+    ] {
+        Config::from_toml(fine).unwrap();
+    }
+    let err = Config::from_toml("[query_api]\naudit_lookback = \"30m\"\n").unwrap_err();
+    assert!(err.to_string().contains("query_api.audit_lookback"), "{err}");
+}
+
+#[test]
 fn enricher_transactions_need_a_kafka_cluster() {
     let err = Config::from_toml(
         "[kafka]\nbroker = \"embedded\"\n[enricher]\ndelivery = \"transactional\"\n",

@@ -123,6 +123,9 @@ impl PartitionState {
         self.seen = SeenIds::default();
         // Results marks point into the old broker's topics.
         self.published = PublishedFinal::default();
+        // Its lines count from offsets of the old broker, and their rows are written: the
+        // new broker's records are counted in lines (rows) of their own.
+        self.ledger = Default::default();
         self.changed = true;
     }
 
