@@ -137,8 +137,9 @@ pub struct Ledger {
     /// Per topic and partition, the first hour (hours since the epoch) the topic still holds
     /// whole; the hours before are not auditable there (retention deleted their start).
     whole_from: BTreeMap<(Topic, i32), i32>,
-    /// No hour before this one is auditable (a standalone's broker starts empty).
-    not_before: i32,
+    /// No hour before this one is audited for the aggregator (its ledger rows outlive the
+    /// broker of a standalone that keeps its store in a file).
+    aggregator_from: i32,
     /// The broker timestamp of the first record read, per topic and partition.
     first_read: BTreeMap<(Topic, i32), i64>,
     raw: BTreeMap<i32, RawPartition>,
@@ -187,7 +188,7 @@ impl Ledger {
         Self {
             from: from.div_euclid(HOUR_MS) * HOUR_MS,
             to: to.div_euclid(HOUR_MS) * HOUR_MS + if to % HOUR_MS == 0 { 0 } else { HOUR_MS },
-            not_before: i32::MIN,
+            aggregator_from: i32::MIN,
             ..Default::default()
         }
     }
@@ -212,20 +213,21 @@ impl Ledger {
         }
     }
 
-    /// No hour that began before `millis` is audited.
-    pub fn not_before(&mut self, millis: i64) {
-        self.not_before = hour_of(millis.saturating_add(HOUR_MS - 1));
+    /// The broker started empty at `millis` while the store kept the aggregator's ledger
+    /// rows of earlier runs (a standalone with a store file): no hour that began before it is
+    /// audited for the aggregator (its rows count records this broker never held).
+    pub fn broker_started(&mut self, millis: i64) {
+        self.aggregator_from = hour_of(millis.saturating_add(HOUR_MS - 1));
     }
 
     fn whole(&self, topics: &[Topic], partition: i32, hour: i32) -> bool {
-        hour >= self.not_before
-            && topics.iter().all(|t| {
-                hour >= self
-                    .whole_from
-                    .get(&(*t, partition))
-                    .copied()
-                    .unwrap_or(i32::MIN)
-            })
+        topics.iter().all(|t| {
+            hour >= self
+                .whole_from
+                .get(&(*t, partition))
+                .copied()
+                .unwrap_or(i32::MIN)
+        })
     }
 
     fn in_range(&self, hour: i32) -> bool {
@@ -429,7 +431,9 @@ impl Ledger {
                 .enriched
                 .keys()
                 .chain(agg.applied.keys())
-                .filter(|(h, p)| self.whole(&[Topic::Enriched], *p, *h))
+                .filter(|(h, p)| {
+                    *h >= self.aggregator_from && self.whole(&[Topic::Enriched], *p, *h)
+                })
                 .map(|(h, _)| *h)
                 .collect();
             hours_seen.sort_unstable();
@@ -554,7 +558,7 @@ impl Ledger {
         partitions.dedup();
         let (mut behind, mut beyond) = (0, 0);
         for p in partitions {
-            if !self.whole(&[Topic::Enriched], p, hour) {
+            if hour < self.aggregator_from || !self.whole(&[Topic::Enriched], p, hour) {
                 continue;
             }
             // What the aggregator dead-lettered unread (no definition yet) it could not apply.
@@ -817,10 +821,13 @@ mod tests {
             notes[0].starts_with("5 raw records of partition 0 not audited"),
             "{notes:?}"
         );
-        // A standalone started at 10:20: hour 10 is not whole either.
-        l.not_before(H9 + HOUR_MS + 1_200_000);
+        // A standalone restarted at 10:20 on a store file with its earlier runs' rows: the
+        // aggregator is not audited for hour 10; the enricher is (its broker is this run's).
+        l.broker_started(H9 + HOUR_MS + 1_200_000);
         let (hours, _, _) = l.report(false);
-        assert!(hours.is_empty());
+        assert_eq!(hours.len(), 1);
+        assert!(hours[0].aggregator.is_none());
+        assert_eq!(hours[0].enricher.raw_records, 2);
     }
 
     #[test]

@@ -82,12 +82,14 @@ async fn collect(config: &Config, args: &AuditArgs) -> anyhow::Result<AuditRepor
     let pipeline = &args.pipeline;
     let (mut ledger, mut notes) =
         instream_audit::read_topics(&config.kafka, pipeline, args.from, args.to).await?;
-    if config.kafka.broker == BrokerMode::Embedded {
-        // The embedded broker starts empty with each run: earlier hours are not auditable.
+    if config.kafka.broker == BrokerMode::Embedded
+        && config.store.backend != instream_core::config::StoreBackend::Embedded
+    {
+        // The embedded broker starts empty with each run, the store file does not.
         if let Some(run) =
             crate::standalone::state::RunState::read(&config.standalone.state_file())?
         {
-            ledger.not_before(run.started_at_ms);
+            ledger.broker_started(run.started_at_ms);
         }
     }
     if !args.no_archive {

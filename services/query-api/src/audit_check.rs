@@ -24,8 +24,11 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), instream_coord::CoordError> {
     let every = config.query_api.audit_every;
-    // The embedded broker starts empty with the process: earlier hours are not auditable.
-    let not_before = (config.kafka.broker == BrokerMode::Embedded).then(instream_event::now_millis);
+    // The embedded broker starts empty with the process; a store file keeps the aggregator's
+    // rows of earlier runs.
+    let broker_started = (config.kafka.broker == BrokerMode::Embedded
+        && config.store.backend != instream_core::config::StoreBackend::Embedded)
+        .then(instream_event::now_millis);
     let mut exported = Exported::default();
     let coordinator = instream_coord::coordinator(&config);
     let instance = instream_coord::instance_name();
@@ -48,7 +51,7 @@ pub(crate) async fn run(
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = leadership.lost() => break,
-                _ = check_all(&config, &*store, &catalog, not_before, &mut exported) => {}
+                _ = check_all(&config, &*store, &catalog, broker_started, &mut exported) => {}
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -104,7 +107,7 @@ async fn check_all(
     config: &Config,
     store: &dyn AggregateStore,
     catalog: &watch::Receiver<Arc<Catalog>>,
-    not_before: Option<i64>,
+    broker_started: Option<i64>,
     exported: &mut Exported,
 ) {
     let cfg = &config.query_api;
@@ -135,7 +138,7 @@ async fn check_all(
             &def,
             from,
             to,
-            not_before,
+            broker_started,
         )
         .await;
         match checked {
@@ -169,13 +172,13 @@ async fn check(
     def: &PipelineDefinition,
     from: i64,
     to: i64,
-    not_before: Option<i64>,
+    broker_started: Option<i64>,
 ) -> Result<AuditReport, String> {
     let (mut ledger, notes) = instream_audit::read_topics(&config.kafka, &def.name, from, to)
         .await
         .map_err(|e| e.to_string())?;
-    if let Some(start) = not_before {
-        ledger.not_before(start);
+    if let Some(start) = broker_started {
+        ledger.broker_started(start);
     }
     if let Some(archive) = archive {
         instream_audit::archive_by_file_names(archive, &def.name, &mut ledger)

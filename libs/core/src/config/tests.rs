@@ -138,7 +138,10 @@ fn the_periodic_audit_waits_longer_than_the_archiver_keeps_a_file_open() {
         Config::from_toml(fine).unwrap();
     }
     let err = Config::from_toml("[query_api]\naudit_lookback = \"30m\"\n").unwrap_err();
-    assert!(err.to_string().contains("query_api.audit_lookback"), "{err}");
+    assert!(
+        err.to_string().contains("query_api.audit_lookback"),
+        "{err}"
+    );
 }
 
 #[test]
