@@ -163,8 +163,9 @@ struct AggregatorLedger {
     /// By (hour, aggregation): what the enriched partitions decided (the rest was decided
     /// on a repartition topic).
     on_enriched: BTreeMap<(i32, String), u64>,
-    /// The aggregations the definition keeps.
-    defined: Vec<String>,
+    /// The aggregations the definition keeps, with the time from which the current one has
+    /// had each without a break (`None`: not in the current version).
+    defined: Vec<(String, Option<i64>)>,
 }
 
 fn hour_of(millis: i64) -> i32 {
@@ -312,7 +313,7 @@ impl Ledger {
     pub fn aggregator(
         &mut self,
         rows: &[LedgerRow],
-        aggregations: Vec<String>,
+        aggregations: Vec<(String, Option<i64>)>,
         enriched_topic: &str,
     ) {
         let mut ledger = AggregatorLedger {
@@ -492,6 +493,27 @@ impl Ledger {
                     beyond,
                     "records the aggregator applied beyond what the enriched topic holds",
                 );
+                // Every record applied while an aggregation was defined has an outcome for it.
+                let hour_start = i64::from(*hour) * HOUR_MS;
+                if let Some(counts) = &h.aggregator {
+                    for (name, since) in &agg.defined {
+                        let Some(since) = since else { continue };
+                        if hour_start < *since {
+                            continue;
+                        }
+                        let missing = counts
+                            .aggregations
+                            .get(name)
+                            .and_then(|o| o.get("not_defined"))
+                            .copied()
+                            .unwrap_or(0);
+                        differ(
+                            "aggregator",
+                            missing,
+                            &format!("`{name}`: records applied without an outcome for it"),
+                        );
+                    }
+                }
                 for (name, outcomes) in agg.outcomes.range((*hour, String::new())..) {
                     if name.0 != *hour {
                         break;
@@ -583,7 +605,7 @@ impl Ledger {
         };
         let applied = sum(&agg.applied);
         let mut aggregations = BTreeMap::new();
-        let mut names = agg.defined.clone();
+        let mut names: Vec<String> = agg.defined.iter().map(|(n, _)| n.clone()).collect();
         names.extend(
             agg.outcomes
                 .keys()
@@ -756,9 +778,9 @@ mod tests {
             row("p.by-per_tier:1", H9, "per_tier", &[("too_late", 1)]),
         ];
         let defined = vec![
-            "per_minute".to_owned(),
-            "per_tier".to_owned(),
-            "new".to_owned(),
+            ("per_minute".to_owned(), Some(H9)),
+            ("per_tier".to_owned(), Some(H9)),
+            ("new".to_owned(), None),
         ];
         l.aggregator(&rows, defined.clone(), "p.enriched");
         let (hours, differences, _) = l.report(false);
@@ -828,6 +850,42 @@ mod tests {
         assert_eq!(hours.len(), 1);
         assert!(hours[0].aggregator.is_none());
         assert_eq!(hours[0].enricher.raw_records, 2);
+    }
+
+    #[test]
+    fn a_record_without_an_outcome_for_a_defined_aggregation_is_a_difference() {
+        let mut l = ledger();
+        l.enriched(0, Some((0, 101)), &envelope("x", H9 + 101));
+        l.enriched(0, Some((0, 102)), &envelope("y", H9 + 102));
+        let rows = vec![
+            row("p.enriched:0", H9, "", &[("records", 2)]),
+            row("p.enriched:0", H9, "m", &[("counted", 1)]),
+        ];
+        // Defined since before the hour: the second record's outcome is missing.
+        l.aggregator(&rows, vec![("m".to_owned(), Some(H9 - 1))], "p.enriched");
+        let (_, differences, _) = l.report(false);
+        let differences: Vec<_> = differences
+            .into_iter()
+            .filter(|d| d.stage == "aggregator")
+            .collect();
+        assert_eq!(differences.len(), 1, "{differences:?}");
+        assert_eq!(differences[0].size, 1);
+        assert!(differences[0]
+            .what
+            .starts_with("`m`: records applied without"));
+        // Added during the hour (or dropped since): not a difference, shown as not_defined.
+        l.aggregator(
+            &rows,
+            vec![("m".to_owned(), Some(H9 + 60_000))],
+            "p.enriched",
+        );
+        let (hours, differences, _) = l.report(false);
+        assert!(
+            differences.iter().all(|d| d.stage != "aggregator"),
+            "{differences:?}"
+        );
+        let agg = hours[0].aggregator.as_ref().unwrap();
+        assert_eq!(agg.aggregations["m"]["not_defined"], 1);
     }
 
     #[test]

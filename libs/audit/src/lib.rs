@@ -229,8 +229,12 @@ fn merged(mut ranges: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
     out
 }
 
-/// Every aggregation `def` keeps (its versions' too), by name.
-pub fn aggregations_of(def: &PipelineDefinition) -> Vec<String> {
+/// Every aggregation `def` keeps (its versions' too), by name, with the time from which the
+/// current version and those before it without a break have had it (`None` for one the
+/// current version dropped): every record ingested from then on was applied by an aggregator
+/// that knew it (a version takes over at its `effective_from`, after every aggregator has
+/// it), so each has an outcome for it.
+pub fn aggregations_of(def: &PipelineDefinition) -> Vec<(String, Option<i64>)> {
     let mut names: Vec<String> = def
         .versions()
         .flat_map(|(v, ..)| v.aggregations.iter().map(|a| a.name.clone()))
@@ -238,6 +242,19 @@ pub fn aggregations_of(def: &PipelineDefinition) -> Vec<String> {
     names.sort();
     names.dedup();
     names
+        .into_iter()
+        .map(|name| {
+            let mut since = None;
+            for (version, ..) in def.versions() {
+                if !version.aggregations.iter().any(|a| a.name == name) {
+                    break;
+                }
+                // The first version has been there since the pipeline was made.
+                since = Some(version.effective_from.unwrap_or(i64::MIN));
+            }
+            (name, since)
+        })
+        .collect()
 }
 
 /// The report of a ledger read (and given the archive's and the aggregator's parts).
