@@ -24,9 +24,31 @@ pub enum TestkitError {
     Pki(String),
 }
 
-/// A port free on 127.0.0.1 right now. The listener is dropped before the server binds, so a
-/// race is possible in principle; servers are started right after and fail loudly if it hits.
+/// A port free on 127.0.0.1 right now, for a server the test starts next. Taken below the
+/// kernel's ephemeral range (32768–60999 by default), not with `bind(0)`: a port picked there
+/// and released can be taken at once as the local port of any outgoing connection (the many
+/// a broker client opens), and the server then fails with "address already in use" (seen in
+/// CI). Successive calls of one process walk the range from a start that differs per process.
 pub fn free_port() -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FROM: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        std::process::id().wrapping_mul(7_919).wrapping_add(nanos) % SPAN
+    });
+    for _ in 0..SPAN {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = FROM + start.wrapping_add(step) % SPAN;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            return Ok(listener.local_addr()?.port());
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
