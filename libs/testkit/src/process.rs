@@ -28,10 +28,12 @@ pub enum TestkitError {
 /// kernel's ephemeral range (32768–60999 by default), not with `bind(0)`: a port picked there
 /// and released can be taken at once as the local port of any outgoing connection (the many
 /// a broker client opens), and the server then fails with "address already in use" (seen in
-/// CI). Successive calls of one process walk the range from a start that differs per process.
+/// CI). 10000–21999, so that a Redis cluster node's bus port (its port + 10000) is below that
+/// range too. Successive calls of one process walk the range from a start that differs per
+/// process.
 pub fn free_port() -> std::io::Result<u16> {
     use std::sync::atomic::{AtomicU32, Ordering};
-    const FROM: u32 = 20_000;
+    const FROM: u32 = 10_000;
     const SPAN: u32 = 12_000;
     static NEXT: AtomicU32 = AtomicU32::new(0);
     static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();

@@ -65,7 +65,13 @@ impl RedisCluster {
         let mut ports = Vec::new();
         let mut nodes = Vec::new();
         for i in 0..3 {
-            let port = free_port()?;
+            // A cluster node also listens on its port + 10000 (the cluster bus).
+            let port = loop {
+                let port = free_port()?;
+                if std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+                    break port;
+                }
+            };
             let node_dir = dir.path().join(format!("node{i}"));
             std::fs::create_dir_all(&node_dir)?;
             let log = node_dir.join("redis.log");
