@@ -637,9 +637,8 @@ async fn a_definition_change_takes_over_at_its_boundary_through_a_kill() {
 }
 
 /// The same change made while the aggregator runs mid-stream: version 2 is published to
-/// ZooKeeper and taken up from the watch while events of both versions' windows are being
-/// counted; the aggregator is killed (-9) as soon as it runs version 2, with more events
-/// still to come; restarted, it reads again what it had not checkpointed. Every window is
+/// ZooKeeper and taken up from the watch mid-stream, then events of both versions' windows
+/// are counted; the aggregator is killed (-9) right after, with more events still to come; restarted, it reads again what it had not checkpointed. Every window is
 /// still the version's its start says, whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_definition_change_taken_up_mid_stream_and_killed_right_after_switches_at_its_boundary() {
@@ -653,12 +652,21 @@ async fn a_definition_change_taken_up_mid_stream_and_killed_right_after_switches
     })
     .await;
     s.publish_version_2(&zk, 10_000).await;
-    s.send(200, 9_000, 14_000).await;
+    // The version must reach the aggregator before an event of its windows does (what the
+    // `effective_from` margin gives a deployment, DESIGN §7); then events of both versions'
+    // windows are counted by a run that knows both.
     wait_for("version 2 taken up", Duration::from_secs(60), || {
         s.runs_version(2.0)
     })
     .await;
-    first.0.kill().unwrap(); // right after it saw the change
+    s.send(200, 9_000, 14_000).await;
+    wait_for(
+        "the events around the boundary counted",
+        Duration::from_secs(60),
+        || s.counted(500),
+    )
+    .await;
+    first.0.kill().unwrap(); // right after it counted across the change
     first.wait_exit(Duration::from_secs(10)).unwrap();
     s.send(200, 14_000, 19_000).await;
     let second = instream_testkit::spawn_service(BIN, &s.config).unwrap();
