@@ -6,12 +6,11 @@ use std::sync::Arc;
 
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use instream_store::LedgerRow;
 use serde::Serialize;
 
-use crate::{authorized, failure, parse_time, shown, AppState, Params, Refusal, SERVICE};
+use crate::{authorized, failure, parse_time, respond, shown, AppState, Params, Refusal};
 
 /// The longest range one request reads: a month of hours.
 const MAX_HOURS: i64 = 31 * 24;
@@ -33,17 +32,7 @@ pub(crate) async fn ledger(
 ) -> Response {
     // `/v1/pipelines/{pipeline}/ledger`, as sent.
     let pipeline = uri.path().split('/').nth(3).unwrap_or_default().to_owned();
-    let response = match answer(&state, pipeline, query, &headers).await {
-        Ok(ledger) => Json(ledger).into_response(),
-        Err(refusal) => {
-            metrics::counter!("instream_query_refused_total", "error" => refusal.error)
-                .increment(1);
-            refusal.into_response()
-        }
-    };
-    metrics::counter!("instream_http_requests_total", "service" => SERVICE, "status" => response.status().as_u16().to_string())
-        .increment(1);
-    response
+    respond(answer(&state, pipeline, query, &headers).await)
 }
 
 async fn answer(

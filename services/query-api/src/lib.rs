@@ -362,8 +362,17 @@ async fn aggregates(
         segments.next().unwrap_or_default().to_owned(),
     );
     let started = Instant::now();
-    let response = match answer(&state, pipeline, aggregation, query, &headers).await {
-        Ok(page) => Json(page).into_response(),
+    let response = respond(answer(&state, pipeline, aggregation, query, &headers).await);
+    metrics::histogram!("instream_query_latency_seconds", "service" => SERVICE)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The JSON answer, or the refusal (counted by its error code); every answer counted by its
+/// status.
+fn respond<T: Serialize>(answered: Result<T, Refusal>) -> Response {
+    let response = match answered {
+        Ok(body) => Json(body).into_response(),
         Err(refusal) => {
             metrics::counter!("instream_query_refused_total", "error" => refusal.error)
                 .increment(1);
@@ -372,8 +381,6 @@ async fn aggregates(
     };
     metrics::counter!("instream_http_requests_total", "service" => SERVICE, "status" => response.status().as_u16().to_string())
         .increment(1);
-    metrics::histogram!("instream_query_latency_seconds", "service" => SERVICE)
-        .record(started.elapsed().as_secs_f64());
     response
 }
 
