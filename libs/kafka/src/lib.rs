@@ -46,6 +46,9 @@ pub mod headers {
     pub const ORIGIN_OFFSET: &str = "instream.origin.offset";
     /// On a record written back from a dead-letter topic: `<dlq topic>:<partition>:<offset>`.
     pub const REDRIVEN_FROM: &str = "instream.redriven.from";
+    /// On a record re-produced from the archive (`instream archive replay`):
+    /// `<raw topic>:<partition>:<offset>` it was archived from.
+    pub const REPLAYED_FROM: &str = "instream.replayed.from";
     /// On a final result of an `emit = "final"` aggregation: `<input topic>:<partition>`, the
     /// aggregator partition that owns its window (a restore reads its own back).
     pub const RESULT_SOURCE: &str = "instream.result.source";

@@ -600,6 +600,42 @@ pub async fn redrive(
     Ok(())
 }
 
+/// One record to write again, with where it came from (the [`headers::REPLAYED_FROM`]
+/// header).
+pub struct Copy<'a> {
+    pub key: &'a [u8],
+    pub payload: &'a [u8],
+    pub from: String,
+}
+
+/// Writes `records` to `topic` (keyed, so one key's records keep their order) and waits for
+/// every acknowledgement.
+pub async fn produce_copies(
+    cfg: &KafkaConfig,
+    topic: &str,
+    records: &[Copy<'_>],
+    progress: &instream_core::Progress,
+) -> Result<(), KafkaError> {
+    let producer = crate::client::producer(cfg, "instream-cli")?;
+    let mut pending = Vec::with_capacity(records.len());
+    for r in records {
+        let hs = OwnedHeaders::new().insert(Header {
+            key: headers::REPLAYED_FROM,
+            value: Some(&r.from),
+        });
+        let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+            .key(r.key)
+            .payload(r.payload)
+            .headers(hs);
+        pending.push(send(&producer, record).await?);
+    }
+    for delivery in pending {
+        delivered(delivery).await?;
+        progress.add(1);
+    }
+    Ok(())
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, KafkaError> + Send + 'static,
 ) -> Result<T, KafkaError> {

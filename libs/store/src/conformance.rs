@@ -100,6 +100,23 @@ pub async fn run(store: &dyn AggregateStore, pipeline: &str) {
         .unwrap();
     assert!(got.is_empty());
 
+    // Every group of one aggregation in a range of starts, and nothing of another one (named
+    // so that it sorts right after: the same name with a suffix).
+    let mut other = rows[5].clone();
+    other.aggregation = "per_minute_2".into();
+    store.upsert(&[other]).await.unwrap();
+    let mut got = store
+        .windows_between(pipeline, "per_minute", t0, t0 + 2 * 60_000)
+        .await
+        .unwrap();
+    got.sort_by(|a, b| (&a.group_key, a.window_start).cmp(&(&b.group_key, b.window_start)));
+    let starts: Vec<(&str, i64)> = got
+        .iter()
+        .map(|w| (w.group_key.as_str(), w.window_start))
+        .collect();
+    assert_eq!(starts, [("a", t0), ("a", t0 + 60_000), ("b", t0)]);
+    assert!(got.iter().all(|w| w.aggregation == "per_minute"));
+
     checkpoints(store, pipeline).await;
     ledger(store, pipeline).await;
 }

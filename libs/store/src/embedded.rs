@@ -94,6 +94,28 @@ impl AggregateStore for EmbeddedStore {
             .collect())
     }
 
+    async fn windows_between(
+        &self,
+        pipeline: &str,
+        aggregation: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<WindowAggregate>, StoreError> {
+        let map = self.rows.read().unwrap_or_else(|p| p.into_inner());
+        let lo = (
+            pipeline.to_owned(),
+            aggregation.to_owned(),
+            String::new(),
+            i64::MIN,
+        );
+        Ok(map
+            .range(lo..)
+            .take_while(|((p, a, ..), _)| p == pipeline && a == aggregation)
+            .filter(|((.., start), _)| (from..to).contains(start))
+            .map(|(_, v)| v.clone())
+            .collect())
+    }
+
     async fn save_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<(), StoreError> {
         let mut map = self.checkpoints.write().unwrap_or_else(|p| p.into_inner());
         for c in checkpoints {

@@ -112,6 +112,16 @@ pub trait AggregateStore: Send + Sync {
     /// merged into another one under a new start.
     async fn delete(&self, rows: &[WindowAggregate]) -> Result<(), StoreError>;
     async fn query(&self, query: &AggregateQuery) -> Result<Vec<WindowAggregate>, StoreError>;
+    /// Every window of every group of one aggregation whose start lies in `[from, to)`
+    /// (`archive recompute`: what a rewrite replaces). On Scylla a scan of the table: for
+    /// batch work, not for requests.
+    async fn windows_between(
+        &self,
+        pipeline: &str,
+        aggregation: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<WindowAggregate>, StoreError>;
     /// Succeeds when the store is reachable (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
     /// Replaces the checkpoints of the given partitions. Each one is written whole or not at

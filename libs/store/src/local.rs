@@ -36,6 +36,46 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// The windows of a key range whose start `keep` takes, at most `limit`.
+fn read_windows(
+    db: &Database,
+    range: std::ops::Range<WindowKey<'_>>,
+    keep: impl Fn(i64) -> bool,
+    limit: usize,
+) -> Result<Vec<WindowAggregate>, StoreError> {
+    let txn = db.begin_read().map_err(unavailable)?;
+    let table = txn.open_table(WINDOWS).map_err(unavailable)?;
+    let finals = txn.open_table(FINAL).map_err(unavailable)?;
+    let mut out = Vec::new();
+    for entry in table.range(range).map_err(unavailable)? {
+        if out.len() >= limit {
+            break;
+        }
+        let (k, v) = entry.map_err(unavailable)?;
+        let (pipeline, aggregation, group_key, window_start) = k.value();
+        if !keep(window_start) {
+            continue;
+        }
+        let (window_end, definition_version, count, values) = v.value();
+        let is_final = finals
+            .get((pipeline, aggregation, group_key, window_start))
+            .map_err(unavailable)?
+            .is_some();
+        out.push(WindowAggregate {
+            pipeline: pipeline.to_owned(),
+            aggregation: aggregation.to_owned(),
+            group_key: group_key.to_owned(),
+            window_start,
+            window_end,
+            definition_version,
+            count,
+            values: serde_json::from_str(values).unwrap_or_default(),
+            is_final,
+        });
+    }
+    Ok(out)
+}
+
 impl LocalStore {
     pub fn open(path: &Path) -> Result<LocalStore, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -129,9 +169,6 @@ impl AggregateStore for LocalStore {
         }
         let q = q.clone();
         self.blocking(move |db| {
-            let txn = db.begin_read().map_err(unavailable)?;
-            let table = txn.open_table(WINDOWS).map_err(unavailable)?;
-            let finals = txn.open_table(FINAL).map_err(unavailable)?;
             let lo = (
                 q.pipeline.as_str(),
                 q.aggregation.as_str(),
@@ -144,34 +181,29 @@ impl AggregateStore for LocalStore {
                 q.group_key.as_str(),
                 q.to,
             );
-            let mut out = Vec::new();
-            for entry in table.range(lo..hi).map_err(unavailable)?.take(q.limit) {
-                let (k, v) = entry.map_err(unavailable)?;
-                let (_, _, _, window_start) = k.value();
-                let (window_end, definition_version, count, values) = v.value();
-                let values = serde_json::from_str(values).unwrap_or_default();
-                let is_final = finals
-                    .get((
-                        q.pipeline.as_str(),
-                        q.aggregation.as_str(),
-                        q.group_key.as_str(),
-                        window_start,
-                    ))
-                    .map_err(unavailable)?
-                    .is_some();
-                out.push(WindowAggregate {
-                    pipeline: q.pipeline.clone(),
-                    aggregation: q.aggregation.clone(),
-                    group_key: q.group_key.clone(),
-                    window_start,
-                    window_end,
-                    definition_version,
-                    count,
-                    values,
-                    is_final,
-                });
-            }
-            Ok(out)
+            read_windows(db, lo..hi, |_| true, q.limit)
+        })
+        .await
+    }
+
+    async fn windows_between(
+        &self,
+        pipeline: &str,
+        aggregation: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<WindowAggregate>, StoreError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let (pipeline, aggregation) = (pipeline.to_owned(), aggregation.to_owned());
+        self.blocking(move |db| {
+            // Every group of the aggregation: the keys from its first group on, up to the next
+            // aggregation name (the same name with a NUL added sorts right after every group).
+            let next = format!("{aggregation}\0");
+            let lo = (pipeline.as_str(), aggregation.as_str(), "", i64::MIN);
+            let hi = (pipeline.as_str(), next.as_str(), "", i64::MIN);
+            read_windows(db, lo..hi, |start| (from..to).contains(&start), usize::MAX)
         })
         .await
     }

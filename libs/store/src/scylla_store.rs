@@ -35,6 +35,41 @@ pub struct ScyllaStore {
     load_checkpoint: PreparedStatement,
     save_ledger: PreparedStatement,
     load_ledger: PreparedStatement,
+    keyspace: String,
+    read_consistency: Consistency,
+}
+
+/// The columns of a window, in the order [`WindowRow`] reads them.
+const WINDOW_COLUMNS: &str = "pipeline, aggregation, group_key, window_start, window_end, \
+     definition_version, count, values_json, is_final";
+
+type WindowRow = (
+    String,
+    String,
+    String,
+    CqlTimestamp,
+    CqlTimestamp,
+    i64,
+    i64,
+    Option<String>,
+    Option<bool>,
+);
+
+fn window_of(row: WindowRow) -> WindowAggregate {
+    let (pipeline, aggregation, group_key, start, end, version, count, values, fin) = row;
+    WindowAggregate {
+        pipeline,
+        aggregation,
+        group_key,
+        window_start: start.0,
+        window_end: end.0,
+        definition_version: version,
+        count,
+        values: values
+            .and_then(|v| serde_json::from_str(&v).ok())
+            .unwrap_or_default(),
+        is_final: fin.unwrap_or(false),
+    }
 }
 
 fn consistency(c: StoreConsistency) -> Consistency {
@@ -227,8 +262,7 @@ impl ScyllaStore {
         upsert.set_consistency(write);
         let mut select = session
             .prepare(format!(
-                "SELECT pipeline, aggregation, group_key, window_start, window_end, \
-                 definition_version, count, values_json, is_final FROM {ks}.window_aggregates WHERE pipeline = ? AND \
+                "SELECT {WINDOW_COLUMNS} FROM {ks}.window_aggregates WHERE pipeline = ? AND \
                  aggregation = ? AND group_key = ? AND window_start >= ? AND window_start < ? \
                  LIMIT ?"
             ))
@@ -286,6 +320,8 @@ impl ScyllaStore {
             load_checkpoint,
             save_ledger,
             load_ledger,
+            keyspace: ks.clone(),
+            read_consistency: read,
         })
     }
 }
@@ -378,39 +414,45 @@ impl AggregateStore for ScyllaStore {
             .await
             .map_err(unavailable)?;
         let rows = result.into_rows_result().map_err(unavailable)?;
-        let typed = rows
-            .rows::<(
-                String,
-                String,
-                String,
-                CqlTimestamp,
-                CqlTimestamp,
-                i64,
-                i64,
-                Option<String>,
-                Option<bool>,
-            )>()
-            .map_err(unavailable)?;
-        typed
-            .map(|row| {
-                let (pipeline, aggregation, group_key, start, end, version, count, values, fin) =
-                    row.map_err(unavailable)?;
-                let values = values
-                    .and_then(|v| serde_json::from_str(&v).ok())
-                    .unwrap_or_default();
-                Ok(WindowAggregate {
-                    pipeline,
-                    aggregation,
-                    group_key,
-                    window_start: start.0,
-                    window_end: end.0,
-                    definition_version: version,
-                    count,
-                    values,
-                    is_final: fin.unwrap_or(false),
-                })
-            })
+        rows.rows::<WindowRow>()
+            .map_err(unavailable)?
+            .map(|row| row.map(window_of).map_err(unavailable))
             .collect()
+    }
+
+    async fn windows_between(
+        &self,
+        pipeline: &str,
+        aggregation: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<WindowAggregate>, StoreError> {
+        use futures::TryStreamExt;
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        // The partition key holds the group, so every group of an aggregation is a scan:
+        // paged, filtered by the nodes. Only `archive recompute` asks.
+        let mut scan = scylla::statement::unprepared::Statement::new(format!(
+            "SELECT {WINDOW_COLUMNS} FROM {}.window_aggregates WHERE pipeline = ? AND \
+             aggregation = ? AND window_start >= ? AND window_start < ? ALLOW FILTERING",
+            self.keyspace
+        ));
+        scan.set_consistency(self.read_consistency);
+        scan.set_page_size(1000);
+        self.session
+            .query_iter(
+                scan,
+                (pipeline, aggregation, CqlTimestamp(from), CqlTimestamp(to)),
+            )
+            .await
+            .map_err(unavailable)?
+            .rows_stream::<WindowRow>()
+            .map_err(unavailable)?
+            .map_ok(window_of)
+            .map_err(unavailable)
+            .try_collect()
+            .await
     }
 
     async fn save_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<(), StoreError> {

@@ -504,6 +504,8 @@ fn count(event: &Event, scope: Scope, outcome: &Outcome) {
             metrics::counter!("instream_aggregator_repartition_events_total", "pipeline" => event.pipeline.clone(), "aggregation" => aggregation.to_owned(), "outcome" => outcome)
                 .increment(1);
         }
+        // Not a live stage: `archive recompute` reports its own counts.
+        Scope::Recompute { .. } => {}
     }
 }
 

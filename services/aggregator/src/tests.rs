@@ -19,6 +19,15 @@ impl AggregateStore for CheckpointsDown {
     async fn query(&self, _: &AggregateQuery) -> Result<Vec<WindowAggregate>, StoreError> {
         Ok(Vec::new())
     }
+    async fn windows_between(
+        &self,
+        _: &str,
+        _: &str,
+        _: i64,
+        _: i64,
+    ) -> Result<Vec<WindowAggregate>, StoreError> {
+        Ok(Vec::new())
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }

@@ -272,12 +272,16 @@ pub enum Scope<'a> {
         /// longer holds the watermark back.
         idle_timeout: Duration,
     },
+    /// `instream archive recompute`: one aggregation, keyed or repartitioned, over records
+    /// read back from the archive in one process (no topic in between, so no origin).
+    Recompute { aggregation: &'a str },
 }
 
 impl Scope<'_> {
     pub fn takes(&self, aggregation: &instream_pipeline::Aggregation) -> bool {
         match self {
             Scope::Keyed => !aggregation.repartitioned(),
+            Scope::Recompute { aggregation: name } => aggregation.name == *name,
             Scope::Repartitioned {
                 aggregation: name, ..
             } => aggregation.repartitioned() && aggregation.name == *name,

@@ -203,20 +203,78 @@ pub(crate) fn note_error(e: impl std::fmt::Display) -> FormatError {
     FormatError::Note(e.to_string())
 }
 
+/// A JSON-lines file split into its offsets note (if it has one) and its zstd body.
+fn json_lines_parts(data: &[u8]) -> Result<(Option<OffsetsNote>, &[u8]), FormatError> {
+    if data.len() >= 8 && data[..4] == SKIPPABLE_MAGIC.to_le_bytes() {
+        let len = u32::from_le_bytes([data[4], data[5], data[6], data[7]]) as usize;
+        let text = data
+            .get(8..8 + len)
+            .ok_or_else(|| note_error("cut short"))?;
+        let note = serde_json::from_slice(text).map_err(note_error)?;
+        return Ok((Some(note), &data[8 + len..]));
+    }
+    Ok((None, data))
+}
+
+/// One archived record read back: its offset in the raw topic and the envelope's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchivedRecord {
+    pub offset: i64,
+    pub bytes: Vec<u8>,
+}
+
+/// Reads every record of a file back, in offset order. A JSON-lines file from before files
+/// listed their offsets numbers its lines from `first_offset` (the one its name gives): the
+/// order is right, the offsets may not be. `pipeline` is the pipeline whose folder holds the
+/// file (a Parquet row does not repeat it).
+pub fn read_records(
+    path: &str,
+    data: Bytes,
+    first_offset: i64,
+    pipeline: &str,
+) -> Result<Vec<ArchivedRecord>, FormatError> {
+    match format_of(path).ok_or_else(|| FormatError::UnknownFile(path.to_owned()))? {
+        ArchiveFormat::JsonLines => {
+            let (note, body) = json_lines_parts(&data)?;
+            let text = zstd::decode_all(body)?;
+            let mut offsets = note
+                .as_ref()
+                .map(|n| {
+                    n.records
+                        .0
+                        .iter()
+                        .flat_map(|r| r.first..=r.last)
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+                .into_iter();
+            let mut next = first_offset;
+            let mut out = Vec::new();
+            for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                let offset = match (&note, offsets.next()) {
+                    (Some(_), Some(o)) => o,
+                    (Some(_), None) => {
+                        return Err(note_error("more lines than listed offsets"));
+                    }
+                    (None, _) => next,
+                };
+                next = offset + 1;
+                out.push(ArchivedRecord {
+                    offset,
+                    bytes: line.to_vec(),
+                });
+            }
+            Ok(out)
+        }
+        ArchiveFormat::Parquet => parquet::read_records(data, pipeline),
+    }
+}
+
 /// Reads a file back: its record count, and the offsets it answers for.
 pub fn read_file(path: &str, data: Bytes) -> Result<FileContents, FormatError> {
     match format_of(path).ok_or_else(|| FormatError::UnknownFile(path.to_owned()))? {
         ArchiveFormat::JsonLines => {
-            let mut note: Option<OffsetsNote> = None;
-            let mut body = &data[..];
-            if body.len() >= 8 && body[..4] == SKIPPABLE_MAGIC.to_le_bytes() {
-                let len = u32::from_le_bytes([body[4], body[5], body[6], body[7]]) as usize;
-                let text = body
-                    .get(8..8 + len)
-                    .ok_or_else(|| note_error("cut short"))?;
-                note = Some(serde_json::from_slice(text).map_err(note_error)?);
-                body = &body[8 + len..];
-            }
+            let (note, body) = json_lines_parts(&data)?;
             let mut decoder = zstd::stream::Decoder::new(body)?;
             let mut records = 0u64;
             let mut buf = vec![0u8; 1 << 16];
@@ -302,6 +360,12 @@ mod tests {
             serde_json::from_slice::<serde_json::Value>(last).unwrap(),
             serde_json::from_slice::<serde_json::Value>(&event(100).0).unwrap()
         );
+        // Each record back with its offset, the line as consumed (flattened when pretty).
+        let records = read_records("p/part-0-0-100.jsonl.zst", bytes.clone(), 0, "p").unwrap();
+        assert_eq!(records.len(), 99);
+        assert_eq!((records[0].offset, &records[0].bytes), (0, &event(0).0));
+        assert_eq!((records[39].offset, &records[39].bytes), (40, &event(40).0));
+        assert_eq!(records[98].offset, 100);
         let read = read_file("p/part-0-0-100.jsonl.zst", bytes).unwrap();
         assert_eq!(read.records, 99);
         let run = |first, last| OffsetRange { first, last };
@@ -315,8 +379,11 @@ mod tests {
         );
         // A file from before the note: lines only, offsets unknown.
         let old = zstd::encode_all(&b"{}\n{}\n"[..], 3).unwrap();
-        let read = read_file("p/part-0-0-1.jsonl.zst", Bytes::from(old)).unwrap();
+        let read = read_file("p/part-0-0-1.jsonl.zst", Bytes::from(old.clone())).unwrap();
         assert_eq!((read.records, read.record_offsets), (2, None));
+        let records = read_records("p/part-0-7-8.jsonl.zst", Bytes::from(old), 7, "p").unwrap();
+        let offsets: Vec<i64> = records.iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, [7, 8], "numbered from the name's first offset");
     }
 
     #[test]
@@ -342,6 +409,35 @@ mod tests {
             read.dead_lettered,
             Some(Runs(vec![run(1000 + rows, 1000 + rows)]))
         );
+
+        // Every row back as its envelope, the pipeline from the caller.
+        let records = read_records(&name, bytes.clone(), 0, "p").unwrap();
+        assert_eq!(records.len(), rows as usize);
+        for (i, r) in records.iter().enumerate().step_by(997) {
+            assert_eq!(r.offset, 1000 + i as i64);
+            let back = instream_event::decode(&r.bytes).unwrap();
+            let (_, sent) = event(i as i64);
+            assert_eq!(
+                (
+                    back.event_id,
+                    back.pipeline,
+                    back.key,
+                    back.event_time,
+                    back.ingest_time
+                ),
+                (
+                    sent.event_id,
+                    sent.pipeline,
+                    sent.key,
+                    sent.event_time,
+                    sent.ingest_time
+                )
+            );
+            assert_eq!(
+                (back.headers, back.payload.get()),
+                (sent.headers, sent.payload.get())
+            );
+        }
 
         let reader = SerializedFileReader::new(bytes).unwrap();
         assert_eq!(reader.num_row_groups(), 2);

@@ -1,4 +1,9 @@
-//! `instream archive verify`: the archive read back, checked for gaps and overlaps of offsets.
+//! `instream archive`: `verify` reads the archive back and checks it for gaps and overlaps of
+//! offsets; `recompute` rebuilds an aggregation's windows from it; `replay` re-produces its
+//! events to a topic.
+
+mod recompute;
+mod replay;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
@@ -22,14 +27,68 @@ pub enum ArchiveCommand {
         #[command(flatten)]
         output: crate::output::OutputArg,
     },
+    /// Rebuilds one aggregation's windows whose start lies in [--from, --to) from the
+    /// archived raw events, enriched with the reference data as it is now, under the
+    /// pipeline's current definition version, and writes each window whole and final
+    /// (replacing what the store holds; windows of another shape in the range are deleted).
+    /// Windows still open in the live aggregator, or that the archive cannot close yet, are
+    /// left and counted. Without --execute it only prints what it would rewrite. Sends no
+    /// notification and no result. Safe to run again: the same archive gives the same
+    /// windows.
+    Recompute {
+        #[command(flatten)]
+        config: crate::ConfigArg,
+        #[arg(long)]
+        pipeline: String,
+        #[arg(long)]
+        aggregation: String,
+        /// The first window start (RFC 3339).
+        #[arg(long, value_parser = crate::ops::parse_time)]
+        from: i64,
+        /// The end of the window starts (RFC 3339, exclusive).
+        #[arg(long, value_parser = crate::ops::parse_time)]
+        to: i64,
+        /// Write; without it, print what would be written.
+        #[arg(long)]
+        execute: bool,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
+    },
+    /// Re-produces the archived raw events accepted in [--from, --to) to --topic, ids, keys
+    /// and headers kept, for a downstream consumer that needs a backfill. Never to a
+    /// pipeline's own topics (the live stages would count them twice). Without --execute it
+    /// only counts them.
+    Replay(replay::ReplayArgs),
 }
 
 pub async fn archive(command: ArchiveCommand) -> anyhow::Result<()> {
-    let ArchiveCommand::Verify {
-        config,
-        pipeline,
-        output,
-    } = command;
+    let (config, pipeline, output) = match command {
+        ArchiveCommand::Verify {
+            config,
+            pipeline,
+            output,
+        } => (config, pipeline, output),
+        ArchiveCommand::Recompute {
+            config,
+            pipeline,
+            aggregation,
+            from,
+            to,
+            execute,
+            output,
+        } => {
+            let request = recompute::Request {
+                pipeline,
+                aggregation,
+                from,
+                to,
+                execute,
+                progress: true,
+            };
+            return recompute::run(config.as_deref(), &request, output.output).await;
+        }
+        ArchiveCommand::Replay(args) => return replay::run(args).await,
+    };
     // The archive of a standalone's last run, whether it runs or not.
     let config = crate::standalone::state::cli_config(config.as_deref(), false)?;
     let archive = instream_archive::build(&config.archive)?;
