@@ -627,3 +627,226 @@ fn as_text(report: &Report) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use instream_archive::LocalArchive;
+    use instream_pipeline::ArchiveFormat;
+    use instream_refdata::MemoryRefStore;
+    use instream_store::{Checkpoint, EmbeddedStore};
+
+    use super::*;
+
+    /// 2024-05-01T12:00:00Z.
+    const T0: i64 = 1_714_564_800_000;
+    const MINUTE: i64 = 60_000;
+
+    fn definition() -> PipelineDefinition {
+        instream_pipeline::parse_document(
+            r#"
+[[pipelines]]
+name = "p"
+key_field = "k"
+time_field = "t"
+partitions = 1
+max_out_of_orderness = "1m"
+[[pipelines.enrichments]]
+name = "customer"
+key_template = "customer:{k}"
+fields = { region = "region" }
+[[pipelines.aggregations]]
+name = "per_region"
+group_by = ["key", "enrichment.region"]
+window = { kind = "tumbling", size = "1m" }
+allowed_lateness = "1m"
+"#,
+        )
+        .unwrap()
+        .pipelines
+        .remove(0)
+    }
+
+    /// Event `i`: customer `c<i mod 2>`, at T0 plus `i` seconds (ingested then too).
+    fn event(i: i64) -> Vec<u8> {
+        instream_event::encode(&instream_event::Event {
+            event_id: format!("e{i}"),
+            pipeline: "p".into(),
+            key: format!("c{}", i % 2),
+            event_time: T0 + i * 1000,
+            ingest_time: T0 + i * 1000,
+            headers: Default::default(),
+            payload: serde_json::value::RawValue::from_string(format!(r#"{{"k":"c{}"}}"#, i % 2))
+                .unwrap(),
+            enrichment: None,
+        })
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        backends: Backends,
+        refdata: Arc<MemoryRefStore>,
+    }
+
+    /// Events 0..600 (ten minutes) archived as one Parquet file; customer c0 in region
+    /// `north`, c1 in `south`.
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = LocalArchive::new(dir.path());
+        let mut w = instream_archiver::FileWriter::new(ArchiveFormat::Parquet, &[], 1).unwrap();
+        for i in 0..600 {
+            let raw = event(i);
+            w.append(i, &raw, &instream_event::decode(&raw).unwrap())
+                .unwrap();
+        }
+        let path = format!(
+            "p/dt=2024-05-01/hour=12/{}",
+            instream_archiver::file_name(ArchiveFormat::Parquet, 0, 0, 599)
+        );
+        archive
+            .put(&path, Bytes::from(w.finish().unwrap()))
+            .await
+            .unwrap();
+        let refdata = Arc::new(MemoryRefStore::default());
+        for (customer, region) in [("c0", "north"), ("c1", "south")] {
+            refdata.insert(
+                format!("customer:{customer}"),
+                serde_json::json!({ "region": region })
+                    .as_object()
+                    .cloned()
+                    .unwrap(),
+            );
+        }
+        let cached = CachedRefStore::new(
+            refdata.clone(),
+            &instream_refdata::CacheSettings {
+                max_bytes: 0,
+                ttl: Duration::ZERO,
+                negative_ttl: Duration::ZERO,
+            },
+        );
+        Fixture {
+            _dir: dir,
+            backends: Backends {
+                archive: Arc::new(archive),
+                refdata: Arc::new(cached),
+                store: Arc::new(EmbeddedStore::default()),
+                aggregator_group: "instream-aggregator".into(),
+            },
+            refdata,
+        }
+    }
+
+    fn request(execute: bool) -> Request {
+        Request {
+            pipeline: "p".into(),
+            aggregation: "per_region".into(),
+            from: T0,
+            to: T0 + 3_600_000,
+            execute,
+            progress: false,
+        }
+    }
+
+    async fn windows(backends: &Backends) -> BTreeMap<(String, i64), i64> {
+        backends
+            .store
+            .windows_between("p", "per_region", T0, T0 + 3_600_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|w| {
+                assert!(w.is_final);
+                ((w.group_key, w.window_start), w.count)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn reference_data_fixed_after_a_bad_load_regroups_the_windows_it_made() {
+        let f = fixture().await;
+        let def = definition();
+        let report = recompute(&f.backends, &def, &request(true)).await.unwrap();
+        // Ten minutes of two customers. The replay's watermark ends a minute behind the last
+        // event (T0 + 8m59s): with a minute of lateness, seven minutes are final, three not.
+        assert_eq!(report.windows_rewritten, 14, "{report:?}");
+        assert_eq!(report.left_open_in_archive, 6);
+        assert_eq!(report.outcomes.get("counted"), Some(&600));
+        let north = r#"["c0","north"]"#.to_owned();
+        assert_eq!(
+            windows(&f.backends).await.get(&(north.clone(), T0)),
+            Some(&30)
+        );
+
+        // c0 moves to `east`: its windows are made again under the new group, and those
+        // under the old one (a shape the replay no longer makes) go.
+        f.refdata.insert(
+            "customer:c0".into(),
+            serde_json::json!({ "region": "east" })
+                .as_object()
+                .cloned()
+                .unwrap(),
+        );
+        let dry = recompute(&f.backends, &def, &request(false)).await.unwrap();
+        assert_eq!((dry.windows_rewritten, dry.windows_deleted), (14, 7));
+        assert_eq!(
+            windows(&f.backends).await.get(&(north.clone(), T0)),
+            Some(&30)
+        );
+        let done = recompute(&f.backends, &def, &request(true)).await.unwrap();
+        assert_eq!((done.windows_rewritten, done.windows_deleted), (14, 7));
+        let after = windows(&f.backends).await;
+        assert_eq!(after.get(&(north, T0)), None);
+        assert_eq!(after.get(&(r#"["c0","east"]"#.to_owned(), T0)), Some(&30));
+        assert_eq!(after.len(), 14);
+    }
+
+    #[tokio::test]
+    async fn windows_still_open_in_the_live_aggregator_are_left_to_it() {
+        let f = fixture().await;
+        let def = definition();
+        // The live aggregator's checkpoint: it has read up to T0 + 4m30s, so its watermark
+        // (a minute behind) has closed, with a minute of lateness, the first two minutes
+        // only.
+        let mut live = PartitionState::default();
+        let raw = event(270);
+        let at = instream_event::decode(&raw).unwrap();
+        live.apply(270, &at, None, &def, Duration::from_secs(600));
+        let (next_offset, state) = live.snapshot().unwrap();
+        f.backends
+            .store
+            .save_checkpoints(&[Checkpoint {
+                key: CheckpointKey {
+                    group: "instream-aggregator".into(),
+                    topic: "p.enriched".into(),
+                    partition: 0,
+                },
+                next_offset,
+                state,
+            }])
+            .await
+            .unwrap();
+        let report = recompute(&f.backends, &def, &request(true)).await.unwrap();
+        assert_eq!(report.windows_rewritten, 4, "{report:?}");
+        assert_eq!(report.left_to_live, 10);
+        assert_eq!(report.left_open_in_archive, 6);
+        let starts: std::collections::BTreeSet<i64> =
+            windows(&f.backends).await.keys().map(|(_, s)| *s).collect();
+        assert_eq!(starts, [T0, T0 + MINUTE].into());
+    }
+
+    #[tokio::test]
+    async fn an_aggregation_the_pipeline_does_not_have_is_named_with_those_it_has() {
+        let f = fixture().await;
+        let mut asked = request(false);
+        asked.aggregation = "per_city".into();
+        let error = recompute(&f.backends, &definition(), &asked)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "pipeline `p` has no aggregation `per_city` (it has: per_region)"
+        );
+    }
+}
