@@ -611,12 +611,11 @@ pub struct Copy<'a> {
 /// Writes `records` to `topic` (keyed, so one key's records keep their order) and waits for
 /// every acknowledgement.
 pub async fn produce_copies(
-    cfg: &KafkaConfig,
+    producer: &crate::client::Producer,
     topic: &str,
     records: &[Copy<'_>],
     progress: &instream_core::Progress,
 ) -> Result<(), KafkaError> {
-    let producer = crate::client::producer(cfg, "instream-cli")?;
     let mut pending = Vec::with_capacity(records.len());
     for r in records {
         let hs = OwnedHeaders::new().insert(Header {
@@ -627,7 +626,7 @@ pub async fn produce_copies(
             .key(r.key)
             .payload(r.payload)
             .headers(hs);
-        pending.push(send(&producer, record).await?);
+        pending.push(send(producer, record).await?);
     }
     for delivery in pending {
         delivered(delivery).await?;

@@ -29,7 +29,9 @@ use instream_pipeline::{topics, ArchiveFormat, ArchiveTime, Catalog};
 use instream_stage::{Commit, Flow, Hooks, Processed, ResumeAt, Spec, Stage, Tick};
 use tokio_util::sync::CancellationToken;
 
-pub use format::{read_records, ArchivedRecord, FileWriter, FormatError, OffsetRange, Runs};
+pub use format::{
+    read_records, ArchivedRecord, FileRecords, FileWriter, FormatError, OffsetRange, Runs,
+};
 pub use layout::{file_name, folder, hour_of, parse_file_name};
 pub use retention::{retention_pass, run_retention, RETENTION_DUTY};
 pub use verify::{verify, FileProblem, PartitionReport, VerifyReport};

@@ -273,15 +273,22 @@ pub enum Scope<'a> {
         idle_timeout: Duration,
     },
     /// `instream archive recompute`: one aggregation, keyed or repartitioned, over records
-    /// read back from the archive in one process (no topic in between, so no origin).
-    Recompute { aggregation: &'a str },
+    /// read back from the archive in one process, each with its raw partition and offset as
+    /// origin: an offset archived twice counts once, and the watermark follows the slowest
+    /// of `origins` (the raw partitions the replay merges; one for a keyed aggregation).
+    Recompute {
+        aggregation: &'a str,
+        origins: &'a [i32],
+    },
 }
 
 impl Scope<'_> {
     pub fn takes(&self, aggregation: &instream_pipeline::Aggregation) -> bool {
         match self {
             Scope::Keyed => !aggregation.repartitioned(),
-            Scope::Recompute { aggregation: name } => aggregation.name == *name,
+            Scope::Recompute {
+                aggregation: name, ..
+            } => aggregation.name == *name,
             Scope::Repartitioned {
                 aggregation: name, ..
             } => aggregation.repartitioned() && aggregation.name == *name,
@@ -428,7 +435,12 @@ impl PartitionState {
         );
         let progress = match (scope, origin) {
             (Scope::Repartitioned { idle_timeout, .. }, Some((partition, _))) => {
-                self.origin_progress(partition, time, idle_timeout, def.partitions)
+                self.origin_progress(partition, time, idle_timeout, 0..def.partitions)
+            }
+            // A replay runs faster than any wall clock: no origin goes idle.
+            (Scope::Recompute { origins, .. }, Some((partition, _))) => {
+                let never = Duration::from_secs(100 * 365 * 24 * 3600);
+                self.origin_progress(partition, time, never, origins.iter().copied())
             }
             _ => time,
         };
@@ -586,12 +598,12 @@ impl PartitionState {
         origin: i32,
         event_time: i64,
         idle_timeout: Duration,
-        origins: i32,
+        origins: impl Iterator<Item = i32>,
     ) -> i64 {
         let now = instream_event::now_millis();
         if self.origin_times.is_empty() {
             self.origin_times
-                .extend((0..origins).map(|p| (p, (i64::MIN, now))));
+                .extend(origins.map(|p| (p, (i64::MIN, now))));
         }
         let entry = self.origin_times.entry(origin).or_insert((event_time, now));
         entry.0 = entry.0.max(event_time);

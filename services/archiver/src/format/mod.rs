@@ -223,6 +223,15 @@ pub struct ArchivedRecord {
     pub bytes: Vec<u8>,
 }
 
+/// A file's records read back, and the offsets it answers for without a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRecords {
+    pub records: Vec<ArchivedRecord>,
+    /// `None`: a JSON-lines file from before files listed their offsets (it answers for
+    /// every offset its name gives).
+    pub dead_lettered: Option<Runs>,
+}
+
 /// Reads every record of a file back, in offset order. A JSON-lines file from before files
 /// listed their offsets numbers its lines from `first_offset` (the one its name gives): the
 /// order is right, the offsets may not be. `pipeline` is the pipeline whose folder holds the
@@ -232,7 +241,7 @@ pub fn read_records(
     data: Bytes,
     first_offset: i64,
     pipeline: &str,
-) -> Result<Vec<ArchivedRecord>, FormatError> {
+) -> Result<FileRecords, FormatError> {
     match format_of(path).ok_or_else(|| FormatError::UnknownFile(path.to_owned()))? {
         ArchiveFormat::JsonLines => {
             let (note, body) = json_lines_parts(&data)?;
@@ -264,7 +273,10 @@ pub fn read_records(
                     bytes: line.to_vec(),
                 });
             }
-            Ok(out)
+            Ok(FileRecords {
+                records: out,
+                dead_lettered: note.map(|n| n.dead_lettered),
+            })
         }
         ArchiveFormat::Parquet => parquet::read_records(data, pipeline),
     }
@@ -361,8 +373,10 @@ mod tests {
             serde_json::from_slice::<serde_json::Value>(&event(100).0).unwrap()
         );
         // Each record back with its offset, the line as consumed (flattened when pretty).
-        let records = read_records("p/part-0-0-100.jsonl.zst", bytes.clone(), 0, "p").unwrap();
+        let read = read_records("p/part-0-0-100.jsonl.zst", bytes.clone(), 0, "p").unwrap();
+        let records = read.records;
         assert_eq!(records.len(), 99);
+        assert_eq!(read.dead_lettered.map(|r| r.count()), Some(2));
         assert_eq!((records[0].offset, &records[0].bytes), (0, &event(0).0));
         assert_eq!((records[39].offset, &records[39].bytes), (40, &event(40).0));
         assert_eq!(records[98].offset, 100);
@@ -381,7 +395,9 @@ mod tests {
         let old = zstd::encode_all(&b"{}\n{}\n"[..], 3).unwrap();
         let read = read_file("p/part-0-0-1.jsonl.zst", Bytes::from(old.clone())).unwrap();
         assert_eq!((read.records, read.record_offsets), (2, None));
-        let records = read_records("p/part-0-7-8.jsonl.zst", Bytes::from(old), 7, "p").unwrap();
+        let records = read_records("p/part-0-7-8.jsonl.zst", Bytes::from(old), 7, "p")
+            .unwrap()
+            .records;
         let offsets: Vec<i64> = records.iter().map(|r| r.offset).collect();
         assert_eq!(offsets, [7, 8], "numbered from the name's first offset");
     }
@@ -411,7 +427,9 @@ mod tests {
         );
 
         // Every row back as its envelope, the pipeline from the caller.
-        let records = read_records(&name, bytes.clone(), 0, "p").unwrap();
+        let read = read_records(&name, bytes.clone(), 0, "p").unwrap();
+        assert_eq!(read.dead_lettered.map(|r| r.count()), Some(1));
+        let records = read.records;
         assert_eq!(records.len(), rows as usize);
         for (i, r) in records.iter().enumerate().step_by(997) {
             assert_eq!(r.offset, 1000 + i as i64);

@@ -367,16 +367,7 @@ pub(super) fn read(data: Bytes) -> Result<FileContents, FormatError> {
     for o in &offsets {
         runs.push(*o)?;
     }
-    let dead_lettered = match reader
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .and_then(|kv| kv.iter().find(|kv| kv.key == DEAD_LETTERED_KEY))
-        .and_then(|kv| kv.value.as_deref())
-    {
-        Some(text) => serde_json::from_str(text).map_err(note_error)?,
-        None => Runs::default(),
-    };
+    let dead_lettered = dead_lettered_of(&reader)?;
     Ok(FileContents {
         records: offsets.len() as u64,
         record_offsets: Some(runs),
@@ -387,12 +378,10 @@ pub(super) fn read(data: Bytes) -> Result<FileContents, FormatError> {
 /// Every row of a Parquet file as the envelope it was made from (the raw columns hold it
 /// whole — id, key, times, headers and the payload's own bytes — except the pipeline, which
 /// the file's folder names), with its offset.
-pub(super) fn read_records(
-    data: Bytes,
-    pipeline: &str,
-) -> Result<Vec<super::ArchivedRecord>, FormatError> {
+pub(super) fn read_records(data: Bytes, pipeline: &str) -> Result<super::FileRecords, FormatError> {
     use parquet::record::RowAccessor;
     let reader = SerializedFileReader::new(data)?;
+    let dead_lettered = dead_lettered_of(&reader)?;
     let mut out = Vec::new();
     for row in reader.get_row_iter(None)? {
         let row = row?;
@@ -417,5 +406,22 @@ pub(super) fn read_records(
             bytes: instream_event::encode(&event),
         });
     }
-    Ok(out)
+    Ok(super::FileRecords {
+        records: out,
+        dead_lettered: Some(dead_lettered),
+    })
+}
+
+/// The dead-lettered offsets a file's key-value metadata lists (none listed: none).
+fn dead_lettered_of(reader: &SerializedFileReader<Bytes>) -> Result<Runs, FormatError> {
+    match reader
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|kv| kv.key == DEAD_LETTERED_KEY))
+        .and_then(|kv| kv.value.as_deref())
+    {
+        Some(text) => serde_json::from_str(text).map_err(note_error),
+        None => Ok(Runs::default()),
+    }
 }

@@ -4,6 +4,7 @@
 
 mod recompute;
 mod replay;
+mod stream;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use instream_aggregator::{Outcome, PartitionState, Scope};
-use instream_archive::{Archive, ArchivedFile};
+use instream_archive::Archive;
 use instream_core::config::{BrokerMode, Config, StoreBackend};
 use instream_enricher::transform::{self, Outcomes, Output, Quality};
 use instream_kafka::Record;
@@ -31,6 +31,8 @@ use instream_pipeline::{topics, Aggregation, Catalog, PipelineDefinition};
 use instream_refdata::CachedRefStore;
 use instream_store::{AggregateStore, CheckpointKey, WindowAggregate};
 use serde::Serialize;
+
+use super::stream::{self, PartitionStream};
 
 const HOUR_MS: i64 = 3_600_000;
 /// Repeats are dropped by event id over the whole replay: a horizon no replay reaches.
@@ -80,6 +82,10 @@ pub struct Report {
     pub left_to_live: u64,
     /// Windows the archive cannot close yet (nothing archived past their end plus lateness).
     pub left_open_in_archive: u64,
+    /// Offsets of the raw topic within what was read that no archive file answers for
+    /// (`<partition>:<first>-<last>`): windows made without them would be short, so
+    /// `--execute` writes nothing while there are any.
+    pub gaps: Vec<String>,
     pub notes: Vec<String>,
 }
 
@@ -138,10 +144,16 @@ pub async fn backends(config: &Config) -> anyhow::Result<Backends> {
     })
 }
 
-/// The definition the replay runs: the current version alone (every window made by it),
-/// with only the aggregation asked for.
+/// The definition the replay runs: the version in effect now alone (every window made by
+/// it; a version applied with an `effective_from` still ahead is not in effect yet), with only
+/// the aggregation asked for.
 fn replay_definition(def: &PipelineDefinition, aggregation: &str) -> PipelineDefinition {
-    let mut replay = def.clone();
+    let now = instream_event::now_millis();
+    let in_effect = def
+        .versions()
+        .find(|(_, from, _)| *from <= now)
+        .map_or(def, |(version, ..)| version);
+    let mut replay = in_effect.clone();
     replay.previous.clear();
     replay.effective_from = None;
     replay.aggregations.retain(|a| a.name == aggregation);
@@ -151,67 +163,47 @@ fn replay_definition(def: &PipelineDefinition, aggregation: &str) -> PipelineDef
 /// A replay state and what it has given so far.
 struct Replay {
     state: PartitionState,
-    /// Closed windows taken from the state, by (group, start): the last value wins.
+    /// The position of the next record in this replay: the state skips a record below the
+    /// last one applied (a re-read, live), and a merged replay's raw offsets do not increase.
+    next: i64,
+    /// The raw partitions it merges (one for a keyed aggregation): its watermark follows the
+    /// slowest.
+    origins: Vec<i32>,
+    /// Closed windows in the range taken from the state, by (group, start): the last value
+    /// wins.
     taken: HashMap<(String, i64), WindowAggregate>,
 }
 
 impl Replay {
-    fn new() -> Self {
+    fn new(origins: Vec<i32>) -> Self {
         Replay {
             state: PartitionState::default(),
+            next: 0,
+            origins,
             taken: HashMap::new(),
         }
     }
 
-    /// Moves the windows the watermark closed out of the state.
-    fn collect(&mut self, def: &PipelineDefinition) {
+    /// Moves the windows the watermark closed out of the state, keeping those of the range.
+    fn collect(&mut self, def: &PipelineDefinition, range: &std::ops::Range<i64>) {
         let mut rows = Vec::new();
         self.state.take_dirty(|_| Some(def), false, &mut rows);
         self.state.take_written_closes();
         self.state.close_windows(|_| Some(def.max_out_of_orderness));
-        for row in rows {
+        for row in rows.into_iter().filter(|r| range.contains(&r.window_start)) {
             self.taken
                 .insert((row.group_key.clone(), row.window_start), row);
         }
     }
 
-    /// Whether nothing in `[.., to)` can change any more: the watermark passed the latest
-    /// close of a window starting before `to`, and no such window is still open.
+    /// Whether nothing in the range can change any more: the watermark passed the latest
+    /// close of a window starting before `to`.
     fn settled(&self, def: &PipelineDefinition, aggregation: &Aggregation, to: i64) -> bool {
         let last_close = aggregation
             .window
             .closes_at(to, aggregation.allowed_lateness);
         self.state.watermark_for(def) >= last_close
     }
-}
-
-/// The archive's files of `pipeline` from the hour holding `start` on, grouped by hour
-/// folder (`YYYY-MM-DDTHH`, in order); in each, by partition and first offset.
-async fn files_from(
-    archive: &dyn Archive,
-    pipeline: &str,
-    start: i64,
-) -> anyhow::Result<BTreeMap<String, Vec<(i32, i64, ArchivedFile)>>> {
-    let first_hour = hour_name(start);
-    let mut hours: BTreeMap<String, Vec<(i32, i64, ArchivedFile)>> = BTreeMap::new();
-    for file in archive.list(pipeline).await? {
-        let (Some((partition, first, _)), Some(hour)) = (
-            instream_archiver::parse_file_name(&file.path),
-            instream_archiver::hour_of(&file.path),
-        ) else {
-            continue;
-        };
-        if hour >= first_hour {
-            hours
-                .entry(hour)
-                .or_default()
-                .push((partition, first, file));
-        }
-    }
-    for files in hours.values_mut() {
-        files.sort_by_key(|(p, first, _)| (*p, *first));
-    }
-    Ok(hours)
 }
 
 /// `YYYY-MM-DDTHH` of the hour holding `millis`, as the archive's folders name it.
@@ -227,6 +219,7 @@ struct Replayer<'a> {
     def: PipelineDefinition,
     aggregation: &'a str,
     refdata: &'a CachedRefStore,
+    range: std::ops::Range<i64>,
 }
 
 impl Replayer<'_> {
@@ -244,7 +237,9 @@ impl Replayer<'_> {
         let mut arena = Vec::new();
         let scope = Scope::Recompute {
             aggregation: self.aggregation,
+            origins: &replay.origins,
         };
+        report.records += records.len() as u64;
         for batch in records.chunks(BATCH) {
             let plans = transform::plan(&self.catalog, &|p, r| store.version(p, r), batch);
             let answers = self
@@ -266,56 +261,48 @@ impl Replayer<'_> {
                     Output::Enriched { bytes, .. } => {
                         let event = instream_event::decode(&arena[bytes])
                             .context("an enriched record did not read back")?;
-                        let outcome = replay.state.apply_in(
+                        let at = replay.next;
+                        replay.next += 1;
+                        let origin = Some((record.partition, record.offset));
+                        match replay.state.apply_in(
                             scope,
-                            record.offset,
+                            at,
                             &event,
-                            None,
+                            origin,
                             &self.def,
                             WHOLE_REPLAY,
-                        );
-                        match outcome {
+                        ) {
                             Outcome::Counted => "counted".into(),
                             Outcome::TooLate(_) => "too_late".into(),
                             Outcome::RepeatedEvent => "repeated_event".into(),
                             Outcome::TooFarAhead => "future_time".into(),
-                            // No origin, and offsets only increase: neither happens.
-                            Outcome::RepeatedOrigin | Outcome::AlreadyApplied => "repeated".into(),
+                            Outcome::RepeatedOrigin => "repeated_origin".into(),
+                            // Positions only increase.
+                            Outcome::AlreadyApplied => {
+                                bail!("the replay applied record {} twice", record.offset)
+                            }
                         }
                     }
                 };
                 *report.outcomes.entry(outcome).or_default() += 1;
             }
         }
-        replay.collect(&self.def);
+        replay.collect(&self.def, &self.range);
         Ok(())
     }
 }
 
-/// The records of one archive file as the raw topic's records.
-async fn read_file(
-    archive: &dyn Archive,
-    pipeline: &str,
-    partition: i32,
-    first: i64,
-    file: &ArchivedFile,
-) -> anyhow::Result<Vec<Record>> {
-    let data = archive.get(&file.path).await?;
-    let records = instream_archiver::read_records(&file.path, data, first, pipeline)
-        .with_context(|| format!("reading {}", file.path))?;
-    let topic = topics::raw(pipeline);
-    Ok(records
-        .into_iter()
-        .map(|r| Record {
-            topic: topic.clone(),
-            partition,
-            offset: r.offset,
-            key: None,
-            payload: r.bytes,
-            headers: Vec::new(),
-            generation: 0,
-        })
-        .collect())
+/// An archived record as the raw topic's record it was.
+fn raw_record(topic: &str, partition: i32, record: instream_archiver::ArchivedRecord) -> Record {
+    Record {
+        topic: topic.to_owned(),
+        partition,
+        offset: record.offset,
+        key: None,
+        payload: record.bytes,
+        headers: Vec::new(),
+        generation: 0,
+    }
 }
 
 /// The live aggregator's watermark for `topic`'s partitions, from its checkpoints: `None`
@@ -326,8 +313,8 @@ async fn live_watermarks(
     topic: &str,
     partitions: i32,
     def: &PipelineDefinition,
-) -> anyhow::Result<Vec<Option<i64>>> {
-    let mut out = Vec::new();
+) -> anyhow::Result<BTreeMap<i32, Option<i64>>> {
+    let mut out = BTreeMap::new();
     for partition in 0..partitions {
         let key = CheckpointKey {
             group: group.to_owned(),
@@ -342,9 +329,112 @@ async fn live_watermarks(
             }
             None => None,
         };
-        out.push(watermark);
+        out.insert(partition, watermark);
     }
     Ok(out)
+}
+
+/// Replays every partition's stream through its own state (keyed), one after the other,
+/// each until it settled.
+async fn replay_keyed(
+    replayer: &Replayer<'_>,
+    mut streams: Vec<PartitionStream<'_>>,
+    aggregation: &Aggregation,
+    report: &mut Report,
+    progress: &instream_core::Progress,
+) -> anyhow::Result<BTreeMap<i32, Replay>> {
+    let topic = topics::raw(&replayer.def.name);
+    let mut replays = BTreeMap::new();
+    for stream in &mut streams {
+        let partition = stream.partition;
+        let mut replay = Replay::new(vec![partition]);
+        let mut records = Vec::with_capacity(BATCH);
+        loop {
+            let next = stream.next().await?;
+            let done = next.is_none();
+            if let Some(record) = next {
+                records.push(raw_record(&topic, partition, record));
+            }
+            if records.len() >= BATCH || (done && !records.is_empty()) {
+                replayer.batch(&records, &mut replay, report).await?;
+                records.clear();
+                if replay.settled(&replayer.def, aggregation, replayer.range.end) {
+                    break;
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        finish_stream(stream, report, progress);
+        replays.insert(partition, replay);
+    }
+    Ok(replays)
+}
+
+/// Replays every partition's stream merged into one state (a repartitioned aggregation), in
+/// the order of ingest time, each partition's records in offset order, until it settled.
+async fn replay_merged(
+    replayer: &Replayer<'_>,
+    mut streams: Vec<PartitionStream<'_>>,
+    aggregation: &Aggregation,
+    report: &mut Report,
+    progress: &instream_core::Progress,
+) -> anyhow::Result<Replay> {
+    let topic = topics::raw(&replayer.def.name);
+    let mut replay = Replay::new(streams.iter().map(|s| s.partition).collect());
+    let mut heads = Vec::with_capacity(streams.len());
+    for stream in &mut streams {
+        heads.push(stream.next().await?.map(|r| (ingest_time(&r), r)));
+    }
+    let mut records = Vec::with_capacity(BATCH);
+    loop {
+        let next = heads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| h.as_ref().map(|(t, _)| (*t, i)))
+            .min();
+        if let Some((_, i)) = next {
+            let (_, record) = heads[i].take().context("the head record")?;
+            records.push(raw_record(&topic, streams[i].partition, record));
+            heads[i] = streams[i].next().await?.map(|r| (ingest_time(&r), r));
+        }
+        if records.len() >= BATCH || (next.is_none() && !records.is_empty()) {
+            replayer.batch(&records, &mut replay, report).await?;
+            records.clear();
+            if replay.settled(&replayer.def, aggregation, replayer.range.end) {
+                break;
+            }
+        }
+        if next.is_none() {
+            break;
+        }
+    }
+    for stream in &streams {
+        finish_stream(stream, report, progress);
+    }
+    Ok(replay)
+}
+
+fn ingest_time(record: &instream_archiver::ArchivedRecord) -> i64 {
+    instream_event::view(&record.bytes).map_or(i64::MIN, |e| e.ingest_time)
+}
+
+/// Adds what a stream read to the report.
+fn finish_stream(
+    stream: &PartitionStream<'_>,
+    report: &mut Report,
+    progress: &instream_core::Progress,
+) {
+    report.files += stream.files_read;
+    progress.add(stream.files_read);
+    report.hours.extend(stream.hours.iter().cloned());
+    report.gaps.extend(
+        stream
+            .gaps()
+            .iter()
+            .map(|g| format!("{}:{}-{}", stream.partition, g.first, g.last)),
+    );
 }
 
 /// Replays, then writes (with `execute`) what both the replay and the live aggregator
@@ -354,110 +444,74 @@ pub async fn recompute(
     def: &PipelineDefinition,
     request: &Request,
 ) -> anyhow::Result<Report> {
-    let Some(aggregation) = def
-        .aggregations
-        .iter()
-        .find(|a| a.name == request.aggregation)
-    else {
+    let replay_def = replay_definition(def, &request.aggregation);
+    let Some(aggregation) = replay_def.aggregations.first().cloned() else {
         let names: Vec<&str> = def.aggregations.iter().map(|a| a.name.as_str()).collect();
         bail!(
-            "pipeline `{}` has no aggregation `{}` (it has: {})",
+            "pipeline `{}` has no aggregation `{}` in effect (it has: {})",
             def.name,
             request.aggregation,
             names.join(", ")
         );
     };
-    let replay_def = replay_definition(def, &aggregation.name);
+    // Reference data loaded by `instream refdata load` lives under its current version.
+    let rules: Vec<(String, String)> = replay_def
+        .enrichments
+        .iter()
+        .map(|r| (replay_def.name.clone(), r.name.clone()))
+        .collect();
+    backends
+        .refdata
+        .store()
+        .track(&rules)
+        .await
+        .context("reading the reference data's versions")?;
+    let range = request.from..request.to;
     let replayer = Replayer {
         catalog: Catalog::new([replay_def.clone()]),
         def: replay_def.clone(),
         aggregation: &aggregation.name,
         refdata: &backends.refdata,
+        range: range.clone(),
     };
     let mut report = Report {
         pipeline: def.name.clone(),
         aggregation: aggregation.name.clone(),
         from: request.from,
         to: request.to,
-        definition_version: def.version,
+        definition_version: replay_def.version,
         executed: request.execute,
         ..Report::default()
     };
     // The first event that can count in a window starting at `from` was accepted no
     // earlier than `max_time_ahead` before it (and moves the watermark from a second
-    // before: WATERMARK_AHEAD_OF_INGEST_MILLIS).
+    // before: WATERMARK_AHEAD_OF_INGEST_MILLIS); by event time, it is in `from`'s hour.
     let start = request
         .from
         .saturating_sub(def.max_time_ahead.as_millis() as i64)
         .saturating_sub(instream_aggregator::WATERMARK_AHEAD_OF_INGEST_MILLIS);
-    let hours = files_from(backends.archive.as_ref(), &def.name, start).await?;
-    let total = hours.values().map(|f| f.len() as u64).sum();
+    let first_hour = hour_name(start);
+    let files = stream::partition_files(backends.archive.as_ref(), &def.name, |h| {
+        h >= first_hour.as_str()
+    })
+    .await?;
+    let total = files.values().map(|f| f.len() as u64).sum();
     let progress = if request.progress {
         instream_core::Progress::on_stderr("archive recompute", "files", Some(total))
     } else {
         instream_core::Progress::silent()
     };
-    let repartitioned = aggregation.repartitioned();
-    let partitions = usize::try_from(def.partitions.max(1)).unwrap_or(1);
-    // Keyed: one state per partition, as live. Repartitioned: one state for every group.
-    let mut replays: Vec<Replay> = (0..if repartitioned { 1 } else { partitions })
-        .map(|_| Replay::new())
+    let missing: Vec<i32> = (0..def.partitions)
+        .filter(|p| !files.contains_key(p))
         .collect();
-    for (hour, files) in hours {
-        if replays
-            .iter()
-            .all(|r| r.settled(&replay_def, aggregation, request.to))
-        {
-            break;
-        }
-        report.hours.push(hour);
-        let mut merged = Vec::new();
-        let mut at = 0;
-        while at < files.len() {
-            // One partition's files of the hour, read in offset order.
-            let partition = files[at].0;
-            let mut records = Vec::new();
-            while at < files.len() && files[at].0 == partition {
-                let (_, first, file) = &files[at];
-                records.extend(
-                    read_file(
-                        backends.archive.as_ref(),
-                        &def.name,
-                        partition,
-                        *first,
-                        file,
-                    )
-                    .await?,
-                );
-                report.files += 1;
-                progress.add(1);
-                at += 1;
-            }
-            records.sort_by_key(|r| r.offset);
-            report.records += records.len() as u64;
-            if repartitioned {
-                merged.extend(records);
-                continue;
-            }
-            let slot = usize::try_from(partition).unwrap_or(0) % partitions;
-            replayer
-                .batch(&records, &mut replays[slot], &mut report)
-                .await?;
-        }
-        if repartitioned {
-            // One repartition partition reads every enriched partition's records in about
-            // the order they were accepted.
-            merged.sort_by_cached_key(|r| {
-                let ingest = instream_event::view(&r.payload).map_or(i64::MIN, |e| e.ingest_time);
-                (ingest, r.partition, r.offset)
-            });
-            replayer
-                .batch(&merged, &mut replays[0], &mut report)
-                .await?;
-        }
-    }
-    progress.finish();
-    let live = if repartitioned {
+    let streams: Vec<PartitionStream<'_>> = files
+        .into_values()
+        .map(|f| PartitionStream::new(backends.archive.as_ref(), &def.name, f))
+        .collect();
+    let repartitioned = aggregation.repartitioned();
+    let (replays, live) = if repartitioned {
+        let replay =
+            replay_merged(&replayer, streams, &aggregation, &mut report, &progress).await?;
         let topic = topics::repartition(&def.name, &aggregation.name);
         let marks = live_watermarks(
             backends.store.as_ref(),
@@ -468,19 +522,29 @@ pub async fn recompute(
         )
         .await?;
         // Every group's owner is one of these partitions: the slowest bounds them all.
-        let slowest = marks.iter().flatten().min().copied();
-        vec![slowest]
+        let slowest = marks.values().flatten().min().copied();
+        (
+            BTreeMap::from([(0, replay)]),
+            BTreeMap::from([(0, slowest)]),
+        )
     } else {
-        live_watermarks(
+        let replays =
+            replay_keyed(&replayer, streams, &aggregation, &mut report, &progress).await?;
+        let topic = topics::enriched(&def.name);
+        let marks = live_watermarks(
             backends.store.as_ref(),
             &backends.aggregator_group,
-            &topics::enriched(&def.name),
+            &topic,
             def.partitions,
             def,
         )
-        .await?
+        .await?;
+        (replays, marks)
     };
-    if live.iter().all(Option::is_none) {
+    progress.finish();
+    report.hours.sort();
+    report.hours.dedup();
+    if live.values().all(Option::is_none) {
         report.notes.push(
             "no live aggregator checkpoint of this pipeline: windows are bounded by the \
              archive alone"
@@ -489,41 +553,43 @@ pub async fn recompute(
     }
     let lateness = aggregation.allowed_lateness.as_millis() as i64;
     let mut writes = Vec::new();
-    // Up to where each replay (and the live aggregator beside it) has settled everything.
+    // Up to where every replay (and the live aggregator beside it) has settled everything:
+    // windows the replay does not make are deleted only below it.
     let mut settled_until = i64::MAX;
-    for (i, replay) in replays.iter_mut().enumerate() {
-        let live_mark = live.get(i).copied().flatten();
+    if !missing.is_empty() {
+        report.notes.push(format!(
+            "partitions {missing:?} have no archived record from {first_hour} on: windows the \
+             replay does not make are not deleted"
+        ));
+        settled_until = i64::MIN;
+    }
+    let mut left_open: std::collections::HashSet<(String, i64)> = Default::default();
+    for (partition, mut replay) in replays {
+        let live_mark = live.get(&partition).copied().flatten();
         let replay_mark = replay.state.watermark_for(&replay_def);
-        if replay.state.next_offset() > 0 {
-            settled_until =
-                settled_until.min(live_mark.map_or(replay_mark, |l| l.min(replay_mark)));
-        }
-        for (_, row) in replay.taken.drain() {
-            if !(request.from..request.to).contains(&row.window_start) {
-                continue;
-            }
+        settled_until = settled_until.min(live_mark.map_or(replay_mark, |l| l.min(replay_mark)));
+        for (key, row) in replay.taken.drain() {
             let closes_at = row.window_end.saturating_add(lateness);
             if !row.is_final {
-                report.left_open_in_archive += 1;
+                left_open.insert(key);
             } else if live_mark.is_some_and(|l| closes_at > l) {
                 report.left_to_live += 1;
             } else {
                 writes.push(row);
             }
         }
-        // Open at the archive's end: still in the state, never taken.
+        // Open at the end of the replay: still in the state, never taken.
         let mut open = Vec::new();
         replay
             .state
             .take_dirty(|_| Some(&replay_def), true, &mut open);
-        report.left_open_in_archive += open
-            .iter()
-            .filter(|r| (request.from..request.to).contains(&r.window_start))
-            .count() as u64;
+        left_open.extend(
+            open.into_iter()
+                .filter(|r| range.contains(&r.window_start))
+                .map(|r| (r.group_key, r.window_start)),
+        );
     }
-    if settled_until == i64::MAX {
-        settled_until = i64::MIN;
-    }
+    report.left_open_in_archive = left_open.len() as u64;
     let written: std::collections::HashSet<(String, i64)> = writes
         .iter()
         .map(|r| (r.group_key.clone(), r.window_start))
@@ -534,12 +600,28 @@ pub async fn recompute(
         .await?
         .into_iter()
         .filter(|w| !written.contains(&(w.group_key.clone(), w.window_start)))
+        .filter(|w| !left_open.contains(&(w.group_key.clone(), w.window_start)))
         .filter(|w| w.window_end.saturating_add(lateness) <= settled_until)
         .collect();
     report.windows_rewritten = writes.len() as u64;
     report.events_in_rewritten = writes.iter().map(|w| w.count).sum();
     report.windows_deleted = stale.len() as u64;
-    if request.execute {
+    if aggregation.window.session_gap_millis().is_some() {
+        report.notes.push(
+            "session windows: a session open across --from is made again from --from's \
+             events only; pick a --from the sessions were quiet at"
+                .into(),
+        );
+    }
+    if request.execute && !report.gaps.is_empty() {
+        report.executed = false;
+        report.notes.push(
+            "nothing written: the archive has gaps in what was read (`instream archive \
+             verify` for the cause)"
+                .into(),
+        );
+    }
+    if report.executed {
         for chunk in writes.chunks(WRITE_ROWS) {
             backends.store.upsert(chunk).await?;
         }
@@ -571,6 +653,14 @@ pub async fn run(
     match output {
         crate::output::Output::Json => crate::output::emit_json(&serde_json::to_value(&report)?)?,
         crate::output::Output::Table => crate::output::emit(&as_text(&report))?,
+    }
+    if request.execute && !report.gaps.is_empty() {
+        bail!(
+            "the archive of `{}` has offsets in no file within the range read ({}); nothing \
+             written",
+            report.pipeline,
+            report.gaps.join(" ")
+        );
     }
     Ok(())
 }
@@ -622,6 +712,12 @@ fn as_text(report: &Report) -> String {
         "windows left: {} still open in the live aggregator, {} the archive cannot close yet\n",
         report.left_to_live, report.left_open_in_archive
     ));
+    if !report.gaps.is_empty() {
+        text.push_str(&format!(
+            "GAPS (partition:offsets in no archive file): {}\n",
+            report.gaps.join(" ")
+        ));
+    }
     for note in &report.notes {
         text.push_str(&format!("note: {note}\n"));
     }
@@ -643,38 +739,54 @@ mod tests {
     const MINUTE: i64 = 60_000;
 
     fn definition() -> PipelineDefinition {
-        instream_pipeline::parse_document(
+        definition_with(1, r#"["key", "enrichment.region"]"#, "ingest_time")
+    }
+
+    fn definition_with(partitions: i32, group_by: &str, layout: &str) -> PipelineDefinition {
+        instream_pipeline::parse_document(&format!(
             r#"
 [[pipelines]]
 name = "p"
 key_field = "k"
 time_field = "t"
-partitions = 1
+partitions = {partitions}
 max_out_of_orderness = "1m"
+archive = {{ partition_by = "{layout}" }}
 [[pipelines.enrichments]]
 name = "customer"
-key_template = "customer:{k}"
-fields = { region = "region" }
+key_template = "customer:{{k}}"
+fields = {{ region = "region" }}
 [[pipelines.aggregations]]
 name = "per_region"
-group_by = ["key", "enrichment.region"]
-window = { kind = "tumbling", size = "1m" }
+group_by = {group_by}
+window = {{ kind = "tumbling", size = "1m" }}
 allowed_lateness = "1m"
-"#,
-        )
+"#
+        ))
         .unwrap()
         .pipelines
         .remove(0)
     }
 
-    /// Event `i`: customer `c<i mod 2>`, at T0 plus `i` seconds (ingested then too).
+    /// The event a test may archive late: ingested after all the others.
+    const LATE: i64 = 100;
+    /// Event 5 again, redriven from the dead letters a day later: beyond the live horizon.
+    const REDRIVEN: i64 = 10_000;
+
+    /// Event `i`: customer `c<i mod 2>`, at T0 plus `i` seconds (ingested then too, but for
+    /// [`LATE`]: at T0 + 10m; and see [`REDRIVEN`]).
     fn event(i: i64) -> Vec<u8> {
+        let (i, ingest) = match i {
+            LATE => (i, 600),
+            REDRIVEN => (5, 86_400),
+            i => (i, i),
+        };
         instream_event::encode(&instream_event::Event {
             event_id: format!("e{i}"),
             pipeline: "p".into(),
             key: format!("c{}", i % 2),
             event_time: T0 + i * 1000,
-            ingest_time: T0 + i * 1000,
+            ingest_time: T0 + ingest * 1000,
             headers: Default::default(),
             payload: serde_json::value::RawValue::from_string(format!(r#"{{"k":"c{}"}}"#, i % 2))
                 .unwrap(),
@@ -688,25 +800,52 @@ allowed_lateness = "1m"
         refdata: Arc<MemoryRefStore>,
     }
 
-    /// Events 0..600 (ten minutes) archived as one Parquet file; customer c0 in region
-    /// `north`, c1 in `south`.
-    async fn fixture() -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let archive = LocalArchive::new(dir.path());
-        let mut w = instream_archiver::FileWriter::new(ArchiveFormat::Parquet, &[], 1).unwrap();
-        for i in 0..600 {
-            let raw = event(i);
-            w.append(i, &raw, &instream_event::decode(&raw).unwrap())
+    /// Archives `events` (raw topic partition, offset, event index), in files of `per_file`
+    /// records of one partition, under the hour folder `folder` gives an event index.
+    async fn archived(
+        archive: &LocalArchive,
+        events: &[(i32, i64, i64)],
+        per_file: usize,
+        folder: impl Fn(i64) -> String,
+    ) {
+        for file in events.chunks(per_file) {
+            let mut w = instream_archiver::FileWriter::new(ArchiveFormat::Parquet, &[], 1).unwrap();
+            for &(_, offset, i) in file {
+                let raw = event(i);
+                w.append(offset, &raw, &instream_event::decode(&raw).unwrap())
+                    .unwrap();
+            }
+            let (partition, first, i) = file[0];
+            let last = file[file.len() - 1].1;
+            let name = instream_archiver::file_name(ArchiveFormat::Parquet, partition, first, last);
+            archive
+                .put(
+                    &format!("p/{}/{name}", folder(i)),
+                    Bytes::from(w.finish().unwrap()),
+                )
+                .await
                 .unwrap();
         }
-        let path = format!(
-            "p/dt=2024-05-01/hour=12/{}",
-            instream_archiver::file_name(ArchiveFormat::Parquet, 0, 0, 599)
-        );
-        archive
-            .put(&path, Bytes::from(w.finish().unwrap()))
-            .await
-            .unwrap();
+    }
+
+    /// Events 0..600 (ten minutes), then event 5 redriven a day later, archived as one
+    /// Parquet file; customer c0 in region `north`, c1 in `south`.
+    async fn fixture() -> Fixture {
+        let events: Vec<(i32, i64, i64)> = (0..600)
+            .map(|i| (0, i, i))
+            .chain([(0, 600, REDRIVEN)])
+            .collect();
+        fixture_of(&events, 601, |_| "dt=2024-05-01/hour=12".into()).await
+    }
+
+    async fn fixture_of(
+        events: &[(i32, i64, i64)],
+        per_file: usize,
+        folder: impl Fn(i64) -> String,
+    ) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = LocalArchive::new(dir.path());
+        archived(&archive, events, per_file, folder).await;
         let refdata = Arc::new(MemoryRefStore::default());
         for (customer, region) in [("c0", "north"), ("c1", "south")] {
             refdata.insert(
@@ -734,6 +873,69 @@ allowed_lateness = "1m"
                 aggregator_group: "instream-aggregator".into(),
             },
             refdata,
+        }
+    }
+
+    #[tokio::test]
+    async fn partitions_merged_for_a_repartitioned_aggregation_and_an_event_time_layout() {
+        // Two partitions (c0's events on 0, c1's on 1), files of 50 records, and one late
+        // event of c0 (index 100, 1m40s) archived after the others of its partition: in an
+        // event-time layout it lands in an earlier hour folder than records before it.
+        let mut events: Vec<(i32, i64, i64)> = Vec::new();
+        let mut next = [0i64; 2];
+        for i in (0..600).filter(|i| *i != LATE).chain([LATE]) {
+            let p = (i % 2) as usize;
+            events.push((p as i32, next[p], i));
+            next[p] += 1;
+        }
+        events.sort_by_key(|(p, o, _)| (*p, *o));
+        // The folder by event time: minutes 0-4 in hour 12, the rest in hour 13 (a layout
+        // that puts minutes in hours, to make the late event's folder the earlier one).
+        let f = fixture_of(&events, 50, |i| {
+            format!("dt=2024-05-01/hour={}", if i < 300 { 12 } else { 13 })
+        })
+        .await;
+        for (group_by, expected_groups) in [(r#"["enrichment.region"]"#, 2), (r#"["key"]"#, 2)] {
+            let def = definition_with(2, group_by, "event_time");
+            let report = recompute(&f.backends, &def, &request(true)).await.unwrap();
+            // The late event came after the watermark passed its window's close (plus a
+            // minute of lateness) in both partitions' order: too late, as live.
+            assert_eq!(
+                report.outcomes.get("too_late"),
+                Some(&1),
+                "{group_by}: {report:?}"
+            );
+            assert_eq!(
+                report.outcomes.get("counted"),
+                Some(&599),
+                "{group_by}: {report:?}"
+            );
+            assert_eq!(
+                report.windows_rewritten,
+                7 * expected_groups,
+                "{group_by}: {report:?}"
+            );
+            let got = windows(&f.backends).await;
+            let minute_one: i64 = got
+                .iter()
+                .filter(|((_, start), _)| *start == T0 + MINUTE)
+                .map(|(_, n)| n)
+                .sum();
+            assert_eq!(
+                minute_one, 59,
+                "{group_by}: the late event is not in its window"
+            );
+            f.backends
+                .store
+                .delete(
+                    &f.backends
+                        .store
+                        .windows_between("p", "per_region", T0, T0 + 3_600_000)
+                        .await
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
         }
     }
 
@@ -772,6 +974,8 @@ allowed_lateness = "1m"
         assert_eq!(report.windows_rewritten, 14, "{report:?}");
         assert_eq!(report.left_open_in_archive, 6);
         assert_eq!(report.outcomes.get("counted"), Some(&600));
+        // Archived twice with one id, a day apart: counted once.
+        assert_eq!(report.outcomes.get("repeated_event"), Some(&1));
         let north = r#"["c0","north"]"#.to_owned();
         assert_eq!(
             windows(&f.backends).await.get(&(north.clone(), T0)),
@@ -846,7 +1050,7 @@ allowed_lateness = "1m"
             .to_string();
         assert_eq!(
             error,
-            "pipeline `p` has no aggregation `per_city` (it has: per_region)"
+            "pipeline `p` has no aggregation `per_city` in effect (it has: per_region)"
         );
     }
 }

@@ -1,7 +1,7 @@
 //! `instream archive replay`: archived raw events accepted in a range, written again to a
 //! topic for a downstream consumer that needs a backfill.
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use instream_kafka::ops::Copy;
 use instream_pipeline::topics;
 
@@ -61,64 +61,91 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     let archive = instream_archive::build(&config.archive)?;
     let progress = instream_core::Progress::on_stderr("archive replay", "records", None);
     let raw = topics::raw(&args.pipeline);
-    // Files are named by the hour of their layout time: the ones of the range, and an hour
-    // either side (ingest and layout time may differ by the clock of the writer).
+    // Folders by ingest time: the range's hours, and one either side (a file takes the hour
+    // of its first record). By event time, an event accepted in the range can be in any
+    // folder (a late one in an old hour): all of them are read.
+    let by_event_time = catalog
+        .get(&args.pipeline)
+        .is_none_or(|def| def.archive.partition_by == instream_pipeline::ArchiveTime::EventTime);
     let (first, last) = (
         super::recompute::hour_name(args.from - 3_600_000),
         super::recompute::hour_name(args.to + 3_600_000),
     );
-    let (mut files, mut records, mut produced) = (0u64, 0u64, 0u64);
-    for file in archive.list(&args.pipeline).await? {
-        let (Some((partition, first_offset, _)), Some(hour)) = (
-            instream_archiver::parse_file_name(&file.path),
-            instream_archiver::hour_of(&file.path),
-        ) else {
-            continue;
-        };
-        if hour < first || hour > last {
-            continue;
+    let files = super::stream::partition_files(archive.as_ref(), &args.pipeline, |hour| {
+        by_event_time || (first.as_str()..=last.as_str()).contains(&hour)
+    })
+    .await?;
+    let producer = if args.execute {
+        Some(instream_kafka::client::producer(
+            &config.kafka,
+            "instream-cli",
+        )?)
+    } else {
+        None
+    };
+    let (mut files_read, mut records, mut produced) = (0u64, 0u64, 0u64);
+    let mut gaps = Vec::new();
+    for (partition, files) in files {
+        // Each partition in offset order, so that one key's events keep their order.
+        let mut stream =
+            super::stream::PartitionStream::new(archive.as_ref(), &args.pipeline, files);
+        let mut round: Vec<(instream_event::Event, instream_archiver::ArchivedRecord)> = Vec::new();
+        loop {
+            let next = stream.next().await?;
+            let done = next.is_none();
+            if let Some(record) = next {
+                records += 1;
+                match instream_event::decode(&record.bytes) {
+                    Ok(e) if (args.from..args.to).contains(&e.ingest_time) => {
+                        round.push((e, record))
+                    }
+                    Ok(_) => {}
+                    Err(e) => bail!("{raw}:{partition}:{} in the archive: {e}", record.offset),
+                }
+            }
+            if round.len() >= ROUND || (done && !round.is_empty()) {
+                produced += round.len() as u64;
+                if let Some(producer) = &producer {
+                    let copies: Vec<Copy<'_>> = round
+                        .iter()
+                        .map(|(e, r)| Copy {
+                            key: e.key.as_bytes(),
+                            payload: &r.bytes,
+                            from: format!("{raw}:{partition}:{}", r.offset),
+                        })
+                        .collect();
+                    instream_kafka::ops::produce_copies(producer, &args.topic, &copies, &progress)
+                        .await?;
+                }
+                round.clear();
+            }
+            if done {
+                break;
+            }
         }
-        files += 1;
-        let data = archive.get(&file.path).await?;
-        let read = instream_archiver::read_records(&file.path, data, first_offset, &args.pipeline)
-            .with_context(|| format!("reading {}", file.path))?;
-        records += read.len() as u64;
-        let events: Vec<(instream_event::Event, &instream_archiver::ArchivedRecord)> = read
-            .iter()
-            .filter_map(|r| instream_event::decode(&r.bytes).ok().map(|e| (e, r)))
-            .filter(|(e, _)| (args.from..args.to).contains(&e.ingest_time))
-            .collect();
-        produced += events.len() as u64;
-        if !args.execute {
-            continue;
-        }
-        for round in events.chunks(ROUND) {
-            let copies: Vec<Copy<'_>> = round
+        files_read += stream.files_read;
+        gaps.extend(
+            stream
+                .gaps()
                 .iter()
-                .map(|(e, r)| Copy {
-                    key: e.key.as_bytes(),
-                    payload: &r.bytes,
-                    from: format!("{raw}:{partition}:{}", r.offset),
-                })
-                .collect();
-            instream_kafka::ops::produce_copies(&config.kafka, &args.topic, &copies, &progress)
-                .await?;
-        }
+                .map(|g| format!("{partition}:{}-{}", g.first, g.last)),
+        );
     }
     progress.finish();
     let summary = serde_json::json!({
         "pipeline": args.pipeline,
         "topic": args.topic,
         "executed": args.execute,
-        "files": files,
+        "files": files_read,
         "records_read": records,
         "events_in_range": produced,
+        "gaps": gaps,
     });
     match args.output.output {
         Output::Json => emit_json(&summary)?,
         Output::Table => {
             emit(&format!(
-            "{} {produced} events accepted in the range (of {records} records in {files} files) \
+            "{} {produced} events accepted in the range (of {records} records in {files_read} files) \
              {} `{}`\n",
             if args.execute { "Produced" } else { "Would produce" },
             if args.execute { "to" } else { "to (dry run; --execute produces)" },
