@@ -275,10 +275,13 @@ pub enum Scope<'a> {
     /// `instream archive recompute`: one aggregation, keyed or repartitioned, over records
     /// read back from the archive in one process, each with its raw partition and offset as
     /// origin: an offset archived twice counts once, and the watermark follows the slowest
-    /// of `origins` (the raw partitions the replay merges; one for a keyed aggregation).
+    /// of `origins` (the raw partitions the replay merges; one for a keyed aggregation) —
+    /// but for one that brought nothing for `idle_timeout` of ingest time (the replay's clock:
+    /// live, records are read about when they are accepted).
     Recompute {
         aggregation: &'a str,
         origins: &'a [i32],
+        idle_timeout: Duration,
     },
 }
 
@@ -435,13 +438,23 @@ impl PartitionState {
         );
         let progress = match (scope, origin) {
             (Scope::Repartitioned { idle_timeout, .. }, Some((partition, _))) => {
-                self.origin_progress(partition, time, idle_timeout, 0..def.partitions)
+                let now = instream_event::now_millis();
+                self.origin_progress(partition, time, idle_timeout, 0..def.partitions, now)
             }
-            // A replay runs faster than any wall clock: no origin goes idle.
-            (Scope::Recompute { origins, .. }, Some((partition, _))) => {
-                let never = Duration::from_secs(100 * 365 * 24 * 3600);
-                self.origin_progress(partition, time, never, origins.iter().copied())
-            }
+            (
+                Scope::Recompute {
+                    origins,
+                    idle_timeout,
+                    ..
+                },
+                Some((partition, _)),
+            ) => self.origin_progress(
+                partition,
+                time,
+                idle_timeout,
+                origins.iter().copied(),
+                event.ingest_time,
+            ),
             _ => time,
         };
         if progress > self.max_event_time {
@@ -599,8 +612,8 @@ impl PartitionState {
         event_time: i64,
         idle_timeout: Duration,
         origins: impl Iterator<Item = i32>,
+        now: i64,
     ) -> i64 {
-        let now = instream_event::now_millis();
         if self.origin_times.is_empty() {
             self.origin_times
                 .extend(origins.map(|p| (p, (i64::MIN, now))));

@@ -30,7 +30,7 @@ pub enum ArchiveCommand {
     },
     /// Rebuilds one aggregation's windows whose start lies in [--from, --to) from the
     /// archived raw events, enriched with the reference data as it is now, under the
-    /// pipeline's current definition version, and writes each window whole and final
+    /// pipeline's definition version in effect now, and writes each window whole and final
     /// (replacing what the store holds; windows of another shape in the range are deleted).
     /// Windows still open in the live aggregator, or that the archive cannot close yet, are
     /// left and counted. Without --execute it only prints what it would rewrite. Sends no
@@ -52,6 +52,10 @@ pub enum ArchiveCommand {
         /// Write; without it, print what would be written.
         #[arg(long)]
         execute: bool,
+        /// Write even where offsets within what is read are in no archive file (a range at
+        /// the start of an archive cut by retention): those windows lack the missing records.
+        #[arg(long)]
+        accept_gaps: bool,
         #[command(flatten)]
         output: crate::output::OutputArg,
     },
@@ -76,6 +80,7 @@ pub async fn archive(command: ArchiveCommand) -> anyhow::Result<()> {
             from,
             to,
             execute,
+            accept_gaps,
             output,
         } => {
             let request = recompute::Request {
@@ -84,6 +89,7 @@ pub async fn archive(command: ArchiveCommand) -> anyhow::Result<()> {
                 from,
                 to,
                 execute,
+                accept_gaps,
                 progress: true,
             };
             return recompute::run(config.as_deref(), &request, output.output).await;

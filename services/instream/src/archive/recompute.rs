@@ -50,6 +50,9 @@ pub struct Request {
     pub from: i64,
     pub to: i64,
     pub execute: bool,
+    /// Write even with offsets in no archive file within what is read (a range at the start
+    /// of an archive cut by retention): the windows lack those records.
+    pub accept_gaps: bool,
     /// Progress on stderr (files read).
     pub progress: bool,
 }
@@ -96,6 +99,9 @@ pub struct Backends {
     pub store: Arc<dyn AggregateStore>,
     /// The live aggregator's consumer group (its checkpoints' key).
     pub aggregator_group: String,
+    /// `aggregator.repartition_idle_timeout`: a partition that brought nothing for this long
+    /// (of ingest time, in a replay) no longer holds a merged replay's watermark back.
+    pub repartition_idle_timeout: Duration,
 }
 
 /// Opens what `config` names, refusing what a separate process cannot share.
@@ -141,6 +147,7 @@ pub async fn backends(config: &Config) -> anyhow::Result<Backends> {
         refdata,
         store,
         aggregator_group: instream_stage::group_of(config, "aggregator"),
+        repartition_idle_timeout: config.aggregator.repartition_idle_timeout,
     })
 }
 
@@ -220,6 +227,7 @@ struct Replayer<'a> {
     aggregation: &'a str,
     refdata: &'a CachedRefStore,
     range: std::ops::Range<i64>,
+    idle_timeout: Duration,
 }
 
 impl Replayer<'_> {
@@ -238,6 +246,7 @@ impl Replayer<'_> {
         let scope = Scope::Recompute {
             aggregation: self.aggregation,
             origins: &replay.origins,
+            idle_timeout: self.idle_timeout,
         };
         report.records += records.len() as u64;
         for batch in records.chunks(BATCH) {
@@ -292,6 +301,30 @@ impl Replayer<'_> {
     }
 }
 
+/// The files of hours from `first_hour` on (read), and those of earlier hours (only their
+/// names are used), each per partition.
+fn split_at_hour(
+    all: BTreeMap<i32, Vec<stream::PartFile>>,
+    first_hour: &str,
+) -> (
+    BTreeMap<i32, Vec<stream::PartFile>>,
+    BTreeMap<i32, Vec<stream::PartFile>>,
+) {
+    let (mut read, mut before) = (BTreeMap::new(), BTreeMap::new());
+    for (partition, files) in all {
+        let (later, earlier): (Vec<_>, Vec<_>) = files
+            .into_iter()
+            .partition(|f| f.hour.as_str() >= first_hour);
+        if !later.is_empty() {
+            read.insert(partition, later);
+        }
+        if !earlier.is_empty() {
+            before.insert(partition, earlier);
+        }
+    }
+    (read, before)
+}
+
 /// An archived record as the raw topic's record it was.
 fn raw_record(topic: &str, partition: i32, record: instream_archiver::ArchivedRecord) -> Record {
     Record {
@@ -341,7 +374,6 @@ async fn replay_keyed(
     mut streams: Vec<PartitionStream<'_>>,
     aggregation: &Aggregation,
     report: &mut Report,
-    progress: &instream_core::Progress,
 ) -> anyhow::Result<BTreeMap<i32, Replay>> {
     let topic = topics::raw(&replayer.def.name);
     let mut replays = BTreeMap::new();
@@ -366,7 +398,7 @@ async fn replay_keyed(
                 break;
             }
         }
-        finish_stream(stream, report, progress);
+        finish_stream(stream, report);
         replays.insert(partition, replay);
     }
     Ok(replays)
@@ -379,7 +411,6 @@ async fn replay_merged(
     mut streams: Vec<PartitionStream<'_>>,
     aggregation: &Aggregation,
     report: &mut Report,
-    progress: &instream_core::Progress,
 ) -> anyhow::Result<Replay> {
     let topic = topics::raw(&replayer.def.name);
     let mut replay = Replay::new(streams.iter().map(|s| s.partition).collect());
@@ -411,7 +442,7 @@ async fn replay_merged(
         }
     }
     for stream in &streams {
-        finish_stream(stream, report, progress);
+        finish_stream(stream, report);
     }
     Ok(replay)
 }
@@ -421,13 +452,8 @@ fn ingest_time(record: &instream_archiver::ArchivedRecord) -> i64 {
 }
 
 /// Adds what a stream read to the report.
-fn finish_stream(
-    stream: &PartitionStream<'_>,
-    report: &mut Report,
-    progress: &instream_core::Progress,
-) {
+fn finish_stream(stream: &PartitionStream<'_>, report: &mut Report) {
     report.files += stream.files_read;
-    progress.add(stream.files_read);
     report.hours.extend(stream.hours.iter().cloned());
     report.gaps.extend(
         stream
@@ -473,6 +499,7 @@ pub async fn recompute(
         aggregation: &aggregation.name,
         refdata: &backends.refdata,
         range: range.clone(),
+        idle_timeout: backends.repartition_idle_timeout,
     };
     let mut report = Report {
         pipeline: def.name.clone(),
@@ -491,11 +518,15 @@ pub async fn recompute(
         .saturating_sub(def.max_time_ahead.as_millis() as i64)
         .saturating_sub(instream_aggregator::WATERMARK_AHEAD_OF_INGEST_MILLIS);
     let first_hour = hour_name(start);
-    let files = stream::partition_files(backends.archive.as_ref(), &def.name, |h| {
-        h >= first_hour.as_str()
-    })
-    .await?;
+    let all = stream::partition_files(backends.archive.as_ref(), &def.name, |_| true).await?;
+    let (files, before) = split_at_hour(all, &first_hour);
     let total = files.values().map(|f| f.len() as u64).sum();
+    if total == 0 && request.execute {
+        bail!(
+            "the archive of `{}` has no file from {first_hour} on: nothing to recompute from",
+            def.name
+        );
+    }
     let progress = if request.progress {
         instream_core::Progress::on_stderr("archive recompute", "files", Some(total))
     } else {
@@ -504,41 +535,89 @@ pub async fn recompute(
     let missing: Vec<i32> = (0..def.partitions)
         .filter(|p| !files.contains_key(p))
         .collect();
-    let streams: Vec<PartitionStream<'_>> = files
-        .into_values()
-        .map(|f| PartitionStream::new(backends.archive.as_ref(), &def.name, f))
-        .collect();
     let repartitioned = aggregation.repartitioned();
+    if repartitioned {
+        // Every partition feeds every group: one without records makes every window short.
+        report.gaps.extend(
+            missing
+                .iter()
+                .map(|p| format!("{p}:no archived record from {first_hour} on")),
+        );
+    }
+    let mut streams = Vec::new();
+    for (partition, files) in files {
+        let head = files.first().map_or(0, |f| f.first);
+        let earlier = before
+            .get(&partition)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        // Straggler files in an earlier hour's folder answer for offsets inside the span read;
+        // the one just before it shows that the span starts where the archive goes on.
+        if head > 0 && !earlier.iter().any(|f| f.first < head && f.last >= head - 1) {
+            report.gaps.push(format!(
+                "{partition}:..-{} (no file ends right before the first one read)",
+                head - 1
+            ));
+        }
+        let mut stream = PartitionStream::new(
+            backends.archive.as_ref(),
+            &def.name,
+            files,
+            progress.clone(),
+        );
+        stream.also_covered(earlier.iter().filter(|f| f.last >= head).map(|f| {
+            instream_archiver::OffsetRange {
+                first: f.first.max(head),
+                last: f.last,
+            }
+        }));
+        streams.push(stream);
+    }
     let (replays, live) = if repartitioned {
-        let replay =
-            replay_merged(&replayer, streams, &aggregation, &mut report, &progress).await?;
+        let replay = replay_merged(&replayer, streams, &aggregation, &mut report).await?;
         let topic = topics::repartition(&def.name, &aggregation.name);
         let marks = live_watermarks(
             backends.store.as_ref(),
             &backends.aggregator_group,
             &topic,
             def.partitions,
-            def,
+            &replay_def,
         )
         .await?;
-        // Every group's owner is one of these partitions: the slowest bounds them all.
-        let slowest = marks.values().flatten().min().copied();
+        // Every group's owner is one of these partitions: the slowest bounds them all (one
+        // without a checkpoint, beside others that have one, has closed nothing).
+        let slowest = if marks.values().all(Option::is_none) {
+            None
+        } else {
+            Some(
+                marks
+                    .values()
+                    .map(|m| m.unwrap_or(i64::MIN))
+                    .min()
+                    .unwrap_or(i64::MIN),
+            )
+        };
         (
             BTreeMap::from([(0, replay)]),
             BTreeMap::from([(0, slowest)]),
         )
     } else {
-        let replays =
-            replay_keyed(&replayer, streams, &aggregation, &mut report, &progress).await?;
+        let replays = replay_keyed(&replayer, streams, &aggregation, &mut report).await?;
         let topic = topics::enriched(&def.name);
-        let marks = live_watermarks(
+        let mut marks = live_watermarks(
             backends.store.as_ref(),
             &backends.aggregator_group,
             &topic,
             def.partitions,
-            def,
+            &replay_def,
         )
         .await?;
+        // A partition without a checkpoint beside others that have one has closed nothing.
+        if marks.values().any(Option::is_some) {
+            for mark in marks.values_mut() {
+                mark.get_or_insert(i64::MIN);
+            }
+        }
         (replays, marks)
     };
     progress.finish();
@@ -613,11 +692,11 @@ pub async fn recompute(
                 .into(),
         );
     }
-    if request.execute && !report.gaps.is_empty() {
+    if request.execute && !report.gaps.is_empty() && !request.accept_gaps {
         report.executed = false;
         report.notes.push(
             "nothing written: the archive has gaps in what was read (`instream archive \
-             verify` for the cause)"
+             verify` for the cause; --accept-gaps writes windows short of them)"
                 .into(),
         );
     }
@@ -654,7 +733,7 @@ pub async fn run(
         crate::output::Output::Json => crate::output::emit_json(&serde_json::to_value(&report)?)?,
         crate::output::Output::Table => crate::output::emit(&as_text(&report))?,
     }
-    if request.execute && !report.gaps.is_empty() {
+    if request.execute && !report.gaps.is_empty() && !request.accept_gaps {
         bail!(
             "the archive of `{}` has offsets in no file within the range read ({}); nothing \
              written",
@@ -669,10 +748,10 @@ fn as_text(report: &Report) -> String {
     let time = instream_event::format_rfc3339_millis;
     let mut text = format!(
         "{} windows of `{}`.`{}` starting in [{}, {}), under definition version {}\n",
-        if report.executed {
-            "Recomputed"
-        } else {
-            "Would recompute (dry run; --execute writes)"
+        match (report.executed, report.gaps.is_empty()) {
+            (true, _) => "Recomputed",
+            (false, true) => "Would recompute (dry run; --execute writes)",
+            (false, false) => "Would recompute, but for the gaps below,",
         },
         report.pipeline,
         report.aggregation,
@@ -871,6 +950,7 @@ allowed_lateness = "1m"
                 refdata: Arc::new(cached),
                 store: Arc::new(EmbeddedStore::default()),
                 aggregator_group: "instream-aggregator".into(),
+                repartition_idle_timeout: Duration::from_secs(30),
             },
             refdata,
         }
@@ -946,6 +1026,7 @@ allowed_lateness = "1m"
             from: T0,
             to: T0 + 3_600_000,
             execute,
+            accept_gaps: false,
             progress: false,
         }
     }
@@ -1037,6 +1118,63 @@ allowed_lateness = "1m"
         let starts: std::collections::BTreeSet<i64> =
             windows(&f.backends).await.keys().map(|(_, s)| *s).collect();
         assert_eq!(starts, [T0, T0 + MINUTE].into());
+    }
+
+    #[tokio::test]
+    async fn offsets_in_no_file_are_named_and_nothing_is_written() {
+        let events: Vec<(i32, i64, i64)> = (0..600).map(|i| (0, i, i)).collect();
+        let f = fixture_of(&events, 100, |_| "dt=2024-05-01/hour=12".into()).await;
+        let file = |first: i64, last: i64| {
+            format!(
+                "p/dt=2024-05-01/hour=12/{}",
+                instream_archiver::file_name(ArchiveFormat::Parquet, 0, first, last)
+            )
+        };
+        f.backends.archive.delete(&file(200, 299)).await.unwrap();
+        let report = recompute(&f.backends, &definition(), &request(true))
+            .await
+            .unwrap();
+        assert_eq!(report.gaps, ["0:200-299"]);
+        assert!(!report.executed);
+        assert!(
+            report.windows_rewritten > 0,
+            "what it would write: {report:?}"
+        );
+        assert!(windows(&f.backends).await.is_empty(), "nothing written");
+        // The start of the range missing: no file ends right before the first one read.
+        f.backends.archive.delete(&file(0, 99)).await.unwrap();
+        let report = recompute(&f.backends, &definition(), &request(true))
+            .await
+            .unwrap();
+        assert_eq!(report.gaps.len(), 2, "{:?}", report.gaps);
+        assert!(report.gaps[0].starts_with("0:..-99"), "{:?}", report.gaps);
+        // Accepted: written, short of them.
+        let mut accepted = request(true);
+        accepted.accept_gaps = true;
+        let report = recompute(&f.backends, &definition(), &accepted)
+            .await
+            .unwrap();
+        assert!(report.executed && report.windows_rewritten > 0);
+    }
+
+    #[tokio::test]
+    async fn a_partition_gone_quiet_stops_holding_a_merged_replay_back() {
+        // c1 (partition 1) sends for two minutes only; c0 (partition 0) for ten.
+        let mut events: Vec<(i32, i64, i64)> = Vec::new();
+        let mut next = [0i64; 2];
+        for i in (0..600).filter(|i| i % 2 == 0 || *i < 120) {
+            let p = (i % 2) as usize;
+            events.push((p as i32, next[p], i));
+            next[p] += 1;
+        }
+        events.sort_by_key(|(p, o, _)| (*p, *o));
+        let f = fixture_of(&events, 50, |_| "dt=2024-05-01/hour=12".into()).await;
+        let def = definition_with(2, r#"["enrichment.region"]"#, "ingest_time");
+        let report = recompute(&f.backends, &def, &request(true)).await.unwrap();
+        // Partition 1 goes idle 30 s (of ingest time) after its last event: the watermark
+        // follows partition 0 on, and seven of north's minutes and south's two are final.
+        assert_eq!(report.windows_rewritten, 9, "{report:?}");
+        assert_eq!(report.outcomes.get("too_late"), None, "{report:?}");
     }
 
     #[tokio::test]

@@ -87,8 +87,12 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     let mut gaps = Vec::new();
     for (partition, files) in files {
         // Each partition in offset order, so that one key's events keep their order.
-        let mut stream =
-            super::stream::PartitionStream::new(archive.as_ref(), &args.pipeline, files);
+        let mut stream = super::stream::PartitionStream::new(
+            archive.as_ref(),
+            &args.pipeline,
+            files,
+            instream_core::Progress::silent(),
+        );
         let mut round: Vec<(instream_event::Event, instream_archiver::ArchivedRecord)> = Vec::new();
         loop {
             let next = stream.next().await?;
@@ -152,6 +156,13 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
             args.topic
         ))?
         }
+    }
+    if !gaps.is_empty() {
+        bail!(
+            "the archive of `{}` has offsets in no file ({}): the backfill lacks them",
+            args.pipeline,
+            gaps.join(" ")
+        );
     }
     Ok(())
 }

@@ -62,14 +62,21 @@ pub struct PartitionStream<'a> {
     open: Vec<VecDeque<ArchivedRecord>>,
     /// The last offset given: a repeat (a file overlapping another) is skipped.
     last_given: Option<i64>,
-    /// Offsets the files read answer for (records and dead letters).
+    /// Offsets the files read answer for (records and dead letters), as runs.
     covered: Vec<OffsetRange>,
     pub files_read: u64,
     pub hours: Vec<String>,
+    progress: instream_core::Progress,
 }
 
 impl<'a> PartitionStream<'a> {
-    pub fn new(archive: &'a dyn Archive, pipeline: &'a str, files: Vec<PartFile>) -> Self {
+    /// Reads `files` (sorted by first offset); each file read counts one on `progress`.
+    pub fn new(
+        archive: &'a dyn Archive,
+        pipeline: &'a str,
+        files: Vec<PartFile>,
+        progress: instream_core::Progress,
+    ) -> Self {
         PartitionStream {
             archive,
             pipeline,
@@ -80,7 +87,31 @@ impl<'a> PartitionStream<'a> {
             covered: Vec::new(),
             files_read: 0,
             hours: Vec::new(),
+            progress,
         }
+    }
+
+    /// Counts `ranges` as answered for without reading them: files left out of the read (a
+    /// straggler in an hour's folder before the range) whose names give their offsets.
+    pub fn also_covered(&mut self, ranges: impl IntoIterator<Item = OffsetRange>) {
+        for range in ranges {
+            self.cover(range);
+        }
+    }
+
+    /// Adds a run to `covered`, merged with the last one when they touch: records come
+    /// mostly in offset order, so the runs stay few.
+    fn cover(&mut self, range: OffsetRange) {
+        if let Some(last) = self.covered.last_mut() {
+            if range.first <= last.last.saturating_add(1)
+                && range.last >= last.first.saturating_sub(1)
+            {
+                last.first = last.first.min(range.first);
+                last.last = last.last.max(range.last);
+                return;
+            }
+        }
+        self.covered.push(range);
     }
 
     /// The next record in offset order; `None` once every file is used up.
@@ -120,20 +151,24 @@ impl<'a> PartitionStream<'a> {
                 .with_context(|| format!("reading {}", file.file.path))?;
         match read.dead_lettered {
             Some(dead) => {
-                self.covered.extend(dead.0);
-                self.covered
-                    .extend(read.records.iter().map(|r| OffsetRange {
-                        first: r.offset,
-                        last: r.offset,
-                    }));
+                let mut runs: Vec<OffsetRange> = dead.0;
+                runs.extend(read.records.iter().map(|r| OffsetRange {
+                    first: r.offset,
+                    last: r.offset,
+                }));
+                runs.sort_by_key(|r| r.first);
+                for run in runs {
+                    self.cover(run);
+                }
             }
             // A file that lists no offsets answers for its name's range.
-            None => self.covered.push(OffsetRange {
+            None => self.cover(OffsetRange {
                 first: file.first,
                 last: file.last,
             }),
         }
         self.files_read += 1;
+        self.progress.add(1);
         if self.hours.last() != Some(&file.hour) {
             self.hours.push(file.hour);
         }
@@ -213,7 +248,12 @@ mod tests {
         put(&archive, 13, &[8, 9], &[]).await;
         put(&archive, 14, &[12], &[]).await;
         let mut files = partition_files(&archive, "p", |_| true).await.unwrap();
-        let mut stream = PartitionStream::new(&archive, "p", files.remove(&0).unwrap());
+        let mut stream = PartitionStream::new(
+            &archive,
+            "p",
+            files.remove(&0).unwrap(),
+            instream_core::Progress::silent(),
+        );
         let mut offsets = Vec::new();
         while let Some(r) = stream.next().await.unwrap() {
             offsets.push(r.offset);
