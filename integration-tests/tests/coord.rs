@@ -11,7 +11,7 @@ use std::time::Duration;
 use instream_coord::{campaign, publish_definition, register_instance, ZkDefinitionSource};
 use instream_core::config::ZooKeeperConfig;
 use instream_pipeline::{parse_document, DefinitionSource, PipelineDefinition};
-use instream_testkit::{unique, TcpProxy, ZooKeeperServer};
+use instream_testkit::{unique, TcpProxy, TestPki, TlsProxy, TlsProxySettings, ZooKeeperServer};
 use tokio_util::sync::CancellationToken;
 use zookeeper_client as zk;
 
@@ -30,6 +30,7 @@ fn config(zk: &ZooKeeperServer) -> ZooKeeperConfig {
         session_timeout: Duration::from_secs(4),
         auth: None,
         auth_file: None,
+        tls: None,
     }
 }
 
@@ -439,6 +440,7 @@ async fn contender_process() {
         session_timeout: Duration::from_secs(3),
         auth: None,
         auth_file: None,
+        tls: None,
     };
     let mut leadership = campaign(&cfg, "retention", name).await.unwrap();
     let term = leadership.acquired().await.unwrap();
@@ -572,5 +574,113 @@ async fn a_duty_progress_is_fenced_by_term() {
     assert_eq!(
         stored_position(&cfg, &name).await.unwrap(),
         Some((7, json!({"id": 20})))
+    );
+}
+
+/// ZooKeeper over TLS, through a TLS-terminating proxy (Debian's `stunnel4`) in front of the
+/// ensemble — the client side is what instream owns; a ZooKeeper `secureClientPort` speaks
+/// the same TLS. Definitions are published and read through it; with mutual TLS the client
+/// presents its certificate, and is refused without one; an unknown authority is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zookeeper_over_tls_and_mutual_tls() {
+    use instream_core::config::ClientTls;
+    let server = ZooKeeperServer::start().unwrap();
+    let port: u16 = server
+        .connect_string()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let pki = TestPki::new("unused").unwrap();
+    let settings = |client_ca_pem| TlsProxySettings {
+        cert_pem: &pki.server_cert_pem,
+        key_pem: &pki.server_key_pem,
+        client_ca_pem,
+    };
+    let over = |proxy: &TlsProxy, tls: ClientTls| ZooKeeperConfig {
+        connect: format!("127.0.0.1:{}", proxy.port()),
+        tls: Some(tls),
+        ..config(&server)
+    };
+    let trusting = ClientTls {
+        ca_file: Some(pki.ca_file.clone()),
+        ..Default::default()
+    };
+
+    let tls = TlsProxy::start(port, &settings(None)).unwrap();
+    let cfg = over(&tls, trusting.clone());
+    publish_definition(&cfg, &definition("orders", 1, 4))
+        .await
+        .unwrap();
+    let version = |cfg: ZooKeeperConfig| async move {
+        let shutdown = CancellationToken::new();
+        let rx = ZkDefinitionSource::new(cfg)
+            .subscribe(shutdown.clone())
+            .await
+            .unwrap();
+        let version = rx.borrow().get("orders").unwrap().version;
+        shutdown.cancel();
+        version
+    };
+    assert_eq!(version(cfg.clone()).await, 1);
+
+    let mutual = TlsProxy::start(port, &settings(Some(&pki.ca_pem))).unwrap();
+    let with_cert = ClientTls {
+        cert_file: Some(pki.path("client.pem")),
+        key_file: Some(pki.path("client-plain.key")),
+        ..trusting.clone()
+    };
+    let cfg = over(&mutual, with_cert);
+    publish_definition(&cfg, &definition("orders", 2, 4))
+        .await
+        .unwrap();
+    let without_cert = over(&mutual, trusting);
+    let error = publish_definition(&without_cert, &definition("orders", 3, 4))
+        .await
+        .unwrap_err()
+        .to_string();
+    eprintln!("no client certificate: {error}");
+    assert!(
+        error.contains("received fatal alert"),
+        "names the cause: {error}"
+    );
+
+    let stranger = TestPki::new("unused").unwrap();
+    let unknown = over(
+        &tls,
+        ClientTls {
+            ca_file: Some(stranger.ca_file.clone()),
+            ..Default::default()
+        },
+    );
+    let error = publish_definition(&unknown, &definition("orders", 3, 4))
+        .await
+        .unwrap_err()
+        .to_string();
+    // The stranger's authority has the same name: the signature does not check.
+    assert!(
+        error.contains("TLS handshake with 127.0.0.1")
+            && error.contains("invalid peer certificate"),
+        "names the cause: {error}"
+    );
+    // Still version 2: neither refused client wrote.
+    assert_eq!(version(cfg).await, 2);
+
+    // A missing file is named.
+    let missing = over(
+        &tls,
+        ClientTls {
+            ca_file: Some("/nowhere/ca.pem".into()),
+            ..Default::default()
+        },
+    );
+    let error = publish_definition(&missing, &definition("orders", 3, 4))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("zookeeper.tls: reading /nowhere/ca.pem"),
+        "{error}"
     );
 }

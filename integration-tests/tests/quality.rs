@@ -44,6 +44,7 @@ impl Servers {
             session_timeout: Duration::from_secs(4),
             auth: None,
             auth_file: None,
+            tls: None,
         }
     }
 

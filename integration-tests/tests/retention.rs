@@ -93,6 +93,7 @@ async fn only_the_elected_archiver_deletes_expired_files_and_a_standby_takes_ove
         session_timeout: Duration::from_secs(4),
         auth: None,
         auth_file: None,
+        tls: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let archive = Arc::new(LocalArchive::new(dir.path()));

@@ -20,6 +20,7 @@ mod local;
 mod progress;
 mod registry;
 mod session;
+mod tls;
 
 use std::sync::{Arc, OnceLock};
 

@@ -24,6 +24,9 @@ pub enum CoordError {
     /// The in-process coordinator's files (standalone mode).
     #[error("{path}: {reason}")]
     Local { path: String, reason: String },
+    /// `zookeeper.tls` names a file that cannot be read or used.
+    #[error("zookeeper.tls: {0}")]
+    Tls(String),
 }
 
 impl CoordError {
@@ -60,13 +63,33 @@ pub async fn connect(cfg: &ZooKeeperConfig) -> Result<zk::Client, CoordError> {
     if let Some(auth) = &cfg.auth {
         connector = connector.with_auth("digest", auth.expose().as_bytes());
     }
-    let client = connector
-        .connect(&cfg.connect)
-        .await
-        .map_err(|source| CoordError::Connect {
-            connect: cfg.connect.clone(),
-            source,
-        })?;
+    let connected = match &cfg.tls {
+        Some(tls) => {
+            instream_core::install_tls_provider();
+            connector
+                .with_tls(tls_options(tls)?)
+                .secure_connect(&cfg.connect)
+                .await
+        }
+        None => connector.connect(&cfg.connect).await,
+    };
+    let client = match connected {
+        Ok(client) => client,
+        Err(source) => {
+            if let Some(tls) = &cfg.tls {
+                if let Some(reason) = crate::tls::handshake_failure(&cfg.connect, tls).await {
+                    return Err(CoordError::Tls(format!(
+                        "connecting to {}: {source}: {reason}",
+                        cfg.connect
+                    )));
+                }
+            }
+            return Err(CoordError::Connect {
+                connect: cfg.connect.clone(),
+                source,
+            });
+        }
+    };
     let root = cfg.root.trim_end_matches('/');
     if !root.is_empty() {
         client
@@ -90,6 +113,30 @@ pub async fn connect(cfg: &ZooKeeperConfig) -> Result<zk::Client, CoordError> {
             .map_err(CoordError::op("mkdir", folder))?;
     }
     Ok(client)
+}
+
+/// The client's TLS settings from `zookeeper.tls`: the authority, and the client's own
+/// certificate for mutual TLS.
+fn tls_options(tls: &instream_core::config::ClientTls) -> Result<zk::TlsOptions, CoordError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .map_err(|e| CoordError::Tls(format!("reading {}: {e}", path.display())))
+    };
+    let ca_file = tls
+        .ca_file
+        .as_deref()
+        .ok_or_else(|| CoordError::Tls("ca_file is required".into()))?;
+    let mut options = zk::TlsOptions::new()
+        .with_pem_ca(&read(ca_file)?)
+        .map_err(|e| CoordError::Tls(format!("{}: {e}", ca_file.display())))?;
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        options = options
+            .with_pem_identity(&read(cert)?, &read(key)?)
+            .map_err(|e| {
+                CoordError::Tls(format!("{} and {}: {e}", cert.display(), key.display()))
+            })?;
+    }
+    Ok(options)
 }
 
 /// Resolves when the client's session has ended for good (expired, closed or refused), the

@@ -29,3 +29,12 @@ pub use progress::Progress;
 pub use retry::{Backoff, GaveUp, Pauses, Retry};
 pub use service::{run_service, service_main, Service, ServiceContext};
 pub use shutdown::{shutdown_on_signal, spawn_watched, Supervisor, SupervisorError, Tasks};
+
+/// Makes ring rustls's process-wide default. Clients that take the default instead of being
+/// given one (the Redis client, the ZooKeeper client) panic when more than one provider is
+/// built in, and the ZooKeeper client's TLS brings aws-lc-rs besides the ring every other TLS
+/// user here is given. Idempotent; call before building such a client.
+pub fn install_tls_provider() {
+    // Err: a default is set already (by an earlier call): that one stays.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+}

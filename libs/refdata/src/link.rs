@@ -176,6 +176,8 @@ fn sentinel_client(cfg: &RefDataConfig) -> Result<SentinelClient, RefDataError> 
 
 impl Link {
     pub async fn open(cfg: &RefDataConfig) -> Result<Link, RefDataError> {
+        // `rediss://` clients take rustls's process default.
+        instream_core::install_tls_provider();
         match cfg.redis_mode {
             RedisMode::Standalone => {
                 let client = single_client(cfg)?;
@@ -320,6 +322,7 @@ impl Link {
 
     /// A client for pub/sub (one server only; elsewhere versions are followed by polling).
     pub fn pubsub_client(cfg: &RefDataConfig) -> Option<redis::Client> {
+        instream_core::install_tls_provider();
         (cfg.redis_mode == RedisMode::Standalone)
             .then(|| single_client(cfg).ok())
             .flatten()

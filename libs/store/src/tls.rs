@@ -2,12 +2,12 @@
 //! PEM files, built at start so a wrong path or a key that does not match its certificate is
 //! refused before the first connection, naming the key.
 
-use instream_core::config::StoreTls;
+use instream_core::config::ClientTls;
 use openssl::ssl::{SslContext, SslContextBuilder, SslFiletype, SslMethod, SslVerifyMode};
 
 use crate::StoreError;
 
-pub fn context(tls: &StoreTls) -> Result<SslContext, StoreError> {
+pub fn context(tls: &ClientTls) -> Result<SslContext, StoreError> {
     let refused = |key: &str, path: &std::path::Path, e: openssl::error::ErrorStack| {
         StoreError::Rejected(format!("store.tls.{key} {}: {e}", path.display()))
     };
@@ -52,7 +52,7 @@ mod tests {
         let ca = rcgen::generate_simple_self_signed(vec!["ca".into()]).unwrap();
         let client = rcgen::generate_simple_self_signed(vec!["client".into()]).unwrap();
         let other = rcgen::generate_simple_self_signed(vec!["other".into()]).unwrap();
-        let tls = StoreTls {
+        let tls = ClientTls {
             ca_file: Some(write(dir.path(), "ca.pem", &ca.cert.pem())),
             cert_file: Some(write(dir.path(), "client.pem", &client.cert.pem())),
             key_file: Some(write(
@@ -62,7 +62,7 @@ mod tests {
             )),
         };
         assert!(context(&tls).is_ok());
-        let mismatched = StoreTls {
+        let mismatched = ClientTls {
             key_file: Some(write(
                 dir.path(),
                 "other.key",
@@ -72,9 +72,9 @@ mod tests {
         };
         let err = context(&mismatched).unwrap_err().to_string();
         assert!(err.contains("store.tls.key_file"), "{err}");
-        let missing = StoreTls {
+        let missing = ClientTls {
             ca_file: Some(dir.path().join("missing.pem")),
-            ..StoreTls::default()
+            ..ClientTls::default()
         };
         let err = context(&missing).unwrap_err().to_string();
         assert!(err.contains("store.tls.ca_file"), "{err}");

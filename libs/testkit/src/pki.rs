@@ -19,7 +19,8 @@ pub struct TestPki {
 
 impl TestPki {
     /// An authority, a server certificate, and a client certificate (`client.pem`) whose key
-    /// (`client.key`, PKCS#8) is encrypted with `client_key_password`.
+    /// (`client.key`, PKCS#8) is encrypted with `client_key_password` — and written plain too
+    /// (`client-plain.key`) for clients that read no encrypted keys (rustls).
     pub fn new(client_key_password: &str) -> Result<TestPki, TestkitError> {
         let pki_error = |e: rcgen::Error| TestkitError::Pki(e.to_string());
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(pki_error)?;
@@ -42,6 +43,10 @@ impl TestPki {
             .signed_by(&client_key, &ca)
             .map_err(pki_error)?;
         std::fs::write(dir.path().join("client.pem"), client_cert.pem())?;
+        std::fs::write(
+            dir.path().join("client-plain.key"),
+            client_key.serialize_pem(),
+        )?;
         let encrypted =
             openssl::pkey::PKey::private_key_from_pem(client_key.serialize_pem().as_bytes())
                 .and_then(|key| {

@@ -479,6 +479,10 @@ pub struct ZooKeeperConfig {
     pub auth: Option<Secret>,
     /// A file holding `auth`, read at start.
     pub auth_file: Option<PathBuf>,
+    /// TLS to the ensemble (its `secureClientPort`, or a TLS proxy in front of it): every
+    /// host of `connect` is reached over TLS, its certificate checked against `ca_file`
+    /// (required); `cert_file` and `key_file` for mutual TLS.
+    pub tls: Option<super::ClientTls>,
 }
 
 impl Default for ZooKeeperConfig {
@@ -489,6 +493,7 @@ impl Default for ZooKeeperConfig {
             session_timeout: Duration::from_secs(10),
             auth: None,
             auth_file: None,
+            tls: None,
         }
     }
 }
@@ -518,6 +523,12 @@ impl ZooKeeperConfig {
         p.check(!self.connect.contains('/'), "zookeeper.connect", || {
             "must be `host:port[,host:port…]`; the chroot is `zookeeper.root`".into()
         });
+        if let Some(tls) = &self.tls {
+            tls.validate("zookeeper", p);
+            p.check(tls.ca_file.is_some(), "zookeeper.tls.ca_file", || {
+                "TLS to ZooKeeper needs the authority that signed its certificate (PEM)".into()
+            });
+        }
         if let Some(auth) = &self.auth {
             p.check(
                 auth.expose()

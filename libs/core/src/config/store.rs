@@ -47,7 +47,7 @@ pub struct StoreConfig {
     /// A file holding `password`, read at start.
     pub password_file: Option<PathBuf>,
     /// TLS to ScyllaDB/Cassandra (their client-encryption port). Unset: plain CQL.
-    pub tls: Option<StoreTls>,
+    pub tls: Option<ClientTls>,
     /// Consistency of window and checkpoint writes (ScyllaDB/Cassandra).
     pub write_consistency: StoreConsistency,
     /// Consistency of reads: a restored checkpoint must see the last one written, so
@@ -113,19 +113,30 @@ impl Default for StoreConfig {
     }
 }
 
-/// TLS to the store's nodes (OpenSSL): the nodes' certificates are checked against
-/// `ca_file` (or the system's trust store), and a client certificate is sent when the cluster
-/// asks for one (`require_client_auth`).
+/// TLS to a server (`store.tls`, `zookeeper.tls`): the server's certificate is checked
+/// against `ca_file`, and a client certificate is sent when the server asks for one (mutual
+/// TLS).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
-pub struct StoreTls {
-    /// PEM certificate(s) of the authority that signed the nodes' certificates; unset: the
-    /// system's trust store.
+pub struct ClientTls {
+    /// PEM certificate(s) of the authority that signed the server's certificate; unset: the
+    /// system's trust store (the store; ZooKeeper needs it).
     pub ca_file: Option<PathBuf>,
     /// The client certificate (PEM), with `key_file`, for mutual TLS.
     pub cert_file: Option<PathBuf>,
     /// The client certificate's private key (PEM, unencrypted).
     pub key_file: Option<PathBuf>,
+}
+
+impl ClientTls {
+    /// `cert_file` and `key_file` go together; `<section>.tls.<key>` in what is reported.
+    pub(super) fn validate(&self, section: &str, p: &mut Problems) {
+        p.check(
+            self.cert_file.is_some() == self.key_file.is_some(),
+            &format!("{section}.tls.cert_file"),
+            || format!("{section}.tls.cert_file and {section}.tls.key_file go together"),
+        );
+    }
 }
 
 impl StoreConfig {
@@ -139,11 +150,7 @@ impl StoreConfig {
 
     pub(super) fn validate(&self, p: &mut Problems) {
         if let Some(tls) = &self.tls {
-            p.check(
-                tls.cert_file.is_some() == tls.key_file.is_some(),
-                "store.tls.cert_file",
-                || "store.tls.cert_file and store.tls.key_file go together".into(),
-            );
+            tls.validate("store", p);
         }
         if self.backend == StoreBackend::Scylla {
             p.check(!self.scylla_nodes.is_empty(), "store.scylla_nodes", || {
