@@ -667,6 +667,23 @@ async fn zookeeper_over_tls_and_mutual_tls() {
     // Still version 2: neither refused client wrote.
     assert_eq!(version(cfg).await, 2);
 
+    // Nothing listening is an outage, not a TLS problem.
+    let nobody = ZooKeeperConfig {
+        connect: "127.0.0.1:1".into(),
+        ..over(
+            &tls,
+            ClientTls {
+                ca_file: Some(pki.ca_file.clone()),
+                ..Default::default()
+            },
+        )
+    };
+    let error = publish_definition(&nobody, &definition("orders", 3, 4))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.starts_with("zookeeper at 127.0.0.1:1"), "{error}");
+
     // A missing file is named.
     let missing = over(
         &tls,
@@ -680,7 +697,7 @@ async fn zookeeper_over_tls_and_mutual_tls() {
         .unwrap_err()
         .to_string();
     assert!(
-        error.contains("zookeeper.tls: reading /nowhere/ca.pem"),
+        error.contains("zookeeper.tls: ca_file: reading /nowhere/ca.pem"),
         "{error}"
     );
 }

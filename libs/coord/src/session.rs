@@ -118,22 +118,26 @@ pub async fn connect(cfg: &ZooKeeperConfig) -> Result<zk::Client, CoordError> {
 /// The client's TLS settings from `zookeeper.tls`: the authority, and the client's own
 /// certificate for mutual TLS.
 fn tls_options(tls: &instream_core::config::ClientTls) -> Result<zk::TlsOptions, CoordError> {
-    let read = |path: &std::path::Path| {
+    let read = |key: &str, path: &std::path::Path| {
         std::fs::read_to_string(path)
-            .map_err(|e| CoordError::Tls(format!("reading {}: {e}", path.display())))
+            .map_err(|e| CoordError::Tls(format!("{key}: reading {}: {e}", path.display())))
     };
     let ca_file = tls
         .ca_file
         .as_deref()
-        .ok_or_else(|| CoordError::Tls("ca_file is required".into()))?;
+        .ok_or_else(|| CoordError::Tls("ca_file: required".into()))?;
     let mut options = zk::TlsOptions::new()
-        .with_pem_ca(&read(ca_file)?)
-        .map_err(|e| CoordError::Tls(format!("{}: {e}", ca_file.display())))?;
+        .with_pem_ca(&read("ca_file", ca_file)?)
+        .map_err(|e| CoordError::Tls(format!("ca_file: {}: {e}", ca_file.display())))?;
     if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
         options = options
-            .with_pem_identity(&read(cert)?, &read(key)?)
+            .with_pem_identity(&read("cert_file", cert)?, &read("key_file", key)?)
             .map_err(|e| {
-                CoordError::Tls(format!("{} and {}: {e}", cert.display(), key.display()))
+                CoordError::Tls(format!(
+                    "cert_file and key_file: {} and {}: {e}",
+                    cert.display(),
+                    key.display()
+                ))
             })?;
     }
     Ok(options)

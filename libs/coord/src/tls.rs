@@ -1,7 +1,8 @@
 //! What went wrong with TLS to ZooKeeper. The ZooKeeper client retries a failed handshake
 //! until the session timeout and then says only "timeout"; when a TLS connect fails, one
 //! handshake of our own with the first host names the cause (an unknown authority, a refused
-//! client certificate).
+//! client certificate). Only what TLS itself refused is named: a host that does not answer
+//! at all is an outage, not a TLS problem.
 
 use std::sync::Arc;
 
@@ -13,34 +14,44 @@ use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 /// Why a TLS handshake with the first host of `connect` fails, if it does.
 pub(crate) async fn handshake_failure(connect: &str, tls: &ClientTls) -> Option<String> {
     let first = connect.split(',').next()?.trim();
-    let host_port = first.strip_prefix("tcp+tls://").unwrap_or(first);
-    let (host, port) = match host_port.rsplit_once(':') {
-        Some((host, port)) => (host, port.parse::<u16>().ok()?),
-        None => (host_port, 2281),
+    // `[::1]:2281`, `host:2281`, or a host alone on ZooKeeper's default port.
+    let (host, port) = match first.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !port.contains(']') => {
+            (host, port.parse::<u16>().ok()?)
+        }
+        _ => (first, 2181),
     };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
     let config = match client_config(tls) {
         Ok(config) => config,
         Err(reason) => return Some(reason),
     };
     let name = ServerName::try_from(host.to_owned()).ok()?;
     let timeout = std::time::Duration::from_secs(5);
+    // What rustls refused comes as `InvalidData`; anything else (refused, reset, closed) is
+    // not a TLS cause.
+    let refused = |e: &std::io::Error| e.kind() == std::io::ErrorKind::InvalidData;
     let attempt = async {
-        let tcp = tokio::net::TcpStream::connect((host, port))
-            .await
-            .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
-        let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        let Ok(tcp) = tokio::net::TcpStream::connect((host, port)).await else {
+            return Ok(());
+        };
+        let mut stream = match tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
             .await
-            .map_err(|e| format!("TLS handshake with {host}:{port}: {e}"))?;
-        // A server refusing the client's certificate says so only after the handshake, on
-        // the first read (TLS 1.3): read a little to hear it.
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let _ = stream.write_all(&[0, 0, 0, 0]).await;
+        {
+            Ok(stream) => stream,
+            Err(e) if refused(&e) => return Err(format!("TLS handshake with {host}:{port}: {e}")),
+            Err(_) => return Ok(()),
+        };
+        // A server refusing the client's certificate says so only after the handshake (TLS
+        // 1.3), as an alert the first read meets. Nothing is written: the server would take
+        // any bytes as a request.
+        use tokio::io::AsyncReadExt;
         let mut buf = [0u8; 1];
         match tokio::time::timeout(std::time::Duration::from_millis(500), stream.read(&mut buf))
             .await
         {
-            Ok(Err(e)) => Err(format!("TLS with {host}:{port}: {e}")),
+            Ok(Err(e)) if refused(&e) => Err(format!("TLS with {host}:{port}: {e}")),
             _ => Ok(()),
         }
     };

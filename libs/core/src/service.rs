@@ -107,6 +107,7 @@ where
     E: std::fmt::Display + 'static,
 {
     let args = Args::parse();
+    crate::install_tls_provider();
     run_service(service, args.config.as_deref(), run)
 }
 

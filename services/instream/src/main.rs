@@ -205,6 +205,7 @@ enum SchemaCommand {
 fn main() -> ExitCode {
     // Fail points (tests) come from FAILPOINTS; inert unless built with `fail/failpoints`.
     let _failpoints = fail::FailScenario::setup();
+    instream_core::install_tls_provider();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {

@@ -27,6 +27,11 @@ locals {
     nonsensitive(var.redis_sentinel_password == "") ? {} : { "redis-sentinel-password" = var.redis_sentinel_password },
     nonsensitive(var.scylla_password == "") ? {} : { "scylla-password" = var.scylla_password },
     var.scylla_ca_pem == "" ? {} : { "scylla-ca.pem" = var.scylla_ca_pem },
+    nonsensitive(var.zookeeper_tls == null) ? {} : { "zookeeper-ca.pem" = var.zookeeper_tls.ca_pem },
+    nonsensitive(try(var.zookeeper_tls.cert_pem, "") == "") ? {} : {
+      "zookeeper-client.pem" = var.zookeeper_tls.cert_pem
+      "zookeeper-client.key" = var.zookeeper_tls.key_pem
+    },
   )
 
   kafka_properties = merge(
@@ -55,6 +60,15 @@ locals {
     zookeeper = merge(
       { connect = var.zookeeper_connect, root = var.zookeeper_root },
       nonsensitive(var.zookeeper_auth == "") ? {} : { auth_file = "${local.secret_dir}/zookeeper-auth" },
+      nonsensitive(var.zookeeper_tls == null) ? {} : {
+        tls = merge(
+          { ca_file = "${local.secret_dir}/zookeeper-ca.pem" },
+          nonsensitive(try(var.zookeeper_tls.cert_pem, "") == "") ? {} : {
+            cert_file = "${local.secret_dir}/zookeeper-client.pem"
+            key_file  = "${local.secret_dir}/zookeeper-client.key"
+          },
+        )
+      },
     )
     definitions = { source = "zookeeper" }
     refdata = merge(

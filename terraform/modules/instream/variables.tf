@@ -32,7 +32,7 @@ variable "image" {
 }
 
 variable "existing_credentials_secret" {
-  description = "A Secret made outside Terraform holding the credentials as files (keys: kafka-sasl-password, kafka-ca.pem, kafka-client.pem, kafka-client.key, kafka-key-password, kafka-oauthbearer-secret, zookeeper-auth, redis-password, scylla-password, scylla-ca.pem — those the other variables say are used); the password variables then only say which are used (any non-empty value). Empty: the module makes the Secret from the variables, and their values are in the Terraform state."
+  description = "A Secret made outside Terraform holding the credentials as files (keys: kafka-sasl-password, kafka-ca.pem, kafka-client.pem, kafka-client.key, kafka-key-password, kafka-oauthbearer-secret, zookeeper-auth, zookeeper-ca.pem, zookeeper-client.pem, zookeeper-client.key, redis-password, scylla-password, scylla-ca.pem — those the other variables say are used); the password variables then only say which are used (any non-empty value). Empty: the module makes the Secret from the variables, and their values are in the Terraform state."
   type        = string
   default     = ""
 }
@@ -129,6 +129,17 @@ variable "scylla" {
     local_dc           = optional(string, "")
     username           = optional(string, "")
   })
+}
+
+variable "zookeeper_tls" {
+  description = "TLS to ZooKeeper (zookeeper_connect then names its secureClientPort): the authority of the ensemble's certificates (PEM), and for mutual TLS — what ZooKeeper's TLS port asks by default — a client certificate and its unencrypted key (PEM). Null: plain."
+  type = object({
+    ca_pem   = string
+    cert_pem = optional(string, "")
+    key_pem  = optional(string, "")
+  })
+  default   = null
+  sensitive = true
 }
 
 variable "scylla_ca_pem" {

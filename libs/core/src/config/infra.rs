@@ -528,6 +528,18 @@ impl ZooKeeperConfig {
             p.check(tls.ca_file.is_some(), "zookeeper.tls.ca_file", || {
                 "TLS to ZooKeeper needs the authority that signed its certificate (PEM)".into()
             });
+            // Read at every connect: a file missing is refused at start, not retried for ever.
+            for (key, file) in [
+                ("zookeeper.tls.ca_file", &tls.ca_file),
+                ("zookeeper.tls.cert_file", &tls.cert_file),
+                ("zookeeper.tls.key_file", &tls.key_file),
+            ] {
+                if let Some(path) = file {
+                    p.check(path.is_file(), key, || {
+                        format!("{} is not a readable file", path.display())
+                    });
+                }
+            }
         }
         if let Some(auth) = &self.auth {
             p.check(

@@ -191,6 +191,24 @@ fn an_hdfs_nameservice_needs_its_namenodes() {
 }
 
 #[test]
+fn zookeeper_tls_needs_its_authority_and_readable_files() {
+    let err = Config::from_toml("[zookeeper.tls]\ncert_file = \"/etc/hostname\"\n").unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("zookeeper.tls.ca_file"), "{text}");
+    assert!(
+        text.contains("zookeeper.tls.cert_file and zookeeper.tls.key_file go together"),
+        "{text}"
+    );
+    let err = Config::from_toml("[zookeeper.tls]\nca_file = \"/nowhere/ca.pem\"\n").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("zookeeper.tls.ca_file: /nowhere/ca.pem is not a readable file"),
+        "{err}"
+    );
+    Config::from_toml("[zookeeper.tls]\nca_file = \"/etc/hostname\"\n").unwrap();
+}
+
+#[test]
 fn zookeeper_auth_and_connect_are_checked() {
     let err = Config::from_toml("[zookeeper]\nauth = \"nopassword\"\n").unwrap_err();
     assert!(err.to_string().contains("zookeeper.auth"), "{err}");
