@@ -368,44 +368,25 @@ async fn live_watermarks(
 }
 
 /// Replays every partition's stream through its own state (keyed), one after the other,
-/// each until it settled.
+/// each until it settled: a merge of one stream.
 async fn replay_keyed(
     replayer: &Replayer<'_>,
-    mut streams: Vec<PartitionStream<'_>>,
+    streams: Vec<PartitionStream<'_>>,
     aggregation: &Aggregation,
     report: &mut Report,
 ) -> anyhow::Result<BTreeMap<i32, Replay>> {
-    let topic = topics::raw(&replayer.def.name);
     let mut replays = BTreeMap::new();
-    for stream in &mut streams {
+    for stream in streams {
         let partition = stream.partition;
-        let mut replay = Replay::new(vec![partition]);
-        let mut records = Vec::with_capacity(BATCH);
-        loop {
-            let next = stream.next().await?;
-            let done = next.is_none();
-            if let Some(record) = next {
-                records.push(raw_record(&topic, partition, record));
-            }
-            if records.len() >= BATCH || (done && !records.is_empty()) {
-                replayer.batch(&records, &mut replay, report).await?;
-                records.clear();
-                if replay.settled(&replayer.def, aggregation, replayer.range.end) {
-                    break;
-                }
-            }
-            if done {
-                break;
-            }
-        }
-        finish_stream(stream, report);
+        let replay = replay_merged(replayer, vec![stream], aggregation, report).await?;
         replays.insert(partition, replay);
     }
     Ok(replays)
 }
 
-/// Replays every partition's stream merged into one state (a repartitioned aggregation), in
-/// the order of ingest time, each partition's records in offset order, until it settled.
+/// Replays the streams merged into one state (every partition's, for a repartitioned
+/// aggregation; one, for a keyed one), in the order of ingest time, each partition's records
+/// in offset order, until it settled.
 async fn replay_merged(
     replayer: &Replayer<'_>,
     mut streams: Vec<PartitionStream<'_>>,
