@@ -235,6 +235,12 @@ pub fn gapless_producer(cfg: &KafkaConfig, service: &str) -> Result<Producer, Ka
     }
     c.set("message.timeout.ms", "0");
     c.set("enable.gapless.guarantee", "true");
+    if cfg.broker == instream_core::config::BrokerMode::Embedded {
+        // librdkafka's mock cluster checks an idempotent producer's sequence numbers only
+        // for transactional producers: with several requests in flight, a retried one could
+        // land behind a later one, and the origin rule would drop what it holds.
+        c.set("max.in.flight.requests.per.connection", "1");
+    }
     create(&c, cfg, service)
 }
 

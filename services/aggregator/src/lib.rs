@@ -364,6 +364,17 @@ impl Aggregator {
         };
         let outcome = state.apply_in(scope, record.offset, &event, origin, def, horizon);
         count(&event, scope, &outcome);
+        if outcome == Outcome::OutOfOrderOrigin {
+            tracing::error!(
+                topic = %record.topic,
+                partition = record.partition,
+                offset = record.offset,
+                origin = ?origin,
+                event_id = %event.event_id,
+                "an event below the highest origin offset counted, never seen before: written out \
+                 of order upstream, dropped by the origin rule (InstreamOriginOutOfOrder)"
+            );
+        }
         let refused = refusal(&outcome, &event, def, state);
         if scope == Scope::Keyed && matches!(outcome, Outcome::Counted | Outcome::TooLate(_)) {
             let verdicts =
@@ -491,6 +502,7 @@ fn count(event: &Event, scope: Scope, outcome: &Outcome) {
         Outcome::Counted => "aggregated",
         Outcome::AlreadyApplied => "already_applied",
         Outcome::RepeatedOrigin => "repeated_origin",
+        Outcome::OutOfOrderOrigin => "out_of_order_origin",
         Outcome::RepeatedEvent => "repeated_event",
         Outcome::TooLate(_) => "too_late",
         Outcome::TooFarAhead => "future_time",

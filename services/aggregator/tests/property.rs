@@ -406,6 +406,7 @@ fn crashes_replays_and_repeats_never_change_the_result() {
                 Outcome::TooFarAhead => "future_time",
                 Outcome::RepeatedEvent => "repeated_event",
                 Outcome::RepeatedOrigin => "repeated_origin",
+                Outcome::OutOfOrderOrigin => "out_of_order_origin",
                 Outcome::AlreadyApplied => "already_applied",
             };
             *outcomes.entry(kind).or_default() += 1;

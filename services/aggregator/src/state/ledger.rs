@@ -28,9 +28,14 @@ pub enum Tally {
     FutureTime,
     /// Sent on to the aggregation's repartition topic, counted there.
     Forwarded,
+    /// At or below the highest origin offset counted, but not a repeat by its `event_id`:
+    /// written out of order upstream (a broker that does not keep an idempotent producer's
+    /// order), or re-emitted beyond the de-duplication horizon. Dropped, as the origin rule
+    /// says, and alerted on (`InstreamOriginOutOfOrder`).
+    OutOfOrderOrigin,
 }
 
-const TALLIES: [Tally; 8] = [
+const TALLIES: [Tally; 9] = [
     Tally::Counted,
     Tally::TooLate,
     Tally::FilteredOut,
@@ -39,6 +44,7 @@ const TALLIES: [Tally; 8] = [
     Tally::RepeatedOrigin,
     Tally::FutureTime,
     Tally::Forwarded,
+    Tally::OutOfOrderOrigin,
 ];
 
 impl Tally {
@@ -52,6 +58,7 @@ impl Tally {
             Tally::RepeatedOrigin => "repeated_origin",
             Tally::FutureTime => "future_time",
             Tally::Forwarded => "forwarded",
+            Tally::OutOfOrderOrigin => "out_of_order_origin",
         }
     }
 }
@@ -62,7 +69,9 @@ struct HourLine {
     hour: i64,
     since: i64,
     records: u64,
-    aggregations: Vec<(String, [u64; TALLIES.len()])>,
+    /// Per aggregation, its counts in the order of [`TALLIES`] (a line restored from an
+    /// older checkpoint may hold fewer: the tallies added since count from zero).
+    aggregations: Vec<(String, Vec<u64>)>,
     /// Changed since its row was last written (every line restored is: its row may be
     /// behind or ahead of the checkpoint).
     #[serde(skip, default = "written_again")]
@@ -117,10 +126,13 @@ impl Ledger {
             Some(at) => &mut l.aggregations[at].1,
             None => {
                 l.aggregations
-                    .push((aggregation.to_owned(), [0; TALLIES.len()]));
+                    .push((aggregation.to_owned(), vec![0; TALLIES.len()]));
                 &mut l.aggregations.last_mut().expect("just pushed").1
             }
         };
+        if counts.len() < TALLIES.len() {
+            counts.resize(TALLIES.len(), 0);
+        }
         counts[tally as usize] += 1;
     }
 
@@ -171,6 +183,41 @@ impl Ledger {
     pub fn restored(&mut self, newest_ingest_time: i64) {
         let oldest_kept = oldest_kept(newest_ingest_time);
         self.lines.retain(|l| l.hour >= oldest_kept);
+    }
+}
+
+/// The ledger as checkpoint format 7 held it: a fixed array of the eight tallies of then.
+#[derive(Deserialize)]
+pub(super) struct LedgerV7 {
+    lines: Vec<HourLineV7>,
+}
+
+#[derive(Deserialize)]
+struct HourLineV7 {
+    hour: i64,
+    since: i64,
+    records: u64,
+    aggregations: Vec<(String, [u64; 8])>,
+}
+
+impl From<LedgerV7> for Ledger {
+    fn from(v7: LedgerV7) -> Ledger {
+        let lines = v7
+            .lines
+            .into_iter()
+            .map(|l| HourLine {
+                hour: l.hour,
+                since: l.since,
+                records: l.records,
+                aggregations: l
+                    .aggregations
+                    .into_iter()
+                    .map(|(name, counts)| (name, counts.to_vec()))
+                    .collect(),
+                dirty: written_again(),
+            })
+            .collect();
+        Ledger { lines }
     }
 }
 
@@ -235,5 +282,25 @@ mod tests {
         let bytes = postcard::to_allocvec(&l).unwrap();
         let back: Ledger = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(back.rows("p", "s").len(), 1);
+    }
+
+    #[test]
+    fn a_format_7_ledger_reads_with_the_outcomes_added_since_at_zero() {
+        // Format 7's layout: per line hour, since, records, and per aggregation an array of
+        // the eight outcomes of then.
+        let mut eight = [0u64; 8];
+        eight[Tally::Counted as usize] = 5;
+        eight[Tally::RepeatedOrigin as usize] = 2;
+        let v7 = vec![(H, 10i64, 7u64, vec![("per_minute".to_owned(), eight)])];
+        let bytes = postcard::to_allocvec(&v7).unwrap();
+        let mut l: Ledger = postcard::from_bytes::<LedgerV7>(&bytes).unwrap().into();
+        l.tally(0, "per_minute", Tally::OutOfOrderOrigin);
+        let rows = l.rows("p", "p.enriched:0");
+        assert_eq!(rows[0].counts["records"], 7);
+        let counts = &rows[1].counts;
+        assert_eq!(counts["counted"], 5);
+        assert_eq!(counts["repeated_origin"], 2);
+        assert_eq!(counts["out_of_order_origin"], 1);
+        assert_eq!(counts.len(), 3);
     }
 }

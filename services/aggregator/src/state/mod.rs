@@ -102,6 +102,10 @@ pub enum Outcome {
     AlreadyApplied,
     /// Re-emitted by a stage upstream: its origin offset was already counted.
     RepeatedOrigin,
+    /// At or below the highest origin offset counted, yet its `event_id` was not seen within
+    /// the horizon: written out of order upstream (or re-emitted beyond the horizon). Dropped
+    /// by the origin rule, and counted apart so that it is alerted on.
+    OutOfOrderOrigin,
     /// Its `event_id` was counted within the horizon.
     RepeatedEvent,
     /// Beyond the allowed lateness of these aggregations (counted in the others).
@@ -363,12 +367,19 @@ impl PartitionState {
         if let Some((partition, origin_offset)) = origin {
             let highest = self.origin_max.entry(partition).or_insert(-1);
             if origin_offset <= *highest {
-                // On a repartition topic, a copy forwarded again: not a record of the
-                // enriched topic, so not in the ledger.
+                // A repeat is the same event again; a new event below the highest origin
+                // counted was written out of order upstream, and dropping it loses it.
+                let (tally, outcome) = if repeated {
+                    (Tally::RepeatedOrigin, Outcome::RepeatedOrigin)
+                } else {
+                    (Tally::OutOfOrderOrigin, Outcome::OutOfOrderOrigin)
+                };
+                // On a repartition topic, a copy is not a record of the enriched topic, so
+                // not in the ledger: the audit finds it forwarded and never counted.
                 if scope == Scope::Keyed {
-                    self.tally_all(line, scope, def, Tally::RepeatedOrigin);
+                    self.tally_all(line, scope, def, tally);
                 }
-                return Outcome::RepeatedOrigin;
+                return outcome;
             }
             *highest = origin_offset;
         }

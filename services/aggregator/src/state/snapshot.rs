@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::ledger::Ledger;
+use super::ledger::{Ledger, LedgerV7};
 use super::outbox::{Outbox, OutboxSnapshot};
 use super::published::{PublishedFinal, ResultMark};
 use super::seen::{Prehashed, SeenIds};
@@ -15,8 +15,10 @@ use super::{session_group, PartitionState, SnapshotError, WindowId, WindowValue}
 /// read and upgraded where listed in [`PartitionState::restore`], newer ones refused, never
 /// misread. 5: group keys of several fields are JSON arrays (4 joined them with `|`). 6: the
 /// [`Snapshot`] is followed by a [`Trailer`]: webhook notifications owed and result marks.
-/// 7: the trailer is followed by the audit [`Ledger`].
-const SNAPSHOT_FORMAT: u8 = 7;
+/// 7: the trailer is followed by the audit [`Ledger`]. 8: the ledger's counts per aggregation
+/// are a list (7: an array of its eight outcomes of then), so that an outcome added later
+/// reads older lines as zero.
+const SNAPSHOT_FORMAT: u8 = 8;
 
 /// The checkpointed part of a [`PartitionState`].
 #[derive(Serialize, Deserialize)]
@@ -147,12 +149,17 @@ impl PartitionState {
         let mut trailer = Trailer::default();
         let mut ledger = Ledger::default();
         let decoded = match format {
-            SNAPSHOT_FORMAT => postcard::take_from_bytes::<Snapshot>(body).and_then(|(s, rest)| {
-                let (t, rest) = postcard::take_from_bytes(rest)?;
-                trailer = t;
-                ledger = postcard::from_bytes(rest)?;
-                Ok(s)
-            }),
+            SNAPSHOT_FORMAT | 7 => {
+                postcard::take_from_bytes::<Snapshot>(body).and_then(|(s, rest)| {
+                    let (t, rest) = postcard::take_from_bytes(rest)?;
+                    trailer = t;
+                    ledger = match format {
+                        7 => postcard::from_bytes::<LedgerV7>(rest)?.into(),
+                        _ => postcard::from_bytes(rest)?,
+                    };
+                    Ok(s)
+                })
+            }
             6 => postcard::take_from_bytes::<Snapshot>(body).and_then(|(s, rest)| {
                 trailer = postcard::from_bytes(rest)?;
                 Ok(s)

@@ -62,9 +62,14 @@ fn repeats_by_id_and_by_origin_are_dropped_and_replays_skipped() {
         "a client retry carries the same id"
     );
     assert_eq!(
-        s.apply(2, &event("b", 0, 2), Some((0, 10)), &def, HORIZON),
+        s.apply(2, &event("a", 0, 2), Some((0, 10)), &def, HORIZON),
         Outcome::RepeatedOrigin,
         "an enricher re-run re-emits origin offset 10"
+    );
+    assert_eq!(
+        s.apply(3, &event("b", 0, 3), Some((0, 9)), &def, HORIZON),
+        Outcome::OutOfOrderOrigin,
+        "a new event below the highest origin counted came out of order"
     );
     assert_eq!(
         s.apply(1, &event("c", 0, 2), None, &def, HORIZON),
@@ -474,7 +479,7 @@ fn format_4_checkpoints_have_their_group_keys_rewritten_as_json_arrays() {
         "the rows under the old names go"
     );
     let (_, saved) = s.snapshot().unwrap();
-    assert_eq!(saved[0], 7, "saved in the new format");
+    assert_eq!(saved[0], 8, "saved in the new format");
     // A repartitioned aggregation's windows keep their old names (their owner is the
     // partition the old name hashed to).
     def.aggregations[0].group_by = vec![
@@ -848,9 +853,9 @@ fn a_state_without_notifications_or_marks_is_saved_in_format_5_and_with_them_in_
     let def = def();
     let mut s = PartitionState::default();
     s.apply(0, &event("a", 10_000, 1_000_000), None, &def, HORIZON);
-    let (_, v7) = s.snapshot().unwrap();
-    assert_eq!(v7[0], 7, "with its audit ledger");
-    let (restored, _) = PartitionState::restore(&v7).unwrap();
+    let (_, with_ledger) = s.snapshot().unwrap();
+    assert_eq!(with_ledger[0], 8, "with its audit ledger");
+    let (restored, _) = PartitionState::restore(&with_ledger).unwrap();
     assert_eq!(restored.ledger_rows("p", "s").len(), 2);
     // A state with no ledger (as formats 5 and 6 were written) is saved and read as before.
     s.ledger = Default::default();
@@ -918,7 +923,7 @@ fn ledger_records() -> Vec<(Event, Option<(i32, i64)>)> {
     }
     let h4 = H + 4 * 3_600_000;
     out.push((at("e39", H, h4 + 1, 1), Some((0, 40)))); // resent
-    out.push((at("e40", H, h4 + 2, 9), Some((0, 39)))); // re-emitted origin
+    out.push((at("e39", H, h4 + 2, 9), Some((0, 39)))); // re-emitted origin
     out.push((at("e41", H, h4 + 3, 9), Some((0, 41)))); // far behind: too late
     out.push((at("e42", h4 + 200_000, h4 + 4, 9), Some((0, 42)))); // ahead
                                                                    // Redriven long after: its ingest hour's line was let go.

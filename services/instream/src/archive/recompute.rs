@@ -286,6 +286,7 @@ impl Replayer<'_> {
                             Outcome::RepeatedEvent => "repeated_event".into(),
                             Outcome::TooFarAhead => "future_time".into(),
                             Outcome::RepeatedOrigin => "repeated_origin".into(),
+                            Outcome::OutOfOrderOrigin => "out_of_order_origin".into(),
                             // Positions only increase.
                             Outcome::AlreadyApplied => {
                                 bail!("the replay applied record {} twice", record.offset)
