@@ -452,6 +452,86 @@ pub async fn recompute(
     def: &PipelineDefinition,
     request: &Request,
 ) -> anyhow::Result<Report> {
+    let (replay_def, aggregation) = replay_setup(backends, def, request).await?;
+    let mut report = Report {
+        pipeline: def.name.clone(),
+        aggregation: aggregation.name.clone(),
+        from: request.from,
+        to: request.to,
+        definition_version: replay_def.version,
+        executed: request.execute,
+        ..Report::default()
+    };
+    let replayer = Replayer {
+        catalog: Catalog::new([replay_def.clone()]),
+        def: replay_def.clone(),
+        aggregation: &aggregation.name,
+        refdata: &backends.refdata,
+        range: request.from..request.to,
+        idle_timeout: backends.repartition_idle_timeout,
+    };
+    let opened = open_streams(backends, def, request, &aggregation, &mut report).await?;
+    let missing = opened.missing.clone();
+    let first_hour = opened.first_hour.clone();
+    let (replays, live) =
+        replay_all(backends, &replayer, opened, &aggregation, &mut report).await?;
+    report.hours.sort();
+    report.hours.dedup();
+    if live.values().all(Option::is_none) {
+        report.notes.push(
+            "no live aggregator checkpoint of this pipeline: windows are bounded by the \
+             archive alone"
+                .into(),
+        );
+    }
+    let mut decided = decide(replays, &live, &replayer, &aggregation, &mut report);
+    if !missing.is_empty() {
+        report.notes.push(format!(
+            "partitions {missing:?} have no archived record from {first_hour} on: windows the \
+             replay does not make are not deleted"
+        ));
+        decided.settled_until = i64::MIN;
+    }
+    let stale = stale_windows(backends, def, request, &aggregation, &decided).await?;
+    let writes = decided.writes;
+    report.left_open_in_archive = decided.left_open.len() as u64;
+    report.windows_rewritten = writes.len() as u64;
+    report.events_in_rewritten = writes.iter().map(|w| w.count).sum();
+    report.windows_deleted = stale.len() as u64;
+    if aggregation.window.session_gap_millis().is_some() {
+        report.notes.push(
+            "session windows: a session open across --from is made again from --from's \
+             events only; pick a --from the sessions were quiet at"
+                .into(),
+        );
+    }
+    if request.execute && !report.gaps.is_empty() && !request.accept_gaps {
+        report.executed = false;
+        report.notes.push(
+            "nothing written: the archive has gaps in what was read (`instream archive \
+             verify` for the cause; --accept-gaps writes windows short of them)"
+                .into(),
+        );
+    }
+    if report.executed {
+        for chunk in writes.chunks(WRITE_ROWS) {
+            backends.store.upsert(chunk).await?;
+        }
+        for chunk in stale.chunks(WRITE_ROWS) {
+            backends.store.delete(chunk).await?;
+        }
+    }
+    Ok(report)
+}
+
+/// The definition the replay runs (the current version, with `request.aggregation` only) and
+/// that aggregation; the reference data's versions followed, so that data loaded by
+/// `instream refdata load` (under its current version) is found.
+async fn replay_setup(
+    backends: &Backends,
+    def: &PipelineDefinition,
+    request: &Request,
+) -> anyhow::Result<(PipelineDefinition, Aggregation)> {
     let replay_def = replay_definition(def, &request.aggregation);
     let Some(aggregation) = replay_def.aggregations.first().cloned() else {
         let names: Vec<&str> = def.aggregations.iter().map(|a| a.name.as_str()).collect();
@@ -462,7 +542,6 @@ pub async fn recompute(
             names.join(", ")
         );
     };
-    // Reference data loaded by `instream refdata load` lives under its current version.
     let rules: Vec<(String, String)> = replay_def
         .enrichments
         .iter()
@@ -474,24 +553,28 @@ pub async fn recompute(
         .track(&rules)
         .await
         .context("reading the reference data's versions")?;
-    let range = request.from..request.to;
-    let replayer = Replayer {
-        catalog: Catalog::new([replay_def.clone()]),
-        def: replay_def.clone(),
-        aggregation: &aggregation.name,
-        refdata: &backends.refdata,
-        range: range.clone(),
-        idle_timeout: backends.repartition_idle_timeout,
-    };
-    let mut report = Report {
-        pipeline: def.name.clone(),
-        aggregation: aggregation.name.clone(),
-        from: request.from,
-        to: request.to,
-        definition_version: replay_def.version,
-        executed: request.execute,
-        ..Report::default()
-    };
+    Ok((replay_def, aggregation))
+}
+
+/// Every partition's archive stream from the first hour that can hold an event of a window
+/// starting at `from`.
+struct Opened<'a> {
+    streams: Vec<PartitionStream<'a>>,
+    /// Partitions with no archived record from `first_hour` on.
+    missing: Vec<i32>,
+    first_hour: String,
+    progress: instream_core::Progress,
+}
+
+/// Lists the archive, opens a stream per partition from the first hour needed, and reports
+/// what is missing before it.
+async fn open_streams<'a>(
+    backends: &'a Backends,
+    def: &'a PipelineDefinition,
+    request: &Request,
+    aggregation: &Aggregation,
+    report: &mut Report,
+) -> anyhow::Result<Opened<'a>> {
     // The first event that can count in a window starting at `from` was accepted no
     // earlier than `max_time_ahead` before it (and moves the watermark from a second
     // before: WATERMARK_AHEAD_OF_INGEST_MILLIS); by event time, it is in `from`'s hour.
@@ -517,8 +600,7 @@ pub async fn recompute(
     let missing: Vec<i32> = (0..def.partitions)
         .filter(|p| !files.contains_key(p))
         .collect();
-    let repartitioned = aggregation.repartitioned();
-    if repartitioned {
+    if aggregation.repartitioned() {
         // Every partition feeds every group: one without records makes every window short.
         report.gaps.extend(
             missing
@@ -555,45 +637,49 @@ pub async fn recompute(
         }));
         streams.push(stream);
     }
-    let (replays, live) = if repartitioned {
-        let replay = replay_merged(&replayer, streams, &aggregation, &mut report).await?;
-        let topic = topics::repartition(&def.name, &aggregation.name);
-        let marks = live_watermarks(
+    Ok(Opened {
+        streams,
+        missing,
+        first_hour,
+        progress,
+    })
+}
+
+/// The replays (per raw partition; one, under key 0, for a repartitioned aggregation) and,
+/// beside each, the live aggregator's watermark of what it replays (`None`: no checkpoint).
+async fn replay_all(
+    backends: &Backends,
+    replayer: &Replayer<'_>,
+    opened: Opened<'_>,
+    aggregation: &Aggregation,
+    report: &mut Report,
+) -> anyhow::Result<(BTreeMap<i32, Replay>, BTreeMap<i32, Option<i64>>)> {
+    let def = &replayer.def;
+    let live_marks = |topic: String| async move {
+        live_watermarks(
             backends.store.as_ref(),
             &backends.aggregator_group,
             &topic,
             def.partitions,
-            &replay_def,
+            def,
         )
-        .await?;
+        .await
+    };
+    let replayed = if aggregation.repartitioned() {
+        let replay = replay_merged(replayer, opened.streams, aggregation, report).await?;
+        let marks = live_marks(topics::repartition(&def.name, &aggregation.name)).await?;
         // Every group's owner is one of these partitions: the slowest bounds them all (one
         // without a checkpoint, beside others that have one, has closed nothing).
-        let slowest = if marks.values().all(Option::is_none) {
-            None
-        } else {
-            Some(
-                marks
-                    .values()
-                    .map(|m| m.unwrap_or(i64::MIN))
-                    .min()
-                    .unwrap_or(i64::MIN),
-            )
-        };
+        let slowest = (!marks.values().all(Option::is_none))
+            .then(|| marks.values().map(|m| m.unwrap_or(i64::MIN)).min())
+            .flatten();
         (
             BTreeMap::from([(0, replay)]),
             BTreeMap::from([(0, slowest)]),
         )
     } else {
-        let replays = replay_keyed(&replayer, streams, &aggregation, &mut report).await?;
-        let topic = topics::enriched(&def.name);
-        let mut marks = live_watermarks(
-            backends.store.as_ref(),
-            &backends.aggregator_group,
-            &topic,
-            def.partitions,
-            &replay_def,
-        )
-        .await?;
+        let replays = replay_keyed(replayer, opened.streams, aggregation, report).await?;
+        let mut marks = live_marks(topics::enriched(&def.name)).await?;
         // A partition without a checkpoint beside others that have one has closed nothing.
         if marks.values().any(Option::is_some) {
             for mark in marks.values_mut() {
@@ -602,95 +688,92 @@ pub async fn recompute(
         }
         (replays, marks)
     };
-    progress.finish();
-    report.hours.sort();
-    report.hours.dedup();
-    if live.values().all(Option::is_none) {
-        report.notes.push(
-            "no live aggregator checkpoint of this pipeline: windows are bounded by the \
-             archive alone"
-                .into(),
-        );
-    }
+    opened.progress.finish();
+    Ok(replayed)
+}
+
+/// What the replays decided: the windows to write, those the archive leaves open, and the
+/// time up to which every replay (and the live aggregator beside it) settled everything.
+struct Decided {
+    writes: Vec<WindowAggregate>,
+    left_open: std::collections::HashSet<(String, i64)>,
+    settled_until: i64,
+}
+
+/// Takes from each replay the windows it closed that the live aggregator closed too (the
+/// others are left to it, and counted), and those still open at its end.
+fn decide(
+    replays: BTreeMap<i32, Replay>,
+    live: &BTreeMap<i32, Option<i64>>,
+    replayer: &Replayer<'_>,
+    aggregation: &Aggregation,
+    report: &mut Report,
+) -> Decided {
+    let replay_def = &replayer.def;
     let lateness = aggregation.allowed_lateness.as_millis() as i64;
-    let mut writes = Vec::new();
-    // Up to where every replay (and the live aggregator beside it) has settled everything:
-    // windows the replay does not make are deleted only below it.
-    let mut settled_until = i64::MAX;
-    if !missing.is_empty() {
-        report.notes.push(format!(
-            "partitions {missing:?} have no archived record from {first_hour} on: windows the \
-             replay does not make are not deleted"
-        ));
-        settled_until = i64::MIN;
-    }
-    let mut left_open: std::collections::HashSet<(String, i64)> = Default::default();
+    let mut decided = Decided {
+        writes: Vec::new(),
+        left_open: Default::default(),
+        settled_until: i64::MAX,
+    };
     for (partition, mut replay) in replays {
         let live_mark = live.get(&partition).copied().flatten();
-        let replay_mark = replay.state.watermark_for(&replay_def);
-        settled_until = settled_until.min(live_mark.map_or(replay_mark, |l| l.min(replay_mark)));
+        let replay_mark = replay.state.watermark_for(replay_def);
+        decided.settled_until = decided
+            .settled_until
+            .min(live_mark.map_or(replay_mark, |l| l.min(replay_mark)));
         for (key, row) in replay.taken.drain() {
             let closes_at = row.window_end.saturating_add(lateness);
             if !row.is_final {
-                left_open.insert(key);
+                decided.left_open.insert(key);
             } else if live_mark.is_some_and(|l| closes_at > l) {
                 report.left_to_live += 1;
             } else {
-                writes.push(row);
+                decided.writes.push(row);
             }
         }
         // Open at the end of the replay: still in the state, never taken.
         let mut open = Vec::new();
         replay
             .state
-            .take_dirty(|_| Some(&replay_def), true, &mut open);
-        left_open.extend(
+            .take_dirty(|_| Some(replay_def), true, &mut open);
+        decided.left_open.extend(
             open.into_iter()
-                .filter(|r| range.contains(&r.window_start))
+                .filter(|r| replayer.range.contains(&r.window_start))
                 .map(|r| (r.group_key, r.window_start)),
         );
     }
-    report.left_open_in_archive = left_open.len() as u64;
-    let written: std::collections::HashSet<(String, i64)> = writes
+    decided
+}
+
+/// The windows of the aggregation in the range that the store holds and the replay does not
+/// make (another shape, a group that no longer exists), where every replay settled.
+async fn stale_windows(
+    backends: &Backends,
+    def: &PipelineDefinition,
+    request: &Request,
+    aggregation: &Aggregation,
+    decided: &Decided,
+) -> anyhow::Result<Vec<WindowAggregate>> {
+    let lateness = aggregation.allowed_lateness.as_millis() as i64;
+    let written: std::collections::HashSet<(String, i64)> = decided
+        .writes
         .iter()
         .map(|r| (r.group_key.clone(), r.window_start))
         .collect();
-    let stale: Vec<WindowAggregate> = backends
+    Ok(backends
         .store
         .windows_between(&def.name, &aggregation.name, request.from, request.to)
         .await?
         .into_iter()
         .filter(|w| !written.contains(&(w.group_key.clone(), w.window_start)))
-        .filter(|w| !left_open.contains(&(w.group_key.clone(), w.window_start)))
-        .filter(|w| w.window_end.saturating_add(lateness) <= settled_until)
-        .collect();
-    report.windows_rewritten = writes.len() as u64;
-    report.events_in_rewritten = writes.iter().map(|w| w.count).sum();
-    report.windows_deleted = stale.len() as u64;
-    if aggregation.window.session_gap_millis().is_some() {
-        report.notes.push(
-            "session windows: a session open across --from is made again from --from's \
-             events only; pick a --from the sessions were quiet at"
-                .into(),
-        );
-    }
-    if request.execute && !report.gaps.is_empty() && !request.accept_gaps {
-        report.executed = false;
-        report.notes.push(
-            "nothing written: the archive has gaps in what was read (`instream archive \
-             verify` for the cause; --accept-gaps writes windows short of them)"
-                .into(),
-        );
-    }
-    if report.executed {
-        for chunk in writes.chunks(WRITE_ROWS) {
-            backends.store.upsert(chunk).await?;
-        }
-        for chunk in stale.chunks(WRITE_ROWS) {
-            backends.store.delete(chunk).await?;
-        }
-    }
-    Ok(report)
+        .filter(|w| {
+            !decided
+                .left_open
+                .contains(&(w.group_key.clone(), w.window_start))
+        })
+        .filter(|w| w.window_end.saturating_add(lateness) <= decided.settled_until)
+        .collect())
 }
 
 /// The command: the config's backends, the current definition, the replay, the report.
