@@ -94,7 +94,7 @@ pub struct AggregatorCounts {
     /// Records it dead-lettered without applying them (no definition of their pipeline yet).
     pub dead_lettered: u64,
     /// Per aggregation, records by outcome (`counted`, `repeated_event`, `repeated_origin`,
-    /// `too_late`, `future_time`, `filtered_out`, `outside_windows`, `forwarded` to its
+    /// `out_of_order_origin`, `too_late`, `future_time`, `filtered_out`, `outside_windows`, `forwarded` to its
     /// repartition topic; `not_defined`: applied while the aggregation was not in the
     /// definition).
     pub aggregations: BTreeMap<String, BTreeMap<String, u64>>,
@@ -511,6 +511,18 @@ impl Ledger {
                             "aggregator",
                             missing,
                             &format!("`{name}`: records applied without an outcome for it"),
+                        );
+                    }
+                    // Decided, but not counted anywhere: an event dropped by the origin rule
+                    // that was not a repeat.
+                    for (name, outcomes) in &counts.aggregations {
+                        differ(
+                            "aggregator",
+                            outcomes.get("out_of_order_origin").copied().unwrap_or(0),
+                            &format!(
+                                "`{name}`: dropped below an origin offset already counted without \
+                                 being a repeat (written out of order upstream): lost"
+                            ),
                         );
                     }
                 }

@@ -230,6 +230,33 @@ fn a_record_without_an_outcome_for_a_defined_aggregation_is_a_difference() {
 }
 
 #[test]
+fn an_event_dropped_out_of_order_by_the_origin_rule_is_a_difference() {
+    let mut l = ledger();
+    l.enriched(0, Some((0, 101)), &envelope("x", H9 + 101));
+    l.enriched(0, Some((0, 102)), &envelope("y", H9 + 102));
+    let rows = vec![
+        row("p.enriched:0", H9, "", &[("records", 2)]),
+        row(
+            "p.enriched:0",
+            H9,
+            "m",
+            &[("counted", 1), ("out_of_order_origin", 1)],
+        ),
+    ];
+    l.aggregator(&rows, vec![("m".to_owned(), Some(H9 - 1))], "p.enriched");
+    let (_, differences, _) = l.report(false);
+    let differences: Vec<_> = differences
+        .into_iter()
+        .filter(|d| d.stage == "aggregator")
+        .collect();
+    assert_eq!(differences.len(), 1, "{differences:?}");
+    assert_eq!(differences[0].size, 1);
+    assert!(differences[0]
+        .what
+        .starts_with("`m`: dropped below an origin offset"));
+}
+
+#[test]
 fn what_the_aggregator_dead_lettered_unread_balances_its_partition() {
     let mut l = ledger();
     for o in [101, 102] {

@@ -367,12 +367,16 @@ impl PartitionState {
         if let Some((partition, origin_offset)) = origin {
             let highest = self.origin_max.entry(partition).or_insert(-1);
             if origin_offset <= *highest {
-                // A repeat is the same event again; a new event below the highest origin
-                // counted was written out of order upstream, and dropping it loses it.
-                let (tally, outcome) = if repeated {
-                    (Tally::RepeatedOrigin, Outcome::RepeatedOrigin)
-                } else {
+                // A repeat is the same event again. An event accepted within the horizon
+                // whose id was never seen was written out of order upstream, and dropping it
+                // loses it; one from before the horizon cannot be told from a re-emit (an
+                // enricher replaying an older range, a partition far behind the others) and
+                // is taken for one.
+                let unseen_recent = !repeated && event.ingest_time >= cutoff;
+                let (tally, outcome) = if unseen_recent {
                     (Tally::OutOfOrderOrigin, Outcome::OutOfOrderOrigin)
+                } else {
+                    (Tally::RepeatedOrigin, Outcome::RepeatedOrigin)
                 };
                 // On a repartition topic, a copy is not a record of the enriched topic, so
                 // not in the ledger: the audit finds it forwarded and never counted.

@@ -79,6 +79,24 @@ fn repeats_by_id_and_by_origin_are_dropped_and_replays_skipped() {
 }
 
 #[test]
+fn an_unseen_event_below_the_origin_counted_is_out_of_order_only_within_the_horizon() {
+    let def = def();
+    let mut s = PartitionState::default();
+    s.apply(0, &event("a", 0, 1_000_000), Some((0, 10)), &def, HORIZON);
+    assert_eq!(
+        s.apply(1, &event("b", 0, 999_000), Some((0, 9)), &def, HORIZON),
+        Outcome::OutOfOrderOrigin,
+        "accepted a second before the newest, never seen: written out of order"
+    );
+    assert_eq!(
+        s.apply(2, &event("c", 0, 1_000), Some((0, 8)), &def, HORIZON),
+        Outcome::RepeatedOrigin,
+        "accepted before the horizon: a re-emit of an older range (its id forgotten)"
+    );
+    assert_eq!(counts(&mut s), vec![(0, 1)]);
+}
+
+#[test]
 fn ids_older_than_the_horizon_are_forgotten() {
     let def = def();
     let mut s = PartitionState::default();
