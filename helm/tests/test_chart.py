@@ -249,6 +249,18 @@ def test_the_crd_check_refuses_what_an_api_server_would():
     del monitor["spec"]["selector"]
     assert any("selector" in p for p in crd_schemas.problems(monitor)), "a required field"
     assert crd_schemas.problems({"apiVersion": "example.com/v1", "kind": "Unknown"})
+    # RE2's inline flag mid-pattern (Python's re takes it only in front).
+    group = rule["spec"]["groups"][0]
+    for strategy, valid in [("Abort", True), ("bogus", False)]:
+        strategic = copy.deepcopy(rule)
+        strategic["spec"]["groups"][0] = dict(group, partial_response_strategy=strategy)
+        assert bool(crd_schemas.problems(strategic)) != valid, strategy
+    # A null the API server would prune is no error; a label that is not a string is.
+    labelled = copy.deepcopy(monitor)
+    labelled["spec"]["selector"] = {"matchLabels": None}
+    labelled["metadata"]["labels"]["replicas"] = 3
+    assert [p for p in crd_schemas.problems(labelled)] == \
+        ["metadata.labels.replicas: 3 is not a string"]
 
 
 def test_standard_names_labels_service_account_and_pull_secrets():
