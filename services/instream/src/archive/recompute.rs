@@ -564,6 +564,8 @@ struct Opened<'a> {
     missing: Vec<i32>,
     first_hour: String,
     progress: instream_core::Progress,
+    /// The pipeline's partition count now (that of its current definition).
+    partitions: i32,
 }
 
 /// Lists the archive, opens a stream per partition from the first hour needed, and reports
@@ -642,6 +644,7 @@ async fn open_streams<'a>(
         missing,
         first_hour,
         progress,
+        partitions: def.partitions,
     })
 }
 
@@ -655,12 +658,13 @@ async fn replay_all(
     report: &mut Report,
 ) -> anyhow::Result<(BTreeMap<i32, Replay>, BTreeMap<i32, Option<i64>>)> {
     let def = &replayer.def;
+    let partitions = opened.partitions;
     let live_marks = |topic: String| async move {
         live_watermarks(
             backends.store.as_ref(),
             &backends.aggregator_group,
             &topic,
-            def.partitions,
+            partitions,
             def,
         )
         .await
