@@ -67,12 +67,12 @@ pub enum ArchiveCommand {
 }
 
 pub async fn archive(command: ArchiveCommand) -> anyhow::Result<()> {
-    let (config, pipeline, output) = match command {
+    match command {
         ArchiveCommand::Verify {
             config,
             pipeline,
             output,
-        } => (config, pipeline, output),
+        } => verify(config.as_deref(), &pipeline, output.output).await,
         ArchiveCommand::Recompute {
             config,
             pipeline,
@@ -92,15 +92,24 @@ pub async fn archive(command: ArchiveCommand) -> anyhow::Result<()> {
                 accept_gaps,
                 progress: true,
             };
-            return recompute::run(config.as_deref(), &request, output.output).await;
+            recompute::run(config.as_deref(), &request, output.output).await
         }
-        ArchiveCommand::Replay(args) => return replay::run(args).await,
-    };
+        ArchiveCommand::Replay(args) => replay::run(args).await,
+    }
+}
+
+/// `instream archive verify`: the archive's files read whole, compared with what the
+/// archiver's group committed.
+async fn verify(
+    config: Option<&std::path::Path>,
+    pipeline: &str,
+    output: Output,
+) -> anyhow::Result<()> {
     // The archive of a standalone's last run, whether it runs or not.
-    let config = crate::standalone::state::cli_config(config.as_deref(), false)?;
+    let config = crate::standalone::state::cli_config(config, false)?;
     let archive = instream_archive::build(&config.archive)?;
     let progress = instream_core::Progress::on_stderr("archive verify", "files", None);
-    let mut report = instream_archiver::verify(archive.as_ref(), &pipeline, &progress)
+    let mut report = instream_archiver::verify(archive.as_ref(), pipeline, &progress)
         .await
         .with_context(|| format!("reading the archive of `{pipeline}`"))?;
     progress.finish();
@@ -111,9 +120,9 @@ pub async fn archive(command: ArchiveCommand) -> anyhow::Result<()> {
             "the standalone that wrote this archive is not running (its broker went with it)"
         ))
     } else {
-        compare_with_commits(&config, &pipeline, &mut report).await
+        compare_with_commits(&config, pipeline, &mut report).await
     };
-    match output.output {
+    match output {
         Output::Json => {
             let mut value = serde_json::to_value(&report)?;
             value["committed_offsets_compared"] = match &compared {
@@ -122,70 +131,76 @@ pub async fn archive(command: ArchiveCommand) -> anyhow::Result<()> {
             };
             emit_json(&value)?
         }
-        Output::Table => {
-            let ranges = |r: &[instream_archiver::OffsetRange]| {
-                r.iter()
-                    .map(|r| format!("{}-{}", r.first, r.last))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            };
-            let rows: Vec<Vec<String>> = report
-                .partitions
-                .iter()
-                .map(|p| {
-                    vec![
-                        p.partition.to_string(),
-                        p.files.to_string(),
-                        format!("{}-{}", p.first_offset, p.last_offset),
-                        p.records.to_string(),
-                        p.offsets_without_record.to_string(),
-                        ranges(&p.gaps),
-                        ranges(&p.overlaps),
-                    ]
-                })
-                .collect();
-            let mut text = table(
-                &[
-                    "PARTITION",
-                    "FILES",
-                    "OFFSETS",
-                    "RECORDS",
-                    "DEAD-LETTERED",
-                    "GAPS",
-                    "OVERLAPS",
-                ],
-                &rows,
-            );
-            let hours: Vec<Vec<String>> = report
-                .records_per_hour
-                .iter()
-                .map(|(h, n)| vec![h.clone(), n.to_string()])
-                .collect();
-            text.push('\n');
-            text.push_str(&table(&["HOUR", "RECORDS"], &hours));
-            for p in &report.problems {
-                text.push_str(&format!("\nproblem: {}: {}", p.path, p.problem));
-            }
-            if let Err(e) = &compared {
-                text.push_str(&format!("\ncommitted offsets not compared: {e}"));
-            }
-            text.push_str(&format!(
-                "\n{} files, {} records: {}\n",
-                report.files,
-                report.records,
-                if report.is_clean() {
-                    "no gap, no overlap"
-                } else {
-                    "NOT CLEAN"
-                }
-            ));
-            emit(&text)?;
-        }
+        Output::Table => emit(&verify_table(&report, compared.err()))?,
     }
     if !report.is_clean() {
         bail!("the archive of `{pipeline}` has gaps, overlaps or bad files (listed above)");
     }
     Ok(())
+}
+
+/// `archive verify`'s report as tables: per partition, per hour, then the problems.
+fn verify_table(
+    report: &instream_archiver::VerifyReport,
+    not_compared: Option<anyhow::Error>,
+) -> String {
+    let ranges = |r: &[instream_archiver::OffsetRange]| {
+        r.iter()
+            .map(|r| format!("{}-{}", r.first, r.last))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let rows: Vec<Vec<String>> = report
+        .partitions
+        .iter()
+        .map(|p| {
+            vec![
+                p.partition.to_string(),
+                p.files.to_string(),
+                format!("{}-{}", p.first_offset, p.last_offset),
+                p.records.to_string(),
+                p.offsets_without_record.to_string(),
+                ranges(&p.gaps),
+                ranges(&p.overlaps),
+            ]
+        })
+        .collect();
+    let mut text = table(
+        &[
+            "PARTITION",
+            "FILES",
+            "OFFSETS",
+            "RECORDS",
+            "DEAD-LETTERED",
+            "GAPS",
+            "OVERLAPS",
+        ],
+        &rows,
+    );
+    let hours: Vec<Vec<String>> = report
+        .records_per_hour
+        .iter()
+        .map(|(h, n)| vec![h.clone(), n.to_string()])
+        .collect();
+    text.push('\n');
+    text.push_str(&table(&["HOUR", "RECORDS"], &hours));
+    for p in &report.problems {
+        text.push_str(&format!("\nproblem: {}: {}", p.path, p.problem));
+    }
+    if let Some(e) = not_compared {
+        text.push_str(&format!("\ncommitted offsets not compared: {e}"));
+    }
+    text.push_str(&format!(
+        "\n{} files, {} records: {}\n",
+        report.files,
+        report.records,
+        if report.is_clean() {
+            "no gap, no overlap"
+        } else {
+            "NOT CLEAN"
+        }
+    ));
+    text
 }
 
 /// Adds to `report` what the archiver group committed without a file to show for it: offsets

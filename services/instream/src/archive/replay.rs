@@ -45,6 +45,50 @@ fn is_pipeline_topic(catalog: &instream_pipeline::Catalog, topic: &str) -> Optio
     })
 }
 
+/// Produces (with a producer) the events of one partition's stream accepted in the range, in
+/// rounds. Returns the records read and the events in the range.
+async fn replay_partition(
+    stream: &mut super::stream::PartitionStream<'_>,
+    args: &ReplayArgs,
+    producer: Option<&instream_kafka::client::Producer>,
+    progress: &instream_core::Progress,
+) -> anyhow::Result<(u64, u64)> {
+    let (raw, partition) = (topics::raw(&args.pipeline), stream.partition);
+    let (mut records, mut produced) = (0u64, 0u64);
+    let mut round: Vec<(instream_event::Event, instream_archiver::ArchivedRecord)> = Vec::new();
+    loop {
+        let next = stream.next().await?;
+        let done = next.is_none();
+        if let Some(record) = next {
+            records += 1;
+            match instream_event::decode(&record.bytes) {
+                Ok(e) if (args.from..args.to).contains(&e.ingest_time) => round.push((e, record)),
+                Ok(_) => {}
+                Err(e) => bail!("{raw}:{partition}:{} in the archive: {e}", record.offset),
+            }
+        }
+        if round.len() >= ROUND || (done && !round.is_empty()) {
+            produced += round.len() as u64;
+            if let Some(producer) = producer {
+                let copies: Vec<Copy<'_>> = round
+                    .iter()
+                    .map(|(e, r)| Copy {
+                        key: e.key.as_bytes(),
+                        payload: &r.bytes,
+                        from: format!("{raw}:{partition}:{}", r.offset),
+                    })
+                    .collect();
+                instream_kafka::ops::produce_copies(producer, &args.topic, &copies, progress)
+                    .await?;
+            }
+            round.clear();
+        }
+        if done {
+            return Ok((records, produced));
+        }
+    }
+}
+
 pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     if args.to <= args.from {
         bail!("--to must be after --from");
@@ -60,7 +104,6 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     }
     let archive = instream_archive::build(&config.archive)?;
     let progress = instream_core::Progress::on_stderr("archive replay", "records", None);
-    let raw = topics::raw(&args.pipeline);
     // Folders by ingest time: the range's hours, and one either side (a file takes the hour
     // of its first record). By event time, an event accepted in the range can be in any
     // folder (a late one in an old hour): all of them are read.
@@ -93,40 +136,9 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
             files,
             instream_core::Progress::silent(),
         );
-        let mut round: Vec<(instream_event::Event, instream_archiver::ArchivedRecord)> = Vec::new();
-        loop {
-            let next = stream.next().await?;
-            let done = next.is_none();
-            if let Some(record) = next {
-                records += 1;
-                match instream_event::decode(&record.bytes) {
-                    Ok(e) if (args.from..args.to).contains(&e.ingest_time) => {
-                        round.push((e, record))
-                    }
-                    Ok(_) => {}
-                    Err(e) => bail!("{raw}:{partition}:{} in the archive: {e}", record.offset),
-                }
-            }
-            if round.len() >= ROUND || (done && !round.is_empty()) {
-                produced += round.len() as u64;
-                if let Some(producer) = &producer {
-                    let copies: Vec<Copy<'_>> = round
-                        .iter()
-                        .map(|(e, r)| Copy {
-                            key: e.key.as_bytes(),
-                            payload: &r.bytes,
-                            from: format!("{raw}:{partition}:{}", r.offset),
-                        })
-                        .collect();
-                    instream_kafka::ops::produce_copies(producer, &args.topic, &copies, &progress)
-                        .await?;
-                }
-                round.clear();
-            }
-            if done {
-                break;
-            }
-        }
+        let (read, in_range) =
+            replay_partition(&mut stream, &args, producer.as_ref(), &progress).await?;
+        (records, produced) = (records + read, produced + in_range);
         files_read += stream.files_read;
         gaps.extend(
             stream
