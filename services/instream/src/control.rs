@@ -2,7 +2,7 @@
 //! `topics create`, `status`, `query` and `refdata load`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -179,211 +179,226 @@ pub async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
             config,
             file,
             output,
-        } => {
-            let config = Config::load(config.as_deref())?;
-            let (document, stored) = file_and_stored(&config, &file).await?;
-            // All or nothing: every definition is checked against what is stored before any
-            // is written. One stored exactly as in the file is left alone.
-            // A new version of a stored one is stamped with the event time it takes over at
-            // and keeps the versions before it (docs/pipelines.md).
-            let mut plan = Vec::new();
-            let mut refused = Vec::new();
-            let now = instream_event::now_millis();
-            for def in &document.pipelines {
-                match stored.get(&def.name) {
-                    Some(Ok(old)) if old.same_content(def) => plan.push((old.clone(), false)),
-                    Some(Ok(old)) if old.version >= def.version => refused.push(format!(
-                        "`{}`: version {} is not above the stored version {}",
-                        def.name, def.version, old.version
-                    )),
-                    Some(Ok(old)) => {
-                        // Every aggregator must have the new version before it reads an event
-                        // of the new windows: events may run `max_time_ahead` ahead of
-                        // their ingest time, and the watches take a moment.
-                        let ahead = old.max_time_ahead.max(def.max_time_ahead).as_millis() as i64;
-                        let earliest = now + ahead + TAKE_OVER_MARGIN_MS;
-                        match def.effective_from {
-                            Some(t) if t < earliest => refused.push(format!(
-                                "`{}`: effective_from {} is too soon: events up to \
-                                 max_time_ahead ({ahead} ms) ahead of now may be counted \
-                                 under the stored version already; use {} or later",
-                                def.name,
-                                instream_event::format_rfc3339_millis(t),
-                                instream_event::format_rfc3339_millis(earliest),
-                            )),
-                            Some(t) if t > now + MAX_TAKE_OVER_MS => refused.push(format!(
-                                "`{}`: effective_from {} is more than a year away",
-                                def.name,
-                                instream_event::format_rfc3339_millis(t),
-                            )),
-                            _ => {
-                                let next = def.succeeding(old, earliest);
-                                match next.validate() {
-                                    Ok(()) => plan.push((next, true)),
-                                    Err(e) => refused.push(e.to_string()),
-                                }
-                            }
-                        }
-                    }
-                    _ => plan.push((def.clone(), true)),
-                }
-            }
-            if !refused.is_empty() {
-                bail!("nothing stored: {}", refused.join("; "));
-            }
-            let mut report = Vec::new();
-            let mut text = String::new();
-            for (def, write) in plan {
-                if write {
-                    instream_coord::publish_definition(&config.zookeeper, &def).await?;
-                }
-                let outcome = if write { "stored" } else { "unchanged" };
-                let from = def
-                    .effective_from
-                    .map(instream_event::format_rfc3339_millis);
-                let takes_over = from
-                    .as_ref()
-                    .map(|t| format!(", its windows from {t}"))
-                    .unwrap_or_default();
-                text.push_str(&format!(
-                    "pipeline `{}` version {} {outcome}{takes_over}\n",
-                    def.name, def.version
-                ));
-                report.push(json!({"pipeline": def.name, "version": def.version,
-                    "outcome": outcome, "effective_from": from}));
-            }
-            match output.output {
-                Output::Table => emit(&text),
-                Output::Json => emit_json(&json!(report)),
-            }
-        }
-        PipelineCommand::Validate { file, output } => {
-            let document = read_document(&file)?;
-            let mut text = String::new();
-            for def in &document.pipelines {
-                text.push_str(&format!(
-                    "pipeline `{}` version {} valid\n",
-                    def.name, def.version
-                ));
-            }
-            match output.output {
-                Output::Table => emit(&text),
-                Output::Json => emit_json(&json!(document
-                    .pipelines
-                    .iter()
-                    .map(|d| json!({"pipeline": d.name, "version": d.version, "valid": true}))
-                    .collect::<Vec<_>>())),
-            }
-        }
+        } => apply(config.as_deref(), &file, output.output).await,
+        PipelineCommand::Validate { file, output } => validate(&file, output.output),
         PipelineCommand::Get {
             config,
             name,
             output,
-        } => {
-            let config = Config::load(config.as_deref())?;
-            let stored = instream_coord::stored_definitions(&config.zookeeper).await?;
-            let Some(found) = stored.into_iter().find(|s| s.name == name) else {
-                bail!("no pipeline `{name}` is stored in ZooKeeper");
-            };
-            let def = found
-                .definition
-                .map_err(|e| anyhow::anyhow!("the stored `{name}` is invalid: {e}"))?;
-            match output.output {
-                // What `apply` takes back: the stamps (`effective_from`, the versions kept)
-                // are the stored version's, not the next one's.
-                Output::Table => emit(&as_toml(&def.unstamped())?),
-                Output::Json => emit_json(&serde_json::to_value(&def)?),
-            }
-        }
-        PipelineCommand::List { config, output } => {
-            let config = Config::load(config.as_deref())?;
-            let stored = instream_coord::stored_definitions(&config.zookeeper).await?;
-            match output.output {
-                Output::Json => emit_json(&json!(stored
-                    .iter()
-                    .map(|s| match &s.definition {
-                        Ok(d) => json!({"name": s.name, "version": d.version,
-                            "partitions": d.partitions, "enrichments": d.enrichments.len(),
-                            "aggregations": d.aggregations.len(), "modified_ms": s.modified_ms}),
-                        Err(e) =>
-                            json!({"name": s.name, "invalid": e, "modified_ms": s.modified_ms}),
-                    })
-                    .collect::<Vec<_>>())),
-                Output::Table => {
-                    let rows: Vec<Vec<String>> = stored
-                        .iter()
-                        .map(|s| {
-                            let modified = instream_event::format_rfc3339_millis(s.modified_ms);
-                            match &s.definition {
-                                Ok(d) => vec![
-                                    s.name.clone(),
-                                    d.version.to_string(),
-                                    d.partitions.to_string(),
-                                    d.enrichments.len().to_string(),
-                                    d.aggregations.len().to_string(),
-                                    modified,
-                                ],
-                                Err(e) => vec![
-                                    s.name.clone(),
-                                    format!("INVALID: {e}"),
-                                    String::new(),
-                                    String::new(),
-                                    String::new(),
-                                    modified,
-                                ],
-                            }
-                        })
-                        .collect();
-                    emit(&table(
-                        &[
-                            "PIPELINE",
-                            "VERSION",
-                            "PARTITIONS",
-                            "ENRICHMENTS",
-                            "AGGREGATIONS",
-                            "STORED",
-                        ],
-                        &rows,
-                    ))
-                }
-            }
-        }
+        } => get(config.as_deref(), &name, output.output).await,
+        PipelineCommand::List { config, output } => list(config.as_deref(), output.output).await,
         PipelineCommand::Diff {
             config,
             file,
             output,
-        } => {
-            let config = Config::load(config.as_deref())?;
-            let (document, stored) = file_and_stored(&config, &file).await?;
-            let mut report = Vec::new();
-            let mut text = String::new();
-            for def in &document.pipelines {
-                let new = pretty(def);
-                let (state, old) = match stored.get(&def.name) {
-                    None => ("new", String::new()),
-                    Some(Ok(old)) if old.same_content(def) => ("unchanged", pretty(old)),
-                    Some(Ok(old)) => ("changed", pretty(&old.unstamped())),
-                    Some(Err(_)) => ("replaces an invalid stored definition", String::new()),
-                };
-                let diff = similar::TextDiff::from_lines(&old, &new)
-                    .unified_diff()
-                    .context_radius(3)
-                    .header(
-                        &format!("stored/{}", def.name),
-                        &format!("file/{}", def.name),
-                    )
-                    .to_string();
-                text.push_str(&format!("pipeline `{}`: {state}\n", def.name));
-                if state != "unchanged" {
-                    text.push_str(&diff);
+        } => diff(config.as_deref(), &file, output.output).await,
+    }
+}
+
+/// `pipeline apply`: every definition of the file checked against what is stored, then each
+/// new or changed one stored.
+async fn apply(config: Option<&Path>, file: &Path, output: Output) -> anyhow::Result<()> {
+    let config = Config::load(config)?;
+    let (document, stored) = file_and_stored(&config, file).await?;
+    // All or nothing: every definition is checked against what is stored before any
+    // is written. One stored exactly as in the file is left alone.
+    // A new version of a stored one is stamped with the event time it takes over at
+    // and keeps the versions before it (docs/pipelines.md).
+    let mut plan = Vec::new();
+    let mut refused = Vec::new();
+    let now = instream_event::now_millis();
+    for def in &document.pipelines {
+        match stored.get(&def.name) {
+            Some(Ok(old)) if old.same_content(def) => plan.push((old.clone(), false)),
+            Some(Ok(old)) if old.version >= def.version => refused.push(format!(
+                "`{}`: version {} is not above the stored version {}",
+                def.name, def.version, old.version
+            )),
+            Some(Ok(old)) => {
+                // Every aggregator must have the new version before it reads an event
+                // of the new windows: events may run `max_time_ahead` ahead of
+                // their ingest time, and the watches take a moment.
+                let ahead = old.max_time_ahead.max(def.max_time_ahead).as_millis() as i64;
+                let earliest = now + ahead + TAKE_OVER_MARGIN_MS;
+                match def.effective_from {
+                    Some(t) if t < earliest => refused.push(format!(
+                        "`{}`: effective_from {} is too soon: events up to \
+                         max_time_ahead ({ahead} ms) ahead of now may be counted \
+                         under the stored version already; use {} or later",
+                        def.name,
+                        instream_event::format_rfc3339_millis(t),
+                        instream_event::format_rfc3339_millis(earliest),
+                    )),
+                    Some(t) if t > now + MAX_TAKE_OVER_MS => refused.push(format!(
+                        "`{}`: effective_from {} is more than a year away",
+                        def.name,
+                        instream_event::format_rfc3339_millis(t),
+                    )),
+                    _ => {
+                        let next = def.succeeding(old, earliest);
+                        match next.validate() {
+                            Ok(()) => plan.push((next, true)),
+                            Err(e) => refused.push(e.to_string()),
+                        }
+                    }
                 }
-                report.push(json!({"pipeline": def.name, "state": state, "diff": diff}));
             }
-            match output.output {
-                Output::Table => emit(&text),
-                Output::Json => emit_json(&json!(report)),
-            }
+            _ => plan.push((def.clone(), true)),
         }
+    }
+    if !refused.is_empty() {
+        bail!("nothing stored: {}", refused.join("; "));
+    }
+    let mut report = Vec::new();
+    let mut text = String::new();
+    for (def, write) in plan {
+        if write {
+            instream_coord::publish_definition(&config.zookeeper, &def).await?;
+        }
+        let outcome = if write { "stored" } else { "unchanged" };
+        let from = def
+            .effective_from
+            .map(instream_event::format_rfc3339_millis);
+        let takes_over = from
+            .as_ref()
+            .map(|t| format!(", its windows from {t}"))
+            .unwrap_or_default();
+        text.push_str(&format!(
+            "pipeline `{}` version {} {outcome}{takes_over}\n",
+            def.name, def.version
+        ));
+        report.push(json!({"pipeline": def.name, "version": def.version,
+            "outcome": outcome, "effective_from": from}));
+    }
+    match output {
+        Output::Table => emit(&text),
+        Output::Json => emit_json(&json!(report)),
+    }
+}
+
+/// `pipeline validate`: the file's definitions checked, nothing stored.
+fn validate(file: &Path, output: Output) -> anyhow::Result<()> {
+    let document = read_document(file)?;
+    let mut text = String::new();
+    for def in &document.pipelines {
+        text.push_str(&format!(
+            "pipeline `{}` version {} valid\n",
+            def.name, def.version
+        ));
+    }
+    match output {
+        Output::Table => emit(&text),
+        Output::Json => emit_json(&json!(document
+            .pipelines
+            .iter()
+            .map(|d| json!({"pipeline": d.name, "version": d.version, "valid": true}))
+            .collect::<Vec<_>>())),
+    }
+}
+
+/// `pipeline get`: one stored definition, as `apply` takes it back.
+async fn get(config: Option<&Path>, name: &str, output: Output) -> anyhow::Result<()> {
+    let config = Config::load(config)?;
+    let stored = instream_coord::stored_definitions(&config.zookeeper).await?;
+    let Some(found) = stored.into_iter().find(|s| s.name == name) else {
+        bail!("no pipeline `{name}` is stored in ZooKeeper");
+    };
+    let def = found
+        .definition
+        .map_err(|e| anyhow::anyhow!("the stored `{name}` is invalid: {e}"))?;
+    match output {
+        // What `apply` takes back: the stamps (`effective_from`, the versions kept)
+        // are the stored version's, not the next one's.
+        Output::Table => emit(&as_toml(&def.unstamped())?),
+        Output::Json => emit_json(&serde_json::to_value(&def)?),
+    }
+}
+
+/// `pipeline list`: every stored definition, the invalid ones named.
+async fn list(config: Option<&Path>, output: Output) -> anyhow::Result<()> {
+    let config = Config::load(config)?;
+    let stored = instream_coord::stored_definitions(&config.zookeeper).await?;
+    match output {
+        Output::Json => emit_json(&json!(stored
+            .iter()
+            .map(|s| match &s.definition {
+                Ok(d) => json!({"name": s.name, "version": d.version,
+                    "partitions": d.partitions, "enrichments": d.enrichments.len(),
+                    "aggregations": d.aggregations.len(), "modified_ms": s.modified_ms}),
+                Err(e) => json!({"name": s.name, "invalid": e, "modified_ms": s.modified_ms}),
+            })
+            .collect::<Vec<_>>())),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = stored
+                .iter()
+                .map(|s| {
+                    let modified = instream_event::format_rfc3339_millis(s.modified_ms);
+                    match &s.definition {
+                        Ok(d) => vec![
+                            s.name.clone(),
+                            d.version.to_string(),
+                            d.partitions.to_string(),
+                            d.enrichments.len().to_string(),
+                            d.aggregations.len().to_string(),
+                            modified,
+                        ],
+                        Err(e) => vec![
+                            s.name.clone(),
+                            format!("INVALID: {e}"),
+                            String::new(),
+                            String::new(),
+                            String::new(),
+                            modified,
+                        ],
+                    }
+                })
+                .collect();
+            emit(&table(
+                &[
+                    "PIPELINE",
+                    "VERSION",
+                    "PARTITIONS",
+                    "ENRICHMENTS",
+                    "AGGREGATIONS",
+                    "STORED",
+                ],
+                &rows,
+            ))
+        }
+    }
+}
+
+/// `pipeline diff`: what `apply` would change, as unified diffs.
+async fn diff(config: Option<&Path>, file: &Path, output: Output) -> anyhow::Result<()> {
+    let config = Config::load(config)?;
+    let (document, stored) = file_and_stored(&config, file).await?;
+    let mut report = Vec::new();
+    let mut text = String::new();
+    for def in &document.pipelines {
+        let new = pretty(def);
+        let (state, old) = match stored.get(&def.name) {
+            None => ("new", String::new()),
+            Some(Ok(old)) if old.same_content(def) => ("unchanged", pretty(old)),
+            Some(Ok(old)) => ("changed", pretty(&old.unstamped())),
+            Some(Err(_)) => ("replaces an invalid stored definition", String::new()),
+        };
+        let diff = similar::TextDiff::from_lines(&old, &new)
+            .unified_diff()
+            .context_radius(3)
+            .header(
+                &format!("stored/{}", def.name),
+                &format!("file/{}", def.name),
+            )
+            .to_string();
+        text.push_str(&format!("pipeline `{}`: {state}\n", def.name));
+        if state != "unchanged" {
+            text.push_str(&diff);
+        }
+        report.push(json!({"pipeline": def.name, "state": state, "diff": diff}));
+    }
+    match output {
+        Output::Table => emit(&text),
+        Output::Json => emit_json(&json!(report)),
     }
 }
 
