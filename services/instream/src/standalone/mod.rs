@@ -196,15 +196,7 @@ impl Standalone {
             .await
             .with_context(|| format!("admin server on {}", config.admin.listen))?;
         let admin_addr = admin.local_addr()?;
-        let (store, embedded_store): (Arc<dyn AggregateStore>, _) = match config.store.backend {
-            StoreBackend::Embedded => {
-                let s = Arc::new(EmbeddedStore::default());
-                (s.clone(), Some(s))
-            }
-            StoreBackend::Scylla | StoreBackend::Local => {
-                (instream_store::build(&config.store).await?, None)
-            }
-        };
+        let (store, embedded_store) = open_store(&config).await?;
         if let (Some(number), Some(catalog)) = (run, &catalog) {
             if number > 1 {
                 take_over_checkpoints(&config, &*store, catalog).await?;
@@ -226,25 +218,7 @@ impl Standalone {
         };
         let ingest = instream_ingest::Ingest::start(&context()).await?;
         let ingest_addr = ingest.local_addr()?;
-        let query =
-            if config.query_api.api_key_sha256.is_empty() && !config.query_api.allow_anonymous {
-                tracing::info!("query-api off: no query_api.api_key_sha256 and no allow_anonymous");
-                None
-            } else {
-                let definitions = instream_coord::definition_source(&config)
-                    .subscribe(token.clone())
-                    .await?;
-                Some(
-                    instream_query_api::QueryApi::start(
-                        &config,
-                        store.clone(),
-                        definitions,
-                        &health,
-                        &tasks,
-                    )
-                    .await?,
-                )
-            };
+        let query = start_query(&config, &store, &health, &tasks, &token).await?;
         let query_addr = query.as_ref().map(|q| q.local_addr()).transpose()?;
 
         let intake = token.child_token();
@@ -261,60 +235,10 @@ impl Standalone {
         if let Some(query) = query {
             supervisor.spawn("query-api", query.serve(token.clone()));
         }
-        supervisor.spawn("enricher", instream_enricher::run(context()));
-        supervisor.spawn(
-            "aggregator",
-            instream_aggregator::run_with_store(context(), store),
-        );
-        supervisor.spawn(
-            "archiver",
-            instream_archiver::run_with_archive(context(), archive.clone()),
-        );
-        // Tables to poll: db-source too, its elections and progress with the in-process
-        // coordinator (progress in `standalone.data_dir`/sources, across restarts). It stops
-        // with ingest, before the drain: a row handed over later would be acknowledged by the
-        // broker, its progress saved, and never processed.
-        if !config.db_source.tables.is_empty() {
-            // Its own supervisor, on ingest's token: its tasks end with intake, not before.
-            let mut polling = Supervisor::new(intake.clone());
-            polling.spawn(
-                "db-source",
-                instream_db_source::run(ServiceContext {
-                    shutdown: intake.clone(),
-                    tasks: polling.tasks(),
-                    ..context()
-                }),
-            );
-            let (token, drain) = (token.clone(), config.shutdown.drain_timeout);
-            supervisor.spawn("db-source", async move {
-                polling.wait(drain).await?;
-                token.cancelled().await;
-                Ok::<(), instream_core::SupervisorError>(())
-            });
-        }
+        spawn_stages(&mut supervisor, context, store, archive.clone(), &intake);
         let keeper = match &broker {
             None => None,
-            Some(_) => {
-                let definitions = instream_coord::definition_source(&config)
-                    .subscribe(token.clone())
-                    .await?;
-                let last = CancellationToken::new();
-                let mut keeping = Supervisor::new(last.clone());
-                let failed = token.clone();
-                let copies = config
-                    .standalone
-                    .data_dir
-                    .join("topics")
-                    .join(format!("run-{}", run.unwrap_or(1)));
-                let run = keeper::run(config.clone(), copies, definitions, last.clone());
-                keeping.spawn("keeper", async move {
-                    let result = run.await;
-                    // A failing keeper stops the platform like any task.
-                    failed.cancel();
-                    result
-                });
-                Some((keeping, last))
-            }
+            Some(_) => Some(start_keeper(&config, run, &token).await?),
         };
         let run = match (run, &broker) {
             (Some(number), Some(broker)) => {
@@ -455,4 +379,111 @@ async fn take_over_checkpoints(
         );
     }
     Ok(())
+}
+
+/// The aggregate store the config names: the embedded one kept in this process (the CLI
+/// reads it through the standalone), or one opened by its backend.
+async fn open_store(
+    config: &Config,
+) -> anyhow::Result<(Arc<dyn AggregateStore>, Option<Arc<EmbeddedStore>>)> {
+    Ok(match config.store.backend {
+        StoreBackend::Embedded => {
+            let s = Arc::new(EmbeddedStore::default());
+            (s.clone(), Some(s))
+        }
+        StoreBackend::Scylla | StoreBackend::Local => {
+            (instream_store::build(&config.store).await?, None)
+        }
+    })
+}
+
+/// The keeper copying dead letters and quality records to `<data_dir>/topics/run-<n>`, under a
+/// supervisor of its own that stops last; a failing keeper stops the platform like any task.
+async fn start_keeper(
+    config: &Config,
+    run: Option<u64>,
+    token: &CancellationToken,
+) -> anyhow::Result<(Supervisor, CancellationToken)> {
+    let definitions = instream_coord::definition_source(config)
+        .subscribe(token.clone())
+        .await?;
+    let last = CancellationToken::new();
+    let mut keeping = Supervisor::new(last.clone());
+    let failed = token.clone();
+    let copies = config
+        .standalone
+        .data_dir
+        .join("topics")
+        .join(format!("run-{}", run.unwrap_or(1)));
+    let run = keeper::run(config.clone(), copies, definitions, last.clone());
+    keeping.spawn("keeper", async move {
+        let result = run.await;
+        failed.cancel();
+        result
+    });
+    Ok((keeping, last))
+}
+
+/// query-api on the store, unless nobody could be let in (no key and no anonymous access).
+async fn start_query(
+    config: &Config,
+    store: &Arc<dyn AggregateStore>,
+    health: &Health,
+    tasks: &instream_core::Tasks,
+    token: &CancellationToken,
+) -> anyhow::Result<Option<instream_query_api::QueryApi>> {
+    if config.query_api.api_key_sha256.is_empty() && !config.query_api.allow_anonymous {
+        tracing::info!("query-api off: no query_api.api_key_sha256 and no allow_anonymous");
+        return Ok(None);
+    }
+    let definitions = instream_coord::definition_source(config)
+        .subscribe(token.clone())
+        .await?;
+    Ok(Some(
+        instream_query_api::QueryApi::start(config, store.clone(), definitions, health, tasks)
+            .await?,
+    ))
+}
+
+/// The enricher, aggregator and archiver under `supervisor`, and db-source when tables are
+/// configured.
+fn spawn_stages(
+    supervisor: &mut Supervisor,
+    context: impl Fn() -> ServiceContext,
+    store: Arc<dyn AggregateStore>,
+    archive: Arc<dyn instream_archive::Archive>,
+    intake: &CancellationToken,
+) {
+    supervisor.spawn("enricher", instream_enricher::run(context()));
+    supervisor.spawn(
+        "aggregator",
+        instream_aggregator::run_with_store(context(), store),
+    );
+    supervisor.spawn(
+        "archiver",
+        instream_archiver::run_with_archive(context(), archive),
+    );
+    // Tables to poll: db-source too, its elections and progress with the in-process
+    // coordinator (progress in `standalone.data_dir`/sources, across restarts). It stops
+    // with ingest, before the drain: a row handed over later would be acknowledged by the
+    // broker, its progress saved, and never processed.
+    let ctx = context();
+    if !ctx.config.db_source.tables.is_empty() {
+        // Its own supervisor, on ingest's token: its tasks end with intake, not before.
+        let mut polling = Supervisor::new(intake.clone());
+        let (token, drain) = (ctx.shutdown.clone(), ctx.config.shutdown.drain_timeout);
+        polling.spawn(
+            "db-source",
+            instream_db_source::run(ServiceContext {
+                shutdown: intake.clone(),
+                tasks: polling.tasks(),
+                ..ctx
+            }),
+        );
+        supervisor.spawn("db-source", async move {
+            polling.wait(drain).await?;
+            token.cancelled().await;
+            Ok::<(), instream_core::SupervisorError>(())
+        });
+    }
 }
