@@ -168,30 +168,12 @@ async fn drive(
     data: &Path,
     startup: Duration,
 ) -> anyhow::Result<String> {
-    use std::fmt::Write as _;
     let store = platform
         .embedded_store
         .clone()
         .context("the demo uses the embedded store")?;
     let live = std::io::stdout().is_terminal();
-    // The first Ctrl-C stops sending and goes on to the summary; a second one exits at once.
-    // The handler is registered before the demo says it started, so no Ctrl-C falls between.
-    let stop = CancellationToken::new();
-    let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .context("listening for Ctrl-C")?;
-    tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            if interrupts.recv().await.is_some() {
-                eprintln!("\ninstream demo: stopping; Ctrl-C again to exit without a summary");
-                stop.cancel();
-                if interrupts.recv().await.is_some() {
-                    std::process::exit(130);
-                }
-            }
-        }
-    });
-
+    let stop = stop_on_ctrl_c()?;
     let query = platform
         .query_addr
         .map(|a| {
@@ -227,71 +209,19 @@ async fn drive(
     ));
 
     let started = Instant::now();
-    let mut before = Totals::default();
-    let mut last = Instant::now();
-    let mut next_line = Duration::from_secs(5);
-    if live {
-        print!("\x1b[2J");
-    }
-    while !sender.is_finished() {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stop.cancelled() => {}
-        }
-        let Ok(now) = scrape(&http, &metrics_url).await else {
-            continue;
-        };
-        let elapsed = started.elapsed();
-        if live {
-            let top = top_of_current_window(&store);
-            let frame = Frame {
-                elapsed,
-                duration,
-                now: &now,
-                before: &before,
-                interval: last.elapsed(),
-                top: &top,
-                top_title: "hot auctions, current 10 s window (bids)",
-            }
-            .render();
-            let mut stdout = std::io::stdout().lock();
-            let _ = stdout.write_all(view::redraw(&frame).as_bytes());
-            let _ = stdout.flush();
-        } else if elapsed >= next_line {
-            eprintln!(
-                "instream demo: {:>4}s  ingest {:.0}, enriched {:.0}, aggregated {:.0}, archived {:.0}, dead letters {:.0}",
-                next_line.as_secs(),
-                now.ingested,
-                now.enriched,
-                now.aggregated,
-                now.archived,
-                now.dead_letters
-            );
-            next_line += Duration::from_secs(5);
-        }
-        before = now;
-        last = Instant::now();
-        if stop.is_cancelled() {
-            break;
-        }
-    }
+    let shown = Shown {
+        store: &store,
+        http: &http,
+        metrics_url: &metrics_url,
+        duration,
+        live,
+    };
+    shown.progress(&sender, &stop, started).await;
     stop.cancel();
     let sent = sender.await.context("the sender task")??;
 
-    // Wait until the stages caught up with what ingest accepted: every accepted bid is either
-    // counted in the aggregates or dead-lettered by the enricher, and every one is archived.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (aggregated, archive, totals) = loop {
-        let aggregated = count_in(&store, HOT_AGGREGATION);
-        let archive = archived(platform).await?;
-        let totals = scrape(&http, &metrics_url).await.unwrap_or_default();
-        let caught_up = aggregated + totals.dead_letters as u64 >= sent.accepted
-            && archive.distinct_ids >= sent.accepted;
-        if caught_up || Instant::now() > deadline {
-            break (aggregated, archive, totals);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let (aggregated, archive, totals) =
+        catch_up(platform, &store, &http, &metrics_url, sent.accepted).await?;
     let mut categories: BTreeMap<String, i64> = BTreeMap::new();
     store.for_each(|w| {
         if w.aggregation == CATEGORY_AGGREGATION {
@@ -304,74 +234,233 @@ async fn drive(
         }
     });
 
-    let dead = totals.dead_letters as u64;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "instream demo summary ({:.1}s, started in {:.2}s)",
-        started.elapsed().as_secs_f64(),
-        startup.as_secs_f64()
-    );
-    let _ = writeln!(out, "  bids accepted by ingest        : {}", sent.accepted);
-    let _ = writeln!(out, "  bids refused by ingest         : {:?}", sent.refused);
-    if !sent.failed_batches.is_empty() {
+    let counted = Counted {
+        sent: &sent,
+        aggregated,
+        archive: &archive,
+        totals: &totals,
+        categories: &categories,
+    };
+    counted
+        .summary(platform, &http, data, started.elapsed(), startup)
+        .await
+}
+
+/// The first Ctrl-C stops sending and goes on to the summary; a second one exits at once.
+/// The handler is registered before the demo says it started, so no Ctrl-C falls between.
+fn stop_on_ctrl_c() -> anyhow::Result<CancellationToken> {
+    let stop = CancellationToken::new();
+    let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("listening for Ctrl-C")?;
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            if interrupts.recv().await.is_some() {
+                eprintln!("\ninstream demo: stopping; Ctrl-C again to exit without a summary");
+                stop.cancel();
+                if interrupts.recv().await.is_some() {
+                    std::process::exit(130);
+                }
+            }
+        }
+    });
+    Ok(stop)
+}
+
+/// What the progress view reads.
+struct Shown<'a> {
+    store: &'a EmbeddedStore,
+    http: &'a reqwest::Client,
+    metrics_url: &'a str,
+    duration: Duration,
+    live: bool,
+}
+
+impl Shown<'_> {
+    /// Redraws the view every second (a line every 5 s without a terminal) while `sender` runs.
+    async fn progress<T>(
+        &self,
+        sender: &tokio::task::JoinHandle<T>,
+        stop: &CancellationToken,
+        started: Instant,
+    ) {
+        let (store, http, metrics_url, duration, live) = (
+            self.store,
+            self.http,
+            self.metrics_url,
+            self.duration,
+            self.live,
+        );
+        let mut before = Totals::default();
+        let mut last = Instant::now();
+        let mut next_line = Duration::from_secs(5);
+        if live {
+            print!("\x1b[2J");
+        }
+        while !sender.is_finished() {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.cancelled() => {}
+            }
+            let Ok(now) = scrape(http, metrics_url).await else {
+                continue;
+            };
+            let elapsed = started.elapsed();
+            if live {
+                let top = top_of_current_window(store);
+                let frame = Frame {
+                    elapsed,
+                    duration,
+                    now: &now,
+                    before: &before,
+                    interval: last.elapsed(),
+                    top: &top,
+                    top_title: "hot auctions, current 10 s window (bids)",
+                }
+                .render();
+                let mut stdout = std::io::stdout().lock();
+                let _ = stdout.write_all(view::redraw(&frame).as_bytes());
+                let _ = stdout.flush();
+            } else if elapsed >= next_line {
+                eprintln!(
+                    "instream demo: {:>4}s  ingest {:.0}, enriched {:.0}, aggregated {:.0}, archived {:.0}, dead letters {:.0}",
+                    next_line.as_secs(),
+                    now.ingested,
+                    now.enriched,
+                    now.aggregated,
+                    now.archived,
+                    now.dead_letters
+                );
+                next_line += Duration::from_secs(5);
+            }
+            before = now;
+            last = Instant::now();
+            if stop.is_cancelled() {
+                break;
+            }
+        }
+    }
+}
+
+/// Waits (a minute at most) until every accepted bid is either counted in the aggregates or
+/// dead-lettered by the enricher, and every one is archived.
+async fn catch_up(
+    platform: &Standalone,
+    store: &EmbeddedStore,
+    http: &reqwest::Client,
+    metrics_url: &str,
+    accepted: u64,
+) -> anyhow::Result<(u64, Archived, Totals)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    Ok(loop {
+        let aggregated = count_in(store, HOT_AGGREGATION);
+        let archive = archived(platform).await?;
+        let totals = scrape(http, metrics_url).await.unwrap_or_default();
+        let caught_up =
+            aggregated + totals.dead_letters as u64 >= accepted && archive.distinct_ids >= accepted;
+        if caught_up || Instant::now() > deadline {
+            break (aggregated, archive, totals);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    })
+}
+
+/// What the stages made of the bids sent.
+struct Counted<'a> {
+    sent: &'a Sent,
+    aggregated: u64,
+    archive: &'a Archived,
+    totals: &'a Totals,
+    categories: &'a BTreeMap<String, i64>,
+}
+
+impl Counted<'_> {
+    /// The summary's lines; it ends with [`EXACT`] when every accepted bid is accounted for.
+    async fn summary(
+        &self,
+        platform: &Standalone,
+        http: &reqwest::Client,
+        data: &Path,
+        took: Duration,
+        startup: Duration,
+    ) -> anyhow::Result<String> {
+        use std::fmt::Write as _;
+        let (sent, aggregated, archive, totals, categories) = (
+            self.sent,
+            self.aggregated,
+            self.archive,
+            self.totals,
+            self.categories,
+        );
+        let dead = totals.dead_letters as u64;
+        let mut out = String::new();
         let _ = writeln!(
             out,
-            "  batches that failed, by status : {:?}",
-            sent.failed_batches
+            "instream demo summary ({:.1}s, started in {:.2}s)",
+            took.as_secs_f64(),
+            startup.as_secs_f64()
         );
-    }
-    let _ = writeln!(out, "  bids in the aggregates         : {aggregated}");
-    let _ = writeln!(out, "  bids dead-lettered (no auction): {dead}");
-    let _ = writeln!(
-        out,
-        "  bids in the archive            : {} ({} distinct event ids)",
-        archive.records, archive.distinct_ids
-    );
-    let _ = writeln!(
-        out,
-        "  refdata hit ratio              : {:.2}% of {:.0} lookups",
-        100.0 * totals.lookups_found / totals.lookups.max(1.0),
-        totals.lookups
-    );
-    let _ = writeln!(out, "  bids per auction category      : {categories:?}");
-    if let Some(addr) = platform.query_addr {
-        // The hottest auction's windows, read back the way a dashboard would.
-        let url = format!(
-            "http://{addr}/v1/pipelines/{PIPELINE}/aggregates/{HOT_AGGREGATION}?key=1000&from=0"
-        );
-        let page: serde_json::Value = http.get(&url).send().await?.json().await?;
-        let windows = page["windows"].as_array().map_or(0, Vec::len);
-        let bids: i64 = page["windows"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|w| w["count"].as_i64())
-            .sum();
+        let _ = writeln!(out, "  bids accepted by ingest        : {}", sent.accepted);
+        let _ = writeln!(out, "  bids refused by ingest         : {:?}", sent.refused);
+        if !sent.failed_batches.is_empty() {
+            let _ = writeln!(
+                out,
+                "  batches that failed, by status : {:?}",
+                sent.failed_batches
+            );
+        }
+        let _ = writeln!(out, "  bids in the aggregates         : {aggregated}");
+        let _ = writeln!(out, "  bids dead-lettered (no auction): {dead}");
         let _ = writeln!(
             out,
-            "  query-api, auction 1000        : {bids} bids in {windows} windows ({url})"
+            "  bids in the archive            : {} ({} distinct event ids)",
+            archive.records, archive.distinct_ids
         );
-    }
-    let _ = writeln!(
-        out,
-        "  archive                        : {}",
-        data.join("archive").display()
-    );
-    // The archive keeps raw input as received: a batch retried after a 503 that had been
-    // partly written holds repeats there (same event ids), which the aggregates dropped.
-    if archive.records > archive.distinct_ids {
         let _ = writeln!(
             out,
-            "  repeats in the archive         : {} (retried batches; dropped before the aggregates)",
-            archive.records - archive.distinct_ids
+            "  refdata hit ratio              : {:.2}% of {:.0} lookups",
+            100.0 * totals.lookups_found / totals.lookups.max(1.0),
+            totals.lookups
         );
+        let _ = writeln!(out, "  bids per auction category      : {categories:?}");
+        if let Some(addr) = platform.query_addr {
+            // The hottest auction's windows, read back the way a dashboard would.
+            let url = format!(
+                "http://{addr}/v1/pipelines/{PIPELINE}/aggregates/{HOT_AGGREGATION}?key=1000&from=0"
+            );
+            let page: serde_json::Value = http.get(&url).send().await?.json().await?;
+            let windows = page["windows"].as_array().map_or(0, Vec::len);
+            let bids: i64 = page["windows"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|w| w["count"].as_i64())
+                .sum();
+            let _ = writeln!(
+                out,
+                "  query-api, auction 1000        : {bids} bids in {windows} windows ({url})"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  archive                        : {}",
+            data.join("archive").display()
+        );
+        // The archive keeps raw input as received: a batch retried after a 503 that had been
+        // partly written holds repeats there (same event ids), which the aggregates dropped.
+        if archive.records > archive.distinct_ids {
+            let _ = writeln!(
+                out,
+                "  repeats in the archive         : {} (retried batches; dropped before the aggregates)",
+                archive.records - archive.distinct_ids
+            );
+        }
+        let exact = aggregated + dead == sent.accepted && archive.distinct_ids == sent.accepted;
+        if exact {
+            out.push_str(EXACT);
+        }
+        Ok(out)
     }
-    let exact = aggregated + dead == sent.accepted && archive.distinct_ids == sent.accepted;
-    if exact {
-        out.push_str(EXACT);
-    }
-    Ok(out)
 }
 
 /// Posts bids in batches every 100 ms at `rate` per second until `duration` or `stop`.
