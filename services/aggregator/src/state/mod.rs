@@ -358,38 +358,8 @@ impl PartitionState {
         if scope == Scope::Keyed {
             self.ledger.applied(line);
         }
-        let id = event_identity(event);
-        let cutoff = self
-            .max_ingest_time
-            .saturating_sub(horizon.as_millis() as i64);
-        let repeated = self.seen.contains(id, cutoff);
-        self.remember(id, event.ingest_time, offset, horizon);
-        if let Some((partition, origin_offset)) = origin {
-            let highest = self.origin_max.entry(partition).or_insert(-1);
-            if origin_offset <= *highest {
-                // A repeat is the same event again. An event accepted within the horizon
-                // whose id was never seen was written out of order upstream, and dropping it
-                // loses it; one from before the horizon cannot be told from a re-emit (an
-                // enricher replaying an older range, a partition far behind the others) and
-                // is taken for one.
-                let unseen_recent = !repeated && event.ingest_time >= cutoff;
-                let (tally, outcome) = if unseen_recent {
-                    (Tally::OutOfOrderOrigin, Outcome::OutOfOrderOrigin)
-                } else {
-                    (Tally::RepeatedOrigin, Outcome::RepeatedOrigin)
-                };
-                // On a repartition topic, a copy is not a record of the enriched topic, so
-                // not in the ledger: the audit finds it forwarded and never counted.
-                if scope == Scope::Keyed {
-                    self.tally_all(line, scope, def, tally);
-                }
-                return outcome;
-            }
-            *highest = origin_offset;
-        }
-        if repeated {
-            self.tally_all(line, scope, def, Tally::RepeatedEvent);
-            return Outcome::RepeatedEvent;
+        if let Some(repeat) = self.repeat(scope, (line, offset), event, origin, def, horizon) {
+            return repeat;
         }
         let ahead = def.max_time_ahead.as_millis() as i64;
         if event.event_time > event.ingest_time.saturating_add(ahead) {
@@ -444,6 +414,69 @@ impl PartitionState {
         late.retain(|name| !counted.contains(&name.as_str()));
         late.sort();
         late.dedup();
+        self.advance_watermark(scope, origin, event, def);
+        if late.is_empty() {
+            Outcome::Counted
+        } else {
+            Outcome::TooLate(late)
+        }
+    }
+
+    /// Whether the record at `offset` is a repeat (by event id, or by origin offset), counted
+    /// in the ledger's `line` as such; remembers its id either way.
+    fn repeat(
+        &mut self,
+        scope: Scope<'_>,
+        (line, offset): (usize, i64),
+        event: &Event,
+        origin: Option<(i32, i64)>,
+        def: &PipelineDefinition,
+        horizon: Duration,
+    ) -> Option<Outcome> {
+        let id = event_identity(event);
+        let cutoff = self
+            .max_ingest_time
+            .saturating_sub(horizon.as_millis() as i64);
+        let repeated = self.seen.contains(id, cutoff);
+        self.remember(id, event.ingest_time, offset, horizon);
+        if let Some((partition, origin_offset)) = origin {
+            let highest = self.origin_max.entry(partition).or_insert(-1);
+            if origin_offset <= *highest {
+                // A repeat is the same event again. An event accepted within the horizon
+                // whose id was never seen was written out of order upstream, and dropping it
+                // loses it; one from before the horizon cannot be told from a re-emit (an
+                // enricher replaying an older range, a partition far behind the others) and
+                // is taken for one.
+                let unseen_recent = !repeated && event.ingest_time >= cutoff;
+                let (tally, outcome) = if unseen_recent {
+                    (Tally::OutOfOrderOrigin, Outcome::OutOfOrderOrigin)
+                } else {
+                    (Tally::RepeatedOrigin, Outcome::RepeatedOrigin)
+                };
+                // On a repartition topic, a copy is not a record of the enriched topic, so
+                // not in the ledger: the audit finds it forwarded and never counted.
+                if scope == Scope::Keyed {
+                    self.tally_all(line, scope, def, tally);
+                }
+                return Some(outcome);
+            }
+            *highest = origin_offset;
+        }
+        if repeated {
+            self.tally_all(line, scope, def, Tally::RepeatedEvent);
+            return Some(Outcome::RepeatedEvent);
+        }
+        None
+    }
+
+    /// Moves the partition's event-time progress (its watermark's base) for `event`.
+    fn advance_watermark(
+        &mut self,
+        scope: Scope<'_>,
+        origin: Option<(i32, i64)>,
+        event: &Event,
+        def: &PipelineDefinition,
+    ) {
         // An event moves the watermark no further than its own ingest time (and a little):
         // one producer's clock running ahead must not make the others' current events late.
         let time = event.event_time.min(
@@ -476,11 +509,6 @@ impl PartitionState {
             self.max_event_time = progress;
             // At most once per millisecond of event time: not a clock read per event.
             self.clock.advanced(progress, instream_event::now_millis());
-        }
-        if late.is_empty() {
-            Outcome::Counted
-        } else {
-            Outcome::TooLate(late)
         }
     }
 
