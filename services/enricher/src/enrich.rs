@@ -123,20 +123,9 @@ impl Enricher {
     pub async fn enrich(&self, catalog: &Catalog, batch: &[Record]) -> Result<bool, EnricherError> {
         let store = self.refdata.store().clone();
         let plans = transform::plan(catalog, &|p, r| store.version(p, r), batch);
-        let mut answers = if plans.lookups.is_empty() {
-            Vec::new()
-        } else {
-            match self.lookup(&plans.lookups).await {
-                Some(a) => a,
-                None => return Ok(false),
-            }
-        };
-        if !self
-            .retry_misses(&plans.lookups, &plans.retries, &mut answers)
-            .await
-        {
+        let Some(answers) = self.answers(&plans).await else {
             return Ok(false);
-        }
+        };
         metrics::histogram!("instream_batch_size", "service" => SERVICE.as_str())
             .record(batch.len() as f64);
         let mut outcomes = Outcomes::default();
@@ -165,10 +154,39 @@ impl Enricher {
                 .increment(n);
         }
 
+        let (mut deliveries, enriched) = self.send_outputs(batch, outputs, &arena).await?;
+        let violations = self
+            .send_violations(&quality_records, &mut deliveries)
+            .await?;
+        // librdkafka copied every record: the arena serves the next batch.
+        *self.arena.lock().unwrap_or_else(|p| p.into_inner()) = arena;
+        // Shutdown while the broker does not answer: the batch stays uncommitted.
+        if !client::all_delivered_unless(&self.producer, deliveries, &self.shutdown).await? {
+            return Ok(false);
+        }
+        // Counted once on the broker (a transaction may still abort: then counted again when
+        // the batch is redone).
+        for ((pipeline, rule, action), n) in violations {
+            metrics::counter!("instream_quality_violations_total", "pipeline" => pipeline, "rule" => rule, "action" => action)
+                .increment(n);
+        }
+        count_enriched(enriched);
+        Ok(true)
+    }
+
+    /// Sends each record's output: the enriched event (with its origin headers) to its
+    /// pipeline's enriched topic, or a dead letter. Returns the deliveries and, per pipeline,
+    /// its enriched topic and the ingest times of its records.
+    async fn send_outputs(
+        &self,
+        batch: &[Record],
+        outputs: Vec<Output>,
+        arena: &[u8],
+    ) -> Result<(Vec<Delivery>, Vec<Enriched>), EnricherError> {
         let mut deliveries: Vec<Delivery> = Vec::with_capacity(batch.len());
         // Per pipeline of the batch (usually one): its enriched topic and the ingest times of
         // its records, found by pointer rather than by name on the per-record path.
-        let mut enriched: Vec<(Arc<PipelineDefinition>, String, Vec<i64>)> = Vec::new();
+        let mut enriched: Vec<Enriched> = Vec::new();
         let (mut partition_text, mut offset_text) = (itoa::Buffer::new(), itoa::Buffer::new());
         for (record, output) in batch.iter().zip(outputs) {
             match output {
@@ -182,7 +200,7 @@ impl Enricher {
                 {
                     let reason = format!(
                         "enriched, the event takes {} bytes; the brokers take at most {} \
-                         (kafka.max_record_bytes)",
+                             (kafka.max_record_bytes)",
                         key.len() + bytes.len(),
                         self.producer.max_record_bytes()
                     );
@@ -227,10 +245,32 @@ impl Enricher {
                 }
             }
         }
-        // Every violation, whatever its action, is recorded for the report (in the batch's
-        // transaction in transactional delivery), keyed by event id.
+        Ok((deliveries, enriched))
+    }
+
+    /// The reference data of the batch's lookups, misses retried as their rules allow;
+    /// `None` when shutdown interrupted.
+    async fn answers(&self, plans: &transform::Plans<'_>) -> Option<Vec<Arc<Found>>> {
+        let mut answers = if plans.lookups.is_empty() {
+            Vec::new()
+        } else {
+            self.lookup(&plans.lookups).await?
+        };
+        self.retry_misses(&plans.lookups, &plans.retries, &mut answers)
+            .await
+            .then_some(answers)
+    }
+
+    /// Sends every violation, whatever its action, to its pipeline's quality topic for the
+    /// report (in the batch's transaction in transactional delivery), keyed by event id;
+    /// returns how many per pipeline, rule and action.
+    async fn send_violations(
+        &self,
+        records: &[instream_quality::ViolationRecord],
+        deliveries: &mut Vec<Delivery>,
+    ) -> Result<HashMap<(String, String, &'static str), u64>, EnricherError> {
         let mut violations: HashMap<(String, String, &'static str), u64> = HashMap::new();
-        for violation in &quality_records {
+        for violation in records {
             let topic = topics::quality(&violation.pipeline);
             let value = serde_json::to_vec(violation).unwrap_or_default();
             let out = Outgoing::to(&topic)
@@ -245,28 +285,25 @@ impl Enricher {
                 ))
                 .or_default() += 1;
         }
-        // librdkafka copied every record: the arena serves the next batch.
-        *self.arena.lock().unwrap_or_else(|p| p.into_inner()) = arena;
-        // Shutdown while the broker does not answer: the batch stays uncommitted.
-        if !client::all_delivered_unless(&self.producer, deliveries, &self.shutdown).await? {
-            return Ok(false);
+        Ok(violations)
+    }
+}
+
+/// A pipeline of a batch (usually one): its definition, its enriched topic, and the ingest
+/// times of its records sent there.
+type Enriched = (Arc<PipelineDefinition>, String, Vec<i64>);
+
+/// Counts the enriched events of a delivered batch, per pipeline, and their latency from
+/// ingest.
+fn count_enriched(enriched: Vec<Enriched>) {
+    let now = instream_event::now_millis();
+    let latency =
+        metrics::histogram!("instream_stage_latency_seconds", "stage" => SERVICE.as_str());
+    for (pipeline, _, times) in enriched {
+        for ingest_time in &times {
+            latency.record((now - ingest_time).max(0) as f64 / 1000.0);
         }
-        // Counted once on the broker (a transaction may still abort: then counted again when
-        // the batch is redone).
-        for ((pipeline, rule, action), n) in violations {
-            metrics::counter!("instream_quality_violations_total", "pipeline" => pipeline, "rule" => rule, "action" => action)
-                .increment(n);
-        }
-        let now = instream_event::now_millis();
-        let latency =
-            metrics::histogram!("instream_stage_latency_seconds", "stage" => SERVICE.as_str());
-        for (pipeline, _, times) in enriched {
-            for ingest_time in &times {
-                latency.record((now - ingest_time).max(0) as f64 / 1000.0);
-            }
-            metrics::counter!("instream_events_total", "service" => SERVICE.as_str(), "pipeline" => pipeline.name.clone(), "outcome" => "enriched")
-                .increment(times.len() as u64);
-        }
-        Ok(true)
+        metrics::counter!("instream_events_total", "service" => SERVICE.as_str(), "pipeline" => pipeline.name.clone(), "outcome" => "enriched")
+            .increment(times.len() as u64);
     }
 }
