@@ -1,0 +1,525 @@
+//! The whole pipeline as separate processes, end to end: `instream-ingest`,
+//! `instream-enricher`, `instream-aggregator` and `instream-archiver` (release builds) on one
+//! broker, with Redis for the reference data. Events are posted to ingest as NDJSON (Nexmark
+//! bids keyed by auction, each enriched with its bidder, counted and summed per auction and
+//! hour, archived as JSON lines) as fast as the connections go, or at `--rate`. Prints one
+//! JSON line: per stage the events/s (from the first post to the stage's last event) and the
+//! events per CPU-second of its process, the broker's and this generator's CPU apart; latency
+//! quantiles (ingest's answers as the client saw them; accepted → enriched and accepted →
+//! visible in the store from the stages' histograms, to their bucket bounds); and the counts:
+//! every stage's count and the windows' sum in the store must equal what ingest accepted,
+//! otherwise it exits 1. It is also the sizing tool of docs/runbook.md ("Sizing").
+//!
+//! ```sh
+//! cargo build --release -p instream-ingest -p instream-enricher -p instream-aggregator \
+//!   -p instream-archiver -p instream-integration-tests --bins --example pipeline
+//! TANSU=/path/to/tansu target/release/examples/pipeline [--events 1000000] [--rate 100000]
+//!   [--connections 4] [--batch 2000] [--partitions 4] [--repartitioned 1]
+//! ```
+//! `--repartitioned 1` adds a second aggregation grouped by the bidder's city (not the key),
+//! which the aggregator repartitions through `bench.by-per_city_hour`.
+//! `TANSU` is a tansu 0.6 binary (started with memory storage); or `INSTREAM_BENCH_KAFKA=host:port`.
+//! tansu has no transactions, so the enricher runs with `delivery = "at_least_once"`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use instream_testkit::{cpu_seconds, metric_sum, spawn_bench_service, ChildGuard};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+const PIPELINE: &str = "bench";
+const AGGREGATION: &str = "per_auction_hour";
+const BY_CITY: &str = "per_city_hour";
+const BIDDERS: usize = 10_000;
+const STAGES: [&str; 4] = ["ingest", "enricher", "aggregator", "archiver"];
+
+struct Options {
+    events: usize,
+    rate: Option<f64>,
+    connections: usize,
+    batch: usize,
+    partitions: i32,
+    repartitioned: bool,
+}
+
+fn options() -> Result<Options, Error> {
+    let mut o = Options {
+        events: 1_000_000,
+        rate: None,
+        connections: 4,
+        batch: 2_000,
+        partitions: 4,
+        repartitioned: false,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    for pair in args.chunks(2) {
+        let value = pair.get(1).ok_or(format!("{} needs a value", pair[0]))?;
+        let number: u64 = value.parse().map_err(|e| format!("{}: {e}", pair[0]))?;
+        match pair[0].as_str() {
+            "--events" => o.events = number.max(1) as usize,
+            "--rate" => o.rate = (number > 0).then_some(number as f64),
+            "--connections" => o.connections = number.max(1) as usize,
+            "--batch" => o.batch = number.max(1) as usize,
+            "--partitions" => o.partitions = number.clamp(1, 64) as i32,
+            "--repartitioned" => o.repartitioned = number > 0,
+            other => return Err(format!("unknown option {other}").into()),
+        }
+    }
+    Ok(o)
+}
+
+fn definitions(partitions: i32, repartitioned: bool) -> String {
+    let by_city = if repartitioned {
+        format!(
+            r#"[[pipelines.aggregations]]
+name = "{BY_CITY}"
+group_by = ["enrichment.bidder_city"]
+window = {{ kind = "tumbling", size = "1h" }}
+"#
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        r#"[[pipelines]]
+name = "{PIPELINE}"
+key_field = "auction"
+time_field = "date_time"
+partitions = {partitions}
+[[pipelines.enrichments]]
+name = "bidder"
+key_template = "person:{{bidder}}"
+fields = {{ name = "bidder_name", city = "bidder_city", state = "bidder_state" }}
+[[pipelines.aggregations]]
+name = "{AGGREGATION}"
+window = {{ kind = "tumbling", size = "1h" }}
+functions = [{{ fn = "sum", field = "payload.price" }}]
+{by_city}"#
+    )
+}
+
+/// The NDJSON bodies: `events` bids in requests of `batch`, one millisecond of event time
+/// apart from `start` (RFC 3339), over 977 auctions and [`BIDDERS`] bidders.
+fn bodies(events: usize, batch: usize, start: i64) -> Vec<bytes::Bytes> {
+    let mut out = Vec::with_capacity(events / batch + 1);
+    let mut body = Vec::with_capacity(batch * 330);
+    for i in 0..events {
+        let auction = 1000 + i % 977;
+        let time = instream_event::format_rfc3339_millis(start + i as i64);
+        body.extend_from_slice(
+            format!(
+                r#"{{"auction":{auction},"bidder":{b},"price":{p},"channel":"channel-{c}","url":"https://www.nexmark.com/{auction}/item.htm?query=1&channel_id={c}","date_time":"{time}","extra":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}}"#,
+                b = (i * 7919) % BIDDERS,
+                p = 100 + i % 9000,
+                c = i % 50,
+            )
+            .as_bytes(),
+        );
+        body.push(b'\n');
+        if (i + 1) % batch == 0 || i + 1 == events {
+            out.push(bytes::Bytes::from(std::mem::take(&mut body)));
+        }
+    }
+    out
+}
+
+async fn seed_bidders(url: &str) -> Result<(), Error> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut pipe = redis::pipe();
+    for b in 0..BIDDERS {
+        pipe.cmd("HSET")
+            .arg(format!("person:{b}"))
+            .arg("name")
+            .arg(format!("Bidder {b}"))
+            .arg("city")
+            .arg("Portland")
+            .arg("state")
+            .arg("OR")
+            .ignore();
+    }
+    let _: () = pipe.query_async(&mut conn).await?;
+    Ok(())
+}
+
+struct Service {
+    name: &'static str,
+    process: ChildGuard,
+    admin: u16,
+}
+
+impl Service {
+    async fn metrics(&self) -> String {
+        match reqwest::get(format!("http://127.0.0.1:{}/metrics", self.admin)).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// The records the stage is done with: ingest's accepted events, the archiver's records
+    /// in whole files, the others' events by every outcome (the aggregator's, with
+    /// `repartitioned`, also on its repartition topic).
+    async fn done(&self, repartitioned: bool) -> f64 {
+        let text = self.metrics().await;
+        let filter = format!("service=\"{}\"", self.name);
+        match self.name {
+            "aggregator" if repartitioned => f64::min(
+                metric_sum(&text, "instream_events_total{", &filter).0,
+                metric_sum(&text, "instream_aggregator_repartition_events_total{", "").0,
+            ),
+            "ingest" => metric_sum(&text, "instream_events_total{", "outcome=\"accepted\"").0,
+            // Counted when its file is whole.
+            "archiver" => metric_sum(&text, "instream_archive_records_total{", "").0,
+            _ => metric_sum(&text, "instream_events_total{", &filter).0,
+        }
+    }
+}
+
+/// Starts the four services, each in a folder of its own under `dir`, and waits until every
+/// one is ready. Returns them and ingest's HTTP port.
+async fn start_services(
+    dir: &Path,
+    bootstrap: &str,
+    redis: &str,
+    definitions: &str,
+) -> Result<(Vec<Service>, u16), Error> {
+    let http = instream_testkit::free_port()?;
+    let consumer = "[kafka.consumer]\n\"fetch.wait.max.ms\" = \"10\"\n";
+    let sections = |name: &str, folder: &Path| match name {
+        "ingest" => {
+            format!("[ingest]\nlisten = \"127.0.0.1:{http}\"\nallow_anonymous = true\n")
+        }
+        "enricher" => format!(
+            "{consumer}[refdata]\nbackend = \"redis\"\nredis_url = \"{redis}\"\n\
+             [enricher]\ndelivery = \"at_least_once\"\n"
+        ),
+        "aggregator" => format!(
+            "{consumer}[store]\nbackend = \"local\"\npath = \"{}\"\n",
+            folder.join("store.redb").display()
+        ),
+        _ => format!(
+            "{consumer}[archive]\nbackend = \"local\"\nroot = \"{}\"\n\
+             [archiver]\nroll_max_age = \"1s\"\n",
+            folder.join("archive").display()
+        ),
+    };
+    let mut services = Vec::new();
+    for name in STAGES {
+        let folder = dir.join(name);
+        std::fs::create_dir_all(&folder)?;
+        let (process, admin) = spawn_bench_service(
+            &format!("instream-{name}"),
+            &folder,
+            bootstrap,
+            definitions,
+            &sections(name, &folder),
+        )?;
+        services.push(Service {
+            name,
+            process,
+            admin,
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for s in &services {
+        let ready = format!("http://127.0.0.1:{}/readyz", s.admin);
+        while !matches!(reqwest::get(&ready).await, Ok(r) if r.status() == 200) {
+            if Instant::now() > deadline {
+                return Err(format!("{} not ready within 120 s", s.name).into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok((services, http))
+}
+
+#[derive(Default)]
+struct Posted {
+    accepted: AtomicU64,
+    latencies_us: Mutex<Vec<u64>>,
+    refused: Mutex<BTreeMap<String, u64>>,
+}
+
+/// Posts every body once over `connections` connections, each request `interval` after the
+/// last one of its connection when given (latency then counted from its scheduled start).
+async fn post_all(
+    url: String,
+    bodies: Vec<bytes::Bytes>,
+    connections: usize,
+    interval: Option<Duration>,
+) -> Arc<Posted> {
+    let posted = Arc::new(Posted::default());
+    let bodies = Arc::new(bodies);
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..connections {
+        let (url, bodies, next, posted) =
+            (url.clone(), bodies.clone(), next.clone(), posted.clone());
+        workers.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut n = 0u32;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some(body) = bodies.get(i) else { return };
+                let scheduled = match interval {
+                    Some(every) => {
+                        let at = start + every.mul_f64(n as f64 + w as f64 / connections as f64);
+                        tokio::time::sleep_until(at.into()).await;
+                        at
+                    }
+                    None => Instant::now(),
+                };
+                n += 1;
+                let answer = client
+                    .post(&url)
+                    .header("content-type", "application/x-ndjson")
+                    .body(body.clone())
+                    .send()
+                    .await;
+                let took = scheduled.elapsed().as_micros() as u64;
+                let status = match answer {
+                    Ok(r) if r.status().is_success() => {
+                        let json: serde_json::Value = r.json().await.unwrap_or_default();
+                        let accepted = json["accepted"].as_u64().unwrap_or(0);
+                        posted.accepted.fetch_add(accepted, Ordering::Relaxed);
+                        None
+                    }
+                    Ok(r) => Some(r.status().as_u16().to_string()),
+                    Err(e) => Some(format!("error: {e}")),
+                };
+                if let Some(status) = status {
+                    *posted.refused.lock().unwrap().entry(status).or_default() += 1;
+                }
+                posted.latencies_us.lock().unwrap().push(took);
+            }
+        }));
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    posted
+}
+
+fn percentile_ms(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    (sorted[i] as f64 / 100.0).round() / 10.0
+}
+
+/// The upper bound of the bucket holding quantile `q` of histogram `metric` with `filter`
+/// among its labels (Prometheus exposition), in seconds; `None` without observations.
+fn bucket_quantile(text: &str, metric: &str, filter: &str, q: f64) -> Option<f64> {
+    let prefix = format!("{metric}_bucket{{");
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with(&prefix) && l.contains(filter))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    buckets
+        .iter()
+        .find(|(_, count)| *count >= q * total)
+        .map(|(le, _)| *le)
+}
+
+/// The counts of `aggregation`'s windows in the aggregator's local store (the aggregator
+/// stopped).
+async fn windows_sum(store: &Path, aggregation: &str) -> Result<i64, Error> {
+    let config = instream_core::config::Config::from_toml(&format!(
+        "[store]\nbackend = \"local\"\npath = \"{}\"\n",
+        store.display()
+    ))?;
+    let store = instream_store::build(&config.store).await?;
+    let windows = store
+        .windows_between(PIPELINE, aggregation, i64::MIN, i64::MAX)
+        .await?;
+    Ok(windows.iter().map(|w| w.count).sum())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let o = options()?;
+    let dir = tempfile::tempdir()?;
+    let (bootstrap, broker) = instream_testkit::bench_broker()?;
+    let redis = instream_testkit::RedisServer::start()?;
+    seed_bidders(&redis.url()).await?;
+    let by_city = format!("by-{BY_CITY}");
+    let mut kinds = vec!["raw", "enriched", "dlq"];
+    if o.repartitioned {
+        kinds.push(&by_city);
+    }
+    instream_testkit::bench_topics(&bootstrap, PIPELINE, &kinds, o.partitions).await?;
+    let definitions = definitions(o.partitions, o.repartitioned);
+    let (mut services, http) =
+        start_services(dir.path(), &bootstrap, &redis.url(), &definitions).await?;
+    // Event times from two hours ago on: the windows of the first hours close as the run goes.
+    let bodies = bodies(o.events, o.batch, instream_event::now_millis() - 7_200_000);
+    let mut pids: Vec<(&str, u32)> = services
+        .iter()
+        .map(|s| (s.name, s.process.0.id()))
+        .collect();
+    if let Some(b) = &broker {
+        pids.push(("broker", b.0.id()));
+    }
+    pids.push(("generator", std::process::id()));
+    let cpu_before: Vec<f64> = pids.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
+    let started = Instant::now();
+    let url = format!("http://127.0.0.1:{http}/v1/pipelines/{PIPELINE}/events");
+    let interval = o
+        .rate
+        .map(|r| Duration::from_secs_f64(o.batch as f64 * o.connections as f64 / r));
+    let mut posting = Some(tokio::spawn(post_all(url, bodies, o.connections, interval)));
+    // Each stage's last event: when its count reached what ingest accepted.
+    let mut finished: BTreeMap<&str, f64> = BTreeMap::new();
+    let deadline = started + Duration::from_secs(900);
+    let mut posted = None;
+    // A stage that is neither done nor moving for a minute is stuck: say where, not hang.
+    let mut progress: BTreeMap<&str, (f64, Instant)> = BTreeMap::new();
+    loop {
+        if posting.as_ref().is_some_and(|p| p.is_finished()) {
+            let p = posting.take().ok_or("posting")?.await?;
+            finished.insert("ingest", started.elapsed().as_secs_f64());
+            posted = Some(p);
+        }
+        if let Some(p) = &posted {
+            let accepted = p.accepted.load(Ordering::Relaxed) as f64;
+            for s in &services[1..] {
+                if finished.contains_key(s.name) {
+                    continue;
+                }
+                let done = s.done(o.repartitioned).await;
+                if done >= accepted {
+                    finished.insert(s.name, started.elapsed().as_secs_f64());
+                    continue;
+                }
+                let (last, since) = progress.entry(s.name).or_insert((done, Instant::now()));
+                if done > *last {
+                    (*last, *since) = (done, Instant::now());
+                } else if since.elapsed() > Duration::from_secs(60) {
+                    return Err(format!(
+                        "{} stalled: {done} of {accepted} events for 60 s (done: {finished:?})",
+                        s.name
+                    )
+                    .into());
+                }
+            }
+            if finished.len() == STAGES.len() {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!("stages not done within 15 minutes: done {finished:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let posting = posted.ok_or("posting did not finish")?;
+    let cpu_after: Vec<f64> = pids.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
+    let accepted = posting.accepted.load(Ordering::Relaxed);
+    let mut counts = BTreeMap::new();
+    let mut texts = BTreeMap::new();
+    for s in &services {
+        counts.insert(s.name, s.done(o.repartitioned).await as u64);
+        texts.insert(s.name, s.metrics().await);
+    }
+    for s in &mut services {
+        s.process.terminate()?;
+        s.process.wait_exit(Duration::from_secs(60))?;
+    }
+    let store = dir.path().join("aggregator").join("store.redb");
+    let mut in_store = BTreeMap::from([(AGGREGATION, windows_sum(&store, AGGREGATION).await?)]);
+    if o.repartitioned {
+        in_store.insert(BY_CITY, windows_sum(&store, BY_CITY).await?);
+    }
+
+    let mut stages = serde_json::Map::new();
+    for (i, (name, _)) in pids.iter().enumerate() {
+        let cpu = cpu_after[i] - cpu_before[i];
+        let mut stage = serde_json::json!({ "cpu_seconds": (cpu * 100.0).round() / 100.0 });
+        if let Some(seconds) = finished.get(name) {
+            stage["events_per_s"] = serde_json::json!((accepted as f64 / seconds).round());
+            stage["events_per_cpu_second"] =
+                serde_json::json!((accepted as f64 / cpu.max(0.001)).round());
+        }
+        stages.insert((*name).to_owned(), stage);
+    }
+    let mut latencies = std::mem::take(&mut *posting.latencies_us.lock().unwrap());
+    latencies.sort_unstable();
+    let stage_latency = |service: &str, stage: &str, q: f64| {
+        bucket_quantile(
+            &texts[service],
+            "instream_stage_latency_seconds",
+            &format!("stage=\"{stage}\""),
+            q,
+        )
+    };
+    let lost_or_doubled = STAGES
+        .iter()
+        .any(|s| counts.get(s).copied() != Some(accepted))
+        || in_store.values().any(|n| *n != accepted as i64);
+    let pipeline_cpu: f64 = (0..4).map(|i| cpu_after[i] - cpu_before[i]).sum();
+    println!(
+        "{}",
+        serde_json::json!({
+            "events_posted": o.events,
+            "accepted": accepted,
+            "refused_requests": *posting.refused.lock().unwrap(),
+            "rate": o.rate,
+            "connections": o.connections,
+            "batch": o.batch,
+            "partitions": o.partitions,
+            "seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            "end_to_end_events_per_s": (accepted as f64 / finished.values().fold(0.0, |a: f64, b| a.max(*b))).round(),
+            "enricher_and_aggregator_events_per_cpu_second": (accepted as f64 / (
+                (cpu_after[1] - cpu_before[1]) + (cpu_after[2] - cpu_before[2])).max(0.001)).round(),
+            "four_services_events_per_cpu_second": (accepted as f64 / pipeline_cpu.max(0.001)).round(),
+            "stages": stages,
+            "latency_ms": {
+                "ingest_answer": {
+                    "p50": percentile_ms(&latencies, 0.5),
+                    "p99": percentile_ms(&latencies, 0.99),
+                    "max": percentile_ms(&latencies, 1.0),
+                },
+                "accepted_to_enriched_bucket_s": {
+                    "p50": stage_latency("enricher", "enricher", 0.5),
+                    "p99": stage_latency("enricher", "enricher", 0.99),
+                },
+                "accepted_to_store_bucket_s": {
+                    "p50": stage_latency("aggregator", "aggregator_visible", 0.5),
+                    "p99": stage_latency("aggregator", "aggregator_visible", 0.99),
+                },
+                "window_close_to_store_bucket_s": {
+                    "p99": bucket_quantile(&texts["aggregator"], "instream_window_close_delay_seconds", "", 0.99),
+                },
+            },
+            "counts": { "stages": counts, "windows_sum_in_store": in_store },
+            "repartitioned": o.repartitioned,
+            "lost_or_doubled": lost_or_doubled,
+        })
+    );
+    drop(broker);
+    if lost_or_doubled {
+        return Err(
+            "a stage's count or the store's windows differ from what ingest accepted".into(),
+        );
+    }
+    Ok(())
+}
