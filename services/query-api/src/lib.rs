@@ -403,93 +403,10 @@ async fn answer(
 ) -> Result<Page, Refusal> {
     // The key first: a client without one learns nothing, not even what it got wrong.
     authorized(state, headers)?;
-    let known = {
-        let catalog = state.catalog.borrow();
-        catalog.get(&pipeline).map(|def| {
-            def.aggregations
-                .iter()
-                .find(|a| a.name == aggregation)
-                .map(|a| a.group_by.len())
-        })
-    };
-    let group_parts = match known {
-        None => {
-            return Err(failure(
-                StatusCode::NOT_FOUND,
-                "unknown_pipeline",
-                format!("no pipeline named `{}`", shown(&pipeline)),
-            ))
-        }
-        Some(None) => {
-            return Err(failure(
-                StatusCode::NOT_FOUND,
-                "unknown_aggregation",
-                format!(
-                    "pipeline `{pipeline}` has no aggregation named `{}`",
-                    shown(&aggregation)
-                ),
-            ))
-        }
-        Some(Some(parts)) => parts,
-    };
+    let group_parts = group_parts(state, &pipeline, &aggregation)?;
     let params = Params::parse(query.as_deref())?;
-    let Some(mut key) = params.key.filter(|k| !k.is_empty()) else {
-        return Err(failure(
-            StatusCode::BAD_REQUEST,
-            "missing_key",
-            "`key` (the group: the partition key, or for several group-by fields their values as a JSON array, e.g. `[\"c1\",\"gold\"]`) is required",
-        ));
-    };
-    if group_parts > 1 {
-        // Written as the client likes (spaces, `1.0`), looked up as stored.
-        key = instream_event::normalize_group_key(&key, group_parts).ok_or_else(|| {
-            failure(
-                StatusCode::BAD_REQUEST,
-                "bad_key",
-                format!(
-                    "`{aggregation}` groups by {group_parts} fields: `key` must be a JSON array of \
-                     {group_parts} values (e.g. `[\"c1\",\"gold\"]`), got `{}`",
-                    shown(&key)
-                ),
-            )
-        })?;
-    }
-    let now = instream_event::now_millis();
-    let to = match &params.to {
-        Some(v) => parse_time("to", v)?,
-        None => now.saturating_add(1),
-    };
-    let mut from = match &params.from {
-        Some(v) => parse_time("from", v)?,
-        None => to.saturating_sub(DAY_MILLIS),
-    };
-    if let Some(token) = &params.page_token {
-        match token.parse::<i64>() {
-            Ok(next) if next >= from => from = next,
-            _ => {
-                return Err(failure(
-                    StatusCode::BAD_REQUEST,
-                    "bad_page_token",
-                    "`page_token` must be a value a previous page returned",
-                ))
-            }
-        }
-    }
-    if from >= to {
-        return Err(failure(
-            StatusCode::BAD_REQUEST,
-            "empty_range",
-            "`from` must be before `to`",
-        ));
-    }
-    let limit = params.limit.unwrap_or(state.config.default_page_size);
-    if limit == 0 || limit > state.config.max_page_size {
-        return Err(failure(
-            StatusCode::BAD_REQUEST,
-            "bad_limit",
-            format!("`limit` must be 1..={}", state.config.max_page_size),
-        ));
-    }
+    let key = group_key(params.key.as_deref(), &aggregation, group_parts)?;
+    let (from, to, limit) = range_and_limit(state, &params)?;
     // One more than asked: whether another page follows.
     let query = AggregateQuery {
         pipeline: pipeline.clone(),
@@ -534,6 +451,104 @@ async fn answer(
         windows,
         next_page_token,
     })
+}
+
+/// How many group-by fields `aggregation` of `pipeline` has; unknown names refused (404).
+fn group_parts(state: &AppState, pipeline: &str, aggregation: &str) -> Result<usize, Refusal> {
+    let known = {
+        let catalog = state.catalog.borrow();
+        catalog.get(pipeline).map(|def| {
+            def.aggregations
+                .iter()
+                .find(|a| a.name == aggregation)
+                .map(|a| a.group_by.len())
+        })
+    };
+    match known {
+        None => Err(failure(
+            StatusCode::NOT_FOUND,
+            "unknown_pipeline",
+            format!("no pipeline named `{}`", shown(pipeline)),
+        )),
+        Some(None) => Err(failure(
+            StatusCode::NOT_FOUND,
+            "unknown_aggregation",
+            format!(
+                "pipeline `{pipeline}` has no aggregation named `{}`",
+                shown(aggregation)
+            ),
+        )),
+        Some(Some(parts)) => Ok(parts),
+    }
+}
+
+/// The `key` parameter as the store keeps it: required, and for several group-by fields a
+/// JSON array of that many values, normalised.
+fn group_key(key: Option<&str>, aggregation: &str, group_parts: usize) -> Result<String, Refusal> {
+    let Some(mut key) = key.filter(|k| !k.is_empty()).map(str::to_owned) else {
+        return Err(failure(
+            StatusCode::BAD_REQUEST,
+            "missing_key",
+            "`key` (the group: the partition key, or for several group-by fields their values as a JSON array, e.g. `[\"c1\",\"gold\"]`) is required",
+        ));
+    };
+    if group_parts > 1 {
+        // Written as the client likes (spaces, `1.0`), looked up as stored.
+        key = instream_event::normalize_group_key(&key, group_parts).ok_or_else(|| {
+            failure(
+                StatusCode::BAD_REQUEST,
+                "bad_key",
+                format!(
+                    "`{aggregation}` groups by {group_parts} fields: `key` must be a JSON array of \
+                     {group_parts} values (e.g. `[\"c1\",\"gold\"]`), got `{}`",
+                    shown(&key)
+                ),
+            )
+        })?;
+    }
+    Ok(key)
+}
+
+/// The window starts asked for (`[from, to)`: the last day by default, from the page token
+/// on) and the page size, each checked.
+fn range_and_limit(state: &AppState, params: &Params) -> Result<(i64, i64, usize), Refusal> {
+    let now = instream_event::now_millis();
+    let to = match &params.to {
+        Some(v) => parse_time("to", v)?,
+        None => now.saturating_add(1),
+    };
+    let mut from = match &params.from {
+        Some(v) => parse_time("from", v)?,
+        None => to.saturating_sub(DAY_MILLIS),
+    };
+    if let Some(token) = &params.page_token {
+        match token.parse::<i64>() {
+            Ok(next) if next >= from => from = next,
+            _ => {
+                return Err(failure(
+                    StatusCode::BAD_REQUEST,
+                    "bad_page_token",
+                    "`page_token` must be a value a previous page returned",
+                ))
+            }
+        }
+    }
+    if from >= to {
+        return Err(failure(
+            StatusCode::BAD_REQUEST,
+            "empty_range",
+            "`from` must be before `to`",
+        ));
+    }
+    let limit = params.limit.unwrap_or(state.config.default_page_size);
+    if limit == 0 || limit > state.config.max_page_size {
+        return Err(failure(
+            StatusCode::BAD_REQUEST,
+            "bad_limit",
+            format!("`limit` must be 1..={}", state.config.max_page_size),
+        ));
+    }
+    Ok((from, to, limit))
 }
 
 /// This API's OpenAPI document (docs/openapi/query-api.json; a test checks it against the
