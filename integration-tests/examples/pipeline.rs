@@ -129,25 +129,6 @@ fn bodies(events: usize, batch: usize, start: i64) -> Vec<bytes::Bytes> {
     out
 }
 
-async fn seed_bidders(url: &str) -> Result<(), Error> {
-    let client = redis::Client::open(url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let mut pipe = redis::pipe();
-    for b in 0..BIDDERS {
-        pipe.cmd("HSET")
-            .arg(format!("person:{b}"))
-            .arg("name")
-            .arg(format!("Bidder {b}"))
-            .arg("city")
-            .arg(format!("City {}", b % 50))
-            .arg("state")
-            .arg("OR")
-            .ignore();
-    }
-    let _: () = pipe.query_async(&mut conn).await?;
-    Ok(())
-}
-
 /// A client that gives up on an admin endpoint after 10 s (a hung one must not hang the run).
 fn admin_client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -326,14 +307,6 @@ async fn post_all(
     posted
 }
 
-fn percentile_ms(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    (sorted[i] as f64 / 100.0).round() / 10.0
-}
-
 /// The upper bound of the bucket holding quantile `q` of histogram `metric` with `filter`
 /// among its labels (Prometheus exposition), in seconds; `None` without observations.
 fn bucket_quantile(text: &str, metric: &str, filter: &str, q: f64) -> Option<f64> {
@@ -382,7 +355,7 @@ async fn main() -> Result<(), Error> {
     let dir = tempfile::tempdir()?;
     let (bootstrap, broker) = instream_testkit::bench_broker()?;
     let redis = instream_testkit::RedisServer::start()?;
-    seed_bidders(&redis.url()).await?;
+    instream_testkit::seed_bidders(&redis.url(), BIDDERS, |b| format!("City {}", b % 50)).await?;
     let by_city = format!("by-{BY_CITY}");
     let mut kinds = vec!["raw", "enriched", "dlq"];
     if o.repartitioned {
@@ -511,6 +484,7 @@ async fn main() -> Result<(), Error> {
     }
     let mut latencies = std::mem::take(&mut *posting.latencies_us.lock().unwrap());
     latencies.sort_unstable();
+    let ms = |sorted: &[u64], p| (instream_testkit::percentile_ms(sorted, p) * 10.0).round() / 10.0;
     let stage_latency = |service: &str, stage: &str, q: f64| {
         bucket_quantile(
             &texts[service],
@@ -542,9 +516,9 @@ async fn main() -> Result<(), Error> {
             "stages": stages,
             "latency": {
                 "ingest_answer_ms": {
-                    "p50": percentile_ms(&latencies, 0.5),
-                    "p99": percentile_ms(&latencies, 0.99),
-                    "max": percentile_ms(&latencies, 1.0),
+                    "p50": ms(&latencies, 0.5),
+                    "p99": ms(&latencies, 0.99),
+                    "max": ms(&latencies, 1.0),
                 },
                 "accepted_to_enriched_bucket_s": {
                     "p50": stage_latency("enricher", "enricher", 0.5),

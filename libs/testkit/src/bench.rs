@@ -190,3 +190,40 @@ batch_size = 10000
         &sections,
     )
 }
+
+/// Writes `bidders` bidder records (`person:<n>`: name, city, state), the reference data of
+/// [`BIDS_PIPELINE`], to the Redis at `url`, in one pipeline; `city` names bidder n's city.
+pub async fn seed_bidders(
+    url: &str,
+    bidders: usize,
+    city: impl Fn(usize) -> String,
+) -> Result<(), TestkitError> {
+    let failed = |e: redis::RedisError| TestkitError::Redis(e.to_string());
+    let client = redis::Client::open(url).map_err(failed)?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(failed)?;
+    let mut pipe = redis::pipe();
+    for b in 0..bidders {
+        pipe.cmd("HSET")
+            .arg(format!("person:{b}"))
+            .arg("name")
+            .arg(format!("Bidder {b}"))
+            .arg("city")
+            .arg(city(b))
+            .arg("state")
+            .arg("OR")
+            .ignore();
+    }
+    pipe.query_async::<()>(&mut conn).await.map_err(failed)
+}
+
+/// The `p` quantile (0..=1) of latencies in microseconds, sorted, in milliseconds; 0 for none.
+pub fn percentile_ms(sorted_us: &[u64], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted_us.len() as f64 * p).ceil() as usize).clamp(1, sorted_us.len()) - 1;
+    sorted_us[i] as f64 / 1000.0
+}

@@ -28,8 +28,8 @@ mod tls_proxy;
 mod wait;
 
 pub use bench::{
-    bench_broker, bench_topics, cpu_seconds, spawn_bench_aggregator, spawn_bench_service,
-    spawn_release_binary, BIDS_PIPELINE,
+    bench_broker, bench_topics, cpu_seconds, percentile_ms, seed_bidders, spawn_bench_aggregator,
+    spawn_bench_service, spawn_release_binary, BIDS_PIPELINE,
 };
 pub use config::process_config_toml;
 pub use metrics::metric_sum;

@@ -20,6 +20,8 @@ pub enum TestkitError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Broker(String),
+    #[error("redis: {0}")]
+    Redis(String),
     #[error("test certificates: {0}")]
     Pki(String),
 }

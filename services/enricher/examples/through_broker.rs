@@ -39,23 +39,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let (bootstrap, _broker) = instream_testkit::bench_broker()?;
     let redis = instream_testkit::RedisServer::start()?;
-    {
-        let client = redis::Client::open(redis.url())?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        let mut pipe = redis::pipe();
-        for b in 0..BIDDERS {
-            pipe.cmd("HSET")
-                .arg(format!("person:{b}"))
-                .arg("name")
-                .arg(format!("Bidder {b}"))
-                .arg("city")
-                .arg("Portland")
-                .arg("state")
-                .arg("OR")
-                .ignore();
-        }
-        let _: () = pipe.query_async(&mut conn).await?;
-    }
+    instream_testkit::seed_bidders(&redis.url(), BIDDERS, |_| "Portland".into()).await?;
     let kafka = instream_testkit::bench_topics(
         &bootstrap,
         "bench",

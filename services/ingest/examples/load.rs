@@ -168,14 +168,6 @@ async fn phase(
     tally
 }
 
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i] as f64 / 1000.0
-}
-
 struct Cpu {
     pids: Vec<(&'static str, u32)>,
 }
@@ -299,10 +291,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "accepted_events_per_s": events_per_s.round(),
                 "answers": *tally.statuses.lock().unwrap(),
                 "latency_ms": {
-                    "p50": percentile(&latencies, 0.50),
-                    "p90": percentile(&latencies, 0.90),
-                    "p99": percentile(&latencies, 0.99),
-                    "max": percentile(&latencies, 1.0),
+                    "p50": instream_testkit::percentile_ms(&latencies, 0.50),
+                    "p90": instream_testkit::percentile_ms(&latencies, 0.90),
+                    "p99": instream_testkit::percentile_ms(&latencies, 0.99),
+                    "max": instream_testkit::percentile_ms(&latencies, 1.0),
                 },
                 "cpu_seconds_per_second": cpu_per_s,
             })
