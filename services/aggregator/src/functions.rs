@@ -3,27 +3,26 @@
 //! Accumulators are part of the checkpointed state, so they serialize (postcard) and behave
 //! the same after a restore: no per-process random seeds.
 
-use instream_event::{Event, FieldPath};
+use instream_event::FieldPath;
 use instream_pipeline::{Filter, FilterOp, Function};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sketches_ddsketch::{Config as SketchConfig, DDSketch};
 
+use crate::event::EventFields;
 use crate::payload::Payload;
 
 /// The value at `path` (`key`, `payload.…`, `enrichment.…`) of an event. `payload` is the
 /// event's payload, read once across the lookups of one event.
-pub fn field_value(path: &FieldPath, event: &Event, payload: &mut Payload) -> Option<Value> {
+pub fn field_value(
+    path: &FieldPath,
+    event: &impl EventFields,
+    payload: &mut Payload,
+) -> Option<Value> {
     let segments = path.segments();
     match segments[0].as_str() {
-        "key" => Some(Value::String(event.key.clone())),
-        "enrichment" => {
-            let first = event.enrichment.as_ref()?.get(&segments[1])?;
-            segments[2..]
-                .iter()
-                .try_fold(first, |v, s| v.as_object()?.get(s))
-                .cloned()
-        }
+        "key" => Some(Value::String(event.key().to_owned())),
+        "enrichment" => event.enrichment_value(&segments[1..]),
         _ => payload.get(&segments[1..]),
     }
 }
@@ -41,7 +40,7 @@ fn number(value: &Value) -> Option<f64> {
 
 /// Whether the filter takes the event. Numbers compare as numbers, anything else by equality
 /// of the JSON values (so `gt` on strings is false).
-pub fn accepts(filter: &Filter, event: &Event, payload: &mut Payload) -> bool {
+pub fn accepts(filter: &Filter, event: &impl EventFields, payload: &mut Payload) -> bool {
     let Some(found) = field_value(&filter.field, event, payload) else {
         return filter.op == FilterOp::Ne;
     };
@@ -310,6 +309,7 @@ pub fn quantile_name(q: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use instream_event::Event;
     use serde_json::json;
 
     #[test]

@@ -21,10 +21,12 @@
 //! end (and again for late events within the lateness), and while open every
 //! `aggregator.early_results_every` unless that is zero.
 
+mod event;
 mod flush;
 mod functions;
 mod idle;
 mod notify;
+mod outcomes;
 mod partitions;
 mod payload;
 mod repartition;
@@ -38,7 +40,6 @@ use std::time::{Duration, Instant};
 
 use instream_core::config::{AggregatorConfig, KafkaConfig};
 use instream_core::{Readiness, Service, ServiceContext};
-use instream_event::Event;
 use instream_kafka::{BatchOutputs, DeadLetterCode, DeadLetters, Input, Producer, Record};
 use instream_pipeline::{topics, Catalog};
 use instream_stage::{Commit, Flow, Hooks, Processed, ResumeAt, Spec, Stage, Tick};
@@ -46,6 +47,7 @@ use instream_store::{AggregateStore, Checkpoint, CheckpointKey};
 use partitions::Partitions;
 use tokio_util::sync::CancellationToken;
 
+pub use event::{EventFields, RecordEvent};
 pub use state::{Outcome, PartitionState, ResultMark, Scope, WATERMARK_AHEAD_OF_INGEST_MILLIS};
 
 const SERVICE: Service = Service::Aggregator;
@@ -88,6 +90,8 @@ struct Aggregator {
     dead: DeadLetters,
     /// The batch's dead letters and forwarded events.
     outputs: BatchOutputs,
+    /// The batch's per-event counters.
+    counts: outcomes::BatchCounts,
     partitions: Partitions,
     hold_back: repartition::HoldBack,
     notifier: notify::Notifier,
@@ -122,6 +126,7 @@ pub async fn run_with_store(
         dead,
         producer,
         outputs: BatchOutputs::default(),
+        counts: outcomes::BatchCounts::default(),
         partitions: Partitions {
             group: instream_stage::group_of(config, SERVICE.as_str()),
             horizon: config.aggregator.dedup_horizon,
@@ -230,6 +235,7 @@ impl Hooks for Aggregator {
                 break;
             }
         }
+        self.counts.emit();
         let now = instream_event::now_millis();
         for source in &heard {
             if let Some(state) = self.partitions.states.get_mut(source) {
@@ -321,7 +327,7 @@ impl Aggregator {
         catalog: &Catalog,
         record: Record,
     ) -> Result<Flow, AggregatorError> {
-        let event = match instream_event::decode(&record.payload) {
+        let event = match RecordEvent::read(&record.payload) {
             Ok(event) => event,
             Err(e) => {
                 self.dead_letter(record, DeadLetterCode::DecodeError, &e.to_string())
@@ -329,8 +335,8 @@ impl Aggregator {
                 return Ok(Flow::Continue);
             }
         };
-        let Some(def) = catalog.get(&event.pipeline) else {
-            let reason = format!("no definition for pipeline `{}`", event.pipeline);
+        let Some(def) = catalog.get(event.pipeline()) else {
+            let reason = format!("no definition for pipeline `{}`", event.pipeline());
             self.dead_letter(record, DeadLetterCode::UnknownPipeline, &reason)
                 .await?;
             return Ok(Flow::Continue);
@@ -363,32 +369,34 @@ impl Aggregator {
             None => Scope::Keyed,
         };
         let outcome = state.apply_in(scope, record.offset, &event, origin, def, horizon);
-        count(&event, scope, &outcome);
+        self.counts.outcome(event.pipeline(), scope, &outcome);
         if outcome == Outcome::OutOfOrderOrigin {
             tracing::error!(
                 topic = %record.topic,
                 partition = record.partition,
                 offset = record.offset,
                 origin = ?origin,
-                event_id = %event.event_id,
+                event_id = %event.event_id(),
                 "an event below the highest origin offset counted, never seen before: written out \
                  of order upstream, dropped by the origin rule (InstreamOriginOutOfOrder)"
             );
         }
         let refused = refusal(&outcome, &event, def, state);
         if scope == Scope::Keyed && matches!(outcome, Outcome::Counted | Outcome::TooLate(_)) {
+            let outputs = (&mut self.outputs, &mut self.counts);
             let verdicts =
-                repartition::forward(&self.producer, &record, &event, def, &mut self.outputs)
-                    .await?;
+                repartition::forward(&self.producer, &record, &event, def, outputs).await?;
             for (aggregation, verdict) in verdicts {
-                state.tally(event.ingest_time, record.offset, aggregation, verdict);
+                state.tally(event.ingest_time(), record.offset, aggregation, verdict);
             }
         }
         if let Some((code, reason)) = refused {
             self.outputs
                 .push(self.dead.publish_record(&record, code, &reason).await?);
         }
-        self.pending.push((record, Some(event.ingest_time)));
+        let ingest_time = event.ingest_time();
+        drop(event);
+        self.pending.push((record, Some(ingest_time)));
         Ok(Flow::Continue)
     }
 
@@ -493,39 +501,11 @@ pub async fn rebase_checkpoints(
     Ok(moved.len())
 }
 
-/// Counts an event's outcome once per enriched record in `instream_events_total` (the
-/// stage's throughput, as for every service); what a repartition partition does with its
-/// forwarded copy is counted apart, per aggregation, so that a forwarded event is not counted
-/// twice there.
-fn count(event: &Event, scope: Scope, outcome: &Outcome) {
-    let outcome = match outcome {
-        Outcome::Counted => "aggregated",
-        Outcome::AlreadyApplied => "already_applied",
-        Outcome::RepeatedOrigin => "repeated_origin",
-        Outcome::OutOfOrderOrigin => "out_of_order_origin",
-        Outcome::RepeatedEvent => "repeated_event",
-        Outcome::TooLate(_) => "too_late",
-        Outcome::TooFarAhead => "future_time",
-    };
-    match scope {
-        Scope::Keyed => {
-            metrics::counter!("instream_events_total", "service" => SERVICE.as_str(), "pipeline" => event.pipeline.clone(), "outcome" => outcome)
-                .increment(1);
-        }
-        Scope::Repartitioned { aggregation, .. } => {
-            metrics::counter!("instream_aggregator_repartition_events_total", "pipeline" => event.pipeline.clone(), "aggregation" => aggregation.to_owned(), "outcome" => outcome)
-                .increment(1);
-        }
-        // Not a live stage: `archive recompute` reports its own counts.
-        Scope::Recompute { .. } => {}
-    }
-}
-
 /// Why an event that was read is dead-lettered instead of counted, if it is: its dead-letter
 /// code and reason.
 fn refusal(
     outcome: &Outcome,
-    event: &Event,
+    event: &impl EventFields,
     def: &instream_pipeline::PipelineDefinition,
     state: &PartitionState,
 ) -> Option<(DeadLetterCode, String)> {
@@ -534,7 +514,7 @@ fn refusal(
             DeadLetterCode::TooLate,
             format!(
                 "event time {} is beyond the allowed lateness of {} (watermark {})",
-                instream_event::format_rfc3339_millis(event.event_time),
+                instream_event::format_rfc3339_millis(event.event_time()),
                 aggregations.join(", "),
                 instream_event::format_rfc3339_millis(state.watermark_for(def)),
             ),
@@ -543,9 +523,9 @@ fn refusal(
             DeadLetterCode::FutureTime,
             format!(
                 "event time {} is more than {:?} after its ingest time {}",
-                instream_event::format_rfc3339_millis(event.event_time),
+                instream_event::format_rfc3339_millis(event.event_time()),
                 def.max_time_ahead,
-                instream_event::format_rfc3339_millis(event.ingest_time),
+                instream_event::format_rfc3339_millis(event.ingest_time()),
             ),
         )),
         _ => None,

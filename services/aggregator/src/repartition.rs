@@ -2,11 +2,12 @@
 //! aggregation not grouped by the key leaves for `<pipeline>.by-<aggregation>` carrying its
 //! enriched position as origin.
 
-use instream_event::Event;
 use instream_kafka::client::{self, Producer};
 use instream_kafka::{headers, BatchOutputs, Input, Outgoing, Record};
 use instream_pipeline::{topics, Catalog, PipelineDefinition};
 
+use crate::event::EventFields;
+use crate::outcomes::BatchCounts;
 use crate::state::Tally;
 use crate::{functions, payload, windows, AggregatorError};
 
@@ -41,9 +42,9 @@ pub(crate) fn input_topics_of(p: &PipelineDefinition) -> Vec<String> {
 pub(crate) async fn forward<'d>(
     producer: &Producer,
     record: &Record,
-    event: &Event,
+    event: &impl EventFields,
     def: &'d PipelineDefinition,
-    outputs: &mut BatchOutputs,
+    (outputs, counts): (&mut BatchOutputs, &mut BatchCounts),
 ) -> Result<Vec<(&'d str, Tally)>, AggregatorError> {
     let mut verdicts: Vec<(&'d str, Tally)> = Vec::new();
     for (version, ..) in def.versions() {
@@ -60,12 +61,12 @@ pub(crate) async fn forward<'d>(
             }
         }
     };
-    let mut payload = payload::Payload::new(event.payload.get());
+    let mut payload = payload::Payload::new(event.payload());
     // Once per aggregation, under the versions whose windows the event is in: a repartitioned
     // aggregation keeps its group_by across versions (checked at apply), so one copy serves
     // them all, and the repartition partition picks each window's version again.
     let mut forwarded: Vec<&str> = Vec::new();
-    let t = event.event_time;
+    let t = event.event_time();
     let mut candidates: Vec<&instream_pipeline::Aggregation> = Vec::new();
     for (version, from, until) in def.versions() {
         candidates.extend(
@@ -96,8 +97,7 @@ pub(crate) async fn forward<'d>(
             .header(headers::ORIGIN_PARTITION, partition)
             .header(headers::ORIGIN_OFFSET, offset);
         outputs.push(client::send(producer, out).await?);
-        metrics::counter!("instream_aggregator_repartitioned_total", "pipeline" => def.name.clone(), "aggregation" => aggregation.name.clone())
-            .increment(1);
+        counts.forwarded(&def.name, &aggregation.name);
     }
     Ok(verdicts)
 }

@@ -1,8 +1,9 @@
 //! Which group of an aggregation an event belongs to.
 
-use instream_event::{Event, FieldPath};
+use instream_event::FieldPath;
 use instream_pipeline::Aggregation;
 
+use crate::event::EventFields;
 use crate::payload::Payload;
 
 /// The group of `event` under `aggregation`. Grouping by the key alone (the default) borrows
@@ -12,11 +13,11 @@ use crate::payload::Payload;
 /// canonical from their text, as keys are.
 pub fn group_key<'e>(
     aggregation: &Aggregation,
-    event: &'e Event,
+    event: &'e impl EventFields,
     payload: &mut Payload,
 ) -> std::borrow::Cow<'e, str> {
     match aggregation.group_by.as_slice() {
-        [only] if only.as_str() == "key" => std::borrow::Cow::Borrowed(&event.key),
+        [only] if only.as_str() == "key" => std::borrow::Cow::Borrowed(event.key()),
         [only] => {
             std::borrow::Cow::Owned(resolve(only, event, payload).unwrap_or_else(|| "null".into()))
         }
@@ -28,22 +29,11 @@ pub fn group_key<'e>(
     }
 }
 
-fn resolve(path: &FieldPath, event: &Event, payload: &mut Payload) -> Option<String> {
+fn resolve(path: &FieldPath, event: &impl EventFields, payload: &mut Payload) -> Option<String> {
     let segments = path.segments();
     match segments[0].as_str() {
-        "key" => Some(event.key.clone()),
-        "enrichment" => {
-            let found = event
-                .enrichment
-                .as_ref()
-                .and_then(|m| m.get(&segments[1]))
-                .and_then(|v| {
-                    segments[2..]
-                        .iter()
-                        .try_fold(v, |v, s| v.as_object()?.get(s))
-                })?;
-            crate::payload::value_text(found)
-        }
+        "key" => Some(event.key().to_owned()),
+        "enrichment" => event.enrichment_text(&segments[1..]),
         // `payload.…`: read once per event, only when some aggregation needs it.
         _ => payload.text(&segments[1..]),
     }
@@ -52,6 +42,7 @@ fn resolve(path: &FieldPath, event: &Event, payload: &mut Payload) -> Option<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use instream_event::Event;
     use instream_pipeline::parse_document;
     use serde_json::value::RawValue;
     use serde_json::Value;

@@ -18,11 +18,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use instream_event::Event;
 use instream_pipeline::{Emit, PipelineDefinition};
 use instream_store::WindowAggregate;
 use serde::{Deserialize, Serialize};
 
+use crate::event::EventFields;
 use crate::functions::{accepts, field_value, Acc};
 use crate::windows::group_key;
 use seen::{Prehashed, SeenIds};
@@ -32,14 +32,8 @@ use seen::{Prehashed, SeenIds};
 pub const WATERMARK_AHEAD_OF_INGEST_MILLIS: i64 = 1_000;
 
 /// What identifies an event to the de-duplication: its id in its producer's scope.
-fn event_identity(event: &Event) -> u128 {
-    instream_event::scoped_id_hash(
-        event
-            .headers
-            .get(instream_pipeline::PRODUCER_HEADER)
-            .map(String::as_str),
-        &event.event_id,
-    )
+fn event_identity(event: &impl EventFields) -> u128 {
+    instream_event::scoped_id_hash(event.producer(), event.event_id())
 }
 
 mod close_clock;
@@ -327,7 +321,7 @@ impl PartitionState {
     pub fn apply(
         &mut self,
         offset: i64,
-        event: &Event,
+        event: &impl EventFields,
         origin: Option<(i32, i64)>,
         def: &PipelineDefinition,
         horizon: Duration,
@@ -341,7 +335,7 @@ impl PartitionState {
         &mut self,
         scope: Scope<'_>,
         offset: i64,
-        event: &Event,
+        event: &impl EventFields,
         origin: Option<(i32, i64)>,
         def: &PipelineDefinition,
         horizon: Duration,
@@ -354,7 +348,7 @@ impl PartitionState {
         }
         self.next_offset = offset + 1;
         self.changed = true;
-        let line = self.ledger.line(event.ingest_time, offset);
+        let line = self.ledger.line(event.ingest_time(), offset);
         if scope == Scope::Keyed {
             self.ledger.applied(line);
         }
@@ -362,13 +356,13 @@ impl PartitionState {
             return repeat;
         }
         let ahead = def.max_time_ahead.as_millis() as i64;
-        if event.event_time > event.ingest_time.saturating_add(ahead) {
+        if event.event_time() > event.ingest_time().saturating_add(ahead) {
             self.tally_all(line, scope, def, Tally::FutureTime);
             return Outcome::TooFarAhead;
         }
         let watermark = self.watermark(def);
         let mut late = Vec::new();
-        let mut payload = crate::payload::Payload::new(event.payload.get());
+        let mut payload = crate::payload::Payload::new(event.payload());
         // The functions' input values, one aggregation at a time: one allocation per event.
         let mut values: Vec<Option<serde_json::Value>> = Vec::new();
         // A window is made by the version its start falls under (docs/pipelines.md), so
@@ -380,7 +374,7 @@ impl PartitionState {
         let mut verdicts: Vec<(&str, Tally)> = Vec::new();
         for (version, from, until) in def.versions() {
             // The windows an event is in start at or before its time.
-            if event.event_time < from {
+            if event.event_time() < from {
                 if several {
                     for aggregation in version.aggregations.iter().filter(|a| scope.takes(a)) {
                         best(&mut verdicts, &aggregation.name, Tally::OutsideWindows);
@@ -428,7 +422,7 @@ impl PartitionState {
         &mut self,
         scope: Scope<'_>,
         (line, offset): (usize, i64),
-        event: &Event,
+        event: &impl EventFields,
         origin: Option<(i32, i64)>,
         def: &PipelineDefinition,
         horizon: Duration,
@@ -438,7 +432,7 @@ impl PartitionState {
             .max_ingest_time
             .saturating_sub(horizon.as_millis() as i64);
         let repeated = self.seen.contains(id, cutoff);
-        self.remember(id, event.ingest_time, offset, horizon);
+        self.remember(id, event.ingest_time(), offset, horizon);
         if let Some((partition, origin_offset)) = origin {
             let highest = self.origin_max.entry(partition).or_insert(-1);
             if origin_offset <= *highest {
@@ -447,7 +441,7 @@ impl PartitionState {
                 // loses it; one from before the horizon cannot be told from a re-emit (an
                 // enricher replaying an older range, a partition far behind the others) and
                 // is taken for one.
-                let unseen_recent = !repeated && event.ingest_time >= cutoff;
+                let unseen_recent = !repeated && event.ingest_time() >= cutoff;
                 let (tally, outcome) = if unseen_recent {
                     (Tally::OutOfOrderOrigin, Outcome::OutOfOrderOrigin)
                 } else {
@@ -474,14 +468,14 @@ impl PartitionState {
         &mut self,
         scope: Scope<'_>,
         origin: Option<(i32, i64)>,
-        event: &Event,
+        event: &impl EventFields,
         def: &PipelineDefinition,
     ) {
         // An event moves the watermark no further than its own ingest time (and a little):
         // one producer's clock running ahead must not make the others' current events late.
-        let time = event.event_time.min(
+        let time = event.event_time().min(
             event
-                .ingest_time
+                .ingest_time()
                 .saturating_add(WATERMARK_AHEAD_OF_INGEST_MILLIS),
         );
         let progress = match (scope, origin) {
@@ -501,7 +495,7 @@ impl PartitionState {
                 time,
                 idle_timeout,
                 origins.iter().copied(),
-                event.ingest_time,
+                event.ingest_time(),
             ),
             _ => time,
         };
@@ -550,10 +544,10 @@ impl PartitionState {
         &mut self,
         scope: Scope<'_>,
         aggregation: &'d instream_pipeline::Aggregation,
-        event: &Event,
+        event: &impl EventFields,
         into: &mut Into<'d, '_, '_>,
     ) -> Tally {
-        let t = event.event_time;
+        let t = event.event_time();
         let in_range = |start: &i64| into.starts.contains(start);
         if !aggregation.window.makes_window_of(t, &into.starts) {
             return Tally::OutsideWindows;
@@ -887,9 +881,9 @@ impl PartitionState {
         if offset >= self.next_offset {
             return;
         }
-        if let Ok(event) = instream_event::decode(payload) {
+        if let Ok(event) = crate::event::RecordEvent::read(payload) {
             self.seen
-                .push(event_identity(&event), event.ingest_time, offset);
+                .push(event_identity(&event), event.ingest_time(), offset);
         }
     }
 

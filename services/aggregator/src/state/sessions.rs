@@ -2,7 +2,7 @@
 //! bridges two sessions merges them (accumulators merged, the row stored under the later
 //! start deleted at the next flush).
 
-use instream_event::Event;
+use crate::event::EventFields;
 use instream_pipeline::PipelineDefinition;
 use instream_store::WindowAggregate;
 
@@ -18,10 +18,10 @@ impl PartitionState {
         aggregation: &instream_pipeline::Aggregation,
         group: &str,
         gap: i64,
-        event: &Event,
+        event: &impl EventFields,
         values: &[Option<serde_json::Value>],
     ) {
-        let t = event.event_time;
+        let t = event.event_time();
         let group_hash = session_group(&def.name, &aggregation.name, group, def.version);
         let lateness = aggregation.allowed_lateness.as_millis() as i64;
         let mut start = t;

@@ -1,4 +1,5 @@
 use super::*;
+use instream_event::Event;
 use instream_pipeline::parse_document;
 use serde_json::value::RawValue;
 
