@@ -23,12 +23,21 @@ pub struct EventView<'a> {
     pub key: Cow<'a, str>,
     pub event_time: i64,
     pub ingest_time: i64,
-    #[serde(default, borrow)]
+    /// As written when present, `null` included (`Some("null")`), so that a reader can refuse
+    /// what decoding an [`crate::Event`] refuses.
+    #[serde(default, borrow, deserialize_with = "present")]
     pub headers: Option<&'a RawValue>,
     #[serde(borrow)]
     pub payload: &'a RawValue,
-    #[serde(default, borrow)]
+    /// As written when present, `null` included (as `headers`).
+    #[serde(default, borrow, deserialize_with = "present")]
     pub enrichment: Option<&'a RawValue>,
+}
+
+/// A field's raw value whenever the field is there: `Option<&RawValue>` alone reads `null` as
+/// absent.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// Reads the envelope of an encoded event, borrowing from `bytes`.

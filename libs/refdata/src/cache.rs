@@ -83,8 +83,10 @@ fn expiry(now: Instant, ttl: Duration) -> Instant {
         .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
 }
 
-/// How many entries of ~`ENTRY_BYTES` a cache of `bytes` is sized for up front (its table
-/// grows past that when entries are smaller).
+/// How many entries of ~`ENTRY_BYTES` a cache of `bytes` is expected to hold: quick_cache
+/// picks its shard count and its memory of recently evicted keys from it. The size bound is
+/// per shard (`bytes` / shards), so an entry larger than a shard's part is never cached: only
+/// possible with a tiny `refdata.cache_max_bytes`.
 fn estimated_entries(bytes: u64) -> usize {
     const ENTRY_BYTES: u64 = 256;
     usize::try_from((bytes / ENTRY_BYTES).clamp(16, 1 << 20)).unwrap_or(1 << 20)

@@ -73,6 +73,62 @@ impl EventFields for Event {
     }
 }
 
+/// Any JSON value, checked as parsing it into a [`Value`] checks it (numbers in range, string
+/// escapes, depth) but kept nowhere. `IgnoredAny` skips values without those checks.
+struct Checked;
+
+impl<'de> serde::Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(CheckedVisitor)
+    }
+}
+
+struct CheckedVisitor;
+
+impl<'de> serde::de::Visitor<'de> for CheckedVisitor {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_key::<Checked>()?.is_some() {
+            map.next_value::<Checked>()?;
+        }
+        Ok(Checked)
+    }
+}
+
 /// An event read in place from an enriched record.
 pub struct RecordEvent<'a> {
     view: EventView<'a>,
@@ -84,7 +140,9 @@ pub struct RecordEvent<'a> {
 
 impl<'a> RecordEvent<'a> {
     /// Reads the envelope of `bytes`. Refuses what decoding it into an [`Event`] refuses:
-    /// headers that are not a map of strings and an enrichment that is not an object.
+    /// headers that are not a map of strings, and an enrichment that is not an object or holds
+    /// what a parsed value refuses (a number out of range, a lone surrogate, nesting too deep).
+    /// The payload is checked for its syntax only, as an [`Event`]'s raw payload is.
     pub fn read(bytes: &'a [u8]) -> Result<Self, DecodeError> {
         let view = instream_event::view(bytes)?;
         let producer = match view.headers {
@@ -97,7 +155,10 @@ impl<'a> RecordEvent<'a> {
         let enrichment = match view.enrichment {
             // `null` is no enrichment, as for an `Option` field.
             Some(raw) if raw.get() == "null" => None,
-            Some(raw) if raw.get().starts_with('{') => Some(Mutex::new(Payload::new(raw.get()))),
+            Some(raw) if raw.get().starts_with('{') => {
+                serde_json::from_str::<Checked>(raw.get())?;
+                Some(Mutex::new(Payload::new(raw.get())))
+            }
             Some(raw) => {
                 // The error decoding an `Event` gives.
                 serde_json::from_str::<serde_json::Map<String, Value>>(raw.get())?;
@@ -202,9 +263,18 @@ mod tests {
         for extra in [
             r#","headers":{"producer":1}"#,
             r#","headers":[]"#,
+            r#","headers":null"#,
             r#","enrichment":[1]"#,
             r#","enrichment":"x""#,
+            r#","enrichment":{"n":1e400}"#,
+            r#","enrichment":{"s":"\ud800"}"#,
+            r#","enrichment":{"a":{"b":[1,{"c":-1e999}]}}"#,
             r#","unknown":1"#,
+            &format!(
+                r#","enrichment":{{"deep":{}{}}}"#,
+                "[".repeat(200),
+                "]".repeat(200)
+            ),
         ] {
             let text = with(extra);
             assert!(instream_event::decode(text.as_bytes()).is_err(), "{extra}");

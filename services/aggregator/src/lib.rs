@@ -229,7 +229,12 @@ impl Hooks for Aggregator {
             }
         }
         for record in batch.drain(..) {
-            if let Flow::Stop = self.aggregate(catalog, record).await? {
+            let flow = self.aggregate(catalog, record).await;
+            if flow.is_err() {
+                // Counted as they were applied, as each event's count was before batching.
+                self.counts.emit();
+            }
+            if let Flow::Stop = flow? {
                 // Stopping while the store was away: the rest is read again after a restart.
                 processed = Processed::Interrupted;
                 break;

@@ -1,4 +1,4 @@
-// mimalloc: the aggregator allocates per record (decoded events, window state); it measured
+// mimalloc: the aggregator allocates per record (event ids, window state); it measured
 // faster than the system allocator in benches/windows.rs.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
