@@ -28,6 +28,9 @@ pub struct CacheSettings {
 /// A fetch in progress: `None` until it ends; `Some(None)` when it failed.
 type Flight = watch::Receiver<Option<Option<Arc<Found>>>>;
 
+/// Where a fetch tells its waiters how it ended.
+type Sender = watch::Sender<Option<Option<Arc<Found>>>>;
+
 /// The caches' hasher: keys come from event fields, so seeded per process, but much cheaper
 /// than SipHash for the short keys of lookups.
 type KeyHasher = foldhash::fast::RandomState;
@@ -112,7 +115,7 @@ enum Source {
 struct FlightsGuard<'a> {
     in_flight: &'a Mutex<HashMap<String, Flight>>,
     keys: Vec<String>,
-    senders: Vec<watch::Sender<Option<Option<Arc<Found>>>>>,
+    senders: Vec<Sender>,
 }
 
 impl FlightsGuard<'_> {
@@ -206,93 +209,16 @@ impl CachedRefStore {
         &self,
         lookups: &[(String, RecordShape)],
     ) -> Result<Vec<Arc<Found>>, RefDataError> {
-        let mut sources = Vec::with_capacity(lookups.len());
-        let mut fetch: Vec<(String, RecordShape)> = Vec::new();
-        let mut fetch_index: HashMap<&str, usize> = HashMap::new();
-        let mut senders = Vec::new();
-        let (mut local_hits, mut waits) = (0u64, 0u64);
-        // One clock read per call: an entry that expires during a batch serves that batch.
-        let now = Instant::now();
-        for (key, shape) in lookups {
-            if let Some(found) = self.cached(key, now) {
-                local_hits += 1;
-                sources.push(Source::Ready(found));
-                continue;
-            }
-            if let Some(&i) = fetch_index.get(key.as_str()) {
-                sources.push(Source::Fetched(i));
-                continue;
-            }
-            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(flight) = in_flight.get(key) {
-                waits += 1;
-                sources.push(Source::Waiting(flight.clone()));
-                continue;
-            }
-            let (tx, rx) = watch::channel(None);
-            in_flight.insert(key.clone(), rx);
-            drop(in_flight);
-            senders.push(tx);
-            fetch_index.insert(key, fetch.len());
-            sources.push(Source::Fetched(fetch.len()));
-            fetch.push((key.clone(), *shape));
-        }
-        metrics::counter!("instream_refdata_lookups_total", "level" => "local", "outcome" => "hit")
-            .increment(local_hits);
-        metrics::counter!("instream_refdata_lookups_total", "level" => "local", "outcome" => "miss")
-            .increment(lookups.len() as u64 - local_hits);
-        metrics::counter!("instream_refdata_single_flight_waits_total").increment(waits);
-
+        let Planned {
+            sources,
+            fetch,
+            senders,
+        } = self.plan(lookups);
         let fetched = if fetch.is_empty() {
             Vec::new()
         } else {
-            // Whatever ends this fetch — an answer, an error, or this future dropped half-way —
-            // the keys leave the in-flight map and their waiters hear of it.
-            let mut flights = FlightsGuard {
-                in_flight: &self.in_flight,
-                keys: fetch.iter().map(|(k, _)| k.clone()).collect(),
-                senders: std::mem::take(&mut senders),
-            };
-            let started = Instant::now();
-            let answer = self.inner.lookup_many(&fetch).await;
-            metrics::histogram!("instream_refdata_lookup_seconds")
-                .record(started.elapsed().as_secs_f64());
-            let answer = answer.map(|found| found.into_iter().map(Arc::new).collect::<Vec<_>>());
-            match answer {
-                Ok(found) => {
-                    let hits = found
-                        .iter()
-                        .filter(|f| matches!(***f, Found::Record(_)))
-                        .count();
-                    metrics::counter!("instream_refdata_lookups_total", "level" => "redis", "outcome" => "hit")
-                        .increment(hits as u64);
-                    metrics::counter!("instream_refdata_lookups_total", "level" => "redis", "outcome" => "miss")
-                        .increment((found.len() - hits) as u64);
-                    let now = Instant::now();
-                    for ((key, _), value) in fetch.iter().zip(found.iter()) {
-                        match (&self.cache, &**value) {
-                            (Some(caches), Found::Record(_)) => {
-                                let expires = expiry(now, caches.ttl);
-                                caches.found.insert(key.clone(), (value.clone(), expires));
-                            }
-                            (Some(caches), Found::Missing) => {
-                                // A record found since is not hidden by the older answer.
-                                caches.found.remove(key.as_str());
-                                let expires = expiry(now, caches.negative_ttl);
-                                caches.missing.insert(key.clone(), expires);
-                            }
-                            // A malformed key is fixed by hand; do not hide the fix for a TTL.
-                            _ => {}
-                        }
-                    }
-                    flights.answer(&found);
-                    found
-                }
-                // The guard tells the waiters it failed.
-                Err(error) => return Err(error),
-            }
+            self.fetch(fetch, senders).await?
         };
-
         let mut out = Vec::with_capacity(lookups.len());
         for source in sources {
             out.push(match source {
@@ -317,6 +243,114 @@ impl CachedRefStore {
         }
         Ok(out)
     }
+
+    /// Where each lookup's answer comes from; the keys no one fetches yet join the in-flight
+    /// map as this call's fetch.
+    fn plan(&self, lookups: &[(String, RecordShape)]) -> Planned {
+        let mut planned = Planned {
+            sources: Vec::with_capacity(lookups.len()),
+            fetch: Vec::new(),
+            senders: Vec::new(),
+        };
+        let mut fetch_index: HashMap<&str, usize> = HashMap::new();
+        let (mut local_hits, mut waits) = (0u64, 0u64);
+        // One clock read per call: an entry that expires during a batch serves that batch.
+        let now = Instant::now();
+        for (key, shape) in lookups {
+            if let Some(found) = self.cached(key, now) {
+                local_hits += 1;
+                planned.sources.push(Source::Ready(found));
+                continue;
+            }
+            if let Some(&i) = fetch_index.get(key.as_str()) {
+                planned.sources.push(Source::Fetched(i));
+                continue;
+            }
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(flight) = in_flight.get(key) {
+                waits += 1;
+                planned.sources.push(Source::Waiting(flight.clone()));
+                continue;
+            }
+            let (tx, rx) = watch::channel(None);
+            in_flight.insert(key.clone(), rx);
+            drop(in_flight);
+            planned.senders.push(tx);
+            fetch_index.insert(key, planned.fetch.len());
+            planned.sources.push(Source::Fetched(planned.fetch.len()));
+            planned.fetch.push((key.clone(), *shape));
+        }
+        metrics::counter!("instream_refdata_lookups_total", "level" => "local", "outcome" => "hit")
+            .increment(local_hits);
+        metrics::counter!("instream_refdata_lookups_total", "level" => "local", "outcome" => "miss")
+            .increment(lookups.len() as u64 - local_hits);
+        metrics::counter!("instream_refdata_single_flight_waits_total").increment(waits);
+        planned
+    }
+
+    /// Asks the store for `fetch` in one request, caches and shares the answers.
+    async fn fetch(
+        &self,
+        fetch: Vec<(String, RecordShape)>,
+        senders: Vec<Sender>,
+    ) -> Result<Vec<Arc<Found>>, RefDataError> {
+        // Whatever ends this fetch — an answer, an error, or this future dropped half-way —
+        // the keys leave the in-flight map and their waiters hear of it.
+        let mut flights = FlightsGuard {
+            in_flight: &self.in_flight,
+            keys: fetch.iter().map(|(k, _)| k.clone()).collect(),
+            senders,
+        };
+        let started = Instant::now();
+        let answer = self.inner.lookup_many(&fetch).await;
+        metrics::histogram!("instream_refdata_lookup_seconds")
+            .record(started.elapsed().as_secs_f64());
+        // On an error the guard tells the waiters it failed.
+        let found: Vec<Arc<Found>> = answer?.into_iter().map(Arc::new).collect();
+        let hits = found
+            .iter()
+            .filter(|f| matches!(***f, Found::Record(_)))
+            .count();
+        metrics::counter!("instream_refdata_lookups_total", "level" => "redis", "outcome" => "hit")
+            .increment(hits as u64);
+        metrics::counter!("instream_refdata_lookups_total", "level" => "redis", "outcome" => "miss")
+            .increment((found.len() - hits) as u64);
+        self.remember(&fetch, &found);
+        flights.answer(&found);
+        Ok(found)
+    }
+
+    /// Caches the store's answers for `fetch`.
+    fn remember(&self, fetch: &[(String, RecordShape)], found: &[Arc<Found>]) {
+        let Some(caches) = &self.cache else {
+            return;
+        };
+        let now = Instant::now();
+        for ((key, _), value) in fetch.iter().zip(found) {
+            match &**value {
+                Found::Record(_) => {
+                    let expires = expiry(now, caches.ttl);
+                    caches.found.insert(key.clone(), (value.clone(), expires));
+                }
+                Found::Missing => {
+                    // The expired record this answer replaces does not keep its room.
+                    caches.found.remove(key.as_str());
+                    let expires = expiry(now, caches.negative_ttl);
+                    caches.missing.insert(key.clone(), expires);
+                }
+                // A malformed key is fixed by hand; do not hide the fix for a TTL.
+                Found::Malformed(_) => {}
+            }
+        }
+    }
+}
+
+/// One call's lookups: where each answer comes from, the keys it fetches itself, and the
+/// senders that share those answers with other calls.
+struct Planned {
+    sources: Vec<Source>,
+    fetch: Vec<(String, RecordShape)>,
+    senders: Vec<Sender>,
 }
 
 #[cfg(test)]
