@@ -215,11 +215,8 @@ impl EventFields for RecordEvent<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::payload::tests::path;
     use serde_json::json;
-
-    fn path(p: &str) -> Vec<String> {
-        p.split('.').map(str::to_owned).collect()
-    }
 
     /// Both readings of the same record answer the same.
     #[test]

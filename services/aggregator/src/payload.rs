@@ -123,11 +123,12 @@ pub fn value_text(value: &Value) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
-    fn path(p: &str) -> Vec<String> {
+    /// A field path's segments (`a.b` → `["a", "b"]`).
+    pub(crate) fn path(p: &str) -> Vec<String> {
         p.split('.').map(str::to_owned).collect()
     }
 
