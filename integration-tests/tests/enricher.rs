@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use instream_coord::service_context;
 use instream_core::config::Config;
-use instream_core::{Health, ServiceContext};
+use instream_core::Health;
 use instream_kafka::client::{self, recv_batch};
 use instream_pipeline::{parse_document, topics};
 use instream_testkit::{unique, KafkaBroker, RedisServer};
@@ -144,7 +145,7 @@ fields = {{ tier = "tier" }}
     assert_eq!(load("gold").await.version, 1);
 
     let shutdown = CancellationToken::new();
-    let enricher = tokio::spawn(instream_enricher::run(ServiceContext::new(
+    let enricher = tokio::spawn(instream_enricher::run(service_context(
         config.clone(),
         Health::default(),
         shutdown.clone(),
@@ -284,7 +285,7 @@ retry_backoff = "250ms"
         .await
         .unwrap();
     let shutdown = CancellationToken::new();
-    let enricher = tokio::spawn(instream_enricher::run(ServiceContext::new(
+    let enricher = tokio::spawn(instream_enricher::run(service_context(
         config.clone(),
         Health::default(),
         shutdown.clone(),
@@ -409,7 +410,7 @@ async fn an_outage_of_redis_holds_events_back_and_loses_none() {
     );
     let health = Health::default();
     let shutdown = CancellationToken::new();
-    let enricher = tokio::spawn(instream_enricher::run(ServiceContext::new(
+    let enricher = tokio::spawn(instream_enricher::run(service_context(
         config.clone(),
         health.clone(),
         shutdown.clone(),

@@ -7,8 +7,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
+use instream_coord::service_context;
 use instream_core::config::{Config, ZooKeeperConfig};
-use instream_core::{Health, ServiceContext};
+use instream_core::Health;
 use instream_kafka::client::{self, recv_batch};
 use instream_pipeline::{parse_document, topics, PipelineDefinition};
 use instream_quality::{Report, ViolationRecord};
@@ -63,7 +64,7 @@ impl Servers {
     /// Starts an enricher in this process; cancel the token to stop it.
     fn enricher(&self) -> (CancellationToken, tokio::task::JoinHandle<()>) {
         let shutdown = CancellationToken::new();
-        let ctx = ServiceContext::new(
+        let ctx = service_context(
             self.config(),
             Health::default(),
             shutdown.clone(),

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use instream_archive::{Archive, LocalArchive};
+use instream_coord::service_context;
 use instream_core::config::Config;
-use instream_core::{Health, ServiceContext};
+use instream_core::Health;
 use instream_pipeline::{parse_document, topics, PipelineDefinition};
 use instream_store::EmbeddedStore;
 use instream_testkit::{unique, KafkaBroker, RedisServer, ZooKeeperServer};
@@ -154,7 +155,7 @@ root = "{archive}"
     let shutdown = CancellationToken::new();
     let health = Health::default();
     let context = || {
-        ServiceContext::new(
+        service_context(
             config.clone(),
             health.clone(),
             shutdown.clone(),

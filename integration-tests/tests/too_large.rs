@@ -5,8 +5,9 @@
 
 use std::time::Duration;
 
+use instream_coord::service_context;
 use instream_core::config::Config;
-use instream_core::{Health, ServiceContext};
+use instream_core::Health;
 use instream_kafka::client::{self, recv_batch};
 use instream_kafka::headers;
 use instream_pipeline::topics;
@@ -116,7 +117,7 @@ async fn an_event_enrichment_makes_too_large_is_dead_lettered_and_the_enricher_g
     }
 
     let shutdown = CancellationToken::new();
-    let enricher = tokio::spawn(instream_enricher::run(ServiceContext::new(
+    let enricher = tokio::spawn(instream_enricher::run(service_context(
         config.clone(),
         Health::default(),
         shutdown.clone(),

@@ -1,7 +1,7 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use hdfs_native::{Client, ClientBuilder, WriteOptions};
-use instream_core::config::ArchiveConfig;
+use instream_config::ArchiveConfig;
 
 use crate::{
     check_path, completed, in_progress_name, is_leftover_of, Archive, ArchiveError, ArchivedFile,

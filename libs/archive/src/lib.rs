@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use instream_core::config::{ArchiveBackend, ArchiveConfig};
+use instream_config::{ArchiveBackend, ArchiveConfig};
 
 pub use hdfs::HdfsArchive;
 pub use local::LocalArchive;

@@ -4,7 +4,7 @@
 //! no server.
 
 use instream_archive::{conformance, Archive, HdfsArchive};
-use instream_core::config::ArchiveConfig;
+use instream_config::ArchiveConfig;
 
 fn config(url: &str) -> ArchiveConfig {
     ArchiveConfig {

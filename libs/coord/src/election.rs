@@ -228,8 +228,7 @@ async fn contend(
             backoff = (backoff * 2).min(Duration::from_secs(5));
             continue;
         }
-        metrics::counter!("instream_zookeeper_sessions_lost_total", "role" => "election")
-            .increment(1);
+        crate::session::count_session_lost("election");
         loop {
             match stop.run_until_cancelled(connect(&cfg)).await {
                 None => return,

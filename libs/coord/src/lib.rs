@@ -22,7 +22,8 @@ mod registry;
 mod session;
 mod tls;
 
-use std::sync::{Arc, OnceLock};
+use std::process::ExitCode;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
@@ -101,23 +102,57 @@ impl Coordinator for ZkCoordinator {
     }
 }
 
-/// The coordinator the config implies: ZooKeeper when definitions come from ZooKeeper; the
-/// process's one in-process coordinator otherwise (standalone), shared by every service in it,
-/// which keeps sources' progress under `standalone.data_dir`/sources.
+/// A new coordinator of the kind the config implies: ZooKeeper when definitions come from
+/// ZooKeeper; an in-process one otherwise, keeping sources' progress under
+/// `standalone.data_dir`/sources. Services sharing a process must share one: make it once and
+/// hand it to each in its [`ServiceContext`].
 pub fn coordinator(config: &Config) -> Arc<dyn Coordinator> {
-    static LOCAL: OnceLock<LocalCoordinator> = OnceLock::new();
     match config.definitions.source {
         DefinitionSourceKind::Zookeeper => Arc::new(ZkCoordinator::new(config.zookeeper.clone())),
-        DefinitionSourceKind::File => Arc::new(
-            LOCAL
-                .get_or_init(|| {
-                    LocalCoordinator::keeping_progress_in(
-                        config.standalone.data_dir.join("sources"),
-                    )
-                })
-                .clone(),
-        ),
+        DefinitionSourceKind::File => Arc::new(LocalCoordinator::keeping_progress_in(
+            config.standalone.data_dir.join("sources"),
+        )),
     }
+}
+
+/// What a service gets to run, with the coordinator it registers, campaigns and keeps
+/// progress with.
+pub type ServiceContext = instream_core::ServiceContext<Arc<dyn Coordinator>>;
+
+/// A context for a service run inside a test or a tool, with the coordinator `config` implies.
+pub fn service_context(
+    config: instream_core::Config,
+    health: instream_core::Health,
+    shutdown: tokio_util::sync::CancellationToken,
+    admin_addr: std::net::SocketAddr,
+) -> ServiceContext {
+    let coordinator = coordinator(&config);
+    instream_core::ServiceContext::new(config, health, shutdown, admin_addr)
+        .with_coordinator(coordinator)
+}
+
+/// [`instream_core::service_main`] with the coordinator the config implies.
+pub fn service_main<F, Fut, E>(service: instream_core::Service, run: F) -> ExitCode
+where
+    F: FnOnce(ServiceContext) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display + 'static,
+{
+    instream_core::service_main(service, coordinator, run)
+}
+
+/// [`instream_core::run_service`] with the coordinator the config implies.
+pub fn run_service<F, Fut, E>(
+    service: instream_core::Service,
+    config: Option<&std::path::Path>,
+    run: F,
+) -> ExitCode
+where
+    F: FnOnce(ServiceContext) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display + 'static,
+{
+    instream_core::run_service(service, config, coordinator, run)
 }
 
 /// The definition source `config.definitions` names.
@@ -139,16 +174,13 @@ pub fn instance_name() -> String {
     format!("{host}-{}-{started:x}", std::process::id())
 }
 
-/// Registers this service instance with the coordinator the config implies: host, admin
-/// address, version and role now; assigned partitions as they change
-/// ([`Registration::update`]).
+/// Registers this service instance with `coordinator`: host, admin address, version and role
+/// now; assigned partitions as they change ([`Registration::update`]).
 pub async fn register_service(
-    config: &Config,
+    coordinator: &dyn Coordinator,
     service: &str,
     admin: std::net::SocketAddr,
 ) -> Result<Registration, CoordError> {
     let info = InstanceInfo::of_this_process(service, admin);
-    coordinator(config)
-        .register(service, &instance_name(), info)
-        .await
+    coordinator.register(service, &instance_name(), info).await
 }

@@ -123,7 +123,7 @@ async fn keep_registered(
             }
             _ = tokio::time::sleep(Duration::from_secs(1)), if dirty => {}
             state = session_ended(&client) => {
-                metrics::counter!("instream_zookeeper_sessions_lost_total", "role" => "registry").increment(1);
+                crate::session::count_session_lost("registry");
                 tracing::warn!(?state, %path, "zookeeper session ended; registering again");
                 let mut backoff = Duration::from_millis(100);
                 loop {

@@ -155,3 +155,9 @@ pub(crate) async fn session_ended(client: &zk::Client) -> zk::SessionState {
         state = states.changed().await;
     }
 }
+
+/// `instream_zookeeper_sessions_lost_total{role}`: a session of `role` (registry, election)
+/// ended, and what it held is being taken again.
+pub(crate) fn count_session_lost(role: &'static str) {
+    metrics::counter!("instream_zookeeper_sessions_lost_total", "role" => role).increment(1);
+}

@@ -185,7 +185,10 @@ impl AdminServer {
         Ok(AdminServer {
             listener,
             health,
-            limits: config.limits(),
+            limits: instream_http::Limits {
+                max_connections: config.max_connections,
+                header_read_timeout: config.header_read_timeout,
+            },
         })
     }
 

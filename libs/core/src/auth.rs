@@ -6,17 +6,7 @@ use axum::http::{header, HeaderMap};
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-/// A SHA-256 digest from 64 hex digits.
-pub fn decode_digest(hex: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    if hex.len() != 64 {
-        return None;
-    }
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
+pub use instream_config::decode_digest;
 
 /// The key of an `Authorization: Bearer <key>` header (the scheme name in any case).
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {

@@ -1,9 +1,9 @@
 //! instream-core: what every instream service shares at run time.
 //!
 //! - [`config`]: the one validated configuration (a TOML file plus `INSTREAM__SECTION__KEY`
-//!   environment overrides over embedded defaults). Every knob of every service lives here so
-//!   that one file configures a whole deployment and an invalid value stops a process at start,
-//!   naming the key.
+//!   environment overrides over embedded defaults), from the data-only `instream-config`
+//!   crate. Every knob of every service lives there so that one file configures a whole
+//!   deployment and an invalid value stops a process at start, naming the key.
 //! - [`telemetry`]: `tracing` set-up (JSON or pretty) and the Prometheus recorder.
 //! - [`admin`]: the admin HTTP server each service runs on its own port (`/metrics`,
 //!   `/healthz`, `/readyz`) and the [`admin::Health`] registry behind `/readyz`.
@@ -14,8 +14,11 @@
 
 pub mod admin;
 pub mod auth;
-pub mod backlog;
-pub mod config;
+/// The configuration, in its own crate ([`instream_config`]); here so that services name one
+/// crate for what they share.
+pub use instream_config as config;
+pub use instream_config::backlog;
+pub mod events;
 mod metric_help;
 pub mod progress;
 pub mod retry;

@@ -13,6 +13,7 @@ use crate::admin::{AdminServer, Health};
 use crate::config::Config;
 use crate::shutdown::{shutdown_on_signal, Supervisor, Tasks};
 use crate::telemetry;
+pub use instream_config::Service;
 
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -22,55 +23,10 @@ struct Args {
     config: Option<PathBuf>,
 }
 
-/// The services of instream: the names their binaries, metrics, consumer groups and
-/// registry entries carry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Service {
-    Ingest,
-    Enricher,
-    Aggregator,
-    Archiver,
-    DbSource,
-    QueryApi,
-}
-
-impl Service {
-    pub const ALL: [Service; 6] = [
-        Service::Ingest,
-        Service::Enricher,
-        Service::Aggregator,
-        Service::Archiver,
-        Service::DbSource,
-        Service::QueryApi,
-    ];
-
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Service::Ingest => "ingest",
-            Service::Enricher => "enricher",
-            Service::Aggregator => "aggregator",
-            Service::Archiver => "archiver",
-            Service::DbSource => "db-source",
-            Service::QueryApi => "query-api",
-        }
-    }
-}
-
-impl std::fmt::Display for Service {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl From<Service> for &'static str {
-    fn from(service: Service) -> Self {
-        service.as_str()
-    }
-}
-
-/// What a service gets to run: its config, the readiness registry, the shutdown token, and
-/// the handle its tasks are spawned through.
-pub struct ServiceContext {
+/// What a service gets to run: its config, the readiness registry, the shutdown token, the
+/// handle its tasks are spawned through, and its coordinator (`C`: registry, elections and
+/// sources' progress; `instream_coord` names the type, which this crate cannot depend on).
+pub struct ServiceContext<C = ()> {
     pub config: Config,
     pub health: Health,
     pub shutdown: CancellationToken,
@@ -78,6 +34,9 @@ pub struct ServiceContext {
     pub admin_addr: std::net::SocketAddr,
     /// Every task of the service is spawned through this: one that fails stops the service.
     pub tasks: Tasks,
+    /// Given by whatever runs the service, never found through a global: standalone hands
+    /// every service it runs the one in-process coordinator.
+    pub coordinator: C,
 }
 
 impl ServiceContext {
@@ -94,32 +53,53 @@ impl ServiceContext {
             health,
             shutdown,
             admin_addr,
+            coordinator: (),
+        }
+    }
+}
+
+impl<C> ServiceContext<C> {
+    /// This context with `coordinator` as its coordinator.
+    pub fn with_coordinator<D>(self, coordinator: D) -> ServiceContext<D> {
+        ServiceContext {
+            config: self.config,
+            health: self.health,
+            shutdown: self.shutdown,
+            admin_addr: self.admin_addr,
+            tasks: self.tasks,
+            coordinator,
         }
     }
 }
 
 /// Runs one service as a process. Exit codes: 0 after a clean shutdown, 1 when the service
-/// failed, 2 when the config is invalid (the message names the key).
-pub fn service_main<F, Fut, E>(service: Service, run: F) -> ExitCode
+/// failed, 2 when the config is invalid (the message names the key). `coordinator` makes the
+/// service's coordinator from its validated config.
+pub fn service_main<C, F, Fut, E>(
+    service: Service,
+    coordinator: impl FnOnce(&Config) -> C,
+    run: F,
+) -> ExitCode
 where
-    F: FnOnce(ServiceContext) -> Fut,
+    F: FnOnce(ServiceContext<C>) -> Fut,
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: std::fmt::Display + 'static,
 {
     let args = Args::parse();
     crate::install_tls_provider();
-    run_service(service, args.config.as_deref(), run)
+    run_service(service, args.config.as_deref(), coordinator, run)
 }
 
 /// [`service_main`] with the config file already known (`instream run <service>` runs any
 /// service from the one `instream` binary this way).
-pub fn run_service<F, Fut, E>(
+pub fn run_service<C, F, Fut, E>(
     service: Service,
     config: Option<&std::path::Path>,
+    coordinator: impl FnOnce(&Config) -> C,
     run: F,
 ) -> ExitCode
 where
-    F: FnOnce(ServiceContext) -> Fut,
+    F: FnOnce(ServiceContext<C>) -> Fut,
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: std::fmt::Display + 'static,
 {
@@ -131,6 +111,7 @@ where
         }
     };
     telemetry::init_tracing(&config.telemetry);
+    let coordinator = coordinator(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -162,6 +143,7 @@ where
                 shutdown: token,
                 admin_addr,
                 tasks,
+                coordinator,
             }),
         );
         // The admin server stops at once; the service gets the drain time, plus a margin for

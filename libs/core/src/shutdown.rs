@@ -38,8 +38,7 @@ where
                     .map(|s| (*s).to_owned())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
-                tracing::error!(task = name, panic = %message, "task panicked");
-                metrics::counter!("instream_task_panics_total", "task" => name).increment(1);
+                crate::events::task_panicked(name, &message);
             }
         }
     });

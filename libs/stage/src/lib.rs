@@ -11,8 +11,9 @@ mod driver;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use instream_coord::{service_main, ServiceContext};
 use instream_core::config::Config;
-use instream_core::{Service, ServiceContext, Tasks};
+use instream_core::{Service, Tasks};
 use instream_kafka::client::{self, Consumer};
 use instream_kafka::KafkaError;
 use instream_pipeline::Catalog;
@@ -72,7 +73,8 @@ impl Stage {
             ),
         );
         let registration = Arc::new(
-            instream_coord::register_service(config, service.as_str(), ctx.admin_addr).await?,
+            instream_coord::register_service(&*ctx.coordinator, service.as_str(), ctx.admin_addr)
+                .await?,
         );
         tasks.spawn_infallible(
             format!("{service} definition announcer"),

@@ -16,7 +16,7 @@ mod tls;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use instream_core::config::{StoreBackend, StoreConfig};
+use instream_config::{StoreBackend, StoreConfig};
 use serde::Serialize;
 
 pub use embedded::EmbeddedStore;

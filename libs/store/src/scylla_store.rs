@@ -1,6 +1,6 @@
 use async_trait::async_trait;
 use futures::future::try_join_all;
-use instream_core::config::{StoreConfig, StoreConsistency};
+use instream_config::{StoreConfig, StoreConsistency};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::statement::batch::{Batch, BatchType};

@@ -2,7 +2,7 @@
 //! PEM files, built at start so a wrong path or a key that does not match its certificate is
 //! refused before the first connection, naming the key.
 
-use instream_core::config::ClientTls;
+use instream_config::ClientTls;
 use openssl::ssl::{SslContext, SslContextBuilder, SslFiletype, SslMethod, SslVerifyMode};
 
 use crate::StoreError;

@@ -2,7 +2,7 @@
 //! installed on the CI machine, so these tests are ignored unless `INSTREAM_TEST_SCYLLA` is
 //! given (`scripts/test.sh` then runs them with `--ignored`).
 
-use instream_core::config::{StoreBackend, StoreConfig};
+use instream_config::{StoreBackend, StoreConfig};
 use instream_store::{conformance, ScyllaStore};
 
 fn config() -> StoreConfig {

@@ -77,7 +77,7 @@ pub(crate) async fn flush(
         return Ok(false);
     };
     for ingest_time in pending.iter().filter_map(|(_, t)| *t) {
-        metrics::histogram!("instream_stage_latency_seconds", "stage" => "aggregator_visible")
+        instream_core::events::stage_latency("aggregator_visible")
             .record((visible - ingest_time).max(0) as f64 / 1000.0);
     }
     input.complete(pending.iter().map(|(record, _)| record));

@@ -39,9 +39,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use instream_core::config::{AggregatorConfig, KafkaConfig};
-use instream_core::{Readiness, Service, ServiceContext};
+use instream_core::{Readiness, Service};
 use instream_kafka::{BatchOutputs, DeadLetterCode, DeadLetters, Input, Producer, Record};
 use instream_pipeline::{topics, Catalog};
+use instream_stage::ServiceContext;
 use instream_stage::{Commit, Flow, Hooks, Processed, ResumeAt, Spec, Stage, Tick};
 use instream_store::{AggregateStore, Checkpoint, CheckpointKey};
 use partitions::Partitions;

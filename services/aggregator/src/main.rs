@@ -6,5 +6,5 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> std::process::ExitCode {
     // Fail points (kill tests) come from FAILPOINTS; unset, they do nothing.
     let _failpoints = fail::FailScenario::setup();
-    instream_core::service_main(instream_core::Service::Aggregator, instream_aggregator::run)
+    instream_stage::service_main(instream_core::Service::Aggregator, instream_aggregator::run)
 }

@@ -95,8 +95,7 @@ impl BatchCounts {
             );
             match row.counter {
                 Counter::Events => {
-                    metrics::counter!("instream_events_total", "service" => SERVICE.as_str(), "pipeline" => pipeline, "outcome" => outcome)
-                        .increment(row.n);
+                    instream_core::events::events_handled(SERVICE, pipeline, outcome, row.n);
                 }
                 Counter::Repartition => {
                     metrics::counter!("instream_aggregator_repartition_events_total", "pipeline" => pipeline, "aggregation" => aggregation, "outcome" => outcome)

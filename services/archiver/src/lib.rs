@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use instream_archive::Archive;
 use instream_core::config::ArchiverConfig;
-use instream_core::{GaveUp, Readiness, Retry, Service, ServiceContext};
+use instream_core::{GaveUp, Readiness, Retry, Service};
 use instream_kafka::{BatchOutputs, DeadLetterCode, DeadLetters, Input, Record};
 use instream_pipeline::{topics, ArchiveFormat, ArchiveTime, Catalog};
+use instream_stage::ServiceContext;
 use instream_stage::{Commit, Flow, Hooks, Processed, ResumeAt, Spec, Stage, Tick};
 use tokio_util::sync::CancellationToken;
 
@@ -121,7 +122,8 @@ pub async fn run_with_archive(
     let config = &ctx.config;
     archive.ping().await?;
     if !config.archiver.retention.is_zero() {
-        let leadership = instream_coord::coordinator(config)
+        let leadership = ctx
+            .coordinator
             .campaign(RETENTION_DUTY, &instream_coord::instance_name())
             .await?;
         ctx.tasks.spawn(

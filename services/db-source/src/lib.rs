@@ -24,11 +24,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use instream_core::config::{BrokerMode, Config, DbSourceConfig, SqlTableConfig};
-use instream_core::{Backoff, Readiness, Service, ServiceContext};
+use instream_core::{events, Backoff, Readiness, Service};
 use instream_event::Event;
 use instream_kafka::client::{self, Producer};
 use instream_kafka::{DeadLetter, DeadLetterCode, DeadLetters, Outgoing};
 use instream_pipeline::{envelope, topics, Catalog, IdSource, PipelineDefinition, SchemaCache};
+use instream_stage::ServiceContext;
 use instream_stage::Stage;
 use serde_json::value::RawValue;
 use tokio::sync::watch;
@@ -71,14 +72,16 @@ struct Shared {
     database: Readiness,
     health: instream_core::Health,
     shutdown: CancellationToken,
+    coordinator: Arc<dyn instream_coord::Coordinator>,
 }
 
 /// Elections and progress: ZooKeeper's, which span processes (whatever the definitions come
 /// from) — or, in standalone mode (the embedded broker: every service in one process), the
-/// in-process coordinator's.
-fn coordinator(config: &Config) -> Arc<dyn instream_coord::Coordinator> {
+/// in-process coordinator the service was given.
+fn coordinator(ctx: &ServiceContext) -> Arc<dyn instream_coord::Coordinator> {
+    let config = &ctx.config;
     match config.kafka.broker {
-        BrokerMode::Embedded => instream_coord::coordinator(config),
+        BrokerMode::Embedded => ctx.coordinator.clone(),
         BrokerMode::External => {
             Arc::new(instream_coord::ZkCoordinator::new(config.zookeeper.clone()))
         }
@@ -101,6 +104,7 @@ pub async fn run(ctx: ServiceContext) -> Result<(), DbSourceError> {
         health: ctx.health.clone(),
         shutdown: ctx.shutdown.clone(),
         config: config.clone(),
+        coordinator: coordinator(&ctx),
     });
     ctx.tasks
         .spawn_infallible("database probe", watch_database(shared.clone()));
@@ -185,8 +189,7 @@ async fn poll_table(shared: Arc<Shared>, table: SqlTableConfig) {
     let duty = format!("db-source-{name}");
     let instance = instream_coord::instance_name();
     loop {
-        let coordinator = coordinator(&shared.config);
-        let campaign = coordinator.campaign(&duty, &instance);
+        let campaign = shared.coordinator.campaign(&duty, &instance);
         let mut leadership = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             l = campaign => match l {
@@ -275,9 +278,7 @@ async fn lead(
     polling: &Readiness,
 ) -> Result<(), DbSourceError> {
     let db = &shared.config.db_source;
-    let mut progress = coordinator(&shared.config)
-        .claim_progress(&cfg.name, term)
-        .await?;
+    let mut progress = shared.coordinator.claim_progress(&cfg.name, term).await?;
     let mut position: Position = if progress.position().is_null() {
         Position::default()
     } else {
@@ -338,10 +339,8 @@ async fn lead(
             .await?;
         rows_total("produced").increment(produced);
         rows_total("dead_lettered").increment(refused);
-        metrics::counter!("instream_events_total", "service" => SERVICE.as_str(), "pipeline" => cfg.pipeline.clone(), "outcome" => "accepted")
-            .increment(produced);
-        metrics::histogram!("instream_stage_latency_seconds", "stage" => SERVICE.as_str())
-            .record(started.elapsed().as_secs_f64());
+        events::events_handled(SERVICE, cfg.pipeline.clone(), "accepted", produced);
+        events::stage_latency(SERVICE.as_str()).record(started.elapsed().as_secs_f64());
         tracing::debug!(source = %cfg.name, rows = rows.len(), to = %last.label(), "batch handed over");
         position = last;
         if !more {

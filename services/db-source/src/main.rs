@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    instream_core::service_main(instream_core::Service::DbSource, instream_db_source::run)
+    instream_stage::service_main(instream_core::Service::DbSource, instream_db_source::run)
 }

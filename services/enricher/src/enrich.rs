@@ -297,13 +297,16 @@ type Enriched = (Arc<PipelineDefinition>, String, Vec<i64>);
 /// ingest.
 fn count_enriched(enriched: Vec<Enriched>) {
     let now = instream_event::now_millis();
-    let latency =
-        metrics::histogram!("instream_stage_latency_seconds", "stage" => SERVICE.as_str());
+    let latency = instream_core::events::stage_latency(SERVICE.as_str());
     for (pipeline, _, times) in enriched {
         for ingest_time in &times {
             latency.record((now - ingest_time).max(0) as f64 / 1000.0);
         }
-        metrics::counter!("instream_events_total", "service" => SERVICE.as_str(), "pipeline" => pipeline.name.clone(), "outcome" => "enriched")
-            .increment(times.len() as u64);
+        instream_core::events::events_handled(
+            SERVICE,
+            pipeline.name.clone(),
+            "enriched",
+            times.len() as u64,
+        );
     }
 }

@@ -17,10 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use instream_core::config::Config;
-use instream_core::{GaveUp, Readiness, Retry, Service, ServiceContext};
+use instream_core::{GaveUp, Readiness, Retry, Service};
 use instream_kafka::{DeadLetters, Input, KafkaError, Producer, Record, Transactions};
 use instream_pipeline::Catalog;
 use instream_refdata::{CachedRefStore, RefDataError};
+use instream_stage::ServiceContext;
 use instream_stage::{Commit, Hooks, Processed, Spec, Stage};
 
 const SERVICE: Service = Service::Enricher;

@@ -4,5 +4,5 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    instream_core::service_main(instream_core::Service::Enricher, instream_enricher::run)
+    instream_stage::service_main(instream_core::Service::Enricher, instream_enricher::run)
 }

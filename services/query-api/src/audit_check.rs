@@ -19,6 +19,7 @@ pub(crate) const DUTY: &str = "audit";
 /// Until `shutdown`: joins the election, and while leading audits every `audit_every`.
 pub(crate) async fn run(
     config: Config,
+    coordinator: Arc<dyn instream_coord::Coordinator>,
     store: Arc<dyn AggregateStore>,
     catalog: watch::Receiver<Arc<Catalog>>,
     shutdown: CancellationToken,
@@ -30,7 +31,6 @@ pub(crate) async fn run(
         && config.store.backend != instream_core::config::StoreBackend::Embedded)
         .then(instream_event::now_millis);
     let mut exported = Exported::default();
-    let coordinator = instream_coord::coordinator(&config);
     let instance = instream_coord::instance_name();
     let Some(mut leadership) = instream_core::Retry::new("joining the audit election", &shutdown)
         .run(|| coordinator.campaign(DUTY, &instance))

@@ -16,8 +16,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use instream_core::config::{Config, QueryApiConfig};
-use instream_core::{Health, ServiceContext, Tasks};
+use instream_coord::ServiceContext;
+use instream_core::config::QueryApiConfig;
 use instream_pipeline::Catalog;
 use instream_store::{AggregateQuery, AggregateStore, WindowAggregate};
 use serde::Serialize;
@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 mod audit_check;
 mod ledger;
 
-const SERVICE: &str = "query-api";
+const SERVICE: instream_core::Service = instream_core::Service::QueryApi;
 /// How often the store is pinged for `/readyz`.
 const STORE_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 const DAY_MILLIS: i64 = 24 * 3600 * 1000;
@@ -72,12 +72,11 @@ pub struct QueryApi {
 impl QueryApi {
     /// Checks the keys, binds the listener and starts watching the store's health.
     pub async fn start(
-        config: &Config,
+        ctx: &ServiceContext,
         store: Arc<dyn AggregateStore>,
         catalog: watch::Receiver<Arc<Catalog>>,
-        health: &Health,
-        tasks: &Tasks,
     ) -> Result<QueryApi, QueryApiError> {
+        let (config, health, tasks) = (&ctx.config, &ctx.health, &ctx.tasks);
         let cfg = &config.query_api;
         let keys: Vec<[u8; 32]> = cfg
             .api_key_sha256
@@ -105,6 +104,7 @@ impl QueryApi {
                 "periodic audit",
                 audit_check::run(
                     config.clone(),
+                    ctx.coordinator.clone(),
                     store.clone(),
                     catalog.clone(),
                     tasks.token(),
@@ -182,7 +182,7 @@ pub async fn run_with_store(
     let catalog = instream_coord::definition_source(&ctx.config)
         .subscribe(ctx.shutdown.clone())
         .await?;
-    QueryApi::start(&ctx.config, store, catalog, &ctx.health, &ctx.tasks)
+    QueryApi::start(&ctx, store, catalog)
         .await?
         .serve(ctx.shutdown)
         .await
@@ -363,7 +363,7 @@ async fn aggregates(
     );
     let started = Instant::now();
     let response = respond(answer(&state, pipeline, aggregation, query, &headers).await);
-    metrics::histogram!("instream_query_latency_seconds", "service" => SERVICE)
+    metrics::histogram!("instream_query_latency_seconds", "service" => SERVICE.as_str())
         .record(started.elapsed().as_secs_f64());
     response
 }
@@ -379,8 +379,7 @@ fn respond<T: Serialize>(answered: Result<T, Refusal>) -> Response {
             refusal.into_response()
         }
     };
-    metrics::counter!("instream_http_requests_total", "service" => SERVICE, "status" => response.status().as_u16().to_string())
-        .increment(1);
+    instream_core::events::http_request_answered(SERVICE, response.status().as_u16());
     response
 }
 

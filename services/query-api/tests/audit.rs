@@ -95,11 +95,14 @@ async fn the_periodic_audit_names_unbalanced_records_per_pipeline_and_stage() {
     let token = CancellationToken::new();
     let _stop = token.clone().drop_guard();
     let _api = QueryApi::start(
-        &config,
+        &instream_coord::service_context(
+            config,
+            Health::default(),
+            token.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+        ),
         Arc::new(EmbeddedStore::default()),
         catalog,
-        &Health::default(),
-        &instream_core::Tasks::detached(token.clone()),
     )
     .await
     .unwrap();

@@ -74,11 +74,14 @@ async fn start_with(
         instream_pipeline::Catalog::new(definitions.pipelines),
     ));
     let api = QueryApi::start(
-        &config,
+        &instream_coord::service_context(
+            config,
+            Health::default(),
+            token.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+        ),
         store,
         catalog,
-        &Health::default(),
-        &instream_core::Tasks::detached(token.clone()),
     )
     .await
     .map_err(|e| e.to_string())?;
@@ -282,11 +285,14 @@ async fn idle_connections_do_not_lock_out_a_query() {
     let token = CancellationToken::new();
     let (_, catalog) = tokio::sync::watch::channel(Arc::new(instream_pipeline::Catalog::default()));
     let api = QueryApi::start(
-        &config,
+        &instream_coord::service_context(
+            config,
+            Health::default(),
+            token.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+        ),
         store,
         catalog,
-        &Health::default(),
-        &instream_core::Tasks::detached(token.clone()),
     )
     .await
     .unwrap();

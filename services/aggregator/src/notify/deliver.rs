@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use hmac::{Hmac, Mac};
 use instream_core::config::{AggregatorConfig, Secret};
 use instream_core::retry::Backoff;
-use instream_core::ServiceContext;
 use instream_kafka::Delivery;
 use instream_kafka::{DeadLetter, DeadLetterCode, DeadLetters};
 use instream_pipeline::Catalog;
+use instream_stage::ServiceContext;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -318,8 +318,7 @@ impl Queue {
                         Ok((_, Ended::Again(item))) => lanes.again(item),
                         Ok((_, Ended::Stopped)) => {}
                         Err(e) if e.is_panic() => {
-                            tracing::error!(task = "webhook delivery", id = %n.id, "task panicked; dead-lettering its notification");
-                            metrics::counter!("instream_task_panics_total", "task" => "webhook delivery").increment(1);
+                            instream_core::events::task_panicked("webhook delivery", &format!("notification {}: dead-lettered", n.id));
                             let reason = "not sent: its delivery task panicked (a bug: see the aggregator's log)".to_owned();
                             let (giving_up, letter) = (sender.clone(), n.clone());
                             let item = Item { source, n, attempts: 0, not_before: Instant::now() };

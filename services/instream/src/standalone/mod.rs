@@ -17,11 +17,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use instream_coord::ServiceContext;
 use instream_core::backlog::Backlog;
 use instream_core::config::{
     ArchiveBackend, BrokerMode, Config, DefinitionSourceKind, StoreBackend,
 };
-use instream_core::{AdminServer, Health, ServiceContext, Supervisor};
+use instream_core::{AdminServer, Health, Supervisor};
 use instream_kafka::EmbeddedBroker;
 use instream_pipeline::{topics, Catalog, FileSource};
 use instream_store::{AggregateStore, EmbeddedStore};
@@ -145,52 +146,14 @@ impl Standalone {
     /// Starts the embedded broker (if selected), creates the pipelines' topics on it, and
     /// starts every service under one supervisor with one admin server.
     pub async fn start(mut config: Config, token: CancellationToken) -> anyhow::Result<Self> {
-        let mut run = None;
-        let mut run_lock = None;
-        let broker = match config.kafka.broker {
-            BrokerMode::External => None,
-            BrokerMode::Embedded => {
-                let (lock, number) = state::claim(&config)?;
-                run_lock = Some(lock);
-                let broker = EmbeddedBroker::start(1).context("starting the embedded broker")?;
-                config.kafka.bootstrap_servers = broker.bootstrap_servers().to_owned();
-                config.kafka.replication_factor = 1;
-                // Each run's broker numbers offsets from 0: its files go to a folder of its own.
-                if config.standalone.archive_per_run {
-                    let root = state::run_archive_root(&config, number);
-                    config.archive.root = root.display().to_string();
-                }
-                run = Some(number);
-                Some(broker)
-            }
-        };
-        let catalog = match (config.definitions.source, &config.definitions.path) {
-            (DefinitionSourceKind::File, Some(path)) => Some(FileSource::new(path).load()?),
-            _ => None,
-        };
-        if broker.is_some() && catalog.is_none() {
-            anyhow::bail!(
-                "the embedded broker (kafka.broker = \"embedded\") takes its topics from a \
-                 definitions file (definitions.source = \"file\" with a path): it has no API to \
-                 create topics when ZooKeeper's definitions change"
-            );
-        }
-        if let (Some(_), Some(catalog)) = (&broker, &catalog) {
-            config.kafka.backlog = Some(Backlog::new(
-                config.standalone.max_unread_bytes,
-                readers(catalog),
-            ));
-        }
-        if let (Some(broker), Some(catalog)) = (&broker, &catalog) {
-            // The embedded broker has no CreateTopics API: create the topics here, before the
-            // services look for them.
-            for p in catalog.iter() {
-                for t in topics::of_pipeline(p) {
-                    broker.create_topic(&t, p.partitions)?;
-                }
-            }
-        }
-
+        let (
+            Broker {
+                broker,
+                run,
+                run_lock,
+            },
+            catalog,
+        ) = start_broker(&mut config)?;
         let health = Health::default();
         let admin = AdminServer::from_config(&config.admin, health.clone())
             .await
@@ -209,16 +172,20 @@ impl Standalone {
         let archive = instream_archive::build(&config.archive)?;
         let mut supervisor = Supervisor::new(token.clone());
         let tasks = supervisor.tasks();
+        // One coordinator for every service of the process: they share its elections, its
+        // registry and its sources' progress.
+        let coordinator = instream_coord::coordinator(&config);
         let context = || ServiceContext {
             config: config.clone(),
             health: health.clone(),
             shutdown: token.clone(),
             admin_addr,
             tasks: tasks.clone(),
+            coordinator: coordinator.clone(),
         };
         let ingest = instream_ingest::Ingest::start(&context()).await?;
         let ingest_addr = ingest.local_addr()?;
-        let query = start_query(&config, &store, &health, &tasks, &token).await?;
+        let query = start_query(&context(), &store).await?;
         let query_addr = query.as_ref().map(|q| q.local_addr()).transpose()?;
 
         let intake = token.child_token();
@@ -241,22 +208,14 @@ impl Standalone {
             Some(_) => Some(start_keeper(&config, run, &token).await?),
         };
         let run = match (run, &broker) {
-            (Some(number), Some(broker)) => {
-                let state = state::RunState {
-                    run: number,
-                    pid: std::process::id(),
-                    broker: broker.bootstrap_servers().to_owned(),
-                    ingest: ingest_addr.to_string(),
-                    admin: admin_addr.to_string(),
-                    query: query_addr.map(|a| a.to_string()),
-                    archive_root: Some(config.archive.root.clone().into()),
-                    started_at_ms: instream_event::now_millis(),
-                    stopped_at_ms: None,
-                };
-                let path = config.standalone.state_file();
-                state.write(&path)?;
-                Some((state, path))
-            }
+            (Some(number), Some(broker)) => Some(record_run(
+                &config,
+                number,
+                broker,
+                ingest_addr,
+                admin_addr,
+                query_addr,
+            )?),
             _ => None,
         };
         tracing::info!(%ingest_addr, %admin_addr, "standalone instream running");
@@ -353,6 +312,97 @@ impl Standalone {
 
 /// The groups whose stages hand records on (so they must have committed their input before
 /// the stages stop), with each topic they read: every reader but the archiver.
+/// The embedded broker, when `kafka.broker` selects it, with this run's number and the lock
+/// held while it runs.
+struct Broker {
+    broker: Option<EmbeddedBroker>,
+    run: Option<u64>,
+    run_lock: Option<state::RunLock>,
+}
+
+/// Starts the embedded broker (if selected) and creates the pipelines' topics on it; the
+/// definitions file's catalog, when definitions come from one.
+fn start_broker(config: &mut Config) -> anyhow::Result<(Broker, Option<Catalog>)> {
+    let mut run = None;
+    let mut run_lock = None;
+    let broker = match config.kafka.broker {
+        BrokerMode::External => None,
+        BrokerMode::Embedded => {
+            let (lock, number) = state::claim(config)?;
+            run_lock = Some(lock);
+            let broker = EmbeddedBroker::start(1).context("starting the embedded broker")?;
+            config.kafka.bootstrap_servers = broker.bootstrap_servers().to_owned();
+            config.kafka.replication_factor = 1;
+            // Each run's broker numbers offsets from 0: its files go to a folder of its own.
+            if config.standalone.archive_per_run {
+                let root = state::run_archive_root(config, number);
+                config.archive.root = root.display().to_string();
+            }
+            run = Some(number);
+            Some(broker)
+        }
+    };
+    let catalog = match (config.definitions.source, &config.definitions.path) {
+        (DefinitionSourceKind::File, Some(path)) => Some(FileSource::new(path).load()?),
+        _ => None,
+    };
+    if broker.is_some() && catalog.is_none() {
+        anyhow::bail!(
+            "the embedded broker (kafka.broker = \"embedded\") takes its topics from a \
+             definitions file (definitions.source = \"file\" with a path): it has no API to \
+             create topics when ZooKeeper's definitions change"
+        );
+    }
+    if let (Some(_), Some(catalog)) = (&broker, &catalog) {
+        config.kafka.backlog = Some(Backlog::new(
+            config.standalone.max_unread_bytes,
+            readers(catalog),
+        ));
+    }
+    if let (Some(broker), Some(catalog)) = (&broker, &catalog) {
+        // The embedded broker has no CreateTopics API: create the topics here, before the
+        // services look for them.
+        for p in catalog.iter() {
+            for t in topics::of_pipeline(p) {
+                broker.create_topic(&t, p.partitions)?;
+            }
+        }
+    }
+    Ok((
+        Broker {
+            broker,
+            run,
+            run_lock,
+        },
+        catalog,
+    ))
+}
+
+/// Writes this run's state file (what `instream status` and `instream stop` read).
+fn record_run(
+    config: &Config,
+    number: u64,
+    broker: &EmbeddedBroker,
+    ingest_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    query_addr: Option<SocketAddr>,
+) -> anyhow::Result<(state::RunState, std::path::PathBuf)> {
+    let state = state::RunState {
+        run: number,
+        pid: std::process::id(),
+        broker: broker.bootstrap_servers().to_owned(),
+        ingest: ingest_addr.to_string(),
+        admin: admin_addr.to_string(),
+        query: query_addr.map(|a| a.to_string()),
+        archive_root: Some(config.archive.root.clone().into()),
+        started_at_ms: instream_event::now_millis(),
+        stopped_at_ms: None,
+    };
+    let path = config.standalone.state_file();
+    state.write(&path)?;
+    Ok((state, path))
+}
+
 fn committing_groups(config: &Config, catalog: &Catalog) -> Vec<(String, String)> {
     readers(catalog)
         .into_iter()
@@ -426,22 +476,19 @@ async fn start_keeper(
 
 /// query-api on the store, unless nobody could be let in (no key and no anonymous access).
 async fn start_query(
-    config: &Config,
+    ctx: &ServiceContext,
     store: &Arc<dyn AggregateStore>,
-    health: &Health,
-    tasks: &instream_core::Tasks,
-    token: &CancellationToken,
 ) -> anyhow::Result<Option<instream_query_api::QueryApi>> {
+    let config = &ctx.config;
     if config.query_api.api_key_sha256.is_empty() && !config.query_api.allow_anonymous {
         tracing::info!("query-api off: no query_api.api_key_sha256 and no allow_anonymous");
         return Ok(None);
     }
     let definitions = instream_coord::definition_source(config)
-        .subscribe(token.clone())
+        .subscribe(ctx.shutdown.clone())
         .await?;
     Ok(Some(
-        instream_query_api::QueryApi::start(config, store.clone(), definitions, health, tasks)
-            .await?,
+        instream_query_api::QueryApi::start(ctx, store.clone(), definitions).await?,
     ))
 }
 

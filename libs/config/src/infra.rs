@@ -87,14 +87,6 @@ impl AdminConfig {
         p.positive(self.max_connections as u64, "admin.max_connections");
         p.non_zero_duration(self.header_read_timeout, "admin.header_read_timeout");
     }
-
-    /// What the admin server allows its clients.
-    pub fn limits(&self) -> instream_http::Limits {
-        instream_http::Limits {
-            max_connections: self.max_connections,
-            header_read_timeout: self.header_read_timeout,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]

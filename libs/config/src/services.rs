@@ -160,7 +160,7 @@ impl IngestConfig {
         let mut names = std::collections::BTreeSet::new();
         let mut digests = std::collections::BTreeSet::new();
         for (i, key) in self.api_keys.iter().enumerate() {
-            let digest = crate::auth::decode_digest(&key.sha256);
+            let digest = crate::decode_digest(&key.sha256);
             p.check(
                 digest.is_some(),
                 &format!("ingest.api_keys[{i}].sha256"),

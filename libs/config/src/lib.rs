@@ -1,4 +1,7 @@
-//! The one configuration of an instream deployment.
+//! instream-config: the one configuration of an instream deployment, as data: every
+//! service's sections, their defaults, validation and reference, with no I/O but reading the
+//! file. Its own crate, so that a change to what services do at run time (`instream-core`)
+//! does not rebuild what only reads settings (the store and archive clients).
 //!
 //! Layering, lowest first: the defaults written on each field below, then the TOML file given
 //! with `--config` (or JSON, by its `.json` extension), then environment variables `INSTREAM__<SECTION>__<KEY>` (double
@@ -10,10 +13,12 @@
 //! configures a whole deployment.
 
 mod archive;
+pub mod backlog;
 mod db_source;
 mod infra;
 mod reference;
 mod secret;
+mod service;
 mod services;
 mod standalone;
 mod store;
@@ -31,6 +36,7 @@ pub use db_source::*;
 pub use infra::*;
 pub use reference::reference_markdown;
 pub use secret::{Secret, SecretFileError};
+pub use service::Service;
 pub use services::*;
 pub use standalone::*;
 pub use store::*;
@@ -486,6 +492,18 @@ fn redact_url(url: &str) -> String {
         None => out.push_str(after),
     }
     out
+}
+
+/// A SHA-256 digest from 64 hex digits (API keys are configured as their digests).
+pub fn decode_digest(hex: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if hex.len() != 64 {
+        return None;
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 #[cfg(test)]
