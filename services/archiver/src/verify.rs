@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use instream_archive::Archive;
 use serde::Serialize;
 
-use crate::format::{read_file, OffsetRange};
+use crate::format::{read_file, FileContents, OffsetRange};
 use crate::layout::{hour_of, parse_file_name};
 use crate::ArchiverError;
 
@@ -69,6 +69,87 @@ struct PartitionFiles {
     runs: Vec<OffsetRange>,
 }
 
+impl PartitionFiles {
+    /// Adds one file named for offsets `first`-`last`; what does not add up, as problems of
+    /// that file.
+    fn add(&mut self, first: i64, last: i64, contents: FileContents) -> Vec<String> {
+        let mut problems = Vec::new();
+        self.files += 1;
+        self.records += contents.records;
+        match (contents.record_offsets, contents.dead_lettered) {
+            (Some(records), Some(dead)) => {
+                if records.count() != contents.records {
+                    problems.push(format!(
+                        "{} records but {} offsets listed",
+                        contents.records,
+                        records.count()
+                    ));
+                }
+                let mut runs: Vec<OffsetRange> =
+                    records.0.into_iter().chain(dead.0.clone()).collect();
+                runs.sort_by_key(|r| r.first);
+                let (low, high) = (
+                    runs.first().map(|r| r.first),
+                    runs.iter().map(|r| r.last).max(),
+                );
+                if (low, high) != (Some(first), Some(last)) {
+                    problems.push(format!(
+                        "its name says offsets {first}-{last}, it holds {low:?}-{high:?}"
+                    ));
+                }
+                self.without_record += dead.count();
+                self.runs.extend(runs);
+            }
+            _ => {
+                let span = u64::try_from(last - first + 1).unwrap_or(0);
+                if last < first || contents.records > span {
+                    problems.push(format!(
+                        "{} records cannot fit offsets {first}-{last}",
+                        contents.records
+                    ));
+                }
+                self.without_offsets += 1;
+                self.without_record += span.saturating_sub(contents.records);
+                self.runs.push(OffsetRange { first, last });
+            }
+        }
+        problems
+    }
+
+    /// The partition's span, with its gaps and overlaps; `None` when no file had offsets.
+    fn report(mut self, partition: i32) -> Option<PartitionReport> {
+        self.runs.sort_by_key(|r| (r.first, r.last));
+        let start = self.runs.first().copied()?;
+        let mut part = PartitionReport {
+            partition,
+            files: self.files,
+            first_offset: start.first,
+            last_offset: start.last,
+            records: self.records,
+            offsets_without_record: self.without_record,
+            files_without_offsets: self.without_offsets,
+            gaps: Vec::new(),
+            overlaps: Vec::new(),
+        };
+        for r in &self.runs[1..] {
+            let end = part.last_offset;
+            if r.first > end + 1 {
+                part.gaps.push(OffsetRange {
+                    first: end + 1,
+                    last: r.first - 1,
+                });
+            } else if r.first <= end {
+                part.overlaps.push(OffsetRange {
+                    first: r.first,
+                    last: end.min(r.last),
+                });
+            }
+            part.last_offset = end.max(r.last);
+        }
+        Some(part)
+    }
+}
+
 /// Reads every completed file of `pipeline` and reports per partition.
 pub async fn verify(
     archive: &dyn Archive,
@@ -107,91 +188,19 @@ pub async fn verify(
                 continue;
             }
         };
-        let part = per_partition.entry(partition).or_default();
-        part.files += 1;
-        part.records += contents.records;
         report.records += contents.records;
         if let Some(hour) = hour_of(&file.path) {
             *report.records_per_hour.entry(hour).or_default() += contents.records;
         }
-        match (contents.record_offsets, contents.dead_lettered) {
-            (Some(records), Some(dead)) => {
-                if records.count() != contents.records {
-                    report.problems.push(problem(
-                        &file.path,
-                        format!(
-                            "{} records but {} offsets listed",
-                            contents.records,
-                            records.count()
-                        ),
-                    ));
-                }
-                let mut runs: Vec<OffsetRange> =
-                    records.0.into_iter().chain(dead.0.clone()).collect();
-                runs.sort_by_key(|r| r.first);
-                let (low, high) = (
-                    runs.first().map(|r| r.first),
-                    runs.iter().map(|r| r.last).max(),
-                );
-                if (low, high) != (Some(first), Some(last)) {
-                    report.problems.push(problem(
-                        &file.path,
-                        format!("its name says offsets {first}-{last}, it holds {low:?}-{high:?}"),
-                    ));
-                }
-                part.without_record += dead.count();
-                part.runs.extend(runs);
-            }
-            _ => {
-                let span = u64::try_from(last - first + 1).unwrap_or(0);
-                if last < first || contents.records > span {
-                    report.problems.push(problem(
-                        &file.path,
-                        format!(
-                            "{} records cannot fit offsets {first}-{last}",
-                            contents.records
-                        ),
-                    ));
-                }
-                part.without_offsets += 1;
-                part.without_record += span.saturating_sub(contents.records);
-                part.runs.push(OffsetRange { first, last });
-            }
+        let part = per_partition.entry(partition).or_default();
+        for reason in part.add(first, last, contents) {
+            report.problems.push(problem(&file.path, reason));
         }
     }
-    for (partition, mut files) in per_partition {
-        files.runs.sort_by_key(|r| (r.first, r.last));
-        let Some(start) = files.runs.first().copied() else {
-            continue;
-        };
-        let mut part = PartitionReport {
-            partition,
-            files: files.files,
-            first_offset: start.first,
-            last_offset: start.last,
-            records: files.records,
-            offsets_without_record: files.without_record,
-            files_without_offsets: files.without_offsets,
-            gaps: Vec::new(),
-            overlaps: Vec::new(),
-        };
-        for r in &files.runs[1..] {
-            let end = part.last_offset;
-            if r.first > end + 1 {
-                part.gaps.push(OffsetRange {
-                    first: end + 1,
-                    last: r.first - 1,
-                });
-            } else if r.first <= end {
-                part.overlaps.push(OffsetRange {
-                    first: r.first,
-                    last: end.min(r.last),
-                });
-            }
-            part.last_offset = end.max(r.last);
-        }
-        report.partitions.push(part);
-    }
+    report.partitions = per_partition
+        .into_iter()
+        .filter_map(|(partition, files)| files.report(partition))
+        .collect();
     Ok(report)
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use instream_event::{Envelope, FieldPath, Paths, Scalar};
 use instream_kafka::{DeadLetterCode, Record};
-use instream_pipeline::quality::QualityAction;
+use instream_pipeline::quality::{QualityAction, Severity};
 use instream_pipeline::{Catalog, EnrichmentRule, MissPolicy, PipelineDefinition, RecordShape};
 use instream_quality::{EventFacts, RuleSetCache, Sampler, Violation, ViolationRecord};
 use instream_refdata::{Found, RefRecord};
@@ -100,6 +100,33 @@ struct Verdict {
     tags: Vec<Value>,
 }
 
+impl Verdict {
+    /// Takes in one broken rule: a `dead_letter` one gives the reason unless one did already.
+    fn note(
+        &mut self,
+        name: &str,
+        action: QualityAction,
+        severity: Severity,
+        violation: &Violation,
+    ) {
+        match action {
+            QualityAction::DeadLetter if self.dead.is_none() => {
+                // Bounded: the reason travels in a header and a log line, and a huge value
+                // would push the dead letter over the broker's message size.
+                let value = instream_quality::bounded_value(violation.value.clone())
+                    .map_or_else(String::new, |v| format!(" (value {v})"));
+                self.dead = Some(format!(
+                    "quality rule `{name}` ({}): {}{value}",
+                    severity.as_str(),
+                    violation.message
+                ));
+            }
+            QualityAction::Tag => self.tags.push(Value::String(name.to_owned())),
+            _ => {}
+        }
+    }
+}
+
 /// Judges one enriched event by its pipeline's rules and records each violation. `enrichment`
 /// is the event's enrichment object so far (unclosed, as the writer leaves it).
 fn check_quality(
@@ -148,21 +175,7 @@ fn check_quality(
         let name = rules.name(violation.rule);
         let action = rules.action(violation.rule);
         let severity = rules.severity(violation.rule);
-        match action {
-            QualityAction::DeadLetter if verdict.dead.is_none() => {
-                // Bounded: the reason travels in a header and a log line, and a huge value
-                // would push the dead letter over the broker's message size.
-                let value = instream_quality::bounded_value(violation.value.clone())
-                    .map_or_else(String::new, |v| format!(" (value {v})"));
-                verdict.dead = Some(format!(
-                    "quality rule `{name}` ({}): {}{value}",
-                    severity.as_str(),
-                    violation.message
-                ));
-            }
-            QualityAction::Tag => verdict.tags.push(Value::String(name.to_owned())),
-            _ => {}
-        }
+        verdict.note(name, action, severity, &violation);
         let sample = (record.payload.len() <= instream_quality::MAX_SAMPLE_BYTES
             && quality.sampler.take(&def.name, name, now))
         .then(|| serde_json::value::RawValue::from_string(event.payload.get().to_owned()).ok())
@@ -238,36 +251,13 @@ pub fn plan<'r>(
         retries: Vec::new(),
         rule_lookups: Vec::with_capacity(batch.len()),
     };
-    // foldhash, not SipHash: one lookup per event of the batch, keys from this process's own
-    // rendering of templates.
-    let mut index: HashMap<String, usize, foldhash::fast::RandomState> =
-        HashMap::with_capacity_and_hasher(batch.len(), Default::default());
+    let mut keys = KeyIndex {
+        index: HashMap::with_capacity_and_hasher(batch.len(), Default::default()),
+        key: String::new(),
+        full: String::new(),
+    };
     let mut values: Vec<Scalar<'r>> = Vec::new();
-    let mut key = String::new();
-    let mut full = String::new();
-    // Per pipeline, once a batch: the payload fields its key templates read, and per rule the
-    // key prefix of its current reference-data version.
-    let prepared: HashMap<&str, (Paths<'_>, Vec<String>)> = catalog
-        .iter()
-        .map(|def| {
-            let paths: Vec<&FieldPath> = def
-                .enrichments
-                .iter()
-                .flat_map(|r| r.key_template.fields())
-                .collect();
-            let prefixes = def
-                .enrichments
-                .iter()
-                .map(|rule| {
-                    // Data loaded by `instream refdata load` lives under its version's prefix.
-                    version(&def.name, &rule.name).map_or_else(String::new, |v| {
-                        instream_refdata::versions::version_prefix(&def.name, &rule.name, v)
-                    })
-                })
-                .collect();
-            (def.name.as_str(), (Paths::new(&paths), prefixes))
-        })
-        .collect();
+    let prepared = prepare(catalog, version);
     let paths_for = |pipeline: &str| prepared.get(pipeline).map(|(paths, _)| paths);
     for record in batch {
         let envelope = match instream_event::pick(&record.payload, &paths_for, &mut values) {
@@ -288,48 +278,8 @@ pub fn plan<'r>(
             continue;
         };
         let first = out.rule_lookups.len();
-        let rule_lookups = &mut out.rule_lookups;
         if let Some((_, prefixes)) = prepared.get(def.name.as_str()) {
-            let mut at = 0;
-            for (rule, prefix) in def.enrichments.iter().zip(prefixes) {
-                let n = rule.key_template.fields().count();
-                // The picker fills one value per path of this pipeline; `None` cannot happen,
-                // and is a missing field if it ever does.
-                let Some(mine) = values.get(at..at + n) else {
-                    rule_lookups.push(None);
-                    at += n;
-                    continue;
-                };
-                at += n;
-                if mine.iter().any(Option::is_none) {
-                    rule_lookups.push(None);
-                    continue;
-                }
-                rule.key_template.render_iter(
-                    mine.iter().map(|v| v.as_deref().unwrap_or_default()),
-                    &mut key,
-                );
-                full.clear();
-                full.push_str(prefix);
-                full.push_str(&key);
-                let retry = (rule.on_miss == MissPolicy::Retry)
-                    .then_some((rule.retry_attempts, rule.retry_backoff));
-                let i = match index.get(full.as_str()) {
-                    Some(&i) => i,
-                    None => {
-                        let i = out.lookups.len();
-                        index.insert(full.clone(), i);
-                        out.lookups.push((full.clone(), rule.shape));
-                        out.retries.push(None);
-                        i
-                    }
-                };
-                if let Some(retry) = retry {
-                    let slot = &mut out.retries[i];
-                    *slot = Some(slot.map_or(retry, |(a, b)| (a.max(retry.0), b.max(retry.1))));
-                }
-                rule_lookups.push(Some(i));
-            }
+            keys.plan_rules(&mut out, &def, prefixes, &values);
         }
         let lookups = first..out.rule_lookups.len();
         out.plans.push(Plan::Enrich {
@@ -339,6 +289,97 @@ pub fn plan<'r>(
         });
     }
     out
+}
+
+/// Per pipeline, once a batch: the payload fields its key templates read, and per rule the
+/// key prefix of its current reference-data version.
+fn prepare<'c>(
+    catalog: &'c Catalog,
+    version: &dyn Fn(&str, &str) -> Option<u64>,
+) -> HashMap<&'c str, (Paths<'c>, Vec<String>)> {
+    catalog
+        .iter()
+        .map(|def| {
+            let paths: Vec<&FieldPath> = def
+                .enrichments
+                .iter()
+                .flat_map(|r| r.key_template.fields())
+                .collect();
+            let prefixes = def
+                .enrichments
+                .iter()
+                .map(|rule| {
+                    // Data loaded by `instream refdata load` lives under its version's prefix.
+                    version(&def.name, &rule.name).map_or_else(String::new, |v| {
+                        instream_refdata::versions::version_prefix(&def.name, &rule.name, v)
+                    })
+                })
+                .collect();
+            (def.name.as_str(), (Paths::new(&paths), prefixes))
+        })
+        .collect()
+}
+
+/// The batch's distinct lookups by full key, and the buffers keys are rendered in.
+struct KeyIndex {
+    // foldhash, not SipHash: one lookup per event of the batch, keys from this process's own
+    // rendering of templates.
+    index: HashMap<String, usize, foldhash::fast::RandomState>,
+    key: String,
+    full: String,
+}
+
+impl KeyIndex {
+    /// Adds to `out` the lookup of each rule of `def` for one event, from `values` (the event's
+    /// fields its pipeline's key templates read, in their order) and the rules' `prefixes`.
+    fn plan_rules(
+        &mut self,
+        out: &mut Plans<'_>,
+        def: &PipelineDefinition,
+        prefixes: &[String],
+        values: &[Scalar<'_>],
+    ) {
+        let mut at = 0;
+        for (rule, prefix) in def.enrichments.iter().zip(prefixes) {
+            let n = rule.key_template.fields().count();
+            // The picker fills one value per path of this pipeline; `None` cannot happen,
+            // and is a missing field if it ever does.
+            let Some(mine) = values.get(at..at + n) else {
+                out.rule_lookups.push(None);
+                at += n;
+                continue;
+            };
+            at += n;
+            if mine.iter().any(Option::is_none) {
+                out.rule_lookups.push(None);
+                continue;
+            }
+            rule.key_template.render_iter(
+                mine.iter().map(|v| v.as_deref().unwrap_or_default()),
+                &mut self.key,
+            );
+            self.full.clear();
+            self.full.push_str(prefix);
+            self.full.push_str(&self.key);
+            let retry = (rule.on_miss == MissPolicy::Retry)
+                .then_some((rule.retry_attempts, rule.retry_backoff));
+            let i = match self.index.get(self.full.as_str()) {
+                Some(&i) => i,
+                None => {
+                    let i = out.lookups.len();
+                    self.index.insert(self.full.clone(), i);
+                    out.lookups.push((self.full.clone(), rule.shape));
+                    out.retries.push(None);
+                    i
+                }
+            };
+            if let Some(retry) = retry {
+                let slot = &mut out.retries[i];
+                *slot = Some(slot.map_or(retry, |(a, b)| (a.max(retry.0), b.max(retry.1))));
+            }
+            out.rule_lookups.push(Some(i));
+        }
+    }
 }
 
 /// The enrichment object of one event, written straight as JSON. When two rules write the
@@ -372,6 +413,27 @@ impl<'n> Writer<'_, 'n> {
             self.buf.push(b'{');
         }
         self.buf.push(b'}');
+    }
+
+    /// Finishes the object with the names of the rules `missed` (and let pass) and the `tag`
+    /// quality rules broken; returns the latter comma-separated.
+    fn close(mut self, missed: Vec<Value>, tags: Vec<Value>) -> Option<String> {
+        let missed = Value::Array(missed);
+        if missed.as_array().is_some_and(|m| !m.is_empty()) {
+            self.field("_missed", &missed);
+        }
+        let joined = (!tags.is_empty()).then(|| {
+            tags.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        let tag_list = Value::Array(tags);
+        if joined.is_some() {
+            self.field(instream_quality::TAG_FIELD, &tag_list);
+        }
+        self.finish();
+        joined
     }
 }
 
@@ -412,158 +474,189 @@ pub fn render(
     arena.clear();
     quality.records.clear();
     quality.checked.clear();
-    let mut found_flags: Vec<bool> = Vec::new();
-    let mut violations: Vec<Violation> = Vec::new();
+    let mut renderer = Renderer {
+        answers,
+        outcomes,
+        quality,
+        arena,
+        found_flags: Vec::new(),
+        violations: Vec::new(),
+        enrichment: Vec::with_capacity(256),
+        reencoded: Vec::new(),
+    };
     let mut outputs = Vec::with_capacity(plans.plans.len());
-    let mut enrichment = Vec::with_capacity(256);
-    let mut reencoded = Vec::new();
     let rule_lookups = plans.rule_lookups;
     for (record, plan) in batch.iter().zip(plans.plans) {
-        let (envelope, def, lookups) = match plan {
-            Plan::Dead { code, reason } => {
-                outputs.push(Output::Dead { code, reason });
-                continue;
-            }
+        outputs.push(match plan {
+            Plan::Dead { code, reason } => Output::Dead { code, reason },
             Plan::Enrich {
                 envelope,
                 def,
                 lookups,
-            } => (envelope, def, lookups),
-        };
-        enrichment.clear();
-        let several = def.enrichments.len() > 1;
-        let mut writer = Writer {
-            buf: &mut enrichment,
-            names: several.then(Vec::new),
-            empty: true,
-        };
-        let mut missed: Vec<Value> = Vec::new();
-        let mut dead: Option<(DeadLetterCode, String)> = None;
-        found_flags.clear();
-        for (rule_index, (rule, lookup)) in def
-            .enrichments
-            .iter()
-            .zip(&rule_lookups[lookups])
-            .enumerate()
-        {
-            let found = lookup.and_then(|i| answers.get(i)).map(|f| &**f);
-            let outcome = match found {
-                Some(Found::Record(_)) => "hit",
-                Some(Found::Malformed(_)) => "malformed",
-                _ => "miss",
-            };
-            outcomes.add(&def, rule_index, outcome);
-            found_flags.push(outcome == "hit");
-            match (found, rule.on_miss) {
-                (Some(Found::Record(r)), _) => apply(rule, Some(r), &mut writer),
-                (Some(Found::Malformed(why)), _) => {
-                    dead.get_or_insert_with(|| {
-                        (
-                            DeadLetterCode::RefdataMalformed,
-                            format!("rule `{}`: the reference record {why}", rule.name),
-                        )
-                    });
-                }
-                (_, MissPolicy::Pass) => {
-                    missed.push(Value::String(rule.name.clone()));
-                    apply(rule, None, &mut writer);
-                }
-                (_, MissPolicy::DeadLetter | MissPolicy::Retry) => {
-                    dead.get_or_insert_with(|| {
-                        let why = match lookup {
-                            None => "the event lacks a field of its key template".to_owned(),
-                            Some(_) if rule.on_miss == MissPolicy::Retry => {
-                                format!("no reference record after {} retries", rule.retry_attempts)
-                            }
-                            Some(_) => "no reference record".to_owned(),
-                        };
-                        (
-                            DeadLetterCode::EnrichMiss,
-                            format!("rule `{}`: {why}", rule.name),
-                        )
-                    });
-                }
-            }
-        }
-        if let Some((code, reason)) = dead {
-            outputs.push(Output::Dead { code, reason });
-            continue;
-        }
-        let recorded = quality.records.len();
-        let verdict = match check_quality(
-            quality,
-            &def,
-            record,
-            writer.buf,
-            &found_flags,
-            &mut violations,
-        ) {
-            Ok(v) => v,
-            Err(e) => {
-                outputs.push(Output::Dead {
-                    code: DeadLetterCode::DecodeError,
-                    reason: e.to_string(),
-                });
-                continue;
-            }
-        };
-        if let Some(reason) = verdict.dead {
-            outputs.push(Output::Dead {
-                code: DeadLetterCode::Quality,
-                reason,
-            });
-            continue;
-        }
-        let missed = Value::Array(missed);
-        if missed.as_array().is_some_and(|m| !m.is_empty()) {
-            writer.field("_missed", &missed);
-        }
-        let tags = (!verdict.tags.is_empty()).then(|| {
-            verdict
-                .tags
-                .iter()
-                .filter_map(Value::as_str)
-                .collect::<Vec<_>>()
-                .join(",")
-        });
-        let tag_list = Value::Array(verdict.tags);
-        if tags.is_some() {
-            writer.field(instream_quality::TAG_FIELD, &tag_list);
-        }
-        writer.finish();
-        let key_start = arena.len();
-        arena.extend_from_slice(envelope.key.as_bytes());
-        let start = arena.len();
-        let spliced = !envelope.enriched
-            && instream_event::with_enrichment(&record.payload, &enrichment, arena).is_some();
-        if !spliced {
-            // Already enriched once (a replayed record): re-encode with the new enrichment.
-            match instream_event::decode(&record.payload) {
-                Ok(mut event) => {
-                    event.enrichment = serde_json::from_slice(&enrichment).ok();
-                    instream_event::encode_into(&event, &mut reencoded);
-                    arena.extend_from_slice(&reencoded);
-                }
-                Err(e) => {
-                    // Not the event the rules judged after all: no violation of it stands.
-                    quality.records.truncate(recorded);
-                    outputs.push(Output::Dead {
-                        code: DeadLetterCode::DecodeError,
-                        reason: e.to_string(),
-                    });
-                    continue;
-                }
-            }
-        }
-        outputs.push(Output::Enriched {
-            pipeline: def,
-            key: key_start..start,
-            bytes: start..arena.len(),
-            ingest_time: envelope.ingest_time,
-            tags,
+            } => renderer
+                .event(record, &envelope, def, &rule_lookups[lookups])
+                .unwrap_or_else(|(code, reason)| Output::Dead { code, reason }),
         });
     }
     outputs
+}
+
+/// What [`render`] writes each event with: the batch's answers, tallies and arena, and
+/// buffers reused from event to event.
+struct Renderer<'a> {
+    answers: &'a [Arc<Found>],
+    outcomes: &'a mut Outcomes,
+    quality: &'a mut Quality,
+    arena: &'a mut Vec<u8>,
+    found_flags: Vec<bool>,
+    violations: Vec<Violation>,
+    enrichment: Vec<u8>,
+    reencoded: Vec<u8>,
+}
+
+impl Renderer<'_> {
+    /// The enriched record of one planned event, `lookups` the indices of its rules' answers;
+    /// `Err`: why it is dead-lettered.
+    fn event(
+        &mut self,
+        record: &Record,
+        envelope: &Envelope<'_>,
+        def: Arc<PipelineDefinition>,
+        lookups: &[Option<usize>],
+    ) -> Result<Output, (DeadLetterCode, String)> {
+        self.enrichment.clear();
+        let several = def.enrichments.len() > 1;
+        let mut writer = Writer {
+            buf: &mut self.enrichment,
+            names: several.then(Vec::new),
+            empty: true,
+        };
+        let missed = apply_rules(
+            &def,
+            lookups,
+            self.answers,
+            self.outcomes,
+            &mut self.found_flags,
+            &mut writer,
+        )?;
+        let recorded = self.quality.records.len();
+        let verdict = check_quality(
+            self.quality,
+            &def,
+            record,
+            writer.buf,
+            &self.found_flags,
+            &mut self.violations,
+        )
+        .map_err(|e| (DeadLetterCode::DecodeError, e.to_string()))?;
+        if let Some(reason) = verdict.dead {
+            return Err((DeadLetterCode::Quality, reason));
+        }
+        let tags = writer.close(missed, verdict.tags);
+        let (key, bytes) = write_enriched(
+            self.arena,
+            record,
+            envelope,
+            &self.enrichment,
+            &mut self.reencoded,
+        )
+        .map_err(|e| {
+            // Not the event the rules judged after all: no violation of it stands.
+            self.quality.records.truncate(recorded);
+            (DeadLetterCode::DecodeError, e.to_string())
+        })?;
+        Ok(Output::Enriched {
+            pipeline: def,
+            key,
+            bytes,
+            ingest_time: envelope.ingest_time,
+            tags,
+        })
+    }
+}
+
+/// Writes what each rule of `def` found to `writer`, counts each rule's outcome and flags its
+/// hits in `found_flags`. `Ok`: the names of the rules that missed and let the event pass;
+/// `Err`: the dead letter of the first rule that stops it.
+fn apply_rules<'n>(
+    def: &'n Arc<PipelineDefinition>,
+    lookups: &[Option<usize>],
+    answers: &'n [Arc<Found>],
+    outcomes: &mut Outcomes,
+    found_flags: &mut Vec<bool>,
+    writer: &mut Writer<'_, 'n>,
+) -> Result<Vec<Value>, (DeadLetterCode, String)> {
+    let mut missed: Vec<Value> = Vec::new();
+    let mut dead: Option<(DeadLetterCode, String)> = None;
+    found_flags.clear();
+    for (rule_index, (rule, lookup)) in def.enrichments.iter().zip(lookups).enumerate() {
+        let found = lookup.and_then(|i| answers.get(i)).map(|f| &**f);
+        let outcome = match found {
+            Some(Found::Record(_)) => "hit",
+            Some(Found::Malformed(_)) => "malformed",
+            _ => "miss",
+        };
+        outcomes.add(def, rule_index, outcome);
+        found_flags.push(outcome == "hit");
+        match (found, rule.on_miss) {
+            (Some(Found::Record(r)), _) => apply(rule, Some(r), writer),
+            (Some(Found::Malformed(why)), _) => {
+                dead.get_or_insert_with(|| {
+                    (
+                        DeadLetterCode::RefdataMalformed,
+                        format!("rule `{}`: the reference record {why}", rule.name),
+                    )
+                });
+            }
+            (_, MissPolicy::Pass) => {
+                missed.push(Value::String(rule.name.clone()));
+                apply(rule, None, writer);
+            }
+            (_, MissPolicy::DeadLetter | MissPolicy::Retry) => {
+                dead.get_or_insert_with(|| {
+                    let why = match lookup {
+                        None => "the event lacks a field of its key template".to_owned(),
+                        Some(_) if rule.on_miss == MissPolicy::Retry => {
+                            format!("no reference record after {} retries", rule.retry_attempts)
+                        }
+                        Some(_) => "no reference record".to_owned(),
+                    };
+                    (
+                        DeadLetterCode::EnrichMiss,
+                        format!("rule `{}`: {why}", rule.name),
+                    )
+                });
+            }
+        }
+    }
+    match dead {
+        Some(letter) => Err(letter),
+        None => Ok(missed),
+    }
+}
+
+/// Appends the event's key, then the record with its `enrichment`, to `arena`; returns where
+/// each is.
+fn write_enriched(
+    arena: &mut Vec<u8>,
+    record: &Record,
+    envelope: &Envelope<'_>,
+    enrichment: &[u8],
+    reencoded: &mut Vec<u8>,
+) -> Result<(std::ops::Range<usize>, std::ops::Range<usize>), instream_event::DecodeError> {
+    let key_start = arena.len();
+    arena.extend_from_slice(envelope.key.as_bytes());
+    let start = arena.len();
+    let spliced = !envelope.enriched
+        && instream_event::with_enrichment(&record.payload, enrichment, arena).is_some();
+    if !spliced {
+        // Already enriched once (a replayed record): re-encode with the new enrichment.
+        let mut event = instream_event::decode(&record.payload)?;
+        event.enrichment = serde_json::from_slice(enrichment).ok();
+        instream_event::encode_into(&event, reencoded);
+        arena.extend_from_slice(reencoded);
+    }
+    Ok((key_start..start, start..arena.len()))
 }
 
 #[cfg(test)]

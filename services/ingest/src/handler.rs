@@ -10,6 +10,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
+use instream_core::events::{events_handled, stage_latency};
+use instream_core::Service;
 use instream_event::{Event, Rejection};
 use instream_kafka::{client, KafkaError, Outgoing};
 use instream_pipeline::topics;
@@ -21,7 +23,7 @@ use crate::keys::Denied;
 use crate::AppState;
 use instream_pipeline::{envelope, IdSource};
 
-const SERVICE: &str = "ingest";
+const SERVICE: Service = Service::Ingest;
 
 #[derive(Serialize)]
 struct Refused {
@@ -46,9 +48,14 @@ struct Failure<'a> {
     message: String,
 }
 
-fn count_request(status: StatusCode) {
-    metrics::counter!("instream_http_requests_total", "service" => SERVICE, "status" => status.as_u16().to_string())
+/// `instream_events_rejected_total{service,pipeline,code}`: one event refused, by why.
+fn count_rejected(pipeline: String, code: &'static str) {
+    metrics::counter!("instream_events_rejected_total", "service" => SERVICE.as_str(), "pipeline" => pipeline, "code" => code)
         .increment(1);
+}
+
+fn count_request(status: StatusCode) {
+    instream_core::events::http_request_answered(SERVICE, status.as_u16());
 }
 
 fn failure(status: StatusCode, error: &'static str, message: String) -> Response {
@@ -91,43 +98,16 @@ pub async fn admit(
         .unwrap_or("")
         .to_owned();
     // Before the pipeline is looked up, so a client without a key learns nothing of them.
-    let caller = match state.keys.authorize(request.headers(), &pipeline) {
-        Ok(key) => {
-            request.extensions_mut().insert(Caller(key));
-            key
-        }
-        Err(Denied::Unauthenticated(why)) => {
-            let mut response = failure(StatusCode::UNAUTHORIZED, "unauthorized", why.into());
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-            return response;
-        }
-        Err(Denied::Forbidden(why)) => return failure(StatusCode::FORBIDDEN, "forbidden", why),
+    let caller = match identify_caller(&state, &mut request, &pipeline) {
+        Ok(caller) => caller,
+        Err(refused) => return refused,
     };
     // A name is `[a-z0-9_-]`: anything else (an escape such as `%6f`, which the route would
     // decode past the key's scope check) names no pipeline.
     if !instream_pipeline::valid_name(&pipeline) {
         return unknown_pipeline(&pipeline);
     }
-    // Larger than allowed by its own account: refused before a byte of it is read (and
-    // before `100 Continue`, which is sent only once the body is read).
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > state.config.max_body_bytes) {
-        let e = BodyError::TooLarge {
-            limit: usize::try_from(state.config.max_body_bytes).unwrap_or(usize::MAX),
-        };
-        // The body was not read: the connection closes after the answer, not reused with the
-        // body still coming.
-        let mut refused = failure(StatusCode::PAYLOAD_TOO_LARGE, e.code(), e.message());
-        refused.headers_mut().insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("close"),
-        );
+    if let Some(refused) = refuse_declared_too_large(&state, request.headers()) {
         return refused;
     }
     let client = match caller {
@@ -168,6 +148,52 @@ pub async fn admit(
             ),
         ),
     }
+}
+
+/// The caller's key (`None`: anonymous), also left in the request for the handler; `Err`: the
+/// 401 or 403.
+fn identify_caller(
+    state: &AppState,
+    request: &mut axum::extract::Request,
+    pipeline: &str,
+) -> Result<Option<usize>, Response> {
+    match state.keys.authorize(request.headers(), pipeline) {
+        Ok(key) => {
+            request.extensions_mut().insert(Caller(key));
+            Ok(key)
+        }
+        Err(Denied::Unauthenticated(why)) => {
+            let mut response = failure(StatusCode::UNAUTHORIZED, "unauthorized", why.into());
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            Err(response)
+        }
+        Err(Denied::Forbidden(why)) => Err(failure(StatusCode::FORBIDDEN, "forbidden", why)),
+    }
+}
+
+/// Larger than allowed by its own account: refused before a byte of it is read (and
+/// before `100 Continue`, which is sent only once the body is read).
+fn refuse_declared_too_large(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_none_or(|n| n <= state.config.max_body_bytes) {
+        return None;
+    }
+    let e = BodyError::TooLarge {
+        limit: usize::try_from(state.config.max_body_bytes).unwrap_or(usize::MAX),
+    };
+    // The body was not read: the connection closes after the answer, not reused with the
+    // body still coming.
+    let mut refused = failure(StatusCode::PAYLOAD_TOO_LARGE, e.code(), e.message());
+    refused.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    Some(refused)
 }
 
 /// Who a request counts against for `ingest.max_in_flight_requests_per_client`: its API key,
@@ -286,16 +312,9 @@ pub async fn post_events(
         metrics::gauge!("instream_ingest_in_flight_bytes"),
         body.len() as f64,
     );
-    let raws = match body::split(
-        &body,
-        Framing::of(&headers),
-        state.config.max_events_per_request,
-    ) {
+    let raws = match split_body(&state, &headers, &body) {
         Ok(r) => r,
-        Err(e @ BodyError::TooManyEvents { .. }) => {
-            return failure(StatusCode::PAYLOAD_TOO_LARGE, e.code(), e.message())
-        }
-        Err(e) => return failure(StatusCode::BAD_REQUEST, e.code(), e.message()),
+        Err(refused) => return refused,
     };
     let idempotency_key = match idempotency_key(&headers) {
         Ok(k) => k,
@@ -307,23 +326,9 @@ pub async fn post_events(
         idempotency_key,
         key_binds_content: true,
     };
-    let mut batch = build_events(&state, &def, &raws, &ids);
+    let batch = build_events(&state, &def, &raws, &ids);
     if batch.events.is_empty() {
-        // Refused events cost work too: charged to the key like taken ones (the answer stays
-        // 422 even past the rate: sent again, they would be refused again).
-        if let Some(key) = key {
-            let _ = key.take(raws.len());
-        }
-        count_request(StatusCode::UNPROCESSABLE_ENTITY);
-        return (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            Json(Answer {
-                accepted: 0,
-                repeats: 0,
-                rejected: batch.rejected,
-            }),
-        )
-            .into_response();
+        return none_taken(key, raws.len(), batch.rejected);
     }
     let topic = topics::raw(&pipeline);
     let _room = match reserve_room(&state, &topic, &batch.events) {
@@ -349,76 +354,7 @@ pub async fn post_events(
         Ok(outcomes) => outcomes,
         Err(refused) => return refused,
     };
-    let mut accepted = 0;
-    let mut transient = None;
-    let mut refusals: Vec<Option<Refused>> = Vec::with_capacity(batch.events.len());
-    for ((index, _, _), outcome) in batch.events.iter().zip(delivered) {
-        refusals.push(match outcome {
-            Ok(()) => {
-                accepted += 1;
-                None
-            }
-            // A record the broker will never take as it is: refused by its index.
-            Err(e) if e.is_record_refused() => Some(refused_by_broker(*index, &pipeline, &e)),
-            // Anything else (the producer failed, a topic missing, the broker away) may pass
-            // when sent again: the whole request is answered 503 below.
-            Err(e) => {
-                transient = Some(e);
-                None
-            }
-        });
-    }
-    // A repeat shares its first copy's fate.
-    let mut repeats = 0;
-    for (index, first) in &batch.repeats {
-        match &refusals[*first] {
-            None => repeats += 1,
-            Some(refused) => {
-                metrics::counter!("instream_events_rejected_total", "service" => SERVICE, "pipeline" => pipeline.clone(), "code" => refused.code)
-                    .increment(1);
-                batch.rejected.push(Refused {
-                    index: *index,
-                    code: refused.code,
-                    reason: refused.reason.clone(),
-                })
-            }
-        }
-    }
-    batch.rejected.extend(refusals.into_iter().flatten());
-    if let Some(e) = transient {
-        tracing::warn!(error = %e, pipeline, "broker did not acknowledge");
-        // Written, but answered 503: the client sends them again (same ids).
-        metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => pipeline.clone(), "outcome" => "written_then_retried")
-            .increment(accepted as u64);
-        return retry_later(
-            &state,
-            "broker_unavailable",
-            format!("not acknowledged by the broker ({e}); send the same request again"),
-        );
-    }
-    let latency = started.elapsed().as_secs_f64();
-    metrics::histogram!("instream_produce_latency_seconds", "service" => SERVICE).record(latency);
-    metrics::histogram!("instream_stage_latency_seconds", "stage" => SERVICE).record(latency);
-    metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => pipeline.clone(), "outcome" => "accepted")
-        .increment(accepted as u64);
-    metrics::counter!("instream_events_total", "service" => SERVICE, "pipeline" => pipeline.clone(), "outcome" => "repeated")
-        .increment(repeats as u64);
-    batch.rejected.sort_by_key(|r| r.index);
-    let status = if accepted == 0 {
-        StatusCode::UNPROCESSABLE_ENTITY
-    } else {
-        StatusCode::OK
-    };
-    count_request(status);
-    (
-        status,
-        Json(Answer {
-            accepted: accepted + repeats,
-            repeats,
-            rejected: batch.rejected,
-        }),
-    )
-        .into_response()
+    answer(&state, &pipeline, started, batch, delivered)
 }
 
 /// A 404 for a pipeline name that is not defined, echoing at most 64 characters of it.
@@ -484,6 +420,46 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, Response> {
     }
 }
 
+/// Each event's bytes; `Err`: the 413 for too many events, the 400 for a body not framed as
+/// its `Content-Type` says.
+fn split_body<'b>(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &'b [u8],
+) -> Result<Vec<&'b [u8]>, Response> {
+    let framing = Framing::of(headers);
+    body::split(body, framing, state.config.max_events_per_request).map_err(|e| {
+        let status = match e {
+            BodyError::TooManyEvents { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        failure(status, e.code(), e.message())
+    })
+}
+
+/// The 422 of a request none of whose `events` was taken.
+fn none_taken(
+    key: Option<&crate::keys::ApiKey>,
+    events: usize,
+    rejected: Vec<Refused>,
+) -> Response {
+    // Refused events cost work too: charged to the key like taken ones (the answer stays
+    // 422 even past the rate: sent again, they would be refused again).
+    if let Some(key) = key {
+        let _ = key.take(events);
+    }
+    count_request(StatusCode::UNPROCESSABLE_ENTITY);
+    (
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Json(Answer {
+            accepted: 0,
+            repeats: 0,
+            rejected,
+        }),
+    )
+        .into_response()
+}
+
 /// A request's events: those taken (with their index and encoded envelope), how many of them
 /// repeat another of the same request (same id: identical events without an id), and those
 /// refused.
@@ -543,8 +519,7 @@ fn build_events(
                 }
             },
             Err(r) => {
-                metrics::counter!("instream_events_rejected_total", "service" => SERVICE, "pipeline" => def.name.clone(), "code" => r.code)
-                    .increment(1);
+                count_rejected(def.name.clone(), r.code);
                 batch.rejected.push(Refused {
                     index,
                     code: r.code,
@@ -554,6 +529,96 @@ fn build_events(
         }
     }
     batch
+}
+
+/// The answer to a request whose events were written, `started` when they were sent: the
+/// counts and the events refused, or a 503 if any failure may pass when sent again.
+fn answer(
+    state: &AppState,
+    pipeline: &str,
+    started: Instant,
+    mut batch: Batch,
+    delivered: Vec<Result<(), KafkaError>>,
+) -> Response {
+    let mut accepted = 0;
+    let mut transient = None;
+    let mut refusals: Vec<Option<Refused>> = Vec::with_capacity(batch.events.len());
+    for ((index, _, _), outcome) in batch.events.iter().zip(delivered) {
+        refusals.push(match outcome {
+            Ok(()) => {
+                accepted += 1;
+                None
+            }
+            // A record the broker will never take as it is: refused by its index.
+            Err(e) if e.is_record_refused() => Some(refused_by_broker(*index, pipeline, &e)),
+            // Anything else (the producer failed, a topic missing, the broker away) may pass
+            // when sent again: the whole request is answered 503 below.
+            Err(e) => {
+                transient = Some(e);
+                None
+            }
+        });
+    }
+    let repeats = share_fates(&mut batch, refusals, pipeline);
+    if let Some(e) = transient {
+        tracing::warn!(error = %e, pipeline, "broker did not acknowledge");
+        // Written, but answered 503: the client sends them again (same ids).
+        events_handled(
+            SERVICE,
+            pipeline.to_owned(),
+            "written_then_retried",
+            accepted as u64,
+        );
+        return retry_later(
+            state,
+            "broker_unavailable",
+            format!("not acknowledged by the broker ({e}); send the same request again"),
+        );
+    }
+    let latency = started.elapsed().as_secs_f64();
+    metrics::histogram!("instream_produce_latency_seconds", "service" => SERVICE.as_str())
+        .record(latency);
+    stage_latency(SERVICE.as_str()).record(latency);
+    events_handled(SERVICE, pipeline.to_owned(), "accepted", accepted as u64);
+    events_handled(SERVICE, pipeline.to_owned(), "repeated", repeats as u64);
+    batch.rejected.sort_by_key(|r| r.index);
+    let status = if accepted == 0 {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    count_request(status);
+    (
+        status,
+        Json(Answer {
+            accepted: accepted + repeats,
+            repeats,
+            rejected: batch.rejected,
+        }),
+    )
+        .into_response()
+}
+
+/// Moves the refusals of `batch.events` (by position, `None`: taken) to `batch.rejected`,
+/// with each refused event's repeats; returns how many repeats were taken.
+fn share_fates(batch: &mut Batch, refusals: Vec<Option<Refused>>, pipeline: &str) -> usize {
+    // A repeat shares its first copy's fate.
+    let mut repeats = 0;
+    for (index, first) in &batch.repeats {
+        match &refusals[*first] {
+            None => repeats += 1,
+            Some(refused) => {
+                count_rejected(pipeline.to_owned(), refused.code);
+                batch.rejected.push(Refused {
+                    index: *index,
+                    code: refused.code,
+                    reason: refused.reason.clone(),
+                })
+            }
+        }
+    }
+    batch.rejected.extend(refusals.into_iter().flatten());
+    repeats
 }
 
 /// Takes `events` from the key's rate; the 429 when it must wait.
@@ -671,8 +736,7 @@ fn refused_by_broker(index: usize, pipeline: &str, error: &KafkaError) -> Refuse
     } else {
         "refused_by_broker"
     };
-    metrics::counter!("instream_events_rejected_total", "service" => SERVICE, "pipeline" => pipeline.to_owned(), "code" => code)
-        .increment(1);
+    count_rejected(pipeline.to_owned(), code);
     Refused {
         index,
         code,

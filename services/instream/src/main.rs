@@ -179,7 +179,8 @@ impl Service {
 
 /// Runs one service as this process (`instream run <service>`).
 fn run_one(service: Service, config: Option<&std::path::Path>) -> ExitCode {
-    use instream_core::{run_service, Service as Named};
+    use instream_coord::run_service;
+    use instream_core::Service as Named;
     match service {
         Service::Ingest => run_service(Named::Ingest, config, instream_ingest::run),
         Service::Enricher => run_service(Named::Enricher, config, instream_enricher::run),
@@ -206,12 +207,22 @@ fn main() -> ExitCode {
     // Fail points (tests) come from FAILPOINTS; inert unless built with `fail/failpoints`.
     let _failpoints = fail::FailScenario::setup();
     instream_core::install_tls_provider();
-    let cli = match Cli::try_parse() {
+    let cli = match parse_arguments() {
         Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    dispatch(cli.command)
+}
+
+/// The command line; `Err`: the exit code after `--help`, `--version` or a usage error (one
+/// line on stderr).
+fn parse_arguments() -> Result<Cli, ExitCode> {
+    match Cli::try_parse() {
+        Ok(cli) => Ok(cli),
         Err(e) if !e.use_stderr() => {
             // --help and --version.
             let _ = e.print();
-            return ExitCode::SUCCESS;
+            Err(ExitCode::SUCCESS)
         }
         Err(e) => {
             // One line, like every other error; `--help` has the usage.
@@ -223,14 +234,16 @@ fn main() -> ExitCode {
                 .unwrap_or(&text)
                 .trim_start_matches("error: ");
             eprintln!("instream: {first} (see --help)");
-            return ExitCode::from(2);
+            Err(ExitCode::from(2))
         }
-    };
-    let result = match cli.command {
-        Command::Run { service, config } => {
-            let config = config.as_deref();
-            return run_one(service, config);
-        }
+    }
+}
+
+/// Runs a command: a service (`run`) to its own exit code; any other on a runtime, its error
+/// printed on one line.
+fn dispatch(command: Command) -> ExitCode {
+    let result = match command {
+        Command::Run { service, config } => return run_one(service, config.as_deref()),
         Command::CheckConfig { config, service } => check_config(config.config, &service),
         Command::Schema(SchemaCommand::Apply { config, output }) => {
             block_on(schema_apply(config.config, output))
@@ -292,6 +305,11 @@ fn main() -> ExitCode {
             block_on(demo::run(duration, rate, &data_dir))
         }
     };
+    exit_code(result)
+}
+
+/// The exit code of a command's result, its error printed on one line.
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

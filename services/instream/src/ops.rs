@@ -193,33 +193,7 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             limit,
             code,
             output,
-        } => {
-            let config = crate::standalone::state::cli_config(config.as_deref(), true)?;
-            let topic = topics::dead_letter(&pipeline);
-            // With a code, the newest N of that code: everything is read, then filtered.
-            let newest = limit
-                .filter(|_| code.is_none())
-                .map(|n| i64::try_from(n).unwrap_or(i64::MAX));
-            let (mut letters, skipped) = ops::read_dead_letters(
-                &config.kafka,
-                &topic,
-                HashMap::new(),
-                newest,
-                config.enricher_transactional(),
-            )
-            .await
-            .with_context(|| format!("reading `{topic}`"))?;
-            if let Some(code) = &code {
-                letters.retain(|d| d.code == *code);
-            }
-            letters.sort_by_key(|d| (d.timestamp_millis, d.partition, d.offset));
-            if let Some(n) = limit {
-                let skip = letters.len().saturating_sub(n);
-                letters.drain(..skip);
-            }
-            emit(&format_letters(&letters, output.output))?;
-            crate::output::fail_on_skipped(&topic, &skipped)
-        }
+        } => dlq_tail(config, &pipeline, limit, code, output).await,
         DlqCommand::Redrive {
             config,
             pipeline,
@@ -227,81 +201,137 @@ pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             from,
             execute,
             output,
-        } => {
-            let config = crate::standalone::state::cli_config(config.as_deref(), true)?;
-            anyhow::ensure!(
-                !(execute && config.kafka.broker == instream_core::config::BrokerMode::Embedded),
-                "dlq redrive --execute cannot write into a running standalone: it bounds what its \
-                 topics hold by counting what its own services write (see the README); send the \
-                 events to its ingest instead (`dlq tail --output json` shows them)"
-            );
-            let dlq_topic = topics::dead_letter(&pipeline);
-            let raw = topics::raw(&pipeline);
-            let from: HashMap<i32, i64> = from.into_iter().collect();
-            let (letters, skipped) = ops::read_dead_letters(
-                &config.kafka,
-                &dlq_topic,
-                from.clone(),
-                None,
-                config.enricher_transactional(),
-            )
-            .await
-            .with_context(|| format!("reading `{dlq_topic}`"))?;
-            // Where the next redrive continues: after everything read now, and never before
-            // where this one started.
-            let mut next = from;
-            for d in &letters {
-                let n = next.entry(d.partition).or_insert(0);
-                *n = (*n).max(d.offset + 1);
-            }
-            let plan = select_for_redrive(letters, code.as_deref(), &raw);
-            let mut continue_from: Vec<(i32, i64)> = next.into_iter().collect();
-            continue_from.sort();
-            if let Output::Json = output.output {
-                if execute {
-                    redrive(&config, &dlq_topic, &raw, &plan.send).await?;
-                }
-                crate::output::emit_json(&serde_json::json!({
-                    "executed": execute, "to": raw, "sent": if execute { plan.send.len() } else { 0 },
-                    "would_send": plan.send.len(), "left_alone": plan.left.len(),
-                    "continue_from": continue_from.iter()
-                        .map(|(p, o)| serde_json::json!({"partition": p, "offset": o}))
-                        .collect::<Vec<_>>(),
-                }))?;
-                return crate::output::fail_on_skipped(&dlq_topic, &skipped);
-            }
-            let mut text = String::new();
-            use std::fmt::Write as _;
-            if !plan.left.is_empty() {
-                let _ = writeln!(
-                    text,
-                    "{} dead letters are left alone (other codes, not from `{raw}`, or \
-                     `decode_error` not asked for by name; see `instream dlq tail`)",
-                    plan.left.len()
-                );
-            }
-            if !execute {
-                let _ = writeln!(
-                    text,
-                    "dry run: {} dead letters would go back to `{raw}`; add --execute",
-                    plan.send.len()
-                );
-                emit(&text)?;
-                return crate::output::fail_on_skipped(&dlq_topic, &skipped);
-            }
-            redrive(&config, &dlq_topic, &raw, &plan.send).await?;
-            let _ = writeln!(text, "redrove {} dead letters to `{raw}`", plan.send.len());
-            if !continue_from.is_empty() {
-                let flags: Vec<String> = continue_from
-                    .iter()
-                    .map(|(p, o)| format!("--from-offset {p}:{o}"))
-                    .collect();
-                let _ = writeln!(text, "to continue after these later: {}", flags.join(" "));
-            }
-            emit(&text)?;
-            crate::output::fail_on_skipped(&dlq_topic, &skipped)
-        }
+        } => dlq_redrive(config, &pipeline, code, from, execute, output).await,
     }
+}
+
+/// `instream dlq tail`: the newest dead letters of a pipeline, of one code or all.
+async fn dlq_tail(
+    config: crate::ConfigArg,
+    pipeline: &str,
+    limit: Option<usize>,
+    code: Option<String>,
+    output: crate::output::OutputArg,
+) -> anyhow::Result<()> {
+    let config = crate::standalone::state::cli_config(config.as_deref(), true)?;
+    let topic = topics::dead_letter(pipeline);
+    // With a code, the newest N of that code: everything is read, then filtered.
+    let newest = limit
+        .filter(|_| code.is_none())
+        .map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+    let (mut letters, skipped) = ops::read_dead_letters(
+        &config.kafka,
+        &topic,
+        HashMap::new(),
+        newest,
+        config.enricher_transactional(),
+    )
+    .await
+    .with_context(|| format!("reading `{topic}`"))?;
+    if let Some(code) = &code {
+        letters.retain(|d| d.code == *code);
+    }
+    letters.sort_by_key(|d| (d.timestamp_millis, d.partition, d.offset));
+    if let Some(n) = limit {
+        let skip = letters.len().saturating_sub(n);
+        letters.drain(..skip);
+    }
+    emit(&format_letters(&letters, output.output))?;
+    crate::output::fail_on_skipped(&topic, &skipped)
+}
+
+/// `instream dlq redrive`: dead letters back to the raw topic (a dry run without `execute`).
+async fn dlq_redrive(
+    config: crate::ConfigArg,
+    pipeline: &str,
+    code: Option<String>,
+    from: Vec<(i32, i64)>,
+    execute: bool,
+    output: crate::output::OutputArg,
+) -> anyhow::Result<()> {
+    let config = crate::standalone::state::cli_config(config.as_deref(), true)?;
+    anyhow::ensure!(
+        !(execute && config.kafka.broker == instream_core::config::BrokerMode::Embedded),
+        "dlq redrive --execute cannot write into a running standalone: it bounds what its \
+         topics hold by counting what its own services write (see the README); send the \
+         events to its ingest instead (`dlq tail --output json` shows them)"
+    );
+    let dlq_topic = topics::dead_letter(pipeline);
+    let raw = topics::raw(pipeline);
+    let from: HashMap<i32, i64> = from.into_iter().collect();
+    let (letters, skipped) = ops::read_dead_letters(
+        &config.kafka,
+        &dlq_topic,
+        from.clone(),
+        None,
+        config.enricher_transactional(),
+    )
+    .await
+    .with_context(|| format!("reading `{dlq_topic}`"))?;
+    // Where the next redrive continues: after everything read now, and never before
+    // where this one started.
+    let mut next = from;
+    for d in &letters {
+        let n = next.entry(d.partition).or_insert(0);
+        *n = (*n).max(d.offset + 1);
+    }
+    let plan = select_for_redrive(letters, code.as_deref(), &raw);
+    let mut continue_from: Vec<(i32, i64)> = next.into_iter().collect();
+    continue_from.sort();
+    if let Output::Json = output.output {
+        if execute {
+            redrive(&config, &dlq_topic, &raw, &plan.send).await?;
+        }
+        crate::output::emit_json(&serde_json::json!({
+            "executed": execute, "to": raw, "sent": if execute { plan.send.len() } else { 0 },
+            "would_send": plan.send.len(), "left_alone": plan.left.len(),
+            "continue_from": continue_from.iter()
+                .map(|(p, o)| serde_json::json!({"partition": p, "offset": o}))
+                .collect::<Vec<_>>(),
+        }))?;
+        return crate::output::fail_on_skipped(&dlq_topic, &skipped);
+    }
+    if execute {
+        redrive(&config, &dlq_topic, &raw, &plan.send).await?;
+    }
+    emit(&redrive_summary(&plan, &raw, execute, &continue_from))?;
+    crate::output::fail_on_skipped(&dlq_topic, &skipped)
+}
+
+/// What a redrive in text did, or would do; and where the next one continues.
+fn redrive_summary(
+    plan: &RedrivePlan,
+    raw: &str,
+    executed: bool,
+    continue_from: &[(i32, i64)],
+) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    if !plan.left.is_empty() {
+        let _ = writeln!(
+            text,
+            "{} dead letters are left alone (other codes, not from `{raw}`, or \
+             `decode_error` not asked for by name; see `instream dlq tail`)",
+            plan.left.len()
+        );
+    }
+    if !executed {
+        let _ = writeln!(
+            text,
+            "dry run: {} dead letters would go back to `{raw}`; add --execute",
+            plan.send.len()
+        );
+        return text;
+    }
+    let _ = writeln!(text, "redrove {} dead letters to `{raw}`", plan.send.len());
+    if !continue_from.is_empty() {
+        let flags: Vec<String> = continue_from
+            .iter()
+            .map(|(p, o)| format!("--from-offset {p}:{o}"))
+            .collect();
+        let _ = writeln!(text, "to continue after these later: {}", flags.join(" "));
+    }
+    text
 }
 
 /// What a redrive sends, and what it leaves alone.
