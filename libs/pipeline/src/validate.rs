@@ -48,6 +48,32 @@ impl PipelineDefinition {
         let mut problem =
             |field: String, reason: String| problems.push(format!("{field}: {reason}"));
 
+        self.limit_problems(&mut problem);
+        self.enrichment_problems(&mut problem);
+        self.aggregation_problems(&mut problem);
+        self.output_problems(&mut problem);
+        if let Some(schema) = &self.schema {
+            if let Err(e) = jsonschema::validator_for(schema) {
+                problem("schema".into(), format!("does not compile: {e}"));
+            }
+        }
+        self.archive_problems(&mut problem);
+        crate::quality::validate_rules(self, &mut problem);
+        self.validate_versions(&mut problem);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(DefinitionError::Invalid {
+                pipeline: self.name.clone(),
+                problems,
+            })
+        }
+    }
+}
+
+impl PipelineDefinition {
+    /// The name, version, partitions and the definition-wide durations.
+    fn limit_problems(&self, problem: &mut impl FnMut(String, String)) {
         if !valid_name(&self.name) {
             problem("name".into(), "must be 1-64 of [a-z0-9_-]".into());
         }
@@ -85,6 +111,10 @@ impl PipelineDefinition {
                 );
             }
         }
+    }
+
+    /// Each enrichment rule: its name, fields, defaults and retries.
+    fn enrichment_problems(&self, problem: &mut impl FnMut(String, String)) {
         let mut names = BTreeSet::new();
         for (i, rule) in self.enrichments.iter().enumerate() {
             if rule.name.is_empty() || !names.insert(rule.name.as_str()) {
@@ -134,6 +164,10 @@ impl PipelineDefinition {
                 );
             }
         }
+    }
+
+    /// Each aggregation: its name, window, functions, filter, lateness and group-by.
+    fn aggregation_problems(&self, problem: &mut impl FnMut(String, String)) {
         let mut names = BTreeSet::new();
         for (i, agg) in self.aggregations.iter().enumerate() {
             if agg.name.is_empty() || !names.insert(agg.name.as_str()) {
@@ -142,81 +176,8 @@ impl PipelineDefinition {
                     format!("`{}` is empty or used twice", agg.name),
                 );
             }
-            match &agg.window {
-                Window::Tumbling { size } => {
-                    if *size < Duration::from_secs(1) {
-                        problem(
-                            format!("aggregations[{i}].window.size"),
-                            "must be at least 1s".into(),
-                        );
-                    }
-                }
-                Window::Session { gap } => {
-                    if *gap < Duration::from_secs(1) {
-                        problem(
-                            format!("aggregations[{i}].window.gap"),
-                            "must be at least 1s".into(),
-                        );
-                    }
-                }
-                Window::Hopping { size, slide } => {
-                    if *slide < Duration::from_secs(1) || slide > size {
-                        problem(
-                            format!("aggregations[{i}].window.slide"),
-                            "must be at least 1s and at most the window size".into(),
-                        );
-                    } else if size.as_millis() / slide.as_millis() > 100 {
-                        problem(
-                            format!("aggregations[{i}].window.slide"),
-                            "puts each event in more than 100 windows; use a longer slide".into(),
-                        );
-                    }
-                }
-            }
-            let mut outputs = BTreeSet::new();
-            for (j, function) in agg.functions.iter().enumerate() {
-                let at = format!("aggregations[{i}].functions[{j}]");
-                if let Some(path) = function.field() {
-                    if !field_root_ok(path) {
-                        problem(
-                            format!("{at}.field"),
-                            format!(
-                                "`{path}` must be `key`, `payload.<field>` or `enrichment.<field>`"
-                            ),
-                        );
-                    }
-                }
-                if !outputs.insert(function.output_name()) {
-                    problem(
-                        at.clone(),
-                        format!("`{}` is computed twice", function.output_name()),
-                    );
-                }
-                match function {
-                    Function::CountDistinct { precision, .. } if !(4..=18).contains(precision) => {
-                        problem(
-                            format!("{at}.precision"),
-                            format!("{precision} is outside 4..=18"),
-                        );
-                    }
-                    Function::Quantiles {
-                        q,
-                        relative_accuracy,
-                        ..
-                    } => {
-                        if q.is_empty() || q.iter().any(|q| !(0.0..=1.0).contains(q)) {
-                            problem(format!("{at}.q"), "needs quantiles between 0 and 1".into());
-                        }
-                        if !(*relative_accuracy > 0.0 && *relative_accuracy < 0.5) {
-                            problem(
-                                format!("{at}.relative_accuracy"),
-                                "must be above 0 and below 0.5".into(),
-                            );
-                        }
-                    }
-                    _ => {}
-                }
-            }
+            window_problems(i, &agg.window, problem);
+            function_problems(i, &agg.functions, problem);
             if let Some(filter) = &agg.filter {
                 if !field_root_ok(&filter.field) {
                     problem(
@@ -268,12 +229,11 @@ impl PipelineDefinition {
                 }
             }
         }
-        self.output_problems(&mut problem);
-        if let Some(schema) = &self.schema {
-            if let Err(e) = jsonschema::validator_for(schema) {
-                problem("schema".into(), format!("does not compile: {e}"));
-            }
-        }
+    }
+
+    /// Typed archive columns: for Parquet only, named apart from the raw columns and each
+    /// other.
+    fn archive_problems(&self, problem: &mut impl FnMut(String, String)) {
         let archive = &self.archive;
         if !archive.columns.is_empty() && archive.format != ArchiveFormat::Parquet {
             problem(
@@ -305,15 +265,86 @@ impl PipelineDefinition {
                 );
             }
         }
-        crate::quality::validate_rules(self, &mut problem);
-        self.validate_versions(&mut problem);
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(DefinitionError::Invalid {
-                pipeline: self.name.clone(),
-                problems,
-            })
+    }
+}
+
+/// Aggregation `i`'s window: sizes, gaps and slides a window store can keep.
+fn window_problems(i: usize, window: &Window, problem: &mut impl FnMut(String, String)) {
+    match window {
+        Window::Tumbling { size } => {
+            if *size < Duration::from_secs(1) {
+                problem(
+                    format!("aggregations[{i}].window.size"),
+                    "must be at least 1s".into(),
+                );
+            }
+        }
+        Window::Session { gap } => {
+            if *gap < Duration::from_secs(1) {
+                problem(
+                    format!("aggregations[{i}].window.gap"),
+                    "must be at least 1s".into(),
+                );
+            }
+        }
+        Window::Hopping { size, slide } => {
+            if *slide < Duration::from_secs(1) || slide > size {
+                problem(
+                    format!("aggregations[{i}].window.slide"),
+                    "must be at least 1s and at most the window size".into(),
+                );
+            } else if size.as_millis() / slide.as_millis() > 100 {
+                problem(
+                    format!("aggregations[{i}].window.slide"),
+                    "puts each event in more than 100 windows; use a longer slide".into(),
+                );
+            }
+        }
+    }
+}
+
+/// Aggregation `i`'s functions: their fields, outputs and parameters.
+fn function_problems(i: usize, functions: &[Function], problem: &mut impl FnMut(String, String)) {
+    let mut outputs = BTreeSet::new();
+    for (j, function) in functions.iter().enumerate() {
+        let at = format!("aggregations[{i}].functions[{j}]");
+        if let Some(path) = function.field() {
+            if !field_root_ok(path) {
+                problem(
+                    format!("{at}.field"),
+                    format!("`{path}` must be `key`, `payload.<field>` or `enrichment.<field>`"),
+                );
+            }
+        }
+        if !outputs.insert(function.output_name()) {
+            problem(
+                at.clone(),
+                format!("`{}` is computed twice", function.output_name()),
+            );
+        }
+        match function {
+            Function::CountDistinct { precision, .. } if !(4..=18).contains(precision) => {
+                problem(
+                    format!("{at}.precision"),
+                    format!("{precision} is outside 4..=18"),
+                );
+            }
+            Function::Quantiles {
+                q,
+                relative_accuracy,
+                ..
+            } => {
+                if q.is_empty() || q.iter().any(|q| !(0.0..=1.0).contains(q)) {
+                    problem(format!("{at}.q"), "needs quantiles between 0 and 1".into());
+                }
+                if !(*relative_accuracy > 0.0 && *relative_accuracy < 0.5) {
+                    problem(
+                        format!("{at}.relative_accuracy"),
+                        "must be above 0 and below 0.5".into(),
+                    );
+                }
+            }
+            _ => {}
         }
     }
 }

@@ -447,32 +447,7 @@ impl Archiver {
         let data = Bytes::from(file.writer.finish()?);
         let size = data.len();
         let started = Instant::now();
-        let deadline = self.polled_at + WRITE_RETRY_LIMIT;
-        let archive = self.archive.clone();
-        // The consumer is not polled while we retry; before the group takes the partition
-        // away and a second writer starts on the same offsets, stop. Nothing of this file was
-        // committed: the restart reads it again.
-        let written = Retry::new("archive write", stop)
-            .reporting_to(&self.ready)
-            .give_up_after(deadline.saturating_duration_since(started))
-            .run_while(
-                |_| true,
-                || {
-                    let (archive, path, data) = (archive.clone(), path.clone(), data.clone());
-                    async move {
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        match tokio::time::timeout(left, archive.put(&path, data)).await {
-                            Ok(result) => result,
-                            Err(_) => Err(instream_archive::ArchiveError::Io {
-                                path,
-                                message: format!("no answer within {left:?}"),
-                            }),
-                        }
-                    }
-                },
-            )
-            .await;
-        match written {
+        match self.write(&path, data, started, stop).await {
             Ok(()) => {}
             Err(GaveUp::TimedOut { error, waited }) => {
                 return Err(ArchiverError::Unwritable {
@@ -501,5 +476,40 @@ impl Archiver {
             .increment(size as u64);
         tracing::debug!(%path, records, size, reason, "file archived");
         Ok(())
+    }
+
+    /// Writes one file, retrying until the consumer's poll deadline. The consumer is not
+    /// polled while we retry; before the group takes the partition away and a second writer
+    /// starts on the same offsets, stop. Nothing of this file was committed: the restart reads
+    /// it again.
+    async fn write(
+        &self,
+        path: &str,
+        data: Bytes,
+        started: Instant,
+        stop: &CancellationToken,
+    ) -> Result<(), GaveUp<instream_archive::ArchiveError>> {
+        let deadline = self.polled_at + WRITE_RETRY_LIMIT;
+        let archive = self.archive.clone();
+        Retry::new("archive write", stop)
+            .reporting_to(&self.ready)
+            .give_up_after(deadline.saturating_duration_since(started))
+            .run_while(
+                |_| true,
+                || {
+                    let (archive, path, data) = (archive.clone(), path.to_owned(), data.clone());
+                    async move {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        match tokio::time::timeout(left, archive.put(&path, data)).await {
+                            Ok(result) => result,
+                            Err(_) => Err(instream_archive::ArchiveError::Io {
+                                path,
+                                message: format!("no answer within {left:?}"),
+                            }),
+                        }
+                    }
+                },
+            )
+            .await
     }
 }

@@ -229,33 +229,10 @@ async fn poll_table(shared: Arc<Shared>, table: SqlTableConfig) {
             if led_since.elapsed() > Duration::from_secs(60) {
                 pauses.reset();
             }
-            match &outcome {
-                Err(e)
-                    if !matches!(
-                        e,
-                        DbSourceError::Coord(instream_coord::CoordError::Fenced { .. })
-                    ) =>
-                {
-                    polling.set_not_ready(e.to_string())
-                }
-                _ => polling.set_ready(),
-            }
-            match outcome {
-                Ok(()) => tracing::warn!(source = %name, term, "leadership lost: standing by"),
-                Err(DbSourceError::Coord(instream_coord::CoordError::Fenced { .. })) => {
-                    let still_leading = leadership.is_leader();
-                    if still_leading {
-                        // Leading the election, yet a higher term is stored: the election's
-                        // node was recreated (terms restarted). Re-joining raises the term by
-                        // one per round; an operator should delete or fix the progress node.
-                        tracing::error!(source = %name, term, "the stored progress of {name} (ZooKeeper's sources/{name}, or standalone's <data_dir>/sources/{name}.json) holds a higher term than this leader's; re-joining the election (delete the stale term to resume at once)");
-                    } else {
-                        tracing::warn!(source = %name, term, "a later leader took the table: standing by");
-                    }
-                    break still_leading;
-                }
-                Err(e) => {
-                    tracing::warn!(source = %name, term, error = %e, "polling failed; retrying");
+            match after_term(&name, term, outcome, leadership.is_leader(), &polling) {
+                AfterTerm::StandBy => {}
+                AfterTerm::Rejoin { pause } => break pause,
+                AfterTerm::Retry => {
                     if !pauses.sleep(&shared.shutdown).await {
                         return;
                     }
@@ -266,6 +243,54 @@ async fn poll_table(shared: Arc<Shared>, table: SqlTableConfig) {
         drop(leadership);
         if fenced_while_leading && !pauses.sleep(&shared.shutdown).await {
             return;
+        }
+    }
+}
+
+/// What the end of a term leads to.
+enum AfterTerm {
+    /// Leadership lost: stand by in the same election.
+    StandBy,
+    /// Fenced by a later term: join the election again, after a pause when this instance
+    /// still leads it (its node was recreated and the terms restarted).
+    Rejoin { pause: bool },
+    /// Polling failed: lead again after a pause.
+    Retry,
+}
+
+/// Judges how term `term` of table `name` ended (`still_leading`: whether this instance
+/// still leads its election), logs it and sets the table's readiness.
+fn after_term(
+    name: &str,
+    term: u64,
+    outcome: Result<(), DbSourceError>,
+    still_leading: bool,
+    polling: &Readiness,
+) -> AfterTerm {
+    match outcome {
+        Ok(()) => {
+            polling.set_ready();
+            tracing::warn!(source = %name, term, "leadership lost: standing by");
+            AfterTerm::StandBy
+        }
+        Err(DbSourceError::Coord(instream_coord::CoordError::Fenced { .. })) => {
+            polling.set_ready();
+            if still_leading {
+                // Leading the election, yet a higher term is stored: the election's node was
+                // recreated (terms restarted). Re-joining raises the term by one per round; an
+                // operator should delete or fix the progress node.
+                tracing::error!(source = %name, term, "the stored progress of {name} (ZooKeeper's sources/{name}, or standalone's <data_dir>/sources/{name}.json) holds a higher term than this leader's; re-joining the election (delete the stale term to resume at once)");
+            } else {
+                tracing::warn!(source = %name, term, "a later leader took the table: standing by");
+            }
+            AfterTerm::Rejoin {
+                pause: still_leading,
+            }
+        }
+        Err(e) => {
+            polling.set_not_ready(e.to_string());
+            tracing::warn!(source = %name, term, error = %e, "polling failed; retrying");
+            AfterTerm::Retry
         }
     }
 }

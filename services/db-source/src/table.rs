@@ -68,6 +68,54 @@ fn quote(identifier: &str) -> String {
     format!("\"{}\"", identifier.replace('"', "\"\""))
 }
 
+/// The incrementing and timestamp columns the config names exist and have types a position
+/// can be kept in; `columns`: every column with its type. `Err`: what is wrong.
+fn check_position_columns(
+    config: &SqlTableConfig,
+    columns: &[(String, String)],
+) -> Result<(), String> {
+    let type_of = |name: &Option<String>| -> Result<Option<&str>, String> {
+        let Some(name) = name else { return Ok(None) };
+        columns
+            .iter()
+            .find(|(c, _)| c == name)
+            .map(|(_, t)| Some(t.as_str()))
+            .ok_or_else(|| format!("no column `{name}`"))
+    };
+    if let Some(t) = type_of(&config.incrementing_column)? {
+        if !matches!(t, "smallint" | "integer" | "bigint") {
+            return Err(format!(
+                "incrementing column `{}` is {t}; it must be an integer type",
+                config.incrementing_column.as_deref().unwrap_or_default()
+            ));
+        }
+    }
+    if let Some(t) = type_of(&config.timestamp_column)? {
+        if !t.starts_with("timestamp") {
+            return Err(format!(
+                "timestamp column `{}` is {t}; it must be timestamp or timestamptz",
+                config.timestamp_column.as_deref().unwrap_or_default()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The select list of every column, `timestamp` ones converted to `timestamptz` at UTC.
+fn select_list(columns: &[(String, String)]) -> String {
+    columns
+        .iter()
+        .map(|(name, ty)| {
+            if ty.starts_with("timestamp") && ty.ends_with("without time zone") {
+                format!("(t.{0} AT TIME ZONE 'UTC') AS {0}", quote(name))
+            } else {
+                format!("t.{}", quote(name))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn quoted_table(name: &str) -> String {
     name.split('.').map(quote).collect::<Vec<_>>().join(".")
 }
@@ -116,30 +164,7 @@ impl Table {
             .map(|r| r.get(0))
             .collect();
         let columns: Vec<(String, String)> = columns.iter().map(|r| (r.get(0), r.get(1))).collect();
-        let type_of = |name: &Option<String>| -> Result<Option<&str>, TableError> {
-            let Some(name) = name else { return Ok(None) };
-            columns
-                .iter()
-                .find(|(c, _)| c == name)
-                .map(|(_, t)| Some(t.as_str()))
-                .ok_or_else(|| shape(format!("no column `{name}`")))
-        };
-        if let Some(t) = type_of(&config.incrementing_column)? {
-            if !matches!(t, "smallint" | "integer" | "bigint") {
-                return Err(shape(format!(
-                    "incrementing column `{}` is {t}; it must be an integer type",
-                    config.incrementing_column.as_deref().unwrap_or_default()
-                )));
-            }
-        }
-        if let Some(t) = type_of(&config.timestamp_column)? {
-            if !t.starts_with("timestamp") {
-                return Err(shape(format!(
-                    "timestamp column `{}` is {t}; it must be timestamp or timestamptz",
-                    config.timestamp_column.as_deref().unwrap_or_default()
-                )));
-            }
-        }
+        check_position_columns(config, &columns).map_err(shape)?;
         let nullable = [
             config
                 .incrementing_column
@@ -155,18 +180,7 @@ impl Table {
         .filter(|c| !not_null.contains(c))
         .cloned()
         .collect();
-        let select = columns
-            .iter()
-            .map(|(name, ty)| {
-                if ty.starts_with("timestamp") && ty.ends_with("without time zone") {
-                    format!("(t.{0} AT TIME ZONE 'UTC') AS {0}", quote(name))
-                } else {
-                    format!("t.{}", quote(name))
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut table = Table::with_select(config.clone(), select);
+        let mut table = Table::with_select(config.clone(), select_list(&columns));
         table.nullable = nullable;
         Ok(table)
     }

@@ -284,68 +284,12 @@ async fn read_archive(
 }
 
 fn as_table(report: &AuditReport) -> String {
-    let rows: Vec<Vec<String>> = report
-        .hours
-        .iter()
-        .map(|h| {
-            let dead: Vec<String> = h
-                .enricher
-                .dead_lettered
-                .iter()
-                .map(|(code, n)| format!("{code}:{n}"))
-                .collect();
-            let (archived, unarchived) = match &h.archiver {
-                Some(a) => (a.archived.to_string(), a.missing.to_string()),
-                None => ("-".into(), "-".into()),
-            };
-            vec![
-                h.hour.clone(),
-                h.ingest.raw_records.to_string(),
-                h.ingest.events.to_string(),
-                h.ingest.resent_copies.to_string(),
-                h.enricher.enriched.to_string(),
-                if dead.is_empty() {
-                    "0".into()
-                } else {
-                    dead.join(" ")
-                },
-                h.enricher.missing.to_string(),
-                archived,
-                unarchived,
-            ]
-        })
-        .collect();
     let mut text = format!(
         "audit of `{}`, ingest time {} to {}\n",
         report.pipeline, report.from, report.to
     );
-    text.push_str(&table(
-        &[
-            "HOUR",
-            "RAW",
-            "EVENTS",
-            "RESENT",
-            "ENRICHED",
-            "DEAD-LETTERED",
-            "NOT ENRICHED",
-            "ARCHIVED",
-            "NOT ARCHIVED",
-        ],
-        &rows,
-    ));
-    let mut aggregations = Vec::new();
-    for h in &report.hours {
-        let Some(agg) = &h.aggregator else { continue };
-        aggregations.push(vec![
-            h.hour.clone(),
-            "(applied)".into(),
-            format!("{} of {} enriched", agg.applied, agg.enriched_records),
-        ]);
-        for (name, outcomes) in &agg.aggregations {
-            let said: Vec<String> = outcomes.iter().map(|(o, n)| format!("{o}:{n}")).collect();
-            aggregations.push(vec![h.hour.clone(), name.clone(), said.join(" ")]);
-        }
-    }
+    text.push_str(&hours_table(report));
+    let aggregations = aggregation_rows(report);
     if !aggregations.is_empty() {
         text.push('\n');
         text.push_str(&table(&["HOUR", "AGGREGATION", "RECORDS"], &aggregations));
@@ -379,4 +323,72 @@ fn as_table(report: &AuditReport) -> String {
         "NOT BALANCED\n"
     });
     text
+}
+
+/// A row per hour: what ingest wrote, the enricher did with it, and the archiver kept.
+fn hours_table(report: &AuditReport) -> String {
+    let rows: Vec<Vec<String>> = report
+        .hours
+        .iter()
+        .map(|h| {
+            let dead: Vec<String> = h
+                .enricher
+                .dead_lettered
+                .iter()
+                .map(|(code, n)| format!("{code}:{n}"))
+                .collect();
+            let (archived, unarchived) = match &h.archiver {
+                Some(a) => (a.archived.to_string(), a.missing.to_string()),
+                None => ("-".into(), "-".into()),
+            };
+            vec![
+                h.hour.clone(),
+                h.ingest.raw_records.to_string(),
+                h.ingest.events.to_string(),
+                h.ingest.resent_copies.to_string(),
+                h.enricher.enriched.to_string(),
+                if dead.is_empty() {
+                    "0".into()
+                } else {
+                    dead.join(" ")
+                },
+                h.enricher.missing.to_string(),
+                archived,
+                unarchived,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "HOUR",
+            "RAW",
+            "EVENTS",
+            "RESENT",
+            "ENRICHED",
+            "DEAD-LETTERED",
+            "NOT ENRICHED",
+            "ARCHIVED",
+            "NOT ARCHIVED",
+        ],
+        &rows,
+    )
+}
+
+/// Per hour, the enriched records the aggregator applied and, per aggregation, what became of
+/// them.
+fn aggregation_rows(report: &AuditReport) -> Vec<Vec<String>> {
+    let mut aggregations = Vec::new();
+    for h in &report.hours {
+        let Some(agg) = &h.aggregator else { continue };
+        aggregations.push(vec![
+            h.hour.clone(),
+            "(applied)".into(),
+            format!("{} of {} enriched", agg.applied, agg.enriched_records),
+        ]);
+        for (name, outcomes) in &agg.aggregations {
+            let said: Vec<String> = outcomes.iter().map(|(o, n)| format!("{o}:{n}")).collect();
+            aggregations.push(vec![h.hour.clone(), name.clone(), said.join(" ")]);
+        }
+    }
+    aggregations
 }

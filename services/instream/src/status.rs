@@ -7,6 +7,9 @@ use instream_core::config::Config;
 use instream_pipeline::{topics, Catalog};
 use serde_json::json;
 
+use instream_coord::Instance;
+use instream_kafka::ops::PartitionLag;
+
 use crate::control::current_catalog;
 use crate::output::{emit, emit_json, table, Output};
 
@@ -39,22 +42,15 @@ fn groups(config: &Config, catalog: &Catalog) -> Vec<(String, String)> {
     out
 }
 
+/// One consumer group's lag on one topic: per partition, or why it could not be read.
+type GroupLag = (String, String, Result<Vec<PartitionLag>, String>);
+
 pub async fn status(config: Option<PathBuf>, output: Output) -> anyhow::Result<()> {
     let config = crate::standalone::state::cli_config(config.as_deref(), true)?;
     let instances = if config.kafka.broker == instream_core::config::BrokerMode::Embedded {
         standalone_instance(&config)?
     } else {
-        if config.definitions.source != instream_core::config::DefinitionSourceKind::Zookeeper {
-            bail!(
-                "the registry lives in ZooKeeper; this config reads definitions from a file, so \
-                 its services keep their registry inside their own process: use the \
-                 deployment's config, or that process's /metrics"
-            );
-        }
-        instream_coord::coordinator(&config)
-            .instances()
-            .await
-            .context("reading the service registry")?
+        registered_instances(&config).await?
     };
     let catalog = current_catalog(&config).await?;
     let mut lags = Vec::new();
@@ -78,60 +74,83 @@ pub async fn status(config: Option<PathBuf>, output: Output) -> anyhow::Result<(
             }).collect::<Vec<_>>(),
         })),
         Output::Table => {
-            let rows: Vec<Vec<String>> = instances
-                .iter()
-                .map(|i| {
-                    let info = i.typed();
-                    let definitions = info
-                        .definitions
-                        .iter()
-                        .map(|(p, v)| format!("{p}@{v}"))
-                        .collect::<Vec<_>>()
-                        .join(",");
-                    vec![
-                        i.service.clone(),
-                        i.instance.clone(),
-                        info.admin,
-                        info.version,
-                        definitions,
-                        info.partitions.join(","),
-                    ]
-                })
-                .collect();
-            let mut text = table(
-                &[
-                    "SERVICE",
-                    "INSTANCE",
-                    "ADMIN",
-                    "VERSION",
-                    "DEFINITIONS",
-                    "PARTITIONS",
-                ],
-                &rows,
-            );
+            let mut text = instances_table(&instances);
             text.push('\n');
-            let rows: Vec<Vec<String>> = lags
-                .iter()
-                .map(|(g, t, l)| match l {
-                    Ok(l) => {
-                        let uncommitted = l.iter().filter(|p| p.committed.is_none()).count();
-                        vec![
-                            g.clone(),
-                            t.clone(),
-                            l.iter().map(|p| p.lag).sum::<i64>().to_string(),
-                            format!("{} ({uncommitted} never committed)", l.len()),
-                        ]
-                    }
-                    Err(e) => vec![
-                        g.clone(),
-                        t.clone(),
-                        "-".into(),
-                        format!("unavailable: {e}"),
-                    ],
-                })
-                .collect();
-            text.push_str(&table(&["GROUP", "TOPIC", "LAG", "PARTITIONS"], &rows));
+            text.push_str(&lags_table(&lags));
             emit(&text)
         }
     }
+}
+
+/// The instances in ZooKeeper's registry.
+async fn registered_instances(config: &Config) -> anyhow::Result<Vec<Instance>> {
+    if config.definitions.source != instream_core::config::DefinitionSourceKind::Zookeeper {
+        bail!(
+            "the registry lives in ZooKeeper; this config reads definitions from a file, so \
+             its services keep their registry inside their own process: use the \
+             deployment's config, or that process's /metrics"
+        );
+    }
+    instream_coord::coordinator(config)
+        .instances()
+        .await
+        .context("reading the service registry")
+}
+
+fn instances_table(instances: &[Instance]) -> String {
+    let rows: Vec<Vec<String>> = instances
+        .iter()
+        .map(|i| {
+            let info = i.typed();
+            let definitions = info
+                .definitions
+                .iter()
+                .map(|(p, v)| format!("{p}@{v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            vec![
+                i.service.clone(),
+                i.instance.clone(),
+                info.admin,
+                info.version,
+                definitions,
+                info.partitions.join(","),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "SERVICE",
+            "INSTANCE",
+            "ADMIN",
+            "VERSION",
+            "DEFINITIONS",
+            "PARTITIONS",
+        ],
+        &rows,
+    )
+}
+
+fn lags_table(lags: &[GroupLag]) -> String {
+    let rows: Vec<Vec<String>> = lags
+        .iter()
+        .map(|(g, t, l)| match l {
+            Ok(l) => {
+                let uncommitted = l.iter().filter(|p| p.committed.is_none()).count();
+                vec![
+                    g.clone(),
+                    t.clone(),
+                    l.iter().map(|p| p.lag).sum::<i64>().to_string(),
+                    format!("{} ({uncommitted} never committed)", l.len()),
+                ]
+            }
+            Err(e) => vec![
+                g.clone(),
+                t.clone(),
+                "-".into(),
+                format!("unavailable: {e}"),
+            ],
+        })
+        .collect();
+    table(&["GROUP", "TOPIC", "LAG", "PARTITIONS"], &rows)
 }

@@ -548,7 +548,6 @@ impl PartitionState {
         into: &mut Into<'d, '_, '_>,
     ) -> Tally {
         let t = event.event_time();
-        let in_range = |start: &i64| into.starts.contains(start);
         if !aggregation.window.makes_window_of(t, &into.starts) {
             return Tally::OutsideWindows;
         }
@@ -586,10 +585,34 @@ impl PartitionState {
             }
             return Tally::Counted;
         }
-        // A hopping window's event is in several windows; it is late for the aggregation
-        // only when it is late for all of them.
+        if !self.add_to_windows(aggregation, &group, t, into) {
+            into.late.push(aggregation.name.clone());
+            return Tally::TooLate;
+        }
+        if let Some(counted) = into.counted.as_mut() {
+            counted.push(&aggregation.name);
+        }
+        Tally::Counted
+    }
+
+    /// Adds the event at `t` (its function inputs in `into.values`) to every window of
+    /// `aggregation` it falls in that is still open; false when every one had closed. A hopping
+    /// window's event is in several windows; it is late for the aggregation only when it is
+    /// late for all of them.
+    fn add_to_windows(
+        &mut self,
+        aggregation: &instream_pipeline::Aggregation,
+        group: &str,
+        t: i64,
+        into: &Into<'_, '_, '_>,
+    ) -> bool {
+        let def = into.def;
         let mut all_late = true;
-        for start in aggregation.window.starts_of(t).filter(|s| in_range(s)) {
+        for start in aggregation
+            .window
+            .starts_of(t)
+            .filter(|s| into.starts.contains(s))
+        {
             let closes_at = aggregation
                 .window
                 .closes_at(start, aggregation.allowed_lateness);
@@ -597,13 +620,13 @@ impl PartitionState {
                 continue;
             }
             all_late = false;
-            let hash = window_hash(&def.name, &aggregation.name, &group, start);
+            let hash = window_hash(&def.name, &aggregation.name, group, start);
             let (_, value) = self.windows.entry(hash).or_insert_with(|| {
                 (
                     WindowId {
                         pipeline: def.name.clone(),
                         aggregation: aggregation.name.clone(),
-                        group_key: group.clone().into_owned(),
+                        group_key: group.to_owned(),
                         start,
                     },
                     WindowValue {
@@ -623,14 +646,7 @@ impl PartitionState {
             }
             value.dirty = true;
         }
-        if all_late {
-            into.late.push(aggregation.name.clone());
-            return Tally::TooLate;
-        }
-        if let Some(counted) = into.counted.as_mut() {
-            counted.push(&aggregation.name);
-        }
-        Tally::Counted
+        !all_late
     }
 
     /// A repartition partition merges the events of every enriched partition, which do not

@@ -146,41 +146,7 @@ impl PartitionState {
         let Some((&format, body)) = bytes.split_first() else {
             return Err(SnapshotError("empty".into()));
         };
-        let mut trailer = Trailer::default();
-        let mut ledger = Ledger::default();
-        let decoded = match format {
-            SNAPSHOT_FORMAT | 7 => {
-                postcard::take_from_bytes::<Snapshot>(body).and_then(|(s, rest)| {
-                    let (t, rest) = postcard::take_from_bytes(rest)?;
-                    trailer = t;
-                    ledger = match format {
-                        7 => postcard::from_bytes::<LedgerV7>(rest)?.into(),
-                        _ => postcard::from_bytes(rest)?,
-                    };
-                    Ok(s)
-                })
-            }
-            6 => postcard::take_from_bytes::<Snapshot>(body).and_then(|(s, rest)| {
-                trailer = postcard::from_bytes(rest)?;
-                Ok(s)
-            }),
-            5 | 4 => postcard::from_bytes::<Snapshot>(body),
-            3 => postcard::from_bytes::<SnapshotV3>(body).map(|v3| Snapshot {
-                next_offset: v3.next_offset,
-                max_event_time: v3.max_event_time,
-                max_ingest_time: v3.max_ingest_time,
-                seen_from: v3.seen_from,
-                origin_max: v3.origin_max,
-                windows: v3.windows,
-                origin_times: Vec::new(),
-            }),
-            _ => {
-                return Err(SnapshotError(format!(
-                    "format {format} (this build reads 3 to {SNAPSHOT_FORMAT})"
-                )))
-            }
-        };
-        let s: Snapshot = decoded.map_err(|e| SnapshotError(e.to_string()))?;
+        let (s, trailer, ledger) = decode(format, body)?;
         // An origin keeps the silence it had; one heard from "later" than now (a clock set
         // back) counts as heard now.
         let now = instream_event::now_millis();
@@ -234,4 +200,43 @@ impl PartitionState {
         state.clock.untimed(state.windows.keys().copied());
         Ok((state, s.seen_from))
     }
+}
+
+/// A checkpoint's snapshot, trailer and ledger, from any format this build reads (`format`:
+/// the first byte; `body`: the rest). What older formats lack is empty.
+fn decode(format: u8, body: &[u8]) -> Result<(Snapshot, Trailer, Ledger), SnapshotError> {
+    let mut trailer = Trailer::default();
+    let mut ledger = Ledger::default();
+    let decoded = match format {
+        SNAPSHOT_FORMAT | 7 => postcard::take_from_bytes::<Snapshot>(body).and_then(|(s, rest)| {
+            let (t, rest) = postcard::take_from_bytes(rest)?;
+            trailer = t;
+            ledger = match format {
+                7 => postcard::from_bytes::<LedgerV7>(rest)?.into(),
+                _ => postcard::from_bytes(rest)?,
+            };
+            Ok(s)
+        }),
+        6 => postcard::take_from_bytes::<Snapshot>(body).and_then(|(s, rest)| {
+            trailer = postcard::from_bytes(rest)?;
+            Ok(s)
+        }),
+        5 | 4 => postcard::from_bytes::<Snapshot>(body),
+        3 => postcard::from_bytes::<SnapshotV3>(body).map(|v3| Snapshot {
+            next_offset: v3.next_offset,
+            max_event_time: v3.max_event_time,
+            max_ingest_time: v3.max_ingest_time,
+            seen_from: v3.seen_from,
+            origin_max: v3.origin_max,
+            windows: v3.windows,
+            origin_times: Vec::new(),
+        }),
+        _ => {
+            return Err(SnapshotError(format!(
+                "format {format} (this build reads 3 to {SNAPSHOT_FORMAT})"
+            )))
+        }
+    };
+    let s = decoded.map_err(|e| SnapshotError(e.to_string()))?;
+    Ok((s, trailer, ledger))
 }

@@ -146,14 +146,8 @@ impl Standalone {
     /// Starts the embedded broker (if selected), creates the pipelines' topics on it, and
     /// starts every service under one supervisor with one admin server.
     pub async fn start(mut config: Config, token: CancellationToken) -> anyhow::Result<Self> {
-        let (
-            Broker {
-                broker,
-                run,
-                run_lock,
-            },
-            catalog,
-        ) = start_broker(&mut config)?;
+        let (embedded, catalog) = start_broker(&mut config)?;
+        let run = embedded.run;
         let health = Health::default();
         let admin = AdminServer::from_config(&config.admin, health.clone())
             .await
@@ -165,11 +159,7 @@ impl Standalone {
                 take_over_checkpoints(&config, &*store, catalog).await?;
             }
         }
-        if config.archive.backend == ArchiveBackend::Local {
-            std::fs::create_dir_all(&config.archive.root)
-                .with_context(|| format!("creating archive.root {}", config.archive.root))?;
-        }
-        let archive = instream_archive::build(&config.archive)?;
+        let archive = open_archive(&config)?;
         let mut supervisor = Supervisor::new(token.clone());
         let tasks = supervisor.tasks();
         // One coordinator for every service of the process: they share its elections, its
@@ -191,23 +181,19 @@ impl Standalone {
         let intake = token.child_token();
         supervisor.spawn("admin", admin.serve(token.clone()));
         // Ingest closes first on a stop (see `stop`), and its task then waits for the rest.
-        supervisor.spawn("ingest", {
-            let (intake, token) = (intake.clone(), token.clone());
-            async move {
-                ingest.serve(intake).await?;
-                token.cancelled().await;
-                Ok::<(), instream_ingest::IngestError>(())
-            }
-        });
+        supervisor.spawn(
+            "ingest",
+            serve_ingest(ingest, intake.clone(), token.clone()),
+        );
         if let Some(query) = query {
             supervisor.spawn("query-api", query.serve(token.clone()));
         }
         spawn_stages(&mut supervisor, context, store, archive.clone(), &intake);
-        let keeper = match &broker {
+        let keeper = match &embedded.broker {
             None => None,
             Some(_) => Some(start_keeper(&config, run, &token).await?),
         };
-        let run = match (run, &broker) {
+        let run = match (run, &embedded.broker) {
             (Some(number), Some(broker)) => Some(record_run(
                 &config,
                 number,
@@ -232,13 +218,13 @@ impl Standalone {
             token,
             backlog: config.kafka.backlog.clone(),
             run,
-            _run_lock: run_lock,
+            _run_lock: embedded.run_lock,
             drained_when: catalog
                 .as_ref()
                 .map(|c| committing_groups(&config, c))
                 .unwrap_or_default(),
             kafka: config.kafka.clone(),
-            _broker: broker,
+            _broker: embedded.broker,
         })
     }
 
@@ -445,6 +431,26 @@ async fn open_store(
             (instream_store::build(&config.store).await?, None)
         }
     })
+}
+
+/// Ingest until `intake` closes, then waiting until everything else has stopped.
+async fn serve_ingest(
+    ingest: instream_ingest::Ingest,
+    intake: CancellationToken,
+    token: CancellationToken,
+) -> Result<(), instream_ingest::IngestError> {
+    ingest.serve(intake).await?;
+    token.cancelled().await;
+    Ok(())
+}
+
+/// The archive the config names, its folder created when it is a local one.
+fn open_archive(config: &Config) -> anyhow::Result<Arc<dyn instream_archive::Archive>> {
+    if config.archive.backend == ArchiveBackend::Local {
+        std::fs::create_dir_all(&config.archive.root)
+            .with_context(|| format!("creating archive.root {}", config.archive.root))?;
+    }
+    Ok(instream_archive::build(&config.archive)?)
 }
 
 /// The keeper copying dead letters and quality records to `<data_dir>/topics/run-<n>`, under a
