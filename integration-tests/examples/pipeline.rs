@@ -14,15 +14,28 @@
 //! cargo build --release -p instream-ingest -p instream-enricher -p instream-aggregator \
 //!   -p instream-archiver -p instream-integration-tests --bins --example pipeline
 //! TANSU=/path/to/tansu target/release/examples/pipeline [--events 1000000] [--rate 100000]
-//!   [--connections 4] [--batch 2000] [--partitions 4] [--repartitioned 1]
+//!   [--connections 4] [--batch 2000] [--partitions 4] [--repartitioned 1] [--prefill 1]
+//!   [--definitions pipelines.toml] [--events-file events.ndjson] [--refdata refdata.ndjson]
 //! ```
 //! `--repartitioned 1` adds a second aggregation grouped by the bidder's city (not the key),
 //! which the aggregator repartitions through `bench.by-per_city_hour`.
+//!
+//! A job of your own: `--definitions pipelines.toml` (the services' definitions file; its first
+//! pipeline is driven, its topics created with its partitions), `--events-file events.ndjson`
+//! (one event per line, posted in requests of `--batch` lines; `--events` is then the file's
+//! line count) and `--refdata refdata.ndjson` (lines `{"key": "person:1", "value": {...}}`:
+//! an object is written as a Redis hash of its fields, anything else as a string). Every
+//! stage's count must still equal what ingest accepted; the windows' sums in the store are
+//! printed, and compared with it only for the built-in job (a filter, a late event or an
+//! event outside every window rightly leaves them short).
+//! `--prefill 1` starts the enricher, aggregator and archiver only once every event is on the
+//! raw topic (a backlog to catch up with); their events/s and CPU are then counted from their
+//! start, and the end-to-end figure is the slower of ingest and the stages.
 //! `TANSU` is a tansu 0.6 binary (started with memory storage); or `INSTREAM_BENCH_KAFKA=host:port`.
 //! tansu has no transactions, so the enricher runs with `delivery = "at_least_once"`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,6 +57,10 @@ struct Options {
     batch: usize,
     partitions: i32,
     repartitioned: bool,
+    definitions: Option<PathBuf>,
+    events_file: Option<PathBuf>,
+    refdata: Option<PathBuf>,
+    prefill: bool,
 }
 
 fn options() -> Result<Options, Error> {
@@ -54,20 +71,33 @@ fn options() -> Result<Options, Error> {
         batch: 2_000,
         partitions: 4,
         repartitioned: false,
+        definitions: None,
+        events_file: None,
+        refdata: None,
+        prefill: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
-        let value = pair.get(1).ok_or(format!("{} needs a value", pair[0]))?;
-        let number: u64 = value.parse().map_err(|e| format!("{}: {e}", pair[0]))?;
-        match pair[0].as_str() {
-            "--events" => o.events = number.max(1) as usize,
-            "--rate" => o.rate = (number > 0).then_some(number as f64),
-            "--connections" => o.connections = number.max(1) as usize,
-            "--batch" => o.batch = number.max(1) as usize,
-            "--partitions" => o.partitions = number.clamp(1, 64) as i32,
-            "--repartitioned" => o.repartitioned = number > 0,
+        let (name, value) = (pair[0].as_str(), pair.get(1));
+        let value = value.ok_or(format!("{name} needs a value"))?;
+        let number =
+            || -> Result<u64, Error> { Ok(value.parse().map_err(|e| format!("{name}: {e}"))?) };
+        match name {
+            "--events" => o.events = number()?.max(1) as usize,
+            "--rate" => o.rate = Some(number()?).filter(|&n| n > 0).map(|n| n as f64),
+            "--connections" => o.connections = number()?.max(1) as usize,
+            "--batch" => o.batch = number()?.max(1) as usize,
+            "--partitions" => o.partitions = number()?.clamp(1, 64) as i32,
+            "--repartitioned" => o.repartitioned = number()? > 0,
+            "--prefill" => o.prefill = number()? > 0,
+            "--definitions" => o.definitions = Some(value.into()),
+            "--events-file" => o.events_file = Some(value.into()),
+            "--refdata" => o.refdata = Some(value.into()),
             other => return Err(format!("unknown option {other}").into()),
         }
+    }
+    if o.definitions.is_some() && o.repartitioned {
+        return Err("--repartitioned 1 adds to the built-in job; add the aggregation to your definitions instead".into());
     }
     Ok(o)
 }
@@ -100,6 +130,98 @@ window = {{ kind = "tumbling", size = "1h" }}
 functions = [{{ fn = "sum", field = "payload.price" }}]
 {by_city}"#
     )
+}
+
+/// What the run drives: the definitions the services read, and the pipeline events go to.
+struct Job {
+    definitions: String,
+    pipeline: instream_pipeline::PipelineDefinition,
+    builtin: bool,
+}
+
+fn job(o: &Options) -> Result<Job, Error> {
+    let (definitions, builtin) = match &o.definitions {
+        Some(path) => (
+            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
+            false,
+        ),
+        None => (definitions(o.partitions, o.repartitioned), true),
+    };
+    let pipeline = instream_pipeline::parse_document(&definitions)?
+        .pipelines
+        .into_iter()
+        .next()
+        .ok_or("the definitions hold no pipeline")?;
+    Ok(Job {
+        definitions,
+        pipeline,
+        builtin,
+    })
+}
+
+/// The NDJSON bodies of a file: its non-blank lines, in requests of `batch`; and their count.
+fn file_bodies(path: &Path, batch: usize) -> Result<(Vec<bytes::Bytes>, usize), Error> {
+    let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let lines: Vec<&[u8]> = text
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+        .collect();
+    let bodies = lines
+        .chunks(batch)
+        .map(|chunk| {
+            let mut body = Vec::with_capacity(chunk.iter().map(|l| l.len() + 1).sum());
+            for line in chunk {
+                body.extend_from_slice(line);
+                body.push(b'\n');
+            }
+            bytes::Bytes::from(body)
+        })
+        .collect();
+    Ok((bodies, lines.len()))
+}
+
+/// Writes the reference data of `path` (lines `{"key": …, "value": …}`) into Redis at `url`:
+/// an object as a hash of its fields (a string as it is, anything else as JSON), anything
+/// else as a string. Returns how many keys.
+async fn seed_refdata(url: &str, path: &Path) -> Result<usize, Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut pipe = redis::pipe();
+    let mut keys = 0;
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let at = format!("{}:{}", path.display(), i + 1);
+        let entry: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("{at}: {e}"))?;
+        let key = entry["key"]
+            .as_str()
+            .ok_or(format!("{at}: no string `key`"))?;
+        let text_of = |v: &serde_json::Value| match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        match &entry["value"] {
+            serde_json::Value::Object(fields) if !fields.is_empty() => {
+                let hset = pipe.cmd("HSET").arg(key);
+                for (field, value) in fields {
+                    hset.arg(field).arg(text_of(value));
+                }
+                hset.ignore();
+            }
+            serde_json::Value::Null => return Err(format!("{at}: no `value`").into()),
+            value => {
+                pipe.cmd("SET").arg(key).arg(text_of(value)).ignore();
+            }
+        }
+        keys += 1;
+    }
+    let mut conn = redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    pipe.query_async::<()>(&mut conn).await?;
+    Ok(keys)
 }
 
 /// The NDJSON bodies: `events` bids in requests of `batch`, from `start` on over at most an
@@ -154,24 +276,21 @@ impl Service {
 
     /// The records the stage is done with: ingest's accepted events, the archiver's records
     /// in whole files, the aggregator's in the store, the enricher's events by every outcome.
-    async fn done(&self, repartitioned: bool) -> f64 {
+    /// `copies`: how many topics the aggregator reads each event from (the enriched one, and
+    /// one per repartitioned aggregation).
+    async fn done(&self, copies: usize) -> f64 {
         let text = self.metrics().await;
         let filter = format!("service=\"{}\"", self.name);
         match self.name {
             // Records made durable in the store (each read once per topic: a repartitioned
             // event twice, on the enriched topic and on its repartition topic).
             "aggregator" => {
-                let durable = metric_sum(
+                metric_sum(
                     &text,
                     "instream_stage_latency_seconds_count{",
                     "stage=\"aggregator_visible\"",
                 )
-                .0;
-                if repartitioned {
-                    durable / 2.0
-                } else {
-                    durable
-                }
+                .0 / copies as f64
             }
             "ingest" => metric_sum(&text, "instream_events_total{", "outcome=\"accepted\"").0,
             // Counted when its file is whole.
@@ -181,15 +300,14 @@ impl Service {
     }
 }
 
-/// Starts the four services, each in a folder of its own under `dir`, and waits until every
-/// one is ready. Returns them and ingest's HTTP port.
+/// Starts the services `names`, each in a folder of its own under `dir` (ingest listening on
+/// `http`), and waits until every one is ready.
 async fn start_services(
     dir: &Path,
-    bootstrap: &str,
-    redis: &str,
-    definitions: &str,
-) -> Result<(Vec<Service>, u16), Error> {
-    let http = instream_testkit::free_port()?;
+    (bootstrap, redis, definitions): (&str, &str, &str),
+    http: u16,
+    names: &[&'static str],
+) -> Result<Vec<Service>, Error> {
     let consumer = "[kafka.consumer]\n\"fetch.wait.max.ms\" = \"10\"\n";
     let sections = |name: &str, folder: &Path| match name {
         "ingest" => {
@@ -210,7 +328,7 @@ async fn start_services(
         ),
     };
     let mut services = Vec::new();
-    for name in STAGES {
+    for &name in names {
         let folder = dir.join(name);
         std::fs::create_dir_all(&folder)?;
         let (process, admin) = spawn_bench_service(
@@ -236,7 +354,7 @@ async fn start_services(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    Ok((services, http))
+    Ok(services)
 }
 
 #[derive(Default)]
@@ -337,14 +455,14 @@ fn bucket_quantile(text: &str, metric: &str, filter: &str, q: f64) -> Option<f64
 
 /// The counts of `aggregation`'s windows in the aggregator's local store (the aggregator
 /// stopped).
-async fn windows_sum(store: &Path, aggregation: &str) -> Result<i64, Error> {
+async fn windows_sum(store: &Path, pipeline: &str, aggregation: &str) -> Result<i64, Error> {
     let config = instream_core::config::Config::from_toml(&format!(
         "[store]\nbackend = \"local\"\npath = \"{}\"\n",
         store.display()
     ))?;
     let store = instream_store::build(&config.store).await?;
     let windows = store
-        .windows_between(PIPELINE, aggregation, i64::MIN, i64::MAX)
+        .windows_between(pipeline, aggregation, i64::MIN, i64::MAX)
         .await?;
     Ok(windows.iter().map(|w| w.count).sum())
 }
@@ -352,28 +470,54 @@ async fn windows_sum(store: &Path, aggregation: &str) -> Result<i64, Error> {
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let o = options()?;
+    let job = job(&o)?;
+    let pipeline = job.pipeline.name.clone();
+    let (bodies, events) = match &o.events_file {
+        Some(path) => file_bodies(path, o.batch)?,
+        None => {
+            // Event times across the end of the hour before last, half of them on each side:
+            // its window closes during the run (a window close is part of the work measured).
+            let hour = 3_600_000;
+            let boundary = (instream_event::now_millis() - hour).div_euclid(hour) * hour;
+            let first = boundary - (o.events.min(3_600_000) / 2) as i64;
+            (bodies(o.events, o.batch, first), o.events)
+        }
+    };
     let dir = tempfile::tempdir()?;
     let (bootstrap, broker) = instream_testkit::bench_broker()?;
     let redis = instream_testkit::RedisServer::start()?;
-    instream_testkit::seed_bidders(&redis.url(), BIDDERS, |b| format!("City {}", b % 50)).await?;
-    let by_city = format!("by-{BY_CITY}");
-    let mut kinds = vec!["raw", "enriched", "dlq"];
-    if o.repartitioned {
-        kinds.push(&by_city);
+    match &o.refdata {
+        Some(path) => {
+            seed_refdata(&redis.url(), path).await?;
+        }
+        None if job.builtin => {
+            instream_testkit::seed_bidders(&redis.url(), BIDDERS, |b| format!("City {}", b % 50))
+                .await?
+        }
+        None => {}
     }
-    instream_testkit::bench_topics(&bootstrap, PIPELINE, &kinds, o.partitions).await?;
-    let definitions = definitions(o.partitions, o.repartitioned);
-    let (mut services, http) =
-        start_services(dir.path(), &bootstrap, &redis.url(), &definitions).await?;
-    // Event times across the end of the hour before last, half of them on each side: its
-    // window closes during the run (a window close is part of the work measured).
-    let hour = 3_600_000;
-    let boundary = (instream_event::now_millis() - hour).div_euclid(hour) * hour;
-    let bodies = bodies(
-        o.events,
-        o.batch,
-        boundary - (o.events.min(3_600_000) / 2) as i64,
+    let kinds: Vec<String> = instream_pipeline::topics::of_pipeline(&job.pipeline)
+        .into_iter()
+        .map(|topic| topic[pipeline.len() + 1..].to_owned())
+        .collect();
+    let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
+    instream_testkit::bench_topics(&bootstrap, &pipeline, &kinds, job.pipeline.partitions).await?;
+    let copies = 1 + job
+        .pipeline
+        .aggregations
+        .iter()
+        .filter(|a| a.repartitioned())
+        .count();
+    let http = instream_testkit::free_port()?;
+    let redis_url = redis.url();
+    let servers = (
+        bootstrap.as_str(),
+        redis_url.as_str(),
+        job.definitions.as_str(),
     );
+    // With --prefill 1 the stages start once every event is on the raw topic.
+    let first = if o.prefill { &STAGES[..1] } else { &STAGES[..] };
+    let mut services = start_services(dir.path(), servers, http, first).await?;
     let mut pids: Vec<(&str, u32)> = services
         .iter()
         .map(|s| (s.name, s.process.0.id()))
@@ -382,19 +526,32 @@ async fn main() -> Result<(), Error> {
         pids.push(("broker", b.0.id()));
     }
     pids.push(("generator", std::process::id()));
-    let cpu_before: Vec<f64> = pids.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
-    let started = Instant::now();
-    let url = format!("http://127.0.0.1:{http}/v1/pipelines/{PIPELINE}/events");
+    let mut cpu_before: Vec<f64> = pids.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
+    let mut started = Instant::now();
+    let url = format!("http://127.0.0.1:{http}/v1/pipelines/{pipeline}/events");
     let interval = o
         .rate
         .map(|r| Duration::from_secs_f64(o.batch as f64 * o.connections as f64 / r));
     let mut posting = Some(tokio::spawn(post_all(url, bodies, o.connections, interval)));
     // Each stage's last event: when its count reached what ingest accepted.
     let mut finished: BTreeMap<&str, f64> = BTreeMap::new();
-    // Fifteen minutes, or twice the time the rate asks for.
-    let paced = o.rate.map_or(0.0, |r| o.events as f64 / r * 2.0);
-    let deadline = started + Duration::from_secs_f64(paced.max(900.0));
     let mut posted = None;
+    if o.prefill {
+        let p = posting.take().ok_or("posting")?.await?;
+        finished.insert("ingest", started.elapsed().as_secs_f64());
+        posted = Some(p);
+        let stages = start_services(dir.path(), servers, http, &STAGES[1..]).await?;
+        // In the order of STAGES, after ingest; their CPU and time counted from here.
+        let started_pids: Vec<(&str, u32)> =
+            stages.iter().map(|s| (s.name, s.process.0.id())).collect();
+        cpu_before.splice(1..1, started_pids.iter().map(|(_, pid)| cpu_seconds(*pid)));
+        pids.splice(1..1, started_pids);
+        services.extend(stages);
+        started = Instant::now();
+    }
+    // Fifteen minutes, or twice the time the rate asks for.
+    let paced = o.rate.map_or(0.0, |r| events as f64 / r * 2.0);
+    let deadline = started + Duration::from_secs_f64(paced.max(900.0));
     // A stage that is neither done nor moving for a minute is stuck: say where, not hang.
     let mut progress: BTreeMap<&str, (f64, Instant)> = BTreeMap::new();
     loop {
@@ -409,7 +566,7 @@ async fn main() -> Result<(), Error> {
                 if finished.contains_key(s.name) {
                     continue;
                 }
-                let done = s.done(o.repartitioned).await;
+                let done = s.done(copies).await;
                 if done >= accepted {
                     finished.insert(s.name, started.elapsed().as_secs_f64());
                     continue;
@@ -455,7 +612,7 @@ async fn main() -> Result<(), Error> {
     let mut counts = BTreeMap::new();
     let mut texts = BTreeMap::new();
     for s in &services {
-        counts.insert(s.name, s.done(o.repartitioned).await as u64);
+        counts.insert(s.name, s.done(copies).await as u64);
         texts.insert(s.name, s.metrics().await);
     }
     for s in &mut services {
@@ -466,9 +623,12 @@ async fn main() -> Result<(), Error> {
         }
     }
     let store = dir.path().join("aggregator").join("store.redb");
-    let mut in_store = BTreeMap::from([(AGGREGATION, windows_sum(&store, AGGREGATION).await?)]);
-    if o.repartitioned {
-        in_store.insert(BY_CITY, windows_sum(&store, BY_CITY).await?);
+    let mut in_store = BTreeMap::new();
+    for a in &job.pipeline.aggregations {
+        in_store.insert(
+            a.name.as_str(),
+            windows_sum(&store, &pipeline, &a.name).await?,
+        );
     }
 
     let mut stages = serde_json::Map::new();
@@ -496,18 +656,19 @@ async fn main() -> Result<(), Error> {
     let lost_or_doubled = STAGES
         .iter()
         .any(|s| counts.get(s).copied() != Some(accepted))
-        || in_store.values().any(|n| *n != accepted as i64);
+        || (job.builtin && in_store.values().any(|n| *n != accepted as i64));
     let pipeline_cpu: f64 = (0..4).map(|i| cpu_after[i] - cpu_before[i]).sum();
     println!(
         "{}",
         serde_json::json!({
-            "events_posted": o.events,
+            "pipeline": pipeline,
+            "events_posted": events,
             "accepted": accepted,
 
             "rate": o.rate,
             "connections": o.connections,
             "batch": o.batch,
-            "partitions": o.partitions,
+            "partitions": job.pipeline.partitions,
             "seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
             "end_to_end_events_per_s": (accepted as f64 / finished.values().fold(0.0, |a: f64, b| a.max(*b))).round(),
             "enricher_and_aggregator_events_per_cpu_second": (accepted as f64 / (
@@ -533,7 +694,8 @@ async fn main() -> Result<(), Error> {
                 },
             },
             "counts": { "stages": counts, "windows_sum_in_store": in_store },
-            "repartitioned": o.repartitioned,
+            "repartitioned_aggregations": copies - 1,
+            "prefilled": o.prefill,
             "lost_or_doubled": lost_or_doubled,
         })
     );
