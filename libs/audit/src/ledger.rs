@@ -390,70 +390,95 @@ impl Ledger {
                     *unauditable.entry(partition).or_default() += 1;
                     continue;
                 }
-                let hour = hours.entry(fate.hour).or_insert_with(|| HourReport {
-                    hour: hour_label(fate.hour),
-                    ingest: self.ingest.get(&fate.hour).cloned().unwrap_or_default(),
-                    enricher: EnricherCounts::default(),
-                    archiver: archive.then(ArchiverCounts::default),
-                    aggregator: None,
-                });
-                let e = &mut hour.enricher;
-                e.raw_records += 1;
-                match (fate.enriched, fate.dead_lettered) {
-                    (0, 0) => e.missing += 1,
-                    (0, _) => {
-                        let code = self
-                            .codes
-                            .get(usize::from(fate.code))
-                            .cloned()
-                            .unwrap_or_default();
-                        *e.dead_lettered.entry(code).or_default() += 1;
-                    }
-                    (n, d) => {
-                        e.enriched += 1;
-                        e.extra_copies += u64::from(n - 1);
-                        if d > 0 {
-                            e.enriched_and_dead_lettered += 1;
-                        }
-                    }
-                }
-                if let Some(a) = &mut hour.archiver {
-                    a.raw_records += 1;
-                    if fate.archived {
-                        a.archived += 1;
-                    } else {
-                        a.missing += 1;
-                    }
-                }
+                let hour = hours
+                    .entry(fate.hour)
+                    .or_insert_with(|| self.empty_hour(fate.hour, archive));
+                self.count_fate(hour, fate);
             }
         }
         if let Some(agg) = &self.aggregator {
-            let mut hours_seen: Vec<i32> = self
-                .enriched
-                .keys()
-                .chain(agg.applied.keys())
-                .filter(|(h, p)| {
-                    *h >= self.aggregator_from && self.whole(&[Topic::Enriched], *p, *h)
-                })
-                .map(|(h, _)| *h)
-                .collect();
-            hours_seen.sort_unstable();
-            hours_seen.dedup();
-            for hour in hours_seen {
-                let report = hours.entry(hour).or_insert_with(|| HourReport {
-                    hour: hour_label(hour),
-                    ingest: self.ingest.get(&hour).cloned().unwrap_or_default(),
-                    enricher: EnricherCounts::default(),
-                    archiver: archive.then(ArchiverCounts::default),
-                    aggregator: None,
-                });
-                report
-                    .aggregator
-                    .get_or_insert_with(|| self.aggregator_counts(agg, hour));
+            self.add_aggregator_hours(agg, &mut hours, archive);
+        }
+        let differences = self.differences(&hours);
+        let notes = self.notes(&unauditable);
+        (hours.into_values().collect(), differences, notes)
+    }
+
+    /// An hour's report before any record is counted in it.
+    fn empty_hour(&self, hour: i32, archive: bool) -> HourReport {
+        HourReport {
+            hour: hour_label(hour),
+            ingest: self.ingest.get(&hour).cloned().unwrap_or_default(),
+            enricher: EnricherCounts::default(),
+            archiver: archive.then(ArchiverCounts::default),
+            aggregator: None,
+        }
+    }
+
+    /// Counts one raw record's fate in its hour: enriched (how often), dead-lettered (by
+    /// code), neither; archived or not.
+    fn count_fate(&self, hour: &mut HourReport, fate: &Fate) {
+        let e = &mut hour.enricher;
+        e.raw_records += 1;
+        match (fate.enriched, fate.dead_lettered) {
+            (0, 0) => e.missing += 1,
+            (0, _) => {
+                let code = self
+                    .codes
+                    .get(usize::from(fate.code))
+                    .cloned()
+                    .unwrap_or_default();
+                *e.dead_lettered.entry(code).or_default() += 1;
+            }
+            (n, d) => {
+                e.enriched += 1;
+                e.extra_copies += u64::from(n - 1);
+                if d > 0 {
+                    e.enriched_and_dead_lettered += 1;
+                }
             }
         }
+        if let Some(a) = &mut hour.archiver {
+            a.raw_records += 1;
+            if fate.archived {
+                a.archived += 1;
+            } else {
+                a.missing += 1;
+            }
+        }
+    }
+
+    /// The aggregator's counts for every hour it applied records of, or the enriched topic
+    /// holds whole.
+    fn add_aggregator_hours(
+        &self,
+        agg: &AggregatorLedger,
+        hours: &mut BTreeMap<i32, HourReport>,
+        archive: bool,
+    ) {
+        let mut hours_seen: Vec<i32> = self
+            .enriched
+            .keys()
+            .chain(agg.applied.keys())
+            .filter(|(h, p)| *h >= self.aggregator_from && self.whole(&[Topic::Enriched], *p, *h))
+            .map(|(h, _)| *h)
+            .collect();
+        hours_seen.sort_unstable();
+        hours_seen.dedup();
+        for hour in hours_seen {
+            let report = hours
+                .entry(hour)
+                .or_insert_with(|| self.empty_hour(hour, archive));
+            report
+                .aggregator
+                .get_or_insert_with(|| self.aggregator_counts(agg, hour));
+        }
+    }
+
+    /// Every difference of every hour: what a stage did not answer for, or answered for twice.
+    fn differences(&self, hours: &BTreeMap<i32, HourReport>) -> Vec<Difference> {
         let mut differences = Vec::new();
-        for (hour, h) in &hours {
+        for (hour, h) in hours {
             let mut differ = |stage, size, what: &str| {
                 if size > 0 {
                     differences.push(Difference {
@@ -482,77 +507,93 @@ impl Ledger {
                 );
             }
             if let Some(agg) = &self.aggregator {
-                let (behind, beyond) = self.applied_differences(agg, *hour);
-                differ(
-                    "aggregator",
-                    behind,
-                    "enriched records the aggregator has not applied (in flight, or lost)",
-                );
-                differ(
-                    "aggregator",
-                    beyond,
-                    "records the aggregator applied beyond what the enriched topic holds",
-                );
-                // Every record applied while an aggregation was defined has an outcome for it.
-                let hour_start = i64::from(*hour) * HOUR_MS;
-                if let Some(counts) = &h.aggregator {
-                    for (name, since) in &agg.defined {
-                        let Some(since) = since else { continue };
-                        if hour_start < *since {
-                            continue;
-                        }
-                        let missing = counts
-                            .aggregations
-                            .get(name)
-                            .and_then(|o| o.get("not_defined"))
-                            .copied()
-                            .unwrap_or(0);
-                        differ(
-                            "aggregator",
-                            missing,
-                            &format!("`{name}`: records applied without an outcome for it"),
-                        );
-                    }
-                    // Decided, but not counted anywhere: an event dropped by the origin rule
-                    // that was not a repeat.
-                    for (name, outcomes) in &counts.aggregations {
-                        differ(
-                            "aggregator",
-                            outcomes.get("out_of_order_origin").copied().unwrap_or(0),
-                            &format!(
-                                "`{name}`: dropped below an origin offset already counted without \
-                                 being a repeat (written out of order upstream): lost"
-                            ),
-                        );
-                    }
-                }
-                for (name, outcomes) in agg.outcomes.range((*hour, String::new())..) {
-                    if name.0 != *hour {
-                        break;
-                    }
-                    let forwarded = outcomes.get("forwarded").copied().unwrap_or(0);
-                    let decided = outcomes.values().sum::<u64>()
-                        - agg.on_enriched.get(name).copied().unwrap_or(0);
-                    let what = |text: &str| format!("`{}`: {text}", name.1);
-                    differ(
-                        "aggregator",
-                        forwarded.saturating_sub(decided),
-                        &what("forwarded to its repartition topic, not counted there yet (in flight, or lost)"),
-                    );
-                    differ(
-                        "aggregator",
-                        decided.saturating_sub(forwarded),
-                        &what("counted on its repartition topic beyond what was forwarded"),
-                    );
-                }
+                self.aggregator_differences(agg, *hour, h, &mut differ);
             }
         }
+        differences
+    }
+
+    /// The aggregator's differences in `hour` (its report `h`), each given to `differ`.
+    fn aggregator_differences(
+        &self,
+        agg: &AggregatorLedger,
+        hour: i32,
+        h: &HourReport,
+        differ: &mut impl FnMut(&'static str, u64, &str),
+    ) {
+        let (behind, beyond) = self.applied_differences(agg, hour);
+        differ(
+            "aggregator",
+            behind,
+            "enriched records the aggregator has not applied (in flight, or lost)",
+        );
+        differ(
+            "aggregator",
+            beyond,
+            "records the aggregator applied beyond what the enriched topic holds",
+        );
+        // Every record applied while an aggregation was defined has an outcome for it.
+        let hour_start = i64::from(hour) * HOUR_MS;
+        if let Some(counts) = &h.aggregator {
+            for (name, since) in &agg.defined {
+                let Some(since) = since else { continue };
+                if hour_start < *since {
+                    continue;
+                }
+                let missing = counts
+                    .aggregations
+                    .get(name)
+                    .and_then(|o| o.get("not_defined"))
+                    .copied()
+                    .unwrap_or(0);
+                differ(
+                    "aggregator",
+                    missing,
+                    &format!("`{name}`: records applied without an outcome for it"),
+                );
+            }
+            // Decided, but not counted anywhere: an event dropped by the origin rule
+            // that was not a repeat.
+            for (name, outcomes) in &counts.aggregations {
+                differ(
+                    "aggregator",
+                    outcomes.get("out_of_order_origin").copied().unwrap_or(0),
+                    &format!(
+                        "`{name}`: dropped below an origin offset already counted without \
+                     being a repeat (written out of order upstream): lost"
+                    ),
+                );
+            }
+        }
+        for (name, outcomes) in agg.outcomes.range((hour, String::new())..) {
+            if name.0 != hour {
+                break;
+            }
+            let forwarded = outcomes.get("forwarded").copied().unwrap_or(0);
+            let decided =
+                outcomes.values().sum::<u64>() - agg.on_enriched.get(name).copied().unwrap_or(0);
+            let what = |text: &str| format!("`{}`: {text}", name.1);
+            differ(
+            "aggregator",
+            forwarded.saturating_sub(decided),
+            &what("forwarded to its repartition topic, not counted there yet (in flight, or lost)"),
+        );
+            differ(
+                "aggregator",
+                decided.saturating_sub(forwarded),
+                &what("counted on its repartition topic beyond what was forwarded"),
+            );
+        }
+    }
+
+    /// What could not be audited, and why.
+    fn notes(&self, unauditable: &BTreeMap<i32, u64>) -> Vec<String> {
         let mut notes: Vec<String> = unauditable
             .iter()
             .map(|(p, n)| {
                 format!(
                     "{n} raw records of partition {p} not audited: their hours are not whole on \
-                     every topic (retention deleted the beginning, or the broker started after)"
+                 every topic (retention deleted the beginning, or the broker started after)"
                 )
             })
             .collect();
@@ -568,11 +609,11 @@ impl Ledger {
         if self.aggregator.is_some() && !skipped_partitions.is_empty() {
             notes.push(format!(
                 "aggregator not audited for enriched partitions {} before the hours given: the \
-                 topic no longer holds them whole",
+             topic no longer holds them whole",
                 skipped_partitions.join(", ")
             ));
         }
-        (hours.into_values().collect(), differences, notes)
+        notes
     }
 
     /// Per enriched partition, the enriched records of `hour` not applied, and the records

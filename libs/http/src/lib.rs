@@ -147,14 +147,7 @@ pub async fn serve(
         // Near the limit, idle connections make room; looked at again while a slot is awaited,
         // as connections go idle.
         let slot = loop {
-            let free = slots.available_permits();
-            if free < reserve {
-                let closed = connections.close_idle(reserve - free, now());
-                if closed > 0 {
-                    metrics::counter!("instream_http_idle_closed_total", "server" => server.0)
-                        .increment(closed as u64);
-                }
-            }
+            let free = make_room(server, &slots, &connections, reserve, now());
             tokio::select! {
                 _ = shutdown.cancelled() => break None,
                 slot = slots.clone().acquire_owned() => break slot.ok(),
@@ -178,21 +171,7 @@ pub async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let (id, connection) = connections.add(now());
-        let counted = connection.clone();
-        let service =
-            TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(peer))).layer(
-                axum::middleware::from_fn(move |request, next: axum::middleware::Next| {
-                    let connection = counted.clone();
-                    async move {
-                        connection.busy.fetch_add(1, Ordering::AcqRel);
-                        connection.used.store(true, Ordering::Relaxed);
-                        let response = next.run(request).await;
-                        connection.idle_since.store(now(), Ordering::Relaxed);
-                        connection.busy.fetch_sub(1, Ordering::AcqRel);
-                        response
-                    }
-                }),
-            ));
+        let service = TowerToHyperService::new(tracked(&router, peer, &connection, started));
         let (http, tls, stop, open) = (
             http.clone(),
             tls.clone(),
@@ -210,26 +189,12 @@ pub async fn serve(
                 gauge,
             };
             let served = match tls {
-                Some(acceptor) => {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            drive(&http, TokioIo::new(stream), service, &connection, &stop).await
-                        }
-                        outcome => {
-                            let reason = match outcome {
-                                Ok(Err(e)) => e.to_string(),
-                                _ => "timed out".into(),
-                            };
-                            tracing::debug!(%peer, %reason, "TLS handshake failed");
-                            metrics::counter!(format!(
-                                "instream_{}_tls_handshake_failures_total",
-                                server.0
-                            ))
-                            .increment(1);
-                            Ok(())
-                        }
+                Some(acceptor) => match handshake(server, &acceptor, tcp, peer).await {
+                    Some(stream) => {
+                        drive(&http, TokioIo::new(stream), service, &connection, &stop).await
                     }
-                }
+                    None => Ok(()),
+                },
                 None => drive(&http, TokioIo::new(tcp), service, &connection, &stop).await,
             };
             if let Err(e) = served {
@@ -241,6 +206,76 @@ pub async fn serve(
     drop(listener);
     tasks.close();
     tasks.wait().await;
+}
+
+/// Near the limit (fewer than `reserve` slots free), closes idle connections to make room;
+/// returns the free slots.
+fn make_room(
+    server: Server,
+    slots: &Semaphore,
+    connections: &Connections,
+    reserve: usize,
+    now: u64,
+) -> usize {
+    let free = slots.available_permits();
+    if free < reserve {
+        let closed = connections.close_idle(reserve - free, now);
+        if closed > 0 {
+            metrics::counter!("instream_http_idle_closed_total", "server" => server.0)
+                .increment(closed as u64);
+        }
+    }
+    free
+}
+
+/// `router` for one connection: it knows its peer, and the connection knows when it is busy,
+/// used, or idle since (ms from `started`).
+fn tracked(
+    router: &Router,
+    peer: std::net::SocketAddr,
+    connection: &Arc<Connection>,
+    started: Instant,
+) -> Router {
+    let connection = connection.clone();
+    router
+        .clone()
+        .layer(axum::Extension(Peer(peer)))
+        .layer(axum::middleware::from_fn(
+            move |request, next: axum::middleware::Next| {
+                let connection = connection.clone();
+                async move {
+                    connection.busy.fetch_add(1, Ordering::AcqRel);
+                    connection.used.store(true, Ordering::Relaxed);
+                    let response = next.run(request).await;
+                    let now = started.elapsed().as_millis() as u64;
+                    connection.idle_since.store(now, Ordering::Relaxed);
+                    connection.busy.fetch_sub(1, Ordering::AcqRel);
+                    response
+                }
+            },
+        ))
+}
+
+/// The TLS stream of `tcp`; `None` (logged at debug, counted) when the handshake fails or
+/// takes longer than [`HANDSHAKE_TIMEOUT`].
+async fn handshake(
+    server: Server,
+    acceptor: &TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    let reason = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => return Some(stream),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timed out".into(),
+    };
+    tracing::debug!(%peer, %reason, "TLS handshake failed");
+    metrics::counter!(format!(
+        "instream_{}_tls_handshake_failures_total",
+        server.0
+    ))
+    .increment(1);
+    None
 }
 
 /// A connection's place among the open ones, given back when its task ends.

@@ -86,6 +86,39 @@ struct Writer<C> {
 }
 
 impl<C: ConnectionLike + Clone + Send> Writer<C> {
+    /// Queues the commands writing `record` at `key` in `shape`; false (nothing queued) for an
+    /// empty hash, which Redis cannot hold.
+    fn queue(
+        &mut self,
+        key: &str,
+        shape: RecordShape,
+        record: serde_json::Map<String, Value>,
+    ) -> bool {
+        match shape {
+            RecordShape::Hash => {
+                if record.is_empty() {
+                    return false;
+                }
+                let mut hset = redis::cmd("HSET");
+                hset.arg(key);
+                for (name, value) in &record {
+                    let text = scalar_text(value).unwrap_or_else(|| value.to_string());
+                    hset.arg(name).arg(text);
+                }
+                self.pipe.cmd("DEL").arg(key).ignore();
+                self.pipe.add_command(hset).ignore();
+            }
+            RecordShape::Json => {
+                self.pipe
+                    .cmd("SET")
+                    .arg(key)
+                    .arg(Value::Object(record).to_string())
+                    .ignore();
+            }
+        }
+        true
+    }
+
     /// Closes the commands of one record.
     fn end_record(&mut self) {
         self.queued += 1;
@@ -249,6 +282,35 @@ fn after_switch(version: u64, switched: bool, error: LoadError) -> LoadError {
     ))
 }
 
+/// Chunks of records with their line numbers.
+type Chunks = tokio::sync::mpsc::Receiver<Vec<(usize, Loaded)>>;
+
+/// Reads the records of `path` on a blocking thread and hands them over a chunk at a time
+/// through a small channel: memory stays at a few chunks however large the file.
+fn spawn_reader(
+    path: &Path,
+    key_fields: &[String],
+) -> (tokio::task::JoinHandle<Result<(), LoadError>>, Chunks) {
+    let (tx, pending) = tokio::sync::mpsc::channel::<Vec<(usize, Loaded)>>(4);
+    let (path, key_fields) = (path.to_owned(), key_fields.to_vec());
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut chunk = Vec::with_capacity(CHUNK);
+        read_records(&path, &key_fields, |line, record| {
+            chunk.push((line, record));
+            if chunk.len() == CHUNK {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+                tx.blocking_send(full)
+                    .map_err(|_| LoadError::Spec("the load was abandoned".into()))?;
+            }
+            Ok(())
+        })?;
+        // The writer may have stopped on an error of its own; that error is the one to report.
+        let _ = tx.blocking_send(chunk);
+        Ok::<(), LoadError>(())
+    });
+    (reader, pending)
+}
+
 /// Takes a new version number and writes every record of `path` under its prefix. Returns
 /// the version and how many records were written.
 async fn write_version<C: ConnectionLike + Clone + Send>(
@@ -292,79 +354,26 @@ async fn write_version<C: ConnectionLike + Clone + Send>(
         written: 0,
         progress: spec.progress.clone(),
     };
-    let (tx, mut pending) = tokio::sync::mpsc::channel::<Vec<(usize, Loaded)>>(4);
-    let owned_path = path.to_owned();
-    let owned_key_fields = key_fields.to_vec();
-    let reader = tokio::task::spawn_blocking(move || {
-        let mut chunk = Vec::with_capacity(CHUNK);
-        read_records(&owned_path, &owned_key_fields, |line, record| {
-            chunk.push((line, record));
-            if chunk.len() == CHUNK {
-                let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
-                tx.blocking_send(full)
-                    .map_err(|_| LoadError::Spec("the load was abandoned".into()))?;
-            }
-            Ok(())
-        })?;
-        // The writer may have stopped on an error of its own; that error is the one to report.
-        let _ = tx.blocking_send(chunk);
-        Ok::<(), LoadError>(())
-    });
+    let (reader, mut pending) = spawn_reader(path, key_fields);
     let shown = path.display().to_string();
     let mut key = String::new();
     while let Some(records) = pending.recv().await {
-        for (
-            line,
-            Loaded {
-                fields: record,
-                keys,
-            },
-        ) in records
-        {
-            let mut values = Vec::with_capacity(key_fields.len());
-            for (field, key) in key_fields.iter().zip(keys) {
-                match key {
-                    Some(v) => values.push(v),
-                    None => {
-                        return Err(LoadError::Record {
-                            path: shown,
-                            line,
-                            reason: format!(
-                                "key field `{field}` is missing, empty or not a scalar"
-                            ),
-                        })
-                    }
-                }
-            }
+        for (line, Loaded { fields, keys }) in records {
+            let keys = keys.into_iter().zip(key_fields).map(|(value, field)| {
+                value.ok_or_else(|| LoadError::Record {
+                    path: shown.clone(),
+                    line,
+                    reason: format!("key field `{field}` is missing, empty or not a scalar"),
+                })
+            });
+            let values = keys.collect::<Result<Vec<String>, _>>()?;
             let refs: Vec<&str> = values.iter().map(String::as_str).collect();
             rule.key_template
                 .render_values(&refs, &mut key)
                 .map_err(|n| LoadError::Spec(format!("{n} key fields expected")))?;
-            let full = format!("{prefix}{key}");
-            match rule.shape {
-                RecordShape::Hash => {
-                    let mut hset = redis::cmd("HSET");
-                    hset.arg(&full);
-                    for (name, value) in &record {
-                        let text = scalar_text(value).unwrap_or_else(|| value.to_string());
-                        hset.arg(name).arg(text);
-                    }
-                    if record.is_empty() {
-                        continue;
-                    }
-                    writer.pipe.cmd("DEL").arg(&full).ignore();
-                    writer.pipe.add_command(hset).ignore();
-                }
-                RecordShape::Json => {
-                    writer
-                        .pipe
-                        .cmd("SET")
-                        .arg(&full)
-                        .arg(Value::Object(record).to_string())
-                        .ignore();
-                }
+            if writer.queue(&format!("{prefix}{key}"), rule.shape, fields) {
+                writer.end_record();
             }
-            writer.end_record();
         }
         writer.flush().await?;
     }
