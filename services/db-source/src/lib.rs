@@ -130,7 +130,8 @@ pub async fn connect(cfg: &DbSourceConfig) -> Result<tokio_postgres::Client, Tab
         tokio::time::timeout(cfg.query_timeout, settings.connect(tokio_postgres::NoTls))
             .await
             .map_err(|_| TableError::Timeout(cfg.query_timeout))??;
-    tokio::spawn(async move {
+    // The connection's driver: its end is seen by the client's next query; a panic is loud.
+    instream_core::spawn_watched("postgres connection", async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "postgres connection ended");
         }

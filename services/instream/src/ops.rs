@@ -144,24 +144,7 @@ pub async fn offsets(command: OffsetsCommand) -> anyhow::Result<()> {
             );
         }
         Output::Table => {
-            let _ = writeln!(
-                text,
-                "{:>9}  {:>12}  {:>12}",
-                "partition", "committed", "new offset"
-            );
-            for r in &plan {
-                let committed = r.committed.map_or("-".to_owned(), |c| c.to_string());
-                let note = if skips.contains(&r.partition) {
-                    "  skips records not read yet"
-                } else {
-                    ""
-                };
-                let _ = writeln!(
-                    text,
-                    "{:>9}  {committed:>12}  {:>12}{note}",
-                    r.partition, r.target
-                );
-            }
+            text = reset_table(&plan, &skips);
             if executed {
                 let _ = writeln!(
                     text,
@@ -183,6 +166,31 @@ pub async fn offsets(command: OffsetsCommand) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// An offset reset's plan, a row per partition; `skips`: those it moves past unread records.
+fn reset_table(plan: &[ops::PartitionReset], skips: &[i32]) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "{:>9}  {:>12}  {:>12}",
+        "partition", "committed", "new offset"
+    );
+    for r in plan {
+        let committed = r.committed.map_or("-".to_owned(), |c| c.to_string());
+        let note = if skips.contains(&r.partition) {
+            "  skips records not read yet"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            text,
+            "{:>9}  {committed:>12}  {:>12}{note}",
+            r.partition, r.target
+        );
+    }
+    text
 }
 
 pub async fn dlq(command: DlqCommand) -> anyhow::Result<()> {

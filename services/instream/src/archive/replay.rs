@@ -104,20 +104,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     }
     let archive = instream_archive::build(&config.archive)?;
     let progress = instream_core::Progress::on_stderr("archive replay", "records", None);
-    // Folders by ingest time: the range's hours, and one either side (a file takes the hour
-    // of its first record). By event time, an event accepted in the range can be in any
-    // folder (a late one in an old hour): all of them are read.
-    let by_event_time = catalog
-        .get(&args.pipeline)
-        .is_none_or(|def| def.archive.partition_by == instream_pipeline::ArchiveTime::EventTime);
-    let (first, last) = (
-        super::recompute::hour_name(args.from - 3_600_000),
-        super::recompute::hour_name(args.to + 3_600_000),
-    );
-    let files = super::stream::partition_files(archive.as_ref(), &args.pipeline, |hour| {
-        by_event_time || (first.as_str()..=last.as_str()).contains(&hour)
-    })
-    .await?;
+    let files = files_to_read(&args, &catalog, archive.as_ref()).await?;
     let producer = if args.execute {
         Some(instream_kafka::client::producer(
             &config.kafka,
@@ -177,4 +164,26 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The archive files a replay reads, per partition. Folders by ingest time: the range's hours,
+/// and one either side (a file takes the hour of its first record). By event time, an event
+/// accepted in the range can be in any folder (a late one in an old hour): all of them are
+/// read.
+async fn files_to_read(
+    args: &ReplayArgs,
+    catalog: &instream_pipeline::Catalog,
+    archive: &dyn instream_archive::Archive,
+) -> anyhow::Result<std::collections::BTreeMap<i32, Vec<super::stream::PartFile>>> {
+    let by_event_time = catalog
+        .get(&args.pipeline)
+        .is_none_or(|def| def.archive.partition_by == instream_pipeline::ArchiveTime::EventTime);
+    let (first, last) = (
+        super::recompute::hour_name(args.from - 3_600_000),
+        super::recompute::hour_name(args.to + 3_600_000),
+    );
+    super::stream::partition_files(archive, &args.pipeline, |hour| {
+        by_event_time || (first.as_str()..=last.as_str()).contains(&hour)
+    })
+    .await
 }

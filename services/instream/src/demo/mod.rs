@@ -174,26 +174,7 @@ async fn drive(
         .context("the demo uses the embedded store")?;
     let live = std::io::stdout().is_terminal();
     let stop = stop_on_ctrl_c()?;
-    let query = platform
-        .query_addr
-        .map(|a| {
-            format!(
-                ", aggregates http://{a}/v1/pipelines/{PIPELINE}/aggregates/{HOT_AGGREGATION}?key=1000"
-            )
-        })
-        .unwrap_or_default();
-    let progress = if live {
-        ""
-    } else {
-        " (no terminal: progress every 5 s)"
-    };
-    eprintln!(
-        "instream demo: started in {:.2}s; ingest http://{}/v1/pipelines/{PIPELINE}/events, \
-         metrics http://{}/metrics{query}; ~{rate} bids/s for {duration:?}{progress}",
-        startup.as_secs_f64(),
-        platform.ingest_addr,
-        platform.admin_addr,
-    );
+    announce(platform, startup, rate, duration, live);
 
     let metrics_url = format!("http://{}/metrics", platform.admin_addr);
     let http = reqwest::Client::new();
@@ -222,17 +203,7 @@ async fn drive(
 
     let (aggregated, archive, totals) =
         catch_up(platform, &store, &http, &metrics_url, sent.accepted).await?;
-    let mut categories: BTreeMap<String, i64> = BTreeMap::new();
-    store.for_each(|w| {
-        if w.aggregation == CATEGORY_AGGREGATION {
-            // The group of (key, category): a JSON array of the two.
-            let category = serde_json::from_str::<Vec<Option<String>>>(&w.group_key)
-                .ok()
-                .and_then(|parts| parts.last().cloned().flatten())
-                .unwrap_or_else(|| "?".into());
-            *categories.entry(category).or_default() += w.count;
-        }
-    });
+    let categories = per_category(&store);
 
     let counted = Counted {
         sent: &sent,
@@ -244,6 +215,46 @@ async fn drive(
     counted
         .summary(platform, &http, data, started.elapsed(), startup)
         .await
+}
+
+/// Says where the demo's endpoints are and what it sends.
+fn announce(platform: &Standalone, startup: Duration, rate: u32, duration: Duration, live: bool) {
+    let query = platform
+        .query_addr
+        .map(|a| {
+            format!(
+                ", aggregates http://{a}/v1/pipelines/{PIPELINE}/aggregates/{HOT_AGGREGATION}?key=1000"
+            )
+        })
+        .unwrap_or_default();
+    let progress = if live {
+        ""
+    } else {
+        " (no terminal: progress every 5 s)"
+    };
+    eprintln!(
+        "instream demo: started in {:.2}s; ingest http://{}/v1/pipelines/{PIPELINE}/events, \
+         metrics http://{}/metrics{query}; ~{rate} bids/s for {duration:?}{progress}",
+        startup.as_secs_f64(),
+        platform.ingest_addr,
+        platform.admin_addr,
+    );
+}
+
+/// The bids counted per category, over every window of the category aggregation.
+fn per_category(store: &EmbeddedStore) -> BTreeMap<String, i64> {
+    let mut categories: BTreeMap<String, i64> = BTreeMap::new();
+    store.for_each(|w| {
+        if w.aggregation == CATEGORY_AGGREGATION {
+            // The group of (key, category): a JSON array of the two.
+            let category = serde_json::from_str::<Vec<Option<String>>>(&w.group_key)
+                .ok()
+                .and_then(|parts| parts.last().cloned().flatten())
+                .unwrap_or_else(|| "?".into());
+            *categories.entry(category).or_default() += w.count;
+        }
+    });
+    categories
 }
 
 /// The first Ctrl-C stops sending and goes on to the summary; a second one exits at once.
@@ -424,22 +435,7 @@ impl Counted<'_> {
         );
         let _ = writeln!(out, "  bids per auction category      : {categories:?}");
         if let Some(addr) = platform.query_addr {
-            // The hottest auction's windows, read back the way a dashboard would.
-            let url = format!(
-                "http://{addr}/v1/pipelines/{PIPELINE}/aggregates/{HOT_AGGREGATION}?key=1000&from=0"
-            );
-            let page: serde_json::Value = http.get(&url).send().await?.json().await?;
-            let windows = page["windows"].as_array().map_or(0, Vec::len);
-            let bids: i64 = page["windows"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|w| w["count"].as_i64())
-                .sum();
-            let _ = writeln!(
-                out,
-                "  query-api, auction 1000        : {bids} bids in {windows} windows ({url})"
-            );
+            out.push_str(&hot_auction(http, addr).await?);
         }
         let _ = writeln!(
             out,
@@ -461,6 +457,25 @@ impl Counted<'_> {
         }
         Ok(out)
     }
+}
+
+/// The hottest auction's windows, read back from query-api the way a dashboard would: the
+/// summary's line.
+async fn hot_auction(http: &reqwest::Client, addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    let url = format!(
+        "http://{addr}/v1/pipelines/{PIPELINE}/aggregates/{HOT_AGGREGATION}?key=1000&from=0"
+    );
+    let page: serde_json::Value = http.get(&url).send().await?.json().await?;
+    let windows = page["windows"].as_array().map_or(0, Vec::len);
+    let bids: i64 = page["windows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w["count"].as_i64())
+        .sum();
+    Ok(format!(
+        "  query-api, auction 1000        : {bids} bids in {windows} windows ({url})\n"
+    ))
 }
 
 /// Posts bids in batches every 100 ms at `rate` per second until `duration` or `stop`.
