@@ -1,5 +1,3 @@
-use std::time::Duration;
-
 use instream_core::config::ZooKeeperConfig;
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -166,7 +164,7 @@ async fn contend(
     stop: CancellationToken,
 ) {
     let dir = format!("{ELECTIONS}/{duty}");
-    let mut backoff = Duration::from_millis(100);
+    let mut pauses = crate::session::ZK_BACKOFF.pauses();
     loop {
         let held = {
             let outcome = async {
@@ -194,7 +192,7 @@ async fn contend(
                 }
                 locked = outcome => match locked {
                     Ok(lock) => {
-                        backoff = Duration::from_millis(100);
+                        pauses.reset();
                         let path = lock.lock_path().to_owned();
                         let term = path
                             .rsplit('-')
@@ -218,14 +216,9 @@ async fn contend(
         }
         if !client.state().is_terminated() {
             // Same session: wait a little, then contend again with it.
-            if stop
-                .run_until_cancelled(tokio::time::sleep(backoff))
-                .await
-                .is_none()
-            {
+            if !pauses.sleep(&stop).await {
                 return;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
             continue;
         }
         crate::session::count_session_lost("election");
@@ -237,15 +230,15 @@ async fn contend(
                     break;
                 }
                 Some(Err(error)) => {
-                    tracing::warn!(%duty, %error, retry_in = ?backoff, "reconnecting to contend failed");
+                    let pause = pauses.next_pause();
+                    tracing::warn!(%duty, %error, retry_in = ?pause, "reconnecting to contend failed");
                     if stop
-                        .run_until_cancelled(tokio::time::sleep(backoff))
+                        .run_until_cancelled(tokio::time::sleep(pause))
                         .await
                         .is_none()
                     {
                         return;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -255,6 +248,7 @@ async fn contend(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn a_waiter_is_told_when_the_election_task_is_gone() {

@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use zookeeper_client as zk;
 
-use crate::session::{connect, session_ended, CoordError, SERVICES};
+use crate::session::{connect, session_ended, CoordError, SERVICES, ZK_BACKOFF};
 
 /// A live registration. The node is ephemeral: it goes when this is dropped, when the process
 /// dies (after the session timeout), and it comes back by itself after a session expiry.
@@ -125,7 +125,7 @@ async fn keep_registered(
             state = session_ended(&client) => {
                 crate::session::count_session_lost("registry");
                 tracing::warn!(?state, %path, "zookeeper session ended; registering again");
-                let mut backoff = Duration::from_millis(100);
+                let mut pauses = ZK_BACKOFF.pauses();
                 loop {
                     let attempt = async {
                         let fresh = connect(&cfg).await?;
@@ -142,11 +142,11 @@ async fn keep_registered(
                             break;
                         }
                         Some(Err(error)) => {
-                            tracing::warn!(%error, retry_in = ?backoff, "registering again failed");
-                            if stop.run_until_cancelled(tokio::time::sleep(backoff)).await.is_none() {
+                            let pause = pauses.next_pause();
+                            tracing::warn!(%error, retry_in = ?pause, "registering again failed");
+                            if stop.run_until_cancelled(tokio::time::sleep(pause)).await.is_none() {
                                 return;
                             }
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
                         }
                     }
                 }

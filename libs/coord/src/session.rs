@@ -161,3 +161,9 @@ pub(crate) async fn session_ended(client: &zk::Client) -> zk::SessionState {
 pub(crate) fn count_session_lost(role: &'static str) {
     metrics::counter!("instream_zookeeper_sessions_lost_total", "role" => role).increment(1);
 }
+
+/// Pauses between attempts to take back what a lost session held (registration, candidacy).
+pub(crate) const ZK_BACKOFF: instream_core::Backoff = instream_core::Backoff::new(
+    std::time::Duration::from_millis(100),
+    std::time::Duration::from_secs(5),
+);

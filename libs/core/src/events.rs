@@ -40,9 +40,18 @@ pub fn http_request_answered(service: Service, status: u16) {
     .increment(1);
 }
 
-/// A task panicked: an ERROR line naming it and `instream_task_panics_total{task}` (the
-/// `InstreamTaskPanicked` alert).
-pub fn task_panicked(task: &'static str, message: &str) {
-    tracing::error!(task, panic = %message, "task panicked");
+/// A task panicked: an ERROR line naming it, with the panic's message and what happens next
+/// (`then`), and `instream_task_panics_total{task}` (the `InstreamTaskPanicked` alert).
+pub fn task_panicked(task: impl Into<SharedString>, join: tokio::task::JoinError, then: &str) {
+    let task = task.into();
+    let message = match join.try_into_panic() {
+        Ok(panic) => panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    tracing::error!(task = %task, panic = %message, then, "task panicked");
     metrics::counter!("instream_task_panics_total", "task" => task).increment(1);
 }

@@ -32,13 +32,7 @@ where
     tokio::spawn(async move {
         if let Err(join) = inner.await {
             if join.is_panic() {
-                let panic = join.into_panic();
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                crate::events::task_panicked(name, &message);
+                crate::events::task_panicked(name, join, "what it kept is no longer kept");
             }
         }
     });
@@ -170,7 +164,10 @@ impl Tasks {
             let result = match inner.await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(error)) => Err(Ending::Failed(error)),
-                Err(join) if join.is_panic() => Err(Ending::Panicked),
+                Err(join) if join.is_panic() => {
+                    crate::events::task_panicked(name.clone(), join, "stopping the process");
+                    Err(Ending::Panicked)
+                }
                 // Aborted by the supervisor, which already named it a straggler.
                 Err(_) => return,
             };
@@ -217,10 +214,8 @@ fn record(report: Report) -> Option<SupervisorError> {
             tracing::error!(%task, %error, "failed; stopping the process");
             Some(SupervisorError::TaskFailed { task, error })
         }
-        Err(Ending::Panicked) => {
-            tracing::error!(%task, "panicked; stopping the process");
-            Some(SupervisorError::TaskPanicked { task })
-        }
+        // Logged and counted where the panic was seen.
+        Err(Ending::Panicked) => Some(SupervisorError::TaskPanicked { task }),
     }
 }
 

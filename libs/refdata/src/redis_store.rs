@@ -128,7 +128,11 @@ async fn follow_versions(
             }
         }
     };
-    let mut backoff = std::time::Duration::from_millis(100);
+    let mut pauses = instream_core::Backoff::new(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(5),
+    )
+    .pauses();
     loop {
         let subscribed = async {
             let mut pubsub = client.get_async_pubsub().await?;
@@ -139,19 +143,19 @@ async fn follow_versions(
             None => return,
             Some(Ok(p)) => p,
             Some(Err(error)) => {
-                tracing::warn!(%error, retry_in = ?backoff, "subscribing to reference data changes failed");
+                let pause = pauses.next_pause();
+                tracing::warn!(%error, retry_in = ?pause, "subscribing to reference data changes failed");
                 if stop
-                    .run_until_cancelled(tokio::time::sleep(backoff))
+                    .run_until_cancelled(tokio::time::sleep(pause))
                     .await
                     .is_none()
                 {
                     return;
                 }
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
                 continue;
             }
         };
-        backoff = std::time::Duration::from_millis(100);
+        pauses.reset();
         // Announcements sent while not subscribed are lost: read the pointers now.
         if let Err(error) = refresh(&link, timeout, &versions, &versions.tracked()).await {
             tracing::warn!(%error, "reading version pointers failed");

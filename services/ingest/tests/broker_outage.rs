@@ -36,19 +36,10 @@ async fn post(http: u16, pipeline: &str, body: String) -> reqwest::Response {
 }
 
 async fn wait_status(url: &str, want: u16, timeout: Duration) {
-    let start = Instant::now();
-    loop {
-        if let Ok(r) = reqwest::get(url).await {
-            if r.status() == want {
-                return;
-            }
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "{url} did not answer {want} within {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    instream_testkit::wait_for(&format!("{url} to answer {want}"), timeout, || async {
+        reqwest::get(url).await.is_ok_and(|r| r.status() == want)
+    })
+    .await;
 }
 
 /// The `n` of every event on the pipeline's raw topic.

@@ -73,8 +73,8 @@ enum Command {
     Status {
         #[command(flatten)]
         config: crate::ConfigArg,
-        #[arg(long, value_enum, default_value = "table")]
-        output: output::Output,
+        #[command(flatten)]
+        output: output::OutputArg,
     },
     /// Reads one group's windows of an aggregation from the aggregate store.
     Query {
@@ -96,8 +96,8 @@ enum Command {
         to: Option<i64>,
         #[arg(long, default_value_t = 100)]
         limit: usize,
-        #[arg(long, value_enum, default_value = "table")]
-        output: output::Output,
+        #[command(flatten)]
+        output: output::OutputArg,
     },
     /// The aggregate store's schema.
     #[command(subcommand)]
@@ -198,8 +198,8 @@ enum SchemaCommand {
     Apply {
         #[command(flatten)]
         config: crate::ConfigArg,
-        #[arg(long, value_enum, default_value = "table")]
-        output: output::Output,
+        #[command(flatten)]
+        output: output::OutputArg,
     },
 }
 
@@ -246,7 +246,7 @@ fn dispatch(command: Command) -> ExitCode {
         Command::Run { service, config } => return run_one(service, config.as_deref()),
         Command::CheckConfig { config, service } => check_config(config.config, &service),
         Command::Schema(SchemaCommand::Apply { config, output }) => {
-            block_on(schema_apply(config.config, output))
+            block_on(schema_apply(config.config, output.output))
         }
         Command::Offsets(c) => block_on(ops::offsets(c)),
         Command::Dlq(c) => block_on(ops::dlq(c)),
@@ -270,7 +270,9 @@ fn dispatch(command: Command) -> ExitCode {
         Command::Pipeline(c) => block_on(control::pipeline(c)),
         Command::Topics(c) => block_on(control::topics_create(c)),
         Command::Refdata(c) => block_on(control::refdata(c)),
-        Command::Status { config, output } => block_on(status::status(config.config, output)),
+        Command::Status { config, output } => {
+            block_on(status::status(config.config, output.output))
+        }
         Command::Query {
             config,
             pipeline,
@@ -288,7 +290,7 @@ fn dispatch(command: Command) -> ExitCode {
             from,
             to,
             limit,
-            output,
+            output.output,
         )),
         Command::Standalone { config } => block_on(standalone(config.config)),
         Command::Demo {

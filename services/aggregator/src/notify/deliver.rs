@@ -318,7 +318,8 @@ impl Queue {
                         Ok((_, Ended::Again(item))) => lanes.again(item),
                         Ok((_, Ended::Stopped)) => {}
                         Err(e) if e.is_panic() => {
-                            instream_core::events::task_panicked("webhook delivery", &format!("notification {}: dead-lettered", n.id));
+                            instream_core::events::task_panicked("webhook delivery", e, "its notification goes to the dead letters");
+                            tracing::error!(id = %n.id, "the notification of a panicked delivery goes to the dead letters");
                             let reason = "not sent: its delivery task panicked (a bug: see the aggregator's log)".to_owned();
                             let (giving_up, letter) = (sender.clone(), n.clone());
                             let item = Item { source, n, attempts: 0, not_before: Instant::now() };

@@ -2,7 +2,7 @@
 
 #![allow(dead_code)] // each test file uses its part
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use instream_testkit::{
     free_port, process_config_toml, spawn_service, unique, ChildGuard, KafkaBroker,
@@ -39,36 +39,24 @@ pub fn write_config(
 
 /// Waits until ingest's /metrics holds `line` (e.g. `instream_ingest_requests_in_flight 1`).
 pub async fn wait_metric_line(admin: u16, line: &str, timeout: Duration) {
-    let start = Instant::now();
-    loop {
-        let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+    let url = format!("http://127.0.0.1:{admin}/metrics");
+    instream_testkit::wait_for(&format!("/metrics to show `{line}`"), timeout, || async {
+        reqwest::get(&url)
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
-        if metrics.contains(line) {
-            return;
-        }
-        assert!(start.elapsed() < timeout, "/metrics never showed `{line}`");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            .unwrap()
+            .contains(line)
+    })
+    .await;
 }
 
 pub async fn wait_ok(url: &str, timeout: Duration) {
-    let start = Instant::now();
-    loop {
-        if let Ok(r) = reqwest::get(url).await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "{url} did not answer 200 within {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    instream_testkit::wait_for(&format!("{url} to answer 200"), timeout, || async {
+        reqwest::get(url).await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
 }
 
 /// An `instream-ingest` process, ready, for a pipeline of its own.

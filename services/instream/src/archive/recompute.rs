@@ -1,6 +1,6 @@
 //! `instream archive recompute`: one aggregation's windows rebuilt from the archived raw
 //! events, enriched with the reference data as it is now, and written whole over what the
-//! store holds (docs/operations.md, "Recomputing from the archive").
+//! store holds (docs/runbook.md, "Repairing a range").
 //!
 //! The replay is the live path run again in one process: the enricher's own planning and
 //! rendering, then the aggregator's own [`PartitionState`], fed each raw partition's records

@@ -163,7 +163,8 @@ impl Standalone {
         let mut supervisor = Supervisor::new(token.clone());
         let tasks = supervisor.tasks();
         // One coordinator for every service of the process: they share its elections, its
-        // registry and its sources' progress.
+        // registry and its sources' progress (db-source's, with an external broker, are
+        // ZooKeeper's: see instream_db_source).
         let coordinator = instream_coord::coordinator(&config);
         let context = || ServiceContext {
             config: config.clone(),
@@ -296,8 +297,6 @@ impl Standalone {
     }
 }
 
-/// The groups whose stages hand records on (so they must have committed their input before
-/// the stages stop), with each topic they read: every reader but the archiver.
 /// The embedded broker, when `kafka.broker` selects it, with this run's number and the lock
 /// held while it runs.
 struct Broker {
@@ -389,6 +388,8 @@ fn record_run(
     Ok((state, path))
 }
 
+/// The groups whose stages hand records on (so they must have committed their input before
+/// the stages stop), with each topic they read: every reader but the archiver.
 fn committing_groups(config: &Config, catalog: &Catalog) -> Vec<(String, String)> {
     readers(catalog)
         .into_iter()
@@ -517,7 +518,8 @@ fn spawn_stages(
         instream_archiver::run_with_archive(context(), archive),
     );
     // Tables to poll: db-source too, its elections and progress with the in-process
-    // coordinator (progress in `standalone.data_dir`/sources, across restarts). It stops
+    // coordinator on the embedded broker (progress in `standalone.data_dir`/sources, across
+    // restarts), ZooKeeper's with an external one. It stops
     // with ingest, before the drain: a row handed over later would be acknowledged by the
     // broker, its progress saved, and never processed.
     let ctx = context();
