@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use instream_core::backlog::Backlog;
 use instream_core::config::KafkaConfig;
 use rdkafka::config::ClientConfig;
@@ -332,24 +333,29 @@ pub async fn recv_batch(
 ) -> Result<(), KafkaError> {
     out.clear();
     let deadline = tokio::time::Instant::now() + wait;
+    // One stream for the whole batch: `recv` makes one per record, and registers and
+    // unregisters its waker under a mutex each time.
+    let mut stream = consumer.stream();
     while out.len() < max {
-        let msg = match tokio::time::timeout_at(deadline, consumer.recv()).await {
+        let msg = match tokio::time::timeout_at(deadline, stream.next()).await {
             Err(_elapsed) => break,
+            // A consumer's stream never ends; were it to, the batch is what came before.
+            Ok(None) => break,
             // A subscribed topic not created yet (a definition change races its creation):
             // librdkafka says so at each metadata refresh and picks it up once it exists.
-            Ok(Err(rdkafka::error::KafkaError::MessageConsumption(
+            Ok(Some(Err(rdkafka::error::KafkaError::MessageConsumption(
                 rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
-            ))) => {
+            )))) => {
                 tracing::warn!("a subscribed topic does not exist yet; consuming the others");
                 continue;
             }
-            Ok(Err(e)) if is_transient(&e) && consumer.client().fatal_error().is_none() => {
+            Ok(Some(Err(e))) if is_transient(&e) && consumer.client().fatal_error().is_none() => {
                 tracing::warn!(error = %e, "kafka consumer error; it reconnects by itself");
                 metrics::counter!("instream_kafka_consume_errors_total").increment(1);
                 continue;
             }
-            Ok(Err(e)) => return Err(KafkaError::Consume(e)),
-            Ok(Ok(m)) => m,
+            Ok(Some(Err(e))) => return Err(KafkaError::Consume(e)),
+            Ok(Some(Ok(m))) => m,
         };
         let headers = msg
             .headers()
